@@ -1,0 +1,88 @@
+"""gpuaio: CUDA copies, memsets and kernel launches as truly asynchronous awaitables.
+
+No gpuaio call blocks the event loop, and every ``await`` returns only when
+the operation is complete and every buffer it touched is safe to reuse.
+Works on asyncio, uvloop and trio (through anyio)::
+
+    import gpuaio, numpy as np
+
+    dev = gpuaio.Device(0)
+    async with dev.stream() as s:
+        host = np.arange(1 << 20, dtype=np.float32)   # pageable is fine
+        d = dev.empty(host.shape, host.dtype)
+        await s.copy(d, host)
+        await s.memset(d, 0)
+"""
+
+from __future__ import annotations
+
+from ._completion import STRATEGIES, Strategy
+from ._device import Device
+from ._errors import (
+    BufferFreedError,
+    CudaError,
+    DeviceFatalError,
+    GpuaioError,
+    InvalidArgumentError,
+    NoDeviceError,
+    OperationAbortedError,
+    StreamClosedError,
+)
+from ._kernel import Kernel
+from ._memory import (
+    BufferTypeError,
+    DeviceArray,
+    HostRegistration,
+    pinned_empty,
+    register_host,
+    register_host_async,
+)
+from ._operation import Operation, wait_all
+from ._runtime import configure, current_runtime, use_backend
+from ._stream import Event, Stream
+from .backends import MemoryKind
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "STRATEGIES",
+    "BufferFreedError",
+    "BufferTypeError",
+    "CudaError",
+    "Device",
+    "DeviceArray",
+    "DeviceFatalError",
+    "Event",
+    "GpuaioError",
+    "HostRegistration",
+    "InvalidArgumentError",
+    "Kernel",
+    "MemoryKind",
+    "NoDeviceError",
+    "Operation",
+    "OperationAbortedError",
+    "Stream",
+    "Strategy",
+    "StreamClosedError",
+    "__version__",
+    "backend_name",
+    "configure",
+    "memory_kind",
+    "pinned_empty",
+    "register_host",
+    "register_host_async",
+    "use_backend",
+    "wait_all",
+]
+
+
+def backend_name() -> str:
+    """The active backend: ``"cuda"`` or ``"sim"`` (choosing it if not yet chosen)."""
+    return current_runtime().backend.name
+
+
+def memory_kind(buffer: object) -> MemoryKind:
+    """How gpuaio classifies ``buffer`` (pageable, pinned, device or managed)."""
+    from ._memory import describe
+
+    return describe(buffer, current_runtime()).kind

@@ -1,0 +1,305 @@
+"""Completion engines: learning that the GPU has finished an operation.
+
+One engine per device. After an operation's work is enqueued on a stream,
+:meth:`CompletionEngine.watch` places a completion marker behind it and
+resolves the :class:`~gpuaio._operation.Operation` once the marker fires.
+
+Strategies (selected with ``GPUAIO_COMPLETION`` or :func:`gpuaio.configure`):
+
+``"events"`` (default)
+    A marker is a pooled CUDA event. One watcher thread per device queries
+    only the oldest pending event of each stream (a stream completes in
+    order), spins briefly while completions are imminent, backs off to
+    sleeping when they are not, and blocks with no CPU use when nothing is
+    pending. One batch of completions wakes each event loop once. The GPU
+    never waits for Python.
+
+``"hostfunc"``
+    A marker is a ``cuLaunchHostFunc`` callback that resolves the op. It
+    needs the GIL, so the stream stalls while Python is busy: kept for
+    comparison, never the default.
+
+Every engine also notices a sticky (context-fatal) error within
+``FAULT_PROBE_S`` and fails every pending operation of the device with
+:class:`~gpuaio.DeviceFatalError` instead of leaving awaits hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Literal
+
+from ._errors import CudaError, DeviceFatalError
+from ._operation import Operation, resolve_many
+
+if TYPE_CHECKING:
+    from .backends import Backend
+
+__all__ = ["STRATEGIES", "CompletionEngine", "Strategy", "make_engine"]
+
+log = logging.getLogger("gpuaio")
+
+Strategy = Literal["events", "hostfunc"]
+STRATEGIES: tuple[Strategy, ...] = ("events", "hostfunc")
+
+SPIN_S = 200e-6
+"""How long the watcher keeps spinning after new work or a completion."""
+MAX_SLEEP_S = 1e-3
+"""The longest the watcher sleeps between polls while work is pending."""
+FAULT_PROBE_S = 0.05
+"""How often a device with pending work is checked for a sticky error."""
+
+
+class CompletionEngine:
+    """Resolves operations of one device when their markers fire."""
+
+    strategy: Strategy
+
+    def __init__(self, backend: Backend, device: int) -> None:
+        self.backend = backend
+        self.device = device
+        self.fatal: DeviceFatalError | None = None
+        self._closed = False
+
+    def watch(self, op: Operation, stream: Any) -> None:
+        """Place a marker behind the work just enqueued on ``stream``.
+
+        Call right after enqueueing, from the thread that enqueued (stream
+        order is the order of calls). ``op`` is resolved when the marker fires.
+        """
+        raise NotImplementedError
+
+    def pending(self) -> int:
+        """Number of operations watched and not yet resolved."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop the engine; ops still pending fail with an error."""
+        self._closed = True
+
+    def _fail_fatal(self, exc: DeviceFatalError) -> None:
+        if self.fatal is None:
+            self.fatal = exc
+            log.error("device %d hit a sticky error: %s", self.device, exc)
+
+
+class EventEngine(CompletionEngine):
+    """Pooled events polled by one adaptive watcher thread (the default)."""
+
+    strategy: Strategy = "events"
+
+    def __init__(self, backend: Backend, device: int) -> None:
+        super().__init__(backend, device)
+        self._cv = threading.Condition(threading.Lock())
+        # One FIFO per stream: a stream's markers fire in order, so only the
+        # head of each needs querying.
+        self._queues: dict[int, deque[tuple[Operation, Any]]] = {}
+        self._free_events: list[Any] = []
+        self._count = 0
+        self._sleeping = False
+        self._thread: threading.Thread | None = None
+
+    def watch(self, op: Operation, stream: Any) -> None:
+        if self.fatal is not None:
+            op._resolve(self.fatal)
+            return
+        try:
+            ev = self._free_events.pop()
+        except IndexError:
+            ev = self.backend.event_create(self.device)
+        try:
+            self.backend.event_record(ev, stream)
+        except BaseException:
+            self._free_events.append(ev)
+            raise
+        with self._cv:
+            key = id(stream)
+            q = self._queues.get(key)
+            if q is None:
+                q = self._queues[key] = deque()
+            q.append((op, ev))
+            self._count += 1
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name=f"gpuaio-completion-{self.device}", daemon=True
+                )
+                self._thread.start()
+            elif self._sleeping:
+                self._cv.notify()
+
+    def pending(self) -> int:
+        return self._count
+
+    def close(self) -> None:
+        super().close()
+        with self._cv:
+            self._cv.notify()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=5)
+
+    def _run(self) -> None:
+        backend = self.backend
+        query = backend.event_query
+        free = self._free_events
+        cv = self._cv
+        spin_until = time.perf_counter() + SPIN_S
+        sleep_s = 20e-6
+        while True:
+            with cv:
+                while not self._queues and not self._closed:
+                    self._sleeping = True
+                    cv.wait()
+                    self._sleeping = False
+                    spin_until = time.perf_counter() + SPIN_S
+                if self._closed:
+                    self._drain_closed()
+                    return
+                queues = list(self._queues.items())
+            done: list[tuple[Operation, BaseException | None]] = []
+            fatal: DeviceFatalError | None = None
+            for _key, q in queues:
+                while q:
+                    op, ev = q[0]
+                    try:
+                        if not query(ev):
+                            break
+                        exc: BaseException | None = None
+                    except DeviceFatalError as e:
+                        fatal = e
+                        break
+                    except CudaError as e:
+                        exc = e
+                    q.popleft()
+                    free.append(ev)
+                    done.append((op, exc))
+                if fatal is not None:
+                    break
+            if fatal is not None:
+                self._fail_fatal(fatal)
+                with cv:
+                    for q in self._queues.values():
+                        done.extend((op, fatal) for op, _ev in q)
+                    self._queues.clear()
+                    self._count = 0
+                resolve_many(done)
+                continue
+            now = time.perf_counter()
+            with cv:
+                self._count -= len(done)
+                for key, q in queues:
+                    if not q and self._queues.get(key) is q:
+                        del self._queues[key]
+            if done:
+                resolve_many(done)
+                spin_until = now + SPIN_S
+                sleep_s = 20e-6
+                continue
+            if now < spin_until:
+                time.sleep(0)  # let the loop thread have the GIL between polls
+                continue
+            with cv:
+                if self._queues and not self._closed:
+                    self._sleeping = True
+                    notified = cv.wait(sleep_s)
+                    self._sleeping = False
+                else:
+                    notified = True
+            if notified:
+                spin_until = time.perf_counter() + SPIN_S
+                sleep_s = 20e-6
+            else:
+                sleep_s = min(sleep_s * 2, MAX_SLEEP_S)
+
+    def _drain_closed(self) -> None:
+        err = RuntimeError("gpuaio completion engine closed with the operation pending")
+        done: list[tuple[Operation, BaseException | None]] = []
+        for q in self._queues.values():
+            done.extend((op, err) for op, _ev in q)
+        self._queues.clear()
+        self._count = 0
+        resolve_many(done)
+
+
+class HostFuncEngine(CompletionEngine):
+    """Markers are host functions run by the driver (takes the GIL: comparison only)."""
+
+    strategy: Strategy = "hostfunc"
+
+    def __init__(self, backend: Backend, device: int) -> None:
+        super().__init__(backend, device)
+        self._lock = threading.Lock()
+        self._pending: set[Operation] = set()
+        self._probe_event: Any = None
+        self._monitor: threading.Thread | None = None
+        self._wake = threading.Event()
+
+    def watch(self, op: Operation, stream: Any) -> None:
+        if self.fatal is not None:
+            op._resolve(self.fatal)
+            return
+        with self._lock:
+            self._pending.add(op)
+            if self._monitor is None:
+                self._probe_event = self.backend.event_create(self.device)
+                self._monitor = threading.Thread(
+                    target=self._probe, name=f"gpuaio-fault-probe-{self.device}", daemon=True
+                )
+                self._monitor.start()
+
+        def fire() -> None:
+            with self._lock:
+                if op not in self._pending:
+                    return
+                self._pending.discard(op)
+            op._resolve(None)
+
+        try:
+            self.backend.launch_host_func(stream, fire)
+        except BaseException:
+            with self._lock:
+                self._pending.discard(op)
+            raise
+
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def close(self) -> None:
+        super().close()
+        self._wake.set()
+        m = self._monitor
+        if m is not None and m is not threading.current_thread():
+            m.join(timeout=5)
+        with self._lock:
+            ops, self._pending = list(self._pending), set()
+        err = RuntimeError("gpuaio completion engine closed with the operation pending")
+        resolve_many((op, err) for op in ops)
+
+    def _probe(self) -> None:
+        # A host function is never called once the context has failed, so
+        # poll the context's health (a query of a never-recorded event
+        # returns the sticky error) while anything is pending.
+        while not self._wake.wait(FAULT_PROBE_S):
+            if not self._pending:
+                continue
+            try:
+                self.backend.event_query(self._probe_event)
+            except DeviceFatalError as e:
+                self._fail_fatal(e)
+                with self._lock:
+                    ops, self._pending = list(self._pending), set()
+                resolve_many((op, e) for op in ops)
+            except CudaError:
+                log.exception("gpuaio fault probe failed")
+
+
+def make_engine(strategy: Strategy, backend: Backend, device: int) -> CompletionEngine:
+    """Build the engine for ``strategy``."""
+    if strategy == "events":
+        return EventEngine(backend, device)
+    if strategy == "hostfunc":
+        return HostFuncEngine(backend, device)
+    raise ValueError(f"unknown completion strategy {strategy!r}; choose from {STRATEGIES}")

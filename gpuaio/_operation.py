@@ -1,0 +1,164 @@
+"""Operation handles: enqueue now, await later.
+
+An :class:`Operation` is returned by every enqueueing call. The work is
+already submitted (or scheduled in stream order) when the handle is
+returned; awaiting it only waits. The handle keeps every buffer the
+operation touches alive until the operation has completed, whether or not
+anyone awaits it, so cancelling an ``await`` never frees or recycles memory
+the GPU may still use.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Generator, Iterable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+
+from ._loopport import LoopPort, current_port
+
+if TYPE_CHECKING:
+    from ._stream import Stream
+
+__all__ = ["Operation", "resolve_many", "wait_all"]
+
+
+class Operation:
+    """An enqueued copy, memset, launch or marker; awaitable once or many times.
+
+    ``await op`` returns when the operation has completed and every buffer it
+    touched may be reused, or raises the error that failed it. Cancelling the
+    ``await`` does not cancel the operation: it still runs to completion and
+    keeps its buffers alive until then.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_callbacks",
+        "_done",
+        "_exc",
+        "_keep",
+        "_waiters",
+        "label",
+        "nbytes",
+        "stream",
+    )
+
+    def __init__(
+        self,
+        label: str,
+        stream: Stream | None,
+        keep: tuple[Any, ...] = (),
+        nbytes: int = 0,
+    ) -> None:
+        self.label = label
+        self.stream = stream
+        self.nbytes = nbytes
+        self._keep: tuple[Any, ...] | None = keep
+        self._done = False
+        self._exc: BaseException | None = None
+        self._waiters: list[tuple[LoopPort, Callable[[], None]]] = []
+        self._callbacks: list[Callable[[], None]] | None = None
+
+    def __repr__(self) -> str:
+        state = "pending" if not self._done else ("failed" if self._exc else "done")
+        return f"<gpuaio.Operation {self.label} {state}>"
+
+    # -- public --------------------------------------------------------
+    def done(self) -> bool:
+        """True once the operation has completed or failed."""
+        return self._done
+
+    def exception(self) -> BaseException | None:
+        """The error that failed the operation, or None (also while pending)."""
+        return self._exc
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self.wait().__await__()
+
+    async def wait(self) -> None:
+        """Wait until the operation has completed; raise its error if it failed."""
+        if not self._done:
+            event = anyio.Event()
+            self._waiters.append((current_port(), event.set))
+            # The resolver sets _done before it snapshots _waiters: if it ran
+            # between our check and append, we saw neither and wake ourselves.
+            if self._done:
+                event.set()
+            await event.wait()
+        else:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        if self._exc is not None:
+            raise self._exc
+
+    # -- internal ------------------------------------------------------
+    def _add_done_callback(self, cb: Callable[[], None]) -> None:
+        """Run ``cb`` in the resolving thread when the op completes (at once if done)."""
+        if self._done:
+            cb()
+            return
+        if self._callbacks is None:
+            self._callbacks = [cb]
+        else:
+            self._callbacks.append(cb)
+
+    def _finish(self, exc: BaseException | None) -> list[tuple[LoopPort, Callable[[], None]]]:
+        """Mark done, release buffers, run callbacks; return the waiters to wake."""
+        if self._done:
+            return []
+        self._exc = exc
+        self._done = True
+        callbacks, self._callbacks = self._callbacks, None
+        self._keep = None
+        if callbacks:
+            for cb in callbacks:
+                cb()
+        return list(self._waiters)
+
+    def _resolve(self, exc: BaseException | None = None) -> None:
+        """Complete this op from any thread and wake its waiters."""
+        _post(self._finish(exc))
+
+
+def _post(waiters: Iterable[tuple[LoopPort, Callable[[], None]]]) -> None:
+    by_port: defaultdict[LoopPort, list[Callable[[], None]]] = defaultdict(list)
+    for port, cb in waiters:
+        by_port[port].append(cb)
+    for port, cbs in by_port.items():
+        port.post(cbs)
+
+
+def resolve_many(items: Iterable[tuple[Operation, BaseException | None]]) -> None:
+    """Complete many ops and wake each event loop once for all of them."""
+    waiters: list[tuple[LoopPort, Callable[[], None]]] = []
+    for op, exc in items:
+        waiters.extend(op._finish(exc))
+    if waiters:
+        _post(waiters)
+
+
+def completed(label: str, stream: Stream | None = None) -> Operation:
+    """An operation that is already done (zero-byte copies and the like)."""
+    op = Operation(label, stream)
+    op._finish(None)
+    return op
+
+
+async def wait_all(ops: Iterable[Awaitable[Any]]) -> None:
+    """Await every op; raise the first error after all have finished.
+
+    Unlike awaiting them one by one, every op is waited for even when an
+    earlier one failed, so no buffer is reused while an op may still run.
+    """
+    first: BaseException | None = None
+    for op in list(ops):
+        try:
+            await op
+        except Exception as exc:
+            if first is None:
+                first = exc
+    if first is not None:
+        raise first
+

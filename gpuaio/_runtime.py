@@ -1,0 +1,204 @@
+"""The process-wide runtime: one backend, its devices, engines and helpers.
+
+Created lazily on first use. :func:`use_backend` swaps it (tests use this to
+get a fresh simulated backend); objects from an earlier runtime must not be
+used after a swap.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ._completion import STRATEGIES, CompletionEngine, Strategy, make_engine
+from ._errors import DeviceFatalError, NoDeviceError
+from ._hostwork import HostPool
+from .backends import Backend, create_backend
+
+if TYPE_CHECKING:
+    from ._device import Device
+
+__all__ = ["Runtime", "configure", "current_runtime", "use_backend"]
+
+log = logging.getLogger("gpuaio")
+
+
+class _Reaper:
+    """Frees memory on a background thread.
+
+    ``cuMemFree``/``cuMemFreeHost`` may synchronize the whole device, so a
+    buffer dropped on the event-loop thread is freed here instead.
+    """
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="gpuaio-reaper", daemon=True)
+                self._thread.start()
+        self._q.put(fn)
+
+    def _run(self) -> None:
+        while True:
+            fn = self._q.get()
+            if fn is None:
+                return
+            try:
+                fn()
+            except Exception:
+                log.exception("gpuaio failed to free memory")
+
+    def close(self) -> None:
+        with self._lock:
+            t, self._thread = self._thread, None
+        if t is not None:
+            self._q.put(None)
+            t.join(timeout=10)
+
+
+class Runtime:
+    """One backend with its devices, completion engines, host threads and reaper."""
+
+    def __init__(self, backend: Backend, reason: str, completion: Strategy | None = None) -> None:
+        self.backend = backend
+        self.reason = reason
+        strategy = completion or os.environ.get("GPUAIO_COMPLETION") or "events"
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown completion strategy {strategy!r}; choose from {STRATEGIES}")
+        self.strategy: Strategy = strategy  # type: ignore[assignment]
+        self.host = HostPool()
+        self.reaper = _Reaper()
+        self._engines: dict[int, CompletionEngine] = {}
+        self._devices: dict[int, Device] = {}
+        self._lock = threading.Lock()
+        self.closed = False
+        self.extras: dict[str, Any] = {}
+
+    def engine(self, device: int) -> CompletionEngine:
+        eng = self._engines.get(device)
+        if eng is None:
+            with self._lock:
+                eng = self._engines.get(device)
+                if eng is None:
+                    eng = self._engines[device] = make_engine(self.strategy, self.backend, device)
+        return eng
+
+    def set_completion(self, strategy: Strategy) -> None:
+        """Use ``strategy`` for every device from now on (no op may be pending)."""
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown completion strategy {strategy!r}; choose from {STRATEGIES}")
+        with self._lock:
+            busy = [e.device for e in self._engines.values() if e.pending()]
+            if busy:
+                raise RuntimeError(f"operations are pending on device(s) {busy}")
+            old = list(self._engines.values())
+            self._engines.clear()
+            self.strategy = strategy
+        for eng in old:
+            eng.close()
+
+    def device(self, ordinal: int) -> Device:
+        dev = self._devices.get(ordinal)
+        if dev is None:
+            from ._device import Device
+
+            count = self.backend.device_count()
+            if not 0 <= ordinal < count:
+                raise NoDeviceError(
+                    f"no device {ordinal}: the {self.backend.name} backend has {count} device(s)"
+                )
+            with self._lock:
+                dev = self._devices.get(ordinal)
+                if dev is None:
+                    dev = self._devices[ordinal] = Device._create(self, ordinal)
+        return dev
+
+    def check_device(self, ordinal: int) -> None:
+        """Raise the device's sticky error, if it has had one."""
+        eng = self._engines.get(ordinal)
+        if eng is not None and eng.fatal is not None:
+            raise DeviceFatalError(eng.fatal.call, eng.fatal.code, eng.fatal.name, eng.fatal.detail)
+
+    def close(self) -> None:
+        """Stop engines and threads, then release the backend."""
+        if self.closed:
+            return
+        self.closed = True
+        for eng in list(self._engines.values()):
+            eng.close()
+        for closer in list(self.extras.values()):
+            close = getattr(closer, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    log.exception("gpuaio: error while closing %r", closer)
+        self.host.close()
+        self.reaper.close()
+        self.backend.close()
+
+
+_current: Runtime | None = None
+_current_lock = threading.Lock()
+
+
+def current_runtime() -> Runtime:
+    """The active runtime, created on first use from the environment."""
+    rt = _current
+    if rt is None:
+        return _create(None, None)
+    return rt
+
+
+def _create(backend: Backend | str | None, completion: Strategy | None) -> Runtime:
+    global _current
+    with _current_lock:
+        if backend is None and _current is not None:
+            return _current
+        if isinstance(backend, Backend):
+            be, reason = backend, f"{backend.name} backend chosen by the caller"
+        else:
+            be, reason = create_backend(backend)
+        old, _current = _current, Runtime(be, reason, completion)
+    if old is not None:
+        old.close()
+    return _current
+
+
+def use_backend(backend: Backend | str, *, completion: Strategy | None = None) -> Runtime:
+    """Switch to ``backend`` (a :class:`Backend`, ``"cuda"``, ``"sim"`` or ``"auto"``).
+
+    The previous runtime is closed: its devices, streams and arrays must not
+    be used afterwards. Returns the new runtime.
+    """
+    return _create(backend, completion)
+
+
+def configure(*, completion: Strategy) -> Runtime:
+    """Switch the completion strategy of the current runtime.
+
+    Engines are replaced once their pending operations are done; streams and
+    arrays stay valid. Raises ``RuntimeError`` while operations are pending.
+    """
+    rt = current_runtime()
+    rt.set_completion(completion)
+    return rt
+
+
+@atexit.register
+def _shutdown() -> None:
+    rt = _current
+    if rt is not None:
+        try:
+            rt.close()
+        except Exception:
+            log.exception("gpuaio: error at shutdown")

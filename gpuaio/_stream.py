@@ -1,0 +1,452 @@
+"""Streams: ordered queues of awaitable copies, memsets, launches and events.
+
+Every method validates its arguments, then enqueues at once and returns an
+:class:`~gpuaio.Operation`; ``await`` it when the result is needed.
+
+How work is enqueued without ever blocking the event loop:
+
+* Work the driver runs asynchronously (device memsets, launches, copies
+  between device memory and pinned memory, device-to-device copies) is
+  enqueued directly by the calling thread: a few microseconds.
+* Work the driver would run synchronously (anything touching pageable
+  memory, host-to-host copies, memsets of host memory) becomes a *host job*
+  on the stream's serial executor, a thread. A host job first waits for the
+  work enqueued before it, so stream order holds for host work too.
+* While a host job is queued or running, later device work on that stream is
+  handed to the same executor, so it is enqueued in submission order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._errors import InvalidArgumentError, StreamClosedError
+from ._hostwork import SerialExecutor
+from ._kernel import Kernel, normalize_dim3
+from ._memory import BufferInfo, DeviceArray, describe
+from ._operation import Operation, completed
+from .backends import MemoryKind
+
+if TYPE_CHECKING:
+    from ._device import Device
+    from ._runtime import Runtime
+
+__all__ = ["Event", "Stream"]
+
+_HostWork = Callable[[], bool]
+"""A host job body; returns True when it enqueued GPU work that needs a marker."""
+
+
+class Event(Operation):
+    """A point in a stream's order: awaitable, and usable in :meth:`Stream.wait`."""
+
+    __slots__ = ("_native", "_recorded")
+
+    def __init__(self, stream: Stream) -> None:
+        super().__init__("event", stream)
+        self._native: Any = None
+        self._recorded = False
+
+    def __del__(self) -> None:
+        native, self._native = self._native, None
+        stream = self.stream
+        if native is not None and stream is not None:
+            try:
+                stream._rt.backend.event_destroy(native)
+            except Exception:
+                pass
+
+
+class Stream:
+    """An ordered queue of GPU and host work on one device.
+
+    Created by :meth:`gpuaio.Device.stream` or wrapped around a foreign
+    stream with :meth:`gpuaio.Device.wrap_stream`. Use ``async with`` (or
+    :meth:`aclose`) to wait for its work and release it.
+    """
+
+    def __init__(self, device: Device, native: Any, *, owned: bool, priority: int = 0) -> None:
+        self.device = device
+        self.priority = priority
+        self._rt: Runtime = device._runtime
+        self._ordinal = device.ordinal
+        self._native = native
+        self._owned = owned
+        self._closed = False
+        self._serial = SerialExecutor(f"gpuaio-stream-{device.ordinal}")
+        self._sync_event: Any = None
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        return f"<gpuaio.Stream device={self._ordinal} handle={self.handle:#x}{state}>"
+
+    @property
+    def handle(self) -> int:
+        """The ``CUstream`` address."""
+        return self._rt.backend.stream_handle(self._native)
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        """cuda.core's stream protocol: ``(version, CUstream address)``."""
+        return (0, self.handle)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- lifecycle -----------------------------------------------------
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Wait for the work submitted so far, then close the stream."""
+        if self._closed:
+            return
+        await self.synchronize()
+        self.close()
+
+    def close(self) -> None:
+        """Refuse new work; release the stream once submitted work is enqueued.
+
+        Work already submitted still runs and its operations still complete.
+        """
+        if self._closed:
+            return
+        self._closed = True
+
+        def release() -> None:
+            sync, self._sync_event = self._sync_event, None
+            backend = self._rt.backend
+            if sync is not None:
+                backend.event_destroy(sync)
+            if self._owned:
+                backend.stream_destroy(self._native)
+
+        self._serial.submit(release)
+
+    def _check(self) -> None:
+        if self._closed:
+            raise StreamClosedError("this stream is closed")
+        self._rt.check_device(self._ordinal)
+
+    # -- submission ----------------------------------------------------
+    def _device_step(self, op: Operation, enqueue: Callable[[Any], None]) -> Operation:
+        """Enqueue asynchronous driver work now, or in order behind host jobs."""
+        if not self._serial.busy:
+            enqueue(self._native)
+            self._rt.engine(self._ordinal).watch(op, self._native)
+            return op
+
+        def job() -> None:
+            try:
+                enqueue(self._native)
+                self._rt.engine(self._ordinal).watch(op, self._native)
+            except BaseException as exc:
+                op._resolve(exc)
+
+        self._serial.submit(job)
+        return op
+
+    def _host_step(self, op: Operation, work: _HostWork, *, after_prior: bool) -> Operation:
+        """Run ``work`` on the stream's executor, after earlier work if asked."""
+
+        def job() -> None:
+            try:
+                if after_prior:
+                    self._wait_prior()
+                if work():
+                    self._rt.engine(self._ordinal).watch(op, self._native)
+                else:
+                    op._resolve(None)
+            except BaseException as exc:
+                op._resolve(exc)
+
+        self._serial.submit(job)
+        return op
+
+    def _wait_prior(self) -> None:
+        """Block the executor thread until the stream's enqueued work is done."""
+        backend = self._rt.backend
+        if self._sync_event is None:
+            self._sync_event = backend.event_create(self._ordinal, blocking_sync=True)
+        backend.event_record(self._sync_event, self._native)
+        backend.event_synchronize(self._sync_event)
+
+    def _track(self, op: Operation, infos: Sequence[BufferInfo]) -> None:
+        """Hold gpuaio allocations in use until ``op`` completes."""
+        for info in infos:
+            alloc = info.alloc
+            if alloc is not None:
+                alloc.acquire()
+                op._add_done_callback(alloc.release)
+
+    # -- copies --------------------------------------------------------
+    def copy(self, dst: Any, src: Any) -> Operation:
+        """Copy all of ``src`` into ``dst``; returns an awaitable :class:`Operation`.
+
+        Any pair of memory kinds works: pageable host, pinned host, device,
+        managed. Sizes must match; shapes and dtypes must match unless one
+        side is a flat byte buffer. Both must be C-contiguous, ``dst``
+        writable. When the awaited operation returns, ``dst`` holds the data
+        and ``src`` may be overwritten.
+        """
+        self._check()
+        rt = self._rt
+        d = describe(dst, rt)
+        s = describe(src, rt)
+        _check_copy(d, s)
+        for info, role in ((d, "destination"), (s, "source")):
+            if info.kind in (MemoryKind.DEVICE, MemoryKind.MANAGED) and info.device not in (
+                None, self._ordinal
+            ) and (d.kind.is_host or s.kind.is_host):
+                raise InvalidArgumentError(
+                    f"the {role} is on device {info.device} but this stream is on device "
+                    f"{self._ordinal}; use a stream of device {info.device}"
+                )
+        label = f"copy {s.kind.value}->{d.kind.value} {d.nbytes}B"
+        if d.nbytes == 0:
+            return completed(label, self)
+        op = Operation(label, self, keep=(d.owner, s.owner), nbytes=d.nbytes)
+        self._track(op, (d, s))
+        backend = rt.backend
+        n = d.nbytes
+        if d.kind.is_host and s.kind.is_host:
+            dv, sv = d.host_array(), s.host_array()
+
+            def h2h() -> bool:
+                rt.host.copy(dv, sv)
+                return False
+
+            return self._host_step(op, h2h, after_prior=True)
+        if MemoryKind.PAGEABLE in (d.kind, s.kind):
+            return self._pageable_copy(op, d, s)
+        if (
+            d.device is not None
+            and s.device is not None
+            and d.device != s.device
+            and not d.kind.is_host
+            and not s.kind.is_host
+        ):
+            dp, dd, sp, sd = d.ptr, d.device, s.ptr, s.device
+            return self._device_step(
+                op, lambda h: backend.memcpy_peer_async(dp, dd, sp, sd, n, h)
+            )
+        dp, sp = d.ptr, s.ptr
+        return self._device_step(op, lambda h: backend.memcpy_async(dp, sp, n, h))
+
+    def _pageable_copy(self, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
+        stager = self._rt.extras.get("stager")
+        if stager is not None:
+            return stager.copy(self, op, d, s)  # type: ignore[no-any-return]
+        # The driver's own path blocks the calling thread (and, for H2D,
+        # synchronizes the stream first): run it on the executor thread.
+        backend = self._rt.backend
+        dp, sp, n = d.ptr, s.ptr, d.nbytes
+
+        def driver_copy() -> bool:
+            backend.memcpy_async(dp, sp, n, self._native)
+            return True
+
+        return self._host_step(op, driver_copy, after_prior=False)
+
+    # -- memset --------------------------------------------------------
+    def memset(self, dst: Any, value: int, *, width: int | None = None) -> Operation:
+        """Fill ``dst`` with a repeated ``width``-byte pattern ``value``.
+
+        ``width`` (1, 2 or 4) defaults to the item size of ``dst``'s dtype
+        when that is 1, 2 or 4. Device and managed memory are filled by the
+        GPU; host memory (pinned or pageable) by a worker thread, in stream
+        order.
+        """
+        self._check()
+        rt = self._rt
+        d = describe(dst, rt)
+        _check_writable(d, "memset destination")
+        if width is None:
+            width = d.dtype.itemsize
+            if width not in (1, 2, 4):
+                raise InvalidArgumentError(
+                    f"cannot infer a memset width from dtype {d.dtype}; pass width=1, 2 or 4"
+                )
+        if width not in (1, 2, 4):
+            raise InvalidArgumentError(f"memset width must be 1, 2 or 4 bytes, not {width}")
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise InvalidArgumentError(f"memset value must be an int, not {type(value).__name__}")
+        value = int(value)
+        bits = 8 * width
+        if not -(1 << (bits - 1)) <= value < (1 << bits):
+            raise InvalidArgumentError(f"memset value {value} does not fit in {width} byte(s)")
+        value &= (1 << bits) - 1
+        if d.nbytes % width:
+            raise InvalidArgumentError(
+                f"destination of {d.nbytes} bytes is not a whole number of {width}-byte items"
+            )
+        if d.kind in (MemoryKind.DEVICE, MemoryKind.MANAGED) and d.device not in (
+            None, self._ordinal
+        ):
+            raise InvalidArgumentError(
+                f"the destination is on device {d.device} but this stream is on device "
+                f"{self._ordinal}"
+            )
+        label = f"memset {d.kind.value} {d.nbytes}B"
+        if d.nbytes == 0:
+            return completed(label, self)
+        op = Operation(label, self, keep=(d.owner,), nbytes=d.nbytes)
+        self._track(op, (d,))
+        count = d.nbytes // width
+        if d.kind.is_host:
+            view = d.host_array()
+            pattern = value
+
+            def fill() -> bool:
+                rt.host.fill(view, pattern, width)
+                return False
+
+            return self._host_step(op, fill, after_prior=True)
+        ptr, backend = d.ptr, rt.backend
+        w = width
+        return self._device_step(op, lambda h: backend.memset_async(ptr, value, w, count, h))
+
+    # -- kernels -------------------------------------------------------
+    def launch(
+        self,
+        kernel: Kernel | Any,
+        grid: int | Sequence[int],
+        block: int | Sequence[int],
+        *args: Any,
+        shared_mem: int = 0,
+    ) -> Operation:
+        """Launch ``kernel`` with ``args``; the op completes when the kernel has run.
+
+        ``kernel`` is a :class:`Kernel` (or a backend-native kernel, e.g. a
+        cuda.core ``Kernel``). gpuaio arrays and objects with
+        ``__cuda_array_interface__`` are passed as pointers and kept alive
+        until the kernel has finished; use numpy scalars (``np.int32``,
+        ``np.float32``) for scalar parameters of a fixed width.
+        """
+        self._check()
+        grid3 = normalize_dim3(grid, "grid")
+        block3 = normalize_dim3(block, "block")
+        threads = block3[0] * block3[1] * block3[2]
+        if threads > 1024:
+            raise InvalidArgumentError(f"a block has at most 1024 threads, not {threads}")
+        if not isinstance(shared_mem, int) or shared_mem < 0:
+            raise InvalidArgumentError(f"shared_mem must be a non-negative int, not {shared_mem!r}")
+        if isinstance(kernel, Kernel):
+            if kernel.device != self._ordinal:
+                raise InvalidArgumentError(
+                    f"kernel {kernel.name} was compiled for device {kernel.device}, "
+                    f"this stream is on device {self._ordinal}"
+                )
+            native = kernel.native
+            name = kernel.name
+        else:
+            native = kernel
+            name = getattr(kernel, "name", None) or getattr(kernel, "__name__", "kernel")
+        infos: list[BufferInfo] = []
+        for i, arg in enumerate(args):
+            if isinstance(arg, DeviceArray) or hasattr(arg, "__cuda_array_interface__"):
+                info = describe(arg, self._rt)
+                if info.device not in (None, self._ordinal) and info.kind is MemoryKind.DEVICE:
+                    raise InvalidArgumentError(
+                        f"kernel argument {i} is on device {info.device}, "
+                        f"this stream is on device {self._ordinal}"
+                    )
+                infos.append(info)
+        op = Operation(f"launch {name}", self, keep=(native, args))
+        self._track(op, infos)
+        backend = self._rt.backend
+        return self._device_step(
+            op, lambda h: backend.launch(native, grid3, block3, args, shared_mem, h)
+        )
+
+    # -- ordering ------------------------------------------------------
+    def record(self) -> Event:
+        """Mark the current end of this stream; await the event, or pass it to :meth:`wait`."""
+        self._check()
+        ev = Event(self)
+        backend = self._rt.backend
+        ev._native = backend.event_create(self._ordinal)
+
+        def enqueue(h: Any) -> None:
+            backend.event_record(ev._native, h)
+            ev._recorded = True
+
+        return self._device_step(ev, enqueue)  # type: ignore[return-value]
+
+    def wait(self, other: Event | Stream) -> None:
+        """Make later work on this stream wait (on the GPU) for ``other``.
+
+        ``other`` is an :class:`Event` or a stream (meaning: its work so far).
+        The calling thread does not wait.
+        """
+        self._check()
+        if isinstance(other, Stream):
+            other = other.record()
+        if not isinstance(other, Event):
+            raise InvalidArgumentError(f"wait() takes an Event or a Stream, not {type(other).__name__}")
+        backend = self._rt.backend
+        ev = other
+        marker = Operation("wait", self, keep=(ev,))
+        if ev._recorded:
+            self._device_step(marker, lambda h: backend.stream_wait_event(h, ev._native))
+            return
+
+        def wait_recorded() -> bool:
+            # The other stream's executor records the event later; its own
+            # completion implies it was recorded.
+            while not ev._recorded and not ev.done():
+                time.sleep(50e-6)
+            if ev._recorded:
+                backend.stream_wait_event(self._native, ev._native)
+            return False
+
+        self._host_step(marker, wait_recorded, after_prior=False)
+
+    def synchronize(self) -> Operation:
+        """An operation that completes when all work submitted so far is done."""
+        self._check()
+        return self._device_step(Operation("synchronize", self), lambda h: None)
+
+
+def _check_writable(d: BufferInfo, what: str) -> None:
+    if d.readonly:
+        raise InvalidArgumentError(f"the {what} is read-only")
+    if not d.contiguous:
+        raise InvalidArgumentError(
+            f"the {what} is not C-contiguous; copy it into a contiguous buffer first"
+        )
+
+
+def _is_bytes(info: BufferInfo) -> bool:
+    return info.dtype.itemsize == 1 and len(info.shape) <= 1
+
+
+def _check_copy(d: BufferInfo, s: BufferInfo) -> None:
+    _check_writable(d, "destination")
+    if not s.contiguous:
+        raise InvalidArgumentError(
+            "the source is not C-contiguous; copy it into a contiguous buffer first"
+        )
+    if d.nbytes != s.nbytes:
+        raise InvalidArgumentError(
+            f"size mismatch: destination has {d.nbytes} bytes, source has {s.nbytes}"
+        )
+    if not (_is_bytes(d) or _is_bytes(s)):
+        if d.dtype != s.dtype:
+            raise InvalidArgumentError(
+                f"dtype mismatch: destination is {d.dtype}, source is {s.dtype}"
+            )
+        if d.shape != s.shape:
+            raise InvalidArgumentError(
+                f"shape mismatch: destination is {d.shape}, source is {s.shape}"
+            )
+    if d.nbytes and d.ptr < s.ptr + s.nbytes and s.ptr < d.ptr + d.nbytes:
+        raise InvalidArgumentError("source and destination overlap")
+

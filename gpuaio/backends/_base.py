@@ -1,0 +1,236 @@
+"""The backend interface: the only place gpuaio touches a driver.
+
+A backend owns devices, memory, streams, events and kernels. Its enqueue
+calls follow CUDA's own synchronization rules exactly (see
+``shared/reference/cuda-api-sync-behavior.md``): copies that involve pageable
+memory or only host memory may block the calling thread. The layers above
+never make such calls on the event-loop thread.
+
+Handles (streams, events, kernels) are opaque objects owned by the backend.
+Pointers are plain ``int`` addresses (unified virtual addressing).
+Every failure is raised as :class:`gpuaio.CudaError` (or
+:class:`gpuaio.DeviceFatalError` for sticky errors) naming the call.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Backend", "DeviceProperties", "MemoryKind", "PointerInfo"]
+
+
+class MemoryKind(enum.Enum):
+    """Where a buffer lives, which decides how gpuaio moves it."""
+
+    PAGEABLE = "pageable"
+    """Ordinary host memory the driver does not know about."""
+    PINNED = "pinned"
+    """Page-locked host memory (allocated pinned, or registered)."""
+    DEVICE = "device"
+    """Memory on a GPU."""
+    MANAGED = "managed"
+    """Unified (managed) memory, migrated on demand."""
+
+    @property
+    def is_host(self) -> bool:
+        return self in (MemoryKind.PAGEABLE, MemoryKind.PINNED)
+
+
+@dataclass(frozen=True, slots=True)
+class PointerInfo:
+    """What the driver says about an address."""
+
+    kind: MemoryKind
+    device: int | None
+    """Ordinal of the owning device; ``None`` for host memory."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceProperties:
+    ordinal: int
+    name: str
+    total_memory: int
+    compute_capability: tuple[int, int]
+    multiprocessors: int
+    pci_bus_id: str
+    can_map_host_memory: bool
+    stream_mem_ops: bool
+    """Whether ``cuStreamWriteValue32``/``cuStreamWaitValue32`` are usable."""
+
+
+class Backend(abc.ABC):
+    """Interface implemented by the ``cuda`` and ``sim`` backends.
+
+    Thread safety: every method may be called from any thread. Methods that
+    need a device context make it current in the calling thread themselves.
+    """
+
+    name: str
+    """``"cuda"`` or ``"sim"``."""
+
+    # -- devices -------------------------------------------------------
+    @abc.abstractmethod
+    def device_count(self) -> int: ...
+
+    @abc.abstractmethod
+    def device_properties(self, device: int) -> DeviceProperties: ...
+
+    @abc.abstractmethod
+    def driver_version(self) -> str: ...
+
+    @abc.abstractmethod
+    def can_access_peer(self, device: int, peer: int) -> bool: ...
+
+    @abc.abstractmethod
+    def enable_peer_access(self, device: int, peer: int) -> None:
+        """Let ``device`` access ``peer``'s memory (idempotent)."""
+
+    # -- memory --------------------------------------------------------
+    @abc.abstractmethod
+    def mem_alloc(self, device: int, nbytes: int) -> int:
+        """Allocate device memory; ``nbytes`` > 0."""
+
+    @abc.abstractmethod
+    def mem_alloc_managed(self, device: int, nbytes: int) -> int: ...
+
+    @abc.abstractmethod
+    def mem_free(self, ptr: int) -> None:
+        """Free device or managed memory (synchronizes like ``cuMemFree``)."""
+
+    @abc.abstractmethod
+    def host_alloc(self, nbytes: int) -> int:
+        """Allocate pinned, portable, device-mapped host memory."""
+
+    @abc.abstractmethod
+    def host_free(self, ptr: int) -> None: ...
+
+    @abc.abstractmethod
+    def host_register(self, ptr: int, nbytes: int) -> None:
+        """Page-lock an existing host range (``cuMemHostRegister``, portable)."""
+
+    @abc.abstractmethod
+    def host_unregister(self, ptr: int) -> None: ...
+
+    @abc.abstractmethod
+    def host_device_pointer(self, ptr: int) -> int:
+        """The device address of mapped pinned memory (for stream-written flags)."""
+
+    @abc.abstractmethod
+    def pointer_info(self, ptr: int) -> PointerInfo:
+        """Classify ``ptr``; pageable memory gives ``MemoryKind.PAGEABLE``."""
+
+    # -- streams -------------------------------------------------------
+    @abc.abstractmethod
+    def stream_priority_range(self, device: int) -> tuple[int, int]:
+        """(least, greatest) priority; greater priority is numerically lower."""
+
+    @abc.abstractmethod
+    def stream_create(self, device: int, priority: int = 0) -> Any:
+        """Create a non-blocking stream on ``device``."""
+
+    @abc.abstractmethod
+    def stream_from_handle(self, device: int, handle: int) -> Any:
+        """Wrap a foreign ``CUstream`` address; it is never destroyed by gpuaio."""
+
+    @abc.abstractmethod
+    def stream_handle(self, stream: Any) -> int:
+        """The ``CUstream`` address of ``stream`` (for ``__cuda_stream__``)."""
+
+    @abc.abstractmethod
+    def stream_destroy(self, stream: Any) -> None:
+        """Release ``stream``; work already enqueued still completes."""
+
+    @abc.abstractmethod
+    def stream_synchronize(self, stream: Any) -> None:
+        """Block the calling thread until ``stream`` is idle."""
+
+    # -- enqueue -------------------------------------------------------
+    @abc.abstractmethod
+    def memcpy_async(self, dst: int, src: int, nbytes: int, stream: Any) -> None:
+        """``cuMemcpyAsync``: follows CUDA's sync rules for pageable/host memory."""
+
+    @abc.abstractmethod
+    def memcpy_peer_async(
+        self, dst: int, dst_device: int, src: int, src_device: int, nbytes: int, stream: Any
+    ) -> None: ...
+
+    @abc.abstractmethod
+    def memset_async(self, ptr: int, value: int, itemsize: int, count: int, stream: Any) -> None:
+        """``cuMemsetD{8,16,32}Async``: write ``count`` items of ``itemsize`` bytes."""
+
+    @abc.abstractmethod
+    def launch(
+        self,
+        kernel: Any,
+        grid: tuple[int, int, int],
+        block: tuple[int, int, int],
+        args: Sequence[Any],
+        shared_mem: int,
+        stream: Any,
+    ) -> None:
+        """Enqueue a kernel. ``kernel`` comes from :meth:`compile` or is a native kernel."""
+
+    @abc.abstractmethod
+    def launch_host_func(self, stream: Any, fn: Callable[[], None]) -> None:
+        """``cuLaunchHostFunc``: run ``fn`` on a driver thread in stream order.
+
+        The stream does not advance until ``fn`` returns: if ``fn`` needs the
+        GIL the GPU waits on Python. gpuaio's default never uses this.
+        """
+
+    @abc.abstractmethod
+    def stream_write_value32(self, stream: Any, device_ptr: int, value: int) -> None:
+        """``cuStreamWriteValue32`` into (mapped) memory, in stream order."""
+
+    @abc.abstractmethod
+    def stream_wait_value32(self, stream: Any, device_ptr: int, value: int) -> None:
+        """``cuStreamWaitValue32`` (>=): the stream waits until the word reaches ``value``."""
+
+    # -- events --------------------------------------------------------
+    @abc.abstractmethod
+    def event_create(self, device: int, blocking_sync: bool = False) -> Any:
+        """Create a timing-disabled event."""
+
+    @abc.abstractmethod
+    def event_destroy(self, event: Any) -> None: ...
+
+    @abc.abstractmethod
+    def event_record(self, event: Any, stream: Any) -> None: ...
+
+    @abc.abstractmethod
+    def event_query(self, event: Any) -> bool:
+        """True when done, False while pending; raises on a failed context."""
+
+    @abc.abstractmethod
+    def event_synchronize(self, event: Any) -> None:
+        """Block the calling thread until ``event`` has completed."""
+
+    @abc.abstractmethod
+    def stream_wait_event(self, stream: Any, event: Any) -> None: ...
+
+    # -- kernels -------------------------------------------------------
+    @abc.abstractmethod
+    def compile(
+        self,
+        device: int,
+        source: str,
+        name: str,
+        options: Sequence[str],
+        sim: Callable[..., None] | None,
+    ) -> Any:
+        """Compile ``source`` and return kernel ``name`` (``sim`` is the simulated body)."""
+
+    # -- lifecycle -----------------------------------------------------
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release backend-wide resources (called at interpreter exit)."""
+
+
+def memcpy_call_name(dst_kind: MemoryKind, src_kind: MemoryKind) -> str:
+    """The ``cuMemcpy*Async`` name matching a pair of kinds, for messages."""
+    src = "D" if src_kind in (MemoryKind.DEVICE, MemoryKind.MANAGED) else "H"
+    dst = "D" if dst_kind in (MemoryKind.DEVICE, MemoryKind.MANAGED) else "H"
+    return f"cuMemcpy{src}to{dst}Async"

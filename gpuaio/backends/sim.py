@@ -1,0 +1,994 @@
+"""The simulated backend: CUDA's stream semantics on threads and host memory.
+
+CI has no GPU, so the whole test suite runs here. This is a stand-in, not a
+mock: every stream is a worker thread that runs its ops strictly in order,
+every op moves real bytes (device memory is host memory, so a pointer is a
+real address) and takes real wall time (``latency_s + nbytes / bandwidth``),
+and the enqueue calls block their caller exactly where CUDA's do (see
+``shared/reference/cuda-api-sync-behavior.md``):
+
+============================  ==============================================
+device/managed <-> pinned     asynchronous (``dma_gbps``)
+device <-> device, peer       asynchronous (``d2d_gbps`` / ``peer_gbps``)
+pageable -> device            caller waits for the stream to drain, snapshots
+                              the source (``pageable_gbps``), then the DMA of
+                              the snapshot is enqueued
+device -> pageable            caller waits until the copy is done
+host -> host (any kinds)      caller waits for the stream and the copy
+memset device/managed         asynchronous
+memset pinned                 caller waits for the stream and the fill
+memset pageable               ``CUDA_ERROR_INVALID_VALUE``
+============================  ==============================================
+
+Faults are injected with :meth:`SimBackend.inject_fault` (sticky, like a
+kernel's illegal address) and :meth:`SimBackend.fail_next` (one failing call);
+:meth:`SimBackend.hold` is a latch kernel that keeps a stream busy in tests.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import itertools
+import math
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .._errors import CudaError, InvalidArgumentError, make_cuda_error
+from ._base import Backend, DeviceProperties, MemoryKind, PointerInfo
+
+__all__ = ["SimBackend", "SimConfig", "SimEvent", "SimKernel", "SimStream"]
+
+CU_RESULT_NAMES: dict[int, str] = {
+    0: "CUDA_SUCCESS",
+    1: "CUDA_ERROR_INVALID_VALUE",
+    2: "CUDA_ERROR_OUT_OF_MEMORY",
+    3: "CUDA_ERROR_NOT_INITIALIZED",
+    4: "CUDA_ERROR_DEINITIALIZED",
+    101: "CUDA_ERROR_INVALID_DEVICE",
+    201: "CUDA_ERROR_INVALID_CONTEXT",
+    214: "CUDA_ERROR_ECC_UNCORRECTABLE",
+    400: "CUDA_ERROR_INVALID_HANDLE",
+    600: "CUDA_ERROR_NOT_READY",
+    700: "CUDA_ERROR_ILLEGAL_ADDRESS",
+    702: "CUDA_ERROR_LAUNCH_TIMEOUT",
+    710: "CUDA_ERROR_ASSERT",
+    712: "CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED",
+    713: "CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED",
+    714: "CUDA_ERROR_HARDWARE_STACK_ERROR",
+    715: "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+    716: "CUDA_ERROR_MISALIGNED_ADDRESS",
+    717: "CUDA_ERROR_INVALID_ADDRESS_SPACE",
+    718: "CUDA_ERROR_INVALID_PC",
+    719: "CUDA_ERROR_LAUNCH_FAILED",
+    999: "CUDA_ERROR_UNKNOWN",
+}
+
+_INVALID_VALUE = 1
+_OUT_OF_MEMORY = 2
+_DEINITIALIZED = 4
+_INVALID_DEVICE = 101
+_INVALID_HANDLE = 400
+_ILLEGAL_ADDRESS = 700
+_ALREADY_REGISTERED = 712
+_NOT_REGISTERED = 713
+_LAUNCH_FAILED = 719
+
+_GIB = 1 << 30
+_ALIGN = 256
+_MIN_SLEEP_S = 20e-6  # below this, time.sleep overshoots more than it waits
+_POLL_S = 20e-6
+_JOIN_TIMEOUT_S = 2.0
+_DEVICE_SIDE = (MemoryKind.DEVICE, MemoryKind.MANAGED)
+_thread_ids = itertools.count()
+
+
+def _error(call: str, code: int, detail: str = "") -> CudaError:
+    return make_cuda_error(call, code, CU_RESULT_NAMES.get(code, f"CUresult_{code}"), detail)
+
+
+def _view(ptr: int, nbytes: int) -> npt.NDArray[np.uint8]:
+    """A writable uint8 view of ``nbytes`` at address ``ptr``."""
+    if nbytes == 0:
+        return np.empty(0, dtype=np.uint8)
+    return np.frombuffer(memoryview((ctypes.c_ubyte * nbytes).from_address(ptr)), dtype=np.uint8)
+
+
+def _noop() -> None:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """Shape and speed of the simulated machine (bandwidths in GB/s, 1e9 bytes)."""
+
+    devices: int = 1
+    device_memory: int = 8 * _GIB
+    """Per-device budget; ``cuMemAlloc`` beyond it fails with out-of-memory."""
+    dma_gbps: float = 20.0
+    """Pinned <-> device (and managed) copies."""
+    pageable_gbps: float = 4.0
+    """The driver's own staging of pageable memory."""
+    d2d_gbps: float = 200.0
+    """Copies and memsets within one device."""
+    peer_gbps: float = 40.0
+    host_gbps: float = 8.0
+    """Driver host-to-host copies and host memsets."""
+    latency_s: float = 5e-6
+    """Fixed cost of every enqueued copy, memset, launch and stream-memory op."""
+    priority_range: tuple[int, int] = (0, -5)
+    """(least, greatest) stream priority."""
+
+    def __post_init__(self) -> None:
+        rates = (self.dma_gbps, self.pageable_gbps, self.d2d_gbps, self.peer_gbps, self.host_gbps)
+        if self.devices < 1 or self.device_memory <= 0:
+            raise InvalidArgumentError("SimConfig needs devices >= 1 and device_memory > 0")
+        if not all(r > 0 and math.isfinite(r) for r in rates) or self.latency_s < 0:
+            raise InvalidArgumentError("SimConfig bandwidths must be > 0 and latency_s >= 0")
+        if self.priority_range[1] > self.priority_range[0]:
+            raise InvalidArgumentError(
+                "SimConfig.priority_range is (least, greatest), least >= greatest"
+            )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> SimConfig:
+        """Defaults overridden by ``GPUAIO_SIM_<FIELD>`` variables.
+
+        e.g. ``GPUAIO_SIM_DEVICES=8``, ``GPUAIO_SIM_DMA_GBPS=55``,
+        ``GPUAIO_SIM_PRIORITY_RANGE=0,-5``.
+        """
+        env = os.environ if environ is None else environ
+        defaults = cls()
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"GPUAIO_SIM_{f.name.upper()}")
+            if raw is None or not raw.strip():
+                continue
+            default = getattr(defaults, f.name)
+            try:
+                if isinstance(default, tuple):
+                    values[f.name] = tuple(int(part) for part in raw.split(","))
+                elif isinstance(default, int):
+                    values[f.name] = int(raw)
+                else:
+                    values[f.name] = float(raw)
+            except ValueError:
+                raise InvalidArgumentError(
+                    f"GPUAIO_SIM_{f.name.upper()}={raw!r} is not a valid {f.name}"
+                ) from None
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class SimKernel:
+    """A simulated kernel: ``fn(grid, block, *args)`` runs in the stream's worker.
+
+    Array arguments (anything with ``__cuda_array_interface__``) reach ``fn``
+    as writable numpy views of the memory. The launch takes at least
+    ``duration_s`` of wall time.
+    """
+
+    fn: Callable[..., None]
+    name: str = ""
+    duration_s: float = 0.0
+
+    def __call__(self, *args: Any) -> None:
+        self.fn(*args)
+
+
+class _Dropped(Exception):
+    """A waiting op gave up because its device faulted or the backend closed."""
+
+
+class _Op:
+    """One unit of stream work; ``done`` is set (under the lock) once it succeeded."""
+
+    __slots__ = ("call", "cost_s", "counted", "done", "fail_code", "run")
+
+    def __init__(
+        self,
+        call: str,
+        run: Callable[[], None],
+        cost_s: float = 0.0,
+        *,
+        counted: bool = True,
+        fail_code: int = _ILLEGAL_ADDRESS,
+    ) -> None:
+        self.call = call
+        self.run = run
+        self.cost_s = cost_s
+        self.counted = counted  # real work, as opposed to event records/waits and latches
+        self.fail_code = fail_code  # the sticky error if ``run`` raises
+        self.done = False
+
+
+class SimStream:
+    """A simulated ``CUstream``: a worker thread running its ops strictly in FIFO order.
+
+    ``submitted``/``retired`` count ops pushed and finished (or dropped), so a
+    synchronize waits only for work enqueued before it was called.
+    """
+
+    def __init__(self, device: int, priority: int, lock: threading.Lock) -> None:
+        self.device = device
+        self.priority = priority
+        self.queue: deque[_Op] = deque()
+        self.cond = threading.Condition(lock)
+        self.submitted = 0
+        self.retired = 0
+        self.destroyed = False
+        self.thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"<SimStream device={self.device} priority={self.priority} at {id(self):#x}>"
+
+
+class SimEvent:
+    """A simulated ``CUevent``: remembers the marker op of its most recent record."""
+
+    def __init__(self, device: int, blocking_sync: bool) -> None:
+        self.device = device
+        self.blocking_sync = blocking_sync  # waits never spin here, so only kept for repr
+        self.last: _Op | None = None
+        self.destroyed = False
+
+    def __repr__(self) -> str:
+        return f"<SimEvent device={self.device} at {id(self):#x}>"
+
+
+@dataclass(slots=True)
+class _Region:
+    start: int
+    end: int
+    kind: MemoryKind
+    device: int | None
+    array: npt.NDArray[np.uint8] | None  # None for registered user memory
+
+
+class _Device:
+    def __init__(self, ordinal: int) -> None:
+        self.ordinal = ordinal
+        self.used = 0
+        self.executed = 0
+        self.fault: tuple[int, str] | None = None
+        self.inject: tuple[int, int] | None = None  # (ops still to run, code)
+        self.streams: set[SimStream] = set()
+
+
+class _Latch:
+    __slots__ = ("open",)
+
+    def __init__(self) -> None:
+        self.open = False
+
+
+def _array_arg(cai: Mapping[str, Any]) -> npt.NDArray[Any]:
+    """A numpy view of the memory described by a ``__cuda_array_interface__`` dict."""
+    ptr = int(cai["data"][0])
+    shape = tuple(int(n) for n in cai["shape"])
+    dtype = np.dtype(cai["typestr"])
+    strides = cai.get("strides")
+    if strides is None:
+        strides, step = [], dtype.itemsize
+        for n in reversed(shape):
+            strides.insert(0, step)
+            step *= n
+    strides = tuple(int(s) for s in strides)
+    if 0 in shape:
+        return np.empty(shape, dtype=dtype)
+    lo = sum((n - 1) * s for n, s in zip(shape, strides, strict=True) if s < 0)
+    hi = sum((n - 1) * s for n, s in zip(shape, strides, strict=True) if s > 0) + dtype.itemsize
+    buf = _view(ptr + lo, hi - lo)
+    return np.ndarray(shape, dtype=dtype, buffer=buf, offset=-lo, strides=strides)
+
+
+class SimBackend(Backend):
+    """CUDA on threads: ordered per-stream workers, real bytes, real time, real blocking.
+
+    One lock guards all state; ``_changed`` is notified whenever an op finishes,
+    a device faults, a latch opens or the backend closes, so every blocking call
+    waits on a condition and none spins (except ``cuStreamWaitValue32``, which
+    polls memory as the GPU does).
+    """
+
+    name = "sim"
+
+    def __init__(self, config: SimConfig | None = None) -> None:
+        self.config = config if config is not None else SimConfig()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._stop = threading.Event()  # set by close(); also cuts pacing sleeps short
+        self._closed = False
+        self._devices = [_Device(i) for i in range(self.config.devices)]
+        self._starts: list[int] = []  # sorted region starts, for bisect
+        self._regions: dict[int, _Region] = {}
+        self._handles: dict[int, SimStream] = {}
+        self._fail_next: dict[str, list[tuple[int, int | None]]] = {}
+
+    # -- checks (all *_locked helpers expect self._lock held) ----------
+    def _device_locked(self, device: int, call: str) -> _Device:
+        if not isinstance(device, int) or not 0 <= device < len(self._devices):
+            raise _error(call, _INVALID_DEVICE, f"no device {device!r}")
+        return self._devices[device]
+
+    def _fault_error(self, call: str, dev: _Device) -> CudaError:
+        assert dev.fault is not None
+        return _error(call, dev.fault[0], dev.fault[1])
+
+    def _check_locked(self, call: str, device: int | None) -> _Device | None:
+        """Consume a matching ``fail_next``, validate ``device``, raise its sticky fault."""
+        pending = self._fail_next.get(call)
+        if pending:
+            for i, (code, only) in enumerate(pending):
+                if only is None or only == device:
+                    del pending[i]
+                    raise _error(call, code, "injected by SimBackend.fail_next")
+        if device is None:
+            return None
+        dev = self._device_locked(device, call)
+        if dev.fault is not None:
+            raise self._fault_error(call, dev)
+        return dev
+
+    def _stream_locked(self, stream: Any, call: str) -> SimStream:
+        if self._closed:
+            raise _error(call, _DEINITIALIZED, "the sim backend is closed")
+        if not isinstance(stream, SimStream) or stream.destroyed:
+            raise _error(call, _INVALID_HANDLE, f"{stream!r} is not a live sim stream")
+        return stream
+
+    def _event_locked(self, event: Any, call: str) -> SimEvent:
+        if not isinstance(event, SimEvent) or event.destroyed:
+            raise _error(call, _INVALID_HANDLE, f"{event!r} is not a live sim event")
+        return event
+
+    def _wait_locked(self, call: str, dev: _Device | None, pred: Callable[[], bool]) -> None:
+        """Wait for ``pred``; raise ``dev``'s sticky fault (checked first) or if closed."""
+
+        def ready() -> bool:
+            return pred() or self._closed or (dev is not None and dev.fault is not None)
+
+        self._changed.wait_for(ready)
+        if dev is not None and dev.fault is not None:
+            raise self._fault_error(call, dev)
+        if not pred():
+            raise _error(call, _DEINITIALIZED, "the sim backend was closed")
+
+    def _region_locked(self, ptr: int) -> _Region | None:
+        i = bisect.bisect_right(self._starts, ptr) - 1
+        if i >= 0:
+            region = self._regions[self._starts[i]]
+            if ptr < region.end:
+                return region
+        return None
+
+    def _kind_locked(self, ptr: int, nbytes: int, call: str) -> MemoryKind:
+        """The kind of ``[ptr, ptr + nbytes)``, which must lie inside one known region."""
+        if nbytes < 0 or (ptr == 0 and nbytes > 0):
+            raise _error(call, _INVALID_VALUE, f"bad range {ptr:#x}+{nbytes}")
+        region = self._region_locked(ptr)
+        if region is None:
+            return MemoryKind.PAGEABLE
+        if ptr + nbytes > region.end:
+            raise _error(call, _INVALID_VALUE, f"{ptr:#x}+{nbytes} overruns its allocation")
+        return region.kind
+
+    def _add_region_locked(self, region: _Region) -> None:
+        bisect.insort(self._starts, region.start)
+        self._regions[region.start] = region
+
+    def _remove_region_locked(self, region: _Region) -> None:
+        del self._starts[bisect.bisect_left(self._starts, region.start)]
+        del self._regions[region.start]
+
+    # -- stream workers ------------------------------------------------
+    def _push(self, s: SimStream, op: _Op, *, wait: bool = False) -> None:
+        """Enqueue ``op``; with ``wait``, block until it has run (synchronous calls)."""
+        with self._lock:
+            self._stream_locked(s, op.call)
+            dev = self._devices[s.device]
+            if dev.fault is not None:
+                raise self._fault_error(op.call, dev)
+            s.queue.append(op)
+            s.submitted += 1
+            s.cond.notify()
+            if wait:
+                self._wait_locked(op.call, dev, lambda: op.done)
+
+    def _pace(self, start: float, cost_s: float) -> None:
+        """Make the work begun at ``start`` take at least ``cost_s`` of wall time."""
+        remaining = cost_s - (time.monotonic() - start)
+        if remaining >= _MIN_SLEEP_S:
+            self._stop.wait(remaining)
+
+    def _block(self, dev: _Device, pred: Callable[[], bool]) -> None:
+        """Inside an op: wait for ``pred``; give up if the device faults or we close."""
+        with self._lock:
+            self._changed.wait_for(lambda: pred() or dev.fault is not None or self._closed)
+            if dev.fault is not None or self._closed:
+                raise _Dropped
+
+    def _worker(self, s: SimStream) -> None:
+        dev = self._devices[s.device]
+        while True:
+            with self._lock:
+                while not s.queue and not s.destroyed and not self._closed:
+                    s.cond.wait()
+                if self._closed or not s.queue:  # closed, or destroyed and drained
+                    break
+                op = s.queue.popleft()
+                injected: int | None = None
+                if op.counted and dev.inject is not None:
+                    left, code = dev.inject
+                    dev.inject = (left - 1, code) if left else None
+                    injected = None if left else code
+            failure: tuple[int, str] | None = None
+            dropped = False
+            if injected is not None:
+                failure = (injected, "injected by SimBackend.inject_fault")
+            else:
+                start = time.monotonic()
+                try:
+                    op.run()
+                except _Dropped:
+                    dropped = True
+                except Exception as exc:
+                    failure = (op.fail_code, f"{type(exc).__name__}: {exc}")
+                else:
+                    self._pace(start, op.cost_s)
+            with self._lock:
+                s.retired += 1
+                if failure is not None:
+                    detail = f"device {dev.ordinal} faulted in {op.call}: {failure[1]}"
+                    self._fault_locked(dev, failure[0], detail)
+                elif not dropped:
+                    op.done = True
+                    dev.executed += op.counted
+                self._changed.notify_all()
+        with self._lock:
+            s.retired += len(s.queue)
+            s.queue.clear()
+            dev.streams.discard(s)
+            self._changed.notify_all()
+
+    def _fault_locked(self, dev: _Device, code: int, detail: str) -> None:
+        """Make ``dev`` sticky-faulted: drop all its queued ops, wake every waiter."""
+        if dev.fault is not None:
+            return
+        dev.fault = (code, detail)
+        dev.inject = None
+        for s in dev.streams:
+            s.retired += len(s.queue)
+            s.queue.clear()
+        self._changed.notify_all()
+
+    # -- devices -------------------------------------------------------
+    def device_count(self) -> int:
+        return len(self._devices)
+
+    def device_properties(self, device: int) -> DeviceProperties:
+        with self._lock:
+            self._device_locked(device, "cuDeviceGetAttribute")
+        return DeviceProperties(
+            ordinal=device,
+            name="gpuaio simulated device",
+            total_memory=self.config.device_memory,
+            compute_capability=(9, 0),
+            multiprocessors=132,
+            pci_bus_id=f"0000:00:{device:02x}.0",
+            can_map_host_memory=True,
+            stream_mem_ops=True,
+        )
+
+    def driver_version(self) -> str:
+        return "sim"
+
+    def can_access_peer(self, device: int, peer: int) -> bool:
+        with self._lock:
+            self._device_locked(device, "cuDeviceCanAccessPeer")
+            self._device_locked(peer, "cuDeviceCanAccessPeer")
+        return device != peer
+
+    def enable_peer_access(self, device: int, peer: int) -> None:
+        """Validates the ordinals; peers can always reach each other here."""
+        with self._lock:
+            self._device_locked(device, "cuCtxEnablePeerAccess")
+            self._device_locked(peer, "cuCtxEnablePeerAccess")
+
+    # -- memory --------------------------------------------------------
+    def _alloc(self, call: str, device: int | None, nbytes: int, kind: MemoryKind) -> int:
+        with self._lock:
+            dev = self._check_locked(call, device)
+            if not isinstance(nbytes, int) or nbytes <= 0:
+                raise _error(call, _INVALID_VALUE, f"cannot allocate {nbytes!r} bytes")
+            budgeted = dev is not None and kind is MemoryKind.DEVICE
+            if dev is not None and budgeted:
+                if dev.used + nbytes > self.config.device_memory:
+                    free = self.config.device_memory - dev.used
+                    raise _error(call, _OUT_OF_MEMORY, f"{nbytes} bytes asked, {free} free")
+                dev.used += nbytes
+        try:
+            base = np.zeros(nbytes + _ALIGN, dtype=np.uint8)  # calloc: big blocks stay lazy
+        except MemoryError:
+            with self._lock:
+                if dev is not None and budgeted:
+                    dev.used -= nbytes
+            raise _error(call, _OUT_OF_MEMORY, f"host could not back {nbytes} bytes") from None
+        offset = -base.ctypes.data % _ALIGN
+        array = base[offset : offset + nbytes]
+        ptr = int(array.ctypes.data)
+        with self._lock:
+            self._add_region_locked(_Region(ptr, ptr + nbytes, kind, device, array))
+        return ptr
+
+    def mem_alloc(self, device: int, nbytes: int) -> int:
+        """Device memory (host-backed, 256-byte aligned), charged to the device budget."""
+        return self._alloc("cuMemAlloc", device, nbytes, MemoryKind.DEVICE)
+
+    def mem_alloc_managed(self, device: int, nbytes: int) -> int:
+        """Managed memory; it can oversubscribe, so it is not charged to the budget."""
+        return self._alloc("cuMemAllocManaged", device, nbytes, MemoryKind.MANAGED)
+
+    def mem_free(self, ptr: int) -> None:
+        """Free device/managed memory once work enqueued on its device has finished.
+
+        Like ``cuMemFree`` on a faulted context, this raises the sticky error
+        and keeps the memory.
+        """
+        call = "cuMemFree"
+        with self._lock:
+            self._check_locked(call, None)
+            region = self._regions.get(ptr)
+            if region is None or region.device is None or region.kind not in _DEVICE_SIDE:
+                raise _error(call, _INVALID_VALUE, f"{ptr:#x} is not a device allocation")
+            dev = self._devices[region.device]
+            targets = [(s, s.submitted) for s in dev.streams]
+            self._wait_locked(
+                call, dev, lambda: self._closed or all(s.retired >= n for s, n in targets)
+            )
+            if self._regions.get(ptr) is not region:  # freed meanwhile by another thread
+                raise _error(call, _INVALID_VALUE, f"{ptr:#x} was already freed")
+            self._remove_region_locked(region)
+            if region.kind is MemoryKind.DEVICE:
+                dev.used -= region.end - region.start
+
+    def host_alloc(self, nbytes: int) -> int:
+        """Pinned, portable, mapped host memory (its device address is ``ptr`` itself)."""
+        return self._alloc("cuMemHostAlloc", None, nbytes, MemoryKind.PINNED)
+
+    def host_free(self, ptr: int) -> None:
+        """Free pinned memory after all work already enqueued on any stream has finished."""
+        call = "cuMemFreeHost"
+        with self._lock:
+            self._check_locked(call, None)
+            region = self._regions.get(ptr)
+            if region is None or region.kind is not MemoryKind.PINNED or region.array is None:
+                raise _error(call, _INVALID_VALUE, f"{ptr:#x} is not from cuMemHostAlloc")
+            targets = [(s, s.submitted) for d in self._devices for s in d.streams]
+            self._changed.wait_for(lambda: self._closed or all(s.retired >= n for s, n in targets))
+            if self._regions.get(ptr) is not region:
+                raise _error(call, _INVALID_VALUE, f"{ptr:#x} was already freed")
+            self._remove_region_locked(region)
+
+    def host_register(self, ptr: int, nbytes: int) -> None:
+        """Mark ``[ptr, ptr + nbytes)`` pinned; overlapping pinned memory gives 712."""
+        call = "cuMemHostRegister"
+        with self._lock:
+            self._check_locked(call, None)
+            if ptr == 0 or not isinstance(nbytes, int) or nbytes <= 0:
+                raise _error(call, _INVALID_VALUE, f"bad range {ptr:#x}+{nbytes!r}")
+            overlap = self._region_locked(ptr)
+            i = bisect.bisect_left(self._starts, ptr)
+            if overlap is None and i < len(self._starts) and self._starts[i] < ptr + nbytes:
+                overlap = self._regions[self._starts[i]]
+            if overlap is not None:
+                code = _ALREADY_REGISTERED if overlap.kind is MemoryKind.PINNED else _INVALID_VALUE
+                raise _error(call, code, f"{ptr:#x}+{nbytes} overlaps {overlap.kind.value} memory")
+            self._add_region_locked(_Region(ptr, ptr + nbytes, MemoryKind.PINNED, None, None))
+
+    def host_unregister(self, ptr: int) -> None:
+        """Undo :meth:`host_register` of the range starting at ``ptr`` (else 713, as CUDA)."""
+        call = "cuMemHostUnregister"
+        with self._lock:
+            self._check_locked(call, None)
+            region = self._regions.get(ptr)
+            if region is None or region.kind is not MemoryKind.PINNED or region.array is not None:
+                raise _error(call, _NOT_REGISTERED, f"{ptr:#x} is not a registered range")
+            self._remove_region_locked(region)
+
+    def host_device_pointer(self, ptr: int) -> int:
+        """Pinned memory is mapped at the same address; anything else is invalid."""
+        with self._lock:
+            region = self._region_locked(ptr)
+        if region is None or region.kind is not MemoryKind.PINNED:
+            raise _error("cuMemHostGetDevicePointer", _INVALID_VALUE, f"{ptr:#x} is not pinned")
+        return ptr
+
+    def pointer_info(self, ptr: int) -> PointerInfo:
+        with self._lock:
+            region = self._region_locked(ptr)
+        if region is None:
+            return PointerInfo(MemoryKind.PAGEABLE, None)
+        return PointerInfo(region.kind, region.device)
+
+    # -- streams -------------------------------------------------------
+    def stream_priority_range(self, device: int) -> tuple[int, int]:
+        with self._lock:
+            self._device_locked(device, "cuCtxGetStreamPriorityRange")
+        return self.config.priority_range
+
+    def stream_create(self, device: int, priority: int = 0) -> SimStream:
+        """A stream with its own worker thread; ``priority`` is clamped to the range."""
+        call = "cuStreamCreateWithPriority"
+        least, greatest = self.config.priority_range
+        with self._lock:
+            if self._closed:
+                raise _error(call, _DEINITIALIZED, "the sim backend is closed")
+            dev = self._check_locked(call, device)
+            assert dev is not None
+            s = SimStream(device, min(least, max(greatest, priority)), self._lock)
+            s.thread = threading.Thread(
+                target=self._worker, args=(s,), name=f"gpuaio-sim-stream-{next(_thread_ids)}"
+            )
+            s.thread.daemon = True
+            dev.streams.add(s)
+            self._handles[id(s)] = s
+        s.thread.start()
+        return s
+
+    def stream_from_handle(self, device: int, handle: int) -> SimStream:
+        """The live sim stream whose :meth:`stream_handle` is ``handle``."""
+        with self._lock:
+            s = self._handles.get(handle)
+            if s is None or s.device != device:
+                raise _error(
+                    "cuStreamGetCtx",
+                    _INVALID_HANDLE,
+                    f"no sim stream {handle!r} on device {device!r}",
+                )
+        return s
+
+    def stream_handle(self, stream: Any) -> int:
+        if not isinstance(stream, SimStream):
+            raise _error("cuStreamGetId", _INVALID_HANDLE, f"{stream!r} is not a sim stream")
+        return id(stream)
+
+    def stream_destroy(self, stream: Any) -> None:
+        """Returns at once; the worker finishes the queued ops, then exits."""
+        with self._lock:
+            if self._closed:  # every worker is gone already
+                return
+            s = self._stream_locked(stream, "cuStreamDestroy")
+            s.destroyed = True
+            self._handles.pop(id(s), None)
+            s.cond.notify()
+
+    def stream_synchronize(self, stream: Any) -> None:
+        """Block until everything enqueued before this call has run."""
+        call = "cuStreamSynchronize"
+        with self._lock:
+            s = self._stream_locked(stream, call)
+            dev = self._check_locked(call, s.device)
+            target = s.submitted
+            self._wait_locked(call, dev, lambda: s.retired >= target)
+
+    # -- enqueue -------------------------------------------------------
+    def _begin(self, stream: Any, call: str) -> tuple[SimStream, _Device]:
+        with self._lock:
+            s = self._stream_locked(stream, call)
+            dev = self._check_locked(call, s.device)
+            assert dev is not None
+            return s, dev
+
+    def _copy_op(self, call: str, dst: int, src: int, nbytes: int, gbps: float) -> _Op:
+        def run() -> None:
+            np.copyto(_view(dst, nbytes), _view(src, nbytes))
+
+        return _Op(call, run, self.config.latency_s + nbytes / (gbps * 1e9))
+
+    def memcpy_async(self, dst: int, src: int, nbytes: int, stream: Any) -> None:
+        """``cuMemcpyAsync``, blocking the caller where CUDA does (see the module docstring)."""
+        call = "cuMemcpyAsync"
+        cfg = self.config
+        s, dev = self._begin(stream, call)
+        with self._lock:
+            dkind = self._kind_locked(dst, nbytes, call)
+            skind = self._kind_locked(src, nbytes, call)
+        d_dev, s_dev = dkind in _DEVICE_SIDE, skind in _DEVICE_SIDE
+        if d_dev and s_dev:
+            self._push(s, self._copy_op(call, dst, src, nbytes, cfg.d2d_gbps))
+        elif s_dev:
+            pinned = dkind is MemoryKind.PINNED
+            gbps = cfg.dma_gbps if pinned else cfg.pageable_gbps
+            self._push(s, self._copy_op(call, dst, src, nbytes, gbps), wait=not pinned)
+        elif d_dev and skind is MemoryKind.PINNED:
+            self._push(s, self._copy_op(call, dst, src, nbytes, cfg.dma_gbps))
+        elif d_dev:
+            # Pageable source: the driver syncs the stream, stages the bytes in the
+            # caller's thread, and returns once they are staged (src reusable).
+            with self._lock:
+                target = s.submitted
+                self._wait_locked(call, dev, lambda: s.retired >= target)
+            start = time.monotonic()
+            staged = _view(src, nbytes).copy()
+            self._pace(start, nbytes / (cfg.pageable_gbps * 1e9))
+
+            def dma() -> None:
+                np.copyto(_view(dst, nbytes), staged)
+
+            self._push(s, _Op(call, dma, cfg.latency_s + nbytes / (cfg.dma_gbps * 1e9)))
+        else:
+            self._push(s, self._copy_op(call, dst, src, nbytes, cfg.host_gbps), wait=True)
+
+    def memcpy_peer_async(
+        self, dst: int, dst_device: int, src: int, src_device: int, nbytes: int, stream: Any
+    ) -> None:
+        """Asynchronous copy between two devices at ``peer_gbps``."""
+        call = "cuMemcpyPeerAsync"
+        s, _ = self._begin(stream, call)
+        with self._lock:
+            self._device_locked(dst_device, call)
+            self._device_locked(src_device, call)
+            self._kind_locked(dst, nbytes, call)
+            self._kind_locked(src, nbytes, call)
+        self._push(s, self._copy_op(call, dst, src, nbytes, self.config.peer_gbps))
+
+    def memset_async(self, ptr: int, value: int, itemsize: int, count: int, stream: Any) -> None:
+        """Fill ``count`` little-endian items; async on device/managed, sync on pinned."""
+        call = f"cuMemsetD{8 * itemsize}Async" if itemsize in (1, 2, 4) else "cuMemsetD8Async"
+        if itemsize not in (1, 2, 4):
+            raise _error(call, _INVALID_VALUE, f"itemsize must be 1, 2 or 4, not {itemsize!r}")
+        s, _ = self._begin(stream, call)
+        nbytes = itemsize * count
+        with self._lock:
+            kind = self._kind_locked(ptr, nbytes, call)
+        if kind is MemoryKind.PAGEABLE:
+            raise _error(call, _INVALID_VALUE, f"{ptr:#x} is pageable host memory")
+        if ptr % itemsize:
+            raise _error(call, _INVALID_VALUE, f"{ptr:#x} is not {itemsize}-byte aligned")
+        dtype = np.dtype(f"<u{itemsize}")
+        pattern = value & ((1 << (8 * itemsize)) - 1)
+
+        def run() -> None:
+            _view(ptr, nbytes).view(dtype)[:] = pattern
+
+        host = kind is MemoryKind.PINNED
+        gbps = self.config.host_gbps if host else self.config.d2d_gbps
+        self._push(s, _Op(call, run, self.config.latency_s + nbytes / (gbps * 1e9)), wait=host)
+
+    def launch(
+        self,
+        kernel: Any,
+        grid: tuple[int, int, int],
+        block: tuple[int, int, int],
+        args: Sequence[Any],
+        shared_mem: int,
+        stream: Any,
+    ) -> None:
+        """Enqueue ``kernel.fn(grid, block, *args)``; array args become numpy views.
+
+        A body that raises faults the device with ``CUDA_ERROR_LAUNCH_FAILED``.
+        """
+        call = "cuLaunchKernel"
+        s, _ = self._begin(stream, call)
+        if not isinstance(kernel, SimKernel):
+            if not callable(kernel):
+                raise _error(call, _INVALID_HANDLE, f"{kernel!r} is not a sim kernel")
+            kernel = SimKernel(kernel, getattr(kernel, "__name__", ""))
+        dims = (*grid, *block)
+        if len(dims) != 6 or not all(isinstance(d, int) and d > 0 for d in dims):
+            raise _error(call, _INVALID_VALUE, f"bad grid {grid!r} / block {block!r}")
+        if math.prod(block) > 1024 or shared_mem < 0:
+            raise _error(call, _INVALID_VALUE, f"block {block!r} or shared_mem {shared_mem}")
+        try:
+            converted = [
+                _array_arg(a.__cuda_array_interface__)
+                if hasattr(a, "__cuda_array_interface__")
+                else a
+                for a in args
+            ]
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise _error(call, _INVALID_VALUE, f"bad __cuda_array_interface__: {exc}") from None
+        fn = kernel.fn
+
+        def run() -> None:
+            fn(grid, block, *converted)
+
+        cost = max(self.config.latency_s, kernel.duration_s)
+        self._push(s, _Op(call, run, cost, fail_code=_LAUNCH_FAILED))
+
+    def launch_host_func(self, stream: Any, fn: Callable[[], None]) -> None:
+        """Run ``fn`` in the worker, in order; a raising ``fn`` faults the device (719)."""
+        call = "cuLaunchHostFunc"
+        s, _ = self._begin(stream, call)
+        self._push(s, _Op(call, fn, self.config.latency_s, fail_code=_LAUNCH_FAILED))
+
+    def _word_locked(self, ptr: int, call: str) -> None:
+        kind = self._kind_locked(ptr, 4, call)
+        if kind is MemoryKind.PAGEABLE or ptr % 4:
+            raise _error(call, _INVALID_VALUE, f"{ptr:#x} is not aligned mapped/device memory")
+
+    def stream_write_value32(self, stream: Any, device_ptr: int, value: int) -> None:
+        """In stream order, store ``value`` as a little-endian uint32 at ``device_ptr``."""
+        call = "cuStreamWriteValue32"
+        s, _ = self._begin(stream, call)
+        with self._lock:
+            self._word_locked(device_ptr, call)
+        if not 0 <= value <= 0xFFFFFFFF:
+            raise _error(call, _INVALID_VALUE, f"{value!r} is not a uint32")
+        data = value.to_bytes(4, "little")
+
+        def run() -> None:
+            ctypes.memmove(device_ptr, data, 4)
+
+        self._push(s, _Op(call, run, self.config.latency_s))
+
+    def stream_wait_value32(self, stream: Any, device_ptr: int, value: int) -> None:
+        """The stream waits until ``(int32)(*device_ptr - value) >= 0`` (CUDA's cyclic GEQ)."""
+        call = "cuStreamWaitValue32"
+        s, dev = self._begin(stream, call)
+        with self._lock:
+            self._word_locked(device_ptr, call)
+        if not 0 <= value <= 0xFFFFFFFF:
+            raise _error(call, _INVALID_VALUE, f"{value!r} is not a uint32")
+
+        def run() -> None:
+            while (int.from_bytes(ctypes.string_at(device_ptr, 4), "little") - value) & (1 << 31):
+                if dev.fault is not None or self._closed:
+                    raise _Dropped
+                self._stop.wait(_POLL_S)
+
+        self._push(s, _Op(call, run, self.config.latency_s))
+
+    # -- events --------------------------------------------------------
+    def event_create(self, device: int, blocking_sync: bool = False) -> SimEvent:
+        with self._lock:
+            self._check_locked("cuEventCreate", device)
+        return SimEvent(device, blocking_sync)
+
+    def event_destroy(self, event: Any) -> None:
+        """Pending records still complete; the event can no longer be used."""
+        with self._lock:
+            self._event_locked(event, "cuEventDestroy").destroyed = True
+
+    def event_record(self, event: Any, stream: Any) -> None:
+        """Enqueue a marker; the event now stands for the work before it."""
+        call = "cuEventRecord"
+        with self._lock:
+            ev = self._event_locked(event, call)
+            s = self._stream_locked(stream, call)
+            if s.device != ev.device:
+                raise _error(call, _INVALID_HANDLE, "event and stream are on different devices")
+            self._check_locked(call, s.device)
+            op = _Op(call, _noop, counted=False)
+            s.queue.append(op)
+            s.submitted += 1
+            s.cond.notify()
+            ev.last = op
+
+    def event_query(self, event: Any) -> bool:
+        """Whether the most recent record was reached (never recorded: True)."""
+        call = "cuEventQuery"
+        with self._lock:
+            ev = self._event_locked(event, call)
+            self._check_locked(call, ev.device)
+            return ev.last is None or ev.last.done
+
+    def event_synchronize(self, event: Any) -> None:
+        """Block until the record current at call time is reached; a fault wakes and raises."""
+        call = "cuEventSynchronize"
+        with self._lock:
+            ev = self._event_locked(event, call)
+            dev = self._check_locked(call, ev.device)
+            target = ev.last
+            if target is not None:
+                self._wait_locked(call, dev, lambda: target.done)
+
+    def stream_wait_event(self, stream: Any, event: Any) -> None:
+        """Later work on ``stream`` waits for the event's record current at call time.
+
+        If the event's (other) device faults, the wait is released rather than
+        leaving ``stream`` stuck forever.
+        """
+        call = "cuStreamWaitEvent"
+        with self._lock:
+            ev = self._event_locked(event, call)
+            s = self._stream_locked(stream, call)
+            dev = self._check_locked(call, s.device)
+            assert dev is not None
+            target = ev.last
+            if target is None or target.done:
+                return
+            src = self._devices[ev.device]
+
+        def run() -> None:
+            self._block(dev, lambda: target.done or src.fault is not None)
+
+        self._push(s, _Op(call, run, counted=False))
+
+    # -- kernels -------------------------------------------------------
+    def compile(
+        self,
+        device: int,
+        source: str,
+        name: str,
+        options: Sequence[str],
+        sim: Callable[..., None] | None,
+    ) -> SimKernel:
+        """Wrap ``sim`` (the Python body) as kernel ``name``; ``source`` is not compiled."""
+        with self._lock:
+            self._check_locked("cuModuleLoadData", device)
+        if sim is None:
+            raise InvalidArgumentError(
+                f"the sim backend cannot run CUDA source: give kernel {name!r} a Python body (sim=)"
+            )
+        if isinstance(sim, SimKernel):
+            return sim
+        return SimKernel(sim, name)
+
+    # -- test hooks ----------------------------------------------------
+    def inject_fault(self, device: int = 0, *, after_ops: int = 0, code: int = 700) -> None:
+        """After ``after_ops`` more copies/memsets/launches/host funcs/stream-memory ops
+        run on ``device``, the next one fails and the device is sticky-faulted.
+
+        Event records, event waits and :meth:`hold` latches are not counted.
+        """
+        with self._lock:
+            dev = self._device_locked(device, "inject_fault")
+            if after_ops < 0:
+                raise InvalidArgumentError("after_ops must be >= 0")
+            if dev.fault is None:
+                dev.inject = (after_ops, code)
+
+    def fail_next(self, call: str, code: int = 1, device: int | None = None) -> None:
+        """The next ``call`` (on ``device``, or any) raises CudaError ``code``; nothing runs."""
+        with self._lock:
+            self._fail_next.setdefault(call, []).append((code, device))
+
+    def hold(self, stream: Any) -> Callable[[], None]:
+        """Enqueue a latch that keeps ``stream`` busy until the returned function is called."""
+        latch = _Latch()
+        with self._lock:
+            s = self._stream_locked(stream, "cuLaunchKernel")
+            dev = self._devices[s.device]
+
+        def release() -> None:
+            with self._lock:
+                latch.open = True
+                self._changed.notify_all()
+
+        self._push(
+            s, _Op("cuLaunchKernel", lambda: self._block(dev, lambda: latch.open), counted=False)
+        )
+        return release
+
+    def ops_executed(self, device: int = 0) -> int:
+        """Counted ops (see :meth:`inject_fault`) that completed on ``device``."""
+        with self._lock:
+            return self._device_locked(device, "ops_executed").executed
+
+    # -- lifecycle -----------------------------------------------------
+    def close(self) -> None:
+        """Stop every worker (queued ops are dropped, waits released) and join them."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stop.set()
+            threads = [s.thread for d in self._devices for s in d.streams if s.thread]
+            for d in self._devices:
+                for s in d.streams:
+                    s.cond.notify()
+            self._changed.notify_all()
+        deadline = time.monotonic() + _JOIN_TIMEOUT_S
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))

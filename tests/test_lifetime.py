@@ -1,0 +1,155 @@
+"""Ownership: cancelled awaits, dropped buffers, freeing in flight, closed loops."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import time
+import weakref
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+
+import gpuaio
+from tests.conftest import latch
+from tests.test_copy import pattern
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_cancelled_await_does_not_cancel_op(stream: gpuaio.Stream,
+                                                  dev: gpuaio.Device) -> None:
+    n = 1 << 20
+    data = pattern(n, 11)
+    d = dev.empty(n)
+    release = latch(dev, stream)
+    op = stream.copy(d, data)
+    with anyio.move_on_after(0.02) as scope:
+        await op
+    assert scope.cancelled_caught
+    assert not op.done()
+    release()
+    await op
+    out = np.empty(n, np.uint8)
+    await stream.copy(out, d)
+    np.testing.assert_array_equal(out, data)
+
+
+async def test_op_keeps_dropped_buffers_alive(stream: gpuaio.Stream, dev: gpuaio.Device) -> None:
+    n = 1 << 16
+    release = latch(dev, stream)
+    d = dev.empty(n)
+    host = gpuaio.pinned_empty(n)
+    host[:] = 1
+    op = stream.copy(host, d)
+    wd, wh = weakref.ref(d), weakref.ref(host)
+    del d, host
+    gc.collect()
+    assert wd() is not None and wh() is not None, "in-flight op must own its buffers"
+    release()
+    await op
+    del op
+    gc.collect()
+    assert wd() is None and wh() is None, "a completed op must let its buffers go"
+
+
+async def test_free_waits_for_inflight_ops(stream: gpuaio.Stream, dev: gpuaio.Device) -> None:
+    backend = dev._runtime.backend
+    n = 1 << 16
+    d = dev.empty(n)
+    ptr = d.ptr
+    release = latch(dev, stream)
+    op = stream.memset(d, 1)
+    d.free()
+    with pytest.raises(gpuaio.BufferFreedError):
+        stream.memset(d, 2)
+    await anyio.sleep(0.02)
+    assert backend.pointer_info(ptr).kind is gpuaio.MemoryKind.DEVICE, "freed while in use"
+    release()
+    await op
+    deadline = time.perf_counter() + 2
+    while backend.pointer_info(ptr).kind is gpuaio.MemoryKind.DEVICE:
+        assert time.perf_counter() < deadline, "never freed"
+        await anyio.sleep(0.01)
+
+
+async def test_registration_outlives_inflight_ops(stream: gpuaio.Stream,
+                                                  dev: gpuaio.Device) -> None:
+    n = 1 << 16
+    arr = np.empty(n, np.uint8)
+    arr[:] = 4
+    reg = gpuaio.register_host(arr)
+    assert gpuaio.memory_kind(arr) is gpuaio.MemoryKind.PINNED
+    d = dev.empty(n)
+    release = latch(dev, stream)
+    op = stream.copy(d, arr)
+    reg.unregister()
+    await anyio.sleep(0.02)
+    assert dev._runtime.backend.pointer_info(arr.ctypes.data).kind is gpuaio.MemoryKind.PINNED
+    release()
+    await op
+    assert gpuaio.memory_kind(arr) is gpuaio.MemoryKind.PAGEABLE
+    out = np.empty(n, np.uint8)
+    await stream.copy(out, d)
+    assert (out == 4).all()
+
+
+def test_loop_closes_with_ops_in_flight(gpuaio_runtime: Any) -> None:
+    """No callback on a closed loop, no exception in a foreign thread."""
+    dev = gpuaio_runtime.device(0)
+    stream = dev.stream()
+    errors: list[Any] = []
+    old_hook = threading.excepthook
+    threading.excepthook = lambda args: errors.append(args)
+    try:
+        release_box: list[Any] = []
+        d = dev.empty(1 << 16)
+
+        async def main() -> gpuaio.Operation:
+            asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+            release_box.append(latch(dev, stream))
+            op = stream.memset(d, 1)
+            task = asyncio.ensure_future(op.wait())
+            await asyncio.sleep(0.01)
+            task.cancel()
+            return op
+
+        op = asyncio.run(main())
+        release_box[0]()
+        deadline = time.perf_counter() + 2
+        while not op.done():
+            assert time.perf_counter() < deadline
+            time.sleep(0.005)
+        time.sleep(0.05)
+    finally:
+        threading.excepthook = old_hook
+    assert errors == []
+    assert op.exception() is None
+
+
+def test_trio_run_ends_with_op_in_flight(gpuaio_runtime: Any) -> None:
+    import trio
+
+    dev = gpuaio_runtime.device(0)
+    stream = dev.stream()
+    d = dev.empty(1 << 16)
+    box: list[Any] = []
+
+    async def main() -> None:
+        box.append(latch(dev, stream))
+        op = stream.memset(d, 1)
+        box.append(op)
+        with trio.move_on_after(0.01):
+            await op
+
+    trio.run(main)
+    box[0]()
+    op = box[1]
+    deadline = time.perf_counter() + 2
+    while not op.done():
+        assert time.perf_counter() < deadline
+        time.sleep(0.005)
+    assert op.exception() is None
