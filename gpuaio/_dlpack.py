@@ -227,6 +227,10 @@ def _versioned_capsule_destructor(capsule: int | None) -> None:
     _destroy_capsule(capsule, _NAME_VERSIONED, _DLManagedTensorVersioned)
 
 
+# Fallback used where NumPy's functions are unavailable. Its thunks take the GIL
+# themselves, so any thread may call the deleter, but they cannot run while the
+# caller has an exception set: a consumer that drops an unconsumed capsule then
+# leaks the tensor (its owner) and its exception surfaces as a SystemError.
 # The C thunks must outlive every capsule that points at them: module level.
 _CallbackType = ctypes.CFUNCTYPE(None, _c_void_p)
 _LEGACY_DELETER_CB: Final = _CallbackType(_legacy_deleter)
@@ -622,6 +626,7 @@ def parse_dlpack(obj: object, *, stream: int | None = None) -> DLPackView:
         # Producers predating DLPack 1.0 do not accept max_version.
         capsule = export(**kwargs)
 
+    # Only the layout fields (names, struct) of the flavor matter to a consumer.
     if _PyCapsule_IsValid(capsule, _NAME_VERSIONED):
         flavor = _CTYPES_FLAVORS[True]
     elif _PyCapsule_IsValid(capsule, _NAME_LEGACY):

@@ -17,7 +17,7 @@ import numpy as np
 
 __all__ = ["HostPool", "SerialExecutor", "byte_view"]
 
-MIN_SLICE = 4 << 20
+MIN_SLICE = 1 << 20
 """Bytes below which a copy is not split (thread hand-off costs ~10-50 µs)."""
 
 

@@ -36,6 +36,7 @@ class Operation:
 
     __slots__ = (
         "__weakref__",
+        "_abort",
         "_callbacks",
         "_done",
         "_exc",
@@ -61,6 +62,7 @@ class Operation:
         self._exc: BaseException | None = None
         self._waiters: list[tuple[LoopPort, Callable[[], None]]] = []
         self._callbacks: list[Callable[[], None]] | None = None
+        self._abort = False
 
     def __repr__(self) -> str:
         state = "pending" if not self._done else ("failed" if self._exc else "done")
@@ -74,6 +76,20 @@ class Operation:
     def exception(self) -> BaseException | None:
         """The error that failed the operation, or None (also while pending)."""
         return self._exc
+
+    def abort(self) -> bool:
+        """Ask a staged transfer to stop between chunks.
+
+        The operation then fails with :class:`~gpuaio.OperationAbortedError`
+        once every chunk already in flight has finished (so no buffer is
+        still in use when the await returns); the destination may be partly
+        written. Other operations cannot be stopped once enqueued and run to
+        completion. Returns False if the operation had already finished.
+        """
+        if self._done:
+            return False
+        self._abort = True
+        return True
 
     def __await__(self) -> Generator[Any, None, None]:
         return self.wait().__await__()
@@ -95,7 +111,11 @@ class Operation:
 
     # -- internal ------------------------------------------------------
     def _add_done_callback(self, cb: Callable[[], None]) -> None:
-        """Run ``cb`` in the resolving thread when the op completes (at once if done)."""
+        """Run ``cb`` in the resolving thread as the op completes (at once if done).
+
+        Callbacks are added before the op's work is enqueued; they may read
+        ``self._exc`` to tell success from failure.
+        """
         if self._done:
             cb()
             return
@@ -109,12 +129,18 @@ class Operation:
         if self._done:
             return []
         self._exc = exc
-        self._done = True
         callbacks, self._callbacks = self._callbacks, None
-        self._keep = None
+        # Callbacks run before the op counts as done: a staged copy-out must
+        # have landed before anyone can observe completion.
         if callbacks:
             for cb in callbacks:
-                cb()
+                try:
+                    cb()
+                except BaseException as cb_exc:
+                    if self._exc is None:
+                        self._exc = cb_exc
+        self._keep = None
+        self._done = True
         return list(self._waiters)
 
     def _resolve(self, exc: BaseException | None = None) -> None:

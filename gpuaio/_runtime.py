@@ -22,6 +22,7 @@ from .backends import Backend, create_backend
 
 if TYPE_CHECKING:
     from ._device import Device
+    from ._staging import Stager
 
 __all__ = ["Runtime", "configure", "current_runtime", "use_backend"]
 
@@ -91,6 +92,21 @@ class Runtime:
                 if eng is None:
                     eng = self._engines[device] = make_engine(self.strategy, self.backend, device)
         return eng
+
+    @property
+    def stager(self) -> Stager | None:
+        """The pageable-transfer stager (None when ``GPUAIO_STAGING=0``)."""
+        try:
+            return self.extras["stager"]  # type: ignore[no-any-return]
+        except KeyError:
+            pass
+        with self._lock:
+            if "stager" not in self.extras:
+                from ._staging import Stager
+
+                off = os.environ.get("GPUAIO_STAGING", "1") == "0"
+                self.extras["stager"] = None if off else Stager(self)
+        return self.extras["stager"]  # type: ignore[no-any-return]
 
     def set_completion(self, strategy: Strategy) -> None:
         """Use ``strategy`` for every device from now on (no op may be pending)."""

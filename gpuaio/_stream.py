@@ -79,6 +79,7 @@ class Stream:
         self._closed = False
         self._serial = SerialExecutor(f"gpuaio-stream-{device.ordinal}")
         self._sync_event: Any = None
+        self._last_host_write: Operation | None = None
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
@@ -178,6 +179,15 @@ class Stream:
         backend.event_record(self._sync_event, self._native)
         backend.event_synchronize(self._sync_event)
 
+    def _note_host_write(self, op: Operation) -> None:
+        """Remember that ``op`` writes host memory (GPU-side, e.g. a D2H DMA)."""
+        self._last_host_write = op
+
+    def _host_writes_done(self) -> bool:
+        """True when no GPU work on this stream may still write host memory."""
+        last = self._last_host_write
+        return last is None or last.done()
+
     def _track(self, op: Operation, infos: Sequence[BufferInfo]) -> None:
         """Hold gpuaio allocations in use until ``op`` completes."""
         for info in infos:
@@ -237,13 +247,15 @@ class Stream:
             return self._device_step(
                 op, lambda h: backend.memcpy_peer_async(dp, dd, sp, sd, n, h)
             )
+        if d.kind.is_host:
+            self._note_host_write(op)
         dp, sp = d.ptr, s.ptr
         return self._device_step(op, lambda h: backend.memcpy_async(dp, sp, n, h))
 
     def _pageable_copy(self, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
-        stager = self._rt.extras.get("stager")
+        stager = self._rt.stager
         if stager is not None:
-            return stager.copy(self, op, d, s)  # type: ignore[no-any-return]
+            return stager.copy(self, op, d, s)
         # The driver's own path blocks the calling thread (and, for H2D,
         # synchronizes the stream first): run it on the executor thread.
         backend = self._rt.backend

@@ -520,6 +520,9 @@ def test_hold_and_release(sim: SimBackend) -> None:
     release()  # idempotent
     sim.event_synchronize(ev)
     assert sim.event_query(ev)
+    sim.launch_host_func(s, lambda: None)
+    sim.stream_synchronize(s)
+    assert sim.ops_executed(0) == 0  # latches, records and host funcs are not counted
 
 
 # -- configuration and lifecycle -----------------------------------------

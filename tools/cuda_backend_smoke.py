@@ -32,16 +32,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from gpuaio._errors import (  # noqa: E402
+from gpuaio._errors import (
     CudaError,
     DeviceFatalError,
     InvalidArgumentError,
     NoDeviceError,
 )
-from gpuaio.backends._base import MemoryKind  # noqa: E402
-from gpuaio.backends.cuda import CudaBackend  # noqa: E402
+from gpuaio.backends._base import MemoryKind
+from gpuaio.backends.cuda import CudaBackend
 
 PAGE = 4096
 NBYTES = (1 << 20) + 13  # odd on purpose: no copy may round to whole words
@@ -242,8 +242,20 @@ RECORD_NUMPY = (
     np.bool_(True),
     np.float16(-2.5),
 )
-RECORD_PYTHON = (-5, 250, -30000, 65000, -2_000_000_000, 4_000_000_000, -(2**62),
-                 2**63 + 12345, 3.25, -1.0e300, True, int(np.float16(-2.5).view(np.uint16)))  # fmt: skip
+RECORD_PYTHON = (
+    -5,
+    250,
+    -30000,
+    65000,
+    -2_000_000_000,
+    4_000_000_000,
+    -(2**62),
+    2**63 + 12345,
+    3.25,  # a Python float for a float parameter: sent as float when the layout is known
+    -1.0e300,
+    True,
+    int(np.float16(-2.5).view(np.uint16)),
+)
 
 
 def record_expected() -> np.ndarray:
@@ -267,7 +279,7 @@ def record_expected() -> np.ndarray:
     )
 
 
-def main() -> int:  # noqa: C901 - one linear script
+def main() -> int:
     faulthandler.dump_traceback_later(540, exit=True)
     report = Report()
     log_records: list[logging.LogRecord] = []
@@ -348,8 +360,8 @@ def main() -> int:  # noqa: C901 - one linear script
                     f"+{offset}: got {info}, want {want_kind} on {want_dev}",
                 )
     with report.check("pointer_info of a Python bytes object"):
-        data = b"x" * 64
-        addr = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+        blob = b"x" * 64
+        addr = ctypes.cast(ctypes.c_char_p(blob), ctypes.c_void_p).value or 0
         expect(b.pointer_info(addr).kind is MemoryKind.PAGEABLE, "not pageable")
     with report.check("mem_alloc errors"):
         try:
@@ -449,34 +461,43 @@ def main() -> int:  # noqa: C901 - one linear script
     kernels: dict[str, Any] = {}
     with report.check("compile scale_add and record"):
         for name in ("scale_add", "record"):
-            kernels[name] = b.compile(dev, KERNEL_SOURCE, name, ["--fmad=false", "-std=c++17"], None)
+            kernels[name] = b.compile(
+                dev, KERNEL_SOURCE, name, ["--fmad=false", "-std=c++17"], None
+            )
         print(f"     param sizes: {kernels['record'].param_sizes}")
     n = 1000
     x = (np.arange(n, dtype=np.float32) - 500) / np.float32(7)
     want_scale = x * np.float32(1.5) + np.float32(0.1)
-    with report.check("launch scale_add(pointer, int, np.float32, float)"):
+    with report.check("launch scale_add(pointer, int, np.float32, np.float32)"):
         if "scale_add" not in kernels:
             raise Skip("compile failed")
         ptr = ptrs["device"]
         mem.write("device", ptr, x.view(np.uint8))
-        arr = DeviceArray(ptr, (n,), "<f4")
-        b.launch(kernels["scale_add"], (4, 1, 1), (256, 1, 1), [arr, n, np.float32(1.5), 0.1], 0, s1)
+        args = [DeviceArray(ptr, (n,), "<f4"), n, np.float32(1.5), np.float32(0.1)]
+        b.launch(kernels["scale_add"], (4, 1, 1), (256, 1, 1), args, 0, s1)
         got = mem.read("device", ptr, n * 4).view(np.float32)
         expect(np.array_equal(got, want_scale), f"max diff {np.max(np.abs(got - want_scale))}")
-    with report.check("launch a cuda.core Kernel directly (np.int32, Python float)"):
+    with report.check("launch scale_add with Python floats for float parameters"):
+        if "scale_add" not in kernels:
+            raise Skip("compile failed")
+        if kernels["scale_add"].param_sizes is None:
+            raise Skip("driver gave no parameter sizes: Python floats go as double")
+        ptr = ptrs["device"]
+        mem.write("device", ptr, x.view(np.uint8))
+        args = [DeviceArray(ptr, (n,), "<f4"), np.int32(n), 1.5, 0.1]
+        b.launch(kernels["scale_add"], (4, 1, 1), (256, 1, 1), args, 0, s1)
+        got = mem.read("device", ptr, n * 4).view(np.float32)
+        expect(np.array_equal(got, want_scale), f"max diff {np.max(np.abs(got - want_scale))}")
+    with report.check("launch a cuda.core Kernel directly"):
         if "scale_add" not in kernels:
             raise Skip("compile failed")
         core_kernel = kernels["scale_add"].owner[0]
         ptr = ptrs["device"]
         mem.write("device", ptr, x.view(np.uint8))
-        args = [DeviceArray(ptr, (n,), "<f4"), np.int32(n), np.float32(1.5), 0.1]
+        args = [DeviceArray(ptr, (n,), "<f4"), np.int32(n), np.float32(1.5), np.float32(0.1)]
         b.launch(core_kernel, (4, 1, 1), (256, 1, 1), args, 0, s1)
         got = mem.read("device", ptr, n * 4).view(np.float32)
-        sized = b._native_kernel(core_kernel).param_sizes is not None
-        if sized:
-            expect(np.array_equal(got, want_scale), "results differ")
-        else:
-            print("     (no parameter info: Python float went as double; result unchecked)")
+        expect(np.array_equal(got, want_scale), "results differ")
     for label, values in (("numpy scalars", RECORD_NUMPY), ("Python scalars", RECORD_PYTHON)):
         with report.check(f"launch record with {label}"):
             if "record" not in kernels:
@@ -495,13 +516,16 @@ def main() -> int:  # noqa: C901 - one linear script
         if "scale_add" not in kernels:
             raise Skip("compile failed")
         core = importlib.import_module("cuda.core")
+        core_dev = core.Device(dev)
         try:
-            buf = core.Device(dev).allocate(n * 4)
+            core_dev.set_current()  # the same primary context the backend uses
+            buf = core_dev.allocate(n * 4, stream=core_dev.default_stream)
         except Exception as exc:
             raise Skip(f"cannot allocate a cuda.core Buffer: {exc}") from exc
-        core.Device(dev).sync()
+        core_dev.sync()
         mem.write("device", int(buf.handle), x.view(np.uint8))
-        b.launch(kernels["scale_add"], (4, 1, 1), (256, 1, 1), [buf, n, np.float32(1.5), np.float32(0.1)], 0, s1)  # fmt: skip
+        args = [buf, n, np.float32(1.5), np.float32(0.1)]
+        b.launch(kernels["scale_add"], (4, 1, 1), (256, 1, 1), args, 0, s1)
         got = mem.read("device", int(buf.handle), n * 4).view(np.float32)
         expect(np.array_equal(got, want_scale), "results differ")
         buf.close()
@@ -509,9 +533,13 @@ def main() -> int:  # noqa: C901 - one linear script
         if "scale_add" not in kernels:
             raise Skip("compile failed")
         arr = DeviceArray(ptrs["device"], (n,), "<f4")
-        bad_calls: list[list[Any]] = [[arr, n, np.float32(1.0), "text"], [arr, 2**40, 1.0, 1.0]]
-        if kernels["scale_add"].param_sizes is not None:
-            bad_calls += [[arr, n, np.float32(1.0)], [arr, n, np.float64(1.0), 1.0]]
+        bad_calls: list[list[Any]] = [[arr, n, np.float32(1.0), "text"], [arr, 2**70, 1.0, 1.0]]
+        if kernels["scale_add"].param_sizes is not None:  # checks that need the layout
+            bad_calls += [
+                [arr, n, np.float32(1.0)],
+                [arr, n, np.float64(1.0), 1.0],
+                [arr, 2**40, 1.0, 1.0],
+            ]
         for call in bad_calls:
             try:
                 b.launch(kernels["scale_add"], (1, 1, 1), (1, 1, 1), call, 0, s1)
@@ -522,7 +550,7 @@ def main() -> int:  # noqa: C901 - one linear script
         b.stream_synchronize(s1)
     with report.check("compile errors -> InvalidArgumentError"):
         for source, name, options in (
-            ("extern \"C\" __global__ void k() { this is not C++ }", "k", []),
+            ('extern "C" __global__ void k() { this is not C++ }', "k", []),
             (KERNEL_SOURCE, "no_such_kernel", []),
             (KERNEL_SOURCE, "scale_add", ["--no-such-option"]),
         ):
@@ -580,12 +608,17 @@ def main() -> int:  # noqa: C901 - one linear script
             raise Skip("stream memory operations unsupported")
         ran: list[str] = []
         done = threading.Event()
+
+        def second() -> None:
+            ran.append("second")
+            done.set()
+
         u32_at(flag).value = 0
         ev1 = b.event_create(dev)
         ev2 = b.event_create(dev, blocking_sync=True)
         b.stream_wait_value32(s1, flag_dev, 1)  # s1 blocks until the host writes 1
         b.launch_host_func(s1, lambda: ran.append("first"))
-        b.launch_host_func(s1, lambda: (ran.append("second"), done.set()) and None)
+        b.launch_host_func(s1, second)
         b.event_record(ev1, s1)
         b.stream_wait_event(s2, ev1)
         b.memset_async(ptrs["device"], 0x5A, 1, 64, s2)
@@ -595,11 +628,11 @@ def main() -> int:  # noqa: C901 - one linear script
         expect(not b.event_query(ev2), "ev2 complete while s2 waits on ev1")
         expect(not ran, f"host functions ran early: {ran}")
         u32_at(flag).value = 1  # open the gate
+        expect(done.wait(TIMEOUT_S) and ran == ["first", "second"], f"host functions: {ran}")
         expect(wait_until(lambda: b.event_query(ev1)), "ev1 never completed")
         b.event_synchronize(ev1)
         b.event_synchronize(ev2)  # blocking-sync event
         expect(b.event_query(ev2), "ev2 not complete after synchronize")
-        expect(done.wait(TIMEOUT_S) and ran == ["first", "second"], f"host functions: {ran}")
         expect(np.all(mem.read("device", ptrs["device"], 64) == 0x5A), "s2 work missing")
         b.event_destroy(ev1)
         b.event_destroy(ev2)

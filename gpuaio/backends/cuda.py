@@ -43,6 +43,7 @@ parameters there.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import itertools
@@ -279,6 +280,12 @@ _INT_CTYPES: dict[int, tuple[Any, Any]] = {
     8: (ctypes.c_int64, ctypes.c_uint64),
 }
 _UINT_CTYPES = {size: pair[1] for size, pair in _INT_CTYPES.items()}
+# size -> (min, max + 1, ctype) of the signed type: the fast path for Python ints
+_INT_LIMITS: dict[int, tuple[int, int, Any]] = {
+    size: (-(1 << (8 * size - 1)), 1 << (8 * size - 1), pair[0])
+    for size, pair in _INT_CTYPES.items()
+}
+_INT_LIMITS_KEYS = frozenset((None, *_INT_LIMITS))
 # The ctypes scalars cuda.bindings can pack (c_void_p is handled apart).
 _PACKABLE_CTYPES: frozenset[Any] = frozenset(
     {
@@ -299,8 +306,10 @@ _PACKABLE_CTYPES: frozenset[Any] = frozenset(
     }
 )
 
-# numpy scalar type -> (ctypes type, size, is_half); filled lazily per type.
+# numpy scalar type -> (ctypes type, size, is_half), or None for other types;
+# filled lazily, one entry per argument type ever seen.
 _NUMPY_RULES: dict[type, tuple[Any, int, bool] | None] = {}
+_UNKNOWN_RULE: Any = object()
 
 
 def _numpy_rule(cls: type) -> tuple[Any, int, bool] | None:
@@ -409,7 +418,11 @@ def _lower_float(value: float, index: int, size: int | None) -> tuple[Any, Any]:
 def _lower_args(
     args: Sequence[Any], sizes: tuple[int, ...] | None
 ) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
-    """The ``(values, types)`` pair ``cuLaunchKernel`` packs into ``kernelParams``."""
+    """The ``(values, types)`` pair ``cuLaunchKernel`` packs into ``kernelParams``.
+
+    The common cases (int, float, numpy scalar, array pointer) are handled
+    inline; everything else goes through :func:`_lower_slow`.
+    """
     n = len(args)
     if sizes is not None and len(sizes) != n:
         raise InvalidArgumentError(f"the kernel takes {len(sizes)} arguments, {n} were given")
@@ -417,13 +430,16 @@ def _lower_args(
         return None
     values: list[Any] = [None] * n
     types: list[Any] = [None] * n
-    for i in range(n):
-        arg = args[i]
+    for i, arg in enumerate(args):
         size = None if sizes is None else sizes[i]
         cls = type(arg)
         if cls is int:
+            limits = _INT_LIMITS[8 if size is None else size] if size in _INT_LIMITS_KEYS else None
+            if limits is not None and limits[0] <= arg < limits[1]:
+                types[i] = limits[2]
+            else:
+                types[i] = _int_ctype(arg, 8 if size is None else size, i)
             values[i] = arg
-            types[i] = _int_ctype(arg, 8 if size is None else size, i)
         elif cls is float:
             values[i], types[i] = _lower_float(arg, i, size)
         elif cls is bool:
@@ -432,13 +448,19 @@ def _lower_args(
             else:
                 values[i], types[i] = int(arg), _int_ctype(int(arg), size, i)
         else:
-            rule = _numpy_rule(cls)
+            rule = _NUMPY_RULES.get(cls, _UNKNOWN_RULE)
+            if rule is _UNKNOWN_RULE:
+                rule = _numpy_rule(cls)
             if rule is not None:
                 ctype, nbytes, is_half = rule
                 if size is not None and size != nbytes:
                     raise _size_mismatch(i, np.dtype(cls).name, nbytes, size)
                 values[i] = int(arg.view(np.uint16)) if is_half else arg.item()
                 types[i] = ctype
+                continue
+            cai = getattr(arg, "__cuda_array_interface__", None)
+            if cai is not None and (size is None or size == _POINTER_SIZE):
+                values[i], types[i] = int(cai["data"][0]), _c_void_p
             else:
                 values[i], types[i] = _lower_slow(arg, i, size)
     return tuple(values), tuple(types)
@@ -543,6 +565,11 @@ def _parse_option(option: str, fields: dict[str, Any], lists: dict[str, list[Any
         lists.setdefault(key, []).append(value)
 
 
+def _is_nvrtc_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is ``cuda.core``'s ``NVRTCError`` (a failed compile, not a missing NVRTC)."""
+    return any(cls.__name__ == "NVRTCError" for cls in type(exc).__mro__)
+
+
 def _core_error_to_cuda(call: str, exc: Exception) -> CudaError | None:
     """Map a ``cuda.core`` ``CUDAError`` naming a ``CUresult`` to a gpuaio error."""
     match = _ERROR_TOKEN.search(str(exc))
@@ -637,7 +664,7 @@ class CudaBackend(Backend):
         return ctx
 
     def _bind_any(self) -> None:
-        """Ensure *some* of our contexts is current, for device-agnostic calls.
+        """Make one of our contexts current if none is, for device-agnostic calls.
 
         Portable pinned memory and unified addressing make these calls
         independent of which device's context is current.
@@ -944,12 +971,16 @@ class CudaBackend(Backend):
                 f"cannot launch {type(kernel).__qualname__}: pass a kernel from compile(), "
                 "a cuda.core Kernel, or a driver CUfunction/CUkernel"
             )
-        cached = self._native_kernels.get(kernel)
+        try:
+            cached = self._native_kernels.get(kernel)
+        except TypeError:  # not hashable in this cuda.core version: no cache
+            cached = None
         if cached is None:
             # The cache entry must not reference `kernel`, or it would never expire.
             function = driver.CUfunction(int(kernel.handle))
             cached = CudaKernel(function, "<cuda.core Kernel>", None, _param_sizes(kernel))
-            self._native_kernels[kernel] = cached
+            with contextlib.suppress(TypeError):
+                self._native_kernels[kernel] = cached
         return cached
 
     def launch(
@@ -966,13 +997,13 @@ class CudaBackend(Backend):
         ``kernel`` is a :class:`CudaKernel` from :meth:`compile`, a
         ``cuda.core`` ``Kernel``, or a ``driver.CUfunction``/``CUkernel``.
         """
+        ctx = stream.ctx
+        if self._tls.ctx is not ctx:
+            self._make_current(ctx)
         k = kernel if type(kernel) is CudaKernel else self._native_kernel(kernel)
         params = _lower_args(args, k.param_sizes)
         gx, gy, gz = grid
         bx, by, bz = block
-        ctx = stream.ctx
-        if self._tls.ctx is not ctx:
-            self._make_current(ctx)
         try:
             (err,) = driver.cuLaunchKernel(
                 k.function, gx, gy, gz, bx, by, bz, shared_mem, stream.handle, params, 0
@@ -1119,6 +1150,8 @@ class CudaBackend(Backend):
         The returned kernel is context-independent (a ``CUkernel``).
         """
         del sim  # only the sim backend runs Python bodies
+        if not isinstance(source, str) or not isinstance(name, str):
+            raise InvalidArgumentError("kernel source and name must be strings")
         major, minor = self.device_properties(device).compute_capability
         fields = _program_option_fields(f"sm_{major}{minor}", name, options)
         core = importlib.import_module("cuda.core")  # imported lazily: it takes ~0.5 s
@@ -1131,13 +1164,12 @@ class CudaBackend(Backend):
         # same primary context and keep this thread's cache in step.
         core.Device(device).set_current()
         self._tls.ctx = ctx
-        try:
-            program = core.Program(source, code_type="c++", options=program_options)
-        except Exception as exc:
-            raise InvalidArgumentError(f"cannot create a program for {name!r}: {exc}") from exc
+        program = core.Program(source, code_type="c++", options=program_options)
         try:
             object_code = program.compile("cubin")
         except Exception as exc:
+            if not _is_nvrtc_error(exc):
+                raise
             # cuda.core's NVRTCError carries NVRTC's log.
             raise InvalidArgumentError(f"compiling kernel {name!r} failed: {exc}") from exc
         finally:

@@ -205,7 +205,10 @@ class _Op:
         self.call = call
         self.run = run
         self.cost_s = cost_s
-        self.counted = counted  # real work, as opposed to event records/waits and latches
+        # Only copies, memsets and kernels count: completion markers (event records,
+        # host funcs, flag writes) differ between completion strategies, and fault
+        # tests must not depend on which one the library picked.
+        self.counted = counted
         self.fail_code = fail_code  # the sticky error if ``run`` raises
         self.done = False
 
@@ -809,7 +812,8 @@ class SimBackend(Backend):
         """Run ``fn`` in the worker, in order; a raising ``fn`` faults the device (719)."""
         call = "cuLaunchHostFunc"
         s, _ = self._begin(stream, call)
-        self._push(s, _Op(call, fn, self.config.latency_s, fail_code=_LAUNCH_FAILED))
+        op = _Op(call, fn, self.config.latency_s, counted=False, fail_code=_LAUNCH_FAILED)
+        self._push(s, op)
 
     def _word_locked(self, ptr: int, call: str) -> None:
         kind = self._kind_locked(ptr, 4, call)
@@ -829,7 +833,7 @@ class SimBackend(Backend):
         def run() -> None:
             ctypes.memmove(device_ptr, data, 4)
 
-        self._push(s, _Op(call, run, self.config.latency_s))
+        self._push(s, _Op(call, run, self.config.latency_s, counted=False))
 
     def stream_wait_value32(self, stream: Any, device_ptr: int, value: int) -> None:
         """The stream waits until ``(int32)(*device_ptr - value) >= 0`` (CUDA's cyclic GEQ)."""
@@ -846,7 +850,7 @@ class SimBackend(Backend):
                     raise _Dropped
                 self._stop.wait(_POLL_S)
 
-        self._push(s, _Op(call, run, self.config.latency_s))
+        self._push(s, _Op(call, run, self.config.latency_s, counted=False))
 
     # -- events --------------------------------------------------------
     def event_create(self, device: int, blocking_sync: bool = False) -> SimEvent:
@@ -936,10 +940,11 @@ class SimBackend(Backend):
 
     # -- test hooks ----------------------------------------------------
     def inject_fault(self, device: int = 0, *, after_ops: int = 0, code: int = 700) -> None:
-        """After ``after_ops`` more copies/memsets/launches/host funcs/stream-memory ops
-        run on ``device``, the next one fails and the device is sticky-faulted.
+        """After ``after_ops`` more copies/memsets/launches run on ``device``, the next
+        one fails and the device is sticky-faulted (queued work dropped, waiters raise).
 
-        Event records, event waits and :meth:`hold` latches are not counted.
+        Event records and waits, host funcs, stream-memory ops and :meth:`hold`
+        latches are not counted.
         """
         with self._lock:
             dev = self._device_locked(device, "inject_fault")

@@ -1,0 +1,266 @@
+"""The pinned host memory pool behind staging.
+
+Blocks come in power-of-two size classes. A block handed back with
+:meth:`PinnedPool.release` carries the CUDA events of every GPU operation
+that used it and becomes reusable only once all of them have completed, so a
+block is never handed out while a DMA may still read or write it (the
+early-reuse bugs of PyTorch's CachingHostAllocator, PR 68749 and issue
+140296, come from returning blocks without such a guard).
+
+The pool never holds more than its budget: when the budget is spent,
+:meth:`PinnedPool.acquire` waits for a block to come back (backpressure)
+instead of growing. Every method is thread-safe; ``acquire`` may block and
+is only called off the event loop.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from .backends import Backend
+
+__all__ = ["PinnedBlock", "PinnedPool", "PoolStats", "default_budget"]
+
+MIN_CLASS = 64 << 10
+
+
+def default_budget() -> int:
+    """``GPUAIO_PINNED_BUDGET`` (bytes, or with a K/M/G suffix), else 1 GiB."""
+    raw = os.environ.get("GPUAIO_PINNED_BUDGET")
+    if not raw:
+        return 1 << 30
+    return parse_size(raw)
+
+
+def parse_size(raw: str) -> int:
+    raw = raw.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(raw[-1:], 1)
+    digits = raw[:-1] if raw[-1:] in "KMG" else raw
+    try:
+        return int(float(digits) * mult)
+    except ValueError:
+        raise InvalidArgumentError(f"cannot read a size from {raw!r}") from None
+
+
+def size_class(nbytes: int) -> int:
+    """The block size serving a request of ``nbytes`` (a power of two)."""
+    return max(MIN_CLASS, 1 << (max(nbytes, 1) - 1).bit_length())
+
+
+@dataclass(slots=True)
+class PoolStats:
+    """A snapshot of the pool's counters (bytes unless noted)."""
+
+    budget: int
+    reserved: int
+    """Pinned bytes allocated from the driver and held by the pool."""
+    in_use: int
+    """Bytes of blocks handed out or waiting for their GPU work."""
+    peak_reserved: int
+    hits: int
+    """Acquisitions served by a cached block (count)."""
+    misses: int
+    """Acquisitions that allocated from the driver (count)."""
+    waits: int
+    """Acquisitions that had to wait for a block to come back (count)."""
+
+
+class PinnedBlock:
+    """One pinned allocation of ``size`` bytes at host address ``ptr``."""
+
+    __slots__ = ("events", "ptr", "size")
+
+    def __init__(self, ptr: int, size: int) -> None:
+        self.ptr = ptr
+        self.size = size
+        self.events: list[Any] = []
+
+
+class PinnedPool:
+    """Size-classed, budgeted, event-guarded pool of pinned host blocks."""
+
+    def __init__(self, backend: Backend, budget: int | None = None) -> None:
+        self.backend = backend
+        self.budget = default_budget() if budget is None else int(budget)
+        if self.budget < MIN_CLASS:
+            raise InvalidArgumentError(f"pinned budget must be at least {MIN_CLASS} bytes")
+        self._cv = threading.Condition(threading.Lock())
+        self._free: dict[int, list[PinnedBlock]] = {}
+        self._guarded: deque[PinnedBlock] = deque()
+        self._reserved = 0
+        self._in_use = 0
+        self._peak = 0
+        self._hits = self._misses = self._waits = 0
+        self._closed = False
+
+    # -- public --------------------------------------------------------
+    def stats(self) -> PoolStats:
+        with self._cv:
+            return PoolStats(self.budget, self._reserved, self._in_use, self._peak,
+                             self._hits, self._misses, self._waits)
+
+    def acquire(self, nbytes: int, *, wait: bool = True) -> PinnedBlock | None:
+        """A block of at least ``nbytes``; waits for one when the budget is spent.
+
+        With ``wait=False`` returns None instead of waiting.
+        """
+        size = size_class(nbytes)
+        if size > self.budget:
+            raise InvalidArgumentError(
+                f"a {size}-byte pinned block exceeds the pinned budget of {self.budget} bytes"
+            )
+        waited = False
+        while True:
+            with self._cv:
+                if self._closed:
+                    raise RuntimeError("the pinned pool is closed")
+                self._reclaim_locked()
+                block = self._take_locked(size)
+                if block is not None:
+                    if waited:
+                        self._waits += 1
+                    return block
+                if self._reserved + size <= self.budget:
+                    self._reserved += size
+                    self._in_use += size
+                    self._peak = max(self._peak, self._reserved)
+                    self._misses += 1
+                    if waited:
+                        self._waits += 1
+                    break
+                if self._evict_locked(size):
+                    continue
+                if not wait:
+                    return None
+                oldest = self._guarded[0] if self._guarded else None
+                if oldest is None:
+                    waited = True
+                    self._cv.wait(0.01)
+                    continue
+            # Wait, outside the lock, for the oldest guarded block's GPU work.
+            waited = True
+            self._wait_events(oldest)
+        try:
+            ptr = self.backend.host_alloc(size)
+        except BaseException:
+            with self._cv:
+                self._reserved -= size
+                self._in_use -= size
+            raise
+        return PinnedBlock(ptr, size)
+
+    def release(self, block: PinnedBlock, events: list[Any] | tuple[Any, ...] = ()) -> None:
+        """Hand ``block`` back; reusable once every event in ``events`` has fired.
+
+        The events become the pool's: it destroys them after they fire.
+        """
+        with self._cv:
+            if events:
+                block.events = list(events)
+                self._guarded.append(block)
+            else:
+                self._put_free_locked(block)
+            self._cv.notify_all()
+
+    def trim(self) -> int:
+        """Free cached idle blocks; returns the bytes given back to the driver."""
+        with self._cv:
+            self._reclaim_locked()
+            blocks = [b for lst in self._free.values() for b in lst]
+            self._free.clear()
+            freed = sum(b.size for b in blocks)
+            self._reserved -= freed
+        for b in blocks:
+            self.backend.host_free(b.ptr)
+        return freed
+
+    def close(self) -> None:
+        """Wait for every guarded block's GPU work, then free everything cached."""
+        while True:
+            with self._cv:
+                oldest = self._guarded[0] if self._guarded else None
+            if oldest is None:
+                break
+            try:
+                self._wait_events(oldest)
+            except Exception:
+                # A failed device will never run the DMA: the block is safe.
+                with self._cv:
+                    if self._guarded and self._guarded[0] is oldest:
+                        self._guarded.popleft()
+                        self._in_use -= oldest.size
+                        self._reserved -= oldest.size
+                continue
+            with self._cv:
+                self._reclaim_locked()
+        self.trim()
+        with self._cv:
+            self._closed = True
+
+    # -- internal ------------------------------------------------------
+    def _wait_events(self, block: PinnedBlock) -> None:
+        for ev in list(block.events):
+            self.backend.event_synchronize(ev)
+        with self._cv:
+            self._reclaim_locked()
+
+    def _take_locked(self, size: int) -> PinnedBlock | None:
+        lst = self._free.get(size)
+        if lst:
+            block = lst.pop()
+            self._in_use += size
+            self._hits += 1
+            return block
+        return None
+
+    def _put_free_locked(self, block: PinnedBlock) -> None:
+        self._in_use -= block.size
+        self._free.setdefault(block.size, []).append(block)
+
+    def _reclaim_locked(self) -> None:
+        """Move guarded blocks whose events have all fired to the free lists."""
+        query = self.backend.event_query
+        keep: deque[PinnedBlock] = deque()
+        changed = False
+        while self._guarded:
+            block = self._guarded.popleft()
+            try:
+                done = all(query(ev) for ev in block.events)
+            except Exception:
+                done = False
+            if done:
+                for ev in block.events:
+                    self.backend.event_destroy(ev)
+                block.events = []
+                self._put_free_locked(block)
+                changed = True
+            else:
+                keep.append(block)
+        self._guarded = keep
+        if changed:
+            self._cv.notify_all()
+
+    def _evict_locked(self, size: int) -> bool:
+        """Free cached blocks of other sizes to make room for ``size``; True if it did."""
+        victims: list[PinnedBlock] = []
+        room = self.budget - self._reserved
+        for cls in sorted(self._free, reverse=True):
+            lst = self._free[cls]
+            while lst and room < size:
+                b = lst.pop()
+                victims.append(b)
+                room += b.size
+        if not victims:
+            return False
+        self._reserved -= sum(b.size for b in victims)
+        for b in victims:
+            # host_free may synchronize; the pool only runs on worker threads.
+            self.backend.host_free(b.ptr)
+        return True

@@ -1,0 +1,215 @@
+"""Chunked staging of pageable transfers through the pinned pool.
+
+The driver copies pageable memory synchronously and slowly (one thread,
+7-12 GB/s on an H100 host against 55 GB/s DMA). gpuaio instead:
+
+* **H2D from pageable**: splits the copy into chunks; for each, takes a
+  pinned block, copies the chunk into it with several threads, enqueues the
+  DMA and hands the block back guarded by an event. The DMA of chunk *i*
+  runs while the threads copy chunk *i+1*; at most ``depth`` chunks are in
+  flight per transfer. The op completes when the last DMA has.
+* **D2H into pageable**: the reverse: up to ``depth`` DMAs into pinned
+  blocks run ahead while the threads copy finished chunks out. The op
+  completes when the last byte is in the user's buffer.
+* **Small transfers** (``inline_max`` bytes or less) skip the thread hop:
+  the small host copy happens on the calling thread (H2D) or as the op
+  completes (D2H), around a single DMA.
+
+All of it runs on the stream's serial executor, so stream order holds.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ._errors import OperationAbortedError
+from ._hostwork import byte_view
+from ._memory import BufferInfo
+from ._operation import Operation
+from ._pool import PinnedBlock, PinnedPool, parse_size
+
+if TYPE_CHECKING:
+    from ._runtime import Runtime
+    from ._stream import Stream
+
+__all__ = ["Stager", "StagingConfig"]
+
+
+def _env_size(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return parse_size(raw) if raw else default
+
+
+@dataclass(frozen=True, slots=True)
+class StagingConfig:
+    """Tuning of the staging pipeline (defaults measured on an H100 host).
+
+    Environment: ``GPUAIO_CHUNK_BYTES``, ``GPUAIO_STAGING_DEPTH``,
+    ``GPUAIO_INLINE_MAX``, ``GPUAIO_PINNED_BUDGET``, ``GPUAIO_HOST_THREADS``.
+    """
+
+    max_chunk: int = field(default_factory=lambda: _env_size("GPUAIO_CHUNK_BYTES", 32 << 20))
+    """Largest chunk; smaller transfers use smaller chunks (about 1/4 of the copy)."""
+    min_chunk: int = 1 << 20
+    depth: int = field(default_factory=lambda: int(os.environ.get("GPUAIO_STAGING_DEPTH", "4")))
+    """Chunks in flight per transfer (pinned use per transfer is depth x chunk)."""
+    inline_max: int = field(default_factory=lambda: _env_size("GPUAIO_INLINE_MAX", 256 << 10))
+
+    def chunk_for(self, nbytes: int) -> int:
+        target = max(self.min_chunk, nbytes // 4)
+        chunk = 1 << (target - 1).bit_length()
+        return max(self.min_chunk, min(self.max_chunk, chunk))
+
+
+class Stager:
+    """Runs pageable transfers of one runtime through its pinned pool."""
+
+    def __init__(self, runtime: Runtime, config: StagingConfig | None = None,
+                 budget: int | None = None) -> None:
+        self.runtime = runtime
+        self.config = config or StagingConfig()
+        self.pool = PinnedPool(runtime.backend, budget)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    # -- entry ---------------------------------------------------------
+    def copy(self, stream: Stream, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
+        """Schedule ``op`` (a copy with a pageable side) on ``stream``."""
+        h2d = s.kind.is_host
+        n = d.nbytes
+        if n <= self.config.inline_max and not stream._serial.busy:
+            if not h2d or stream._host_writes_done():
+                block = self.pool.acquire(n, wait=False)
+                if block is not None:
+                    if h2d:
+                        return self._small_h2d(stream, op, d, s, block)
+                    return self._small_d2h(stream, op, d, s, block)
+        if h2d:
+            return stream._host_step(op, lambda: self._h2d(stream, op, d, s), after_prior=False)
+        return stream._host_step(op, lambda: self._d2h(stream, op, d, s), after_prior=False)
+
+    # -- small ---------------------------------------------------------
+    def _small_h2d(self, stream: Stream, op: Operation, d: BufferInfo, s: BufferInfo,
+                   block: PinnedBlock) -> Operation:
+        n = d.nbytes
+        byte_view(block.ptr, n)[:] = s.host_array()  # small: cheaper than a thread hop
+        pool, backend = self.pool, self.runtime.backend
+        op._add_done_callback(lambda: pool.release(block))
+        dp, bp = d.ptr, block.ptr
+        return stream._device_step(op, lambda h: backend.memcpy_async(dp, bp, n, h))
+
+    def _small_d2h(self, stream: Stream, op: Operation, d: BufferInfo, s: BufferInfo,
+                   block: PinnedBlock) -> Operation:
+        n = d.nbytes
+        pool, backend = self.pool, self.runtime.backend
+        dst = d.host_array()
+
+        def copy_out() -> None:
+            try:
+                if op._exc is None:
+                    dst[:] = byte_view(block.ptr, n)
+            finally:
+                pool.release(block)
+
+        op._add_done_callback(copy_out)
+        sp, bp = s.ptr, block.ptr
+        stream._note_host_write(op)
+        return stream._device_step(op, lambda h: backend.memcpy_async(bp, sp, n, h))
+
+    # -- large ---------------------------------------------------------
+    def _h2d(self, stream: Stream, op: Operation, d: BufferInfo, s: BufferInfo) -> bool:
+        """Host job: chunks of ``s`` -> pinned blocks -> DMA into ``d``."""
+        if not stream._host_writes_done():
+            stream._wait_prior()
+        backend, pool, host = self.runtime.backend, self.pool, self.runtime.host
+        native = stream._native
+        src = s.host_array()
+        n = d.nbytes
+        chunk = self.config.chunk_for(n)
+        depth = self.config.depth
+        device = stream._ordinal
+        # A ring of ``depth`` events bounds the chunks in flight; the pool
+        # gets events of its own, which it destroys once they have fired.
+        ring = [backend.event_create(device, blocking_sync=True) for _ in range(depth)]
+        off = 0
+        i = 0
+        try:
+            while off < n:
+                if op._abort:
+                    stream._wait_prior()
+                    raise OperationAbortedError(f"{op.label}: aborted after {off} of {n} bytes")
+                slot = ring[i % depth]
+                if i >= depth:
+                    backend.event_synchronize(slot)
+                ln = min(chunk, n - off)
+                block = pool.acquire(ln)
+                assert block is not None
+                try:
+                    host.copy(byte_view(block.ptr, ln), src[off : off + ln])
+                    backend.memcpy_async(d.ptr + off, block.ptr, ln, native)
+                    guard = backend.event_create(device, blocking_sync=True)
+                    backend.event_record(guard, native)
+                except BaseException:
+                    pool.release(block)
+                    raise
+                pool.release(block, [guard])
+                backend.event_record(slot, native)
+                off += ln
+                i += 1
+        finally:
+            for ev in ring:
+                backend.event_destroy(ev)
+        return True
+
+    def _d2h(self, stream: Stream, op: Operation, d: BufferInfo, s: BufferInfo) -> bool:
+        """Host job: DMA chunks of ``s`` into pinned blocks, copy them out into ``d``."""
+        backend, pool, host = self.runtime.backend, self.pool, self.runtime.host
+        native = stream._native
+        dst = d.host_array()
+        n = d.nbytes
+        chunk = self.config.chunk_for(n)
+        depth = self.config.depth
+        device = stream._ordinal
+        inflight: deque[tuple[int, int, PinnedBlock, Any]] = deque()
+        off = 0
+        copied = 0
+        try:
+            while off < n or inflight:
+                while off < n and len(inflight) < depth and not op._abort:
+                    ln = min(chunk, n - off)
+                    # Only the first block may wait: waiting while holding
+                    # blocks could deadlock transfers against each other.
+                    block = pool.acquire(ln, wait=not inflight)
+                    if block is None:
+                        break
+                    try:
+                        backend.memcpy_async(block.ptr, s.ptr + off, ln, native)
+                        ev = backend.event_create(device, blocking_sync=True)
+                        backend.event_record(ev, native)
+                    except BaseException:
+                        pool.release(block)
+                        raise
+                    inflight.append((off, ln, block, ev))
+                    off += ln
+                if not inflight:
+                    break
+                o, ln, block, ev = inflight.popleft()
+                try:
+                    backend.event_synchronize(ev)
+                    host.copy(dst[o : o + ln], byte_view(block.ptr, ln))
+                except BaseException:
+                    pool.release(block, [ev])
+                    raise
+                backend.event_destroy(ev)
+                pool.release(block)
+                copied += ln
+        finally:
+            for _o, _ln, block, ev in inflight:
+                pool.release(block, [ev])
+        if copied < n:
+            raise OperationAbortedError(f"{op.label}: aborted after {copied} of {n} bytes")
+        return False

@@ -1,0 +1,51 @@
+"""nox sessions: ``nox`` runs tests, lint and typecheck (what CI runs)."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite on the simulated backend, on asyncio, uvloop and trio."""
+    session.install("-e", ".[test]")
+    session.run(
+        "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *session.posargs,
+        env={"GPUAIO_TEST_BACKEND": session.env.get("GPUAIO_TEST_BACKEND", "sim")},
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: lint and formatting."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the package."""
+    session.install("-e", ".[test]", "mypy>=1.11")
+    session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site; warnings are errors."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict")
+
+
+@nox.session(python=False)
+def bench(session: nox.Session) -> None:
+    """Say how to run the benchmarks (they need a CUDA GPU)."""
+    session.log(
+        "Benchmarks need a CUDA GPU: on such a machine run "
+        "`python benchmarks/transfers.py` and `python benchmarks/completion.py`; "
+        "each writes benchmarks/results/<date>-<card>-<suite>.json. "
+        "`python -m gpuaio bench` gives a quick figure on any machine."
+    )
