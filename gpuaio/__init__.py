@@ -42,6 +42,11 @@ from ._runtime import configure, current_runtime, use_backend
 from ._stream import Event, Stream
 from .backends import MemoryKind
 
+# Imported here, not on first use, so that a first transfer inside a running
+# event loop does not pay for module imports on the loop thread.
+from . import _dlpack as _dlpack  # noqa: E402
+from . import _staging as _staging  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -7,12 +7,20 @@ resolves the :class:`~gpuaio._operation.Operation` once the marker fires.
 Strategies (selected with ``GPUAIO_COMPLETION`` or :func:`gpuaio.configure`):
 
 ``"events"`` (default)
-    A marker is a pooled CUDA event. One watcher thread per device queries
+    A marker is a pooled CUDA event. An awaiting task first polls its
+    stream's oldest markers from its own event loop for up to
+    ``GPUAIO_LOOP_SPIN_US`` (150 µs), yielding between polls, so short
+    operations complete with no cross-thread wake-up. One watcher thread per
+    device queries
     only the oldest pending event of each stream (a stream completes in
     order), spins briefly while completions are imminent, backs off to
     sleeping when they are not, and blocks with no CPU use when nothing is
     pending. One batch of completions wakes each event loop once. The GPU
     never waits for Python.
+
+``"thread"``
+    The same without loop-side polling: every completion goes through the
+    watcher thread and a cross-thread wake-up. For comparison.
 
 ``"hostfunc"``
     A marker is a ``cuLaunchHostFunc`` callback that resolves the op. It
@@ -27,13 +35,16 @@ Every engine also notices a sticky (context-fatal) error within
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._errors import CudaError, DeviceFatalError
-from ._operation import Operation, resolve_many
+from ._loopport import LoopPort
+from ._operation import Operation, post_waiters, resolve_many
 
 if TYPE_CHECKING:
     from .backends import Backend
@@ -42,13 +53,15 @@ __all__ = ["STRATEGIES", "CompletionEngine", "Strategy", "make_engine"]
 
 log = logging.getLogger("gpuaio")
 
-Strategy = Literal["events", "hostfunc"]
-STRATEGIES: tuple[Strategy, ...] = ("events", "hostfunc")
+Strategy = Literal["events", "thread", "hostfunc"]
+STRATEGIES: tuple[Strategy, ...] = ("events", "thread", "hostfunc")
 
 SPIN_S = 200e-6
 """How long the watcher keeps spinning after new work or a completion."""
 MAX_SLEEP_S = 1e-3
 """The longest the watcher sleeps between polls while work is pending."""
+LOOP_SPIN_S = float(os.environ.get("GPUAIO_LOOP_SPIN_US", "150")) * 1e-6
+"""How long an awaiting task polls from its event loop before handing off."""
 FAULT_PROBE_S = 0.05
 """How often a device with pending work is checked for a sticky error."""
 
@@ -86,20 +99,39 @@ class CompletionEngine:
             log.error("device %d hit a sticky error: %s", self.device, exc)
 
 
+class _Queue:
+    """The pending markers of one stream, oldest first (they fire in order)."""
+
+    __slots__ = ("entries", "last_poll", "lock")
+
+    def __init__(self) -> None:
+        self.entries: deque[tuple[Operation, Any]] = deque()
+        # Held while draining so that ops of one stream resolve in order
+        # even when the watcher and a loop poll at the same time.
+        self.lock = threading.Lock()
+        self.last_poll = 0.0
+
+
 class EventEngine(CompletionEngine):
-    """Pooled events polled by one adaptive watcher thread (the default)."""
+    """Pooled events; awaiting loops poll briefly, a watcher thread does the rest.
+
+    An awaiting task first polls its stream's oldest markers from the event
+    loop for up to ``loop_spin_s`` (yielding to other tasks between polls),
+    which catches short operations without any cross-thread wake-up. Longer
+    operations are caught by the watcher thread, which wakes each loop once
+    per batch. Both resolve a stream's operations in order.
+    """
 
     strategy: Strategy = "events"
+    loop_spin_s: float = LOOP_SPIN_S
 
     def __init__(self, backend: Backend, device: int) -> None:
         super().__init__(backend, device)
         self._cv = threading.Condition(threading.Lock())
-        # One FIFO per stream: a stream's markers fire in order, so only the
-        # head of each needs querying.
-        self._queues: dict[int, deque[tuple[Operation, Any]]] = {}
+        self._queues: dict[int, _Queue] = {}
         self._free_events: list[Any] = []
-        self._count = 0
         self._sleeping = False
+        self._loop_polling_until = 0.0
         self._thread: threading.Thread | None = None
 
     def watch(self, op: Operation, stream: Any) -> None:
@@ -119,9 +151,9 @@ class EventEngine(CompletionEngine):
             key = id(stream)
             q = self._queues.get(key)
             if q is None:
-                q = self._queues[key] = deque()
-            q.append((op, ev))
-            self._count += 1
+                q = self._queues[key] = _Queue()
+            q.entries.append((op, ev))
+            op._poll = (self, q)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name=f"gpuaio-completion-{self.device}", daemon=True
@@ -131,7 +163,8 @@ class EventEngine(CompletionEngine):
                 self._cv.notify()
 
     def pending(self) -> int:
-        return self._count
+        with self._cv:
+            return sum(len(q.entries) for q in self._queues.values())
 
     def close(self) -> None:
         super().close()
@@ -141,10 +174,72 @@ class EventEngine(CompletionEngine):
         if t is not None and t is not threading.current_thread():
             t.join(timeout=5)
 
+    # -- draining ------------------------------------------------------
+    def _drain(self, q: _Queue) -> list[tuple[LoopPort, Callable[[], None]]]:
+        """Resolve the fired markers at the head of ``q``; return waiters to wake.
+
+        Raises DeviceFatalError (nothing popped) on a sticky error.
+        """
+        if not q.lock.acquire(blocking=False):
+            return []  # another thread is draining this stream right now
+        waiters: list[tuple[LoopPort, Callable[[], None]]] = []
+        try:
+            entries = q.entries
+            query = self.backend.event_query
+            while entries:
+                op, ev = entries[0]
+                try:
+                    if not query(ev):
+                        break
+                    exc: BaseException | None = None
+                except DeviceFatalError:
+                    raise
+                except CudaError as e:
+                    exc = e
+                entries.popleft()
+                self._free_events.append(ev)
+                waiters.extend(op._finish(exc))
+        finally:
+            q.lock.release()
+        return waiters
+
+    def poll_for(self, op: Operation) -> bool:
+        """From an awaiting loop: resolve what has fired on ``op``'s stream.
+
+        Returns whether ``op`` is done. Cheap when called often: a stream is
+        queried at most once every few microseconds.
+        """
+        poll = op._poll
+        if poll is None:
+            return op._done
+        q = poll[1]
+        now = time.perf_counter()
+        self._loop_polling_until = now + 1e-3
+        if now - q.last_poll < 2e-6:
+            return op._done
+        q.last_poll = now
+        try:
+            waiters = self._drain(q)
+        except DeviceFatalError as e:
+            self._fail_all(e)
+            return True
+        if waiters:
+            post_waiters(waiters)
+        return op._done
+
+    def _fail_all(self, exc: DeviceFatalError) -> None:
+        self._fail_fatal(exc)
+        with self._cv:
+            queues = list(self._queues.values())
+            self._queues.clear()
+        items: list[tuple[Operation, BaseException | None]] = []
+        for q in queues:
+            with q.lock:
+                items.extend((op, exc) for op, _ev in q.entries)
+                q.entries.clear()
+        resolve_many(items)
+
     def _run(self) -> None:
-        backend = self.backend
-        query = backend.event_query
-        free = self._free_events
         cv = self._cv
         spin_until = time.perf_counter() + SPIN_S
         sleep_s = 20e-6
@@ -156,50 +251,29 @@ class EventEngine(CompletionEngine):
                     self._sleeping = False
                     spin_until = time.perf_counter() + SPIN_S
                 if self._closed:
-                    self._drain_closed()
-                    return
-                queues = list(self._queues.items())
-            done: list[tuple[Operation, BaseException | None]] = []
-            fatal: DeviceFatalError | None = None
-            for _key, q in queues:
-                while q:
-                    op, ev = q[0]
-                    try:
-                        if not query(ev):
-                            break
-                        exc: BaseException | None = None
-                    except DeviceFatalError as e:
-                        fatal = e
-                        break
-                    except CudaError as e:
-                        exc = e
-                    q.popleft()
-                    free.append(ev)
-                    done.append((op, exc))
-                if fatal is not None:
                     break
-            if fatal is not None:
-                self._fail_fatal(fatal)
-                with cv:
-                    for q in self._queues.values():
-                        done.extend((op, fatal) for op, _ev in q)
-                    self._queues.clear()
-                    self._count = 0
-                resolve_many(done)
+                queues = list(self._queues.items())
+            waiters: list[tuple[LoopPort, Callable[[], None]]] = []
+            try:
+                for _key, q in queues:
+                    waiters.extend(self._drain(q))
+            except DeviceFatalError as e:
+                self._fail_all(e)
                 continue
-            now = time.perf_counter()
             with cv:
-                self._count -= len(done)
                 for key, q in queues:
-                    if not q and self._queues.get(key) is q:
+                    if not q.entries and self._queues.get(key) is q:
                         del self._queues[key]
-            if done:
-                resolve_many(done)
+            now = time.perf_counter()
+            if waiters:
+                post_waiters(waiters)
                 spin_until = now + SPIN_S
                 sleep_s = 20e-6
                 continue
-            if now < spin_until:
-                time.sleep(0)  # let the loop thread have the GIL between polls
+            # While a loop is polling, this thread is only a backstop: sleep
+            # rather than compete with the loop for the GIL.
+            if now < spin_until and now >= self._loop_polling_until:
+                time.sleep(0)  # lets other threads have the GIL between polls
                 continue
             with cv:
                 if self._queues and not self._closed:
@@ -213,15 +287,25 @@ class EventEngine(CompletionEngine):
                 sleep_s = 20e-6
             else:
                 sleep_s = min(sleep_s * 2, MAX_SLEEP_S)
+        self._drain_closed()
 
     def _drain_closed(self) -> None:
         err = RuntimeError("gpuaio completion engine closed with the operation pending")
-        done: list[tuple[Operation, BaseException | None]] = []
-        for q in self._queues.values():
-            done.extend((op, err) for op, _ev in q)
-        self._queues.clear()
-        self._count = 0
-        resolve_many(done)
+        with self._cv:
+            queues = list(self._queues.values())
+            self._queues.clear()
+        items: list[tuple[Operation, BaseException | None]] = []
+        for q in queues:
+            items.extend((op, err) for op, _ev in q.entries)
+            q.entries.clear()
+        resolve_many(items)
+
+
+class ThreadEngine(EventEngine):
+    """Like ``events`` but without loop-side polling: the watcher thread alone."""
+
+    strategy: Strategy = "thread"
+    loop_spin_s = 0.0
 
 
 class HostFuncEngine(CompletionEngine):
@@ -300,6 +384,8 @@ def make_engine(strategy: Strategy, backend: Backend, device: int) -> Completion
     """Build the engine for ``strategy``."""
     if strategy == "events":
         return EventEngine(backend, device)
+    if strategy == "thread":
+        return ThreadEngine(backend, device)
     if strategy == "hostfunc":
         return HostFuncEngine(backend, device)
     raise ValueError(f"unknown completion strategy {strategy!r}; choose from {STRATEGIES}")

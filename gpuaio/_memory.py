@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, SupportsIndex
+from typing import TYPE_CHECKING, Any, NamedTuple, SupportsIndex
 
 import numpy as np
 import numpy.typing as npt
@@ -468,9 +467,8 @@ async def register_host_async(array: Any) -> HostRegistration:
 
 # -- classification -------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class BufferInfo:
-    """A buffer's address, layout and kind, as gpuaio sees it."""
+class BufferInfo(NamedTuple):
+    """A buffer's address, layout and kind, as gpuaio sees it (cheap to build)."""
 
     ptr: int
     nbytes: int

@@ -10,6 +10,7 @@ the GPU may still use.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,7 @@ class Operation:
         "_done",
         "_exc",
         "_keep",
+        "_poll",
         "_waiters",
         "label",
         "nbytes",
@@ -63,6 +65,7 @@ class Operation:
         self._waiters: list[tuple[LoopPort, Callable[[], None]]] = []
         self._callbacks: list[Callable[[], None]] | None = None
         self._abort = False
+        self._poll: tuple[Any, Any] | None = None
 
     def __repr__(self) -> str:
         state = "pending" if not self._done else ("failed" if self._exc else "done")
@@ -96,6 +99,15 @@ class Operation:
 
     async def wait(self) -> None:
         """Wait until the operation has completed; raise its error if it failed."""
+        if not self._done:
+            poll = self._poll
+            if poll is not None and poll[0].loop_spin_s:
+                # Short ops: poll from this loop for a moment (yielding to
+                # other tasks), which beats any cross-thread wake-up.
+                engine = poll[0]
+                deadline = time.perf_counter() + engine.loop_spin_s
+                while not engine.poll_for(self) and time.perf_counter() < deadline:
+                    await anyio.lowlevel.checkpoint()
         if not self._done:
             event = anyio.Event()
             self._waiters.append((current_port(), event.set))
@@ -146,6 +158,11 @@ class Operation:
     def _resolve(self, exc: BaseException | None = None) -> None:
         """Complete this op from any thread and wake its waiters."""
         _post(self._finish(exc))
+
+
+def post_waiters(waiters: Iterable[tuple[LoopPort, Callable[[], None]]]) -> None:
+    """Wake ``waiters`` (from ``Operation._finish``), each loop once."""
+    _post(waiters)
 
 
 def _post(waiters: Iterable[tuple[LoopPort, Callable[[], None]]]) -> None:
