@@ -37,6 +37,7 @@ from ._memory import (
     register_host,
     register_host_async,
 )
+from ._multi import gather, scatter
 from ._operation import Operation, wait_all
 from ._runtime import configure, current_runtime, use_backend
 from ._stream import Event, Stream
@@ -72,10 +73,12 @@ __all__ = [
     "__version__",
     "backend_name",
     "configure",
+    "gather",
     "memory_kind",
     "pinned_empty",
     "register_host",
     "register_host_async",
+    "scatter",
     "use_backend",
     "wait_all",
 ]

@@ -80,6 +80,7 @@ class Runtime:
         self.reaper = _Reaper()
         self._engines: dict[int, CompletionEngine] = {}
         self._devices: dict[int, Device] = {}
+        self._peers: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
         self.closed = False
         self.extras: dict[str, Any] = {}
@@ -137,6 +138,27 @@ class Runtime:
                 if dev is None:
                     dev = self._devices[ordinal] = Device._create(self, ordinal)
         return dev
+
+    def ensure_peer_access(self, a: int, b: int) -> None:
+        """Enable direct access between devices ``a`` and ``b`` where the hardware allows.
+
+        Without it, peer copies still work: the driver stages them through
+        host memory.
+        """
+        key = (min(a, b), max(a, b))
+        if key in self._peers:
+            return
+        with self._lock:
+            if key in self._peers:
+                return
+            be = self.backend
+            for x, y in ((a, b), (b, a)):
+                if be.can_access_peer(x, y):
+                    try:
+                        be.enable_peer_access(x, y)
+                    except Exception:
+                        log.warning("could not enable peer access %d -> %d", x, y, exc_info=True)
+            self._peers.add(key)
 
     def check_device(self, ordinal: int) -> None:
         """Raise the device's sticky error, if it has had one."""

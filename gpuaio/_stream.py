@@ -244,6 +244,7 @@ class Stream:
             and not s.kind.is_host
         ):
             dp, dd, sp, sd = d.ptr, d.device, s.ptr, s.device
+            rt.ensure_peer_access(dd, sd)
             return self._device_step(
                 op, lambda h: backend.memcpy_peer_async(dp, dd, sp, sd, n, h)
             )
