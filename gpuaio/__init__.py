@@ -39,8 +39,10 @@ from ._memory import (
 )
 from ._multi import gather, scatter
 from ._operation import Operation, wait_all
+from ._progress import ProgressCallback, progress_bar
 from ._runtime import configure, current_runtime, use_backend
 from ._stream import Event, Stream
+from ._trace import Tracer, trace
 from .backends import MemoryKind
 
 # Imported here, not on first use, so that a first transfer inside a running
@@ -67,18 +69,22 @@ __all__ = [
     "NoDeviceError",
     "Operation",
     "OperationAbortedError",
+    "ProgressCallback",
     "Stream",
     "Strategy",
     "StreamClosedError",
+    "Tracer",
     "__version__",
     "backend_name",
     "configure",
     "gather",
     "memory_kind",
     "pinned_empty",
+    "progress_bar",
     "register_host",
     "register_host_async",
     "scatter",
+    "trace",
     "use_backend",
     "wait_all",
 ]

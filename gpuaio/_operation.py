@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 
+from . import _trace
 from ._loopport import LoopPort, current_port
 
 if TYPE_CHECKING:
@@ -43,6 +44,8 @@ class Operation:
         "_exc",
         "_keep",
         "_poll",
+        "_progress",
+        "_t0",
         "_waiters",
         "label",
         "nbytes",
@@ -66,6 +69,8 @@ class Operation:
         self._callbacks: list[Callable[[], None]] | None = None
         self._abort = False
         self._poll: tuple[Any, Any] | None = None
+        self._progress: Callable[[int, int], None] | None = None
+        self._t0 = time.perf_counter() if _trace.active is not None else 0.0
 
     def __repr__(self) -> str:
         state = "pending" if not self._done else ("failed" if self._exc else "done")
@@ -153,6 +158,10 @@ class Operation:
                         self._exc = cb_exc
         self._keep = None
         self._done = True
+        if self._t0:
+            tracer = _trace.active
+            if tracer is not None:
+                tracer.op_done(self, self._t0)
         return list(self._waiters)
 
     def _resolve(self, exc: BaseException | None = None) -> None:

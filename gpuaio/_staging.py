@@ -30,6 +30,7 @@ from ._hostwork import byte_view
 from ._memory import BufferInfo
 from ._operation import Operation
 from ._pool import PinnedBlock, PinnedPool, parse_size
+from ._trace import nvtx_range
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -149,7 +150,8 @@ class Stager:
                 block = pool.acquire(ln)
                 assert block is not None
                 try:
-                    host.copy(byte_view(block.ptr, ln), src[off : off + ln])
+                    with nvtx_range("gpuaio stage h2d chunk"):
+                        host.copy(byte_view(block.ptr, ln), src[off : off + ln])
                     backend.memcpy_async(d.ptr + off, block.ptr, ln, native)
                     guard = backend.event_create(device, blocking_sync=True)
                     backend.event_record(guard, native)
@@ -160,6 +162,8 @@ class Stager:
                 backend.event_record(slot, native)
                 off += ln
                 i += 1
+                if op._progress is not None and off < n:
+                    op._progress(off, n)
         finally:
             for ev in ring:
                 backend.event_destroy(ev)
@@ -200,13 +204,16 @@ class Stager:
                 o, ln, block, ev = inflight.popleft()
                 try:
                     backend.event_synchronize(ev)
-                    host.copy(dst[o : o + ln], byte_view(block.ptr, ln))
+                    with nvtx_range("gpuaio stage d2h chunk"):
+                        host.copy(dst[o : o + ln], byte_view(block.ptr, ln))
                 except BaseException:
                     pool.release(block, [ev])
                     raise
                 backend.event_destroy(ev)
                 pool.release(block)
                 copied += ln
+                if op._progress is not None and copied < n:
+                    op._progress(copied, n)
         finally:
             for _o, _ln, block, ev in inflight:
                 pool.release(block, [ev])

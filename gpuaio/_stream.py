@@ -197,7 +197,9 @@ class Stream:
                 op._add_done_callback(alloc.release)
 
     # -- copies --------------------------------------------------------
-    def copy(self, dst: Any, src: Any) -> Operation:
+    def copy(
+        self, dst: Any, src: Any, *, progress: Callable[[int, int], None] | None = None
+    ) -> Operation:
         """Copy all of ``src`` into ``dst``; returns an awaitable :class:`Operation`.
 
         Any pair of memory kinds works: pageable host, pinned host, device,
@@ -205,6 +207,9 @@ class Stream:
         side is a flat byte buffer. Both must be C-contiguous, ``dst``
         writable. When the awaited operation returns, ``dst`` holds the data
         and ``src`` may be overwritten.
+
+        ``progress(done_bytes, total_bytes)``, if given, is called from a
+        worker thread after each staged chunk and once on success.
         """
         self._check()
         rt = self._rt
@@ -224,6 +229,15 @@ class Stream:
             return completed(label, self)
         op = Operation(label, self, keep=(d.owner, s.owner), nbytes=d.nbytes)
         self._track(op, (d, s))
+        if progress is not None:
+            op._progress = progress
+            total = d.nbytes
+
+            def report_done() -> None:
+                if op._exc is None:
+                    progress(total, total)
+
+            op._add_done_callback(report_done)
         backend = rt.backend
         n = d.nbytes
         if d.kind.is_host and s.kind.is_host:
