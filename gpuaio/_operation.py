@@ -10,13 +10,14 @@ the GPU may still use.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import anyio.lowlevel
+import sniffio
 
 from . import _trace
 from ._loopport import LoopPort, current_port
@@ -74,7 +75,8 @@ class Operation:
 
     def __repr__(self) -> str:
         state = "pending" if not self._done else ("failed" if self._exc else "done")
-        return f"<gpuaio.Operation {self.label} {state}>"
+        size = f" {self.nbytes}B" if self.nbytes else ""
+        return f"<gpuaio.Operation {self.label}{size} {state}>"
 
     # -- public --------------------------------------------------------
     def done(self) -> bool:
@@ -106,13 +108,16 @@ class Operation:
         """Wait until the operation has completed; raise its error if it failed."""
         if not self._done:
             poll = self._poll
-            if poll is not None and poll[0].loop_spin_s:
+            if poll is not None and poll[0].loop_spin_s and not poll[0].poll_for(self):
                 # Short ops: poll from this loop for a moment (yielding to
                 # other tasks), which beats any cross-thread wake-up.
                 engine = poll[0]
                 deadline = time.perf_counter() + engine.loop_spin_s
-                while not engine.poll_for(self) and time.perf_counter() < deadline:
-                    await anyio.lowlevel.checkpoint()
+                yield_now = _yielder()
+                while time.perf_counter() < deadline:
+                    await yield_now()
+                    if engine.poll_for(self):
+                        break
         if not self._done:
             event = anyio.Event()
             self._waiters.append((current_port(), event.set))
@@ -121,8 +126,7 @@ class Operation:
             if self._done:
                 event.set()
             await event.wait()
-        else:
-            await anyio.lowlevel.checkpoint_if_cancelled()
+        # An op found done returns at once, like a done asyncio future.
         if self._exc is not None:
             raise self._exc
 
@@ -167,6 +171,19 @@ class Operation:
     def _resolve(self, exc: BaseException | None = None) -> None:
         """Complete this op from any thread and wake its waiters."""
         _post(self._finish(exc))
+
+
+def _yielder() -> Callable[[], Awaitable[None]]:
+    """The cheapest way to let the running event loop run its other tasks once."""
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        return trio.lowlevel.checkpoint
+    return _asyncio_yield
+
+
+async def _asyncio_yield() -> None:
+    await asyncio.sleep(0)
 
 
 def post_waiters(waiters: Iterable[tuple[LoopPort, Callable[[], None]]]) -> None:

@@ -224,7 +224,7 @@ class Stream:
                     f"the {role} is on device {info.device} but this stream is on device "
                     f"{self._ordinal}; use a stream of device {info.device}"
                 )
-        label = f"copy {s.kind.value}->{d.kind.value} {d.nbytes}B"
+        label = _COPY_LABELS[s.kind, d.kind]
         if d.nbytes == 0:
             return completed(label, self)
         op = Operation(label, self, keep=(d.owner, s.owner), nbytes=d.nbytes)
@@ -321,7 +321,7 @@ class Stream:
                 f"the destination is on device {d.device} but this stream is on device "
                 f"{self._ordinal}"
             )
-        label = f"memset {d.kind.value} {d.nbytes}B"
+        label = _MEMSET_LABELS[d.kind]
         if d.nbytes == 0:
             return completed(label, self)
         op = Operation(label, self, keep=(d.owner,), nbytes=d.nbytes)
@@ -386,7 +386,7 @@ class Stream:
                         f"this stream is on device {self._ordinal}"
                     )
                 infos.append(info)
-        op = Operation(f"launch {name}", self, keep=(native, args))
+        op = Operation(name, self, keep=(native, args))
         self._track(op, infos)
         backend = self._rt.backend
         return self._device_step(
@@ -440,6 +440,12 @@ class Stream:
         """An operation that completes when all work submitted so far is done."""
         self._check()
         return self._device_step(Operation("synchronize", self), lambda h: None)
+
+
+_COPY_LABELS = {
+    (a, b): f"copy {a.value}->{b.value}" for a in MemoryKind for b in MemoryKind
+}
+_MEMSET_LABELS = {k: f"memset {k.value}" for k in MemoryKind}
 
 
 def _check_writable(d: BufferInfo, what: str) -> None:
