@@ -34,6 +34,26 @@ def byte_view(ptr: int, nbytes: int, readonly: bool = False) -> np.ndarray:
     return arr
 
 
+_FEW_CORES = (os.cpu_count() or 1) <= 4
+_YIELD_SLICE = 4 << 20
+
+
+def _yielding_copy(dst: np.ndarray, src: np.ndarray) -> None:
+    """One thread's copy; on machines with few cores, in slices that yield the CPU.
+
+    Between slices the event loop thread gets a core at once instead of
+    after the scheduler's time slice.
+    """
+    n = dst.nbytes
+    if not _FEW_CORES or n <= _YIELD_SLICE:
+        np.copyto(dst, src)
+        return
+    for off in range(0, n, _YIELD_SLICE):
+        end = min(n, off + _YIELD_SLICE)
+        np.copyto(dst[off:end], src[off:end])
+        os.sched_yield()
+
+
 class HostPool:
     """Threads that run the slices of large host copies and fills.
 
@@ -62,7 +82,7 @@ class HostPool:
         n = dst.nbytes
         parts = min(threads or self.threads, max(1, n // MIN_SLICE))
         if parts <= 1:
-            np.copyto(dst, src)
+            _yielding_copy(dst, src)
             return
         step = -(-n // parts)
         step = (step + 4095) & ~4095

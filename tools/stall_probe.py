@@ -25,10 +25,15 @@ def main() -> None:
             time.sleep(0.0005)
             late = time.perf_counter() - last_tick[0]
             if late > 0.004:
-                frame = sys._current_frames().get(loop_thread)
-                if frame is not None:
-                    stack = traceback.extract_stack(frame)[-6:]
-                    samples["".join(f"  {f.filename.split('/')[-1]}:{f.lineno} {f.name}\n" for f in stack)] += 1
+                names = {t.ident: t.name for t in threading.enumerate()}
+                for ident, frame in sys._current_frames().items():
+                    if ident == threading.get_ident():
+                        continue
+                    stack = traceback.extract_stack(frame)[-4:]
+                    where = "".join(
+                        f"  {f.filename.split('/')[-1]}:{f.lineno} {f.name}\n" for f in stack
+                    )
+                    samples[f"[{names.get(ident, ident)}]\n{where}"] += 1
 
     async def ticker() -> None:
         while not stop.is_set():
@@ -55,8 +60,8 @@ def main() -> None:
 
     threading.Thread(target=sampler, daemon=True).start()
     asyncio.run(run())
-    for stack, count in samples.most_common(8):
-        print(f"{count} samples with the loop late by > 4 ms at:\n{stack}")
+    for stack, count in samples.most_common(14):
+        print(f"{count} samples (loop late by > 4 ms) of thread {stack}")
 
 
 if __name__ == "__main__":

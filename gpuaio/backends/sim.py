@@ -106,6 +106,31 @@ def _noop() -> None:
     pass
 
 
+_SLICE = 1 << 20
+
+
+def _paced_copy(dst: npt.NDArray[np.uint8], src: npt.NDArray[np.uint8], gbps: float) -> None:
+    """Copy in 1 MiB slices spread over the modelled time, as a DMA engine would.
+
+    Short bursts keep a simulated transfer from monopolising a host core
+    (CI machines have two), so the event loop under test stays schedulable.
+    """
+    n = dst.nbytes
+    if n <= _SLICE:
+        np.copyto(dst, src)
+        return
+    start = time.monotonic()
+    per_byte = 1.0 / (gbps * 1e9)
+    for off in range(0, n, _SLICE):
+        end = min(n, off + _SLICE)
+        np.copyto(dst[off:end], src[off:end])
+        ahead = start + end * per_byte - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+        else:
+            os.sched_yield()
+
+
 @dataclass(frozen=True, slots=True)
 class SimConfig:
     """Shape and speed of the simulated machine (bandwidths in GB/s, 1e9 bytes)."""
@@ -693,7 +718,7 @@ class SimBackend(Backend):
 
     def _copy_op(self, call: str, dst: int, src: int, nbytes: int, gbps: float) -> _Op:
         def run() -> None:
-            np.copyto(_view(dst, nbytes), _view(src, nbytes))
+            _paced_copy(_view(dst, nbytes), _view(src, nbytes), gbps)
 
         return _Op(call, run, self.config.latency_s + nbytes / (gbps * 1e9))
 
@@ -725,7 +750,7 @@ class SimBackend(Backend):
             self._pace(start, nbytes / (cfg.pageable_gbps * 1e9))
 
             def dma() -> None:
-                np.copyto(_view(dst, nbytes), staged)
+                _paced_copy(_view(dst, nbytes), staged, cfg.dma_gbps)
 
             self._push(s, _Op(call, dma, cfg.latency_s + nbytes / (cfg.dma_gbps * 1e9)))
         else:
