@@ -18,8 +18,13 @@ Strategies (selected with ``GPUAIO_COMPLETION`` or :func:`gpuaio.configure`):
     pending. One batch of completions wakes each event loop once. The GPU
     never waits for Python.
 
+``"flags"``
+    Like ``events``, but a marker is a word the stream writes into a slab of
+    mapped pinned memory (``cuStreamWriteValue32``): checking it is a memory
+    read with no driver call. A probe catches sticky errors.
+
 ``"thread"``
-    The same without loop-side polling: every completion goes through the
+    Like ``events`` without loop-side polling: every completion goes through the
     watcher thread and a cross-thread wake-up. For comparison.
 
 ``"hostfunc"``
@@ -53,8 +58,8 @@ __all__ = ["STRATEGIES", "CompletionEngine", "Strategy", "make_engine"]
 
 log = logging.getLogger("gpuaio")
 
-Strategy = Literal["events", "thread", "hostfunc"]
-STRATEGIES: tuple[Strategy, ...] = ("events", "thread", "hostfunc")
+Strategy = Literal["events", "flags", "thread", "hostfunc"]
+STRATEGIES: tuple[Strategy, ...] = ("events", "flags", "thread", "hostfunc")
 
 SPIN_S = 200e-6
 """How long the watcher keeps spinning after new work or a completion."""
@@ -138,15 +143,7 @@ class EventEngine(CompletionEngine):
         if self.fatal is not None:
             op._resolve(self.fatal)
             return
-        try:
-            ev = self._free_events.pop()
-        except IndexError:
-            ev = self.backend.event_create(self.device)
-        try:
-            self.backend.event_record(ev, stream)
-        except BaseException:
-            self._free_events.append(ev)
-            raise
+        ev = self._place(stream)
         with self._cv:
             key = id(stream)
             q = self._queues.get(key)
@@ -174,6 +171,30 @@ class EventEngine(CompletionEngine):
         if t is not None and t is not threading.current_thread():
             t.join(timeout=5)
 
+    # -- markers (overridden by the flag slab) ---------------------------
+    def _place(self, stream: Any) -> Any:
+        """Put a marker behind the work enqueued so far on ``stream``."""
+        try:
+            ev = self._free_events.pop()
+        except IndexError:
+            ev = self.backend.event_create(self.device)
+        try:
+            self.backend.event_record(ev, stream)
+        except BaseException:
+            self._free_events.append(ev)
+            raise
+        return ev
+
+    def _fired(self, marker: Any) -> bool:
+        """Whether ``marker`` has been reached (raises on a failed context)."""
+        return self.backend.event_query(marker)
+
+    def _recycle(self, marker: Any) -> None:
+        self._free_events.append(marker)
+
+    def _probe(self) -> None:
+        """Surface a sticky error; markers that never fire cannot."""
+
     # -- draining ------------------------------------------------------
     def _drain(self, q: _Queue) -> list[tuple[LoopPort, Callable[[], None]]]:
         """Resolve the fired markers at the head of ``q``; return waiters to wake.
@@ -185,7 +206,7 @@ class EventEngine(CompletionEngine):
         waiters: list[tuple[LoopPort, Callable[[], None]]] = []
         try:
             entries = q.entries
-            query = self.backend.event_query
+            query = self._fired
             while entries:
                 op, ev = entries[0]
                 try:
@@ -197,7 +218,7 @@ class EventEngine(CompletionEngine):
                 except CudaError as e:
                     exc = e
                 entries.popleft()
-                self._free_events.append(ev)
+                self._recycle(ev)
                 waiters.extend(op._finish(exc))
         finally:
             q.lock.release()
@@ -242,6 +263,7 @@ class EventEngine(CompletionEngine):
     def _run(self) -> None:
         cv = self._cv
         spin_until = time.perf_counter() + SPIN_S
+        next_probe = spin_until + FAULT_PROBE_S
         sleep_s = 20e-6
         while True:
             with cv:
@@ -257,6 +279,9 @@ class EventEngine(CompletionEngine):
             try:
                 for _key, q in queues:
                     waiters.extend(self._drain(q))
+                if time.perf_counter() >= next_probe:
+                    next_probe = time.perf_counter() + FAULT_PROBE_S
+                    self._probe()
             except DeviceFatalError as e:
                 self._fail_all(e)
                 continue
@@ -299,6 +324,75 @@ class EventEngine(CompletionEngine):
             items.extend((op, err) for op, _ev in q.entries)
             q.entries.clear()
         resolve_many(items)
+
+
+class FlagEngine(EventEngine):
+    """Markers are words written by the stream into a slab of mapped pinned memory.
+
+    ``cuStreamWriteValue32`` stores a fresh value into the op's slot once all
+    earlier work on the stream is done; checking a marker is then a plain
+    memory read, with no driver call, so polling many streams costs almost
+    nothing. A slab never reports a failed context, so the watcher probes
+    the device for sticky errors every ``FAULT_PROBE_S`` while ops pend.
+    """
+
+    strategy: Strategy = "flags"
+    SLOTS = 1 << 16
+
+    def __init__(self, backend: Backend, device: int) -> None:
+        super().__init__(backend, device)
+        import numpy as np
+
+        self._slab_host = backend.host_alloc(4 * self.SLOTS)
+        self._slab_dev = backend.host_device_pointer(self._slab_host)
+        from ._hostwork import byte_view
+
+        self._slab = byte_view(self._slab_host, 4 * self.SLOTS).view(np.uint32)
+        self._slab[:] = 0
+        self._gen = [0] * self.SLOTS
+        self._free_slots = list(range(self.SLOTS - 1, -1, -1))
+        self._slot_lock = threading.Lock()
+        self._probe_event = backend.event_create(device)
+
+    def _place(self, stream: Any) -> Any:
+        with self._slot_lock:
+            try:
+                slot = self._free_slots.pop()
+            except IndexError:
+                raise RuntimeError(
+                    f"more than {self.SLOTS} operations pending on device {self.device}"
+                ) from None
+            gen = self._gen[slot] = (self._gen[slot] % 0xFFFFFFFF) + 1
+        try:
+            self.backend.stream_write_value32(stream, self._slab_dev + 4 * slot, gen)
+        except BaseException:
+            with self._slot_lock:
+                self._free_slots.append(slot)
+            raise
+        return (slot, gen)
+
+    def _fired(self, marker: Any) -> bool:
+        slot, gen = marker
+        return bool(self._slab[slot] == gen)
+
+    def _recycle(self, marker: Any) -> None:
+        with self._slot_lock:
+            self._free_slots.append(marker[0])
+
+    def _probe(self) -> None:
+        self.backend.event_query(self._probe_event)
+
+    def close(self) -> None:
+        idle = self.pending() == 0
+        super().close()
+        try:
+            self.backend.event_destroy(self._probe_event)
+            if idle:
+                # Every marker placed has been seen: no write into the slab
+                # is outstanding. Otherwise it stays allocated for good.
+                self.backend.host_free(self._slab_host)
+        except Exception:
+            log.debug("could not release the flag slab", exc_info=True)
 
 
 class ThreadEngine(EventEngine):
@@ -386,6 +480,11 @@ def make_engine(strategy: Strategy, backend: Backend, device: int) -> Completion
         return EventEngine(backend, device)
     if strategy == "thread":
         return ThreadEngine(backend, device)
+    if strategy == "flags":
+        if not backend.device_properties(device).stream_mem_ops:
+            log.warning("device %d lacks stream memory operations: using events", device)
+            return EventEngine(backend, device)
+        return FlagEngine(backend, device)
     if strategy == "hostfunc":
         return HostFuncEngine(backend, device)
     raise ValueError(f"unknown completion strategy {strategy!r}; choose from {STRATEGIES}")
