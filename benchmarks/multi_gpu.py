@@ -27,10 +27,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _harness as h  # noqa: E402
+import _harness as h
 
-import gpuaio  # noqa: E402
-from gpuaio._runtime import current_runtime  # noqa: E402
+import gpuaio
+from gpuaio._runtime import current_runtime
 
 
 def host_ceiling(n: int, threads: int) -> float:
@@ -90,9 +90,16 @@ async def main_async(args: argparse.Namespace) -> list[h.Record]:
             if i:
                 ours.append(n / t_ours / 1e9)
                 raw.append(n / t_raw / 1e9)
-        records.append(h.record(f"peer_copy_{h.fmt_size(n)}", "GB/s", h.median(ours),
-                                "cuMemcpyPeerAsync + cuStreamSynchronize", h.median(raw),
-                                target=0.95))
+        records.append(
+            h.record(
+                f"peer_copy_{h.fmt_size(n)}",
+                "GB/s",
+                h.median(ours),
+                "cuMemcpyPeerAsync + cuStreamSynchronize",
+                h.median(raw),
+                target=0.95,
+            )
+        )
         s.close()
         a.free()
         b.free()
@@ -119,24 +126,46 @@ async def main_async(args: argparse.Namespace) -> list[h.Record]:
             one_gpu.append(await one(srcs, 1))
             two_gpu.append(await one(srcs, 2))
         if label == "pinned":
-            records.append(h.record("aggregate_h2d_pinned_2gpu", "GB/s", h.median(two_gpu),
-                                    "the same copy to one GPU", h.median(one_gpu), target=1.8))
+            records.append(
+                h.record(
+                    "aggregate_h2d_pinned_2gpu",
+                    "GB/s",
+                    h.median(two_gpu),
+                    "the same copy to one GPU",
+                    h.median(one_gpu),
+                    target=1.8,
+                )
+            )
         else:
             ceiling = max(host_ceiling(n, t) for t in (8, 12, 16))
-            records.append(h.record("aggregate_h2d_pageable_2gpu", "GB/s", h.median(two_gpu),
-                                    "multi-threaded host copy ceiling (8/12/16 threads)",
-                                    ceiling, target=0.85))
-            records.append(h.record("aggregate_h2d_pageable_1gpu", "GB/s", h.median(one_gpu),
-                                    "multi-threaded host copy ceiling (8/12/16 threads)",
-                                    ceiling))
+            records.append(
+                h.record(
+                    "aggregate_h2d_pageable_2gpu",
+                    "GB/s",
+                    h.median(two_gpu),
+                    "multi-threaded host copy ceiling (8/12/16 threads)",
+                    ceiling,
+                    target=0.85,
+                )
+            )
+            records.append(
+                h.record(
+                    "aggregate_h2d_pageable_1gpu",
+                    "GB/s",
+                    h.median(one_gpu),
+                    "multi-threaded host copy ceiling (8/12/16 threads)",
+                    ceiling,
+                )
+            )
     for s in streams:
         s.close()
     return records
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke check)")
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
@@ -146,8 +175,10 @@ def main() -> None:
     h.banner("multi_gpu", card)
     records = h.run_on("asyncio", main_async, args)
     for r in records:
-        print(f"  {r['name']:<34} {r['value']} GB/s  baseline {r['baseline_value']}  "
-              f"ratio {r['ratio']}")
+        print(
+            f"  {r['name']:<34} {r['value']} GB/s  baseline {r['baseline_value']}  "
+            f"ratio {r['ratio']}"
+        )
     h.print_targets(records)
     h.write_results("multi_gpu", records, card=card)
 
