@@ -63,8 +63,8 @@ STRATEGIES: tuple[Strategy, ...] = ("events", "flags", "thread", "hostfunc")
 
 SPIN_S = 200e-6
 """How long the watcher keeps spinning after new work or a completion."""
-MAX_SLEEP_S = 1e-3
-"""The longest the watcher sleeps between polls while work is pending."""
+MAX_SLEEP_S = 250e-6
+"""The longest the watcher sleeps between polls of ops of unknown duration."""
 LOOP_SPIN_S = float(os.environ.get("GPUAIO_LOOP_SPIN_US", "150")) * 1e-6
 """How long an awaiting task polls from its event loop before handing off."""
 FAULT_PROBE_S = 0.05
@@ -107,7 +107,7 @@ class CompletionEngine:
 class _Queue:
     """The pending markers of one stream, oldest first (they fire in order)."""
 
-    __slots__ = ("entries", "last_poll", "lock")
+    __slots__ = ("busy_until", "entries", "last_poll", "lock")
 
     def __init__(self) -> None:
         self.entries: deque[tuple[Operation, Any]] = deque()
@@ -115,6 +115,8 @@ class _Queue:
         # even when the watcher and a loop poll at the same time.
         self.lock = threading.Lock()
         self.last_poll = 0.0
+        self.busy_until = 0.0
+        """When the stream's queued work with known durations should be done."""
 
 
 class EventEngine(CompletionEngine):
@@ -149,6 +151,9 @@ class EventEngine(CompletionEngine):
             q = self._queues.get(key)
             if q is None:
                 q = self._queues[key] = _Queue()
+            if op._est:
+                now = time.perf_counter()
+                op._eta = q.busy_until = max(now, q.busy_until) + op._est
             q.entries.append((op, ev))
             op._poll = (self, q)
             if self._thread is None:
@@ -294,6 +299,18 @@ class EventEngine(CompletionEngine):
                 post_waiters(waiters)
                 spin_until = now + SPIN_S
                 sleep_s = 20e-6
+                continue
+            # Sleep until just before the earliest expected completion when
+            # every stream's oldest op has a known duration.
+            etas = [q.entries[0][0]._eta for _k, q in queues if q.entries]
+            next_eta = min(etas) if etas and all(etas) else 0.0
+            if next_eta - now > 150e-6:
+                with cv:
+                    if not self._closed:
+                        self._sleeping = True
+                        cv.wait(min(next_eta - now - 50e-6, 5e-3))
+                        self._sleeping = False
+                spin_until = time.perf_counter() + SPIN_S
                 continue
             # While a loop is polling, this thread is only a backstop: sleep
             # rather than compete with the loop for the GIL.

@@ -42,6 +42,8 @@ class Operation:
         "_abort",
         "_callbacks",
         "_done",
+        "_est",
+        "_eta",
         "_exc",
         "_keep",
         "_poll",
@@ -69,6 +71,8 @@ class Operation:
         self._waiters: list[tuple[LoopPort, Callable[[], None]]] = []
         self._callbacks: list[Callable[[], None]] | None = None
         self._abort = False
+        self._est = 0.0  # expected GPU time in seconds, 0 if unknown
+        self._eta = 0.0  # perf_counter() time it should complete by, 0 if unknown
         self._poll: tuple[Any, Any] | None = None
         self._progress: Callable[[int, int], None] | None = None
         self._t0 = time.perf_counter() if _trace.active is not None else 0.0
@@ -108,11 +112,14 @@ class Operation:
         """Wait until the operation has completed; raise its error if it failed."""
         if not self._done:
             poll = self._poll
-            if poll is not None and poll[0].loop_spin_s and not poll[0].poll_for(self):
+            spin = poll[0].loop_spin_s if poll is not None else 0.0
+            now = time.perf_counter()
+            if spin and self._eta - now < spin and not poll[0].poll_for(self):  # type: ignore[index]
                 # Short ops: poll from this loop for a moment (yielding to
-                # other tasks), which beats any cross-thread wake-up.
-                engine = poll[0]
-                deadline = time.perf_counter() + engine.loop_spin_s
+                # other tasks), which beats any cross-thread wake-up. Ops
+                # expected to take longer are left to the watcher thread.
+                engine = poll[0]  # type: ignore[index]
+                deadline = max(now, self._eta) + spin
                 yield_now = _yielder()
                 while time.perf_counter() < deadline:
                     await yield_now()

@@ -102,7 +102,9 @@ class PinnedPool:
 
     # -- public --------------------------------------------------------
     def stats(self) -> PoolStats:
+        """Counters now; guarded blocks whose GPU work has finished count as free."""
         with self._cv:
+            self._reclaim_locked()
             return PoolStats(self.budget, self._reserved, self._in_use, self._peak,
                              self._hits, self._misses, self._waits)
 

@@ -259,11 +259,14 @@ class Stream:
         ):
             dp, dd, sp, sd = d.ptr, d.device, s.ptr, s.device
             rt.ensure_peer_access(dd, sd)
+            op._est = n / _PCIE_BPS
             return self._device_step(
                 op, lambda h: backend.memcpy_peer_async(dp, dd, sp, sd, n, h)
             )
         if d.kind.is_host:
             self._note_host_write(op)
+        host_side = d.kind.is_host or s.kind.is_host
+        op._est = n / (_PCIE_BPS if host_side else _HBM_BPS)
         dp, sp = d.ptr, s.ptr
         return self._device_step(op, lambda h: backend.memcpy_async(dp, sp, n, h))
 
@@ -338,6 +341,7 @@ class Stream:
             return self._host_step(op, fill, after_prior=True)
         ptr, backend = d.ptr, rt.backend
         w = width
+        op._est = d.nbytes / _HBM_BPS
         return self._device_step(op, lambda h: backend.memset_async(ptr, value, w, count, h))
 
     # -- kernels -------------------------------------------------------
@@ -441,6 +445,11 @@ class Stream:
         self._check()
         return self._device_step(Operation("synchronize", self), lambda h: None)
 
+
+# Optimistic transfer rates (bytes/s), so that expected completion times are
+# early rather than late: they decide when to start polling, never correctness.
+_PCIE_BPS = 60e9
+_HBM_BPS = 3e12
 
 _COPY_LABELS = {
     (a, b): f"copy {a.value}->{b.value}" for a in MemoryKind for b in MemoryKind

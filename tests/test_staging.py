@@ -1,0 +1,146 @@
+"""The pinned pool and the staging pipeline: no early reuse, abort, budget, registration."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+
+import gpuaio
+from gpuaio._staging import Stager, StagingConfig
+from tests.conftest import latch
+from tests.test_copy import pattern
+
+pytestmark = pytest.mark.anyio
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def small_pool(gpuaio_runtime: Any) -> Iterator[Stager]:
+    """1 MiB chunks, depth 2 and a 4 MiB budget: transfers must take turns."""
+    old = gpuaio_runtime.stager
+    stager = Stager(gpuaio_runtime, StagingConfig(max_chunk=MiB, depth=2), budget=4 * MiB)
+    gpuaio_runtime.extras["stager"] = stager
+    yield stager
+    gpuaio_runtime.extras["stager"] = old
+    stager.close()
+
+
+async def test_no_block_reused_while_dma_pending(small_pool: Stager, dev: gpuaio.Device) -> None:
+    """A held stream keeps its staged chunks guarded; another transfer waits for them."""
+    n = 8 * MiB
+    a_src, b_src = pattern(n, 1), pattern(n, 2)
+    a_dev, b_dev = dev.empty(n), dev.empty(n)
+    sa, sb = dev.stream(), dev.stream()
+    release = latch(dev, sa)
+    op_a = sa.copy(a_dev, a_src)
+    await anyio.sleep(0.05)
+    op_b = sb.copy(b_dev, b_src)      # needs blocks that op_a's pending DMAs hold
+    await anyio.sleep(0.05)
+    assert not op_a.done() and not op_b.done(), "a block was handed out before its DMA ran"
+    stats = small_pool.pool.stats()
+    assert stats.reserved <= 4 * MiB
+    release()
+    await gpuaio.wait_all([op_a, op_b])
+    out = np.empty(n, np.uint8)
+    await sa.copy(out, a_dev)
+    np.testing.assert_array_equal(out, a_src)
+    await sb.copy(out, b_dev)
+    np.testing.assert_array_equal(out, b_src)
+    stats = small_pool.pool.stats()
+    assert stats.peak_reserved <= 4 * MiB
+    assert stats.waits > 0, "the second transfer should have waited for a block"
+
+
+async def test_poison_after_await_does_not_reach_device(small_pool: Stager,
+                                                         dev: gpuaio.Device) -> None:
+    """Overwriting the source right after the await never changes the device copy."""
+    n = 6 * MiB
+    s = dev.stream()
+    d = dev.empty(n)
+    for seed in range(3):
+        src = pattern(n, seed)
+        expect = src.copy()
+        await s.copy(d, src)
+        src[:] = 0xEE  # poison
+        out = np.empty(n, np.uint8)
+        await s.copy(out, d)
+        np.testing.assert_array_equal(out, expect)
+
+
+@pytest.mark.sim_only
+@pytest.mark.sim_config(dma_gbps=0.2)
+@pytest.mark.parametrize("direction", ["h2d", "d2h"])
+async def test_abort_midway_leaves_pool_consistent(small_pool: Stager, dev: gpuaio.Device,
+                                                   direction: str) -> None:
+    n = 16 * MiB  # 16 chunks at 0.2 GB/s: ~80 ms of DMA
+    s = dev.stream()
+    d = dev.empty(n)
+    host = pattern(n, 9)
+    if direction == "d2h":
+        await s.memset(d, 0x11)
+        host[:] = 0
+    op = s.copy(d, host) if direction == "h2d" else s.copy(host, d)
+    await anyio.sleep(0.02)
+    assert op.abort()
+    with pytest.raises(gpuaio.OperationAbortedError, match="aborted after"):
+        await op
+    stats = small_pool.pool.stats()
+    assert stats.in_use == 0, "no block may stay out after an abort"
+    if direction == "d2h":
+        written = int((host == 0x11).sum())
+        assert 0 < written < n, "an aborted copy-out is partial"
+    # The stream and the pool still work, byte-exact.
+    await s.copy(d, host)
+    out = np.empty(n, np.uint8)
+    await s.copy(out, d)
+    np.testing.assert_array_equal(out, host)
+    assert not op.abort(), "abort() of a finished op says so"
+
+
+async def test_many_concurrent_transfers_respect_budget(small_pool: Stager,
+                                                        dev: gpuaio.Device) -> None:
+    n = 3 * MiB
+    streams = [dev.stream() for _ in range(6)]
+    srcs = [pattern(n, i) for i in range(6)]
+    devs = [dev.empty(n) for _ in range(6)]
+    await gpuaio.wait_all([s.copy(d, h) for s, d, h in zip(streams, devs, srcs, strict=True)])
+    outs = [np.empty(n, np.uint8) for _ in range(6)]
+    await gpuaio.wait_all([s.copy(o, d) for s, o, d in zip(streams, outs, devs, strict=True)])
+    for o, h in zip(outs, srcs, strict=True):
+        np.testing.assert_array_equal(o, h)
+    stats = small_pool.pool.stats()
+    assert stats.peak_reserved <= 4 * MiB and stats.in_use == 0
+
+
+async def test_pool_trim_and_stats(small_pool: Stager, dev: gpuaio.Device) -> None:
+    s = dev.stream()
+    await s.copy(dev.empty(2 * MiB), np.ones(2 * MiB, np.uint8))
+    stats = small_pool.pool.stats()
+    assert stats.reserved > 0 and stats.misses > 0 and stats.in_use == 0
+    freed = small_pool.pool.trim()
+    assert freed == stats.reserved
+    assert small_pool.pool.stats().reserved == 0
+
+
+async def test_registered_buffer_goes_direct(dev: gpuaio.Device) -> None:
+    n = 4 * MiB
+    arr = pattern(n, 3)
+    s = dev.stream()
+    d = dev.empty(n)
+    stager = dev._runtime.stager
+    assert stager is not None
+    before = stager.pool.stats()
+    async with anyio.create_task_group():
+        reg = await gpuaio.register_host_async(arr)
+    with reg:
+        await s.copy(d, arr)
+    after = stager.pool.stats()
+    assert (after.hits, after.misses) == (before.hits, before.misses), "registered: no staging"
+    out = np.empty(n, np.uint8)
+    await s.copy(out, d)
+    np.testing.assert_array_equal(out, arr)
