@@ -10,6 +10,7 @@ without a driver call; a foreign buffer is classified with
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, NamedTuple, SupportsIndex
@@ -512,15 +513,13 @@ def _host_kind(runtime: Runtime, ptr: int, root: Any) -> tuple[MemoryKind, int |
         return MemoryKind.PINNED, None, root.alloc
     try:
         cached = _kind_cache.get(root)
-    except TypeError:
+    except (TypeError, ValueError):  # unhashable, or a writable memoryview
         cached = None
     if cached is None:
         info = runtime.backend.pointer_info(ptr)
         cached = (info.kind, info.device)
-        try:
-            _kind_cache[root] = cached
-        except TypeError:
-            pass  # not weak-referenceable: classify again next time
+        with contextlib.suppress(TypeError, ValueError):
+            _kind_cache[root] = cached  # else classified again next time
     return cached[0], cached[1], None
 
 
