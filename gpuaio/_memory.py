@@ -375,6 +375,20 @@ class _Registry:
                     del self._entries[i]
                     return
 
+    def wait_unregistered(self, ptr: int, nbytes: int, timeout: float = 10.0) -> None:
+        """Block until no registration still being undone overlaps the range."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                busy = any(
+                    a.freed and s < ptr + nbytes and ptr < e for s, e, a in self._entries
+                )
+            if not busy or time.monotonic() > deadline:
+                return
+            time.sleep(0.001)
+
     def find(self, ptr: int, nbytes: int) -> Allocation | None:
         import bisect
 
@@ -415,6 +429,7 @@ class HostRegistration:
             )
         if info.nbytes == 0:
             raise InvalidArgumentError("cannot register an empty buffer")
+        _registry(runtime).wait_unregistered(info.ptr, info.nbytes)
         runtime.backend.host_register(info.ptr, info.nbytes)
         self._runtime = runtime
         self.array = array

@@ -144,3 +144,11 @@ async def test_registered_buffer_goes_direct(dev: gpuaio.Device) -> None:
     out = np.empty(n, np.uint8)
     await s.copy(out, d)
     np.testing.assert_array_equal(out, arr)
+
+
+async def test_register_again_right_after_unregister(dev: gpuaio.Device) -> None:
+    arr = np.zeros(1 << 16, np.uint8)
+    for _ in range(50):
+        reg = gpuaio.register_host(arr)
+        assert gpuaio.memory_kind(arr) is gpuaio.MemoryKind.PINNED
+        reg.unregister()

@@ -984,7 +984,11 @@ class SimBackend(Backend):
             self._fail_next.setdefault(call, []).append((code, device))
 
     def hold(self, stream: Any) -> Callable[[], None]:
-        """Enqueue a latch that keeps ``stream`` busy until the returned function is called."""
+        """Enqueue a latch that keeps ``stream`` busy until the returned function is called.
+
+        ``stream`` is a sim stream or a :class:`gpuaio.Stream` on this backend.
+        """
+        stream = getattr(stream, "_native", stream)
         latch = _Latch()
         with self._lock:
             s = self._stream_locked(stream, "cuLaunchKernel")
