@@ -108,24 +108,35 @@ async def _demo() -> int:
     worst = 0.0
     async with dev.stream() as s:
         print("each step is awaited while a 1 ms ticker runs on the same event loop:")
-        worst = max(worst, await _timed("copy 256 MiB pageable host -> device", n,
-                                        lambda: s.copy(d, host)))
-        worst = max(worst, await _timed("launch add_one over 256 MiB", 0,
-                                        lambda: s.launch(kernel, (n + 255) // 256, 256, d,
-                                                         np.uint64(n))))
-        worst = max(worst, await _timed("copy 256 MiB device -> pageable host", n,
-                                        lambda: s.copy(back, d)))
+        worst = max(
+            worst, await _timed("copy 256 MiB pageable host -> device", n, lambda: s.copy(d, host))
+        )
+        worst = max(
+            worst,
+            await _timed(
+                "launch add_one over 256 MiB",
+                0,
+                lambda: s.launch(kernel, (n + 255) // 256, 256, d, np.uint64(n)),
+            ),
+        )
+        worst = max(
+            worst, await _timed("copy 256 MiB device -> pageable host", n, lambda: s.copy(back, d))
+        )
         ok = bool(np.array_equal(back, host + np.uint8(1)))
         print(f"  round trip with the kernel applied is byte-exact: {ok}")
-        worst = max(worst, await _timed("memset 256 MiB of device memory to 0x5A", n,
-                                        lambda: s.memset(d, 0x5A)))
-        worst = max(worst, await _timed("copy 256 MiB device -> pinned host", n,
-                                        lambda: s.copy(pinned, d)))
+        worst = max(
+            worst,
+            await _timed("memset 256 MiB of device memory to 0x5A", n, lambda: s.memset(d, 0x5A)),
+        )
+        worst = max(
+            worst, await _timed("copy 256 MiB device -> pinned host", n, lambda: s.copy(pinned, d))
+        )
         ok = ok and bool((pinned == 0x5A).all())
-        worst = max(worst, await _timed("memset 256 MiB of pageable host memory", n,
-                                        lambda: s.memset(back, 7)))
-        worst = max(worst, await _timed("copy 256 MiB host -> host", n,
-                                        lambda: s.copy(host, back)))
+        worst = max(
+            worst,
+            await _timed("memset 256 MiB of pageable host memory", n, lambda: s.memset(back, 7)),
+        )
+        worst = max(worst, await _timed("copy 256 MiB host -> host", n, lambda: s.copy(host, back)))
         ok = ok and bool((host == 7).all())
         # For contrast: the driver's own "Async" copy from pageable memory,
         # called on the loop thread as people often do.
@@ -135,7 +146,9 @@ async def _demo() -> int:
         naive = (time.perf_counter() - t0) * 1e3
         await s.synchronize()
     print(f"the event loop was blocked at most {worst:.1f} ms during the tour;")
-    print(f"the raw cuMemcpyAsync from pageable memory, called on the loop, blocked it {naive:.1f} ms")
+    print(
+        f"the raw cuMemcpyAsync from pageable memory, called on the loop, blocked it {naive:.1f} ms"
+    )
     print("all results byte-exact" if ok else "MISMATCH in results")
     return 0 if ok else 1
 
@@ -160,15 +173,20 @@ async def _bench() -> int:
                 be.stream_synchronize(s._native)
                 raw.append(n / (time.perf_counter() - t0) / 1e9)
             o, r = float(np.median(ours)), float(np.median(raw))
-            print(f"  H2D pageable {n >> 20:4d} MiB: gpuaio {o:6.2f}  raw driver {r:6.2f}"
-                  f"  ratio {o / r:4.2f}")
+            print(
+                f"  H2D pageable {n >> 20:4d} MiB: gpuaio {o:6.2f}  raw driver {r:6.2f}"
+                f"  ratio {o / r:4.2f}"
+            )
     print("full suites: python benchmarks/transfers.py and benchmarks/completion.py (see docs)")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpuaio", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m gpuaio",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("command", choices=("info", "demo", "bench"), nargs="?", default="demo")
     args = parser.parse_args(argv)
     if args.command == "info":

@@ -28,6 +28,8 @@ class Device:
 
     _runtime: Runtime
     ordinal: int
+    _props: DeviceProperties | None
+    _default: Stream | None
 
     def __new__(cls, ordinal: int = 0) -> Device:
         from ._runtime import current_runtime
@@ -41,8 +43,8 @@ class Device:
         self = object.__new__(cls)
         self._runtime = runtime
         self.ordinal = ordinal
-        self._props: DeviceProperties | None = None
-        self._default: Stream | None = None
+        self._props = None
+        self._default = None
         return self
 
     def __repr__(self) -> str:
@@ -117,7 +119,9 @@ class Device:
         return self._alloc(shape, dtype, MemoryKind.MANAGED)
 
     def _alloc(
-        self, shape: SupportsIndex | tuple[SupportsIndex, ...], dtype: npt.DTypeLike,
+        self,
+        shape: SupportsIndex | tuple[SupportsIndex, ...],
+        dtype: npt.DTypeLike,
         kind: MemoryKind,
     ) -> DeviceArray:
         self._runtime.check_device(self.ordinal)

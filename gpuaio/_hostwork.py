@@ -7,6 +7,7 @@ on the H100 hosts we measured).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import threading
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = ["HostPool", "SerialExecutor", "byte_view"]
 
@@ -21,14 +23,12 @@ MIN_SLICE = 1 << 20
 """Bytes below which a copy is not split (thread hand-off costs ~10-50 µs)."""
 
 
-def byte_view(ptr: int, nbytes: int, readonly: bool = False) -> np.ndarray:
+def byte_view(ptr: int, nbytes: int, readonly: bool = False) -> npt.NDArray[np.uint8]:
     """A flat uint8 numpy view of ``nbytes`` at address ``ptr`` (host memory only)."""
-    import ctypes
-
     if nbytes == 0:
         return np.empty(0, dtype=np.uint8)
     buf = (ctypes.c_ubyte * nbytes).from_address(ptr)
-    arr = np.frombuffer(buf, dtype=np.uint8)
+    arr = np.frombuffer(memoryview(buf), dtype=np.uint8)
     if readonly:
         arr.flags.writeable = False
     return arr
@@ -121,9 +121,7 @@ class HostPool:
             return
         step = -(-n // parts)
         pool = self._executor()
-        futs = [
-            pool.submit(typed[s : s + step].fill, pattern) for s in range(step, n, step)
-        ]
+        futs = [pool.submit(typed[s : s + step].fill, pattern) for s in range(step, n, step)]
         typed[:step].fill(pattern)
         for f in futs:
             f.result()

@@ -21,7 +21,15 @@ __all__ = ["LoopPort", "current_port"]
 class LoopPort:
     """Thread-safe, batching wake-up channel into one event loop."""
 
-    __slots__ = ("__weakref__", "_call_soon", "_closed", "_lock", "_pending", "_scheduled", "thread")
+    __slots__ = (
+        "__weakref__",
+        "_call_soon",
+        "_closed",
+        "_lock",
+        "_pending",
+        "_scheduled",
+        "thread",
+    )
 
     def __init__(self, call_soon_threadsafe: Callable[[Callable[[], None]], Any]) -> None:
         self._call_soon = call_soon_threadsafe

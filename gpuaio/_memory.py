@@ -50,11 +50,22 @@ class Allocation:
     driver call runs on a background thread (``cuMemFree`` may synchronize).
     """
 
-    __slots__ = ("__weakref__", "_freed", "_free_requested", "_lock", "_runtime", "_users",
-                 "device", "kind", "nbytes", "ptr")
+    __slots__ = (
+        "__weakref__",
+        "_free_requested",
+        "_freed",
+        "_lock",
+        "_runtime",
+        "_users",
+        "device",
+        "kind",
+        "nbytes",
+        "ptr",
+    )
 
-    def __init__(self, runtime: Runtime, ptr: int, nbytes: int, kind: MemoryKind,
-                 device: int | None) -> None:
+    def __init__(
+        self, runtime: Runtime, ptr: int, nbytes: int, kind: MemoryKind, device: int | None
+    ) -> None:
         self._runtime = runtime
         self.ptr = ptr
         self.nbytes = nbytes
@@ -129,17 +140,12 @@ class Allocation:
         # nothing can use the block any more.
         if not self._freed and not getattr(self._runtime, "closed", True):
             self._freed = True
-            try:
+            with contextlib.suppress(Exception):
                 self._runtime.reaper.submit(self._free_now)
-            except Exception:
-                pass
 
 
 def _normalize_shape(shape: SupportsIndex | tuple[SupportsIndex, ...]) -> tuple[int, ...]:
-    if isinstance(shape, tuple):
-        dims = tuple(int(s) for s in shape)
-    else:
-        dims = (int(shape),)
+    dims = tuple(int(s) for s in shape) if isinstance(shape, tuple) else (int(shape),)
     if any(d < 0 for d in dims):
         raise InvalidArgumentError(f"negative dimension in shape {dims}")
     return dims
@@ -164,8 +170,9 @@ class DeviceArray:
 
     __slots__ = ("__weakref__", "_alloc", "dtype", "offset", "shape")
 
-    def __init__(self, alloc: Allocation, shape: tuple[int, ...], dtype: npt.DTypeLike,
-                 offset: int = 0) -> None:
+    def __init__(
+        self, alloc: Allocation, shape: tuple[int, ...], dtype: npt.DTypeLike, offset: int = 0
+    ) -> None:
         self._alloc = alloc
         self.shape = shape
         self.dtype = np.dtype(dtype)
@@ -221,8 +228,10 @@ class DeviceArray:
 
     def __repr__(self) -> str:
         state = " freed" if self._alloc.freed else ""
-        return (f"<gpuaio.DeviceArray shape={self.shape} dtype={self.dtype} "
-                f"{self.kind.value} device={self._alloc.device}{state}>")
+        return (
+            f"<gpuaio.DeviceArray shape={self.shape} dtype={self.dtype} "
+            f"{self.kind.value} device={self._alloc.device}{state}>"
+        )
 
     # -- views ---------------------------------------------------------
     def reshape(self, *shape: SupportsIndex | tuple[SupportsIndex, ...]) -> DeviceArray:
@@ -258,8 +267,9 @@ class DeviceArray:
             if step != 1:
                 raise InvalidArgumentError("only slices with step 1 keep a device array contiguous")
             n = max(0, stop - start)
-            return DeviceArray(self._alloc, (n, *self.shape[1:]), self.dtype,
-                               self.offset + start * row)
+            return DeviceArray(
+                self._alloc, (n, *self.shape[1:]), self.dtype, self.offset + start * row
+            )
         if isinstance(key, (int, np.integer)):
             i = int(key)
             if i < 0:
@@ -291,8 +301,14 @@ class DeviceArray:
         dt = DLDeviceType.CUDA_MANAGED if self.kind is MemoryKind.MANAGED else DLDeviceType.CUDA
         return (int(dt), self.device)
 
-    def __dlpack__(self, *, stream: Any = None, max_version: tuple[int, int] | None = None,
-                   dl_device: Any = None, copy: bool | None = None) -> Any:
+    def __dlpack__(
+        self,
+        *,
+        stream: Any = None,
+        max_version: tuple[int, int] | None = None,
+        dl_device: Any = None,
+        copy: bool | None = None,
+    ) -> Any:
         """Export as a DLPack capsule (zero-copy).
 
         gpuaio operations complete before their ``await`` returns, so there is
@@ -304,8 +320,13 @@ class DeviceArray:
             raise BufferError("gpuaio exports device arrays without copying (copy=True refused)")
         dev_type, dev_id = self.__dlpack_device__()
         return export_capsule(
-            ptr=self.ptr, shape=self.shape, strides=None, dtype=self.dtype,
-            device_type=dev_type, device_id=dev_id, owner=self,
+            ptr=self.ptr,
+            shape=self.shape,
+            strides=None,
+            dtype=self.dtype,
+            device_type=dev_type,
+            device_id=dev_id,
+            owner=self,
             versioned=max_version is not None and max_version[0] >= 1,
         )
 
@@ -328,8 +349,9 @@ class _PinnedBlock:
         }
 
 
-def pinned_empty(shape: SupportsIndex | tuple[SupportsIndex, ...],
-                 dtype: npt.DTypeLike = np.uint8) -> np.ndarray[Any, np.dtype[Any]]:
+def pinned_empty(
+    shape: SupportsIndex | tuple[SupportsIndex, ...], dtype: npt.DTypeLike = np.uint8
+) -> np.ndarray[Any, np.dtype[Any]]:
     """A numpy array in pinned (page-locked) host memory, uninitialized.
 
     Transfers from and to it run at full DMA speed without staging. The
@@ -350,6 +372,7 @@ def pinned_empty(shape: SupportsIndex | tuple[SupportsIndex, ...],
 
 
 # -- registered host memory ----------------------------------------------
+
 
 class _Registry:
     """Host ranges page-locked with :func:`register_host`, for classification."""
@@ -382,9 +405,7 @@ class _Registry:
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
-                busy = any(
-                    a.freed and s < ptr + nbytes and ptr < e for s, e, a in self._entries
-                )
+                busy = any(a.freed and s < ptr + nbytes and ptr < e for s, e, a in self._entries)
             if not busy or time.monotonic() > deadline:
                 return
             time.sleep(0.001)
@@ -407,7 +428,8 @@ def _registry(runtime: Runtime) -> _Registry:
     reg = runtime.extras.get("registry")
     if reg is None:
         reg = runtime.extras["registry"] = _Registry()
-    return reg  # type: ignore[no-any-return]
+    assert isinstance(reg, _Registry)
+    return reg
 
 
 class HostRegistration:
@@ -483,6 +505,7 @@ async def register_host_async(array: Any) -> HostRegistration:
 
 # -- classification -------------------------------------------------------
 
+
 class BufferInfo(NamedTuple):
     """A buffer's address, layout and kind, as gpuaio sees it (cheap to build)."""
 
@@ -523,7 +546,9 @@ def _root(arr: Any) -> Any:
     return base
 
 
-def _host_kind(runtime: Runtime, ptr: int, root: Any) -> tuple[MemoryKind, int | None, Allocation | None]:
+def _host_kind(
+    runtime: Runtime, ptr: int, root: Any
+) -> tuple[MemoryKind, int | None, Allocation | None]:
     if isinstance(root, _PinnedBlock):
         return MemoryKind.PINNED, None, root.alloc
     try:
@@ -544,8 +569,18 @@ def describe(obj: Any, runtime: Runtime) -> BufferInfo:
         alloc = obj._alloc
         if alloc.freed:
             raise BufferFreedError("this device array was freed")
-        return BufferInfo(obj.ptr, obj.nbytes, obj.shape, obj.dtype, alloc.kind, alloc.device,
-                          False, True, obj, alloc)
+        return BufferInfo(
+            obj.ptr,
+            obj.nbytes,
+            obj.shape,
+            obj.dtype,
+            alloc.kind,
+            alloc.device,
+            False,
+            True,
+            obj,
+            alloc,
+        )
     cai = getattr(obj, "__cuda_array_interface__", None)
     if cai is not None:
         return _from_cai(obj, cai, runtime)
@@ -579,8 +614,18 @@ def _from_numpy(arr: np.ndarray[Any, Any], owner: Any, runtime: Runtime) -> Buff
         kind, device, alloc = _host_kind(runtime, ptr, root)
     else:
         kind, device, alloc = MemoryKind.PAGEABLE, None, None
-    return BufferInfo(ptr, arr.nbytes, arr.shape, arr.dtype, kind, device,
-                      not arr.flags.writeable, bool(arr.flags.c_contiguous), (owner, arr), alloc)
+    return BufferInfo(
+        ptr,
+        arr.nbytes,
+        arr.shape,
+        arr.dtype,
+        kind,
+        device,
+        not arr.flags.writeable,
+        bool(arr.flags.c_contiguous),
+        (owner, arr),
+        alloc,
+    )
 
 
 def _from_cai(obj: Any, cai: dict[str, Any], runtime: Runtime) -> BufferInfo:
@@ -597,7 +642,9 @@ def _from_cai(obj: Any, cai: dict[str, Any], runtime: Runtime) -> BufferInfo:
         kind, device = info.kind, info.device
     else:
         kind, device = MemoryKind.DEVICE, None
-    return BufferInfo(int(ptr), n, shape, dtype, kind, device, bool(readonly), contiguous, obj, None)
+    return BufferInfo(
+        int(ptr), n, shape, dtype, kind, device, bool(readonly), contiguous, obj, None
+    )
 
 
 def _from_dlpack(obj: Any, runtime: Runtime) -> BufferInfo:
@@ -613,5 +660,15 @@ def _from_dlpack(obj: Any, runtime: Runtime) -> BufferInfo:
         kind, device = info.kind, info.device
     else:
         kind, device = MemoryKind.PAGEABLE, None
-    return BufferInfo(view.ptr, n, view.shape, view.dtype, kind, device, view.readonly,
-                      contiguous, (obj, view.keepalive), None)
+    return BufferInfo(
+        view.ptr,
+        n,
+        view.shape,
+        view.dtype,
+        kind,
+        device,
+        view.readonly,
+        contiguous,
+        (obj, view.keepalive),
+        None,
+    )

@@ -130,7 +130,7 @@ class Operation:
             self._waiters.append((current_port(), event.set))
             # The resolver sets _done before it snapshots _waiters: if it ran
             # between our check and append, we saw neither and wake ourselves.
-            if self._done:
+            if self.done():  # another thread may have set it meanwhile
                 event.set()
             await event.wait()
         # An op found done returns at once, like a done asyncio future.
@@ -237,4 +237,3 @@ async def wait_all(ops: Iterable[Awaitable[Any]]) -> None:
                 first = exc
     if first is not None:
         raise first
-

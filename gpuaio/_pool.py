@@ -105,8 +105,15 @@ class PinnedPool:
         """Counters now; guarded blocks whose GPU work has finished count as free."""
         with self._cv:
             self._reclaim_locked()
-            return PoolStats(self.budget, self._reserved, self._in_use, self._peak,
-                             self._hits, self._misses, self._waits)
+            return PoolStats(
+                self.budget,
+                self._reserved,
+                self._in_use,
+                self._peak,
+                self._hits,
+                self._misses,
+                self._waits,
+            )
 
     def acquire(self, nbytes: int, *, wait: bool = True) -> PinnedBlock | None:
         """A block of at least ``nbytes``; waits for one when the budget is spent.

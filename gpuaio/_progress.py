@@ -36,7 +36,11 @@ def progress_bar(desc: str | None = None, **tqdm_kwargs: Any) -> ProgressCallbac
             bar = state["bar"]
             if bar is None:
                 bar = state["bar"] = tqdm(
-                    total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                    total=total,
+                    desc=desc,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
                     **tqdm_kwargs,
                 )
             bar.update(done - state["last"])

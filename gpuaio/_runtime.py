@@ -13,7 +13,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ._completion import STRATEGIES, CompletionEngine, Strategy, make_engine
 from ._errors import DeviceFatalError, NoDeviceError
@@ -72,10 +72,10 @@ class Runtime:
     def __init__(self, backend: Backend, reason: str, completion: Strategy | None = None) -> None:
         self.backend = backend
         self.reason = reason
-        strategy = completion or os.environ.get("GPUAIO_COMPLETION") or "events"
+        strategy = cast(Strategy, completion or os.environ.get("GPUAIO_COMPLETION") or "events")
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown completion strategy {strategy!r}; choose from {STRATEGIES}")
-        self.strategy: Strategy = strategy  # type: ignore[assignment]
+        self.strategy: Strategy = strategy
         self.host = HostPool()
         self.reaper = _Reaper()
         self._engines: dict[int, CompletionEngine] = {}

@@ -71,8 +71,9 @@ class StagingConfig:
 class Stager:
     """Runs pageable transfers of one runtime through its pinned pool."""
 
-    def __init__(self, runtime: Runtime, config: StagingConfig | None = None,
-                 budget: int | None = None) -> None:
+    def __init__(
+        self, runtime: Runtime, config: StagingConfig | None = None, budget: int | None = None
+    ) -> None:
         self.runtime = runtime
         self.config = config or StagingConfig()
         self.pool = PinnedPool(runtime.backend, budget)
@@ -97,8 +98,9 @@ class Stager:
         return stream._host_step(op, lambda: self._d2h(stream, op, d, s), after_prior=False)
 
     # -- small ---------------------------------------------------------
-    def _small_h2d(self, stream: Stream, op: Operation, d: BufferInfo, s: BufferInfo,
-                   block: PinnedBlock) -> Operation:
+    def _small_h2d(
+        self, stream: Stream, op: Operation, d: BufferInfo, s: BufferInfo, block: PinnedBlock
+    ) -> Operation:
         n = d.nbytes
         byte_view(block.ptr, n)[:] = s.host_array()  # small: cheaper than a thread hop
         pool, backend = self.pool, self.runtime.backend
@@ -106,8 +108,9 @@ class Stager:
         dp, bp = d.ptr, block.ptr
         return stream._device_step(op, lambda h: backend.memcpy_async(dp, bp, n, h))
 
-    def _small_d2h(self, stream: Stream, op: Operation, d: BufferInfo, s: BufferInfo,
-                   block: PinnedBlock) -> Operation:
+    def _small_d2h(
+        self, stream: Stream, op: Operation, d: BufferInfo, s: BufferInfo, block: PinnedBlock
+    ) -> Operation:
         n = d.nbytes
         pool, backend = self.pool, self.runtime.backend
         dst = d.host_array()
@@ -273,8 +276,9 @@ def _finish(futs: list[Future[None]]) -> None:
         f.result()
 
 
-def _drop(pool: PinnedPool, copying: deque[tuple[int, int, PinnedBlock, list[Future[None]]]]
-          ) -> None:
+def _drop(
+    pool: PinnedPool, copying: deque[tuple[int, int, PinnedBlock, list[Future[None]]]]
+) -> None:
     """After an error: let the copies still touching blocks end, then return the blocks."""
     for _o, _ln, block, futs in copying:
         wait(futs)

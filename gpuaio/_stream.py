@@ -18,6 +18,7 @@ How work is enqueued without ever blocking the event loop:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -55,10 +56,8 @@ class Event(Operation):
         native, self._native = self._native, None
         stream = self.stream
         if native is not None and stream is not None:
-            try:
+            with contextlib.suppress(Exception):
                 stream._rt.backend.event_destroy(native)
-            except Exception:
-                pass
 
 
 class Stream:
@@ -217,9 +216,11 @@ class Stream:
         s = describe(src, rt)
         _check_copy(d, s)
         for info, role in ((d, "destination"), (s, "source")):
-            if info.kind in (MemoryKind.DEVICE, MemoryKind.MANAGED) and info.device not in (
-                None, self._ordinal
-            ) and (d.kind.is_host or s.kind.is_host):
+            if (
+                info.kind in (MemoryKind.DEVICE, MemoryKind.MANAGED)
+                and info.device not in (None, self._ordinal)
+                and (d.kind.is_host or s.kind.is_host)
+            ):
                 raise InvalidArgumentError(
                     f"the {role} is on device {info.device} but this stream is on device "
                     f"{self._ordinal}; use a stream of device {info.device}"
@@ -260,9 +261,7 @@ class Stream:
             dp, dd, sp, sd = d.ptr, d.device, s.ptr, s.device
             rt.ensure_peer_access(dd, sd)
             op._est = n / _PCIE_BPS
-            return self._device_step(
-                op, lambda h: backend.memcpy_peer_async(dp, dd, sp, sd, n, h)
-            )
+            return self._device_step(op, lambda h: backend.memcpy_peer_async(dp, dd, sp, sd, n, h))
         if d.kind.is_host:
             self._note_host_write(op)
         host_side = d.kind.is_host or s.kind.is_host
@@ -318,7 +317,8 @@ class Stream:
                 f"destination of {d.nbytes} bytes is not a whole number of {width}-byte items"
             )
         if d.kind in (MemoryKind.DEVICE, MemoryKind.MANAGED) and d.device not in (
-            None, self._ordinal
+            None,
+            self._ordinal,
         ):
             raise InvalidArgumentError(
                 f"the destination is on device {d.device} but this stream is on device "
@@ -379,7 +379,7 @@ class Stream:
             name = kernel.name
         else:
             native = kernel
-            name = getattr(kernel, "name", None) or getattr(kernel, "__name__", "kernel")
+            name = str(getattr(kernel, "name", None) or getattr(kernel, "__name__", "kernel"))
         infos: list[BufferInfo] = []
         for i, arg in enumerate(args):
             if isinstance(arg, DeviceArray) or hasattr(arg, "__cuda_array_interface__"):
@@ -421,7 +421,9 @@ class Stream:
         if isinstance(other, Stream):
             other = other.record()
         if not isinstance(other, Event):
-            raise InvalidArgumentError(f"wait() takes an Event or a Stream, not {type(other).__name__}")
+            raise InvalidArgumentError(
+                f"wait() takes an Event or a Stream, not {type(other).__name__}"
+            )
         backend = self._rt.backend
         ev = other
         marker = Operation("wait", self, keep=(ev,))
@@ -451,9 +453,7 @@ class Stream:
 _PCIE_BPS = 60e9
 _HBM_BPS = 3e12
 
-_COPY_LABELS = {
-    (a, b): f"copy {a.value}->{b.value}" for a in MemoryKind for b in MemoryKind
-}
+_COPY_LABELS = {(a, b): f"copy {a.value}->{b.value}" for a in MemoryKind for b in MemoryKind}
 _MEMSET_LABELS = {k: f"memset {k.value}" for k in MemoryKind}
 
 
@@ -491,4 +491,3 @@ def _check_copy(d: BufferInfo, s: BufferInfo) -> None:
             )
     if d.nbytes and d.ptr < s.ptr + s.nbytes and s.ptr < d.ptr + d.nbytes:
         raise InvalidArgumentError("source and destination overlap")
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -18,6 +18,24 @@ _loops: list[Any] = [
 ]
 if sys.platform == "win32":  # pragma: no cover
     _loops.pop(1)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        default=False,
+        help="also run tests marked slow (the 1,000,000-op soak and the like)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow (or tools/reliability_report.py)")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(params=_loops)
@@ -68,8 +86,11 @@ def latch(dev: gpuaio.Device, stream: gpuaio.Stream) -> Callable[[], None]:
     k = dev.compile(LATCH_SRC, "latch")
 
     class _Ptr:
-        __cuda_array_interface__ = {
-            "shape": (1,), "typestr": "<i4", "data": (flag.ctypes.data, False), "version": 3,
+        __cuda_array_interface__: ClassVar[dict[str, Any]] = {
+            "shape": (1,),
+            "typestr": "<i4",
+            "data": (flag.ctypes.data, False),
+            "version": 3,
         }
 
     stream.launch(k, 1, 1, _Ptr())

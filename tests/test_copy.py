@@ -37,8 +37,9 @@ def pattern(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
 
 
-async def roundtrip(stream: gpuaio.Stream, dev: gpuaio.Device, src_kind: str, dst_kind: str,
-                    n: int) -> None:
+async def roundtrip(
+    stream: gpuaio.Stream, dev: gpuaio.Device, src_kind: str, dst_kind: str, n: int
+) -> None:
     data = pattern(n, n)
     with buffer(src_kind, dev, n) as src, buffer(dst_kind, dev, n) as dst:
         # Load the source through a pinned buffer (host kinds are written directly).
@@ -56,8 +57,14 @@ async def roundtrip(stream: gpuaio.Stream, dev: gpuaio.Device, src_kind: str, ds
 @pytest.mark.parametrize("n", SIZES, ids=lambda n: f"{n}B")
 @pytest.mark.parametrize("dst_kind", KINDS)
 @pytest.mark.parametrize("src_kind", KINDS)
-async def test_roundtrip(stream: gpuaio.Stream, dev: gpuaio.Device, src_kind: str,
-                         dst_kind: str, n: int, anyio_backend: Any) -> None:
+async def test_roundtrip(
+    stream: gpuaio.Stream,
+    dev: gpuaio.Device,
+    src_kind: str,
+    dst_kind: str,
+    n: int,
+    anyio_backend: Any,
+) -> None:
     if n > 4096 and anyio_backend[0] != "asyncio":
         pytest.skip("large sizes run once per kind pair (on asyncio) to keep CI short")
     await roundtrip(stream, dev, src_kind, dst_kind, n)
@@ -66,8 +73,9 @@ async def test_roundtrip(stream: gpuaio.Stream, dev: gpuaio.Device, src_kind: st
 @pytest.mark.gpu
 @pytest.mark.parametrize("dst_kind", KINDS)
 @pytest.mark.parametrize("src_kind", KINDS)
-async def test_roundtrip_1gib(stream: gpuaio.Stream, dev: gpuaio.Device, src_kind: str,
-                              dst_kind: str, anyio_backend: Any) -> None:
+async def test_roundtrip_1gib(
+    stream: gpuaio.Stream, dev: gpuaio.Device, src_kind: str, dst_kind: str, anyio_backend: Any
+) -> None:
     if anyio_backend[0] != "asyncio" or anyio_backend[1]:
         pytest.skip("1 GiB runs once per kind pair")
     await roundtrip(stream, dev, src_kind, dst_kind, 1 << 30)
@@ -126,8 +134,8 @@ async def test_order_within_stream(stream: gpuaio.Stream, dev: gpuaio.Device) ->
     out = np.empty(n, np.uint8)
     ops = []
     for v in range(1, 6):
-        ops.append(stream.memset(host, v))       # host job
-        ops.append(stream.copy(d, host))         # staged / driver path
+        ops.append(stream.memset(host, v))  # host job
+        ops.append(stream.copy(d, host))  # staged / driver path
         ops.append(stream.memset(d[: n // 2], v + 100))  # device step
     ops.append(stream.copy(out, d))
     await gpuaio.wait_all(ops)

@@ -24,14 +24,23 @@ def _ops_executed(dev: gpuaio.Device) -> int | None:
 BAD_COPIES: list[tuple[str, Any, str]] = [
     ("size", lambda d: (d.empty(10), np.zeros(11, np.uint8)), "size mismatch"),
     ("dtype", lambda d: (d.empty(4, np.float32), np.zeros(4, np.int32)), "dtype mismatch"),
-    ("shape", lambda d: (d.empty((2, 8), np.float32), np.zeros((4, 4), np.float32)),
-     "shape mismatch"),
+    (
+        "shape",
+        lambda d: (d.empty((2, 8), np.float32), np.zeros((4, 4), np.float32)),
+        "shape mismatch",
+    ),
     ("readonly", lambda d: (_ro(16), d.empty(16)), "read-only"),
     ("bytes_dst", lambda d: (b"x" * 16, d.empty(16)), "read-only"),
-    ("noncontig_src", lambda d: (d.empty(8, np.float32), np.zeros(16, np.float32)[::2]),
-     "not C-contiguous"),
-    ("noncontig_dst", lambda d: (np.zeros(16, np.float32)[::2], d.empty(8, np.float32)),
-     "not C-contiguous"),
+    (
+        "noncontig_src",
+        lambda d: (d.empty(8, np.float32), np.zeros(16, np.float32)[::2]),
+        "not C-contiguous",
+    ),
+    (
+        "noncontig_dst",
+        lambda d: (np.zeros(16, np.float32)[::2], d.empty(8, np.float32)),
+        "not C-contiguous",
+    ),
     ("overlap", lambda d: _overlap(), "overlap"),
 ]
 
@@ -48,8 +57,9 @@ def _overlap() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize(("case", "make", "message"), BAD_COPIES, ids=[c[0] for c in BAD_COPIES])
-async def test_bad_copy_rejected(stream: gpuaio.Stream, dev: gpuaio.Device, case: str,
-                                 make: Any, message: str) -> None:
+async def test_bad_copy_rejected(
+    stream: gpuaio.Stream, dev: gpuaio.Device, case: str, make: Any, message: str
+) -> None:
     dst, src = make(dev)
     before = _ops_executed(dev)
     with pytest.raises(gpuaio.InvalidArgumentError, match=message):
@@ -94,8 +104,9 @@ async def test_closed_stream(dev: gpuaio.Device) -> None:
         ({"value": True}, "must be an int"),
     ],
 )
-async def test_bad_memset(stream: gpuaio.Stream, dev: gpuaio.Device, kwargs: dict[str, Any],
-                          message: str) -> None:
+async def test_bad_memset(
+    stream: gpuaio.Stream, dev: gpuaio.Device, kwargs: dict[str, Any], message: str
+) -> None:
     with pytest.raises(gpuaio.InvalidArgumentError, match=message):
         stream.memset(dev.empty(8), **kwargs)
 

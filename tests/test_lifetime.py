@@ -20,8 +20,9 @@ from tests.test_copy import pattern
 pytestmark = pytest.mark.anyio
 
 
-async def test_cancelled_await_does_not_cancel_op(stream: gpuaio.Stream,
-                                                  dev: gpuaio.Device) -> None:
+async def test_cancelled_await_does_not_cancel_op(
+    stream: gpuaio.Stream, dev: gpuaio.Device
+) -> None:
     n = 1 << 20
     data = pattern(n, 11)
     d = dev.empty(n)
@@ -76,8 +77,9 @@ async def test_free_waits_for_inflight_ops(stream: gpuaio.Stream, dev: gpuaio.De
         await anyio.sleep(0.01)
 
 
-async def test_registration_outlives_inflight_ops(stream: gpuaio.Stream,
-                                                  dev: gpuaio.Device) -> None:
+async def test_registration_outlives_inflight_ops(
+    stream: gpuaio.Stream, dev: gpuaio.Device
+) -> None:
     n = 1 << 16
     arr = np.empty(n, np.uint8)
     arr[:] = 4

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.anyio
     ("width", "value", "dtype"),
     [(1, 0xAB, np.uint8), (2, 0xBEEF, np.uint16), (4, 0xDEADBEEF, np.uint32), (4, -2, np.int32)],
 )
-async def test_memset_patterns(stream: gpuaio.Stream, dev: gpuaio.Device, kind: str,
-                               width: int, value: int, dtype: Any) -> None:
+async def test_memset_patterns(
+    stream: gpuaio.Stream, dev: gpuaio.Device, kind: str, width: int, value: int, dtype: Any
+) -> None:
     count = 4097
     n = count * width
     with buffer(kind, dev, n) as buf:

@@ -32,12 +32,12 @@ async def test_peer_copy_both_ways(gpuaio_runtime: Any, n: int) -> None:
     a, b = d0.empty(n), d1.empty(n)
     s0, s1 = d0.stream(), d1.stream()
     await s0.copy(a, data)
-    await s0.copy(b, a)          # peer copy enqueued on device 0's stream
+    await s0.copy(b, a)  # peer copy enqueued on device 0's stream
     back = np.empty(n, np.uint8)
     await s1.copy(back, b)
     np.testing.assert_array_equal(back, data)
     await s1.memset(b, 3)
-    await s1.copy(a, b)          # and the other way, on device 1's stream
+    await s1.copy(a, b)  # and the other way, on device 1's stream
     await s0.copy(back, a)
     assert (back == 3).all()
 
@@ -51,7 +51,7 @@ async def test_event_orders_streams_of_two_devices(gpuaio_runtime: Any) -> None:
     release = latch(d0, s0)
     s0.memset(a, 9)
     s1.wait(s0.record())
-    op = s1.copy(b, a)           # must not start before device 0's memset
+    op = s1.copy(b, a)  # must not start before device 0's memset
     await anyio.sleep(0.03)
     assert not op.done()
     release()
@@ -100,7 +100,7 @@ async def test_scatter_gather_reject_bad_input(gpuaio_runtime: Any) -> None:
     parts = await gpuaio.scatter(np.zeros((4, 2), np.int32), devs)
     with pytest.raises(gpuaio.InvalidArgumentError, match="rows"):
         await gpuaio.gather(parts, np.zeros((5, 2), np.int32))
+    ro = np.zeros((4, 2), np.int32)
+    ro.setflags(write=False)
     with pytest.raises(gpuaio.InvalidArgumentError, match="writable"):
-        ro = np.zeros((4, 2), np.int32)
-        ro.setflags(write=False)
         await gpuaio.gather(parts, ro)

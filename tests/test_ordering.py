@@ -22,11 +22,11 @@ async def test_event_orders_two_streams(dev: gpuaio.Device) -> None:
     d = dev.empty(n)
     await a.memset(d, 1)
     release = latch(dev, a)
-    a.memset(d, 7)               # held behind the latch
+    a.memset(d, 7)  # held behind the latch
     ev = a.record()
     b.wait(ev)
     out = np.empty(n, np.uint8)
-    copy = b.copy(out, d)        # must see the 7s, not the 1s
+    copy = b.copy(out, d)  # must see the 7s, not the 1s
     await anyio.sleep(0.05)
     assert not ev.done() and not copy.done()
     release()
@@ -70,8 +70,8 @@ async def test_event_wait_before_record_is_enqueued(dev: gpuaio.Device) -> None:
     n = 4 << 20
     host = pattern(n, 2)
     d = dev.empty(n)
-    a.copy(d, host)              # pageable: goes through the executor
-    ev = a.record()              # deferred behind it
+    a.copy(d, host)  # pageable: goes through the executor
+    ev = a.record()  # deferred behind it
     b.wait(ev)
     out = np.empty(n, np.uint8)
     await b.copy(out, d)
@@ -88,8 +88,9 @@ async def _ticker(gaps: list[float], stop: anyio.Event) -> None:
 
 
 @pytest.mark.parametrize("what", ["h2d_pageable", "d2h_pageable", "h2h", "host_memset"])
-async def test_loop_keeps_running(stream: gpuaio.Stream, dev: gpuaio.Device, what: str,
-                                  anyio_backend: Any) -> None:
+async def test_loop_keeps_running(
+    stream: gpuaio.Stream, dev: gpuaio.Device, what: str, anyio_backend: Any
+) -> None:
     """A 1 ms ticker keeps ticking (gaps < 5 ms) while a 256 MiB transfer runs."""
     n = 256 << 20
     a = np.ones(n, np.uint8)
@@ -115,7 +116,9 @@ async def test_loop_keeps_running(stream: gpuaio.Stream, dev: gpuaio.Device, wha
         stop.set()
     assert len(gaps) > 3
     worst = max(gaps[1:])
-    assert worst < 0.005, f"loop blocked {worst * 1e3:.1f} ms during a {elapsed * 1e3:.0f} ms {what}"
+    assert worst < 0.005, (
+        f"loop blocked {worst * 1e3:.1f} ms during a {elapsed * 1e3:.0f} ms {what}"
+    )
     if what == "d2h_pageable":
         assert (b == 5).all()
     elif what == "h2h":

@@ -39,7 +39,7 @@ async def test_no_block_reused_while_dma_pending(small_pool: Stager, dev: gpuaio
     release = latch(dev, sa)
     op_a = sa.copy(a_dev, a_src)
     await anyio.sleep(0.05)
-    op_b = sb.copy(b_dev, b_src)      # needs blocks that op_a's pending DMAs hold
+    op_b = sb.copy(b_dev, b_src)  # needs blocks that op_a's pending DMAs hold
     await anyio.sleep(0.05)
     assert not op_a.done() and not op_b.done(), "a block was handed out before its DMA ran"
     stats = small_pool.pool.stats()
@@ -56,8 +56,9 @@ async def test_no_block_reused_while_dma_pending(small_pool: Stager, dev: gpuaio
     assert stats.waits > 0, "the second transfer should have waited for a block"
 
 
-async def test_poison_after_await_does_not_reach_device(small_pool: Stager,
-                                                         dev: gpuaio.Device) -> None:
+async def test_poison_after_await_does_not_reach_device(
+    small_pool: Stager, dev: gpuaio.Device
+) -> None:
     """Overwriting the source right after the await never changes the device copy."""
     n = 6 * MiB
     s = dev.stream()
@@ -75,8 +76,9 @@ async def test_poison_after_await_does_not_reach_device(small_pool: Stager,
 @pytest.mark.sim_only
 @pytest.mark.sim_config(dma_gbps=0.2)
 @pytest.mark.parametrize("direction", ["h2d", "d2h"])
-async def test_abort_midway_leaves_pool_consistent(small_pool: Stager, dev: gpuaio.Device,
-                                                   direction: str) -> None:
+async def test_abort_midway_leaves_pool_consistent(
+    small_pool: Stager, dev: gpuaio.Device, direction: str
+) -> None:
     n = 16 * MiB  # 16 chunks at 0.2 GB/s: ~80 ms of DMA
     s = dev.stream()
     d = dev.empty(n)
@@ -102,8 +104,9 @@ async def test_abort_midway_leaves_pool_consistent(small_pool: Stager, dev: gpua
     assert not op.abort(), "abort() of a finished op says so"
 
 
-async def test_many_concurrent_transfers_respect_budget(small_pool: Stager,
-                                                        dev: gpuaio.Device) -> None:
+async def test_many_concurrent_transfers_respect_budget(
+    small_pool: Stager, dev: gpuaio.Device
+) -> None:
     n = 3 * MiB
     streams = [dev.stream() for _ in range(6)]
     srcs = [pattern(n, i) for i in range(6)]

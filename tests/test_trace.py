@@ -14,8 +14,9 @@ import gpuaio
 pytestmark = pytest.mark.anyio
 
 
-async def test_trace_of_staged_copy(stream: gpuaio.Stream, dev: gpuaio.Device,
-                                    tmp_path: Path) -> None:
+async def test_trace_of_staged_copy(
+    stream: gpuaio.Stream, dev: gpuaio.Device, tmp_path: Path
+) -> None:
     n = 8 << 20
     host = np.ones(n, np.uint8)
     d = dev.empty(n)
@@ -36,8 +37,9 @@ async def test_trace_of_staged_copy(stream: gpuaio.Stream, dev: gpuaio.Device,
 
 
 @pytest.mark.parametrize("direction", ["h2d", "d2h"])
-async def test_progress_of_staged_copy(stream: gpuaio.Stream, dev: gpuaio.Device,
-                                       direction: str) -> None:
+async def test_progress_of_staged_copy(
+    stream: gpuaio.Stream, dev: gpuaio.Device, direction: str
+) -> None:
     n = 16 << 20
     host = np.ones(n, np.uint8)
     d = dev.empty(n)

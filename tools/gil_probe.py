@@ -76,23 +76,31 @@ def main() -> None:
     d = Device(0)
     d.set_current()
     cc = d.compute_capability
-    prog = Program(spin_src, code_type="c++",
-                   options=ProgramOptions(arch=f"sm_{cc.major}{cc.minor}"))
+    prog = Program(
+        spin_src, code_type="c++", options=ProgramOptions(arch=f"sm_{cc.major}{cc.minor}")
+    )
     kern = prog.compile("cubin").get_kernel("spin")
     func = cu.CUfunction(int(kern.handle))
 
     def spin_ms(ms: float) -> None:
         cycles = int(ms * 1e-3 * 1.98e9)
-        check(cu.cuLaunchKernel(func, 1, 1, 1, 1, 1, 1, 0, stream,
-                                ((cycles,), (ctypes.c_longlong,)), 0))
+        check(
+            cu.cuLaunchKernel(
+                func, 1, 1, 1, 1, 1, 1, 0, stream, ((cycles,), (ctypes.c_longlong,)), 0
+            )
+        )
 
-    ev = check(cu.cuEventCreate(cu.CUevent_flags.CU_EVENT_BLOCKING_SYNC
-                                | cu.CUevent_flags.CU_EVENT_DISABLE_TIMING))
+    ev = check(
+        cu.cuEventCreate(
+            cu.CUevent_flags.CU_EVENT_BLOCKING_SYNC | cu.CUevent_flags.CU_EVENT_DISABLE_TIMING
+        )
+    )
 
     def with_bind(f: Callable[[], object]) -> Callable[[], object]:
         def g() -> object:
             bind()
             return f()
+
         return g
 
     cases: list[tuple[str, Callable[[], object], Callable[[], object]]] = []
@@ -127,8 +135,12 @@ def main() -> None:
 
     def h2d_c() -> None:
         s = ctypes.c_void_p(int(stream))
-        assert lib.cuMemcpyHtoDAsync_v2(ctypes.c_uint64(int(dptr)), ctypes.c_void_p(host.ctypes.data),
-                                        ctypes.c_size_t(N), s) == 0
+        assert (
+            lib.cuMemcpyHtoDAsync_v2(
+                ctypes.c_uint64(int(dptr)), ctypes.c_void_p(host.ctypes.data), ctypes.c_size_t(N), s
+            )
+            == 0
+        )
         assert lib.cuStreamSynchronize(s) == 0
 
     cases.append(("cuMemcpyHtoDAsync pageable 256MiB", h2d_b, h2d_c))
@@ -138,8 +150,12 @@ def main() -> None:
 
     def d2h_c() -> None:
         s = ctypes.c_void_p(int(stream))
-        assert lib.cuMemcpyDtoHAsync_v2(ctypes.c_void_p(out.ctypes.data), ctypes.c_uint64(int(dptr)),
-                                        ctypes.c_size_t(N), s) == 0
+        assert (
+            lib.cuMemcpyDtoHAsync_v2(
+                ctypes.c_void_p(out.ctypes.data), ctypes.c_uint64(int(dptr)), ctypes.c_size_t(N), s
+            )
+            == 0
+        )
 
     cases.append(("cuMemcpyDtoHAsync pageable 256MiB", d2h_b, d2h_c))
 

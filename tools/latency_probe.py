@@ -64,8 +64,10 @@ def main() -> None:
             p50, p99 = anyio.run(latency, 2000, backend=backend, backend_options=opts)
             ops = anyio.run(throughput, 1000, 20, backend=backend, backend_options=opts)
             ops1 = anyio.run(throughput, 1, 2000, backend=backend, backend_options=opts)
-            print(f"{strat:<9} {name:<8} p50 {p50:7.1f} us  p99 {p99:7.1f} us  "
-                  f"1000 tasks {ops:9.0f} ops/s  1 task {ops1:8.0f} ops/s")
+            print(
+                f"{strat:<9} {name:<8} p50 {p50:7.1f} us  p99 {p99:7.1f} us  "
+                f"1000 tasks {ops:9.0f} ops/s  1 task {ops1:8.0f} ops/s"
+            )
 
 
 if __name__ == "__main__":

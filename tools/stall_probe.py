@@ -15,7 +15,6 @@ import gpuaio
 
 
 def main() -> None:
-    loop_thread = threading.get_ident()
     last_tick = [time.perf_counter()]
     samples: Counter[str] = Counter()
     stop = threading.Event()
@@ -54,7 +53,9 @@ def main() -> None:
                 await s.copy(d, host)
                 t1 = time.perf_counter()
                 await s.copy(back, d)
-                print(f"round {i}: h2d {(t1 - t0) * 1e3:.1f} ms, d2h {(time.perf_counter() - t1) * 1e3:.1f} ms")
+                print(
+                    f"round {i}: h2d {(t1 - t0) * 1e3:.1f} ms, d2h {(time.perf_counter() - t1) * 1e3:.1f} ms"
+                )
         stop.set()
         await t
 
