@@ -16,6 +16,10 @@ Works on asyncio, uvloop and trio (through anyio)::
 
 from __future__ import annotations
 
+# Imported here, not on first use, so that a first transfer inside a running
+# event loop does not pay for module imports on the loop thread.
+from . import _dlpack as _dlpack
+from . import _staging as _staging
 from ._completion import STRATEGIES, Strategy
 from ._device import Device
 from ._errors import (
@@ -29,6 +33,7 @@ from ._errors import (
     StreamClosedError,
 )
 from ._kernel import Kernel
+from ._loader import Prefetcher, prefetch
 from ._memory import (
     BufferTypeError,
     DeviceArray,
@@ -44,11 +49,6 @@ from ._runtime import configure, current_runtime, use_backend
 from ._stream import Event, Stream
 from ._trace import Tracer, trace
 from .backends import MemoryKind
-
-# Imported here, not on first use, so that a first transfer inside a running
-# event loop does not pay for module imports on the loop thread.
-from . import _dlpack as _dlpack  # noqa: E402
-from . import _staging as _staging  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -69,6 +69,7 @@ __all__ = [
     "NoDeviceError",
     "Operation",
     "OperationAbortedError",
+    "Prefetcher",
     "ProgressCallback",
     "Stream",
     "Strategy",
@@ -80,6 +81,7 @@ __all__ = [
     "gather",
     "memory_kind",
     "pinned_empty",
+    "prefetch",
     "progress_bar",
     "register_host",
     "register_host_async",

@@ -140,7 +140,7 @@ class SerialExecutor:
     a stream that never needs host work never owns a thread.
     """
 
-    def __init__(self, name: str, idle_s: float = 2.0) -> None:
+    def __init__(self, name: str, idle_s: float = 30.0) -> None:
         self._name = name
         self._idle_s = idle_s
         self._q: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()

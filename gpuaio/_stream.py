@@ -139,8 +139,12 @@ class Stream:
     def _device_step(self, op: Operation, enqueue: Callable[[Any], None]) -> Operation:
         """Enqueue asynchronous driver work now, or in order behind host jobs."""
         if not self._serial.busy:
-            enqueue(self._native)
-            self._rt.engine(self._ordinal).watch(op, self._native)
+            try:
+                enqueue(self._native)
+                self._rt.engine(self._ordinal).watch(op, self._native)
+            except BaseException as exc:
+                op._resolve(exc)  # releases what the op holds; the caller sees the error
+                raise
             return op
 
         def job() -> None:

@@ -219,3 +219,15 @@ async def test_error_in_host_job_reaches_await(stream: gpuaio.Stream, dev: gpuai
             await op
     finally:
         dev._runtime.extras["stager"] = stager
+
+
+@pytest.mark.sim_only
+async def test_failed_enqueue_releases_the_op(stream: gpuaio.Stream, dev: gpuaio.Device) -> None:
+    backend: Any = dev._runtime.backend
+    d = dev.empty(64)
+    backend.fail_next("cuMemsetD8Async", code=1)
+    with pytest.raises(gpuaio.CudaError):
+        stream.memset(d, 1)
+    assert d.allocation._users == 0, "a failed enqueue must not leave the buffer marked in use"
+    d.free()
+    assert d.allocation.freed
