@@ -146,8 +146,8 @@ class EventEngine(CompletionEngine):
             op._resolve(self.fatal)
             return
         ev = self._place(stream)
+        key = self.backend.stream_handle(stream)  # wrappers of one CUstream share a FIFO
         with self._cv:
-            key = id(stream)
             q = self._queues.get(key)
             if q is None:
                 q = self._queues[key] = _Queue()

@@ -478,9 +478,12 @@ class _RegisteredAllocation(Allocation):
         super().__init__(runtime, ptr, nbytes, MemoryKind.PINNED, None)
 
     def _free_now(self) -> None:
-        _registry(self._runtime).remove(self)
-        if not self._runtime.closed:
-            self._runtime.backend.host_unregister(self.ptr)
+        try:
+            if not self._runtime.closed:
+                self._runtime.backend.host_unregister(self.ptr)
+        finally:
+            # Only now: a new registration of the range waits for this removal.
+            _registry(self._runtime).remove(self)
 
     def __del__(self) -> None:
         # The user's array outlives the registration object only if they

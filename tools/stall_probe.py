@@ -42,7 +42,14 @@ def main() -> None:
     async def run() -> None:
         dev = gpuaio.Device(0)
         n = 256 << 20
-        host = np.ones(n, np.uint8)
+        if "--demo-like" in sys.argv:  # the set-up `python -m gpuaio demo` does first
+            from gpuaio.__main__ import ADD_ONE, _add_one_sim
+
+            dev.compile(ADD_ONE, "add_one", sim=_add_one_sim)
+            gpuaio.pinned_empty(n)
+            host = np.random.default_rng(0).integers(0, 255, n, dtype=np.uint8)
+        else:
+            host = np.ones(n, np.uint8)
         back = np.empty(n, np.uint8)
         back[:] = 0
         d = dev.empty(n)
