@@ -631,6 +631,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--busy", type=float, help="seconds the GIL hog spins (default 1)")
     p.add_argument("--gil-reps", type=int, help="GIL-stall repetitions per strategy (default 3)")
     p.add_argument("--no-peers", action="store_true", help="skip numba, CuPy and torch")
+    p.add_argument("--no-gil-stall", action="store_true", help="skip the GIL-stall comparison")
     p.add_argument("--out-dir", help="where to write the results (default benchmarks/results)")
     args = p.parse_args(argv)
     quick = args.quick
@@ -673,7 +674,11 @@ def main(argv: list[str] | None = None) -> int:
         t_loop = time.perf_counter()
         records += H.run_on(loop, loop_suite, loop, args, peers, notes, default)
         print(f"  ({loop} took {time.perf_counter() - t_loop:.0f} s)")
-    records += H.run_on("asyncio", gil_stall, args, default)
+    if args.no_gil_stall:
+        note = "not run (--no-gil-stall)"
+        records += [H.record("gil_stall_gpu_ms", "ms", None, better="lower", note=note)]
+    else:
+        records += H.run_on("asyncio", gil_stall, args, default)
     print()
     H.print_targets(records)
     config = {
