@@ -115,10 +115,14 @@ class PinnedPool:
                 self._waits,
             )
 
-    def acquire(self, nbytes: int, *, wait: bool = True) -> PinnedBlock | None:
+    def acquire(
+        self, nbytes: int, *, wait: bool = True, allocate: bool = True
+    ) -> PinnedBlock | None:
         """A block of at least ``nbytes``; waits for one when the budget is spent.
 
-        With ``wait=False`` returns None instead of waiting.
+        With ``wait=False`` returns None instead of waiting. With
+        ``allocate=False`` only a cached block is handed out (None otherwise):
+        no driver call, so it is safe on an event-loop thread.
         """
         size = size_class(nbytes)
         if size > self.budget:
@@ -136,6 +140,8 @@ class PinnedPool:
                     if waited:
                         self._waits += 1
                     return block
+                if not allocate:
+                    return None
                 if self._reserved + size <= self.budget:
                     self._reserved += size
                     self._in_use += size

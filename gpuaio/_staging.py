@@ -88,7 +88,9 @@ class Stager:
         n = d.nbytes
         small = n <= self.config.inline_max and not stream._serial.busy
         if small and (not h2d or stream._host_writes_done()):
-            block = self.pool.acquire(n, wait=False)
+            # Cached blocks only: allocating pinned memory is a slow driver
+            # call that must not run on the caller's (event-loop) thread.
+            block = self.pool.acquire(n, wait=False, allocate=False)
             if block is not None:
                 if h2d:
                     return self._small_h2d(stream, op, d, s, block)

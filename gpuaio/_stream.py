@@ -264,7 +264,7 @@ class Stream:
         ):
             dp, dd, sp, sd = d.ptr, d.device, s.ptr, s.device
             rt.ensure_peer_access(dd, sd)
-            op._est = n / _PCIE_BPS
+            op._est = n / _NVLINK_BPS
             return self._device_step(op, lambda h: backend.memcpy_peer_async(dp, dd, sp, sd, n, h))
         if d.kind.is_host:
             self._note_host_write(op)
@@ -455,6 +455,7 @@ class Stream:
 # Optimistic transfer rates (bytes/s), so that expected completion times are
 # early rather than late: they decide when to start polling, never correctness.
 _PCIE_BPS = 60e9
+_NVLINK_BPS = 450e9
 _HBM_BPS = 3e12
 
 _COPY_LABELS = {(a, b): f"copy {a.value}->{b.value}" for a in MemoryKind for b in MemoryKind}
