@@ -552,6 +552,10 @@ class SimBackend(Backend):
             raise _error(call, _OUT_OF_MEMORY, f"host could not back {nbytes} bytes") from None
         offset = -base.ctypes.data % _ALIGN
         array = base[offset : offset + nbytes]
+        if kind is MemoryKind.PINNED:
+            # Page-locked memory is resident: fault it in now, as pinning does,
+            # rather than on the first copy (page faults stall every thread).
+            array.fill(0)
         ptr = int(array.ctypes.data)
         with self._lock:
             self._add_region_locked(_Region(ptr, ptr + nbytes, kind, device, array))
