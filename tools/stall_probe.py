@@ -60,9 +60,8 @@ def main() -> None:
                 await s.copy(d, host)
                 t1 = time.perf_counter()
                 await s.copy(back, d)
-                print(
-                    f"round {i}: h2d {(t1 - t0) * 1e3:.1f} ms, d2h {(time.perf_counter() - t1) * 1e3:.1f} ms"
-                )
+                d2h = (time.perf_counter() - t1) * 1e3
+                print(f"round {i}: h2d {(t1 - t0) * 1e3:.1f} ms, d2h {d2h:.1f} ms")
         stop.set()
         await t
 
