@@ -13,7 +13,13 @@ def tests(session: nox.Session) -> None:
     """The test suite on the simulated backend, on asyncio, uvloop and trio."""
     session.install("-e", ".[test]")
     session.run(
-        "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *session.posargs,
+        "python",
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        *session.posargs,
         env={"GPUAIO_TEST_BACKEND": session.env.get("GPUAIO_TEST_BACKEND", "sim")},
     )
 
