@@ -8,6 +8,7 @@ on the H100 hosts we measured).
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import queue
 import threading
@@ -174,6 +175,10 @@ class SerialExecutor:
                 continue
             try:
                 job()
+            except BaseException:
+                # Jobs report their own errors to their operations; this is
+                # a bug, but it must not take the stream's thread down.
+                logging.getLogger("gpuaio").exception("gpuaio stream job failed")
             finally:
                 with self._lock:
                     self._outstanding -= 1

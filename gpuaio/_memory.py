@@ -11,6 +11,7 @@ without a driver call; a foreign buffer is classified with
 from __future__ import annotations
 
 import contextlib
+import operator
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, NamedTuple, SupportsIndex
@@ -145,10 +146,26 @@ class Allocation:
 
 
 def _normalize_shape(shape: SupportsIndex | tuple[SupportsIndex, ...]) -> tuple[int, ...]:
-    dims = tuple(int(s) for s in shape) if isinstance(shape, tuple) else (int(shape),)
+    try:
+        items = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
+        dims = tuple(operator.index(s) for s in items)
+    except TypeError:
+        raise InvalidArgumentError(f"shape extents must be integers, not {shape!r}") from None
     if any(d < 0 for d in dims):
         raise InvalidArgumentError(f"negative dimension in shape {dims}")
     return dims
+
+
+def _is_c_contiguous(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> bool:
+    """C order, ignoring the (meaningless) strides of extents of 1, as numpy does."""
+    if any(d == 0 for d in shape):
+        return True
+    expect = itemsize
+    for d, st in zip(reversed(shape), reversed(strides), strict=True):
+        if d != 1 and st != expect:
+            return False
+        expect *= d
+    return True
 
 
 def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
@@ -363,6 +380,8 @@ def pinned_empty(
 
     dims = _normalize_shape(shape)
     dt = np.dtype(dtype)
+    if dt.hasobject:
+        raise InvalidArgumentError("pinned arrays cannot hold Python objects")
     n = dt.itemsize
     for d in dims:
         n *= d
@@ -639,7 +658,7 @@ def _from_cai(obj: Any, cai: dict[str, Any], runtime: Runtime) -> BufferInfo:
     for d in shape:
         n *= d
     strides = cai.get("strides")
-    contiguous = strides is None or tuple(strides) == _c_strides(shape, dtype.itemsize) or n == 0
+    contiguous = strides is None or _is_c_contiguous(shape, tuple(strides), dtype.itemsize)
     if n:
         info = runtime.backend.pointer_info(int(ptr))
         kind, device = info.kind, info.device
@@ -657,7 +676,7 @@ def _from_dlpack(obj: Any, runtime: Runtime) -> BufferInfo:
     n = view.dtype.itemsize
     for d in view.shape:
         n *= d
-    contiguous = view.strides_bytes == _c_strides(view.shape, view.dtype.itemsize) or n == 0
+    contiguous = _is_c_contiguous(view.shape, view.strides_bytes, view.dtype.itemsize)
     if n:
         info = runtime.backend.pointer_info(view.ptr)
         kind, device = info.kind, info.device

@@ -178,10 +178,14 @@ class Stager:
                     if j >= depth:
                         backend.event_synchronize(slot)
                     backend.memcpy_async(d.ptr + o, block.ptr, ln, native)
+                except BaseException:
+                    pool.release(block)  # nothing enqueued from it
+                    raise
+                try:
                     guard = backend.event_create(device, blocking_sync=True)
                     backend.event_record(guard, native)
                 except BaseException:
-                    pool.release(block)
+                    _release_after_drain(backend, native, pool, block)
                     raise
                 pool.release(block, [guard])
                 backend.event_record(slot, native)
@@ -225,10 +229,14 @@ class Stager:
                         break
                     try:
                         backend.memcpy_async(block.ptr, s.ptr + off, ln, native)
+                    except BaseException:
+                        pool.release(block)  # nothing enqueued into it
+                        raise
+                    try:
                         ev = backend.event_create(device, blocking_sync=True)
                         backend.event_record(ev, native)
                     except BaseException:
-                        pool.release(block)
+                        _release_after_drain(backend, native, pool, block)
                         raise
                     inflight.append((off, ln, block, ev))
                     off += ln
@@ -263,6 +271,15 @@ class Stager:
 
 LOOKAHEAD = 2
 """Chunks the host threads may be copying at once within one transfer."""
+
+
+def _release_after_drain(backend: Any, native: Any, pool: PinnedPool, block: PinnedBlock) -> None:
+    """A DMA into/from ``block`` is enqueued but unguarded: free it only once it ran."""
+    try:
+        backend.stream_synchronize(native)
+    except Exception:
+        return  # cannot tell whether the DMA ran: never hand the block out again
+    pool.release(block)
 
 
 def _span(name: str, t0: float, nbytes: int) -> None:

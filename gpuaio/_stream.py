@@ -19,13 +19,15 @@ How work is enqueued without ever blocking the event loop:
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._errors import InvalidArgumentError, StreamClosedError
+from ._errors import DeviceFatalError, InvalidArgumentError, StreamClosedError
 from ._hostwork import SerialExecutor
 from ._kernel import Kernel, normalize_dim3
 from ._memory import BufferInfo, DeviceArray, describe
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
     from ._runtime import Runtime
 
 __all__ = ["Event", "Stream"]
+
+log = logging.getLogger("gpuaio")
 
 _HostWork = Callable[[], bool]
 """A host job body; returns True when it enqueued GPU work that needs a marker."""
@@ -56,8 +60,11 @@ class Event(Operation):
         native, self._native = self._native, None
         stream = self.stream
         if native is not None and stream is not None:
+            # Not here: the last reference may drop on any thread, even one
+            # inside a backend call; the reaper thread destroys it.
+            backend = stream._rt.backend
             with contextlib.suppress(Exception):
-                stream._rt.backend.event_destroy(native)
+                stream._rt.reaper.submit(lambda: backend.event_destroy(native))
 
 
 class Stream:
@@ -139,11 +146,18 @@ class Stream:
     def _device_step(self, op: Operation, enqueue: Callable[[Any], None]) -> Operation:
         """Enqueue asynchronous driver work now, or in order behind host jobs."""
         if not self._serial.busy:
+            enqueued = False
             try:
                 enqueue(self._native)
+                enqueued = True
                 self._rt.engine(self._ordinal).watch(op, self._native)
             except BaseException as exc:
-                op._resolve(exc)  # releases what the op holds; the caller sees the error
+                if enqueued:
+                    # The work may still run: release the op's buffers only
+                    # once the stream has drained, off this thread.
+                    self._serial.submit(functools.partial(self._fail_after_drain, op, exc))
+                else:
+                    op._resolve(exc)  # nothing was enqueued: release at once
                 raise
             return op
 
@@ -173,6 +187,18 @@ class Stream:
 
         self._serial.submit(job)
         return op
+
+    def _fail_after_drain(self, op: Operation, exc: BaseException) -> None:
+        try:
+            self._rt.backend.stream_synchronize(self._native)
+        except DeviceFatalError:
+            pass  # a dead context runs nothing more: the buffers are safe
+        except Exception:
+            # Cannot tell whether the work ran: keep the buffers for good
+            # rather than risk the GPU writing freed memory.
+            log.warning("%s failed and its stream could not be drained", op.label)
+            return
+        op._resolve(exc)
 
     def _wait_prior(self) -> None:
         """Block the executor thread until the stream's enqueued work is done."""
@@ -301,6 +327,10 @@ class Stream:
         rt = self._rt
         d = describe(dst, rt)
         _check_writable(d, "memset destination")
+        if width is not None and (
+            isinstance(width, (bool, np.bool_)) or not isinstance(width, (int, np.integer))
+        ):
+            raise InvalidArgumentError(f"memset width must be 1, 2 or 4 (an int), not {width!r}")
         if width is None:
             width = d.dtype.itemsize
             if width not in (1, 2, 4):
@@ -371,8 +401,16 @@ class Stream:
         threads = block3[0] * block3[1] * block3[2]
         if threads > 1024:
             raise InvalidArgumentError(f"a block has at most 1024 threads, not {threads}")
-        if not isinstance(shared_mem, int) or shared_mem < 0:
+        if isinstance(shared_mem, bool) or not isinstance(shared_mem, (int, np.integer)):
             raise InvalidArgumentError(f"shared_mem must be a non-negative int, not {shared_mem!r}")
+        shared_mem = int(shared_mem)
+        if shared_mem < 0:
+            raise InvalidArgumentError(f"shared_mem must be a non-negative int, not {shared_mem!r}")
+        if shared_mem > _MAX_SHARED:
+            raise InvalidArgumentError(
+                f"shared_mem of {shared_mem} bytes exceeds the most any CUDA GPU allows a block "
+                f"({_MAX_SHARED} bytes)"
+            )
         if isinstance(kernel, Kernel):
             if kernel.device != self._ordinal:
                 raise InvalidArgumentError(
@@ -454,6 +492,8 @@ class Stream:
 
 # Optimistic transfer rates (bytes/s), so that expected completion times are
 # early rather than late: they decide when to start polling, never correctness.
+_MAX_SHARED = 228 << 10
+"""Dynamic shared memory per block, the largest opt-in maximum of any GPU (Hopper)."""
 _PCIE_BPS = 60e9
 _NVLINK_BPS = 450e9
 _HBM_BPS = 3e12
