@@ -1,0 +1,1 @@
+"""gpuaio's reliability harness and its committed reports (see harness.py)."""

@@ -1,0 +1,477 @@
+"""Reliability: cancellation storm, sticky fault, loop shutdown, soak (harness in
+tests/reliability/harness.py; full-size figures by tools/reliability_report.py).
+
+The tests at the end reproduce gpuaio bugs this suite found; each failed
+before the fix (commit bdf49e9) and now guards against a regression.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+
+import gpuaio
+from gpuaio._pool import PinnedPool
+from gpuaio.pytest_plugin import LoopWatchdog
+from tests.conftest import latch
+from tests.reliability.harness import (
+    FAST_SIM,
+    STEPS,
+    StormConfig,
+    Trouble,
+    early_reuse_probe,
+    pattern,
+    run_loop_shutdown,
+    run_soak,
+    run_sticky_fault,
+    run_storm,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _loop_id(anyio_backend: Any) -> str:
+    name, options = anyio_backend
+    return "uvloop" if options.get("use_uvloop") else name
+
+
+# -- cancellation storm ---------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.sim_config(**FAST_SIM)
+@pytest.mark.gpuaio_max_loop_block_ms(250)
+@pytest.mark.anyio
+async def test_cancellation_storm(
+    gpuaio_runtime: Any, anyio_backend: Any, gpuaio_loop_watchdog: LoopWatchdog
+) -> None:
+    """10,000 mixed ops (3,000 on uvloop and trio) with cancellation at every await point."""
+    loop = _loop_id(anyio_backend)
+    ops = 10_000 if loop == "asyncio" else 3_000
+    stats = await run_storm(
+        gpuaio_runtime, StormConfig(ops=ops, seed={"asyncio": 0, "uvloop": 1, "trio": 2}[loop])
+    )
+    assert stats.failures() == []
+    assert stats.ops >= ops
+    assert stats.cancelled_awaits > ops // 50
+    assert stats.poisoned_blocks > 0
+    assert stats.aborts_requested > 0
+    if loop == "asyncio":  # enough transactions to land on every await point
+        expected = {f"{k}@{i}" for k, n in STEPS.items() for i in range(n)}
+        expected -= {"cross_stream@2"}  # Stream.wait() returns nothing to await
+        assert expected <= set(stats.cancel_points)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.sim_config(**FAST_SIM)
+@pytest.mark.parametrize("completion", ["flags", "thread", "hostfunc"])
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
+@pytest.mark.anyio
+async def test_cancellation_storm_other_completion(gpuaio_runtime: Any, completion: str) -> None:
+    """The storm on the other completion strategies."""
+    stats = await run_storm(gpuaio_runtime, StormConfig(ops=2_000, completion=completion))
+    assert gpuaio_runtime.strategy == completion
+    assert stats.failures() == []
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.sim_only
+@pytest.mark.sim_config(**FAST_SIM)
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
+@pytest.mark.anyio
+async def test_cancellation_storm_with_transient_faults(gpuaio_runtime: Any) -> None:
+    """The storm with one-shot driver failures (fail_next) at 1% of the ops."""
+    stats = await run_storm(
+        gpuaio_runtime, StormConfig(ops=3_000, seed=7, transient_fault_rate=0.01)
+    )
+    assert stats.failures() == []
+    assert stats.transient_faults_injected > 0
+    assert stats.transient_errors_seen > 0
+
+
+@pytest.mark.sim_only
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
+@pytest.mark.anyio
+async def test_storm_checks_detect_early_reuse(
+    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The harness can fail: a pool that ignores its guard events is caught."""
+    assert await early_reuse_probe(gpuaio_runtime) == []
+
+    original = PinnedPool.release
+
+    def careless(self: PinnedPool, block: Any, events: Any = ()) -> None:
+        for ev in events:
+            self.backend.event_destroy(ev)
+        original(self, block)  # reusable at once, DMA or not
+
+    monkeypatch.setattr(PinnedPool, "release", careless)
+    problems = await early_reuse_probe(gpuaio_runtime)
+    assert problems, "a pool that reuses blocks early must be caught"
+    assert "first destination" in problems[0]
+
+
+def test_trouble_catches_foreign_exceptions() -> None:
+    """The harness can fail: exceptions in threads and gpuaio error logs are caught."""
+    import logging
+    import threading
+
+    trouble = Trouble()
+    with trouble.capture():
+        t = threading.Thread(target=lambda: 1 / 0)
+        t.start()
+        t.join()
+        logging.getLogger("gpuaio").error("something broke")
+    assert len(trouble.items) == 2
+    assert "ZeroDivisionError" in trouble.items[0]
+    assert "something broke" in trouble.items[1]
+
+
+# -- sticky fault -------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.sim_only
+@pytest.mark.parametrize("completion", ["events", "flags", "thread", "hostfunc"])
+@pytest.mark.anyio
+async def test_sticky_fault_fails_every_await_fast(gpuaio_runtime: Any, completion: str) -> None:
+    """Pending awaits on 3 streams and later calls all raise DeviceFatalError within 100 ms."""
+    stats = await run_sticky_fault(gpuaio_runtime, completion=completion)
+    assert stats.pending == 12
+    assert stats.failures() == []
+    assert stats.raised_fatal == 12
+    assert stats.later_fatal == stats.later_calls == 5
+
+
+def _fault_child(backend: str, completion: str = "events", loop: str = "asyncio") -> dict[str, Any]:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.reliability.fault_child",
+            "--backend",
+            backend,
+            "--completion",
+            completion,
+            "--loop",
+            loop,
+            "--timeout",
+            "50",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no result (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    result: dict[str, Any] = json.loads(lines[-1])
+    result["returncode"] = proc.returncode
+    return result
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.sim_only
+def test_sticky_fault_in_a_subprocess_sim() -> None:
+    """The subprocess harness the GPU test uses, on the simulated backend."""
+    result = _fault_child("sim", loop="trio")
+    assert result["returncode"] == 0, result
+    assert result["failures"] == 0, result
+    assert result["raised_fatal"] == result["pending"] == 12
+    assert result["max_latency_ms"] < 100
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.gpu
+@pytest.mark.parametrize("completion", ["events", "flags"])
+def test_sticky_fault_illegal_address_kernel(completion: str) -> None:
+    """A kernel writes to address 0x10: every pending and later await raises
+    DeviceFatalError within 100 ms (in a subprocess: the context is lost for good)."""
+    result = _fault_child("cuda", completion=completion)
+    assert result["returncode"] == 0, result
+    assert result["raised_fatal"] == result["pending"] == 12
+    assert result["max_latency_ms"] < 100
+    assert result["later_fatal"] == result["later_calls"]
+
+
+# -- loop shutdown with ops in flight -------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop", "trio"])
+def test_loop_ends_with_ops_in_flight(gpuaio_runtime: Any, loop: str) -> None:
+    """No crash, no callback on the closed loop, every op completes, nothing leaks."""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    stats = run_loop_shutdown(gpuaio_runtime, loop)
+    assert stats.ops == 18
+    assert stats.failures() == []
+    assert stats.callbacks_after_close == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.sim_config(d2d_gbps=0.5)
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {}), ("trio", {})], ids=["asyncio", "trio"])
+@pytest.mark.anyio
+async def test_runtime_closed_with_ops_in_flight(gpuaio_runtime: Any) -> None:
+    """Closing the runtime fails pending awaits at once, waits for the GPU work in
+    flight (the pinned blocks it uses), and leaves no thread behind."""
+    import threading
+
+    dev = gpuaio_runtime.device(0)
+    trouble = Trouble()
+    with trouble.capture():
+        trouble.watch_loop()
+        s = dev.stream()
+        big = 64 << 20
+        n = 2 << 20
+        ops = [
+            s.copy(dev.empty(big), dev.empty(big)),  # ~130 ms at 0.5 GB/s
+            s.copy(dev.empty(n), pattern(n, 3)),  # staged behind it: pinned blocks in flight
+            s.memset(dev.empty(64), 1),
+            s.copy(np.empty(4096, np.uint8), dev.empty(4096)),
+        ]
+        await anyio.sleep(0.02)
+        assert not any(op.done() for op in ops)
+        t0 = time.perf_counter()
+        closer = threading.Thread(target=gpuaio_runtime.close, name="closer")
+        closer.start()
+        outcomes: list[str] = []
+        with anyio.fail_after(5):
+            for op in ops:
+                try:
+                    await op
+                    outcomes.append("completed")
+                except RuntimeError as exc:  # CudaError is a RuntimeError too
+                    outcomes.append(str(exc))
+        ended_after = time.perf_counter() - t0
+        await anyio.to_thread.run_sync(closer.join, 10)
+        assert not closer.is_alive()
+        # Ops watched when the engine closed fail at once (the big copy surely
+        # was); one still queued behind a staging job may run to completion first.
+        closed = "gpuaio completion engine closed with the operation pending"
+        assert outcomes[0] == closed
+        assert set(outcomes) <= {closed, "completed"}
+        assert ended_after < 1.0
+    assert trouble.items == []
+    left = [t.name for t in threading.enumerate() if t.name.startswith("gpuaio-sim-stream")]
+    assert left == []
+
+
+_CLOSE_HANG_CHILD = r"""
+import os, threading, time
+import numpy as np
+import gpuaio
+from gpuaio.backends.sim import SimBackend, SimConfig
+rt = gpuaio.use_backend(SimBackend(SimConfig()))
+dev = rt.device(0)
+s = dev.stream()
+rt.backend.hold(s._native)  # GPU work that never ends (a hung kernel)
+op = s.copy(dev.empty(2 << 20), np.ones(2 << 20, np.uint8))  # staged: pinned blocks in flight
+time.sleep(0.1)
+t = threading.Thread(target=rt.close, daemon=True)
+t.start()
+t.join(12)
+print("hung" if t.is_alive() else "closed", flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.sim_only
+def test_runtime_close_returns_when_gpu_work_never_ends() -> None:
+    """Found by this suite (fixed in bdf49e9): Runtime.close() never returned while a
+    stream never drained; PinnedPool.close() waited without limit for the guard
+    events of blocks in flight (also from the atexit hook). Now bounded (5 s)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _CLOSE_HANG_CHILD],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.stdout.strip() == "closed", proc.stdout + proc.stderr
+
+
+# -- soak --------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.sim_config(**FAST_SIM)
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
+@pytest.mark.anyio
+async def test_soak_short(gpuaio_runtime: Any) -> None:
+    """10,000 small awaited ops; memory, pool and pending table stay flat."""
+    stats = await run_soak(gpuaio_runtime, 10_000, workers=4, sample_every=500, warmup=0.3)
+    assert stats.failures() == []
+    assert stats.ops >= 10_000
+    assert len(stats.samples) >= 10
+    assert stats.max_pending <= 4 + 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.sim_config(**FAST_SIM)
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
+@pytest.mark.anyio
+async def test_soak_million(gpuaio_runtime: Any) -> None:
+    """1,000,000 small awaited ops with RSS, pinned pool and pending table flat."""
+    stats = await run_soak(gpuaio_runtime, 1_000_000, workers=8, sample_every=10_000)
+    assert stats.failures() == []
+    assert stats.ops >= 1_000_000
+
+
+# -- bugs this suite found (regression tests; each failed before bdf49e9) ---------------------
+
+_DEADLOCK_CHILD = r"""
+import os, sys, time
+import gpuaio
+from gpuaio.backends.sim import SimBackend, SimConfig
+rt = gpuaio.use_backend(SimBackend(SimConfig()), completion="hostfunc")
+dev = rt.device(0)
+s = dev.stream()
+d = dev.empty(64)
+s.record()            # dropped at once: the host function's closure holds the last reference
+time.sleep(0.05)      # the marker has fired
+op = s.memset(d, 1)   # the sim worker drops the old marker, and with it the Event
+deadline = time.monotonic() + 1.5
+while not op.done() and time.monotonic() < deadline:
+    time.sleep(0.01)
+print("completed" if op.done() else "deadlocked", flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.sim_only
+def test_event_finalizer_does_not_deadlock() -> None:
+    """Found by the storm (fixed in bdf49e9): Event.__del__ called backend.event_destroy
+    in whatever thread dropped the last reference: a sim worker holding the backend
+    lock (deadlock, every time with the hostfunc strategy), a CUDA host function (where
+    driver calls are not allowed), or the cyclic GC anywhere."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _DEADLOCK_CHILD],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.stdout.strip() == "completed", proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.sim_only
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
+@pytest.mark.anyio
+async def test_failed_d2h_chunk_keeps_its_block_guarded(gpuaio_runtime: Any) -> None:
+    """Found by this suite (fixed in bdf49e9): when event_create/event_record failed
+    after a chunk's DMA was enqueued, _staging._d2h handed the pinned block back
+    unguarded; the late DMA then overwrote it under another, successful transfer."""
+    rt = gpuaio_runtime
+    dev = rt.device(0)
+    n = 1 << 20  # > inline_max: the chunked D2H path, one 1 MiB chunk
+    s1, s2 = dev.stream(), dev.stream()
+    src = dev.empty(n)
+    await s1.memset(src, 0x11)
+    release1, release2 = latch(dev, s1), latch(dev, s2)
+    rt.backend.fail_next("cuEventRecord")  # the chunk's guard event, after its DMA
+    failed = s1.copy(np.empty(n, np.uint8), src)
+    await anyio.sleep(0.05)  # the job has met the failure
+    data = pattern(n, 5)
+    d2 = dev.empty(n)
+    ok = s2.copy(d2, data)  # a later, unrelated transfer: must not get that block
+    await anyio.sleep(0.05)
+    release1()  # the failed copy's DMA runs now
+    with anyio.fail_after(10), pytest.raises(gpuaio.CudaError, match="cuEventRecord"):
+        await failed
+    release2()
+    with anyio.fail_after(10):
+        await ok
+        out = np.empty(n, np.uint8)
+        await s2.copy(out, d2)
+    assert int((out != data).sum()) == 0, "an unrelated, successful copy was corrupted"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.sim_only
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
+@pytest.mark.anyio
+async def test_failed_marker_keeps_small_d2h_block_guarded(gpuaio_runtime: Any) -> None:
+    """Found by this suite (fixed in bdf49e9): Stream._device_step resolved the op,
+    running its done callbacks (which hand the small D2H's pinned block back), when
+    watch() failed after the DMA was enqueued."""
+    rt = gpuaio_runtime
+    assert rt.strategy == "events"
+    dev = rt.device(0)
+    n = 4096  # <= inline_max: the small D2H path, block released by a done callback
+    s1, s2 = dev.stream(), dev.stream()
+    src = dev.empty(n)
+    await s1.memset(src, 0x11)
+    for s in (s1, s2):  # leave cached pinned blocks: small copies then take them inline
+        await s.copy(np.empty(n, np.uint8), src)
+        await s.copy(dev.empty(n), np.empty(n, np.uint8))
+    release1, release2 = latch(dev, s1), latch(dev, s2)
+    rt.backend.fail_next("cuEventRecord")  # the completion marker, after the DMA
+    with pytest.raises(gpuaio.CudaError, match="cuEventRecord"):
+        s1.copy(np.empty(n, np.uint8), src)  # raises at once: the small, inline path
+    data = pattern(n, 6)
+    d2 = dev.empty(n)
+    ok = s2.copy(d2, data)  # small H2D: takes the same pinned block
+    release1()
+    with anyio.fail_after(10):
+        await s1.synchronize()
+    release2()
+    with anyio.fail_after(10):
+        await ok
+        out = np.empty(n, np.uint8)
+        await s2.copy(out, d2)
+    assert int((out != data).sum()) == 0, "an unrelated, successful copy was corrupted"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.sim_only
+@pytest.mark.sim_config(devices=2)
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
+@pytest.mark.anyio
+async def test_pool_survives_a_fault_on_another_device(
+    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by this suite (fixed in bdf49e9): the pinned pool kept blocks guarded by a
+    faulted device's events for good and acquire() waited on them, so a healthy
+    device's transfer failed with the other device's DeviceFatalError once the
+    budget was spent."""
+    monkeypatch.setenv("GPUAIO_PINNED_BUDGET", "2M")  # read when the stager is made
+    rt = gpuaio_runtime
+    d0, d1 = rt.device(0), rt.device(1)
+    s0, s1 = d0.stream(), d1.stream()
+    release = latch(d0, s0)
+    n = 1 << 20
+    ops = [s0.copy(np.empty(n, np.uint8), d0.empty(n)) for _ in range(2)]  # staged D2H
+    await anyio.sleep(0.05)
+    assert rt.stager.pool.budget == 2 << 20
+    rt.backend.inject_fault(0, after_ops=0)
+    with contextlib.suppress(gpuaio.DeviceFatalError):
+        d0.stream().memset(d0.empty(64), 0)  # device 0 faults
+    for op in ops:
+        with pytest.raises(gpuaio.DeviceFatalError):
+            await op
+    release()
+    # Device 1 is healthy: its staged transfers must work.
+    host = pattern(2 * n, 9)
+    d = d1.empty(2 * n)
+    await s1.copy(d, host)
+    out = np.empty(2 * n, np.uint8)
+    await s1.copy(out, d)
+    assert np.array_equal(out, host)

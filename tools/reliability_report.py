@@ -1,0 +1,501 @@
+#!/usr/bin/env python
+"""Run gpuaio's reliability checks at full size and write the figures to a report.
+
+    python tools/reliability_report.py                  # simulated backend
+    python tools/reliability_report.py --backend cuda   # on a GPU machine
+    python tools/reliability_report.py --sanitizer      # + compute-sanitizer (GPU)
+
+Writes ``tests/reliability/report-<backend>.json``: how many operations were
+tried, cancellations, faults injected, inputs tried, and failures (which must
+be 0), with one section per check:
+
+* ``storm``: the cancellation storm (10,000 mixed ops per run on asyncio,
+  uvloop and trio; 5,000 on the flags, thread and hostfunc completion
+  strategies; 10,000 with transient driver faults on ``sim``);
+* ``sticky_fault``: ops pending on several streams when the device faults
+  (``inject_fault`` on sim, a kernel's illegal address access on cuda, in a
+  subprocess): every pending and later await raises DeviceFatalError within
+  100 ms;
+* ``loop_shutdown``: event loops ending with ops in flight;
+* ``bad_input``: the hypothesis properties of tests/test_bad_input.py;
+* ``soak``: 1,000,000 small awaited ops with memory sampled;
+* ``negative_controls``: the checks catch what they claim to (a pool that
+  reuses blocks early, an exception in a foreign thread);
+* ``sanitizer`` (``--sanitizer``, GPU only): compute-sanitizer memcheck and
+  racecheck over the GPU tests; their summaries go to
+  ``tests/reliability/sanitizer-<tool>.txt``.
+
+Exit status 0 when every check passed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import anyio  # noqa: E402
+
+LOOPS = {
+    "asyncio": ("asyncio", {}),
+    "uvloop": ("asyncio", {"use_uvloop": True}),
+    "trio": ("trio", {}),
+}
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class Report:
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.sections: dict[str, Any] = {}
+        self.failures: list[str] = []
+        self.t0 = time.perf_counter()
+
+    def add(self, section: str, entry: dict[str, Any]) -> None:
+        self.sections.setdefault(section, []).append(entry)
+        n = int(entry.get("failures", 0))
+        if n:
+            what = entry.get("name", section)
+            details = entry.get("failure_details") or []
+            self.failures.append(f"{section}/{what}: {n} failure(s): {details[:3]}")
+        print(f"  {section}/{entry.get('name', '')}: {n} failure(s)", flush=True)
+
+    def crash(self, section: str, name: str) -> None:
+        tb = traceback.format_exc()
+        self.add(section, {"name": name, "failures": 1, "failure_details": [tb[-2000:]]})
+
+
+def _runtime(backend: str, **sim: Any) -> Any:
+    import gpuaio
+
+    if backend == "sim":
+        from gpuaio.backends.sim import SimBackend, SimConfig
+
+        return gpuaio.use_backend(SimBackend(SimConfig(**sim)))
+    return gpuaio.use_backend("cuda")
+
+
+def _run_async(loop: str, fn: Callable[[], Any]) -> Any:
+    name, options = LOOPS[loop]
+    return anyio.run(fn, backend=name, backend_options=options)
+
+
+# -- sections ----------------------------------------------------------------------------
+
+
+def storms(report: Report, ops: int) -> None:
+    from tests.reliability.harness import FAST_SIM, StormConfig, run_storm
+
+    sim_kw = FAST_SIM if report.backend == "sim" else {}
+    runs: list[tuple[str, str, StormConfig]] = [
+        (f"{loop}-events", loop, StormConfig(ops=ops, seed=i, completion="events"))
+        for i, loop in enumerate(LOOPS)
+    ]
+    runs += [
+        (f"asyncio-{c}", "asyncio", StormConfig(ops=ops // 2, seed=10 + i, completion=c))
+        for i, c in enumerate(("flags", "thread", "hostfunc"))
+    ]
+    if report.backend == "sim":
+        runs.append(
+            (
+                "asyncio-transient-faults",
+                "asyncio",
+                StormConfig(ops=ops, seed=20, transient_fault_rate=0.01),
+            )
+        )
+    for name, loop, cfg in runs:
+        print(f"storm {name} ({cfg.ops} ops)", flush=True)
+        rt = _runtime(report.backend, **sim_kw)
+        try:
+            stats = _run_async(loop, lambda rt=rt, cfg=cfg: run_storm(rt, cfg))
+            entry = stats.summary()
+            entry["name"] = name
+            report.add("storm", entry)
+        except Exception:
+            report.crash("storm", name)
+        finally:
+            if report.backend == "sim":
+                rt.close()
+
+
+def sticky_faults(report: Report) -> None:
+    from tests.reliability.harness import run_sticky_fault
+
+    if report.backend == "sim":
+        for loop in LOOPS:
+            for completion in ("events", "flags", "thread", "hostfunc"):
+                name = f"{loop}-{completion}"
+                print(f"sticky fault {name}", flush=True)
+                rt = _runtime("sim")
+                try:
+                    stats = _run_async(
+                        loop, lambda rt=rt, c=completion: run_sticky_fault(rt, completion=c)
+                    )
+                    entry = stats.summary()
+                    entry["name"] = name
+                    entry["faults_injected"] = 1
+                    report.add("sticky_fault", entry)
+                except Exception:
+                    report.crash("sticky_fault", name)
+                finally:
+                    rt.close()
+    # In a subprocess, as on the GPU (where the context is lost for good).
+    for completion in ("events", "flags"):
+        name = f"subprocess-{report.backend}-{completion}"
+        print(f"sticky fault {name}", flush=True)
+        try:
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.reliability.fault_child",
+                    "--backend",
+                    report.backend,
+                    "--completion",
+                    completion,
+                    "--timeout",
+                    "50",
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=90,
+                check=False,
+            )
+            lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+            if not lines:
+                raise RuntimeError(f"exit {proc.returncode}: {proc.stdout} {proc.stderr}")
+            entry = json.loads(lines[-1])
+            entry["name"] = name
+            entry["faults_injected"] = 1
+            entry["returncode"] = proc.returncode
+            if proc.returncode and not entry["failures"]:
+                entry["failures"] = 1
+            report.add("sticky_fault", entry)
+        except Exception:
+            report.crash("sticky_fault", name)
+
+
+def loop_shutdowns(report: Report) -> None:
+    from dataclasses import asdict
+
+    from tests.reliability.harness import run_loop_shutdown
+
+    for loop in LOOPS:
+        print(f"loop shutdown {loop}", flush=True)
+        rt = _runtime(report.backend)
+        try:
+            stats = run_loop_shutdown(rt, loop)
+            entry = asdict(stats)
+            entry.update(
+                name=loop, failures=len(stats.failures()), failure_details=stats.failures()
+            )
+            for key in ("op_errors", "foreign_exceptions", "leaks"):
+                entry[key] = len(entry[key])
+            report.add("loop_shutdown", entry)
+        except Exception:
+            report.crash("loop_shutdown", loop)
+        finally:
+            if report.backend == "sim":
+                rt.close()
+
+
+def bad_input(report: Report, examples: int) -> None:
+    """The hypothesis properties, on a simulated backend (they read its counters)."""
+    os.environ["GPUAIO_BAD_INPUT_EXAMPLES"] = str(examples)
+    from tests import test_bad_input as props
+
+    rt = _runtime("sim", devices=2)
+    stream = rt.device(0).stream()
+    maker = props.Maker(rt, stream)
+    results: dict[str, Any] = {}
+    failures: list[str] = []
+    t0 = time.perf_counter()
+    for name in (
+        "test_copy",
+        "test_memset",
+        "test_launch",
+        "test_allocation",
+        "test_other_api_rejections",
+    ):
+        print(f"bad input {name}", flush=True)
+        try:
+            getattr(props, name)(maker=maker)
+            results[name] = "passed"
+        except Exception as exc:
+            results[name] = "failed"
+            failures.append(f"{name}: {type(exc).__name__}: {str(exc)[:1500]}")
+    maker.close()
+    stream.close()
+    rt.close()
+    tried = dict(sorted(props.TRIED.items()))
+    props_tried = {k: v for k, v in tried.items() if ":" not in k}
+    report.add(
+        "bad_input",
+        {
+            "name": "hypothesis",
+            "examples_per_property": examples,
+            "inputs_tried": sum(props_tried.values()),
+            "rejected": sum(v for k, v in tried.items() if k.endswith(":rejected")),
+            "valid_and_verified": sum(v for k, v in tried.items() if k.endswith(":valid")),
+            "by_property": tried,
+            "results": results,
+            "elapsed_s": round(time.perf_counter() - t0, 1),
+            "failures": len(failures),
+            "failure_details": failures,
+        },
+    )
+
+
+def soak(report: Report, ops: int) -> None:
+    from tests.reliability.harness import FAST_SIM, run_soak
+
+    print(f"soak ({ops} ops)", flush=True)
+    rt = _runtime(report.backend, **(FAST_SIM if report.backend == "sim" else {}))
+    try:
+        stats = _run_async(
+            "asyncio", lambda: run_soak(rt, ops, workers=8, sample_every=max(1000, ops // 100))
+        )
+        entry = stats.summary()
+        entry["name"] = f"asyncio-{ops}"
+        report.add("soak", entry)
+    except Exception:
+        report.crash("soak", "asyncio")
+    finally:
+        if report.backend == "sim":
+            rt.close()
+
+
+def negative_controls(report: Report) -> None:
+    """The checks must catch what they are for; a control that sees nothing fails."""
+    import logging
+    import threading
+
+    from gpuaio._pool import PinnedPool
+    from tests.reliability.harness import Trouble, early_reuse_probe
+
+    rt = _runtime("sim")
+    try:
+        clean = _run_async("asyncio", lambda: early_reuse_probe(rt))
+        original = PinnedPool.release
+
+        def careless(self: PinnedPool, block: Any, events: Any = ()) -> None:
+            for ev in events:
+                self.backend.event_destroy(ev)
+            original(self, block)
+
+        PinnedPool.release = careless  # type: ignore[method-assign]
+        try:
+            caught = _run_async("asyncio", lambda: early_reuse_probe(rt))
+        finally:
+            PinnedPool.release = original  # type: ignore[method-assign]
+        report.add(
+            "negative_controls",
+            {
+                "name": "early_reuse",
+                "clean_pool": clean,
+                "careless_pool": caught,
+                "failures": int(bool(clean)) + int(not caught),
+                "failure_details": ([f"clean pool: {clean}"] if clean else [])
+                + ([] if caught else ["a pool reusing blocks early went unnoticed"]),
+            },
+        )
+    except Exception:
+        report.crash("negative_controls", "early_reuse")
+    finally:
+        rt.close()
+    trouble = Trouble()
+    with trouble.capture():
+        t = threading.Thread(target=lambda: 1 / 0, name="control")
+        t.start()
+        t.join()
+        logging.getLogger("gpuaio").error("control")
+    report.add(
+        "negative_controls",
+        {
+            "name": "foreign_exceptions",
+            "caught": len(trouble.items),
+            "failures": int(len(trouble.items) != 2),
+            "failure_details": [] if len(trouble.items) == 2 else trouble.items,
+        },
+    )
+
+
+def sanitizers(report: Report) -> None:
+    """compute-sanitizer memcheck and racecheck over the GPU tests (GPU machines only)."""
+    import shutil
+
+    exe = shutil.which("compute-sanitizer")
+    if exe is None:
+        report.add(
+            "sanitizer",
+            {
+                "name": "compute-sanitizer",
+                "failures": 1,
+                "failure_details": ["compute-sanitizer not on PATH"],
+            },
+        )
+        return
+    for tool in ("memcheck", "racecheck"):
+        print(f"compute-sanitizer --tool {tool}", flush=True)
+        cmd = [
+            exe,
+            "--tool",
+            tool,
+            "--error-exitcode",
+            "86",
+            "--target-processes",
+            "all",
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--gpuaio-backend=cuda",
+            "-m",
+            "gpu",
+            "tests",
+        ]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+        text = proc.stdout + proc.stderr
+        out = ROOT / "tests" / "reliability" / f"sanitizer-{tool}.txt"
+        summary = [
+            x for x in text.splitlines() if "ERROR SUMMARY" in x or "passed" in x or "failed" in x
+        ]
+        out.write_text(f"$ {' '.join(cmd[:8])} ...\n" + "\n".join(summary[-20:]) + "\n")
+        errors = sum(
+            int(x.split("ERROR SUMMARY:")[1].split()[0]) for x in summary if "ERROR SUMMARY:" in x
+        )
+        report.add(
+            "sanitizer",
+            {
+                "name": tool,
+                "exit_code": proc.returncode,
+                "errors": errors,
+                "summary_file": str(out.relative_to(ROOT)),
+                "failures": int(proc.returncode != 0 or errors > 0),
+                "failure_details": summary[-5:],
+            },
+        )
+
+
+# -- main --------------------------------------------------------------------------------
+
+
+def totals(report: Report) -> dict[str, int]:
+    s = report.sections
+    storms_ = s.get("storm", [])
+    faults = s.get("sticky_fault", [])
+    shutdowns = s.get("loop_shutdown", [])
+    soaks = s.get("soak", [])
+    bad = s.get("bad_input", [])
+    return {
+        "ops_tried": sum(int(x.get("ops", 0)) for x in storms_ + soaks + shutdowns)
+        + sum(int(x.get("pending", 0)) + int(x.get("later_calls", 0)) for x in faults),
+        "cancellations": sum(int(x.get("cancelled_awaits", 0)) for x in storms_),
+        "aborts": sum(int(x.get("aborts_requested", 0)) for x in storms_),
+        "faults_injected": sum(int(x.get("faults_injected", 0)) for x in faults)
+        + sum(int(x.get("transient_faults_injected", 0)) for x in storms_),
+        "inputs_tried": sum(int(x.get("inputs_tried", 0)) for x in bad),
+        "bytes_verified": sum(int(x.get("bytes_verified", 0)) for x in storms_),
+        "failures": len(report.failures),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--backend", choices=("sim", "cuda"), default="sim")
+    parser.add_argument("--storm-ops", type=int, default=10_000)
+    parser.add_argument("--soak-ops", type=int, default=1_000_000)
+    parser.add_argument(
+        "--examples", type=int, default=2_000, help="hypothesis examples per bad-input property"
+    )
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=("storm", "fault", "shutdown", "bad_input", "soak", "controls"),
+    )
+    parser.add_argument(
+        "--sanitizer",
+        action="store_true",
+        help="also run compute-sanitizer memcheck and racecheck (GPU)",
+    )
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    out = args.out or ROOT / "tests" / "reliability" / f"report-{args.backend}.json"
+    report = Report(args.backend)
+    started = datetime.datetime.now(datetime.UTC)
+    if "controls" not in args.skip:
+        negative_controls(report)
+    if "storm" not in args.skip:
+        storms(report, args.storm_ops)
+    if "fault" not in args.skip:
+        sticky_faults(report)
+    if "shutdown" not in args.skip:
+        loop_shutdowns(report)
+    if "bad_input" not in args.skip:
+        bad_input(report, args.examples)
+    if "soak" not in args.skip:
+        soak(report, args.soak_ops)
+    if args.sanitizer:
+        sanitizers(report)
+    import gpuaio
+
+    doc = {
+        "report": "gpuaio reliability",
+        "backend": args.backend,
+        "generated": started.isoformat(timespec="seconds"),
+        "elapsed_s": round(time.perf_counter() - report.t0, 1),
+        "gpuaio": gpuaio.__version__,
+        "commit": _git_commit(),
+        "host": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+        },
+        "command": " ".join(["python", "tools/reliability_report.py", *(argv or sys.argv[1:])]),
+        "totals": totals(report),
+        "failure_list": report.failures,
+        **report.sections,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    print(json.dumps(doc["totals"], indent=1))
+    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    return 0 if not report.failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
