@@ -40,7 +40,7 @@ from typing import Any
 
 from ._errors import InvalidArgumentError
 from ._kernel import normalize_dim3
-from ._memory import BufferInfo, DeviceArray, describe
+from ._memory import DeviceArray
 from ._operation import Operation
 from ._stream import Stream
 
@@ -161,33 +161,17 @@ def enqueue(
     """
     stream._check()
     kept = tuple(keep)
+    infos = stream._array_args(kept)
     op = Operation(label, stream, keep=kept)
-    _track(stream, op, kept)
+    stream._track(op, infos)
     handle = stream.handle
 
     def step(_native: Any) -> None:
         submit(handle)
 
-    try:
-        return stream._device_step(op, step)
-    except BaseException as exc:
-        # Raised before anything was enqueued: release what _track acquired.
-        op._resolve(exc)
-        raise
-
-
-def _track(stream: Stream, op: Operation, objs: Sequence[Any]) -> None:
-    infos: list[BufferInfo] = []
-    for obj in objs:
-        if isinstance(obj, DeviceArray):
-            info = describe(obj, stream._rt)
-            if info.device not in (None, stream.device.ordinal):
-                raise InvalidArgumentError(
-                    f"a device array on device {info.device} was passed to work on device "
-                    f"{stream.device.ordinal}"
-                )
-            infos.append(info)
-    stream._track(op, infos)
+    # On failure _device_step resolves the op itself: at once if nothing was
+    # enqueued, after the stream drained if something was.
+    return stream._device_step(op, step)
 
 
 def launch_cupy(

@@ -173,20 +173,14 @@ class Stager:
                 _finish(futs)
                 copying.popleft()
                 _span("gpuaio stage h2d chunk", t_chunk.popleft(), ln)
+                slot = ring[j % depth]
                 try:
-                    slot = ring[j % depth]
                     if j >= depth:
                         backend.event_synchronize(slot)
-                    backend.memcpy_async(d.ptr + o, block.ptr, ln, native)
                 except BaseException:
-                    pool.release(block)  # nothing enqueued from it
+                    pool.release(block)
                     raise
-                try:
-                    guard = backend.event_create(device, blocking_sync=True)
-                    backend.event_record(guard, native)
-                except BaseException:
-                    _release_after_drain(backend, native, pool, block)
-                    raise
+                guard = _guarded_dma(backend, native, device, pool, block, d.ptr + o, block.ptr, ln)
                 pool.release(block, [guard])
                 backend.event_record(slot, native)
                 j += 1
@@ -227,17 +221,9 @@ class Stager:
                     block = pool.acquire(ln, wait=not (inflight or copying))
                     if block is None:
                         break
-                    try:
-                        backend.memcpy_async(block.ptr, s.ptr + off, ln, native)
-                    except BaseException:
-                        pool.release(block)  # nothing enqueued into it
-                        raise
-                    try:
-                        ev = backend.event_create(device, blocking_sync=True)
-                        backend.event_record(ev, native)
-                    except BaseException:
-                        _release_after_drain(backend, native, pool, block)
-                        raise
+                    ev = _guarded_dma(
+                        backend, native, device, pool, block, block.ptr, s.ptr + off, ln
+                    )
                     inflight.append((off, ln, block, ev))
                     off += ln
                 if inflight and len(copying) < LOOKAHEAD:
@@ -271,6 +257,35 @@ class Stager:
 
 LOOKAHEAD = 2
 """Chunks the host threads may be copying at once within one transfer."""
+
+
+def _guarded_dma(
+    backend: Any,
+    native: Any,
+    device: int,
+    pool: PinnedPool,
+    block: PinnedBlock,
+    dst: int,
+    src: int,
+    nbytes: int,
+) -> Any:
+    """Enqueue a DMA to or from ``block`` and return an event recorded behind it.
+
+    On failure ``block`` goes back to the pool only when no DMA can still
+    touch it: at once if the copy was not enqueued, after a drain otherwise.
+    """
+    try:
+        backend.memcpy_async(dst, src, nbytes, native)
+    except BaseException:
+        pool.release(block)  # nothing was enqueued
+        raise
+    try:
+        ev = backend.event_create(device, blocking_sync=True)
+        backend.event_record(ev, native)
+    except BaseException:
+        _release_after_drain(backend, native, pool, block)
+        raise
+    return ev
 
 
 def _release_after_drain(backend: Any, native: Any, pool: PinnedPool, block: PinnedBlock) -> None:

@@ -217,6 +217,20 @@ class Stream:
         last = self._last_host_write
         return last is None or last.done()
 
+    def _array_args(self, args: Sequence[Any]) -> list[BufferInfo]:
+        """Describe the arrays among ``args``; reject device memory of another device."""
+        infos: list[BufferInfo] = []
+        for i, arg in enumerate(args):
+            if isinstance(arg, DeviceArray) or hasattr(arg, "__cuda_array_interface__"):
+                info = describe(arg, self._rt)
+                if info.device not in (None, self._ordinal) and info.kind is MemoryKind.DEVICE:
+                    raise InvalidArgumentError(
+                        f"argument {i} is on device {info.device}, "
+                        f"this stream is on device {self._ordinal}"
+                    )
+                infos.append(info)
+        return infos
+
     def _track(self, op: Operation, infos: Sequence[BufferInfo]) -> None:
         """Hold gpuaio allocations in use until ``op`` completes."""
         for info in infos:
@@ -422,16 +436,7 @@ class Stream:
         else:
             native = kernel
             name = str(getattr(kernel, "name", None) or getattr(kernel, "__name__", "kernel"))
-        infos: list[BufferInfo] = []
-        for i, arg in enumerate(args):
-            if isinstance(arg, DeviceArray) or hasattr(arg, "__cuda_array_interface__"):
-                info = describe(arg, self._rt)
-                if info.device not in (None, self._ordinal) and info.kind is MemoryKind.DEVICE:
-                    raise InvalidArgumentError(
-                        f"kernel argument {i} is on device {info.device}, "
-                        f"this stream is on device {self._ordinal}"
-                    )
-                infos.append(info)
+        infos = self._array_args(args)
         op = Operation(name, self, keep=(native, args))
         self._track(op, infos)
         backend = self._rt.backend
