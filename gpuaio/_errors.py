@@ -59,7 +59,7 @@ class CudaError(GpuaioError, RuntimeError):
 
     def __init__(self, call: str, code: int, name: str, detail: str = "") -> None:
         self.call = call
-        self.code = int(code)
+        self.code: int = int(code)
         self.name = name
         self.detail = detail
         msg = f"{call} failed: {name} ({self.code})"

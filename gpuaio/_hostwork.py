@@ -71,7 +71,7 @@ class HostPool:
             # core delay the loop thread by whole scheduler time slices.
             # 12 threads measured best on a 16-core H100 host (44 GB/s).
             threads = int(env) if env else min(12, max(1, (os.cpu_count() or 1) - 1))
-        self.threads = max(1, threads)
+        self.threads: int = max(1, threads)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -134,6 +134,13 @@ class HostPool:
             pool.shutdown(wait=True)
 
 
+def _wake() -> None:
+    """Queued by :meth:`SerialExecutor.linger` to make the thread re-read its idle time."""
+
+
+_WAKE = _wake
+
+
 class SerialExecutor:
     """Runs submitted jobs one at a time, in order, on a thread of its own.
 
@@ -154,6 +161,15 @@ class SerialExecutor:
         """True while any submitted job has not finished."""
         return self._outstanding > 0
 
+    def linger(self, idle_s: float) -> None:
+        """Let the thread exit after ``idle_s`` without work (0: as soon as idle).
+
+        A closed stream calls ``linger(0)`` so its thread ends once its last
+        jobs have run, instead of idling on.
+        """
+        self._idle_s = idle_s
+        self._q.put(_WAKE)
+
     def submit(self, job: Callable[[], None]) -> None:
         """Queue ``job``; it runs after every job submitted before it."""
         with self._lock:
@@ -167,6 +183,8 @@ class SerialExecutor:
         while True:
             try:
                 job = self._q.get(timeout=self._idle_s)
+                if job is _WAKE:
+                    continue
             except queue.Empty:
                 with self._lock:
                     if self._q.empty():

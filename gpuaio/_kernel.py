@@ -24,9 +24,9 @@ class Kernel:
     __slots__ = ("device", "name", "native")
 
     def __init__(self, native: Any, device: int, name: str) -> None:
-        self.native = native
-        self.device = device
-        self.name = name
+        self.native: Any = native
+        self.device: int = device
+        self.name: str = name
 
     @classmethod
     def wrap(cls, native: Any, device: int = 0, name: str | None = None) -> Kernel:

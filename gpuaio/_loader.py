@@ -342,9 +342,9 @@ class Prefetcher:
         self._exit_waiter: anyio.Event | None = None  # set when the puller has exited
         self._draining: list[Operation] = []  # ops of dropped entries, awaited by aclose
         self._running = False
-        self.pulled = 0
+        self.pulled: int = 0
         """Batches taken from the source and received by the loader so far."""
-        self.delivered = 0
+        self.delivered: int = 0
         """Batches handed to the consumer so far."""
 
     def __repr__(self) -> str:

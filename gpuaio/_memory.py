@@ -68,10 +68,10 @@ class Allocation:
         self, runtime: Runtime, ptr: int, nbytes: int, kind: MemoryKind, device: int | None
     ) -> None:
         self._runtime = runtime
-        self.ptr = ptr
-        self.nbytes = nbytes
-        self.kind = kind
-        self.device = device
+        self.ptr: int = ptr
+        self.nbytes: int = nbytes
+        self.kind: MemoryKind = kind
+        self.device: int | None = device
         self._users = 0
         self._freed = False
         self._free_requested = False
@@ -191,9 +191,9 @@ class DeviceArray:
         self, alloc: Allocation, shape: tuple[int, ...], dtype: npt.DTypeLike, offset: int = 0
     ) -> None:
         self._alloc = alloc
-        self.shape = shape
-        self.dtype = np.dtype(dtype)
-        self.offset = offset
+        self.shape: tuple[int, ...] = shape
+        self.dtype: np.dtype[Any] = np.dtype(dtype)
+        self.offset: int = offset
         if offset + self.nbytes > alloc.nbytes:
             raise InvalidArgumentError("view exceeds its allocation")
 
@@ -474,7 +474,7 @@ class HostRegistration:
         runtime.backend.host_register(info.ptr, info.nbytes)
         self._runtime = runtime
         self.array = array
-        self.alloc = _RegisteredAllocation(runtime, info.ptr, info.nbytes)
+        self.alloc: _RegisteredAllocation = _RegisteredAllocation(runtime, info.ptr, info.nbytes)
         _registry(runtime).add(self.alloc)
         forget(array)
 

@@ -62,9 +62,9 @@ class Operation:
         keep: tuple[Any, ...] = (),
         nbytes: int = 0,
     ) -> None:
-        self.label = label
-        self.stream = stream
-        self.nbytes = nbytes
+        self.label: str = label
+        self.stream: Stream | None = stream
+        self.nbytes: int = nbytes
         self._keep: tuple[Any, ...] | None = keep
         self._done = False
         self._exc: BaseException | None = None

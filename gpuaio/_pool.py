@@ -80,8 +80,8 @@ class PinnedBlock:
     __slots__ = ("events", "ptr", "size")
 
     def __init__(self, ptr: int, size: int) -> None:
-        self.ptr = ptr
-        self.size = size
+        self.ptr: int = ptr
+        self.size: int = size
         self.events: list[Any] = []
 
 
@@ -90,7 +90,7 @@ class PinnedPool:
 
     def __init__(self, backend: Backend, budget: int | None = None) -> None:
         self.backend = backend
-        self.budget = default_budget() if budget is None else int(budget)
+        self.budget: int = default_budget() if budget is None else int(budget)
         if self.budget < MIN_CLASS:
             raise InvalidArgumentError(f"pinned budget must be at least {MIN_CLASS} bytes")
         self._cv = threading.Condition(threading.Lock())

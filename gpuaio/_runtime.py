@@ -76,13 +76,13 @@ class Runtime:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown completion strategy {strategy!r}; choose from {STRATEGIES}")
         self.strategy: Strategy = strategy
-        self.host = HostPool()
-        self.reaper = _Reaper()
+        self.host: HostPool = HostPool()
+        self.reaper: _Reaper = _Reaper()
         self._engines: dict[int, CompletionEngine] = {}
         self._devices: dict[int, Device] = {}
         self._peers: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
-        self.closed = False
+        self.closed: bool = False
         self.extras: dict[str, Any] = {}
 
     def engine(self, device: int) -> CompletionEngine:

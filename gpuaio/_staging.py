@@ -75,8 +75,8 @@ class Stager:
         self, runtime: Runtime, config: StagingConfig | None = None, budget: int | None = None
     ) -> None:
         self.runtime = runtime
-        self.config = config or StagingConfig()
-        self.pool = PinnedPool(runtime.backend, budget)
+        self.config: StagingConfig = config or StagingConfig()
+        self.pool: PinnedPool = PinnedPool(runtime.backend, budget)
 
     def close(self) -> None:
         self.pool.close()

@@ -136,6 +136,7 @@ class Stream:
                 backend.stream_destroy(self._native)
 
         self._serial.submit(release)
+        self._serial.linger(0)  # no thread left idling once the release has run
 
     def _check(self) -> None:
         if self._closed:

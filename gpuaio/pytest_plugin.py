@@ -708,11 +708,11 @@ class LoopWatchdog:
         self.max_block_ms = max_block_ms
         self.blocks: list[LoopBlock] = []
         """Every block longer than the limit in force when it ended."""
-        self.worst_s = 0.0
+        self.worst_s: float = 0.0
         """The longest lateness measured, limit or not."""
-        self.pings = 0
+        self.pings: int = 0
         """Callbacks answered by the loop so far."""
-        self.watching = False
+        self.watching: bool = False
         """True while :meth:`watch` is active (the test body is being watched)."""
         self._allowed = 0
         self._allow_epoch = 0

@@ -169,14 +169,14 @@ class CudaStream:
     __slots__ = ("address", "ctx", "destroyed", "device", "handle", "owned")
 
     def __init__(self, handle: Any, device: int, ctx: Any, owned: bool) -> None:
-        self.handle = handle
+        self.handle: Any = handle
         """The ``driver.CUstream`` passed to every enqueue call."""
-        self.address = int(handle)
-        self.device = device
-        self.ctx = ctx
+        self.address: int = int(handle)
+        self.device: int = device
+        self.ctx: Any = ctx
         """The primary context of ``device`` (what ``_bind`` makes current)."""
-        self.owned = owned
-        self.destroyed = False
+        self.owned: bool = owned
+        self.destroyed: bool = False
 
     def __repr__(self) -> str:
         kind = "owned" if self.owned else "foreign"
@@ -189,10 +189,10 @@ class CudaEvent:
     __slots__ = ("ctx", "destroyed", "device", "handle")
 
     def __init__(self, handle: Any, device: int, ctx: Any) -> None:
-        self.handle = handle
-        self.device = device
-        self.ctx = ctx
-        self.destroyed = False
+        self.handle: Any = handle
+        self.device: int = device
+        self.ctx: Any = ctx
+        self.destroyed: bool = False
 
     def __repr__(self) -> str:
         return f"<CudaEvent 0x{int(self.handle):x} device={self.device}>"
@@ -219,11 +219,11 @@ class CudaKernel:
         param_sizes: tuple[int, ...] | None,
         owner: Any = None,
     ) -> None:
-        self.function = function
-        self.name = name
-        self.device = device
-        self.param_sizes = param_sizes
-        self.owner = owner
+        self.function: Any = function
+        self.name: str = name
+        self.device: int | None = device
+        self.param_sizes: tuple[int, ...] | None = param_sizes
+        self.owner: Any = owner
 
     def __repr__(self) -> str:
         return f"<CudaKernel {self.name!r} device={self.device}>"

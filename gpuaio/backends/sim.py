@@ -227,15 +227,15 @@ class _Op:
         counted: bool = True,
         fail_code: int = _ILLEGAL_ADDRESS,
     ) -> None:
-        self.call = call
-        self.run = run
-        self.cost_s = cost_s
+        self.call: str = call
+        self.run: Callable[[], None] = run
+        self.cost_s: float = cost_s
         # Only copies, memsets and kernels count: completion markers (event records,
         # host funcs, flag writes) differ between completion strategies, and fault
         # tests must not depend on which one the library picked.
-        self.counted = counted
-        self.fail_code = fail_code  # the sticky error if ``run`` raises
-        self.done = False
+        self.counted: bool = counted
+        self.fail_code: int = fail_code  # the sticky error if ``run`` raises
+        self.done: bool = False
 
 
 class SimStream:
@@ -249,7 +249,7 @@ class SimStream:
         self.device = device
         self.priority = priority
         self.queue: deque[_Op] = deque()
-        self.cond = threading.Condition(lock)
+        self.cond: threading.Condition = threading.Condition(lock)
         self.submitted = 0
         self.retired = 0
         self.destroyed = False
@@ -330,7 +330,7 @@ class SimBackend(Backend):
     name = "sim"
 
     def __init__(self, config: SimConfig | None = None) -> None:
-        self.config = config if config is not None else SimConfig()
+        self.config: SimConfig = config if config is not None else SimConfig()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._stop = threading.Event()  # set by close(); also cuts pacing sleeps short
