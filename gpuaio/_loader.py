@@ -50,6 +50,7 @@ from ._interop import converter
 from ._loopport import LoopPort, current_port
 from ._memory import DeviceArray, describe
 from ._operation import Operation
+from ._progress import LoaderProgressCallback, report_progress
 from ._stream import Stream
 
 __all__ = ["Prefetcher", "prefetch"]
@@ -67,6 +68,7 @@ def prefetch(
     device: Device | None = None,
     stream: Stream | None = None,
     to: Target | Callable[[DeviceArray], Any] = "gpuaio",
+    progress: LoaderProgressCallback | None = None,
 ) -> Prefetcher:
     """Iterate ``source``'s host batches as device batches, ``depth`` transfers ahead.
 
@@ -85,6 +87,11 @@ def prefetch(
         to: ``"gpuaio"`` (:class:`~gpuaio.DeviceArray`), ``"cupy"``,
             ``"torch"`` (zero-copy views through CAI / DLPack), or a callable
             applied to each device array.
+        progress: called as ``progress(batches, total)`` on the consumer's
+            task after each batch is handed over (``total``: ``len(source)``
+            if the source has a length, else None), and once more with
+            ``total == batches`` when the source is exhausted;
+            :func:`~gpuaio.progress_bar` with ``unit="batch"`` draws a bar.
 
     Returns:
         a :class:`Prefetcher`: an async iterator and async context manager.
@@ -98,7 +105,7 @@ def prefetch(
     loader (``aclose()``, leaving ``async with``, or dropping it) stops the
     source, and no copy is left running once ``aclose()`` returns.
     """
-    return Prefetcher(source, depth=depth, device=device, stream=stream, to=to)
+    return Prefetcher(source, depth=depth, device=device, stream=stream, to=to, progress=progress)
 
 
 # -- batch structure ----------------------------------------------------------
@@ -302,6 +309,7 @@ class Prefetcher:
         device: Device | None = None,
         stream: Stream | None = None,
         to: Target | Callable[[DeviceArray], Any] = "gpuaio",
+        progress: LoaderProgressCallback | None = None,
     ) -> None:
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise InvalidArgumentError(f"depth must be an int >= 1, not {depth!r}")
@@ -326,6 +334,17 @@ class Prefetcher:
             raise InvalidArgumentError(
                 f"source must be an iterable or async iterable, not {type(source).__name__}"
             )
+        if progress is not None and not callable(progress):
+            raise InvalidArgumentError(
+                f"progress must be a callable, not {type(progress).__name__}"
+            )
+        self._progress = progress
+        self._total: int | None = None
+        if progress is not None:
+            try:
+                self._total = len(source)  # type: ignore[arg-type]
+            except TypeError:
+                self._total = None
         self._convert = converter(to)
         self._identity = to == "gpuaio"
         self._depth = depth
@@ -550,6 +569,8 @@ class Prefetcher:
             raise StopAsyncIteration  # closed while we waited
         self._entries.popleft()
         self.delivered += 1
+        if self._progress is not None:
+            report_progress(self._progress, self.delivered, self._total)
         if self._puller is not None:
             self._puller.release()
         if entry.error is not None:
@@ -562,6 +583,8 @@ class Prefetcher:
 
     def _finish(self) -> None:
         """The source is exhausted and every batch handed over: release what we own."""
+        if self._progress is not None and not self._stopped:
+            report_progress(self._progress, self.delivered, self.delivered)
         self._stopped = True
         self._release_stream()
 

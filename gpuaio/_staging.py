@@ -33,6 +33,7 @@ from ._hostwork import byte_view
 from ._memory import BufferInfo
 from ._operation import Operation
 from ._pool import PinnedBlock, PinnedPool, parse_size
+from ._progress import report_progress
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -186,7 +187,7 @@ class Stager:
                 j += 1
                 enqueued += ln
                 if op._progress is not None and enqueued < n:
-                    op._progress(enqueued, n)
+                    report_progress(op._progress, enqueued, n)
         finally:
             _drop(pool, copying)
             for ev in ring:
@@ -243,7 +244,7 @@ class Stager:
                     pool.release(block)
                     copied += ln
                     if op._progress is not None and copied < n:
-                        op._progress(copied, n)
+                        report_progress(op._progress, copied, n)
                     continue
                 break
         finally:

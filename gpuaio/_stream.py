@@ -32,6 +32,7 @@ from ._hostwork import SerialExecutor
 from ._kernel import Kernel, normalize_dim3
 from ._memory import BufferInfo, DeviceArray, describe
 from ._operation import Operation, completed
+from ._progress import report_progress
 from .backends import MemoryKind
 
 if TYPE_CHECKING:
@@ -281,7 +282,7 @@ class Stream:
 
             def report_done() -> None:
                 if op._exc is None:
-                    progress(total, total)
+                    report_progress(progress, total, total)
 
             op._add_done_callback(report_done)
         backend = rt.backend
