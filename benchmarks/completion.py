@@ -20,8 +20,13 @@ wait their way: ``cuStreamSynchronize`` on the loop thread (blocks the loop),
 with a note saying why.
 
 Last, the GIL stall: a pure-Python busy loop holds the GIL for ~1 s while a
-stream runs 2,000 memsets, each followed by the strategy's completion marker;
+stream runs 256 memsets, each followed by the strategy's completion marker;
 the GPU time of that stream with the default strategy against ``hostfunc``.
+The memsets are queued behind a host function that holds the stream, so the
+count must stay well inside the stream's launch queue: enqueueing into a full
+queue blocks the calling thread until the GPU drains it, which here would be
+the loop thread that is to release the hold (the hang of earlier runs, with
+2,000 memsets and their markers).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import gpuaio
 
 TASKS = (1, 100, 1000)
 NSTREAMS = 16
-GIL_OPS = 2000
+GIL_OPS = 256  # x2-3 queue entries each with markers: well inside the launch queue
 TO_THREAD = "memset + await anyio.to_thread.run_sync(cuStreamSynchronize)"
 PEERS = ("numba", "cupy", "torch")
 
@@ -526,6 +531,19 @@ async def gil_stall(args: argparse.Namespace, default: str) -> list[H.Record]:
             gate.wait()
 
         be.launch_host_func(s._native, hold)
+        # Failsafe: should an enqueue below block on a full launch queue, the
+        # hold is released from here and the run is reported as failed
+        # instead of deadlocking the benchmark.
+        forced = threading.Event()
+
+        def failsafe() -> None:
+            if not gate.is_set():
+                forced.set()
+                gate.set()
+
+        guard = threading.Timer(10.0, failsafe)
+        guard.daemon = True
+        guard.start()
         if timer is not None:
             timer.record(timer.start, s._native)
         ops = [s.memset(d, k) for k in range(GIL_OPS)]
@@ -536,6 +554,9 @@ async def gil_stall(args: argparse.Namespace, default: str) -> list[H.Record]:
         await anyio.sleep(0.005)
         t0 = time.perf_counter()
         gate.set()
+        guard.cancel()
+        if forced.is_set():
+            raise RuntimeError("an enqueue blocked on a full launch queue; lower GIL_OPS")
         wall: float | None = None
         if timer is None:
 
