@@ -182,6 +182,7 @@ async def _bench() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m gpuaio info | demo | bench``; returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m gpuaio",
         description=__doc__,

@@ -128,6 +128,7 @@ class HostPool:
             f.result()
 
     def close(self) -> None:
+        """Stop the copy threads after the copies already submitted."""
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:

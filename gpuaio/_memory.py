@@ -79,6 +79,7 @@ class Allocation:
 
     @classmethod
     def new(cls, runtime: Runtime, nbytes: int, kind: MemoryKind, device: int | None) -> Allocation:
+        """Allocate ``nbytes`` of ``kind`` memory (device, managed or pinned)."""
         if nbytes < 0:
             raise InvalidArgumentError(f"cannot allocate a negative size ({nbytes} bytes)")
         be = runtime.backend
@@ -491,6 +492,8 @@ class HostRegistration:
 
 
 class _RegisteredAllocation(Allocation):
+    """Host memory the user owns, page-locked in place; freeing it unregisters."""
+
     __slots__ = ()
 
     def __init__(self, runtime: Runtime, ptr: int, nbytes: int) -> None:

@@ -42,6 +42,7 @@ class _Reaper:
         self._lock = threading.Lock()
 
     def submit(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (a driver free) on the reaper thread, off the loop."""
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="gpuaio-reaper", daemon=True)
@@ -59,6 +60,7 @@ class _Reaper:
                 log.exception("gpuaio failed to free memory")
 
     def close(self) -> None:
+        """Run the frees already submitted, then stop the thread (waits up to 10 s)."""
         with self._lock:
             t, self._thread = self._thread, None
         if t is not None:
@@ -86,6 +88,7 @@ class Runtime:
         self.extras: dict[str, Any] = {}
 
     def engine(self, device: int) -> CompletionEngine:
+        """The completion engine of ``device``, started on first use."""
         eng = self._engines.get(device)
         if eng is None:
             with self._lock:
@@ -124,6 +127,7 @@ class Runtime:
             eng.close()
 
     def device(self, ordinal: int) -> Device:
+        """The :class:`Device` object for ``ordinal`` (one per runtime)."""
         dev = self._devices.get(ordinal)
         if dev is None:
             from ._device import Device

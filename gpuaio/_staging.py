@@ -64,6 +64,8 @@ class StagingConfig:
     inline_max: int = field(default_factory=lambda: _env_size("GPUAIO_INLINE_MAX", 256 << 10))
 
     def chunk_for(self, nbytes: int) -> int:
+        """The chunk size for a transfer of ``nbytes``: an eighth of it, as a
+        power of two, clamped to [``min_chunk``, ``max_chunk``]."""
         target = max(self.min_chunk, nbytes // 8)
         chunk = 1 << (target - 1).bit_length()
         return max(self.min_chunk, min(self.max_chunk, chunk))
@@ -80,6 +82,7 @@ class Stager:
         self.pool: PinnedPool = PinnedPool(runtime.backend, budget)
 
     def close(self) -> None:
+        """Close the pinned pool (waits, bounded, for blocks still in use)."""
         self.pool.close()
 
     # -- entry ---------------------------------------------------------

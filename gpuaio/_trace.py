@@ -78,10 +78,12 @@ class Tracer:
             self.events.append(ev)
 
     def chrome_trace(self) -> dict[str, Any]:
+        """The events so far as a Chrome-trace document (Perfetto opens it)."""
         with self._lock:
             return {"traceEvents": list(self.events), "displayTimeUnit": "ms"}
 
     def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write :meth:`chrome_trace` as JSON to ``path``; returns the path."""
         p = Path(path)
         p.write_text(json.dumps(self.chrome_trace()))
         return p

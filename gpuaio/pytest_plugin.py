@@ -170,6 +170,7 @@ _session_runtime: Runtime | None = None
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """The ``--gpuaio-*`` options and the ``gpuaio_max_loop_block_ms`` ini key."""
     group = parser.getgroup("gpuaio")
     group.addoption(
         "--gpuaio-backend",
@@ -211,6 +212,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """Register gpuaio's markers."""
     for line in (
         "gpu: needs a real CUDA device (skipped elsewhere, with the reason)",
         "sim_only: needs gpuaio's simulated backend",
@@ -224,6 +226,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> str:
+    """Say which backend the tests run on, and why."""
     choice = _option(config)
     names = _backend_list(config)
     if choice in ("auto", "all") or "cuda" in names:
@@ -275,6 +278,7 @@ def _no_gpu_reason() -> str:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize ``gpuaio_backend_name`` over the backends chosen by ``--gpuaio-backend``."""
     if "gpuaio_backend_name" not in metafunc.fixturenames:
         return
     for mark in metafunc.definition.iter_markers("parametrize"):
@@ -304,6 +308,7 @@ def _item_backend(item: pytest.Item, default: str) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``gpu`` and ``sim_only`` tests that cannot run here, saying why."""
     choice = _option(config)
     default: str | None = None
     for item in items:
@@ -557,6 +562,7 @@ class ResourceBaseline:
 
     @classmethod
     def take(cls, runtime: Runtime) -> ResourceBaseline:
+        """What ``runtime`` holds now: pinned bytes, pending ops and registrations."""
         acct = PinnedAccounting.of(runtime)
         if acct is None:
             return cls(0, 0)

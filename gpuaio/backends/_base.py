@@ -51,6 +51,8 @@ class PointerInfo:
 
 @dataclass(frozen=True, slots=True)
 class DeviceProperties:
+    """What gpuaio needs to know of a device."""
+
     ordinal: int
     name: str
     total_memory: int
@@ -74,16 +76,20 @@ class Backend(abc.ABC):
 
     # -- devices -------------------------------------------------------
     @abc.abstractmethod
-    def device_count(self) -> int: ...
+    def device_count(self) -> int:
+        """How many devices the backend sees."""
 
     @abc.abstractmethod
-    def device_properties(self, device: int) -> DeviceProperties: ...
+    def device_properties(self, device: int) -> DeviceProperties:
+        """Name, memory and limits of ``device``."""
 
     @abc.abstractmethod
-    def driver_version(self) -> str: ...
+    def driver_version(self) -> str:
+        """The driver version, as text (``"13.0"``; the sim says so)."""
 
     @abc.abstractmethod
-    def can_access_peer(self, device: int, peer: int) -> bool: ...
+    def can_access_peer(self, device: int, peer: int) -> bool:
+        """Whether ``device`` can map ``peer``'s memory (``cuDeviceCanAccessPeer``)."""
 
     @abc.abstractmethod
     def enable_peer_access(self, device: int, peer: int) -> None:
@@ -95,7 +101,8 @@ class Backend(abc.ABC):
         """Allocate device memory; ``nbytes`` > 0."""
 
     @abc.abstractmethod
-    def mem_alloc_managed(self, device: int, nbytes: int) -> int: ...
+    def mem_alloc_managed(self, device: int, nbytes: int) -> int:
+        """Allocate managed (unified) memory attached globally; ``nbytes`` > 0."""
 
     @abc.abstractmethod
     def mem_free(self, ptr: int) -> None:
@@ -106,14 +113,16 @@ class Backend(abc.ABC):
         """Allocate pinned, portable, device-mapped host memory."""
 
     @abc.abstractmethod
-    def host_free(self, ptr: int) -> None: ...
+    def host_free(self, ptr: int) -> None:
+        """Free memory from :meth:`host_alloc` (synchronizes like ``cuMemFreeHost``)."""
 
     @abc.abstractmethod
     def host_register(self, ptr: int, nbytes: int) -> None:
         """Page-lock an existing host range (``cuMemHostRegister``, portable)."""
 
     @abc.abstractmethod
-    def host_unregister(self, ptr: int) -> None: ...
+    def host_unregister(self, ptr: int) -> None:
+        """Undo :meth:`host_register`; the range is pageable again."""
 
     @abc.abstractmethod
     def host_device_pointer(self, ptr: int) -> int:
@@ -156,7 +165,8 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def memcpy_peer_async(
         self, dst: int, dst_device: int, src: int, src_device: int, nbytes: int, stream: Any
-    ) -> None: ...
+    ) -> None:
+        """``cuMemcpyPeerAsync`` between two devices' memory, in ``stream``'s order."""
 
     @abc.abstractmethod
     def memset_async(self, ptr: int, value: int, itemsize: int, count: int, stream: Any) -> None:
@@ -196,10 +206,12 @@ class Backend(abc.ABC):
         """Create a timing-disabled event."""
 
     @abc.abstractmethod
-    def event_destroy(self, event: Any) -> None: ...
+    def event_destroy(self, event: Any) -> None:
+        """Destroy ``event``; safe while a record of it is still pending."""
 
     @abc.abstractmethod
-    def event_record(self, event: Any, stream: Any) -> None: ...
+    def event_record(self, event: Any, stream: Any) -> None:
+        """Record ``event`` in ``stream``: it completes when the work before it has."""
 
     @abc.abstractmethod
     def event_query(self, event: Any) -> bool:
@@ -210,7 +222,8 @@ class Backend(abc.ABC):
         """Block the calling thread until ``event`` has completed."""
 
     @abc.abstractmethod
-    def stream_wait_event(self, stream: Any, event: Any) -> None: ...
+    def stream_wait_event(self, stream: Any, event: Any) -> None:
+        """Make ``stream``'s later work wait for ``event`` (no host wait)."""
 
     # -- kernels -------------------------------------------------------
     @abc.abstractmethod

@@ -500,9 +500,11 @@ class SimBackend(Backend):
 
     # -- devices -------------------------------------------------------
     def device_count(self) -> int:
+        """How many simulated devices (``SimConfig.devices``)."""
         return len(self._devices)
 
     def device_properties(self, device: int) -> DeviceProperties:
+        """Simulated properties, shaped like an H100's."""
         with self._lock:
             self._device_locked(device, "cuDeviceGetAttribute")
         return DeviceProperties(
@@ -517,9 +519,11 @@ class SimBackend(Backend):
         )
 
     def driver_version(self) -> str:
+        """Always ``"sim"``."""
         return "sim"
 
     def can_access_peer(self, device: int, peer: int) -> bool:
+        """Every pair of distinct simulated devices can."""
         with self._lock:
             self._device_locked(device, "cuDeviceCanAccessPeer")
             self._device_locked(peer, "cuDeviceCanAccessPeer")
@@ -645,6 +649,7 @@ class SimBackend(Backend):
         return ptr
 
     def pointer_info(self, ptr: int) -> PointerInfo:
+        """Classify ``ptr`` by the sim's allocation table; unknown memory is pageable."""
         with self._lock:
             region = self._region_locked(ptr)
         if region is None:
@@ -653,6 +658,7 @@ class SimBackend(Backend):
 
     # -- streams -------------------------------------------------------
     def stream_priority_range(self, device: int) -> tuple[int, int]:
+        """``SimConfig.priority_range`` (as ``cuCtxGetStreamPriorityRange`` gives it)."""
         with self._lock:
             self._device_locked(device, "cuCtxGetStreamPriorityRange")
         return self.config.priority_range
@@ -689,6 +695,7 @@ class SimBackend(Backend):
         return s
 
     def stream_handle(self, stream: Any) -> int:
+        """A unique integer standing for the simulated ``CUstream``."""
         if not isinstance(stream, SimStream):
             raise _error("cuStreamGetId", _INVALID_HANDLE, f"{stream!r} is not a sim stream")
         return id(stream)
@@ -883,6 +890,7 @@ class SimBackend(Backend):
 
     # -- events --------------------------------------------------------
     def event_create(self, device: int, blocking_sync: bool = False) -> SimEvent:
+        """A simulated event; ``blocking_sync`` changes nothing here."""
         with self._lock:
             self._check_locked("cuEventCreate", device)
         return SimEvent(device, blocking_sync)
