@@ -44,8 +44,10 @@ from ._memory import (
 )
 from ._multi import gather, scatter
 from ._operation import Operation, wait_all
+from ._pool import PoolStats
 from ._progress import ProgressCallback, progress_bar
 from ._runtime import configure, current_runtime, use_backend
+from ._staging import reserve_pinned
 from ._stream import Event, Stream
 from ._trace import Tracer, trace
 from .backends import MemoryKind
@@ -69,6 +71,7 @@ __all__ = [
     "NoDeviceError",
     "Operation",
     "OperationAbortedError",
+    "PoolStats",
     "Prefetcher",
     "ProgressCallback",
     "Stream",
@@ -85,6 +88,7 @@ __all__ = [
     "progress_bar",
     "register_host",
     "register_host_async",
+    "reserve_pinned",
     "scatter",
     "trace",
     "use_backend",

@@ -173,6 +173,41 @@ class PinnedPool:
             raise
         return PinnedBlock(ptr, size)
 
+    def reserve(self, nbytes: int, count: int) -> int:
+        """Allocate blocks ahead of need until ``count`` cached blocks serve ``nbytes``.
+
+        Stops at the budget (it never evicts). Returns the bytes newly
+        allocated. Blocks: calls the driver's allocator, so run it off the
+        event loop.
+        """
+        size = size_class(nbytes)
+        if size > self.budget:
+            raise InvalidArgumentError(
+                f"a {size}-byte pinned block exceeds the pinned budget of {self.budget} bytes"
+            )
+        added = 0
+        while True:
+            with self._cv:
+                if self._closed:
+                    raise RuntimeError("the pinned pool is closed")
+                self._reclaim_locked()
+                if len(self._free.get(size, ())) >= count:
+                    return added
+                if self._reserved + size > self.budget:
+                    return added
+                self._reserved += size
+                self._peak = max(self._peak, self._reserved)
+            try:
+                ptr = self.backend.host_alloc(size)
+            except BaseException:
+                with self._cv:
+                    self._reserved -= size
+                raise
+            with self._cv:
+                self._free.setdefault(size, []).append(PinnedBlock(ptr, size))
+                self._cv.notify_all()
+            added += size
+
     def release(self, block: PinnedBlock, events: list[Any] | tuple[Any, ...] = ()) -> None:
         """Hand ``block`` back; reusable once every event in ``events`` has fired.
 

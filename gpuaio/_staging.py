@@ -28,18 +28,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import _trace
-from ._errors import OperationAbortedError
+from ._errors import InvalidArgumentError, OperationAbortedError
 from ._hostwork import byte_view
 from ._memory import BufferInfo
 from ._operation import Operation
-from ._pool import PinnedBlock, PinnedPool, parse_size
+from ._pool import PinnedBlock, PinnedPool, PoolStats, parse_size
 from ._progress import report_progress
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
     from ._stream import Stream
 
-__all__ = ["Stager", "StagingConfig"]
+__all__ = ["Stager", "StagingConfig", "reserve_pinned"]
 
 
 def _env_size(name: str, default: int) -> int:
@@ -84,6 +84,13 @@ class Stager:
     def close(self) -> None:
         """Close the pinned pool (waits, bounded, for blocks still in use)."""
         self.pool.close()
+
+    def blocks_for(self, transfer_bytes: int, concurrent: int = 1) -> tuple[int, int]:
+        """(block size, count) that ``concurrent`` transfers of this size hold at most."""
+        if transfer_bytes <= self.config.inline_max:
+            return transfer_bytes, concurrent  # one block per small transfer in flight
+        per_transfer = self.config.depth + LOOKAHEAD  # in DMA + being copied
+        return self.config.chunk_for(transfer_bytes), per_transfer * concurrent
 
     # -- entry ---------------------------------------------------------
     def copy(self, stream: Stream, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
@@ -322,3 +329,42 @@ def _drop(
         wait(futs)
         pool.release(block)
     copying.clear()
+
+
+async def reserve_pinned(transfer_bytes: int, *, concurrent: int = 1) -> PoolStats:
+    """Pin, ahead of time, the staging blocks that pageable transfers of this size use.
+
+    Allocating pinned memory is slow (the driver locks every page) and, while
+    it runs, holds the process's memory-map lock, so any thread that faults a
+    page waits too, the event loop's included: the first large pageable
+    transfers of a process pay for it. A service calls this once at start-up
+    with its typical transfer size and concurrency; later transfers of up to
+    that size find their blocks cached.
+
+    The allocation runs on a worker thread; the loop is never blocked. It
+    stops at the pinned budget (``GPUAIO_PINNED_BUDGET``) and never evicts
+    cached blocks. Idempotent: blocks already cached count. Returns the
+    pool's counters afterwards. Does nothing when staging is off
+    (``GPUAIO_STAGING=0``).
+    """
+    import anyio.to_thread
+
+    from ._runtime import current_runtime
+
+    if isinstance(transfer_bytes, bool) or not isinstance(transfer_bytes, int):
+        raise InvalidArgumentError(f"transfer_bytes must be an int, not {transfer_bytes!r}")
+    if isinstance(concurrent, bool) or not isinstance(concurrent, int) or concurrent < 1:
+        raise InvalidArgumentError(f"concurrent must be an int >= 1, not {concurrent!r}")
+    if transfer_bytes < 1:
+        raise InvalidArgumentError(f"transfer_bytes must be positive, not {transfer_bytes}")
+    stager = current_runtime().stager
+    if stager is None:
+        return PoolStats(0, 0, 0, 0, 0, 0, 0)
+    size, count = stager.blocks_for(transfer_bytes, concurrent)
+    pool = stager.pool
+
+    def reserve() -> PoolStats:
+        pool.reserve(size, count)
+        return pool.stats()  # off the loop too: the pool's lock may be held by a free
+
+    return await anyio.to_thread.run_sync(reserve)

@@ -130,6 +130,67 @@ async def test_pool_trim_and_stats(small_pool: Stager, dev: gpuaio.Device) -> No
     assert small_pool.pool.stats().reserved == 0
 
 
+@pytest.fixture
+def roomy_pool(gpuaio_runtime: Any) -> Iterator[Stager]:
+    """1 MiB chunks, depth 2 and a 16 MiB budget."""
+    old = gpuaio_runtime.stager
+    stager = Stager(gpuaio_runtime, StagingConfig(max_chunk=MiB, depth=2), budget=16 * MiB)
+    gpuaio_runtime.extras["stager"] = stager
+    yield stager
+    gpuaio_runtime.extras["stager"] = old
+    stager.close()
+
+
+async def test_reserve_pinned_then_transfers_allocate_nothing(
+    roomy_pool: Stager, dev: gpuaio.Device
+) -> None:
+    n = 8 * MiB  # 1 MiB chunks; depth 2 + lookahead 2 = 4 blocks per transfer
+    stats = await gpuaio.reserve_pinned(n, concurrent=2)
+    assert isinstance(stats, gpuaio.PoolStats)
+    assert stats.reserved == 8 * MiB and stats.in_use == 0 and stats.misses == 0
+    again = await gpuaio.reserve_pinned(n, concurrent=2)  # idempotent
+    assert again.reserved == 8 * MiB
+    streams = [dev.stream(), dev.stream()]
+    srcs = [pattern(n, 5), pattern(n, 6)]
+    devs = [dev.empty(n), dev.empty(n)]
+    await gpuaio.wait_all([s.copy(d, h) for s, d, h in zip(streams, devs, srcs, strict=True)])
+    outs = [np.empty(n, np.uint8) for _ in range(2)]
+    await gpuaio.wait_all([s.copy(o, d) for s, o, d in zip(streams, outs, devs, strict=True)])
+    for o, h in zip(outs, srcs, strict=True):
+        np.testing.assert_array_equal(o, h)
+    after = roomy_pool.pool.stats()
+    assert after.misses == 0, "reserved blocks should have served every chunk"
+    assert after.hits > 0 and after.reserved == 8 * MiB
+
+
+async def test_reserve_pinned_stops_at_budget_and_checks_input(roomy_pool: Stager) -> None:
+    stats = await gpuaio.reserve_pinned(64 * MiB, concurrent=8)  # wants 32 x 1 MiB
+    assert stats.reserved == 16 * MiB == stats.budget
+    small = await gpuaio.reserve_pinned(4096, concurrent=3)  # budget spent: no eviction
+    assert small.reserved == 16 * MiB
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(gpuaio.InvalidArgumentError, match="transfer_bytes"):
+            await gpuaio.reserve_pinned(bad)  # type: ignore[arg-type]
+    for c in (0, 2.0, False):
+        with pytest.raises(gpuaio.InvalidArgumentError, match="concurrent"):
+            await gpuaio.reserve_pinned(MiB, concurrent=c)  # type: ignore[arg-type]
+
+
+async def test_reserve_pinned_small_transfers_use_inline_blocks(
+    roomy_pool: Stager, dev: gpuaio.Device
+) -> None:
+    stats = await gpuaio.reserve_pinned(4096, concurrent=3)
+    assert stats.reserved == 3 * 64 * 1024  # the smallest size class
+    s = dev.stream()
+    d = dev.empty(4096)
+    host = pattern(4096, 9)
+    await s.copy(d, host)
+    out = np.empty(4096, np.uint8)
+    await s.copy(out, d)
+    np.testing.assert_array_equal(out, host)
+    assert roomy_pool.pool.stats().misses == 0
+
+
 async def test_registered_buffer_goes_direct(dev: gpuaio.Device) -> None:
     n = 4 * MiB
     arr = pattern(n, 3)
