@@ -267,6 +267,31 @@ def test_async_kinds_return_while_the_stream_is_held(sim: SimBackend) -> None:
     sim.stream_synchronize(s)
 
 
+def test_full_launch_queue_blocks_the_enqueuing_thread() -> None:
+    sim = SimBackend(SimConfig(launch_queue=8))
+    try:
+        s = sim.stream_create(0)
+        dev = sim.mem_alloc(0, 256)
+        release = sim.hold(s)  # queued, then running (no longer in the queue)
+        for k in range(7):
+            assert timed(lambda k=k: sim.memset_async(dev, k, 1, 256, s)) < FAST_S
+        release_later(release)
+
+        def two_more() -> None:  # the queue is full by the second at the latest
+            sim.memset_async(dev, 8, 1, 256, s)
+            sim.memset_async(dev, 9, 1, 256, s)
+
+        assert timed(two_more) >= HOLD_S * 0.8
+        sim.stream_synchronize(s)
+        out = np.empty(256, np.uint8)
+        sim.memcpy_async(out.ctypes.data, dev, 256, s)
+        assert (out == 9).all()
+    finally:
+        sim.close()
+    with pytest.raises(InvalidArgumentError, match="launch_queue"):
+        SimConfig(launch_queue=0)
+
+
 def test_host_to_host_copy_is_synchronous(sim: SimBackend) -> None:
     s = sim.stream_create(0)
     pinned = sim.host_alloc(512)

@@ -151,11 +151,16 @@ class SimConfig:
     """Fixed cost of every enqueued copy, memset, launch and stream-memory op."""
     priority_range: tuple[int, int] = (0, -5)
     """(least, greatest) stream priority."""
+    launch_queue: int = 1024
+    """Entries a stream holds not yet run before an enqueue blocks its caller
+    until one has run (CUDA's per-stream launch queue is about 1,000 deep)."""
 
     def __post_init__(self) -> None:
         rates = (self.dma_gbps, self.pageable_gbps, self.d2d_gbps, self.peer_gbps, self.host_gbps)
         if self.devices < 1 or self.device_memory <= 0:
             raise InvalidArgumentError("SimConfig needs devices >= 1 and device_memory > 0")
+        if self.launch_queue < 1:
+            raise InvalidArgumentError("SimConfig needs launch_queue >= 1")
         if not all(r > 0 and math.isfinite(r) for r in rates) or self.latency_s < 0:
             raise InvalidArgumentError("SimConfig bandwidths must be > 0 and latency_s >= 0")
         if self.priority_range[1] > self.priority_range[0]:
@@ -425,6 +430,10 @@ class SimBackend(Backend):
             dev = self._devices[s.device]
             if dev.fault is not None:
                 raise self._fault_error(op.call, dev)
+            depth = self.config.launch_queue
+            if len(s.queue) >= depth:
+                # A full launch queue blocks the enqueuing thread, as CUDA's does.
+                self._wait_locked(op.call, dev, lambda: len(s.queue) < depth or s.destroyed)
             s.queue.append(op)
             s.submitted += 1
             s.cond.notify()
