@@ -169,6 +169,7 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke check)")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out-dir", help="where to write the results (default benchmarks/results)")
     args = parser.parse_args()
     args.peer_sizes = [1 << 20, 16 << 20] if args.quick else [64 << 20, 256 << 20, 1 << 30]
     args.size = (16 << 20) if args.quick else (1 << 30)
@@ -181,7 +182,7 @@ def main() -> None:
             f"ratio {r['ratio']}"
         )
     h.print_targets(records)
-    h.write_results("multi_gpu", records, card=card)
+    h.write_results("multi_gpu", records, args.out_dir, card=card)
 
 
 if __name__ == "__main__":
