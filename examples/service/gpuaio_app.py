@@ -6,13 +6,20 @@ answers ``ok``. Each request borrows one of ``--slots`` streams (with a
 device buffer), so requests overlap on the GPU while the loop keeps serving
 others, health probes included.
 
+The rule that keeps the loop responsive: the event-loop thread never makes
+a blocking CUDA call and never copies a large buffer in one go. The body is
+read chunk by chunk as it arrives, gpuaio's copies stage pageable memory on
+worker threads, and the answer is written in bounded slices
+(:func:`_common.write_body`), not as one ``web.Response``.
+
 Run it (127.0.0.1 only)::
 
     python examples/service/gpuaio_app.py --port 8080
     curl --data-binary @file http://127.0.0.1:8080/process > out
 
-``naive_app.py`` is the same service with blocking driver calls in the
-handler; ``loadtest.py`` compares the two.
+``naive_app.py`` is the same service written as handlers usually are:
+blocking driver calls, and the answer as one ``web.Response``;
+``loadtest.py`` compares the two.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ class GpuService:
         for _ in range(slots):
             self._slots.put_nowait((dev.stream(), common.DeviceBuffer(dev)))
 
-    async def process(self, request: web.Request) -> web.Response:
+    async def process(self, request: web.Request) -> web.StreamResponse:
         body = await common.read_body(request, self.max_bytes)
         n = body.size
         out = np.empty(n, np.uint8)
@@ -69,7 +76,8 @@ class GpuService:
             # borrower's work queues behind these ops on the same stream,
             # and the ops own `body` and `out` until they complete.
             self._slots.put_nowait((stream, buffer))
-        return web.Response(body=memoryview(out), content_type="application/octet-stream")
+        # Not web.Response(body=out): that copies all of `out` on the loop thread.
+        return await common.write_body(request, out)
 
     async def close(self, app: web.Application) -> None:
         while not self._slots.empty():

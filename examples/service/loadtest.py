@@ -9,7 +9,9 @@ free ports of 127.0.0.1, then, alternating between them after a warm-up:
 * **health during large transfers**: ``--large-clients`` clients send
   ``--large-requests`` requests of ``--large`` bytes while a probe sends
   ``GET /health`` every ``--probe-ms``: the probe's p50/p99/max latency
-  (an idle baseline first).
+  (an idle baseline first). The probe runs in a process of its own, so
+  that the load generator's own event loop, busy with the large bodies,
+  does not delay it.
 
 Everything is bounded: fixed request counts, a per-request timeout, and a
 cap on each phase's duration; the servers are stopped at the end. Results go
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -42,7 +45,8 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
+SCRIPT = Path(__file__).resolve()
+HERE = SCRIPT.parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(HERE))
@@ -160,45 +164,105 @@ async def run_requests(
     return phase
 
 
-async def probe_health(url: str, stop: asyncio.Event, period: float, limit: int) -> Phase:
-    """``GET /health`` every ``period`` s until ``stop`` (at most ``limit`` probes)."""
-    phase = Phase()
+class HealthProbe:
+    """``GET /health`` every ``period`` s, sent from a process of its own.
+
+    A probe on the load generator's event loop would time that loop too:
+    the large clients' sends, reads and checks of 64 MiB bodies block it for
+    tens of milliseconds at a time, and a probe waiting behind them looks
+    like a slow server. In its own process the probe measures the server.
+    """
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self._proc = proc
+
+    @classmethod
+    async def start(cls, url: str, args: argparse.Namespace) -> HealthProbe:
+        cmd = [sys.executable, str(SCRIPT), "--probe-url", url]
+        cmd += ["--probe-ms", str(args.probe_ms)] + (["--uvloop"] if args.uvloop else [])
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+        )
+        probe = cls(proc)
+        try:
+            line = await probe._line()
+        except BaseException:
+            await probe.close()
+            raise
+        if line != b"PROBING":
+            await probe.close()
+            raise RuntimeError(f"health probe failed to start (said {line!r})")
+        return probe
+
+    async def _line(self) -> bytes:
+        assert self._proc.stdout is not None
+        return (await asyncio.wait_for(self._proc.stdout.readline(), timeout=60)).strip()
+
+    async def cut(self) -> Phase:
+        """The probes since the last cut (or the start); probing goes on."""
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(b"cut\n")
+        await self._proc.stdin.drain()
+        done = json.loads(await self._line())
+        return Phase(done["latencies"], done["errors"], done["wall"])
+
+    async def close(self) -> None:
+        """Stop the probe process (it also stops by itself if this process dies)."""
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        try:
+            await asyncio.wait_for(self._proc.wait(), timeout=10)
+        except TimeoutError:
+            self._proc.kill()
+            await self._proc.wait()
+
+
+async def probe_main(url: str, period: float) -> None:
+    """The probe process: probe until stdin closes; each line read answers a :class:`Phase`."""
+    loop = asyncio.get_running_loop()
+    commands = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(commands), sys.stdin)
+    phase, since = Phase(), time.perf_counter()
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        t_start = time.perf_counter()
-        while not stop.is_set() and len(phase.latencies) + phase.errors < limit:
-            t0 = time.perf_counter()
-            try:
-                async with session.get(f"{url}/health") as resp:
-                    await resp.read()
-                    ok = resp.status == 200
-            except (aiohttp.ClientError, TimeoutError):
-                ok = False
-            if ok:
-                phase.latencies.append(time.perf_counter() - t0)
-            else:
-                phase.errors += 1
-            with_rest = period - (time.perf_counter() - t0)
-            if with_rest > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), with_rest)
-        phase.wall = time.perf_counter() - t_start
-    return phase
+
+        async def probe_forever() -> None:
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    async with session.get(f"{url}/health") as resp:
+                        await resp.read()
+                        ok = resp.status == 200
+                except (aiohttp.ClientError, TimeoutError):
+                    ok = False
+                if ok:
+                    phase.latencies.append(time.perf_counter() - t0)
+                else:
+                    phase.errors += 1
+                await asyncio.sleep(max(0.0, period - (time.perf_counter() - t0)))
+
+        prober = asyncio.ensure_future(probe_forever())
+        print("PROBING", flush=True)
+        try:
+            while await commands.readline():
+                now = time.perf_counter()
+                done = {"latencies": phase.latencies, "errors": phase.errors, "wall": now - since}
+                phase, since = Phase(), now
+                print(json.dumps(done), flush=True)
+        finally:
+            prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await prober
 
 
 async def health_during_large(
     url: str, payload: bytes, answer: bytes, args: argparse.Namespace
 ) -> tuple[Phase, Phase, Phase]:
     """(idle probe, probe during large requests, the large requests)."""
-    idle_stop = asyncio.Event()
-    idle_task = asyncio.ensure_future(probe_health(url, idle_stop, args.probe_ms / 1e3, 50))
-    await asyncio.sleep(min(1.0, 50 * args.probe_ms / 1e3))
-    idle_stop.set()
-    idle = await idle_task
-    stop = asyncio.Event()
-    probe = asyncio.ensure_future(probe_health(url, stop, args.probe_ms / 1e3, 100_000))
-    await asyncio.sleep(args.probe_ms / 1e3)
+    probe = await HealthProbe.start(url, args)
     try:
+        await asyncio.sleep(min(1.0, 50 * args.probe_ms / 1e3))
+        idle = await probe.cut()
         large = await run_requests(
             url,
             payload,
@@ -208,9 +272,10 @@ async def health_during_large(
             args.max_phase_s,
             args.timeout_s,
         )
+        during = await probe.cut()
     finally:
-        stop.set()
-    return idle, await probe, large
+        await probe.close()
+    return idle, during, large
 
 
 def payload_of(n: int, seed: int) -> bytes:
@@ -362,6 +427,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-phase-s", type=float, default=300.0, help="cap per phase")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--probe-url", default=None, help=argparse.SUPPRESS)  # the probe process
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {
@@ -382,6 +448,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.probe_url:
+        probe = probe_main(args.probe_url, args.probe_ms / 1e3)
+        if args.uvloop:
+            import uvloop
+
+            uvloop.run(probe)
+        else:
+            asyncio.run(probe)
+        return 0
     H.watchdog()  # a hang ends with tracebacks; the servers then exit too
     card = H.detect_card()
     H.banner("service", card)

@@ -1,12 +1,14 @@
 """The example service written the naive way: blocking GPU calls in the handler.
 
-Same endpoints, kernel and body handling as ``gpuaio_app.py``. The handler
+Same endpoints, kernel and body reading as ``gpuaio_app.py``. The handler
 makes the driver calls a CUDA user would write with ``cuda.bindings``:
 ``cuMemcpyHtoDAsync`` from the pageable body (the driver stages it and
 blocks the calling thread), ``cuLaunchKernel``, ``cuMemcpyDtoHAsync`` into a
 pageable buffer (returns only when done) and ``cuStreamSynchronize``. They
 run on the event-loop thread, so while one request is on the GPU no other
-request, and no health probe, is served.
+request, and no health probe, is served. It answers the usual way, with a
+``web.Response`` holding the whole result, which aiohttp may copy whole on
+the event-loop thread (see ``_common.write_body``).
 
 The calls go through gpuaio's backend object (a thin layer over
 ``cuda.bindings``), so this file also runs on the simulated backend, which
