@@ -15,8 +15,10 @@ Strategies (selected with ``GPUAIO_COMPLETION`` or :func:`gpuaio.configure`):
     only the oldest pending event of each stream (a stream completes in
     order), spins briefly while completions are imminent, backs off to
     sleeping when they are not, and blocks with no CPU use when nothing is
-    pending. One batch of completions wakes each event loop once. The GPU
-    never waits for Python.
+    pending. While tasks poll, their loops also sweep every stream of the
+    device now and then, and the watcher stands down: it would mostly wait
+    for the GIL, which a loop switching tasks rarely lets go of. One batch
+    of completions wakes each event loop once. The GPU never waits for Python.
 
 ``"flags"``
     Like ``events``, but a marker is a word the stream writes into a slab of
@@ -65,6 +67,16 @@ SPIN_S = 200e-6
 """How long the watcher keeps spinning after new work or a completion."""
 MAX_SLEEP_S = 250e-6
 """The longest the watcher sleeps between polls of ops of unknown duration."""
+LOOP_COVER_S = 1e-3
+"""How long after a loop last polled the watcher leaves the device to loops."""
+LOOP_SWEEP_S = 250e-6
+"""How often polling loops drain the streams that no poll has drained lately."""
+STAND_DOWN_S = 20e-3
+"""The longest the watcher sleeps while loops poll.
+
+A task that stops polling wakes it at once; an op nobody awaits that completes
+just after the loops stopped polling may be resolved this late.
+"""
 LOOP_SPIN_S = float(os.environ.get("GPUAIO_LOOP_SPIN_US", "150")) * 1e-6
 """How long an awaiting task polls from its event loop before handing off."""
 FAULT_PROBE_S = 0.05
@@ -93,6 +105,11 @@ class CompletionEngine:
     def pending(self) -> int:
         """Number of operations watched and not yet resolved."""
         raise NotImplementedError
+
+    def pending_on(self, key: int) -> int:
+        """Operations watched on the stream ``key`` (its ``CUstream`` address) and
+        not yet resolved; engines that do not track streams count all."""
+        return self.pending()
 
     def close(self) -> None:
         """Stop the engine; ops still pending fail with an error."""
@@ -134,11 +151,16 @@ class EventEngine(CompletionEngine):
 
     def __init__(self, backend: Backend, device: int) -> None:
         super().__init__(backend, device)
-        self._cv = threading.Condition(threading.Lock())
+        # ``with self._lock`` is ``with self._cv`` without the Condition's Python-level wrapper.
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
         self._queues: dict[int, _Queue] = {}
         self._free_events: list[Any] = []
         self._sleeping = False
+        self._idle = False  # sleeping with nothing pending, until notified
         self._loop_polling_until = 0.0
+        self._next_sweep = 0.0
+        self._next_probe = 0.0
         self._thread: threading.Thread | None = None
 
     def watch(self, op: Operation, stream: Any) -> None:
@@ -147,12 +169,12 @@ class EventEngine(CompletionEngine):
             return
         ev = self._place(stream)
         key = self.backend.stream_handle(stream)  # wrappers of one CUstream share a FIFO
-        with self._cv:
+        with self._lock:
             q = self._queues.get(key)
             if q is None:
                 q = self._queues[key] = _Queue()
+            now = time.perf_counter()
             if op._est:
-                now = time.perf_counter()
                 op._eta = q.busy_until = max(now, q.busy_until) + op._est
             q.entries.append((op, ev))
             op._poll = (self, q)
@@ -161,12 +183,28 @@ class EventEngine(CompletionEngine):
                     target=self._run, name=f"gpuaio-completion-{self.device}", daemon=True
                 )
                 self._thread.start()
-            elif self._sleeping:
+            elif self._sleeping and (self._idle or now >= self._loop_polling_until):
+                # Not while loops poll: their sweeps find this op too.
                 self._cv.notify()
 
     def pending(self) -> int:
-        with self._cv:
+        with self._lock:
             return sum(len(q.entries) for q in self._queues.values())
+
+    def pending_on(self, key: int) -> int:
+        q = self._queues.get(key)
+        return 0 if q is None else len(q.entries)
+
+    def hand_off(self) -> None:
+        """A task stopped polling and sleeps until its op is resolved: wake the watcher.
+
+        Should no other task be polling, nobody would sweep its stream.
+        """
+        self._loop_polling_until = 0.0
+        if self._sleeping:
+            with self._lock:
+                if self._sleeping:
+                    self._cv.notify()
 
     def close(self) -> None:
         super().close()
@@ -233,25 +271,40 @@ class EventEngine(CompletionEngine):
         """From an awaiting loop: resolve what has fired on ``op``'s stream.
 
         Returns whether ``op`` is done. Cheap when called often: a stream is
-        queried at most once every few microseconds.
+        queried at most once every few microseconds. Every ``LOOP_SWEEP_S``
+        a poll also drains the device's other streams, standing in for the
+        watcher while loops poll.
         """
         poll = op._poll
         if poll is None:
             return op._done
         q = poll[1]
         now = time.perf_counter()
-        self._loop_polling_until = now + 1e-3
-        if now - q.last_poll < 2e-6:
-            return op._done
-        q.last_poll = now
+        self._loop_polling_until = now + LOOP_COVER_S
         try:
-            waiters = self._drain(q)
+            waiters = self._sweep(now) if now >= self._next_sweep else []
+            if not op._done and now - q.last_poll >= 2e-6:
+                q.last_poll = now
+                waiters.extend(self._drain(q))
         except DeviceFatalError as e:
             self._fail_all(e)
             return True
         if waiters:
             post_waiters(waiters)
         return op._done
+
+    def _sweep(self, now: float) -> list[tuple[LoopPort, Callable[[], None]]]:
+        """Drain the streams that no poll has drained lately; probe for sticky errors."""
+        self._next_sweep = now + LOOP_SWEEP_S
+        waiters: list[tuple[LoopPort, Callable[[], None]]] = []
+        for q in list(self._queues.values()):
+            if q.entries and now - q.last_poll >= LOOP_SWEEP_S:
+                q.last_poll = now
+                waiters.extend(self._drain(q))
+        if now >= self._next_probe:
+            self._next_probe = now + FAULT_PROBE_S
+            self._probe()
+        return waiters
 
     def _fail_all(self, exc: DeviceFatalError) -> None:
         self._fail_fatal(exc)
@@ -268,24 +321,35 @@ class EventEngine(CompletionEngine):
     def _run(self) -> None:
         cv = self._cv
         spin_until = time.perf_counter() + SPIN_S
-        next_probe = spin_until + FAULT_PROBE_S
+        self._next_probe = spin_until + FAULT_PROBE_S
         sleep_s = 20e-6
         while True:
             with cv:
                 while not self._queues and not self._closed:
-                    self._sleeping = True
+                    self._sleeping = self._idle = True
                     cv.wait()
-                    self._sleeping = False
+                    self._sleeping = self._idle = False
                     spin_until = time.perf_counter() + SPIN_S
                 if self._closed:
                     break
+                if time.perf_counter() < self._loop_polling_until:
+                    # Loops poll and sweep: stand down. Waking up often would
+                    # cost both threads dearly: a loop that switches tasks
+                    # lets go of the GIL briefly and often, and each time it
+                    # wakes a thread waiting for the GIL, which rarely gets it.
+                    self._sleeping = True
+                    cv.wait(STAND_DOWN_S)
+                    self._sleeping = False
+                    spin_until = time.perf_counter() + SPIN_S
+                    sleep_s = 20e-6
+                    continue
                 queues = list(self._queues.items())
             waiters: list[tuple[LoopPort, Callable[[], None]]] = []
             try:
                 for _key, q in queues:
                     waiters.extend(self._drain(q))
-                if time.perf_counter() >= next_probe:
-                    next_probe = time.perf_counter() + FAULT_PROBE_S
+                if time.perf_counter() >= self._next_probe:
+                    self._next_probe = time.perf_counter() + FAULT_PROBE_S
                     self._probe()
             except DeviceFatalError as e:
                 self._fail_all(e)
@@ -312,9 +376,7 @@ class EventEngine(CompletionEngine):
                         self._sleeping = False
                 spin_until = time.perf_counter() + SPIN_S
                 continue
-            # While a loop is polling, this thread is only a backstop: sleep
-            # rather than compete with the loop for the GIL.
-            if now < spin_until and now >= self._loop_polling_until:
+            if now < spin_until:
                 time.sleep(0)  # lets other threads have the GIL between polls
                 continue
             with cv:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -68,7 +68,7 @@ class Operation:
         self._keep: tuple[Any, ...] | None = keep
         self._done = False
         self._exc: BaseException | None = None
-        self._waiters: list[tuple[LoopPort, Callable[[], None]]] = []
+        self._waiters: list[tuple[LoopPort, Callable[[], None]]] | None = None  # made on demand
         self._callbacks: list[Callable[[], None]] | None = None
         self._abort = False
         self._est = 0.0  # expected GPU time in seconds, 0 if unknown
@@ -106,36 +106,53 @@ class Operation:
         return True
 
     def __await__(self) -> Generator[Any, None, None]:
-        return self.wait().__await__()
-
-    async def wait(self) -> None:
-        """Wait until the operation has completed; raise its error if it failed."""
+        # A generator rather than a coroutine: the common cases (done, or done
+        # after a few polls) create no coroutine at all.
         if not self._done:
             poll = self._poll
-            spin = poll[0].loop_spin_s if poll is not None else 0.0
+            engine: Any = poll[0] if poll is not None else None
+            spin = engine.loop_spin_s if engine is not None else 0.0
             now = time.perf_counter()
-            if spin and self._eta - now < spin and not poll[0].poll_for(self):  # type: ignore[index]
-                # Short ops: poll from this loop for a moment (yielding to
-                # other tasks), which beats any cross-thread wake-up. Ops
-                # expected to take longer are left to the watcher thread.
-                engine = poll[0]  # type: ignore[index]
+            if spin and self._eta - now < spin:
+                # Short ops: poll from this loop for a moment, yielding to
+                # other tasks, which beats any cross-thread wake-up. Yield
+                # before the first poll: a GPU takes microseconds to even
+                # start an op. Longer ops are left to the watcher thread.
                 deadline = max(now, self._eta) + spin
                 yield_now = _yielder()
-                while time.perf_counter() < deadline:
-                    await yield_now()
-                    if engine.poll_for(self):
+                while True:
+                    yield from yield_now().__await__()
+                    # Poll at least once after yielding, even past the
+                    # deadline: with many tasks one turn of the loop can
+                    # outlast the whole window, and by then the op is done.
+                    if engine.poll_for(self) or time.perf_counter() >= deadline:
                         break
-        if not self._done:
-            event = anyio.Event()
-            self._waiters.append((current_port(), event.set))
-            # The resolver sets _done before it snapshots _waiters: if it ran
-            # between our check and append, we saw neither and wake ourselves.
-            if self.done():  # another thread may have set it meanwhile
-                event.set()
-            await event.wait()
+            if not self._done:
+                yield from self._wait_woken(engine).__await__()
         # An op found done returns at once, like a done asyncio future.
         if self._exc is not None:
             raise self._exc
+
+    async def wait(self) -> None:
+        """Wait until the operation has completed; raise its error if it failed."""
+        await self
+
+    async def _wait_woken(self, engine: Any) -> None:
+        """Wait for the resolver (a watcher thread, another task's poll) to wake us."""
+        event = anyio.Event()
+        entry = (current_port(), event.set)
+        waiters = self._waiters  # read once: a resolver may swap it out
+        if waiters is None:
+            self._waiters = [entry]
+        else:
+            waiters.append(entry)
+        # The resolver sets _done before it takes _waiters: if it ran between
+        # our check and append, we saw neither and wake ourselves.
+        if self.done():  # another thread may have set it meanwhile
+            event.set()
+        elif engine is not None:
+            engine.hand_off()  # no loop polls for this op any more
+        await event.wait()
 
     # -- internal ------------------------------------------------------
     def _add_done_callback(self, cb: Callable[[], None]) -> None:
@@ -152,10 +169,10 @@ class Operation:
         else:
             self._callbacks.append(cb)
 
-    def _finish(self, exc: BaseException | None) -> list[tuple[LoopPort, Callable[[], None]]]:
+    def _finish(self, exc: BaseException | None) -> Sequence[tuple[LoopPort, Callable[[], None]]]:
         """Mark done, release buffers, run callbacks; return the waiters to wake."""
         if self._done:
-            return []
+            return ()
         self._exc = exc
         callbacks, self._callbacks = self._callbacks, None
         # Callbacks run before the op counts as done: a staged copy-out must
@@ -173,7 +190,8 @@ class Operation:
             tracer = _trace.active
             if tracer is not None:
                 tracer.op_done(self, self._t0)
-        return list(self._waiters)
+        waiters, self._waiters = self._waiters, None
+        return waiters or ()
 
     def _resolve(self, exc: BaseException | None = None) -> None:
         """Complete this op from any thread and wake its waiters."""

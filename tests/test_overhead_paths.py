@@ -1,0 +1,158 @@
+"""The per-op fast paths: polling from the loop, the watcher as its backstop, memset checks."""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import numpy as np
+import pytest
+
+import gpuaio
+from tests.conftest import latch
+
+pytestmark = pytest.mark.anyio
+
+
+def test_polls_sweep_the_other_streams(gpuaio_runtime: Any) -> None:
+    # While loops poll, the watcher stands down: a poll for one op now and
+    # then drains the device's other streams too (ops nobody polls for).
+    rt = gpuaio_runtime
+    dev = rt.device(0)
+    busy, slow = dev.stream(), dev.stream()
+    d = dev.empty(8)
+    hold_busy, hold_slow = latch(dev, busy), latch(dev, slow)
+    busy_op, other = busy.memset(d[:4], 1), slow.memset(d[4:], 3)
+    resolved_on: list[int] = []
+    other._add_done_callback(lambda: resolved_on.append(threading.get_ident()))
+    engine = rt.engine(0)
+    engine._loop_polling_until = time.perf_counter() + 60  # as if loops polled
+    time.sleep(0.05)  # the watcher has stood down by now
+    hold_slow()
+    rt.backend.stream_synchronize(slow._native)  # the op has run: its marker fired
+    assert not other.done()
+    engine._next_sweep = 0.0
+    assert not engine.poll_for(busy_op)
+    assert other.done() and resolved_on == [threading.get_ident()]
+    resolved = threading.Event()
+    busy_op._add_done_callback(resolved.set)
+    hold_busy()
+    engine.hand_off()  # nobody polls any more: the watcher takes over
+    assert resolved.wait(10)
+    busy.close()
+    slow.close()
+
+
+@pytest.mark.parametrize("after", [0.0, 0.005], ids=["while-polling", "while-sleeping"])
+async def test_cancelled_await_hands_the_op_back(
+    stream: gpuaio.Stream, dev: gpuaio.Device, after: float
+) -> None:
+    release = latch(dev, stream)
+    d = dev.empty(16)
+    op = stream.memset(d, 7)
+    with anyio.move_on_after(after) as scope:
+        await op
+    assert scope.cancelled_caught and not op.done()
+    resolved = threading.Event()
+    op._add_done_callback(resolved.set)
+    release()
+    # Nobody awaits it now: the watcher resolves it (and releases d).
+    assert await anyio.to_thread.run_sync(resolved.wait, 10)
+    out = np.empty(16, np.uint8)
+    await stream.copy(out, d)
+    assert (out == 7).all()
+
+
+async def test_unawaited_op_completes_while_a_loop_polls(dev: gpuaio.Device) -> None:
+    # While loops poll, new ops do not wake the watcher: the sweeps find them.
+    busy, other = dev.stream(), dev.stream()
+    d = dev.empty(8)
+    done: list[float] = []
+    orphan = other.memset(d[4:], 3)
+    orphan._add_done_callback(lambda: done.append(time.perf_counter()))
+    with anyio.fail_after(10):
+        while not done:
+            await busy.memset(d[:4], 1)  # keeps this loop polling
+    assert orphan.exception() is None
+    busy.close()
+    other.close()
+
+
+async def test_many_tasks_resolve_every_op(dev: gpuaio.Device) -> None:
+    streams = [dev.stream() for _ in range(4)]
+    d = dev.empty(4 * 200)
+    seen: list[int] = []
+
+    async def worker(i: int) -> None:
+        part = d[4 * i : 4 * i + 4]
+        for j in range(5):
+            await streams[i % 4].memset(part, j)
+        seen.append(i)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(worker, i)
+    assert sorted(seen) == list(range(200))
+    out = np.empty(4 * 200, np.uint8)
+    await streams[0].synchronize()
+    for s in streams[1:]:
+        await s.synchronize()
+    await streams[0].copy(out, d)
+    assert (out == 4).all()
+    assert dev._runtime.engine(0).pending() == 0
+    for s in streams:
+        s.close()
+
+
+class _Small(enum.IntEnum):
+    SEVEN = 7
+
+
+@pytest.mark.parametrize(
+    ("value", "width", "expected"),
+    [
+        (np.uint8(7), None, 7),
+        (_Small.SEVEN, 1, 7),
+        (-1, np.int64(4), 0xFFFFFFFF),
+        (0x1234, np.int32(2), 0x1234),
+        (-128, 1, 0x80),
+    ],
+)
+async def test_memset_accepts_int_like_values_and_widths(
+    stream: gpuaio.Stream, dev: gpuaio.Device, value: Any, width: Any, expected: int
+) -> None:
+    w = 1 if width is None else int(width)
+    d = dev.empty(16)
+    await stream.memset(d, value, width=width)
+    out = np.empty(16, np.uint8)
+    await stream.copy(out, d)
+    assert (out.view(f"<u{w}") == expected).all()
+
+
+@pytest.mark.parametrize(
+    ("value", "width", "match"),
+    [
+        (True, None, "must be an int"),
+        (np.bool_(False), 1, "must be an int"),
+        (1.0, None, "must be an int"),
+        (1, True, "width must be 1, 2 or 4"),
+        (1, np.float32(2), "width must be 1, 2 or 4"),
+        (1, 3, "width must be 1, 2 or 4"),
+        (256, 1, "does not fit"),
+        (-129, 1, "does not fit"),
+        (1 << 32, 4, "does not fit"),
+    ],
+)
+def test_memset_rejects_before_enqueueing(
+    gpuaio_stream: gpuaio.Stream, gpuaio_device: gpuaio.Device, value: Any, width: Any, match: str
+) -> None:
+    d = gpuaio_device.empty(16)
+    engine = gpuaio_device._runtime.engine(0)
+    with pytest.raises(gpuaio.InvalidArgumentError, match=match):
+        gpuaio_stream.memset(d, value, width=width)
+    assert engine.pending() == 0

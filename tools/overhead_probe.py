@@ -1,0 +1,326 @@
+"""Loop-thread CPU cost of awaited tiny ops, on a GPU that costs (almost) nothing.
+
+``python tools/overhead_probe.py`` runs ``await stream.memset(d4, 0)`` loops
+with 1, 100 and 1,000 concurrent tasks (16 streams, round robin) on asyncio,
+uvloop and trio, and prints per configuration the median over repetitions
+(with the min-max spread) of:
+
+* ``loop us/op``: CPU time of the event-loop thread per awaited op;
+* ``proc us/op``: CPU time of the whole process per op (watcher thread too);
+* ``ops/s``: awaited ops per second of wall time;
+* ``p50 us``: for 1 task, the median time of one ``await stream.memset(...)``.
+
+A second table gives the wake-up delay of a task awaiting a 1 ms op (past
+the loop's polling window, so it sleeps) while another task of the same loop
+keeps polling tiny ops: median and worst of 30.
+
+The backend is a fake GPU: the simulated backend's memory, with streams,
+memsets and events that are a few Python statements each, so what is left is
+gpuaio's own per-op cost. Each stream models a GPU queue: an op starts
+``--launch-us`` after it is enqueued (default 5) or when the op before it
+ends, whichever is later, and runs for ``--gpu-us`` (default 2), about what
+a 4-byte memset takes on an H100; an event fires once its stream reaches it.
+
+``--baseline DIR`` also loads the gpuaio package in ``DIR`` (say a copy of an
+earlier commit: ``git archive HEAD~1 gpuaio | tar -x -C /tmp/base``, then
+``--baseline /tmp/base/gpuaio``) and measures both in this process, each
+configuration of one right after the other's, and adds the median of these
+pairs' ratios (current / baseline): robust when the machine's speed drifts.
+``--profile`` prints a cProfile (by tottime) of the loop thread in the
+1,000-task case, and the Python calls per op. These are CPU figures of this
+machine, not GPU figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import importlib.util
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import anyio
+import numpy as np
+
+import gpuaio
+
+LOOPS: dict[str, tuple[str, dict[str, Any]]] = {
+    "asyncio": ("asyncio", {}),
+    "uvloop": ("asyncio", {"use_uvloop": True}),
+    "trio": ("trio", {}),
+}
+TASKS = (1, 100, 1000)
+NSTREAMS = 16
+
+
+class _Stream:
+    __slots__ = ("busy_until", "device")
+
+    def __init__(self, device: int) -> None:
+        self.device = device
+        self.busy_until = 0.0  # perf_counter() time the queued work is done
+
+
+class _Event:
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at = 0.0  # perf_counter() time its stream reaches the last record
+
+
+class _FakeGPU:
+    """Mixed into a SimBackend: its memory; streams, memsets and events modelled cheaply.
+
+    A stream is an in-order queue: an op starts ``launch_s`` after it is
+    enqueued or when the op before it ends, whichever is later, and takes
+    ``gpu_s``; a recorded event fires when the stream reaches it. No worker
+    threads, no locks.
+    """
+
+    launch_s = 5e-6
+    gpu_s = 2e-6
+
+    def stream_create(self, device: int, priority: int = 0) -> Any:
+        return _Stream(device)
+
+    def stream_handle(self, stream: Any) -> int:
+        return id(stream)
+
+    def stream_destroy(self, stream: Any) -> None:
+        pass
+
+    def stream_synchronize(self, stream: Any) -> None:
+        time.sleep(max(0.0, stream.busy_until - time.perf_counter()))
+
+    def memset_async(self, ptr: int, value: int, itemsize: int, count: int, stream: Any) -> None:
+        start = max(time.perf_counter() + self.launch_s, stream.busy_until)
+        stream.busy_until = start + self.gpu_s
+
+    def event_create(self, device: int, blocking_sync: bool = False) -> Any:
+        return _Event()
+
+    def event_destroy(self, event: Any) -> None:
+        pass
+
+    def event_record(self, event: Any, stream: Any) -> None:
+        event.at = stream.busy_until
+
+    def event_query(self, event: Any) -> bool:
+        return time.perf_counter() >= event.at  # type: ignore[no-any-return]
+
+    def event_synchronize(self, event: Any) -> None:
+        time.sleep(max(0.0, event.at - time.perf_counter()))
+
+    def stream_wait_event(self, stream: Any, event: Any) -> None:
+        stream.busy_until = max(stream.busy_until, event.at)
+
+
+def fake_gpu(lib: ModuleType, launch_s: float, gpu_s: float) -> Any:
+    """A fake-GPU backend for the gpuaio package ``lib``."""
+    from_sim = importlib.import_module(lib.__name__ + ".backends.sim")
+    cls = type("FakeGPU", (_FakeGPU, from_sim.SimBackend), {"launch_s": launch_s, "gpu_s": gpu_s})
+    return cls(from_sim.SimConfig())
+
+
+def load_package(init_dir: str, name: str) -> ModuleType:
+    """Import the gpuaio package in ``init_dir`` under another ``name``."""
+    path = Path(init_dir).resolve()
+    spec = importlib.util.spec_from_file_location(
+        name, path / "__init__.py", submodule_search_locations=[str(path)]
+    )
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"no Python package in {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+async def run_case(
+    lib: ModuleType, tasks: int, total_ops: int, lat: list[float] | None
+) -> tuple[float, float, float]:
+    """Awaited memsets from ``tasks`` tasks; per op: (wall s, loop CPU s, process CPU s)."""
+    dev = lib.Device(0)
+    streams = [dev.stream() for _ in range(min(NSTREAMS, tasks))]
+    d = dev.empty(4 * tasks)
+    per_task = max(1, total_ops // tasks)
+    parts = [d[4 * i : 4 * i + 4] for i in range(tasks)]
+    for s in streams:  # warm-up: the watcher thread, the loop's port
+        for _ in range(50):
+            await s.memset(parts[0], 0)
+
+    async def worker(i: int) -> None:
+        s = streams[i % len(streams)]
+        part = parts[i]
+        if lat is not None:
+            clock = time.perf_counter
+            for _ in range(per_task):
+                t0 = clock()
+                await s.memset(part, 0)
+                lat.append(clock() - t0)
+            return
+        for _ in range(per_task):
+            await s.memset(part, 0)
+
+    c0, p0, t0 = time.thread_time(), time.process_time(), time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for i in range(tasks):
+            tg.start_soon(worker, i)
+    t1, c1, p1 = time.perf_counter(), time.thread_time(), time.process_time()
+    for s in streams:
+        s.close()
+    n = per_task * tasks
+    return (t1 - t0) / n, (c1 - c0) / n, (p1 - p0) / n
+
+
+async def run_mixed(lib: ModuleType, n: int = 30) -> list[float]:
+    """Wake-up delays of a task awaiting 1 ms ops while another task polls tiny ones."""
+    dev = lib.Device(0)
+    busy, slow = dev.stream(), dev.stream()
+    d = dev.empty(8)
+    delays: list[float] = []
+    stop = False
+
+    async def poller() -> None:
+        while not stop:
+            await busy.memset(d[:4], 0)
+
+    async def sleeper() -> None:
+        nonlocal stop
+        for _ in range(n):
+            done_at = slow._native.busy_until = time.perf_counter() + 1e-3  # 1 ms of work
+            await slow.memset(d[4:], 0)
+            delays.append(time.perf_counter() - max(done_at, slow._native.busy_until))
+            await anyio.sleep(0.001)
+        stop = True
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(poller)
+        tg.start_soon(sleeper)
+    busy.close()
+    slow.close()
+    return delays
+
+
+def measure(lib: ModuleType, loop: str, tasks: int, total_ops: int) -> dict[str, float]:
+    backend, opts = LOOPS[loop]
+    lat: list[float] | None = [] if tasks == 1 else None
+    wall, cpu, proc = anyio.run(
+        run_case, lib, tasks, total_ops, lat, backend=backend, backend_options=opts
+    )
+    row = {"loop_us": cpu * 1e6, "proc_us": proc * 1e6, "ops": 1.0 / wall}
+    if lat:
+        row["p50_us"] = float(np.percentile(lat, 50) * 1e6)
+    return row
+
+
+def profile(lib: ModuleType, loop: str, total_ops: int, top: int) -> None:
+    backend, opts = LOOPS[loop]
+    prof = cProfile.Profile()
+    ops = 0
+
+    async def profiled() -> None:
+        nonlocal ops
+        prof.enable()  # inside the loop: profiles the loop thread only
+        try:
+            await run_case(lib, 1000, total_ops, None)
+        finally:
+            prof.disable()
+        ops = total_ops + 50 * NSTREAMS
+
+    anyio.run(profiled, backend=backend, backend_options=opts)
+    stats = pstats.Stats(prof, stream=sys.stdout)
+    calls = stats.total_calls  # type: ignore[attr-defined]
+    print(
+        f"\ncProfile of {lib.__name__}, {loop}, 1000 tasks: {calls / ops:.1f} Python calls per op"
+    )
+    stats.sort_stats("tottime").print_stats(top)
+
+
+def fmt(values: list[float], spec: str) -> str:
+    med = statistics.median(values)
+    if len(values) == 1:
+        return format(med, spec)
+    return f"{med:{spec}} [{min(values):{spec}}-{max(values):{spec}}]"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--launch-us", type=float, default=5.0, help="enqueue-to-start latency")
+    ap.add_argument("--gpu-us", type=float, default=2.0, help="GPU time of one op")
+    ap.add_argument("--ops", type=int, default=20_000, help="awaited ops per measurement")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions (interleaved)")
+    # The fake GPU has no stream memory ops (flags) and no host functions.
+    ap.add_argument("--strategy", default="events", choices=("events", "thread"))
+    ap.add_argument("--loops", default=",".join(LOOPS), help="comma-separated: " + ",".join(LOOPS))
+    ap.add_argument("--baseline", metavar="DIR", help="also measure the gpuaio package in DIR")
+    ap.add_argument("--profile", action="store_true", help="cProfile the 1,000-task case")
+    ap.add_argument("--profile-loop", default="asyncio", choices=list(LOOPS))
+    ap.add_argument("--top", type=int, default=30, help="profile rows to print")
+    args = ap.parse_args(argv)
+    loops = [name.strip() for name in args.loops.split(",") if name.strip()]
+
+    libs = {"current": gpuaio}
+    if args.baseline:
+        libs = {"baseline": load_package(args.baseline, "gpuaio_baseline"), **libs}
+    for lib in libs.values():
+        lib.use_backend(
+            fake_gpu(lib, args.launch_us * 1e-6, args.gpu_us * 1e-6), completion=args.strategy
+        )
+    results: dict[tuple[str, str, int], list[dict[str, float]]] = {}
+    mixed: dict[tuple[str, str], list[float]] = {}
+    for _ in range(args.reps):
+        for loop in loops:
+            for tasks in TASKS:
+                for name, lib in libs.items():
+                    row = measure(lib, loop, tasks, args.ops)
+                    results.setdefault((name, loop, tasks), []).append(row)
+            for name, lib in libs.items():
+                backend, opts = LOOPS[loop]
+                delays = anyio.run(run_mixed, lib, backend=backend, backend_options=opts)
+                mixed.setdefault((name, loop), []).extend(delays)
+
+    print(
+        f"fake GPU (launch {args.launch_us:g} us, {args.gpu_us:g} us/op), {args.strategy}, "
+        f"{args.ops} ops x {args.reps} reps: median [min-max]"
+    )
+    print(
+        f"{'package':<9} {'loop':<8} {'tasks':>5}  {'loop us/op':>20}  {'proc us/op':>20}  "
+        f"{'ops/s':>26}  p50 us"
+    )
+    for loop in loops:
+        for tasks in TASKS:
+            for name in libs:
+                rows = results[name, loop, tasks]
+                col = {k: [r[k] for r in rows] for k in rows[0]}
+                p50 = fmt(col["p50_us"], ".1f") if "p50_us" in col else ""
+                print(
+                    f"{name:<9} {loop:<8} {tasks:>5}  {fmt(col['loop_us'], '5.1f'):>20}  "
+                    f"{fmt(col['proc_us'], '5.1f'):>20}  {fmt(col['ops'], '7.0f'):>26}  {p50}"
+                )
+    print("\nwake-up delay after a 1 ms op while another task polls, us: median, max")
+    for loop in loops:
+        for name in libs:
+            delays = [x * 1e6 for x in mixed[name, loop]]
+            print(f"{name:<9} {loop:<8} {statistics.median(delays):9.0f} {max(delays):9.0f}")
+    if args.baseline:
+        print("\ncurrent / baseline, median of paired runs [min-max]: loop us/op, ops/s, p50")
+        for loop in loops:
+            for tasks in TASKS:
+                base, cur = results["baseline", loop, tasks], results["current", loop, tasks]
+                pairs = list(zip(base, cur, strict=True))
+                ratios = {k: [c[k] / b[k] for b, c in pairs] for k in pairs[0][0]}
+                cols = [fmt(ratios[k], ".2f") for k in ("loop_us", "ops", "p50_us") if k in ratios]
+                print(f"{loop:<8} {tasks:>5}  " + "  ".join(f"{c:>17}" for c in cols))
+    if args.profile:
+        for lib in libs.values():
+            profile(lib, args.profile_loop, args.ops, args.top)
+
+
+if __name__ == "__main__":
+    main()
