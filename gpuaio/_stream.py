@@ -85,6 +85,12 @@ class Stream:
         self._owned = owned
         self._closed = False
         self._serial = SerialExecutor(f"gpuaio-stream-{device.ordinal}")
+        self._key = self._rt.backend.stream_handle(native)
+        # With this many ops in flight, enqueue on the executor thread instead:
+        # an op takes up to two launch-queue entries (its work and its
+        # marker), and enqueueing into a full queue blocks the calling thread,
+        # which must never be the event loop's.
+        self._direct_limit = max(1, self._rt.backend.launch_queue // 4)
         self._sync_event: Any = None
         self._last_host_write: Operation | None = None
 
@@ -145,27 +151,32 @@ class Stream:
         self._rt.check_device(self._ordinal)
 
     # -- submission ----------------------------------------------------
-    def _device_step(self, op: Operation, enqueue: Callable[[Any], None]) -> Operation:
-        """Enqueue asynchronous driver work now, or in order behind host jobs."""
-        if not self._serial.busy:
-            enqueued = False
+    def _device_step(self, op: Operation, enqueue: Callable[..., None], *args: Any) -> Operation:
+        """Enqueue asynchronous driver work now, or in order behind host jobs.
+
+        ``enqueue(*args, native_stream)`` does the work; passing its arguments
+        rather than a closure saves a function object on the hot path.
+        """
+        engine = self._rt.engine(self._ordinal)
+        if not self._serial.busy and engine.pending_on(self._key) < self._direct_limit:
+            native = self._native
             try:
-                enqueue(self._native)
-                enqueued = True
-                self._rt.engine(self._ordinal).watch(op, self._native)
+                enqueue(*args, native)
             except BaseException as exc:
-                if enqueued:
-                    # The work may still run: release the op's buffers only
-                    # once the stream has drained, off this thread.
-                    self._serial.submit(functools.partial(self._fail_after_drain, op, exc))
-                else:
-                    op._resolve(exc)  # nothing was enqueued: release at once
+                op._resolve(exc)  # nothing was enqueued: release at once
+                raise
+            try:
+                engine.watch(op, native)
+            except BaseException as exc:
+                # The work may still run: release the op's buffers only once
+                # the stream has drained, off this thread.
+                self._serial.submit(functools.partial(self._fail_after_drain, op, exc))
                 raise
             return op
 
         def job() -> None:
             try:
-                enqueue(self._native)
+                enqueue(*args, self._native)
                 self._rt.engine(self._ordinal).watch(op, self._native)
             except BaseException as exc:
                 op._resolve(exc)
@@ -307,13 +318,13 @@ class Stream:
             dp, dd, sp, sd = d.ptr, d.device, s.ptr, s.device
             rt.ensure_peer_access(dd, sd)
             op._est = n / _NVLINK_BPS
-            return self._device_step(op, lambda h: backend.memcpy_peer_async(dp, dd, sp, sd, n, h))
+            return self._device_step(op, backend.memcpy_peer_async, dp, dd, sp, sd, n)
         if d.kind.is_host:
             self._note_host_write(op)
         host_side = d.kind.is_host or s.kind.is_host
         op._est = n / (_PCIE_BPS if host_side else _HBM_BPS)
         dp, sp = d.ptr, s.ptr
-        return self._device_step(op, lambda h: backend.memcpy_async(dp, sp, n, h))
+        return self._device_step(op, backend.memcpy_async, dp, sp, n)
 
     def _pageable_copy(self, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
         stager = self._rt.stager
@@ -343,56 +354,59 @@ class Stream:
         rt = self._rt
         d = describe(dst, rt)
         _check_writable(d, "memset destination")
-        if width is not None and (
-            isinstance(width, (bool, np.bool_)) or not isinstance(width, (int, np.integer))
-        ):
-            raise InvalidArgumentError(f"memset width must be 1, 2 or 4 (an int), not {width!r}")
         if width is None:
             width = d.dtype.itemsize
             if width not in (1, 2, 4):
                 raise InvalidArgumentError(
                     f"cannot infer a memset width from dtype {d.dtype}; pass width=1, 2 or 4"
                 )
-        if width not in (1, 2, 4):
+        elif type(width) is not int:  # the exact type: bool is an int too
+            if isinstance(width, (bool, np.bool_)) or not isinstance(width, (int, np.integer)):
+                raise InvalidArgumentError(
+                    f"memset width must be 1, 2 or 4 (an int), not {width!r}"
+                )
+            width = int(width)
+        limits = _MEMSET_LIMITS.get(width)
+        if limits is None:
             raise InvalidArgumentError(f"memset width must be 1, 2 or 4 bytes, not {width}")
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-            raise InvalidArgumentError(f"memset value must be an int, not {type(value).__name__}")
-        value = int(value)
-        bits = 8 * width
-        if not -(1 << (bits - 1)) <= value < (1 << bits):
+        if type(value) is not int:
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise InvalidArgumentError(
+                    f"memset value must be an int, not {type(value).__name__}"
+                )
+            value = int(value)
+        low, mask = limits
+        if not low <= value <= mask:
             raise InvalidArgumentError(f"memset value {value} does not fit in {width} byte(s)")
-        value &= (1 << bits) - 1
-        if d.nbytes % width:
+        value &= mask
+        nbytes = d.nbytes
+        if nbytes % width:
             raise InvalidArgumentError(
-                f"destination of {d.nbytes} bytes is not a whole number of {width}-byte items"
+                f"destination of {nbytes} bytes is not a whole number of {width}-byte items"
             )
-        if d.kind in (MemoryKind.DEVICE, MemoryKind.MANAGED) and d.device not in (
-            None,
-            self._ordinal,
-        ):
+        kind = d.kind
+        on_device = kind is _DEVICE or kind is _MANAGED
+        if on_device and d.device not in (None, self._ordinal):
             raise InvalidArgumentError(
                 f"the destination is on device {d.device} but this stream is on device "
                 f"{self._ordinal}"
             )
-        label = _MEMSET_LABELS[d.kind]
-        if d.nbytes == 0:
+        label = _MEMSET_LABELS[kind]
+        if nbytes == 0:
             return completed(label, self)
-        op = Operation(label, self, keep=(d.owner,), nbytes=d.nbytes)
+        op = Operation(label, self, (d.owner,), nbytes)
         self._track(op, (d,))
-        count = d.nbytes // width
-        if d.kind.is_host:
+        if not on_device:
             view = d.host_array()
-            pattern = value
+            w = width
 
             def fill() -> bool:
-                rt.host.fill(view, pattern, width)
+                rt.host.fill(view, value, w)
                 return False
 
             return self._host_step(op, fill, after_prior=True)
-        ptr, backend = d.ptr, rt.backend
-        w = width
-        op._est = d.nbytes / _HBM_BPS
-        return self._device_step(op, lambda h: backend.memset_async(ptr, value, w, count, h))
+        op._est = nbytes / _HBM_BPS
+        return self._device_step(op, rt.backend.memset_async, d.ptr, value, width, nbytes // width)
 
     # -- kernels -------------------------------------------------------
     def launch(
@@ -442,9 +456,7 @@ class Stream:
         op = Operation(name, self, keep=(native, args))
         self._track(op, infos)
         backend = self._rt.backend
-        return self._device_step(
-            op, lambda h: backend.launch(native, grid3, block3, args, shared_mem, h)
-        )
+        return self._device_step(op, backend.launch, native, grid3, block3, args, shared_mem)
 
     # -- ordering ------------------------------------------------------
     def record(self) -> Event:
@@ -507,6 +519,10 @@ _HBM_BPS = 3e12
 
 _COPY_LABELS = {(a, b): f"copy {a.value}->{b.value}" for a in MemoryKind for b in MemoryKind}
 _MEMSET_LABELS = {k: f"memset {k.value}" for k in MemoryKind}
+_MEMSET_LIMITS = {w: (-(1 << (8 * w - 1)), (1 << (8 * w)) - 1) for w in (1, 2, 4)}
+"""Per memset width: the lowest value accepted (as signed) and the mask (highest, unsigned)."""
+_DEVICE = MemoryKind.DEVICE
+_MANAGED = MemoryKind.MANAGED
 
 
 def _check_writable(d: BufferInfo, what: str) -> None:

@@ -147,3 +147,41 @@ async def test_loop_keeps_running(
         assert (b == 1).all()
     elif what == "host_memset":
         assert (b == 3).all()
+
+
+async def test_thousands_of_ops_on_a_held_stream_never_block_the_loop(
+    dev: gpuaio.Device, stream: gpuaio.Stream
+) -> None:
+    """A stream's launch queue holds about 1,000 entries; enqueueing into a full
+    one blocks the caller. gpuaio must then enqueue off the loop thread, or the
+    loop (which here is also what releases the stream) would deadlock."""
+    import threading
+
+    n_ops = 3000
+    d = dev.empty(4, np.uint8)
+    release = latch(dev, stream)
+    forced = threading.Event()
+
+    def failsafe() -> None:  # only if the loop thread got stuck in an enqueue
+        forced.set()
+        release()
+
+    timer = threading.Timer(20.0, failsafe)
+    timer.daemon = True
+    timer.start()
+    try:
+        t0 = time.perf_counter()
+        ops = [stream.memset(d, k % 251) for k in range(n_ops)]
+        enqueue_s = time.perf_counter() - t0
+        assert not forced.is_set(), "an enqueue blocked the loop thread on a full queue"
+        await anyio.sleep(0.05)
+        assert not any(op.done() for op in ops), "ops ran while the stream was held"
+        release()
+        await gpuaio.wait_all(ops)
+    finally:
+        timer.cancel()
+    assert not forced.is_set()
+    assert enqueue_s < 10.0
+    out = np.empty(4, np.uint8)
+    await stream.copy(out, d)
+    assert (out == (n_ops - 1) % 251).all(), "the ops did not run in enqueue order"

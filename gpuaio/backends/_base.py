@@ -74,6 +74,11 @@ class Backend(abc.ABC):
     name: str
     """``"cuda"`` or ``"sim"``."""
 
+    launch_queue: int = 1024
+    """About how many entries a stream's launch queue holds; enqueueing into a
+    full one blocks the calling thread until the GPU has run one (CUDA's is
+    about 1,000 deep and not configurable)."""
+
     # -- devices -------------------------------------------------------
     @abc.abstractmethod
     def device_count(self) -> int:
