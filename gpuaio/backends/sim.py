@@ -336,7 +336,7 @@ class SimBackend(Backend):
 
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config: SimConfig = config if config is not None else SimConfig()
-        self.launch_queue = self.config.launch_queue
+        self.launch_queue: int = self.config.launch_queue
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._stop = threading.Event()  # set by close(); also cuts pacing sleeps short
