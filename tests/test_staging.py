@@ -19,15 +19,20 @@ pytestmark = pytest.mark.anyio
 MiB = 1 << 20
 
 
+def _stager_with_budget(runtime: Any, budget: int) -> Iterator[Stager]:
+    """Install a stager of 1 MiB chunks, depth 2 and ``budget`` for one test."""
+    old = runtime.stager
+    stager = Stager(runtime, StagingConfig(max_chunk=MiB, depth=2), budget=budget)
+    runtime.extras["stager"] = stager
+    yield stager
+    runtime.extras["stager"] = old
+    stager.close()
+
+
 @pytest.fixture
 def small_pool(gpuaio_runtime: Any) -> Iterator[Stager]:
-    """1 MiB chunks, depth 2 and a 4 MiB budget: transfers must take turns."""
-    old = gpuaio_runtime.stager
-    stager = Stager(gpuaio_runtime, StagingConfig(max_chunk=MiB, depth=2), budget=4 * MiB)
-    gpuaio_runtime.extras["stager"] = stager
-    yield stager
-    gpuaio_runtime.extras["stager"] = old
-    stager.close()
+    """A 4 MiB budget: transfers must take turns."""
+    yield from _stager_with_budget(gpuaio_runtime, 4 * MiB)
 
 
 async def test_no_block_reused_while_dma_pending(small_pool: Stager, dev: gpuaio.Device) -> None:
@@ -132,13 +137,8 @@ async def test_pool_trim_and_stats(small_pool: Stager, dev: gpuaio.Device) -> No
 
 @pytest.fixture
 def roomy_pool(gpuaio_runtime: Any) -> Iterator[Stager]:
-    """1 MiB chunks, depth 2 and a 16 MiB budget."""
-    old = gpuaio_runtime.stager
-    stager = Stager(gpuaio_runtime, StagingConfig(max_chunk=MiB, depth=2), budget=16 * MiB)
-    gpuaio_runtime.extras["stager"] = stager
-    yield stager
-    gpuaio_runtime.extras["stager"] = old
-    stager.close()
+    """A 16 MiB budget."""
+    yield from _stager_with_budget(gpuaio_runtime, 16 * MiB)
 
 
 async def test_reserve_pinned_then_transfers_allocate_nothing(
