@@ -152,6 +152,19 @@ async def test_sticky_fault_fails_every_await_fast(gpuaio_runtime: Any, completi
     assert stats.later_fatal == stats.later_calls == 5
 
 
+def _expect_child_prints(source: str, expected: str) -> None:
+    """Run ``source`` in a fresh interpreter (30 s at most); it must print ``expected``."""
+    proc = subprocess.run(
+        [sys.executable, "-c", source],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.stdout.strip() == expected, proc.stdout + proc.stderr
+
+
 def _fault_child(backend: str, completion: str = "events", loop: str = "asyncio") -> dict[str, Any]:
     proc = subprocess.run(
         [
@@ -293,15 +306,7 @@ def test_runtime_close_returns_when_gpu_work_never_ends() -> None:
     """Found by this suite (fixed in bdf49e9): Runtime.close() never returned while a
     stream never drained; PinnedPool.close() waited without limit for the guard
     events of blocks in flight (also from the atexit hook). Now bounded (5 s)."""
-    proc = subprocess.run(
-        [sys.executable, "-c", _CLOSE_HANG_CHILD],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert proc.stdout.strip() == "closed", proc.stdout + proc.stderr
+    _expect_child_prints(_CLOSE_HANG_CHILD, "closed")
 
 
 # -- soak --------------------------------------------------------------------------------------
@@ -360,15 +365,7 @@ def test_event_finalizer_does_not_deadlock() -> None:
     in whatever thread dropped the last reference: a sim worker holding the backend
     lock (deadlock, every time with the hostfunc strategy), a CUDA host function (where
     driver calls are not allowed), or the cyclic GC anywhere."""
-    proc = subprocess.run(
-        [sys.executable, "-c", _DEADLOCK_CHILD],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert proc.stdout.strip() == "completed", proc.stdout + proc.stderr
+    _expect_child_prints(_DEADLOCK_CHILD, "completed")
 
 
 @pytest.mark.timeout(60)
