@@ -50,7 +50,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._errors import CudaError, DeviceFatalError
-from ._loopport import LoopPort
+from ._loopport import Port
 from ._operation import Operation, post_waiters, resolve_many
 
 if TYPE_CHECKING:
@@ -110,6 +110,17 @@ class CompletionEngine:
         """Operations watched on the stream ``key`` (its ``CUstream`` address) and
         not yet resolved; engines that do not track streams count all."""
         return self.pending()
+
+    def hand_off(self) -> None:
+        """Someone now sleeps until an op is resolved: make sure something watches."""
+
+    def drain_for(self, op: Operation) -> None:
+        """Resolve what has fired on ``op``'s stream, from any thread but a loop's.
+
+        Waits for another thread's drain of that stream to finish rather than
+        skipping it, so that afterwards every op whose marker had fired is
+        resolved.
+        """
 
     def close(self) -> None:
         """Stop the engine; ops still pending fail with an error."""
@@ -239,14 +250,17 @@ class EventEngine(CompletionEngine):
         """Surface a sticky error; markers that never fire cannot."""
 
     # -- draining ------------------------------------------------------
-    def _drain(self, q: _Queue) -> list[tuple[LoopPort, Callable[[], None]]]:
-        """Resolve the fired markers at the head of ``q``; return waiters to wake.
+    def _drain(self, q: _Queue, out: list[tuple[Port, Callable[[], None]]], block: bool = False) -> None:
+        """Resolve the fired markers at the head of ``q``; add the waiters to wake to ``out``.
 
-        Raises DeviceFatalError (nothing popped) on a sticky error.
+        Ops resolve in stream order (their completion steps, the copy-outs,
+        run here in that order). Raises DeviceFatalError on a sticky error;
+        ``out`` keeps the waiters of the ops resolved before it, and the
+        caller must still wake them. Without ``block`` it returns at once if
+        another thread is draining ``q``.
         """
-        if not q.lock.acquire(blocking=False):
-            return []  # another thread is draining this stream right now
-        waiters: list[tuple[LoopPort, Callable[[], None]]] = []
+        if not q.lock.acquire(blocking=block):
+            return  # another thread is draining this stream right now
         try:
             entries = q.entries
             query = self._fired
@@ -262,10 +276,22 @@ class EventEngine(CompletionEngine):
                     exc = e
                 entries.popleft()
                 self._recycle(ev)
-                waiters.extend(op._finish(exc))
+                out.extend(op._finish(exc))
         finally:
             q.lock.release()
-        return waiters
+
+    def drain_for(self, op: Operation) -> None:
+        poll = op._poll
+        if poll is None or op._done:
+            return
+        waiters: list[tuple[Port, Callable[[], None]]] = []
+        try:
+            self._drain(poll[1], waiters, block=True)
+        except DeviceFatalError as e:
+            self._fail_all(e)
+        finally:
+            if waiters:
+                post_waiters(waiters)
 
     def poll_for(self, op: Operation) -> bool:
         """From an awaiting loop: resolve what has fired on ``op``'s stream.
@@ -281,30 +307,31 @@ class EventEngine(CompletionEngine):
         q = poll[1]
         now = time.perf_counter()
         self._loop_polling_until = now + LOOP_COVER_S
+        waiters: list[tuple[Port, Callable[[], None]]] = []
         try:
-            waiters = self._sweep(now) if now >= self._next_sweep else []
+            if now >= self._next_sweep:
+                self._sweep(now, waiters)
             if not op._done and now - q.last_poll >= 2e-6:
                 q.last_poll = now
-                waiters.extend(self._drain(q))
+                self._drain(q, waiters)
         except DeviceFatalError as e:
             self._fail_all(e)
             return True
-        if waiters:
-            post_waiters(waiters)
+        finally:
+            if waiters:  # even after a sticky error: these ops were resolved
+                post_waiters(waiters)
         return op._done
 
-    def _sweep(self, now: float) -> list[tuple[LoopPort, Callable[[], None]]]:
+    def _sweep(self, now: float, out: list[tuple[Port, Callable[[], None]]]) -> None:
         """Drain the streams that no poll has drained lately; probe for sticky errors."""
         self._next_sweep = now + LOOP_SWEEP_S
-        waiters: list[tuple[LoopPort, Callable[[], None]]] = []
         for q in list(self._queues.values()):
             if q.entries and now - q.last_poll >= LOOP_SWEEP_S:
                 q.last_poll = now
-                waiters.extend(self._drain(q))
+                self._drain(q, out)
         if now >= self._next_probe:
             self._next_probe = now + FAULT_PROBE_S
             self._probe()
-        return waiters
 
     def _fail_all(self, exc: DeviceFatalError) -> None:
         self._fail_fatal(exc)
@@ -344,15 +371,21 @@ class EventEngine(CompletionEngine):
                     sleep_s = 20e-6
                     continue
                 queues = list(self._queues.items())
-            waiters: list[tuple[LoopPort, Callable[[], None]]] = []
+            waiters: list[tuple[Port, Callable[[], None]]] = []
+            fatal: DeviceFatalError | None = None
             try:
                 for _key, q in queues:
-                    waiters.extend(self._drain(q))
+                    self._drain(q, waiters)
                 if time.perf_counter() >= self._next_probe:
                     self._next_probe = time.perf_counter() + FAULT_PROBE_S
                     self._probe()
             except DeviceFatalError as e:
-                self._fail_all(e)
+                fatal = e
+            if fatal is not None:
+                # Wake the ops resolved before the error too: none may be lost.
+                if waiters:
+                    post_waiters(waiters)
+                self._fail_all(fatal)
                 continue
             with cv:
                 for key, q in queues:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, SupportsIndex
 
@@ -18,6 +19,20 @@ if TYPE_CHECKING:
     from ._runtime import Runtime
 
 __all__ = ["Device"]
+
+CU_STREAM_LEGACY = 0x1
+"""The legacy default stream: one stream per context, whichever thread enqueues."""
+CU_STREAM_PER_THREAD = 0x2
+"""The per-thread default stream: a different stream for every enqueueing thread."""
+
+
+def _per_thread_default() -> bool:
+    """Whether the handle 0 means the per-thread default stream in this process.
+
+    cuda-bindings calls the driver's ``_ptds`` entry points when this
+    variable is set, and then the null stream is per-thread.
+    """
+    return os.environ.get("CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM", "0") not in ("", "0")
 
 
 class Device:
@@ -82,7 +97,13 @@ class Device:
 
         Accepts an int ``CUstream`` address or an object with
         ``__cuda_stream__`` (cuda.core), ``.cuda_stream`` (PyTorch) or ``.ptr``
-        (CuPy). gpuaio never destroys a wrapped stream.
+        (CuPy). gpuaio never destroys a wrapped stream. The legacy default
+        stream (``0``, ``CU_STREAM_LEGACY``) is accepted: it is one stream
+        whichever thread enqueues. The per-thread default stream
+        (``CU_STREAM_PER_THREAD``, or ``0`` under
+        ``CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM``) is refused with
+        :class:`~gpuaio.InvalidArgumentError`: gpuaio could not keep its order.
+        Wrappers of one ``CUstream`` share one order.
         """
         handle: Any
         if isinstance(stream, int):
@@ -95,7 +116,16 @@ class Device:
             handle = stream.ptr
         else:
             raise InvalidArgumentError(f"cannot find a CUstream in {type(stream).__name__}")
-        native = self._runtime.backend.stream_from_handle(self.ordinal, int(handle))
+        handle = int(handle)
+        if handle == CU_STREAM_PER_THREAD or (handle == 0 and _per_thread_default()):
+            raise InvalidArgumentError(
+                "cannot wrap the per-thread default stream: it is a different stream on every "
+                "thread, and gpuaio enqueues a stream's work from more than one thread (the "
+                "caller's and the stream's host thread), so that work would land on different "
+                "streams, out of order. Use a stream of your own (Device.stream(), or wrap an "
+                "explicit stream) and order it against your library's work with Stream.wait"
+            )
+        native = self._runtime.backend.stream_from_handle(self.ordinal, handle)
         return Stream(self, native, owned=False)
 
     @property

@@ -146,21 +146,32 @@ class SerialExecutor:
     """Runs submitted jobs one at a time, in order, on a thread of its own.
 
     The thread starts on demand and exits after ``idle_s`` without work, so
-    a stream that never needs host work never owns a thread.
+    a stream that never needs host work never owns a thread. Jobs are
+    numbered from 1 in submission order; :meth:`wait_for` blocks until a
+    given job has run.
     """
 
     def __init__(self, name: str, idle_s: float = 30.0) -> None:
         self._name = name
         self._idle_s = idle_s
         self._q: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._outstanding = 0
+        self._cv = threading.Condition(threading.Lock())
+        self.submitted = 0
+        """Jobs submitted so far (the number of the last one)."""
+        self.completed = 0
+        """Jobs that have run (they run in order: every job up to this number)."""
+        self._waiting = 0
         self._thread: threading.Thread | None = None
+        self._ident = 0
 
     @property
     def busy(self) -> bool:
         """True while any submitted job has not finished."""
-        return self._outstanding > 0
+        return self.completed < self.submitted
+
+    def on_thread(self) -> bool:
+        """Whether the caller is this executor's thread (running one of its jobs)."""
+        return self._ident == threading.get_ident()
 
     def linger(self, idle_s: float) -> None:
         """Let the thread exit after ``idle_s`` without work (0: as soon as idle).
@@ -171,25 +182,46 @@ class SerialExecutor:
         self._idle_s = idle_s
         self._q.put(_WAKE)
 
-    def submit(self, job: Callable[[], None]) -> None:
-        """Queue ``job``; it runs after every job submitted before it."""
-        with self._lock:
-            self._outstanding += 1
+    def submit(self, job: Callable[[], None]) -> int:
+        """Queue ``job``; it runs after every job submitted before it. Returns its number."""
+        with self._cv:
+            self.submitted += 1
+            n = self.submitted
             self._q.put(job)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
+        return n
+
+    def wait_for(self, n: int) -> None:
+        """Block until job number ``n`` (and so every job before it) has run.
+
+        Never from this executor's own thread for a job not yet run: that
+        would wait for itself.
+        """
+        if self.completed >= n:
+            return
+        if self.on_thread():
+            raise RuntimeError("a stream's host job cannot wait for a later job of its own")
+        with self._cv:
+            self._waiting += 1
+            try:
+                self._cv.wait_for(lambda: self.completed >= n)
+            finally:
+                self._waiting -= 1
 
     def _run(self) -> None:
+        self._ident = threading.get_ident()
         while True:
             try:
                 job = self._q.get(timeout=self._idle_s)
                 if job is _WAKE:
                     continue
             except queue.Empty:
-                with self._lock:
+                with self._cv:
                     if self._q.empty():
                         self._thread = None
+                        self._ident = 0
                         return
                 continue
             try:
@@ -199,5 +231,7 @@ class SerialExecutor:
                 # a bug, but it must not take the stream's thread down.
                 logging.getLogger("gpuaio").exception("gpuaio stream job failed")
             finally:
-                with self._lock:
-                    self._outstanding -= 1
+                with self._cv:
+                    self.completed += 1
+                    if self._waiting:
+                        self._cv.notify_all()

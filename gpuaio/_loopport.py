@@ -1,13 +1,16 @@
-"""Waking an event loop from a foreign thread, once per batch.
+"""Waking an event loop (or a blocked thread) from a foreign thread, once per batch.
 
 Completions are detected off the loop (a watcher thread, a driver callback).
 Each event loop gets one :class:`LoopPort`; completions posted to it while a
 wake-up is already scheduled ride along with that wake-up, so a burst of N
-completions costs one ``call_soon_threadsafe`` rather than N.
+completions costs one ``call_soon_threadsafe`` rather than N. A thread that
+blocks on an operation (a stream's host thread settling on an earlier host
+action) waits through :data:`THREAD_PORT`, whose callbacks run at once.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from collections.abc import Callable
@@ -15,24 +18,56 @@ from typing import Any
 
 import sniffio
 
-__all__ = ["LoopPort", "current_port"]
+__all__ = ["THREAD_PORT", "LoopPort", "Port", "current_port"]
+
+log = logging.getLogger("gpuaio")
 
 
-class LoopPort:
+class Port:
+    """Where an operation's waiter is woken: ``post`` runs callbacks there."""
+
+    __slots__ = ("__weakref__",)
+
+    def post(self, callbacks: list[Callable[[], None]]) -> None:
+        """Run ``callbacks`` where this port's waiters live; callable from any thread."""
+        raise NotImplementedError
+
+
+class _ThreadPort(Port):
+    """Waiters that are blocked threads: their callbacks (``threading.Event.set``)
+    are thread-safe and quick, so they run in the resolving thread."""
+
+    __slots__ = ()
+
+    def post(self, callbacks: list[Callable[[], None]]) -> None:
+        for cb in callbacks:
+            cb()
+
+
+THREAD_PORT: Port = _ThreadPort()
+"""The port of threads blocked in :meth:`gpuaio.Operation._wait_blocking`."""
+
+
+class LoopPort(Port):
     """Thread-safe, batching wake-up channel into one event loop."""
 
     __slots__ = (
-        "__weakref__",
         "_call_soon",
         "_closed",
+        "_is_running",
         "_lock",
         "_pending",
         "_scheduled",
         "thread",
     )
 
-    def __init__(self, call_soon_threadsafe: Callable[[Callable[[], None]], Any]) -> None:
+    def __init__(
+        self,
+        call_soon_threadsafe: Callable[[Callable[[], None]], Any],
+        is_running: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._call_soon = call_soon_threadsafe
+        self._is_running = is_running
         self._lock = threading.Lock()
         self._pending: list[Callable[[], None]] = []
         self._scheduled = False
@@ -42,12 +77,17 @@ class LoopPort:
     def post(self, callbacks: list[Callable[[], None]]) -> None:
         """Run ``callbacks`` on the loop thread soon; from any thread.
 
+        From the loop's own thread, while that loop runs, they run at once.
         If the loop has closed, the callbacks are dropped: nobody is left to
-        wake, and raising in the caller (a watcher thread) would help no one.
+        wake, and raising in the caller (a watcher thread, or another loop
+        that now runs on the same thread) would help no one.
         """
-        if threading.get_ident() == self.thread:
+        if threading.get_ident() == self.thread and self._is_running():
             for cb in callbacks:
-                cb()
+                try:
+                    cb()
+                except Exception:  # a waiter's wake-up must not fail its resolver
+                    log.exception("gpuaio: waking a task failed")
             return
         with self._lock:
             if self._closed:
@@ -85,7 +125,7 @@ def current_port() -> LoopPort:
         loop = asyncio.get_running_loop()
         port = _asyncio_ports.get(loop)
         if port is None:
-            port = _asyncio_ports[loop] = LoopPort(loop.call_soon_threadsafe)
+            port = _asyncio_ports[loop] = LoopPort(loop.call_soon_threadsafe, _runs(loop))
         return port
     if lib == "trio":
         import trio
@@ -93,6 +133,34 @@ def current_port() -> LoopPort:
         token = trio.lowlevel.current_trio_token()
         port = _trio_ports.get(token)
         if port is None:
-            port = _trio_ports[token] = LoopPort(token.run_sync_soon)
+            port = _trio_ports[token] = LoopPort(token.run_sync_soon, _trio_runs(token))
         return port
     raise RuntimeError(f"gpuaio does not support the {lib!r} event loop")
+
+
+def _runs(loop: Any) -> Callable[[], bool]:
+    """Whether ``loop`` is the loop running in the calling thread (weakly held)."""
+    import asyncio
+
+    ref = weakref.ref(loop)
+    get_running = asyncio._get_running_loop
+
+    def is_running() -> bool:
+        return get_running() is ref()
+
+    return is_running
+
+
+def _trio_runs(token: Any) -> Callable[[], bool]:
+    """Whether the trio run of ``token`` is the one running in the calling thread."""
+    import trio
+
+    ref = weakref.ref(token)
+
+    def is_running() -> bool:
+        try:
+            return trio.lowlevel.current_trio_token() is ref()
+        except RuntimeError:
+            return False
+
+    return is_running

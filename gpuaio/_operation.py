@@ -11,6 +11,8 @@ the GPU may still use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
@@ -20,7 +22,7 @@ import anyio
 import sniffio
 
 from . import _trace
-from ._loopport import LoopPort, current_port
+from ._loopport import THREAD_PORT, Port, current_port
 
 if TYPE_CHECKING:
     from ._stream import Stream
@@ -41,6 +43,7 @@ class Operation:
         "__weakref__",
         "_abort",
         "_callbacks",
+        "_complete",
         "_done",
         "_est",
         "_eta",
@@ -68,8 +71,9 @@ class Operation:
         self._keep: tuple[Any, ...] | None = keep
         self._done = False
         self._exc: BaseException | None = None
-        self._waiters: list[tuple[LoopPort, Callable[[], None]]] | None = None  # made on demand
+        self._waiters: list[tuple[Port, Callable[[], None]]] | None = None  # made on demand
         self._callbacks: list[Callable[[], None]] | None = None
+        self._complete: Callable[[], None] | None = None
         self._abort = False
         self._est = 0.0  # expected GPU time in seconds, 0 if unknown
         self._eta = 0.0  # perf_counter() time it should complete by, 0 if unknown
@@ -141,18 +145,55 @@ class Operation:
         """Wait for the resolver (a watcher thread, another task's poll) to wake us."""
         event = anyio.Event()
         entry = (current_port(), event.set)
-        waiters = self._waiters  # read once: a resolver may swap it out
-        if waiters is None:
-            self._waiters = [entry]
-        else:
-            waiters.append(entry)
+        self._add_waiter(entry)
         # The resolver sets _done before it takes _waiters: if it ran between
         # our check and append, we saw neither and wake ourselves.
         if self.done():  # another thread may have set it meanwhile
             event.set()
         elif engine is not None:
             engine.hand_off()  # no loop polls for this op any more
-        await event.wait()
+        try:
+            await event.wait()
+        finally:
+            if not event.is_set():
+                # Cancelled: take the waiter back, or every timed-out await of
+                # a long op would leave one behind until the op completes.
+                waiters = self._waiters
+                if waiters is not None:
+                    with contextlib.suppress(ValueError):
+                        waiters.remove(entry)
+
+    def _add_waiter(self, entry: tuple[Port, Callable[[], None]]) -> None:
+        waiters = self._waiters  # read once: a resolver may swap it out
+        if waiters is None:
+            self._waiters = [entry]
+        else:
+            waiters.append(entry)
+
+    def _wait_blocking(self) -> None:
+        """Block the calling thread until the op is resolved (never on an event loop).
+
+        Used by a stream's host thread that must see an earlier operation's
+        host-side effects. It also drains the op's stream itself now and
+        then, so it does not depend on the watcher's schedule.
+        """
+        if self._done:
+            return
+        woken = threading.Event()
+        self._add_waiter((THREAD_PORT, woken.set))
+        if self._done:
+            return
+        poll = self._poll
+        engine: Any = poll[0] if poll is not None else None
+        if engine is not None:
+            engine.hand_off()
+        timeout = 50e-6
+        while not woken.wait(timeout):
+            if self._done:
+                return
+            if engine is not None:
+                engine.drain_for(self)
+            timeout = min(timeout * 2, 5e-3)
 
     # -- internal ------------------------------------------------------
     def _add_done_callback(self, cb: Callable[[], None]) -> None:
@@ -169,10 +210,21 @@ class Operation:
         else:
             self._callbacks.append(cb)
 
-    def _finish(self, exc: BaseException | None) -> Sequence[tuple[LoopPort, Callable[[], None]]]:
-        """Mark done, release buffers, run callbacks; return the waiters to wake."""
+    def _finish(self, exc: BaseException | None) -> Sequence[tuple[Port, Callable[[], None]]]:
+        """Run the completion step, mark done, release buffers; return the waiters to wake.
+
+        The completion step (a small copy-out into pageable memory) is the
+        op's last host action: the stream's completion queue calls this in
+        stream order, so it lands before any later host step of the stream.
+        """
         if self._done:
             return ()
+        step, self._complete = self._complete, None
+        if step is not None and exc is None:
+            try:
+                step()
+            except BaseException as step_exc:
+                exc = step_exc
         self._exc = exc
         callbacks, self._callbacks = self._callbacks, None
         # Callbacks run before the op counts as done: a staged copy-out must
@@ -211,13 +263,13 @@ async def _asyncio_yield() -> None:
     await asyncio.sleep(0)
 
 
-def post_waiters(waiters: Iterable[tuple[LoopPort, Callable[[], None]]]) -> None:
+def post_waiters(waiters: Iterable[tuple[Port, Callable[[], None]]]) -> None:
     """Wake ``waiters`` (from ``Operation._finish``), each loop once."""
     _post(waiters)
 
 
-def _post(waiters: Iterable[tuple[LoopPort, Callable[[], None]]]) -> None:
-    by_port: defaultdict[LoopPort, list[Callable[[], None]]] = defaultdict(list)
+def _post(waiters: Iterable[tuple[Port, Callable[[], None]]]) -> None:
+    by_port: defaultdict[Port, list[Callable[[], None]]] = defaultdict(list)
     for port, cb in waiters:
         by_port[port].append(cb)
     for port, cbs in by_port.items():
@@ -226,7 +278,7 @@ def _post(waiters: Iterable[tuple[LoopPort, Callable[[], None]]]) -> None:
 
 def resolve_many(items: Iterable[tuple[Operation, BaseException | None]]) -> None:
     """Complete many ops and wake each event loop once for all of them."""
-    waiters: list[tuple[LoopPort, Callable[[], None]]] = []
+    waiters: list[tuple[Port, Callable[[], None]]] = []
     for op, exc in items:
         waiters.extend(op._finish(exc))
     if waiters:

@@ -12,12 +12,14 @@ import logging
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from ._completion import STRATEGIES, CompletionEngine, Strategy, make_engine
 from ._errors import DeviceFatalError, NoDeviceError
 from ._hostwork import HostPool
+from ._sequencer import Sequencer
 from .backends import Backend, create_backend
 
 if TYPE_CHECKING:
@@ -83,6 +85,9 @@ class Runtime:
         self._engines: dict[int, CompletionEngine] = {}
         self._devices: dict[int, Device] = {}
         self._peers: set[tuple[int, int]] = set()
+        self._sequencers: weakref.WeakValueDictionary[tuple[int, int], Sequencer] = (
+            weakref.WeakValueDictionary()
+        )
         self._lock = threading.Lock()
         self.closed: bool = False
         self.extras: dict[str, Any] = {}
@@ -96,6 +101,26 @@ class Runtime:
                 if eng is None:
                     eng = self._engines[device] = make_engine(self.strategy, self.backend, device)
         return eng
+
+    def sequencer(self, device: int, native: Any) -> Sequencer:
+        """The ordering authority of the ``CUstream`` ``native``, shared by its wrappers.
+
+        Two :class:`~gpuaio.Stream` objects over one ``CUstream`` (say, two
+        ``wrap_stream`` calls) must not order its work independently.
+        """
+        key = (device, self.backend.stream_handle(native))
+        with self._lock:
+            seq = self._sequencers.get(key)
+            if seq is None:
+                seq = self._sequencers[key] = Sequencer(self, device, native)
+            return seq
+
+    def forget_sequencer(self, seq: Sequencer) -> None:
+        """``seq``'s stream is being destroyed: a new stream may reuse its handle."""
+        key = (seq.ordinal, seq.key)
+        with self._lock:
+            if self._sequencers.get(key) is seq:
+                del self._sequencers[key]
 
     @property
     def stager(self) -> Stager | None:

@@ -11,11 +11,14 @@ The driver copies pageable memory synchronously and slowly (one thread,
 * **D2H into pageable**: the reverse: up to ``depth`` DMAs into pinned
   blocks run ahead while the threads copy finished chunks out. The op
   completes when the last byte is in the user's buffer.
-* **Small transfers** (``inline_max`` bytes or less) skip the thread hop:
-  the small host copy happens on the calling thread (H2D) or as the op
-  completes (D2H), around a single DMA.
+* **Small transfers** (``inline_max`` bytes or less) skip the thread hop
+  where stream order allows: the host copy of an H2D runs on the calling
+  thread when no host action of the stream is pending; the copy-out of a
+  D2H is the op's completion step, which the stream's completion queue
+  runs in stream order (see :mod:`gpuaio._sequencer`).
 
-All of it runs on the stream's serial executor, so stream order holds.
+Everything else runs as host steps on the stream's host thread, which
+settle on the host actions before them, so stream order holds.
 """
 
 from __future__ import annotations
@@ -96,49 +99,55 @@ class Stager:
     def copy(self, stream: Stream, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
         """Schedule ``op`` (a copy with a pageable side) on ``stream``."""
         h2d = s.kind.is_host
-        n = d.nbytes
-        small = n <= self.config.inline_max and not stream._serial.busy
-        if small and (not h2d or stream._host_writes_done()):
+        seq = stream._seq
+        if d.nbytes <= self.config.inline_max and (seq.host_clear() if h2d else seq.deps_clear()):
             # Cached blocks only: allocating pinned memory is a slow driver
             # call that must not run on the caller's (event-loop) thread.
-            block = self.pool.acquire(n, wait=False, allocate=False)
+            try:
+                block = self.pool.acquire(d.nbytes, wait=False, allocate=False)
+            except BaseException as exc:  # over the budget, or closed: nothing was enqueued
+                op._resolve(exc)
+                raise
             if block is not None:
                 if h2d:
                     return self._small_h2d(stream, op, d, s, block)
                 return self._small_d2h(stream, op, d, s, block)
         if h2d:
-            return stream._host_step(op, lambda: self._h2d(stream, op, d, s), after_prior=False)
-        return stream._host_step(op, lambda: self._d2h(stream, op, d, s), after_prior=False)
+            return stream._host_step(op, lambda: self._h2d(stream, op, d, s), after_gpu=False)
+        return stream._host_step(op, lambda: self._d2h(stream, op, d, s), after_gpu=False)
 
     # -- small ---------------------------------------------------------
     def _small_h2d(
         self, stream: Stream, op: Operation, d: BufferInfo, s: BufferInfo, block: PinnedBlock
     ) -> Operation:
+        """The source is read now: no earlier host action of the stream is pending."""
         n = d.nbytes
-        byte_view(block.ptr, n)[:] = s.host_array()  # small: cheaper than a thread hop
+        try:
+            byte_view(block.ptr, n)[:] = s.host_array()  # small: cheaper than a thread hop
+        except BaseException as exc:
+            self.pool.release(block)
+            op._resolve(exc)
+            raise
         pool, backend = self.pool, self.runtime.backend
         op._add_done_callback(lambda: pool.release(block))
-        dp, bp = d.ptr, block.ptr
-        return stream._device_step(op, lambda h: backend.memcpy_async(dp, bp, n, h))
+        return stream._device_step(op, backend.memcpy_async, d.ptr, block.ptr, n)
 
     def _small_d2h(
         self, stream: Stream, op: Operation, d: BufferInfo, s: BufferInfo, block: PinnedBlock
     ) -> Operation:
+        """DMA into a pinned block; the copy-out is the op's completion step."""
         n = d.nbytes
         pool, backend = self.pool, self.runtime.backend
         dst = d.host_array()
 
         def copy_out() -> None:
-            try:
-                if op._exc is None:
-                    dst[:] = byte_view(block.ptr, n)
-            finally:
-                pool.release(block)
+            dst[:] = byte_view(block.ptr, n)
 
-        op._add_done_callback(copy_out)
-        sp, bp = s.ptr, block.ptr
-        stream._note_host_write(op)
-        return stream._device_step(op, lambda h: backend.memcpy_async(bp, sp, n, h))
+        op._complete = copy_out
+        op._add_done_callback(lambda: pool.release(block))
+        stream._device_step(op, backend.memcpy_async, block.ptr, s.ptr, n)
+        stream._seq.note_copy_out(op)
+        return op
 
     # -- large ---------------------------------------------------------
     def _h2d(self, stream: Stream, op: Operation, d: BufferInfo, s: BufferInfo) -> bool:
@@ -149,8 +158,6 @@ class Stager:
         never idle at a chunk boundary; a ring of ``depth`` events bounds the
         DMAs in flight.
         """
-        if not stream._host_writes_done():
-            stream._wait_prior()
         backend, pool, host = self.runtime.backend, self.pool, self.runtime.host
         native = stream._native
         src = s.host_array()
@@ -203,7 +210,7 @@ class Stager:
             for ev in ring:
                 backend.event_destroy(ev)
         if enqueued < n:
-            stream._wait_prior()
+            stream._seq.wait_prior()
             raise OperationAbortedError(f"{op.label}: aborted after {enqueued} of {n} bytes")
         return True
 

@@ -3,23 +3,23 @@
 Every method validates its arguments, then enqueues at once and returns an
 :class:`~gpuaio.Operation`; ``await`` it when the result is needed.
 
-How work is enqueued without ever blocking the event loop:
+Order is kept by the stream's :class:`~gpuaio._sequencer.Sequencer`, never
+by the thread that happens to run a step, and the event loop never blocks:
 
 * Work the driver runs asynchronously (device memsets, launches, copies
   between device memory and pinned memory, device-to-device copies) is
   enqueued directly by the calling thread: a few microseconds.
 * Work the driver would run synchronously (anything touching pageable
-  memory, host-to-host copies, memsets of host memory) becomes a *host job*
-  on the stream's serial executor, a thread. A host job first waits for the
-  work enqueued before it, so stream order holds for host work too.
-* While a host job is queued or running, later device work on that stream is
-  handed to the same executor, so it is enqueued in submission order.
+  memory, host-to-host copies, memsets of host memory) becomes a *host step*
+  on the stream's host thread. It first settles on the host actions before
+  it (and on the GPU work before it where the GPU may touch its memory).
+* While a host step is queued or running, later device work on that stream
+  is handed to the same thread, so it is enqueued in submission order.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._errors import DeviceFatalError, InvalidArgumentError, StreamClosedError
-from ._hostwork import SerialExecutor
+from ._errors import InvalidArgumentError, StreamClosedError
 from ._kernel import Kernel, normalize_dim3
 from ._memory import BufferInfo, DeviceArray, describe
 from ._operation import Operation, completed
 from ._progress import report_progress
+from ._sequencer import Frontier, HostWork, Sequencer
 from .backends import MemoryKind
 
 if TYPE_CHECKING:
@@ -43,19 +43,17 @@ __all__ = ["Event", "Stream"]
 
 log = logging.getLogger("gpuaio")
 
-_HostWork = Callable[[], bool]
-"""A host job body; returns True when it enqueued GPU work that needs a marker."""
-
-
 class Event(Operation):
     """A point in a stream's order: awaitable, and usable in :meth:`Stream.wait`."""
 
-    __slots__ = ("_native", "_recorded")
+    __slots__ = ("_frontier", "_native", "_recorded")
 
     def __init__(self, stream: Stream) -> None:
         super().__init__("event", stream)
         self._native: Any = None
         self._recorded = False
+        # The host actions submitted before the event (see Stream.wait).
+        self._frontier: tuple[Frontier, ...] = ()
 
     def __del__(self) -> None:
         native, self._native = self._native, None
@@ -76,7 +74,15 @@ class Stream:
     :meth:`aclose`) to wait for its work and release it.
     """
 
-    def __init__(self, device: Device, native: Any, *, owned: bool, priority: int = 0) -> None:
+    def __init__(
+        self,
+        device: Device,
+        native: Any,
+        *,
+        owned: bool,
+        priority: int = 0,
+        sequencer: Sequencer | None = None,
+    ) -> None:
         self.device = device
         self.priority = priority
         self._rt: Runtime = device._runtime
@@ -84,15 +90,8 @@ class Stream:
         self._native = native
         self._owned = owned
         self._closed = False
-        self._serial = SerialExecutor(f"gpuaio-stream-{device.ordinal}")
-        self._key = self._rt.backend.stream_handle(native)
-        # With this many ops in flight, enqueue on the executor thread instead:
-        # an op takes up to two launch-queue entries (its work and its
-        # marker), and enqueueing into a full queue blocks the calling thread,
-        # which must never be the event loop's.
-        self._direct_limit = max(1, self._rt.backend.launch_queue // 4)
-        self._sync_event: Any = None
-        self._last_host_write: Operation | None = None
+        self._seq: Sequencer = sequencer or self._rt.sequencer(device.ordinal, native)
+        self._key = self._seq.key
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
@@ -133,17 +132,9 @@ class Stream:
         if self._closed:
             return
         self._closed = True
-
-        def release() -> None:
-            sync, self._sync_event = self._sync_event, None
-            backend = self._rt.backend
-            if sync is not None:
-                backend.event_destroy(sync)
-            if self._owned:
-                backend.stream_destroy(self._native)
-
-        self._serial.submit(release)
-        self._serial.linger(0)  # no thread left idling once the release has run
+        if self._owned:
+            self._rt.forget_sequencer(self._seq)
+        self._seq.release(destroy_stream=self._owned)
 
     def _check(self) -> None:
         if self._closed:
@@ -152,83 +143,12 @@ class Stream:
 
     # -- submission ----------------------------------------------------
     def _device_step(self, op: Operation, enqueue: Callable[..., None], *args: Any) -> Operation:
-        """Enqueue asynchronous driver work now, or in order behind host jobs.
+        """Enqueue driver work in stream order (see :meth:`Sequencer.gpu`)."""
+        return self._seq.gpu(op, enqueue, *args)
 
-        ``enqueue(*args, native_stream)`` does the work; passing its arguments
-        rather than a closure saves a function object on the hot path.
-        """
-        engine = self._rt.engine(self._ordinal)
-        if not self._serial.busy and engine.pending_on(self._key) < self._direct_limit:
-            native = self._native
-            try:
-                enqueue(*args, native)
-            except BaseException as exc:
-                op._resolve(exc)  # nothing was enqueued: release at once
-                raise
-            try:
-                engine.watch(op, native)
-            except BaseException as exc:
-                # The work may still run: release the op's buffers only once
-                # the stream has drained, off this thread.
-                self._serial.submit(functools.partial(self._fail_after_drain, op, exc))
-                raise
-            return op
-
-        def job() -> None:
-            try:
-                enqueue(*args, self._native)
-                self._rt.engine(self._ordinal).watch(op, self._native)
-            except BaseException as exc:
-                op._resolve(exc)
-
-        self._serial.submit(job)
-        return op
-
-    def _host_step(self, op: Operation, work: _HostWork, *, after_prior: bool) -> Operation:
-        """Run ``work`` on the stream's executor, after earlier work if asked."""
-
-        def job() -> None:
-            try:
-                if after_prior:
-                    self._wait_prior()
-                if work():
-                    self._rt.engine(self._ordinal).watch(op, self._native)
-                else:
-                    op._resolve(None)
-            except BaseException as exc:
-                op._resolve(exc)
-
-        self._serial.submit(job)
-        return op
-
-    def _fail_after_drain(self, op: Operation, exc: BaseException) -> None:
-        try:
-            self._rt.backend.stream_synchronize(self._native)
-        except DeviceFatalError:
-            pass  # a dead context runs nothing more: the buffers are safe
-        except Exception:
-            # Cannot tell whether the work ran: keep the buffers for good
-            # rather than risk the GPU writing freed memory.
-            log.warning("%s failed and its stream could not be drained", op.label)
-            return
-        op._resolve(exc)
-
-    def _wait_prior(self) -> None:
-        """Block the executor thread until the stream's enqueued work is done."""
-        backend = self._rt.backend
-        if self._sync_event is None:
-            self._sync_event = backend.event_create(self._ordinal, blocking_sync=True)
-        backend.event_record(self._sync_event, self._native)
-        backend.event_synchronize(self._sync_event)
-
-    def _note_host_write(self, op: Operation) -> None:
-        """Remember that ``op`` writes host memory (GPU-side, e.g. a D2H DMA)."""
-        self._last_host_write = op
-
-    def _host_writes_done(self) -> bool:
-        """True when no GPU work on this stream may still write host memory."""
-        last = self._last_host_write
-        return last is None or last.done()
+    def _host_step(self, op: Operation, work: HostWork, *, after_gpu: bool) -> Operation:
+        """Run ``work`` on the host thread in stream order (see :meth:`Sequencer.host`)."""
+        return self._seq.host(op, work, after_gpu=after_gpu)
 
     def _array_args(self, args: Sequence[Any]) -> list[BufferInfo]:
         """Describe the arrays among ``args``; reject device memory of another device."""
@@ -305,7 +225,7 @@ class Stream:
                 rt.host.copy(dv, sv)
                 return False
 
-            return self._host_step(op, h2h, after_prior=True)
+            return self._host_step(op, h2h, after_gpu=True)
         if MemoryKind.PAGEABLE in (d.kind, s.kind):
             return self._pageable_copy(op, d, s)
         if (
@@ -319,15 +239,17 @@ class Stream:
             rt.ensure_peer_access(dd, sd)
             op._est = n / _NVLINK_BPS
             return self._device_step(op, backend.memcpy_peer_async, dp, dd, sp, sd, n)
-        if d.kind.is_host:
-            self._note_host_write(op)
         host_side = d.kind.is_host or s.kind.is_host
         op._est = n / (_PCIE_BPS if host_side else _HBM_BPS)
         dp, sp = d.ptr, s.ptr
         return self._device_step(op, backend.memcpy_async, dp, sp, n)
 
     def _pageable_copy(self, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
-        stager = self._rt.stager
+        try:
+            stager = self._rt.stager
+        except BaseException as exc:  # a bad staging setting: nothing was enqueued
+            op._resolve(exc)
+            raise
         if stager is not None:
             return stager.copy(self, op, d, s)
         # The driver's own path blocks the calling thread (and, for H2D,
@@ -339,7 +261,7 @@ class Stream:
             backend.memcpy_async(dp, sp, n, self._native)
             return True
 
-        return self._host_step(op, driver_copy, after_prior=False)
+        return self._host_step(op, driver_copy, after_gpu=False)
 
     # -- memset --------------------------------------------------------
     def memset(self, dst: Any, value: int, *, width: int | None = None) -> Operation:
@@ -404,7 +326,7 @@ class Stream:
                 rt.host.fill(view, value, w)
                 return False
 
-            return self._host_step(op, fill, after_prior=True)
+            return self._host_step(op, fill, after_gpu=True)
         op._est = nbytes / _HBM_BPS
         return self._device_step(op, rt.backend.memset_async, d.ptr, value, width, nbytes // width)
 
@@ -460,23 +382,42 @@ class Stream:
 
     # -- ordering ------------------------------------------------------
     def record(self) -> Event:
-        """Mark the current end of this stream; await the event, or pass it to :meth:`wait`."""
+        """Mark the current end of this stream; await the event, or pass it to :meth:`wait`.
+
+        The event stands for everything submitted so far, host-side effects
+        included: awaiting it, or waiting for it on another stream, orders
+        after those too.
+        """
         self._check()
         ev = Event(self)
         backend = self._rt.backend
         ev._native = backend.event_create(self._ordinal)
+        seq = self._seq
+        ev._frontier = seq.frontier()
 
         def enqueue(h: Any) -> None:
             backend.event_record(ev._native, h)
             ev._recorded = True
 
-        return self._device_step(ev, enqueue)  # type: ignore[return-value]
+        if seq.deps_clear():
+            seq.gpu(ev, enqueue)
+            return ev
+
+        def settled() -> bool:  # after what this stream waits for, host side too
+            enqueue(self._native)
+            return True
+
+        seq.host(ev, settled, after_gpu=False)
+        return ev
 
     def wait(self, other: Event | Stream) -> None:
-        """Make later work on this stream wait (on the GPU) for ``other``.
+        """Make later work on this stream wait for ``other``.
 
         ``other`` is an :class:`Event` or a stream (meaning: its work so far).
-        The calling thread does not wait.
+        Later GPU work waits on the GPU; later host steps (staging copies,
+        copy-outs, host memsets, host-to-host copies) also come after the
+        host-side effects of everything ``other`` stands for. The calling
+        thread does not wait.
         """
         self._check()
         if isinstance(other, Stream):
@@ -487,26 +428,49 @@ class Stream:
             )
         backend = self._rt.backend
         ev = other
+        seq = self._seq
+        seq.add_deps(ev._frontier)
         marker = Operation("wait", self, keep=(ev,))
         if ev._recorded:
-            self._device_step(marker, lambda h: backend.stream_wait_event(h, ev._native))
+            seq.gpu(marker, _wait_event, backend, ev._native)
             return
 
         def wait_recorded() -> bool:
-            # The other stream's executor records the event later; its own
-            # completion implies it was recorded.
+            # The other stream's host thread records the event later; its own
+            # completion implies it was recorded (or failed to be).
             while not ev._recorded and not ev.done():
                 time.sleep(50e-6)
             if ev._recorded:
                 backend.stream_wait_event(self._native, ev._native)
+                return True
             return False
 
-        self._host_step(marker, wait_recorded, after_prior=False)
+        seq.host(marker, wait_recorded, after_gpu=False)
 
     def synchronize(self) -> Operation:
-        """An operation that completes when all work submitted so far is done."""
+        """An operation that completes when all work submitted so far is done.
+
+        That includes host-side effects: copy-outs into pageable memory, and
+        those of the streams this one waits for.
+        """
         self._check()
-        return self._device_step(Operation("synchronize", self), lambda h: None)
+        op = Operation("synchronize", self)
+        seq = self._seq
+        if seq.deps_clear():
+            return seq.gpu(op, _nothing)
+        return seq.host(op, _enqueued_nothing, after_gpu=False)
+
+
+def _wait_event(backend: Any, event: Any, native: Any) -> None:
+    backend.stream_wait_event(native, event)
+
+
+def _nothing(native: Any) -> None:
+    """Enqueue nothing: the marker placed behind it stands for the stream's work so far."""
+
+
+def _enqueued_nothing() -> bool:
+    return True
 
 
 # Optimistic transfer rates (bytes/s), so that expected completion times are

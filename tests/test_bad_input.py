@@ -301,7 +301,7 @@ def enqueued(rt: Any, stream: gpuaio.Stream) -> tuple[int, int, int, bool]:
     be = rt.backend
     submitted = sum(s.submitted for d in be._devices for s in list(d.streams))
     pending = sum(e.pending() for e in rt._engines.values())
-    return submitted, be.ops_executed(0), pending, stream._serial.busy
+    return submitted, be.ops_executed(0), pending, not stream._seq.idle
 
 
 def assert_rejected(

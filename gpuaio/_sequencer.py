@@ -1,0 +1,276 @@
+"""The stream sequencer: the one ordering authority of a CUDA stream.
+
+A stream is a queue. Every operation submitted to it takes effect after
+everything submitted before it, host-side parts included (staging copies,
+copy-outs into pageable memory, host memsets, host-to-host copies), and
+after everything a ``wait(event)`` names. One :class:`Sequencer` per
+``CUstream`` enforces that, whatever the completion strategy and whichever
+thread resolves an operation. Three places run a stream's work; the
+sequencer decides which, and orders them:
+
+* **GPU work** (copies between device and pinned memory, device memsets,
+  launches, markers) is enqueued in submission order: on the calling thread
+  when nothing of the stream is queued on its host thread, otherwise as a
+  job on that thread, behind what is queued there.
+* **Host steps** run on the stream's host thread, one at a time, in
+  submission order. Before a host step touches host memory it *settles*:
+  it waits until every earlier host action of the stream, and every one a
+  ``wait`` named, has taken effect. A host step that may touch memory the
+  GPU uses (host memsets, host-to-host copies) also waits for the stream's
+  earlier GPU work.
+* **Copy-outs** of small device-to-host copies into pageable memory are the
+  one host action off the host thread: a copy-out is its operation's
+  completion step, run by the stream's completion queue when the DMA's
+  marker is reached, in queue order, before the operation counts as done.
+  Host steps settle on it; a small host-to-device copy reads its source on
+  the calling thread only when no host action of the stream (or of a
+  stream it waits for) is pending, else it becomes a host step.
+
+A :class:`Frontier` is how far a stream's host actions had been submitted
+at one moment: its host jobs so far and its last copy-out. An event carries
+its stream's frontier (and the frontiers that stream waited for), and
+``wait`` hands them to the waiting stream, whose later host steps settle on
+them. Frontiers are taken at submission, so waits follow submission order
+and cannot form a cycle.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from ._errors import DeviceFatalError
+from ._hostwork import SerialExecutor
+from ._operation import Operation
+
+if TYPE_CHECKING:
+    from ._runtime import Runtime
+
+__all__ = ["Frontier", "HostWork", "Sequencer"]
+
+log = logging.getLogger("gpuaio")
+
+HostWork = Callable[[], bool]
+"""A host step's body; returns True when it enqueued GPU work that needs a marker."""
+
+
+class Frontier(NamedTuple):
+    """The host actions one stream had submitted at some moment."""
+
+    seq: Sequencer
+    jobs: int
+    """Host jobs submitted on ``seq`` by then (they run in order)."""
+    copy_out: Operation | None
+    """The last small copy-out submitted by then, if it was pending."""
+
+    def reached(self) -> bool:
+        """Whether all of those host actions have taken effect."""
+        c = self.copy_out
+        return self.seq.executor.completed >= self.jobs and (c is None or c._done)
+
+    def wait(self) -> None:
+        """Block the calling thread (a stream's host thread) until :meth:`reached`."""
+        self.seq.executor.wait_for(self.jobs)
+        c = self.copy_out
+        if c is not None:
+            c._wait_blocking()
+
+
+class Sequencer:
+    """Orders the GPU work and host steps of one ``CUstream`` (see the module docstring).
+
+    Streams wrapping the same ``CUstream`` share one sequencer
+    (:meth:`gpuaio._runtime.Runtime.sequencer`).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_copy_out",
+        "_deps",
+        "_direct_limit",
+        "_rt",
+        "_sync_event",
+        "executor",
+        "key",
+        "native",
+        "ordinal",
+    )
+
+    def __init__(self, runtime: Runtime, ordinal: int, native: Any) -> None:
+        self._rt = runtime
+        self.ordinal = ordinal
+        self.native = native
+        self.key: int = runtime.backend.stream_handle(native)
+        self.executor = SerialExecutor(f"gpuaio-stream-{ordinal}")
+        # With this many ops in flight, enqueue on the host thread instead:
+        # an op takes up to two launch-queue entries (its work and its
+        # marker), and enqueueing into a full queue blocks the calling thread,
+        # which must never be the event loop's.
+        self._direct_limit = max(1, runtime.backend.launch_queue // 4)
+        self._copy_out: Operation | None = None
+        self._deps: list[Frontier] = []
+        self._sync_event: Any = None
+
+    # -- what is pending -----------------------------------------------
+    @property
+    def idle(self) -> bool:
+        """True when no host job of this stream is queued or running."""
+        return not self.executor.busy
+
+    def deps_clear(self) -> bool:
+        """True when every frontier this stream waits for has been reached."""
+        if self._deps:
+            self._deps = [f for f in self._deps if not f.reached()]
+        return not self._deps
+
+    def host_clear(self) -> bool:
+        """True when no host action of this stream, or of one it waits for, is pending.
+
+        Then host memory holds what stream order says it holds, and the
+        calling thread may read it for the next op.
+        """
+        c = self._copy_out
+        return self.idle and (c is None or c._done) and self.deps_clear()
+
+    def frontier(self) -> tuple[Frontier, ...]:
+        """This stream's frontier now, and the pending ones it waits for."""
+        c = self._copy_out
+        own = Frontier(self, self.executor.submitted, None if c is None or c._done else c)
+        if self.deps_clear():
+            return (own,)
+        return (own, *self._deps)
+
+    def add_deps(self, frontiers: tuple[Frontier, ...]) -> None:
+        """Later host steps of this stream settle on ``frontiers`` too (``wait``)."""
+        for f in frontiers:
+            if f.seq is not self and not f.reached():
+                self._deps.append(f)
+
+    def note_copy_out(self, op: Operation) -> None:
+        """``op``'s completion step writes host memory: later host steps settle on it."""
+        self._copy_out = op
+
+    # -- submission ----------------------------------------------------
+    def gpu(self, op: Operation, enqueue: Callable[..., None], *args: Any) -> Operation:
+        """Enqueue asynchronous driver work now, or in order behind host jobs.
+
+        ``enqueue(*args, native_stream)`` does the work; passing its arguments
+        rather than a closure saves a function object on the hot path.
+        """
+        engine = self._rt.engine(self.ordinal)
+        if not self.executor.busy and engine.pending_on(self.key) < self._direct_limit:
+            native = self.native
+            try:
+                enqueue(*args, native)
+            except BaseException as exc:
+                op._resolve(exc)  # nothing was enqueued: release at once
+                raise
+            try:
+                engine.watch(op, native)
+            except BaseException as exc:
+                # The work may still run: release the op's buffers only once
+                # the stream has drained, off this thread.
+                self.executor.submit(functools.partial(self._fail_after_drain, op, exc))
+                raise
+            return op
+
+        def job() -> None:
+            native = self.native
+            try:
+                enqueue(*args, native)
+            except BaseException as exc:
+                op._resolve(exc)
+                return
+            try:
+                self._rt.engine(self.ordinal).watch(op, native)
+            except BaseException as exc:
+                self._fail_after_drain(op, exc)
+
+        self.executor.submit(job)
+        return op
+
+    def host(self, op: Operation, work: HostWork, *, after_gpu: bool) -> Operation:
+        """Run ``work`` on the host thread once the stream's earlier host actions landed.
+
+        With ``after_gpu`` it also waits for the stream's earlier GPU work.
+        Returns ``op``, resolved when ``work`` returns False, or watched
+        behind the GPU work it enqueued when it returns True.
+        """
+        c = self._copy_out
+        copy_out = None if c is None or c._done else c
+        deps = () if self.deps_clear() else tuple(self._deps)
+
+        def job() -> None:
+            try:
+                self._settle(copy_out, deps, after_gpu)
+                enqueued = work()
+            except BaseException as exc:
+                # The work may have enqueued GPU work before it failed.
+                self._fail_after_drain(op, exc)
+                return
+            if not enqueued:
+                op._resolve(None)
+                return
+            try:
+                self._rt.engine(self.ordinal).watch(op, self.native)
+            except BaseException as exc:
+                self._fail_after_drain(op, exc)
+
+        self.executor.submit(job)
+        return op
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the host thread after every job submitted before it."""
+        self.executor.submit(fn)
+
+    # -- on the host thread ----------------------------------------------
+    def _settle(
+        self, copy_out: Operation | None, deps: tuple[Frontier, ...], after_gpu: bool
+    ) -> None:
+        """Wait until the host actions before a host step have taken effect."""
+        if after_gpu:
+            self.wait_prior()
+        if copy_out is not None and not copy_out._done:
+            if after_gpu:
+                # Its DMA is done: resolve it (and its copy-out) from here.
+                self._rt.engine(self.ordinal).drain_for(copy_out)
+            copy_out._wait_blocking()
+        for f in deps:
+            f.wait()
+
+    def wait_prior(self) -> None:
+        """Block the host thread until the stream's enqueued GPU work is done."""
+        backend = self._rt.backend
+        if self._sync_event is None:
+            self._sync_event = backend.event_create(self.ordinal, blocking_sync=True)
+        backend.event_record(self._sync_event, self.native)
+        backend.event_synchronize(self._sync_event)
+
+    def _fail_after_drain(self, op: Operation, exc: BaseException) -> None:
+        """Fail ``op`` once no GPU work it enqueued can still touch its buffers."""
+        try:
+            self._rt.backend.stream_synchronize(self.native)
+        except DeviceFatalError:
+            pass  # a dead context runs nothing more: the buffers are safe
+        except Exception:
+            # Cannot tell whether the work ran: keep the buffers for good
+            # rather than risk the GPU writing freed memory.
+            log.warning("%s failed and its stream could not be drained", op.label)
+            return
+        op._resolve(exc)
+
+    def release(self, destroy_stream: bool) -> None:
+        """After every job so far: free the sync event (and the stream, if owned)."""
+
+        def release() -> None:
+            sync, self._sync_event = self._sync_event, None
+            backend = self._rt.backend
+            if sync is not None:
+                backend.event_destroy(sync)
+            if destroy_stream:
+                backend.stream_destroy(self.native)
+
+        self.executor.submit(release)
+        self.executor.linger(0)  # no thread left idling once the release has run
