@@ -66,6 +66,21 @@ class StagingConfig:
     """Chunks in flight per transfer (pinned use per transfer is depth x chunk)."""
     inline_max: int = field(default_factory=lambda: _env_size("GPUAIO_INLINE_MAX", 256 << 10))
 
+    def __post_init__(self) -> None:
+        if self.depth < 1:
+            raise InvalidArgumentError(
+                f"staging depth (GPUAIO_STAGING_DEPTH) must be at least 1, not {self.depth}"
+            )
+        if not 0 < self.min_chunk <= self.max_chunk:
+            raise InvalidArgumentError(
+                f"chunk sizes must satisfy 0 < min_chunk <= max_chunk (GPUAIO_CHUNK_BYTES), "
+                f"not {self.min_chunk} and {self.max_chunk}"
+            )
+        if self.inline_max < 0:
+            raise InvalidArgumentError(
+                f"GPUAIO_INLINE_MAX must not be negative, not {self.inline_max}"
+            )
+
     def chunk_for(self, nbytes: int) -> int:
         """The chunk size for a transfer of ``nbytes``: an eighth of it, as a
         power of two, clamped to [``min_chunk``, ``max_chunk``]."""

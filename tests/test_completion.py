@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -14,17 +13,6 @@ import gpuaio
 from tests.conftest import add_one_kernel, latch
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=gpuaio.STRATEGIES)
-def strategy_dev(request: pytest.FixtureRequest, gpuaio_runtime: Any) -> Iterator[gpuaio.Device]:
-    gpuaio_runtime.set_completion(request.param)
-    yield gpuaio_runtime.device(0)
-    # Release the strategy's resources (the flag slab) before the leak check.
-    deadline = time.perf_counter() + 5
-    while gpuaio_runtime.engine(0).pending() and time.perf_counter() < deadline:
-        time.sleep(0.01)
-    gpuaio_runtime.set_completion("events")
 
 
 async def test_ops_resolve_in_order(strategy_dev: gpuaio.Device) -> None:
