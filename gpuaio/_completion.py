@@ -250,7 +250,9 @@ class EventEngine(CompletionEngine):
         """Surface a sticky error; markers that never fire cannot."""
 
     # -- draining ------------------------------------------------------
-    def _drain(self, q: _Queue, out: list[tuple[Port, Callable[[], None]]], block: bool = False) -> None:
+    def _drain(
+        self, q: _Queue, out: list[tuple[Port, Callable[[], None]]], block: bool = False
+    ) -> None:
         """Resolve the fired markers at the head of ``q``; add the waiters to wake to ``out``.
 
         Ops resolve in stream order (their completion steps, the copy-outs,

@@ -181,7 +181,7 @@ class Operation:
             return
         woken = threading.Event()
         self._add_waiter((THREAD_PORT, woken.set))
-        if self._done:
+        if self.done():  # resolved meanwhile, before it could see our waiter
             return
         poll = self._poll
         engine: Any = poll[0] if poll is not None else None
@@ -189,7 +189,7 @@ class Operation:
             engine.hand_off()
         timeout = 50e-6
         while not woken.wait(timeout):
-            if self._done:
+            if self.done():
                 return
             if engine is not None:
                 engine.drain_for(self)

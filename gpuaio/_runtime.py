@@ -36,20 +36,36 @@ class _Reaper:
 
     ``cuMemFree``/``cuMemFreeHost`` may synchronize the whole device, so a
     buffer dropped on the event-loop thread is freed here instead.
+
+    :meth:`submit` is called from ``__del__`` methods, which the garbage
+    collector may run on any thread at any allocation, even inside
+    :meth:`submit` itself: it queues first (``SimpleQueue.put`` is
+    reentrant) and starts the thread under a reentrant lock.
     """
 
     def __init__(self) -> None:
         self._q: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._starting = False
+        self._lock = threading.RLock()
 
     def submit(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` (a driver free) on the reaper thread, off the loop."""
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="gpuaio-reaper", daemon=True)
-                self._thread.start()
         self._q.put(fn)
+        if self._thread is None:
+            self._start()
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is not None or self._starting:
+                return  # a submit nested in the start below: its fn is queued
+            self._starting = True
+            try:
+                t = threading.Thread(target=self._run, name="gpuaio-reaper", daemon=True)
+                t.start()
+                self._thread = t
+            finally:
+                self._starting = False
 
     def _run(self) -> None:
         while True:

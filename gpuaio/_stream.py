@@ -43,6 +43,7 @@ __all__ = ["Event", "Stream"]
 
 log = logging.getLogger("gpuaio")
 
+
 class Event(Operation):
     """A point in a stream's order: awaitable, and usable in :meth:`Stream.wait`."""
 

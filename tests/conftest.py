@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 
 import gpuaio
+from gpuaio._hostwork import byte_view
 
 _loops: list[Any] = [
     pytest.param(("asyncio", {}), id="asyncio"),
@@ -97,42 +100,85 @@ def add_one_kernel(dev: gpuaio.Device) -> gpuaio.Kernel:
     return dev.compile(ADD_ONE_SRC, "add_one", sim=_add_one_sim)
 
 
-_latch_kernels: weakref.WeakKeyDictionary[Any, dict[int, gpuaio.Kernel]] = (
-    weakref.WeakKeyDictionary()
-)
+class _Latches:
+    """The latches of one CUDA runtime: a compiled latch kernel, a slab of flags,
+    and a hold on the runtime's frees while any latch is closed.
 
-
-def _latch_kernel(dev: gpuaio.Device) -> gpuaio.Kernel:
-    """The latch kernel of ``dev``, compiled and run once per runtime.
-
-    Compiling (and first launching) a kernel while a latch holds another
-    stream may wait for that latch; doing it once, up front, cannot.
+    A latch kernel spins until the host opens its flag. ``cuMemFree`` and
+    ``cuMemFreeHost`` wait for all of the device's work, and while they wait
+    every other thread's driver calls wait too (seen on an H200): a free
+    during a latch would stall the very thread that is to open it. So frees
+    submitted to the reaper while a latch is closed run once the last one
+    opens. The flags live in one pinned slab for the runtime's lifetime, so
+    opening a latch frees nothing either.
     """
-    per_device = _latch_kernels.setdefault(dev._runtime, {})
-    k = per_device.get(dev.ordinal)
-    if k is None:
-        k = dev.compile(LATCH_SRC, "latch")
-        flag = gpuaio.pinned_empty(1, np.int32)
-        flag[0] = 1  # open: the warm-up launch returns at once
+
+    SLOTS = 4096
+
+    def __init__(self, dev: gpuaio.Device) -> None:
+        rt = dev._runtime
+        self.kernel = dev.compile(LATCH_SRC, "latch")
+        ptr = rt.backend.host_alloc(4 * self.SLOTS)  # gpuaio's own to the leak check
+        self.flags = byte_view(ptr, 4 * self.SLOTS).view(np.int32)
+        self.flags[:] = 1
+        self.ptr = ptr
+        self.next = 0
+        self.closed: set[int] = set()
+        self.deferred: list[Callable[[], None]] = []
+        self.lock = threading.Lock()
+        reaper = rt.reaper
+        self._submit = reaper.submit
+        reaper.submit = self._reaper_submit  # type: ignore[method-assign]
+        # Run the kernel once (its flag open): its first launch may load it.
         s = dev.stream()
-        s.launch(k, 1, 1, _FlagPtr(flag))
-        dev._runtime.backend.stream_synchronize(s._native)
+        s.launch(self.kernel, 1, 1, _FlagPtr(ptr))
+        rt.backend.stream_synchronize(s._native)
         s.close()
-        per_device[dev.ordinal] = k
-    return k
+
+    def _reaper_submit(self, fn: Callable[[], None]) -> None:
+        with self.lock:
+            if self.closed:
+                self.deferred.append(fn)
+                return
+        self._submit(fn)
+
+    def close(self, dev: gpuaio.Device, stream: gpuaio.Stream) -> Callable[[], None]:
+        with self.lock:
+            slot = self.next
+            self.next = (slot + 1) % self.SLOTS
+            self.closed.add(slot)
+        self.flags[slot] = 0
+        stream.launch(self.kernel, 1, 1, _FlagPtr(self.ptr + 4 * slot))
+        return functools.partial(self.open, slot)
+
+    def open(self, slot: int) -> None:
+        self.flags[slot] = 1
+        with self.lock:
+            self.closed.discard(slot)
+            if self.closed:
+                return
+            deferred, self.deferred = self.deferred, []
+        for fn in deferred:
+            self._submit(fn)
+
+    def open_all(self) -> None:
+        for slot in list(self.closed):
+            self.open(slot)
 
 
 class _FlagPtr:
     """A latch flag in pinned memory, passed to the kernel as a pointer."""
 
-    def __init__(self, flag: np.ndarray) -> None:
-        self.flag = flag
+    def __init__(self, ptr: int) -> None:
         self.__cuda_array_interface__: dict[str, Any] = {
             "shape": (1,),
             "typestr": "<i4",
-            "data": (flag.ctypes.data, False),
+            "data": (ptr, False),
             "version": 3,
         }
+
+
+_latches: weakref.WeakKeyDictionary[Any, dict[int, _Latches]] = weakref.WeakKeyDictionary()
 
 
 def latch(dev: gpuaio.Device, stream: gpuaio.Stream) -> Callable[[], None]:
@@ -140,12 +186,17 @@ def latch(dev: gpuaio.Device, stream: gpuaio.Stream) -> Callable[[], None]:
     rt = dev._runtime
     if rt.backend.name == "sim":
         return rt.backend.hold(stream._native)  # type: ignore[attr-defined, no-any-return]
-    k = _latch_kernel(dev)
-    flag = gpuaio.pinned_empty(1, np.int32)
-    flag[0] = 0
-    stream.launch(k, 1, 1, _FlagPtr(flag))
+    per_device = _latches.setdefault(rt, {})
+    latches = per_device.get(dev.ordinal)
+    if latches is None:
+        latches = per_device[dev.ordinal] = _Latches(dev)
+    return latches.close(dev, stream)
 
-    def release() -> None:
-        flag[0] = 1
 
-    return release
+@pytest.fixture(autouse=True)
+def _open_latches_left_closed() -> Iterator[None]:
+    """A test that failed before opening its latches must not stall the next ones."""
+    yield
+    for per_device in list(_latches.values()):
+        for latches in per_device.values():
+            latches.open_all()

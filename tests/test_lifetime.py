@@ -155,3 +155,36 @@ def test_trio_run_ends_with_op_in_flight(gpuaio_runtime: Any) -> None:
         assert time.perf_counter() < deadline
         time.sleep(0.005)
     assert op.exception() is None
+
+
+def test_reaper_submit_nested_in_its_own_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``__del__`` methods submit frees; the garbage collector may run one inside
+    ``_Reaper.submit`` while it creates its thread. The nested submit must not
+    deadlock on the reaper's lock (it hung the suite once), and both frees run."""
+    from gpuaio import _runtime
+
+    reaper = _runtime._Reaper()
+    ran: list[str] = []
+    both = threading.Event()
+
+    def free(name: str) -> None:
+        ran.append(name)
+        if len(ran) == 2:
+            both.set()
+
+    real_thread = threading.Thread
+
+    class FinalizerDuringInit(real_thread):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            reaper.submit(lambda: free("nested"))  # as Allocation.__del__ would
+            super().__init__(*args, **kwargs)
+
+    worker = real_thread(target=lambda: reaper.submit(lambda: free("outer")), daemon=True)
+    monkeypatch.setattr(_runtime.threading, "Thread", FinalizerDuringInit)
+    worker.start()
+    worker.join(5)
+    monkeypatch.undo()
+    assert not worker.is_alive(), "submit deadlocked"
+    assert both.wait(5)
+    assert sorted(ran) == ["nested", "outer"]
+    reaper.close()

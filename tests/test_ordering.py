@@ -131,7 +131,11 @@ async def test_loop_keeps_running(
     worst = max(gaps[1:])
     msg = f"loop blocked {worst * 1e3:.1f} ms during a {elapsed * 1e3:.0f} ms {what}"
     if dev.backend == "cuda":
-        assert worst < 0.005, msg
+        # A loop blocked by the transfer would miss every tick for the length
+        # of one op (12-45 ms here). Gaps of 5-7 ms were seen on an H200 with
+        # 13 host threads copying (the kernel's scheduler, not a block);
+        # tighter loop lag is a benchmark target, not this test's.
+        assert worst < 0.010, msg
     else:
         # On a 2-core CI VM any busy thread (even a plain numpy copy, which
         # releases the GIL) delays a 1 ms ticker by 5-20 ms now and then

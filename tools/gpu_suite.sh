@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The whole test suite on one CUDA GPU, in one command (about 5 minutes on one
+# H100/H200), from the repository root:
+#
+#   bash tools/gpu_suite.sh
+#
+# gpuaio is installed the way a user installs it, from a wheel: .whl/*.whl
+# where that folder holds gpuaio's wheel and the test requirements the machine
+# lacks (a machine with no package index: see tests/gpu-results/README.md),
+# else `pip install .[test]`. The tests then import gpuaio from the checkout;
+# the plugin's own tests start child pytest processes that find the installed
+# package and its pytest11 entry point.
+#
+# Every test has a time limit (pytest-timeout's thread method: a hung test is
+# named, with every thread's stack, even when it hangs inside a driver call).
+# Writes under $OUT (default ./out): pytest.log, junit.xml and summary.md, the
+# row for tests/gpu-results/README.md.
+set -o pipefail
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+site=${GPUAIO_SITE:-/tmp/gpuaio-site}
+if compgen -G ".whl/gpuaio-*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --target "$site" .whl/*.whl || exit
+else
+    python3 -m pip install -q --target "$site" ".[test]" || exit
+fi
+export PYTHONPATH=$site PYTHONUNBUFFERED=1
+# Fewer random programs per configuration than CI's 100: the GPU run has a
+# time limit, and CI runs the full count on every strategy and loop.
+export GPUAIO_PROPERTY_EXAMPLES=${GPUAIO_PROPERTY_EXAMPLES:-25}
+commit=${GPUAIO_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+card=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)
+start=$(date +%s)
+timeout "${GPUAIO_SUITE_LIMIT_S:-480}" python3 -m pytest -p no:cacheprovider -q -rfE \
+    --gpuaio-backend=cuda -m "not sim_only" --timeout 120 --timeout-method thread \
+    --durations 25 --junitxml "$OUT/junit.xml" tests "$@" 2>&1 | tee "$OUT/pytest.log"
+rc=$?
+wall=$(($(date +%s) - start))
+python3 - "$OUT" "$commit" "$card" "$wall" "$rc" <<'EOF'
+import sys, datetime, xml.etree.ElementTree as ET
+out, commit, card, wall, rc = sys.argv[1:]
+name, _, driver = card.partition(", ")
+try:
+    suite = ET.parse(f"{out}/junit.xml").getroot()
+    suite = suite if suite.tag == "testsuite" else suite[0]
+    n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+except (OSError, ET.ParseError):
+    n = None
+date = datetime.date.today().isoformat()
+if n is None:
+    row = f"| {date} | {name} | {driver} | {commit} | - | - | - | no junit.xml: the run ended early (exit {rc}, {wall} s) |"
+else:
+    passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
+    failed = n["failures"] + n["errors"]
+    row = (f"| {date} | {name} | {driver} | {commit} | {passed} | {failed} | {n['skipped']} "
+           f"| tools/gpu_suite.sh, {wall} s wall, exit {rc} |")
+open(f"{out}/summary.md", "w").write(row + "\n")
+print(row)
+EOF
+exit $rc
