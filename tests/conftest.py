@@ -143,6 +143,11 @@ class _Latches:
         self._submit(fn)
 
     def close(self, dev: gpuaio.Device, stream: gpuaio.Stream) -> Callable[[], None]:
+        if not self.closed:
+            # Frees submitted before this latch must not run during it either.
+            drained = threading.Event()
+            self._submit(drained.set)
+            drained.wait(10)
         with self.lock:
             slot = self.next
             self.next = (slot + 1) % self.SLOTS
