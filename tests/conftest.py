@@ -50,6 +50,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+_TIMES = os.environ.get("GPUAIO_TEST_TIMES")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With ``GPUAIO_TEST_TIMES=FILE``: one line per test phase as it ends, so a run
+    cut short by a time limit still tells where its time went."""
+    if _TIMES and (report.when == "call" or report.outcome != "passed"):
+        with open(_TIMES, "a") as f:
+            f.write(
+                f"{report.duration:8.3f} {report.when:8s} {report.outcome:8s} {report.nodeid}\n"
+            )
+
+
 @pytest.fixture(params=_loops)
 def anyio_backend(request: pytest.FixtureRequest) -> Any:
     return request.param
