@@ -167,6 +167,10 @@ async def test_thousands_of_ops_on_a_held_stream_never_block_the_loop(
     forced = threading.Event()
 
     def failsafe() -> None:  # only if the loop thread got stuck in an enqueue
+        import faulthandler
+        import sys
+
+        faulthandler.dump_traceback(sys.stderr, all_threads=True)  # where it was stuck
         forced.set()
         release()
 
