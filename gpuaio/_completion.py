@@ -189,6 +189,11 @@ class EventEngine(CompletionEngine):
                 op._eta = q.busy_until = max(now, q.busy_until) + op._est
             q.entries.append((op, ev))
             op._poll = (self, q)
+            if op._waiters is not None:
+                # A task went to sleep on this op before it was watched (it was
+                # queued behind a host step) and handed it to nobody: the watcher
+                # must not stand down for loops whose sweeps may stop any moment.
+                self._loop_polling_until = 0.0
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name=f"gpuaio-completion-{self.device}", daemon=True

@@ -156,3 +156,29 @@ def test_memset_rejects_before_enqueueing(
     with pytest.raises(gpuaio.InvalidArgumentError, match=match):
         gpuaio_stream.memset(d, value, width=width)
     assert engine.pending() == 0
+
+
+async def test_op_watched_after_its_await_slept_is_not_left_to_a_standing_down_watcher(
+    gpuaio_runtime: Any,
+) -> None:
+    """An op queued behind a host step is watched only once the step ran; a task
+    that awaited it sleeps with nobody to hand it to. While loops elsewhere poll,
+    the watcher stands down (20 ms at a time); when the op is watched it must take
+    it up at once, not leave it to sweeps that stop when those loops stop polling
+    (awaits of host-step ops took 13-19 ms on an H200)."""
+    rt = gpuaio_runtime
+    dev = rt.device(0)
+    s = dev.stream()
+    release = latch(dev, s)
+    s.memset(np.empty(16, np.uint8), 0)  # a host step: waits for the latch
+    op = s.memset(dev.empty(16), 1)  # queued behind it on the host thread
+    engine = rt.engine(0)
+    assert op._poll is None  # not watched yet
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(op.wait)
+            await anyio.sleep(0.05)  # the await sleeps, handed to nobody
+            engine._loop_polling_until = time.perf_counter() + 60  # as if loops polled
+            release()
+    assert op.done()
+    s.close()
