@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import numpy as np
 
 import gpuaio
@@ -409,13 +410,13 @@ def _memset_bytes(n: int, value: int, width: int) -> np.ndarray:
 
 
 class _Storm:
-    def __init__(self, rt: Any, cfg: StormConfig, trouble: Trouble) -> None:
+    def __init__(self, rt: Any, cfg: StormConfig, trouble: Trouble, kernel: Any) -> None:
         self.rt = rt
         self.cfg = cfg
         self.trouble = trouble
         self.dev: gpuaio.Device = rt.device(0)
         self.stats = StormStats(backend=rt.backend.name, completion=rt.strategy)
-        self.kernel = add_one_kernel(self.dev)
+        self.kernel = kernel
         self.streams = [self.dev.stream() for _ in range(cfg.streams)]
         self.verify_stream = self.dev.stream()
         self.live: dict[int, anyio.CancelScope] = {}
@@ -744,9 +745,12 @@ async def _storm(
 ) -> StormStats:
     import sniffio
 
+    # Compiling (NVRTC, and on CUDA the first context) blocks for hundreds of
+    # ms: off the loop, which the storm's watchdog watches.
+    kernel = await anyio.to_thread.run_sync(add_one_kernel, rt.device(0))
     with trouble.capture():
         trouble.watch_loop()
-        storm = _Storm(rt, cfg, trouble)
+        storm = _Storm(rt, cfg, trouble, kernel)
         storm.stats.loop = _loop_name(sniffio.current_async_library())
         with poisoned_pool(rt) as poisoned:
             async with anyio.create_task_group() as tg:
@@ -1069,6 +1073,8 @@ async def run_sticky_fault(
         loop=_loop_name(sniffio.current_async_library()),
     )
     sim = rt.backend.name == "sim"
+    # Compile before any latch spins: loading a module may wait for running kernels.
+    fault_kernel = None if sim else dev.compile(ILLEGAL_ADDRESS_SRC, "illegal_address")
     ss = [dev.stream() for _ in range(streams)]
     bufs = [dev.empty(1 << 16) for _ in range(streams)]
     releases = [conftest.latch(dev, s) for s in ss]  # the streams can't drain
@@ -1107,9 +1113,8 @@ async def run_sticky_fault(
                 with contextlib.suppress(gpuaio.DeviceFatalError):
                     fault_stream.memset(dev.empty(64), 0)
             else:
-                k = dev.compile(ILLEGAL_ADDRESS_SRC, "illegal_address")
                 reported = _DriverReport(rt)
-                fault_stream.launch(k, 1, 32, np.uint64(32))
+                fault_stream.launch(fault_kernel, 1, 32, np.uint64(32))
                 t_fault = time.perf_counter()
                 reported.start()
     t_report = t_fault
