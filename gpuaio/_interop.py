@@ -169,9 +169,9 @@ def enqueue(
     def step(_native: Any) -> None:
         submit(handle)
 
-    # On failure _device_step resolves the op itself: at once if nothing was
+    # On failure the sequencer resolves the op itself: at once if nothing was
     # enqueued, after the stream drained if something was.
-    return stream._device_step(op, step)
+    return stream._seq.gpu(op, step)
 
 
 def launch_cupy(

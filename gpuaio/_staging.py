@@ -128,8 +128,8 @@ class Stager:
                     return self._small_h2d(stream, op, d, s, block)
                 return self._small_d2h(stream, op, d, s, block)
         if h2d:
-            return stream._host_step(op, lambda: self._h2d(stream, op, d, s), after_gpu=False)
-        return stream._host_step(op, lambda: self._d2h(stream, op, d, s), after_gpu=False)
+            return seq.host(op, lambda: self._h2d(stream, op, d, s), after_gpu=False)
+        return seq.host(op, lambda: self._d2h(stream, op, d, s), after_gpu=False)
 
     # -- small ---------------------------------------------------------
     def _small_h2d(
@@ -145,7 +145,7 @@ class Stager:
             raise
         pool, backend = self.pool, self.runtime.backend
         op._add_done_callback(lambda: pool.release(block))
-        return stream._device_step(op, backend.memcpy_async, d.ptr, block.ptr, n)
+        return stream._seq.gpu(op, backend.memcpy_async, d.ptr, block.ptr, n)
 
     def _small_d2h(
         self, stream: Stream, op: Operation, d: BufferInfo, s: BufferInfo, block: PinnedBlock
@@ -160,7 +160,7 @@ class Stager:
 
         op._complete = copy_out
         op._add_done_callback(lambda: pool.release(block))
-        stream._device_step(op, backend.memcpy_async, block.ptr, s.ptr, n)
+        stream._seq.gpu(op, backend.memcpy_async, block.ptr, s.ptr, n)
         stream._seq.note_copy_out(op)
         return op
 

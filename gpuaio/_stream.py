@@ -32,7 +32,7 @@ from ._kernel import Kernel, normalize_dim3
 from ._memory import BufferInfo, DeviceArray, describe
 from ._operation import Operation, completed
 from ._progress import report_progress
-from ._sequencer import Frontier, HostWork, Sequencer
+from ._sequencer import Frontier, Sequencer
 from .backends import MemoryKind
 
 if TYPE_CHECKING:
@@ -143,13 +143,8 @@ class Stream:
         self._rt.check_device(self._ordinal)
 
     # -- submission ----------------------------------------------------
-    def _device_step(self, op: Operation, enqueue: Callable[..., None], *args: Any) -> Operation:
-        """Enqueue driver work in stream order (see :meth:`Sequencer.gpu`)."""
-        return self._seq.gpu(op, enqueue, *args)
-
-    def _host_step(self, op: Operation, work: HostWork, *, after_gpu: bool) -> Operation:
-        """Run ``work`` on the host thread in stream order (see :meth:`Sequencer.host`)."""
-        return self._seq.host(op, work, after_gpu=after_gpu)
+    # Work is handed to the stream's sequencer: ``self._seq.gpu`` for driver
+    # work, ``self._seq.host`` for host steps (see gpuaio._sequencer).
 
     def _array_args(self, args: Sequence[Any]) -> list[BufferInfo]:
         """Describe the arrays among ``args``; reject device memory of another device."""
@@ -226,7 +221,7 @@ class Stream:
                 rt.host.copy(dv, sv)
                 return False
 
-            return self._host_step(op, h2h, after_gpu=True)
+            return self._seq.host(op, h2h, after_gpu=True)
         if MemoryKind.PAGEABLE in (d.kind, s.kind):
             return self._pageable_copy(op, d, s)
         if (
@@ -239,11 +234,11 @@ class Stream:
             dp, dd, sp, sd = d.ptr, d.device, s.ptr, s.device
             rt.ensure_peer_access(dd, sd)
             op._est = n / _NVLINK_BPS
-            return self._device_step(op, backend.memcpy_peer_async, dp, dd, sp, sd, n)
+            return self._seq.gpu(op, backend.memcpy_peer_async, dp, dd, sp, sd, n)
         host_side = d.kind.is_host or s.kind.is_host
         op._est = n / (_PCIE_BPS if host_side else _HBM_BPS)
         dp, sp = d.ptr, s.ptr
-        return self._device_step(op, backend.memcpy_async, dp, sp, n)
+        return self._seq.gpu(op, backend.memcpy_async, dp, sp, n)
 
     def _pageable_copy(self, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
         try:
@@ -262,7 +257,7 @@ class Stream:
             backend.memcpy_async(dp, sp, n, self._native)
             return True
 
-        return self._host_step(op, driver_copy, after_gpu=False)
+        return self._seq.host(op, driver_copy, after_gpu=False)
 
     # -- memset --------------------------------------------------------
     def memset(self, dst: Any, value: int, *, width: int | None = None) -> Operation:
@@ -327,9 +322,9 @@ class Stream:
                 rt.host.fill(view, value, w)
                 return False
 
-            return self._host_step(op, fill, after_gpu=True)
+            return self._seq.host(op, fill, after_gpu=True)
         op._est = nbytes / _HBM_BPS
-        return self._device_step(op, rt.backend.memset_async, d.ptr, value, width, nbytes // width)
+        return self._seq.gpu(op, rt.backend.memset_async, d.ptr, value, width, nbytes // width)
 
     # -- kernels -------------------------------------------------------
     def launch(
@@ -379,7 +374,7 @@ class Stream:
         op = Operation(name, self, keep=(native, args))
         self._track(op, infos)
         backend = self._rt.backend
-        return self._device_step(op, backend.launch, native, grid3, block3, args, shared_mem)
+        return self._seq.gpu(op, backend.launch, native, grid3, block3, args, shared_mem)
 
     # -- ordering ------------------------------------------------------
     def record(self) -> Event:
