@@ -156,9 +156,9 @@ class SerialExecutor:
         self._idle_s = idle_s
         self._q: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._cv = threading.Condition(threading.Lock())
-        self.submitted = 0
+        self.submitted: int = 0
         """Jobs submitted so far (the number of the last one)."""
-        self.completed = 0
+        self.completed: int = 0
         """Jobs that have run (they run in order: every job up to this number)."""
         self._waiting = 0
         self._thread: threading.Thread | None = None

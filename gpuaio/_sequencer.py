@@ -100,10 +100,10 @@ class Sequencer:
 
     def __init__(self, runtime: Runtime, ordinal: int, native: Any) -> None:
         self._rt = runtime
-        self.ordinal = ordinal
-        self.native = native
+        self.ordinal: int = ordinal
+        self.native: Any = native
         self.key: int = runtime.backend.stream_handle(native)
-        self.executor = SerialExecutor(f"gpuaio-stream-{ordinal}")
+        self.executor: SerialExecutor = SerialExecutor(f"gpuaio-stream-{ordinal}")
         # With this many ops in flight, enqueue on the host thread instead:
         # an op takes up to two launch-queue entries (its work and its
         # marker), and enqueueing into a full queue blocks the calling thread,

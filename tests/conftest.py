@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import sys
 import threading
@@ -138,6 +139,7 @@ class _Latches:
         self.next = 0
         self.closed: set[int] = set()
         self.deferred: list[Callable[[], None]] = []
+        self.gc_was_enabled = True
         self.lock = threading.Lock()
         reaper = rt.reaper
         self._submit = reaper.submit
@@ -157,10 +159,17 @@ class _Latches:
 
     def close(self, dev: gpuaio.Device, stream: gpuaio.Stream) -> Callable[[], None]:
         if not self.closed:
-            # Frees submitted before this latch must not run during it either.
+            # Frees already due must not run during the latch either: collect
+            # garbage now (a finalizer of another library's CUDA object may
+            # free or unload synchronously, on whatever thread the collector
+            # runs), let the reaper's queue drain, and keep the collector off
+            # until the last latch opens.
+            gc.collect()
             drained = threading.Event()
             self._submit(drained.set)
             drained.wait(10)
+            self.gc_was_enabled = gc.isenabled()
+            gc.disable()
         with self.lock:
             slot = self.next
             self.next = (slot + 1) % self.SLOTS
@@ -172,10 +181,14 @@ class _Latches:
     def open(self, slot: int) -> None:
         self.flags[slot] = 1
         with self.lock:
+            if slot not in self.closed:
+                return
             self.closed.discard(slot)
             if self.closed:
                 return
             deferred, self.deferred = self.deferred, []
+        if self.gc_was_enabled:
+            gc.enable()
         for fn in deferred:
             self._submit(fn)
 

@@ -3,7 +3,7 @@
 # tool's 10-minute limit). Run from the repository root on a GPU machine with
 # the .whl/ folder carried (see tests/gpu-results/README.md):
 #
-#   tools/gpu_outstanding.sh tests       # GPU suite, re-verifying run 2's fixes
+#   tools/gpu_outstanding.sh tests       # the whole GPU suite (tools/gpu_suite.sh)
 #   tools/gpu_outstanding.sh bench       # completion JSON, mid-size transfers, loader
 #   tools/gpu_outstanding.sh reliability # sticky fault, storm on CUDA, racecheck
 #   tools/gpu_outstanding.sh multi       # peer copies and aggregate H2D (2 GPUs)
@@ -16,13 +16,11 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export GPUAIO_GIT_COMMIT=${GPUAIO_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
-plugin=(-p gpuaio.pytest_plugin --gpuaio-backend=cuda -p no:cacheprovider)
 
 case $stage in
 tests)
     nvidia-smi -L | tee "$OUT/cards.log"
-    timeout 540 python3 -m pytest -q "${plugin[@]}" -m "not sim_only" \
-        -k "not uvloop and not trio" tests 2>&1 | tee "$OUT/pytest.log"
+    OUT=$OUT bash tools/gpu_suite.sh   # the whole suite; see tests/gpu-results/README.md
     ;;
 bench)
     timeout 240 python3 benchmarks/completion.py --out-dir "$OUT" 2>&1 | tee "$OUT/completion.log"

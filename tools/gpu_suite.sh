@@ -13,8 +13,8 @@
 #
 # Every test has a time limit (pytest-timeout's thread method: a hung test is
 # named, with every thread's stack, even when it hangs inside a driver call).
-# Writes under $OUT (default ./out): pytest.log, junit.xml and summary.md, the
-# row for tests/gpu-results/README.md.
+# Writes under $OUT (default ./out): pytest.log, junit.xml, times.txt (each
+# test's time) and summary.md, the row for tests/gpu-results/README.md.
 set -o pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
@@ -25,6 +25,8 @@ else
     python3 -m pip install -q --target "$site" ".[test]" || exit
 fi
 export PYTHONPATH=$site PYTHONUNBUFFERED=1
+# Each test's time as it ends: survives a run cut short by the limit below.
+export GPUAIO_TEST_TIMES=${GPUAIO_TEST_TIMES:-$OUT/times.txt}
 # Fewer random programs per configuration than CI's 100: the GPU run has a
 # time limit, and CI runs the full count on every strategy and loop.
 export GPUAIO_PROPERTY_EXAMPLES=${GPUAIO_PROPERTY_EXAMPLES:-25}
