@@ -182,16 +182,14 @@ class SerialExecutor:
         self._idle_s = idle_s
         self._q.put(_WAKE)
 
-    def submit(self, job: Callable[[], None]) -> int:
-        """Queue ``job``; it runs after every job submitted before it. Returns its number."""
+    def submit(self, job: Callable[[], None]) -> None:
+        """Queue ``job`` as number :attr:`submitted`; it runs after every job before it."""
         with self._cv:
             self.submitted += 1
-            n = self.submitted
             self._q.put(job)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
-        return n
 
     def wait_for(self, n: int) -> None:
         """Block until job number ``n`` (and so every job before it) has run.

@@ -221,9 +221,23 @@ class Sequencer:
         self.executor.submit(job)
         return op
 
-    def submit(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the host thread after every job submitted before it."""
-        self.executor.submit(fn)
+    def marker(self, op: Operation, enqueue: Callable[[Any], None]) -> Operation:
+        """Enqueue a marker (``enqueue(native_stream)``): an event record, a synchronize.
+
+        ``op`` then stands for everything submitted before it. While this
+        stream waits for other streams' host actions, the marker is placed
+        from the host thread once they have landed, so awaiting ``op`` covers
+        them too; otherwise it is an ordinary GPU step.
+        """
+        if self.deps_clear():
+            return self.gpu(op, enqueue)
+        native = self.native
+
+        def settled() -> bool:
+            enqueue(native)
+            return True
+
+        return self.host(op, settled, after_gpu=False)
 
     # -- on the host thread ----------------------------------------------
     def _settle(

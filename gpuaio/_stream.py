@@ -82,7 +82,6 @@ class Stream:
         *,
         owned: bool,
         priority: int = 0,
-        sequencer: Sequencer | None = None,
     ) -> None:
         self.device = device
         self.priority = priority
@@ -91,7 +90,7 @@ class Stream:
         self._native = native
         self._owned = owned
         self._closed = False
-        self._seq: Sequencer = sequencer or self._rt.sequencer(device.ordinal, native)
+        self._seq: Sequencer = self._rt.sequencer(device.ordinal, native)
         self._key = self._seq.key
 
     def __repr__(self) -> str:
@@ -388,22 +387,13 @@ class Stream:
         ev = Event(self)
         backend = self._rt.backend
         ev._native = backend.event_create(self._ordinal)
-        seq = self._seq
-        ev._frontier = seq.frontier()
+        ev._frontier = self._seq.frontier()
 
         def enqueue(h: Any) -> None:
             backend.event_record(ev._native, h)
             ev._recorded = True
 
-        if seq.deps_clear():
-            seq.gpu(ev, enqueue)
-            return ev
-
-        def settled() -> bool:  # after what this stream waits for, host side too
-            enqueue(self._native)
-            return True
-
-        seq.host(ev, settled, after_gpu=False)
+        self._seq.marker(ev, enqueue)
         return ev
 
     def wait(self, other: Event | Stream) -> None:
@@ -450,11 +440,7 @@ class Stream:
         those of the streams this one waits for.
         """
         self._check()
-        op = Operation("synchronize", self)
-        seq = self._seq
-        if seq.deps_clear():
-            return seq.gpu(op, _nothing)
-        return seq.host(op, _enqueued_nothing, after_gpu=False)
+        return self._seq.marker(Operation("synchronize", self), _nothing)
 
 
 def _wait_event(backend: Any, event: Any, native: Any) -> None:
@@ -463,10 +449,6 @@ def _wait_event(backend: Any, event: Any, native: Any) -> None:
 
 def _nothing(native: Any) -> None:
     """Enqueue nothing: the marker placed behind it stands for the stream's work so far."""
-
-
-def _enqueued_nothing() -> bool:
-    return True
 
 
 # Optimistic transfer rates (bytes/s), so that expected completion times are
