@@ -55,13 +55,16 @@ _TIMES = os.environ.get("GPUAIO_TEST_TIMES")
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """With ``GPUAIO_TEST_TIMES=FILE``: one line per test phase as it ends, so a run
-    cut short by a time limit still tells where its time went."""
+    """With ``GPUAIO_TEST_TIMES=FILE``: one line per test phase as it ends (and a
+    failure's traceback), so a run cut short by a time limit still tells where its
+    time went and what failed."""
     if _TIMES and (report.when == "call" or report.outcome != "passed"):
         with open(_TIMES, "a") as f:
             f.write(
                 f"{report.duration:8.3f} {report.when:8s} {report.outcome:8s} {report.nodeid}\n"
             )
+            if report.failed:  # the traceback now: a run that is killed prints no summary
+                f.write(f"{report.longreprtext}\n{report.capstderr}\n")
 
 
 @pytest.fixture(params=_loops)

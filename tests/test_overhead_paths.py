@@ -25,8 +25,14 @@ def test_polls_sweep_the_other_streams(gpuaio_runtime: Any) -> None:
     dev = rt.device(0)
     busy, slow = dev.stream(), dev.stream()
     d = dev.empty(8)
-    hold_busy, hold_slow = latch(dev, busy), latch(dev, slow)
-    busy_op, other = busy.memset(d[:4], 1), slow.memset(d[4:], 3)
+    # slow's work is enqueued before busy's. CUDA maps streams onto a few
+    # hardware queues, and two streams may share one; a queue runs its work
+    # in the order it was enqueued. Had busy's memset (held by busy's latch)
+    # been queued first, slow's memset could wait behind it and never run.
+    hold_slow = latch(dev, slow)
+    other = slow.memset(d[4:], 3)
+    hold_busy = latch(dev, busy)
+    busy_op = busy.memset(d[:4], 1)
     resolved_on: list[int] = []
     other._add_done_callback(lambda: resolved_on.append(threading.get_ident()))
     engine = rt.engine(0)

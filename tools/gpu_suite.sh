@@ -33,7 +33,8 @@ export GPUAIO_PROPERTY_EXAMPLES=${GPUAIO_PROPERTY_EXAMPLES:-25}
 commit=${GPUAIO_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 card=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)
 start=$(date +%s)
-timeout "${GPUAIO_SUITE_LIMIT_S:-480}" python3 -m pytest -p no:cacheprovider -q -rfE \
+# SIGINT first: pytest then stops and still prints its failures and summary.
+timeout -s INT -k 30 "${GPUAIO_SUITE_LIMIT_S:-480}" python3 -m pytest -p no:cacheprovider -q -rfE \
     --gpuaio-backend=cuda -m "not sim_only" --timeout 120 --timeout-method thread \
     --durations 25 --junitxml "$OUT/junit.xml" tests "$@" 2>&1 | tee "$OUT/pytest.log"
 rc=$?
