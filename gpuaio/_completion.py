@@ -30,9 +30,10 @@ Strategies (selected with ``GPUAIO_COMPLETION`` or :func:`gpuaio.configure`):
     watcher thread and a cross-thread wake-up. For comparison.
 
 ``"hostfunc"``
-    A marker is a ``cuLaunchHostFunc`` callback that resolves the op. It
-    needs the GIL, so the stream stalls while Python is busy: kept for
-    comparison, never the default.
+    A marker is a ``cuLaunchHostFunc`` callback that hands the op to a
+    resolver thread (a host function must not block on anything a driver
+    call may hold). It needs the GIL, so the stream stalls while Python is
+    busy: kept for comparison, never the default.
 
 Every engine also notices a sticky (context-fatal) error within
 ``FAULT_PROBE_S`` and fails every pending operation of the device with
@@ -522,14 +523,26 @@ class ThreadEngine(EventEngine):
 
 
 class HostFuncEngine(CompletionEngine):
-    """Markers are host functions run by the driver (takes the GIL: comparison only)."""
+    """Markers are host functions run by the driver; a resolver thread resolves.
+
+    The driver runs host functions on its own thread, and a driver call made
+    elsewhere (``cuMemFreeHost``, ``cuMemHostAlloc``, ``cuEventDestroy``, ...)
+    may wait for the host function running there to return. So a host
+    function must never wait for a lock that another thread holds across a
+    driver call, and resolving an op runs its done-callbacks, which do (the
+    staging pool's). The host function only hands the op over (takes the GIL,
+    appends to a queue, sets an event); the resolver thread resolves it, and
+    also probes the device for sticky errors while anything is pending.
+    """
 
     strategy: Strategy = "hostfunc"
 
     def __init__(self, backend: Backend, device: int) -> None:
         super().__init__(backend, device)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # never held across a driver call
+        self._start_lock = threading.Lock()  # held across event_create: not for host fns
         self._pending: set[Operation] = set()
+        self._fired: deque[Operation] = deque()
         self._probe_event: Any = None
         self._monitor: threading.Thread | None = None
         self._wake = threading.Event()
@@ -538,21 +551,15 @@ class HostFuncEngine(CompletionEngine):
         if self.fatal is not None:
             op._resolve(self.fatal)
             return
+        if self._monitor is None:
+            self._start()
         with self._lock:
             self._pending.add(op)
-            if self._monitor is None:
-                self._probe_event = self.backend.event_create(self.device)
-                self._monitor = threading.Thread(
-                    target=self._probe, name=f"gpuaio-fault-probe-{self.device}", daemon=True
-                )
-                self._monitor.start()
+        fired, wake = self._fired, self._wake
 
-        def fire() -> None:
-            with self._lock:
-                if op not in self._pending:
-                    return
-                self._pending.discard(op)
-            op._resolve(None)
+        def fire() -> None:  # on the driver's thread: hand over, never block
+            fired.append(op)
+            wake.set()
 
         try:
             self.backend.launch_host_func(stream, fire)
@@ -560,6 +567,17 @@ class HostFuncEngine(CompletionEngine):
             with self._lock:
                 self._pending.discard(op)
             raise
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._monitor is not None:
+                return
+            self._probe_event = self.backend.event_create(self.device)
+            monitor = threading.Thread(
+                target=self._run, name=f"gpuaio-hostfunc-{self.device}", daemon=True
+            )
+            monitor.start()
+            self._monitor = monitor
 
     def pending(self) -> int:
         return len(self._pending)
@@ -575,11 +593,31 @@ class HostFuncEngine(CompletionEngine):
         err = RuntimeError("gpuaio completion engine closed with the operation pending")
         resolve_many((op, err) for op in ops)
 
-    def _probe(self) -> None:
+    def _resolve_fired(self) -> None:
+        while self._fired:
+            op = self._fired.popleft()
+            with self._lock:
+                if op not in self._pending:  # failed by the probe, or by close()
+                    continue
+                self._pending.discard(op)
+            op._resolve(None)
+
+    def _run(self) -> None:
         # A host function is never called once the context has failed, so
         # poll the context's health (a query of a never-recorded event
         # returns the sticky error) while anything is pending.
-        while not self._wake.wait(FAULT_PROBE_S):
+        next_probe = time.monotonic() + FAULT_PROBE_S
+        while not self._closed:
+            self._wake.wait(max(0.0, next_probe - time.monotonic()))
+            self._wake.clear()
+            try:
+                self._resolve_fired()
+            except Exception:  # an op's resolution never raises; stay alive regardless
+                log.exception("gpuaio host-function resolver failed")
+            now = time.monotonic()
+            if now < next_probe:
+                continue
+            next_probe = now + FAULT_PROBE_S
             if not self._pending:
                 continue
             try:

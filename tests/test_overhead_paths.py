@@ -13,14 +13,20 @@ import numpy as np
 import pytest
 
 import gpuaio
+from gpuaio import _completion
 from tests.conftest import latch
 
 pytestmark = pytest.mark.anyio
 
 
-def test_polls_sweep_the_other_streams(gpuaio_runtime: Any) -> None:
+def test_polls_sweep_the_other_streams(
+    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # While loops poll, the watcher stands down: a poll for one op now and
     # then drains the device's other streams too (ops nobody polls for).
+    # It still looks every STAND_DOWN_S; make that long, or it may resolve
+    # the op first (seen on an H200, where synchronizing took that long).
+    monkeypatch.setattr(_completion, "STAND_DOWN_S", 60.0)
     rt = gpuaio_runtime
     dev = rt.device(0)
     busy, slow = dev.stream(), dev.stream()
@@ -37,7 +43,7 @@ def test_polls_sweep_the_other_streams(gpuaio_runtime: Any) -> None:
     other._add_done_callback(lambda: resolved_on.append(threading.get_ident()))
     engine = rt.engine(0)
     engine._loop_polling_until = time.perf_counter() + 60  # as if loops polled
-    time.sleep(0.05)  # the watcher has stood down by now
+    time.sleep(0.05)  # the watcher has stood down by now, for 60 s
     hold_slow()
     rt.backend.stream_synchronize(slow._native)  # the op has run: its marker fired
     assert not other.done()

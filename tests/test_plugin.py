@@ -25,6 +25,7 @@ from gpuaio.pytest_plugin import (
     _cuda_available,
     leak_problems,
 )
+from tests.conftest import latch
 
 pytest_plugins = ["pytester"]
 
@@ -440,7 +441,7 @@ def test_leak_problems_and_accounting(gpuaio_runtime: Any) -> None:
     assert leak_problems(rt, base, grace_s=0) == []
     dev = rt.device(0)
     s = dev.stream()
-    release = rt.backend.hold(s._native)
+    release = latch(dev, s)  # the sim's hold, or a spinning kernel on a GPU
     s.memset(dev.empty(64), 1)
     problems = leak_problems(rt, base, grace_s=0.01)
     assert "1 operation(s) still pending" in problems[0]
