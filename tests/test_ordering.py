@@ -166,11 +166,20 @@ async def test_thousands_of_ops_on_a_held_stream_never_block_the_loop(
     release = latch(dev, stream)
     forced = threading.Event()
 
+    ops: list[gpuaio.Operation] = []
+    stuck_after: list[int] = []
+
     def failsafe() -> None:  # only if the loop thread got stuck in an enqueue
         import faulthandler
+        import os
+        import subprocess
         import sys
 
+        stuck_after.append(len(ops))
         faulthandler.dump_traceback(sys.stderr, all_threads=True)  # where it was stuck
+        spy = os.environ.get("GPUAIO_PY_SPY")  # native stacks too, where allowed
+        if spy:
+            subprocess.run([spy, "dump", "--native", "--pid", str(os.getpid())], check=False)
         forced.set()
         release()
 
@@ -179,9 +188,13 @@ async def test_thousands_of_ops_on_a_held_stream_never_block_the_loop(
     timer.start()
     try:
         t0 = time.perf_counter()
-        ops = [stream.memset(d, k % 251) for k in range(n_ops)]
+        for k in range(n_ops):
+            ops.append(stream.memset(d, k % 251))
         enqueue_s = time.perf_counter() - t0
-        assert not forced.is_set(), "an enqueue blocked the loop thread on a full queue"
+        assert not forced.is_set(), (
+            f"an enqueue blocked the loop thread after {stuck_after} ops "
+            f"({dev._runtime.engine(0).pending_on(stream._key)} pending on the stream)"
+        )
         await anyio.sleep(0.05)
         assert not any(op.done() for op in ops), "ops ran while the stream was held"
         release()
