@@ -77,12 +77,16 @@ class PoolStats:
 class PinnedBlock:
     """One pinned allocation of ``size`` bytes at host address ``ptr``."""
 
-    __slots__ = ("events", "ptr", "size")
+    __slots__ = ("events", "ptr", "retired", "size", "waiters")
 
     def __init__(self, ptr: int, size: int) -> None:
         self.ptr: int = ptr
         self.size: int = size
         self.events: list[Any] = []
+        self.waiters: int = 0
+        """Threads synchronizing on ``events`` outside the pool's lock."""
+        self.retired: list[Any] = []
+        """Fired events that waiters still use: destroyed when the last one is done."""
 
 
 class PinnedPool:
@@ -161,9 +165,13 @@ class PinnedPool:
                     waited = True
                     self._cv.wait(0.01)
                     continue
+                # Another thread may reclaim the block meanwhile: its events
+                # must outlive this wait (a destroyed CUevent crashes the wait).
+                oldest.waiters += 1
+                events = list(oldest.events)
             # Wait, outside the lock, for the oldest guarded block's GPU work.
             waited = True
-            self._wait_events(oldest)
+            self._wait_events(oldest, events)
         try:
             ptr = self.backend.host_alloc(size)
         except BaseException:
@@ -252,11 +260,21 @@ class PinnedPool:
             self._closed = True
 
     # -- internal ------------------------------------------------------
-    def _wait_events(self, block: PinnedBlock) -> None:
-        for ev in list(block.events):
-            self.backend.event_synchronize(ev)
-        with self._cv:
-            self._reclaim_locked()
+    def _wait_events(self, block: PinnedBlock, events: list[Any]) -> None:
+        """Synchronize on ``events`` (``block``'s, its ``waiters`` counted up by the caller)."""
+        dead: list[Any] = []
+        try:
+            for ev in events:
+                self.backend.event_synchronize(ev)
+        finally:
+            with self._cv:
+                block.waiters -= 1
+                if block.waiters == 0:
+                    dead, block.retired = block.retired, []
+                self._reclaim_locked()
+            for ev in dead:
+                with contextlib.suppress(Exception):
+                    self.backend.event_destroy(ev)
 
     def _take_locked(self, size: int) -> PinnedBlock | None:
         lst = self._free.get(size)
@@ -285,9 +303,12 @@ class PinnedPool:
             except Exception:
                 done = False
             if done:
-                for ev in block.events:
-                    with contextlib.suppress(Exception):
-                        self.backend.event_destroy(ev)
+                if block.waiters:  # a thread still synchronizes on them
+                    block.retired.extend(block.events)
+                else:
+                    for ev in block.events:
+                        with contextlib.suppress(Exception):
+                            self.backend.event_destroy(ev)
                 block.events = []
                 self._put_free_locked(block)
                 changed = True

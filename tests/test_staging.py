@@ -216,3 +216,56 @@ async def test_register_again_right_after_unregister(dev: gpuaio.Device) -> None
         reg = gpuaio.register_host(arr)
         assert gpuaio.memory_kind(arr) is gpuaio.MemoryKind.PINNED
         reg.unregister()
+
+
+@pytest.mark.sim_only
+def test_a_block_waited_on_keeps_its_events_until_the_wait_ends(gpuaio_runtime: Any) -> None:
+    """A thread waiting (outside the pool's lock) for the oldest guarded block's
+    event must not have that event destroyed under it when another thread
+    reclaims the block first. On an H200 that crashed the process (segfault in
+    cuEventSynchronize, test_loader's budget test)."""
+    import threading
+
+    from gpuaio._pool import MIN_CLASS, PinnedPool
+
+    rt = gpuaio_runtime
+    be = rt.backend
+    dev = rt.device(0)
+    pool = PinnedPool(be, budget=MIN_CLASS)  # room for one block
+    s = dev.stream()
+    release = latch(dev, s)
+    block = pool.acquire(MIN_CLASS)
+    assert block is not None
+    ev = be.event_create(0)
+    be.event_record(ev, s._native)
+    pool.release(block, [ev])  # guarded by ev, which waits for the latch
+
+    entered, synced, proceed = threading.Event(), threading.Event(), threading.Event()
+    real_sync = be.event_synchronize
+
+    def slow_to_wake(event: Any) -> None:  # the waiter is descheduled right after
+        entered.set()
+        real_sync(event)
+        synced.set()
+        proceed.wait(10)
+
+    be.event_synchronize = slow_to_wake
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire(MIN_CLASS)))
+    try:
+        waiter.start()
+        assert entered.wait(10), "the waiter never waited for the block"
+        release()
+        assert synced.wait(10)
+        with pool._cv:  # another thread reclaims the block first
+            pool._reclaim_locked()
+        assert not ev.destroyed, "the event was destroyed while a thread synchronized on it"
+    finally:
+        proceed.set()
+        waiter.join(10)
+        be.event_synchronize = real_sync
+    assert got and got[0] is block
+    assert ev.destroyed, "the event was never destroyed"
+    pool.release(block)
+    pool.close()
+    s.close()

@@ -942,6 +942,10 @@ class SimBackend(Backend):
             target = ev.last
             if target is not None:
                 self._wait_locked(call, dev, lambda: target.done)
+            if ev.destroyed:
+                # On CUDA, destroying an event that a thread is synchronizing
+                # on is a use after free (seen to crash on an H200).
+                raise _error(call, _INVALID_HANDLE, f"{event!r} was destroyed while synchronized")
 
     def stream_wait_event(self, stream: Any, event: Any) -> None:
         """Later work on ``stream`` waits for the event's record current at call time.
