@@ -88,6 +88,10 @@ class CompletionEngine:
     """Resolves operations of one device when their markers fire."""
 
     strategy: Strategy
+    direct_limit: int = 1 << 30
+    """Ops pending on a stream (as :meth:`pending_on` counts them) beyond which its
+    work is enqueued from its host thread rather than the calling one (an event
+    loop's): the markers of some engines fill a stream's queue sooner."""
 
     def __init__(self, backend: Backend, device: int) -> None:
         self.backend = backend
@@ -536,6 +540,10 @@ class HostFuncEngine(CompletionEngine):
     """
 
     strategy: Strategy = "hostfunc"
+    # With a host function behind each op, a held stream blocked the enqueuing
+    # thread after 55 ops on an H200 (1,021 with events). pending_on() counts
+    # the whole device's ops here, so this is conservative.
+    direct_limit = 16
 
     def __init__(self, backend: Backend, device: int) -> None:
         super().__init__(backend, device)

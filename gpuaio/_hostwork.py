@@ -229,6 +229,9 @@ class SerialExecutor:
                 # a bug, but it must not take the stream's thread down.
                 logging.getLogger("gpuaio").exception("gpuaio stream job failed")
             finally:
+                # Drop the job (an op, its buffers) now, not when the next one
+                # arrives: an idle thread would keep them alive until then.
+                del job
                 with self._cv:
                     self.completed += 1
                     if self._waiting:

@@ -160,7 +160,12 @@ class Sequencer:
         rather than a closure saves a function object on the hot path.
         """
         engine = self._rt.engine(self.ordinal)
-        if not self.executor.busy and engine.pending_on(self.key) < self._direct_limit:
+        pending = engine.pending_on(self.key)
+        if (
+            not self.executor.busy
+            and pending < self._direct_limit
+            and pending < engine.direct_limit
+        ):
             native = self.native
             try:
                 enqueue(*args, native)

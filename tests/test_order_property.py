@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -279,8 +280,14 @@ LOOPS = {
 
 @pytest.fixture
 def small_staging(gpuaio_runtime: Any) -> Iterator[Any]:
-    """The runtime with a stager whose chunks are a few KiB: staged paths stay quick."""
+    """The runtime with a stager whose chunks are a few KiB: staged paths stay quick.
+
+    Afterwards the runtime gets back its completion strategy too: on a GPU the
+    runtime is the session's, and the tests after these ones expect the default
+    (left on ``hostfunc``, it failed five of them on an H200).
+    """
     rt = gpuaio_runtime
+    strategy = rt.strategy
     old = rt.extras.pop("stager", None)
     rt.extras["stager"] = Stager(rt, CONFIG)
     try:
@@ -289,6 +296,10 @@ def small_staging(gpuaio_runtime: Any) -> Iterator[Any]:
         rt.extras.pop("stager").close()
         if old is not None:
             rt.extras["stager"] = old
+        deadline = time.monotonic() + 5
+        while rt.engine(0).pending() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        rt.set_completion(strategy)
 
 
 @pytest.mark.timeout(600)

@@ -242,11 +242,17 @@ async def test_runtime_closed_with_ops_in_flight(gpuaio_runtime: Any) -> None:
     flight (the pinned blocks it uses), and leaves no thread behind."""
     import threading
 
+    from tests.conftest import latch
+
     dev = gpuaio_runtime.device(0)
+    s = dev.stream()
+    # The work must still be in flight when close() starts: on the sim a slow
+    # copy keeps it so; a GPU copies 64 MiB in microseconds, so a latch holds
+    # the stream and opens soon after close() began.
+    release = None if dev.backend == "sim" else latch(dev, s)
     trouble = Trouble()
     with trouble.capture():
         trouble.watch_loop()
-        s = dev.stream()
         big = 64 << 20
         n = 2 << 20
         ops = [
@@ -260,6 +266,8 @@ async def test_runtime_closed_with_ops_in_flight(gpuaio_runtime: Any) -> None:
         t0 = time.perf_counter()
         closer = threading.Thread(target=gpuaio_runtime.close, name="closer")
         closer.start()
+        if release is not None:
+            threading.Timer(0.1, release).start()
         outcomes: list[str] = []
         with anyio.fail_after(5):
             for op in ops:

@@ -154,13 +154,17 @@ class SimConfig:
     launch_queue: int = 1024
     """Entries a stream holds not yet run before an enqueue blocks its caller
     until one has run (CUDA's per-stream launch queue is about 1,000 deep)."""
+    host_func_entries: int = 18
+    """Launch-queue entries one queued host function takes. On an H200 a held
+    stream took 1,021 memsets but only 55 memsets each followed by a host
+    function before an enqueue blocked."""
 
     def __post_init__(self) -> None:
         rates = (self.dma_gbps, self.pageable_gbps, self.d2d_gbps, self.peer_gbps, self.host_gbps)
         if self.devices < 1 or self.device_memory <= 0:
             raise InvalidArgumentError("SimConfig needs devices >= 1 and device_memory > 0")
-        if self.launch_queue < 1:
-            raise InvalidArgumentError("SimConfig needs launch_queue >= 1")
+        if self.launch_queue < 1 or self.host_func_entries < 1:
+            raise InvalidArgumentError("SimConfig needs launch_queue, host_func_entries >= 1")
         if not all(r > 0 and math.isfinite(r) for r in rates) or self.latency_s < 0:
             raise InvalidArgumentError("SimConfig bandwidths must be > 0 and latency_s >= 0")
         if self.priority_range[1] > self.priority_range[0]:
@@ -221,7 +225,7 @@ class _Dropped(Exception):
 class _Op:
     """One unit of stream work; ``done`` is set (under the lock) once it succeeded."""
 
-    __slots__ = ("call", "cost_s", "counted", "done", "fail_code", "run")
+    __slots__ = ("call", "cost_s", "counted", "done", "fail_code", "run", "weight")
 
     def __init__(
         self,
@@ -231,8 +235,10 @@ class _Op:
         *,
         counted: bool = True,
         fail_code: int = _ILLEGAL_ADDRESS,
+        weight: int = 1,
     ) -> None:
         self.call: str = call
+        self.weight: int = weight  # launch-queue entries it takes
         self.run: Callable[[], None] = run
         self.cost_s: float = cost_s
         # Only copies, memsets and kernels count: completion markers (event records,
@@ -254,6 +260,7 @@ class SimStream:
         self.device = device
         self.priority = priority
         self.queue: deque[_Op] = deque()
+        self.load = 0  # launch-queue entries the queued ops take
         self.cond: threading.Condition = threading.Condition(lock)
         self.submitted = 0
         self.retired = 0
@@ -432,10 +439,15 @@ class SimBackend(Backend):
             if dev.fault is not None:
                 raise self._fault_error(op.call, dev)
             depth = self.config.launch_queue
-            if len(s.queue) >= depth:
+            if s.load and s.load + op.weight > depth:
                 # A full launch queue blocks the enqueuing thread, as CUDA's does.
-                self._wait_locked(op.call, dev, lambda: len(s.queue) < depth or s.destroyed)
+                self._wait_locked(
+                    op.call,
+                    dev,
+                    lambda: not s.load or s.load + op.weight <= depth or s.destroyed,
+                )
             s.queue.append(op)
+            s.load += op.weight
             s.submitted += 1
             s.cond.notify()
             if wait:
@@ -463,6 +475,7 @@ class SimBackend(Backend):
                 if self._closed or not s.queue:  # closed, or destroyed and drained
                     break
                 op = s.queue.popleft()
+                s.load -= op.weight
                 injected: int | None = None
                 if op.counted and dev.inject is not None:
                     left, code = dev.inject
@@ -494,6 +507,7 @@ class SimBackend(Backend):
         with self._lock:
             s.retired += len(s.queue)
             s.queue.clear()
+            s.load = 0
             dev.streams.discard(s)
             self._changed.notify_all()
 
@@ -506,6 +520,7 @@ class SimBackend(Backend):
         for s in dev.streams:
             s.retired += len(s.queue)
             s.queue.clear()
+            s.load = 0
         self._changed.notify_all()
 
     # -- devices -------------------------------------------------------
@@ -858,7 +873,14 @@ class SimBackend(Backend):
         """Run ``fn`` in the worker, in order; a raising ``fn`` faults the device (719)."""
         call = "cuLaunchHostFunc"
         s, _ = self._begin(stream, call)
-        op = _Op(call, fn, self.config.latency_s, counted=False, fail_code=_LAUNCH_FAILED)
+        op = _Op(
+            call,
+            fn,
+            self.config.latency_s,
+            counted=False,
+            fail_code=_LAUNCH_FAILED,
+            weight=self.config.host_func_entries,
+        )
         self._push(s, op)
 
     def _word_locked(self, ptr: int, call: str) -> None:
@@ -921,6 +943,7 @@ class SimBackend(Backend):
             self._check_locked(call, s.device)
             op = _Op(call, _noop, counted=False)
             s.queue.append(op)
+            s.load += op.weight
             s.submitted += 1
             s.cond.notify()
             ev.last = op
