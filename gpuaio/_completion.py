@@ -88,14 +88,16 @@ class CompletionEngine:
     """Resolves operations of one device when their markers fire."""
 
     strategy: Strategy
-    direct_limit: int = 1 << 30
-    """Ops pending on a stream (as :meth:`pending_on` counts them) beyond which its
-    work is enqueued from its host thread rather than the calling one (an event
-    loop's): the markers of some engines fill a stream's queue sooner."""
 
     def __init__(self, backend: Backend, device: int) -> None:
         self.backend = backend
         self.device = device
+        # An op takes up to two launch-queue entries (its work and its
+        # marker), and enqueueing into a full queue blocks the calling thread,
+        # which must never be an event loop's.
+        self.direct_limit: int = max(1, backend.launch_queue // 4)
+        """Ops pending on a stream (as :meth:`pending_on` counts them) from which
+        its work is enqueued on its host thread rather than the calling one."""
         self.fatal: DeviceFatalError | None = None
         self._closed = False
 
@@ -540,13 +542,13 @@ class HostFuncEngine(CompletionEngine):
     """
 
     strategy: Strategy = "hostfunc"
-    # With a host function behind each op, a held stream blocked the enqueuing
-    # thread after 55 ops on an H200 (1,021 with events). pending_on() counts
-    # the whole device's ops here, so this is conservative.
-    direct_limit = 16
 
     def __init__(self, backend: Backend, device: int) -> None:
         super().__init__(backend, device)
+        # With a host function behind each op, a held stream blocked the
+        # enqueuing thread after 55 ops on an H200 (1,021 with events).
+        # pending_on() counts the whole device's ops here: conservative.
+        self.direct_limit = min(self.direct_limit, 16)
         self._lock = threading.Lock()  # never held across a driver call
         self._start_lock = threading.Lock()  # held across event_create: not for host fns
         self._pending: set[Operation] = set()
@@ -596,6 +598,7 @@ class HostFuncEngine(CompletionEngine):
         m = self._monitor
         if m is not None and m is not threading.current_thread():
             m.join(timeout=5)
+        self._resolve_fired()  # those whose host function ran have completed
         with self._lock:
             ops, self._pending = list(self._pending), set()
         err = RuntimeError("gpuaio completion engine closed with the operation pending")

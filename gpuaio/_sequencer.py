@@ -89,7 +89,6 @@ class Sequencer:
         "__weakref__",
         "_copy_out",
         "_deps",
-        "_direct_limit",
         "_rt",
         "_sync_event",
         "executor",
@@ -104,11 +103,6 @@ class Sequencer:
         self.native: Any = native
         self.key: int = runtime.backend.stream_handle(native)
         self.executor: SerialExecutor = SerialExecutor(f"gpuaio-stream-{ordinal}")
-        # With this many ops in flight, enqueue on the host thread instead:
-        # an op takes up to two launch-queue entries (its work and its
-        # marker), and enqueueing into a full queue blocks the calling thread,
-        # which must never be the event loop's.
-        self._direct_limit = max(1, runtime.backend.launch_queue // 4)
         self._copy_out: Operation | None = None
         self._deps: list[Frontier] = []
         self._sync_event: Any = None
@@ -160,12 +154,8 @@ class Sequencer:
         rather than a closure saves a function object on the hot path.
         """
         engine = self._rt.engine(self.ordinal)
-        pending = engine.pending_on(self.key)
-        if (
-            not self.executor.busy
-            and pending < self._direct_limit
-            and pending < engine.direct_limit
-        ):
+        # Past the engine's share of the launch queue, enqueue on the host thread.
+        if not self.executor.busy and engine.pending_on(self.key) < engine.direct_limit:
             native = self.native
             try:
                 enqueue(*args, native)
