@@ -16,10 +16,13 @@ is only called off the event loop.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +32,8 @@ if TYPE_CHECKING:
     from .backends import Backend
 
 __all__ = ["PinnedBlock", "PinnedPool", "PoolStats", "default_budget"]
+
+log = logging.getLogger("gpuaio")
 
 MIN_CLASS = 64 << 10
 
@@ -72,6 +77,9 @@ class PoolStats:
     """Acquisitions that allocated from the driver (count)."""
     waits: int
     """Acquisitions that had to wait for a block to come back (count)."""
+    evictions: int = 0
+    """Cached blocks freed to make room for a larger one (count): each a pinned
+    free and, later, a new pinned allocation."""
 
 
 class PinnedBlock:
@@ -90,27 +98,48 @@ class PinnedBlock:
 
 
 class PinnedPool:
-    """Size-classed, budgeted, event-guarded pool of pinned host blocks."""
+    """Size-classed, budgeted, event-guarded pool of pinned host blocks.
 
-    def __init__(self, backend: Backend, budget: int | None = None) -> None:
+    Locking rule: the pool's lock guards bookkeeping only. No driver call
+    (allocation, free, event query or destroy) runs while it is held, because
+    the event loop takes it (``acquire(allocate=False)``, ``release`` from a
+    done-callback) and a driver free can wait for the whole device (an H200's
+    ``cuMemFreeHost`` waited 1.47 s for an unrelated kernel). Frees and event
+    destroys run through ``defer``: the runtime's reaper thread.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        budget: int | None = None,
+        *,
+        defer: Callable[[Callable[[], None]], None] | None = None,
+    ) -> None:
         self.backend = backend
         self.budget: int = default_budget() if budget is None else int(budget)
         if self.budget < MIN_CLASS:
-            raise InvalidArgumentError(f"pinned budget must be at least {MIN_CLASS} bytes")
+            raise InvalidArgumentError(
+                f"the pinned budget must be at least {MIN_CLASS} bytes, not {self.budget}"
+            )
+        self._defer: Callable[[Callable[[], None]], None] = defer or _run_now
         self._cv = threading.Condition(threading.Lock())
         self._free: dict[int, list[PinnedBlock]] = {}
         self._guarded: deque[PinnedBlock] = deque()
         self._reserved = 0
+        self._freeing = 0
+        """Bytes of evicted blocks whose free has not run yet (still in ``_reserved``)."""
         self._in_use = 0
         self._peak = 0
         self._hits = self._misses = self._waits = 0
+        self._evictions = 0
+        self._reclaiming = False
         self._closed = False
 
     # -- public --------------------------------------------------------
     def stats(self) -> PoolStats:
         """Counters now; guarded blocks whose GPU work has finished count as free."""
+        self.reclaim()
         with self._cv:
-            self._reclaim_locked()
             return PoolStats(
                 self.budget,
                 self._reserved,
@@ -119,36 +148,55 @@ class PinnedPool:
                 self._hits,
                 self._misses,
                 self._waits,
+                self._evictions,
             )
 
     def acquire(
-        self, nbytes: int, *, wait: bool = True, allocate: bool = True
+        self,
+        nbytes: int,
+        *,
+        wait: bool = True,
+        allocate: bool = True,
+        min_bytes: int | None = None,
     ) -> PinnedBlock | None:
-        """A block of at least ``nbytes``; waits for one when the budget is spent.
+        """A block for ``nbytes``; waits for one when the budget is spent.
+
+        With ``min_bytes``, any block of at least that many bytes will do (a
+        chunked transfer adapts its chunk to the block): a cached block of
+        another size class is used rather than freed and re-pinned. Without
+        it the block holds at least ``nbytes``.
 
         With ``wait=False`` returns None instead of waiting. With
-        ``allocate=False`` only a cached block is handed out (None otherwise):
-        no driver call, so it is safe on an event-loop thread.
+        ``allocate=False`` only a cached block is handed out (None otherwise)
+        and nothing calls the driver, so it is safe on an event-loop thread.
         """
         size = size_class(nbytes)
-        if size > self.budget:
+        floor = size if min_bytes is None else min(size, size_class(min_bytes))
+        if floor > self.budget:
             raise InvalidArgumentError(
-                f"a {size}-byte pinned block exceeds the pinned budget of {self.budget} bytes"
+                f"a {floor}-byte pinned block exceeds the pinned budget of {self.budget} "
+                "bytes (GPUAIO_PINNED_BUDGET)"
             )
+        size = max(floor, min(size, _pow2_floor(self.budget)))
+        ceiling = size * 4 if min_bytes is None else 1 << 62
         waited = False
         while True:
+            if allocate:
+                self.reclaim()
+            victims: list[PinnedBlock] = []
             with self._cv:
                 if self._closed:
                     raise RuntimeError("the pinned pool is closed")
-                self._reclaim_locked()
-                block = self._take_locked(size)
+                block = self._take_locked(size, floor, ceiling)
                 if block is not None:
                     if waited:
                         self._waits += 1
                     return block
                 if not allocate:
                     return None
-                if self._reserved + size <= self.budget:
+                room = self.budget - self._reserved
+                if room >= floor:
+                    size = min(size, _pow2_floor(room))
                     self._reserved += size
                     self._in_use += size
                     self._peak = max(self._peak, self._reserved)
@@ -156,21 +204,30 @@ class PinnedPool:
                     if waited:
                         self._waits += 1
                     break
-                if self._evict_locked(size):
-                    continue
-                if not wait:
-                    return None
-                oldest = self._guarded[0] if self._guarded else None
-                if oldest is None:
+                victims = self._evict_locked(floor)
+                oldest = None
+                if not victims and not self._freeing:
+                    if not wait:
+                        return None
+                    oldest = self._guarded[0] if self._guarded else None
+                    if oldest is None:
+                        waited = True
+                        self._cv.wait(0.01)  # a block in use comes back
+                        continue
+                    # Another thread may reclaim the block meanwhile: its events
+                    # must outlive this wait (a destroyed CUevent crashes the wait).
+                    oldest.waiters += 1
+                    events = list(oldest.events)
+                elif not victims:
                     waited = True
-                    self._cv.wait(0.01)
+                    self._cv.wait(0.01)  # an eviction's free is running
                     continue
-                # Another thread may reclaim the block meanwhile: its events
-                # must outlive this wait (a destroyed CUevent crashes the wait).
-                oldest.waiters += 1
-                events = list(oldest.events)
+            if victims:
+                self._defer(functools.partial(self._free_blocks, victims))
+                continue
             # Wait, outside the lock, for the oldest guarded block's GPU work.
             waited = True
+            assert oldest is not None
             self._wait_events(oldest, events)
         try:
             ptr = self.backend.host_alloc(size)
@@ -178,6 +235,7 @@ class PinnedPool:
             with self._cv:
                 self._reserved -= size
                 self._in_use -= size
+                self._cv.notify_all()
             raise
         return PinnedBlock(ptr, size)
 
@@ -191,14 +249,15 @@ class PinnedPool:
         size = size_class(nbytes)
         if size > self.budget:
             raise InvalidArgumentError(
-                f"a {size}-byte pinned block exceeds the pinned budget of {self.budget} bytes"
+                f"a {size}-byte pinned block exceeds the pinned budget of {self.budget} "
+                "bytes (GPUAIO_PINNED_BUDGET)"
             )
         added = 0
         while True:
+            self.reclaim()
             with self._cv:
                 if self._closed:
                     raise RuntimeError("the pinned pool is closed")
-                self._reclaim_locked()
                 if len(self._free.get(size, ())) >= count:
                     return added
                 if self._reserved + size > self.budget:
@@ -219,7 +278,8 @@ class PinnedPool:
     def release(self, block: PinnedBlock, events: list[Any] | tuple[Any, ...] = ()) -> None:
         """Hand ``block`` back; reusable once every event in ``events`` has fired.
 
-        The events become the pool's: it destroys them after they fire.
+        The events become the pool's: it destroys them after they fire. No
+        driver call: safe on the event loop.
         """
         with self._cv:
             if events:
@@ -229,16 +289,52 @@ class PinnedPool:
                 self._put_free_locked(block)
             self._cv.notify_all()
 
-    def trim(self) -> int:
-        """Free cached idle blocks; returns the bytes given back to the driver."""
+    def reclaim(self) -> None:
+        """Make guarded blocks whose events have all fired reusable.
+
+        The events are queried outside the lock, by one thread at a time
+        (another caller waits for that pass rather than querying twice), and
+        destroyed through ``defer``.
+        """
         with self._cv:
-            self._reclaim_locked()
+            while self._reclaiming:
+                self._cv.wait()
+            if not self._guarded:
+                return
+            self._reclaiming = True
+            blocks = list(self._guarded)
+        dead: list[Any] = []
+        try:
+            done = [b for b in blocks if self._fired(b)]
+        finally:
+            with self._cv:
+                self._reclaiming = False
+                if done:
+                    gone = {id(b) for b in done}
+                    self._guarded = deque(b for b in self._guarded if id(b) not in gone)
+                    for block in done:
+                        if block.waiters:  # a thread still synchronizes on them
+                            block.retired.extend(block.events)
+                        else:
+                            dead.extend(block.events)
+                        block.events = []
+                        self._put_free_locked(block)
+                self._cv.notify_all()
+        if dead:
+            self._defer(functools.partial(self._destroy, dead))
+
+    def trim(self) -> int:
+        """Free cached idle blocks; returns the bytes given back to the driver.
+
+        Calls the driver's free on the calling thread: run it off the loop.
+        """
+        self.reclaim()
+        with self._cv:
             blocks = [b for lst in self._free.values() for b in lst]
             self._free.clear()
             freed = sum(b.size for b in blocks)
-            self._reserved -= freed
-        for b in blocks:
-            self.backend.host_free(b.ptr)
+            self._freeing += freed
+        self._free_blocks(blocks)
         return freed
 
     def close(self, timeout: float = 5.0) -> None:
@@ -249,17 +345,44 @@ class PinnedPool:
         """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            self.reclaim()
             with self._cv:
-                self._reclaim_locked()
-                oldest = self._guarded[0] if self._guarded else None
-            if oldest is None:
+                busy = bool(self._guarded) or self._freeing > 0
+                if busy:
+                    self._cv.wait(0.001)
+            if not busy:
                 break
-            time.sleep(0.001)
         self.trim()
         with self._cv:
             self._closed = True
 
     # -- internal ------------------------------------------------------
+    def _fired(self, block: PinnedBlock) -> bool:
+        try:
+            return all(self.backend.event_query(ev) for ev in block.events)
+        except DeviceFatalError:
+            return True  # a dead context runs no more DMA: the block is safe
+        except Exception:
+            return False
+
+    def _destroy(self, events: list[Any]) -> None:
+        for ev in events:
+            with contextlib.suppress(Exception):
+                self.backend.event_destroy(ev)
+
+    def _free_blocks(self, blocks: list[PinnedBlock]) -> None:
+        """Give evicted or trimmed blocks back to the driver, then their bytes to the budget."""
+        for b in blocks:
+            try:
+                self.backend.host_free(b.ptr)
+            except Exception:
+                log.debug("gpuaio could not free a pinned block", exc_info=True)
+            finally:
+                with self._cv:
+                    self._reserved -= b.size
+                    self._freeing -= b.size
+                    self._cv.notify_all()
+
     def _wait_events(self, block: PinnedBlock, events: list[Any]) -> None:
         """Synchronize on ``events`` (``block``'s, its ``waiters`` counted up by the caller)."""
         dead: list[Any] = []
@@ -271,67 +394,55 @@ class PinnedPool:
                 block.waiters -= 1
                 if block.waiters == 0:
                     dead, block.retired = block.retired, []
-                self._reclaim_locked()
-            for ev in dead:
-                with contextlib.suppress(Exception):
-                    self.backend.event_destroy(ev)
+            if dead:
+                self._defer(functools.partial(self._destroy, dead))
 
-    def _take_locked(self, size: int) -> PinnedBlock | None:
+    def _take_locked(self, size: int, floor: int, ceiling: int) -> PinnedBlock | None:
+        """A cached block: ``size`` first, then the smallest larger one up to
+        ``ceiling``, then the largest smaller one down to ``floor``."""
         lst = self._free.get(size)
-        if lst:
-            block = lst.pop()
-            self._in_use += size
-            self._hits += 1
-            return block
-        return None
+        if not lst:
+            larger = [c for c in self._free if size < c <= ceiling and self._free[c]]
+            smaller = [c for c in self._free if floor <= c < size and self._free[c]]
+            if larger:
+                lst = self._free[min(larger)]
+            elif smaller:
+                lst = self._free[max(smaller)]
+            else:
+                return None
+        block = lst.pop()
+        self._in_use += block.size
+        self._hits += 1
+        return block
 
     def _put_free_locked(self, block: PinnedBlock) -> None:
         self._in_use -= block.size
         self._free.setdefault(block.size, []).append(block)
 
-    def _reclaim_locked(self) -> None:
-        """Move guarded blocks whose events have all fired to the free lists."""
-        query = self.backend.event_query
-        keep: deque[PinnedBlock] = deque()
-        changed = False
-        while self._guarded:
-            block = self._guarded.popleft()
-            try:
-                done = all(query(ev) for ev in block.events)
-            except DeviceFatalError:
-                done = True  # a dead context runs no more DMA: the block is safe
-            except Exception:
-                done = False
-            if done:
-                if block.waiters:  # a thread still synchronizes on them
-                    block.retired.extend(block.events)
-                else:
-                    for ev in block.events:
-                        with contextlib.suppress(Exception):
-                            self.backend.event_destroy(ev)
-                block.events = []
-                self._put_free_locked(block)
-                changed = True
-            else:
-                keep.append(block)
-        self._guarded = keep
-        if changed:
-            self._cv.notify_all()
-
-    def _evict_locked(self, size: int) -> bool:
-        """Free cached blocks of other sizes to make room for ``size``; True if it did."""
+    def _evict_locked(self, floor: int) -> list[PinnedBlock]:
+        """Cached blocks too small for a ``floor``-byte request, taken out to be freed
+        so one fits; none unless freeing them makes enough room."""
+        room = self.budget - self._reserved + self._freeing
+        small = sorted(
+            (b for c, lst in self._free.items() if c < floor for b in lst), key=lambda b: b.size
+        )
+        if room + sum(b.size for b in small) < floor:
+            return []  # freeing them would not make room: wait for blocks in use
         victims: list[PinnedBlock] = []
-        room = self.budget - self._reserved
-        for cls in sorted(self._free, reverse=True):
-            lst = self._free[cls]
-            while lst and room < size:
-                b = lst.pop()
-                victims.append(b)
-                room += b.size
-        if not victims:
-            return False
-        self._reserved -= sum(b.size for b in victims)
-        for b in victims:
-            # host_free may synchronize; the pool only runs on worker threads.
-            self.backend.host_free(b.ptr)
-        return True
+        while room < floor:
+            b = small.pop()
+            self._free[b.size].remove(b)
+            victims.append(b)
+            room += b.size
+        freed = sum(b.size for b in victims)
+        self._freeing += freed
+        self._evictions += len(victims)
+        return victims
+
+
+def _run_now(fn: Callable[[], None]) -> None:
+    fn()
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)

@@ -35,7 +35,7 @@ from ._errors import InvalidArgumentError, OperationAbortedError
 from ._hostwork import byte_view
 from ._memory import BufferInfo
 from ._operation import Operation
-from ._pool import PinnedBlock, PinnedPool, PoolStats, parse_size
+from ._pool import PinnedBlock, PinnedPool, PoolStats, parse_size, size_class
 from ._progress import report_progress
 
 if TYPE_CHECKING:
@@ -81,12 +81,22 @@ class StagingConfig:
                 f"GPUAIO_INLINE_MAX must not be negative, not {self.inline_max}"
             )
 
-    def chunk_for(self, nbytes: int) -> int:
+    def chunk_for(self, nbytes: int, budget: int | None = None) -> int:
         """The chunk size for a transfer of ``nbytes``: an eighth of it, as a
-        power of two, clamped to [``min_chunk``, ``max_chunk``]."""
+        power of two, clamped to [``min_chunk``, ``max_chunk``].
+
+        With a pinned ``budget``, also no larger than the power of two that
+        lets one transfer's ``depth + LOOKAHEAD`` blocks fit in it (but never
+        under ``min_chunk``): large and small transfers under a tight budget
+        then share one block size instead of evicting each other's blocks.
+        """
         target = max(self.min_chunk, nbytes // 8)
-        chunk = 1 << (target - 1).bit_length()
-        return max(self.min_chunk, min(self.max_chunk, chunk))
+        chunk = min(self.max_chunk, 1 << (target - 1).bit_length())
+        if budget is not None:
+            per_transfer = self.depth + LOOKAHEAD
+            fit = 1 << (max(budget // per_transfer, 1).bit_length() - 1)
+            chunk = min(chunk, fit)
+        return max(self.min_chunk, chunk)
 
 
 class Stager:
@@ -97,7 +107,7 @@ class Stager:
     ) -> None:
         self.runtime = runtime
         self.config: StagingConfig = config or StagingConfig()
-        self.pool: PinnedPool = PinnedPool(runtime.backend, budget)
+        self.pool: PinnedPool = PinnedPool(runtime.backend, budget, defer=runtime.reaper.submit)
 
     def close(self) -> None:
         """Close the pinned pool (waits, bounded, for blocks still in use)."""
@@ -108,13 +118,35 @@ class Stager:
         if transfer_bytes <= self.config.inline_max:
             return transfer_bytes, concurrent  # one block per small transfer in flight
         per_transfer = self.config.depth + LOOKAHEAD  # in DMA + being copied
-        return self.config.chunk_for(transfer_bytes), per_transfer * concurrent
+        return self.chunk_for(transfer_bytes), per_transfer * concurrent
+
+    def chunk_for(self, transfer_bytes: int) -> int:
+        """The chunk size of a staged transfer of this size under this pool's budget."""
+        return self.config.chunk_for(transfer_bytes, self.pool.budget)
+
+    def check_budget(self, nbytes: int) -> None:
+        """Raise, before anything is enqueued, if no block for this copy fits the budget."""
+        budget = self.pool.budget
+        small = nbytes <= self.config.inline_max
+        need = size_class(nbytes) if small else size_class(self.config.min_chunk)
+        if need > budget:
+            what = "block" if small else "chunk (the smallest staging chunk)"
+            raise InvalidArgumentError(
+                f"a {nbytes}-byte pageable copy needs a {need}-byte pinned {what}, more "
+                f"than the pinned budget of {budget} bytes (GPUAIO_PINNED_BUDGET): raise "
+                f"the budget to at least {need} bytes, or copy from pinned memory"
+            )
 
     # -- entry ---------------------------------------------------------
     def copy(self, stream: Stream, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
         """Schedule ``op`` (a copy with a pageable side) on ``stream``."""
         h2d = s.kind.is_host
         seq = stream._seq
+        try:
+            self.check_budget(d.nbytes)
+        except BaseException as exc:  # nothing was enqueued
+            op._resolve(exc)
+            raise
         if d.nbytes <= self.config.inline_max and (seq.host_clear() if h2d else seq.deps_clear()):
             # Cached blocks only: allocating pinned memory is a slow driver
             # call that must not run on the caller's (event-loop) thread.
@@ -177,7 +209,8 @@ class Stager:
         native = stream._native
         src = s.host_array()
         n = d.nbytes
-        chunk = self.config.chunk_for(n)
+        chunk = self.chunk_for(n)
+        floor = self.config.min_chunk
         depth = self.config.depth
         device = stream._ordinal
         # The pool gets guard events of its own, destroyed once they fire.
@@ -193,9 +226,10 @@ class Stager:
                     ln = min(chunk, n - off)
                     # Wait for a block only while holding none being copied:
                     # waiting while holding could deadlock transfers.
-                    block = pool.acquire(ln, wait=not copying)
+                    block = pool.acquire(ln, wait=not copying, min_bytes=min(ln, floor))
                     if block is None:
                         break
+                    ln = min(block.size, n - off)  # a cached block of another size will do
                     futs = host.submit_copy(byte_view(block.ptr, ln), src[off : off + ln])
                     copying.append((off, ln, block, futs))
                     t_chunk.append(time.perf_counter())
@@ -239,7 +273,8 @@ class Stager:
         native = stream._native
         dst = d.host_array()
         n = d.nbytes
-        chunk = self.config.chunk_for(n)
+        chunk = self.chunk_for(n)
+        floor = self.config.min_chunk
         depth = self.config.depth
         device = stream._ordinal
         inflight: deque[tuple[int, int, PinnedBlock, Any]] = deque()
@@ -251,9 +286,12 @@ class Stager:
             while True:
                 while off < n and len(inflight) < depth and not op._abort:
                     ln = min(chunk, n - off)
-                    block = pool.acquire(ln, wait=not (inflight or copying))
+                    block = pool.acquire(
+                        ln, wait=not (inflight or copying), min_bytes=min(ln, floor)
+                    )
                     if block is None:
                         break
+                    ln = min(block.size, n - off)  # a cached block of another size will do
                     ev = _guarded_dma(
                         backend, native, device, pool, block, block.ptr, s.ptr + off, ln
                     )
@@ -381,7 +419,7 @@ async def reserve_pinned(transfer_bytes: int, *, concurrent: int = 1) -> PoolSta
         raise InvalidArgumentError(f"transfer_bytes must be positive, not {transfer_bytes}")
     stager = current_runtime().stager
     if stager is None:
-        return PoolStats(0, 0, 0, 0, 0, 0, 0)
+        return PoolStats(0, 0, 0, 0, 0, 0, 0, 0)
     size, count = stager.blocks_for(transfer_bytes, concurrent)
     pool = stager.pool
 

@@ -545,11 +545,7 @@ def _pool_stats(runtime: Runtime) -> tuple[int, int]:
     stager = runtime.extras.get("stager")
     if stager is None:
         return 0, 0
-    pool = stager.pool
-    with pool._cv:
-        if not pool._closed:
-            pool._reclaim_locked()
-    stats = pool.stats()
+    stats = stager.pool.stats()  # reclaims blocks whose GPU work has finished
     return stats.reserved, stats.in_use
 
 
@@ -593,6 +589,10 @@ def pending_operations(runtime: Runtime) -> tuple[int, list[str]]:
                 labels.extend(op.label for op in list(eng._pending))
     if not count:
         count += _sim_backlog(runtime.backend)
+    if not count:
+        from ._hostwork import SerialExecutor
+
+        count += SerialExecutor.unfinished_jobs()  # host steps still running
     return count, labels
 
 

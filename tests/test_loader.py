@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import gpuaio
+from gpuaio._hostwork import SerialExecutor
 from gpuaio._staging import Stager
 from tests.conftest import latch
 
@@ -66,7 +67,7 @@ def pipeline_idle(dev: gpuaio.Device) -> Callable[[], bool]:
     rt = dev._runtime
 
     def idle() -> bool:
-        if rt.engine(0).pending():
+        if rt.engine(0).pending() or SerialExecutor.unfinished_jobs():
             return False
         stager = rt.stager
         if stager is None:

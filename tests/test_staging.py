@@ -257,8 +257,7 @@ def test_a_block_waited_on_keeps_its_events_until_the_wait_ends(gpuaio_runtime: 
         assert entered.wait(10), "the waiter never waited for the block"
         release()
         assert synced.wait(10)
-        with pool._cv:  # another thread reclaims the block first
-            pool._reclaim_locked()
+        pool.reclaim()  # another thread reclaims the block first
         assert not ev.destroyed, "the event was destroyed while a thread synchronized on it"
     finally:
         proceed.set()

@@ -1,0 +1,174 @@
+"""The pinned pool under tight budgets: chunks fit the budget, no re-pinning
+churn, and no driver free under a lock the event loop takes (issue 14, r13,
+r14, r23)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import numpy as np
+import pytest
+
+import gpuaio
+from gpuaio._errors import InvalidArgumentError
+from gpuaio._staging import Stager, StagingConfig
+from tests.test_copy import pattern
+from tests.test_loader import eventually
+
+pytestmark = pytest.mark.anyio
+
+MiB = 1 << 20
+
+
+def _install(runtime: Any, budget: int, **config: Any) -> Iterator[Stager]:
+    old = runtime.stager
+    stager = Stager(runtime, StagingConfig(**config), budget=budget)
+    runtime.extras["stager"] = stager
+    yield stager
+    runtime.extras["stager"] = old
+    stager.close()
+
+
+@pytest.fixture
+def budget_2m(gpuaio_runtime: Any) -> Iterator[Stager]:
+    """Default chunking (an eighth of the copy, 1-64 MiB) under a 2 MiB budget."""
+    yield from _install(gpuaio_runtime, 2 * MiB)
+
+
+async def test_large_copies_fit_a_budget_smaller_than_their_chunk(
+    budget_2m: Stager, dev: gpuaio.Device
+) -> None:
+    """A 24 MiB copy would use 4 MiB chunks; under a 2 MiB budget it uses chunks
+    that fit and is byte-exact both ways (r13: it failed after enqueue)."""
+    n = 24 * MiB
+    src = pattern(n, 3)
+    d = dev.empty(n)
+    s = dev.stream()
+    await s.copy(d, src)
+    out = np.zeros(n, np.uint8)
+    await s.copy(out, d)
+    np.testing.assert_array_equal(out, src)
+    stats = budget_2m.pool.stats()
+    assert stats.peak_reserved <= 2 * MiB
+    assert stats.in_use == 0
+
+
+@pytest.fixture
+def budget_512k(gpuaio_runtime: Any) -> Iterator[Stager]:
+    yield from _install(gpuaio_runtime, 512 << 10)
+
+
+async def test_a_budget_under_the_smallest_chunk_is_rejected_at_the_call(
+    budget_512k: Stager, dev: gpuaio.Device
+) -> None:
+    """Nothing is enqueued: the call raises with the numbers, the destination is
+    untouched, and small copies still work."""
+    n = 2 * MiB
+    d = dev.empty(n)
+    s = dev.stream()
+    await s.memset(d, 0)
+    with pytest.raises(InvalidArgumentError, match=r"1048576-byte.*524288 bytes"):
+        s.copy(d, pattern(n, 5))  # raises at the call, not at an await
+    out = gpuaio.pinned_empty(n)  # pinned: needs no staging
+    out[:] = 1
+    await s.copy(out, d)
+    assert not out.any(), "a rejected copy wrote to its destination"
+    with pytest.raises(InvalidArgumentError, match="GPUAIO_PINNED_BUDGET"):
+        s.copy(np.empty(n, np.uint8), d)  # D2H too
+    small = pattern(64 << 10, 9)
+    await s.copy(d[: small.nbytes], small)
+    back = np.empty_like(small)
+    await s.copy(back, d[: small.nbytes])
+    np.testing.assert_array_equal(back, small)
+    assert budget_512k.pool.stats().in_use == 0
+
+
+@pytest.fixture
+def budget_8m(gpuaio_runtime: Any) -> Iterator[Stager]:
+    yield from _install(gpuaio_runtime, 8 * MiB)
+
+
+async def test_alternating_sizes_do_not_free_and_repin(
+    budget_8m: Stager, dev: gpuaio.Device
+) -> None:
+    """64 MiB and 8 MiB copies alternating on two streams under 8 MiB (r23): the
+    pool pinned 142 blocks for 40 transfers, evicting as often. Now every
+    block is pinned once and none is evicted; data byte-exact."""
+    big, mid = pattern(64 * MiB, 1), pattern(8 * MiB, 2)
+    d_big, d_mid = dev.empty(big.nbytes), dev.empty(mid.nbytes)
+    s1, s2 = dev.stream(), dev.stream()
+    ops = []
+    for _ in range(10):
+        ops += [s1.copy(d_big, big), s2.copy(d_mid, mid)]
+    await gpuaio.wait_all(ops)
+    stats = budget_8m.pool.stats()
+    assert stats.evictions == 0, stats
+    assert stats.misses <= 8 * MiB // (1 * MiB), stats  # the budget, pinned once
+    assert stats.peak_reserved <= 8 * MiB
+    out = np.empty(big.nbytes, np.uint8)
+    await s1.copy(out, d_big)
+    np.testing.assert_array_equal(out, big)
+    await s2.copy(out[: mid.nbytes], d_mid)
+    np.testing.assert_array_equal(out[: mid.nbytes], mid)
+
+
+@pytest.fixture
+def budget_1m(gpuaio_runtime: Any) -> Iterator[Stager]:
+    yield from _install(gpuaio_runtime, 1 * MiB)
+
+
+@pytest.mark.sim_only  # a latch on CUDA defers frees, so the free would not wait
+async def test_an_eviction_never_blocks_the_loop(budget_1m: Stager, dev: gpuaio.Device) -> None:
+    """r14: evicting cached blocks frees pinned memory, and a driver free waits for
+    all of the device's work (an H200's cuMemFreeHost waited 1.47 s for an
+    unrelated kernel). The pool held its lock across that free, and the loop
+    takes the lock for every small pageable copy: one call blocked the loop
+    for 1.9 s. The free now runs on the reaper thread, outside the lock."""
+    rt = gpuaio.current_runtime()
+    small = pattern(64 << 10, 4)
+    d_small = dev.empty(small.nbytes)
+    sz, sy, sx = dev.stream(), dev.stream(), dev.stream()
+    # Two cached 64 KiB blocks, as small copies in flight at once leave behind.
+    await anyio.to_thread.run_sync(budget_1m.pool.reserve, 64 << 10, 2)
+    assert budget_1m.pool.stats().reserved == 2 * (64 << 10)
+    release = rt.backend.hold(sx._native)  # unrelated GPU work that a free waits for
+    timer = threading.Timer(3.0, release)
+    timer.start()
+    try:
+        big = pattern(4 * MiB, 6)
+        d_big = dev.empty(big.nbytes)
+        op_big = sy.copy(d_big, big)  # needs a 1 MiB block: evicts the 64 KiB ones
+        await eventually(lambda: budget_1m.pool.stats().evictions > 0, within=2.0)
+        t0 = time.perf_counter()
+        op_small = sz.copy(d_small, small)
+        call_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        await anyio.sleep(0.01)
+        sleep_s = time.perf_counter() - t0
+        assert call_s < 1.0, f"a 64 KiB copy() call took {call_s:.2f} s on the loop"
+        assert sleep_s < 1.0, f"the loop was blocked for {sleep_s:.2f} s"
+        assert not op_big.done(), "the held stream should still hold the free"
+    finally:
+        timer.join()
+    await gpuaio.wait_all([op_small, op_big])
+    out = np.empty(big.nbytes, np.uint8)
+    await sy.copy(out, d_big)
+    np.testing.assert_array_equal(out, big)
+    assert budget_1m.pool.stats().in_use == 0
+
+
+def test_chunks_fit_the_budget() -> None:
+    """The chunk rule itself: an eighth of the copy, at most what lets
+    depth + 2 blocks fit the budget, never under the minimum chunk."""
+    cfg = StagingConfig(max_chunk=64 * MiB, min_chunk=MiB, depth=4)
+    assert cfg.chunk_for(512 * MiB) == 64 * MiB
+    assert cfg.chunk_for(512 * MiB, 1 << 30) == 64 * MiB
+    assert cfg.chunk_for(512 * MiB, 64 * MiB) == 8 * MiB  # 6 blocks of 8 MiB fit
+    assert cfg.chunk_for(100 * MiB, 8 * MiB) == MiB
+    assert cfg.chunk_for(8 * MiB, 8 * MiB) == MiB
+    assert cfg.chunk_for(100 * MiB, 2 * MiB) == MiB  # the floor: one block at a time
