@@ -693,6 +693,8 @@ class LoopBlock:
     duration_s: float
     stack: str
     """Where the loop thread was, ``max_block_ms`` into the block (may be empty)."""
+    gc_s: float = 0.0
+    """How much of the block Python's garbage collector ran (it holds the GIL)."""
 
 
 class LoopWatchdog:
@@ -754,14 +756,14 @@ class LoopWatchdog:
             self.watching = False
             run.stop()
 
-    def _record(self, duration_s: float, stack: str, epoch: int) -> None:
+    def _record(self, duration_s: float, stack: str, epoch: int, gc_s: float = 0.0) -> None:
         with self._lock:
             self.pings += 1
             if self._allowed or epoch != self._allow_epoch:
                 return
             self.worst_s = max(self.worst_s, duration_s)
             if duration_s > self.max_block_s:
-                self.blocks.append(LoopBlock(duration_s, stack))
+                self.blocks.append(LoopBlock(duration_s, stack, gc_s))
 
     def _epoch(self) -> int:
         with self._lock:
@@ -783,9 +785,19 @@ class LoopWatchdog:
             "A blocking call ran on the event loop thread: move it to a worker thread "
             "(anyio.to_thread.run_sync) or use gpuaio's awaitable API."
         ]
+        if worst.gc_s:
+            lines.append(
+                f"Python's garbage collector ran for {worst.gc_s * 1e3:.1f} ms of that block "
+                "(a collection holds the GIL, whatever thread triggered it)."
+            )
         if worst.stack:
             lines.append("The loop thread was here while blocked:")
             lines.append(worst.stack.rstrip())
+        elif not worst.gc_s:
+            lines.append(
+                "No stack: the watchdog's own thread could not run during the block either, "
+                "so something held the GIL throughout (a C call that does not release it)."
+            )
         return "\n".join(lines)
 
     def check(self) -> None:
@@ -833,9 +845,24 @@ class _WatchRun:
         self.stack = ""
         self.seq = 0
         self.thread = threading.Thread(target=self._run, name="gpuaio-loop-watchdog", daemon=True)
+        self.gc_passes: list[tuple[float, float]] = []
+        self._gc_t0 = 0.0
 
     def start(self) -> None:
+        gc.callbacks.append(self._on_gc)
         self.thread.start()
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        elif len(self.gc_passes) < 100_000:
+            self.gc_passes.append((self._gc_t0, time.perf_counter()))
+
+    def _gc_within(self, t0: float, t1: float) -> float:
+        """Seconds of garbage collection between ``t0`` and ``t1``."""
+        return sum(
+            max(0.0, min(b, t1) - max(a, t0)) for a, b in list(self.gc_passes) if b > t0 and a < t1
+        )
 
     def stop(self) -> None:
         """On the loop thread: end the run; a ping still queued counts as lateness."""
@@ -847,8 +874,10 @@ class _WatchRun:
             stack = self.stack
             self.cv.notify_all()
         self.thread.join(timeout=5)
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._on_gc)
         if late is not None:
-            self.dog._record(now - late[0], stack, late[1])
+            self.dog._record(now - late[0], stack, late[1], self._gc_within(late[0], now))
 
     def _answer(self, seq: int) -> None:
         now = time.perf_counter()
@@ -858,7 +887,7 @@ class _WatchRun:
             stack = self.stack
             self.cv.notify_all()
         if late is not None:
-            self.dog._record(now - late[0], stack, late[1])
+            self.dog._record(now - late[0], stack, late[1], self._gc_within(late[0], now))
 
     def _run(self) -> None:
         limit = self.dog.max_block_s
