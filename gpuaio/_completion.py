@@ -35,9 +35,14 @@ Strategies (selected with ``GPUAIO_COMPLETION`` or :func:`gpuaio.configure`):
     call may hold). It needs the GIL, so the stream stalls while Python is
     busy: kept for comparison, never the default.
 
-Every engine also notices a sticky (context-fatal) error within
-``FAULT_PROBE_S`` and fails every pending operation of the device with
-:class:`~gpuaio.DeviceFatalError` instead of leaving awaits hanging.
+Every engine also notices a sticky (context-fatal) error and fails every
+pending operation of the device with :class:`~gpuaio.DeviceFatalError`
+instead of leaving awaits hanging. While operations pend it queries a
+never-recorded probe event every ``FAULT_PROBE_S``: the driver reports a
+fault through such a query first (on an H200, about 250 ms before the queries
+of the markers behind the faulting kernel), and markers that never fire
+(flags, host functions) cannot report it at all. So every pending await
+raises within about ``FAULT_PROBE_S`` of the driver first reporting the fault.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ from ._operation import Operation, post_waiters, resolve_many
 if TYPE_CHECKING:
     from .backends import Backend
 
-__all__ = ["STRATEGIES", "CompletionEngine", "Strategy", "make_engine"]
+__all__ = ["STRATEGIES", "CompletionEngine", "FaultLog", "Strategy", "make_engine"]
 
 log = logging.getLogger("gpuaio")
 
@@ -73,15 +78,51 @@ LOOP_COVER_S = 1e-3
 LOOP_SWEEP_S = 250e-6
 """How often polling loops drain the streams that no poll has drained lately."""
 STAND_DOWN_S = 20e-3
-"""The longest the watcher sleeps while loops poll.
+"""The longest the watcher sleeps while loops poll (it still wakes to probe
+every ``FAULT_PROBE_S``).
 
 A task that stops polling wakes it at once; an op nobody awaits that completes
 just after the loops stopped polling may be resolved this late.
 """
 LOOP_SPIN_S = float(os.environ.get("GPUAIO_LOOP_SPIN_US", "150")) * 1e-6
 """How long an awaiting task polls from its event loop before handing off."""
-FAULT_PROBE_S = 0.05
-"""How often a device with pending work is checked for a sticky error."""
+FAULT_PROBE_S = 5e-3
+"""How often a device with pending work is checked for a sticky error.
+
+No engine sleeps longer than this while operations pend, so a sticky error
+fails every pending await within about this long of the driver first
+reporting it. With nothing pending, nothing is probed and nothing wakes.
+"""
+
+
+class FaultLog:
+    """Logs each device's sticky error once, with its traceback.
+
+    After a sticky error every driver call of the context fails with it: the
+    frees and destroys that follow (device memory, pinned blocks, events,
+    streams) would each log it again. A runtime's engines and its release
+    paths share one ``FaultLog``.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._logged: set[int | None] = set()
+
+    def report(self, what: str, exc: DeviceFatalError, device: int | None = None) -> bool:
+        """Log ``exc`` at ERROR with its traceback, unless a sticky error of
+        ``device`` (for ``device=None``, of any device) was logged already: then
+        at DEBUG without one. Returns whether it logged at ERROR."""
+        with self._lock:
+            if device is None:
+                known = bool(self._logged)
+            else:
+                known = device in self._logged or None in self._logged
+            self._logged.add(device)
+        if known:
+            log.debug("%s: %s (the sticky error, logged already)", what, exc)
+            return False
+        log.error("%s: %s", what, exc, exc_info=exc)
+        return True
 
 
 class CompletionEngine:
@@ -99,6 +140,8 @@ class CompletionEngine:
         """Ops pending on a stream (as :meth:`pending_on` counts them) from which
         its work is enqueued on its host thread rather than the calling one."""
         self.fatal: DeviceFatalError | None = None
+        self.faults: FaultLog = FaultLog()
+        """Where the sticky error is logged (the runtime shares one across engines)."""
         self._closed = False
 
     def watch(self, op: Operation, stream: Any) -> None:
@@ -136,7 +179,7 @@ class CompletionEngine:
     def _fail_fatal(self, exc: DeviceFatalError) -> None:
         if self.fatal is None:
             self.fatal = exc
-            log.error("device %d hit a sticky error: %s", self.device, exc)
+            self.faults.report(f"device {self.device} hit a sticky error", exc, self.device)
 
 
 class _Queue:
@@ -179,6 +222,8 @@ class EventEngine(CompletionEngine):
         self._loop_polling_until = 0.0
         self._next_sweep = 0.0
         self._next_probe = 0.0
+        self._probe_event: Any = None
+        """Never recorded: its query reports only the context's sticky error."""
         self._thread: threading.Thread | None = None
 
     def watch(self, op: Operation, stream: Any) -> None:
@@ -236,6 +281,12 @@ class EventEngine(CompletionEngine):
         t = self._thread
         if t is not None and t is not threading.current_thread():
             t.join(timeout=5)
+        probe, self._probe_event = self._probe_event, None
+        if probe is not None:
+            try:
+                self.backend.event_destroy(probe)
+            except Exception as exc:  # a faulted context: logged already
+                log.debug("could not destroy the fault probe event: %s", exc)
 
     # -- markers (overridden by the flag slab) ---------------------------
     def _place(self, stream: Any) -> Any:
@@ -259,7 +310,21 @@ class EventEngine(CompletionEngine):
         self._free_events.append(marker)
 
     def _probe(self) -> None:
-        """Surface a sticky error; markers that never fire cannot."""
+        """Surface a sticky error (raises DeviceFatalError).
+
+        A marker that never fires (a flag) cannot, and the driver reports a
+        fault through a never-recorded event's query before it does through
+        the queries of markers behind the faulting kernel.
+        """
+        probe = self._probe_event
+        if probe is None:
+            return  # the watcher creates it when it starts
+        try:
+            self.backend.event_query(probe)
+        except DeviceFatalError:
+            raise
+        except CudaError:
+            log.debug("gpuaio fault probe failed", exc_info=True)
 
     # -- draining ------------------------------------------------------
     def _drain(
@@ -337,7 +402,10 @@ class EventEngine(CompletionEngine):
         return op._done
 
     def _sweep(self, now: float, out: list[tuple[Port, Callable[[], None]]]) -> None:
-        """Drain the streams that no poll has drained lately; probe for sticky errors."""
+        """Drain the streams that no poll has drained lately; probe for sticky errors.
+
+        Raises DeviceFatalError (``out`` keeps what was resolved before it).
+        """
         self._next_sweep = now + LOOP_SWEEP_S
         for q in list(self._queues.values()):
             if q.entries and now - q.last_poll >= LOOP_SWEEP_S:
@@ -359,10 +427,37 @@ class EventEngine(CompletionEngine):
                 q.entries.clear()
         resolve_many(items)
 
+    def _start_probe(self) -> None:
+        """Create the probe event, on the watcher thread (never a loop's)."""
+        if self._probe_event is not None:
+            return
+        try:
+            self._probe_event = self.backend.event_create(self.device)
+        except DeviceFatalError as e:
+            self._fail_all(e)
+        except CudaError:
+            # Not fatal: the probe is retried while ops pend; markers still fire.
+            log.debug("could not create the fault probe event", exc_info=True)
+
+    def _probe_due(self) -> DeviceFatalError | None:
+        """Probe the device if it is time; returns its sticky error, if any."""
+        now = time.perf_counter()
+        if now < self._next_probe:
+            return None
+        self._next_probe = now + FAULT_PROBE_S
+        if self._probe_event is None:
+            self._start_probe()
+        try:
+            self._probe()
+        except DeviceFatalError as e:
+            return e
+        return None
+
     def _run(self) -> None:
         cv = self._cv
         spin_until = time.perf_counter() + SPIN_S
         self._next_probe = spin_until + FAULT_PROBE_S
+        self._start_probe()
         sleep_s = 20e-6
         while True:
             with cv:
@@ -373,28 +468,36 @@ class EventEngine(CompletionEngine):
                     spin_until = time.perf_counter() + SPIN_S
                 if self._closed:
                     break
-                if time.perf_counter() < self._loop_polling_until:
+                now = time.perf_counter()
+                standing_down = now < self._loop_polling_until
+                if standing_down:
                     # Loops poll and sweep: stand down. Waking up often would
                     # cost both threads dearly: a loop that switches tasks
                     # lets go of the GIL briefly and often, and each time it
                     # wakes a thread waiting for the GIL, which rarely gets it.
+                    # But never past the next fault probe: loops sweep (and
+                    # probe) only while they poll, which may stop any moment.
                     self._sleeping = True
-                    cv.wait(STAND_DOWN_S)
+                    cv.wait(max(0.0, min(STAND_DOWN_S, self._next_probe - now)))
                     self._sleeping = False
                     spin_until = time.perf_counter() + SPIN_S
                     sleep_s = 20e-6
-                    continue
-                queues = list(self._queues.items())
+                else:
+                    queues = list(self._queues.items())
+            if standing_down:
+                fatal = self._probe_due()
+                if fatal is not None:
+                    self._fail_all(fatal)
+                continue
             waiters: list[tuple[Port, Callable[[], None]]] = []
-            fatal: DeviceFatalError | None = None
+            fatal = None
             try:
                 for _key, q in queues:
                     self._drain(q, waiters)
-                if time.perf_counter() >= self._next_probe:
-                    self._next_probe = time.perf_counter() + FAULT_PROBE_S
-                    self._probe()
             except DeviceFatalError as e:
                 fatal = e
+            if fatal is None:
+                fatal = self._probe_due()
             if fatal is not None:
                 # Wake the ops resolved before the error too: none may be lost.
                 if waiters:
@@ -419,7 +522,7 @@ class EventEngine(CompletionEngine):
                 with cv:
                     if not self._closed:
                         self._sleeping = True
-                        cv.wait(min(next_eta - now - 50e-6, 5e-3))
+                        cv.wait(max(0.0, min(next_eta - now - 50e-6, self._next_probe - now, 5e-3)))
                         self._sleeping = False
                 spin_until = time.perf_counter() + SPIN_S
                 continue
@@ -505,20 +608,16 @@ class FlagEngine(EventEngine):
         with self._slot_lock:
             self._free_slots.append(marker[0])
 
-    def _probe(self) -> None:
-        self.backend.event_query(self._probe_event)
-
     def close(self) -> None:
         idle = self.pending() == 0
-        super().close()
+        super().close()  # destroys the probe event too
         try:
-            self.backend.event_destroy(self._probe_event)
             if idle:
                 # Every marker placed has been seen: no write into the slab
                 # is outstanding. Otherwise it stays allocated for good.
                 self.backend.host_free(self._slab_host)
-        except Exception:
-            log.debug("could not release the flag slab", exc_info=True)
+        except Exception as exc:  # a faulted context: logged already
+            log.debug("could not release the flag slab: %s", exc)
 
 
 class ThreadEngine(EventEngine):
@@ -564,8 +663,11 @@ class HostFuncEngine(CompletionEngine):
         if self._monitor is None:
             self._start()
         with self._lock:
+            first = not self._pending
             self._pending.add(op)
         fired, wake = self._fired, self._wake
+        if first:
+            wake.set()  # the resolver sleeps untimed while nothing pends: probe again
 
         def fire() -> None:  # on the driver's thread: hand over, never block
             fired.append(op)
@@ -616,10 +718,16 @@ class HostFuncEngine(CompletionEngine):
     def _run(self) -> None:
         # A host function is never called once the context has failed, so
         # poll the context's health (a query of a never-recorded event
-        # returns the sticky error) while anything is pending.
+        # returns the sticky error) every FAULT_PROBE_S while anything is
+        # pending. With nothing pending, sleep until watch() wakes us.
         next_probe = time.monotonic() + FAULT_PROBE_S
         while not self._closed:
-            self._wake.wait(max(0.0, next_probe - time.monotonic()))
+            if self._pending:
+                self._wake.wait(max(0.0, next_probe - time.monotonic()))
+            else:
+                self._wake.wait()
+                # Probe one interval after work arrives, not at once.
+                next_probe = max(next_probe, time.monotonic() + FAULT_PROBE_S)
             self._wake.clear()
             try:
                 self._resolve_fired()
@@ -639,20 +747,28 @@ class HostFuncEngine(CompletionEngine):
                     ops, self._pending = list(self._pending), set()
                 resolve_many((op, e) for op in ops)
             except CudaError:
-                log.exception("gpuaio fault probe failed")
+                log.debug("gpuaio fault probe failed", exc_info=True)
 
 
-def make_engine(strategy: Strategy, backend: Backend, device: int) -> CompletionEngine:
-    """Build the engine for ``strategy``."""
+def make_engine(
+    strategy: Strategy, backend: Backend, device: int, faults: FaultLog | None = None
+) -> CompletionEngine:
+    """Build the engine for ``strategy``; it logs its sticky error to ``faults``."""
+    eng: CompletionEngine
     if strategy == "events":
-        return EventEngine(backend, device)
-    if strategy == "thread":
-        return ThreadEngine(backend, device)
-    if strategy == "flags":
+        eng = EventEngine(backend, device)
+    elif strategy == "thread":
+        eng = ThreadEngine(backend, device)
+    elif strategy == "flags":
         if not backend.device_properties(device).stream_mem_ops:
             log.warning("device %d lacks stream memory operations: using events", device)
-            return EventEngine(backend, device)
-        return FlagEngine(backend, device)
-    if strategy == "hostfunc":
-        return HostFuncEngine(backend, device)
-    raise ValueError(f"unknown completion strategy {strategy!r}; choose from {STRATEGIES}")
+            eng = EventEngine(backend, device)
+        else:
+            eng = FlagEngine(backend, device)
+    elif strategy == "hostfunc":
+        eng = HostFuncEngine(backend, device)
+    else:
+        raise ValueError(f"unknown completion strategy {strategy!r}; choose from {STRATEGIES}")
+    if faults is not None:
+        eng.faults = faults
+    return eng

@@ -130,12 +130,17 @@ class Allocation:
             self._runtime.reaper.submit(self._free_now)
 
     def _free_now(self) -> None:
-        if self._runtime.closed:
+        rt = self._runtime
+        if rt.closed:
             return
-        if self.kind is MemoryKind.PINNED:
-            self._runtime.backend.host_free(self.ptr)
-        else:
-            self._runtime.backend.mem_free(self.ptr)
+        try:
+            if self.kind is MemoryKind.PINNED:
+                rt.backend.host_free(self.ptr)
+            else:
+                rt.backend.mem_free(self.ptr)
+        except Exception as exc:
+            # After a sticky error every free fails with it: logged once.
+            rt.log_failure(f"gpuaio failed to free {self.kind.value} memory", exc, self.device)
 
     def __del__(self) -> None:
         # Ops keep their arrays (and so this) alive while in flight, so

@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from ._completion import STRATEGIES, CompletionEngine, Strategy, make_engine
+from ._completion import STRATEGIES, CompletionEngine, FaultLog, Strategy, make_engine
 from ._errors import DeviceFatalError, NoDeviceError
 from ._hostwork import HostPool
 from ._sequencer import Sequencer
@@ -43,7 +43,8 @@ class _Reaper:
     reentrant) and starts the thread under a reentrant lock.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, report: Callable[[str, BaseException], None] | None = None) -> None:
+        self._report = report
         self._q: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._starting = False
@@ -74,8 +75,12 @@ class _Reaper:
                 return
             try:
                 fn()
-            except Exception:
-                log.exception("gpuaio failed to free memory")
+            except Exception as exc:
+                what = "gpuaio failed to free memory or destroy an event"
+                if self._report is not None:
+                    self._report(what, exc)
+                else:
+                    log.exception(what)
 
     def close(self) -> None:
         """Run the frees already submitted, then stop the thread (waits up to 10 s)."""
@@ -97,7 +102,9 @@ class Runtime:
             raise ValueError(f"unknown completion strategy {strategy!r}; choose from {STRATEGIES}")
         self.strategy: Strategy = strategy
         self.host: HostPool = HostPool()
-        self.reaper: _Reaper = _Reaper()
+        self.faults: FaultLog = FaultLog()
+        """Logs each device's sticky error once (engines and release paths share it)."""
+        self.reaper: _Reaper = _Reaper(self.log_failure)
         self._engines: dict[int, CompletionEngine] = {}
         self._devices: dict[int, Device] = {}
         self._peers: set[tuple[int, int]] = set()
@@ -115,7 +122,9 @@ class Runtime:
             with self._lock:
                 eng = self._engines.get(device)
                 if eng is None:
-                    eng = self._engines[device] = make_engine(self.strategy, self.backend, device)
+                    eng = self._engines[device] = make_engine(
+                        self.strategy, self.backend, device, self.faults
+                    )
         return eng
 
     def sequencer(self, device: int, native: Any) -> Sequencer:
@@ -205,6 +214,20 @@ class Runtime:
                         log.warning("could not enable peer access %d -> %d", x, y, exc_info=True)
             self._peers.add(key)
 
+    def log_failure(self, what: str, exc: BaseException, device: int | None = None) -> None:
+        """Log that releasing something (a free, a destroy) failed with ``exc``.
+
+        A sticky error is logged once per device, with its traceback, however
+        many frees and destroys fail with it afterwards (later ones at DEBUG,
+        without a traceback); ``device`` is the device the failed call was
+        for, None when unknown (pinned memory). Anything else is an error with
+        its traceback.
+        """
+        if isinstance(exc, DeviceFatalError):
+            self.faults.report(what, exc, device)
+        else:
+            log.error("%s", what, exc_info=exc)
+
     def check_device(self, ordinal: int) -> None:
         """Raise the device's sticky error, if it has had one."""
         eng = self._engines.get(ordinal)
@@ -223,8 +246,8 @@ class Runtime:
             if close is not None:
                 try:
                     close()
-                except Exception:
-                    log.exception("gpuaio: error while closing %r", closer)
+                except Exception as exc:
+                    self.log_failure(f"gpuaio: error while closing {closer!r}", exc)
         self.host.close()
         self.reaper.close()
         self.backend.close()

@@ -275,11 +275,18 @@ class Sequencer:
 
         def release() -> None:
             sync, self._sync_event = self._sync_event, None
-            backend = self._rt.backend
+            rt = self._rt
+            # Each is attempted: after a sticky error both fail (logged once).
             if sync is not None:
-                backend.event_destroy(sync)
+                try:
+                    rt.backend.event_destroy(sync)
+                except Exception as exc:
+                    rt.log_failure("gpuaio failed to destroy an event", exc, self.ordinal)
             if destroy_stream:
-                backend.stream_destroy(self.native)
+                try:
+                    rt.backend.stream_destroy(self.native)
+                except Exception as exc:
+                    rt.log_failure("gpuaio failed to destroy a stream", exc, self.ordinal)
 
         self.executor.submit(release)
         self.executor.linger(0)  # no thread left idling once the release has run

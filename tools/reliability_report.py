@@ -13,9 +13,12 @@ be 0), with one section per check:
   uvloop and trio; 5,000 on the flags, thread and hostfunc completion
   strategies; 10,000 with transient driver faults on ``sim``);
 * ``sticky_fault``: ops pending on several streams when the device faults
-  (``inject_fault`` on sim, a kernel's illegal address access on cuda, in a
-  subprocess): every pending and later await raises DeviceFatalError within
-  100 ms;
+  (``fault_now`` right after a fault probe on sim, with pending markers
+  reporting it 250 ms late; on cuda a kernel's illegal address access and a
+  trap, in a subprocess, every strategy): every pending await raises
+  DeviceFatalError within 20 ms of the driver first reporting the fault
+  (measured in the same run: ``driver_report_ms``, ``latencies_ms``), and
+  every later call raises it;
 * ``loop_shutdown``: event loops ending with ops in flight;
 * ``bad_input``: the hypothesis properties of tests/test_bad_input.py;
 * ``soak``: 1,000,000 small awaited ops with memory sampled;
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -168,8 +172,11 @@ def sticky_faults(report: Report) -> None:
                 finally:
                     rt.close()
     # In a subprocess, as on the GPU (where the context is lost for good).
-    for completion in ("events", "flags"):
+    faults = ("illegal_address", "trap") if report.backend == "cuda" else ("illegal_address",)
+    for completion, fault in itertools.product(("events", "flags", "thread", "hostfunc"), faults):
         name = f"subprocess-{report.backend}-{completion}"
+        if report.backend == "cuda":
+            name += f"-{fault}"
         print(f"sticky fault {name}", flush=True)
         try:
             proc = subprocess.run(
@@ -181,6 +188,8 @@ def sticky_faults(report: Report) -> None:
                     report.backend,
                     "--completion",
                     completion,
+                    "--fault",
+                    fault,
                     "--timeout",
                     "50",
                 ],

@@ -158,6 +158,12 @@ class SimConfig:
     """Launch-queue entries one queued host function takes. On an H200 a held
     stream took 1,021 memsets but only 55 memsets each followed by a host
     function before an enqueue blocked."""
+    marker_fault_delay_s: float = 0.0
+    """After a sticky fault, how long a query of an event whose record was not
+    reached yet keeps answering "not ready" before it reports the error. Any
+    other call (a query of a never-recorded event included) reports it at once.
+    On an H200 gpuaio's marker queries reported a trapped kernel about 250 ms
+    after a never-recorded event's query did; the sticky-fault tests use 0.25."""
 
     def __post_init__(self) -> None:
         rates = (self.dma_gbps, self.pageable_gbps, self.d2d_gbps, self.peer_gbps, self.host_gbps)
@@ -165,6 +171,8 @@ class SimConfig:
             raise InvalidArgumentError("SimConfig needs devices >= 1 and device_memory > 0")
         if self.launch_queue < 1 or self.host_func_entries < 1:
             raise InvalidArgumentError("SimConfig needs launch_queue, host_func_entries >= 1")
+        if self.marker_fault_delay_s < 0:
+            raise InvalidArgumentError("SimConfig.marker_fault_delay_s must be >= 0")
         if not all(r > 0 and math.isfinite(r) for r in rates) or self.latency_s < 0:
             raise InvalidArgumentError("SimConfig bandwidths must be > 0 and latency_s >= 0")
         if self.priority_range[1] > self.priority_range[0]:
@@ -299,6 +307,7 @@ class _Device:
         self.used = 0
         self.executed = 0
         self.fault: tuple[int, str] | None = None
+        self.fault_at = 0.0  # time.perf_counter() when the fault struck
         self.inject: tuple[int, int] | None = None  # (ops still to run, code)
         self.streams: set[SimStream] = set()
 
@@ -516,6 +525,7 @@ class SimBackend(Backend):
         if dev.fault is not None:
             return
         dev.fault = (code, detail)
+        dev.fault_at = time.perf_counter()
         dev.inject = None
         for s in dev.streams:
             s.retired += len(s.queue)
@@ -734,6 +744,8 @@ class SimBackend(Backend):
             s.destroyed = True
             self._handles.pop(id(s), None)
             s.cond.notify()
+            # Like cuStreamDestroy on a faulted context (the worker exits all the same).
+            self._check_locked("cuStreamDestroy", s.device)
 
     def stream_synchronize(self, stream: Any) -> None:
         """Block until everything enqueued before this call has run."""
@@ -928,9 +940,16 @@ class SimBackend(Backend):
         return SimEvent(device, blocking_sync)
 
     def event_destroy(self, event: Any) -> None:
-        """Pending records still complete; the event can no longer be used."""
+        """Pending records still complete; the event can no longer be used.
+
+        On a faulted device it raises the sticky error, as ``cuEventDestroy``
+        does (the event is gone all the same: the sim keeps no resources).
+        """
+        call = "cuEventDestroy"
         with self._lock:
-            self._event_locked(event, "cuEventDestroy").destroyed = True
+            ev = self._event_locked(event, call)
+            ev.destroyed = True
+            self._check_locked(call, ev.device)
 
     def event_record(self, event: Any, stream: Any) -> None:
         """Enqueue a marker; the event now stands for the work before it."""
@@ -949,12 +968,26 @@ class SimBackend(Backend):
             ev.last = op
 
     def event_query(self, event: Any) -> bool:
-        """Whether the most recent record was reached (never recorded: True)."""
+        """Whether the most recent record was reached (never recorded: True).
+
+        After a sticky fault, a record not reached answers False for
+        ``marker_fault_delay_s`` more before it raises (see :class:`SimConfig`).
+        """
         call = "cuEventQuery"
         with self._lock:
             ev = self._event_locked(event, call)
+            dev = self._device_locked(ev.device, call)
+            last = ev.last
+            if (
+                dev.fault is not None
+                and last is not None
+                and not last.done
+                and time.perf_counter() - dev.fault_at < self.config.marker_fault_delay_s
+            ):
+                self._check_locked(call, None)  # a fail_next still applies
+                return False
             self._check_locked(call, ev.device)
-            return ev.last is None or ev.last.done
+            return last is None or last.done
 
     def event_synchronize(self, event: Any) -> None:
         """Block until the record current at call time is reached; a fault wakes and raises."""
@@ -1026,6 +1059,25 @@ class SimBackend(Backend):
                 raise InvalidArgumentError("after_ops must be >= 0")
             if dev.fault is None:
                 dev.inject = (after_ops, code)
+
+    def fault_now(self, device: int = 0, *, code: int = 700) -> float:
+        """Sticky-fault ``device`` at once, as a kernel running there would.
+
+        Returns the moment it struck (``time.perf_counter()``), also given by
+        :meth:`fault_time`.
+        """
+        with self._lock:
+            dev = self._device_locked(device, "fault_now")
+            detail = f"device {device} faulted: injected by SimBackend.fault_now"
+            self._fault_locked(dev, code, detail)
+            return dev.fault_at
+
+    def fault_time(self, device: int = 0) -> float | None:
+        """When ``device``'s sticky fault struck and became visible to queries
+        (``time.perf_counter()``), or None if it has not faulted."""
+        with self._lock:
+            dev = self._device_locked(device, "fault_time")
+            return dev.fault_at if dev.fault is not None else None
 
     def fail_next(self, call: str, code: int = 1, device: int | None = None) -> None:
         """The next ``call`` (on ``device``, or any) raises CudaError ``code``; nothing runs."""

@@ -2,12 +2,15 @@
 
 Run by ``tests/test_reliability.py`` and ``tools/reliability_report.py``::
 
-    python -m tests.reliability.fault_child --backend cuda --completion events
+    python -m tests.reliability.fault_child --backend cuda --completion events --fault trap
 
 Prints one JSON line (:meth:`FaultStats.summary`) and exits 0 when every
-pending await and every later call raised DeviceFatalError within the limit,
+pending await raised DeviceFatalError within 20 ms of the driver first
+reporting the fault (measured in this run) and every later call raised it,
 1 otherwise. On ``cuda`` the fault is a kernel writing to address 0x10
-(``CUDA_ERROR_ILLEGAL_ADDRESS``); on ``sim`` it is ``inject_fault(code=700)``.
+(``--fault illegal_address``: ``CUDA_ERROR_ILLEGAL_ADDRESS``) or trapping
+(``--fault trap``: ``CUDA_ERROR_LAUNCH_FAILED``); on ``sim`` it is
+``SimBackend.fault_now`` right after gpuaio's next fault probe.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("sim", "cuda"), default="sim")
     parser.add_argument("--completion", default="events")
     parser.add_argument("--loop", choices=("asyncio", "uvloop", "trio"), default="asyncio")
+    parser.add_argument("--fault", choices=("illegal_address", "trap"), default="illegal_address")
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args(argv)
     # A hang is a failure too: dump every thread and exit 2.
@@ -37,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     rt = gpuaio.use_backend(args.backend, completion=args.completion)
 
     async def run() -> dict[str, object]:
-        stats = await run_sticky_fault(rt)
+        stats = await run_sticky_fault(rt, fault=args.fault)
         return stats.summary()
 
     backend, options = args.loop, {}

@@ -25,6 +25,7 @@ The storm's checks:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -971,15 +972,19 @@ class FaultStats:
     """Awaits pending when the fault struck."""
     raised_fatal: int = 0
     other_outcomes: list[str] = field(default_factory=list)
+    fault: str = ""
+    """What faulted: ``illegal_address`` or ``trap`` (a kernel, CUDA), ``sim``."""
     latencies_ms: list[float] = field(default_factory=list)
     """From the driver first reporting the fault to each pending await raising."""
     driver_report_ms: float = 0.0
     """From the faulting launch to the driver first reporting the error (CUDA: a
-    thread polls the driver; the sim reports at once). gpuaio cannot beat it."""
+    thread polls a never-recorded event's query; the sim timestamps the fault
+    exactly). gpuaio cannot beat it: latencies are measured from it."""
     later_calls: int = 0
     later_fatal: int = 0
     later_latency_ms: float = 0.0
-    limit_ms: float = 100.0
+    limit_ms: float = 20.0
+    """Every pending await raises within this of the driver's first report."""
 
     @property
     def max_latency_ms(self) -> float:
@@ -1013,9 +1018,10 @@ class FaultStats:
 class _DriverReport:
     """When the driver first reports a sticky error: a thread polls it every 0.2 ms.
 
-    The driver notices a faulting kernel some time after the launch (about
-    150 ms for an illegal address on an H200); an await can only raise after
-    that, so latencies are measured from this moment.
+    The driver notices a faulting kernel some time after the launch (on an
+    H200 about 150 ms for an illegal address, 340 ms for a trap); an await can
+    only raise after that, so latencies are measured from this moment. It
+    polls a never-recorded event of its own: the query that reports first.
     """
 
     def __init__(self, rt: Any) -> None:
@@ -1052,17 +1058,76 @@ extern "C" __global__ void illegal_address(unsigned long long n) {
 }
 """
 
+TRAP_SRC = r"""
+extern "C" __global__ void trap_kernel(unsigned long long n) {
+    // A trapped kernel: CUDA_ERROR_LAUNCH_FAILED, reported later than an illegal address.
+    if (threadIdx.x < n) asm volatile("trap;");
+}
+"""
+
+FAULT_KERNELS = {
+    "illegal_address": (ILLEGAL_ADDRESS_SRC, "illegal_address"),
+    "trap": (TRAP_SRC, "trap_kernel"),
+}
+
+
+MARKER_FAULT_DELAY_S = 0.25
+"""On an H200 the queries of pending markers reported a trapped kernel about
+250 ms after a never-recorded event's query did (SimConfig.marker_fault_delay_s)."""
+
+
+def strike_after_probe(backend: Any, device: int = 0, fallback_s: float = 0.06) -> threading.Event:
+    """Sim: sticky-fault ``device`` right after gpuaio next queries a never-recorded
+    event (a fault probe), so the fault becomes visible just after the engine
+    looked: the worst moment for it. If nothing probes within ``fallback_s``
+    the fault strikes then. The sim timestamps it (``backend.fault_time``).
+    Returns an event set once the fault has struck.
+    """
+    struck = threading.Event()
+    lock = threading.Lock()
+    query = backend.event_query
+
+    def strike() -> None:
+        with lock:
+            if struck.is_set():
+                return
+            backend.__dict__.pop("event_query", None)
+            backend.fault_now(device)
+            struck.set()
+
+    def probed_query(event: Any) -> bool:
+        result: bool = query(event)
+        if event.last is None and event.device == device:
+            strike()
+        return result
+
+    def fallback() -> None:
+        if not struck.wait(fallback_s):
+            strike()
+
+    backend.event_query = probed_query
+    threading.Thread(target=fallback, name="strike-fallback", daemon=True).start()
+    return struck
+
 
 async def run_sticky_fault(
-    rt: Any, *, streams: int = 3, per_stream: int = 4, completion: str | None = None
+    rt: Any,
+    *,
+    streams: int = 3,
+    per_stream: int = 4,
+    completion: str | None = None,
+    fault: str = "illegal_address",
 ) -> FaultStats:
-    """Ops pending on several streams, then a kernel's illegal address access.
+    """Ops pending on several streams, then a sticky fault.
 
-    On ``sim`` the fault is injected (``inject_fault``, code 700) and struck by
-    the next counted op; on ``cuda`` a real kernel writes to address 0x10.
-    Every pending await must raise DeviceFatalError within 100 ms of the
-    driver first reporting the fault (on the sim: of the fault); every later
-    call or await must raise it too.
+    On ``sim`` the device faults right after gpuaio's next fault probe
+    (:func:`strike_after_probe`), with pending markers reporting it only
+    ``SimConfig.marker_fault_delay_s`` later, as on an H200; on ``cuda`` a real
+    kernel faults (``fault``: writing to address 0x10, or ``trap``). Every
+    pending await must raise DeviceFatalError within ``limit_ms`` (20 ms) of the
+    driver first reporting the fault, measured in the same run (the sim's own
+    timestamp; on CUDA a thread polling the driver); every later call or await
+    must raise it too.
     """
     import sniffio
 
@@ -1071,21 +1136,24 @@ async def run_sticky_fault(
     if completion and rt.strategy != completion:
         rt.set_completion(completion)
     dev: gpuaio.Device = rt.device(0)
+    sim = rt.backend.name == "sim"
     stats = FaultStats(
         backend=rt.backend.name,
         completion=rt.strategy,
         loop=_loop_name(sniffio.current_async_library()),
+        fault="sim" if sim else fault,
     )
-    sim = rt.backend.name == "sim"
     # Compile before any latch spins: loading a module may wait for running kernels.
-    fault_kernel = None if sim else dev.compile(ILLEGAL_ADDRESS_SRC, "illegal_address")
+    fault_kernel = None if sim else dev.compile(*FAULT_KERNELS[fault])
     ss = [dev.stream() for _ in range(streams)]
     bufs = [dev.empty(1 << 16) for _ in range(streams)]
     releases = [conftest.latch(dev, s) for s in ss]  # the streams can't drain
     ops = []
     for s, d in zip(ss, bufs, strict=True):
         for k in range(per_stream):
-            if k % 2:
+            # Device ops first: they wait on completion markers, which is what
+            # the engines watch. A staged D2H last: a host job behind them.
+            if k < per_stream - 1:
                 ops.append(s.memset(d, k, width=1))
             else:
                 ops.append(s.copy(np.empty(1 << 16, np.uint8), d))  # staged D2H
@@ -1110,21 +1178,23 @@ async def run_sticky_fault(
             await anyio.sleep(0.02)  # every waiter is parked on its op
             stats.pending = sum(not op.done() for op in ops)
             if sim:
-                rt.backend.inject_fault(0, after_ops=0, code=700)
+                # Pending markers report the fault 250 ms late, as on an H200.
+                rt.backend.config = dataclasses.replace(
+                    rt.backend.config, marker_fault_delay_s=MARKER_FAULT_DELAY_S
+                )
                 t_fault = time.perf_counter()
-                # The op that faults; the fault may strike before the call returns
-                # (e.g. while a completion engine is made for it).
-                with contextlib.suppress(gpuaio.DeviceFatalError):
-                    fault_stream.memset(dev.empty(64), 0)
+                struck = strike_after_probe(rt.backend, 0)
             else:
                 reported = _DriverReport(rt)
                 fault_stream.launch(fault_kernel, 1, 32, np.uint64(32))
                 t_fault = time.perf_counter()
                 reported.start()
-    t_report = t_fault
-    if not sim:
+    if sim:
+        struck.wait(5)
+        t_report = rt.backend.fault_time(0) or time.perf_counter()
+    else:
         t_report = reported.join()
-        stats.driver_report_ms = (t_report - t_fault) * 1e3
+    stats.driver_report_ms = (t_report - t_fault) * 1e3
     for t, exc in outcome:
         if isinstance(exc, gpuaio.DeviceFatalError):
             stats.raised_fatal += 1
