@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import threading
 import time
@@ -32,8 +31,6 @@ if TYPE_CHECKING:
     from .backends import Backend
 
 __all__ = ["PinnedBlock", "PinnedPool", "PoolStats", "default_budget"]
-
-log = logging.getLogger("gpuaio")
 
 MIN_CLASS = 64 << 10
 
@@ -372,16 +369,19 @@ class PinnedPool:
 
     def _free_blocks(self, blocks: list[PinnedBlock]) -> None:
         """Give evicted or trimmed blocks back to the driver, then their bytes to the budget."""
+        error: Exception | None = None
         for b in blocks:
             try:
                 self.backend.host_free(b.ptr)
-            except Exception:
-                log.debug("gpuaio could not free a pinned block", exc_info=True)
+            except Exception as exc:  # the rest are still freed; the caller reports it
+                error = error or exc
             finally:
                 with self._cv:
                     self._reserved -= b.size
                     self._freeing -= b.size
                     self._cv.notify_all()
+        if error is not None:
+            raise error
 
     def _wait_events(self, block: PinnedBlock, events: list[Any]) -> None:
         """Synchronize on ``events`` (``block``'s, its ``waiters`` counted up by the caller)."""
@@ -389,6 +389,8 @@ class PinnedPool:
         try:
             for ev in events:
                 self.backend.event_synchronize(ev)
+        except DeviceFatalError:
+            pass  # a dead context runs no more DMA: the block is safe (reclaim agrees)
         finally:
             with self._cv:
                 block.waiters -= 1

@@ -535,7 +535,7 @@ async def test_failed_marker_keeps_small_d2h_block_guarded(gpuaio_runtime: Any) 
 
 @pytest.mark.timeout(60)
 @pytest.mark.sim_only
-@pytest.mark.sim_config(devices=2)
+@pytest.mark.sim_config(devices=2, marker_fault_delay_s=0.25)
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
 @pytest.mark.anyio
 async def test_pool_survives_a_fault_on_another_device(
