@@ -24,8 +24,15 @@ be 0), with one section per check:
 * ``soak``: 1,000,000 small awaited ops with memory sampled;
 * ``negative_controls``: the checks catch what they claim to (a pool that
   reuses blocks early, an exception in a foreign thread);
+* ``pool_eviction_lag``: the event loop's worst lateness and slowest
+  ``copy()`` call while the pinned pool evicts blocks and the driver's free
+  waits for a running kernel (issue 14);
+* ``lifecycle``: issue 14's cases (streams closed on cancel, loops freed,
+  budgets and eviction, fork, the current context, all-or-nothing gather,
+  bad input) as their test files under pytest on this backend;
 * ``sanitizer`` (``--sanitizer``, GPU only): compute-sanitizer memcheck and
-  racecheck over the GPU tests; their summaries go to
+  racecheck over the launch tests (``tests/test_memset_launch.py``); their
+  summaries go to
   ``tests/reliability/sanitizer-<tool>.txt``.
 
 Exit status 0 when every check passed, 1 otherwise.
@@ -51,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import anyio  # noqa: E402
+import anyio.to_thread  # noqa: E402
 
 LOOPS = {
     "asyncio": ("asyncio", {}),
@@ -358,6 +366,172 @@ def negative_controls(report: Report) -> None:
     )
 
 
+SPIN_SRC = r"""
+extern "C" __global__ void spin(unsigned long long ns) {
+    unsigned long long t0;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    unsigned long long t = t0;
+    while (t - t0 < ns) { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); }
+}
+"""
+
+
+def _spin_sim(grid: Any, block: Any, ns: Any) -> None:
+    time.sleep(int(ns) / 1e9)
+
+
+def pool_eviction_lag(report: Report, kernel_s: float = 0.5) -> None:
+    """Loop lag while the pinned pool evicts under load (issue 14, r14).
+
+    A 1 MiB budget holds two cached 64 KiB blocks; a kernel of ``kernel_s``
+    runs on one stream; a 4 MiB pageable copy on another needs a 1 MiB block,
+    so the pool evicts the small ones, and the driver's free waits for the
+    kernel. Meanwhile the loop issues 64 KiB copies and a 2 ms heartbeat. The
+    figure is the loop's worst lateness and the slowest copy() call.
+    """
+    import numpy as np
+
+    import gpuaio
+    from gpuaio._staging import Stager, StagingConfig
+
+    print("pool eviction lag", flush=True)
+    rt = _runtime(report.backend)
+
+    async def body() -> dict[str, Any]:
+        dev = gpuaio.Device(0)
+        old = rt.extras.get("stager")
+        stager = Stager(rt, StagingConfig(), budget=1 << 20)
+        rt.extras["stager"] = stager
+        try:
+            kernel = dev.compile(SPIN_SRC, "spin", sim=_spin_sim)
+            sk, sb, ss = dev.stream(), dev.stream(), dev.stream()
+            await sk.launch(kernel, 1, 1, np.uint64(1000))  # loaded before it counts
+            await anyio.to_thread.run_sync(stager.pool.reserve, 64 << 10, 2)
+            small = np.full(64 << 10, 3, np.uint8)
+            d_small = dev.empty(small.nbytes)
+            big = np.arange(4 << 20, dtype=np.uint32).view(np.uint8)[: 4 << 20].copy()
+            d_big = dev.empty(big.nbytes)
+            worst = 0.0
+            calls: list[float] = []
+            stop = False
+
+            async def heartbeat() -> None:
+                nonlocal worst
+                last = time.perf_counter()
+                while not stop:
+                    await anyio.sleep(0.002)
+                    now = time.perf_counter()
+                    worst = max(worst, now - last - 0.002)
+                    last = now
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(heartbeat)
+                k = sk.launch(kernel, 1, 1, np.uint64(int(kernel_s * 1e9)))
+                t_start = time.perf_counter()
+                op_big = sb.copy(d_big, big)
+                while time.perf_counter() - t_start < kernel_s + 0.2:
+                    t0 = time.perf_counter()
+                    op = ss.copy(d_small, small)
+                    calls.append(time.perf_counter() - t0)
+                    await op
+                    await anyio.sleep(0.005)
+                await gpuaio.wait_all([k, op_big])
+                stop = True
+            out = np.empty_like(big)
+            await sb.copy(out, d_big)
+            stats = stager.pool.stats()
+            return {
+                "evictions": stats.evictions,
+                "worst_loop_lag_ms": round(worst * 1e3, 2),
+                "slowest_copy_call_ms": round(max(calls) * 1e3, 2),
+                "copy_calls": len(calls),
+                "byte_exact": bool(np.array_equal(out, big)),
+            }
+        finally:
+            rt.extras["stager"] = old if old is not None else rt.extras.pop("stager")
+            await anyio.to_thread.run_sync(stager.close)
+
+    try:
+        entry = _run_async("asyncio", body)
+        problems = []
+        if not entry["byte_exact"]:
+            problems.append("the copy made during the eviction is not byte-exact")
+        if entry["evictions"] < 1:
+            problems.append("the pool did not evict: the check measured nothing")
+        if entry["worst_loop_lag_ms"] > 50 or entry["slowest_copy_call_ms"] > 50:
+            problems.append(
+                f"the loop was held {entry['worst_loop_lag_ms']} ms "
+                f"(slowest copy() call {entry['slowest_copy_call_ms']} ms), limit 50"
+            )
+        entry.update(
+            name=f"kernel-{kernel_s}s",
+            kernel_s=kernel_s,
+            failures=len(problems),
+            failure_details=problems,
+        )
+        report.add("pool_eviction_lag", entry)
+    except Exception:
+        report.crash("pool_eviction_lag", "asyncio")
+    finally:
+        if report.backend == "sim":
+            rt.close()
+
+
+LIFECYCLE_TESTS = {
+    "stream_closed_on_cancel": "tests/test_lifecycle_api.py",
+    "pool_budget_and_eviction": "tests/test_pool_budget.py",
+    "fork": "tests/test_fork.py",
+    "current_context": "tests/test_context.py",
+}
+"""Issue 14's cases and the test files that check them (those present are run)."""
+
+
+def lifecycle(report: Report) -> None:
+    """Issue 14's lifecycle cases: each test file under pytest, on this backend."""
+    import xml.etree.ElementTree as ET
+
+    for name, path in LIFECYCLE_TESTS.items():
+        if not (ROOT / path).exists():
+            continue
+        print(f"lifecycle {name} ({path})", flush=True)
+        junit = ROOT / "tests" / "reliability" / f".junit-{name}.xml"
+        cmd = [
+            sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+            f"--gpuaio-backend={report.backend}", "--timeout", "300",
+            "--junitxml", str(junit), path,
+        ]  # fmt: skip
+        if report.backend == "cuda":
+            cmd[5:5] = ["-m", "not sim_only"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+        try:
+            root = ET.parse(junit).getroot()
+            suite = root if root.tag == "testsuite" else root[0]
+            n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+            failed = [
+                f"{case.get('name')}: {(case[0].get('message') or '')[:300]}"
+                for case in suite.iter("testcase")
+                if len(case) and case[0].tag in ("failure", "error")
+            ]
+        except (OSError, ET.ParseError, IndexError):
+            n = {"tests": 0, "failures": 1, "errors": 0, "skipped": 0}
+            failed = [(proc.stdout + proc.stderr)[-1500:]]
+        finally:
+            junit.unlink(missing_ok=True)
+        report.add(
+            "lifecycle",
+            {
+                "name": name,
+                "file": path,
+                "tests": n["tests"],
+                "passed": n["tests"] - n["failures"] - n["errors"] - n["skipped"],
+                "skipped": n["skipped"],
+                "exit_code": proc.returncode,
+                "failures": n["failures"] + n["errors"] + int(proc.returncode not in (0, 5)),
+                "failure_details": failed,
+            },
+        )
+
+
 def sanitizers(report: Report) -> None:
     """compute-sanitizer memcheck and racecheck over the GPU tests (GPU machines only)."""
     import shutil
@@ -390,9 +564,9 @@ def sanitizers(report: Report) -> None:
             "-p",
             "no:cacheprovider",
             "--gpuaio-backend=cuda",
-            "-m",
-            "gpu",
-            "tests",
+            "-k",
+            "asyncio",
+            "tests/test_memset_launch.py",
         ]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
         text = proc.stdout + proc.stderr
@@ -454,7 +628,16 @@ def main(argv: list[str] | None = None) -> int:
         "--skip",
         action="append",
         default=[],
-        choices=("storm", "fault", "shutdown", "bad_input", "soak", "controls"),
+        choices=(
+            "storm",
+            "fault",
+            "shutdown",
+            "bad_input",
+            "soak",
+            "controls",
+            "eviction",
+            "lifecycle",
+        ),
     )
     parser.add_argument(
         "--sanitizer",
@@ -478,6 +661,10 @@ def main(argv: list[str] | None = None) -> int:
         bad_input(report, args.examples)
     if "soak" not in args.skip:
         soak(report, args.soak_ops)
+    if "eviction" not in args.skip:
+        pool_eviction_lag(report)
+    if "lifecycle" not in args.skip:
+        lifecycle(report)
     if args.sanitizer:
         sanitizers(report)
     import gpuaio
