@@ -413,6 +413,41 @@ def test_watchdog_quiet_loop_and_allowed_blocks(backend: str) -> None:
     dog.check()
 
 
+def test_watchdog_names_garbage_collection_and_leaves_out_older_objects() -> None:
+    """A collection holds the GIL: the report says how long it ran in the block.
+    Objects made before the watch are frozen out of collections during it."""
+    dog = LoopWatchdog(max_block_ms=20)
+    old = [[] for _ in range(200_000)]
+    for x in old:
+        x.append(x)  # cycles a collection must traverse
+
+    async def main() -> tuple[float, float]:
+        with dog.watch():
+            await anyio.sleep(0.01)
+            t0 = time.perf_counter()
+            gc.collect()  # the pre-watch cycles are frozen: quick
+            frozen = time.perf_counter() - t0
+            new = [[] for _ in range(300_000)]
+            for x in new:
+                x.append(x)
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < 0.1:
+                gc.collect()  # made during the watch: traversed, the GIL held throughout
+            took = time.perf_counter() - t0
+            del new
+            await anyio.sleep(0.01)
+        return frozen, took
+
+    frozen, took = anyio.run(main)
+    del old
+    assert took >= 0.1
+    assert dog.failures(), "a 100 ms collection loop was not seen"
+    block = max(dog.failures(), key=lambda b: b.duration_s)
+    assert block.gc_s >= 0.05, block
+    assert "garbage collector ran" in dog.report()
+    assert frozen < took
+
+
 def test_watchdog_counts_a_block_that_ends_the_run() -> None:
     dog = LoopWatchdog(max_block_ms=10)
 
