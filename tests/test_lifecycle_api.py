@@ -19,6 +19,7 @@ import pytest
 
 import gpuaio
 from gpuaio import _loopport
+from tests.conftest import latch
 from tests.test_copy import pattern
 
 pytestmark = pytest.mark.anyio
@@ -235,3 +236,143 @@ def test_finished_trio_runs_are_collected(gpuaio_runtime: Any) -> None:
         trio.run(once)
     assert slept, "no await slept on its loop: the test tests nothing"
     assert _alive(refs) <= 1, f"{_alive(refs)} of 30 finished trio runs are still alive"
+
+
+# -- 7. gather and scatter are all or nothing ----------------------------------
+
+
+def _two_devices(rt: Any) -> tuple[gpuaio.Device, gpuaio.Device]:
+    if rt.backend.device_count() < 2:
+        pytest.skip("needs 2 devices")
+    return rt.device(0), rt.device(1)
+
+
+def _sim_used(rt: Any, ordinal: int) -> int:
+    return int(rt.backend._devices[ordinal].used)
+
+
+@pytest.mark.sim_config(devices=2)
+async def test_gather_with_a_bad_part_writes_nothing(gpuaio_runtime: Any) -> None:
+    d0, d1 = _two_devices(gpuaio_runtime)
+    n = 4 << 20
+    p0 = d0.empty((n,), np.uint8)
+    await d0.default_stream.memset(p0, 7)
+    p1 = d1.empty((16,), np.int32)  # 64 bytes for 16 rows of a uint8 `out`: refused
+    out = np.zeros(n + 16, np.uint8)
+    with pytest.raises(gpuaio.InvalidArgumentError, match=r"parts\[1\]"):
+        await gpuaio.gather([p0, p1], out)
+    # Whatever gather had enqueued would have landed by now.
+    await d0.default_stream.synchronize()
+    await d1.default_stream.synchronize()
+    assert not out.any(), f"{np.count_nonzero(out)} bytes of out written by a failed gather"
+    with pytest.raises(gpuaio.InvalidArgumentError, match=r"parts\[0\] is a ndarray"):
+        await gpuaio.gather([np.zeros(4, np.uint8)], np.zeros(4, np.uint8))  # type: ignore[list-item]
+
+
+async def _raise_while_held(
+    dev: gpuaio.Device, call: Callable[[], Any], exc: type[BaseException]
+) -> list[Any]:
+    """Run ``call`` with ``dev``'s default stream held for a while; return what
+    was seen when it raised: (pending ops, seconds it took)."""
+    rt = dev._runtime
+    release = rt.backend.hold(dev.default_stream._native)
+    seen: list[Any] = []
+    async with anyio.create_task_group() as tg:
+
+        async def open_later() -> None:
+            await anyio.sleep(0.2)
+            release()
+
+        tg.start_soon(open_later)
+        with pytest.raises(exc):
+            await call()
+        from gpuaio.pytest_plugin import pending_operations
+
+        seen.append(pending_operations(rt)[0])
+    return seen
+
+
+@pytest.mark.sim_only
+@pytest.mark.sim_config(devices=2)
+async def test_gather_waits_for_the_enqueued_parts_when_an_enqueue_fails(
+    gpuaio_runtime: Any,
+) -> None:
+    d0, d1 = _two_devices(gpuaio_runtime)
+    n = 1 << 20
+    a, b = pattern(n, 1), pattern(n, 2)
+    p0, p1 = d0.empty((n,), np.uint8), d1.empty((n,), np.uint8)
+    await d0.default_stream.copy(p0, a)
+    await d1.default_stream.copy(p1, b)
+    out = gpuaio.pinned_empty(2 * n)  # pinned: each part is one direct enqueue
+    out[:] = 0
+    gpuaio_runtime.backend.fail_next("cuMemcpyAsync", device=1)  # part 1's enqueue
+    seen = await _raise_while_held(d0, lambda: gpuaio.gather([p0, p1], out), gpuaio.CudaError)
+    assert seen == [0], "gather raised with part 0's copy still running"
+    np.testing.assert_array_equal(out[:n], a)  # part 0 had landed when gather raised
+    assert not out[n:].any()
+
+
+@pytest.mark.sim_only
+@pytest.mark.sim_config(devices=2)
+async def test_scatter_waits_and_frees_when_an_enqueue_fails(gpuaio_runtime: Any) -> None:
+    rt = gpuaio_runtime
+    d0, _d1 = _two_devices(rt)
+    n = 1 << 20
+    host = gpuaio.pinned_empty((2, n))
+    host[:] = 5
+    used = _sim_used(rt, 0), _sim_used(rt, 1)
+    rt.backend.fail_next("cuMemcpyAsync", device=1)  # part 1's enqueue
+    seen = await _raise_while_held(d0, lambda: gpuaio.scatter(host, [0, 1]), gpuaio.CudaError)
+    assert seen == [0], "scatter raised with part 0's copy still running"
+    host[:] = 9  # the caller reuses its buffer after the error: nothing reads it any more
+    assert _eventually(lambda: (_sim_used(rt, 0), _sim_used(rt, 1)) == used), (
+        "the parts allocated by the failed scatter were not freed"
+    )
+
+
+@pytest.mark.sim_only
+@pytest.mark.sim_config(devices=2, device_memory=64 << 20)
+async def test_scatter_allocation_failure_enqueues_nothing(gpuaio_runtime: Any) -> None:
+    rt = gpuaio_runtime
+    d0, d1 = _two_devices(rt)
+    hog = d1.empty((60 << 20,), np.uint8)  # part 1 (8 MiB) does not fit on device 1
+    host = gpuaio.pinned_empty((2, 8 << 20))  # pinned: a part's copy is watched at once
+    host[:] = 5
+    used0 = _sim_used(rt, 0)
+    release = rt.backend.hold(d0.default_stream._native)  # part 0 could not finish
+    try:
+        with pytest.raises(gpuaio.CudaError, match="OUT_OF_MEMORY"):
+            await gpuaio.scatter(host, [d0, d1])
+        pending = sum(eng.pending() for eng in rt._engines.values())
+    finally:
+        release()
+    assert pending == 0, "scatter enqueued a copy before it failed"
+    assert _eventually(lambda: _sim_used(rt, 0) == used0), "part 0 was not freed"
+    del hog
+
+
+@pytest.mark.sim_config(devices=2)
+async def test_cancelled_gather_leaves_nothing_running(gpuaio_runtime: Any) -> None:
+    """The caller cannot reach gather's copies to wait for them: a cancelled
+    gather waits for them itself before the cancellation goes on."""
+    d0, d1 = _two_devices(gpuaio_runtime)
+    n = 1 << 20
+    a, b = pattern(n, 3), pattern(n, 4)
+    p0, p1 = d0.empty((n,), np.uint8), d1.empty((n,), np.uint8)
+    await d0.default_stream.copy(p0, a)
+    await d1.default_stream.copy(p1, b)
+    out = np.zeros(2 * n, np.uint8)
+    release = latch(d0, d0.default_stream)
+    async with anyio.create_task_group() as tg:
+
+        async def open_later() -> None:
+            await anyio.sleep(0.3)
+            release()
+
+        tg.start_soon(open_later)
+        with anyio.move_on_after(0.05) as scope:
+            await gpuaio.gather([p0, p1], out)
+        snapshot = out.copy()  # at once: the latch may be open by now, but no later
+    assert scope.cancelled_caught
+    np.testing.assert_array_equal(snapshot[:n], a)
+    np.testing.assert_array_equal(snapshot[n:], b)
