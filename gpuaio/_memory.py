@@ -410,7 +410,7 @@ class _Registry:
             self._starts.insert(i, alloc.ptr)
             self._entries.insert(i, (alloc.ptr, alloc.ptr + alloc.nbytes, alloc))
 
-    def remove(self, alloc: Allocation) -> None:
+    def remove(self, alloc: Allocation | None) -> None:
         with self._lock:
             for i, (_s, _e, a) in enumerate(self._entries):
                 if a is alloc:
@@ -461,23 +461,50 @@ class HostRegistration:
     costs milliseconds (about 9 ms for 256 MiB on an H100 host): worth it for
     long-lived buffers used many times. Use :func:`register_host_async` on an
     event loop.
+
+    Any C-contiguous host buffer can be registered: a numpy array, a
+    ``bytearray``, read-only memory such as ``bytes`` (gpuaio then only reads
+    it). The buffer is kept alive while registered, and a ``bytearray``
+    cannot be resized then. A call that raises leaves the buffer pageable.
     """
 
     def __init__(self, runtime: Runtime, array: Any) -> None:
+        # Every check first: nothing may be left page-locked by a rejected call.
         info = describe(array, runtime)
         if info.kind is not MemoryKind.PAGEABLE:
             raise InvalidArgumentError(
-                f"only pageable host memory can be registered, this buffer is {info.kind.value}"
+                "register_host: only pageable host memory can be registered, `array` is "
+                f"{info.kind.value} memory"
             )
         if info.nbytes == 0:
-            raise InvalidArgumentError("cannot register an empty buffer")
-        _registry(runtime).wait_unregistered(info.ptr, info.nbytes)
+            raise InvalidArgumentError("register_host: `array` is empty")
+        if not info.contiguous:
+            raise InvalidArgumentError(
+                "register_host: `array` is not C-contiguous (its bytes are not one range)"
+            )
+        registry = _registry(runtime)
+        registry.wait_unregistered(info.ptr, info.nbytes)
         runtime.backend.host_register(info.ptr, info.nbytes)
-        self._runtime = runtime
-        self.array = array
-        self.alloc: _RegisteredAllocation = _RegisteredAllocation(runtime, info.ptr, info.nbytes)
-        _registry(runtime).add(self.alloc)
-        forget(array)
+        try:
+            self._runtime = runtime
+            self.array = array
+            # The allocation keeps the buffer (and, for a bytearray, the buffer
+            # export that stops it from being resized) until it is unlocked:
+            # memory freed or moved while page-locked would stay locked, and
+            # whatever is allocated there next would be taken for pinned.
+            self.alloc: _RegisteredAllocation = _RegisteredAllocation(
+                runtime, info.ptr, info.nbytes, info.owner
+            )
+            registry.add(self.alloc)
+            forget(array)
+        except BaseException:
+            alloc = getattr(self, "alloc", None)
+            if alloc is not None:
+                alloc._freed = True  # unregistered here, not by its finalizer
+                alloc._keep = None
+                registry.remove(alloc)
+            runtime.backend.host_unregister(info.ptr)
+            raise
 
     def unregister(self) -> None:
         """Unlock the buffer once operations in flight on it complete."""
@@ -494,10 +521,12 @@ class HostRegistration:
 class _RegisteredAllocation(Allocation):
     """Host memory the user owns, page-locked in place; freeing it unregisters."""
 
-    __slots__ = ()
+    __slots__ = ("_keep",)
 
-    def __init__(self, runtime: Runtime, ptr: int, nbytes: int) -> None:
+    def __init__(self, runtime: Runtime, ptr: int, nbytes: int, keep: Any = None) -> None:
         super().__init__(runtime, ptr, nbytes, MemoryKind.PINNED, None)
+        self._keep = keep
+        """The user's buffer (and its export), alive while page-locked."""
 
     def _free_now(self) -> None:
         try:
@@ -506,6 +535,7 @@ class _RegisteredAllocation(Allocation):
         finally:
             # Only now: a new registration of the range waits for this removal.
             _registry(self._runtime).remove(self)
+            self._keep = None
 
     def __del__(self) -> None:
         # The user's array outlives the registration object only if they
@@ -561,7 +591,10 @@ _kind_cache: weakref.WeakKeyDictionary[Any, tuple[MemoryKind, int | None]] = (
 
 def forget(obj: Any) -> None:
     """Drop the cached memory kind of ``obj``'s root buffer (after (un)registering it)."""
-    _kind_cache.pop(_root(obj), None)
+    # A root that cannot be weakly referenced (bytearray, bytes) or hashed was
+    # never cached: _host_kind classifies it each time.
+    with contextlib.suppress(TypeError, ValueError):
+        _kind_cache.pop(_root(obj), None)
 
 
 def _root(arr: Any) -> Any:

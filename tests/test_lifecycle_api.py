@@ -376,3 +376,102 @@ async def test_cancelled_gather_leaves_nothing_running(gpuaio_runtime: Any) -> N
     assert scope.cancelled_caught
     np.testing.assert_array_equal(snapshot[:n], a)
     np.testing.assert_array_equal(snapshot[n:], b)
+
+
+# -- 8. registering buffers that cannot be weakly referenced -------------------
+
+
+def _kind(rt: Any, buf: Any) -> tuple[gpuaio.MemoryKind, gpuaio.MemoryKind]:
+    """How gpuaio classifies ``buf``, and what the backend says of its memory."""
+    ptr = np.frombuffer(buf, np.uint8).ctypes.data
+    return gpuaio.memory_kind(buf), rt.backend.pointer_info(ptr).kind
+
+
+_PAGEABLE = (gpuaio.MemoryKind.PAGEABLE, gpuaio.MemoryKind.PAGEABLE)
+_PINNED = (gpuaio.MemoryKind.PINNED, gpuaio.MemoryKind.PINNED)
+
+
+async def test_register_bytearray(stream: gpuaio.Stream, dev: gpuaio.Device) -> None:
+    rt = dev._runtime
+    n = 1 << 20
+    data = pattern(n, 5)
+    buf = bytearray(data.tobytes())
+    d = dev.empty(n)
+    for _ in range(2):  # and again once unregistered
+        reg = gpuaio.register_host(buf)
+        assert _kind(rt, buf) == _PINNED
+        with pytest.raises(BufferError):
+            buf.append(0)  # moving the memory while it is page-locked is refused
+        await stream.copy(d, buf)
+        buf[:] = bytes(n)
+        await stream.copy(buf, d)
+        assert buf == data.tobytes()
+        reg.unregister()
+        assert _eventually(lambda: _kind(rt, buf) == _PAGEABLE), "never unregistered"
+    buf.append(0)  # and it is the user's again
+    view = np.frombuffer(bytearray(n), np.uint8)  # a view of a bytearray
+    with gpuaio.register_host(view):
+        assert _kind(rt, view) == _PINNED
+        await stream.copy(view, d)
+        np.testing.assert_array_equal(view, data)
+    assert _eventually(lambda: _kind(rt, view) == _PAGEABLE)
+
+
+async def test_register_readonly_buffers(stream: gpuaio.Stream, dev: gpuaio.Device) -> None:
+    rt = dev._runtime
+    n = 1 << 16
+    data = pattern(n, 6)
+    for ro in (np.frombuffer(data.tobytes(), np.uint8), data.tobytes()):
+        with gpuaio.register_host(ro):
+            assert _kind(rt, ro) == _PINNED
+            d = dev.empty(n)
+            await stream.copy(d, ro)
+            out = np.empty(n, np.uint8)
+            await stream.copy(out, d)
+            np.testing.assert_array_equal(out, data)
+            with pytest.raises(gpuaio.InvalidArgumentError, match="read-only"):
+                stream.copy(ro, d)
+        assert _eventually(lambda ro=ro: _kind(rt, ro) == _PAGEABLE)
+
+
+def test_rejected_registrations_leave_nothing_locked(
+    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt = gpuaio_runtime
+    arr = np.zeros(1 << 16, np.uint8)
+    with pytest.raises(gpuaio.InvalidArgumentError, match="`array` is empty"):
+        gpuaio.register_host(bytearray())
+    strided = arr[::2]
+    with pytest.raises(gpuaio.InvalidArgumentError, match="`array` is not C-contiguous"):
+        gpuaio.register_host(strided)
+    assert _kind(rt, arr) == _PAGEABLE
+    with gpuaio.register_host(arr), pytest.raises(gpuaio.InvalidArgumentError, match="pinned"):
+        gpuaio.register_host(arr)
+    assert _eventually(lambda: _kind(rt, arr) == _PAGEABLE)
+
+
+def test_a_failure_after_page_locking_unlocks(
+    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A registration that fails once the memory is page-locked unlocks it before raising."""
+    from gpuaio import _memory
+
+    rt = gpuaio_runtime
+
+    def broken(obj: Any) -> None:
+        raise MemoryError("injected")
+
+    buf = np.zeros(1 << 16, np.uint8)
+    # The last step, after the range is page-locked and in the registry (where
+    # register_host(bytearray) used to fail).
+    monkeypatch.setattr(_memory, "forget", broken)
+    with pytest.raises(MemoryError, match="injected"):
+        gpuaio.register_host(buf)
+    monkeypatch.undo()
+    gc.collect()
+    time.sleep(0.05)  # a finalizer's unregistration would have run by now
+    assert _kind(rt, buf) == _PAGEABLE
+    with gpuaio.register_host(buf):  # nothing left behind in the way
+        assert _kind(rt, buf) == _PINNED
+    assert _eventually(lambda: _kind(rt, buf) == _PAGEABLE)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], "unlocked twice"
