@@ -80,7 +80,7 @@ async def scatter(host: Any, devices: Sequence[Device | int] | None = None) -> l
         for dev, piece in zip(devs, pieces, strict=True):
             parts.append(dev.empty(piece.shape, piece.dtype))
         for i, (d, piece) in enumerate(zip(parts, pieces, strict=True)):
-            _check_part(i, describe(d, rt), describe(piece, rt))
+            _check_part(i, describe(d, rt, f"parts[{i}]"), describe(piece, rt, "host"))
         for s, d, piece in zip(streams, parts, pieces, strict=True):
             ops.append(s.copy(d, piece))
         await wait_all(ops)
@@ -125,7 +125,7 @@ async def gather(parts: Sequence[DeviceArray], out: Any) -> Any:
         rows = p.shape[0] if p.shape else 1
         piece = dst[start : start + rows]
         start += rows
-        _check_part(i, describe(piece, rt), describe(p, rt))
+        _check_part(i, describe(piece, rt, "out"), describe(p, rt, f"parts[{i}]"))
         rt.check_device(p.device)
         plan.append((p, piece))
     streams = [rt.device(p.device).default_stream for p, _ in plan]

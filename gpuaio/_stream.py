@@ -192,7 +192,7 @@ class Stream:
         infos: list[BufferInfo] = []
         for i, arg in enumerate(args):
             if isinstance(arg, DeviceArray) or hasattr(arg, "__cuda_array_interface__"):
-                info = describe(arg, self._rt)
+                info = describe(arg, self._rt, f"argument {i}")
                 if info.device not in (None, self._ordinal) and info.kind is MemoryKind.DEVICE:
                     raise InvalidArgumentError(
                         f"argument {i} is on device {info.device}, "
@@ -225,9 +225,14 @@ class Stream:
         worker thread after each staged chunk and once on success.
         """
         self._check()
+        if progress is not None and not callable(progress):
+            raise InvalidArgumentError(
+                "copy: progress must be a callable taking (done_bytes, total_bytes), not "
+                f"{type(progress).__name__}"
+            )
         rt = self._rt
-        d = describe(dst, rt)
-        s = describe(src, rt)
+        d = describe(dst, rt, "dst")
+        s = describe(src, rt, "src")
         _check_copy(d, s)
         for info, role in ((d, "destination"), (s, "source")):
             if (
@@ -311,7 +316,7 @@ class Stream:
         """
         self._check()
         rt = self._rt
-        d = describe(dst, rt)
+        d = describe(dst, rt, "dst")
         _check_writable(d, "memset destination")
         if width is None:
             width = d.dtype.itemsize
