@@ -118,4 +118,4 @@ def memory_kind(buffer: object) -> MemoryKind:
     """How gpuaio classifies ``buffer`` (pageable, pinned, device or managed)."""
     from ._memory import describe
 
-    return describe(buffer, current_runtime()).kind
+    return describe(buffer, current_runtime(), "buffer").kind

@@ -11,7 +11,7 @@ import numpy.typing as npt
 
 from ._errors import InvalidArgumentError
 from ._kernel import Kernel
-from ._memory import Allocation, DeviceArray, _normalize_shape
+from ._memory import Allocation, DeviceArray, _alloc_size, _normalize_shape
 from ._stream import Stream
 from .backends import DeviceProperties, MemoryKind
 
@@ -159,9 +159,7 @@ class Device:
         dt = np.dtype(dtype)
         if dt.hasobject:
             raise InvalidArgumentError("device arrays cannot hold Python objects")
-        n = dt.itemsize
-        for d in dims:
-            n *= d
+        n = _alloc_size(dims, dt)
         alloc = Allocation.new(self._runtime, n, kind, self.ordinal)
         return DeviceArray(alloc, dims, dt)
 

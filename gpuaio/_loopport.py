@@ -52,10 +52,11 @@ class LoopPort(Port):
     """Thread-safe, batching wake-up channel into one event loop."""
 
     __slots__ = (
-        "_call_soon",
         "_closed",
         "_is_running",
         "_lock",
+        "_method",
+        "_owner",
         "_pending",
         "_scheduled",
         "thread",
@@ -63,10 +64,16 @@ class LoopPort(Port):
 
     def __init__(
         self,
-        call_soon_threadsafe: Callable[[Callable[[], None]], Any],
+        owner: Any,
+        method: str = "call_soon_threadsafe",
         is_running: Callable[[], bool] = lambda: True,
     ) -> None:
-        self._call_soon = call_soon_threadsafe
+        # The loop (or trio token) is held weakly and its method looked up
+        # at each post: the port is the value of a map weakly keyed by that
+        # same loop, and a bound method held here would keep the key, and
+        # every loop that ever awaited an op, alive for good.
+        self._owner: Callable[[], Any] = weakref.ref(owner)
+        self._method = method
         self._is_running = is_running
         self._lock = threading.Lock()
         self._pending: list[Callable[[], None]] = []
@@ -97,9 +104,13 @@ class LoopPort(Port):
                 return
             self._scheduled = True
         try:
-            self._call_soon(self._drain)
+            owner = self._owner()
+            if owner is None:
+                raise RuntimeError("the event loop is gone")
+            getattr(owner, self._method)(self._drain)
         except Exception:
-            # asyncio raises RuntimeError on a closed loop, trio RunFinishedError.
+            # asyncio raises RuntimeError on a closed loop, trio RunFinishedError;
+            # a collected loop is as closed.
             with self._lock:
                 self._closed = True
                 self._pending.clear()
@@ -125,7 +136,7 @@ def current_port() -> LoopPort:
         loop = asyncio.get_running_loop()
         port = _asyncio_ports.get(loop)
         if port is None:
-            port = _asyncio_ports[loop] = LoopPort(loop.call_soon_threadsafe, _runs(loop))
+            port = _asyncio_ports[loop] = LoopPort(loop, "call_soon_threadsafe", _runs(loop))
         return port
     if lib == "trio":
         import trio
@@ -133,7 +144,7 @@ def current_port() -> LoopPort:
         token = trio.lowlevel.current_trio_token()
         port = _trio_ports.get(token)
         if port is None:
-            port = _trio_ports[token] = LoopPort(token.run_sync_soon, _trio_runs(token))
+            port = _trio_ports[token] = LoopPort(token, "run_sync_soon", _trio_runs(token))
         return port
     raise RuntimeError(f"gpuaio does not support the {lib!r} event loop")
 

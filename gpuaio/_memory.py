@@ -14,6 +14,7 @@ import contextlib
 import operator
 import threading
 import weakref
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, SupportsIndex
 
 import numpy as np
@@ -82,6 +83,10 @@ class Allocation:
         """Allocate ``nbytes`` of ``kind`` memory (device, managed or pinned)."""
         if nbytes < 0:
             raise InvalidArgumentError(f"cannot allocate a negative size ({nbytes} bytes)")
+        if nbytes >= _SIZE_LIMIT:
+            raise InvalidArgumentError(
+                f"cannot allocate {nbytes} bytes: more than a size_t holds (2**64 - 1)"
+            )
         be = runtime.backend
         size = max(nbytes, 1)  # the driver rejects 0-byte allocations
         if kind is MemoryKind.DEVICE:
@@ -149,6 +154,22 @@ class Allocation:
             self._freed = True
             with contextlib.suppress(Exception):
                 self._runtime.reaper.submit(self._free_now)
+
+
+_SIZE_LIMIT = 1 << 64
+"""Sizes and addresses the driver takes are ``size_t``: every one is below this."""
+
+
+def _alloc_size(dims: tuple[int, ...], dtype: np.dtype[Any]) -> int:
+    """Bytes of an array of ``dims`` and ``dtype``; raise if no driver could allocate them."""
+    n = dtype.itemsize
+    for d in dims:
+        n *= d
+    if n >= _SIZE_LIMIT:
+        raise InvalidArgumentError(
+            f"shape {dims} of {dtype} is {n} bytes, more than a size_t holds (2**64 - 1)"
+        )
+    return n
 
 
 def _normalize_shape(shape: SupportsIndex | tuple[SupportsIndex, ...]) -> tuple[int, ...]:
@@ -388,9 +409,7 @@ def pinned_empty(
     dt = np.dtype(dtype)
     if dt.hasobject:
         raise InvalidArgumentError("pinned arrays cannot hold Python objects")
-    n = dt.itemsize
-    for d in dims:
-        n *= d
+    n = _alloc_size(dims, dt)
     alloc = Allocation.new(current_runtime(), n, MemoryKind.PINNED, None)
     raw = np.asarray(_PinnedBlock(alloc))
     return raw.view(dt).reshape(dims)
@@ -415,7 +434,7 @@ class _Registry:
             self._starts.insert(i, alloc.ptr)
             self._entries.insert(i, (alloc.ptr, alloc.ptr + alloc.nbytes, alloc))
 
-    def remove(self, alloc: Allocation) -> None:
+    def remove(self, alloc: Allocation | None) -> None:
         with self._lock:
             for i, (_s, _e, a) in enumerate(self._entries):
                 if a is alloc:
@@ -466,23 +485,50 @@ class HostRegistration:
     costs milliseconds (about 9 ms for 256 MiB on an H100 host): worth it for
     long-lived buffers used many times. Use :func:`register_host_async` on an
     event loop.
+
+    Any C-contiguous host buffer can be registered: a numpy array, a
+    ``bytearray``, read-only memory such as ``bytes`` (gpuaio then only reads
+    it). The buffer is kept alive while registered, and a ``bytearray``
+    cannot be resized then. A call that raises leaves the buffer pageable.
     """
 
     def __init__(self, runtime: Runtime, array: Any) -> None:
-        info = describe(array, runtime)
+        # Every check first: nothing may be left page-locked by a rejected call.
+        info = describe(array, runtime, "array")
         if info.kind is not MemoryKind.PAGEABLE:
             raise InvalidArgumentError(
-                f"only pageable host memory can be registered, this buffer is {info.kind.value}"
+                "register_host: only pageable host memory can be registered, `array` is "
+                f"{info.kind.value} memory"
             )
         if info.nbytes == 0:
-            raise InvalidArgumentError("cannot register an empty buffer")
-        _registry(runtime).wait_unregistered(info.ptr, info.nbytes)
+            raise InvalidArgumentError("register_host: `array` is empty")
+        if not info.contiguous:
+            raise InvalidArgumentError(
+                "register_host: `array` is not C-contiguous (its bytes are not one range)"
+            )
+        registry = _registry(runtime)
+        registry.wait_unregistered(info.ptr, info.nbytes)
         runtime.backend.host_register(info.ptr, info.nbytes)
-        self._runtime = runtime
-        self.array = array
-        self.alloc: _RegisteredAllocation = _RegisteredAllocation(runtime, info.ptr, info.nbytes)
-        _registry(runtime).add(self.alloc)
-        forget(array)
+        try:
+            self._runtime = runtime
+            self.array = array
+            # The allocation keeps the buffer (and, for a bytearray, the buffer
+            # export that stops it from being resized) until it is unlocked:
+            # memory freed or moved while page-locked would stay locked, and
+            # whatever is allocated there next would be taken for pinned.
+            self.alloc: _RegisteredAllocation = _RegisteredAllocation(
+                runtime, info.ptr, info.nbytes, info.owner
+            )
+            registry.add(self.alloc)
+            forget(array)
+        except BaseException:
+            alloc = getattr(self, "alloc", None)
+            if alloc is not None:
+                alloc._freed = True  # unregistered here, not by its finalizer
+                alloc._keep = None
+                registry.remove(alloc)
+            runtime.backend.host_unregister(info.ptr)
+            raise
 
     def unregister(self) -> None:
         """Unlock the buffer once operations in flight on it complete."""
@@ -499,10 +545,12 @@ class HostRegistration:
 class _RegisteredAllocation(Allocation):
     """Host memory the user owns, page-locked in place; freeing it unregisters."""
 
-    __slots__ = ()
+    __slots__ = ("_keep",)
 
-    def __init__(self, runtime: Runtime, ptr: int, nbytes: int) -> None:
+    def __init__(self, runtime: Runtime, ptr: int, nbytes: int, keep: Any = None) -> None:
         super().__init__(runtime, ptr, nbytes, MemoryKind.PINNED, None)
+        self._keep = keep
+        """The user's buffer (and its export), alive while page-locked."""
 
     def _free_now(self) -> None:
         try:
@@ -511,6 +559,7 @@ class _RegisteredAllocation(Allocation):
         finally:
             # Only now: a new registration of the range waits for this removal.
             _registry(self._runtime).remove(self)
+            self._keep = None
 
     def __del__(self) -> None:
         # The user's array outlives the registration object only if they
@@ -566,7 +615,10 @@ _kind_cache: weakref.WeakKeyDictionary[Any, tuple[MemoryKind, int | None]] = (
 
 def forget(obj: Any) -> None:
     """Drop the cached memory kind of ``obj``'s root buffer (after (un)registering it)."""
-    _kind_cache.pop(_root(obj), None)
+    # A root that cannot be weakly referenced (bytearray, bytes) or hashed was
+    # never cached: _host_kind classifies it each time.
+    with contextlib.suppress(TypeError, ValueError):
+        _kind_cache.pop(_root(obj), None)
 
 
 def _root(arr: Any) -> Any:
@@ -593,8 +645,11 @@ def _host_kind(
     return cached[0], cached[1], None
 
 
-def describe(obj: Any, runtime: Runtime) -> BufferInfo:
-    """Classify ``obj`` (see the module docstring); raise if it is no buffer."""
+def describe(obj: Any, runtime: Runtime, name: str = "the buffer") -> BufferInfo:
+    """Classify ``obj`` (see the module docstring); raise if it is no buffer.
+
+    ``name`` is how errors call the argument (``"src"``, ``"parts[2]"``).
+    """
     if isinstance(obj, DeviceArray):
         alloc = obj._alloc
         if alloc.freed:
@@ -613,7 +668,7 @@ def describe(obj: Any, runtime: Runtime) -> BufferInfo:
         )
     cai = getattr(obj, "__cuda_array_interface__", None)
     if cai is not None:
-        return _from_cai(obj, cai, runtime)
+        return _from_cai(obj, cai, runtime, name)
     if isinstance(obj, np.ndarray) or hasattr(obj, "__array_interface__"):
         return _from_numpy(np.asarray(obj), obj, runtime)
     try:
@@ -625,8 +680,8 @@ def describe(obj: Any, runtime: Runtime) -> BufferInfo:
     if hasattr(obj, "__dlpack__"):
         return _from_dlpack(obj, runtime)
     raise BufferTypeError(
-        f"{type(obj).__name__} is not a buffer: pass a gpuaio array, a numpy array or other "
-        "buffer-protocol object, or an object with __cuda_array_interface__ or __dlpack__"
+        f"{name}: {type(obj).__name__} is not a buffer: pass a gpuaio array, a numpy array or "
+        "other buffer-protocol object, or an object with __cuda_array_interface__ or __dlpack__"
     )
 
 
@@ -658,23 +713,84 @@ def _from_numpy(arr: np.ndarray[Any, Any], owner: Any, runtime: Runtime) -> Buff
     )
 
 
-def _from_cai(obj: Any, cai: dict[str, Any], runtime: Runtime) -> BufferInfo:
-    ptr, readonly = cai["data"]
-    shape = tuple(int(s) for s in cai["shape"])
-    dtype = np.dtype(cai["typestr"])
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _parse_cai(
+    cai: Any, name: str
+) -> tuple[int, bool, tuple[int, ...], np.dtype[Any], tuple[int, ...] | None]:
+    """Check a ``__cuda_array_interface__`` dict (v3): ``(ptr, readonly, shape, dtype, strides)``.
+
+    A foreign object's interface is input like any other: a malformed one
+    raises :class:`InvalidArgumentError` naming ``name`` and the field.
+    """
+
+    def bad(why: str) -> InvalidArgumentError:
+        return InvalidArgumentError(f"{name}: malformed __cuda_array_interface__: {why}")
+
+    if not isinstance(cai, Mapping):
+        raise bad(f"a dict is expected, not {type(cai).__name__}")
+    for key in ("shape", "typestr", "data"):
+        if key not in cai:
+            raise bad(f"it has no {key!r}")
+    data = cai["data"]
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise bad(f"'data' must be a (pointer, read_only) pair, not {data!r}")
+    ptr, readonly = data
+    if not _is_int(ptr) or not 0 <= ptr < _SIZE_LIMIT:
+        raise bad(f"the pointer in 'data' must be an address (an int), not {ptr!r}")
+    raw_shape = cai["shape"]
+    if not isinstance(raw_shape, (tuple, list)) or not all(_is_int(d) for d in raw_shape):
+        raise bad(f"'shape' must be a tuple of ints, not {raw_shape!r}")
+    shape = tuple(int(d) for d in raw_shape)
+    if any(d < 0 for d in shape):
+        raise bad(f"'shape' {shape} has a negative extent")
+    typestr = cai["typestr"]
+    if not isinstance(typestr, str):
+        raise bad(f"'typestr' must be a str, not {typestr!r}")
+    try:
+        dtype = np.dtype(typestr)
+    except (TypeError, ValueError):
+        raise bad(f"'typestr' {typestr!r} is not a type string numpy knows") from None
+    if dtype.hasobject or dtype.itemsize == 0:
+        raise bad(f"'typestr' {typestr!r} is not a fixed-size data type")
+    raw_strides = cai.get("strides")
+    strides: tuple[int, ...] | None = None
+    if raw_strides is not None:
+        if (
+            not isinstance(raw_strides, (tuple, list))
+            or len(raw_strides) != len(shape)
+            or not all(_is_int(st) for st in raw_strides)
+        ):
+            raise bad(
+                f"'strides' must be None or a tuple of {len(shape)} ints (one per "
+                f"extent of 'shape'), not {raw_strides!r}"
+            )
+        strides = tuple(int(st) for st in raw_strides)
+    if cai.get("mask") is not None:
+        raise bad("masked arrays ('mask') are not supported")
+    if not isinstance(readonly, (bool, np.bool_, int)):
+        raise bad(f"the read-only flag in 'data' must be a bool, not {readonly!r}")
+    return int(ptr), bool(readonly), shape, dtype, strides
+
+
+def _from_cai(obj: Any, cai: Any, runtime: Runtime, name: str) -> BufferInfo:
+    ptr, readonly, shape, dtype, strides = _parse_cai(cai, name)
     n = dtype.itemsize
     for d in shape:
         n *= d
-    strides = cai.get("strides")
-    contiguous = strides is None or _is_c_contiguous(shape, tuple(strides), dtype.itemsize)
+    if n and ptr == 0:
+        raise InvalidArgumentError(
+            f"{name}: malformed __cuda_array_interface__: a null pointer for {n} bytes"
+        )
+    contiguous = strides is None or _is_c_contiguous(shape, strides, dtype.itemsize)
     if n:
-        info = runtime.backend.pointer_info(int(ptr))
+        info = runtime.backend.pointer_info(ptr)
         kind, device = info.kind, info.device
     else:
         kind, device = MemoryKind.DEVICE, None
-    return BufferInfo(
-        int(ptr), n, shape, dtype, kind, device, bool(readonly), contiguous, obj, None
-    )
+    return BufferInfo(ptr, n, shape, dtype, kind, device, readonly, contiguous, obj, None)
 
 
 def _from_dlpack(obj: Any, runtime: Runtime) -> BufferInfo:

@@ -22,9 +22,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import numpy as np
 
 from ._errors import InvalidArgumentError, StreamClosedError
@@ -89,9 +91,9 @@ class Stream:
         self._ordinal = device.ordinal
         self._native = native
         self._owned = owned
-        self._closed = False
         self._seq: Sequencer = self._rt.sequencer(device.ordinal, native)
         self._key = self._seq.key
+        self._closed = False  # last: __del__ of a half-made stream has nothing to release
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
@@ -118,11 +120,23 @@ class Stream:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Wait for the work submitted so far, then close the stream."""
+        """Wait for the work submitted so far, then close the stream.
+
+        The stream is closed however this returns: also when the caller is
+        cancelled (``async with dev.stream()`` left by a timeout) and when
+        the work failed. The wait is shielded from cancellation, so the
+        stream is handed back idle; its error, if any, is raised.
+        """
         if self._closed:
             return
-        await self.synchronize()
-        self.close()
+        try:
+            # Shielded: under a cancelled scope an unshielded await raises at
+            # once (anyio and trio cancel level-triggered), which leaked the
+            # stream and its threads on every timed-out request.
+            with anyio.CancelScope(shield=True):
+                await self.synchronize()
+        finally:
+            self.close()
 
     def close(self) -> None:
         """Refuse new work; release the stream once submitted work is enqueued.
@@ -135,6 +149,34 @@ class Stream:
         if self._owned:
             self._rt.forget_sequencer(self._seq)
         self._seq.release(destroy_stream=self._owned)
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        # An owned stream dropped unclosed would keep its CUstream (and, on
+        # the sim, a worker thread) for good. Nothing of it can be pending:
+        # an operation keeps its stream alive until it completes.
+        if getattr(self, "_closed", True) or not self._owned:
+            return
+        self._closed = True
+        rt = self._rt
+        if rt.closed:
+            return  # the runtime released every stream with its backend
+        # Not here: this may run on any thread, even one holding a lock that
+        # forget_sequencer or the release take; the reaper thread does it
+        # (and the stream's host thread destroys it, off the loop).
+        seq = self._seq
+
+        def release() -> None:
+            rt.forget_sequencer(seq)
+            seq.release(destroy_stream=True)
+
+        with contextlib.suppress(Exception):
+            rt.reaper.submit(release)
+        # Last: under ``-W error`` this raises (reported as unraisable).
+        _warn(
+            f"unclosed {self!r}: use `async with dev.stream()` or aclose()",
+            ResourceWarning,
+            source=self,
+        )
 
     def _check(self) -> None:
         if self._closed:
@@ -150,7 +192,7 @@ class Stream:
         infos: list[BufferInfo] = []
         for i, arg in enumerate(args):
             if isinstance(arg, DeviceArray) or hasattr(arg, "__cuda_array_interface__"):
-                info = describe(arg, self._rt)
+                info = describe(arg, self._rt, f"argument {i}")
                 if info.device not in (None, self._ordinal) and info.kind is MemoryKind.DEVICE:
                     raise InvalidArgumentError(
                         f"argument {i} is on device {info.device}, "
@@ -183,9 +225,14 @@ class Stream:
         worker thread after each staged chunk and once on success.
         """
         self._check()
+        if progress is not None and not callable(progress):
+            raise InvalidArgumentError(
+                "copy: progress must be a callable taking (done_bytes, total_bytes), not "
+                f"{type(progress).__name__}"
+            )
         rt = self._rt
-        d = describe(dst, rt)
-        s = describe(src, rt)
+        d = describe(dst, rt, "dst")
+        s = describe(src, rt, "src")
         _check_copy(d, s)
         for info, role in ((d, "destination"), (s, "source")):
             if (
@@ -269,7 +316,7 @@ class Stream:
         """
         self._check()
         rt = self._rt
-        d = describe(dst, rt)
+        d = describe(dst, rt, "dst")
         _check_writable(d, "memset destination")
         if width is None:
             width = d.dtype.itemsize

@@ -730,3 +730,116 @@ def test_pinned_empty_rejects_object_dtype(maker: Maker) -> None:
         "alloc",
         "object dtype",
     )
+
+
+# -- malformed foreign arrays, progress callbacks, sizes beyond size_t (issue 14) ------------
+
+
+_DROP = object()
+
+
+class RawCAI:
+    """An object whose ``__cuda_array_interface__`` is whatever the test says."""
+
+    def __init__(self, cai: Any) -> None:
+        self.__cuda_array_interface__ = cai
+
+
+def _cai_cases(d: gpuaio.DeviceArray) -> dict[str, tuple[Any, tuple[str, ...]]]:
+    ok = {"shape": (64,), "typestr": "|u1", "data": (d.ptr, False), "version": 3}
+
+    def but(**kw: Any) -> dict[str, Any]:
+        out = {**ok, **kw}
+        return {k: v for k, v in out.items() if v is not _DROP}
+
+    return {
+        "no typestr": (but(typestr=_DROP), ("typestr",)),
+        "no shape": (but(shape=_DROP), ("shape",)),
+        "no data": (but(data=_DROP), ("data",)),
+        "data None": (but(data=None), ("data",)),
+        "data one item": (but(data=(d.ptr,)), ("data",)),
+        "pointer str": (but(data=("0x10", False)), ("pointer",)),
+        "pointer negative": (but(data=(-1, False)), ("pointer",)),
+        "pointer beyond 64 bits": (but(data=(1 << 64, False)), ("pointer",)),
+        "null pointer": (but(data=(0, False)), ("null pointer",)),
+        "bad typestr": (but(typestr="<x9"), ("typestr",)),
+        "typestr not str": (but(typestr=5), ("typestr",)),
+        "object typestr": (but(typestr="|O"), ("typestr",)),
+        "shape float": (but(shape=(64.0,)), ("shape",)),
+        "shape int": (but(shape=64), ("shape",)),
+        "shape None item": (but(shape=(None,)), ("shape",)),
+        "shape negative": (but(shape=(-64,)), ("negative",)),
+        "strides too long": (but(strides=(1, 1)), ("strides",)),
+        "strides floats": (but(strides=(1.0,)), ("strides",)),
+        "strides int": (but(strides=1), ("strides",)),
+        "mask": (but(mask=object()), ("mask",)),
+        "not a dict": ([64, "|u1"], ("dict",)),
+    }
+
+
+def test_malformed_cuda_array_interface(maker: Maker) -> None:
+    """A malformed ``__cuda_array_interface__`` raised a bare KeyError, TypeError or
+    ValueError from deep inside; now an InvalidArgumentError naming the argument and
+    the field, before anything is enqueued, wherever a buffer is taken."""
+    s, dev = maker.stream, maker.dev
+    d = dev.empty(64)
+    host = np.zeros(64, np.uint8)
+    k = dev.compile("", "k", sim=lambda *a: None)
+    for name, (cai, words) in _cai_cases(d).items():
+        bad = RawCAI(cai)
+        calls = {
+            "src": lambda bad=bad: s.copy(host, bad),
+            "dst": lambda bad=bad: s.copy(bad, host),
+            "memset": lambda bad=bad: s.memset(bad, 1),
+            "argument 0": lambda bad=bad: s.launch(k, 1, 1, bad),
+        }
+        for arg, call in calls.items():
+            named = arg if arg != "memset" else "dst"
+            assert_rejected(
+                maker.rt,
+                s,
+                call,
+                [(named, "__cuda_array_interface__", w) for w in words],
+                "cai",
+                f"{name} as {arg}",
+            )
+        with pytest.raises(gpuaio.InvalidArgumentError, match="buffer: malformed"):
+            gpuaio.memory_kind(bad)
+
+
+@pytest.mark.parametrize(
+    "progress", [5, "cb", object(), [print]], ids=["int", "str", "obj", "list"]
+)
+def test_copy_rejects_a_progress_that_is_not_callable(maker: Maker, progress: Any) -> None:
+    """``progress=5`` was accepted, and the copy only logged a TypeError once it was done."""
+    d = maker.dev.empty(1 << 20)
+    src = np.ones(1 << 20, np.uint8)
+    assert_rejected(
+        maker.rt,
+        maker.stream,
+        lambda: maker.stream.copy(d, src, progress=progress),
+        [("progress", "callable")],
+        "api",
+        "progress",
+    )
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [(2**64, np.uint8), ((2**40, 2**40), np.uint8), (2**61, np.complex128), ((2**32, 2**32), "i2")],
+    ids=["2**64", "2**80", "2**65-complex", "2**65-i2"],
+)
+@pytest.mark.parametrize("where", ["device", "managed", "pinned"])
+def test_sizes_beyond_size_t_are_rejected(maker: Maker, shape: Any, dtype: Any, where: str) -> None:
+    """``Device.empty(2**64)`` raised OverflowError from the CUDA bindings (the sim said
+    out of memory): no driver takes a size that does not fit its size_t."""
+    alloc = {
+        "device": maker.dev.empty,
+        "managed": maker.dev.managed_empty,
+        "pinned": gpuaio.pinned_empty,
+    }[where]
+    assert_rejected(
+        maker.rt, maker.stream, lambda: alloc(shape, dtype), [("shape", "size_t")], "alloc"
+    )
+    with pytest.raises(gpuaio.InvalidArgumentError, match="negative"):
+        alloc(-(2**64), dtype)
