@@ -511,6 +511,9 @@ class EventEngine(CompletionEngine):
             now = time.perf_counter()
             if waiters:
                 post_waiters(waiters)
+                # Not kept while this thread sleeps: a waiter's wake-up holds
+                # its event loop, which must be collectable once closed.
+                waiters.clear()
                 spin_until = now + SPIN_S
                 sleep_s = 20e-6
                 continue

@@ -214,8 +214,7 @@ def test_closed_event_loops_are_collected(gpuaio_runtime: Any, kind: str) -> Non
         refs.append(weakref.ref(loop))
         del loop
     assert slept, "no await slept on its loop: the test tests nothing"
-    # The completion thread may still hold the last loop's waiter in a local.
-    assert _alive(refs) <= 1, f"{_alive(refs)} of 30 closed loops are still alive"
+    assert _alive(refs) == 0, f"{_alive(refs)} of 30 closed loops are still alive"
 
 
 def test_finished_trio_runs_are_collected(gpuaio_runtime: Any) -> None:
@@ -235,7 +234,7 @@ def test_finished_trio_runs_are_collected(gpuaio_runtime: Any) -> None:
     for _ in range(30):
         trio.run(once)
     assert slept, "no await slept on its loop: the test tests nothing"
-    assert _alive(refs) <= 1, f"{_alive(refs)} of 30 finished trio runs are still alive"
+    assert _alive(refs) == 0, f"{_alive(refs)} of 30 finished trio runs are still alive"
 
 
 # -- 7. gather and scatter are all or nothing ----------------------------------
