@@ -478,7 +478,8 @@ def pool_eviction_lag(report: Report, kernel_s: float = 0.5) -> None:
 
 
 LIFECYCLE_TESTS = {
-    "stream_closed_on_cancel": "tests/test_lifecycle_api.py",
+    "streams_loops_gather_register": "tests/test_lifecycle_api.py",
+    "bad_input_at_the_call": "tests/test_bad_input.py",
     "pool_budget_and_eviction": "tests/test_pool_budget.py",
     "fork": "tests/test_fork.py",
     "current_context": "tests/test_context.py",
