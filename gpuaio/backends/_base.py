@@ -100,6 +100,19 @@ class Backend(abc.ABC):
     def enable_peer_access(self, device: int, peer: int) -> None:
         """Let ``device`` access ``peer``'s memory (idempotent)."""
 
+    # -- contexts ------------------------------------------------------
+    @abc.abstractmethod
+    def current_context(self) -> int:
+        """The address of the calling thread's current context (``cuCtxGetCurrent``; 0: none)."""
+
+    @abc.abstractmethod
+    def set_current_context(self, ctx: int) -> None:
+        """Make context ``ctx`` current in the calling thread (``cuCtxSetCurrent``; 0: none)."""
+
+    @abc.abstractmethod
+    def primary_context(self, device: int) -> int:
+        """The address of ``device``'s primary context, the one the backend works in."""
+
     # -- memory --------------------------------------------------------
     @abc.abstractmethod
     def mem_alloc(self, device: int, nbytes: int) -> int:

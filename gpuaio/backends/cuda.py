@@ -673,6 +673,18 @@ class CudaBackend(Backend):
             contexts = self._contexts
             self._bind(min(contexts) if contexts else 0)
 
+    def current_context(self) -> int:
+        """``cuCtxGetCurrent``: the address of the calling thread's current context (0: none)."""
+        return int(_check("cuCtxGetCurrent", driver.cuCtxGetCurrent()))
+
+    def set_current_context(self, ctx: int) -> None:
+        """``cuCtxSetCurrent`` of the context at address ``ctx`` (0: none)."""
+        _check("cuCtxSetCurrent", driver.cuCtxSetCurrent(driver.CUcontext(int(ctx))))
+
+    def primary_context(self, device: int) -> int:
+        """The address of ``device``'s primary context (retained on first use)."""
+        return int(self._context(device))
+
     # -- devices -------------------------------------------------------
     def device_count(self) -> int:
         """Number of CUDA devices visible to this process."""
