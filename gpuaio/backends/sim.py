@@ -20,6 +20,14 @@ memset pinned                 caller waits for the stream and the fill
 memset pageable               ``CUDA_ERROR_INVALID_VALUE``
 ============================  ==============================================
 
+Contexts are modelled per thread, as the driver keeps them: each device has a
+primary context, :meth:`SimBackend.context_create` makes others (as
+``cuCtxCreate`` does), memory, streams and events belong to the context that
+was current when they were made, and a call with no context current, or that
+uses a stream or event of a context other than the current one, fails with
+``CUDA_ERROR_INVALID_CONTEXT`` (stricter than CUDA, which lets some of those
+through). The backend binds contexts the way ``CudaBackend`` does.
+
 Faults are injected with :meth:`SimBackend.inject_fault` (sticky, like a
 kernel's illegal address) and :meth:`SimBackend.fail_next` (one failing call);
 :meth:`SimBackend.hold` is a latch kernel that keeps a stream busy in tests.
@@ -45,7 +53,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._errors import CudaError, InvalidArgumentError, make_cuda_error
-from ._base import Backend, DeviceProperties, MemoryKind, PointerInfo
+from ._base import Backend, DeviceProperties, MemoryKind, PointerInfo, keeps_context
 
 __all__ = ["SimBackend", "SimConfig", "SimContext", "SimEvent", "SimKernel", "SimStream"]
 
@@ -282,10 +290,11 @@ class SimContext:
 class _SimThread(threading.local):
     """What one thread has current, as the driver keeps it per thread."""
 
-    ctx: SimContext | None = None
-    """The thread's current context (``cuCtxGetCurrent``)."""
-    cache: SimContext | None = None
-    """The context the backend last made current in this thread."""
+    def __init__(self) -> None:  # runs in each thread, on its first use
+        self.ctx: SimContext | None = None
+        """The thread's current context (``cuCtxGetCurrent``)."""
+        self.keep = keeps_context(threading.current_thread())
+        """Whether the backend leaves the context it binds current here."""
 
 
 class SimStream:
@@ -464,21 +473,27 @@ class SimBackend(Backend):
                 region = self._regions.get(value) if isinstance(value, int) else None
             if region is not None and region.device is not None:
                 return self._primary[region.device]
-        # "any", "some", and "owner" of host memory: keep the thread's context if
-        # the backend made one current, else bind device 0's.
-        return self._primary[0] if self._thread.cache is None else None
+        # Host memory is portable: any primary context serves. Queries ("some")
+        # run in whatever context is current.
+        cur = self._thread.ctx
+        if cur is not None and not cur.destroyed and (cur.primary or kind == "some"):
+            return None
+        return self._primary[0]
 
     def _enter(self, ctx: SimContext) -> Any:
         """Make ``ctx`` current in this thread; return what to restore (``_KEEP``: nothing).
 
-        As ``CudaBackend`` does: a per-thread cache of what this backend last
-        made current decides; the thread's actual current context is not read.
+        What ``CudaBackend._enter`` does: the thread's current context is
+        read, never trusted from a cache, and switched only when it differs.
         """
         t = self._thread
-        if t.cache is not ctx:
-            t.ctx = ctx
-            t.cache = ctx
-        return _KEEP
+        cur = t.ctx
+        if cur is ctx:
+            return _KEEP
+        t.ctx = ctx
+        if t.keep or (cur is None and ctx is self._primary[0]):
+            return _KEEP
+        return cur
 
     def _leave(self, prev: SimContext | None) -> None:
         """Make ``prev`` (``None``: no context) current again."""
