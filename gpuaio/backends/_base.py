@@ -16,11 +16,29 @@ from __future__ import annotations
 
 import abc
 import enum
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Backend", "DeviceProperties", "MemoryKind", "PointerInfo"]
+__all__ = ["Backend", "DeviceProperties", "MemoryKind", "PointerInfo", "keeps_context"]
+
+OWN_THREAD_PREFIX = "gpuaio-"
+"""Every thread gpuaio starts is named so (host threads, watchers, the reaper)."""
+_RUNS_USER_CODE = ("gpuaio-prefetch",)  # pulls batches from the user's iterator
+
+
+def keeps_context(thread: threading.Thread) -> bool:
+    """Whether a backend may leave its context current in ``thread`` after a call.
+
+    Only in gpuaio's own threads: there the context it binds stays current,
+    so later calls find it and switch nothing. In any other thread (the
+    event loop's, the user's, anyio's worker threads, and gpuaio's prefetch
+    thread, which runs the user's iterator) other code relies on what it
+    made current.
+    """
+    name = thread.name
+    return name.startswith(OWN_THREAD_PREFIX) and not name.startswith(_RUNS_USER_CODE)
 
 
 class MemoryKind(enum.Enum):
@@ -67,8 +85,22 @@ class DeviceProperties:
 class Backend(abc.ABC):
     """Interface implemented by the ``cuda`` and ``sim`` backends.
 
-    Thread safety: every method may be called from any thread. Methods that
-    need a device context make it current in the calling thread themselves.
+    Thread safety: every method may be called from any thread.
+
+    Contexts: a backend works in each device's primary context, whatever
+    context the calling thread has current (PyTorch and CuPy make another
+    device's primary context current, PyCUDA or ``cuCtxCreate`` a context of
+    their own). Memory, streams and events are made in the device's primary
+    context, and work is enqueued in the context of its stream. A method that
+    needs a context checks the thread's current one (one ``cuCtxGetCurrent``),
+    makes the one it needs current only when they differ, and makes the
+    previous one current again before it returns, so the caller's libraries
+    find what they left. Two exceptions leave the context current: in
+    gpuaio's own threads (:func:`keeps_context`), and device 0's primary
+    context in a thread where none was current (which the CUDA runtime, and
+    so PyTorch and CuPy, would make current there anyway). Host memory is
+    portable: any of the backend's primary contexts serves, and queries
+    (:meth:`pointer_info`) run in whatever context is current.
     """
 
     name: str
@@ -99,6 +131,19 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def enable_peer_access(self, device: int, peer: int) -> None:
         """Let ``device`` access ``peer``'s memory (idempotent)."""
+
+    # -- contexts ------------------------------------------------------
+    @abc.abstractmethod
+    def current_context(self) -> int:
+        """The address of the calling thread's current context (``cuCtxGetCurrent``; 0: none)."""
+
+    @abc.abstractmethod
+    def set_current_context(self, ctx: int) -> None:
+        """Make context ``ctx`` current in the calling thread (``cuCtxSetCurrent``; 0: none)."""
+
+    @abc.abstractmethod
+    def primary_context(self, device: int) -> int:
+        """The address of ``device``'s primary context, the one the backend works in."""
 
     # -- memory --------------------------------------------------------
     @abc.abstractmethod

@@ -3,14 +3,16 @@
 Contexts. The backend uses each device's *primary* context (the one the CUDA
 runtime, CuPy, PyTorch and ``cuda.core`` share). It is retained with
 ``cuDevicePrimaryCtxRetain`` the first time a device is used and released by
-:meth:`CudaBackend.close`. Calls arrive from the event-loop thread and from
-worker threads; every method that needs a context makes the right one current
-in the calling thread. A per-thread cache remembers which context this backend
-last made current there, so the common case costs one attribute comparison and
-no driver call. The cache cannot see ``cuCtxSetCurrent``/``cuCtxPushCurrent``
-made by foreign code in the same thread; gpuaio's enqueue calls take explicit
-streams, so they are unaffected, but code that mixes libraries in one thread
-should leave the primary context current (as those libraries do anyway).
+:meth:`CudaBackend.close`. Calls arrive from the event-loop thread, from
+gpuaio's threads and from the user's, and other code in those threads may
+have made another context current (``torch.cuda.set_device(1)``,
+``with cupy.cuda.Device(1)``, a PyCUDA context). So every method that needs a
+context reads the thread's current one (``cuCtxGetCurrent``; no cache could
+see what foreign code set), makes the one it needs current only when they
+differ, and makes the previous one current again once its driver call has
+returned (see :class:`~gpuaio.backends.Backend` for the two cases where the
+context stays). When the right context is current already, as in gpuaio's own
+threads after their first call, that is one ``cuCtxGetCurrent`` per call.
 
 Errors. Every ``CUresult`` is checked; a failure becomes
 :func:`gpuaio._errors.make_cuda_error` (``CudaError``, or ``DeviceFatalError``
@@ -59,7 +61,7 @@ import numpy as np
 from cuda.bindings import driver
 
 from .._errors import CudaError, InvalidArgumentError, NoDeviceError, make_cuda_error
-from ._base import Backend, DeviceProperties, MemoryKind, PointerInfo
+from ._base import Backend, DeviceProperties, MemoryKind, PointerInfo, keeps_context
 
 __all__ = ["CudaBackend", "CudaEvent", "CudaKernel", "CudaStream"]
 
@@ -158,15 +160,16 @@ def _decode_c_string(raw: Any) -> str:
 
 
 class _ThreadState(threading.local):
-    """Per-thread cache of the context this backend last made current."""
+    """Per thread: whether the backend leaves the context it binds current there."""
 
-    ctx: Any = None
+    def __init__(self) -> None:  # runs in each thread, on its first use
+        self.keep: bool = keeps_context(threading.current_thread())
 
 
 class CudaStream:
     """A stream handle owned (or, for foreign streams, only wrapped) by the backend."""
 
-    __slots__ = ("address", "ctx", "destroyed", "device", "handle", "owned")
+    __slots__ = ("address", "ctx", "ctx_addr", "destroyed", "device", "handle", "owned")
 
     def __init__(self, handle: Any, device: int, ctx: Any, owned: bool) -> None:
         self.handle: Any = handle
@@ -174,7 +177,8 @@ class CudaStream:
         self.address: int = int(handle)
         self.device: int = device
         self.ctx: Any = ctx
-        """The primary context of ``device`` (what ``_bind`` makes current)."""
+        """The primary context of ``device`` (what ``_enter`` makes current)."""
+        self.ctx_addr: int = int(ctx)
         self.owned: bool = owned
         self.destroyed: bool = False
 
@@ -186,12 +190,13 @@ class CudaStream:
 class CudaEvent:
     """A timing-disabled event created by the backend."""
 
-    __slots__ = ("ctx", "destroyed", "device", "handle")
+    __slots__ = ("ctx", "ctx_addr", "destroyed", "device", "handle")
 
     def __init__(self, handle: Any, device: int, ctx: Any) -> None:
         self.handle: Any = handle
         self.device: int = device
         self.ctx: Any = ctx
+        self.ctx_addr: int = int(ctx)
         self.destroyed: bool = False
 
     def __repr__(self) -> str:
@@ -618,6 +623,8 @@ class CudaBackend(Backend):
         self._driver_version = f"{version // 1000}.{(version % 1000) // 10}"
         self._lock = threading.Lock()
         self._contexts: dict[int, Any] = {}
+        self._ctx_addrs: dict[int, int] = {}  # device -> address of its primary context
+        self._own_addrs: set[int] = set()  # the addresses of all of them
         self._tls = _ThreadState()
         self._properties: dict[int, DeviceProperties] = {}
         self._priority_ranges: dict[int, tuple[int, int]] = {}
@@ -645,33 +652,95 @@ class CudaBackend(Backend):
             if ctx is None:
                 cu_device = self._cu_device(device)
                 ctx = _check("cuDevicePrimaryCtxRetain", driver.cuDevicePrimaryCtxRetain(cu_device))
+                # The addresses first: a thread that finds the context finds them.
+                self._ctx_addrs[device] = int(ctx)
+                self._own_addrs.add(int(ctx))
                 self._contexts[device] = ctx
             return ctx
 
-    def _make_current(self, ctx: Any) -> None:
+    @staticmethod
+    def _current() -> Any:
+        """``cuCtxGetCurrent``: the calling thread's current context (``CUcontext(0)``: none)."""
+        err, cur = driver.cuCtxGetCurrent()
+        if err:
+            raise _cuda_error("cuCtxGetCurrent", err)
+        return cur
+
+    def _switch(self, ctx: Any, addr: int, cur: Any, cur_addr: int) -> Any:
+        """Make ``ctx`` current in place of ``cur``; return ``cur`` if it must come back.
+
+        ``None`` means it stays: in gpuaio's own threads, and where no context
+        was current and ``ctx`` is device 0's primary context (the one the CUDA
+        runtime would make current there: torch and CuPy see no change).
+        """
         (err,) = driver.cuCtxSetCurrent(ctx)
         if err:
             raise _cuda_error("cuCtxSetCurrent", err)
-        self._tls.ctx = ctx
+        if self._tls.keep or (cur_addr == 0 and addr == self._ctx_addrs.get(0)):
+            return None
+        return cur
 
-    def _bind(self, device: int) -> Any:
-        """Make ``device``'s primary context current in this thread (cached)."""
+    def _enter(self, ctx: Any, addr: int) -> Any:
+        """Make ``ctx`` (at ``addr``) current in this thread for one call.
+
+        Returns the context to make current again with :meth:`_leave` once the
+        call is done, or ``None`` for nothing to restore. One
+        ``cuCtxGetCurrent``; a switch only when another context is current.
+        """
+        cur = self._current()
+        cur_addr = int(cur)
+        if cur_addr == addr:
+            return None
+        return self._switch(ctx, addr, cur, cur_addr)
+
+    def _enter_device(self, device: int) -> tuple[Any, Any]:
+        """:meth:`_enter` ``device``'s primary context: ``(ctx, what to restore)``."""
         ctx = self._contexts.get(device)
         if ctx is None:
             ctx = self._context(device)
-        if self._tls.ctx is not ctx:
-            self._make_current(ctx)
-        return ctx
+        addr = self._ctx_addrs.get(device)
+        return ctx, self._enter(ctx, int(ctx) if addr is None else addr)
 
-    def _bind_any(self) -> None:
-        """Make one of our contexts current if none is, for device-agnostic calls.
+    def _enter_host(self, *, any_context: bool = False) -> Any:
+        """:meth:`_enter` for device-agnostic calls: one of our contexts, if none is current.
 
         Portable pinned memory and unified addressing make these calls
-        independent of which device's context is current.
+        independent of which device's context is current. Memory must not be
+        allocated or registered in a foreign context, though: it would go
+        when that context is destroyed. ``any_context``: any current context
+        serves (queries).
         """
-        if self._tls.ctx is None:
-            contexts = self._contexts
-            self._bind(min(contexts) if contexts else 0)
+        cur = self._current()
+        cur_addr = int(cur)
+        if cur_addr in self._own_addrs or (any_context and cur_addr):
+            return None
+        contexts = self._contexts
+        device = min(contexts) if contexts else 0
+        ctx = self._context(device)
+        return self._switch(ctx, int(ctx), cur, cur_addr)
+
+    def _leave(self, prev: Any) -> None:
+        """Make ``prev``, current before :meth:`_enter`, current again."""
+        (err,) = driver.cuCtxSetCurrent(prev)
+        if err:
+            # The call itself was done: raising now would misreport it.
+            _logger.warning(
+                "gpuaio could not make the thread's CUDA context %#x current again: %s",
+                int(prev),
+                _error_text(err)[0],
+            )
+
+    def current_context(self) -> int:
+        """``cuCtxGetCurrent``: the address of the calling thread's current context (0: none)."""
+        return int(self._current())
+
+    def set_current_context(self, ctx: int) -> None:
+        """``cuCtxSetCurrent`` of the context at address ``ctx`` (0: none)."""
+        _check("cuCtxSetCurrent", driver.cuCtxSetCurrent(driver.CUcontext(int(ctx))))
+
+    def primary_context(self, device: int) -> int:
+        """The address of ``device``'s primary context (retained on first use)."""
+        return int(self._context(device))
 
     # -- devices -------------------------------------------------------
     def device_count(self) -> int:
@@ -751,8 +820,12 @@ class CudaBackend(Backend):
         if device == peer or (device, peer) in self._peers_enabled:
             return
         peer_ctx = self._context(peer)
-        self._bind(device)
-        (err,) = driver.cuCtxEnablePeerAccess(peer_ctx, 0)
+        _, prev = self._enter_device(device)
+        try:
+            (err,) = driver.cuCtxEnablePeerAccess(peer_ctx, 0)
+        finally:
+            if prev is not None:
+                self._leave(prev)
         if err and err != _PEER_ALREADY_ENABLED:
             raise _cuda_error("cuCtxEnablePeerAccess", err)
         self._peers_enabled.add((device, peer))
@@ -766,16 +839,25 @@ class CudaBackend(Backend):
     def mem_alloc(self, device: int, nbytes: int) -> int:
         """``cuMemAlloc`` on ``device``; returns the device address."""
         self._check_size(nbytes)
-        self._bind(device)
-        ptr = int(_check("cuMemAlloc", driver.cuMemAlloc(nbytes)))
+        _, prev = self._enter_device(device)
+        try:
+            ptr = int(_check("cuMemAlloc", driver.cuMemAlloc(nbytes)))
+        finally:
+            if prev is not None:
+                self._leave(prev)
         self._allocations[ptr] = device
         return ptr
 
     def mem_alloc_managed(self, device: int, nbytes: int) -> int:
         """``cuMemAllocManaged`` (``CU_MEM_ATTACH_GLOBAL``) in ``device``'s context."""
         self._check_size(nbytes)
-        self._bind(device)
-        ptr = int(_check("cuMemAllocManaged", driver.cuMemAllocManaged(nbytes, _ATTACH_GLOBAL)))
+        _, prev = self._enter_device(device)
+        try:
+            result = driver.cuMemAllocManaged(nbytes, _ATTACH_GLOBAL)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        ptr = int(_check("cuMemAllocManaged", result))
         self._allocations[ptr] = device
         return ptr
 
@@ -785,38 +867,65 @@ class CudaBackend(Backend):
         if device is None:
             info = self.pointer_info(ptr)  # a foreign allocation: find its device
             device = info.device
-        if device is None:
-            self._bind_any()
-        else:
-            self._bind(device)
-        _check("cuMemFree", driver.cuMemFree(ptr))
+        prev = self._enter_host() if device is None else self._enter_device(device)[1]
+        try:
+            result = driver.cuMemFree(ptr)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        _check("cuMemFree", result)
 
     def host_alloc(self, nbytes: int) -> int:
         """``cuMemHostAlloc(PORTABLE | DEVICEMAP)``: pinned, mapped on every device."""
         self._check_size(nbytes)
-        self._bind_any()
-        return int(_check("cuMemHostAlloc", driver.cuMemHostAlloc(nbytes, _HOST_ALLOC_FLAGS)))
+        prev = self._enter_host()
+        try:
+            result = driver.cuMemHostAlloc(nbytes, _HOST_ALLOC_FLAGS)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        return int(_check("cuMemHostAlloc", result))
 
     def host_free(self, ptr: int) -> None:
         """``cuMemFreeHost`` of memory from :meth:`host_alloc`."""
-        self._bind_any()
-        _check("cuMemFreeHost", driver.cuMemFreeHost(ptr))
+        prev = self._enter_host()
+        try:
+            result = driver.cuMemFreeHost(ptr)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        _check("cuMemFreeHost", result)
 
     def host_register(self, ptr: int, nbytes: int) -> None:
         """``cuMemHostRegister(PORTABLE | DEVICEMAP)``: page-lock and map a host range."""
         self._check_size(nbytes)
-        self._bind_any()
-        _check("cuMemHostRegister", driver.cuMemHostRegister(ptr, nbytes, _HOST_REGISTER_FLAGS))
+        prev = self._enter_host()
+        try:
+            result = driver.cuMemHostRegister(ptr, nbytes, _HOST_REGISTER_FLAGS)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        _check("cuMemHostRegister", result)
 
     def host_unregister(self, ptr: int) -> None:
         """``cuMemHostUnregister`` of a range registered by :meth:`host_register`."""
-        self._bind_any()
-        _check("cuMemHostUnregister", driver.cuMemHostUnregister(ptr))
+        prev = self._enter_host()
+        try:
+            result = driver.cuMemHostUnregister(ptr)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        _check("cuMemHostUnregister", result)
 
     def host_device_pointer(self, ptr: int) -> int:
         """``cuMemHostGetDevicePointer``: the device address of mapped pinned memory."""
-        self._bind_any()
-        return int(_check("cuMemHostGetDevicePointer", driver.cuMemHostGetDevicePointer(ptr, 0)))
+        prev = self._enter_host()
+        try:
+            result = driver.cuMemHostGetDevicePointer(ptr, 0)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        return int(_check("cuMemHostGetDevicePointer", result))
 
     def pointer_info(self, ptr: int) -> PointerInfo:
         """Classify ``ptr`` with one ``cuPointerGetAttributes`` call.
@@ -825,8 +934,12 @@ class CudaBackend(Backend):
         pageable; host memory the driver knows (allocated pinned or registered)
         is pinned; device memory is managed when the driver says so.
         """
-        self._bind_any()
-        err, values = driver.cuPointerGetAttributes(3, _POINTER_ATTRIBUTES, ptr)
+        prev = self._enter_host(any_context=True)
+        try:
+            err, values = driver.cuPointerGetAttributes(3, _POINTER_ATTRIBUTES, ptr)
+        finally:
+            if prev is not None:
+                self._leave(prev)
         if err:
             if err == _INVALID_VALUE:
                 return PointerInfo(MemoryKind.PAGEABLE, None)
@@ -847,10 +960,13 @@ class CudaBackend(Backend):
         cached = self._priority_ranges.get(device)
         if cached is not None:
             return cached
-        self._bind(device)
-        least, greatest = _check(
-            "cuCtxGetStreamPriorityRange", driver.cuCtxGetStreamPriorityRange()
-        )
+        _, prev = self._enter_device(device)
+        try:
+            result = driver.cuCtxGetStreamPriorityRange()
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        least, greatest = _check("cuCtxGetStreamPriorityRange", result)
         cached = (int(least), int(greatest))
         self._priority_ranges[device] = cached
         return cached
@@ -860,11 +976,13 @@ class CudaBackend(Backend):
 
         The driver clamps ``priority`` into :meth:`stream_priority_range`.
         """
-        ctx = self._bind(device)
-        handle = _check(
-            "cuStreamCreateWithPriority",
-            driver.cuStreamCreateWithPriority(_STREAM_NON_BLOCKING, priority),
-        )
+        ctx, prev = self._enter_device(device)
+        try:
+            result = driver.cuStreamCreateWithPriority(_STREAM_NON_BLOCKING, priority)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        handle = _check("cuStreamCreateWithPriority", result)
         return CudaStream(handle, device, ctx, owned=True)
 
     def stream_from_handle(self, device: int, handle: int) -> CudaStream:
@@ -882,16 +1000,24 @@ class CudaBackend(Backend):
         """
         if not stream.owned or stream.destroyed:
             return
-        self._bind(stream.device)
-        _check("cuStreamDestroy", driver.cuStreamDestroy(stream.handle))
+        prev = self._enter(stream.ctx, stream.ctx_addr)
+        try:
+            result = driver.cuStreamDestroy(stream.handle)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        _check("cuStreamDestroy", result)
         stream.destroyed = True
 
     def stream_synchronize(self, stream: CudaStream) -> None:
         """``cuStreamSynchronize``; the GIL is released while it blocks."""
-        ctx = stream.ctx
-        if self._tls.ctx is not ctx:
-            self._make_current(ctx)
-        _check("cuStreamSynchronize", driver.cuStreamSynchronize(stream.handle))
+        prev = self._enter(stream.ctx, stream.ctx_addr)
+        try:
+            result = driver.cuStreamSynchronize(stream.handle)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        _check("cuStreamSynchronize", result)
 
     # -- enqueue -------------------------------------------------------
     def memcpy_async(self, dst: int, src: int, nbytes: int, stream: CudaStream) -> None:
@@ -905,10 +1031,12 @@ class CudaBackend(Backend):
             if nbytes < 0:
                 raise InvalidArgumentError(f"copy size must not be negative, got {nbytes}")
             return
-        ctx = stream.ctx
-        if self._tls.ctx is not ctx:
-            self._make_current(ctx)
-        (err,) = driver.cuMemcpyAsync(dst, src, nbytes, stream.handle)
+        prev = self._enter(stream.ctx, stream.ctx_addr)
+        try:
+            (err,) = driver.cuMemcpyAsync(dst, src, nbytes, stream.handle)
+        finally:
+            if prev is not None:
+                self._leave(prev)
         if err:
             raise _cuda_error("cuMemcpyAsync", err)
 
@@ -928,10 +1056,12 @@ class CudaBackend(Backend):
             return
         dst_ctx = self._context(dst_device)
         src_ctx = self._context(src_device)
-        ctx = stream.ctx
-        if self._tls.ctx is not ctx:
-            self._make_current(ctx)
-        (err,) = driver.cuMemcpyPeerAsync(dst, dst_ctx, src, src_ctx, nbytes, stream.handle)
+        prev = self._enter(stream.ctx, stream.ctx_addr)
+        try:
+            (err,) = driver.cuMemcpyPeerAsync(dst, dst_ctx, src, src_ctx, nbytes, stream.handle)
+        finally:
+            if prev is not None:
+                self._leave(prev)
         if err:
             raise _cuda_error("cuMemcpyPeerAsync", err)
 
@@ -951,10 +1081,12 @@ class CudaBackend(Backend):
                 raise InvalidArgumentError(f"memset count must not be negative, got {count}")
             return
         name, fn, mask = call
-        ctx = stream.ctx
-        if self._tls.ctx is not ctx:
-            self._make_current(ctx)
-        (err,) = fn(ptr, value & mask, count, stream.handle)
+        prev = self._enter(stream.ctx, stream.ctx_addr)
+        try:
+            (err,) = fn(ptr, value & mask, count, stream.handle)
+        finally:
+            if prev is not None:
+                self._leave(prev)
         if err:
             raise _cuda_error(name, err)
 
@@ -997,20 +1129,22 @@ class CudaBackend(Backend):
         ``kernel`` is a :class:`CudaKernel` from :meth:`compile`, a
         ``cuda.core`` ``Kernel``, or a ``driver.CUfunction``/``CUkernel``.
         """
-        ctx = stream.ctx
-        if self._tls.ctx is not ctx:
-            self._make_current(ctx)
-        k = kernel if type(kernel) is CudaKernel else self._native_kernel(kernel)
-        params = _lower_args(args, k.param_sizes)
-        gx, gy, gz = grid
-        bx, by, bz = block
+        prev = self._enter(stream.ctx, stream.ctx_addr)
         try:
-            (err,) = driver.cuLaunchKernel(
-                k.function, gx, gy, gz, bx, by, bz, shared_mem, stream.handle, params, 0
-            )
-        except (TypeError, OverflowError, ValueError) as exc:
-            # Raised while packing arguments, before anything was enqueued.
-            raise InvalidArgumentError(f"cannot launch {k.name}: {exc}") from exc
+            k = kernel if type(kernel) is CudaKernel else self._native_kernel(kernel)
+            params = _lower_args(args, k.param_sizes)
+            gx, gy, gz = grid
+            bx, by, bz = block
+            try:
+                (err,) = driver.cuLaunchKernel(
+                    k.function, gx, gy, gz, bx, by, bz, shared_mem, stream.handle, params, 0
+                )
+            except (TypeError, OverflowError, ValueError) as exc:
+                # Raised while packing arguments, before anything was enqueued.
+                raise InvalidArgumentError(f"cannot launch {k.name}: {exc}") from exc
+        finally:
+            if prev is not None:
+                self._leave(prev)
         if err:
             raise _cuda_error("cuLaunchKernel", err)
 
@@ -1026,11 +1160,13 @@ class CudaBackend(Backend):
         """
         token = next(_host_fn_tokens)
         _pending_host_fns[token] = fn
-        ctx = stream.ctx
         try:
-            if self._tls.ctx is not ctx:
-                self._make_current(ctx)
-            (err,) = driver.cuLaunchHostFunc(stream.handle, _HOST_FN_HANDLE, token)
+            prev = self._enter(stream.ctx, stream.ctx_addr)
+            try:
+                (err,) = driver.cuLaunchHostFunc(stream.handle, _HOST_FN_HANDLE, token)
+            finally:
+                if prev is not None:
+                    self._leave(prev)
         except BaseException:
             _pending_host_fns.pop(token, None)
             raise
@@ -1046,10 +1182,12 @@ class CudaBackend(Backend):
         """
         if not 0 <= value <= 0xFFFFFFFF:
             raise _uint32_error("cuStreamWriteValue32", value)
-        ctx = stream.ctx
-        if self._tls.ctx is not ctx:
-            self._make_current(ctx)
-        (err,) = driver.cuStreamWriteValue32(stream.handle, device_ptr, value, _WRITE_DEFAULT)
+        prev = self._enter(stream.ctx, stream.ctx_addr)
+        try:
+            (err,) = driver.cuStreamWriteValue32(stream.handle, device_ptr, value, _WRITE_DEFAULT)
+        finally:
+            if prev is not None:
+                self._leave(prev)
         if err:
             raise _cuda_error("cuStreamWriteValue32", err)
 
@@ -1060,10 +1198,12 @@ class CudaBackend(Backend):
         """
         if not 0 <= value <= 0xFFFFFFFF:
             raise _uint32_error("cuStreamWaitValue32", value)
-        ctx = stream.ctx
-        if self._tls.ctx is not ctx:
-            self._make_current(ctx)
-        (err,) = driver.cuStreamWaitValue32(stream.handle, device_ptr, value, _WAIT_GEQ)
+        prev = self._enter(stream.ctx, stream.ctx_addr)
+        try:
+            (err,) = driver.cuStreamWaitValue32(stream.handle, device_ptr, value, _WAIT_GEQ)
+        finally:
+            if prev is not None:
+                self._leave(prev)
         if err:
             raise _cuda_error("cuStreamWaitValue32", err)
 
@@ -1074,34 +1214,48 @@ class CudaBackend(Backend):
         With ``blocking_sync`` a thread in :meth:`event_synchronize` sleeps
         instead of spinning.
         """
-        ctx = self._bind(device)
         flags = _EVENT_DISABLE_TIMING | (_EVENT_BLOCKING_SYNC if blocking_sync else 0)
-        handle = _check("cuEventCreate", driver.cuEventCreate(flags))
+        ctx, prev = self._enter_device(device)
+        try:
+            result = driver.cuEventCreate(flags)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        handle = _check("cuEventCreate", result)
         return CudaEvent(handle, device, ctx)
 
     def event_destroy(self, event: CudaEvent) -> None:
         """``cuEventDestroy`` (idempotent); a pending record still completes."""
         if event.destroyed:
             return
-        self._bind(event.device)
-        _check("cuEventDestroy", driver.cuEventDestroy(event.handle))
+        prev = self._enter(event.ctx, event.ctx_addr)
+        try:
+            result = driver.cuEventDestroy(event.handle)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        _check("cuEventDestroy", result)
         event.destroyed = True
 
     def event_record(self, event: CudaEvent, stream: CudaStream) -> None:
         """``cuEventRecord``: ``event`` completes when ``stream``'s prior work has."""
-        ctx = stream.ctx
-        if self._tls.ctx is not ctx:
-            self._make_current(ctx)
-        (err,) = driver.cuEventRecord(event.handle, stream.handle)
+        prev = self._enter(stream.ctx, stream.ctx_addr)
+        try:
+            (err,) = driver.cuEventRecord(event.handle, stream.handle)
+        finally:
+            if prev is not None:
+                self._leave(prev)
         if err:
             raise _cuda_error("cuEventRecord", err)
 
     def event_query(self, event: CudaEvent) -> bool:
         """``cuEventQuery``: True when done, False on ``CUDA_ERROR_NOT_READY``, else raises."""
-        ctx = event.ctx
-        if self._tls.ctx is not ctx:
-            self._make_current(ctx)
-        (err,) = driver.cuEventQuery(event.handle)
+        prev = self._enter(event.ctx, event.ctx_addr)
+        try:
+            (err,) = driver.cuEventQuery(event.handle)
+        finally:
+            if prev is not None:
+                self._leave(prev)
         if not err:
             return True
         if err == _NOT_READY:
@@ -1110,17 +1264,22 @@ class CudaBackend(Backend):
 
     def event_synchronize(self, event: CudaEvent) -> None:
         """``cuEventSynchronize``; the GIL is released while it blocks."""
-        ctx = event.ctx
-        if self._tls.ctx is not ctx:
-            self._make_current(ctx)
-        _check("cuEventSynchronize", driver.cuEventSynchronize(event.handle))
+        prev = self._enter(event.ctx, event.ctx_addr)
+        try:
+            result = driver.cuEventSynchronize(event.handle)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        _check("cuEventSynchronize", result)
 
     def stream_wait_event(self, stream: CudaStream, event: CudaEvent) -> None:
         """``cuStreamWaitEvent``: later work on ``stream`` waits for ``event`` (any device)."""
-        ctx = stream.ctx
-        if self._tls.ctx is not ctx:
-            self._make_current(ctx)
-        (err,) = driver.cuStreamWaitEvent(stream.handle, event.handle, 0)
+        prev = self._enter(stream.ctx, stream.ctx_addr)
+        try:
+            (err,) = driver.cuStreamWaitEvent(stream.handle, event.handle, 0)
+        finally:
+            if prev is not None:
+                self._leave(prev)
         if err:
             raise _cuda_error("cuStreamWaitEvent", err)
 
@@ -1159,11 +1318,21 @@ class CudaBackend(Backend):
             program_options = core.ProgramOptions(**fields)
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"invalid compile options {list(options)!r}: {exc}") from exc
-        ctx = self._bind(device)
-        # cuda.core keeps its own notion of the current device; point it at the
-        # same primary context and keep this thread's cache in step.
-        core.Device(device).set_current()
-        self._tls.ctx = ctx
+        _, prev = self._enter_device(device)
+        try:
+            # cuda.core keeps its own notion of the current device: with the
+            # device's primary context current this finds it so and switches nothing.
+            core.Device(device).set_current()
+            kernel, object_code = self._load(core, source, name, program_options)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        function = driver.CUfunction(int(kernel.handle))
+        return CudaKernel(function, name, device, _param_sizes(kernel), (kernel, object_code))
+
+    @staticmethod
+    def _load(core: Any, source: str, name: str, program_options: Any) -> tuple[Any, Any]:
+        """Compile ``source`` to a cubin and get kernel ``name``: ``(kernel, object code)``."""
         program = core.Program(source, code_type="c++", options=program_options)
         try:
             object_code = program.compile("cubin")
@@ -1185,8 +1354,7 @@ class CudaBackend(Backend):
             if mapped is None:
                 raise
             raise mapped from exc
-        function = driver.CUfunction(int(kernel.handle))
-        return CudaKernel(function, name, device, _param_sizes(kernel), (kernel, object_code))
+        return kernel, object_code
 
     # -- lifecycle -----------------------------------------------------
     def close(self) -> None:
@@ -1198,7 +1366,7 @@ class CudaBackend(Backend):
         """
         with self._lock:
             contexts, self._contexts = self._contexts, {}
-            self._tls = _ThreadState()  # forgets every thread's cached context
+            self._ctx_addrs, self._own_addrs = {}, set()
             self._priority_ranges.clear()
             self._peers_enabled.clear()
             for device in sorted(contexts):

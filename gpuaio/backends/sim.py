@@ -20,6 +20,14 @@ memset pinned                 caller waits for the stream and the fill
 memset pageable               ``CUDA_ERROR_INVALID_VALUE``
 ============================  ==============================================
 
+Contexts are modelled per thread, as the driver keeps them: each device has a
+primary context, :meth:`SimBackend.context_create` makes others (as
+``cuCtxCreate`` does), memory, streams and events belong to the context that
+was current when they were made, and a call with no context current, or that
+uses a stream or event of a context other than the current one, fails with
+``CUDA_ERROR_INVALID_CONTEXT`` (stricter than CUDA, which lets some of those
+through). The backend binds contexts the way ``CudaBackend`` does.
+
 Faults are injected with :meth:`SimBackend.inject_fault` (sticky, like a
 kernel's illegal address) and :meth:`SimBackend.fail_next` (one failing call);
 :meth:`SimBackend.hold` is a latch kernel that keeps a stream busy in tests.
@@ -29,6 +37,8 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import functools
+import inspect
 import itertools
 import math
 import os
@@ -37,15 +47,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from .._errors import CudaError, InvalidArgumentError, make_cuda_error
-from ._base import Backend, DeviceProperties, MemoryKind, PointerInfo
+from ._base import Backend, DeviceProperties, MemoryKind, PointerInfo, keeps_context
 
-__all__ = ["SimBackend", "SimConfig", "SimEvent", "SimKernel", "SimStream"]
+__all__ = ["SimBackend", "SimConfig", "SimContext", "SimEvent", "SimKernel", "SimStream"]
 
 CU_RESULT_NAMES: dict[int, str] = {
     0: "CUDA_SUCCESS",
@@ -76,6 +86,7 @@ _INVALID_VALUE = 1
 _OUT_OF_MEMORY = 2
 _DEINITIALIZED = 4
 _INVALID_DEVICE = 101
+_INVALID_CONTEXT = 201
 _INVALID_HANDLE = 400
 _ILLEGAL_ADDRESS = 700
 _ALREADY_REGISTERED = 712
@@ -89,6 +100,7 @@ _POLL_S = 20e-6
 _JOIN_TIMEOUT_S = 2.0
 _DEVICE_SIDE = (MemoryKind.DEVICE, MemoryKind.MANAGED)
 _thread_ids = itertools.count()
+_context_handles = itertools.count(0x5C0000, 0x100)
 
 
 def _error(call: str, code: int, detail: str = "") -> CudaError:
@@ -104,6 +116,11 @@ def _view(ptr: int, nbytes: int) -> npt.NDArray[np.uint8]:
 
 def _noop() -> None:
     pass
+
+
+def _dead(ctx: SimContext | None) -> bool:
+    """Whether ``ctx`` is a destroyed context (what it owned is gone with it)."""
+    return ctx is not None and ctx.destroyed
 
 
 _SLICE = 1 << 20
@@ -257,6 +274,37 @@ class _Op:
         self.done: bool = False
 
 
+class SimContext:
+    """A simulated ``CUcontext``: it owns the memory, streams and events created in it.
+
+    Each device has one primary context (the one CUDA's runtime, PyTorch and
+    CuPy share); :meth:`SimBackend.context_create` makes others, as
+    ``cuCtxCreate`` does. ``handle`` stands for the ``CUcontext`` address.
+    """
+
+    __slots__ = ("destroyed", "device", "handle", "primary")
+
+    def __init__(self, device: int, primary: bool) -> None:
+        self.device = device
+        self.primary = primary
+        self.handle: int = next(_context_handles)
+        self.destroyed = False
+
+    def __repr__(self) -> str:
+        kind = "primary" if self.primary else "created"
+        return f"<SimContext {self.handle:#x} device={self.device} {kind}>"
+
+
+class _SimThread(threading.local):
+    """What one thread has current, as the driver keeps it per thread."""
+
+    def __init__(self) -> None:  # runs in each thread, on its first use
+        self.ctx: SimContext | None = None
+        """The thread's current context (``cuCtxGetCurrent``)."""
+        self.keep = keeps_context(threading.current_thread())
+        """Whether the backend leaves the context it binds current here."""
+
+
 class SimStream:
     """A simulated ``CUstream``: a worker thread running its ops strictly in FIFO order.
 
@@ -264,9 +312,13 @@ class SimStream:
     synchronize waits only for work enqueued before it was called.
     """
 
-    def __init__(self, device: int, priority: int, lock: threading.Lock) -> None:
+    def __init__(
+        self, device: int, priority: int, lock: threading.Lock, ctx: SimContext | None = None
+    ) -> None:
         self.device = device
         self.priority = priority
+        self.ctx = ctx
+        """The context the stream was created in."""
         self.queue: deque[_Op] = deque()
         self.load = 0  # launch-queue entries the queued ops take
         self.cond: threading.Condition = threading.Condition(lock)
@@ -282,8 +334,10 @@ class SimStream:
 class SimEvent:
     """A simulated ``CUevent``: remembers the marker op of its most recent record."""
 
-    def __init__(self, device: int, blocking_sync: bool) -> None:
+    def __init__(self, device: int, blocking_sync: bool, ctx: SimContext | None = None) -> None:
         self.device = device
+        self.ctx = ctx
+        """The context the event was created in."""
         self.blocking_sync = blocking_sync  # waits never spin here, so only kept for repr
         self.last: _Op | None = None
         self.destroyed = False
@@ -299,6 +353,7 @@ class _Region:
     kind: MemoryKind
     device: int | None
     array: npt.NDArray[np.uint8] | None  # None for registered user memory
+    ctx: SimContext | None = None  # the context it was allocated (registered) in
 
 
 class _Device:
@@ -339,6 +394,51 @@ def _array_arg(cai: Mapping[str, Any]) -> npt.NDArray[Any]:
     return np.ndarray(shape, dtype=dtype, buffer=buf, offset=-lo, strides=strides)
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+_KEEP: Any = object()
+"""What ``SimBackend._enter`` returns when there is nothing to restore."""
+
+
+def _in_context(kind: str, arg: str | None = None) -> Callable[[_F], _F]:
+    """Run the backend method with the context it needs current in the calling thread.
+
+    This is the backend's side, what ``CudaBackend`` does before each driver
+    call; the method body is the driver's side, which checks the thread's
+    current context as CUDA does (stricter: a stream or event used while
+    another context is current is ``CUDA_ERROR_INVALID_CONTEXT``). ``kind``
+    picks the context from argument ``arg``: ``"device"`` the device's
+    primary context, ``"handle"`` the context of a stream or event,
+    ``"owner"`` the primary context of the device owning a pointer, ``"any"``
+    a primary context (host memory is portable), ``"some"`` any live context
+    (queries). An argument that names no context binds nothing: the body then
+    rejects it as before.
+    """
+
+    def decorate(method: _F) -> _F:
+        names = list(inspect.signature(method).parameters)[1:]
+        index = names.index(arg) if arg is not None else -1
+
+        @functools.wraps(method)
+        def bound(self: SimBackend, *args: Any, **kwargs: Any) -> Any:
+            if arg is None:
+                value = None
+            elif index < len(args):
+                value = args[index]
+            else:
+                value = kwargs.get(arg)
+            ctx = self._context_for(kind, value)
+            prev = _KEEP if ctx is None else self._enter(ctx)
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                if prev is not _KEEP:
+                    self._leave(prev)
+
+        return cast(_F, bound)
+
+    return decorate
+
+
 class SimBackend(Backend):
     """CUDA on threads: ordered per-stream workers, real bytes, real time, real blocking.
 
@@ -362,6 +462,83 @@ class SimBackend(Backend):
         self._regions: dict[int, _Region] = {}
         self._handles: dict[int, SimStream] = {}
         self._fail_next: dict[str, list[tuple[int, int | None]]] = {}
+        self._primary = [SimContext(i, primary=True) for i in range(self.config.devices)]
+        self._contexts: dict[int, SimContext] = {c.handle: c for c in self._primary}
+        self._thread = _SimThread()
+
+    # -- contexts: the backend's side (what CudaBackend does) ----------
+    def _context_for(self, kind: str, value: Any) -> SimContext | None:
+        """The context a call with this argument needs current, or ``None``: none to bind."""
+        if kind == "device":
+            if isinstance(value, int) and 0 <= value < len(self._primary):
+                return self._primary[value]
+            return None
+        if kind == "handle":
+            if isinstance(value, (SimStream, SimEvent)):
+                return value.ctx
+            return None
+        if kind == "owner":
+            with self._lock:
+                region = self._regions.get(value) if isinstance(value, int) else None
+            if region is not None and region.device is not None:
+                return self._primary[region.device]
+        # Host memory is portable: any primary context serves. Queries ("some")
+        # run in whatever context is current.
+        cur = self._thread.ctx
+        if cur is not None and not cur.destroyed and (cur.primary or kind == "some"):
+            return None
+        return self._primary[0]
+
+    def _enter(self, ctx: SimContext) -> Any:
+        """Make ``ctx`` current in this thread; return what to restore (``_KEEP``: nothing).
+
+        What ``CudaBackend._enter`` does: the thread's current context is
+        read, never trusted from a cache, and switched only when it differs.
+        """
+        t = self._thread
+        cur = t.ctx
+        if cur is ctx:
+            return _KEEP
+        t.ctx = ctx
+        if t.keep or (cur is None and ctx is self._primary[0]):
+            return _KEEP
+        return cur
+
+    def _leave(self, prev: SimContext | None) -> None:
+        """Make ``prev`` (``None``: no context) current again."""
+        self._thread.ctx = prev
+
+    # -- contexts: the driver's side (all expect self._lock held) -------
+    def _current_locked(self, call: str) -> SimContext:
+        """The calling thread's current context; none, or a destroyed one, is 201."""
+        ctx = self._thread.ctx
+        if ctx is None:
+            raise _error(call, _INVALID_CONTEXT, "no context is current in the calling thread")
+        if ctx.destroyed:
+            raise _error(call, _INVALID_CONTEXT, f"the current context {ctx!r} was destroyed")
+        return ctx
+
+    def _on_device_locked(self, call: str, device: int) -> SimContext:
+        """The current context, which must be one of ``device``'s (what the call lands in).
+
+        CUDA would silently create or run the work on the current context's
+        device; the sim refuses.
+        """
+        ctx = self._current_locked(call)
+        if ctx.device != device:
+            raise _error(
+                call,
+                _INVALID_CONTEXT,
+                f"device {device}'s call made while {ctx!r} (device {ctx.device}) is current",
+            )
+        return ctx
+
+    def _owner_current_locked(self, call: str, owner: SimContext | None, what: Any) -> None:
+        """``what`` belongs to ``owner``, which must be the current context."""
+        ctx = self._current_locked(call)
+        if owner is not None and ctx is not owner:
+            detail = f"{what!r} belongs to {owner!r}; {ctx!r} is current"
+            raise _error(call, _INVALID_CONTEXT, detail)
 
     # -- checks (all *_locked helpers expect self._lock held) ----------
     def _device_locked(self, device: int, call: str) -> _Device:
@@ -396,7 +573,7 @@ class SimBackend(Backend):
         return stream
 
     def _event_locked(self, event: Any, call: str) -> SimEvent:
-        if not isinstance(event, SimEvent) or event.destroyed:
+        if not isinstance(event, SimEvent) or event.destroyed or _dead(event.ctx):
             raise _error(call, _INVALID_HANDLE, f"{event!r} is not a live sim event")
         return event
 
@@ -427,6 +604,8 @@ class SimBackend(Backend):
         region = self._region_locked(ptr)
         if region is None:
             return MemoryKind.PAGEABLE
+        if _dead(region.ctx):
+            raise _error(call, _INVALID_VALUE, f"{ptr:#x} was freed with {region.ctx!r}")
         if ptr + nbytes > region.end:
             raise _error(call, _INVALID_VALUE, f"{ptr:#x}+{nbytes} overruns its allocation")
         return region.kind
@@ -564,16 +743,22 @@ class SimBackend(Backend):
             self._device_locked(peer, "cuDeviceCanAccessPeer")
         return device != peer
 
+    @_in_context("device", "device")
     def enable_peer_access(self, device: int, peer: int) -> None:
         """Validates the ordinals; peers can always reach each other here."""
         with self._lock:
             self._device_locked(device, "cuCtxEnablePeerAccess")
             self._device_locked(peer, "cuCtxEnablePeerAccess")
+            self._on_device_locked("cuCtxEnablePeerAccess", device)
 
     # -- memory --------------------------------------------------------
     def _alloc(self, call: str, device: int | None, nbytes: int, kind: MemoryKind) -> int:
         with self._lock:
             dev = self._check_locked(call, device)
+            if device is None:
+                owner = self._current_locked(call)
+            else:
+                owner = self._on_device_locked(call, device)
             if not isinstance(nbytes, int) or nbytes <= 0:
                 raise _error(call, _INVALID_VALUE, f"cannot allocate {nbytes!r} bytes")
             budgeted = dev is not None and kind is MemoryKind.DEVICE
@@ -597,17 +782,20 @@ class SimBackend(Backend):
             array.fill(0)
         ptr = int(array.ctypes.data)
         with self._lock:
-            self._add_region_locked(_Region(ptr, ptr + nbytes, kind, device, array))
+            self._add_region_locked(_Region(ptr, ptr + nbytes, kind, device, array, owner))
         return ptr
 
+    @_in_context("device", "device")
     def mem_alloc(self, device: int, nbytes: int) -> int:
         """Device memory (host-backed, 256-byte aligned), charged to the device budget."""
         return self._alloc("cuMemAlloc", device, nbytes, MemoryKind.DEVICE)
 
+    @_in_context("device", "device")
     def mem_alloc_managed(self, device: int, nbytes: int) -> int:
         """Managed memory; it can oversubscribe, so it is not charged to the budget."""
         return self._alloc("cuMemAllocManaged", device, nbytes, MemoryKind.MANAGED)
 
+    @_in_context("owner", "ptr")
     def mem_free(self, ptr: int) -> None:
         """Free device/managed memory once work enqueued on its device has finished.
 
@@ -620,6 +808,9 @@ class SimBackend(Backend):
             region = self._regions.get(ptr)
             if region is None or region.device is None or region.kind not in _DEVICE_SIDE:
                 raise _error(call, _INVALID_VALUE, f"{ptr:#x} is not a device allocation")
+            if _dead(region.ctx):
+                raise _error(call, _INVALID_VALUE, f"{ptr:#x} was freed with {region.ctx!r}")
+            self._on_device_locked(call, region.device)
             dev = self._devices[region.device]
             targets = [(s, s.submitted) for s in dev.streams]
             self._wait_locked(
@@ -631,29 +822,36 @@ class SimBackend(Backend):
             if region.kind is MemoryKind.DEVICE:
                 dev.used -= region.end - region.start
 
+    @_in_context("any")
     def host_alloc(self, nbytes: int) -> int:
         """Pinned, portable, mapped host memory (its device address is ``ptr`` itself)."""
         return self._alloc("cuMemHostAlloc", None, nbytes, MemoryKind.PINNED)
 
+    @_in_context("any")
     def host_free(self, ptr: int) -> None:
         """Free pinned memory after all work already enqueued on any stream has finished."""
         call = "cuMemFreeHost"
         with self._lock:
             self._check_locked(call, None)
+            self._current_locked(call)
             region = self._regions.get(ptr)
             if region is None or region.kind is not MemoryKind.PINNED or region.array is None:
                 raise _error(call, _INVALID_VALUE, f"{ptr:#x} is not from cuMemHostAlloc")
+            if _dead(region.ctx):
+                raise _error(call, _INVALID_VALUE, f"{ptr:#x} was freed with {region.ctx!r}")
             targets = [(s, s.submitted) for d in self._devices for s in d.streams]
             self._changed.wait_for(lambda: self._closed or all(s.retired >= n for s, n in targets))
             if self._regions.get(ptr) is not region:
                 raise _error(call, _INVALID_VALUE, f"{ptr:#x} was already freed")
             self._remove_region_locked(region)
 
+    @_in_context("any")
     def host_register(self, ptr: int, nbytes: int) -> None:
         """Mark ``[ptr, ptr + nbytes)`` pinned; overlapping pinned memory gives 712."""
         call = "cuMemHostRegister"
         with self._lock:
             self._check_locked(call, None)
+            owner = self._current_locked(call)
             if ptr == 0 or not isinstance(nbytes, int) or nbytes <= 0:
                 raise _error(call, _INVALID_VALUE, f"bad range {ptr:#x}+{nbytes!r}")
             overlap = self._region_locked(ptr)
@@ -663,41 +861,52 @@ class SimBackend(Backend):
             if overlap is not None:
                 code = _ALREADY_REGISTERED if overlap.kind is MemoryKind.PINNED else _INVALID_VALUE
                 raise _error(call, code, f"{ptr:#x}+{nbytes} overlaps {overlap.kind.value} memory")
-            self._add_region_locked(_Region(ptr, ptr + nbytes, MemoryKind.PINNED, None, None))
+            self._add_region_locked(
+                _Region(ptr, ptr + nbytes, MemoryKind.PINNED, None, None, owner)
+            )
 
+    @_in_context("any")
     def host_unregister(self, ptr: int) -> None:
         """Undo :meth:`host_register` of the range starting at ``ptr`` (else 713, as CUDA)."""
         call = "cuMemHostUnregister"
         with self._lock:
             self._check_locked(call, None)
+            self._current_locked(call)
             region = self._regions.get(ptr)
             if region is None or region.kind is not MemoryKind.PINNED or region.array is not None:
                 raise _error(call, _NOT_REGISTERED, f"{ptr:#x} is not a registered range")
             self._remove_region_locked(region)
 
+    @_in_context("any")
     def host_device_pointer(self, ptr: int) -> int:
         """Pinned memory is mapped at the same address; anything else is invalid."""
         with self._lock:
+            self._current_locked("cuMemHostGetDevicePointer")
             region = self._region_locked(ptr)
-        if region is None or region.kind is not MemoryKind.PINNED:
+        if region is None or region.kind is not MemoryKind.PINNED or _dead(region.ctx):
             raise _error("cuMemHostGetDevicePointer", _INVALID_VALUE, f"{ptr:#x} is not pinned")
         return ptr
 
+    @_in_context("some")
     def pointer_info(self, ptr: int) -> PointerInfo:
         """Classify ``ptr`` by the sim's allocation table; unknown memory is pageable."""
         with self._lock:
+            self._current_locked("cuPointerGetAttributes")
             region = self._region_locked(ptr)
-        if region is None:
+        if region is None or _dead(region.ctx):  # memory of a destroyed context is unmapped
             return PointerInfo(MemoryKind.PAGEABLE, None)
         return PointerInfo(region.kind, region.device)
 
     # -- streams -------------------------------------------------------
+    @_in_context("device", "device")
     def stream_priority_range(self, device: int) -> tuple[int, int]:
         """``SimConfig.priority_range`` (as ``cuCtxGetStreamPriorityRange`` gives it)."""
         with self._lock:
             self._device_locked(device, "cuCtxGetStreamPriorityRange")
+            self._on_device_locked("cuCtxGetStreamPriorityRange", device)
         return self.config.priority_range
 
+    @_in_context("device", "device")
     def stream_create(self, device: int, priority: int = 0) -> SimStream:
         """A stream with its own worker thread; ``priority`` is clamped to the range."""
         call = "cuStreamCreateWithPriority"
@@ -707,7 +916,8 @@ class SimBackend(Backend):
                 raise _error(call, _DEINITIALIZED, "the sim backend is closed")
             dev = self._check_locked(call, device)
             assert dev is not None
-            s = SimStream(device, min(least, max(greatest, priority)), self._lock)
+            owner = self._on_device_locked(call, device)
+            s = SimStream(device, min(least, max(greatest, priority)), self._lock, owner)
             s.thread = threading.Thread(
                 target=self._worker, args=(s,), name=f"gpuaio-sim-stream-{next(_thread_ids)}"
             )
@@ -735,23 +945,27 @@ class SimBackend(Backend):
             raise _error("cuStreamGetId", _INVALID_HANDLE, f"{stream!r} is not a sim stream")
         return id(stream)
 
+    @_in_context("handle", "stream")
     def stream_destroy(self, stream: Any) -> None:
         """Returns at once; the worker finishes the queued ops, then exits."""
         with self._lock:
             if self._closed:  # every worker is gone already
                 return
             s = self._stream_locked(stream, "cuStreamDestroy")
+            self._owner_current_locked("cuStreamDestroy", s.ctx, s)
             s.destroyed = True
             self._handles.pop(id(s), None)
             s.cond.notify()
             # Like cuStreamDestroy on a faulted context (the worker exits all the same).
             self._check_locked("cuStreamDestroy", s.device)
 
+    @_in_context("handle", "stream")
     def stream_synchronize(self, stream: Any) -> None:
         """Block until everything enqueued before this call has run."""
         call = "cuStreamSynchronize"
         with self._lock:
             s = self._stream_locked(stream, call)
+            self._owner_current_locked(call, s.ctx, s)
             dev = self._check_locked(call, s.device)
             target = s.submitted
             self._wait_locked(call, dev, lambda: s.retired >= target)
@@ -760,6 +974,7 @@ class SimBackend(Backend):
     def _begin(self, stream: Any, call: str) -> tuple[SimStream, _Device]:
         with self._lock:
             s = self._stream_locked(stream, call)
+            self._owner_current_locked(call, s.ctx, s)
             dev = self._check_locked(call, s.device)
             assert dev is not None
             return s, dev
@@ -770,6 +985,7 @@ class SimBackend(Backend):
 
         return _Op(call, run, self.config.latency_s + nbytes / (gbps * 1e9))
 
+    @_in_context("handle", "stream")
     def memcpy_async(self, dst: int, src: int, nbytes: int, stream: Any) -> None:
         """``cuMemcpyAsync``, blocking the caller where CUDA does (see the module docstring)."""
         call = "cuMemcpyAsync"
@@ -804,6 +1020,7 @@ class SimBackend(Backend):
         else:
             self._push(s, self._copy_op(call, dst, src, nbytes, cfg.host_gbps), wait=True)
 
+    @_in_context("handle", "stream")
     def memcpy_peer_async(
         self, dst: int, dst_device: int, src: int, src_device: int, nbytes: int, stream: Any
     ) -> None:
@@ -817,6 +1034,7 @@ class SimBackend(Backend):
             self._kind_locked(src, nbytes, call)
         self._push(s, self._copy_op(call, dst, src, nbytes, self.config.peer_gbps))
 
+    @_in_context("handle", "stream")
     def memset_async(self, ptr: int, value: int, itemsize: int, count: int, stream: Any) -> None:
         """Fill ``count`` little-endian items; async on device/managed, sync on pinned."""
         call = f"cuMemsetD{8 * itemsize}Async" if itemsize in (1, 2, 4) else "cuMemsetD8Async"
@@ -840,6 +1058,7 @@ class SimBackend(Backend):
         gbps = self.config.host_gbps if host else self.config.d2d_gbps
         self._push(s, _Op(call, run, self.config.latency_s + nbytes / (gbps * 1e9)), wait=host)
 
+    @_in_context("handle", "stream")
     def launch(
         self,
         kernel: Any,
@@ -881,6 +1100,7 @@ class SimBackend(Backend):
         cost = max(self.config.latency_s, kernel.duration_s)
         self._push(s, _Op(call, run, cost, fail_code=_LAUNCH_FAILED))
 
+    @_in_context("handle", "stream")
     def launch_host_func(self, stream: Any, fn: Callable[[], None]) -> None:
         """Run ``fn`` in the worker, in order; a raising ``fn`` faults the device (719)."""
         call = "cuLaunchHostFunc"
@@ -900,6 +1120,7 @@ class SimBackend(Backend):
         if kind is MemoryKind.PAGEABLE or ptr % 4:
             raise _error(call, _INVALID_VALUE, f"{ptr:#x} is not aligned mapped/device memory")
 
+    @_in_context("handle", "stream")
     def stream_write_value32(self, stream: Any, device_ptr: int, value: int) -> None:
         """In stream order, store ``value`` as a little-endian uint32 at ``device_ptr``."""
         call = "cuStreamWriteValue32"
@@ -915,6 +1136,7 @@ class SimBackend(Backend):
 
         self._push(s, _Op(call, run, self.config.latency_s, counted=False))
 
+    @_in_context("handle", "stream")
     def stream_wait_value32(self, stream: Any, device_ptr: int, value: int) -> None:
         """The stream waits until ``(int32)(*device_ptr - value) >= 0`` (CUDA's cyclic GEQ)."""
         call = "cuStreamWaitValue32"
@@ -933,12 +1155,15 @@ class SimBackend(Backend):
         self._push(s, _Op(call, run, self.config.latency_s, counted=False))
 
     # -- events --------------------------------------------------------
+    @_in_context("device", "device")
     def event_create(self, device: int, blocking_sync: bool = False) -> SimEvent:
         """A simulated event; ``blocking_sync`` changes nothing here."""
         with self._lock:
             self._check_locked("cuEventCreate", device)
-        return SimEvent(device, blocking_sync)
+            owner = self._on_device_locked("cuEventCreate", device)
+        return SimEvent(device, blocking_sync, owner)
 
+    @_in_context("handle", "event")
     def event_destroy(self, event: Any) -> None:
         """Pending records still complete; the event can no longer be used.
 
@@ -948,17 +1173,22 @@ class SimBackend(Backend):
         call = "cuEventDestroy"
         with self._lock:
             ev = self._event_locked(event, call)
+            self._owner_current_locked(call, ev.ctx, ev)
             ev.destroyed = True
             self._check_locked(call, ev.device)
 
+    @_in_context("handle", "stream")
     def event_record(self, event: Any, stream: Any) -> None:
         """Enqueue a marker; the event now stands for the work before it."""
         call = "cuEventRecord"
         with self._lock:
             ev = self._event_locked(event, call)
             s = self._stream_locked(stream, call)
+            self._owner_current_locked(call, s.ctx, s)
             if s.device != ev.device:
                 raise _error(call, _INVALID_HANDLE, "event and stream are on different devices")
+            if s.ctx is not ev.ctx:
+                raise _error(call, _INVALID_HANDLE, "event and stream are in different contexts")
             self._check_locked(call, s.device)
             op = _Op(call, _noop, counted=False)
             s.queue.append(op)
@@ -967,6 +1197,7 @@ class SimBackend(Backend):
             s.cond.notify()
             ev.last = op
 
+    @_in_context("handle", "event")
     def event_query(self, event: Any) -> bool:
         """Whether the most recent record was reached (never recorded: True).
 
@@ -976,6 +1207,7 @@ class SimBackend(Backend):
         call = "cuEventQuery"
         with self._lock:
             ev = self._event_locked(event, call)
+            self._owner_current_locked(call, ev.ctx, ev)
             dev = self._device_locked(ev.device, call)
             last = ev.last
             if (
@@ -989,11 +1221,13 @@ class SimBackend(Backend):
             self._check_locked(call, ev.device)
             return last is None or last.done
 
+    @_in_context("handle", "event")
     def event_synchronize(self, event: Any) -> None:
         """Block until the record current at call time is reached; a fault wakes and raises."""
         call = "cuEventSynchronize"
         with self._lock:
             ev = self._event_locked(event, call)
+            self._owner_current_locked(call, ev.ctx, ev)
             dev = self._check_locked(call, ev.device)
             target = ev.last
             if target is not None:
@@ -1003,6 +1237,7 @@ class SimBackend(Backend):
                 # on is a use after free (seen to crash on an H200).
                 raise _error(call, _INVALID_HANDLE, f"{event!r} was destroyed while synchronized")
 
+    @_in_context("handle", "stream")
     def stream_wait_event(self, stream: Any, event: Any) -> None:
         """Later work on ``stream`` waits for the event's record current at call time.
 
@@ -1013,6 +1248,7 @@ class SimBackend(Backend):
         with self._lock:
             ev = self._event_locked(event, call)
             s = self._stream_locked(stream, call)
+            self._owner_current_locked(call, s.ctx, s)
             dev = self._check_locked(call, s.device)
             assert dev is not None
             target = ev.last
@@ -1026,6 +1262,7 @@ class SimBackend(Backend):
         self._push(s, _Op(call, run, counted=False))
 
     # -- kernels -------------------------------------------------------
+    @_in_context("device", "device")
     def compile(
         self,
         device: int,
@@ -1037,6 +1274,7 @@ class SimBackend(Backend):
         """Wrap ``sim`` (the Python body) as kernel ``name``; ``source`` is not compiled."""
         with self._lock:
             self._check_locked("cuModuleLoadData", device)
+            self._on_device_locked("cuModuleLoadData", device)
         if sim is None:
             raise InvalidArgumentError(
                 f"the sim backend cannot run CUDA source: give kernel {name!r} a Python body (sim=)"
@@ -1045,7 +1283,93 @@ class SimBackend(Backend):
             return sim
         return SimKernel(sim, name)
 
+    # -- contexts ------------------------------------------------------
+    def current_context(self) -> int:
+        """The handle of the calling thread's current context (0: none)."""
+        ctx = self._thread.ctx
+        return 0 if ctx is None else ctx.handle
+
+    def set_current_context(self, ctx: int) -> None:
+        """Make the context with handle ``ctx`` current in the calling thread (0: none)."""
+        if ctx == 0:
+            self._thread.ctx = None
+            return
+        with self._lock:
+            found = self._contexts.get(ctx)
+            if found is None or found.destroyed:
+                raise _error("cuCtxSetCurrent", _INVALID_CONTEXT, f"no live sim context {ctx!r}")
+        self._thread.ctx = found
+
+    def primary_context(self, device: int) -> int:
+        """The handle of ``device``'s primary context."""
+        with self._lock:
+            self._device_locked(device, "cuDevicePrimaryCtxRetain")
+        return self._primary[device].handle
+
     # -- test hooks ----------------------------------------------------
+    def context_create(self, device: int = 0) -> int:
+        """A new (non-primary) context on ``device``, made current in the calling thread.
+
+        What ``cuCtxCreate`` does, and what a library with its own context
+        (PyCUDA's ``make_context``) leaves current. Returns its handle.
+        """
+        with self._lock:
+            self._device_locked(device, "cuCtxCreate")
+            ctx = SimContext(device, primary=False)
+            self._contexts[ctx.handle] = ctx
+        self._thread.ctx = ctx
+        return ctx.handle
+
+    def context_destroy(self, ctx: int) -> None:
+        """Destroy a context from :meth:`context_create`, and everything it owns.
+
+        Its memory is unmapped (a later use is ``CUDA_ERROR_INVALID_VALUE``),
+        its streams and events are destroyed, their queued work dropped. If it
+        is current in the calling thread, no context is current there after.
+        """
+        call = "cuCtxDestroy"
+        with self._lock:
+            found = self._contexts.get(ctx)
+            if found is None or found.destroyed or found.primary:
+                raise _error(call, _INVALID_CONTEXT, f"{ctx!r} is no live created sim context")
+            found.destroyed = True
+            for region in self._regions.values():
+                # Kept in the table, its backing array alive: the address stays
+                # reserved, so a use finds it dead instead of reading freed memory.
+                if region.ctx is found and region.kind is MemoryKind.DEVICE:
+                    assert region.device is not None
+                    self._devices[region.device].used -= region.end - region.start
+            for dev in self._devices:
+                for stream in dev.streams:
+                    if stream.ctx is found and not stream.destroyed:
+                        stream.destroyed = True
+                        stream.retired += len(stream.queue)
+                        stream.queue.clear()
+                        stream.load = 0
+                        self._handles.pop(id(stream), None)
+                        stream.cond.notify()
+            self._changed.notify_all()
+        if self._thread.ctx is found:
+            self._thread.ctx = None
+
+    def context_of(self, obj: Any) -> int:
+        """The handle of the context that owns ``obj`` (0: none known).
+
+        ``obj`` is a pointer (an ``int``), a sim stream or event, or anything
+        with a ``ptr`` (gpuaio buffers) or ``_native`` (gpuaio streams, events).
+        """
+        obj = getattr(obj, "_native", obj)
+        ptr = getattr(obj, "ptr", obj)
+        if isinstance(obj, (SimStream, SimEvent)):
+            owner = obj.ctx
+        elif isinstance(ptr, int):
+            with self._lock:
+                region = self._region_locked(ptr)
+            owner = None if region is None else region.ctx
+        else:
+            raise InvalidArgumentError(f"context_of: {obj!r} is no pointer, stream or event")
+        return 0 if owner is None else owner.handle
+
     def inject_fault(self, device: int = 0, *, after_ops: int = 0, code: int = 700) -> None:
         """After ``after_ops`` more copies/memsets/launches run on ``device``, the next
         one fails and the device is sticky-faulted (queued work dropped, waiters raise).
