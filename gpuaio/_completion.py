@@ -47,6 +47,7 @@ raises within about ``FAULT_PROBE_S`` of the driver first reporting the fault.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -416,6 +417,17 @@ class EventEngine(CompletionEngine):
             self._probe()
 
     def _fail_all(self, exc: DeviceFatalError) -> None:
+        # Ops whose markers fired before the fault completed: resolve them
+        # first (a flag still reads after a fault; an event query raises, and
+        # then the rest fail). A probe may find the fault before any drain.
+        done: list[tuple[Port, Callable[[], None]]] = []
+        with self._cv:
+            pending = list(self._queues.values())
+        for q in pending:
+            with contextlib.suppress(DeviceFatalError):
+                self._drain(q, done, block=True)
+        if done:
+            post_waiters(done)
         self._fail_fatal(exc)
         with self._cv:
             queues = list(self._queues.values())
