@@ -132,6 +132,8 @@ class Stream:
         if self._closed:
             return
         self._closed = True
+        if self._rt.forked is not None:
+            return  # in a forked child: the parent's stream is left alone (leaked)
         if self._owned:
             self._rt.forget_sequencer(self._seq)
         self._seq.release(destroy_stream=self._owned)
