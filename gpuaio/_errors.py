@@ -11,6 +11,7 @@ __all__ = [
     "BufferFreedError",
     "CudaError",
     "DeviceFatalError",
+    "ForkedProcessError",
     "GpuaioError",
     "InvalidArgumentError",
     "NoDeviceError",
@@ -77,6 +78,31 @@ class DeviceFatalError(CudaError):
     The device's context is unusable for the rest of the process: every
     pending and every later operation on that device fails with this error.
     """
+
+
+class ForkedProcessError(DeviceFatalError):
+    """gpuaio was used in a process forked after gpuaio had initialized its backend.
+
+    CUDA does not survive ``fork``: in the child every driver call fails
+    (``CUDA_ERROR_NOT_INITIALIZED``), so every gpuaio call on what the child
+    inherited (the runtime, its devices, streams, arrays and pending
+    operations) raises this at once, and nothing is freed: the child leaks
+    what it inherited rather than touch the parent's driver state. The
+    simulated backend behaves the same way. Start worker processes with the
+    ``spawn`` or ``forkserver`` multiprocessing start method, or fork before
+    gpuaio is first used. The message says which.
+    """
+
+    def __init__(
+        self,
+        call: str,
+        code: int = 3,
+        name: str = "CUDA_ERROR_NOT_INITIALIZED",
+        detail: str = "",
+    ) -> None:
+        super().__init__(call, code, name, detail)
+        # The advice is the message; the call and the code are attributes.
+        self.args = (detail or f"{call}: this process was forked after gpuaio initialized",)
 
 
 # CUresult codes after which the context is corrupted for good

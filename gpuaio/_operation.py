@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Operation", "resolve_many", "wait_all"]
 
+forked_child = False
+"""Set in a child forked after gpuaio initialized (see gpuaio._fork): operations
+pending at the fork never complete there, and awaiting one fails at once."""
+
 
 class Operation:
     """An enqueued copy, memset, launch or marker; awaitable once or many times.
@@ -112,7 +116,7 @@ class Operation:
     def __await__(self) -> Generator[Any, None, None]:
         # A generator rather than a coroutine: the common cases (done, or done
         # after a few polls) create no coroutine at all.
-        if not self._done:
+        if not self._done and not (forked_child and self._abandon_if_inherited()):
             poll = self._poll
             engine: Any = poll[0] if poll is not None else None
             spin = engine.loop_spin_s if engine is not None else 0.0
@@ -196,6 +200,27 @@ class Operation:
             timeout = min(timeout * 2, 5e-3)
 
     # -- internal ------------------------------------------------------
+    def _abandon_if_inherited(self) -> bool:
+        """In a forked child: fail this op if it belongs to the runtime the child inherited.
+
+        Nothing in the child would ever complete it (the parent's threads are
+        gone, and the child cannot query the parent's driver state). Its
+        completion step and callbacks are dropped, not run: they would touch
+        buffers and locks of the parent's runtime, which the child leaks.
+        Waiters are dropped too: they belong to threads and event loops of
+        the parent; the caller raises the error itself.
+        """
+        stream = self.stream
+        detail = stream._rt.forked if stream is not None else None
+        if detail is None:
+            return False
+        from ._errors import ForkedProcessError
+
+        self._complete = self._callbacks = self._keep = self._waiters = None
+        self._exc = ForkedProcessError("await", detail=detail)
+        self._done = True
+        return True
+
     def _add_done_callback(self, cb: Callable[[], None]) -> None:
         """Run ``cb`` in the resolving thread as the op completes (at once if done).
 

@@ -3,6 +3,10 @@
 Created lazily on first use. :func:`use_backend` swaps it (tests use this to
 get a fresh simulated backend); objects from an earlier runtime must not be
 used after a swap.
+
+A process forked after the runtime was created cannot use it (see
+:mod:`gpuaio._fork`): the ``os.register_at_fork`` hooks at the end of this
+module disable it in the child.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ import queue
 import threading
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
+from . import _operation
 from ._completion import STRATEGIES, CompletionEngine, FaultLog, Strategy, make_engine
-from ._errors import DeviceFatalError, NoDeviceError
+from ._errors import DeviceFatalError, ForkedProcessError, NoDeviceError
+from ._fork import disable_backend, forked_message
 from ._hostwork import HostPool
 from ._sequencer import Sequencer
 from .backends import Backend, create_backend
@@ -91,6 +97,16 @@ class _Reaper:
             t.join(timeout=10)
 
 
+class _LeakingReaper(_Reaper):
+    """A forked child's reaper: frees nothing (the memory belongs to the parent's driver state)."""
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Runtime:
     """One backend with its devices, completion engines, host threads and reaper."""
 
@@ -114,6 +130,11 @@ class Runtime:
         self._lock = threading.Lock()
         self.closed: bool = False
         self.extras: dict[str, Any] = {}
+        self.forked: str | None = None
+        """In a child forked after this runtime was created: why it cannot be used."""
+
+    def _raise_forked(self, call: str) -> NoReturn:
+        raise ForkedProcessError(call, detail=self.forked or "")
 
     def engine(self, device: int) -> CompletionEngine:
         """The completion engine of ``device``, started on first use."""
@@ -150,6 +171,8 @@ class Runtime:
     @property
     def stager(self) -> Stager | None:
         """The pageable-transfer stager (None when ``GPUAIO_STAGING=0``)."""
+        if self.forked is not None:
+            self._raise_forked("stager")
         try:
             return self.extras["stager"]  # type: ignore[no-any-return]
         except KeyError:
@@ -166,6 +189,8 @@ class Runtime:
         """Use ``strategy`` for every device from now on (no op may be pending)."""
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown completion strategy {strategy!r}; choose from {STRATEGIES}")
+        if self.forked is not None:
+            self._raise_forked("configure")
         with self._lock:
             busy = [e.device for e in self._engines.values() if e.pending()]
             if busy:
@@ -178,6 +203,8 @@ class Runtime:
 
     def device(self, ordinal: int) -> Device:
         """The :class:`Device` object for ``ordinal`` (one per runtime)."""
+        if self.forked is not None:
+            self._raise_forked("Device")
         dev = self._devices.get(ordinal)
         if dev is None:
             from ._device import Device
@@ -229,7 +256,9 @@ class Runtime:
             log.error("%s", what, exc_info=exc)
 
     def check_device(self, ordinal: int) -> None:
-        """Raise the device's sticky error, if it has had one."""
+        """Raise the device's sticky error, if it has had one (or if this process was forked)."""
+        if self.forked is not None:
+            self._raise_forked("gpuaio")
         eng = self._engines.get(ordinal)
         if eng is not None and eng.fatal is not None:
             raise DeviceFatalError(eng.fatal.call, eng.fatal.code, eng.fatal.name, eng.fatal.detail)
@@ -252,9 +281,24 @@ class Runtime:
         self.reaper.close()
         self.backend.close()
 
+    def _disown(self, detail: str) -> None:
+        """In a forked child: refuse every use, free nothing, close nothing at exit.
+
+        Runs inside ``os.fork`` in the child, where only the forking thread
+        exists: it takes no lock and makes no driver call, only replaces
+        what a thread of the parent may have held at the fork.
+        """
+        self.forked = detail
+        self.closed = True  # close() and the frees of collected arrays do nothing now
+        self._lock = threading.Lock()
+        self.reaper = _LeakingReaper()
+        disable_backend(self.backend, detail)
+
 
 _current: Runtime | None = None
 _current_lock = threading.Lock()
+_cuda_pid: int | None = None
+"""The process in which gpuaio initialized CUDA (a forked child cannot use it)."""
 
 
 def current_runtime() -> Runtime:
@@ -266,18 +310,35 @@ def current_runtime() -> Runtime:
 
 
 def _create(backend: Backend | str | None, completion: Strategy | None) -> Runtime:
-    global _current
+    global _current, _cuda_pid
     with _current_lock:
         if backend is None and _current is not None:
             return _current
         if isinstance(backend, Backend):
             be, reason = backend, f"{backend.name} backend chosen by the caller"
         else:
+            _refuse_cuda_after_fork(backend)
             be, reason = create_backend(backend)
+        if be.name == "cuda" and _cuda_pid is None:
+            _cuda_pid = os.getpid()
         old, _current = _current, Runtime(be, reason, completion)
     if old is not None:
         old.close()
     return _current
+
+
+def _refuse_cuda_after_fork(name: str | None) -> None:
+    """In a child forked after gpuaio initialized CUDA, CUDA cannot be initialized again.
+
+    Without this, ``auto`` would silently fall back to the sim.
+    """
+    if _cuda_pid is None or _cuda_pid == os.getpid():
+        return
+    choice = (name or os.environ.get("GPUAIO_BACKEND") or "auto").lower()
+    if choice in ("auto", "cuda"):
+        raise ForkedProcessError(
+            "use_backend", detail=forked_message("cuda", os.getpid(), _cuda_pid)
+        )
 
 
 def use_backend(backend: Backend | str, *, completion: Strategy | None = None) -> Runtime:
@@ -308,3 +369,46 @@ def _shutdown() -> None:
             rt.close()
         except Exception:
             log.exception("gpuaio: error at shutdown")
+
+
+# -- fork ----------------------------------------------------------------------
+
+_FORK_LOCK_TIMEOUT_S = 30.0
+_fork_holds_lock = False
+
+
+def _before_fork() -> None:
+    # No runtime is half created or half swapped at the fork.
+    global _fork_holds_lock
+    _fork_holds_lock = _current_lock.acquire(timeout=_FORK_LOCK_TIMEOUT_S)
+
+
+def _after_fork_in_parent() -> None:
+    global _fork_holds_lock
+    if _fork_holds_lock:
+        _fork_holds_lock = False
+        _current_lock.release()
+
+
+def _after_fork_in_child() -> None:
+    """Disable the inherited runtime; a process that never created one starts fresh.
+
+    Runs in the child inside ``os.fork``: no driver call, no lock a thread of
+    the parent may have held.
+    """
+    global _current_lock, _fork_holds_lock
+    _current_lock = threading.Lock()
+    _fork_holds_lock = False
+    rt = _current
+    if rt is None:
+        return
+    _operation.forked_child = True
+    rt._disown(forked_message(rt.backend.name, os.getpid(), os.getppid()))
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )

@@ -146,6 +146,8 @@ class Stream:
         if self._closed:
             return
         self._closed = True
+        if self._rt.forked is not None:
+            return  # in a forked child: the parent's stream is left alone (leaked)
         if self._owned:
             self._rt.forget_sequencer(self._seq)
         self._seq.release(destroy_stream=self._owned)
@@ -158,8 +160,8 @@ class Stream:
             return
         self._closed = True
         rt = self._rt
-        if rt.closed:
-            return  # the runtime released every stream with its backend
+        if rt.closed or rt.forked is not None:
+            return  # released with the backend, or the parent's (a forked child leaks it)
         # Not here: this may run on any thread, even one holding a lock that
         # forget_sequencer or the release take; the reaper thread does it
         # (and the stream's host thread destroys it, off the loop).
