@@ -12,10 +12,8 @@ import logging
 import os
 import queue
 import threading
-import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -153,8 +151,6 @@ class SerialExecutor:
     given job has run.
     """
 
-    _all: ClassVar[weakref.WeakSet[SerialExecutor]] = weakref.WeakSet()
-
     def __init__(self, name: str, idle_s: float = 30.0) -> None:
         self._name = name
         self._idle_s = idle_s
@@ -167,13 +163,6 @@ class SerialExecutor:
         self._waiting = 0
         self._thread: threading.Thread | None = None
         self._ident = 0
-        SerialExecutor._all.add(self)
-
-    @classmethod
-    def unfinished_jobs(cls) -> int:
-        """Jobs submitted to any executor that have not finished (a leak check's count:
-        an op can be resolved while its job still returns pinned blocks)."""
-        return sum(max(0, ex.submitted - ex.completed) for ex in list(cls._all))
 
     @property
     def busy(self) -> bool:

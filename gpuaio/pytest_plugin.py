@@ -589,10 +589,6 @@ def pending_operations(runtime: Runtime) -> tuple[int, list[str]]:
                 labels.extend(op.label for op in list(eng._pending))
     if not count:
         count += _sim_backlog(runtime.backend)
-    if not count:
-        from ._hostwork import SerialExecutor
-
-        count += SerialExecutor.unfinished_jobs()  # host steps still running
     return count, labels
 
 
@@ -651,6 +647,12 @@ def leak_problems(
             "await every operation (or gpuaio.wait_all) before the test ends"
         )
     _reserved, in_use = _pool_stats(runtime)
+    # A host step hands its staging blocks back just after its op resolves
+    # (an aborted or abandoned transfer's step may still be copying): wait.
+    deadline = time.monotonic() + grace_s
+    while in_use and not count and time.monotonic() < deadline:
+        time.sleep(0.002)
+        _reserved, in_use = _pool_stats(runtime)
     if in_use and not count and not _any_device_faulted(runtime):
         # (After a sticky fault, blocks guarded by the dead device's events stay
         # out of the pool: that is the fault's doing, not the test's.)

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 import gpuaio
-from gpuaio._hostwork import SerialExecutor
 from gpuaio._staging import Stager
 from tests.conftest import latch
 
@@ -67,7 +66,7 @@ def pipeline_idle(dev: gpuaio.Device) -> Callable[[], bool]:
     rt = dev._runtime
 
     def idle() -> bool:
-        if rt.engine(0).pending() or SerialExecutor.unfinished_jobs():
+        if rt.engine(0).pending() or any(q.executor.busy for q in list(rt._sequencers.values())):
             return False
         stager = rt.stager
         if stager is None:
