@@ -498,11 +498,11 @@ def lifecycle(report: Report) -> None:
         junit = ROOT / "tests" / "reliability" / f".junit-{name}.xml"
         cmd = [
             sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-            f"--gpuaio-backend={report.backend}", "--timeout", "300",
+            f"--gpuaio-backend={report.backend}", "--timeout", "90",
             "--junitxml", str(junit), path,
         ]  # fmt: skip
         if report.backend == "cuda":
-            cmd[5:5] = ["-m", "not sim_only"]
+            cmd[-1:-1] = ["-m", "not sim_only"]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
         try:
             root = ET.parse(junit).getroot()
@@ -550,10 +550,16 @@ def sanitizers(report: Report) -> None:
         return
     for tool in ("memcheck", "racecheck"):
         print(f"compute-sanitizer --tool {tool}", flush=True)
+        # memcheck: driver API errors are not reported. The only ones are
+        # cuda.core finding a kernel's parameter count by asking for one
+        # index past the last (cuKernelGetParamInfo -> CUDA_ERROR_INVALID_VALUE,
+        # tests/gpu-results/2026-11-25-h100-memcheck.log): a probe, not a bug.
+        api = ["--report-api-errors", "no"] if tool == "memcheck" else []
         cmd = [
             exe,
             "--tool",
             tool,
+            *api,
             "--error-exitcode",
             "86",
             "--target-processes",
@@ -575,7 +581,12 @@ def sanitizers(report: Report) -> None:
         summary = [
             x for x in text.splitlines() if "ERROR SUMMARY" in x or "passed" in x or "failed" in x
         ]
-        out.write_text(f"$ {' '.join(cmd[:8])} ...\n" + "\n".join(summary[-20:]) + "\n")
+        hits = [x for x in text.splitlines() if "=========" in x and "ERROR SUMMARY" not in x]
+        out.write_text(
+            f"$ {' '.join(cmd[: 8 + len(api)])} ... {' '.join(cmd[-4:])}\n"
+            + "\n".join(hits[:40] + summary[-20:])
+            + "\n"
+        )
         errors = sum(
             int(x.split("ERROR SUMMARY:")[1].split()[0]) for x in summary if "ERROR SUMMARY:" in x
         )
