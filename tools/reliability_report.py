@@ -68,6 +68,9 @@ LOOPS = {
 
 
 def _git_commit() -> str:
+    given = os.environ.get("GPUAIO_GIT_COMMIT")  # a copied tree's git metadata may be stale
+    if given:
+        return given
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
