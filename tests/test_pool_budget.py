@@ -172,3 +172,58 @@ def test_chunks_fit_the_budget() -> None:
     assert cfg.chunk_for(100 * MiB, 8 * MiB) == MiB
     assert cfg.chunk_for(8 * MiB, 8 * MiB) == MiB
     assert cfg.chunk_for(100 * MiB, 2 * MiB) == MiB  # the floor: one block at a time
+
+
+@pytest.mark.sim_only  # holds a stream with the sim's hold (a latch defers frees on CUDA)
+def test_hostfunc_completion_and_an_eviction_do_not_deadlock(
+    gpuaio_runtime: Any, budget_1m: Stager
+) -> None:
+    """r20, with the hostfunc strategy: a held stream's small copy completes through
+    a host function, whose done-callback hands its block back to the pool; meanwhile
+    another stream's copy evicts cached blocks, and the driver's free waits for the
+    held stream. When the host function took the pool's lock, and the eviction
+    freed under it, neither could finish: the free waited for the stream, the
+    stream for the host function, the host function for the lock."""
+    rt = gpuaio_runtime
+    before = rt.strategy
+    rt.set_completion("hostfunc")
+    outcome: list[object] = []
+
+    async def scenario() -> None:
+        dev = rt.device(0)
+        sy, sz = dev.stream(), dev.stream()
+        await anyio.to_thread.run_sync(budget_1m.pool.reserve, 64 << 10, 2)
+        small = pattern(64 << 10, 8)
+        d_small = dev.empty(small.nbytes)
+        release = rt.backend.hold(sz._native)
+        op_small = sz.copy(d_small, small)  # direct: DMA and host function behind the hold
+        big = pattern(4 * MiB, 9)
+        d_big = dev.empty(big.nbytes)
+        op_big = sy.copy(d_big, big)  # needs a 1 MiB block: evicts the 64 KiB ones
+        await anyio.sleep(0.2)
+        release()
+        await gpuaio.wait_all([op_small, op_big])
+        out = np.empty(big.nbytes, np.uint8)
+        await sy.copy(out, d_big)
+        np.testing.assert_array_equal(out, big)
+        back = np.empty_like(small)
+        await sz.copy(back, d_small)
+        np.testing.assert_array_equal(back, small)
+        sy.close()
+        sz.close()
+
+    def run() -> None:  # its own loop: a deadlock may hold a loop thread too
+        try:
+            anyio.run(scenario)
+            outcome.append("completed")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    try:
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(30)
+        assert outcome == ["completed"], outcome or "deadlocked: nothing completed in 30 s"
+    finally:
+        if outcome:
+            rt.set_completion(before)
