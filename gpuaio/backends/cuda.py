@@ -719,6 +719,15 @@ class CudaBackend(Backend):
         ctx = self._context(device)
         return self._switch(ctx, int(ctx), cur, cur_addr)
 
+    def _in_host_context(self, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args)`` (a device-agnostic driver call) in one of our contexts."""
+        prev = self._enter_host()
+        try:
+            return call(*args)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+
     def _leave(self, prev: Any) -> None:
         """Make ``prev``, current before :meth:`_enter`, current again."""
         (err,) = driver.cuCtxSetCurrent(prev)
@@ -878,53 +887,28 @@ class CudaBackend(Backend):
     def host_alloc(self, nbytes: int) -> int:
         """``cuMemHostAlloc(PORTABLE | DEVICEMAP)``: pinned, mapped on every device."""
         self._check_size(nbytes)
-        prev = self._enter_host()
-        try:
-            result = driver.cuMemHostAlloc(nbytes, _HOST_ALLOC_FLAGS)
-        finally:
-            if prev is not None:
-                self._leave(prev)
+        result = self._in_host_context(driver.cuMemHostAlloc, nbytes, _HOST_ALLOC_FLAGS)
         return int(_check("cuMemHostAlloc", result))
 
     def host_free(self, ptr: int) -> None:
         """``cuMemFreeHost`` of memory from :meth:`host_alloc`."""
-        prev = self._enter_host()
-        try:
-            result = driver.cuMemFreeHost(ptr)
-        finally:
-            if prev is not None:
-                self._leave(prev)
+        result = self._in_host_context(driver.cuMemFreeHost, ptr)
         _check("cuMemFreeHost", result)
 
     def host_register(self, ptr: int, nbytes: int) -> None:
         """``cuMemHostRegister(PORTABLE | DEVICEMAP)``: page-lock and map a host range."""
         self._check_size(nbytes)
-        prev = self._enter_host()
-        try:
-            result = driver.cuMemHostRegister(ptr, nbytes, _HOST_REGISTER_FLAGS)
-        finally:
-            if prev is not None:
-                self._leave(prev)
+        result = self._in_host_context(driver.cuMemHostRegister, ptr, nbytes, _HOST_REGISTER_FLAGS)
         _check("cuMemHostRegister", result)
 
     def host_unregister(self, ptr: int) -> None:
         """``cuMemHostUnregister`` of a range registered by :meth:`host_register`."""
-        prev = self._enter_host()
-        try:
-            result = driver.cuMemHostUnregister(ptr)
-        finally:
-            if prev is not None:
-                self._leave(prev)
+        result = self._in_host_context(driver.cuMemHostUnregister, ptr)
         _check("cuMemHostUnregister", result)
 
     def host_device_pointer(self, ptr: int) -> int:
         """``cuMemHostGetDevicePointer``: the device address of mapped pinned memory."""
-        prev = self._enter_host()
-        try:
-            result = driver.cuMemHostGetDevicePointer(ptr, 0)
-        finally:
-            if prev is not None:
-                self._leave(prev)
+        result = self._in_host_context(driver.cuMemHostGetDevicePointer, ptr, 0)
         return int(_check("cuMemHostGetDevicePointer", result))
 
     def pointer_info(self, ptr: int) -> PointerInfo:
