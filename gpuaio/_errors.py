@@ -102,7 +102,9 @@ class ForkedProcessError(DeviceFatalError):
     ) -> None:
         super().__init__(call, code, name, detail)
         # The advice is the message; the call and the code are attributes.
-        self.args = (detail or f"{call}: this process was forked after gpuaio initialized",)
+        self.args: tuple[str] = (
+            detail or f"{call}: this process was forked after gpuaio initialized",
+        )
 
 
 # CUresult codes after which the context is corrupted for good

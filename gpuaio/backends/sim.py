@@ -285,10 +285,10 @@ class SimContext:
     __slots__ = ("destroyed", "device", "handle", "primary")
 
     def __init__(self, device: int, primary: bool) -> None:
-        self.device = device
-        self.primary = primary
+        self.device: int = device
+        self.primary: bool = primary
         self.handle: int = next(_context_handles)
-        self.destroyed = False
+        self.destroyed: bool = False
 
     def __repr__(self) -> str:
         kind = "primary" if self.primary else "created"
