@@ -1,6 +1,7 @@
-"""``python -m gpuaio info | demo | bench``.
+"""``gpuaio info | demo | bench`` (or ``python -m gpuaio ...``).
 
-``info``  devices, driver, backend and how each kind of memory is classified.
+``info``  devices, driver, backend and how each kind of memory is classified
+          (``--json``: the same as one JSON object).
 ``demo``  a short tour: copies, a memset and a kernel launch, each awaited
           while a 1 ms ticker measures how long the event loop was blocked.
 ``bench`` a quick transfer benchmark: gpuaio against the raw driver call.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -43,19 +45,23 @@ def _banner() -> None:
         print("  CUDA's stream ordering and blocking rules with real time passing.")
 
 
-def info() -> int:
-    """Print devices, driver, backend and memory-kind checks."""
-    _banner()
+def describe_setup() -> dict[str, Any]:
+    """Backend, driver, completion strategy, devices and memory-kind checks, as data."""
     rt = current_runtime()
     be = rt.backend
-    print(f"driver: {be.driver_version()}")
-    print(f"completion strategy: {rt.strategy}")
+    devices = []
     for i in range(be.device_count()):
         p = be.device_properties(i)
-        print(
-            f"device {i}: {p.name}, {p.total_memory / 2**30:.1f} GiB, "
-            f"sm_{p.compute_capability[0]}{p.compute_capability[1]}, "
-            f"{p.multiprocessors} SMs, PCI {p.pci_bus_id}, stream mem ops: {p.stream_mem_ops}"
+        devices.append(
+            {
+                "ordinal": i,
+                "name": p.name,
+                "total_memory": p.total_memory,
+                "compute_capability": list(p.compute_capability),
+                "multiprocessors": p.multiprocessors,
+                "pci_bus_id": p.pci_bus_id,
+                "stream_mem_ops": p.stream_mem_ops,
+            }
         )
     dev = gpuaio.Device(0)
     samples: dict[str, Any] = {
@@ -64,9 +70,36 @@ def info() -> int:
         "Device.empty": dev.empty(4096),
         "Device.managed_empty": dev.managed_empty(4096),
     }
+    return {
+        "gpuaio": gpuaio.__version__,
+        "backend": be.name,
+        "reason": rt.reason,
+        "driver": be.driver_version(),
+        "completion": rt.strategy,
+        "devices": devices,
+        "memory_kinds": {k: gpuaio.memory_kind(v).value for k, v in samples.items()},
+    }
+
+
+def info(as_json: bool = False) -> int:
+    """Print devices, driver, backend and memory-kind checks (one JSON object with ``as_json``)."""
+    setup = describe_setup()
+    if as_json:
+        print(json.dumps(setup, indent=1))
+        return 0
+    _banner()
+    print(f"driver: {setup['driver']}")
+    print(f"completion strategy: {setup['completion']}")
+    for d in setup["devices"]:
+        cc = d["compute_capability"]
+        print(
+            f"device {d['ordinal']}: {d['name']}, {d['total_memory'] / 2**30:.1f} GiB, "
+            f"sm_{cc[0]}{cc[1]}, {d['multiprocessors']} SMs, PCI {d['pci_bus_id']}, "
+            f"stream mem ops: {d['stream_mem_ops']}"
+        )
     print("memory kinds:")
-    for label, buf in samples.items():
-        print(f"  {label:<24} -> {gpuaio.memory_kind(buf).value}")
+    for label, kind in setup["memory_kinds"].items():
+        print(f"  {label:<24} -> {kind}")
     return 0
 
 
@@ -186,16 +219,21 @@ async def _bench() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m gpuaio info | demo | bench``; returns the exit status."""
+    """``gpuaio info | demo | bench`` (the console script, and ``python -m gpuaio``);
+    returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m gpuaio",
+        prog="gpuaio",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"gpuaio {gpuaio.__version__}")
     parser.add_argument("command", choices=("info", "demo", "bench"), nargs="?", default="demo")
+    parser.add_argument("--json", action="store_true", help="info: print one JSON object")
     args = parser.parse_args(argv)
+    if args.json and args.command != "info":
+        parser.error("--json goes with the info command")
     if args.command == "info":
-        return info()
+        return info(as_json=args.json)
     if args.command == "demo":
         return asyncio.run(_demo())
     return asyncio.run(_bench())

@@ -270,6 +270,14 @@ class DeviceArray:
             raise TypeError("len() of a 0-d array")
         return self.shape[0]
 
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray[Any, Any]:
+        """Refused, as CuPy refuses it: the data is in device memory, and NumPy
+        would otherwise build an object array of 0-d device arrays."""
+        raise TypeError(
+            "a gpuaio.DeviceArray is in device memory and cannot become a NumPy array "
+            "implicitly: copy it into a host array with `await stream.copy(host, device_array)`"
+        )
+
     def __repr__(self) -> str:
         state = " freed" if self._alloc.freed else ""
         return (

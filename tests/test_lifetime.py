@@ -188,3 +188,15 @@ def test_reaper_submit_nested_in_its_own_start(monkeypatch: pytest.MonkeyPatch) 
     assert both.wait(5)
     assert sorted(ran) == ["nested", "outer"]
     reaper.close()
+
+
+def test_numpy_refuses_a_device_array(gpuaio_runtime: Any) -> None:
+    """np.asarray(device_array) raises TypeError, as CuPy's arrays do (it used to
+    build an object array of 0-d device arrays)."""
+    import numpy as np
+
+    d = gpuaio_runtime.device(0).empty(16)
+    with pytest.raises(TypeError, match="device memory"):
+        np.asarray(d)
+    with pytest.raises(TypeError, match="device memory"):
+        np.array(d[4:8])
