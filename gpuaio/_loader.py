@@ -37,7 +37,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar, cast, overload
 
 import anyio
 import anyio.lowlevel
@@ -60,6 +60,48 @@ log = logging.getLogger("gpuaio")
 Target = Literal["gpuaio", "cupy", "torch"]
 """The array types :func:`prefetch` can yield."""
 
+BatchT = TypeVar("BatchT")
+"""What a :class:`Prefetcher` yields: a device batch."""
+_R = TypeVar("_R")
+
+_HostArray = np.ndarray[Any, Any]
+
+
+@overload
+def prefetch(
+    source: Iterable[_HostArray] | AsyncIterable[_HostArray],
+    *,
+    depth: int = 2,
+    device: Device | None = None,
+    stream: Stream | None = None,
+    to: Literal["gpuaio"] = "gpuaio",
+    progress: LoaderProgressCallback | None = None,
+) -> Prefetcher[DeviceArray]: ...
+
+
+@overload
+def prefetch(
+    source: Iterable[_HostArray] | AsyncIterable[_HostArray],
+    *,
+    depth: int = 2,
+    device: Device | None = None,
+    stream: Stream | None = None,
+    to: Callable[[DeviceArray], _R],
+    progress: LoaderProgressCallback | None = None,
+) -> Prefetcher[_R]: ...
+
+
+@overload
+def prefetch(
+    source: Iterable[Any] | AsyncIterable[Any],
+    *,
+    depth: int = 2,
+    device: Device | None = None,
+    stream: Stream | None = None,
+    to: Target | Callable[[DeviceArray], Any] = "gpuaio",
+    progress: LoaderProgressCallback | None = None,
+) -> Prefetcher[Any]: ...
+
 
 def prefetch(
     source: Iterable[Any] | AsyncIterable[Any],
@@ -69,7 +111,7 @@ def prefetch(
     stream: Stream | None = None,
     to: Target | Callable[[DeviceArray], Any] = "gpuaio",
     progress: LoaderProgressCallback | None = None,
-) -> Prefetcher:
+) -> Prefetcher[Any]:
     """Iterate ``source``'s host batches as device batches, ``depth`` transfers ahead.
 
     Args:
@@ -95,6 +137,10 @@ def prefetch(
 
     Returns:
         a :class:`Prefetcher`: an async iterator and async context manager.
+        Its type says what it yields where the source's items are NumPy
+        arrays: ``Prefetcher[DeviceArray]``, or ``Prefetcher[R]`` for a
+        callable ``to`` returning ``R``; other batch structures give
+        ``Prefetcher[Any]``.
 
     Guarantees: batches come in source order; a yielded batch's copies have
     completed, so any stream of any library may use it at once with no
@@ -292,7 +338,7 @@ class _SyncPuller:
             self._post("exit", None)
 
 
-class Prefetcher:
+class Prefetcher(Generic[BatchT]):
     """The async iterator :func:`prefetch` returns; also an async context manager.
 
     Use it from one task of one event loop. ``async with`` (or
@@ -380,10 +426,10 @@ class Prefetcher:
         return self.pulled - self.delivered
 
     # -- protocol ----------------------------------------------------------
-    def __aiter__(self) -> Prefetcher:
+    def __aiter__(self) -> Prefetcher[BatchT]:
         return self
 
-    async def __anext__(self) -> Any:
+    async def __anext__(self) -> BatchT:
         """The next device batch, its copies complete; ``StopAsyncIteration`` at the end.
 
         Cancelling this call loses nothing: the batch it waited for is handed
@@ -393,11 +439,11 @@ class Prefetcher:
             raise RuntimeError("another task is already waiting in this Prefetcher's __anext__")
         self._running = True
         try:
-            return await self._next()
+            return cast(BatchT, await self._next())
         finally:
             self._running = False
 
-    async def __aenter__(self) -> Prefetcher:
+    async def __aenter__(self) -> Prefetcher[BatchT]:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
