@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, SupportsIndex
 
+import anyio.to_thread
 import numpy as np
 import numpy.typing as npt
 
@@ -52,6 +53,20 @@ class Device:
         if not isinstance(ordinal, int) or isinstance(ordinal, bool):
             raise InvalidArgumentError(f"device ordinal must be an int, not {ordinal!r}")
         return current_runtime().device(ordinal)
+
+    @classmethod
+    async def open(cls, ordinal: int = 0) -> Device:
+        """``Device(ordinal)``, made on a worker thread: the event loop never waits.
+
+        The first ``Device`` of a process starts gpuaio's runtime: it loads
+        and initializes the driver and the backend's threads (about 50 ms on
+        the simulated backend, more on a GPU). Inside a running event loop,
+        open the first device with ``await gpuaio.Device.open(0)``; later
+        ``Device(n)`` calls are cheap lookups.
+        """
+        if not isinstance(ordinal, int) or isinstance(ordinal, bool):
+            raise InvalidArgumentError(f"device ordinal must be an int, not {ordinal!r}")
+        return await anyio.to_thread.run_sync(cls, ordinal)
 
     @classmethod
     def _create(cls, runtime: Runtime, ordinal: int) -> Device:

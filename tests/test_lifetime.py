@@ -200,3 +200,57 @@ def test_numpy_refuses_a_device_array(gpuaio_runtime: Any) -> None:
         np.asarray(d)
     with pytest.raises(TypeError, match="device memory"):
         np.array(d[4:8])
+
+
+@pytest.mark.sim_only  # starts runtimes of its own on the simulated backend
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+def test_opening_the_first_device_leaves_the_loop_running(
+    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+) -> None:
+    """The first Device of a process starts the runtime: the driver's start-up
+    (here a stand-in that takes 300 ms) blocks the loop when ``Device(0)`` runs
+    on it; ``await Device.open(0)`` runs it on a worker thread instead."""
+    import time
+
+    import anyio
+
+    from gpuaio import _runtime
+    from gpuaio.pytest_plugin import LoopWatchdog
+
+    real_create = _runtime.create_backend
+
+    def slow_driver_start(name: Any) -> Any:
+        time.sleep(0.3)
+        return real_create("sim")
+
+    monkeypatch.setattr(_runtime, "create_backend", slow_driver_start)
+    started: list[Any] = []
+
+    def first_device(opener: str) -> LoopWatchdog:
+        monkeypatch.setattr(_runtime, "_current", None)  # as in a fresh process
+        dog = LoopWatchdog(max_block_ms=150)
+
+        async def main() -> None:
+            with dog.watch():
+                await anyio.sleep(0.01)
+                if opener == "open":
+                    dev = await gpuaio.Device.open(0)
+                else:
+                    dev = gpuaio.Device(0)
+                assert dev.ordinal == 0
+                started.append(dev._runtime)
+                await anyio.sleep(0.01)
+
+        anyio.run(main, backend=anyio_backend)
+        return dog
+
+    try:
+        on_the_loop = first_device("call")
+        opened = first_device("open")
+    finally:
+        for rt in started:
+            rt.close()
+    assert on_the_loop.failures(), "the stand-in start-up did not block a loop: no control"
+    assert opened.failures() == [], opened.report()
+    with pytest.raises(gpuaio.InvalidArgumentError):
+        anyio.run(gpuaio.Device.open, True)  # type: ignore[arg-type]
