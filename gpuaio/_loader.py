@@ -33,6 +33,7 @@ import contextlib
 import copy
 import logging
 import threading
+import warnings
 import weakref
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
@@ -475,14 +476,21 @@ class Prefetcher(Generic[BatchT]):
             waiter = self._exit_waiter = anyio.Event()
             await waiter.wait()
 
-    def __del__(self) -> None:
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
         # Abandoned (e.g. ``break`` without ``async with``): stop without waiting.
         # In-flight operations own their buffers until they complete.
+        abandoned = getattr(self, "_started", False) and not getattr(self, "_stopped", True)
         try:
             self._stop()
             self._release_stream()
         except Exception:
             pass
+        if abandoned:  # as asyncio warns of an unclosed transport; last: -W error raises
+            _warn(
+                f"unclosed {self!r}: use `async with gpuaio.prefetch(...)` or aclose()",
+                ResourceWarning,
+                source=self,
+            )
 
     # -- internals -----------------------------------------------------------
     def _start(self) -> None:

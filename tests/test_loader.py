@@ -336,10 +336,13 @@ async def test_early_break_closes_everything(kind: str, dev: gpuaio.Device) -> N
 
 
 async def test_break_without_context_manager(dev: gpuaio.Device) -> None:
+    """An abandoned loader is closed when collected, with a ResourceWarning (as
+    asyncio warns of an unclosed transport); one iterated to its end is not."""
     src = Counting(50, n=2 * MIB)
-    async for _ in gpuaio.prefetch(src, depth=3):
-        break
-    gc.collect()
+    with pytest.warns(ResourceWarning, match="unclosed <gpuaio.Prefetcher"):
+        async for _ in gpuaio.prefetch(src, depth=3):
+            break
+        gc.collect()
     await eventually(src.closed.is_set)
     await eventually(pipeline_idle(dev))
     assert src.pulled <= 1 + 3 + 1
@@ -442,3 +445,13 @@ async def test_one_consumer_at_a_time(stream: gpuaio.Stream, dev: gpuaio.Device)
             await batches.__anext__()
         release()
     assert batches.delivered == 1
+
+
+async def test_a_loader_iterated_to_its_end_is_not_warned_about(dev: gpuaio.Device) -> None:
+    import warnings
+
+    async for _ in gpuaio.prefetch(Counting(3)):
+        pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        gc.collect()
