@@ -22,15 +22,16 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from . import _operation
 from ._completion import STRATEGIES, CompletionEngine, FaultLog, Strategy, make_engine
-from ._errors import DeviceFatalError, ForkedProcessError, NoDeviceError
+from ._errors import DeviceFatalError, ForkedProcessError, InvalidArgumentError, NoDeviceError
 from ._fork import disable_backend, forked_message
 from ._hostwork import HostPool
+from ._pool import MIN_CLASS, parse_size
 from ._sequencer import Sequencer
 from .backends import Backend, create_backend
 
 if TYPE_CHECKING:
     from ._device import Device
-    from ._staging import Stager
+    from ._staging import Stager, StagingConfig
 
 __all__ = ["Runtime", "configure", "current_runtime", "use_backend"]
 
@@ -128,6 +129,8 @@ class Runtime:
             weakref.WeakValueDictionary()
         )
         self._lock = threading.Lock()
+        self._staging_settings: tuple[StagingConfig | None, int | None] = (None, None)
+        """What :meth:`configure_staging` set last (config, pinned budget)."""
         self.closed: bool = False
         self.extras: dict[str, Any] = {}
         self.forked: str | None = None
@@ -184,6 +187,61 @@ class Runtime:
                 off = os.environ.get("GPUAIO_STAGING", "1") == "0"
                 self.extras["stager"] = None if off else Stager(self)
         return self.extras["stager"]  # type: ignore[no-any-return]
+
+    def configure_staging(
+        self,
+        *,
+        staging: bool | None = None,
+        pinned_budget: int | str | None = None,
+        chunk_bytes: int | str | None = None,
+        staging_depth: int | None = None,
+        inline_max: int | str | None = None,
+    ) -> None:
+        """Replace the stager with one of these settings (see :func:`configure`)."""
+        from ._staging import Stager, StagingConfig
+
+        if self.forked is not None:
+            self._raise_forked("configure")
+        if staging is not None and not isinstance(staging, bool):
+            raise InvalidArgumentError(f"staging must be True or False, not {staging!r}")
+        budget = _size_arg("pinned_budget", pinned_budget, minimum=MIN_CLASS)
+        chunk = _size_arg("chunk_bytes", chunk_bytes, minimum=1)
+        small = _size_arg("inline_max", inline_max, minimum=0)
+        depth_ok = isinstance(staging_depth, int) and not isinstance(staging_depth, bool)
+        if staging_depth is not None and not (depth_ok and staging_depth >= 1):
+            raise InvalidArgumentError(f"staging_depth must be an int >= 1, not {staging_depth!r}")
+        with self._lock:
+            old = self.extras.get("stager")
+            if staging is not None:
+                on = staging
+            elif "stager" in self.extras:  # made already: on unless turned off
+                on = old is not None
+            else:
+                on = os.environ.get("GPUAIO_STAGING", "1") != "0"
+            saved_config, saved_budget = self._staging_settings
+            base = old.config if old is not None else saved_config or StagingConfig()
+            if chunk is not None and chunk < base.min_chunk:
+                raise InvalidArgumentError(
+                    f"chunk_bytes must be at least the smallest chunk, {base.min_chunk}, "
+                    f"not {chunk}"
+                )
+            config = StagingConfig(
+                max_chunk=base.max_chunk if chunk is None else chunk,
+                min_chunk=base.min_chunk,
+                depth=base.depth if staging_depth is None else staging_depth,
+                inline_max=base.inline_max if small is None else small,
+            )
+            if budget is None:
+                budget = old.pool.budget if old is not None else saved_budget
+            if old is not None and old.pool.stats().in_use:
+                raise RuntimeError(
+                    "staged transfers hold pinned blocks: change staging settings before "
+                    "transfers start or after they end"
+                )
+            self.extras["stager"] = Stager(self, config, budget) if on else None
+            self._staging_settings = (config, budget)  # kept while staging is off
+        if old is not None:
+            self.reaper.submit(old.close)  # frees pinned memory: not on the caller's thread
 
     def set_completion(self, strategy: Strategy) -> None:
         """Use ``strategy`` for every device from now on (no op may be pending)."""
@@ -350,15 +408,66 @@ def use_backend(backend: Backend | str, *, completion: Strategy | None = None) -
     return _create(backend, completion)
 
 
-def configure(*, completion: Strategy) -> Runtime:
-    """Switch the completion strategy of the current runtime.
+def configure(
+    *,
+    completion: Strategy | None = None,
+    staging: bool | None = None,
+    pinned_budget: int | str | None = None,
+    chunk_bytes: int | str | None = None,
+    staging_depth: int | None = None,
+    inline_max: int | str | None = None,
+) -> Runtime:
+    """Settings of the current runtime, in code; each overrides its environment variable.
 
-    Engines are replaced once their pending operations are done; streams and
-    arrays stay valid. Raises ``RuntimeError`` while operations are pending.
+    Args:
+        completion: the completion strategy (``GPUAIO_COMPLETION``).
+        staging: False sends pageable copies to the driver's own path
+            (``GPUAIO_STAGING=0``).
+        pinned_budget: bytes of pinned memory the staging pool may hold
+            (``GPUAIO_PINNED_BUDGET``); sizes may be strings like ``"512M"``.
+        chunk_bytes: the largest staging chunk (``GPUAIO_CHUNK_BYTES``).
+        staging_depth: chunks in flight per transfer (``GPUAIO_STAGING_DEPTH``).
+        inline_max: the largest copy staged without a thread hop
+            (``GPUAIO_INLINE_MAX``).
+
+    Settings not given keep their values. A bad value raises
+    ``InvalidArgumentError`` naming the argument, and nothing changes.
+    Changing the completion strategy while operations are pending, or a
+    staging setting while staged transfers hold pinned blocks, raises
+    ``RuntimeError``. Streams and arrays stay valid; the old staging pool's
+    pinned memory is freed on gpuaio's reaper thread. Call it at start-up.
     """
     rt = current_runtime()
-    rt.set_completion(completion)
+    staging_args = (staging, pinned_budget, chunk_bytes, staging_depth, inline_max)
+    if any(a is not None for a in staging_args):
+        rt.configure_staging(
+            staging=staging,
+            pinned_budget=pinned_budget,
+            chunk_bytes=chunk_bytes,
+            staging_depth=staging_depth,
+            inline_max=inline_max,
+        )
+    if completion is not None:
+        rt.set_completion(completion)
     return rt
+
+
+def _size_arg(name: str, value: int | str | None, *, minimum: int) -> int | None:
+    """A size argument of :func:`configure`: bytes, or a string like ``"512M"``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            n = parse_size(value)
+        except InvalidArgumentError:
+            raise InvalidArgumentError(f"{name}: cannot read a size from {value!r}") from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        raise InvalidArgumentError(f"{name} must be a size in bytes (int or str), not {value!r}")
+    if n < minimum:
+        raise InvalidArgumentError(f"{name} must be at least {minimum} bytes, not {n}")
+    return n
 
 
 @atexit.register

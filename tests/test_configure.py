@@ -1,0 +1,120 @@
+"""gpuaio.configure(): settings in code, each overriding its environment variable."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import gpuaio
+from gpuaio._errors import InvalidArgumentError
+from tests.conftest import latch
+from tests.test_copy import pattern
+from tests.test_loader import eventually
+
+pytestmark = pytest.mark.anyio
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def restored(gpuaio_runtime: Any) -> Iterator[Any]:
+    """The runtime, with its stager and strategy put back after the test."""
+    rt = gpuaio_runtime
+    had = "stager" in rt.extras
+    old, strategy = rt.extras.get("stager"), rt.strategy
+    yield rt
+    new = rt.extras.get("stager")
+    if had:
+        rt.extras["stager"] = old
+    else:
+        rt.extras.pop("stager", None)
+    if new is not None and new is not old:
+        new.close()
+    if rt.strategy != strategy:
+        rt.set_completion(strategy)
+
+
+async def test_staging_settings_in_code(restored: Any, dev: gpuaio.Device) -> None:
+    rt = gpuaio.configure(pinned_budget="2M", chunk_bytes=MiB, staging_depth=2, inline_max="64K")
+    assert rt is restored
+    stager = rt.stager
+    assert stager.pool.budget == 2 * MiB
+    assert (stager.config.max_chunk, stager.config.depth, stager.config.inline_max) == (
+        MiB,
+        2,
+        64 << 10,
+    )
+    n = 8 * MiB
+    src = pattern(n, 4)
+    d = dev.empty(n)
+    s = dev.stream()
+    await s.copy(d, src)
+    out = np.empty(n, np.uint8)
+    await s.copy(out, d)
+    np.testing.assert_array_equal(out, src)
+    assert stager.pool.stats().peak_reserved <= 2 * MiB
+    gpuaio.configure(staging_depth=3)  # the others stay
+    assert rt.stager.pool.budget == 2 * MiB and rt.stager.config.depth == 3
+    s.close()
+
+
+async def test_staging_off_and_on(restored: Any, dev: gpuaio.Device) -> None:
+    gpuaio.configure(staging=False)
+    assert restored.stager is None
+    gpuaio.configure(pinned_budget="4M")  # staying off: only the budget was given
+    assert restored.stager is None
+    src = pattern(3 * MiB, 6)
+    d = dev.empty(src.nbytes)
+    s = dev.stream()
+    await s.copy(d, src)  # the driver's own path
+    gpuaio.configure(staging=True)
+    assert restored.stager is not None and restored.stager.pool.budget == 4 * MiB
+    out = np.empty_like(src)
+    await s.copy(out, d)
+    np.testing.assert_array_equal(out, src)
+    s.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"pinned_budget": -1}, "pinned_budget"),
+        ({"pinned_budget": "lots"}, "pinned_budget"),
+        ({"pinned_budget": 1.5}, "pinned_budget"),
+        ({"chunk_bytes": "1K"}, "chunk_bytes"),
+        ({"staging_depth": 0}, "staging_depth"),
+        ({"staging_depth": True}, "staging_depth"),
+        ({"inline_max": -5}, "inline_max"),
+        ({"staging": "yes"}, "staging"),
+    ],
+)
+def test_bad_settings_name_the_argument_and_change_nothing(
+    restored: Any, kwargs: dict[str, Any], name: str
+) -> None:
+    before = restored.extras.get("stager")
+    with pytest.raises(InvalidArgumentError, match=name):
+        gpuaio.configure(**kwargs)
+    assert restored.extras.get("stager") is before
+
+
+async def test_staging_settings_wait_for_transfers_in_flight(
+    restored: Any, dev: gpuaio.Device
+) -> None:
+    s = dev.stream()
+    release = latch(dev, s)
+    src = pattern(4 * MiB, 2)
+    d = dev.empty(src.nbytes)
+    op = s.copy(d, src)  # its staging blocks stay guarded behind the latch
+    await eventually(lambda: restored.stager.pool.stats().in_use > 0)
+    try:
+        with pytest.raises(RuntimeError, match="hold pinned blocks"):
+            gpuaio.configure(pinned_budget="8M")
+    finally:
+        release()
+    await op
+    gpuaio.configure(pinned_budget="8M")
+    assert restored.stager.pool.budget == 8 * MiB
+    s.close()
