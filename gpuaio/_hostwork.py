@@ -14,9 +14,12 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from . import _trace
 
 __all__ = ["HostPool", "SerialExecutor", "byte_view"]
 
@@ -99,15 +102,41 @@ class HostPool:
         for f in futs:
             f.result()
 
-    def submit_copy(self, dst: np.ndarray, src: np.ndarray) -> list[Future[None]]:
-        """Queue the copy of flat uint8 ``src`` into ``dst`` in slices; returns their futures."""
+    def submit_copy(
+        self,
+        dst: np.ndarray,
+        src: np.ndarray,
+        span: tuple[str, _trace.Tracer | None, dict[str, Any]] | None = None,
+    ) -> list[Future[None]]:
+        """Queue the copy of flat uint8 ``src`` into ``dst`` in slices; returns their futures.
+
+        With ``span`` = (name, tracer, args), each slice is an NVTX range (if
+        ``nvtx`` is installed) and a span in ``tracer`` (if not None) on the
+        thread that copies it, with ``args`` plus the slice's ``bytes`` and
+        ``offset`` (``args["offset"]`` plus its place in ``dst``).
+        """
         n = dst.nbytes
         parts = min(self.threads, max(1, n // MIN_SLICE))
         step = -(-n // parts)
         step = (step + 4095) & ~4095
         pool = self._executor()
+        if span is None or not _trace.wanted(span[1]):
+            return [
+                pool.submit(_yielding_copy, dst[start : start + step], src[start : start + step])
+                for start in range(0, n, step)
+            ]
+        name, tracer, args = span
+        base = args.get("offset", 0)
         return [
-            pool.submit(_yielding_copy, dst[start : start + step], src[start : start + step])
+            pool.submit(
+                _trace.traced_call,
+                name,
+                tracer,
+                {**args, "offset": base + start, "bytes": min(step, n - start)},
+                _yielding_copy,
+                dst[start : start + step],
+                src[start : start + step],
+            )
             for start in range(0, n, step)
         ]
 

@@ -45,6 +45,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import numpy as np
 
+from . import _trace
 from ._device import Device
 from ._errors import InvalidArgumentError
 from ._interop import converter
@@ -401,6 +402,9 @@ class Prefetcher(Generic[BatchT]):
         self._entries: deque[_Entry] = deque()
         self._puller: _SyncPuller | None = None
         self._started = False
+        # The consumer's tracer, seen at its last next(): the puller's batches
+        # are enqueued from loop callbacks, outside the consumer task's context.
+        self._tracer: _trace.Tracer | None = None
         self._exhausted = False  # the source has no more batches
         self._stopped = False  # no more batches will be handed over
         self._puller_exited = False
@@ -564,7 +568,8 @@ class Prefetcher(Generic[BatchT]):
             return dst
 
         try:
-            value = _map(batch, leaf, _is_buffer)
+            with _trace.using(self._tracer):
+                value = _map(batch, leaf, _is_buffer)
         except Exception as exc:
             return _Entry(None, ops, exc)
         return _Entry(value, ops)
@@ -596,6 +601,7 @@ class Prefetcher(Generic[BatchT]):
         await anyio.lowlevel.checkpoint()
         if self._stopped:
             raise StopAsyncIteration
+        self._tracer = _trace.current()
         if not self._started:
             self._start()
         if self._async_source is not None:

@@ -56,6 +56,7 @@ class Operation:
         "_poll",
         "_progress",
         "_t0",
+        "_tracer",
         "_waiters",
         "label",
         "nbytes",
@@ -83,7 +84,10 @@ class Operation:
         self._eta = 0.0  # perf_counter() time it should complete by, 0 if unknown
         self._poll: tuple[Any, Any] | None = None
         self._progress: Callable[[int, int], None] | None = None
-        self._t0 = time.perf_counter() if _trace.active is not None else 0.0
+        # The tracer of the enqueueing task, captured now: completion and
+        # staging run on other threads, outside that task's context.
+        self._tracer: _trace.Tracer | None = _trace.current()
+        self._t0 = time.perf_counter() if self._tracer is not None else 0.0
 
     def __repr__(self) -> str:
         state = "pending" if not self._done else ("failed" if self._exc else "done")
@@ -263,10 +267,10 @@ class Operation:
                         self._exc = cb_exc
         self._keep = None
         self._done = True
-        if self._t0:
-            tracer = _trace.active
-            if tracer is not None:
-                tracer.op_done(self, self._t0)
+        tracer = self._tracer
+        if tracer is not None:
+            self._tracer = None
+            tracer.op_done(self, self._t0)
         waiters, self._waiters = self._waiters, None
         return waiters or ()
 

@@ -24,13 +24,11 @@ settle on the host actions before them, so stream order holds.
 from __future__ import annotations
 
 import os
-import time
 from collections import deque
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import _trace
 from ._errors import InvalidArgumentError, OperationAbortedError
 from ._hostwork import byte_view
 from ._memory import BufferInfo
@@ -216,7 +214,10 @@ class Stager:
         # The pool gets guard events of its own, destroyed once they fire.
         ring = [backend.event_create(device, blocking_sync=True) for _ in range(depth)]
         copying: deque[tuple[int, int, PinnedBlock, list[Future[None]]]] = deque()
-        t_chunk: deque[float] = deque()
+        # Chunk copies are traced on the host threads that run them, into
+        # the tracer the op captured when its task enqueued it.
+        tracer = op._tracer
+        k = 0
         off = 0
         enqueued = 0
         j = 0
@@ -230,16 +231,16 @@ class Stager:
                     if block is None:
                         break
                     ln = min(block.size, n - off)  # a cached block of another size will do
-                    futs = host.submit_copy(byte_view(block.ptr, ln), src[off : off + ln])
+                    span = (_H2D_CHUNK, tracer, {"chunk": k, "offset": off})
+                    futs = host.submit_copy(byte_view(block.ptr, ln), src[off : off + ln], span)
                     copying.append((off, ln, block, futs))
-                    t_chunk.append(time.perf_counter())
+                    k += 1
                     off += ln
                 if not copying:
                     break
                 o, ln, block, futs = copying[0]
                 _finish(futs)
                 copying.popleft()
-                _span("gpuaio stage h2d chunk", t_chunk.popleft(), ln)
                 slot = ring[j % depth]
                 try:
                     if j >= depth:
@@ -279,7 +280,10 @@ class Stager:
         device = stream._ordinal
         inflight: deque[tuple[int, int, PinnedBlock, Any]] = deque()
         copying: deque[tuple[int, int, PinnedBlock, list[Future[None]]]] = deque()
-        t_chunk: deque[float] = deque()
+        # Chunk copies are traced on the host threads that run them, into
+        # the tracer the op captured when its task enqueued it.
+        tracer = op._tracer
+        k = 0
         off = 0
         copied = 0
         try:
@@ -302,15 +306,15 @@ class Stager:
                     backend.event_synchronize(ev)
                     inflight.popleft()
                     backend.event_destroy(ev)
-                    futs = host.submit_copy(dst[o : o + ln], byte_view(block.ptr, ln))
+                    span = (_D2H_CHUNK, tracer, {"chunk": k, "offset": o})
+                    futs = host.submit_copy(dst[o : o + ln], byte_view(block.ptr, ln), span)
                     copying.append((o, ln, block, futs))
-                    t_chunk.append(time.perf_counter())
+                    k += 1
                     continue
                 if copying:
                     o, ln, block, futs = copying[0]
                     _finish(futs)
                     copying.popleft()
-                    _span("gpuaio stage d2h chunk", t_chunk.popleft(), ln)
                     pool.release(block)
                     copied += ln
                     if op._progress is not None and copied < n:
@@ -328,6 +332,9 @@ class Stager:
 
 LOOKAHEAD = 2
 """Chunks the host threads may be copying at once within one transfer."""
+
+_H2D_CHUNK = "gpuaio stage h2d chunk"
+_D2H_CHUNK = "gpuaio stage d2h chunk"
 
 
 def _guarded_dma(
@@ -366,12 +373,6 @@ def _release_after_drain(backend: Any, native: Any, pool: PinnedPool, block: Pin
     except Exception:
         return  # cannot tell whether the DMA ran: never hand the block out again
     pool.release(block)
-
-
-def _span(name: str, t0: float, nbytes: int) -> None:
-    tracer = _trace.active
-    if tracer is not None:
-        tracer.span(name, t0, bytes=nbytes)
 
 
 def _finish(futs: list[Future[None]]) -> None:

@@ -5,82 +5,187 @@
     with gpuaio.trace("copy.trace.json"):
         await stream.copy(d, host)
 
-Each operation becomes one span from enqueue to completion on a track per
-stream (``pid`` = device, ``tid`` = stream), with its bytes, kind and the
-completion strategy; staged transfers add one span per chunk on the host
-thread that copied it. With the ``nvtx`` package installed, host-side
-staging work also shows as NVTX ranges in Nsight Systems. Tracing costs
-nothing while off: a single global check per operation.
+The document follows the Trace Event Format: integer ``pid``/``tid`` named
+by ``M`` (metadata) events. Each operation is an async span (``b``/``e``,
+category ``gpuaio.op``, one id per op) from enqueue to completion in the
+process of its device, on the track of its stream: ops of one stream
+overlap (the next is enqueued before the last completes), which complete
+(``X``) events on one track may not. Staged transfers add one ``X`` span per
+slice of each chunk on the host thread that copied it (``pid`` 1, ``tid``
+the thread's native id); one thread copies one slice at a time, so these
+never overlap.
+
+:func:`trace` is scoped to the calling task through :mod:`contextvars`:
+operations enqueued by that task (and by tasks it starts inside the block,
+which inherit its context) are recorded, whatever thread later completes or
+copies them; other tasks' and threads' operations are not. Each operation
+captures the tracer when it is enqueued, so the work gpuaio does for it on
+its own threads lands in the right trace.
+
+With the ``nvtx`` package installed, the host copies of staged transfers
+also show as NVTX ranges in Nsight Systems, traced or not. Tracing costs
+nothing while off: one global check per operation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import itertools
 import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._operation import Operation
 
-__all__ = ["Tracer", "active", "nvtx_range", "trace"]
+__all__ = [
+    "HOST_PID",
+    "Tracer",
+    "current",
+    "device_pid",
+    "nvtx_range",
+    "trace",
+    "traced_call",
+    "using",
+    "wanted",
+]
 
 _T0 = time.perf_counter()
 
-active: Tracer | None = None
-"""The tracer collecting spans now, if any."""
+HOST_PID = 1
+"""The trace's process for host-side work (gpuaio's threads)."""
+
+_OPS_TID = 0
+"""Track in the host process for operations bound to no stream (no OS thread has id 0)."""
+
+
+def device_pid(ordinal: int) -> int:
+    """The trace's process for device ``ordinal``."""
+    return 2 + ordinal
+
+
+_current: contextvars.ContextVar[Tracer | None] = contextvars.ContextVar(
+    "gpuaio_tracer", default=None
+)
+_open = 0  # trace() blocks open in the process: while 0, nothing looks at the context
+_open_lock = threading.Lock()
+
+
+def current() -> Tracer | None:
+    """The tracer of the calling task (or thread), if it is inside :func:`trace`."""
+    return _current.get() if _open else None
+
+
+@contextlib.contextmanager
+def using(tracer: Tracer | None) -> Iterator[None]:
+    """Enqueue inside the block on behalf of a task whose tracer is ``tracer``.
+
+    For gpuaio code that enqueues for a task from outside its context (a
+    loop callback, say); synchronous use only.
+    """
+    token = _current.set(tracer)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def _us(t: float) -> float:
+    return (t - _T0) * 1e6
 
 
 class Tracer:
-    """Collects spans; :meth:`chrome_trace` turns them into a Chrome-trace document."""
+    """Collects spans; :meth:`chrome_trace` turns them into a Chrome-trace document.
+
+    Thread-safe: gpuaio's threads record into it. Once its :func:`trace`
+    block has ended it records nothing more.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._closed = False
+        self._ids = itertools.count(1)
         self.events: list[dict[str, Any]] = []
+        """The recorded events (``b``/``e`` pairs and ``X`` spans), without metadata."""
+        self._processes: dict[int, str] = {HOST_PID: "gpuaio host"}
+        self._threads: dict[tuple[int, int], str] = {}
+        self._streams: dict[tuple[int, int], int] = {}  # (ordinal, handle) -> tid
+
+    def close(self) -> None:
+        """Stop recording (operations still pending then are left out)."""
+        with self._lock:
+            self._closed = True
 
     def op_done(self, op: Operation, t_start: float) -> None:
-        """Record ``op`` (enqueued at ``t_start``) as it completes."""
+        """Record ``op`` (enqueued at ``t_start``) as it completes: a ``b``/``e`` pair."""
         end = time.perf_counter()
         stream = op.stream
-        ev = {
-            "name": op.label,
-            "ph": "X",
-            "ts": (t_start - _T0) * 1e6,
-            "dur": (end - t_start) * 1e6,
-            "pid": f"device {stream.device.ordinal}" if stream is not None else "host",
-            "tid": f"stream {stream.handle:#x}" if stream is not None else "ops",
-            "args": {
-                "bytes": op.nbytes,
-                "ok": op._exc is None,
-                "strategy": stream._rt.strategy if stream is not None else None,
-            },
+        args: dict[str, Any] = {
+            "bytes": op.nbytes,
+            "strategy": stream._rt.strategy if stream is not None else None,
         }
         with self._lock:
-            self.events.append(ev)
+            if self._closed:
+                return
+            if stream is not None:
+                ordinal = stream.device.ordinal
+                pid = device_pid(ordinal)
+                self._processes.setdefault(pid, f"device {ordinal}")
+                key = (ordinal, stream.handle)
+                tid = self._streams.get(key)
+                if tid is None:
+                    tid = self._streams[key] = len(self._streams) + 1
+                    self._threads[(pid, tid)] = f"stream {stream.handle:#x}"
+                args["stream"] = f"{stream.handle:#x}"
+            else:
+                pid, tid = HOST_PID, _OPS_TID
+                self._threads.setdefault((pid, tid), "operations without a stream")
+            op_id = f"{next(self._ids):#x}"
+            common = {"name": op.label, "cat": "gpuaio.op", "id": op_id, "pid": pid, "tid": tid}
+            self.events.append({**common, "ph": "b", "ts": _us(t_start), "args": args})
+            self.events.append(
+                {**common, "ph": "e", "ts": _us(end), "args": {"ok": op._exc is None}}
+            )
 
     def span(self, name: str, t_start: float, **args: Any) -> None:
-        """Record host work on the calling thread (a staging chunk, say)."""
+        """Record host work from ``t_start`` until now on the calling thread's track."""
         end = time.perf_counter()
+        thread = threading.current_thread()
+        tid = threading.get_native_id()
         ev = {
             "name": name,
+            "cat": "gpuaio.host",
             "ph": "X",
-            "ts": (t_start - _T0) * 1e6,
+            "ts": _us(t_start),
             "dur": (end - t_start) * 1e6,
-            "pid": "host",
-            "tid": threading.current_thread().name,
+            "pid": HOST_PID,
+            "tid": tid,
             "args": args,
         }
         with self._lock:
+            if self._closed:
+                return
+            self._threads[(HOST_PID, tid)] = thread.name
             self.events.append(ev)
 
     def chrome_trace(self) -> dict[str, Any]:
-        """The events so far as a Chrome-trace document (Perfetto opens it)."""
+        """The events so far as a Chrome-trace document (Perfetto opens it).
+
+        Metadata (``M``) events first name every process and thread used.
+        """
         with self._lock:
-            return {"traceEvents": list(self.events), "displayTimeUnit": "ms"}
+            meta: list[dict[str, Any]] = []
+            for pid, pname in sorted(self._processes.items()):
+                meta.append(_meta("process_name", pid, 0, name=pname))
+                meta.append(_meta("process_sort_index", pid, 0, sort_index=pid))
+            for (pid, tid), tname in sorted(self._threads.items()):
+                meta.append(_meta("thread_name", pid, tid, name=tname))
+            return {"traceEvents": meta + self.events, "displayTimeUnit": "ms"}
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write :meth:`chrome_trace` as JSON to ``path``; returns the path."""
@@ -89,21 +194,34 @@ class Tracer:
         return p
 
 
+def _meta(kind: str, pid: int, tid: int, **args: Any) -> dict[str, Any]:
+    return {"name": kind, "ph": "M", "ts": 0, "pid": pid, "tid": tid, "args": args}
+
+
 @contextlib.contextmanager
 def trace(path: str | os.PathLike[str] | None = None) -> Iterator[Tracer]:
-    """Record a timeline of every operation completed inside the block.
+    """Record a timeline of the operations the calling task enqueues inside the block.
 
-    Writes Chrome-trace JSON to ``path`` on exit when given; the
-    :class:`Tracer` is yielded either way. Operations still pending at exit
-    are not recorded.
+    Scoped to the calling task (through :mod:`contextvars`): operations of
+    tasks started inside the block are included, those of other tasks and
+    threads are not, and concurrent ``trace()`` blocks in different tasks
+    record separately. Writes Chrome-trace JSON to ``path`` on exit when
+    given; the :class:`Tracer` is yielded either way. Operations still
+    pending at exit are not recorded.
     """
-    global active
+    global _open
     tracer = Tracer()
-    previous, active = active, tracer
+    token = _current.set(tracer)
+    with _open_lock:
+        _open += 1
     try:
         yield tracer
     finally:
-        active = previous
+        with _open_lock:
+            _open -= 1
+        tracer.close()
+        with contextlib.suppress(ValueError):  # exited in another context than entered
+            _current.reset(token)
         if path is not None:
             tracer.save(path)
 
@@ -114,10 +232,18 @@ except ImportError:  # pragma: no cover - depends on the environment
     _nvtx = None
 
 
+_UNSET: Any = object()
+
+
 @contextlib.contextmanager
-def nvtx_range(name: str) -> Iterator[None]:
-    """An NVTX range (if ``nvtx`` is installed) plus a trace span (if tracing)."""
-    tracer = active
+def nvtx_range(name: str, tracer: Tracer | None = _UNSET, **args: Any) -> Iterator[None]:
+    """An NVTX range (if ``nvtx`` is installed) plus a trace span (if tracing).
+
+    ``tracer`` defaults to the calling task's; gpuaio's threads pass the one
+    the operation captured when it was enqueued.
+    """
+    if tracer is _UNSET:
+        tracer = current()
     t0 = time.perf_counter() if tracer is not None else 0.0
     if _nvtx is not None:
         _nvtx.push_range(name, domain="gpuaio")
@@ -127,4 +253,17 @@ def nvtx_range(name: str) -> Iterator[None]:
         if _nvtx is not None:
             _nvtx.pop_range(domain="gpuaio")
         if tracer is not None:
-            tracer.span(name, t0)
+            tracer.span(name, t0, **args)
+
+
+def wanted(tracer: Tracer | None) -> bool:
+    """Whether host work for an op with this tracer needs :func:`traced_call`."""
+    return tracer is not None or _nvtx is not None
+
+
+def traced_call(
+    name: str, tracer: Tracer | None, args: dict[str, Any], fn: Callable[..., None], *a: Any
+) -> None:
+    """``fn(*a)`` inside :func:`nvtx_range` (run on the thread doing the work)."""
+    with nvtx_range(name, tracer, **args):
+        fn(*a)
