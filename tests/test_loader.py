@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import collections
 import gc
-import warnings
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, NamedTuple
 
