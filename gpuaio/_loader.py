@@ -111,15 +111,25 @@ def prefetch(
     depth: int = 2,
     device: Device | None = None,
     stream: Stream | None = None,
-    to: Target | Callable[[DeviceArray], Any] = "gpuaio",
-    progress: LoaderProgressCallback | None = None,
+    to: Literal["gpuaio", "cupy", "torch"] | Callable[[DeviceArray], Any] = "gpuaio",
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> Prefetcher[Any]:
     """Iterate ``source``'s host batches as device batches, ``depth`` transfers ahead.
 
+    A batch is a buffer, or a ``dict``, ``list`` or ``tuple`` (named tuples
+    too) nesting buffers, to any depth. Buffers are numpy arrays, torch CPU
+    tensors, and anything with the buffer protocol,
+    ``__array_interface__``, ``__cuda_array_interface__`` or ``__dlpack__``;
+    each is copied into a fresh device array on the loader's stream. Other
+    leaves (strings, numbers, ``None``) pass through unchanged, and the
+    structure is rebuilt around the device arrays: a batch
+    ``{"image": np.ndarray, "label": 3}`` comes out as
+    ``{"image": DeviceArray, "label": 3}`` (with ``to="torch"``, a CUDA
+    tensor in place of the ``DeviceArray``).
+
     Args:
-        source: a sync or async iterable of batches (see the module
-            docstring for what a batch may hold). ``iter(source)`` and every
-            ``next()`` run on a worker thread.
+        source: a sync or async iterable of batches. ``iter(source)`` and
+            every ``next()`` of a sync source run on a worker thread.
         depth: how many batches may be pulled from the source and in
             transfer while the consumer holds one (at least 1). Memory in
             use is bounded by it: at most ``depth`` host batches are held,

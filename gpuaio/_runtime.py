@@ -15,6 +15,7 @@ import atexit
 import logging
 import os
 import queue
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -64,6 +65,11 @@ class _Reaper:
             self._start()
 
     def _start(self) -> None:
+        if sys.is_finalizing():
+            # Objects collected while the interpreter shuts down: a thread
+            # started now never runs and Thread.start() waits for it forever
+            # (3.11), or raises (3.12+). The process's memory goes with it.
+            return
         with self._lock:
             if self._thread is not None or self._starting:
                 return  # a submit nested in the start below: its fn is queued

@@ -254,3 +254,44 @@ def test_opening_the_first_device_leaves_the_loop_running(
     assert opened.failures() == [], opened.report()
     with pytest.raises(gpuaio.InvalidArgumentError):
         anyio.run(gpuaio.Device.open, True)  # type: ignore[arg-type]
+
+
+_EXIT_WITH_LIVE_EVENT = """
+import anyio, gpuaio
+dev = gpuaio.Device(0)
+async def main():
+    global ev
+    async with dev.stream() as s:
+        ev = s.record()  # kept alive by a global until the interpreter exits
+        await ev
+anyio.run(main)
+print("end of script", flush=True)
+"""
+
+
+def test_process_exits_with_an_event_alive() -> None:
+    """An event still referenced at interpreter exit is collected during
+    finalization; its ``__del__`` hands the destroy to the reaper, which must
+    not try to start its thread then (``Thread.start`` never returned, and the
+    process hung after its last line: found running the quickstart's blocks)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "GPUAIO_BACKEND": "sim"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    env.pop("GPUAIO_TEST_BACKEND", None)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _EXIT_WITH_LIVE_EVENT],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the process did not exit within 30 s after its last line: {exc.stdout!r}")
+    assert "end of script" in proc.stdout
+    assert proc.returncode == 0, proc.stderr
