@@ -10,8 +10,12 @@ nox.options.reuse_existing_virtualenvs = True
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite on the simulated backend, on asyncio, uvloop and trio."""
-    session.install("-e", ".[test]")
+    """The test suite on the simulated backend, on asyncio, uvloop and trio.
+
+    With the ``ray`` extra, so that the Ray Serve and Ray Data examples
+    (tests/test_ray.py) and the service example run too.
+    """
+    session.install("-e", ".[test,ray]")
     session.run(
         "python",
         "-m",

@@ -52,6 +52,19 @@ class GpuService:
 
     async def process(self, request: web.Request) -> web.StreamResponse:
         body = await common.read_body(request, self.max_bytes)
+        out = await self.transform(body)
+        # Not web.Response(body=out): that copies all of `out` on the loop thread.
+        return await common.write_body(request, out)
+
+    async def transform(self, body: np.ndarray) -> np.ndarray:
+        """``body`` (uint8, C-contiguous) run through the kernel on the GPU, in a new array.
+
+        The upload, the kernel and the download are gpuaio calls: the event
+        loop is never blocked, and other requests (and health probes) are
+        served meanwhile. At most ``slots`` requests are on the GPU at once;
+        the others wait here for a slot. ``body`` must not be modified until
+        this returns. The Ray Serve example's deployment calls this too.
+        """
         n = body.size
         out = np.empty(n, np.uint8)
         stream, buffer = await self._slots.get()
@@ -76,10 +89,13 @@ class GpuService:
             # borrower's work queues behind these ops on the same stream,
             # and the ops own `body` and `out` until they complete.
             self._slots.put_nowait((stream, buffer))
-        # Not web.Response(body=out): that copies all of `out` on the loop thread.
-        return await common.write_body(request, out)
+        return out
 
     async def close(self, app: web.Application) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Wait for each slot's stream to finish its work, then close it."""
         while not self._slots.empty():
             stream, _ = self._slots.get_nowait()
             await stream.aclose()

@@ -44,6 +44,11 @@ class NaiveService:
 
     async def process(self, request: web.Request) -> web.Response:
         body = await common.read_body(request, self.max_bytes)
+        out = self.transform(body)
+        return web.Response(body=memoryview(out), content_type="application/octet-stream")
+
+    def transform(self, body: np.ndarray) -> np.ndarray:
+        """What ``GpuService.transform`` computes, with blocking calls on the calling thread."""
         n = body.size
         out = np.empty(n, np.uint8)
         d = self.buffer.view(n)
@@ -54,9 +59,13 @@ class NaiveService:
         be.launch(self.kernel.native, grid, (common.BLOCK, 1, 1), args, 0, s)
         be.memcpy_async(out.ctypes.data, d.ptr, n, s)  # blocks until the data is in `out`
         be.stream_synchronize(s)
-        return web.Response(body=memoryview(out), content_type="application/octet-stream")
+        return out
 
     async def close(self, app: web.Application) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Wait for the stream (blocking), then destroy it."""
         self.backend.stream_synchronize(self.stream)
         self.backend.stream_destroy(self.stream)
 
