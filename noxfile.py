@@ -1,10 +1,16 @@
-"""nox sessions: ``nox`` runs tests, lint and typecheck (what CI runs)."""
+"""nox sessions: ``nox`` runs tests, lint, typecheck and docs (what CI runs)."""
 
 from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
+
+# Tools pinned: a new release must not break CI on its own (bump them on purpose).
+RUFF = "ruff==0.17.6"
+MYPY = "mypy==2.4.1"
+PYRIGHT = "pyright[nodejs]==1.1.414"
+
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -31,7 +37,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff: lint and formatting."""
-    session.install("ruff>=0.6")
+    session.install(RUFF)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
@@ -43,7 +49,7 @@ def typecheck(session: nox.Session) -> None:
     The package is installed as a wheel, not editable: pyright cannot follow
     an editable install's import hook and would see no package at all.
     """
-    session.install(".[test]", "mypy>=1.11", "pyright[nodejs]>=1.1.380")
+    session.install(".[test]", MYPY, PYRIGHT)
     session.run("mypy")
     # The public types as a user's editor sees them (tests/typing is never run).
     session.run("pyright", "tests/typing", env={"PYRIGHT_PYTHON_IGNORE_WARNINGS": "1"})
