@@ -208,8 +208,13 @@ def _ray_data(cluster: dict[str, Any]) -> Any:
     return _import(EXAMPLES / "ray_data" / "loader.py", "loader")
 
 
-async def test_ray_data_into_prefetch(cluster: dict[str, Any], anyio_backend: Any) -> None:
-    """A Ray dataset's numpy batches go through gpuaio.prefetch; every result is right."""
+async def test_ray_data_into_prefetch(
+    cluster: dict[str, Any], anyio_backend: Any, gpuaio_runtime: Any
+) -> None:
+    """A Ray dataset's numpy batches go through gpuaio.prefetch; every result is right.
+
+    (The pipeline runs in this process, on the test's runtime: an earlier
+    test's runtime is closed by then.)"""
     loader = _ray_data(cluster)
     batches, batch_bytes = 6, 256 << 10
     ds = loader.make_dataset(batches, batch_bytes)
