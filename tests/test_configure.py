@@ -21,18 +21,25 @@ MiB = 1 << 20
 
 @pytest.fixture
 def restored(gpuaio_runtime: Any) -> Iterator[Any]:
-    """The runtime, with its stager and strategy put back after the test."""
+    """The runtime, with its staging and strategy as they were after the test.
+
+    ``configure`` closes the stager it replaces (on the reaper), so the
+    runtime gets a default one again, made on first use as before: on a GPU
+    the runtime is the session's, shared with the tests after this one.
+    """
     rt = gpuaio_runtime
     had = "stager" in rt.extras
     old, strategy = rt.extras.get("stager"), rt.strategy
     yield rt
-    new = rt.extras.get("stager")
-    if had:
-        rt.extras["stager"] = old
+    new = rt.extras.pop("stager", None)
+    if new is not None and new is old:
+        rt.extras["stager"] = old  # never replaced
     else:
-        rt.extras.pop("stager", None)
-    if new is not None and new is not old:
-        new.close()
+        if had and old is None:
+            rt.extras["stager"] = None  # staging was off
+        rt._staging_settings = (None, None)
+        if new is not None:
+            new.close()
     if rt.strategy != strategy:
         rt.set_completion(strategy)
 

@@ -248,7 +248,8 @@ async def test_ops_pending_at_exit_are_left_out(stream: gpuaio.Stream, dev: gpua
     await pending
     doc = tracer.chrome_trace()
     check_chrome_trace(doc)
-    assert [e["name"] for e in _ops(doc)] == ["memset device"]
+    # (On a GPU the latch's first use runs its kernel once, open: that completes.)
+    assert [e["name"] for e in _ops(doc) if e["name"] != "latch"] == ["memset device"]
 
 
 async def test_trace_records_the_loaders_copies(stream: gpuaio.Stream) -> None:
