@@ -4,6 +4,12 @@ Registered through the ``pytest11`` entry point, so installing gpuaio makes it
 available; nothing to configure. It works with pytest-asyncio (strict and
 auto modes) and with anyio's pytest plugin, on asyncio, uvloop and trio.
 
+It acts only on its own fixtures, markers and options, all named ``gpuaio...``:
+a test that uses none of them runs as if gpuaio were not installed, and CUDA
+is not touched (no driver initialisation in the pytest process) unless a test
+uses them or the run chooses a backend with ``--gpuaio-backend`` (or
+``$GPUAIO_TEST_BACKEND``); only then does the report header get a gpuaio line.
+
 Fixtures
 --------
 
@@ -27,12 +33,12 @@ Fixtures
 Markers
 -------
 
-``@pytest.mark.gpu``
+``@pytest.mark.gpuaio_gpu``
     Skip unless the backend is ``cuda``; the reason says why (no device found
     and the driver's answer, or the backend chosen).
-``@pytest.mark.sim_only``
+``@pytest.mark.gpuaio_sim_only``
     Skip unless the backend is ``sim`` (fault injection, latches).
-``@pytest.mark.sim_config(**fields)``
+``@pytest.mark.gpuaio_sim_config(**fields)``
     :class:`~gpuaio.backends.sim.SimConfig` fields for this test's machine.
 ``@pytest.mark.gpuaio_backends("sim", "cuda")``
     Run the test once per backend named (``cuda`` skips where there is no GPU).
@@ -46,7 +52,8 @@ Options (command line, or the ini key in brackets)
 
 ``--gpuaio-backend=auto|sim|cuda|all`` (``$GPUAIO_TEST_BACKEND``)
     ``auto`` (default): CUDA where a device is present, else simulated;
-    ``all`` runs every test that uses the fixtures on both.
+    ``all`` runs every test that uses the fixtures on both. ``cuda`` where CUDA
+    is not usable is a usage error that gives the reason.
 ``--gpuaio-max-loop-block-ms=MS`` [``gpuaio_max_loop_block_ms``]
     Watch every ``async def`` test's loop with this limit (0: only tests that
     ask for it).
@@ -104,14 +111,14 @@ fixture. The plugin's own tests run this example and check each comment::
         time.sleep(0.05)                     # fails: "event loop blocked for 50.1 ms ..."
 
 
-    @pytest.mark.sim_only
+    @pytest.mark.gpuaio_sim_only
     async def test_sticky_fault(gpuaio_stream, gpuaio_device, gpuaio_runtime):
         gpuaio_runtime.backend.inject_fault(0, after_ops=0, code=700)
         with pytest.raises(gpuaio.DeviceFatalError):
             await gpuaio_stream.memset(gpuaio_device.empty(64), 0)
 
 
-    @pytest.mark.gpu
+    @pytest.mark.gpuaio_gpu
     async def test_on_the_card(gpuaio_device):
         assert gpuaio_device.backend == "cuda"   # skipped: "needs a CUDA GPU: ..."
 
@@ -212,28 +219,62 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Register gpuaio's markers."""
+    """Register gpuaio's markers; refuse ``--gpuaio-backend=cuda`` where CUDA is unusable.
+
+    Nothing else happens here: the plugin loads wherever gpuaio is installed,
+    so it touches CUDA only when the run asked for gpuaio (a gpuaio option,
+    or a test that uses a gpuaio fixture or marker).
+    """
     for line in (
-        "gpu: needs a real CUDA device (skipped elsewhere, with the reason)",
-        "sim_only: needs gpuaio's simulated backend",
-        "sim_config(**kwargs): SimConfig fields for this test's simulated machine",
+        "gpuaio_gpu: needs a real CUDA device under gpuaio's fixtures (skipped elsewhere, "
+        "with the reason)",
+        "gpuaio_sim_only: needs gpuaio's simulated backend",
+        "gpuaio_sim_config(**kwargs): SimConfig fields for this test's simulated machine",
         "gpuaio_backends(*names): run the test on each named gpuaio backend (sim, cuda)",
         "gpuaio_max_loop_block_ms(ms): fail the async test if its event loop was blocked "
         "longer than ms (None: don't watch)",
         "gpuaio_no_leak_check(reason=None): skip gpuaio's end-of-test leak check",
     ):
         config.addinivalue_line("markers", line)
+    if _explicit(config) and _option(config) == "cuda" and not _cuda_available():
+        # As GPUAIO_BACKEND=cuda does for the library: asking for CUDA where
+        # there is none is a mistake to report, not a reason to skip every test.
+        raise pytest.UsageError(
+            f"{_source(config)}=cuda, but CUDA is not usable here: {_no_gpu_reason()}"
+        )
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    """Say which backend the tests run on, and why."""
+def pytest_report_header(config: pytest.Config) -> str | None:
+    """Say which backend the tests run on, and why; only when the run chose a gpuaio backend.
+
+    A run that did not choose one (``--gpuaio-backend`` or ``$GPUAIO_TEST_BACKEND``)
+    gets no line, and CUDA is not probed for it: probing initialises the driver in
+    the pytest process, which a project that forks CUDA workers cannot afford.
+    """
+    if not _explicit(config):
+        return None
     choice = _option(config)
     names = _backend_list(config)
     if choice in ("auto", "all") or "cuda" in names:
         gpu = "a CUDA GPU is present" if _cuda_available() else _no_gpu_reason()
     else:
         gpu = "CUDA not probed"
-    return f"gpuaio: backend {'+'.join(names)} (--gpuaio-backend={choice}); {gpu}"
+    return f"gpuaio: backend {'+'.join(names)} ({_source(config)}={choice}); {gpu}"
+
+
+def _explicit(config: pytest.Config) -> bool:
+    """Whether the run chose a gpuaio backend (option or environment)."""
+    return bool(
+        config.getoption("--gpuaio-backend", default=None)
+        or os.environ.get("GPUAIO_TEST_BACKEND")
+    )
+
+
+def _source(config: pytest.Config) -> str:
+    """Where the backend choice came from, as the user wrote it."""
+    if config.getoption("--gpuaio-backend", default=None):
+        return "--gpuaio-backend"
+    return "GPUAIO_TEST_BACKEND"
 
 
 def _option(config: pytest.Config) -> str:
@@ -308,13 +349,18 @@ def _item_backend(item: pytest.Item, default: str) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip ``gpu`` and ``sim_only`` tests that cannot run here, saying why."""
+    """Skip ``gpuaio_gpu`` and ``gpuaio_sim_only`` tests that cannot run here, saying why.
+
+    Only gpuaio's own markers and tests parametrized over gpuaio backends are
+    looked at; other tests (a plain ``gpu`` marker of another project, say) are
+    left alone, and no backend is chosen (no CUDA probe) unless one is needed.
+    """
     choice = _option(config)
     default: str | None = None
     for item in items:
         parametrized = _item_backend(item, "") != ""
-        wants_gpu = item.get_closest_marker("gpu") is not None
-        wants_sim = item.get_closest_marker("sim_only") is not None
+        wants_gpu = item.get_closest_marker("gpuaio_gpu") is not None
+        wants_sim = item.get_closest_marker("gpuaio_sim_only") is not None
         if not (wants_gpu or wants_sim or parametrized):
             continue
         if default is None:
@@ -363,7 +409,7 @@ def gpuaio_runtime(request: pytest.FixtureRequest, gpuaio_backend_name: str) -> 
     if gpuaio_backend_name == "sim":
         from .backends.sim import SimBackend, SimConfig
 
-        marker = request.node.get_closest_marker("sim_config")
+        marker = request.node.get_closest_marker("gpuaio_sim_config")
         kwargs: dict[str, Any] = dict(marker.kwargs) if marker else {}
         rt = use_backend(SimBackend(SimConfig(**kwargs)))
         _session_runtime = None

@@ -38,7 +38,7 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
-pytestmark = [pytest.mark.sim_config(devices=2), pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.gpuaio_sim_config(devices=2), pytest.mark.timeout(600)]
 
 DTYPES = [np.uint8, np.int16, np.uint32, np.float32, np.float64, np.complex64, np.bool_]
 HOST_KINDS = ["pageable", "pinned", "registered", "dlpack"]

@@ -67,7 +67,7 @@ async def test_long_op_is_caught_after_the_loop_stops_polling(strategy_dev: gpua
     assert op.done()
 
 
-@pytest.mark.sim_only
+@pytest.mark.gpuaio_sim_only
 async def test_sticky_fault_within_100ms(strategy_dev: gpuaio.Device) -> None:
     dev = strategy_dev
     s = dev.stream()

@@ -118,7 +118,7 @@ async def _still_works(s: gpuaio.Stream, d: Any, expected: np.ndarray) -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.sim_only
+@pytest.mark.gpuaio_sim_only
 async def test_created_context_current_on_the_loop_thread(gpuaio_runtime: Any) -> None:
     # What PyCUDA's make_context() or cuCtxCreate leave current on the loop thread.
     be = gpuaio_runtime.backend
@@ -138,8 +138,8 @@ async def test_created_context_current_on_the_loop_thread(gpuaio_runtime: Any) -
 
 
 @pytest.mark.anyio
-@pytest.mark.sim_only
-@pytest.mark.sim_config(devices=2)
+@pytest.mark.gpuaio_sim_only
+@pytest.mark.gpuaio_sim_config(devices=2)
 async def test_other_device_current_on_the_loop_thread(gpuaio_runtime: Any) -> None:
     # torch.cuda.set_device(1) / `with cupy.cuda.Device(1)`: device 1's primary
     # context is current while gpuaio works on device 0, and the other way round.
@@ -176,8 +176,8 @@ def _in_thread(name: str, fn: Callable[[], Any]) -> Any:
     return result[0]
 
 
-@pytest.mark.sim_only
-@pytest.mark.sim_config(devices=2)
+@pytest.mark.gpuaio_sim_only
+@pytest.mark.gpuaio_sim_config(devices=2)
 def test_what_each_thread_is_left_with(gpuaio_runtime: Any) -> None:
     be = gpuaio_runtime.backend
     p0, p1 = be.primary_context(0), be.primary_context(1)
@@ -285,7 +285,7 @@ class _FakeDriver:
         return self._ran()
 
 
-@pytest.mark.sim_only  # it patches the driver module a CUDA runtime's threads would use
+@pytest.mark.gpuaio_sim_only  # it patches the driver module a CUDA runtime's threads would use
 def test_cuda_backend_checks_the_current_context(monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = pytest.importorskip("gpuaio.backends.cuda")
     fake = _FakeDriver(cuda.driver)
@@ -337,7 +337,7 @@ def test_cuda_backend_checks_the_current_context(monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.anyio
-@pytest.mark.gpu
+@pytest.mark.gpuaio_gpu
 async def test_created_context_current_on_the_loop_thread_cuda(gpuaio_runtime: Any) -> None:
     # The one-GPU version of torch.cuda.set_device(1): a second context on
     # device 0 (cuCtxCreate, as PyCUDA's make_context does) current on the loop

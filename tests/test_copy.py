@@ -90,7 +90,7 @@ PAGEABLE_PAIRS = [(a, b) for a in KINDS for b in KINDS if "pageable" in (a, b)]
 single DMAs or host copies, covered at 64 MiB."""
 
 
-@pytest.mark.gpu
+@pytest.mark.gpuaio_gpu
 @pytest.mark.parametrize(("src_kind", "dst_kind"), PAGEABLE_PAIRS)
 async def test_roundtrip_1gib(
     stream: gpuaio.Stream, dev: gpuaio.Device, src_kind: str, dst_kind: str, anyio_backend: Any

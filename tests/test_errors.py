@@ -154,13 +154,13 @@ async def test_wrong_device(dev: gpuaio.Device) -> None:
         s.memset(other.empty(8), 0)
 
 
-@pytest.mark.sim_config(devices=2)
-@pytest.mark.sim_only
+@pytest.mark.gpuaio_sim_config(devices=2)
+@pytest.mark.gpuaio_sim_only
 async def test_wrong_device_sim(dev: gpuaio.Device) -> None:
     await test_wrong_device(dev)
 
 
-@pytest.mark.sim_only
+@pytest.mark.gpuaio_sim_only
 async def test_sticky_fault_fails_pending_awaits(stream: gpuaio.Stream, dev: gpuaio.Device) -> None:
     backend: Any = dev._runtime.backend
     d = dev.empty(1 << 20)
@@ -182,7 +182,7 @@ async def test_sticky_fault_fails_pending_awaits(stream: gpuaio.Stream, dev: gpu
         dev.empty(8)
 
 
-@pytest.mark.sim_only
+@pytest.mark.gpuaio_sim_only
 async def test_failing_kernel_is_sticky(stream: gpuaio.Stream, dev: gpuaio.Device) -> None:
     def boom(grid: Any, block: Any) -> None:
         raise RuntimeError("illegal memory access in the simulated kernel")
@@ -194,7 +194,7 @@ async def test_failing_kernel_is_sticky(stream: gpuaio.Stream, dev: gpuaio.Devic
         await stream.synchronize()
 
 
-@pytest.mark.sim_only
+@pytest.mark.gpuaio_sim_only
 async def test_enqueue_error_names_the_call(stream: gpuaio.Stream, dev: gpuaio.Device) -> None:
     backend: Any = dev._runtime.backend
     d = dev.empty(16)
@@ -207,7 +207,7 @@ async def test_enqueue_error_names_the_call(stream: gpuaio.Stream, dev: gpuaio.D
     await stream.memset(d, 2)  # not sticky: the stream still works
 
 
-@pytest.mark.sim_only
+@pytest.mark.gpuaio_sim_only
 async def test_error_in_host_job_reaches_await(stream: gpuaio.Stream, dev: gpuaio.Device) -> None:
     backend: Any = dev._runtime.backend
     backend.fail_next("cuMemcpyAsync", code=1)
@@ -221,7 +221,7 @@ async def test_error_in_host_job_reaches_await(stream: gpuaio.Stream, dev: gpuai
         dev._runtime.extras["stager"] = stager
 
 
-@pytest.mark.sim_only
+@pytest.mark.gpuaio_sim_only
 async def test_failed_enqueue_releases_the_op(stream: gpuaio.Stream, dev: gpuaio.Device) -> None:
     backend: Any = dev._runtime.backend
     d = dev.empty(64)

@@ -128,7 +128,7 @@ def test_fork_before_gpuaio_initialized_starts_fresh(how: str) -> None:
     assert result["parent_after"] == "ok", result
 
 
-@pytest.mark.gpu
+@pytest.mark.gpuaio_gpu
 @pytest.mark.parametrize("how", ["os", "mp"])
 def test_forked_cuda_child_fails_fast(how: str) -> None:
     """On a GPU: every call on the inherited CUDA runtime raises ForkedProcessError (no

@@ -313,7 +313,7 @@ def test_converter_choices() -> None:
 # -- on a GPU: torch ----------------------------------------------------------------
 
 
-@pytest.mark.gpu
+@pytest.mark.gpuaio_gpu
 async def test_torch_tensors_in_and_out(stream: gpuaio.Stream, dev: gpuaio.Device) -> None:
     torch = pytest.importorskip("torch")
     n = 1 << 20
@@ -335,7 +335,7 @@ async def test_torch_tensors_in_and_out(stream: gpuaio.Stream, dev: gpuaio.Devic
     assert torch.equal(cuda_dst.cpu(), cpu)
 
 
-@pytest.mark.gpu
+@pytest.mark.gpuaio_gpu
 async def test_await_work_torch_enqueued(dev: gpuaio.Device) -> None:
     torch = pytest.importorskip("torch")
     ts = torch.cuda.Stream(device=dev.ordinal)
@@ -350,7 +350,7 @@ async def test_await_work_torch_enqueued(dev: gpuaio.Device) -> None:
     wrapped.close()
 
 
-@pytest.mark.gpu
+@pytest.mark.gpuaio_gpu
 async def test_torch_work_in_gpuaio_order(stream: gpuaio.Stream, dev: gpuaio.Device) -> None:
     torch = pytest.importorskip("torch")
     n = 1 << 22
@@ -368,7 +368,7 @@ async def test_torch_work_in_gpuaio_order(stream: gpuaio.Stream, dev: gpuaio.Dev
     assert int(result[0].item()) == 3 * n
 
 
-@pytest.mark.gpu
+@pytest.mark.gpuaio_gpu
 async def test_prefetch_to_torch(stream: gpuaio.Stream, dev: gpuaio.Device) -> None:
     torch = pytest.importorskip("torch")
     batches = [
@@ -389,7 +389,7 @@ async def test_prefetch_to_torch(stream: gpuaio.Stream, dev: gpuaio.Device) -> N
 # -- on a GPU: CuPy -------------------------------------------------------------------
 
 
-@pytest.mark.gpu
+@pytest.mark.gpuaio_gpu
 async def test_cupy_arrays_streams_and_raw_kernels(
     stream: gpuaio.Stream, dev: gpuaio.Device
 ) -> None:
@@ -420,7 +420,7 @@ async def test_cupy_arrays_streams_and_raw_kernels(
     assert cs.done
 
 
-@pytest.mark.gpu
+@pytest.mark.gpuaio_gpu
 async def test_prefetch_to_cupy(dev: gpuaio.Device) -> None:
     cupy = pytest.importorskip("cupy")
     batches = [np.full(1000, i, np.int16) for i in range(3)]
@@ -432,7 +432,7 @@ async def test_prefetch_to_cupy(dev: gpuaio.Device) -> None:
 # -- on a GPU: numba-cuda and cuda.core ---------------------------------------------
 
 
-@pytest.mark.gpu
+@pytest.mark.gpuaio_gpu
 async def test_numba_kernels(stream: gpuaio.Stream, dev: gpuaio.Device) -> None:
     numba_cuda = pytest.importorskip("numba.cuda")
 
@@ -457,7 +457,7 @@ async def test_numba_kernels(stream: gpuaio.Stream, dev: gpuaio.Device) -> None:
     np.testing.assert_array_equal(await to_host(stream, d), src)
 
 
-@pytest.mark.gpu
+@pytest.mark.gpuaio_gpu
 async def test_cuda_core_kernel(stream: gpuaio.Stream, dev: gpuaio.Device) -> None:
     core = pytest.importorskip("cuda.core")
     cdev = core.Device(dev.ordinal)

@@ -250,7 +250,7 @@ def _sim_used(rt: Any, ordinal: int) -> int:
     return int(rt.backend._devices[ordinal].used)
 
 
-@pytest.mark.sim_config(devices=2)
+@pytest.mark.gpuaio_sim_config(devices=2)
 async def test_gather_with_a_bad_part_writes_nothing(gpuaio_runtime: Any) -> None:
     d0, d1 = _two_devices(gpuaio_runtime)
     n = 4 << 20
@@ -291,8 +291,8 @@ async def _raise_while_held(
     return seen
 
 
-@pytest.mark.sim_only
-@pytest.mark.sim_config(devices=2)
+@pytest.mark.gpuaio_sim_only
+@pytest.mark.gpuaio_sim_config(devices=2)
 async def test_gather_waits_for_the_enqueued_parts_when_an_enqueue_fails(
     gpuaio_runtime: Any,
 ) -> None:
@@ -311,8 +311,8 @@ async def test_gather_waits_for_the_enqueued_parts_when_an_enqueue_fails(
     assert not out[n:].any()
 
 
-@pytest.mark.sim_only
-@pytest.mark.sim_config(devices=2)
+@pytest.mark.gpuaio_sim_only
+@pytest.mark.gpuaio_sim_config(devices=2)
 async def test_scatter_waits_and_frees_when_an_enqueue_fails(gpuaio_runtime: Any) -> None:
     rt = gpuaio_runtime
     d0, _d1 = _two_devices(rt)
@@ -329,8 +329,8 @@ async def test_scatter_waits_and_frees_when_an_enqueue_fails(gpuaio_runtime: Any
     )
 
 
-@pytest.mark.sim_only
-@pytest.mark.sim_config(devices=2, device_memory=64 << 20)
+@pytest.mark.gpuaio_sim_only
+@pytest.mark.gpuaio_sim_config(devices=2, device_memory=64 << 20)
 async def test_scatter_allocation_failure_enqueues_nothing(gpuaio_runtime: Any) -> None:
     rt = gpuaio_runtime
     d0, d1 = _two_devices(rt)
@@ -350,7 +350,7 @@ async def test_scatter_allocation_failure_enqueues_nothing(gpuaio_runtime: Any) 
     del hog
 
 
-@pytest.mark.sim_config(devices=2)
+@pytest.mark.gpuaio_sim_config(devices=2)
 async def test_cancelled_gather_leaves_nothing_running(gpuaio_runtime: Any) -> None:
     """The caller cannot reach gather's copies to wait for them: a cancelled
     gather waits for them itself before the cancellation goes on."""

@@ -202,7 +202,7 @@ def test_numpy_refuses_a_device_array(gpuaio_runtime: Any) -> None:
         np.array(d[4:8])
 
 
-@pytest.mark.sim_only  # starts runtimes of its own on the simulated backend
+@pytest.mark.gpuaio_sim_only  # starts runtimes of its own on the simulated backend
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 def test_opening_the_first_device_leaves_the_loop_running(
     gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch, anyio_backend: str

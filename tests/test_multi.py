@@ -16,7 +16,7 @@ import gpuaio
 from tests.conftest import latch
 from tests.test_copy import pattern
 
-pytestmark = [pytest.mark.anyio, pytest.mark.sim_config(devices=3)]
+pytestmark = [pytest.mark.anyio, pytest.mark.gpuaio_sim_config(devices=3)]
 
 
 def devices(rt: Any, n: int) -> list[gpuaio.Device]:

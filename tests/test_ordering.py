@@ -89,7 +89,7 @@ async def _ticker(gaps: list[float], stop: anyio.Event, ticks: list[float] | Non
         last = now
 
 
-@pytest.mark.sim_config(dma_gbps=4.0, pageable_gbps=2.0)
+@pytest.mark.gpuaio_sim_config(dma_gbps=4.0, pageable_gbps=2.0)
 @pytest.mark.parametrize("what", ["h2d_pageable", "d2h_pageable", "h2h", "host_memset"])
 async def test_loop_keeps_running(
     stream: gpuaio.Stream, dev: gpuaio.Device, what: str, anyio_backend: Any

@@ -196,11 +196,11 @@ def test_gpu_marker_skips_with_a_clear_reason(pytester: pytest.Pytester) -> None
         """
         import pytest
 
-        @pytest.mark.gpu
+        @pytest.mark.gpuaio_gpu
         def test_on_the_card(gpuaio_device):
             assert gpuaio_device.backend == "cuda"
 
-        @pytest.mark.sim_only
+        @pytest.mark.gpuaio_sim_only
         def test_fault_injection(gpuaio_runtime):
             assert gpuaio_runtime.backend.name == "sim"
         """
@@ -215,6 +215,92 @@ def test_gpu_marker_skips_with_a_clear_reason(pytester: pytest.Pytester) -> None
         result.assert_outcomes(passed=1, skipped=1)
         result.stdout.fnmatch_lines(["*needs a CUDA GPU: no CUDA GPU found (*"])
         result.stdout.fnmatch_lines(["gpuaio: backend sim (--gpuaio-backend=auto); no CUDA*"])
+
+
+FOREIGN = """
+import sys
+import pytest
+
+@pytest.mark.gpu
+def test_own_gpu_marker():
+    pass
+
+@pytest.mark.sim_only
+@pytest.mark.sim_config(devices=9)
+def test_own_sim_markers():
+    pass
+
+def test_gpuaio_stayed_out():
+    import gpuaio._runtime
+    assert "gpuaio.backends.cuda" not in sys.modules
+    assert not any(m == "cuda" or m.startswith("cuda.") for m in sys.modules)
+    assert gpuaio._runtime._current is None
+"""
+
+
+def test_a_project_that_does_not_use_gpuaio_is_left_alone(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another project's ``gpu``/``sim_only`` markers are its own, and nothing probes CUDA.
+
+    In a fresh interpreter (``runpytest_subprocess``), so ``sys.modules`` shows
+    what the plugin imported for the header and collection: not the CUDA backend.
+    """
+    monkeypatch.delenv("GPUAIO_TEST_BACKEND", raising=False)
+    monkeypatch.delenv("GPUAIO_BACKEND", raising=False)
+    pytester.makeini(INI.format(mode="strict"))
+    pytester.makepyfile(test_foreign=FOREIGN)
+    result = pytester.runpytest_subprocess("-v", "-rs", *ARGS)
+    result.assert_outcomes(passed=3)
+    assert not [line for line in result.outlines if line.lower().startswith("gpuaio")]
+    assert "needs a CUDA GPU" not in result.stdout.str()
+
+
+def test_header_only_when_a_backend_is_chosen(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GPUAIO_TEST_BACKEND", raising=False)
+    pytester.makeini(INI.format(mode="strict"))
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    plain = pytester.runpytest(*ARGS)
+    plain.assert_outcomes(passed=1)
+    assert not [line for line in plain.outlines if line.startswith("gpuaio")]
+    chosen = pytester.runpytest("--gpuaio-backend=sim", *ARGS)
+    chosen.stdout.fnmatch_lines(["gpuaio: backend sim (--gpuaio-backend=sim); CUDA not probed"])
+    monkeypatch.setenv("GPUAIO_TEST_BACKEND", "sim")
+    by_env = pytester.runpytest(*ARGS)
+    by_env.stdout.fnmatch_lines(["gpuaio: backend sim (GPUAIO_TEST_BACKEND=sim); CUDA not probed"])
+
+
+@pytest.mark.skipif(_cuda_available(), reason="needs a machine where CUDA is not usable")
+def test_asking_for_cuda_without_a_gpu_is_a_usage_error(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GPUAIO_TEST_BACKEND", raising=False)
+    pytester.makeini(INI.format(mode="strict"))
+    pytester.makepyfile(
+        """
+        import pytest
+
+        def test_on_the_card(gpuaio_device):
+            pass
+
+        @pytest.mark.gpuaio_gpu
+        def test_marked(gpuaio_device):
+            pass
+        """
+    )
+    result = pytester.runpytest("--gpuaio-backend=cuda", *ARGS)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*--gpuaio-backend=cuda, but CUDA is not usable here: no CUDA GPU found (*"]
+    )
+    out = result.stdout.str()
+    assert "skipped" not in out and "passed" not in out  # nothing ran, nothing skipped
+    monkeypatch.setenv("GPUAIO_TEST_BACKEND", "cuda")
+    by_env = pytester.runpytest(*ARGS)
+    assert by_env.ret == pytest.ExitCode.USAGE_ERROR
+    by_env.stderr.fnmatch_lines(["*GPUAIO_TEST_BACKEND=cuda, but CUDA is not usable here: *"])
 
 
 def test_backends_are_parametrizable(pytester: pytest.Pytester) -> None:
@@ -234,7 +320,7 @@ def test_backends_are_parametrizable(pytester: pytest.Pytester) -> None:
         def test_direct(gpuaio_device):
             assert gpuaio_device.backend == "sim"
 
-        @pytest.mark.sim_config(devices=3, dma_gbps=55.0)
+        @pytest.mark.gpuaio_sim_config(devices=3, dma_gbps=55.0)
         def test_sim_config(gpuaio_runtime):
             assert gpuaio_runtime.backend.device_count() == 3
             assert gpuaio_runtime.backend.config.dma_gbps == 55.0
@@ -272,7 +358,7 @@ def test_forgets_an_await(gpuaio_runtime, gpuaio_stream, gpuaio_device):
     gpuaio_runtime.backend.hold(gpuaio_stream._native)  # a stream that never drains
     gpuaio_stream.memset(gpuaio_device.empty(1 << 16), 7)
 
-@pytest.mark.sim_config(dma_gbps=0.004)
+@pytest.mark.gpuaio_sim_config(dma_gbps=0.004)
 def test_leaves_a_slow_copy_running(gpuaio_stream, gpuaio_device):
     host = gpuaio.pinned_empty(1 << 20)
     gpuaio_stream.copy(gpuaio_device.empty(1 << 20), host)  # takes ~0.26 s

@@ -122,7 +122,7 @@ def budget_1m(gpuaio_runtime: Any) -> Iterator[Stager]:
     yield from _install(gpuaio_runtime, 1 * MiB)
 
 
-@pytest.mark.sim_only  # a latch on CUDA defers frees, so the free would not wait
+@pytest.mark.gpuaio_sim_only  # a latch on CUDA defers frees, so the free would not wait
 async def test_an_eviction_never_blocks_the_loop(budget_1m: Stager, dev: gpuaio.Device) -> None:
     """r14: evicting cached blocks frees pinned memory, and a driver free waits for
     all of the device's work (an H200's cuMemFreeHost waited 1.47 s for an
@@ -174,7 +174,7 @@ def test_chunks_fit_the_budget() -> None:
     assert cfg.chunk_for(100 * MiB, 2 * MiB) == MiB  # the floor: one block at a time
 
 
-@pytest.mark.sim_only  # holds a stream with the sim's hold (a latch defers frees on CUDA)
+@pytest.mark.gpuaio_sim_only  # holds a stream with the sim's hold (a latch defers frees on CUDA)
 def test_hostfunc_completion_and_an_eviction_do_not_deadlock(
     gpuaio_runtime: Any, budget_1m: Stager
 ) -> None:

@@ -50,7 +50,7 @@ def _loop_id(anyio_backend: Any) -> str:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.sim_config(**FAST_SIM)
+@pytest.mark.gpuaio_sim_config(**FAST_SIM)
 @pytest.mark.gpuaio_max_loop_block_ms(250)
 @pytest.mark.anyio
 async def test_cancellation_storm(
@@ -74,7 +74,7 @@ async def test_cancellation_storm(
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.sim_config(**FAST_SIM)
+@pytest.mark.gpuaio_sim_config(**FAST_SIM)
 @pytest.mark.parametrize("completion", ["flags", "thread", "hostfunc"])
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
 @pytest.mark.anyio
@@ -86,8 +86,8 @@ async def test_cancellation_storm_other_completion(gpuaio_runtime: Any, completi
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.sim_only
-@pytest.mark.sim_config(**FAST_SIM)
+@pytest.mark.gpuaio_sim_only
+@pytest.mark.gpuaio_sim_config(**FAST_SIM)
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
 @pytest.mark.anyio
 async def test_cancellation_storm_with_transient_faults(gpuaio_runtime: Any) -> None:
@@ -100,7 +100,7 @@ async def test_cancellation_storm_with_transient_faults(gpuaio_runtime: Any) -> 
     assert stats.transient_errors_seen > 0
 
 
-@pytest.mark.sim_only
+@pytest.mark.gpuaio_sim_only
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
 @pytest.mark.anyio
 async def test_storm_checks_detect_early_reuse(
@@ -142,7 +142,7 @@ def test_trouble_catches_foreign_exceptions() -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.sim_only
+@pytest.mark.gpuaio_sim_only
 @pytest.mark.parametrize("completion", ["events", "flags", "thread", "hostfunc"])
 @pytest.mark.anyio
 async def test_sticky_fault_fails_every_await_fast(
@@ -165,7 +165,7 @@ async def test_sticky_fault_fails_every_await_fast(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.sim_only
+@pytest.mark.gpuaio_sim_only
 @pytest.mark.gpuaio_no_leak_check  # nothing can be freed after a sticky fault
 @pytest.mark.parametrize("completion", ["events", "flags", "thread", "hostfunc"])
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
@@ -275,7 +275,7 @@ def _fault_child(
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.sim_only
+@pytest.mark.gpuaio_sim_only
 def test_sticky_fault_in_a_subprocess_sim() -> None:
     """The subprocess harness the GPU test uses, on the simulated backend."""
     result = _fault_child("sim", loop="trio")
@@ -286,7 +286,7 @@ def test_sticky_fault_in_a_subprocess_sim() -> None:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.gpu
+@pytest.mark.gpuaio_gpu
 @pytest.mark.parametrize("fault", ["illegal_address", "trap"])
 @pytest.mark.parametrize("completion", ["events", "flags", "thread", "hostfunc"])
 def test_sticky_fault_kernel(completion: str, fault: str, record_property: Any) -> None:
@@ -321,7 +321,7 @@ def test_loop_ends_with_ops_in_flight(gpuaio_runtime: Any, loop: str) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.sim_config(d2d_gbps=0.5)
+@pytest.mark.gpuaio_sim_config(d2d_gbps=0.5)
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {}), ("trio", {})], ids=["asyncio", "trio"])
 @pytest.mark.anyio
 async def test_runtime_closed_with_ops_in_flight(gpuaio_runtime: Any) -> None:
@@ -397,7 +397,7 @@ os._exit(0)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.sim_only
+@pytest.mark.gpuaio_sim_only
 def test_runtime_close_returns_when_gpu_work_never_ends() -> None:
     """Found by this suite (fixed in bdf49e9): Runtime.close() never returned while a
     stream never drained; PinnedPool.close() waited without limit for the guard
@@ -409,7 +409,7 @@ def test_runtime_close_returns_when_gpu_work_never_ends() -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.sim_config(**FAST_SIM)
+@pytest.mark.gpuaio_sim_config(**FAST_SIM)
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
 @pytest.mark.anyio
 async def test_soak_short(gpuaio_runtime: Any) -> None:
@@ -423,7 +423,7 @@ async def test_soak_short(gpuaio_runtime: Any) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-@pytest.mark.sim_config(**FAST_SIM)
+@pytest.mark.gpuaio_sim_config(**FAST_SIM)
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
 @pytest.mark.anyio
 async def test_soak_million(gpuaio_runtime: Any) -> None:
@@ -455,7 +455,7 @@ os._exit(0)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.sim_only
+@pytest.mark.gpuaio_sim_only
 def test_event_finalizer_does_not_deadlock() -> None:
     """Found by the storm (fixed in bdf49e9): Event.__del__ called backend.event_destroy
     in whatever thread dropped the last reference: a sim worker holding the backend
@@ -465,7 +465,7 @@ def test_event_finalizer_does_not_deadlock() -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.sim_only
+@pytest.mark.gpuaio_sim_only
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
 @pytest.mark.anyio
 async def test_failed_d2h_chunk_keeps_its_block_guarded(gpuaio_runtime: Any) -> None:
@@ -498,7 +498,7 @@ async def test_failed_d2h_chunk_keeps_its_block_guarded(gpuaio_runtime: Any) -> 
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.sim_only
+@pytest.mark.gpuaio_sim_only
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
 @pytest.mark.anyio
 async def test_failed_marker_keeps_small_d2h_block_guarded(gpuaio_runtime: Any) -> None:
@@ -534,8 +534,8 @@ async def test_failed_marker_keeps_small_d2h_block_guarded(gpuaio_runtime: Any) 
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.sim_only
-@pytest.mark.sim_config(devices=2, marker_fault_delay_s=0.25)
+@pytest.mark.gpuaio_sim_only
+@pytest.mark.gpuaio_sim_config(devices=2, marker_fault_delay_s=0.25)
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
 @pytest.mark.anyio
 async def test_pool_survives_a_fault_on_another_device(

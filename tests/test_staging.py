@@ -78,8 +78,8 @@ async def test_poison_after_await_does_not_reach_device(
         np.testing.assert_array_equal(out, expect)
 
 
-@pytest.mark.sim_only
-@pytest.mark.sim_config(dma_gbps=0.2)
+@pytest.mark.gpuaio_sim_only
+@pytest.mark.gpuaio_sim_config(dma_gbps=0.2)
 @pytest.mark.parametrize("direction", ["h2d", "d2h"])
 async def test_abort_midway_leaves_pool_consistent(
     small_pool: Stager, dev: gpuaio.Device, direction: str
@@ -218,7 +218,7 @@ async def test_register_again_right_after_unregister(dev: gpuaio.Device) -> None
         reg.unregister()
 
 
-@pytest.mark.sim_only
+@pytest.mark.gpuaio_sim_only
 def test_a_block_waited_on_keeps_its_events_until_the_wait_ends(gpuaio_runtime: Any) -> None:
     """A thread waiting (outside the pool's lock) for the oldest guarded block's
     event must not have that event destroyed under it when another thread

@@ -193,7 +193,7 @@ def test_per_thread_default_stream_is_refused(
         dev.wrap_stream(0)  # the null stream is per-thread in this process
 
 
-@pytest.mark.gpu
+@pytest.mark.gpuaio_gpu
 @pytest.mark.parametrize("handle", [0, 1], ids=["null", "CU_STREAM_LEGACY"])
 async def test_legacy_default_stream_keeps_order(dev: gpuaio.Device, handle: int) -> None:
     """g5 with the legacy default stream: one stream whichever thread enqueues."""
@@ -212,7 +212,7 @@ async def test_legacy_default_stream_keeps_order(dev: gpuaio.Device, handle: int
     assert np.unique(out).tolist() == [7]
 
 
-@pytest.mark.sim_only
+@pytest.mark.gpuaio_sim_only
 async def test_failed_marker_on_the_host_thread_keeps_the_buffer(dev: gpuaio.Device) -> None:
     """r21: a marker that fails on the host thread fails the op only after its DMA ran."""
     be = dev._runtime.backend
@@ -320,7 +320,7 @@ def test_waiter_of_a_closed_loop_is_not_woken_by_the_next(
     del task
 
 
-@pytest.mark.sim_only
+@pytest.mark.gpuaio_sim_only
 @pytest.mark.parametrize("path", ["poll", "watcher"])
 def test_no_waiter_is_lost_when_a_sticky_error_follows_a_completion(
     gpuaio_runtime: Any, path: str

@@ -35,7 +35,7 @@ card=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -
 start=$(date +%s)
 # SIGINT first: pytest then stops and still prints its failures and summary.
 timeout -s INT -k 30 "${GPUAIO_SUITE_LIMIT_S:-480}" python3 -m pytest -p no:cacheprovider -q -rfE \
-    --gpuaio-backend=cuda -m "not sim_only" --timeout 120 --timeout-method thread \
+    --gpuaio-backend=cuda -m "not gpuaio_sim_only" --timeout 120 --timeout-method thread \
     --durations 25 --junitxml "$OUT/junit.xml" tests "$@" 2>&1 | tee "$OUT/pytest.log"
 rc=$?
 wall=$(($(date +%s) - start))
