@@ -265,8 +265,7 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 def _explicit(config: pytest.Config) -> bool:
     """Whether the run chose a gpuaio backend (option or environment)."""
     return bool(
-        config.getoption("--gpuaio-backend", default=None)
-        or os.environ.get("GPUAIO_TEST_BACKEND")
+        config.getoption("--gpuaio-backend", default=None) or os.environ.get("GPUAIO_TEST_BACKEND")
     )
 
 
