@@ -271,9 +271,9 @@ def _explicit(config: pytest.Config) -> bool:
 
 def _source(config: pytest.Config) -> str:
     """Where the backend choice came from, as the user wrote it."""
-    if config.getoption("--gpuaio-backend", default=None):
-        return "--gpuaio-backend"
-    return "GPUAIO_TEST_BACKEND"
+    if os.environ.get("GPUAIO_TEST_BACKEND") and not config.getoption("--gpuaio-backend"):
+        return "GPUAIO_TEST_BACKEND"
+    return "--gpuaio-backend"
 
 
 def _option(config: pytest.Config) -> str:
@@ -374,7 +374,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(
                 pytest.mark.skip(
                     reason=f"needs a CUDA GPU: the gpuaio backend is {backend!r} "
-                    f"(--gpuaio-backend={choice}); run with --gpuaio-backend=cuda "
+                    f"({_source(config)}={choice}); run with --gpuaio-backend=cuda "
                     "on a machine with one"
                 )
             )
