@@ -27,9 +27,10 @@ GPU run (H100)::
 
     python benchmarks/loader.py
 
-Anywhere, on the simulated backend where there is no GPU::
+Anywhere, on the simulated backend where there is no GPU (``auto`` falls
+back to it with a warning)::
 
-    python benchmarks/loader.py --quick
+    GPUAIO_BACKEND=auto python benchmarks/loader.py --quick
 """
 
 from __future__ import annotations

@@ -6,7 +6,10 @@
           while a 1 ms ticker measures how long the event loop was blocked.
 ``bench`` a quick transfer benchmark: gpuaio against the raw driver call.
 
-Where no GPU is present, all three say so and run on the simulated backend.
+The backend comes from ``GPUAIO_BACKEND`` as for any gpuaio program. With no
+usable GPU, ``info`` prints a one-line error (exit status 1) unless
+``GPUAIO_BACKEND=sim`` (or ``auto``) is set; ``demo`` and ``bench`` run on the
+simulated backend, and their first line says so.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -23,7 +27,8 @@ import numpy as np
 
 import gpuaio
 
-from ._runtime import current_runtime
+from ._errors import GpuaioError
+from ._runtime import Runtime, current_runtime, use_backend
 
 ADD_ONE = r"""
 extern "C" __global__ void add_one(unsigned char* data, unsigned long long n) {
@@ -39,10 +44,34 @@ def _add_one_sim(grid: Any, block: Any, data: np.ndarray[Any, Any], n: Any) -> N
 
 def _banner() -> None:
     rt = current_runtime()
-    print(f"gpuaio {gpuaio.__version__} on the {rt.backend.name} backend: {rt.reason}")
     if rt.backend.name == "sim":
-        print("  No CUDA GPU is in use: this runs on gpuaio's simulated backend, which models")
-        print("  CUDA's stream ordering and blocking rules with real time passing.")
+        # The first line says it, so nobody takes the figures for a GPU's.
+        print(f"gpuaio {gpuaio.__version__}: no CUDA GPU in use, running on the SIMULATED backend")
+        print(f"  why: {rt.reason}")
+        print("  gpuaio's simulated backend models CUDA's stream ordering and blocking rules")
+        print("  with real time passing; its 'device' memory is host memory.")
+    else:
+        print(f"gpuaio {gpuaio.__version__} on the {rt.backend.name} backend: {rt.reason}")
+
+
+def _start(command: str) -> Runtime | None:
+    """The runtime for ``command``, or None after printing a one-line error to stderr.
+
+    ``demo`` and ``bench`` with ``GPUAIO_BACKEND`` unset fall back to the
+    simulated backend (the banner's first line says so); every other case
+    keeps the library's rule.
+    """
+    try:
+        return current_runtime()
+    except (GpuaioError, ValueError) as exc:
+        if command in ("demo", "bench") and not os.environ.get("GPUAIO_BACKEND"):
+            why = " ".join(str(exc.__cause__ or exc).split()).rstrip(".")
+            rt = use_backend("sim")
+            rt.reason = f"the {command} command's fallback, as no CUDA device can be used: {why}"
+            return rt
+        message = " ".join(str(exc).split())
+        print(f"gpuaio {command}: {type(exc).__name__}: {message}", file=sys.stderr)
+        return None
 
 
 def describe_setup() -> dict[str, Any]:
@@ -232,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.json and args.command != "info":
         parser.error("--json goes with the info command")
+    if _start(args.command) is None:
+        return 1
     if args.command == "info":
         return info(as_json=args.json)
     if args.command == "demo":

@@ -208,7 +208,8 @@ class DeviceArray:
     """A C-contiguous typed view of device (or managed) memory.
 
     Exposes ``__cuda_array_interface__`` (v3) and DLPack, so CuPy, PyTorch,
-    numba and JAX can use it without a copy. Created by
+    numba and JAX can use it without a copy. On the simulated backend both
+    raise ``TypeError``: its memory is host memory, not CUDA memory. Created by
     :meth:`gpuaio.Device.empty` and friends.
     """
 
@@ -336,8 +337,28 @@ class DeviceArray:
         self._alloc.free()
 
     # -- interchange ---------------------------------------------------
+    # The public dunders are what other libraries (CuPy, PyTorch, numba, JAX)
+    # read. On the simulated backend "device" memory is host memory, and a
+    # consumer that believed it CUDA memory would hand a host pointer to its
+    # kernels, so there they refuse. gpuaio itself (the sim's kernel launch,
+    # tests' foreign-object helpers) uses the private ``_gpuaio_*`` methods.
+    def _refuse_simulated_export(self, what: str) -> None:
+        if self._alloc._runtime.backend.name == "sim":
+            raise TypeError(
+                f"{what}: this gpuaio.DeviceArray is on gpuaio's simulated backend, whose "
+                "'device' memory is host memory, so it is not exported as CUDA memory to "
+                "other libraries; run on a CUDA GPU (GPUAIO_BACKEND=cuda), or copy it to a "
+                "host array with `await stream.copy(host, device_array)`"
+            )
+
     @property
     def __cuda_array_interface__(self) -> dict[str, Any]:
+        """The CUDA Array Interface (v3); a ``TypeError`` on the simulated backend."""
+        self._refuse_simulated_export("__cuda_array_interface__")
+        return self._gpuaio_cai()
+
+    def _gpuaio_cai(self) -> dict[str, Any]:
+        """The ``__cuda_array_interface__`` dict, on either backend (gpuaio's own use)."""
         return {
             "shape": self.shape,
             "typestr": self.dtype.str,
@@ -348,6 +369,11 @@ class DeviceArray:
         }
 
     def __dlpack_device__(self) -> tuple[int, int]:
+        """``(kDLCUDA or kDLCUDAManaged, ordinal)``; a ``TypeError`` on the simulated backend."""
+        self._refuse_simulated_export("__dlpack_device__")
+        return self._gpuaio_dlpack_device()
+
+    def _gpuaio_dlpack_device(self) -> tuple[int, int]:
         from ._dlpack import DLDeviceType
 
         dt = DLDeviceType.CUDA_MANAGED if self.kind is MemoryKind.MANAGED else DLDeviceType.CUDA
@@ -361,16 +387,30 @@ class DeviceArray:
         dl_device: Any = None,
         copy: bool | None = None,
     ) -> Any:
-        """Export as a DLPack capsule (zero-copy).
+        """Export as a DLPack capsule (zero-copy); a ``TypeError`` on the simulated backend.
 
         gpuaio operations complete before their ``await`` returns, so there is
         no pending gpuaio work to order against ``stream``.
         """
+        self._refuse_simulated_export("__dlpack__")
+        return self._gpuaio_dlpack(
+            stream=stream, max_version=max_version, dl_device=dl_device, copy=copy
+        )
+
+    def _gpuaio_dlpack(
+        self,
+        *,
+        stream: Any = None,
+        max_version: tuple[int, int] | None = None,
+        dl_device: Any = None,
+        copy: bool | None = None,
+    ) -> Any:
+        """The DLPack export, on either backend (gpuaio's own use)."""
         from ._dlpack import export_capsule
 
         if copy:
             raise BufferError("gpuaio exports device arrays without copying (copy=True refused)")
-        dev_type, dev_id = self.__dlpack_device__()
+        dev_type, dev_id = self._gpuaio_dlpack_device()
         return export_capsule(
             ptr=self.ptr,
             shape=self.shape,

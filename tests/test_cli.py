@@ -6,11 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import gpuaio
 from gpuaio.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -58,3 +61,89 @@ def test_console_script_is_declared() -> None:
 
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
     assert scripts.get("gpuaio") == "gpuaio.__main__:main"
+
+
+# -- no GPU: one-line errors, and a demo that says it is simulated ----------------
+
+
+@pytest.mark.parametrize("setting", [None, "cuda"], ids=["unset", "cuda"])
+def test_info_without_a_gpu_is_a_one_line_error(
+    setting: str | None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gpuaio import _runtime
+    from tests.test_backend_choice import fail_like_no_driver
+
+    if setting is None:
+        monkeypatch.delenv("GPUAIO_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("GPUAIO_BACKEND", setting)
+    monkeypatch.setattr(_runtime, "_current", None)
+    fail_like_no_driver(monkeypatch)
+    assert main(["info"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("gpuaio info: NoDeviceError: no usable CUDA device")
+    assert "GPUAIO_BACKEND=sim" in lines[0]
+    assert "Traceback" not in err
+    assert _runtime._current is None
+
+
+def test_info_with_cuda_and_no_gpu_in_a_fresh_process() -> None:
+    """What a user types: no traceback, exit status 1 (skipped where a GPU is present)."""
+    try:
+        from gpuaio.backends.cuda import CudaBackend
+
+        CudaBackend().close()
+    except gpuaio.NoDeviceError:
+        pass
+    else:
+        pytest.skip("a CUDA GPU is present here")
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpuaio", "info"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GPUAIO_BACKEND": "cuda"},
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "NoDeviceError" in proc.stderr and "GPUAIO_BACKEND=sim" in proc.stderr
+
+
+DEMO_WITHOUT_DRIVER = """
+import sys
+from tests.test_backend_choice import fail_like_no_driver
+import pytest
+mp = pytest.MonkeyPatch()
+fail_like_no_driver(mp)
+from gpuaio.__main__ import main
+sys.exit(main(["demo"]))
+"""
+
+
+def test_demo_falls_back_and_its_first_line_says_so() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "GPUAIO_BACKEND"}
+    proc = subprocess.run(
+        [sys.executable, "-c", DEMO_WITHOUT_DRIVER],
+        cwd=ROOT,  # the child imports tests.test_backend_choice
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "SIMULATED backend" in lines[0], lines[:3]
+    assert "no CUDA GPU in use" in lines[0]
+    assert "all results byte-exact" in proc.stdout
+
+
+def test_demo_on_the_sim_says_so_first() -> None:
+    proc = _run("demo")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SIMULATED backend" in proc.stdout.splitlines()[0]

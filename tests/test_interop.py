@@ -7,6 +7,7 @@ The first part runs everywhere (simulated backend in CI); the tests marked
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -61,8 +62,9 @@ def data(n: int, seed: int = 0) -> np.ndarray:
 
 
 async def to_host(stream: gpuaio.Stream, d: Any, dtype: Any = np.uint8) -> np.ndarray:
-    info = d.__cuda_array_interface__
-    out = np.empty(info["shape"], dtype)
+    # A gpuaio array's own shape: on the sim it refuses to export itself.
+    shape = d.shape if isinstance(d, gpuaio.DeviceArray) else d.__cuda_array_interface__["shape"]
+    out = np.empty(shape, dtype)
     await stream.copy(out, d)
     return out
 
@@ -163,6 +165,8 @@ async def test_pinned_arrays_keep_their_kind_through_dlpack(
 
 async def test_device_array_exports(stream: gpuaio.Stream, dev: gpuaio.Device) -> None:
     d = dev.empty((8, 16), np.float32)
+    if dev.backend == "sim":
+        pytest.skip("the sim refuses to export (test_sim_arrays_are_not_exported_as_cuda_memory)")
     cai = d.__cuda_array_interface__
     assert cai["shape"] == (8, 16)
     assert cai["typestr"] == "<f4"
@@ -178,6 +182,38 @@ async def test_device_array_exports(stream: gpuaio.Stream, dev: gpuaio.Device) -
     vals = np.arange(128, dtype=np.float32).reshape(8, 16)
     await stream.copy(CudaArrayOnly(cai["data"][0], (8, 16), "<f4", d), vals)
     np.testing.assert_array_equal(await to_host(stream, d, np.float32), vals)
+
+
+async def test_sim_arrays_are_not_exported_as_cuda_memory(
+    stream: gpuaio.Stream, dev: gpuaio.Device
+) -> None:
+    """The sim's device memory is host memory: CuPy or torch would crash on its pointer."""
+    if dev.backend != "sim":
+        pytest.skip("checks the simulated backend's refusal")
+    for d in (dev.empty((8, 16), np.float32), dev.managed_empty(64)):
+        exports: list[Callable[[gpuaio.DeviceArray], object]] = [
+            lambda a: a.__cuda_array_interface__,
+            lambda a: hasattr(a, "__cuda_array_interface__"),  # how CuPy and numba probe
+            lambda a: a.__dlpack_device__(),
+            lambda a: a.__dlpack__(),
+            lambda a: a.__dlpack__(max_version=(1, 0)),
+            np.from_dlpack,
+            parse_dlpack,
+        ]
+        for export in exports:
+            with pytest.raises(TypeError, match=r"simulated backend.*GPUAIO_BACKEND=cuda"):
+                export(d)
+        assert d.allocation._users == 0
+    # gpuaio's own calls still take them: a copy, and a sim kernel's array argument.
+    d = dev.empty((8, 16), np.float32)
+    vals = np.arange(128, dtype=np.float32).reshape(8, 16)
+    await stream.copy(d, vals)
+
+    def double(grid: Any, block: Any, buf: np.ndarray) -> None:
+        buf *= 2
+
+    await stream.launch(gpuaio.Kernel.wrap(SimKernel(double, "double")), 1, 1, d)
+    np.testing.assert_array_equal(await to_host(stream, d, np.float32), vals * 2)
 
 
 # -- streams ----------------------------------------------------------------------

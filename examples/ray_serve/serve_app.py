@@ -295,7 +295,10 @@ def settle(args: argparse.Namespace) -> argparse.Namespace:
     if args.gpus_per_replica is None:
         backend = args.backend or os.environ.get("GPUAIO_BACKEND")
         if backend is None:
-            backend = gpuaio.backend_name()  # the driver's own choice: a CUDA host, or not
+            try:  # the driver's own choice: a CUDA host, or an error saying how to choose sim
+                backend = gpuaio.backend_name()
+            except gpuaio.NoDeviceError as exc:
+                raise SystemExit(f"{exc} (here: --backend sim)") from None
         args.gpus_per_replica = 1.0 if backend != "sim" else 0.0
     if args.backend is None:
         args.backend = os.environ.get("GPUAIO_BACKEND")

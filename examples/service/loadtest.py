@@ -22,9 +22,10 @@ GPU run (H100)::
 
     python examples/service/loadtest.py
 
-Quick run on any machine (simulated backend where there is no GPU)::
+Quick run on any machine (``GPUAIO_BACKEND=auto``: the simulated backend,
+with a warning, where there is no GPU)::
 
-    python examples/service/loadtest.py --quick
+    GPUAIO_BACKEND=auto python examples/service/loadtest.py --quick
 """
 
 from __future__ import annotations

@@ -394,6 +394,21 @@ def _array_arg(cai: Mapping[str, Any]) -> npt.NDArray[Any]:
     return np.ndarray(shape, dtype=dtype, buffer=buf, offset=-lo, strides=strides)
 
 
+def _kernel_arg(arg: Any) -> Any:
+    """A kernel argument as the sim kernel body sees it: arrays become numpy views.
+
+    A gpuaio ``DeviceArray`` refuses its public ``__cuda_array_interface__`` on
+    the sim (it is not CUDA memory to other libraries), so its own describes it
+    through the private ``_gpuaio_cai``.
+    """
+    own = getattr(type(arg), "_gpuaio_cai", None)
+    if own is not None:
+        return _array_arg(own(arg))
+    if hasattr(arg, "__cuda_array_interface__"):
+        return _array_arg(arg.__cuda_array_interface__)
+    return arg
+
+
 _F = TypeVar("_F", bound=Callable[..., Any])
 _KEEP: Any = object()
 """What ``SimBackend._enter`` returns when there is nothing to restore."""
@@ -1084,12 +1099,7 @@ class SimBackend(Backend):
         if math.prod(block) > 1024 or shared_mem < 0:
             raise _error(call, _INVALID_VALUE, f"block {block!r} or shared_mem {shared_mem}")
         try:
-            converted = [
-                _array_arg(a.__cuda_array_interface__)
-                if hasattr(a, "__cuda_array_interface__")
-                else a
-                for a in args
-            ]
+            converted = [_kernel_arg(a) for a in args]
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise _error(call, _INVALID_VALUE, f"bad __cuda_array_interface__: {exc}") from None
         fn = kernel.fn
