@@ -4,7 +4,7 @@
 ``trace-loader.json`` (open them in https://ui.perfetto.dev) and a PNG
 timeline of each (needs matplotlib; ``--no-png`` skips them), for the
 documentation: ``python tools/trace_example.py docs/img`` remakes the files
-docs/tracing.md shows. Runs on any backend.
+docs/tracing.md shows. Runs on any backend: without a GPU, set GPUAIO_BACKEND=sim.
 """
 
 from __future__ import annotations
