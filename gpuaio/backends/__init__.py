@@ -23,7 +23,7 @@ from ._base import Backend, DeviceProperties, MemoryKind, PointerInfo
 
 __all__ = ["Backend", "DeviceProperties", "MemoryKind", "PointerInfo", "create_backend"]
 
-log = logging.getLogger("gpuaio")
+_log = logging.getLogger("gpuaio")
 
 _CHOICES = ("auto", "cuda", "sim")
 
@@ -64,7 +64,7 @@ def create_backend(name: str | None = None) -> tuple[Backend, str]:
                     f"no usable CUDA device ({asked}): {why}; "
                     "set GPUAIO_BACKEND=sim to run on gpuaio's simulated backend instead"
                 ) from exc
-            log.warning(
+            _log.warning(
                 "gpuaio: no usable CUDA device (%s); backend auto falls back to the "
                 "simulated backend, whose 'device' memory is host memory",
                 why,
