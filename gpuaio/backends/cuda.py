@@ -719,9 +719,14 @@ class CudaBackend(Backend):
         ctx = self._context(device)
         return self._switch(ctx, int(ctx), cur, cur_addr)
 
-    def _in_host_context(self, call: Callable[..., Any], *args: Any) -> Any:
-        """``call(*args)`` (a device-agnostic driver call) in one of our contexts."""
-        prev = self._enter_host()
+    def _restoring(self, prev: Any, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args)``, then make ``prev`` (from an ``_enter*``) current again.
+
+        For the calls off the hot path (allocation, frees, destroys,
+        synchronizes). The enqueue and query calls that run on an event loop
+        keep the same steps inline: going through here costs about 140 ns more
+        per call.
+        """
         try:
             return call(*args)
         finally:
@@ -877,38 +882,38 @@ class CudaBackend(Backend):
             info = self.pointer_info(ptr)  # a foreign allocation: find its device
             device = info.device
         prev = self._enter_host() if device is None else self._enter_device(device)[1]
-        try:
-            result = driver.cuMemFree(ptr)
-        finally:
-            if prev is not None:
-                self._leave(prev)
+        result = self._restoring(prev, driver.cuMemFree, ptr)
         _check("cuMemFree", result)
 
     def host_alloc(self, nbytes: int) -> int:
         """``cuMemHostAlloc(PORTABLE | DEVICEMAP)``: pinned, mapped on every device."""
         self._check_size(nbytes)
-        result = self._in_host_context(driver.cuMemHostAlloc, nbytes, _HOST_ALLOC_FLAGS)
+        result = self._restoring(
+            self._enter_host(), driver.cuMemHostAlloc, nbytes, _HOST_ALLOC_FLAGS
+        )
         return int(_check("cuMemHostAlloc", result))
 
     def host_free(self, ptr: int) -> None:
         """``cuMemFreeHost`` of memory from :meth:`host_alloc`."""
-        result = self._in_host_context(driver.cuMemFreeHost, ptr)
+        result = self._restoring(self._enter_host(), driver.cuMemFreeHost, ptr)
         _check("cuMemFreeHost", result)
 
     def host_register(self, ptr: int, nbytes: int) -> None:
         """``cuMemHostRegister(PORTABLE | DEVICEMAP)``: page-lock and map a host range."""
         self._check_size(nbytes)
-        result = self._in_host_context(driver.cuMemHostRegister, ptr, nbytes, _HOST_REGISTER_FLAGS)
+        result = self._restoring(
+            self._enter_host(), driver.cuMemHostRegister, ptr, nbytes, _HOST_REGISTER_FLAGS
+        )
         _check("cuMemHostRegister", result)
 
     def host_unregister(self, ptr: int) -> None:
         """``cuMemHostUnregister`` of a range registered by :meth:`host_register`."""
-        result = self._in_host_context(driver.cuMemHostUnregister, ptr)
+        result = self._restoring(self._enter_host(), driver.cuMemHostUnregister, ptr)
         _check("cuMemHostUnregister", result)
 
     def host_device_pointer(self, ptr: int) -> int:
         """``cuMemHostGetDevicePointer``: the device address of mapped pinned memory."""
-        result = self._in_host_context(driver.cuMemHostGetDevicePointer, ptr, 0)
+        result = self._restoring(self._enter_host(), driver.cuMemHostGetDevicePointer, ptr, 0)
         return int(_check("cuMemHostGetDevicePointer", result))
 
     def pointer_info(self, ptr: int) -> PointerInfo:
@@ -984,23 +989,17 @@ class CudaBackend(Backend):
         """
         if not stream.owned or stream.destroyed:
             return
-        prev = self._enter(stream.ctx, stream.ctx_addr)
-        try:
-            result = driver.cuStreamDestroy(stream.handle)
-        finally:
-            if prev is not None:
-                self._leave(prev)
+        result = self._restoring(
+            self._enter(stream.ctx, stream.ctx_addr), driver.cuStreamDestroy, stream.handle
+        )
         _check("cuStreamDestroy", result)
         stream.destroyed = True
 
     def stream_synchronize(self, stream: CudaStream) -> None:
         """``cuStreamSynchronize``; the GIL is released while it blocks."""
-        prev = self._enter(stream.ctx, stream.ctx_addr)
-        try:
-            result = driver.cuStreamSynchronize(stream.handle)
-        finally:
-            if prev is not None:
-                self._leave(prev)
+        result = self._restoring(
+            self._enter(stream.ctx, stream.ctx_addr), driver.cuStreamSynchronize, stream.handle
+        )
         _check("cuStreamSynchronize", result)
 
     # -- enqueue -------------------------------------------------------
@@ -1212,12 +1211,9 @@ class CudaBackend(Backend):
         """``cuEventDestroy`` (idempotent); a pending record still completes."""
         if event.destroyed:
             return
-        prev = self._enter(event.ctx, event.ctx_addr)
-        try:
-            result = driver.cuEventDestroy(event.handle)
-        finally:
-            if prev is not None:
-                self._leave(prev)
+        result = self._restoring(
+            self._enter(event.ctx, event.ctx_addr), driver.cuEventDestroy, event.handle
+        )
         _check("cuEventDestroy", result)
         event.destroyed = True
 
@@ -1248,12 +1244,9 @@ class CudaBackend(Backend):
 
     def event_synchronize(self, event: CudaEvent) -> None:
         """``cuEventSynchronize``; the GIL is released while it blocks."""
-        prev = self._enter(event.ctx, event.ctx_addr)
-        try:
-            result = driver.cuEventSynchronize(event.handle)
-        finally:
-            if prev is not None:
-                self._leave(prev)
+        result = self._restoring(
+            self._enter(event.ctx, event.ctx_addr), driver.cuEventSynchronize, event.handle
+        )
         _check("cuEventSynchronize", result)
 
     def stream_wait_event(self, stream: CudaStream, event: CudaEvent) -> None:
