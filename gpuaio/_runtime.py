@@ -414,6 +414,18 @@ def use_backend(backend: Backend | str, *, completion: Strategy | None = None) -
     return _create(backend, completion)
 
 
+def _drop_current(rt: Runtime) -> None:
+    """Forget ``rt`` as the current runtime: its owner closed it (a test's fixture).
+
+    Later calls then start a runtime from the environment instead of finding
+    a closed one ("the sim backend is closed").
+    """
+    global _current
+    with _current_lock:
+        if _current is rt:
+            _current = None
+
+
 def configure(
     *,
     completion: Strategy | None = None,

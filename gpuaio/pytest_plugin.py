@@ -402,7 +402,7 @@ def gpuaio_backend_name(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def gpuaio_runtime(request: pytest.FixtureRequest, gpuaio_backend_name: str) -> Iterator[Runtime]:
     """A runtime on the chosen backend (fresh per test when simulated), leak-checked."""
-    from ._runtime import use_backend
+    from ._runtime import _drop_current, use_backend
 
     global _session_runtime
     if gpuaio_backend_name == "sim":
@@ -436,6 +436,7 @@ def gpuaio_runtime(request: pytest.FixtureRequest, gpuaio_backend_name: str) -> 
                 # simulated device first, which drops it.
                 rt.backend.close()
             rt.close()
+            _drop_current(rt)
     if problems:
         msg = "gpuaio leak check: " + "; ".join(problems)
         if mode == "error":

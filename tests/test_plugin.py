@@ -602,3 +602,22 @@ async def test_our_suite_runs_under_the_watchdog(
 ) -> None:
     assert gpuaio_loop_watchdog.watching
     await _roundtrip(gpuaio_device, gpuaio_stream)
+
+
+def test_a_fresh_runtime_is_not_left_current_once_closed(pytester: pytest.Pytester) -> None:
+    """The fixture closes its simulated runtime after the test; code that runs
+    later without the fixture must not find that closed runtime as current."""
+    pytester.makeini(INI.format(mode="strict"))
+    pytester.makepyfile(
+        test_after="""
+        import gpuaio._runtime as rt_mod
+
+        def test_uses_the_fixture(gpuaio_runtime):
+            assert rt_mod._current is gpuaio_runtime
+
+        def test_runs_later_without_it():
+            assert rt_mod._current is None or not rt_mod._current.closed
+        """
+    )
+    result = pytester.runpytest("--gpuaio-backend=sim", *ARGS)
+    result.assert_outcomes(passed=2)
