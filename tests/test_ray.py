@@ -213,8 +213,8 @@ async def test_ray_data_into_prefetch(
 ) -> None:
     """A Ray dataset's numpy batches go through gpuaio.prefetch; every result is right.
 
-    (The pipeline runs in this process, on the test's runtime: an earlier
-    test's runtime is closed by then.)"""
+    (The pipeline runs in this process, on the test's runtime: without it
+    gpuaio would start one from the environment, which chooses no backend.)"""
     loader = _ray_data(cluster)
     batches, batch_bytes = 6, 256 << 10
     ds = loader.make_dataset(batches, batch_bytes)
