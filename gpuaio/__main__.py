@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import os
 import sys
@@ -74,6 +75,14 @@ def _start(command: str) -> Runtime | None:
         return None
 
 
+def _bindings_version() -> str | None:
+    """The installed cuda-bindings version (``None`` if it is not installed)."""
+    try:
+        return importlib.metadata.version("cuda-bindings")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def describe_setup() -> dict[str, Any]:
     """Backend, driver, completion strategy, devices and memory-kind checks, as data."""
     rt = current_runtime()
@@ -104,6 +113,7 @@ def describe_setup() -> dict[str, Any]:
         "backend": be.name,
         "reason": rt.reason,
         "driver": be.driver_version(),
+        "cuda_bindings": _bindings_version(),
         "completion": rt.strategy,
         "devices": devices,
         "memory_kinds": {k: gpuaio.memory_kind(v).value for k, v in samples.items()},
@@ -117,7 +127,7 @@ def info(as_json: bool = False) -> int:
         print(json.dumps(setup, indent=1))
         return 0
     _banner()
-    print(f"driver: {setup['driver']}")
+    print(f"driver: {setup['driver']} (cuda-bindings {setup['cuda_bindings']})")
     print(f"completion strategy: {setup['completion']}")
     for d in setup["devices"]:
         cc = d["compute_capability"]

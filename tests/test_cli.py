@@ -40,6 +40,10 @@ def test_info_json_is_one_object_with_devices_and_kinds() -> None:
     setup = json.loads(proc.stdout)
     assert setup["backend"] == "sim"
     assert setup["gpuaio"] == gpuaio.__version__
+    # which CUDA major the bindings are (12.x or 13.x both supported) decides the driver needed
+    import cuda.bindings
+
+    assert setup["cuda_bindings"] == cuda.bindings.__version__
     assert setup["devices"] and setup["devices"][0]["ordinal"] == 0
     assert setup["memory_kinds"] == {
         "numpy array (pageable)": "pageable",

@@ -13,6 +13,9 @@
 #
 # Every test has a time limit (pytest-timeout's thread method: a hung test is
 # named, with every thread's stack, even when it hangs inside a driver call).
+# GPUAIO_EXTRA_WHEELS (a glob, e.g. '.whl/cu12/*.whl') installs more wheels into
+# the same target, ahead of the machine's own packages: how the suite runs with
+# cuda-bindings 12.x on a machine whose Python has 13.x.
 # Writes under $OUT (default ./out): pytest.log, junit.xml, times.txt (each
 # test's time) and summary.md, the row for tests/gpu-results/README.md.
 set -o pipefail
@@ -24,7 +27,13 @@ if compgen -G ".whl/gpuaio-*.whl" >/dev/null; then
 else
     python3 -m pip install -q --target "$site" ".[test]" || exit
 fi
+if [ -n "${GPUAIO_EXTRA_WHEELS:-}" ]; then
+    # shellcheck disable=SC2086  # the glob is meant to expand
+    python3 -m pip install -q --no-index --no-deps --upgrade --target "$site" $GPUAIO_EXTRA_WHEELS || exit
+fi
 export PYTHONPATH=$site PYTHONUNBUFFERED=1
+bindings=$(python3 -c 'import cuda.bindings; print(cuda.bindings.__version__)' 2>&1 | tail -1)
+echo "cuda-bindings $bindings"
 # Each test's time as it ends: survives a run cut short by the limit below.
 export GPUAIO_TEST_TIMES=${GPUAIO_TEST_TIMES:-$OUT/times.txt}
 # Fewer random programs per configuration than CI's 100: the GPU run has a
@@ -39,9 +48,9 @@ timeout -s INT -k 30 "${GPUAIO_SUITE_LIMIT_S:-480}" python3 -m pytest -p no:cach
     --durations 25 --junitxml "$OUT/junit.xml" tests "$@" 2>&1 | tee "$OUT/pytest.log"
 rc=$?
 wall=$(($(date +%s) - start))
-python3 - "$OUT" "$commit" "$card" "$wall" "$rc" <<'EOF'
+python3 - "$OUT" "$commit" "$card" "$wall" "$rc" "$bindings" <<'EOF'
 import sys, datetime, xml.etree.ElementTree as ET
-out, commit, card, wall, rc = sys.argv[1:]
+out, commit, card, wall, rc, bindings = sys.argv[1:]
 name, _, driver = card.partition(", ")
 try:
     suite = ET.parse(f"{out}/junit.xml").getroot()
@@ -51,12 +60,12 @@ except (OSError, ET.ParseError):
     n = None
 date = datetime.date.today().isoformat()
 if n is None:
-    row = f"| {date} | {name} | {driver} | {commit} | - | - | - | no junit.xml: the run ended early (exit {rc}, {wall} s) |"
+    row = f"| {date} | {name} | {driver} | {commit} | - | - | - | no junit.xml: the run ended early (cuda-bindings {bindings}, exit {rc}, {wall} s) |"
 else:
     passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
     failed = n["failures"] + n["errors"]
     row = (f"| {date} | {name} | {driver} | {commit} | {passed} | {failed} | {n['skipped']} "
-           f"| tools/gpu_suite.sh, {wall} s wall, exit {rc} |")
+           f"| tools/gpu_suite.sh, cuda-bindings {bindings}, {wall} s wall, exit {rc} |")
 open(f"{out}/summary.md", "w").write(row + "\n")
 print(row)
 EOF
