@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import threading
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -22,12 +23,18 @@ import anyio
 import sniffio
 
 from . import _trace
+from ._errors import DeviceFatalError, ForkedProcessError, OperationAbortedError
 from ._loopport import THREAD_PORT, Port, current_port
 
 if TYPE_CHECKING:
     from ._stream import Stream
 
 __all__ = ["Operation", "resolve_many", "wait_all"]
+
+_QUIET = (OperationAbortedError, DeviceFatalError, ForkedProcessError)
+"""Errors an unretrieved op does not warn about (see ``Operation.__del__``)."""
+
+_warn = warnings.warn  # bound now: ``__del__`` may run at interpreter shutdown
 
 forked_child = False
 """Set in a child forked after gpuaio initialized (see gpuaio._fork): operations
@@ -55,6 +62,7 @@ class Operation:
         "_keep",
         "_poll",
         "_progress",
+        "_retrieved",
         "_t0",
         "_tracer",
         "_waiters",
@@ -80,6 +88,7 @@ class Operation:
         self._callbacks: list[Callable[[], None]] | None = None
         self._complete: Callable[[], None] | None = None
         self._abort = False
+        self._retrieved = False  # whether anyone saw the error (await, exception())
         self._est = 0.0  # expected GPU time in seconds, 0 if unknown
         self._eta = 0.0  # perf_counter() time it should complete by, 0 if unknown
         self._poll: tuple[Any, Any] | None = None
@@ -101,7 +110,25 @@ class Operation:
 
     def exception(self) -> BaseException | None:
         """The error that failed the operation, or None (also while pending)."""
+        if self._done:
+            self._retrieved = True
         return self._exc
+
+    def __del__(self) -> None:
+        # asyncio's "exception was never retrieved", as a ResourceWarning: an
+        # op that failed while nobody awaited it would otherwise lose its
+        # error silently (ops need not be awaited: a later await on the same
+        # stream covers them, but only when they succeed). Not for an op the
+        # caller aborted, nor for a device fault, which the runtime logs once.
+        exc = self._exc
+        if exc is None or self._retrieved or isinstance(exc, _QUIET):
+            return
+        _warn(
+            f"{self!r} failed and its error was never retrieved "
+            f"(await it, or call exception()): {exc!r}",
+            ResourceWarning,
+            source=self,
+        )
 
     def abort(self) -> bool:
         """Ask a staged transfer to stop between chunks.
@@ -143,6 +170,7 @@ class Operation:
                 yield from self._wait_woken(engine).__await__()
         # An op found done returns at once, like a done asyncio future.
         if self._exc is not None:
+            self._retrieved = True
             raise self._exc
 
     async def wait(self) -> None:
@@ -218,8 +246,6 @@ class Operation:
         detail = stream._rt.forked if stream is not None else None
         if detail is None:
             return False
-        from ._errors import ForkedProcessError
-
         self._complete = self._callbacks = self._keep = self._waiters = None
         self._exc = ForkedProcessError("await", detail=detail)
         self._done = True

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import time
+import warnings
 from typing import Any
 
 import anyio
@@ -231,3 +233,62 @@ async def test_failed_enqueue_releases_the_op(stream: gpuaio.Stream, dev: gpuaio
     assert d.allocation._users == 0, "a failed enqueue must not leave the buffer marked in use"
     d.free()
     assert d.allocation.freed
+
+
+# -- a failed op nobody awaited warns (asyncio's "exception was never retrieved") --
+def _failed_op(exc: BaseException) -> gpuaio.Operation:
+    op = gpuaio.Operation("copy", None)
+    op._resolve(exc)
+    return op
+
+
+def _collect(make: Any) -> list[warnings.WarningMessage]:
+    """This test's ResourceWarnings about ops (gc may finalize earlier tests' objects too)."""
+    gc.collect()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make()
+        gc.collect()
+    return [
+        w
+        for w in caught
+        if issubclass(w.category, ResourceWarning) and "<gpuaio.Operation" in str(w.message)
+    ]
+
+
+def test_an_unretrieved_failure_warns() -> None:
+    def drop() -> None:
+        _failed_op(RuntimeError("boom"))
+
+    caught = _collect(drop)
+    assert len(caught) == 1
+    text = str(caught[0].message)
+    assert "copy" in text and "never retrieved" in text and "boom" in text
+
+
+def test_a_retrieved_failure_or_a_success_does_not_warn() -> None:
+    async def awaited() -> None:
+        with pytest.raises(RuntimeError):
+            await _failed_op(RuntimeError("seen"))
+
+    def checked() -> None:
+        assert isinstance(_failed_op(RuntimeError("seen")).exception(), RuntimeError)
+
+    def fine() -> None:
+        op = gpuaio.Operation("copy", None)
+        op._resolve(None)
+
+    assert _collect(lambda: anyio.run(awaited)) == []
+    assert _collect(checked) == []
+    assert _collect(fine) == []
+    # Errors the library reports another way: an abort the caller asked for,
+    # and device faults (logged once per device by the runtime).
+    assert _collect(lambda: _failed_op(gpuaio.OperationAbortedError("aborted"))) == []
+    assert (
+        _collect(
+            lambda: _failed_op(
+                gpuaio.DeviceFatalError("cuEventQuery", 700, "CUDA_ERROR_ILLEGAL_ADDRESS")
+            )
+        )
+        == []
+    )
