@@ -60,8 +60,8 @@ from typing import Any
 import numpy as np
 from cuda.bindings import driver
 
-from .._errors import CudaError, InvalidArgumentError, NoDeviceError, make_cuda_error
-from ._base import Backend, DeviceProperties, MemoryKind, PointerInfo, keeps_context
+from ..._errors import CudaError, InvalidArgumentError, NoDeviceError, make_cuda_error
+from .._base import Backend, DeviceProperties, MemoryKind, PointerInfo, keeps_context
 
 __all__ = ["CudaBackend", "CudaEvent", "CudaKernel", "CudaStream"]
 
