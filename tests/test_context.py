@@ -288,8 +288,13 @@ class _FakeDriver:
 @pytest.mark.gpuaio_sim_only  # it patches the driver module a CUDA runtime's threads would use
 def test_cuda_backend_checks_the_current_context(monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = pytest.importorskip("gpuaio.backends.cuda")
-    fake = _FakeDriver(cuda.driver)
-    monkeypatch.setattr(cuda, "driver", fake)
+    driver = pytest.importorskip("cuda.bindings.driver")
+    fake = _FakeDriver(driver)
+    # Every module of the backend calls through this one module object, whatever
+    # name it binds it to: patching its functions reaches all of them.
+    for name in vars(_FakeDriver):
+        if name.startswith("cu") and name[2:3].isupper():  # the driver calls it stands in for
+            monkeypatch.setattr(driver, name, getattr(fake, name))
     be = cuda.CudaBackend()
     p0, p1 = be.primary_context(0), be.primary_context(1)
     be.stream_create(0)  # gpuaio has worked on this thread before

@@ -1,0 +1,305 @@
+"""Streams and events, and the work enqueued on a stream other than launches.
+
+:class:`CudaStream` and :class:`CudaEvent` are the handles; each carries its
+device's primary context, and every call on it runs there. The enqueue
+calls here (copies, memsets, the stream memory operations
+``cuStreamWriteValue32``/``cuStreamWaitValue32``, event records and waits) and
+``event_query`` run on event loops: they keep the context steps inline instead
+of going through ``_restoring``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import cuda.bindings.driver as driver
+
+from ..._errors import InvalidArgumentError
+from ._driver import _NOT_READY, DriverBase, _check, _cuda_error, _uint32_error
+
+_STREAM_NON_BLOCKING = int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)
+_EVENT_DISABLE_TIMING = int(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING)
+_EVENT_BLOCKING_SYNC = int(driver.CUevent_flags.CU_EVENT_BLOCKING_SYNC)
+_WAIT_GEQ = int(driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ)
+_WRITE_DEFAULT = int(driver.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
+
+_MEMSET_CALLS: dict[int, tuple[str, Callable[..., tuple[Any, ...]], int]] = {
+    1: ("cuMemsetD8Async", driver.cuMemsetD8Async, 0xFF),
+    2: ("cuMemsetD16Async", driver.cuMemsetD16Async, 0xFFFF),
+    4: ("cuMemsetD32Async", driver.cuMemsetD32Async, 0xFFFFFFFF),
+}
+
+
+class CudaStream:
+    """A stream handle owned (or, for foreign streams, only wrapped) by the backend."""
+
+    __slots__ = ("address", "ctx", "ctx_addr", "destroyed", "device", "handle", "owned")
+
+    def __init__(self, handle: Any, device: int, ctx: Any, owned: bool) -> None:
+        self.handle: Any = handle
+        """The ``driver.CUstream`` passed to every enqueue call."""
+        self.address: int = int(handle)
+        self.device: int = device
+        self.ctx: Any = ctx
+        """The primary context of ``device`` (what ``_enter`` makes current)."""
+        self.ctx_addr: int = int(ctx)
+        self.owned: bool = owned
+        self.destroyed: bool = False
+
+    def __repr__(self) -> str:
+        kind = "owned" if self.owned else "foreign"
+        return f"<CudaStream 0x{self.address:x} device={self.device} {kind}>"
+
+
+class CudaEvent:
+    """A timing-disabled event created by the backend."""
+
+    __slots__ = ("ctx", "ctx_addr", "destroyed", "device", "handle")
+
+    def __init__(self, handle: Any, device: int, ctx: Any) -> None:
+        self.handle: Any = handle
+        self.device: int = device
+        self.ctx: Any = ctx
+        self.ctx_addr: int = int(ctx)
+        self.destroyed: bool = False
+
+    def __repr__(self) -> str:
+        return f"<CudaEvent 0x{int(self.handle):x} device={self.device}>"
+
+
+class StreamCalls(DriverBase):
+    """The stream, copy, memset and event calls of :class:`~gpuaio.backends.cuda.CudaBackend`."""
+
+    # -- streams -------------------------------------------------------
+    def stream_priority_range(self, device: int) -> tuple[int, int]:
+        """``cuCtxGetStreamPriorityRange``: (least, greatest); greatest is lower."""
+        cached = self._priority_ranges.get(device)
+        if cached is not None:
+            return cached
+        _, prev = self._enter_device(device)
+        try:
+            result = driver.cuCtxGetStreamPriorityRange()
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        least, greatest = _check("cuCtxGetStreamPriorityRange", result)
+        cached = (int(least), int(greatest))
+        self._priority_ranges[device] = cached
+        return cached
+
+    def stream_create(self, device: int, priority: int = 0) -> CudaStream:
+        """``cuStreamCreateWithPriority(CU_STREAM_NON_BLOCKING, priority)`` on ``device``.
+
+        The driver clamps ``priority`` into :meth:`stream_priority_range`.
+        """
+        ctx, prev = self._enter_device(device)
+        try:
+            result = driver.cuStreamCreateWithPriority(_STREAM_NON_BLOCKING, priority)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        handle = _check("cuStreamCreateWithPriority", result)
+        return CudaStream(handle, device, ctx, owned=True)
+
+    def stream_from_handle(self, device: int, handle: int) -> CudaStream:
+        """Wrap a foreign ``CUstream`` address of ``device``; never destroyed here."""
+        return CudaStream(driver.CUstream(int(handle)), device, self._context(device), owned=False)
+
+    def stream_handle(self, stream: CudaStream) -> int:
+        """The ``CUstream`` address of ``stream``."""
+        return stream.address
+
+    def stream_destroy(self, stream: CudaStream) -> None:
+        """``cuStreamDestroy`` for owned streams (idempotent); foreign ones are left alone.
+
+        Work already enqueued still completes.
+        """
+        if not stream.owned or stream.destroyed:
+            return
+        result = self._restoring(
+            self._enter(stream.ctx, stream.ctx_addr), driver.cuStreamDestroy, stream.handle
+        )
+        _check("cuStreamDestroy", result)
+        stream.destroyed = True
+
+    def stream_synchronize(self, stream: CudaStream) -> None:
+        """``cuStreamSynchronize``; the GIL is released while it blocks."""
+        result = self._restoring(
+            self._enter(stream.ctx, stream.ctx_addr), driver.cuStreamSynchronize, stream.handle
+        )
+        _check("cuStreamSynchronize", result)
+
+    # -- enqueue -------------------------------------------------------
+    def memcpy_async(self, dst: int, src: int, nbytes: int, stream: CudaStream) -> None:
+        """``cuMemcpyAsync`` between any two unified addresses.
+
+        Follows CUDA's synchronization rules: with pageable memory on either
+        side the call may block the calling thread until the copy is staged
+        or done. ``nbytes == 0`` enqueues nothing.
+        """
+        if nbytes <= 0:
+            if nbytes < 0:
+                raise InvalidArgumentError(f"copy size must not be negative, got {nbytes}")
+            return
+        prev = self._enter(stream.ctx, stream.ctx_addr)
+        try:
+            (err,) = driver.cuMemcpyAsync(dst, src, nbytes, stream.handle)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        if err:
+            raise _cuda_error("cuMemcpyAsync", err)
+
+    def memcpy_peer_async(
+        self,
+        dst: int,
+        dst_device: int,
+        src: int,
+        src_device: int,
+        nbytes: int,
+        stream: CudaStream,
+    ) -> None:
+        """``cuMemcpyPeerAsync`` between the two devices' primary contexts."""
+        if nbytes <= 0:
+            if nbytes < 0:
+                raise InvalidArgumentError(f"copy size must not be negative, got {nbytes}")
+            return
+        dst_ctx = self._context(dst_device)
+        src_ctx = self._context(src_device)
+        prev = self._enter(stream.ctx, stream.ctx_addr)
+        try:
+            (err,) = driver.cuMemcpyPeerAsync(dst, dst_ctx, src, src_ctx, nbytes, stream.handle)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        if err:
+            raise _cuda_error("cuMemcpyPeerAsync", err)
+
+    def memset_async(
+        self, ptr: int, value: int, itemsize: int, count: int, stream: CudaStream
+    ) -> None:
+        """``cuMemsetD{8,16,32}Async`` by ``itemsize``.
+
+        ``value`` is taken modulo ``2 ** (8 * itemsize)``, so ``-1`` sets all
+        bits. ``count == 0`` enqueues nothing.
+        """
+        call = _MEMSET_CALLS.get(itemsize)
+        if call is None:
+            raise InvalidArgumentError(f"memset item size must be 1, 2 or 4, got {itemsize}")
+        if count <= 0:
+            if count < 0:
+                raise InvalidArgumentError(f"memset count must not be negative, got {count}")
+            return
+        name, fn, mask = call
+        prev = self._enter(stream.ctx, stream.ctx_addr)
+        try:
+            (err,) = fn(ptr, value & mask, count, stream.handle)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        if err:
+            raise _cuda_error(name, err)
+
+    def stream_write_value32(self, stream: CudaStream, device_ptr: int, value: int) -> None:
+        """``cuStreamWriteValue32`` (with a memory barrier); ``value`` is a uint32.
+
+        ``device_ptr`` must be device memory or the device address of mapped
+        pinned memory (:meth:`host_device_pointer`), never managed memory.
+        """
+        if not 0 <= value <= 0xFFFFFFFF:
+            raise _uint32_error("cuStreamWriteValue32", value)
+        prev = self._enter(stream.ctx, stream.ctx_addr)
+        try:
+            (err,) = driver.cuStreamWriteValue32(stream.handle, device_ptr, value, _WRITE_DEFAULT)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        if err:
+            raise _cuda_error("cuStreamWriteValue32", err)
+
+    def stream_wait_value32(self, stream: CudaStream, device_ptr: int, value: int) -> None:
+        """``cuStreamWaitValue32(GEQ)``: later work waits until the word reaches ``value``.
+
+        The comparison is CUDA's cyclic one, ``(int32_t)(*addr - value) >= 0``.
+        """
+        if not 0 <= value <= 0xFFFFFFFF:
+            raise _uint32_error("cuStreamWaitValue32", value)
+        prev = self._enter(stream.ctx, stream.ctx_addr)
+        try:
+            (err,) = driver.cuStreamWaitValue32(stream.handle, device_ptr, value, _WAIT_GEQ)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        if err:
+            raise _cuda_error("cuStreamWaitValue32", err)
+
+    # -- events --------------------------------------------------------
+    def event_create(self, device: int, blocking_sync: bool = False) -> CudaEvent:
+        """``cuEventCreate(CU_EVENT_DISABLE_TIMING [| CU_EVENT_BLOCKING_SYNC])``.
+
+        With ``blocking_sync`` a thread in :meth:`event_synchronize` sleeps
+        instead of spinning.
+        """
+        flags = _EVENT_DISABLE_TIMING | (_EVENT_BLOCKING_SYNC if blocking_sync else 0)
+        ctx, prev = self._enter_device(device)
+        try:
+            result = driver.cuEventCreate(flags)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        handle = _check("cuEventCreate", result)
+        return CudaEvent(handle, device, ctx)
+
+    def event_destroy(self, event: CudaEvent) -> None:
+        """``cuEventDestroy`` (idempotent); a pending record still completes."""
+        if event.destroyed:
+            return
+        result = self._restoring(
+            self._enter(event.ctx, event.ctx_addr), driver.cuEventDestroy, event.handle
+        )
+        _check("cuEventDestroy", result)
+        event.destroyed = True
+
+    def event_record(self, event: CudaEvent, stream: CudaStream) -> None:
+        """``cuEventRecord``: ``event`` completes when ``stream``'s prior work has."""
+        prev = self._enter(stream.ctx, stream.ctx_addr)
+        try:
+            (err,) = driver.cuEventRecord(event.handle, stream.handle)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        if err:
+            raise _cuda_error("cuEventRecord", err)
+
+    def event_query(self, event: CudaEvent) -> bool:
+        """``cuEventQuery``: True when done, False on ``CUDA_ERROR_NOT_READY``, else raises."""
+        prev = self._enter(event.ctx, event.ctx_addr)
+        try:
+            (err,) = driver.cuEventQuery(event.handle)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        if not err:
+            return True
+        if err == _NOT_READY:
+            return False
+        raise _cuda_error("cuEventQuery", err)
+
+    def event_synchronize(self, event: CudaEvent) -> None:
+        """``cuEventSynchronize``; the GIL is released while it blocks."""
+        result = self._restoring(
+            self._enter(event.ctx, event.ctx_addr), driver.cuEventSynchronize, event.handle
+        )
+        _check("cuEventSynchronize", result)
+
+    def stream_wait_event(self, stream: CudaStream, event: CudaEvent) -> None:
+        """``cuStreamWaitEvent``: later work on ``stream`` waits for ``event`` (any device)."""
+        prev = self._enter(stream.ctx, stream.ctx_addr)
+        try:
+            (err,) = driver.cuStreamWaitEvent(stream.handle, event.handle, 0)
+        finally:
+            if prev is not None:
+                self._leave(prev)
+        if err:
+            raise _cuda_error("cuStreamWaitEvent", err)
