@@ -52,8 +52,8 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import numpy.typing as npt
 
-from .._errors import CudaError, InvalidArgumentError, make_cuda_error
-from ._base import Backend, DeviceProperties, MemoryKind, PointerInfo, keeps_context
+from ..._errors import CudaError, InvalidArgumentError, make_cuda_error
+from .._base import Backend, DeviceProperties, MemoryKind, PointerInfo, keeps_context
 
 __all__ = ["SimBackend", "SimConfig", "SimContext", "SimEvent", "SimKernel", "SimStream"]
 
