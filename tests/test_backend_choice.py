@@ -93,3 +93,49 @@ def test_explicit_choices_are_unchanged(monkeypatch: pytest.MonkeyPatch) -> None
         create_backend("cuda")
     with pytest.raises(ValueError, match="auto, cuda or sim"):
         create_backend("simulated")
+
+
+@pytest.mark.parametrize(("bindings", "driver_version"), [("13.3.0", 12040), ("13.0.0", 12090)])
+def test_bindings_newer_than_the_driver_name_the_extra(
+    monkeypatch: pytest.MonkeyPatch, bindings: str, driver_version: int
+) -> None:
+    """cuda-bindings 13 on a CUDA 12 driver: a NoDeviceError that names gpuaio[cu12]."""
+    import cuda.bindings
+    import cuda.bindings.driver as driver
+
+    from gpuaio.backends.cuda import CudaBackend
+
+    def no_init(flags: int) -> object:
+        raise AssertionError("cuInit called although the driver is too old for the bindings")
+
+    ok = driver.CUresult.CUDA_SUCCESS
+    monkeypatch.setattr(cuda.bindings, "__version__", bindings)
+    monkeypatch.setattr(driver, "cuDriverGetVersion", lambda: (ok, driver_version))
+    monkeypatch.setattr(driver, "cuInit", no_init)
+    with pytest.raises(gpuaio.NoDeviceError) as exc:
+        CudaBackend()
+    message = str(exc.value)
+    assert "\n" not in message
+    assert f"cuda-bindings {bindings}" in message and "CUDA 12." in message
+    assert "'gpuaio[cu12]'" in message and "R580" in message
+
+
+def test_bindings_the_driver_supports_go_on_to_cuinit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cuda.bindings
+    import cuda.bindings.driver as driver
+
+    from gpuaio.backends.cuda import CudaBackend
+
+    called: list[int] = []
+
+    def init(flags: int) -> tuple[object]:
+        called.append(flags)
+        return (driver.CUresult.CUDA_ERROR_NO_DEVICE,)
+
+    ok = driver.CUresult.CUDA_SUCCESS
+    monkeypatch.setattr(cuda.bindings, "__version__", "12.9.10")
+    monkeypatch.setattr(driver, "cuDriverGetVersion", lambda: (ok, 13000))
+    monkeypatch.setattr(driver, "cuInit", init)
+    with pytest.raises(gpuaio.NoDeviceError, match="cuInit failed"):
+        CudaBackend()
+    assert called == [0]

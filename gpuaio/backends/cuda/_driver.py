@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import cuda.bindings
 import cuda.bindings.driver as driver
 
 from ..._errors import CudaError, NoDeviceError, make_cuda_error
@@ -95,6 +96,32 @@ def _decode_c_string(raw: Any) -> str:
     return str(raw)
 
 
+# The oldest driver of each CUDA major version, as nvidia-smi prints it.
+_FIRST_DRIVER = {12: "R525 (525.60.13)", 13: "R580 (580.65.06)"}
+
+
+def _check_driver_supports_bindings() -> None:
+    """Refuse cuda-bindings newer than the driver, naming the fix.
+
+    cuda-bindings 13.x calls entry points that a driver of the CUDA 12 era
+    lacks; left alone, that surfaces later as an obscure missing-symbol or
+    CUDA_ERROR error. ``cuDriverGetVersion`` works before ``cuInit``.
+    """
+    bindings = str(cuda.bindings.__version__)
+    needs = int(bindings.split(".")[0])
+    err, version = driver.cuDriverGetVersion()
+    if err:  # reported by cuInit, which follows
+        return
+    major, minor = int(version) // 1000, (int(version) % 1000) // 10
+    if major < needs:
+        first = _FIRST_DRIVER.get(needs, f"one for CUDA {needs}")
+        raise NoDeviceError(
+            f"cuda-bindings {bindings} needs a driver that supports CUDA {needs} ({first} or "
+            f"later), but this driver supports CUDA {major}.{minor}: install "
+            f"'gpuaio[cu{major}]' (cuda-bindings {major}.x), or a newer driver"
+        )
+
+
 class _ThreadState(threading.local):
     """Per thread: whether the backend leaves the context it binds current there."""
 
@@ -111,7 +138,10 @@ class DriverBase(Backend):
 
     def __init__(self) -> None:
         try:
+            _check_driver_supports_bindings()
             result = driver.cuInit(0)
+        except NoDeviceError:
+            raise
         except Exception as exc:  # the driver library itself could not be loaded
             raise NoDeviceError(f"the CUDA driver library could not be loaded: {exc}") from exc
         if result[0]:
