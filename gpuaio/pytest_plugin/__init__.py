@@ -151,9 +151,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pytest
 
 if TYPE_CHECKING:
-    from ._device import Device
-    from ._runtime import Runtime
-    from ._stream import Stream
+    from .._device import Device
+    from .._runtime import Runtime
+    from .._stream import Stream
 
 __all__ = [
     "DEFAULT_MAX_LOOP_BLOCK_MS",
@@ -303,7 +303,7 @@ def _cuda_available() -> bool:
     global _cuda_cache, _cuda_reason
     if _cuda_cache is None:
         try:
-            from .backends.cuda import CudaBackend
+            from ..backends.cuda import CudaBackend
 
             CudaBackend().close()
             _cuda_cache = True
@@ -402,11 +402,11 @@ def gpuaio_backend_name(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def gpuaio_runtime(request: pytest.FixtureRequest, gpuaio_backend_name: str) -> Iterator[Runtime]:
     """A runtime on the chosen backend (fresh per test when simulated), leak-checked."""
-    from ._runtime import _drop_current, use_backend
+    from .._runtime import _drop_current, use_backend
 
     global _session_runtime
     if gpuaio_backend_name == "sim":
-        from .backends.sim import SimBackend, SimConfig
+        from ..backends.sim import SimBackend, SimConfig
 
         marker = request.node.get_closest_marker("gpuaio_sim_config")
         kwargs: dict[str, Any] = dict(marker.kwargs) if marker else {}
@@ -571,7 +571,9 @@ class PinnedAccounting:
         return acct
 
 
-_MEMORY_MODULE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_memory.py")
+_MEMORY_MODULE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_memory.py"
+)
 
 
 def _called_from(filename: str, depth: int = 6) -> bool:
@@ -650,7 +652,7 @@ def _sim_backlog(backend: Any) -> int:
 
 def _any_device_faulted(runtime: Runtime) -> bool:
     """Whether a device of ``runtime`` has had a sticky (context-fatal) error."""
-    from ._errors import DeviceFatalError
+    from .._errors import DeviceFatalError
 
     backend = runtime.backend
     for ordinal in list(getattr(runtime, "_devices", {})):
