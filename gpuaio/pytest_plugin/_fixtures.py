@@ -1,0 +1,98 @@
+"""The runtime, device and stream fixtures, and the backend they run on.
+
+``gpuaio_runtime`` is a fresh simulated runtime per test, or the session's one
+CUDA runtime; when the test ends it runs the leak check (``_leakcheck.py``) on it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from ._backend_choice import _choice, _cuda_available, _no_gpu_reason
+from ._leakcheck import (
+    PinnedAccounting,
+    ResourceBaseline,
+    _leak_mode,
+    _pending_grace_s,
+    leak_problems,
+    pending_operations,
+)
+
+if TYPE_CHECKING:
+    from .._device import Device
+    from .._runtime import Runtime
+    from .._stream import Stream
+
+_session_runtime: Runtime | None = None
+
+
+@pytest.fixture
+def gpuaio_backend_name(request: pytest.FixtureRequest) -> str:
+    """``"sim"`` or ``"cuda"``: the backend the gpuaio fixtures use."""
+    param = getattr(request, "param", None)
+    if param is not None:
+        return str(param)
+    return _choice(request.config)
+
+
+@pytest.fixture
+def gpuaio_runtime(request: pytest.FixtureRequest, gpuaio_backend_name: str) -> Iterator[Runtime]:
+    """A runtime on the chosen backend (fresh per test when simulated), leak-checked."""
+    from .._runtime import _drop_current, use_backend
+
+    global _session_runtime
+    if gpuaio_backend_name == "sim":
+        from ..backends.sim import SimBackend, SimConfig
+
+        marker = request.node.get_closest_marker("gpuaio_sim_config")
+        kwargs: dict[str, Any] = dict(marker.kwargs) if marker else {}
+        rt = use_backend(SimBackend(SimConfig(**kwargs)))
+        _session_runtime = None
+        fresh = True
+    else:
+        if not _cuda_available():
+            pytest.skip(f"needs a CUDA GPU: {_no_gpu_reason()}")
+        if _session_runtime is None or _session_runtime.closed:
+            _session_runtime = use_backend("cuda")
+        rt = _session_runtime
+        fresh = False
+    PinnedAccounting.install(rt)
+    baseline = ResourceBaseline.take(rt)
+    problems: list[str] = []
+    try:
+        yield rt
+    finally:
+        mode = _leak_mode(request)
+        if mode != "off" and not rt.closed:
+            problems = leak_problems(rt, baseline, grace_s=_pending_grace_s(request.config))
+        if fresh:
+            if not rt.closed and pending_operations(rt)[0]:
+                # Work that never ends (a latch never released) would keep
+                # Runtime.close() waiting for its pinned blocks: stop the
+                # simulated device first, which drops it.
+                rt.backend.close()
+            rt.close()
+            _drop_current(rt)
+    if problems:
+        msg = "gpuaio leak check: " + "; ".join(problems)
+        if mode == "error":
+            pytest.fail(msg, pytrace=False)
+        warnings.warn(msg, pytest.PytestWarning, stacklevel=1)
+
+
+@pytest.fixture
+def gpuaio_device(gpuaio_runtime: Runtime) -> Device:
+    """Device 0 of :func:`gpuaio_runtime`."""
+    return gpuaio_runtime.device(0)
+
+
+@pytest.fixture
+def gpuaio_stream(gpuaio_device: Device) -> Iterator[Stream]:
+    """A fresh stream on :func:`gpuaio_device`, closed after the test."""
+    s = gpuaio_device.stream()
+    yield s
+    s.close()
