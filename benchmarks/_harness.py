@@ -42,7 +42,7 @@ import anyio.lowlevel  # noqa: E402
 import numpy as np  # noqa: E402
 
 import gpuaio  # noqa: E402
-from gpuaio._runtime import Runtime, current_runtime  # noqa: E402
+from gpuaio._api.runtime import Runtime, current_runtime  # noqa: E402
 
 __all__ = [
     "LOOPS",

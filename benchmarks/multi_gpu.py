@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h
 
 import gpuaio
-from gpuaio._runtime import current_runtime
+from gpuaio._api.runtime import current_runtime
 
 
 def host_ceiling(n: int, threads: int) -> float:

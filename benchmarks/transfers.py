@@ -39,8 +39,8 @@ import _harness as H
 import numpy as np
 
 import gpuaio
-from gpuaio._hostwork import HostPool
-from gpuaio._staging import Stager, StagingConfig
+from gpuaio._engine.hostwork import HostPool
+from gpuaio._engine.staging import Stager, StagingConfig
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 FULL_SIZES = (4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, 1 * GiB)

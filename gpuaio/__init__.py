@@ -20,13 +20,22 @@ import contextlib as _contextlib
 import importlib as _importlib
 import sys as _sys
 
+from ._api.device import Device
+from ._api.memory import (
+    BufferTypeError,
+    DeviceArray,
+    HostRegistration,
+    pinned_empty,
+    register_host,
+    register_host_async,
+)
+from ._api.runtime import configure, current_runtime, use_backend
+from ._api.stream import Event, Stream
+
 # Imported here, not on first use, so that a first transfer inside a running
 # event loop does not pay for module imports on the loop thread.
-from . import _dlpack as _dlpack
-from . import _staging as _staging
-from ._completion import STRATEGIES, Strategy
-from ._device import Device
-from ._errors import (
+from ._core import dlpack as _dlpack  # noqa: F401  (preloaded, see above)
+from ._core.errors import (
     BufferFreedError,
     CudaError,
     DeviceFatalError,
@@ -37,24 +46,16 @@ from ._errors import (
     OperationAbortedError,
     StreamClosedError,
 )
-from ._kernel import Kernel
-from ._loader import Prefetcher, prefetch
-from ._memory import (
-    BufferTypeError,
-    DeviceArray,
-    HostRegistration,
-    pinned_empty,
-    register_host,
-    register_host_async,
-)
-from ._multi import gather, scatter
-from ._operation import Operation, wait_all
-from ._pool import PoolStats
-from ._progress import ProgressCallback, progress_bar
-from ._runtime import configure, current_runtime, use_backend
-from ._staging import reserve_pinned
-from ._stream import Event, Stream
-from ._trace import Tracer, trace
+from ._core.kernel import Kernel
+from ._core.operation import Operation, wait_all
+from ._core.progress import ProgressCallback, progress_bar
+from ._core.trace import Tracer, trace
+from ._engine import staging as _staging  # noqa: F401  (preloaded, see above)
+from ._engine.completion import STRATEGIES, Strategy
+from ._engine.pool import PoolStats
+from ._engine.staging import reserve_pinned
+from ._integrations.loader import Prefetcher, prefetch
+from ._integrations.multi import gather, scatter
 from .backends import MemoryKind
 
 # anyio imports its event-loop backends on first use, which for gpuaio is the
@@ -118,6 +119,6 @@ def backend_name() -> str:
 
 def memory_kind(buffer: object) -> MemoryKind:
     """How gpuaio classifies ``buffer`` (pageable, pinned, device or managed)."""
-    from ._memory import describe
+    from ._api.memory import describe
 
     return describe(buffer, current_runtime(), "buffer").kind

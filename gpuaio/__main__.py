@@ -28,8 +28,8 @@ import numpy as np
 
 import gpuaio
 
-from ._errors import GpuaioError
-from ._runtime import Runtime, current_runtime, use_backend
+from ._api.runtime import Runtime, current_runtime, use_backend
+from ._core.errors import GpuaioError
 
 ADD_ONE = r"""
 extern "C" __global__ void add_one(unsigned char* data, unsigned long long n) {

@@ -22,7 +22,7 @@ imports none of those libraries; each helper imports the one it needs.
 
 from __future__ import annotations
 
-from ._interop import (
+from ._integrations.interop import (
     as_cupy_stream,
     as_torch_stream,
     converter,

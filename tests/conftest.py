@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import gpuaio
-from gpuaio._hostwork import byte_view
+from gpuaio._engine.hostwork import byte_view
 
 _loops: list[Any] = [
     pytest.param(("asyncio", {}), id="asyncio"),

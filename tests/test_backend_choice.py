@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 import gpuaio
-from gpuaio import _runtime
+from gpuaio._api import runtime as _runtime
 from gpuaio.backends import create_backend
 
 DRIVER_MISSING = (

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gpuaio
-from gpuaio._hostwork import byte_view
+from gpuaio._engine.hostwork import byte_view
 
 EXAMPLES = int(os.environ.get("GPUAIO_BAD_INPUT_EXAMPLES", "120"))
 TRIED: Counter[str] = Counter()

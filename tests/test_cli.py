@@ -74,7 +74,7 @@ def test_console_script_is_declared() -> None:
 def test_info_without_a_gpu_is_a_one_line_error(
     setting: str | None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from gpuaio import _runtime
+    from gpuaio._api import runtime as _runtime
     from tests.test_backend_choice import fail_like_no_driver
 
     if setting is None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gpuaio
-from gpuaio._errors import InvalidArgumentError
+from gpuaio._core.errors import InvalidArgumentError
 from tests.conftest import latch
 from tests.test_copy import pattern
 from tests.test_loader import eventually

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gpuaio import _dlpack
-from gpuaio._dlpack import DLDeviceType, DLPackView, export_capsule, parse_dlpack
-from gpuaio._errors import InvalidArgumentError
+from gpuaio._core import dlpack as _dlpack
+from gpuaio._core.dlpack import DLDeviceType, DLPackView, export_capsule, parse_dlpack
+from gpuaio._core.errors import InvalidArgumentError
 
 # -- helpers ---------------------------------------------------------------------
 

@@ -147,7 +147,7 @@ def test_forked_process_error_is_a_fatal_device_error_and_pickles() -> None:
     import pickle
 
     import gpuaio
-    from gpuaio._fork import forked_message
+    from gpuaio._api.fork import forked_message
 
     exc = gpuaio.ForkedProcessError("cuMemAlloc", detail=forked_message("cuda", 12, 11))
     assert isinstance(exc, gpuaio.DeviceFatalError) and isinstance(exc, gpuaio.GpuaioError)
@@ -161,7 +161,7 @@ def test_forked_process_error_is_a_fatal_device_error_and_pickles() -> None:
 def test_disabled_backend_refuses_calls_and_frees_nothing() -> None:
     """What the child hook does to the inherited backend, on a sim backend of its own."""
     import gpuaio
-    from gpuaio._fork import disable_backend
+    from gpuaio._api.fork import disable_backend
     from gpuaio.backends.sim import SimBackend
 
     be = SimBackend()

@@ -16,7 +16,7 @@ import pytest
 
 import gpuaio
 import gpuaio.interop as interop
-from gpuaio._dlpack import DLDeviceType, parse_dlpack
+from gpuaio._core.dlpack import DLDeviceType, parse_dlpack
 from gpuaio.backends.sim import SimKernel
 from tests.conftest import ADD_ONE_SRC, add_one_kernel, latch
 

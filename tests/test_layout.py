@@ -144,6 +144,8 @@ def test_module_size(module: str) -> None:
 
 def test_each_module_says_what_it_is_responsible_for() -> None:
     missing = [
-        m for m, path in sorted(_modules().items()) if not ast.get_docstring(ast.parse(path.read_text()))
+        m
+        for m, path in sorted(_modules().items())
+        if not ast.get_docstring(ast.parse(path.read_text()))
     ]
     assert missing == []

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import gpuaio
-from gpuaio import _loopport
+from gpuaio._core import loopport as _loopport
 from tests.conftest import latch
 from tests.test_copy import pattern
 
@@ -453,7 +453,7 @@ def test_a_failure_after_page_locking_unlocks(
     gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A registration that fails once the memory is page-locked unlocks it before raising."""
-    from gpuaio import _memory
+    from gpuaio._api import memory as _memory
 
     rt = gpuaio_runtime
 

@@ -161,7 +161,7 @@ def test_reaper_submit_nested_in_its_own_start(monkeypatch: pytest.MonkeyPatch) 
     """``__del__`` methods submit frees; the garbage collector may run one inside
     ``_Reaper.submit`` while it creates its thread. The nested submit must not
     deadlock on the reaper's lock (it hung the suite once), and both frees run."""
-    from gpuaio import _runtime
+    from gpuaio._api import runtime as _runtime
 
     reaper = _runtime._Reaper()
     ran: list[str] = []
@@ -214,7 +214,7 @@ def test_opening_the_first_device_leaves_the_loop_running(
 
     import anyio
 
-    from gpuaio import _runtime
+    from gpuaio._api import runtime as _runtime
     from gpuaio.pytest_plugin import LoopWatchdog
 
     real_create = _runtime.create_backend

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import gpuaio
-from gpuaio._staging import Stager
+from gpuaio._engine.staging import Stager
 from tests.conftest import latch
 
 pytestmark = pytest.mark.anyio

@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gpuaio
-from gpuaio._staging import Stager, StagingConfig
+from gpuaio._engine.staging import Stager, StagingConfig
 from tests.conftest import add_one_kernel
 
 HOST = ("P0", "P1", "Q0")  # pageable, pageable, pinned

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import gpuaio
-from gpuaio import _completion
+from gpuaio._engine import completion as _completion
 from tests.conftest import latch
 
 pytestmark = pytest.mark.anyio

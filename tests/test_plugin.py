@@ -231,10 +231,10 @@ def test_own_sim_markers():
     pass
 
 def test_gpuaio_stayed_out():
-    import gpuaio._runtime
+    import gpuaio._api.runtime
     assert "gpuaio.backends.cuda" not in sys.modules
     assert not any(m == "cuda" or m.startswith("cuda.") for m in sys.modules)
-    assert gpuaio._runtime._current is None
+    assert gpuaio._api.runtime._current is None
 """
 
 
@@ -610,7 +610,7 @@ def test_a_fresh_runtime_is_not_left_current_once_closed(pytester: pytest.Pytest
     pytester.makeini(INI.format(mode="strict"))
     pytester.makepyfile(
         test_after="""
-        import gpuaio._runtime as rt_mod
+        import gpuaio._api.runtime as rt_mod
 
         def test_uses_the_fixture(gpuaio_runtime):
             assert rt_mod._current is gpuaio_runtime

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import gpuaio
-from gpuaio._errors import InvalidArgumentError
-from gpuaio._staging import Stager, StagingConfig
+from gpuaio._core.errors import InvalidArgumentError
+from gpuaio._engine.staging import Stager, StagingConfig
 from tests.test_copy import pattern
 from tests.test_loader import eventually
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import gpuaio
-from gpuaio._pool import PinnedPool
+from gpuaio._engine.pool import PinnedPool
 from gpuaio.pytest_plugin import LoopWatchdog
 from tests.conftest import latch
 from tests.reliability.harness import (

@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from gpuaio._errors import CudaError, DeviceFatalError, InvalidArgumentError
+from gpuaio._core.errors import CudaError, DeviceFatalError, InvalidArgumentError
 from gpuaio.backends._base import MemoryKind
 from gpuaio.backends.sim import SimBackend, SimConfig, SimKernel
 

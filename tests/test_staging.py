@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import gpuaio
-from gpuaio._staging import Stager, StagingConfig
+from gpuaio._engine.staging import Stager, StagingConfig
 from tests.conftest import latch
 from tests.test_copy import pattern
 
@@ -226,7 +226,7 @@ def test_a_block_waited_on_keeps_its_events_until_the_wait_ends(gpuaio_runtime: 
     cuEventSynchronize, test_loader's budget test)."""
     import threading
 
-    from gpuaio._pool import MIN_CLASS, PinnedPool
+    from gpuaio._engine.pool import MIN_CLASS, PinnedPool
 
     rt = gpuaio_runtime
     be = rt.backend

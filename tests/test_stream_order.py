@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import gpuaio
-from gpuaio._errors import DeviceFatalError
+from gpuaio._core.errors import DeviceFatalError
 from tests.conftest import add_one_kernel, latch
 from tests.test_copy import pattern
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import gpuaio
-from gpuaio import _trace
+from gpuaio._core import trace as _trace
 
 from .conftest import add_one_kernel, latch
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from gpuaio._errors import (
+from gpuaio._core.errors import (
     CudaError,
     DeviceFatalError,
     InvalidArgumentError,

@@ -319,7 +319,7 @@ def negative_controls(report: Report) -> None:
     import logging
     import threading
 
-    from gpuaio._pool import PinnedPool
+    from gpuaio._engine.pool import PinnedPool
     from tests.reliability.harness import Trouble, early_reuse_probe
 
     rt = _runtime("sim")
@@ -395,7 +395,7 @@ def pool_eviction_lag(report: Report, kernel_s: float = 0.5) -> None:
     import numpy as np
 
     import gpuaio
-    from gpuaio._staging import Stager, StagingConfig
+    from gpuaio._engine.staging import Stager, StagingConfig
 
     print("pool eviction lag", flush=True)
     rt = _runtime(report.backend)

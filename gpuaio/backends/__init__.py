@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 
-from .._errors import NoDeviceError
+from .._core.errors import NoDeviceError
 from ._base import Backend, DeviceProperties, MemoryKind, PointerInfo
 
 __all__ = ["Backend", "DeviceProperties", "MemoryKind", "PointerInfo", "create_backend"]

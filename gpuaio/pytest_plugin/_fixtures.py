@@ -23,9 +23,9 @@ from ._leakcheck import (
 )
 
 if TYPE_CHECKING:
-    from .._device import Device
-    from .._runtime import Runtime
-    from .._stream import Stream
+    from .._api.device import Device
+    from .._api.runtime import Runtime
+    from .._api.stream import Stream
 
 _session_runtime: Runtime | None = None
 
@@ -42,7 +42,7 @@ def gpuaio_backend_name(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def gpuaio_runtime(request: pytest.FixtureRequest, gpuaio_backend_name: str) -> Iterator[Runtime]:
     """A runtime on the chosen backend (fresh per test when simulated), leak-checked."""
-    from .._runtime import _drop_current, use_backend
+    from .._api.runtime import _drop_current, use_backend
 
     global _session_runtime
     if gpuaio_backend_name == "sim":

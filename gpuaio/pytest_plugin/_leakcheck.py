@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import pytest
 
-from .. import _memory
+from .._api import memory as _memory
 
 if TYPE_CHECKING:
-    from .._runtime import Runtime
+    from .._api.runtime import Runtime
 
 DEFAULT_PENDING_GRACE_MS = 100.0
 
@@ -223,7 +223,7 @@ def _sim_backlog(backend: Any) -> int:
 
 def _any_device_faulted(runtime: Runtime) -> bool:
     """Whether a device of ``runtime`` has had a sticky (context-fatal) error."""
-    from .._errors import DeviceFatalError
+    from .._core.errors import DeviceFatalError
 
     backend = runtime.backend
     for ordinal in list(getattr(runtime, "_devices", {})):

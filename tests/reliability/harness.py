@@ -42,7 +42,7 @@ import anyio.to_thread
 import numpy as np
 
 import gpuaio
-from gpuaio._hostwork import byte_view
+from gpuaio._engine.hostwork import byte_view
 from gpuaio.pytest_plugin import (
     PinnedAccounting,
     ResourceBaseline,

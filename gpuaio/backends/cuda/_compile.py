@@ -15,7 +15,7 @@ from typing import Any
 
 import cuda.bindings.driver as driver
 
-from ..._errors import CudaError, InvalidArgumentError, make_cuda_error
+from ..._core.errors import CudaError, InvalidArgumentError, make_cuda_error
 from ._driver import DriverBase, _CUresult
 
 _ERROR_TOKEN = re.compile(r"CUDA_ERROR_[A-Z0-9_]+")

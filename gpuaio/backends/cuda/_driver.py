@@ -30,7 +30,7 @@ from typing import Any
 import cuda.bindings
 import cuda.bindings.driver as driver
 
-from ..._errors import CudaError, NoDeviceError, make_cuda_error
+from ..._core.errors import CudaError, NoDeviceError, make_cuda_error
 from .._base import Backend, DeviceProperties, keeps_context
 
 _logger = logging.getLogger("gpuaio")

@@ -41,7 +41,7 @@ from typing import Any
 import cuda.bindings.driver as driver
 import numpy as np
 
-from ..._errors import InvalidArgumentError
+from ..._core.errors import InvalidArgumentError
 from ._compile import CudaKernel, _param_sizes
 from ._driver import DriverBase, _cuda_error
 from ._streams import CudaStream

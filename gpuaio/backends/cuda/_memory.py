@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import cuda.bindings.driver as driver
 
-from ..._errors import InvalidArgumentError
+from ..._core.errors import InvalidArgumentError
 from .._base import MemoryKind, PointerInfo
 from ._driver import _INVALID_VALUE, DriverBase, _check, _cuda_error
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import cuda.bindings.driver as driver
 
-from ..._errors import InvalidArgumentError
+from ..._core.errors import InvalidArgumentError
 from ._driver import _NOT_READY, DriverBase, _check, _cuda_error, _uint32_error
 
 _STREAM_NON_BLOCKING = int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)

@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..._errors import InvalidArgumentError
+from ..._core.errors import InvalidArgumentError
 from ._config import _JOIN_TIMEOUT_S, SimConfig
 from ._devices import SimDevices
 from ._events import SimEvents

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..._errors import CudaError, InvalidArgumentError, make_cuda_error
+from ..._core.errors import CudaError, InvalidArgumentError, make_cuda_error
 from .._base import MemoryKind
 
 CU_RESULT_NAMES: dict[int, str] = {

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-from ..._errors import CudaError
+from ..._core.errors import CudaError
 from .._base import Backend, MemoryKind
 from ._config import (
     _DEINITIALIZED,

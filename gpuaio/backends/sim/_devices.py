@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..._errors import InvalidArgumentError
+from ..._core.errors import InvalidArgumentError
 from .._base import DeviceProperties, MemoryKind
 from ._config import _INVALID_CONTEXT, _error
 from ._core import SimCore, _in_context

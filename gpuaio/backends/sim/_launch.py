@@ -14,7 +14,7 @@ from typing import Any, cast
 import numpy as np
 import numpy.typing as npt
 
-from ..._errors import InvalidArgumentError
+from ..._core.errors import InvalidArgumentError
 from ._config import _INVALID_HANDLE, _INVALID_VALUE, _LAUNCH_FAILED, _error
 from ._core import SimCore, _in_context
 from ._memory import _view

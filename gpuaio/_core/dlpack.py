@@ -33,7 +33,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from gpuaio._errors import InvalidArgumentError
+from gpuaio._core.errors import InvalidArgumentError
 
 __all__ = [
     "DLPACK_FLAG_BITMASK_IS_COPIED",

@@ -10,14 +10,14 @@ import anyio.to_thread
 import numpy as np
 import numpy.typing as npt
 
-from ._errors import InvalidArgumentError
-from ._kernel import Kernel
-from ._memory import Allocation, DeviceArray, _alloc_size, _normalize_shape
-from ._stream import Stream
-from .backends import DeviceProperties, MemoryKind
+from .._core.errors import InvalidArgumentError
+from .._core.kernel import Kernel
+from ..backends import DeviceProperties, MemoryKind
+from .memory import Allocation, DeviceArray, _alloc_size, _normalize_shape
+from .stream import Stream
 
 if TYPE_CHECKING:
-    from ._runtime import Runtime
+    from .runtime import Runtime
 
 __all__ = ["Device"]
 
@@ -48,7 +48,7 @@ class Device:
     _default: Stream | None
 
     def __new__(cls, ordinal: int = 0) -> Device:
-        from ._runtime import current_runtime
+        from .runtime import current_runtime
 
         if not isinstance(ordinal, int) or isinstance(ordinal, bool):
             raise InvalidArgumentError(f"device ordinal must be an int, not {ordinal!r}")

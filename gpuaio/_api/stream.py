@@ -29,17 +29,17 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import numpy as np
 
-from ._errors import InvalidArgumentError, StreamClosedError
-from ._kernel import Kernel, normalize_dim3
-from ._memory import BufferInfo, DeviceArray, describe
-from ._operation import Operation, completed
-from ._progress import report_progress
-from ._sequencer import Frontier, Sequencer
-from .backends import MemoryKind
+from .._core.errors import InvalidArgumentError, StreamClosedError
+from .._core.kernel import Kernel, normalize_dim3
+from .._core.operation import Operation, completed
+from .._core.progress import report_progress
+from .._engine.sequencer import Frontier, Sequencer
+from ..backends import MemoryKind
+from .memory import BufferInfo, DeviceArray, describe
 
 if TYPE_CHECKING:
-    from ._device import Device
-    from ._runtime import Runtime
+    from .device import Device
+    from .runtime import Runtime
 
 __all__ = ["Event", "Stream"]
 

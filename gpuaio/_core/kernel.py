@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import InvalidArgumentError
+from .errors import InvalidArgumentError
 
 __all__ = ["Kernel", "normalize_dim3"]
 

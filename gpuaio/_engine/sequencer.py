@@ -41,12 +41,12 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._errors import DeviceFatalError
-from ._hostwork import SerialExecutor
-from ._operation import Operation
+from .._core.errors import DeviceFatalError
+from .._core.operation import Operation
+from .hostwork import SerialExecutor
 
 if TYPE_CHECKING:
-    from ._runtime import Runtime
+    from .._api.runtime import Runtime
 
 __all__ = ["Frontier", "HostWork", "Sequencer"]
 

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple, SupportsIndex
 import numpy as np
 import numpy.typing as npt
 
-from ._errors import BufferFreedError, GpuaioError, InvalidArgumentError
-from .backends import MemoryKind
+from .._core.errors import BufferFreedError, GpuaioError, InvalidArgumentError
+from ..backends import MemoryKind
 
 if TYPE_CHECKING:
-    from ._runtime import Runtime
+    from .runtime import Runtime
 
 __all__ = [
     "Allocation",
@@ -374,7 +374,7 @@ class DeviceArray:
         return self._gpuaio_dlpack_device()
 
     def _gpuaio_dlpack_device(self) -> tuple[int, int]:
-        from ._dlpack import DLDeviceType
+        from .._core.dlpack import DLDeviceType
 
         dt = DLDeviceType.CUDA_MANAGED if self.kind is MemoryKind.MANAGED else DLDeviceType.CUDA
         return (int(dt), self.device)
@@ -406,7 +406,7 @@ class DeviceArray:
         copy: bool | None = None,
     ) -> Any:
         """The DLPack export, on either backend (gpuaio's own use)."""
-        from ._dlpack import export_capsule
+        from .._core.dlpack import export_capsule
 
         if copy:
             raise BufferError("gpuaio exports device arrays without copying (copy=True refused)")
@@ -451,7 +451,7 @@ def pinned_empty(
     Page-locking is a slow driver call (milliseconds for large sizes): make
     such buffers at set-up time, not on a hot path of an event loop.
     """
-    from ._runtime import current_runtime
+    from .runtime import current_runtime
 
     dims = _normalize_shape(shape)
     dt = np.dtype(dtype)
@@ -618,7 +618,7 @@ class _RegisteredAllocation(Allocation):
 
 def register_host(array: Any) -> HostRegistration:
     """Page-lock ``array`` in place; see :class:`HostRegistration` (blocks for ms)."""
-    from ._runtime import current_runtime
+    from .runtime import current_runtime
 
     return HostRegistration(current_runtime(), array)
 
@@ -651,7 +651,7 @@ class BufferInfo(NamedTuple):
 
     def host_array(self) -> np.ndarray[Any, np.dtype[np.uint8]]:
         """Flat uint8 view of host memory (only for host kinds)."""
-        from ._hostwork import byte_view
+        from .._engine.hostwork import byte_view
 
         return byte_view(self.ptr, self.nbytes)
 
@@ -842,7 +842,7 @@ def _from_cai(obj: Any, cai: Any, runtime: Runtime, name: str) -> BufferInfo:
 
 
 def _from_dlpack(obj: Any, runtime: Runtime) -> BufferInfo:
-    from ._dlpack import parse_dlpack
+    from .._core.dlpack import parse_dlpack
 
     view = parse_dlpack(obj)
     n = view.dtype.itemsize

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from . import _trace
+from .._core import trace as _trace
 
 __all__ = ["HostPool", "SerialExecutor", "byte_view"]
 

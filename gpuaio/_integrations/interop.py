@@ -38,11 +38,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ._errors import InvalidArgumentError
-from ._kernel import normalize_dim3
-from ._memory import DeviceArray
-from ._operation import Operation
-from ._stream import Stream
+from .._api.memory import DeviceArray
+from .._api.stream import Stream
+from .._core.errors import InvalidArgumentError
+from .._core.kernel import normalize_dim3
+from .._core.operation import Operation
 
 __all__ = [
     "as_cupy_stream",

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import sniffio
 
-from . import _trace
-from ._errors import DeviceFatalError, ForkedProcessError, OperationAbortedError
-from ._loopport import THREAD_PORT, Port, current_port
+from . import trace as _trace
+from .errors import DeviceFatalError, ForkedProcessError, OperationAbortedError
+from .loopport import THREAD_PORT, Port, current_port
 
 if TYPE_CHECKING:
-    from ._stream import Stream
+    from .._api.stream import Stream
 
 __all__ = ["Operation", "resolve_many", "wait_all"]
 

@@ -45,15 +45,15 @@ import anyio.lowlevel
 import anyio.to_thread
 import numpy as np
 
-from . import _trace
-from ._device import Device
-from ._errors import InvalidArgumentError
-from ._interop import converter
-from ._loopport import LoopPort, current_port
-from ._memory import DeviceArray, describe
-from ._operation import Operation
-from ._progress import LoaderProgressCallback, report_progress
-from ._stream import Stream
+from .._api.device import Device
+from .._api.memory import DeviceArray, describe
+from .._api.stream import Stream
+from .._core import trace as _trace
+from .._core.errors import InvalidArgumentError
+from .._core.loopport import LoopPort, current_port
+from .._core.operation import Operation
+from .._core.progress import LoaderProgressCallback, report_progress
+from .interop import converter
 
 __all__ = ["Prefetcher", "prefetch"]
 

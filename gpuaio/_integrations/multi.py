@@ -16,12 +16,12 @@ from typing import Any
 import anyio
 import numpy as np
 
-from ._device import Device
-from ._errors import InvalidArgumentError
-from ._memory import BufferInfo, DeviceArray, describe
-from ._operation import Operation, wait_all
-from ._runtime import current_runtime
-from ._stream import _check_copy
+from .._api.device import Device
+from .._api.memory import BufferInfo, DeviceArray, describe
+from .._api.runtime import current_runtime
+from .._api.stream import _check_copy
+from .._core.errors import InvalidArgumentError
+from .._core.operation import Operation, wait_all
 
 __all__ = ["gather", "scatter", "split_sizes"]
 

@@ -29,16 +29,16 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ._errors import InvalidArgumentError, OperationAbortedError
-from ._hostwork import byte_view
-from ._memory import BufferInfo
-from ._operation import Operation
-from ._pool import PinnedBlock, PinnedPool, PoolStats, parse_size, size_class
-from ._progress import report_progress
+from .._api.memory import BufferInfo
+from .._core.errors import InvalidArgumentError, OperationAbortedError
+from .._core.operation import Operation
+from .._core.progress import report_progress
+from .hostwork import byte_view
+from .pool import PinnedBlock, PinnedPool, PoolStats, parse_size, size_class
 
 if TYPE_CHECKING:
-    from ._runtime import Runtime
-    from ._stream import Stream
+    from .._api.runtime import Runtime
+    from .._api.stream import Stream
 
 __all__ = ["Stager", "StagingConfig", "reserve_pinned"]
 
@@ -410,7 +410,7 @@ async def reserve_pinned(transfer_bytes: int, *, concurrent: int = 1) -> PoolSta
     """
     import anyio.to_thread
 
-    from ._runtime import current_runtime
+    from .._api.runtime import current_runtime
 
     if isinstance(transfer_bytes, bool) or not isinstance(transfer_bytes, int):
         raise InvalidArgumentError(f"transfer_bytes must be an int, not {transfer_bytes!r}")

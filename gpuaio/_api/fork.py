@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from ._errors import ForkedProcessError
+from .._core.errors import ForkedProcessError
 
 __all__ = ["disable_backend", "forked_message"]
 

@@ -25,10 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._errors import DeviceFatalError, InvalidArgumentError
+from .._core.errors import DeviceFatalError, InvalidArgumentError
 
 if TYPE_CHECKING:
-    from .backends import Backend
+    from ..backends import Backend
 
 __all__ = ["PinnedBlock", "PinnedPool", "PoolStats", "default_budget"]
 

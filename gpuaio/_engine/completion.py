@@ -56,12 +56,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._errors import CudaError, DeviceFatalError
-from ._loopport import Port
-from ._operation import Operation, post_waiters, resolve_many
+from .._core.errors import CudaError, DeviceFatalError
+from .._core.loopport import Port
+from .._core.operation import Operation, post_waiters, resolve_many
 
 if TYPE_CHECKING:
-    from .backends import Backend
+    from ..backends import Backend
 
 __all__ = ["STRATEGIES", "CompletionEngine", "FaultLog", "Strategy", "make_engine"]
 
@@ -589,7 +589,7 @@ class FlagEngine(EventEngine):
 
         self._slab_host = backend.host_alloc(4 * self.SLOTS)
         self._slab_dev = backend.host_device_pointer(self._slab_host)
-        from ._hostwork import byte_view
+        from .hostwork import byte_view
 
         self._slab = byte_view(self._slab_host, 4 * self.SLOTS).view(np.uint32)
         self._slab[:] = 0

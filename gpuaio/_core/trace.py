@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._operation import Operation
+    from .operation import Operation
 
 __all__ = [
     "HOST_PID",

@@ -21,18 +21,18 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
-from . import _operation
-from ._completion import STRATEGIES, CompletionEngine, FaultLog, Strategy, make_engine
-from ._errors import DeviceFatalError, ForkedProcessError, InvalidArgumentError, NoDeviceError
-from ._fork import disable_backend, forked_message
-from ._hostwork import HostPool
-from ._pool import MIN_CLASS, parse_size
-from ._sequencer import Sequencer
-from .backends import Backend, create_backend
+from .._core import operation as _operation
+from .._core.errors import DeviceFatalError, ForkedProcessError, InvalidArgumentError, NoDeviceError
+from .._engine.completion import STRATEGIES, CompletionEngine, FaultLog, Strategy, make_engine
+from .._engine.hostwork import HostPool
+from .._engine.pool import MIN_CLASS, parse_size
+from .._engine.sequencer import Sequencer
+from ..backends import Backend, create_backend
+from .fork import disable_backend, forked_message
 
 if TYPE_CHECKING:
-    from ._device import Device
-    from ._staging import Stager, StagingConfig
+    from .._engine.staging import Stager, StagingConfig
+    from .device import Device
 
 __all__ = ["Runtime", "configure", "current_runtime", "use_backend"]
 
@@ -188,7 +188,7 @@ class Runtime:
             pass
         with self._lock:
             if "stager" not in self.extras:
-                from ._staging import Stager
+                from .._engine.staging import Stager
 
                 off = os.environ.get("GPUAIO_STAGING", "1") == "0"
                 self.extras["stager"] = None if off else Stager(self)
@@ -204,7 +204,7 @@ class Runtime:
         inline_max: int | str | None = None,
     ) -> None:
         """Replace the stager with one of these settings (see :func:`configure`)."""
-        from ._staging import Stager, StagingConfig
+        from .._engine.staging import Stager, StagingConfig
 
         if self.forked is not None:
             self._raise_forked("configure")
@@ -271,7 +271,7 @@ class Runtime:
             self._raise_forked("Device")
         dev = self._devices.get(ordinal)
         if dev is None:
-            from ._device import Device
+            from .device import Device
 
             count = self.backend.device_count()
             if not 0 <= ordinal < count:
