@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h
 
 import gpuaio
+from gpuaio._api.device import device_of
 from gpuaio._api.runtime import current_runtime
 
 
@@ -72,7 +73,7 @@ async def main_async(args: argparse.Namespace) -> list[h.Record]:
         for name in ("peer_copy", "aggregate_h2d_pinned_2gpu", "aggregate_h2d_pageable_2gpu"):
             records.append(h.record(name, "GB/s", None, note=note))
         return records
-    devs = [rt.device(i) for i in range(ndev)]
+    devs = [device_of(rt, i) for i in range(ndev)]
     d0, d1 = devs[0], devs[1]
     be = rt.backend
     reps = args.reps

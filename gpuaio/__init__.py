@@ -20,7 +20,7 @@ import contextlib as _contextlib
 import importlib as _importlib
 import sys as _sys
 
-from ._api.device import Device
+from ._api.device import Device, Event, Stream
 from ._api.memory import (
     BufferTypeError,
     DeviceArray,
@@ -29,8 +29,7 @@ from ._api.memory import (
     register_host,
     register_host_async,
 )
-from ._api.runtime import configure, current_runtime, use_backend
-from ._api.stream import Event, Stream
+from ._api.runtime import configure, current_runtime, reserve_pinned, use_backend
 
 # Imported here, not on first use, so that a first transfer inside a running
 # event loop does not pay for module imports on the loop thread.
@@ -53,7 +52,6 @@ from ._core.trace import Tracer, trace
 from ._engine import staging as _staging  # noqa: F401  (preloaded, see above)
 from ._engine.completion import STRATEGIES, Strategy
 from ._engine.pool import PoolStats
-from ._engine.staging import reserve_pinned
 from ._integrations.loader import Prefetcher, prefetch
 from ._integrations.multi import gather, scatter
 from .backends import MemoryKind

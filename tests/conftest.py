@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import gpuaio
+from gpuaio._api.device import device_of
 from gpuaio._engine.hostwork import byte_view
 
 _loops: list[Any] = [
@@ -76,7 +77,7 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
 def strategy_dev(request: pytest.FixtureRequest, gpuaio_runtime: Any) -> Iterator[gpuaio.Device]:
     """Device 0 with each completion strategy in turn."""
     gpuaio_runtime.set_completion(request.param)
-    yield gpuaio_runtime.device(0)
+    yield device_of(gpuaio_runtime, 0)
     # Release the strategy's resources (the flag slab) before the leak check.
     deadline = time.perf_counter() + 5
     while gpuaio_runtime.engine(0).pending() and time.perf_counter() < deadline:

@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gpuaio
+from gpuaio._api.device import device_of
 from gpuaio._engine.hostwork import byte_view
 
 EXAMPLES = int(os.environ.get("GPUAIO_BAD_INPUT_EXAMPLES", "120"))
@@ -145,8 +146,8 @@ class Maker:
 
     def __init__(self, rt: Any, stream: gpuaio.Stream) -> None:
         self.rt = rt
-        self.dev = rt.device(0)
-        self.dev1 = rt.device(1)
+        self.dev = device_of(rt, 0)
+        self.dev1 = device_of(rt, 1)
         self.stream = stream
         self.stream1 = self.dev1.stream()
         self.registrations: list[Any] = []
@@ -328,7 +329,7 @@ def assert_rejected(
 def maker(gpuaio_runtime: Any) -> Any:
     if gpuaio_runtime.backend.name != "sim":
         pytest.skip("reads the simulated backend's counters to prove nothing was enqueued")
-    s = gpuaio_runtime.device(0).stream()
+    s = device_of(gpuaio_runtime, 0).stream()
     m = Maker(gpuaio_runtime, s)
     yield m
     m.close()

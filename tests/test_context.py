@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import gpuaio
+from gpuaio._api.device import device_of
 from tests.conftest import add_one_kernel
 
 N = 1 << 20
@@ -122,7 +123,7 @@ async def _still_works(s: gpuaio.Stream, d: Any, expected: np.ndarray) -> None:
 async def test_created_context_current_on_the_loop_thread(gpuaio_runtime: Any) -> None:
     # What PyCUDA's make_context() or cuCtxCreate leave current on the loop thread.
     be = gpuaio_runtime.backend
-    dev = gpuaio_runtime.device(0)
+    dev = device_of(gpuaio_runtime, 0)
     primary = be.primary_context(0)
     dev.empty(16)  # gpuaio has worked on this thread before
     foreign = be.context_create(0)
@@ -146,7 +147,7 @@ async def test_other_device_current_on_the_loop_thread(gpuaio_runtime: Any) -> N
     be = gpuaio_runtime.backend
     p0, p1 = be.primary_context(0), be.primary_context(1)
     be.set_current_context(p1)
-    dev0, dev1 = gpuaio_runtime.device(0), gpuaio_runtime.device(1)
+    dev0, dev1 = device_of(gpuaio_runtime, 0), device_of(gpuaio_runtime, 1)
     s, d, expected = await _work(dev0, be.current_context, be.context_of, p1, p0, (p1,))
     be.set_current_context(p0)
     s1, d1, expected1 = await _work(dev1, be.current_context, be.context_of, p0, p1, (p0,))
@@ -365,7 +366,7 @@ async def test_created_context_current_on_the_loop_thread_cuda(gpuaio_runtime: A
         attribute = driver.CUpointer_attribute.CU_POINTER_ATTRIBUTE_CONTEXT
         return int(check(driver.cuPointerGetAttribute(attribute, ptr)))
 
-    dev = gpuaio_runtime.device(0)
+    dev = device_of(gpuaio_runtime, 0)
     primary = gpuaio_runtime.backend.primary_context(0)
     dev.empty(16)  # gpuaio has worked on this thread before
     before = current()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from cuda.core.utils import StridedMemoryView
 
-from gpuaio._dlpack import parse_dlpack
-from gpuaio._errors import InvalidArgumentError
+from gpuaio._core.dlpack import parse_dlpack
+from gpuaio._core.errors import InvalidArgumentError
 from tests.test_dlpack import HandMadeProducer, capsule_name_is
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import gpuaio
+from gpuaio._api.device import device_of
 from tests.conftest import add_one_kernel, latch
 
 pytestmark = pytest.mark.anyio
@@ -148,7 +149,7 @@ async def test_bad_allocations(dev: gpuaio.Device) -> None:
 async def test_wrong_device(dev: gpuaio.Device) -> None:
     if dev._runtime.backend.device_count() < 2:
         pytest.skip("needs two devices")
-    other = dev._runtime.device(1)
+    other = device_of(dev._runtime, 1)
     s = dev.stream()
     with pytest.raises(gpuaio.InvalidArgumentError, match="device 1"):
         s.copy(other.empty(8), np.zeros(8, np.uint8))

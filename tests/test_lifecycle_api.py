@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import gpuaio
+from gpuaio._api.device import device_of
 from gpuaio._core import loopport as _loopport
 from tests.conftest import latch
 from tests.test_copy import pattern
@@ -197,7 +198,7 @@ def test_closed_event_loops_are_collected(gpuaio_runtime: Any, kind: str) -> Non
         new_loop: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     else:
         new_loop = asyncio.new_event_loop
-    op = _slow_copy(gpuaio_runtime.device(0))
+    op = _slow_copy(device_of(gpuaio_runtime, 0))
     refs: list[weakref.ref[Any]] = []
     slept = 0
 
@@ -219,7 +220,7 @@ def test_closed_event_loops_are_collected(gpuaio_runtime: Any, kind: str) -> Non
 
 def test_finished_trio_runs_are_collected(gpuaio_runtime: Any) -> None:
     trio = pytest.importorskip("trio")
-    op = _slow_copy(gpuaio_runtime.device(0))
+    op = _slow_copy(device_of(gpuaio_runtime, 0))
     refs: list[weakref.ref[Any]] = []
 
     slept = 0
@@ -243,7 +244,7 @@ def test_finished_trio_runs_are_collected(gpuaio_runtime: Any) -> None:
 def _two_devices(rt: Any) -> tuple[gpuaio.Device, gpuaio.Device]:
     if rt.backend.device_count() < 2:
         pytest.skip("needs 2 devices")
-    return rt.device(0), rt.device(1)
+    return device_of(rt, 0), device_of(rt, 1)
 
 
 def _sim_used(rt: Any, ordinal: int) -> int:

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 import gpuaio
+from gpuaio._api.device import device_of
+from gpuaio._engine.reaper import Reaper
 from tests.conftest import latch
 from tests.test_copy import pattern
 
@@ -101,7 +103,7 @@ async def test_registration_outlives_inflight_ops(
 
 def test_loop_closes_with_ops_in_flight(gpuaio_runtime: Any) -> None:
     """No callback on a closed loop, no exception in a foreign thread."""
-    dev = gpuaio_runtime.device(0)
+    dev = device_of(gpuaio_runtime, 0)
     stream = dev.stream()
     errors: list[Any] = []
     old_hook = threading.excepthook
@@ -135,7 +137,7 @@ def test_loop_closes_with_ops_in_flight(gpuaio_runtime: Any) -> None:
 def test_trio_run_ends_with_op_in_flight(gpuaio_runtime: Any) -> None:
     import trio
 
-    dev = gpuaio_runtime.device(0)
+    dev = device_of(gpuaio_runtime, 0)
     stream = dev.stream()
     d = dev.empty(1 << 16)
     box: list[Any] = []
@@ -163,7 +165,7 @@ def test_reaper_submit_nested_in_its_own_start(monkeypatch: pytest.MonkeyPatch) 
     deadlock on the reaper's lock (it hung the suite once), and both frees run."""
     from gpuaio._api import runtime as _runtime
 
-    reaper = _runtime._Reaper()
+    reaper = Reaper()
     ran: list[str] = []
     both = threading.Event()
 
@@ -195,7 +197,7 @@ def test_numpy_refuses_a_device_array(gpuaio_runtime: Any) -> None:
     build an object array of 0-d device arrays)."""
     import numpy as np
 
-    d = gpuaio_runtime.device(0).empty(16)
+    d = device_of(gpuaio_runtime, 0).empty(16)
     with pytest.raises(TypeError, match="device memory"):
         np.asarray(d)
     with pytest.raises(TypeError, match="device memory"):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import gpuaio
+from gpuaio._api.device import device_of
 from tests.conftest import latch
 from tests.test_copy import pattern
 
@@ -22,7 +23,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.gpuaio_sim_config(devices=3)]
 def devices(rt: Any, n: int) -> list[gpuaio.Device]:
     if rt.backend.device_count() < n:
         pytest.skip(f"needs {n} devices")
-    return [rt.device(i) for i in range(n)]
+    return [device_of(rt, i) for i in range(n)]
 
 
 @pytest.mark.parametrize("n", [1, 4095, 8 << 20], ids=lambda n: f"{n}B")

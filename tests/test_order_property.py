@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gpuaio
+from gpuaio._api.device import device_of
 from gpuaio._engine.staging import Stager, StagingConfig
 from tests.conftest import add_one_kernel
 
@@ -320,7 +321,7 @@ def test_random_programs_match_the_reference(
     rt = small_staging
     if rt.strategy != strategy:
         rt.set_completion(strategy)
-    dev = rt.device(0)
+    dev = device_of(rt, 0)
     kernel = add_one_kernel(dev)
     backend, options = LOOPS[loop]
     anyio.run(run, program, dev, kernel, backend=backend, backend_options=options)

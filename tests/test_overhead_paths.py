@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import gpuaio
+from gpuaio._api.device import device_of
 from gpuaio._engine import completion as _completion
 from tests.conftest import latch
 
@@ -28,7 +29,7 @@ def test_polls_sweep_the_other_streams(
     # the op first (seen on an H200, where synchronizing took that long).
     monkeypatch.setattr(_completion, "STAND_DOWN_S", 60.0)
     rt = gpuaio_runtime
-    dev = rt.device(0)
+    dev = device_of(rt, 0)
     busy, slow = dev.stream(), dev.stream()
     d = dev.empty(8)
     # slow's work is enqueued before busy's. CUDA maps streams onto a few
@@ -179,7 +180,7 @@ async def test_op_watched_after_its_await_slept_is_not_left_to_a_standing_down_w
     it up at once, not leave it to sweeps that stop when those loops stop polling
     (awaits of host-step ops took 13-19 ms on an H200)."""
     rt = gpuaio_runtime
-    dev = rt.device(0)
+    dev = device_of(rt, 0)
     s = dev.stream()
     release = latch(dev, s)
     s.memset(np.empty(16, np.uint8), 0)  # a host step: waits for the latch

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import gpuaio
+from gpuaio._api.device import device_of
 from gpuaio.pytest_plugin import (
     LoopWatchdog,
     PinnedAccounting,
@@ -560,7 +561,7 @@ def test_leak_problems_and_accounting(gpuaio_runtime: Any) -> None:
     assert f"{3 << 16} bytes of pinned memory" in problems[0]
     del kept
     assert leak_problems(rt, base, grace_s=0) == []
-    dev = rt.device(0)
+    dev = device_of(rt, 0)
     s = dev.stream()
     release = latch(dev, s)  # the sim's hold, or a spinning kernel on a GPU
     s.memset(dev.empty(64), 1)

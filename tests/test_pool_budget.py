@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import gpuaio
+from gpuaio._api.device import device_of
 from gpuaio._core.errors import InvalidArgumentError
 from gpuaio._engine.staging import Stager, StagingConfig
 from tests.test_copy import pattern
@@ -190,7 +191,7 @@ def test_hostfunc_completion_and_an_eviction_do_not_deadlock(
     outcome: list[object] = []
 
     async def scenario() -> None:
-        dev = rt.device(0)
+        dev = device_of(rt, 0)
         sy, sz = dev.stream(), dev.stream()
         await anyio.to_thread.run_sync(budget_1m.pool.reserve, 64 << 10, 2)
         small = pattern(64 << 10, 8)

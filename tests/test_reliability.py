@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import gpuaio
+from gpuaio._api.device import device_of
 from gpuaio._engine.pool import PinnedPool
 from gpuaio.pytest_plugin import LoopWatchdog
 from tests.conftest import latch
@@ -180,7 +181,7 @@ async def test_sticky_fault_is_logged_once(
     rt = gpuaio_runtime
     rt.set_completion(completion)
     caplog.set_level(logging.DEBUG, logger="gpuaio")
-    dev = rt.device(0)
+    dev = device_of(rt, 0)
     streams = [dev.stream() for _ in range(4)]
     bufs = [dev.empty(4096) for _ in range(50)]
     events = []
@@ -331,7 +332,7 @@ async def test_runtime_closed_with_ops_in_flight(gpuaio_runtime: Any) -> None:
 
     from tests.conftest import latch
 
-    dev = gpuaio_runtime.device(0)
+    dev = device_of(gpuaio_runtime, 0)
     s = dev.stream()
     # The work must still be in flight when close() starts: on the sim a slow
     # copy keeps it so; a GPU copies 64 MiB in microseconds, so a latch holds
@@ -383,7 +384,7 @@ import numpy as np
 import gpuaio
 from gpuaio.backends.sim import SimBackend, SimConfig
 rt = gpuaio.use_backend(SimBackend(SimConfig()))
-dev = rt.device(0)
+dev = device_of(rt, 0)
 s = dev.stream()
 rt.backend.hold(s._native)  # GPU work that never ends (a hung kernel)
 op = s.copy(dev.empty(2 << 20), np.ones(2 << 20, np.uint8))  # staged: pinned blocks in flight
@@ -440,7 +441,7 @@ import os, sys, time
 import gpuaio
 from gpuaio.backends.sim import SimBackend, SimConfig
 rt = gpuaio.use_backend(SimBackend(SimConfig()), completion="hostfunc")
-dev = rt.device(0)
+dev = device_of(rt, 0)
 s = dev.stream()
 d = dev.empty(64)
 s.record()            # dropped at once: the host function's closure holds the last reference
@@ -473,7 +474,7 @@ async def test_failed_d2h_chunk_keeps_its_block_guarded(gpuaio_runtime: Any) -> 
     after a chunk's DMA was enqueued, _staging._d2h handed the pinned block back
     unguarded; the late DMA then overwrote it under another, successful transfer."""
     rt = gpuaio_runtime
-    dev = rt.device(0)
+    dev = device_of(rt, 0)
     n = 1 << 20  # > inline_max: the chunked D2H path, one 1 MiB chunk
     s1, s2 = dev.stream(), dev.stream()
     src = dev.empty(n)
@@ -507,7 +508,7 @@ async def test_failed_marker_keeps_small_d2h_block_guarded(gpuaio_runtime: Any) 
     watch() failed after the DMA was enqueued."""
     rt = gpuaio_runtime
     assert rt.strategy == "events"
-    dev = rt.device(0)
+    dev = device_of(rt, 0)
     n = 4096  # <= inline_max: the small D2H path, block released by a done callback
     s1, s2 = dev.stream(), dev.stream()
     src = dev.empty(n)
@@ -547,7 +548,7 @@ async def test_pool_survives_a_fault_on_another_device(
     budget was spent."""
     monkeypatch.setenv("GPUAIO_PINNED_BUDGET", "2M")  # read when the stager is made
     rt = gpuaio_runtime
-    d0, d1 = rt.device(0), rt.device(1)
+    d0, d1 = device_of(rt, 0), device_of(rt, 1)
     s0, s1 = d0.stream(), d1.stream()
     release = latch(d0, s0)
     n = 1 << 20

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import gpuaio
+from gpuaio._api.device import device_of
 from gpuaio._engine.staging import Stager, StagingConfig
 from tests.conftest import latch
 from tests.test_copy import pattern
@@ -230,7 +231,7 @@ def test_a_block_waited_on_keeps_its_events_until_the_wait_ends(gpuaio_runtime: 
 
     rt = gpuaio_runtime
     be = rt.backend
-    dev = rt.device(0)
+    dev = device_of(rt, 0)
     pool = PinnedPool(be, budget=MIN_CLASS)  # room for one block
     s = dev.stream()
     release = latch(dev, s)

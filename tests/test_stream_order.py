@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import gpuaio
+from gpuaio._api.device import device_of
 from gpuaio._core.errors import DeviceFatalError
 from tests.conftest import add_one_kernel, latch
 from tests.test_copy import pattern
@@ -330,7 +331,7 @@ def test_no_waiter_is_lost_when_a_sticky_error_follows_a_completion(
     whose fault probe runs in the same pass as the drains)."""
     rt = gpuaio_runtime
     rt.set_completion("flags")
-    dev = rt.device(0)
+    dev = device_of(rt, 0)
     engine: Any = rt.engine(0)
     s, other = dev.stream(), dev.stream()
     d = dev.empty(64)

@@ -60,6 +60,8 @@ sys.path.insert(0, str(ROOT))
 import anyio  # noqa: E402
 import anyio.to_thread  # noqa: E402
 
+from gpuaio._api.device import device_of
+
 LOOPS = {
     "asyncio": ("asyncio", {}),
     "uvloop": ("asyncio", {"use_uvloop": True}),
@@ -254,7 +256,7 @@ def bad_input(report: Report, examples: int) -> None:
     from tests import test_bad_input as props
 
     rt = _runtime("sim", devices=2)
-    stream = rt.device(0).stream()
+    stream = device_of(rt, 0).stream()
     maker = props.Maker(rt, stream)
     results: dict[str, Any] = {}
     failures: list[str] = []

@@ -1,25 +1,58 @@
-"""Devices: the entry point to streams, allocations and kernels."""
+"""Devices and their streams: the objects every copy, memset and launch goes through.
+
+A :class:`Device` is the entry point to streams, allocations and kernels. A
+:class:`Stream` is an ordered queue of awaitable copies, memsets, launches
+and events on one device (its copies and memsets are in
+``gpuaio._api.transfers``). They live together because each makes or names
+the other.
+
+Every stream method validates its arguments, then enqueues at once and
+returns an :class:`~gpuaio.Operation`; ``await`` it when the result is needed.
+
+Order is kept by the stream's ``Sequencer`` (``gpuaio._engine.sequencer``),
+never by the thread that happens to run a step, and the event loop never
+blocks:
+
+* Work the driver runs asynchronously (device memsets, launches, copies
+  between device memory and pinned memory, device-to-device copies) is
+  enqueued directly by the calling thread: a few microseconds.
+* Work the driver would run synchronously (anything touching pageable
+  memory, host-to-host copies, memsets of host memory) becomes a *host step*
+  on the stream's host thread. It first settles on the host actions before
+  it (and on the GPU work before it where the GPU may touch its memory).
+* While a host step is queued or running, later device work on that stream
+  is handed to the same thread, so it is enqueued in submission order.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import threading
+import time
+import warnings
+import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, SupportsIndex
+from typing import Any, SupportsIndex
 
+import anyio
 import anyio.to_thread
 import numpy as np
 import numpy.typing as npt
 
-from .._core.errors import InvalidArgumentError
-from .._core.kernel import Kernel
+from .._core.errors import InvalidArgumentError, NoDeviceError, StreamClosedError
+from .._core.kernel import Kernel, normalize_dim3
+from .._core.operation import Operation
+from .._engine.sequencer import Frontier, Sequencer
 from ..backends import DeviceProperties, MemoryKind
 from .memory import Allocation, DeviceArray, _alloc_size, _normalize_shape
-from .stream import Stream
+from .runtime import Runtime, current_runtime
+from .transfers import Transfers
 
-if TYPE_CHECKING:
-    from .runtime import Runtime
+__all__ = ["Device", "Event", "Stream", "device_of"]
 
-__all__ = ["Device"]
+log = logging.getLogger("gpuaio")
 
 CU_STREAM_LEGACY = 0x1
 """The legacy default stream: one stream per context, whichever thread enqueues."""
@@ -36,6 +69,33 @@ def _per_thread_default() -> bool:
     return os.environ.get("CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM", "0") not in ("", "0")
 
 
+def device_of(rt: Runtime, ordinal: int) -> Device:
+    """The :class:`Device` object for ``ordinal`` of runtime ``rt`` (one per runtime)."""
+    devices = _devices.get(rt)
+    dev = devices.get(ordinal) if devices is not None else None
+    if dev is not None:
+        return dev
+    if rt.forked is not None:
+        raise rt.forked_error("Device")
+    count = rt.backend.device_count()
+    if not 0 <= ordinal < count:
+        raise NoDeviceError(
+            f"no device {ordinal}: the {rt.backend.name} backend has {count} device(s)"
+        )
+    with _devices_lock:
+        devices = _devices.setdefault(rt, {})
+        dev = devices.get(ordinal)
+        if dev is None:
+            dev = devices[ordinal] = Device._create(rt, ordinal)
+    return dev
+
+
+# Each runtime's devices, kept here rather than by the runtime, which sits
+# below devices and streams and does not know them.
+_devices: weakref.WeakKeyDictionary[Runtime, dict[int, Device]] = weakref.WeakKeyDictionary()
+_devices_lock = threading.Lock()
+
+
 class Device:
     """One GPU (or simulated GPU) of the current backend.
 
@@ -48,11 +108,9 @@ class Device:
     _default: Stream | None
 
     def __new__(cls, ordinal: int = 0) -> Device:
-        from .runtime import current_runtime
-
         if not isinstance(ordinal, int) or isinstance(ordinal, bool):
             raise InvalidArgumentError(f"device ordinal must be an int, not {ordinal!r}")
-        return current_runtime().device(ordinal)
+        return device_of(current_runtime(), ordinal)
 
     @classmethod
     async def open(cls, ordinal: int = 0) -> Device:
@@ -196,3 +254,272 @@ class Device:
         """
         native = self._runtime.backend.compile(self.ordinal, source, name, tuple(options), sim)
         return Kernel(native, self.ordinal, name)
+
+
+class Event(Operation):
+    """A point in a stream's order: awaitable, and usable in :meth:`Stream.wait`."""
+
+    __slots__ = ("_frontier", "_native", "_recorded", "_rt")
+
+    def __init__(self, stream: Stream) -> None:
+        super().__init__("event", stream)
+        self._rt: Runtime = stream._rt
+        self._native: Any = None
+        self._recorded = False
+        # The host actions submitted before the event (see Stream.wait).
+        self._frontier: tuple[Frontier, ...] = ()
+
+    def __del__(self) -> None:
+        native, self._native = self._native, None
+        if native is not None:
+            # Not here: the last reference may drop on any thread, even one
+            # inside a backend call; the reaper thread destroys it.
+            backend = self._rt.backend
+            with contextlib.suppress(Exception):
+                self._rt.reaper.submit(lambda: backend.event_destroy(native))
+
+
+class Stream(Transfers):
+    """An ordered queue of GPU and host work on one device.
+
+    Created by :meth:`gpuaio.Device.stream` or wrapped around a foreign
+    stream with :meth:`gpuaio.Device.wrap_stream`. Use ``async with`` (or
+    :meth:`aclose`) to wait for its work and release it.
+    """
+
+    def __init__(
+        self,
+        device: Device,
+        native: Any,
+        *,
+        owned: bool,
+        priority: int = 0,
+    ) -> None:
+        self.device = device
+        self.priority = priority
+        self._rt: Runtime = device._runtime
+        self._ordinal = device.ordinal
+        self._native = native
+        self._owned = owned
+        self._seq: Sequencer = self._rt.sequencer(device.ordinal, native)
+        self._key = self._seq.key
+        self._closed = False  # last: __del__ of a half-made stream has nothing to release
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        return f"<gpuaio.Stream device={self._ordinal} handle={self.handle:#x}{state}>"
+
+    @property
+    def handle(self) -> int:
+        """The ``CUstream`` address."""
+        return self._rt.backend.stream_handle(self._native)
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        """cuda.core's stream protocol: ``(version, CUstream address)``."""
+        return (0, self.handle)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- lifecycle -----------------------------------------------------
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Wait for the work submitted so far, then close the stream.
+
+        The stream is closed however this returns: also when the caller is
+        cancelled (``async with dev.stream()`` left by a timeout) and when
+        the work failed. The wait is shielded from cancellation, so the
+        stream is handed back idle; its error, if any, is raised.
+        """
+        if self._closed:
+            return
+        try:
+            # Shielded: under a cancelled scope an unshielded await raises at
+            # once (anyio and trio cancel level-triggered), which leaked the
+            # stream and its threads on every timed-out request.
+            with anyio.CancelScope(shield=True):
+                await self.synchronize()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Refuse new work; release the stream once submitted work is enqueued.
+
+        Work already submitted still runs and its operations still complete.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._rt.forked is not None:
+            return  # in a forked child: the parent's stream is left alone (leaked)
+        if self._owned:
+            self._rt.forget_sequencer(self._seq)
+        self._seq.release(destroy_stream=self._owned)
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        # An owned stream dropped unclosed would keep its CUstream (and, on
+        # the sim, a worker thread) for good. Nothing of it can be pending:
+        # an operation keeps its stream alive until it completes.
+        if getattr(self, "_closed", True) or not self._owned:
+            return
+        self._closed = True
+        rt = self._rt
+        if rt.closed or rt.forked is not None:
+            return  # released with the backend, or the parent's (a forked child leaks it)
+        # Not here: this may run on any thread, even one holding a lock that
+        # forget_sequencer or the release take; the reaper thread does it
+        # (and the stream's host thread destroys it, off the loop).
+        seq = self._seq
+
+        def release() -> None:
+            rt.forget_sequencer(seq)
+            seq.release(destroy_stream=True)
+
+        with contextlib.suppress(Exception):
+            rt.reaper.submit(release)
+        # Last: under ``-W error`` this raises (reported as unraisable).
+        _warn(
+            f"unclosed {self!r}: use `async with dev.stream()` or aclose()",
+            ResourceWarning,
+            source=self,
+        )
+
+    def _check(self) -> None:
+        if self._closed:
+            raise StreamClosedError("this stream is closed")
+        self._rt.check_device(self._ordinal)
+
+    # -- kernels -------------------------------------------------------
+    def launch(
+        self,
+        kernel: Kernel | Any,
+        grid: int | Sequence[int],
+        block: int | Sequence[int],
+        *args: Any,
+        shared_mem: int = 0,
+    ) -> Operation:
+        """Launch ``kernel`` with ``args``; the op completes when the kernel has run.
+
+        ``kernel`` is a :class:`Kernel` (or a backend-native kernel, e.g. a
+        cuda.core ``Kernel``). gpuaio arrays and objects with
+        ``__cuda_array_interface__`` are passed as pointers and kept alive
+        until the kernel has finished; use numpy scalars (``np.int32``,
+        ``np.float32``) for scalar parameters of a fixed width.
+        """
+        self._check()
+        grid3 = normalize_dim3(grid, "grid")
+        block3 = normalize_dim3(block, "block")
+        threads = block3[0] * block3[1] * block3[2]
+        if threads > 1024:
+            raise InvalidArgumentError(f"a block has at most 1024 threads, not {threads}")
+        if isinstance(shared_mem, bool) or not isinstance(shared_mem, (int, np.integer)):
+            raise InvalidArgumentError(f"shared_mem must be a non-negative int, not {shared_mem!r}")
+        shared_mem = int(shared_mem)
+        if shared_mem < 0:
+            raise InvalidArgumentError(f"shared_mem must be a non-negative int, not {shared_mem!r}")
+        if shared_mem > _MAX_SHARED:
+            raise InvalidArgumentError(
+                f"shared_mem of {shared_mem} bytes exceeds the most any CUDA GPU allows a block "
+                f"({_MAX_SHARED} bytes)"
+            )
+        if isinstance(kernel, Kernel):
+            if kernel.device != self._ordinal:
+                raise InvalidArgumentError(
+                    f"kernel {kernel.name} was compiled for device {kernel.device}, "
+                    f"this stream is on device {self._ordinal}"
+                )
+            native = kernel.native
+            name = kernel.name
+        else:
+            native = kernel
+            name = str(getattr(kernel, "name", None) or getattr(kernel, "__name__", "kernel"))
+        infos = self._array_args(args)
+        op = Operation(name, self, keep=(native, args))
+        self._track(op, infos)
+        backend = self._rt.backend
+        return self._seq.gpu(op, backend.launch, native, grid3, block3, args, shared_mem)
+
+    # -- ordering ------------------------------------------------------
+    def record(self) -> Event:
+        """Mark the current end of this stream; await the event, or pass it to :meth:`wait`.
+
+        The event stands for everything submitted so far, host-side effects
+        included: awaiting it, or waiting for it on another stream, orders
+        after those too.
+        """
+        self._check()
+        ev = Event(self)
+        backend = self._rt.backend
+        ev._native = backend.event_create(self._ordinal)
+        ev._frontier = self._seq.frontier()
+
+        def enqueue(h: Any) -> None:
+            backend.event_record(ev._native, h)
+            ev._recorded = True
+
+        self._seq.marker(ev, enqueue)
+        return ev
+
+    def wait(self, other: Event | Stream) -> None:
+        """Make later work on this stream wait for ``other``.
+
+        ``other`` is an :class:`Event` or a stream (meaning: its work so far).
+        Later GPU work waits on the GPU; later host steps (staging copies,
+        copy-outs, host memsets, host-to-host copies) also come after the
+        host-side effects of everything ``other`` stands for. The calling
+        thread does not wait.
+        """
+        self._check()
+        if isinstance(other, Stream):
+            other = other.record()
+        if not isinstance(other, Event):
+            raise InvalidArgumentError(
+                f"wait() takes an Event or a Stream, not {type(other).__name__}"
+            )
+        backend = self._rt.backend
+        ev = other
+        seq = self._seq
+        seq.add_deps(ev._frontier)
+        marker = Operation("wait", self, keep=(ev,))
+        if ev._recorded:
+            seq.gpu(marker, _wait_event, backend, ev._native)
+            return
+
+        def wait_recorded() -> bool:
+            # The other stream's host thread records the event later; its own
+            # completion implies it was recorded (or failed to be).
+            while not ev._recorded and not ev.done():
+                time.sleep(50e-6)
+            if ev._recorded:
+                backend.stream_wait_event(self._native, ev._native)
+                return True
+            return False
+
+        seq.host(marker, wait_recorded, after_gpu=False)
+
+    def synchronize(self) -> Operation:
+        """An operation that completes when all work submitted so far is done.
+
+        That includes host-side effects: copy-outs into pageable memory, and
+        those of the streams this one waits for.
+        """
+        self._check()
+        return self._seq.marker(Operation("synchronize", self), _nothing)
+
+
+def _wait_event(backend: Any, event: Any, native: Any) -> None:
+    backend.stream_wait_event(native, event)
+
+
+def _nothing(native: Any) -> None:
+    """Enqueue nothing: the marker placed behind it stands for the stream's work so far."""
+
+
+# Dynamic shared memory per block, the largest opt-in maximum of any GPU (Hopper).
+_MAX_SHARED = 228 << 10

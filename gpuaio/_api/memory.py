@@ -15,12 +15,13 @@ import operator
 import threading
 import weakref
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple, SupportsIndex
+from typing import TYPE_CHECKING, Any, SupportsIndex
 
 import numpy as np
 import numpy.typing as npt
 
 from .._core.errors import BufferFreedError, GpuaioError, InvalidArgumentError
+from .._engine.buffers import BufferInfo
 from ..backends import MemoryKind
 
 if TYPE_CHECKING:
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Allocation",
-    "BufferInfo",
     "BufferTypeError",
     "DeviceArray",
     "MemoryKind",
@@ -631,29 +631,6 @@ async def register_host_async(array: Any) -> HostRegistration:
 
 
 # -- classification -------------------------------------------------------
-
-
-class BufferInfo(NamedTuple):
-    """A buffer's address, layout and kind, as gpuaio sees it (cheap to build)."""
-
-    ptr: int
-    nbytes: int
-    shape: tuple[int, ...]
-    dtype: np.dtype[Any]
-    kind: MemoryKind
-    device: int | None
-    readonly: bool
-    contiguous: bool
-    owner: Any
-    """The object to keep alive while an operation uses the memory."""
-    alloc: Allocation | None
-    """gpuaio's allocation behind the buffer, if any."""
-
-    def host_array(self) -> np.ndarray[Any, np.dtype[np.uint8]]:
-        """Flat uint8 view of host memory (only for host kinds)."""
-        from .._engine.hostwork import byte_view
-
-        return byte_view(self.ptr, self.nbytes)
 
 
 _kind_cache: weakref.WeakKeyDictionary[Any, tuple[MemoryKind, int | None]] = (

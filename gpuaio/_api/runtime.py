@@ -14,104 +14,26 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import queue
-import sys
 import threading
 import weakref
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from typing import Any, NoReturn, cast
+
+import anyio.to_thread
 
 from .._core import operation as _operation
-from .._core.errors import DeviceFatalError, ForkedProcessError, InvalidArgumentError, NoDeviceError
+from .._core.errors import DeviceFatalError, ForkedProcessError, InvalidArgumentError
 from .._engine.completion import STRATEGIES, CompletionEngine, FaultLog, Strategy, make_engine
 from .._engine.hostwork import HostPool
-from .._engine.pool import MIN_CLASS, parse_size
+from .._engine.pool import MIN_CLASS, PoolStats, parse_size
+from .._engine.reaper import LeakingReaper, Reaper
 from .._engine.sequencer import Sequencer
+from .._engine.staging import Stager, StagingConfig
 from ..backends import Backend, create_backend
 from .fork import disable_backend, forked_message
 
-if TYPE_CHECKING:
-    from .._engine.staging import Stager, StagingConfig
-    from .device import Device
-
-__all__ = ["Runtime", "configure", "current_runtime", "use_backend"]
+__all__ = ["Runtime", "configure", "current_runtime", "reserve_pinned", "use_backend"]
 
 log = logging.getLogger("gpuaio")
-
-
-class _Reaper:
-    """Frees memory on a background thread.
-
-    ``cuMemFree``/``cuMemFreeHost`` may synchronize the whole device, so a
-    buffer dropped on the event-loop thread is freed here instead.
-
-    :meth:`submit` is called from ``__del__`` methods, which the garbage
-    collector may run on any thread at any allocation, even inside
-    :meth:`submit` itself: it queues first (``SimpleQueue.put`` is
-    reentrant) and starts the thread under a reentrant lock.
-    """
-
-    def __init__(self, report: Callable[[str, BaseException], None] | None = None) -> None:
-        self._report = report
-        self._q: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._starting = False
-        self._lock = threading.RLock()
-
-    def submit(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` (a driver free) on the reaper thread, off the loop."""
-        self._q.put(fn)
-        if self._thread is None:
-            self._start()
-
-    def _start(self) -> None:
-        if sys.is_finalizing():
-            # Objects collected while the interpreter shuts down: a thread
-            # started now never runs and Thread.start() waits for it forever
-            # (3.11), or raises (3.12+). The process's memory goes with it.
-            return
-        with self._lock:
-            if self._thread is not None or self._starting:
-                return  # a submit nested in the start below: its fn is queued
-            self._starting = True
-            try:
-                t = threading.Thread(target=self._run, name="gpuaio-reaper", daemon=True)
-                t.start()
-                self._thread = t
-            finally:
-                self._starting = False
-
-    def _run(self) -> None:
-        while True:
-            fn = self._q.get()
-            if fn is None:
-                return
-            try:
-                fn()
-            except Exception as exc:
-                what = "gpuaio failed to free memory or destroy an event"
-                if self._report is not None:
-                    self._report(what, exc)
-                else:
-                    log.exception(what)
-
-    def close(self) -> None:
-        """Run the frees already submitted, then stop the thread (waits up to 10 s)."""
-        with self._lock:
-            t, self._thread = self._thread, None
-        if t is not None:
-            self._q.put(None)
-            t.join(timeout=10)
-
-
-class _LeakingReaper(_Reaper):
-    """A forked child's reaper: frees nothing (the memory belongs to the parent's driver state)."""
-
-    def submit(self, fn: Callable[[], None]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class Runtime:
@@ -127,9 +49,8 @@ class Runtime:
         self.host: HostPool = HostPool()
         self.faults: FaultLog = FaultLog()
         """Logs each device's sticky error once (engines and release paths share it)."""
-        self.reaper: _Reaper = _Reaper(self.log_failure)
+        self.reaper: Reaper = Reaper(self.log_failure)
         self._engines: dict[int, CompletionEngine] = {}
-        self._devices: dict[int, Device] = {}
         self._peers: set[tuple[int, int]] = set()
         self._sequencers: weakref.WeakValueDictionary[tuple[int, int], Sequencer] = (
             weakref.WeakValueDictionary()
@@ -142,8 +63,12 @@ class Runtime:
         self.forked: str | None = None
         """In a child forked after this runtime was created: why it cannot be used."""
 
+    def forked_error(self, call: str) -> ForkedProcessError:
+        """The error for ``call`` in a child forked after this runtime was made."""
+        return ForkedProcessError(call, detail=self.forked or "")
+
     def _raise_forked(self, call: str) -> NoReturn:
-        raise ForkedProcessError(call, detail=self.forked or "")
+        raise self.forked_error(call)
 
     def engine(self, device: int) -> CompletionEngine:
         """The completion engine of ``device``, started on first use."""
@@ -188,8 +113,6 @@ class Runtime:
             pass
         with self._lock:
             if "stager" not in self.extras:
-                from .._engine.staging import Stager
-
                 off = os.environ.get("GPUAIO_STAGING", "1") == "0"
                 self.extras["stager"] = None if off else Stager(self)
         return self.extras["stager"]  # type: ignore[no-any-return]
@@ -204,8 +127,6 @@ class Runtime:
         inline_max: int | str | None = None,
     ) -> None:
         """Replace the stager with one of these settings (see :func:`configure`)."""
-        from .._engine.staging import Stager, StagingConfig
-
         if self.forked is not None:
             self._raise_forked("configure")
         if staging is not None and not isinstance(staging, bool):
@@ -264,25 +185,6 @@ class Runtime:
             self.strategy = strategy
         for eng in old:
             eng.close()
-
-    def device(self, ordinal: int) -> Device:
-        """The :class:`Device` object for ``ordinal`` (one per runtime)."""
-        if self.forked is not None:
-            self._raise_forked("Device")
-        dev = self._devices.get(ordinal)
-        if dev is None:
-            from .device import Device
-
-            count = self.backend.device_count()
-            if not 0 <= ordinal < count:
-                raise NoDeviceError(
-                    f"no device {ordinal}: the {self.backend.name} backend has {count} device(s)"
-                )
-            with self._lock:
-                dev = self._devices.get(ordinal)
-                if dev is None:
-                    dev = self._devices[ordinal] = Device._create(self, ordinal)
-        return dev
 
     def ensure_peer_access(self, a: int, b: int) -> None:
         """Enable direct access between devices ``a`` and ``b`` where the hardware allows.
@@ -355,7 +257,7 @@ class Runtime:
         self.forked = detail
         self.closed = True  # close() and the frees of collected arrays do nothing now
         self._lock = threading.Lock()
-        self.reaper = _LeakingReaper()
+        self.reaper = LeakingReaper()
         disable_backend(self.backend, detail)
 
 
@@ -486,6 +388,41 @@ def _size_arg(name: str, value: int | str | None, *, minimum: int) -> int | None
     if n < minimum:
         raise InvalidArgumentError(f"{name} must be at least {minimum} bytes, not {n}")
     return n
+
+
+async def reserve_pinned(transfer_bytes: int, *, concurrent: int = 1) -> PoolStats:
+    """Pin, ahead of time, the staging blocks that pageable transfers of this size use.
+
+    Allocating pinned memory is slow (the driver locks every page) and, while
+    it runs, holds the process's memory-map lock, so any thread that faults a
+    page waits too, the event loop's included: the first large pageable
+    transfers of a process pay for it. A service calls this once at start-up
+    with its typical transfer size and concurrency; later transfers of up to
+    that size find their blocks cached.
+
+    The allocation runs on a worker thread; the loop is never blocked. It
+    stops at the pinned budget (``GPUAIO_PINNED_BUDGET``) and never evicts
+    cached blocks. Idempotent: blocks already cached count. Returns the
+    pool's counters afterwards. Does nothing when staging is off
+    (``GPUAIO_STAGING=0``).
+    """
+    if isinstance(transfer_bytes, bool) or not isinstance(transfer_bytes, int):
+        raise InvalidArgumentError(f"transfer_bytes must be an int, not {transfer_bytes!r}")
+    if isinstance(concurrent, bool) or not isinstance(concurrent, int) or concurrent < 1:
+        raise InvalidArgumentError(f"concurrent must be an int >= 1, not {concurrent!r}")
+    if transfer_bytes < 1:
+        raise InvalidArgumentError(f"transfer_bytes must be positive, not {transfer_bytes}")
+    stager = current_runtime().stager
+    if stager is None:
+        return PoolStats(0, 0, 0, 0, 0, 0, 0, 0)
+    size, count = stager.blocks_for(transfer_bytes, concurrent)
+    pool = stager.pool
+
+    def reserve() -> PoolStats:
+        pool.reserve(size, count)
+        return pool.stats()  # off the loop too: the pool's lock may be held by a free
+
+    return await anyio.to_thread.run_sync(reserve)
 
 
 @atexit.register

@@ -27,7 +27,7 @@ from .errors import DeviceFatalError, ForkedProcessError, OperationAbortedError
 from .loopport import THREAD_PORT, Port, current_port
 
 if TYPE_CHECKING:
-    from .._api.stream import Stream
+    from .streamref import StreamRef
 
 __all__ = ["Operation", "resolve_many", "wait_all"]
 
@@ -74,12 +74,13 @@ class Operation:
     def __init__(
         self,
         label: str,
-        stream: Stream | None,
+        stream: StreamRef | None,
         keep: tuple[Any, ...] = (),
         nbytes: int = 0,
     ) -> None:
         self.label: str = label
-        self.stream: Stream | None = stream
+        self.stream: StreamRef | None = stream
+        """The :class:`gpuaio.Stream` it was enqueued on (None for a few host-only ops)."""
         self.nbytes: int = nbytes
         self._keep: tuple[Any, ...] | None = keep
         self._done = False
@@ -296,7 +297,7 @@ class Operation:
         tracer = self._tracer
         if tracer is not None:
             self._tracer = None
-            tracer.op_done(self, self._t0)
+            tracer.op_done(self.label, self.nbytes, self._exc is None, self.stream, self._t0)
         waiters, self._waiters = self._waiters, None
         return waiters or ()
 
@@ -340,7 +341,7 @@ def resolve_many(items: Iterable[tuple[Operation, BaseException | None]]) -> Non
         _post(waiters)
 
 
-def completed(label: str, stream: Stream | None = None) -> Operation:
+def completed(label: str, stream: StreamRef | None = None) -> Operation:
     """An operation that is already done (zero-byte copies and the like)."""
     op = Operation(label, stream)
     op._finish(None)

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .operation import Operation
+    from .streamref import StreamRef
 
 __all__ = [
     "HOST_PID",
@@ -121,19 +121,20 @@ class Tracer:
         with self._lock:
             self._closed = True
 
-    def op_done(self, op: Operation, t_start: float) -> None:
-        """Record ``op`` (enqueued at ``t_start``) as it completes: a ``b``/``e`` pair."""
+    def op_done(
+        self, label: str, nbytes: int, ok: bool, stream: StreamRef | None, t_start: float
+    ) -> None:
+        """Record an operation (enqueued at ``t_start``) as it completes: a ``b``/``e`` pair."""
         end = time.perf_counter()
-        stream = op.stream
         args: dict[str, Any] = {
-            "bytes": op.nbytes,
+            "bytes": nbytes,
             "strategy": stream._rt.strategy if stream is not None else None,
         }
         with self._lock:
             if self._closed:
                 return
             if stream is not None:
-                ordinal = stream.device.ordinal
+                ordinal = stream._ordinal
                 pid = device_pid(ordinal)
                 self._processes.setdefault(pid, f"device {ordinal}")
                 key = (ordinal, stream.handle)
@@ -146,11 +147,9 @@ class Tracer:
                 pid, tid = HOST_PID, _OPS_TID
                 self._threads.setdefault((pid, tid), "operations without a stream")
             op_id = f"{next(self._ids):#x}"
-            common = {"name": op.label, "cat": "gpuaio.op", "id": op_id, "pid": pid, "tid": tid}
+            common = {"name": label, "cat": "gpuaio.op", "id": op_id, "pid": pid, "tid": tid}
             self.events.append({**common, "ph": "b", "ts": _us(t_start), "args": args})
-            self.events.append(
-                {**common, "ph": "e", "ts": _us(end), "args": {"ok": op._exc is None}}
-            )
+            self.events.append({**common, "ph": "e", "ts": _us(end), "args": {"ok": ok}})
 
     def span(self, name: str, t_start: float, **args: Any) -> None:
         """Record host work from ``t_start`` until now on the calling thread's track."""

@@ -46,7 +46,7 @@ from .._core.operation import Operation
 from .hostwork import SerialExecutor
 
 if TYPE_CHECKING:
-    from .._api.runtime import Runtime
+    from .services import Services
 
 __all__ = ["Frontier", "HostWork", "Sequencer"]
 
@@ -82,7 +82,7 @@ class Sequencer:
     """Orders the GPU work and host steps of one ``CUstream`` (see the module docstring).
 
     Streams wrapping the same ``CUstream`` share one sequencer
-    (:meth:`gpuaio._runtime.Runtime.sequencer`).
+    (``Runtime.sequencer`` in ``gpuaio._api.runtime``).
     """
 
     __slots__ = (
@@ -97,7 +97,7 @@ class Sequencer:
         "ordinal",
     )
 
-    def __init__(self, runtime: Runtime, ordinal: int, native: Any) -> None:
+    def __init__(self, runtime: Services, ordinal: int, native: Any) -> None:
         self._rt = runtime
         self.ordinal: int = ordinal
         self.native: Any = native

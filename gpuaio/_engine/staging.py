@@ -29,18 +29,18 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .._api.memory import BufferInfo
 from .._core.errors import InvalidArgumentError, OperationAbortedError
 from .._core.operation import Operation
 from .._core.progress import report_progress
+from .buffers import BufferInfo
 from .hostwork import byte_view
-from .pool import PinnedBlock, PinnedPool, PoolStats, parse_size, size_class
+from .pool import PinnedBlock, PinnedPool, parse_size, size_class
 
 if TYPE_CHECKING:
-    from .._api.runtime import Runtime
-    from .._api.stream import Stream
+    from .sequencer import Sequencer
+    from .services import Services
 
-__all__ = ["Stager", "StagingConfig", "reserve_pinned"]
+__all__ = ["Stager", "StagingConfig"]
 
 
 def _env_size(name: str, default: int) -> int:
@@ -101,7 +101,7 @@ class Stager:
     """Runs pageable transfers of one runtime through its pinned pool."""
 
     def __init__(
-        self, runtime: Runtime, config: StagingConfig | None = None, budget: int | None = None
+        self, runtime: Services, config: StagingConfig | None = None, budget: int | None = None
     ) -> None:
         self.runtime = runtime
         self.config: StagingConfig = config or StagingConfig()
@@ -136,10 +136,9 @@ class Stager:
             )
 
     # -- entry ---------------------------------------------------------
-    def copy(self, stream: Stream, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
+    def copy(self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
         """Schedule ``op`` (a copy with a pageable side) on ``stream``."""
         h2d = s.kind.is_host
-        seq = stream._seq
         try:
             self.check_budget(d.nbytes)
         except BaseException as exc:  # nothing was enqueued
@@ -155,15 +154,15 @@ class Stager:
                 raise
             if block is not None:
                 if h2d:
-                    return self._small_h2d(stream, op, d, s, block)
-                return self._small_d2h(stream, op, d, s, block)
+                    return self._small_h2d(seq, op, d, s, block)
+                return self._small_d2h(seq, op, d, s, block)
         if h2d:
-            return seq.host(op, lambda: self._h2d(stream, op, d, s), after_gpu=False)
-        return seq.host(op, lambda: self._d2h(stream, op, d, s), after_gpu=False)
+            return seq.host(op, lambda: self._h2d(seq, op, d, s), after_gpu=False)
+        return seq.host(op, lambda: self._d2h(seq, op, d, s), after_gpu=False)
 
     # -- small ---------------------------------------------------------
     def _small_h2d(
-        self, stream: Stream, op: Operation, d: BufferInfo, s: BufferInfo, block: PinnedBlock
+        self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo, block: PinnedBlock
     ) -> Operation:
         """The source is read now: no earlier host action of the stream is pending."""
         n = d.nbytes
@@ -175,10 +174,10 @@ class Stager:
             raise
         pool, backend = self.pool, self.runtime.backend
         op._add_done_callback(lambda: pool.release(block))
-        return stream._seq.gpu(op, backend.memcpy_async, d.ptr, block.ptr, n)
+        return seq.gpu(op, backend.memcpy_async, d.ptr, block.ptr, n)
 
     def _small_d2h(
-        self, stream: Stream, op: Operation, d: BufferInfo, s: BufferInfo, block: PinnedBlock
+        self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo, block: PinnedBlock
     ) -> Operation:
         """DMA into a pinned block; the copy-out is the op's completion step."""
         n = d.nbytes
@@ -190,12 +189,12 @@ class Stager:
 
         op._complete = copy_out
         op._add_done_callback(lambda: pool.release(block))
-        stream._seq.gpu(op, backend.memcpy_async, block.ptr, s.ptr, n)
-        stream._seq.note_copy_out(op)
+        seq.gpu(op, backend.memcpy_async, block.ptr, s.ptr, n)
+        seq.note_copy_out(op)
         return op
 
     # -- large ---------------------------------------------------------
-    def _h2d(self, stream: Stream, op: Operation, d: BufferInfo, s: BufferInfo) -> bool:
+    def _h2d(self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo) -> bool:
         """Host job: chunks of ``s`` -> pinned blocks -> DMA into ``d``.
 
         Up to ``LOOKAHEAD`` chunks are being copied by the host threads while
@@ -204,13 +203,13 @@ class Stager:
         DMAs in flight.
         """
         backend, pool, host = self.runtime.backend, self.pool, self.runtime.host
-        native = stream._native
+        native = seq.native
         src = s.host_array()
         n = d.nbytes
         chunk = self.chunk_for(n)
         floor = self.config.min_chunk
         depth = self.config.depth
-        device = stream._ordinal
+        device = seq.ordinal
         # The pool gets guard events of its own, destroyed once they fire.
         ring = [backend.event_create(device, blocking_sync=True) for _ in range(depth)]
         copying: deque[tuple[int, int, PinnedBlock, list[Future[None]]]] = deque()
@@ -260,24 +259,24 @@ class Stager:
             for ev in ring:
                 backend.event_destroy(ev)
         if enqueued < n:
-            stream._seq.wait_prior()
+            seq.wait_prior()
             raise OperationAbortedError(f"{op.label}: aborted after {enqueued} of {n} bytes")
         return True
 
-    def _d2h(self, stream: Stream, op: Operation, d: BufferInfo, s: BufferInfo) -> bool:
+    def _d2h(self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo) -> bool:
         """Host job: DMA chunks of ``s`` into pinned blocks, copy them out into ``d``.
 
         Up to ``depth`` DMAs run ahead while the host threads copy out up to
         ``LOOKAHEAD`` finished chunks.
         """
         backend, pool, host = self.runtime.backend, self.pool, self.runtime.host
-        native = stream._native
+        native = seq.native
         dst = d.host_array()
         n = d.nbytes
         chunk = self.chunk_for(n)
         floor = self.config.min_chunk
         depth = self.config.depth
-        device = stream._ordinal
+        device = seq.ordinal
         inflight: deque[tuple[int, int, PinnedBlock, Any]] = deque()
         copying: deque[tuple[int, int, PinnedBlock, list[Future[None]]]] = deque()
         # Chunk copies are traced on the host threads that run them, into
@@ -390,42 +389,3 @@ def _drop(
         wait(futs)
         pool.release(block)
     copying.clear()
-
-
-async def reserve_pinned(transfer_bytes: int, *, concurrent: int = 1) -> PoolStats:
-    """Pin, ahead of time, the staging blocks that pageable transfers of this size use.
-
-    Allocating pinned memory is slow (the driver locks every page) and, while
-    it runs, holds the process's memory-map lock, so any thread that faults a
-    page waits too, the event loop's included: the first large pageable
-    transfers of a process pay for it. A service calls this once at start-up
-    with its typical transfer size and concurrency; later transfers of up to
-    that size find their blocks cached.
-
-    The allocation runs on a worker thread; the loop is never blocked. It
-    stops at the pinned budget (``GPUAIO_PINNED_BUDGET``) and never evicts
-    cached blocks. Idempotent: blocks already cached count. Returns the
-    pool's counters afterwards. Does nothing when staging is off
-    (``GPUAIO_STAGING=0``).
-    """
-    import anyio.to_thread
-
-    from .._api.runtime import current_runtime
-
-    if isinstance(transfer_bytes, bool) or not isinstance(transfer_bytes, int):
-        raise InvalidArgumentError(f"transfer_bytes must be an int, not {transfer_bytes!r}")
-    if isinstance(concurrent, bool) or not isinstance(concurrent, int) or concurrent < 1:
-        raise InvalidArgumentError(f"concurrent must be an int >= 1, not {concurrent!r}")
-    if transfer_bytes < 1:
-        raise InvalidArgumentError(f"transfer_bytes must be positive, not {transfer_bytes}")
-    stager = current_runtime().stager
-    if stager is None:
-        return PoolStats(0, 0, 0, 0, 0, 0, 0, 0)
-    size, count = stager.blocks_for(transfer_bytes, concurrent)
-    pool = stager.pool
-
-    def reserve() -> PoolStats:
-        pool.reserve(size, count)
-        return pool.stats()  # off the loop too: the pool's lock may be held by a free
-
-    return await anyio.to_thread.run_sync(reserve)

@@ -38,8 +38,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from .._api.device import Stream
 from .._api.memory import DeviceArray
-from .._api.stream import Stream
 from .._core.errors import InvalidArgumentError
 from .._core.kernel import normalize_dim3
 from .._core.operation import Operation

@@ -45,9 +45,8 @@ import anyio.lowlevel
 import anyio.to_thread
 import numpy as np
 
-from .._api.device import Device
+from .._api.device import Device, Stream
 from .._api.memory import DeviceArray, describe
-from .._api.stream import Stream
 from .._core import trace as _trace
 from .._core.errors import InvalidArgumentError
 from .._core.loopport import LoopPort, current_port

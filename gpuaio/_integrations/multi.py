@@ -16,12 +16,13 @@ from typing import Any
 import anyio
 import numpy as np
 
-from .._api.device import Device
-from .._api.memory import BufferInfo, DeviceArray, describe
+from .._api.device import Device, device_of
+from .._api.memory import DeviceArray, describe
 from .._api.runtime import current_runtime
-from .._api.stream import _check_copy
+from .._api.transfers import check_copy
 from .._core.errors import InvalidArgumentError
 from .._core.operation import Operation, wait_all
+from .._engine.buffers import BufferInfo
 
 __all__ = ["gather", "scatter", "split_sizes"]
 
@@ -37,7 +38,7 @@ def split_sizes(n: int, parts: int) -> list[int]:
 def _devices(devices: Sequence[Device | int] | None) -> list[Device]:
     if devices is None:
         rt = current_runtime()
-        return [rt.device(i) for i in range(rt.backend.device_count())]
+        return [device_of(rt, i) for i in range(rt.backend.device_count())]
     out = [d if isinstance(d, Device) else Device(d) for d in devices]
     if not out:
         raise InvalidArgumentError("need at least one device")
@@ -128,7 +129,7 @@ async def gather(parts: Sequence[DeviceArray], out: Any) -> Any:
         _check_part(i, describe(piece, rt, "out"), describe(p, rt, f"parts[{i}]"))
         rt.check_device(p.device)
         plan.append((p, piece))
-    streams = [rt.device(p.device).default_stream for p, _ in plan]
+    streams = [device_of(rt, p.device).default_stream for p, _ in plan]
     ops: list[Operation] = []
     try:
         for s, (p, piece) in zip(streams, plan, strict=True):
@@ -143,7 +144,7 @@ async def gather(parts: Sequence[DeviceArray], out: Any) -> Any:
 def _check_part(i: int, d: BufferInfo, s: BufferInfo) -> None:
     """The checks of :meth:`Stream.copy` for part ``i``, before anything is enqueued."""
     try:
-        _check_copy(d, s)
+        check_copy(d, s)
     except InvalidArgumentError as exc:
         raise InvalidArgumentError(f"parts[{i}]: {exc}") from None
 

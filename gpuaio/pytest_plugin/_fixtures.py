@@ -23,9 +23,8 @@ from ._leakcheck import (
 )
 
 if TYPE_CHECKING:
-    from .._api.device import Device
+    from .._api.device import Device, Stream
     from .._api.runtime import Runtime
-    from .._api.stream import Stream
 
 _session_runtime: Runtime | None = None
 
@@ -87,7 +86,9 @@ def gpuaio_runtime(request: pytest.FixtureRequest, gpuaio_backend_name: str) -> 
 @pytest.fixture
 def gpuaio_device(gpuaio_runtime: Runtime) -> Device:
     """Device 0 of :func:`gpuaio_runtime`."""
-    return gpuaio_runtime.device(0)
+    from .._api.device import device_of
+
+    return device_of(gpuaio_runtime, 0)
 
 
 @pytest.fixture

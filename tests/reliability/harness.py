@@ -42,6 +42,7 @@ import anyio.to_thread
 import numpy as np
 
 import gpuaio
+from gpuaio._api.device import device_of
 from gpuaio._engine.hostwork import byte_view
 from gpuaio.pytest_plugin import (
     PinnedAccounting,
@@ -212,7 +213,7 @@ async def early_reuse_probe(rt: Any) -> list[str]:
     """
     from .. import conftest
 
-    dev: gpuaio.Device = rt.device(0)
+    dev: gpuaio.Device = device_of(rt, 0)
     n = 1 << 20  # one 1 MiB chunk each
     s = dev.stream()
     a, b = pattern(n, 1), pattern(n, 2)
@@ -415,7 +416,7 @@ class _Storm:
         self.rt = rt
         self.cfg = cfg
         self.trouble = trouble
-        self.dev: gpuaio.Device = rt.device(0)
+        self.dev: gpuaio.Device = device_of(rt, 0)
         self.stats = StormStats(backend=rt.backend.name, completion=rt.strategy)
         self.kernel = kernel
         self.streams = [self.dev.stream() for _ in range(cfg.streams)]
@@ -748,7 +749,7 @@ async def _storm(
 
     # Compiling (NVRTC, and on CUDA the first context) blocks for hundreds of
     # ms: off the loop, which the storm's watchdog watches.
-    kernel = await anyio.to_thread.run_sync(add_one_kernel, rt.device(0))
+    kernel = await anyio.to_thread.run_sync(add_one_kernel, device_of(rt, 0))
     with trouble.capture():
         trouble.watch_loop()
         storm = _Storm(rt, cfg, trouble, kernel)
@@ -870,7 +871,7 @@ async def run_soak(
 
     PinnedAccounting.install(rt)
     baseline = ResourceBaseline.take(rt)
-    dev = rt.device(0)
+    dev = device_of(rt, 0)
     kernel = add_one_kernel(dev)
     stats = SoakStats(backend=rt.backend.name, loop=_loop_name(sniffio.current_async_library()))
     trouble = Trouble()
@@ -1135,7 +1136,7 @@ async def run_sticky_fault(
 
     if completion and rt.strategy != completion:
         rt.set_completion(completion)
-    dev: gpuaio.Device = rt.device(0)
+    dev: gpuaio.Device = device_of(rt, 0)
     sim = rt.backend.name == "sim"
     stats = FaultStats(
         backend=rt.backend.name,
@@ -1265,7 +1266,7 @@ def run_loop_shutdown(rt: Any, loop: str) -> ShutdownStats:
 
     stats = ShutdownStats(loop=loop)
     trouble = Trouble()
-    dev: gpuaio.Device = rt.device(0)
+    dev: gpuaio.Device = device_of(rt, 0)
     kernel = add_one_kernel(dev)
     PinnedAccounting.install(rt)
     baseline = ResourceBaseline.take(rt)

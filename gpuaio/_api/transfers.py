@@ -1,0 +1,282 @@
+"""Copies and memsets of a stream, and the checks of their arguments.
+
+A mixin of :class:`gpuaio.Stream` (see ``gpuaio._api.device``): the part of
+a stream that moves bytes. Work the driver runs asynchronously is enqueued by
+the calling thread; anything touching pageable memory goes to the stager or
+becomes a host step, so the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._core.errors import InvalidArgumentError
+from .._core.operation import Operation, completed
+from .._core.progress import report_progress
+from .._engine.buffers import BufferInfo
+from ..backends import MemoryKind
+from .memory import DeviceArray, describe
+
+if TYPE_CHECKING:
+    from .._engine.sequencer import Sequencer
+    from .runtime import Runtime
+
+__all__ = ["Transfers", "check_copy"]
+
+
+class Transfers:
+    """Copies and memsets, mixed into :class:`gpuaio.Stream`."""
+
+    _rt: Runtime
+    _ordinal: int
+    _seq: Sequencer
+    _native: Any
+
+    @property
+    def handle(self) -> int:
+        raise NotImplementedError  # Stream's
+
+    def _check(self) -> None:
+        raise NotImplementedError  # Stream's
+
+    # -- submission ----------------------------------------------------
+    # Work is handed to the stream's sequencer: ``self._seq.gpu`` for driver
+    # work, ``self._seq.host`` for host steps (see gpuaio._sequencer).
+
+    def _array_args(self, args: Sequence[Any]) -> list[BufferInfo]:
+        """Describe the arrays among ``args``; reject device memory of another device."""
+        infos: list[BufferInfo] = []
+        for i, arg in enumerate(args):
+            if isinstance(arg, DeviceArray) or hasattr(arg, "__cuda_array_interface__"):
+                info = describe(arg, self._rt, f"argument {i}")
+                if info.device not in (None, self._ordinal) and info.kind is MemoryKind.DEVICE:
+                    raise InvalidArgumentError(
+                        f"argument {i} is on device {info.device}, "
+                        f"this stream is on device {self._ordinal}"
+                    )
+                infos.append(info)
+        return infos
+
+    def _track(self, op: Operation, infos: Sequence[BufferInfo]) -> None:
+        """Hold gpuaio allocations in use until ``op`` completes."""
+        for info in infos:
+            alloc = info.alloc
+            if alloc is not None:
+                alloc.acquire()
+                op._add_done_callback(alloc.release)
+
+    # -- copies --------------------------------------------------------
+    def copy(
+        self, dst: Any, src: Any, *, progress: Callable[[int, int], None] | None = None
+    ) -> Operation:
+        """Copy all of ``src`` into ``dst``; returns an awaitable :class:`Operation`.
+
+        Any pair of memory kinds works: pageable host, pinned host, device,
+        managed. Sizes must match; shapes and dtypes must match unless one
+        side is a flat byte buffer. Both must be C-contiguous, ``dst``
+        writable. When the awaited operation returns, ``dst`` holds the data
+        and ``src`` may be overwritten.
+
+        ``progress(done_bytes, total_bytes)``, if given, is called from a
+        worker thread after each staged chunk and once on success.
+        """
+        self._check()
+        if progress is not None and not callable(progress):
+            raise InvalidArgumentError(
+                "copy: progress must be a callable taking (done_bytes, total_bytes), not "
+                f"{type(progress).__name__}"
+            )
+        rt = self._rt
+        d = describe(dst, rt, "dst")
+        s = describe(src, rt, "src")
+        check_copy(d, s)
+        for info, role in ((d, "destination"), (s, "source")):
+            if (
+                info.kind in (MemoryKind.DEVICE, MemoryKind.MANAGED)
+                and info.device not in (None, self._ordinal)
+                and (d.kind.is_host or s.kind.is_host)
+            ):
+                raise InvalidArgumentError(
+                    f"the {role} is on device {info.device} but this stream is on device "
+                    f"{self._ordinal}; use a stream of device {info.device}"
+                )
+        label = _COPY_LABELS[s.kind, d.kind]
+        if d.nbytes == 0:
+            return completed(label, self)
+        op = Operation(label, self, keep=(d.owner, s.owner), nbytes=d.nbytes)
+        self._track(op, (d, s))
+        if progress is not None:
+            op._progress = progress
+            total = d.nbytes
+
+            def report_done() -> None:
+                if op._exc is None:
+                    report_progress(progress, total, total)
+
+            op._add_done_callback(report_done)
+        backend = rt.backend
+        n = d.nbytes
+        if d.kind.is_host and s.kind.is_host:
+            dv, sv = d.host_array(), s.host_array()
+
+            def h2h() -> bool:
+                rt.host.copy(dv, sv)
+                return False
+
+            return self._seq.host(op, h2h, after_gpu=True)
+        if MemoryKind.PAGEABLE in (d.kind, s.kind):
+            return self._pageable_copy(op, d, s)
+        if (
+            d.device is not None
+            and s.device is not None
+            and d.device != s.device
+            and not d.kind.is_host
+            and not s.kind.is_host
+        ):
+            dp, dd, sp, sd = d.ptr, d.device, s.ptr, s.device
+            rt.ensure_peer_access(dd, sd)
+            op._est = n / _NVLINK_BPS
+            return self._seq.gpu(op, backend.memcpy_peer_async, dp, dd, sp, sd, n)
+        host_side = d.kind.is_host or s.kind.is_host
+        op._est = n / (_PCIE_BPS if host_side else _HBM_BPS)
+        dp, sp = d.ptr, s.ptr
+        return self._seq.gpu(op, backend.memcpy_async, dp, sp, n)
+
+    def _pageable_copy(self, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
+        try:
+            stager = self._rt.stager
+        except BaseException as exc:  # a bad staging setting: nothing was enqueued
+            op._resolve(exc)
+            raise
+        if stager is not None:
+            return stager.copy(self._seq, op, d, s)
+        # The driver's own path blocks the calling thread (and, for H2D,
+        # synchronizes the stream first): run it on the executor thread.
+        backend = self._rt.backend
+        dp, sp, n = d.ptr, s.ptr, d.nbytes
+
+        def driver_copy() -> bool:
+            backend.memcpy_async(dp, sp, n, self._native)
+            return True
+
+        return self._seq.host(op, driver_copy, after_gpu=False)
+
+    # -- memset --------------------------------------------------------
+    def memset(self, dst: Any, value: int, *, width: int | None = None) -> Operation:
+        """Fill ``dst`` with a repeated ``width``-byte pattern ``value``.
+
+        ``width`` (1, 2 or 4) defaults to the item size of ``dst``'s dtype
+        when that is 1, 2 or 4. Device and managed memory are filled by the
+        GPU; host memory (pinned or pageable) by a worker thread, in stream
+        order.
+        """
+        self._check()
+        rt = self._rt
+        d = describe(dst, rt, "dst")
+        _check_writable(d, "memset destination")
+        if width is None:
+            width = d.dtype.itemsize
+            if width not in (1, 2, 4):
+                raise InvalidArgumentError(
+                    f"cannot infer a memset width from dtype {d.dtype}; pass width=1, 2 or 4"
+                )
+        elif type(width) is not int:  # the exact type: bool is an int too
+            if isinstance(width, (bool, np.bool_)) or not isinstance(width, (int, np.integer)):
+                raise InvalidArgumentError(
+                    f"memset width must be 1, 2 or 4 (an int), not {width!r}"
+                )
+            width = int(width)
+        limits = _MEMSET_LIMITS.get(width)
+        if limits is None:
+            raise InvalidArgumentError(f"memset width must be 1, 2 or 4 bytes, not {width}")
+        if type(value) is not int:
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise InvalidArgumentError(
+                    f"memset value must be an int, not {type(value).__name__}"
+                )
+            value = int(value)
+        low, mask = limits
+        if not low <= value <= mask:
+            raise InvalidArgumentError(f"memset value {value} does not fit in {width} byte(s)")
+        value &= mask
+        nbytes = d.nbytes
+        if nbytes % width:
+            raise InvalidArgumentError(
+                f"destination of {nbytes} bytes is not a whole number of {width}-byte items"
+            )
+        kind = d.kind
+        on_device = kind is _DEVICE or kind is _MANAGED
+        if on_device and d.device not in (None, self._ordinal):
+            raise InvalidArgumentError(
+                f"the destination is on device {d.device} but this stream is on device "
+                f"{self._ordinal}"
+            )
+        label = _MEMSET_LABELS[kind]
+        if nbytes == 0:
+            return completed(label, self)
+        op = Operation(label, self, (d.owner,), nbytes)
+        self._track(op, (d,))
+        if not on_device:
+            view = d.host_array()
+            w = width
+
+            def fill() -> bool:
+                rt.host.fill(view, value, w)
+                return False
+
+            return self._seq.host(op, fill, after_gpu=True)
+        op._est = nbytes / _HBM_BPS
+        return self._seq.gpu(op, rt.backend.memset_async, d.ptr, value, width, nbytes // width)
+
+
+# Optimistic transfer rates (bytes/s), so that expected completion times are
+# early rather than late: they decide when to start polling, never correctness.
+_PCIE_BPS = 60e9
+_NVLINK_BPS = 450e9
+_HBM_BPS = 3e12
+
+_COPY_LABELS = {(a, b): f"copy {a.value}->{b.value}" for a in MemoryKind for b in MemoryKind}
+_MEMSET_LABELS = {k: f"memset {k.value}" for k in MemoryKind}
+_MEMSET_LIMITS = {w: (-(1 << (8 * w - 1)), (1 << (8 * w)) - 1) for w in (1, 2, 4)}
+"""Per memset width: the lowest value accepted (as signed) and the mask (highest, unsigned)."""
+_DEVICE = MemoryKind.DEVICE
+_MANAGED = MemoryKind.MANAGED
+
+
+def _check_writable(d: BufferInfo, what: str) -> None:
+    if d.readonly:
+        raise InvalidArgumentError(f"the {what} is read-only")
+    if not d.contiguous:
+        raise InvalidArgumentError(
+            f"the {what} is not C-contiguous; copy it into a contiguous buffer first"
+        )
+
+
+def _is_bytes(info: BufferInfo) -> bool:
+    return info.dtype.itemsize == 1 and len(info.shape) <= 1
+
+
+def check_copy(d: BufferInfo, s: BufferInfo) -> None:
+    _check_writable(d, "destination")
+    if not s.contiguous:
+        raise InvalidArgumentError(
+            "the source is not C-contiguous; copy it into a contiguous buffer first"
+        )
+    if d.nbytes != s.nbytes:
+        raise InvalidArgumentError(
+            f"size mismatch: destination has {d.nbytes} bytes, source has {s.nbytes}"
+        )
+    if not (_is_bytes(d) or _is_bytes(s)):
+        if d.dtype != s.dtype:
+            raise InvalidArgumentError(
+                f"dtype mismatch: destination is {d.dtype}, source is {s.dtype}"
+            )
+        if d.shape != s.shape:
+            raise InvalidArgumentError(
+                f"shape mismatch: destination is {d.shape}, source is {s.shape}"
+            )
+    if d.nbytes and d.ptr < s.ptr + s.nbytes and s.ptr < d.ptr + d.nbytes:
+        raise InvalidArgumentError("source and destination overlap")

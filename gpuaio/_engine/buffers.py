@@ -1,0 +1,50 @@
+"""Buffer descriptions: what the engine knows of any buffer it moves.
+
+:func:`gpuaio._api.memory.describe` classifies an object (a NumPy array, a
+gpuaio array, anything with ``__cuda_array_interface__`` or DLPack) once, into
+a :class:`BufferInfo`; everything below works on those.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+
+from ..backends import MemoryKind
+from .hostwork import byte_view
+
+__all__ = ["BufferInfo", "InUse"]
+
+
+class InUse(Protocol):
+    """A gpuaio allocation, counted in use while an operation touches it."""
+
+    def acquire(self) -> None:
+        """One more operation uses it (raises if it was freed)."""
+        ...
+
+    def release(self) -> None:
+        """That operation has completed."""
+        ...
+
+
+class BufferInfo(NamedTuple):
+    """A buffer's address, layout and kind, as gpuaio sees it (cheap to build)."""
+
+    ptr: int
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    kind: MemoryKind
+    device: int | None
+    readonly: bool
+    contiguous: bool
+    owner: Any
+    """The object to keep alive while an operation uses the memory."""
+    alloc: InUse | None
+    """gpuaio's allocation behind the buffer, if any."""
+
+    def host_array(self) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        """Flat uint8 view of host memory (only for host kinds)."""
+        return byte_view(self.ptr, self.nbytes)
