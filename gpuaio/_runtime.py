@@ -19,10 +19,10 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import _operation
-from ._completion import STRATEGIES, CompletionEngine, FaultLog, Strategy, make_engine
+from ._completion import CompletionEngine, FaultLog, Strategy, check_strategy, make_engine
 from ._errors import DeviceFatalError, ForkedProcessError, InvalidArgumentError, NoDeviceError
 from ._fork import disable_backend, forked_message
 from ._hostwork import HostPool
@@ -120,9 +120,11 @@ class Runtime:
     def __init__(self, backend: Backend, reason: str, completion: Strategy | None = None) -> None:
         self.backend = backend
         self.reason = reason
-        strategy = cast(Strategy, completion or os.environ.get("GPUAIO_COMPLETION") or "events")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown completion strategy {strategy!r}; choose from {STRATEGIES}")
+        if completion:
+            strategy = check_strategy(completion)
+        else:
+            env = os.environ.get("GPUAIO_COMPLETION") or "events"
+            strategy = check_strategy(env, "GPUAIO_COMPLETION")
         self.strategy: Strategy = strategy
         self.host: HostPool = HostPool()
         self.faults: FaultLog = FaultLog()
@@ -251,8 +253,7 @@ class Runtime:
 
     def set_completion(self, strategy: Strategy) -> None:
         """Use ``strategy`` for every device from now on (no op may be pending)."""
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown completion strategy {strategy!r}; choose from {STRATEGIES}")
+        strategy = check_strategy(strategy)
         if self.forked is not None:
             self._raise_forked("configure")
         with self._lock:

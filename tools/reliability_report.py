@@ -127,6 +127,7 @@ def _run_async(loop: str, fn: Callable[[], Any]) -> Any:
 
 
 def storms(report: Report, ops: int) -> None:
+    import gpuaio
     from tests.reliability.harness import FAST_SIM, StormConfig, run_storm
 
     sim_kw = FAST_SIM if report.backend == "sim" else {}
@@ -134,9 +135,10 @@ def storms(report: Report, ops: int) -> None:
         (f"{loop}-events", loop, StormConfig(ops=ops, seed=i, completion="events"))
         for i, loop in enumerate(LOOPS)
     ]
+    others = [c for c in gpuaio.STRATEGIES if c != "events"]
     runs += [
         (f"asyncio-{c}", "asyncio", StormConfig(ops=ops // 2, seed=10 + i, completion=c))
-        for i, c in enumerate(("flags", "thread", "hostfunc"))
+        for i, c in enumerate(others)
     ]
     if report.backend == "sim":
         runs.append(
@@ -162,11 +164,12 @@ def storms(report: Report, ops: int) -> None:
 
 
 def sticky_faults(report: Report) -> None:
+    import gpuaio
     from tests.reliability.harness import run_sticky_fault
 
     if report.backend == "sim":
         for loop in LOOPS:
-            for completion in ("events", "flags", "thread", "hostfunc"):
+            for completion in gpuaio.STRATEGIES:
                 name = f"{loop}-{completion}"
                 print(f"sticky fault {name}", flush=True)
                 rt = _runtime("sim")
@@ -184,7 +187,7 @@ def sticky_faults(report: Report) -> None:
                     rt.close()
     # In a subprocess, as on the GPU (where the context is lost for good).
     faults = ("illegal_address", "trap") if report.backend == "cuda" else ("illegal_address",)
-    for completion, fault in itertools.product(("events", "flags", "thread", "hostfunc"), faults):
+    for completion, fault in itertools.product(gpuaio.STRATEGIES, faults):
         name = f"subprocess-{report.backend}-{completion}"
         if report.backend == "cuda":
             name += f"-{fault}"
