@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Completion benchmark (suite ``completion``): how fast an awaited GPU op wakes its task.
 
-For every completion strategy in ``gpuaio.STRATEGIES`` and every peer, on
-asyncio, uvloop and trio, measured interleaved in one process:
+For every completion strategy in ``gpuaio.STRATEGIES``, the watcher-only
+``thread`` engine (``_thread_engine.py``: ``events`` without loop-side
+polling, which shows what that polling buys) and every peer, on asyncio,
+uvloop and trio, measured interleaved in one process:
 
 * wake latency: the round trip of one awaited tiny op (a 4-byte memset of
   device memory: enqueue, GPU, completion detection, loop wake-up), p50 and
@@ -41,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import _harness as H
+import _thread_engine
 import anyio
 import anyio.to_thread
 import numpy as np
@@ -52,6 +55,8 @@ NSTREAMS = 16
 GIL_OPS = 256  # x2-3 queue entries each with markers: well inside the launch queue
 TO_THREAD = "memset + await anyio.to_thread.run_sync(cuStreamSynchronize)"
 PEERS = ("numba", "cupy", "torch")
+STRATEGIES: tuple[str, ...] = (*gpuaio.STRATEGIES, _thread_engine.register())
+"""gpuaio's strategies, then the benchmark's own ``thread`` engine (registered here)."""
 
 
 @dataclass
@@ -142,7 +147,7 @@ def make_methods(
     natives = [s._native for s in streams]
     ptrs = [a.ptr for a in slices]
     methods: list[Method] = []
-    for strategy in gpuaio.STRATEGIES:
+    for strategy in STRATEGIES:
 
         async def ours(i: int, v: int) -> None:
             await streams[i % NSTREAMS].memset(slices[i], v)
@@ -359,7 +364,7 @@ async def loop_suite(
         print(f"[{loop}] throughput with {n} task(s), {args.reps} x {args.duration} s per method")
         thr[n] = await throughputs(methods, n, args.duration, args.reps)
     idle: dict[str, float] = {}
-    for strategy in gpuaio.STRATEGIES:
+    for strategy in STRATEGIES:
         use_strategy(strategy)
         idle[strategy] = await idle_cpu(streams[0], slices[0], args.idle)
     use_strategy(default)
@@ -454,7 +459,7 @@ def loop_records(
 
 def unavailable(loop: str, reason: str, default: str) -> list[H.Record]:
     """Null records for a loop that cannot run here."""
-    names = [*gpuaio.STRATEGIES, "raw_sync_on_loop", "to_thread_sync", *PEER_METHOD.values()]
+    names = [*STRATEGIES, "raw_sync_on_loop", "to_thread_sync", *PEER_METHOD.values()]
     out = []
     for name in names:
         out += [
@@ -467,7 +472,7 @@ def unavailable(loop: str, reason: str, default: str) -> list[H.Record]:
         ]
     out += [
         H.record(f"idle_cpu_{loop}_{s}", "% of one core", None, better="lower", note=reason)
-        for s in gpuaio.STRATEGIES
+        for s in STRATEGIES
     ]
     print(f"\n[{loop}] NOT measured: {reason}")
     return out
@@ -574,7 +579,7 @@ async def gil_stall(args: argparse.Namespace, default: str) -> list[H.Record]:
 
     other = "hostfunc"
     res = await H.interleave(
-        {st: functools.partial(one_run, st) for st in gpuaio.STRATEGIES},
+        {st: functools.partial(one_run, st) for st in STRATEGIES},
         reps=args.gil_reps,
         warmup=0,
     )
@@ -597,7 +602,7 @@ async def gil_stall(args: argparse.Namespace, default: str) -> list[H.Record]:
             note = f"{name} failed: {res.errors[name]}"
     print(
         f"\nGIL stall: {GIL_OPS} memsets + markers while Python spins for {busy_s} s; GPU time: "
-        + ", ".join(f"{st} {_ms(res.median(st))}" for st in gpuaio.STRATEGIES)
+        + ", ".join(f"{st} {_ms(res.median(st))}" for st in STRATEGIES)
     )
     per_strategy = [
         H.record(
@@ -608,7 +613,7 @@ async def gil_stall(args: argparse.Namespace, default: str) -> list[H.Record]:
             note=sim_note if st not in res.errors else f"failed: {res.errors[st]}",
             what=f"the same with the {st} strategy",
         )
-        for st in gpuaio.STRATEGIES
+        for st in STRATEGIES
     ]
     return [
         *per_strategy,
@@ -681,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     H.banner("completion", card)
     default = H.runtime().strategy
     print(
-        f"  strategies {gpuaio.STRATEGIES} (default {default}); loops {args.loops}; "
+        f"  strategies {STRATEGIES} (default {default}); loops {args.loops}; "
         f"{NSTREAMS} streams; to_thread waits share anyio's default limiter (40 threads)"
     )
     peers, notes = load_peers(card.backend, not args.no_peers)
@@ -705,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     config = {
         "loops": args.loops,
         "default_strategy": default,
-        "strategies": list(gpuaio.STRATEGIES),
+        "strategies": list(STRATEGIES),
         "awaits": args.awaits,
         "reps": args.reps,
         "duration_s": args.duration,

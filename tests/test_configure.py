@@ -10,6 +10,8 @@ import pytest
 
 import gpuaio
 from gpuaio._core.errors import InvalidArgumentError
+from gpuaio._engine import completion as _completion
+from gpuaio._engine.completion._events import EventEngine
 from tests.conftest import latch
 from tests.test_copy import pattern
 from tests.test_loader import eventually
@@ -125,3 +127,50 @@ async def test_staging_settings_wait_for_transfers_in_flight(
     gpuaio.configure(pinned_budget="8M")
     assert restored.stager.pool.budget == 8 * MiB
     s.close()
+
+
+@pytest.mark.parametrize("name", ["thread", "bogus", ""])
+def test_unknown_completion_strategy_is_rejected(restored: Any, name: str) -> None:
+    # "thread" was a strategy until issue 16; it now lives in benchmarks/.
+    before = restored.strategy
+    with pytest.raises(InvalidArgumentError, match="completion") as info:
+        gpuaio.configure(completion=name)  # type: ignore[arg-type]
+    for valid in gpuaio.STRATEGIES:
+        assert repr(valid) in str(info.value)
+    assert restored.strategy == before
+    with pytest.raises(InvalidArgumentError, match="completion"):
+        restored.set_completion(name)
+    assert restored.strategy == before
+    assert "thread" not in gpuaio.STRATEGIES
+
+
+def test_bad_completion_environment_variable_is_named() -> None:
+    with pytest.raises(InvalidArgumentError, match="GPUAIO_COMPLETION") as info:
+        _completion.check_strategy("thread", "GPUAIO_COMPLETION")
+    assert "'events'" in str(info.value)
+
+
+async def test_a_registered_strategy_is_selectable(
+    restored: Any, dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The extension point benchmarks/completion.py uses for its "thread" engine."""
+    monkeypatch.setattr(_completion, "_registered", {})
+
+    class WatcherOnly(EventEngine):
+        strategy = "watcher-only"
+        loop_spin_s = 0.0
+
+    _completion.register_strategy("watcher-only", WatcherOnly)
+    with pytest.raises(InvalidArgumentError, match="built in"):
+        _completion.register_strategy("events", WatcherOnly)
+    gpuaio.configure(completion="watcher-only")  # type: ignore[arg-type]
+    assert isinstance(restored.engine(0), WatcherOnly)
+    assert "watcher-only" not in gpuaio.STRATEGIES
+    s = dev.stream()
+    d = dev.empty(64)
+    await s.memset(d, 5)
+    out = np.empty(64, np.uint8)
+    await s.copy(out, d)
+    assert (out == 5).all()
+    await s.aclose()
+    gpuaio.configure(completion="events")

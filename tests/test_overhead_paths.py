@@ -14,7 +14,7 @@ import pytest
 
 import gpuaio
 from gpuaio._api.device import device_of
-from gpuaio._engine import completion as _completion
+from gpuaio._engine.completion import _events
 from tests.conftest import latch
 
 pytestmark = pytest.mark.anyio
@@ -27,7 +27,7 @@ def test_polls_sweep_the_other_streams(
     # then drains the device's other streams too (ops nobody polls for).
     # It still looks every STAND_DOWN_S; make that long, or it may resolve
     # the op first (seen on an H200, where synchronizing took that long).
-    monkeypatch.setattr(_completion, "STAND_DOWN_S", 60.0)
+    monkeypatch.setattr(_events, "STAND_DOWN_S", 60.0)
     rt = gpuaio_runtime
     dev = device_of(rt, 0)
     busy, slow = dev.stream(), dev.stream()
@@ -195,3 +195,32 @@ async def test_op_watched_after_its_await_slept_is_not_left_to_a_standing_down_w
             release()
     assert op.done()
     s.close()
+
+
+def test_a_hand_off_while_the_watcher_decides_to_stand_down_wakes_it(
+    gpuaio_runtime: Any,
+) -> None:
+    """The watcher decides to stand down (loops poll) and goes to sleep, both
+    under the engine's lock. A task that stops polling in between resets the
+    stand-down and must wake it. Before the fix ``hand_off`` looked for a
+    sleeping watcher without the lock, found none (it was not asleep yet) and
+    woke nobody: the watcher slept on, up to FAULT_PROBE_S, with nobody
+    sweeping for the task's op."""
+    rt = gpuaio_runtime
+    rt.set_completion("events")
+    engine: Any = rt.engine(0)
+    assert engine._thread is None  # no op watched yet: this test plays the watcher
+    with engine._cv:
+        engine._loop_polling_until = time.perf_counter() + 60
+        assert time.perf_counter() < engine._loop_polling_until  # loops poll: stand down
+        t = threading.Thread(target=engine.hand_off)  # a task stops polling, now
+        t.start()
+        t.join(0.2)
+        engine._sleeping = True
+        try:
+            woken = engine._cv.wait(10)
+        finally:
+            engine._sleeping = False
+    t.join(10)
+    assert woken
+    assert engine._loop_polling_until == 0.0

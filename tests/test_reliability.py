@@ -76,7 +76,7 @@ async def test_cancellation_storm(
 
 @pytest.mark.timeout(300)
 @pytest.mark.gpuaio_sim_config(**FAST_SIM)
-@pytest.mark.parametrize("completion", ["flags", "thread", "hostfunc"])
+@pytest.mark.parametrize("completion", [s for s in gpuaio.STRATEGIES if s != "events"])
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
 @pytest.mark.anyio
 async def test_cancellation_storm_other_completion(gpuaio_runtime: Any, completion: str) -> None:
@@ -144,7 +144,7 @@ def test_trouble_catches_foreign_exceptions() -> None:
 
 @pytest.mark.timeout(30)
 @pytest.mark.gpuaio_sim_only
-@pytest.mark.parametrize("completion", ["events", "flags", "thread", "hostfunc"])
+@pytest.mark.parametrize("completion", gpuaio.STRATEGIES)
 @pytest.mark.anyio
 async def test_sticky_fault_fails_every_await_fast(
     gpuaio_runtime: Any, completion: str, record_property: Any
@@ -154,7 +154,7 @@ async def test_sticky_fault_fails_every_await_fast(
 
     The fault strikes just after an engine's fault probe, and the sim's pending
     markers report it only 250 ms later, as on an H200: before the fix the
-    ``events`` and ``thread`` engines took about 250 ms (they waited for the
+    ``events`` engine (and the former ``thread`` one) took about 250 ms (they waited for the
     markers), ``flags`` and ``hostfunc`` about 50 ms (their probe interval).
     """
     stats = await run_sticky_fault(gpuaio_runtime, completion=completion)
@@ -168,7 +168,7 @@ async def test_sticky_fault_fails_every_await_fast(
 @pytest.mark.timeout(60)
 @pytest.mark.gpuaio_sim_only
 @pytest.mark.gpuaio_no_leak_check  # nothing can be freed after a sticky fault
-@pytest.mark.parametrize("completion", ["events", "flags", "thread", "hostfunc"])
+@pytest.mark.parametrize("completion", gpuaio.STRATEGIES)
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
 @pytest.mark.anyio
 async def test_sticky_fault_is_logged_once(
@@ -289,7 +289,7 @@ def test_sticky_fault_in_a_subprocess_sim() -> None:
 @pytest.mark.timeout(90)
 @pytest.mark.gpuaio_gpu
 @pytest.mark.parametrize("fault", ["illegal_address", "trap"])
-@pytest.mark.parametrize("completion", ["events", "flags", "thread", "hostfunc"])
+@pytest.mark.parametrize("completion", gpuaio.STRATEGIES)
 def test_sticky_fault_kernel(completion: str, fault: str, record_property: Any) -> None:
     """A kernel writes to address 0x10, or traps: every pending await raises
     DeviceFatalError within 20 ms of the driver first reporting the fault, and

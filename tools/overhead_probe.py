@@ -127,6 +127,16 @@ def fake_gpu(lib: ModuleType, launch_s: float, gpu_s: float) -> Any:
     return cls(from_sim.SimConfig())
 
 
+def thread_engine() -> ModuleType:
+    """``benchmarks/_thread_engine.py``, which registers the ``thread`` strategy."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_thread_engine.py"
+    spec = importlib.util.spec_from_file_location("_thread_engine", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_package(init_dir: str, name: str) -> ModuleType:
     """Import the gpuaio package in ``init_dir`` under another ``name``."""
     path = Path(init_dir).resolve()
@@ -256,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ops", type=int, default=20_000, help="awaited ops per measurement")
     ap.add_argument("--reps", type=int, default=5, help="repetitions (interleaved)")
     # The fake GPU has no stream memory ops (flags) and no host functions.
+    # "thread" is the benchmarks' watcher-only engine (benchmarks/_thread_engine.py).
     ap.add_argument("--strategy", default="events", choices=("events", "thread"))
     ap.add_argument("--loops", default=",".join(LOOPS), help="comma-separated: " + ",".join(LOOPS))
     ap.add_argument("--baseline", metavar="DIR", help="also measure the gpuaio package in DIR")
@@ -269,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.baseline:
         libs = {"baseline": load_package(args.baseline, "gpuaio_baseline"), **libs}
     for lib in libs.values():
+        if args.strategy == "thread":
+            thread_engine().register(lib)
         lib.use_backend(
             fake_gpu(lib, args.launch_us * 1e-6, args.gpu_us * 1e-6), completion=args.strategy
         )

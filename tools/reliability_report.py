@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT))
 import anyio  # noqa: E402
 import anyio.to_thread  # noqa: E402
 
-from gpuaio._api.device import device_of
+from gpuaio._api.device import device_of  # noqa: E402
 
 LOOPS = {
     "asyncio": ("asyncio", {}),
@@ -129,6 +129,7 @@ def _run_async(loop: str, fn: Callable[[], Any]) -> Any:
 
 
 def storms(report: Report, ops: int) -> None:
+    import gpuaio
     from tests.reliability.harness import FAST_SIM, StormConfig, run_storm
 
     sim_kw = FAST_SIM if report.backend == "sim" else {}
@@ -136,9 +137,10 @@ def storms(report: Report, ops: int) -> None:
         (f"{loop}-events", loop, StormConfig(ops=ops, seed=i, completion="events"))
         for i, loop in enumerate(LOOPS)
     ]
+    others = [c for c in gpuaio.STRATEGIES if c != "events"]
     runs += [
         (f"asyncio-{c}", "asyncio", StormConfig(ops=ops // 2, seed=10 + i, completion=c))
-        for i, c in enumerate(("flags", "thread", "hostfunc"))
+        for i, c in enumerate(others)
     ]
     if report.backend == "sim":
         runs.append(
@@ -164,11 +166,12 @@ def storms(report: Report, ops: int) -> None:
 
 
 def sticky_faults(report: Report) -> None:
+    import gpuaio
     from tests.reliability.harness import run_sticky_fault
 
     if report.backend == "sim":
         for loop in LOOPS:
-            for completion in ("events", "flags", "thread", "hostfunc"):
+            for completion in gpuaio.STRATEGIES:
                 name = f"{loop}-{completion}"
                 print(f"sticky fault {name}", flush=True)
                 rt = _runtime("sim")
@@ -186,7 +189,7 @@ def sticky_faults(report: Report) -> None:
                     rt.close()
     # In a subprocess, as on the GPU (where the context is lost for good).
     faults = ("illegal_address", "trap") if report.backend == "cuda" else ("illegal_address",)
-    for completion, fault in itertools.product(("events", "flags", "thread", "hostfunc"), faults):
+    for completion, fault in itertools.product(gpuaio.STRATEGIES, faults):
         name = f"subprocess-{report.backend}-{completion}"
         if report.backend == "cuda":
             name += f"-{fault}"

@@ -16,13 +16,13 @@ import logging
 import os
 import threading
 import weakref
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 import anyio.to_thread
 
 from .._core import operation as _operation
 from .._core.errors import DeviceFatalError, ForkedProcessError, InvalidArgumentError
-from .._engine.completion import STRATEGIES, CompletionEngine, FaultLog, Strategy, make_engine
+from .._engine.completion import CompletionEngine, FaultLog, Strategy, check_strategy, make_engine
 from .._engine.hostwork import HostPool
 from .._engine.pool import MIN_CLASS, PoolStats, parse_size
 from .._engine.reaper import LeakingReaper, Reaper
@@ -42,9 +42,11 @@ class Runtime:
     def __init__(self, backend: Backend, reason: str, completion: Strategy | None = None) -> None:
         self.backend = backend
         self.reason = reason
-        strategy = cast(Strategy, completion or os.environ.get("GPUAIO_COMPLETION") or "events")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown completion strategy {strategy!r}; choose from {STRATEGIES}")
+        if completion:
+            strategy = check_strategy(completion)
+        else:
+            env = os.environ.get("GPUAIO_COMPLETION") or "events"
+            strategy = check_strategy(env, "GPUAIO_COMPLETION")
         self.strategy: Strategy = strategy
         self.host: HostPool = HostPool()
         self.faults: FaultLog = FaultLog()
@@ -172,8 +174,7 @@ class Runtime:
 
     def set_completion(self, strategy: Strategy) -> None:
         """Use ``strategy`` for every device from now on (no op may be pending)."""
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown completion strategy {strategy!r}; choose from {STRATEGIES}")
+        strategy = check_strategy(strategy)
         if self.forked is not None:
             self._raise_forked("configure")
         with self._lock:

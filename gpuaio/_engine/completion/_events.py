@@ -1,0 +1,431 @@
+"""The ``events`` strategy: pooled CUDA events, polled by awaiting loops and one watcher.
+
+Who does what, in the order an operation meets them:
+
+1. **The enqueuing thread** calls :meth:`EventEngine.watch`: it records a
+   pooled event behind the op's work and appends ``(op, event)`` to its
+   stream's :class:`StreamQueue`. A stream completes in order, so only the
+   oldest entry of each queue is ever queried.
+2. **The awaiting loop** polls (:meth:`~EventEngine.poll_for`, called by
+   ``Operation.__await__``) for up to ``LOOP_SPIN_S``, yielding between
+   polls: a short op completes with no cross-thread wake-up at all. A
+   polling loop also *sweeps*: every ``LOOP_SWEEP_S`` one poll drains the
+   device's other streams and probes for a sticky error, standing in for
+   the watcher. If the op is not done by then, the task sleeps and calls
+   :meth:`~EventEngine.hand_off`.
+3. **The watcher thread** (one per device, :meth:`~EventEngine._run`)
+   drains every stream, then rests as cheaply as it can while staying quick
+   (see :class:`_Pace`). While loops poll it *stands down*: woken often, it
+   would mostly wait for the GIL, which a loop switching tasks rarely lets
+   go of. One batch of completions wakes each event loop once.
+
+Every op is resolved in one place, :meth:`StreamQueue.drain` (or failed by
+:meth:`StreamQueue.take_all` after a sticky error or at close), under the
+queue's lock, so a stream's ops resolve in stream order whichever thread
+drains. The GPU never waits for Python.
+
+The stand-down. ``EventEngine._loop_polling_until`` says until when loops
+are assumed to poll. Every poll pushes it to ``now + LOOP_COVER_S``; a task
+that stops polling (``hand_off``), or an op watched with a task already
+asleep on it, resets it to 0 and wakes a standing-down watcher. The watcher
+reads it, and decides to sleep, under the engine's lock; ``hand_off`` and
+``watch`` write it under that lock too, so a reset can never slip between
+the watcher's decision and its sleep (the reset would then wake nobody).
+Polls write it without the lock: they run on the loop for every poll, and
+their write is true whenever it lands (a loop polled just now), so a poll
+racing a reset is the same as a poll just after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..._core.errors import CudaError, DeviceFatalError
+from ..._core.operation import Operation, post_waiters, resolve_many
+from ._engine import CompletionEngine, FaultProbe
+from ._queue import StreamQueue, Waiters
+from ._tuning import (
+    ETA_EARLY_S,
+    ETA_SLEEP_MAX_S,
+    ETA_SLEEP_MIN_S,
+    FAULT_PROBE_S,
+    LOOP_COVER_S,
+    LOOP_SPIN_S,
+    LOOP_SWEEP_S,
+    MAX_SLEEP_S,
+    MIN_SLEEP_S,
+    SPIN_S,
+    STAND_DOWN_S,
+    STREAM_POLL_GAP_S,
+)
+
+if TYPE_CHECKING:
+    from ...backends import Backend
+
+__all__ = ["EventEngine"]
+
+log = logging.getLogger("gpuaio")
+
+CLOSED = "gpuaio completion engine closed with the operation pending"
+
+
+class _Pace:
+    """How the watcher rests between passes that resolved nothing.
+
+    It spins (yielding the GIL) for ``SPIN_S`` after new work or a
+    completion, then sleeps between passes, ``MIN_SLEEP_S`` at first and
+    twice as long each time up to ``MAX_SLEEP_S``.
+    """
+
+    __slots__ = ("sleep_s", "spin_until")
+
+    def __init__(self, now: float) -> None:
+        self.spin_until = now + SPIN_S
+        self.sleep_s = MIN_SLEEP_S
+
+    def spin_again(self) -> None:
+        """Spin again from now (the back-off continues where it was)."""
+        self.spin_until = time.perf_counter() + SPIN_S
+
+    def restart(self, now: float) -> None:
+        """Spin again from ``now``, then back off from the shortest sleep."""
+        self.spin_until = now + SPIN_S
+        self.sleep_s = MIN_SLEEP_S
+
+    def back_off(self) -> None:
+        self.sleep_s = min(self.sleep_s * 2, MAX_SLEEP_S)
+
+
+class EventEngine(CompletionEngine):
+    """Pooled events; awaiting loops poll briefly, a watcher thread does the rest."""
+
+    strategy = "events"
+    loop_spin_s: float = LOOP_SPIN_S
+
+    def __init__(self, backend: Backend, device: int) -> None:
+        super().__init__(backend, device)
+        # ``with self._lock`` is ``with self._cv`` without the Condition's
+        # Python-level wrapper. Never held across a driver call.
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._queues: dict[int, StreamQueue] = {}
+        self._free_events: list[Any] = []
+        self._thread: threading.Thread | None = None
+        # The watcher's state, read and written under _lock (but see
+        # _loop_polling_until).
+        self._sleeping = False  # waiting on _cv: a notify() wakes it
+        self._idle = False  # sleeping with nothing pending, until notified
+        self._loop_polling_until = 0.0
+        """Until when loops are assumed to poll (and sweep); see the module docstring."""
+        # Shared by the watcher and polling loops, without a lock: a race
+        # costs at most one extra sweep or probe.
+        self._next_sweep = 0.0
+        self._next_probe = 0.0
+        self._probe = FaultProbe(backend, device)
+
+    # -- the enqueuing thread ------------------------------------------
+    def watch(self, op: Operation, stream: Any) -> None:
+        if self.fatal is not None:
+            op._resolve(self.fatal)
+            return
+        marker = self._place(stream)
+        key = self.backend.stream_handle(stream)  # wrappers of one CUstream share a queue
+        with self._lock:
+            q = self._queues.get(key)
+            if q is None:
+                q = self._queues[key] = StreamQueue(self._fired, self._recycle)
+            now = time.perf_counter()
+            if op._est:
+                op._eta = q.busy_until = max(now, q.busy_until) + op._est
+            q.entries.append((op, marker))
+            op._poll = (self, q)
+            if op._waiters is not None:
+                # A task went to sleep on this op before it was watched (it was
+                # queued behind a host step) and handed it to nobody: the watcher
+                # must not stand down for loops whose sweeps may stop any moment.
+                self._loop_polling_until = 0.0
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name=f"gpuaio-completion-{self.device}", daemon=True
+                )
+                self._thread.start()
+            elif self._sleeping and (self._idle or now >= self._loop_polling_until):
+                # Not while loops poll: their sweeps find this op too.
+                self._cv.notify()
+
+    def pending(self) -> int:
+        with self._lock:
+            return sum(len(q.entries) for q in self._queues.values())
+
+    def pending_on(self, key: int) -> int:
+        q = self._queues.get(key)
+        return 0 if q is None else len(q.entries)
+
+    # -- markers (the flags strategy overrides these three) -------------
+    def _place(self, stream: Any) -> Any:
+        """Put a marker behind the work enqueued so far on ``stream``."""
+        try:
+            ev = self._free_events.pop()
+        except IndexError:
+            ev = self.backend.event_create(self.device)
+        try:
+            self.backend.event_record(ev, stream)
+        except BaseException:
+            self._free_events.append(ev)
+            raise
+        return ev
+
+    def _fired(self, marker: Any) -> bool:
+        """Whether ``marker`` has been reached (raises on a failed context)."""
+        return self.backend.event_query(marker)
+
+    def _recycle(self, marker: Any) -> None:
+        self._free_events.append(marker)
+
+    # -- resolving (every path ends in StreamQueue.drain or take_all) --
+    def _drain_all(self, queues: list[StreamQueue]) -> tuple[Waiters, DeviceFatalError | None]:
+        """Drain every queue given: the waiters to wake, and the sticky error met, if any."""
+        waiters: Waiters = []
+        try:
+            for q in queues:
+                q.drain(waiters)
+        except DeviceFatalError as e:
+            return waiters, e
+        return waiters, None
+
+    def _fail_all(self, exc: DeviceFatalError) -> None:
+        """After a sticky error: resolve what had fired, fail every other pending op."""
+        # Ops whose markers fired before the fault completed: resolve them
+        # first (a flag still reads after a fault; an event query raises, and
+        # then the rest fail). A probe may find the fault before any drain.
+        done: Waiters = []
+        with self._lock:
+            queues = list(self._queues.values())
+        for q in queues:
+            with contextlib.suppress(DeviceFatalError):
+                q.drain(done, block=True)
+        if done:
+            post_waiters(done)
+        self._fail_fatal(exc)
+        self._fail_pending(exc)
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        with self._lock:
+            queues = list(self._queues.values())
+            self._queues.clear()
+        resolve_many([(op, exc) for q in queues for op in q.take_all()])
+
+    def _check_probe(self) -> DeviceFatalError | None:
+        """Probe the device if it is time; returns its sticky error, if any."""
+        now = time.perf_counter()
+        if now < self._next_probe:
+            return None
+        self._next_probe = now + FAULT_PROBE_S
+        if self._probe.event is None:
+            self._start_probe()
+        try:
+            self._probe.check()
+        except DeviceFatalError as e:
+            return e
+        return None
+
+    def _start_probe(self) -> None:
+        """Create the probe event, on the watcher thread (never a loop's)."""
+        try:
+            self._probe.start()
+        except DeviceFatalError as e:
+            self._fail_all(e)
+        except CudaError:
+            # Not fatal: the probe is retried while ops pend; markers still fire.
+            log.debug("could not create the fault probe event", exc_info=True)
+
+    # -- awaiting loops ------------------------------------------------
+    def poll_for(self, op: Operation) -> bool:
+        """From an awaiting loop: resolve what has fired on ``op``'s stream.
+
+        Returns whether ``op`` is done. Cheap when called often: a stream is
+        queried at most once every ``STREAM_POLL_GAP_S``. Every
+        ``LOOP_SWEEP_S`` a poll also drains the device's other streams,
+        standing in for the watcher while loops poll.
+        """
+        poll = op._poll
+        if poll is None:
+            return op._done
+        q = poll[1]
+        now = time.perf_counter()
+        self._loop_polling_until = now + LOOP_COVER_S  # unlocked: see the module docstring
+        waiters: Waiters = []
+        try:
+            if now >= self._next_sweep:
+                self._sweep(now, waiters)
+            if not op._done and now - q.last_poll >= STREAM_POLL_GAP_S:
+                q.last_poll = now
+                q.drain(waiters)
+        except DeviceFatalError as e:
+            self._fail_all(e)
+            return True
+        finally:
+            if waiters:  # even after a sticky error: these ops were resolved
+                post_waiters(waiters)
+        return op._done
+
+    def _sweep(self, now: float, out: Waiters) -> None:
+        """Drain the streams that no poll has drained lately; probe for sticky errors.
+
+        Raises DeviceFatalError (``out`` keeps what was resolved before it).
+        """
+        self._next_sweep = now + LOOP_SWEEP_S
+        for q in list(self._queues.values()):
+            if q.entries and now - q.last_poll >= LOOP_SWEEP_S:
+                q.last_poll = now
+                q.drain(out)
+        if now >= self._next_probe:
+            self._next_probe = now + FAULT_PROBE_S
+            self._probe.check()
+
+    def hand_off(self) -> None:
+        """A task stopped polling and sleeps until its op is resolved: wake the watcher.
+
+        Should no other task be polling, nobody would sweep its stream.
+        """
+        with self._lock:  # see the module docstring: the reset must not slip by
+            self._loop_polling_until = 0.0
+            if self._sleeping:
+                self._cv.notify()
+
+    # -- threads that may block ----------------------------------------
+    def drain_for(self, op: Operation) -> None:
+        poll = op._poll
+        if poll is None or op._done:
+            return
+        waiters: Waiters = []
+        try:
+            poll[1].drain(waiters, block=True)
+        except DeviceFatalError as e:
+            self._fail_all(e)
+        finally:
+            if waiters:
+                post_waiters(waiters)
+
+    def close(self) -> None:
+        super().close()
+        with self._cv:
+            self._cv.notify()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=5)
+        self._probe.close()
+
+    # -- the watcher thread --------------------------------------------
+    def _run(self) -> None:
+        """One pass after another until closed: drain every stream, then rest."""
+        pace = _Pace(time.perf_counter())
+        self._next_probe = pace.spin_until + FAULT_PROBE_S
+        self._start_probe()
+        while True:
+            with self._cv:
+                while not self._queues and not self._closed:
+                    self._sleep_until_work(pace)
+                if self._closed:
+                    break
+                queues = None
+                now = time.perf_counter()
+                if now < self._loop_polling_until:
+                    self._stand_down(now, pace)
+                else:
+                    queues = list(self._queues.items())
+            if queues is None:  # stood down: loops sweep, but only the watcher probes for sure
+                fatal = self._check_probe()
+                if fatal is not None:
+                    self._fail_all(fatal)
+            elif not self._pass(queues, pace):
+                self._rest(queues, pace)
+        self._fail_pending(RuntimeError(CLOSED))
+
+    def _wait(self, timeout: float | None) -> bool:
+        """Sleep on the condition (held) until notified or ``timeout``; returns if notified."""
+        self._sleeping = True
+        try:
+            return self._cv.wait(timeout)
+        finally:
+            self._sleeping = False
+
+    def _sleep_until_work(self, pace: _Pace) -> None:
+        """Nothing pending: block, using no CPU, until ``watch`` or ``close`` notifies."""
+        self._idle = True
+        try:
+            self._wait(None)
+        finally:
+            self._idle = False
+        pace.spin_again()
+
+    def _stand_down(self, now: float, pace: _Pace) -> None:
+        """Loops poll and sweep: sleep until a hand-off, ``STAND_DOWN_S`` or the next probe.
+
+        Waking up often would cost both threads dearly: a loop that switches
+        tasks lets go of the GIL briefly and often, and each time it wakes a
+        thread waiting for the GIL, which rarely gets it. But never past the
+        next fault probe: loops sweep (and probe) only while they poll, which
+        may stop any moment.
+        """
+        self._wait(max(0.0, min(STAND_DOWN_S, self._next_probe - now)))
+        pace.restart(time.perf_counter())
+
+    def _pass(self, queues: list[tuple[int, StreamQueue]], pace: _Pace) -> bool:
+        """Drain every stream once and probe if due.
+
+        Returns whether any op was resolved (or failed on a sticky error):
+        then the next pass comes at once, and the watcher spins again.
+        """
+        waiters, fatal = self._drain_all([q for _key, q in queues])
+        if fatal is None:
+            fatal = self._check_probe()
+        if fatal is not None:
+            # Wake the ops resolved before the error too: none may be lost.
+            if waiters:
+                post_waiters(waiters)
+            self._fail_all(fatal)
+            return True
+        with self._lock:
+            for key, q in queues:
+                if not q.entries and self._queues.get(key) is q:
+                    del self._queues[key]
+        if not waiters:
+            return False
+        pace.restart(time.perf_counter())
+        # Not kept while this thread sleeps: a waiter's wake-up holds its
+        # event loop, which must be collectable once closed.
+        post_waiters(waiters)
+        return True
+
+    def _rest(self, queues: list[tuple[int, StreamQueue]], pace: _Pace) -> None:
+        """Nothing was resolved: wait for the next pass as cheaply as stays quick.
+
+        * Every stream's oldest op has a known duration and the earliest is
+          due later than ``ETA_SLEEP_MIN_S``: sleep until just before then.
+        * Within ``SPIN_S`` of new work or a completion: yield the GIL once.
+        * Otherwise: sleep ``pace.sleep_s``, twice as long each time in a row.
+        """
+        now = time.perf_counter()
+        etas = [q.entries[0][0]._eta for _key, q in queues if q.entries]
+        next_eta = min(etas) if etas and all(etas) else 0.0
+        if next_eta - now > ETA_SLEEP_MIN_S:
+            until = min(next_eta - ETA_EARLY_S, self._next_probe, now + ETA_SLEEP_MAX_S)
+            with self._cv:
+                if not self._closed:
+                    self._wait(max(0.0, until - now))
+            pace.spin_again()
+            return
+        if now < pace.spin_until:
+            time.sleep(0)  # lets other threads have the GIL between polls
+            return
+        with self._cv:
+            notified = self._wait(pace.sleep_s) if self._queues and not self._closed else True
+        if notified:
+            pace.restart(time.perf_counter())
+        else:
+            pace.back_off()

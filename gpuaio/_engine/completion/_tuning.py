@@ -1,0 +1,48 @@
+"""Every timing constant of the completion engines, in one place.
+
+They were tuned on an H200 (see ``docs/completion.md`` and
+``benchmarks/completion.py``): change one only with a measurement to show
+for it. The engines import them by name, so patching one (tests do) must
+patch the module that reads it, e.g. ``gpuaio._engine.completion._events``.
+"""
+
+from __future__ import annotations
+
+import os
+
+FAULT_PROBE_S = 5e-3
+"""How often a device with pending work is checked for a sticky error.
+
+No engine sleeps longer than this while operations pend, so a sticky error
+fails every pending await within about this long of the driver first
+reporting it. With nothing pending, nothing is probed and nothing wakes.
+"""
+
+# The events strategy (and flags, which shares its engine).
+LOOP_SPIN_S = float(os.environ.get("GPUAIO_LOOP_SPIN_US", "150")) * 1e-6
+"""How long an awaiting task polls from its event loop before handing off."""
+STREAM_POLL_GAP_S = 2e-6
+"""A loop queries one stream at most this often (many tasks poll the same one)."""
+LOOP_SWEEP_S = 250e-6
+"""How often polling loops drain the streams that no poll has drained lately."""
+LOOP_COVER_S = 1e-3
+"""How long after a loop last polled the watcher leaves the device to loops."""
+STAND_DOWN_S = 20e-3
+"""The longest the watcher sleeps while loops poll (it still wakes to probe
+every ``FAULT_PROBE_S``).
+
+A task that stops polling wakes it at once; an op nobody awaits that completes
+just after the loops stopped polling may be resolved this late.
+"""
+SPIN_S = 200e-6
+"""How long the watcher keeps spinning after new work or a completion."""
+MIN_SLEEP_S = 20e-6
+"""The watcher's first sleep between polls once spinning is over."""
+MAX_SLEEP_S = 250e-6
+"""The longest the watcher sleeps between polls of ops of unknown duration."""
+ETA_SLEEP_MIN_S = 150e-6
+"""The watcher sleeps until the next expected completion only if it is further off."""
+ETA_EARLY_S = 50e-6
+"""How long before the expected completion that sleep ends."""
+ETA_SLEEP_MAX_S = 5e-3
+"""The longest such a sleep."""
