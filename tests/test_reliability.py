@@ -155,7 +155,7 @@ async def test_sticky_fault_fails_every_await_fast(
     The fault strikes just after an engine's fault probe, and the sim's pending
     markers report it only 250 ms later, as on an H200: before the fix the
     ``events`` engine (and the former ``thread`` one) took about 250 ms (they waited for the
-    markers), ``flags`` and ``hostfunc`` about 50 ms (their probe interval).
+    markers), ``hostfunc`` (and the former ``flags``) about 50 ms (their probe interval).
     """
     stats = await run_sticky_fault(gpuaio_runtime, completion=completion)
     record_property("max_latency_ms", round(stats.max_latency_ms, 2))

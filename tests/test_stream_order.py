@@ -327,10 +327,10 @@ def test_no_waiter_is_lost_when_a_sticky_error_follows_a_completion(
     gpuaio_runtime: Any, path: str
 ) -> None:
     """An op completes just before a sticky fault, and the pass that resolves it
-    then finds the fault: its sleeping await must still return (flags strategy,
-    whose fault probe runs in the same pass as the drains)."""
+    then finds the fault: its sleeping await must still end (the watcher's
+    fault probe runs in the same pass as the drains)."""
     rt = gpuaio_runtime
-    rt.set_completion("flags")
+    rt.set_completion("events")
     dev = device_of(rt, 0)
     engine: Any = rt.engine(0)
     s, other = dev.stream(), dev.stream()
@@ -376,4 +376,8 @@ def test_no_waiter_is_lost_when_a_sticky_error_follows_a_completion(
         with engine._cv:
             engine._cv.notify()
     t.join(10)
-    assert result == ["returned"], result
+    # Not lost: the await ended. An event marker queried after the fault
+    # reports it even though its op ran first (CUDA's sticky errors), so
+    # DeviceFatalError is as good an ending as a return.
+    assert len(result) == 1, result
+    assert result[0] == "returned" or isinstance(result[0], DeviceFatalError), result

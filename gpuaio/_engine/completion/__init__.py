@@ -13,12 +13,6 @@ one module each:
     watcher thread per device catches the rest and wakes each loop once per
     batch. The GPU never waits for Python.
 
-``"flags"`` (``_flags``)
-    Like ``events``, but a marker is a word the stream writes into mapped
-    pinned memory (``cuStreamWriteValue32``): checking it is a memory read
-    with no driver call. On probation: kept only if GPU benchmarks show it
-    wins; removing it is its module plus its line in ``_ENGINES``.
-
 ``"hostfunc"`` (``_hostfunc``)
     A marker is a ``cuLaunchHostFunc`` callback that hands the op to a
     resolver thread. It needs the GIL, so the stream stalls while Python is
@@ -33,6 +27,11 @@ Benchmarks may add engines of their own with :func:`register_strategy`
 (``benchmarks/completion.py`` measures a watcher-only ``"thread"`` engine that
 way); such names are accepted by ``configure`` and ``GPUAIO_COMPLETION`` in
 that process but are not in ``STRATEGIES``, which lists the library's own.
+
+A ``"flags"`` strategy (markers written into mapped pinned memory with
+``cuStreamWriteValue32``) was removed: on an H100 (two runs) and an H200 it
+woke tasks later than ``"events"`` and sustained fewer awaits per second
+(docs/completion.md, "Removed strategies").
 """
 
 from __future__ import annotations
@@ -43,7 +42,6 @@ from typing import TYPE_CHECKING, Literal, cast
 from ..._core.errors import InvalidArgumentError
 from ._engine import CompletionEngine, FaultLog
 from ._events import EventEngine
-from ._flags import make_flag_engine
 from ._hostfunc import HostFuncEngine
 
 if TYPE_CHECKING:
@@ -60,14 +58,13 @@ __all__ = [
     "register_strategy",
 ]
 
-Strategy = Literal["events", "flags", "hostfunc"]
+Strategy = Literal["events", "hostfunc"]
 
 EngineFactory = Callable[["Backend", int], CompletionEngine]
 """Builds the engine of one device: ``factory(backend, device)``."""
 
 _ENGINES: dict[str, EngineFactory] = {
     "events": EventEngine,
-    "flags": make_flag_engine,
     "hostfunc": HostFuncEngine,
 }
 STRATEGIES: tuple[Strategy, ...] = cast("tuple[Strategy, ...]", tuple(_ENGINES))

@@ -1,7 +1,7 @@
 """What every completion engine shares: its interface, its fault log and its fault probe.
 
 A :class:`CompletionEngine` resolves the operations of one device when their
-markers fire; the strategies (``_events``, ``_flags``, ``_hostfunc``) differ
+markers fire; the strategies (``_events``, ``_hostfunc``) differ
 only in what a marker is and in which thread notices it. Every engine must
 also notice a sticky (context-fatal) error and fail every pending operation
 of its device with :class:`~gpuaio.DeviceFatalError` instead of leaving
@@ -61,7 +61,7 @@ class FaultProbe:
 
     The driver reports a fault through such a query first (on an H200, about
     250 ms before the queries of the markers behind the faulting kernel), and
-    markers that never fire (flags, host functions) cannot report it at all.
+    markers that never fire (host functions) cannot report it at all.
     Creating and destroying the event are driver calls: never on a loop.
     """
 

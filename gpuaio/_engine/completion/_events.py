@@ -165,7 +165,7 @@ class EventEngine(CompletionEngine):
         q = self._queues.get(key)
         return 0 if q is None else len(q.entries)
 
-    # -- markers (the flags strategy overrides these three) -------------
+    # -- markers (a subclass may override these three) ----------------
     def _place(self, stream: Any) -> Any:
         """Put a marker behind the work enqueued so far on ``stream``."""
         try:

@@ -18,7 +18,7 @@ fails every pending await within about this long of the driver first
 reporting it. With nothing pending, nothing is probed and nothing wakes.
 """
 
-# The events strategy (and flags, which shares its engine).
+# The events strategy.
 LOOP_SPIN_S = float(os.environ.get("GPUAIO_LOOP_SPIN_US", "150")) * 1e-6
 """How long an awaiting task polls from its event loop before handing off."""
 STREAM_POLL_GAP_S = 2e-6
