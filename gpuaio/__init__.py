@@ -21,14 +21,8 @@ import importlib as _importlib
 import sys as _sys
 
 from ._api.device import Device, Event, Stream
-from ._api.memory import (
-    BufferTypeError,
-    DeviceArray,
-    HostRegistration,
-    pinned_empty,
-    register_host,
-    register_host_async,
-)
+from ._api.memory import BufferTypeError, DeviceArray, pinned_empty
+from ._api.registration import HostRegistration, register_host, register_host_async
 from ._api.runtime import configure, current_runtime, reserve_pinned, use_backend
 
 # Imported here, not on first use, so that a first transfer inside a running
@@ -117,6 +111,6 @@ def backend_name() -> str:
 
 def memory_kind(buffer: object) -> MemoryKind:
     """How gpuaio classifies ``buffer`` (pageable, pinned, device or managed)."""
-    from ._api.memory import describe
+    from ._api.describe import describe
 
     return describe(buffer, current_runtime(), "buffer").kind

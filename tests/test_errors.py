@@ -285,6 +285,10 @@ def test_a_retrieved_failure_or_a_success_does_not_warn() -> None:
     # Errors the library reports another way: an abort the caller asked for,
     # and device faults (logged once per device by the runtime).
     assert _collect(lambda: _failed_op(gpuaio.OperationAbortedError("aborted"))) == []
+    # and an op still pending when the runtime closed (a shutdown, not a failure)
+    from gpuaio._core.operation import ClosedWhilePendingError
+
+    assert _collect(lambda: _failed_op(ClosedWhilePendingError())) == []
     assert (
         _collect(
             lambda: _failed_op(

@@ -18,7 +18,8 @@ from .._core.operation import Operation, completed
 from .._core.progress import report_progress
 from .._engine.buffers import BufferInfo
 from ..backends import MemoryKind
-from .memory import DeviceArray, describe
+from .describe import describe
+from .memory import DeviceArray
 
 if TYPE_CHECKING:
     from .._engine.sequencer import Sequencer

@@ -29,9 +29,21 @@ from .loopport import THREAD_PORT, Port, current_port
 if TYPE_CHECKING:
     from .streamref import StreamRef
 
-__all__ = ["Operation", "resolve_many", "wait_all"]
+__all__ = ["ClosedWhilePendingError", "Operation", "resolve_many", "wait_all"]
 
-_QUIET = (OperationAbortedError, DeviceFatalError, ForkedProcessError)
+
+class ClosedWhilePendingError(RuntimeError):
+    """The runtime (its completion engine) closed while the operation was pending.
+
+    A ``RuntimeError``, as before it had a class of its own; the class lets an
+    unretrieved one stay quiet (shutdown, not a failure of the work).
+    """
+
+    def __init__(self) -> None:
+        super().__init__("gpuaio completion engine closed with the operation pending")
+
+
+_QUIET = (OperationAbortedError, DeviceFatalError, ForkedProcessError, ClosedWhilePendingError)
 """Errors an unretrieved op does not warn about (see ``Operation.__del__``)."""
 
 _warn = warnings.warn  # bound now: ``__del__`` may run at interpreter shutdown
@@ -120,7 +132,8 @@ class Operation:
         # op that failed while nobody awaited it would otherwise lose its
         # error silently (ops need not be awaited: a later await on the same
         # stream covers them, but only when they succeed). Not for an op the
-        # caller aborted, nor for a device fault, which the runtime logs once.
+        # caller aborted, nor for a device fault, which the runtime logs once,
+        # nor for one still pending when the runtime closed.
         exc = self._exc
         if exc is None or self._retrieved or isinstance(exc, _QUIET):
             return

@@ -1,6 +1,6 @@
 """Buffer descriptions: what the engine knows of any buffer it moves.
 
-:func:`gpuaio._api.memory.describe` classifies an object (a NumPy array, a
+:func:`gpuaio._api.describe.describe` classifies an object (a NumPy array, a
 gpuaio array, anything with ``__cuda_array_interface__`` or DLPack) once, into
 a :class:`BufferInfo`; everything below works on those.
 """

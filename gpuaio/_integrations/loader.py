@@ -30,13 +30,12 @@ How the stages overlap:
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import threading
 import warnings
 import weakref
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar, cast, overload
 
@@ -45,13 +44,15 @@ import anyio.lowlevel
 import anyio.to_thread
 import numpy as np
 
+from .._api.describe import describe
 from .._api.device import Device, Stream
-from .._api.memory import DeviceArray, describe
+from .._api.memory import DeviceArray
 from .._core import trace as _trace
 from .._core.errors import InvalidArgumentError
 from .._core.loopport import LoopPort, current_port
 from .._core.operation import Operation
 from .._core.progress import LoaderProgressCallback, report_progress
+from .batches import is_buffer, is_device_array, map_leaves, needs_prepare, prepare
 from .interop import converter
 
 __all__ = ["Prefetcher", "prefetch"]
@@ -165,95 +166,6 @@ def prefetch(
     return Prefetcher(source, depth=depth, device=device, stream=stream, to=to, progress=progress)
 
 
-# -- batch structure ----------------------------------------------------------
-
-
-def _is_buffer(obj: object) -> bool:
-    """Whether ``obj`` is a leaf to copy (rather than pass through)."""
-    if obj is None or isinstance(obj, (str, bool, int, float, complex)):
-        return False
-    if isinstance(obj, (np.ndarray, np.generic, DeviceArray)):
-        return True
-    cls = type(obj)
-    if hasattr(cls, "__array_interface__") or hasattr(cls, "__dlpack__"):
-        return True
-    if hasattr(obj, "__cuda_array_interface__"):
-        return True
-    try:
-        with memoryview(obj):  # type: ignore[arg-type]
-            return True
-    except TypeError:
-        return False
-
-
-def _map(obj: Any, fn: Callable[[Any], Any], is_leaf: Callable[[Any], bool]) -> Any:
-    """``obj`` with ``fn`` applied to each leaf, rebuilding dicts, lists and tuples."""
-    if isinstance(obj, dict):
-        items = {k: _map(v, fn, is_leaf) for k, v in obj.items()}
-        if type(obj) is dict:
-            return items
-        new = copy.copy(obj)  # keeps OrderedDict / defaultdict and their settings
-        new.clear()
-        new.update(items)
-        return new
-    if isinstance(obj, Mapping):
-        return {k: _map(v, fn, is_leaf) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        values = [_map(v, fn, is_leaf) for v in obj]
-        cls = type(obj)
-        if cls is list:
-            return values
-        if cls is tuple:
-            return tuple(values)
-        if hasattr(obj, "_fields"):  # a named tuple
-            return cls(*values)
-        try:
-            return cls(values)
-        except Exception:
-            return tuple(values) if isinstance(obj, tuple) else values
-    if is_leaf(obj):
-        return fn(obj)
-    return obj
-
-
-def _is_strided(leaf: Any) -> bool:
-    """True for a host leaf that must be made C-contiguous before its copy."""
-    if isinstance(leaf, np.ndarray):
-        return not leaf.flags.c_contiguous
-    check = getattr(leaf, "is_contiguous", None)  # torch tensors
-    if callable(check):
-        try:
-            return not bool(check())
-        except Exception:
-            return False
-    return False
-
-
-def _contiguous(leaf: Any) -> Any:
-    if isinstance(leaf, np.ndarray):
-        return np.ascontiguousarray(leaf)
-    return leaf.contiguous()
-
-
-def _needs_prepare(batch: Any) -> bool:
-    found: list[bool] = []
-
-    def visit(leaf: Any) -> Any:
-        if _is_strided(leaf):
-            found.append(True)
-        return leaf
-
-    _map(batch, visit, _is_buffer)
-    return bool(found)
-
-
-def _prepare(batch: Any) -> Any:
-    """Host-side work off the loop: make strided leaves C-contiguous (a copy)."""
-    if not _needs_prepare(batch):
-        return batch
-    return _map(batch, lambda x: _contiguous(x) if _is_strided(x) else x, _is_buffer)
-
-
 # -- pipeline -------------------------------------------------------------------
 
 
@@ -328,7 +240,7 @@ class _SyncPuller:
                         return
                     self._room -= 1
                 try:
-                    batch = _prepare(next(it))
+                    batch = prepare(next(it))
                 except StopIteration:
                     self._post("end", None)
                     return
@@ -578,7 +490,7 @@ class Prefetcher(Generic[BatchT]):
 
         try:
             with _trace.using(self._tracer):
-                value = _map(batch, leaf, _is_buffer)
+                value = map_leaves(batch, leaf, is_buffer)
         except Exception as exc:
             return _Entry(None, ops, exc)
         return _Entry(value, ops)
@@ -599,9 +511,9 @@ class Prefetcher(Generic[BatchT]):
                 self._entries.append(_Entry(None, error=exc))
                 return
             self.pulled += 1
-            if _needs_prepare(batch):
+            if needs_prepare(batch):
                 with anyio.CancelScope(shield=True):  # short; keeps the batch on cancel
-                    batch = await anyio.to_thread.run_sync(_prepare, batch)
+                    batch = await anyio.to_thread.run_sync(prepare, batch)
             self._entries.append(self._enqueue(batch))
 
     async def _next(self) -> Any:
@@ -648,7 +560,7 @@ class Prefetcher(Generic[BatchT]):
             raise entry.error
         if self._identity:
             return entry.value
-        return _map(entry.value, self._convert, _is_device_array)
+        return map_leaves(entry.value, self._convert, is_device_array)
 
     def _finish(self) -> None:
         """The source is exhausted and every batch handed over: release what we own."""
@@ -656,7 +568,3 @@ class Prefetcher(Generic[BatchT]):
             report_progress(self._progress, self.delivered, self.delivered)
         self._stopped = True
         self._release_stream()
-
-
-def _is_device_array(obj: object) -> bool:
-    return isinstance(obj, DeviceArray)

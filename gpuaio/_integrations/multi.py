@@ -16,8 +16,9 @@ from typing import Any
 import anyio
 import numpy as np
 
+from .._api.describe import describe
 from .._api.device import Device, device_of
-from .._api.memory import DeviceArray, describe
+from .._api.memory import DeviceArray
 from .._api.runtime import current_runtime
 from .._api.transfers import check_copy
 from .._core.errors import InvalidArgumentError

@@ -58,7 +58,7 @@ class PinnedAccounting:
     and ``host_register``/``host_unregister``. An allocation made for a user
     (:func:`gpuaio.pinned_empty` and other gpuaio allocations) is told apart
     from gpuaio's own (the staging pool, a completion engine's flag slab) by
-    whether ``gpuaio/_memory.py`` asked for it.
+    whether ``gpuaio/_api/memory.py`` asked for it.
     """
 
     _by_backend: ClassVar[weakref.WeakKeyDictionary[Any, PinnedAccounting]] = (
@@ -143,7 +143,7 @@ class PinnedAccounting:
 
 
 # Taken from the module, not built from this file's path, so that it follows
-# _memory.py wherever the package puts it.
+# gpuaio/_api/memory.py wherever the package puts it.
 _MEMORY_MODULE = os.path.abspath(inspect.getfile(_memory))
 
 

@@ -45,7 +45,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..._core.errors import CudaError, DeviceFatalError
-from ..._core.operation import Operation, post_waiters, resolve_many
+from ..._core.operation import ClosedWhilePendingError, Operation, post_waiters, resolve_many
 from ._engine import CompletionEngine, FaultProbe
 from ._queue import StreamQueue, Waiters
 from ._tuning import (
@@ -69,8 +69,6 @@ if TYPE_CHECKING:
 __all__ = ["EventEngine"]
 
 log = logging.getLogger("gpuaio")
-
-CLOSED = "gpuaio completion engine closed with the operation pending"
 
 
 class _Pace:
@@ -344,7 +342,7 @@ class EventEngine(CompletionEngine):
                     self._fail_all(fatal)
             elif not self._pass(queues, pace):
                 self._rest(queues, pace)
-        self._fail_pending(RuntimeError(CLOSED))
+        self._fail_pending(ClosedWhilePendingError())
 
     def _wait(self, timeout: float | None) -> bool:
         """Sleep on the condition (held) until notified or ``timeout``; returns if notified."""

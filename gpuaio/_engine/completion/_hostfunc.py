@@ -22,7 +22,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ..._core.errors import DeviceFatalError
-from ..._core.operation import Operation, resolve_many
+from ..._core.operation import ClosedWhilePendingError, Operation, resolve_many
 from ._engine import CompletionEngine, FaultProbe
 from ._tuning import FAULT_PROBE_S
 
@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 __all__ = ["HostFuncEngine"]
 
 log = logging.getLogger("gpuaio")
-
-CLOSED = "gpuaio completion engine closed with the operation pending"
 
 
 class HostFuncEngine(CompletionEngine):
@@ -101,7 +99,7 @@ class HostFuncEngine(CompletionEngine):
         if m is not None and m is not threading.current_thread():
             m.join(timeout=5)
         self._resolve_fired()  # those whose host function ran have completed
-        self._fail_pending(RuntimeError(CLOSED))
+        self._fail_pending(ClosedWhilePendingError())
         self._probe.close()
 
     # -- resolving -----------------------------------------------------

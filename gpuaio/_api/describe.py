@@ -1,0 +1,308 @@
+"""Classifying buffers: what any object a user passes is, as gpuaio sees it.
+
+:func:`describe` turns anything a user may pass (a gpuaio array, a NumPy
+array or other buffer, an object with ``__cuda_array_interface__`` or
+``__dlpack__``) into a :class:`~gpuaio._engine.buffers.BufferInfo`: address,
+size, layout and memory kind. The kind decides the copy path. gpuaio's own
+allocations are known without a driver call; a foreign buffer is classified
+with ``cuPointerGetAttributes`` once and cached on its owning object. Host
+ranges page-locked with :func:`gpuaio.register_host` are kept in a registry
+here, so that classifying them needs no driver call either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._core.errors import BufferFreedError, InvalidArgumentError
+from .._engine.buffers import BufferInfo
+from ..backends import MemoryKind
+from .memory import (
+    _SIZE_LIMIT,
+    Allocation,
+    BufferTypeError,
+    DeviceArray,
+    _is_c_contiguous,
+    _PinnedBlock,
+)
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+__all__ = ["describe", "forget"]
+
+
+class _Registry:
+    """Host ranges page-locked with :func:`register_host`, for classification."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._starts: list[int] = []
+        self._entries: list[tuple[int, int, Allocation]] = []
+
+    def add(self, alloc: Allocation) -> None:
+        import bisect
+
+        with self._lock:
+            i = bisect.bisect(self._starts, alloc.ptr)
+            self._starts.insert(i, alloc.ptr)
+            self._entries.insert(i, (alloc.ptr, alloc.ptr + alloc.nbytes, alloc))
+
+    def remove(self, alloc: Allocation | None) -> None:
+        with self._lock:
+            for i, (_s, _e, a) in enumerate(self._entries):
+                if a is alloc:
+                    del self._starts[i]
+                    del self._entries[i]
+                    return
+
+    def wait_unregistered(self, ptr: int, nbytes: int, timeout: float = 10.0) -> None:
+        """Block until no registration still being undone overlaps the range."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                busy = any(a.freed and s < ptr + nbytes and ptr < e for s, e, a in self._entries)
+            if not busy or time.monotonic() > deadline:
+                return
+            time.sleep(0.001)
+
+    def find(self, ptr: int, nbytes: int) -> Allocation | None:
+        import bisect
+
+        if not self._starts:
+            return None
+        with self._lock:
+            i = bisect.bisect(self._starts, ptr) - 1
+            if i >= 0:
+                start, end, alloc = self._entries[i]
+                if start <= ptr and ptr + nbytes <= end:
+                    return alloc
+        return None
+
+
+def _registry(runtime: Runtime) -> _Registry:
+    reg = runtime.extras.get("registry")
+    if reg is None:
+        reg = runtime.extras["registry"] = _Registry()
+    assert isinstance(reg, _Registry)
+    return reg
+
+
+_kind_cache: weakref.WeakKeyDictionary[Any, tuple[MemoryKind, int | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def forget(obj: Any) -> None:
+    """Drop the cached memory kind of ``obj``'s root buffer (after (un)registering it)."""
+    # A root that cannot be weakly referenced (bytearray, bytes) or hashed was
+    # never cached: _host_kind classifies it each time.
+    with contextlib.suppress(TypeError, ValueError):
+        _kind_cache.pop(_root(obj), None)
+
+
+def _root(arr: Any) -> Any:
+    base = arr
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return base
+
+
+def _host_kind(
+    runtime: Runtime, ptr: int, root: Any
+) -> tuple[MemoryKind, int | None, Allocation | None]:
+    if isinstance(root, _PinnedBlock):
+        return MemoryKind.PINNED, None, root.alloc
+    try:
+        cached = _kind_cache.get(root)
+    except (TypeError, ValueError):  # unhashable, or a writable memoryview
+        cached = None
+    if cached is None:
+        info = runtime.backend.pointer_info(ptr)
+        cached = (info.kind, info.device)
+        with contextlib.suppress(TypeError, ValueError):
+            _kind_cache[root] = cached  # else classified again next time
+    return cached[0], cached[1], None
+
+
+def describe(obj: Any, runtime: Runtime, name: str = "the buffer") -> BufferInfo:
+    """Classify ``obj`` (see the module docstring); raise if it is no buffer.
+
+    ``name`` is how errors call the argument (``"src"``, ``"parts[2]"``).
+    """
+    if isinstance(obj, DeviceArray):
+        alloc = obj._alloc
+        if alloc.freed:
+            raise BufferFreedError("this device array was freed")
+        return BufferInfo(
+            obj.ptr,
+            obj.nbytes,
+            obj.shape,
+            obj.dtype,
+            alloc.kind,
+            alloc.device,
+            False,
+            True,
+            obj,
+            alloc,
+        )
+    cai = getattr(obj, "__cuda_array_interface__", None)
+    if cai is not None:
+        return _from_cai(obj, cai, runtime, name)
+    if isinstance(obj, np.ndarray) or hasattr(obj, "__array_interface__"):
+        return _from_numpy(np.asarray(obj), obj, runtime)
+    try:
+        mv = memoryview(obj)
+    except TypeError:
+        mv = None
+    if mv is not None:
+        return _from_numpy(np.asarray(mv), obj, runtime)
+    if hasattr(obj, "__dlpack__"):
+        return _from_dlpack(obj, runtime)
+    raise BufferTypeError(
+        f"{name}: {type(obj).__name__} is not a buffer: pass a gpuaio array, a numpy array or "
+        "other buffer-protocol object, or an object with __cuda_array_interface__ or __dlpack__"
+    )
+
+
+def _from_numpy(arr: np.ndarray[Any, Any], owner: Any, runtime: Runtime) -> BufferInfo:
+    if arr.dtype.hasobject:
+        raise InvalidArgumentError("arrays of Python objects cannot be copied to or from a GPU")
+    ptr = int(arr.__array_interface__["data"][0]) if arr.size else 0
+    root = _root(arr)
+    reg = _registry(runtime).find(ptr, arr.nbytes) if arr.size else None
+    if reg is not None:
+        # Being unregistered: take the pageable path and cache nothing.
+        kind = MemoryKind.PAGEABLE if reg.freed else MemoryKind.PINNED
+        device, alloc = None, (None if reg.freed else reg)
+    elif arr.size:
+        kind, device, alloc = _host_kind(runtime, ptr, root)
+    else:
+        kind, device, alloc = MemoryKind.PAGEABLE, None, None
+    return BufferInfo(
+        ptr,
+        arr.nbytes,
+        arr.shape,
+        arr.dtype,
+        kind,
+        device,
+        not arr.flags.writeable,
+        bool(arr.flags.c_contiguous),
+        (owner, arr),
+        alloc,
+    )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _parse_cai(
+    cai: Any, name: str
+) -> tuple[int, bool, tuple[int, ...], np.dtype[Any], tuple[int, ...] | None]:
+    """Check a ``__cuda_array_interface__`` dict (v3): ``(ptr, readonly, shape, dtype, strides)``.
+
+    A foreign object's interface is input like any other: a malformed one
+    raises :class:`InvalidArgumentError` naming ``name`` and the field.
+    """
+
+    def bad(why: str) -> InvalidArgumentError:
+        return InvalidArgumentError(f"{name}: malformed __cuda_array_interface__: {why}")
+
+    if not isinstance(cai, Mapping):
+        raise bad(f"a dict is expected, not {type(cai).__name__}")
+    for key in ("shape", "typestr", "data"):
+        if key not in cai:
+            raise bad(f"it has no {key!r}")
+    data = cai["data"]
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise bad(f"'data' must be a (pointer, read_only) pair, not {data!r}")
+    ptr, readonly = data
+    if not _is_int(ptr) or not 0 <= ptr < _SIZE_LIMIT:
+        raise bad(f"the pointer in 'data' must be an address (an int), not {ptr!r}")
+    raw_shape = cai["shape"]
+    if not isinstance(raw_shape, (tuple, list)) or not all(_is_int(d) for d in raw_shape):
+        raise bad(f"'shape' must be a tuple of ints, not {raw_shape!r}")
+    shape = tuple(int(d) for d in raw_shape)
+    if any(d < 0 for d in shape):
+        raise bad(f"'shape' {shape} has a negative extent")
+    typestr = cai["typestr"]
+    if not isinstance(typestr, str):
+        raise bad(f"'typestr' must be a str, not {typestr!r}")
+    try:
+        dtype = np.dtype(typestr)
+    except (TypeError, ValueError):
+        raise bad(f"'typestr' {typestr!r} is not a type string numpy knows") from None
+    if dtype.hasobject or dtype.itemsize == 0:
+        raise bad(f"'typestr' {typestr!r} is not a fixed-size data type")
+    raw_strides = cai.get("strides")
+    strides: tuple[int, ...] | None = None
+    if raw_strides is not None:
+        if (
+            not isinstance(raw_strides, (tuple, list))
+            or len(raw_strides) != len(shape)
+            or not all(_is_int(st) for st in raw_strides)
+        ):
+            raise bad(
+                f"'strides' must be None or a tuple of {len(shape)} ints (one per "
+                f"extent of 'shape'), not {raw_strides!r}"
+            )
+        strides = tuple(int(st) for st in raw_strides)
+    if cai.get("mask") is not None:
+        raise bad("masked arrays ('mask') are not supported")
+    if not isinstance(readonly, (bool, np.bool_, int)):
+        raise bad(f"the read-only flag in 'data' must be a bool, not {readonly!r}")
+    return int(ptr), bool(readonly), shape, dtype, strides
+
+
+def _from_cai(obj: Any, cai: Any, runtime: Runtime, name: str) -> BufferInfo:
+    ptr, readonly, shape, dtype, strides = _parse_cai(cai, name)
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    if n and ptr == 0:
+        raise InvalidArgumentError(
+            f"{name}: malformed __cuda_array_interface__: a null pointer for {n} bytes"
+        )
+    contiguous = strides is None or _is_c_contiguous(shape, strides, dtype.itemsize)
+    if n:
+        info = runtime.backend.pointer_info(ptr)
+        kind, device = info.kind, info.device
+    else:
+        kind, device = MemoryKind.DEVICE, None
+    return BufferInfo(ptr, n, shape, dtype, kind, device, readonly, contiguous, obj, None)
+
+
+def _from_dlpack(obj: Any, runtime: Runtime) -> BufferInfo:
+    from .._core.dlpack import parse_dlpack
+
+    view = parse_dlpack(obj)
+    n = view.dtype.itemsize
+    for d in view.shape:
+        n *= d
+    contiguous = _is_c_contiguous(view.shape, view.strides_bytes, view.dtype.itemsize)
+    if n:
+        info = runtime.backend.pointer_info(view.ptr)
+        kind, device = info.kind, info.device
+    else:
+        kind, device = MemoryKind.PAGEABLE, None
+    return BufferInfo(
+        view.ptr,
+        n,
+        view.shape,
+        view.dtype,
+        kind,
+        device,
+        view.readonly,
+        contiguous,
+        (obj, view.keepalive),
+        None,
+    )
