@@ -454,7 +454,7 @@ def test_a_failure_after_page_locking_unlocks(
     gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A registration that fails once the memory is page-locked unlocks it before raising."""
-    from gpuaio._api import memory as _memory
+    from gpuaio._api import registration as _registration
 
     rt = gpuaio_runtime
 
@@ -464,7 +464,7 @@ def test_a_failure_after_page_locking_unlocks(
     buf = np.zeros(1 << 16, np.uint8)
     # The last step, after the range is page-locked and in the registry (where
     # register_host(bytearray) used to fail).
-    monkeypatch.setattr(_memory, "forget", broken)
+    monkeypatch.setattr(_registration, "forget", broken)
     with pytest.raises(MemoryError, match="injected"):
         gpuaio.register_host(buf)
     monkeypatch.undo()

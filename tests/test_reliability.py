@@ -384,7 +384,7 @@ import numpy as np
 import gpuaio
 from gpuaio.backends.sim import SimBackend, SimConfig
 rt = gpuaio.use_backend(SimBackend(SimConfig()))
-dev = device_of(rt, 0)
+dev = gpuaio.Device(0)
 s = dev.stream()
 rt.backend.hold(s._native)  # GPU work that never ends (a hung kernel)
 op = s.copy(dev.empty(2 << 20), np.ones(2 << 20, np.uint8))  # staged: pinned blocks in flight
@@ -441,7 +441,7 @@ import os, sys, time
 import gpuaio
 from gpuaio.backends.sim import SimBackend, SimConfig
 rt = gpuaio.use_backend(SimBackend(SimConfig()), completion="hostfunc")
-dev = device_of(rt, 0)
+dev = gpuaio.Device(0)
 s = dev.stream()
 d = dev.empty(64)
 s.record()            # dropped at once: the host function's closure holds the last reference

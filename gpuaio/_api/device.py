@@ -32,9 +32,8 @@ import os
 import threading
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, SupportsIndex
+from typing import Any, SupportsIndex, cast
 
 import anyio
 import anyio.to_thread
@@ -71,28 +70,23 @@ def _per_thread_default() -> bool:
 
 def device_of(rt: Runtime, ordinal: int) -> Device:
     """The :class:`Device` object for ``ordinal`` of runtime ``rt`` (one per runtime)."""
-    devices = _devices.get(rt)
-    dev = devices.get(ordinal) if devices is not None else None
-    if dev is not None:
-        return dev
-    if rt.forked is not None:
+    if rt.forked is not None:  # before the lookup: an inherited Device is unusable too
         raise rt.forked_error("Device")
+    dev = rt.devices.get(ordinal)
+    if dev is not None:
+        return cast(Device, dev)
     count = rt.backend.device_count()
     if not 0 <= ordinal < count:
         raise NoDeviceError(
             f"no device {ordinal}: the {rt.backend.name} backend has {count} device(s)"
         )
     with _devices_lock:
-        devices = _devices.setdefault(rt, {})
-        dev = devices.get(ordinal)
+        dev = rt.devices.get(ordinal)
         if dev is None:
-            dev = devices[ordinal] = Device._create(rt, ordinal)
-    return dev
+            dev = rt.devices[ordinal] = Device._create(rt, ordinal)
+    return cast(Device, dev)
 
 
-# Each runtime's devices, kept here rather than by the runtime, which sits
-# below devices and streams and does not know them.
-_devices: weakref.WeakKeyDictionary[Runtime, dict[int, Device]] = weakref.WeakKeyDictionary()
 _devices_lock = threading.Lock()
 
 

@@ -62,6 +62,9 @@ class Runtime:
         """What :meth:`configure_staging` set last (config, pinned budget)."""
         self.closed: bool = False
         self.extras: dict[str, Any] = {}
+        self.devices: dict[int, object] = {}
+        """The :class:`gpuaio.Device` objects, kept by ``gpuaio._api.device.device_of``
+        (the runtime sits below devices and does not import them)."""
         self.forked: str | None = None
         """In a child forked after this runtime was created: why it cannot be used."""
 

@@ -226,7 +226,7 @@ def _any_device_faulted(runtime: Runtime) -> bool:
     from .._core.errors import DeviceFatalError
 
     backend = runtime.backend
-    for ordinal in list(getattr(runtime, "_devices", {})):
+    for ordinal in list(runtime.devices):
         try:
             backend.event_destroy(backend.event_create(ordinal))
         except DeviceFatalError:
