@@ -11,7 +11,7 @@ So in the child every call on the inherited runtime fails at once with
 :class:`~gpuaio.ForkedProcessError`, and nothing inherited is freed (freeing
 would be a driver call on a context the child cannot use): the child leaks
 it. The simulated backend is held to the same rule, so that code tested on
-the sim fails the same way it would on a GPU. :mod:`gpuaio._runtime` installs
+the sim fails the same way it would on a GPU. :mod:`gpuaio._api.runtime` installs
 the ``os.register_at_fork`` hooks that apply this.
 """
 

@@ -5,13 +5,15 @@ get a fresh simulated backend); objects from an earlier runtime must not be
 used after a swap.
 
 A process forked after the runtime was created cannot use it (see
-:mod:`gpuaio._fork`): the ``os.register_at_fork`` hooks at the end of this
+:mod:`gpuaio._api.fork`): the ``os.register_at_fork`` hooks at the end of this
 module disable it in the child.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import importlib
 import logging
 import os
 import threading
@@ -292,9 +294,34 @@ def _create(backend: Backend | str | None, completion: Strategy | None) -> Runti
         if be.name == "cuda" and _cuda_pid is None:
             _cuda_pid = os.getpid()
         old, _current = _current, Runtime(be, reason, completion)
+    _warm_imports()
     if old is not None:
         old.close()
     return _current
+
+
+_warmed = False
+
+
+def _warm_imports() -> None:
+    """Import, on a thread of its own, what a first call would import on the caller's.
+
+    DLPack input goes through cuda.core's ``StridedMemoryView``, and importing
+    ``cuda.core`` takes about 0.4 s: a first ``copy`` of a torch or JAX
+    tensor inside an event loop would block it that long.
+    """
+    global _warmed
+    if _warmed:
+        return
+    _warmed = True
+    threading.Thread(
+        target=_import_quietly, args=("cuda.core.utils",), name="gpuaio-imports", daemon=True
+    ).start()
+
+
+def _import_quietly(name: str) -> None:
+    with contextlib.suppress(Exception):  # a missing module fails later, where it is needed
+        importlib.import_module(name)
 
 
 def _refuse_cuda_after_fork(name: str | None) -> None:

@@ -45,7 +45,7 @@ class Transfers:
 
     # -- submission ----------------------------------------------------
     # Work is handed to the stream's sequencer: ``self._seq.gpu`` for driver
-    # work, ``self._seq.host`` for host steps (see gpuaio._sequencer).
+    # work, ``self._seq.host`` for host steps (see gpuaio._engine.sequencer).
 
     def _array_args(self, args: Sequence[Any]) -> list[BufferInfo]:
         """Describe the arrays among ``args``; reject device memory of another device."""

@@ -49,7 +49,7 @@ _QUIET = (OperationAbortedError, DeviceFatalError, ForkedProcessError, ClosedWhi
 _warn = warnings.warn  # bound now: ``__del__`` may run at interpreter shutdown
 
 forked_child = False
-"""Set in a child forked after gpuaio initialized (see gpuaio._fork): operations
+"""Set in a child forked after gpuaio initialized (see gpuaio._api.fork): operations
 pending at the fork never complete there, and awaiting one fails at once."""
 
 

@@ -2,7 +2,7 @@
 
 One engine per device. After an operation's work is enqueued on a stream,
 :meth:`CompletionEngine.watch` places a completion marker behind it and
-resolves the :class:`~gpuaio._operation.Operation` once the marker fires.
+resolves the :class:`~gpuaio._core.operation.Operation` once the marker fires.
 
 Strategies (selected with ``GPUAIO_COMPLETION`` or :func:`gpuaio.configure`),
 one module each:

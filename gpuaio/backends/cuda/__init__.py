@@ -15,10 +15,10 @@ context stays). When the right context is current already, as in gpuaio's own
 threads after their first call, that is one ``cuCtxGetCurrent`` per call.
 
 Errors. Every ``CUresult`` is checked; a failure becomes
-:func:`gpuaio._errors.make_cuda_error` (``CudaError``, or ``DeviceFatalError``
+:func:`gpuaio._core.errors.make_cuda_error` (``CudaError``, or ``DeviceFatalError``
 for sticky codes) naming the driver call, the ``CUresult`` name and its
 description. Bad arguments caught before a call raise
-:class:`~gpuaio._errors.InvalidArgumentError`; nothing is enqueued then.
+:class:`~gpuaio._core.errors.InvalidArgumentError`; nothing is enqueued then.
 
 Kernel arguments: how :meth:`CudaBackend.launch` passes Python values to a
 kernel is described in ``_launch``.
@@ -48,7 +48,7 @@ class CudaBackend(LaunchCalls, CompileCalls, StreamCalls, MemoryCalls):
     """The ``cuda`` backend: CUDA driver API calls through ``cuda.bindings``.
 
     Construction initializes the driver (``cuInit``) and counts devices; it
-    raises :class:`~gpuaio._errors.NoDeviceError` if the driver library is
+    raises :class:`~gpuaio._core.errors.NoDeviceError` if the driver library is
     missing, ``cuInit`` fails, or no device exists. Everything per device is
     lazy: a device's primary context is retained on its first use.
     """

@@ -199,7 +199,7 @@ class CompileCalls(DriverBase):
         ``--fmad=``, ``--ftz=``, ``--prec-div=``, ``--prec-sqrt=``, ``-G``,
         ``-lineinfo``, ``--maxrregcount=``, ``-arch=`` and a few more) are
         mapped onto ``ProgramOptions`` fields, any other raises
-        :class:`~gpuaio._errors.InvalidArgumentError`. The kernel name must be
+        :class:`~gpuaio._core.errors.InvalidArgumentError`. The kernel name must be
         unmangled (``extern "C"``). Compile errors and unknown kernel names
         raise ``InvalidArgumentError`` with NVRTC's log. ``sim`` is the
         simulated body used by the ``sim`` backend and is ignored here.
