@@ -178,7 +178,9 @@ class Operation:
                     # Poll at least once after yielding, even past the
                     # deadline: with many tasks one turn of the loop can
                     # outlast the whole window, and by then the op is done.
-                    if engine.poll_for(self) or time.perf_counter() >= deadline:
+                    if (engine is not None and engine.poll_for(self)) or (
+                        time.perf_counter() >= deadline
+                    ):
                         break
             if not self._done:
                 yield from self._wait_woken(engine).__await__()

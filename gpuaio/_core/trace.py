@@ -226,7 +226,7 @@ def trace(path: str | os.PathLike[str] | None = None) -> Iterator[Tracer]:
 
 
 try:  # NVTX ranges when the package is there; nothing otherwise.
-    import nvtx as _nvtx
+    import nvtx as _nvtx  # pyright: ignore[reportMissingImports]
 except ImportError:  # pragma: no cover - depends on the environment
     _nvtx = None
 

@@ -181,6 +181,7 @@ class PinnedPool:
             if allocate:
                 self.reclaim()
             victims: list[PinnedBlock] = []
+            events: list[Any] = []
             with self._cv:
                 if self._closed:
                     raise RuntimeError("the pinned pool is closed")
@@ -301,6 +302,7 @@ class PinnedPool:
             self._reclaiming = True
             blocks = list(self._guarded)
         dead: list[Any] = []
+        done: list[PinnedBlock] = []
         try:
             done = [b for b in blocks if self._fired(b)]
         finally:

@@ -67,7 +67,7 @@ def to_cupy(array: DeviceArray) -> Any:
     ``await`` returns, so there is no pending gpuaio work to order against
     CuPy's stream.
     """
-    import cupy
+    import cupy  # pyright: ignore[reportMissingImports]
 
     with cupy.cuda.Device(array.device):
         return cupy.asarray(array)
@@ -79,7 +79,7 @@ def to_torch(array: DeviceArray) -> Any:
     The tensor keeps ``array`` alive through the DLPack capsule's owner
     reference.
     """
-    import torch
+    import torch  # pyright: ignore[reportMissingImports]
 
     return torch.from_dlpack(array)
 
@@ -124,7 +124,7 @@ def _cuda_only(stream: Stream, what: str) -> None:
 def as_cupy_stream(stream: Stream) -> Any:
     """A ``cupy.cuda.ExternalStream`` on ``stream``'s ``CUstream`` (see the ordering rule)."""
     _cuda_only(stream, "as_cupy_stream")
-    import cupy
+    import cupy  # pyright: ignore[reportMissingImports]
 
     return cupy.cuda.ExternalStream(stream.handle, stream.device.ordinal)
 
@@ -132,7 +132,7 @@ def as_cupy_stream(stream: Stream) -> Any:
 def as_torch_stream(stream: Stream) -> Any:
     """A ``torch.cuda.ExternalStream`` on ``stream``'s ``CUstream`` (see the ordering rule)."""
     _cuda_only(stream, "as_torch_stream")
-    import torch
+    import torch  # pyright: ignore[reportMissingImports]
 
     return torch.cuda.ExternalStream(stream.handle, device=f"cuda:{stream.device.ordinal}")
 
@@ -191,7 +191,7 @@ def launch_cupy(
     the returned operation completes when the kernel has run.
     """
     _cuda_only(stream, "launch_cupy")
-    import cupy
+    import cupy  # pyright: ignore[reportMissingImports]
 
     grid3 = normalize_dim3(grid, "grid")
     block3 = normalize_dim3(block, "block")
@@ -224,7 +224,7 @@ def launch_numba(
     run.
     """
     _cuda_only(stream, "launch_numba")
-    from numba import cuda
+    from numba import cuda  # pyright: ignore[reportMissingImports]
 
     grid3 = normalize_dim3(grid, "grid")
     block3 = normalize_dim3(block, "block")

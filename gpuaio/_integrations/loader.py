@@ -296,9 +296,9 @@ class Prefetcher(Generic[BatchT]):
         self._async_source: AsyncIterator[Any] | None = None
         self._sync_source: Iterable[Any] | None = None
         if hasattr(source, "__aiter__"):
-            self._async_source = source.__aiter__()
+            self._async_source = cast("AsyncIterable[Any]", source).__aiter__()
         elif hasattr(source, "__iter__"):
-            self._sync_source = source
+            self._sync_source = source  # pyright: ignore[reportAttributeAccessIssue]
         else:
             raise InvalidArgumentError(
                 f"source must be an iterable or async iterable, not {type(source).__name__}"
