@@ -283,6 +283,7 @@ def current_runtime() -> Runtime:
 
 def _create(backend: Backend | str | None, completion: Strategy | None) -> Runtime:
     global _current, _cuda_pid
+    _warm_imports()  # not under the lock: a loop asking for the runtime would wait for it
     with _current_lock:
         if backend is None and _current is not None:
             return _current
@@ -294,7 +295,6 @@ def _create(backend: Backend | str | None, completion: Strategy | None) -> Runti
         if be.name == "cuda" and _cuda_pid is None:
             _cuda_pid = os.getpid()
         old, _current = _current, Runtime(be, reason, completion)
-    _warm_imports()
     if old is not None:
         old.close()
     return _current
@@ -304,24 +304,23 @@ _warmed = False
 
 
 def _warm_imports() -> None:
-    """Import, on a thread of its own, what a first call would import on the caller's.
+    """Import now, where the runtime starts, what a first call would import later.
 
     DLPack input goes through cuda.core's ``StridedMemoryView``, and importing
-    ``cuda.core`` takes about 0.4 s: a first ``copy`` of a torch or JAX
-    tensor inside an event loop would block it that long.
+    ``cuda.core`` takes 0.2-0.4 s: a first ``copy`` of a torch or JAX tensor
+    inside an event loop would block it that long. The runtime starts on the
+    thread of the first ``Device`` (a worker with ``await Device.open()``),
+    and once per process. Not on a thread of its own: cuda.core swaps its
+    module for its cu12/cu13 build while it imports, so a second thread that
+    imports it meanwhile can get a half-made module (seen on an H200: a
+    compile found no ``ProgramOptions``).
     """
     global _warmed
     if _warmed:
         return
     _warmed = True
-    threading.Thread(
-        target=_import_quietly, args=("cuda.core.utils",), name="gpuaio-imports", daemon=True
-    ).start()
-
-
-def _import_quietly(name: str) -> None:
     with contextlib.suppress(Exception):  # a missing module fails later, where it is needed
-        importlib.import_module(name)
+        importlib.import_module("cuda.core.utils")
 
 
 def _refuse_cuda_after_fork(name: str | None) -> None:
