@@ -362,6 +362,7 @@ class Stream(Transfers):
         # an operation keeps its stream alive until it completes.
         if getattr(self, "_closed", True) or not self._owned:
             return
+        what = repr(self)  # before marking it closed: the warning says "unclosed"
         self._closed = True
         rt = self._rt
         if rt.closed or rt.forked is not None:
@@ -379,7 +380,7 @@ class Stream(Transfers):
             rt.reaper.submit(release)
         # Last: under ``-W error`` this raises (reported as unraisable).
         _warn(
-            f"unclosed {self!r}: use `async with dev.stream()` or aclose()",
+            f"unclosed {what}: use `async with dev.stream()` or aclose()",
             ResourceWarning,
             source=self,
         )
