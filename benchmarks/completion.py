@@ -514,8 +514,9 @@ def busy(seconds: float) -> None:
         x += 1
 
 
-async def gil_stall(args: argparse.Namespace, default: str) -> list[H.Record]:
-    """GPU time of memsets + markers while Python is busy: default strategy vs hostfunc."""
+async def gil_once(strategy: str, busy_s: float) -> float:
+    """One GIL-stall run with ``strategy``, in a process of its own (see :func:`gil_stall`)."""
+    use_strategy(strategy)  # nothing is pending yet: this process has run no op
     rt = H.runtime()
     be = rt.backend
     dev = gpuaio.Device(0)
@@ -524,58 +525,75 @@ async def gil_stall(args: argparse.Namespace, default: str) -> list[H.Record]:
     await s.memset(d, 0)
     on_gpu = be.name == "cuda"
     timer = GpuTimer() if on_gpu else None
+    for k in range(20):
+        await s.memset(d, k)
+    gate = threading.Event()
+
+    def hold() -> None:  # holds the stream until released (waits without the GIL)
+        gate.wait()
+
+    be.launch_host_func(s._native, hold)
+    # Failsafe: should an enqueue below block on a full launch queue, the
+    # hold is released from here and the run is reported as failed
+    # instead of deadlocking the benchmark.
+    forced = threading.Event()
+
+    def failsafe() -> None:
+        if not gate.is_set():
+            forced.set()
+            gate.set()
+
+    guard = threading.Timer(10.0, failsafe)
+    guard.daemon = True
+    guard.start()
+    if timer is not None:
+        timer.record(timer.start, s._native)
+    ops = [s.memset(d, k) for k in range(GIL_OPS)]
+    if timer is not None:
+        timer.record(timer.end, s._native)
+    hog = threading.Thread(target=busy, args=(busy_s,), daemon=True)
+    hog.start()
+    await anyio.sleep(0.005)
+    t0 = time.perf_counter()
+    gate.set()
+    guard.cancel()
+    if forced.is_set():
+        raise RuntimeError("an enqueue blocked on a full launch queue; lower GIL_OPS")
+    wall: float | None = None
+    if timer is None:
+
+        def drained() -> float:
+            be.stream_synchronize(s._native)
+            return time.perf_counter()
+
+        wall = (await anyio.to_thread.run_sync(drained) - t0) * 1e3
+    await anyio.to_thread.run_sync(hog.join)
+    await gpuaio.wait_all(ops)
+    await s.aclose()
+    if timer is not None:
+        return await anyio.to_thread.run_sync(timer.elapsed_ms)
+    assert wall is not None
+    return wall
+
+
+async def gil_stall(args: argparse.Namespace, default: str) -> list[H.Record]:
+    """GPU time of memsets + markers while Python is busy: default strategy vs hostfunc.
+
+    Each run is a fresh process that starts with its strategy (an earlier
+    version switched strategies with ``gpuaio.configure()`` in one process,
+    which refuses to while operations pend, and crashed on a GPU).
+    """
+    on_gpu = H.runtime().backend.name == "cuda"
     busy_s = args.busy
 
     async def one_run(strategy: str) -> float:
-        use_strategy(strategy)
-        for k in range(20):
-            await s.memset(d, k)
-        gate = threading.Event()
-
-        def hold() -> None:  # holds the stream until released (waits without the GIL)
-            gate.wait()
-
-        be.launch_host_func(s._native, hold)
-        # Failsafe: should an enqueue below block on a full launch queue, the
-        # hold is released from here and the run is reported as failed
-        # instead of deadlocking the benchmark.
-        forced = threading.Event()
-
-        def failsafe() -> None:
-            if not gate.is_set():
-                forced.set()
-                gate.set()
-
-        guard = threading.Timer(10.0, failsafe)
-        guard.daemon = True
-        guard.start()
-        if timer is not None:
-            timer.record(timer.start, s._native)
-        ops = [s.memset(d, k) for k in range(GIL_OPS)]
-        if timer is not None:
-            timer.record(timer.end, s._native)
-        hog = threading.Thread(target=busy, args=(busy_s,), daemon=True)
-        hog.start()
-        await anyio.sleep(0.005)
-        t0 = time.perf_counter()
-        gate.set()
-        guard.cancel()
-        if forced.is_set():
-            raise RuntimeError("an enqueue blocked on a full launch queue; lower GIL_OPS")
-        wall: float | None = None
-        if timer is None:
-
-            def drained() -> float:
-                be.stream_synchronize(s._native)
-                return time.perf_counter()
-
-            wall = (await anyio.to_thread.run_sync(drained) - t0) * 1e3
-        await anyio.to_thread.run_sync(hog.join)
-        await gpuaio.wait_all(ops)
-        if timer is not None:
-            return await anyio.to_thread.run_sync(timer.elapsed_ms)
-        assert wall is not None
-        return wall
+        cmd = [sys.executable, __file__, "--gil-child", strategy, "--busy", str(busy_s)]
+        with anyio.fail_after(120):
+            done = await anyio.run_process(cmd, check=False)
+        if done.returncode:
+            tail = done.stderr.decode(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"the child exited with {done.returncode}: {' | '.join(tail)}")
+        return float(done.stdout.decode().strip().splitlines()[-1])
 
     other = "hostfunc"
     res = await H.interleave(
@@ -583,8 +601,6 @@ async def gil_stall(args: argparse.Namespace, default: str) -> list[H.Record]:
         reps=args.gil_reps,
         warmup=0,
     )
-    use_strategy(default)
-    await s.aclose()
     for name, err in res.errors.items():
         print(f"  GIL stall with {name} FAILED: {err}")
     mine, theirs = res.median(default), res.median(other)
@@ -659,6 +675,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-peers", action="store_true", help="skip numba, CuPy and torch")
     p.add_argument("--no-gil-stall", action="store_true", help="skip the GIL-stall comparison")
     p.add_argument("--out-dir", help="where to write the results (default benchmarks/results)")
+    p.add_argument("--gil-child", metavar="STRATEGY", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {
@@ -681,6 +698,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.gil_child:  # one GIL-stall run, for gil_stall() in the parent
+        print(H.run_on("asyncio", gil_once, args.gil_child, args.busy))
+        return 0
     H.watchdog()
     card = H.detect_card()
     H.banner("completion", card)

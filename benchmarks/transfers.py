@@ -43,7 +43,7 @@ from gpuaio._engine.hostwork import HostPool
 from gpuaio._engine.staging import Stager, StagingConfig
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-FULL_SIZES = (4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, 1 * GiB)
+FULL_SIZES = (4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, 1 * GiB)
 QUICK_MAX = 16 * MiB
 DERIVED_MIN = 64 * MiB
 HOST_THREADS = (1, 2, 4, 8, 12, 16)

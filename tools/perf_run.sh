@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Issue 13's one command: the small-copy probe, the transfer sweep (4 KiB to
+# 1 GiB, both directions, with torch and CuPy) and the completion suite
+# (uvloop and asyncio, with peers, GIL stall), in one process tree, well
+# inside 10 minutes on an H200. Results and logs go to $OUT (default
+# /tmp/perf); run from the repository root on a GPU machine:
+#
+#   OUT=/tmp/perf bash tools/perf_run.sh [label]
+set -o pipefail
+OUT=${OUT:-/tmp/perf}
+LABEL=${1:-}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export GPUAIO_GIT_COMMIT=${GPUAIO_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
+t0=$(date +%s)
+nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.current,pcie.link.width.current \
+    --format=csv,noheader | tee "$OUT/probe.log"
+timeout 150 python3 tools/small_copy_probe.py --out "$OUT" --label "$LABEL" 2>&1 | tee -a "$OUT/probe.log"
+if [ -n "${PERF_STAGE_VARIANTS:-}" ]; then
+    # Section 3 again under other settings: "ENV=VALUE;ENV=VALUE ..." (one per run).
+    IFS=';' read -ra variants <<<"$PERF_STAGE_VARIANTS"
+    for v in "${variants[@]}"; do
+        echo "### variant: $v" | tee -a "$OUT/probe.log"
+        env $v timeout 60 python3 tools/small_copy_probe.py --only-stages --reps 1500 \
+            --out /tmp/variant 2>&1 | grep -E "total_us|mean_us|cpu_us|Error|error" | tee -a "$OUT/probe.log"
+    done
+fi
+echo "probe took $(( $(date +%s) - t0 )) s" | tee -a "$OUT/probe.log"
+timeout 270 python3 benchmarks/transfers.py --out-dir "$OUT" 2>&1 | tee "$OUT/transfers.log"
+echo "through transfers: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/transfers.log"
+timeout 200 python3 benchmarks/completion.py --loops uvloop,asyncio --out-dir "$OUT" 2>&1 \
+    | tee "$OUT/completion.log"
+echo "all took $(( $(date +%s) - t0 )) s" | tee -a "$OUT/completion.log"
