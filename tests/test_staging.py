@@ -269,3 +269,81 @@ def test_a_block_waited_on_keeps_its_events_until_the_wait_ends(gpuaio_runtime: 
     pool.release(block)
     pool.close()
     s.close()
+
+
+def test_a_large_request_is_not_served_from_small_cached_blocks(gpuaio_runtime: Any) -> None:
+    """With room in the budget, a chunked transfer gets the chunk size it asked
+    for, not a small block an earlier small transfer left in the cache: on an
+    H200 a 1 GiB copy chunked into cached 1 MiB blocks ran at 6.8 GB/s instead
+    of over 30 (issue 13)."""
+    from gpuaio._engine.pool import PinnedPool
+
+    pool = PinnedPool(gpuaio_runtime.backend, budget=64 * MiB)
+    small = pool.acquire(MiB)
+    assert small is not None
+    pool.release(small)  # cached now
+    big = pool.acquire(16 * MiB, min_bytes=MiB)
+    try:
+        assert big is not None and big.size == 16 * MiB, big
+        assert pool.stats().misses == 2
+    finally:
+        if big is not None:
+            pool.release(big)
+        pool.close()
+
+
+def test_a_small_cached_block_serves_a_large_request_when_nothing_fits(
+    gpuaio_runtime: Any,
+) -> None:
+    """Under a budget with no room for the size asked for, the cached smaller
+    block serves (the chunk adapts) instead of evicting and re-pinning."""
+    from gpuaio._engine.pool import PinnedPool
+
+    pool = PinnedPool(gpuaio_runtime.backend, budget=2 * MiB)
+    small = pool.acquire(MiB)
+    assert small is not None
+    pool.release(small)
+    got = pool.acquire(16 * MiB, min_bytes=MiB)
+    try:
+        assert got is small
+        assert pool.stats().misses == 1 and pool.stats().evictions == 0
+    finally:
+        if got is not None:
+            pool.release(got)
+        pool.close()
+
+
+async def test_large_staged_copy_after_small_ones_uses_its_own_chunk_size(
+    gpuaio_runtime: Any, dev: gpuaio.Device
+) -> None:
+    """End to end: after 1 MiB copies cached 1 MiB blocks, a 64 MiB pageable copy
+    still stages through blocks of its own chunk size, and its data arrive."""
+    s = dev.stream()
+    small = pattern(MiB, 3)
+    d_small = dev.empty(MiB)
+    for _ in range(3):
+        await s.copy(d_small, small)
+    stager = gpuaio_runtime.stager
+    n = 64 * MiB
+    chunk = stager.chunk_for(n)
+    assert chunk > MiB
+    src = pattern(n, 5)
+    d = dev.empty(n)
+    be = gpuaio_runtime.backend
+    real = be.memcpy_async
+    dmas: list[int] = []
+
+    def counting(dst: int, src_ptr: int, nbytes: int, stream: Any) -> None:
+        dmas.append(nbytes)
+        real(dst, src_ptr, nbytes, stream)
+
+    be.memcpy_async = counting
+    try:
+        await s.copy(d, src)
+    finally:
+        be.memcpy_async = real
+    assert dmas == [chunk] * (n // chunk), f"DMAs of {sorted(set(dmas))} bytes, not {chunk}"
+    back = np.zeros(n, np.uint8)
+    await s.copy(back, d)
+    assert np.array_equal(back, src)
+    await s.aclose()

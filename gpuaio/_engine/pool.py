@@ -185,7 +185,14 @@ class PinnedPool:
             with self._cv:
                 if self._closed:
                     raise RuntimeError("the pinned pool is closed")
-                block = self._take_locked(size, floor, ceiling)
+                # The size asked for (or larger) first. A smaller cached block
+                # only when ``size`` cannot be allocated now: a large transfer
+                # chunked into the 1 MiB blocks small ones left behind ran at a
+                # fifth of its speed (measured on an H200, issue 13).
+                block = self._take_locked(size, size, ceiling)
+                if block is None and floor < size:
+                    if not (allocate and self.budget - self._reserved >= size):
+                        block = self._take_locked(size, floor, ceiling)
                 if block is not None:
                     if waited:
                         self._waits += 1
