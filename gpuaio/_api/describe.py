@@ -49,12 +49,14 @@ class _Registry:
     def add(self, alloc: Allocation) -> None:
         import bisect
 
+        _invalidate()
         with self._lock:
             i = bisect.bisect(self._starts, alloc.ptr)
             self._starts.insert(i, alloc.ptr)
             self._entries.insert(i, (alloc.ptr, alloc.ptr + alloc.nbytes, alloc))
 
     def remove(self, alloc: Allocation | None) -> None:
+        _invalidate()
         with self._lock:
             for i, (_s, _e, a) in enumerate(self._entries):
                 if a is alloc:
@@ -96,17 +98,61 @@ def _registry(runtime: Runtime) -> _Registry:
     return reg
 
 
-_kind_cache: weakref.WeakKeyDictionary[Any, tuple[MemoryKind, int | None]] = (
-    weakref.WeakKeyDictionary()
-)
+_generation = [0]
+"""Bumped whenever a host range's kind may have changed (registration, forget):
+every cached classification made before it is stale."""
+
+
+def _invalidate() -> None:
+    _generation[0] += 1
+
+
+class _ByIdentity:
+    """Values cached per live object, by ``id``, without needing it to be hashable.
+
+    NumPy arrays are not hashable (a ``WeakKeyDictionary`` cannot hold them),
+    and reading an array's address and kind costs microseconds: for an awaited
+    4 KiB copy that was a sixth of its time. An entry holds while the same
+    object lives (a weak reference, whose callback drops the entry) and no
+    registration or :func:`forget` came in between. Objects that cannot be
+    weakly referenced (``bytearray``, ``bytes``) are never cached. No lock:
+    single dict operations are atomic, and a lost race only classifies again.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref[Any], int, Any]] = {}
+
+    def get(self, obj: Any) -> Any:
+        entry = self._entries.get(id(obj))
+        if entry is None or entry[0]() is not obj or entry[1] != _generation[0]:
+            return None
+        return entry[2]
+
+    def put(self, obj: Any, value: Any, generation: int) -> None:
+        key = id(obj)
+        entries = self._entries
+
+        def drop(ref: weakref.ref[Any]) -> None:
+            entry = entries.get(key)
+            if entry is not None and entry[0] is ref:
+                del entries[key]
+
+        try:
+            ref = weakref.ref(obj, drop)
+        except TypeError:
+            return
+        entries[key] = (ref, generation, value)
+
+
+_root_kinds = _ByIdentity()
+"""Root buffer -> (kind, device) from ``cuPointerGetAttributes``."""
+_arrays = _ByIdentity()
+"""NumPy array -> (shape, runtime ref, address, kind, device, allocation)."""
 
 
 def forget(obj: Any) -> None:
-    """Drop the cached memory kind of ``obj``'s root buffer (after (un)registering it)."""
-    # A root that cannot be weakly referenced (bytearray, bytes) or hashed was
-    # never cached: _host_kind classifies it each time.
-    with contextlib.suppress(TypeError, ValueError):
-        _kind_cache.pop(_root(obj), None)
+    """Drop the cached memory kind of ``obj``'s buffer (after (un)registering it)."""
+    _invalidate()
 
 
 def _root(arr: Any) -> Any:
@@ -121,15 +167,12 @@ def _host_kind(
 ) -> tuple[MemoryKind, int | None, Allocation | None]:
     if isinstance(root, _PinnedBlock):
         return MemoryKind.PINNED, None, root.alloc
-    try:
-        cached = _kind_cache.get(root)
-    except (TypeError, ValueError):  # unhashable, or a writable memoryview
-        cached = None
+    cached = _root_kinds.get(root)
     if cached is None:
+        gen = _generation[0]
         info = runtime.backend.pointer_info(ptr)
         cached = (info.kind, info.device)
-        with contextlib.suppress(TypeError, ValueError):
-            _kind_cache[root] = cached  # else classified again next time
+        _root_kinds.put(root, cached, gen)
     return cached[0], cached[1], None
 
 
@@ -174,28 +217,38 @@ def describe(obj: Any, runtime: Runtime, name: str = "the buffer") -> BufferInfo
 
 
 def _from_numpy(arr: np.ndarray[Any, Any], owner: Any, runtime: Runtime) -> BufferInfo:
-    if arr.dtype.hasobject:
-        raise InvalidArgumentError("arrays of Python objects cannot be copied to or from a GPU")
-    ptr = int(arr.__array_interface__["data"][0]) if arr.size else 0
-    root = _root(arr)
-    reg = _registry(runtime).find(ptr, arr.nbytes) if arr.size else None
-    if reg is not None:
-        # Being unregistered: take the pageable path and cache nothing.
-        kind = MemoryKind.PAGEABLE if reg.freed else MemoryKind.PINNED
-        device, alloc = None, (None if reg.freed else reg)
-    elif arr.size:
-        kind, device, alloc = _host_kind(runtime, ptr, root)
+    shape = arr.shape
+    hit = _arrays.get(arr)
+    if hit is not None and hit[0] == shape and hit[1]() is runtime:
+        # The same array again (shape checked: a resize in place moves it).
+        ptr, kind, device, alloc = hit[2:]
     else:
-        kind, device, alloc = MemoryKind.PAGEABLE, None, None
+        if arr.dtype.hasobject:
+            raise InvalidArgumentError(
+                "arrays of Python objects cannot be copied to or from a GPU"
+            )
+        gen = _generation[0]
+        ptr = int(arr.__array_interface__["data"][0]) if arr.size else 0
+        reg = _registry(runtime).find(ptr, arr.nbytes) if arr.size else None
+        if reg is not None:
+            kind = MemoryKind.PAGEABLE if reg.freed else MemoryKind.PINNED
+            device, alloc = None, (None if reg.freed else reg)
+        elif arr.size:
+            kind, device, alloc = _host_kind(runtime, ptr, _root(arr))
+        else:
+            kind, device, alloc = MemoryKind.PAGEABLE, None, None
+        if reg is None or not reg.freed:  # being unregistered: cache nothing
+            _arrays.put(arr, (shape, weakref.ref(runtime), ptr, kind, device, alloc), gen)
+    flags = arr.flags
     return BufferInfo(
         ptr,
         arr.nbytes,
-        arr.shape,
+        shape,
         arr.dtype,
         kind,
         device,
-        not arr.flags.writeable,
-        bool(arr.flags.c_contiguous),
+        not flags.writeable,
+        flags.c_contiguous,
         (owner, arr),
         alloc,
     )

@@ -94,33 +94,30 @@ class Transfers:
         d = describe(dst, rt, "dst")
         s = describe(src, rt, "src")
         check_copy(d, s)
-        for info, role in ((d, "destination"), (s, "source")):
-            if (
-                info.kind in (MemoryKind.DEVICE, MemoryKind.MANAGED)
-                and info.device not in (None, self._ordinal)
-                and (d.kind.is_host or s.kind.is_host)
-            ):
+        d_host, s_host = d.kind.is_host, s.kind.is_host
+        if d_host is not s_host:  # one side on a GPU: it must be this stream's
+            dev_side, role = (s, "source") if d_host else (d, "destination")
+            if dev_side.device is not None and dev_side.device != self._ordinal:
                 raise InvalidArgumentError(
-                    f"the {role} is on device {info.device} but this stream is on device "
-                    f"{self._ordinal}; use a stream of device {info.device}"
+                    f"the {role} is on device {dev_side.device} but this stream is on device "
+                    f"{self._ordinal}; use a stream of device {dev_side.device}"
                 )
         label = _COPY_LABELS[s.kind, d.kind]
-        if d.nbytes == 0:
+        n = d.nbytes
+        if n == 0:
             return completed(label, self)
-        op = Operation(label, self, keep=(d.owner, s.owner), nbytes=d.nbytes)
-        self._track(op, (d, s))
+        op = Operation(label, self, (d.owner, s.owner), n)
+        if d.alloc is not None or s.alloc is not None:
+            self._track(op, (d, s))
         if progress is not None:
             op._progress = progress
-            total = d.nbytes
 
             def report_done() -> None:
                 if op._exc is None:
-                    report_progress(progress, total, total)
+                    report_progress(progress, n, n)
 
             op._add_done_callback(report_done)
-        backend = rt.backend
-        n = d.nbytes
-        if d.kind.is_host and s.kind.is_host:
+        if d_host and s_host:
             dv, sv = d.host_array(), s.host_array()
 
             def h2h() -> bool:
@@ -128,23 +125,17 @@ class Transfers:
                 return False
 
             return self._seq.host(op, h2h, after_gpu=True)
-        if MemoryKind.PAGEABLE in (d.kind, s.kind):
+        if d.kind is _PAGEABLE or s.kind is _PAGEABLE:
             return self._pageable_copy(op, d, s)
-        if (
-            d.device is not None
-            and s.device is not None
-            and d.device != s.device
-            and not d.kind.is_host
-            and not s.kind.is_host
-        ):
+        backend = rt.backend
+        if not d_host and not s_host and d.device != s.device and None not in (d.device, s.device):
             dp, dd, sp, sd = d.ptr, d.device, s.ptr, s.device
+            assert dd is not None and sd is not None
             rt.ensure_peer_access(dd, sd)
             op._est = n / _NVLINK_BPS
             return self._seq.gpu(op, backend.memcpy_peer_async, dp, dd, sp, sd, n)
-        host_side = d.kind.is_host or s.kind.is_host
-        op._est = n / (_PCIE_BPS if host_side else _HBM_BPS)
-        dp, sp = d.ptr, s.ptr
-        return self._seq.gpu(op, backend.memcpy_async, dp, sp, n)
+        op._est = n / (_PCIE_BPS if d_host or s_host else _HBM_BPS)
+        return self._seq.gpu(op, backend.memcpy_async, d.ptr, s.ptr, n)
 
     def _pageable_copy(self, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
         try:
@@ -245,6 +236,7 @@ _MEMSET_LIMITS = {w: (-(1 << (8 * w - 1)), (1 << (8 * w)) - 1) for w in (1, 2, 4
 """Per memset width: the lowest value accepted (as signed) and the mask (highest, unsigned)."""
 _DEVICE = MemoryKind.DEVICE
 _MANAGED = MemoryKind.MANAGED
+_PAGEABLE = MemoryKind.PAGEABLE
 
 
 def _check_writable(d: BufferInfo, what: str) -> None:

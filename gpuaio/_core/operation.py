@@ -172,9 +172,15 @@ class Operation:
                 # before the first poll: a GPU takes microseconds to even
                 # start an op. Longer ops are left to the watcher thread.
                 deadline = max(now, self._eta) + spin
-                yield_now = _yielder()
+                # On asyncio (and uvloop) a bare yield reschedules the task
+                # for the next turn of the loop, which is all asyncio.sleep(0)
+                # does, without a coroutine per poll.
+                yield_now = None if asyncio._get_running_loop() is not None else _yielder()
                 while True:
-                    yield from yield_now().__await__()
+                    if yield_now is None:
+                        yield
+                    else:
+                        yield from yield_now().__await__()
                     # Poll at least once after yielding, even past the
                     # deadline: with many tasks one turn of the loop can
                     # outlast the whole window, and by then the op is done.

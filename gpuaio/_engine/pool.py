@@ -119,7 +119,8 @@ class PinnedPool:
                 f"the pinned budget must be at least {MIN_CLASS} bytes, not {self.budget}"
             )
         self._defer: Callable[[Callable[[], None]], None] = defer or _run_now
-        self._cv = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
         self._free: dict[int, list[PinnedBlock]] = {}
         self._guarded: deque[PinnedBlock] = deque()
         self._reserved = 0
@@ -280,19 +281,36 @@ class PinnedPool:
                 self._cv.notify_all()
             added += size
 
+    def take_cached(self, nbytes: int) -> PinnedBlock | None:
+        """A cached block of ``nbytes``' size class, or None: never calls the
+        driver, never waits (for event loops; :meth:`acquire` does the rest)."""
+        size = size_class(nbytes)
+        with self._lock:
+            lst = self._free.get(size)
+            if not lst or self._closed:
+                return None
+            block = lst.pop()
+            self._in_use += size
+            self._hits += 1
+        return block
+
     def release(self, block: PinnedBlock, events: list[Any] | tuple[Any, ...] = ()) -> None:
         """Hand ``block`` back; reusable once every event in ``events`` has fired.
 
         The events become the pool's: it destroys them after they fire. No
         driver call: safe on the event loop.
         """
-        with self._cv:
+        with self._lock:
             if events:
                 block.events = list(events)
                 self._guarded.append(block)
             else:
                 self._put_free_locked(block)
-            self._cv.notify_all()
+            # Only a thread waiting in acquire() needs the notification; small
+            # copies release a block per op, on the loop, and a notify_all()
+            # with nobody waiting still costs a microsecond there.
+            if self._cv._waiters:  # type: ignore[attr-defined]
+                self._cv.notify_all()
 
     def reclaim(self) -> None:
         """Make guarded blocks whose events have all fired reusable.

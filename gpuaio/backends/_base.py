@@ -53,9 +53,18 @@ class MemoryKind(enum.Enum):
     MANAGED = "managed"
     """Unified (managed) memory, migrated on demand."""
 
-    @property
-    def is_host(self) -> bool:
-        return self in (MemoryKind.PAGEABLE, MemoryKind.PINNED)
+    is_host: bool
+    """Pageable or pinned (set on each member below: a plain attribute is read
+    on every copy, and a property cost more than the rest of the check)."""
+
+    # Members are singletons: hash them by identity, in C (Enum's own hash
+    # is a Python call, paid on every copy's label lookup).
+    __hash__ = object.__hash__
+
+
+for _kind in MemoryKind:
+    _kind.is_host = _kind.value in ("pageable", "pinned")
+del _kind
 
 
 @dataclass(frozen=True, slots=True)
