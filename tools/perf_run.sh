@@ -26,6 +26,16 @@ if [ -n "${PERF_STAGE_VARIANTS:-}" ]; then
     done
 fi
 echo "probe took $(( $(date +%s) - t0 )) s" | tee -a "$OUT/probe.log"
+if [ -n "${PERF_TRANSFER_VARIANTS:-}" ]; then
+    # Mid sizes again under other staging settings: "ENV=VALUE ENV=VALUE;..." (one per run).
+    IFS=';' read -ra variants <<<"$PERF_TRANSFER_VARIANTS"
+    for v in "${variants[@]}"; do
+        echo "### variant: $v" | tee -a "$OUT/variants.log"
+        env $v timeout 90 python3 benchmarks/transfers.py --sizes "${PERF_VARIANT_SIZES:-1M,4M,16M}" \
+            --no-peers --out-dir /tmp/variant 2>&1 \
+            | grep -E "^[0-9]+[KMG]iB|_pageable |loop lag|memory over" | tee -a "$OUT/variants.log"
+    done
+fi
 timeout 270 python3 benchmarks/transfers.py --out-dir "$OUT" 2>&1 | tee "$OUT/transfers.log"
 echo "through transfers: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/transfers.log"
 timeout 200 python3 benchmarks/completion.py --loops uvloop,asyncio --out-dir "$OUT" 2>&1 \

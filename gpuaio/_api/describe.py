@@ -12,7 +12,6 @@ here, so that classifying them needs no driver call either.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import weakref
 from collections.abc import Mapping
@@ -224,9 +223,7 @@ def _from_numpy(arr: np.ndarray[Any, Any], owner: Any, runtime: Runtime) -> Buff
         ptr, kind, device, alloc = hit[2:]
     else:
         if arr.dtype.hasobject:
-            raise InvalidArgumentError(
-                "arrays of Python objects cannot be copied to or from a GPU"
-            )
+            raise InvalidArgumentError("arrays of Python objects cannot be copied to or from a GPU")
         gen = _generation[0]
         ptr = int(arr.__array_interface__["data"][0]) if arr.size else 0
         reg = _registry(runtime).find(ptr, arr.nbytes) if arr.size else None

@@ -191,9 +191,9 @@ class PinnedPool:
                 # chunked into the 1 MiB blocks small ones left behind ran at a
                 # fifth of its speed (measured on an H200, issue 13).
                 block = self._take_locked(size, size, ceiling)
-                if block is None and floor < size:
-                    if not (allocate and self.budget - self._reserved >= size):
-                        block = self._take_locked(size, floor, ceiling)
+                can_allocate = allocate and self.budget - self._reserved >= size
+                if block is None and floor < size and not can_allocate:
+                    block = self._take_locked(size, floor, ceiling)
                 if block is not None:
                     if waited:
                         self._waits += 1

@@ -61,6 +61,8 @@ class StagingConfig:
     """Largest chunk (64 MiB measured best on an H100 host); smaller transfers use
     smaller chunks (about 1/8 of the copy) so the pipeline fills quickly."""
     min_chunk: int = 1 << 20
+    split: int = field(default_factory=lambda: int(os.environ.get("GPUAIO_STAGING_SPLIT", "8")))
+    """Chunks a transfer is split into (before clamping to [min_chunk, max_chunk])."""
     depth: int = field(default_factory=lambda: int(os.environ.get("GPUAIO_STAGING_DEPTH", "4")))
     """Chunks in flight per transfer (pinned use per transfer is depth x chunk)."""
     inline_max: int = field(default_factory=lambda: _env_size("GPUAIO_INLINE_MAX", 256 << 10))
@@ -75,13 +77,15 @@ class StagingConfig:
                 f"chunk sizes must satisfy 0 < min_chunk <= max_chunk (GPUAIO_CHUNK_BYTES), "
                 f"not {self.min_chunk} and {self.max_chunk}"
             )
+        if self.split < 1:
+            raise InvalidArgumentError(f"GPUAIO_STAGING_SPLIT must be at least 1, not {self.split}")
         if self.inline_max < 0:
             raise InvalidArgumentError(
                 f"GPUAIO_INLINE_MAX must not be negative, not {self.inline_max}"
             )
 
     def chunk_for(self, nbytes: int, budget: int | None = None) -> int:
-        """The chunk size for a transfer of ``nbytes``: an eighth of it, as a
+        """The chunk size for a transfer of ``nbytes``: ``1/split`` of it, as a
         power of two, clamped to [``min_chunk``, ``max_chunk``].
 
         With a pinned ``budget``, also no larger than the power of two that
@@ -89,7 +93,7 @@ class StagingConfig:
         under ``min_chunk``): large and small transfers under a tight budget
         then share one block size instead of evicting each other's blocks.
         """
-        target = max(self.min_chunk, nbytes // 8)
+        target = max(self.min_chunk, nbytes // self.split)
         chunk = min(self.max_chunk, 1 << (target - 1).bit_length())
         if budget is not None:
             per_transfer = self.depth + LOOKAHEAD
