@@ -149,8 +149,14 @@ def detect_card() -> Card:
 
 
 def git_commit() -> str:
-    """``git rev-parse HEAD`` of the project, else ``$GPUAIO_GIT_COMMIT``, else ``"unknown"``."""
+    """``$GPUAIO_GIT_COMMIT``, else ``git rev-parse HEAD`` of the project, else ``"unknown"``.
+
+    The variable comes first: a copy of the tree on a GPU machine may carry a
+    stale ``.git``.
+    """
     env = os.environ.get("GPUAIO_GIT_COMMIT")
+    if env:
+        return env
     try:
         out = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "HEAD"],
