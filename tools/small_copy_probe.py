@@ -407,6 +407,87 @@ async def floor(be: Any, s: Any, d: Any, host: Any, back: Any, n: int, k: int) -
     be.event_destroy(ev)
 
 
+# -- 5. timelines ------------------------------------------------------------
+async def timelines() -> None:
+    """Where one staged or pinned copy spends its time: every driver call, pool
+    acquire and host-copy submission, by thread, relative to the call."""
+    dev = gpuaio.Device(0)
+    s = dev.stream()
+    rt = current_runtime()
+    be = rt.backend
+    stager = rt.stager
+    assert stager is not None
+    pool = stager.pool
+    host = rt.host
+    log: list[tuple[float, str, str]] = []
+    counts: dict[str, int] = {}
+
+    def note(what: str) -> None:
+        log.append((time.perf_counter(), threading.current_thread().name, what))
+
+    def wrap(obj: Any, name: str, quiet: bool = False) -> None:
+        fn = getattr(obj, name)
+
+        def wrapped(*a: Any, **k: Any) -> Any:
+            counts[name] = counts.get(name, 0) + 1
+            if quiet:
+                return fn(*a, **k)
+            note(name + " >")
+            try:
+                return fn(*a, **k)
+            finally:
+                note(name + " <")
+
+        setattr(obj, name, wrapped)
+
+    for name in (
+        "memcpy_async",
+        "event_create",
+        "event_destroy",
+        "event_record",
+        "event_synchronize",
+        "host_alloc",
+        "stream_synchronize",
+    ):
+        wrap(be, name)
+    wrap(be, "event_query", quiet=True)
+    wrap(pool, "acquire")
+    wrap(host, "submit_copy")
+    cases = []
+    for n in (4 * MiB, 16 * MiB, 64 * MiB):
+        src = np.random.default_rng(n).integers(0, 255, n, dtype=np.uint8)
+        back = np.zeros(n, np.uint8)
+        pin = gpuaio.pinned_empty(n)
+        d = dev.empty(n)
+        cases += [
+            (f"h2d_pageable_{sizes(n)}", functools.partial(s.copy, d, src)),
+            (f"d2h_pageable_{sizes(n)}", functools.partial(s.copy, back, d)),
+            (f"h2d_pinned_{sizes(n)}", functools.partial(s.copy, d, pin)),
+        ]
+    for name, make in cases:
+        for _ in range(3):  # warm: blocks cached, threads started
+            await make()
+        log.clear()
+        counts.clear()
+        t0 = time.perf_counter()
+        op = make()
+        note("copy() returned")
+        op._add_done_callback(lambda: note("op resolved"))
+        await op
+        t1 = time.perf_counter()
+        note("await returned")
+        print(
+            f"  -- {name}: {(t1 - t0) * 1e6:.0f} us; event queries {counts.get('event_query', 0)}"
+        )
+        rows = []
+        for t, thread, what in log:
+            rows.append(f"{(t - t0) * 1e6:9.1f} us  {thread[:22]:22s} {what}")
+        for row in rows[:60]:
+            print("    " + row)
+        RESULTS[f"timeline_{name}"] = rows[:200]
+        RESULTS[f"timeline_{name}_us"] = round((t1 - t0) * 1e6, 1)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--out", default=".", help="folder for the JSON and the profile")
@@ -415,6 +496,7 @@ def main() -> int:
     ap.add_argument("--allow-sim", action="store_true")
     ap.add_argument("--label", default="", help="a name for this run (what changed)")
     ap.add_argument("--only-stages", action="store_true", help="section 3 only, no profile")
+    ap.add_argument("--timelines", action="store_true", help="section 5 only")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -428,6 +510,14 @@ def main() -> int:
     RESULTS["label"] = args.label
     RESULTS["git"] = os.environ.get("GPUAIO_GIT_COMMIT", "")
     RESULTS["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if args.timelines:
+        import uvloop
+
+        section("5. timelines", lambda: uvloop.run(timelines()))
+        (out / f"small_copy_timelines{args.label}.json").write_text(
+            json.dumps(RESULTS, indent=1) + "\n"
+        )
+        return 0
     if on_gpu and not args.only_stages:
         section("1. driver costs (us)", driver_costs)
         section("2. alternatives", lambda: alternatives(max_size))
