@@ -475,7 +475,7 @@ async def test_failed_d2h_chunk_keeps_its_block_guarded(gpuaio_runtime: Any) -> 
     unguarded; the late DMA then overwrote it under another, successful transfer."""
     rt = gpuaio_runtime
     dev = device_of(rt, 0)
-    n = 1 << 20  # > inline_max: the chunked D2H path, one 1 MiB chunk
+    n = 2 << 20  # > inline_max (1 MiB): the chunked D2H path, two 1 MiB chunks
     s1, s2 = dev.stream(), dev.stream()
     src = dev.empty(n)
     await s1.memset(src, 0x11)

@@ -111,8 +111,11 @@ class PinnedPool:
         budget: int | None = None,
         *,
         defer: Callable[[Callable[[], None]], None] | None = None,
+        recycle: Callable[[list[Any]], None] | None = None,
     ) -> None:
         self.backend = backend
+        self._recycle = recycle
+        """Takes the fired guard events of reclaimed blocks for reuse (else destroyed)."""
         self.budget: int = default_budget() if budget is None else int(budget)
         if self.budget < MIN_CLASS:
             raise InvalidArgumentError(
@@ -345,7 +348,10 @@ class PinnedPool:
                         self._put_free_locked(block)
                 self._cv.notify_all()
         if dead:
-            self._defer(functools.partial(self._destroy, dead))
+            if self._recycle is not None:
+                self._recycle(dead)
+            else:
+                self._defer(functools.partial(self._destroy, dead))
 
     def trim(self) -> int:
         """Free cached idle blocks; returns the bytes given back to the driver.

@@ -23,6 +23,7 @@ settle on the host actions before them, so stream order holds.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from collections import deque
@@ -105,6 +106,62 @@ class StagingConfig:
         return max(self.min_chunk, chunk)
 
 
+class _EventCache:
+    """Fired staging events (blocking-sync, no timing), kept per device for reuse.
+
+    A staged copy records one event per chunk (the guard of its pinned block)
+    and a ring of ``depth``; creating and destroying each is a driver call of
+    4-12 us, a tenth of a 1 MiB chunk's time on an H200 (issue 13's
+    timelines). An event comes back when nothing waits on it any more (the
+    ring's when its transfer ends, a guard once the pool saw it fire), and every
+    user records an event before waiting on it, so a reused event never
+    carries an old record into a new wait. Thread-safe: list ``append`` and
+    ``pop`` are atomic.
+    """
+
+    KEEP = 64
+    """Events kept per device; more are destroyed."""
+
+    def __init__(self, backend: Any, defer: Any) -> None:
+        self._backend = backend
+        self._defer = defer
+        self._free: dict[int, list[Any]] = {}
+
+    def get(self, device: int) -> Any:
+        """A cached event of ``device``, else a new one (a driver call: never on a loop)."""
+        lst = self._free.get(device)
+        if lst:
+            try:
+                return lst.pop()
+            except IndexError:  # another thread took the last one
+                pass
+        return self._backend.event_create(device, blocking_sync=True)
+
+    def put(self, events: list[Any]) -> None:
+        """Take back fired events (any device)."""
+        extra = []
+        for ev in events:
+            lst = self._free.setdefault(ev.device, [])
+            if len(lst) < self.KEEP:
+                lst.append(ev)
+            else:
+                extra.append(ev)
+        if extra:
+            self._defer(lambda: self._destroy(extra))
+
+    def close(self) -> None:
+        """Destroy every cached event."""
+        events = [ev for lst in self._free.values() for ev in lst]
+        self._free.clear()
+        self._destroy(events)
+
+    def _destroy(self, events: list[Any]) -> None:
+        for ev in events:
+            # A faulted context fails the destroy: its events are gone anyway.
+            with contextlib.suppress(Exception):
+                self._backend.event_destroy(ev)
+
+
 class Stager:
     """Runs pageable transfers of one runtime through its pinned pool."""
 
@@ -113,11 +170,15 @@ class Stager:
     ) -> None:
         self.runtime = runtime
         self.config: StagingConfig = config or StagingConfig()
-        self.pool: PinnedPool = PinnedPool(runtime.backend, budget, defer=runtime.reaper.submit)
+        self.events = _EventCache(runtime.backend, runtime.reaper.submit)
+        self.pool: PinnedPool = PinnedPool(
+            runtime.backend, budget, defer=runtime.reaper.submit, recycle=self.events.put
+        )
 
     def close(self) -> None:
-        """Close the pinned pool (waits, bounded, for blocks still in use)."""
+        """Close the pinned pool (waits, bounded, for blocks still in use), drop cached events."""
         self.pool.close()
+        self.events.close()
 
     def blocks_for(self, transfer_bytes: int, concurrent: int = 1) -> tuple[int, int]:
         """(block size, count) that ``concurrent`` transfers of this size hold at most."""
@@ -224,7 +285,8 @@ class Stager:
         device = seq.ordinal
         solo = chunk <= SOLO_CHUNK
         # The pool gets guard events of its own, destroyed once they fire.
-        ring = [backend.event_create(device, blocking_sync=True) for _ in range(depth)]
+        events = self.events
+        ring = [events.get(device) for _ in range(depth)]
         copying: deque[tuple[int, int, PinnedBlock, list[Future[None]]]] = deque()
         # Chunk copies are traced on the host threads that run them, into
         # the tracer the op captured when its task enqueued it.
@@ -264,7 +326,9 @@ class Stager:
                 except BaseException:
                     pool.release(block)
                     raise
-                guard = _guarded_dma(backend, native, device, pool, block, d.ptr + o, block.ptr, ln)
+                guard = _guarded_dma(
+                    backend, native, events.get(device), pool, block, d.ptr + o, block.ptr, ln
+                )
                 pool.release(block, [guard])
                 backend.event_record(slot, native)
                 j += 1
@@ -273,8 +337,9 @@ class Stager:
                     report_progress(op._progress, enqueued, n)
         finally:
             _drop(pool, copying)
-            for ev in ring:
-                backend.event_destroy(ev)
+            # Pending or not: every user records an event before it waits on
+            # it, and a record replaces the one before.
+            events.put(ring)
         if enqueued < n:
             seq.wait_prior()
             raise OperationAbortedError(f"{op.label}: aborted after {enqueued} of {n} bytes")
@@ -296,6 +361,7 @@ class Stager:
         depth = self.config.depth
         device = seq.ordinal
         solo = chunk <= SOLO_CHUNK
+        events = self.events
         inflight: deque[tuple[int, int, PinnedBlock, Any]] = deque()
         copying: deque[tuple[int, int, PinnedBlock, list[Future[None]]]] = deque()
         # Chunk copies are traced on the host threads that run them, into
@@ -315,7 +381,7 @@ class Stager:
                         break
                     ln = min(block.size, n - off)  # a cached block of another size will do
                     ev = _guarded_dma(
-                        backend, native, device, pool, block, block.ptr, s.ptr + off, ln
+                        backend, native, events.get(device), pool, block, block.ptr, s.ptr + off, ln
                     )
                     inflight.append((off, ln, block, ev))
                     off += ln
@@ -323,7 +389,7 @@ class Stager:
                     o, ln, block, ev = inflight[0]
                     backend.event_synchronize(ev)
                     inflight.popleft()
-                    backend.event_destroy(ev)
+                    events.put([ev])  # fired
                     if solo:
                         ctypes.memmove(dst_ptr + o, block.ptr, ln)
                         futs = []
@@ -352,10 +418,10 @@ class Stager:
         return False
 
 
-LOOKAHEAD = 2
+LOOKAHEAD = int(os.environ.get("GPUAIO_LOOKAHEAD", "2"))
 """Chunks the host threads may be copying at once within one transfer."""
 
-SOLO_CHUNK = 2 << 20
+SOLO_CHUNK = int(os.environ.get("GPUAIO_SOLO_CHUNK", 2 << 20))
 """Chunks up to this size are copied by the stream's host thread itself, while
 the DMA of the chunk before runs: handing 1-2 MiB to the copy threads cost
 more than the copy (an H200 ran 4 MiB pageable copies at 3.2-4.5 GB/s that
@@ -368,14 +434,14 @@ _D2H_CHUNK = "gpuaio stage d2h chunk"
 def _guarded_dma(
     backend: Any,
     native: Any,
-    device: int,
+    ev: Any,
     pool: PinnedPool,
     block: PinnedBlock,
     dst: int,
     src: int,
     nbytes: int,
 ) -> Any:
-    """Enqueue a DMA to or from ``block`` and return an event recorded behind it.
+    """Enqueue a DMA to or from ``block`` and return ``ev``, recorded behind it.
 
     On failure ``block`` goes back to the pool only when no DMA can still
     touch it: at once if the copy was not enqueued, after a drain otherwise.
@@ -386,7 +452,6 @@ def _guarded_dma(
         pool.release(block)  # nothing was enqueued
         raise
     try:
-        ev = backend.event_create(device, blocking_sync=True)
         backend.event_record(ev, native)
     except BaseException:
         _release_after_drain(backend, native, pool, block)

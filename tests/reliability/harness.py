@@ -214,7 +214,9 @@ async def early_reuse_probe(rt: Any) -> list[str]:
     from .. import conftest
 
     dev: gpuaio.Device = device_of(rt, 0)
-    n = 1 << 20  # one 1 MiB chunk each
+    # Above the inline limit (1 MiB; inline copies release their block only
+    # once done): two 1 MiB chunks each, staged on the stream's host thread.
+    n = 2 << 20
     s = dev.stream()
     a, b = pattern(n, 1), pattern(n, 2)
     da, db = dev.empty(n), dev.empty(n)
