@@ -141,7 +141,11 @@ class _EventCache:
         """Take back fired events (any device)."""
         extra = []
         for ev in events:
-            lst = self._free.setdefault(ev.device, [])
+            device = getattr(ev, "device", None)  # both backends' events name it
+            if device is None:
+                extra.append(ev)
+                continue
+            lst = self._free.setdefault(device, [])
             if len(lst) < self.KEEP:
                 lst.append(ev)
             else:
@@ -301,7 +305,11 @@ class Stager:
                     ln = min(chunk, n - off)
                     # Wait for a block only while holding none being copied:
                     # waiting while holding could deadlock transfers.
-                    block = pool.acquire(ln, wait=not copying, min_bytes=min(ln, floor))
+                    # A cached block first: acquire() reclaims (queries every
+                    # guarded block's events) before it looks.
+                    block = pool.take_cached(ln) or pool.acquire(
+                        ln, wait=not copying, min_bytes=min(ln, floor)
+                    )
                     if block is None:
                         break
                     ln = min(block.size, n - off)  # a cached block of another size will do
@@ -374,7 +382,7 @@ class Stager:
             while True:
                 while off < n and len(inflight) < depth and not op._abort:
                     ln = min(chunk, n - off)
-                    block = pool.acquire(
+                    block = pool.take_cached(ln) or pool.acquire(
                         ln, wait=not (inflight or copying), min_bytes=min(ln, floor)
                     )
                     if block is None:
