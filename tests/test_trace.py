@@ -182,10 +182,11 @@ async def test_trace_keeps_the_format_rules(
         these = [c for c in chunks if way in c["name"]]
         assert len({c["args"]["chunk"] for c in these}) >= 2, "several chunks"
         assert sum(c["args"]["bytes"] for c in these) == 2 * n
-    for c in chunks:  # on the host threads that copied them
+    for c in chunks:  # on the threads that copied them: copy threads, or the
+        # stream's host thread for chunks it copies itself (SOLO_CHUNK)
         track = (c["pid"], c["tid"])
         assert track != stream_track
-        assert threads[track].startswith("gpuaio-host"), threads[track]
+        assert threads[track].startswith(("gpuaio-host", "gpuaio-stream")), threads[track]
         assert c["pid"] not in {e["pid"] for e in ops}
 
 
@@ -297,7 +298,7 @@ def test_nvtx_ranges_on_the_copying_threads(
     assert np.array_equal(out, host)
     pushed = [c for c in calls if c[0] == "push"]
     assert {c[1] for c in pushed} == {"gpuaio stage h2d chunk", "gpuaio stage d2h chunk"}
-    assert all(c[2].startswith("gpuaio-host") for c in calls)
+    assert all(c[2].startswith(("gpuaio-host", "gpuaio-stream")) for c in calls)
     depth: defaultdict[str, int] = defaultdict(int)
     for kind, _, thread in calls:  # balanced on each thread
         depth[thread] += 1 if kind == "push" else -1

@@ -31,6 +31,7 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .._core import trace as _trace
 from .._core.errors import InvalidArgumentError, OperationAbortedError
 from .._core.operation import Operation
 from .._core.progress import report_progress
@@ -314,7 +315,15 @@ class Stager:
                         break
                     ln = min(block.size, n - off)  # a cached block of another size will do
                     if solo:
-                        ctypes.memmove(block.ptr, src_ptr + off, ln)
+                        _trace.traced_call(
+                            _H2D_CHUNK,
+                            tracer,
+                            {"chunk": k, "offset": off, "bytes": ln},
+                            ctypes.memmove,
+                            block.ptr,
+                            src_ptr + off,
+                            ln,
+                        )
                         futs = []
                     else:
                         span = (_H2D_CHUNK, tracer, {"chunk": k, "offset": off})
@@ -399,7 +408,15 @@ class Stager:
                     inflight.popleft()
                     events.put([ev])  # fired
                     if solo:
-                        ctypes.memmove(dst_ptr + o, block.ptr, ln)
+                        _trace.traced_call(
+                            _D2H_CHUNK,
+                            tracer,
+                            {"chunk": k, "offset": o, "bytes": ln},
+                            ctypes.memmove,
+                            dst_ptr + o,
+                            block.ptr,
+                            ln,
+                        )
                         futs = []
                     else:
                         span = (_D2H_CHUNK, tracer, {"chunk": k, "offset": o})
