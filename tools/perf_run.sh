@@ -25,6 +25,7 @@ if [ -n "${PERF_STAGE_VARIANTS:-}" ]; then
             --out /tmp/variant 2>&1 | grep -E "total_us|mean_us|cpu_us|Error|error" | tee -a "$OUT/probe.log"
     done
 fi
+timeout 60 python3 tools/small_copy_probe.py --timelines --out /tmp/timelines 2>&1 | tee -a "$OUT/probe.log"
 echo "probe took $(( $(date +%s) - t0 )) s" | tee -a "$OUT/probe.log"
 if [ -n "${PERF_TRANSFER_VARIANTS:-}" ]; then
     # Mid sizes again under other staging settings: "ENV=VALUE ENV=VALUE;..." (one per run).
