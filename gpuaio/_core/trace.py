@@ -261,7 +261,7 @@ def wanted(tracer: Tracer | None) -> bool:
 
 
 def traced_call(
-    name: str, tracer: Tracer | None, args: dict[str, Any], fn: Callable[..., None], *a: Any
+    name: str, tracer: Tracer | None, args: dict[str, Any], fn: Callable[..., object], *a: Any
 ) -> None:
     """``fn(*a)`` inside :func:`nvtx_range` (run on the thread doing the work)."""
     with nvtx_range(name, tracer, **args):
