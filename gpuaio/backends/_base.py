@@ -62,9 +62,12 @@ class MemoryKind(enum.Enum):
     __hash__ = object.__hash__
 
 
-for _kind in MemoryKind:
-    _kind.is_host = _kind.value in ("pageable", "pinned")
-del _kind
+def _mark_host_kinds() -> None:
+    for kind in MemoryKind:
+        kind.is_host = kind.value in ("pageable", "pinned")
+
+
+_mark_host_kinds()
 
 
 @dataclass(frozen=True, slots=True)
