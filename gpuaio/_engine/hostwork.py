@@ -12,7 +12,6 @@ import logging
 import os
 import queue
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -217,15 +216,9 @@ class SerialExecutor:
         with self._cv:
             self.submitted += 1
             self._q.put(job)
-            first = self.submitted - self.completed == 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
-        if first:
-            # The thread was idle: let go of the GIL once, so that it starts the
-            # job now rather than when the caller (an event loop) next blocks.
-            # That took 80 us instead of 30 for a staged copy (issue 13).
-            time.sleep(0)
 
     def wait_for(self, n: int) -> None:
         """Block until job number ``n`` (and so every job before it) has run.

@@ -63,12 +63,14 @@ class StagingConfig:
     """Largest chunk (64 MiB measured best on an H100 host); smaller transfers use
     smaller chunks (about 1/8 of the copy) so the pipeline fills quickly."""
     min_chunk: int = 1 << 20
-    split: int = field(default_factory=lambda: int(os.environ.get("GPUAIO_STAGING_SPLIT", "4")))
+    split: int = field(default_factory=lambda: int(os.environ.get("GPUAIO_STAGING_SPLIT", "2")))
     """Chunks a transfer is split into (before clamping to [min_chunk, max_chunk]).
 
-    4: on an H200, 16-64 MiB copies ran 1.3-1.7x faster in 4 chunks than in 8
-    (each chunk costs a block, a DMA, an event and thread hand-offs); at 256 MiB
-    and up the 64 MiB cap decides (issue 13)."""
+    2: on an H200, 16 MiB copies ran 1.6-1.7x and 64 MiB ones 1.6x faster in 2
+    chunks than in 8, and faster than in 4 (each chunk costs a block, a DMA,
+    an event and thread hand-offs; the DMA of one overlaps the host copy of
+    the next); from 256 MiB the 64 MiB cap decides (issue 13,
+    ``benchmarks/results/2026-12-02-h200-staging-variants.log``)."""
     depth: int = field(default_factory=lambda: int(os.environ.get("GPUAIO_STAGING_DEPTH", "4")))
     """Chunks in flight per transfer (pinned use per transfer is depth x chunk)."""
     inline_max: int = field(default_factory=lambda: _env_size("GPUAIO_INLINE_MAX", 1 << 20))
