@@ -12,8 +12,8 @@ here, so that classifying them needs no driver call either.
 
 from __future__ import annotations
 
+import ctypes
 import threading
-import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -106,47 +106,20 @@ def _invalidate() -> None:
     _generation[0] += 1
 
 
-class _ByIdentity:
-    """Values cached per live object, by ``id``, without needing it to be hashable.
+_pageable: dict[int, tuple[int, int]] = {}
+"""Host address -> (generation, id of the backend) of a buffer the driver called pageable.
 
-    NumPy arrays are not hashable (a ``WeakKeyDictionary`` cannot hold them),
-    and reading an array's address and kind costs microseconds: for an awaited
-    4 KiB copy that was a sixth of its time. An entry holds while the same
-    object lives (a weak reference, whose callback drops the entry) and no
-    registration or :func:`forget` came in between. Objects that cannot be
-    weakly referenced (``bytearray``, ``bytes``) are never cached. No lock:
-    single dict operations are atomic, and a lost race only classifies again.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ref[Any], int, Any]] = {}
-
-    def get(self, obj: Any) -> Any:
-        entry = self._entries.get(id(obj))
-        if entry is None or entry[0]() is not obj or entry[1] != _generation[0]:
-            return None
-        return entry[2]
-
-    def put(self, obj: Any, value: Any, generation: int) -> None:
-        key = id(obj)
-        entries = self._entries
-
-        def drop(ref: weakref.ref[Any]) -> None:
-            entry = entries.get(key)
-            if entry is not None and entry[0] is ref:
-                del entries[key]
-
-        try:
-            ref = weakref.ref(obj, drop)
-        except TypeError:
-            return
-        entries[key] = (ref, generation, value)
-
-
-_root_kinds = _ByIdentity()
-"""Root buffer -> (kind, device) from ``cuPointerGetAttributes``."""
-_arrays = _ByIdentity()
-"""NumPy array -> (shape, runtime ref, address, kind, device, allocation)."""
+``cuPointerGetAttributes`` is a driver call per copy otherwise. Only the
+pageable answer is kept by address, because only it is safe to keep stale:
+a range stops being pageable only when it is page-locked, through
+:func:`gpuaio.register_host` (which starts a new generation) or by another
+library, and then a stale entry sends pinned memory through staging, which is
+correct, only slower. Pinned, device and managed answers are asked for every
+time. No lock: single dict operations are atomic. Nothing here refers to the
+user's arrays (a weak reference would stop ``ndarray.resize``).
+"""
+_PAGEABLE_KEEP = 4096
+"""Addresses kept before the map starts over (arrays come and go)."""
 
 
 def forget(obj: Any) -> None:
@@ -166,13 +139,34 @@ def _host_kind(
 ) -> tuple[MemoryKind, int | None, Allocation | None]:
     if isinstance(root, _PinnedBlock):
         return MemoryKind.PINNED, None, root.alloc
-    cached = _root_kinds.get(root)
-    if cached is None:
-        gen = _generation[0]
-        info = runtime.backend.pointer_info(ptr)
-        cached = (info.kind, info.device)
-        _root_kinds.put(root, cached, gen)
-    return cached[0], cached[1], None
+    backend = runtime.backend
+    hit = _pageable.get(ptr)
+    if hit is not None and hit[0] == _generation[0] and hit[1] == id(backend):
+        return MemoryKind.PAGEABLE, None, None
+    gen = _generation[0]
+    info = backend.pointer_info(ptr)
+    if info.kind is MemoryKind.PAGEABLE:
+        if len(_pageable) >= _PAGEABLE_KEEP:
+            _pageable.clear()
+        _pageable[ptr] = (gen, id(backend))
+    return info.kind, info.device, None
+
+
+def _address(arr: np.ndarray[Any, Any]) -> int:
+    """The address of ``arr``'s first byte (0 if empty).
+
+    ``__array_interface__`` builds a whole dict (about 2 us); a writable,
+    contiguous array lends its buffer to ctypes in a fifth of that.
+    """
+    if not arr.size:
+        return 0
+    flags = arr.flags
+    if flags.writeable and flags.c_contiguous:
+        try:
+            return ctypes.addressof(ctypes.c_char.from_buffer(arr))  # type: ignore[arg-type]
+        except (TypeError, ValueError, BufferError):
+            pass
+    return int(arr.__array_interface__["data"][0])
 
 
 def describe(obj: Any, runtime: Runtime, name: str = "the buffer") -> BufferInfo:
@@ -216,31 +210,24 @@ def describe(obj: Any, runtime: Runtime, name: str = "the buffer") -> BufferInfo
 
 
 def _from_numpy(arr: np.ndarray[Any, Any], owner: Any, runtime: Runtime) -> BufferInfo:
-    shape = arr.shape
-    hit = _arrays.get(arr)
-    if hit is not None and hit[0] == shape and hit[1]() is runtime:
-        # The same array again (shape checked: a resize in place moves it).
-        ptr, kind, device, alloc = hit[2:]
+    if arr.dtype.hasobject:
+        raise InvalidArgumentError("arrays of Python objects cannot be copied to or from a GPU")
+    ptr = _address(arr)
+    nbytes = arr.nbytes
+    reg = _registry(runtime).find(ptr, nbytes) if ptr else None
+    if reg is not None:
+        # Being unregistered: take the pageable path.
+        kind = MemoryKind.PAGEABLE if reg.freed else MemoryKind.PINNED
+        device, alloc = None, (None if reg.freed else reg)
+    elif ptr:
+        kind, device, alloc = _host_kind(runtime, ptr, _root(arr))
     else:
-        if arr.dtype.hasobject:
-            raise InvalidArgumentError("arrays of Python objects cannot be copied to or from a GPU")
-        gen = _generation[0]
-        ptr = int(arr.__array_interface__["data"][0]) if arr.size else 0
-        reg = _registry(runtime).find(ptr, arr.nbytes) if arr.size else None
-        if reg is not None:
-            kind = MemoryKind.PAGEABLE if reg.freed else MemoryKind.PINNED
-            device, alloc = None, (None if reg.freed else reg)
-        elif arr.size:
-            kind, device, alloc = _host_kind(runtime, ptr, _root(arr))
-        else:
-            kind, device, alloc = MemoryKind.PAGEABLE, None, None
-        if reg is None or not reg.freed:  # being unregistered: cache nothing
-            _arrays.put(arr, (shape, weakref.ref(runtime), ptr, kind, device, alloc), gen)
+        kind, device, alloc = MemoryKind.PAGEABLE, None, None
     flags = arr.flags
     return BufferInfo(
         ptr,
-        arr.nbytes,
-        shape,
+        nbytes,
+        arr.shape,
         arr.dtype,
         kind,
         device,

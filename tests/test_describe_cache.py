@@ -1,0 +1,95 @@
+"""The cache of pageable host addresses: fast on repeats, never wrong.
+
+``describe`` keeps the addresses the driver called pageable, so that a repeated
+small copy skips ``cuPointerGetAttributes``. Only that answer is kept (a stale
+one is merely slower); registration and :func:`gpuaio._api.describe.forget`
+end every entry; nothing refers to the user's arrays, so they stay resizable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import gpuaio
+from gpuaio._api import describe as _describe
+from gpuaio._api.describe import describe
+from tests.test_copy import pattern
+
+pytestmark = pytest.mark.anyio
+
+
+def test_only_pageable_answers_are_kept_and_the_map_is_bounded(
+    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt = gpuaio_runtime
+    calls: list[int] = []
+    real = rt.backend.pointer_info
+
+    def counting(ptr: int) -> Any:
+        calls.append(ptr)
+        return real(ptr)
+
+    monkeypatch.setattr(rt.backend, "pointer_info", counting)
+    a = np.ones(4096, np.uint8)
+    for _ in range(3):
+        assert describe(a, rt).kind is gpuaio.MemoryKind.PAGEABLE
+    assert len(calls) == 1, "asked once, then known"
+    _describe._invalidate()
+    describe(a, rt)
+    assert len(calls) == 2, "a new generation asks again"
+    monkeypatch.setattr(_describe, "_PAGEABLE_KEEP", 8)
+    keep = [np.ones(64, np.uint8) for _ in range(20)]
+    for arr in keep:
+        describe(arr, rt)
+    assert len(_describe._pageable) <= 8
+
+
+async def test_registering_a_classified_array_changes_its_path(dev: gpuaio.Device) -> None:
+    """Classified pageable, then registered: the next copy goes direct (no
+    staging); unregistered: staged again. Data exact throughout."""
+    rt: Any = dev._runtime
+    s = dev.stream()
+    n = 1 << 20
+    arr = pattern(n, 4)
+    d = dev.empty(n)
+    await s.copy(d, arr)
+    assert describe(arr, rt).kind is gpuaio.MemoryKind.PAGEABLE
+    pool = rt.stager.pool
+    reg = gpuaio.register_host(arr)
+    try:
+        assert describe(arr, rt).kind is gpuaio.MemoryKind.PINNED
+        before = pool.stats()
+        arr[:] = pattern(n, 5)
+        await s.copy(d, arr)
+        after = pool.stats()
+        assert (after.hits, after.misses) == (before.hits, before.misses), "registered: direct"
+    finally:
+        reg.unregister()
+    assert describe(arr, rt).kind is gpuaio.MemoryKind.PAGEABLE
+    out = np.zeros(n, np.uint8)
+    await s.copy(out, d)
+    assert np.array_equal(out, pattern(n, 5))
+    await s.aclose()
+
+
+async def test_an_array_stays_resizable_and_is_read_at_its_new_address(
+    dev: gpuaio.Device,
+) -> None:
+    """gpuaio keeps no reference to a copied array (NumPy refuses to resize an
+    array that is weakly referenced), and a copy after ``resize`` reads the data
+    where it now is."""
+    s = dev.stream()
+    arr = np.zeros(4096, np.uint8)
+    d = dev.empty(4096)
+    await s.copy(d, arr)
+    arr.resize(8 << 20, refcheck=False)  # large: reallocated, the old block freed
+    arr[:] = pattern(8 << 20, 6)
+    big = dev.empty(8 << 20)
+    await s.copy(big, arr)
+    out = np.zeros(8 << 20, np.uint8)
+    await s.copy(out, big)
+    assert np.array_equal(out, arr)
+    await s.aclose()
