@@ -3,7 +3,7 @@
 
 Writes a PNG beside the JSON (same name, ``.png``): one panel for
 host-to-device and one for device-to-host, one line per method, log-scale
-size axis, the multi-threaded host-copy ceiling dashed::
+size and bandwidth axes, the multi-threaded host-copy ceiling dashed::
 
     python benchmarks/plot.py benchmarks/results/2026-11-30-h100-transfers.json
 """
@@ -105,6 +105,9 @@ def plot(path: Path, out: Path | None = None) -> Path:
             sizes.update(xs)
             ax.plot(xs, ys, label=LABELS.get(method, method), **style(method))
         ax.set_xscale("log", base=2)
+        # Log GB/s too: 4 KiB copies run at a hundredth of 1 GiB ones, and the
+        # ratios between methods, which are what matter, read as distances.
+        ax.set_yscale("log")
         ticks = sorted(sizes)
         ax.set_xticks(ticks)
         ax.set_xticklabels([size_label(n) for n in ticks], rotation=30)
@@ -112,7 +115,7 @@ def plot(path: Path, out: Path | None = None) -> Path:
         ax.set_title(titles[dirn])
         ax.set_xlabel("transfer size")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=8, loc="lower right")
     axes[0].set_ylabel("GB/s (median, 1 GB = 1e9 bytes)")
     git = str(doc.get("git", "unknown"))[:10]
     fig.suptitle(

@@ -53,7 +53,6 @@ from ._tuning import (
     ETA_SLEEP_MAX_S,
     ETA_SLEEP_MIN_S,
     FAULT_PROBE_S,
-    HANDOVER_S,
     LOOP_COVER_S,
     LOOP_SPIN_S,
     LOOP_SWEEP_S,
@@ -395,14 +394,10 @@ class EventEngine(CompletionEngine):
                     del self._queues[key]
         if not waiters:
             return False
+        pace.restart(time.perf_counter())
         # Not kept while this thread sleeps: a waiter's wake-up holds its
         # event loop, which must be collectable once closed.
         post_waiters(waiters)
-        del waiters
-        with self._cv:
-            if not self._closed:
-                self._wait(HANDOVER_S)  # see HANDOVER_S: the loops take the GIL now
-        pace.restart(time.perf_counter())
         return True
 
     def _rest(self, queues: list[tuple[int, StreamQueue]], pace: _Pace) -> None:

@@ -34,10 +34,6 @@ every ``FAULT_PROBE_S``).
 A task that stops polling wakes it at once; an op nobody awaits that completes
 just after the loops stopped polling may be resolved this late.
 """
-HANDOVER_S = 30e-6
-"""How long the watcher sleeps right after waking loops, so that they get the
-GIL at once (spinning on instead kept a woken uvloop waiting 50-75 us for it
-on an H200; issue 13)."""
 SPIN_S = 200e-6
 """How long the watcher keeps spinning after new work or a completion."""
 MIN_SLEEP_S = 20e-6
