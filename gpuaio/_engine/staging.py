@@ -321,16 +321,7 @@ class Stager:
                         break
                     ln = min(block.size, n - off)  # a cached block of another size will do
                     if solo:
-                        _trace.traced_call(
-                            _H2D_CHUNK,
-                            tracer,
-                            {"chunk": k, "offset": off, "bytes": ln},
-                            ctypes.memmove,
-                            block.ptr,
-                            src_ptr + off,
-                            ln,
-                        )
-                        futs = []
+                        futs = _copy_here(_H2D_CHUNK, tracer, k, off, block.ptr, src_ptr + off, ln)
                     else:
                         span = (_H2D_CHUNK, tracer, {"chunk": k, "offset": off})
                         futs = host.submit_copy(byte_view(block.ptr, ln), src[off : off + ln], span)
@@ -414,16 +405,7 @@ class Stager:
                     inflight.popleft()
                     events.put([ev])  # fired
                     if solo:
-                        _trace.traced_call(
-                            _D2H_CHUNK,
-                            tracer,
-                            {"chunk": k, "offset": o, "bytes": ln},
-                            ctypes.memmove,
-                            dst_ptr + o,
-                            block.ptr,
-                            ln,
-                        )
-                        futs = []
+                        futs = _copy_here(_D2H_CHUNK, tracer, k, o, dst_ptr + o, block.ptr, ln)
                     else:
                         span = (_D2H_CHUNK, tracer, {"chunk": k, "offset": o})
                         futs = host.submit_copy(dst[o : o + ln], byte_view(block.ptr, ln), span)
@@ -497,6 +479,16 @@ def _release_after_drain(backend: Any, native: Any, pool: PinnedPool, block: Pin
     except Exception:
         return  # cannot tell whether the DMA ran: never hand the block out again
     pool.release(block)
+
+
+def _copy_here(
+    name: str, tracer: Any, chunk: int, offset: int, dst: int, src: int, nbytes: int
+) -> list[Future[None]]:
+    """Copy a chunk on the calling (stream host) thread, traced like a copy
+    thread's slice; returns no futures, for :func:`_finish`."""
+    args = {"chunk": chunk, "offset": offset, "bytes": nbytes}
+    _trace.traced_call(name, tracer, args, ctypes.memmove, dst, src, nbytes)
+    return []
 
 
 def _finish(futs: list[Future[None]]) -> None:
