@@ -226,20 +226,29 @@ async def probe_main(url: str, period: float) -> None:
     phase, since = Phase(), time.perf_counter()
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(timeout=timeout) as session:
+        idle = asyncio.Event()  # set while no probe is in flight
+        idle.set()
 
         async def probe_forever() -> None:
+            nonlocal phase
             while True:
                 t0 = time.perf_counter()
+                # A probe counts in the phase it was sent in: a server that
+                # blocks its loop answers late, and that lateness is the point.
+                sent_in = phase
+                idle.clear()
                 try:
                     async with session.get(f"{url}/health") as resp:
                         await resp.read()
                         ok = resp.status == 200
                 except (aiohttp.ClientError, TimeoutError):
                     ok = False
+                finally:
+                    idle.set()
                 if ok:
-                    phase.latencies.append(time.perf_counter() - t0)
+                    sent_in.latencies.append(time.perf_counter() - t0)
                 else:
-                    phase.errors += 1
+                    sent_in.errors += 1
                 await asyncio.sleep(max(0.0, period - (time.perf_counter() - t0)))
 
         prober = asyncio.ensure_future(probe_forever())
@@ -247,8 +256,10 @@ async def probe_main(url: str, period: float) -> None:
         try:
             while await commands.readline():
                 now = time.perf_counter()
-                done = {"latencies": phase.latencies, "errors": phase.errors, "wall": now - since}
-                phase, since = Phase(), now
+                ending = phase
+                phase, since, wall = Phase(), now, now - since
+                await idle.wait()  # the probe sent before the cut lands in its phase
+                done = {"latencies": ending.latencies, "errors": ending.errors, "wall": wall}
                 print(json.dumps(done), flush=True)
         finally:
             prober.cancel()

@@ -181,7 +181,7 @@ class Stager:
     ) -> None:
         self.runtime = runtime
         self.config: StagingConfig = config or StagingConfig()
-        self.events = _EventCache(runtime.backend, runtime.reaper.submit)
+        self.events: _EventCache = _EventCache(runtime.backend, runtime.reaper.submit)
         self.pool: PinnedPool = PinnedPool(
             runtime.backend, budget, defer=runtime.reaper.submit, recycle=self.events.put
         )

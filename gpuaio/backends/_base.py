@@ -57,9 +57,11 @@ class MemoryKind(enum.Enum):
     """Pageable or pinned (set on each member below: a plain attribute is read
     on every copy, and a property cost more than the rest of the check)."""
 
-    # Members are singletons: hash them by identity, in C (Enum's own hash
-    # is a Python call, paid on every copy's label lookup).
-    __hash__ = object.__hash__
+    def __hash__(self) -> int:
+        # Members are singletons: hashed by identity. Replaced below by
+        # object's C slot; Enum's own hash is a Python call, paid on every
+        # copy's label lookup. (Written as a method for type checkers.)
+        return id(self)
 
 
 def _mark_host_kinds() -> None:
@@ -68,6 +70,7 @@ def _mark_host_kinds() -> None:
 
 
 _mark_host_kinds()
+MemoryKind.__hash__ = object.__hash__  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True, slots=True)
