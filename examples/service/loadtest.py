@@ -228,6 +228,7 @@ async def probe_main(url: str, period: float) -> None:
     async with aiohttp.ClientSession(timeout=timeout) as session:
         idle = asyncio.Event()  # set while no probe is in flight
         idle.set()
+        kick = asyncio.Event()  # a new phase began: probe at once
 
         async def probe_forever() -> None:
             nonlocal phase
@@ -249,7 +250,12 @@ async def probe_main(url: str, period: float) -> None:
                     sent_in.latencies.append(time.perf_counter() - t0)
                 else:
                     sent_in.errors += 1
-                await asyncio.sleep(max(0.0, period - (time.perf_counter() - t0)))
+                # Every phase gets a probe at its start, however short it is.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        kick.wait(), max(0.0, period - (time.perf_counter() - t0))
+                    )
+                kick.clear()
 
         prober = asyncio.ensure_future(probe_forever())
         print("PROBING", flush=True)
@@ -259,6 +265,7 @@ async def probe_main(url: str, period: float) -> None:
                 ending = phase
                 phase, since, wall = Phase(), now, now - since
                 await idle.wait()  # the probe sent before the cut lands in its phase
+                kick.set()
                 done = {"latencies": ending.latencies, "errors": ending.errors, "wall": wall}
                 print(json.dumps(done), flush=True)
         finally:
