@@ -382,9 +382,9 @@ async def test_staged_copies_reuse_their_events(gpuaio_runtime: Any, dev: gpuaio
     finally:
         be.event_create, be.event_destroy = real_create, real_destroy
     assert np.array_equal(back, src2)
-    # Without the cache: 8 guards and a ring of 4 each way, all created and
+    # Without the cache: 2 guards each way and a ring of 4 for the upload, all created and
     # destroyed. With it, a guard still held by a block the pool has not
     # reclaimed yet may need a fresh event now and then.
     assert calls.count("destroy") == 0, calls
-    assert calls.count("create") <= 2, calls
+    assert calls.count("create") <= 4, calls  # without the cache: 8, all destroyed too
     await s.aclose()
