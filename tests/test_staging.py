@@ -388,3 +388,45 @@ async def test_staged_copies_reuse_their_events(gpuaio_runtime: Any, dev: gpuaio
     assert calls.count("destroy") == 0, calls
     assert calls.count("create") <= 4, calls  # without the cache: 8, all destroyed too
     await s.aclose()
+
+
+async def test_a_chunk_copied_on_the_stream_thread_overlaps_the_dma_before_it(
+    gpuaio_runtime: Any, dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks the stream's host thread copies itself (SOLO_CHUNK) go one ahead:
+    copy 0, DMA 0, copy 1 (while DMA 0 runs), DMA 1. Two ahead, a transfer of
+    two chunks copied both before its first DMA."""
+    from gpuaio._engine import staging
+
+    s = dev.stream()
+    stager = gpuaio_runtime.stager
+    n = 4 * MiB
+    chunk = stager.chunk_for(n)
+    assert chunk <= staging.SOLO_CHUNK and n // chunk == 2
+    src = pattern(n, 12)
+    d = dev.empty(n)
+    await s.copy(d, src)  # warm: blocks cached
+    steps: list[str] = []
+    real_copy = staging._copy_here
+
+    def copy_here(*a: Any) -> Any:
+        steps.append("copy")
+        return real_copy(*a)
+
+    be = gpuaio_runtime.backend
+    real_dma = be.memcpy_async
+
+    def dma(*a: Any) -> None:
+        steps.append("dma")
+        real_dma(*a)
+
+    monkeypatch.setattr(staging, "_copy_here", copy_here)
+    monkeypatch.setattr(be, "memcpy_async", dma)
+    src2 = pattern(n, 13)
+    await s.copy(d, src2)
+    monkeypatch.undo()
+    assert steps == ["copy", "dma", "copy", "dma"], steps
+    out = np.zeros(n, np.uint8)
+    await s.copy(out, d)
+    assert np.array_equal(out, src2)
+    await s.aclose()

@@ -61,7 +61,7 @@ class StagingConfig:
 
     max_chunk: int = field(default_factory=lambda: _env_size("GPUAIO_CHUNK_BYTES", 64 << 20))
     """Largest chunk (64 MiB measured best on an H100 host); smaller transfers use
-    smaller chunks (about 1/8 of the copy) so the pipeline fills quickly."""
+    smaller chunks (``1/split`` of the copy) so the pipeline fills quickly."""
     min_chunk: int = 1 << 20
     split: int = field(default_factory=lambda: int(os.environ.get("GPUAIO_STAGING_SPLIT", "2")))
     """Chunks a transfer is split into (before clamping to [min_chunk, max_chunk]).
@@ -295,7 +295,10 @@ class Stager:
         depth = self.config.depth
         device = seq.ordinal
         solo = chunk <= SOLO_CHUNK
-        # The pool gets guard events of its own, destroyed once they fire.
+        # Chunks this thread copies itself are copied one ahead: the DMA of
+        # one then runs while the next is copied (with two ahead, a transfer
+        # of two chunks would copy both before its first DMA).
+        lookahead = 1 if solo else LOOKAHEAD
         events = self.events
         ring = [events.get(device) for _ in range(depth)]
         copying: deque[tuple[int, int, PinnedBlock, list[Future[None]]]] = deque()
@@ -308,7 +311,7 @@ class Stager:
         j = 0
         try:
             while off < n or copying:
-                while off < n and len(copying) < LOOKAHEAD and not op._abort:
+                while off < n and len(copying) < lookahead and not op._abort:
                     ln = min(chunk, n - off)
                     # Wait for a block only while holding none being copied:
                     # waiting while holding could deadlock transfers.
@@ -341,7 +344,7 @@ class Stager:
                     pool.release(block)
                     raise
                 guard = _guarded_dma(
-                    backend, native, events.get(device), pool, block, d.ptr + o, block.ptr, ln
+                    backend, native, events, device, pool, block, d.ptr + o, block.ptr, ln
                 )
                 pool.release(block, [guard])
                 backend.event_record(slot, native)
@@ -395,7 +398,7 @@ class Stager:
                         break
                     ln = min(block.size, n - off)  # a cached block of another size will do
                     ev = _guarded_dma(
-                        backend, native, events.get(device), pool, block, block.ptr, s.ptr + off, ln
+                        backend, native, events, device, pool, block, block.ptr, s.ptr + off, ln
                     )
                     inflight.append((off, ln, block, ev))
                     off += ln
@@ -447,26 +450,33 @@ _D2H_CHUNK = "gpuaio stage d2h chunk"
 def _guarded_dma(
     backend: Any,
     native: Any,
-    ev: Any,
+    events: _EventCache,
+    device: int,
     pool: PinnedPool,
     block: PinnedBlock,
     dst: int,
     src: int,
     nbytes: int,
 ) -> Any:
-    """Enqueue a DMA to or from ``block`` and return ``ev``, recorded behind it.
+    """Enqueue a DMA to or from ``block`` and return an event (from ``events``)
+    recorded behind it.
 
     On failure ``block`` goes back to the pool only when no DMA can still
-    touch it: at once if the copy was not enqueued, after a drain otherwise.
+    touch it: at once if the copy was not enqueued, after a drain otherwise;
+    an event that failed to record goes back to ``events``.
     """
     try:
         backend.memcpy_async(dst, src, nbytes, native)
     except BaseException:
         pool.release(block)  # nothing was enqueued
         raise
+    ev = None
     try:
+        ev = events.get(device)
         backend.event_record(ev, native)
     except BaseException:
+        if ev is not None:
+            events.put([ev])  # not recorded: nothing waits on it
         _release_after_drain(backend, native, pool, block)
         raise
     return ev
