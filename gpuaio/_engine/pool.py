@@ -99,10 +99,11 @@ class PinnedPool:
 
     Locking rule: the pool's lock guards bookkeeping only. No driver call
     (allocation, free, event query or destroy) runs while it is held, because
-    the event loop takes it (``acquire(allocate=False)``, ``release`` from a
-    done-callback) and a driver free can wait for the whole device (an H200's
+    the event loop takes it (``take_cached``, ``acquire(allocate=False)``,
+    ``release`` from a done-callback) and a driver free can wait for the whole device (an H200's
     ``cuMemFreeHost`` waited 1.47 s for an unrelated kernel). Frees and event
-    destroys run through ``defer``: the runtime's reaper thread.
+    destroys run through ``defer``: the runtime's reaper thread. Fired guard
+    events go to ``recycle`` instead, when given (the stager reuses them).
     """
 
     def __init__(
@@ -300,8 +301,8 @@ class PinnedPool:
     def release(self, block: PinnedBlock, events: list[Any] | tuple[Any, ...] = ()) -> None:
         """Hand ``block`` back; reusable once every event in ``events`` has fired.
 
-        The events become the pool's: it destroys them after they fire. No
-        driver call: safe on the event loop.
+        The events become the pool's: once they fire it hands them to
+        ``recycle``, or destroys them. No driver call: safe on the event loop.
         """
         with self._lock:
             if events:
@@ -319,8 +320,8 @@ class PinnedPool:
         """Make guarded blocks whose events have all fired reusable.
 
         The events are queried outside the lock, by one thread at a time
-        (another caller waits for that pass rather than querying twice), and
-        destroyed through ``defer``.
+        (another caller waits for that pass rather than querying twice), then
+        handed to ``recycle``, or destroyed through ``defer`` without one.
         """
         with self._cv:
             while self._reclaiming:

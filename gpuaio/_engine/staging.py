@@ -4,13 +4,14 @@ The driver copies pageable memory synchronously and slowly (one thread,
 7-12 GB/s on an H100 host against 55 GB/s DMA). gpuaio instead:
 
 * **H2D from pageable**: splits the copy into chunks; for each, takes a
-  pinned block, copies the chunk into it with several threads, enqueues the
-  DMA and hands the block back guarded by an event. The DMA of chunk *i*
-  runs while the threads copy chunk *i+1*; at most ``depth`` chunks are in
-  flight per transfer. The op completes when the last DMA has.
+  pinned block, copies the chunk into it with several threads (chunks of up
+  to ``SOLO_CHUNK``: on the stream's host thread itself), enqueues the DMA
+  and hands the block back guarded by an event, reused once it fired. The DMA
+  of chunk *i* runs while chunk *i+1* is copied; at most ``depth`` chunks are
+  in flight per transfer. The op completes when the last DMA has.
 * **D2H into pageable**: the reverse: up to ``depth`` DMAs into pinned
-  blocks run ahead while the threads copy finished chunks out. The op
-  completes when the last byte is in the user's buffer.
+  blocks run ahead while finished chunks are copied out. The op completes
+  when the last byte is in the user's buffer.
 * **Small transfers** (``inline_max`` bytes or less) skip the thread hop
   where stream order allows: the host copy of an H2D runs on the calling
   thread when no host action of the stream is pending; the copy-out of a
