@@ -808,7 +808,7 @@ async def run(args: argparse.Namespace, card: H.Card) -> list[H.Record]:
         try:
             if args.sweep:
                 return await sweep(ctx)
-            biggest = max(args.sizes)
+            biggest = max(args.sizes, default=0)
             threshold = min(DERIVED_MIN, biggest)
             for n in args.sizes:
                 t0 = time.perf_counter()
@@ -846,7 +846,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--flat-count", type=int, default=FLAT_COUNT, help="transfers in memory_flat_10k"
     )
     p.add_argument("--out-dir", help="where to write the results (default benchmarks/results)")
+    p.add_argument(
+        "--switch-interval",
+        type=float,
+        default=float(os.environ.get("GPUAIO_BENCH_SWITCH_INTERVAL", "0")) or None,
+        help="sys.setswitchinterval() in seconds for the whole run (default: Python's 0.005; "
+        "or $GPUAIO_BENCH_SWITCH_INTERVAL)",
+    )
     args = p.parse_args(argv)
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
+        print(f"  sys.setswitchinterval({args.switch_interval})")
     if args.sizes is None and not args.sweep:
         args.sizes = [n for n in FULL_SIZES if not args.quick or n <= QUICK_MAX]
     if args.reps is None:

@@ -15,30 +15,38 @@ export GPUAIO_GIT_COMMIT=${GPUAIO_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/de
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.current,pcie.link.width.current \
     --format=csv,noheader | tee "$OUT/probe.log"
-timeout 150 python3 tools/small_copy_probe.py --out "$OUT" --label "$LABEL" 2>&1 | tee -a "$OUT/probe.log"
-if [ -n "${PERF_STAGE_VARIANTS:-}" ]; then
-    # Section 3 again under other settings: "ENV=VALUE;ENV=VALUE ..." (one per run).
-    IFS=';' read -ra variants <<<"$PERF_STAGE_VARIANTS"
-    for v in "${variants[@]}"; do
-        echo "### variant: $v" | tee -a "$OUT/probe.log"
-        env $v timeout 60 python3 tools/small_copy_probe.py --only-stages --reps 1500 \
-            --out /tmp/variant 2>&1 | grep -E "total_us|mean_us|cpu_us|Error|error" | tee -a "$OUT/probe.log"
-    done
+if [ "${PERF_PROBE:-1}" != 0 ]; then
+    timeout 150 python3 tools/small_copy_probe.py --out "$OUT" --label "$LABEL" 2>&1 | tee -a "$OUT/probe.log"
+    if [ -n "${PERF_STAGE_VARIANTS:-}" ]; then
+        # Section 3 again under other settings: "ENV=VALUE;ENV=VALUE ..." (one per run).
+        IFS=';' read -ra variants <<<"$PERF_STAGE_VARIANTS"
+        for v in "${variants[@]}"; do
+            echo "### variant: $v" | tee -a "$OUT/probe.log"
+            env $v timeout 60 python3 tools/small_copy_probe.py --only-stages --reps 1500 \
+                --out /tmp/variant 2>&1 | grep -E "total_us|mean_us|cpu_us|Error|error" | tee -a "$OUT/probe.log"
+        done
+    fi
+    timeout 60 python3 tools/small_copy_probe.py --timelines --out /tmp/timelines 2>&1 | tee -a "$OUT/probe.log"
+    echo "probe took $(( $(date +%s) - t0 )) s" | tee -a "$OUT/probe.log"
 fi
-timeout 60 python3 tools/small_copy_probe.py --timelines --out /tmp/timelines 2>&1 | tee -a "$OUT/probe.log"
-echo "probe took $(( $(date +%s) - t0 )) s" | tee -a "$OUT/probe.log"
+if [ "${PERF_MAIN:-1}" != 0 ]; then
+    timeout 270 python3 benchmarks/transfers.py --out-dir "$OUT" 2>&1 | tee "$OUT/transfers.log"
+    echo "through transfers: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/transfers.log"
+    timeout 200 python3 benchmarks/completion.py --loops uvloop,asyncio --out-dir "$OUT" 2>&1 \
+        | tee "$OUT/completion.log"
+    echo "through completion: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/completion.log"
+fi
 if [ -n "${PERF_TRANSFER_VARIANTS:-}" ]; then
-    # Mid sizes again under other staging settings: "ENV=VALUE ENV=VALUE;..." (one per run).
+    # Some sizes and the 8 GiB soak again under other staging settings:
+    # "ENV=VALUE ENV=VALUE;..." (one run each; an empty entry is the defaults).
     IFS=';' read -ra variants <<<"$PERF_TRANSFER_VARIANTS"
     for v in "${variants[@]}"; do
-        echo "### variant: $v" | tee -a "$OUT/variants.log"
+        echo "### variant: ${v:-defaults}" | tee -a "$OUT/variants.log"
         env $v timeout 90 python3 benchmarks/transfers.py --sizes "${PERF_VARIANT_SIZES:-1M,4M,16M}" \
-            --no-peers --out-dir /tmp/variant 2>&1 \
-            | grep -E "^[0-9]+[KMG]iB|_pageable |loop lag|memory over" | tee -a "$OUT/variants.log"
+            --no-peers --flat-count 200 --out-dir /tmp/variant 2>&1 \
+            | grep -E "^[0-9]+[KMG]iB|_pageable |loop lag|memory over|setswitch|Error" \
+            | tee -a "$OUT/variants.log"
+        echo "  (at $(( $(date +%s) - t0 )) s)" | tee -a "$OUT/variants.log"
     done
 fi
-timeout 270 python3 benchmarks/transfers.py --out-dir "$OUT" 2>&1 | tee "$OUT/transfers.log"
-echo "through transfers: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/transfers.log"
-timeout 200 python3 benchmarks/completion.py --loops uvloop,asyncio --out-dir "$OUT" 2>&1 \
-    | tee "$OUT/completion.log"
-echo "all took $(( $(date +%s) - t0 )) s" | tee -a "$OUT/completion.log"
+echo "all took $(( $(date +%s) - t0 )) s" | tee -a "$OUT/perf.log"

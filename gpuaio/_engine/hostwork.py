@@ -23,7 +23,7 @@ from .._core import trace as _trace
 
 __all__ = ["HostPool", "SerialExecutor", "byte_view"]
 
-MIN_SLICE = 1 << 20
+MIN_SLICE = int(os.environ.get("GPUAIO_MIN_SLICE", 1 << 20))
 """Bytes below which a copy is not split (thread hand-off costs ~10-50 µs)."""
 
 
@@ -101,6 +101,13 @@ class HostPool:
         np.copyto(dst[:step], src[:step])  # the calling thread takes a share too
         for f in futs:
             f.result()
+
+    def own_share(self, nbytes: int) -> int:
+        """Bytes of an ``nbytes`` copy its calling thread takes when it copies
+        alongside the pool (one slice of ``threads + 1``, 4 KiB aligned)."""
+        parts = min(self.threads + 1, max(1, nbytes // MIN_SLICE))
+        step = -(-nbytes // parts)
+        return min(nbytes, (step + 4095) & ~4095)
 
     def submit_copy(
         self,

@@ -37,7 +37,7 @@ from .._core.errors import InvalidArgumentError, OperationAbortedError
 from .._core.operation import Operation
 from .._core.progress import report_progress
 from .buffers import BufferInfo
-from .hostwork import byte_view
+from .hostwork import HostPool, byte_view
 from .pool import PinnedBlock, PinnedPool, parse_size, size_class
 
 if TYPE_CHECKING:
@@ -288,7 +288,6 @@ class Stager:
         """
         backend, pool, host = self.runtime.backend, self.pool, self.runtime.host
         native = seq.native
-        src = s.host_array()
         src_ptr = s.ptr
         n = d.nbytes
         chunk = self.chunk_for(n)
@@ -324,11 +323,9 @@ class Stager:
                     if block is None:
                         break
                     ln = min(block.size, n - off)  # a cached block of another size will do
-                    if solo:
-                        futs = _copy_here(_H2D_CHUNK, tracer, k, off, block.ptr, src_ptr + off, ln)
-                    else:
-                        span = (_H2D_CHUNK, tracer, {"chunk": k, "offset": off})
-                        futs = host.submit_copy(byte_view(block.ptr, ln), src[off : off + ln], span)
+                    futs = _stage(
+                        host, _H2D_CHUNK, tracer, k, off, block.ptr, src_ptr + off, ln, solo
+                    )
                     copying.append((off, ln, block, futs))
                     k += 1
                     off += ln
@@ -371,7 +368,6 @@ class Stager:
         """
         backend, pool, host = self.runtime.backend, self.pool, self.runtime.host
         native = seq.native
-        dst = d.host_array()
         dst_ptr = d.ptr
         n = d.nbytes
         chunk = self.chunk_for(n)
@@ -408,11 +404,7 @@ class Stager:
                     backend.event_synchronize(ev)
                     inflight.popleft()
                     events.put([ev])  # fired
-                    if solo:
-                        futs = _copy_here(_D2H_CHUNK, tracer, k, o, dst_ptr + o, block.ptr, ln)
-                    else:
-                        span = (_D2H_CHUNK, tracer, {"chunk": k, "offset": o})
-                        futs = host.submit_copy(dst[o : o + ln], byte_view(block.ptr, ln), span)
+                    futs = _stage(host, _D2H_CHUNK, tracer, k, o, dst_ptr + o, block.ptr, ln, solo)
                     copying.append((o, ln, block, futs))
                     k += 1
                     continue
@@ -490,6 +482,47 @@ def _release_after_drain(backend: Any, native: Any, pool: PinnedPool, block: Pin
     except Exception:
         return  # cannot tell whether the DMA ran: never hand the block out again
     pool.release(block)
+
+
+SHARE = os.environ.get("GPUAIO_STAGE_SHARE", "0") not in ("", "0")
+"""Whether the stream's host thread copies a slice of each chunk alongside the
+copy threads (one hand-off fewer per chunk), rather than only waiting."""
+
+
+def _stage(
+    host: HostPool,
+    name: str,
+    tracer: Any,
+    chunk: int,
+    offset: int,
+    dst: int,
+    src: int,
+    nbytes: int,
+    solo: bool,
+) -> list[Future[None]]:
+    """Start the host copy of one chunk (``nbytes`` from ``src`` to ``dst``).
+
+    A solo chunk is copied here, at once. Otherwise its slices go to the copy
+    threads, and with :data:`SHARE` this thread copies the first one itself
+    before it returns. Returns the futures of the slices still running.
+    """
+    if solo:
+        return _copy_here(name, tracer, chunk, offset, dst, src, nbytes)
+    own = host.own_share(nbytes) if SHARE else 0
+    futs: list[Future[None]] = []
+    if own < nbytes:
+        rest = nbytes - own
+        span = (name, tracer, {"chunk": chunk, "offset": offset + own})
+        futs = host.submit_copy(
+            byte_view(dst + own, rest), byte_view(src + own, rest, readonly=True), span
+        )
+    if own:
+        try:
+            _copy_here(name, tracer, chunk, offset, dst, src, own)
+        except BaseException:
+            wait(futs)  # no slice may still touch the block once the caller releases it
+            raise
+    return futs
 
 
 def _copy_here(
