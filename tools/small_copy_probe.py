@@ -453,6 +453,10 @@ async def timelines() -> None:
     wrap(be, "event_query", quiet=True)
     wrap(pool, "acquire")
     wrap(host, "submit_copy")
+    for job in ("_h2d", "_d2h", "_driver_or_staged"):  # a stream thread's host job
+        if hasattr(stager, job):
+            wrap(stager, job)
+    wrap(rt.engine(0), "watch")
     cases = []
     for n in (4 * MiB, 16 * MiB, 64 * MiB):
         src = np.random.default_rng(n).integers(0, 255, n, dtype=np.uint8)

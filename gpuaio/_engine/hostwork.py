@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._core import trace as _trace
+from .._core.timerslack import precise_timers
 
 __all__ = ["HostPool", "SerialExecutor", "byte_view"]
 
@@ -81,7 +82,9 @@ class HostPool:
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="gpuaio-host")
+                self._pool = ThreadPoolExecutor(
+                    self.threads, thread_name_prefix="gpuaio-host", initializer=precise_timers
+                )
             return self._pool
 
     def copy(self, dst: np.ndarray, src: np.ndarray, threads: int | None = None) -> None:
@@ -245,6 +248,7 @@ class SerialExecutor:
                 self._waiting -= 1
 
     def _run(self) -> None:
+        precise_timers()
         self._ident = threading.get_ident()
         while True:
             try:

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..._core.errors import CudaError, DeviceFatalError
 from ..._core.operation import ClosedWhilePendingError, Operation, post_waiters, resolve_many
+from ..._core.timerslack import precise_timers
 from ._engine import CompletionEngine, FaultProbe
 from ._queue import StreamQueue, Waiters
 from ._tuning import (
@@ -58,6 +59,7 @@ from ._tuning import (
     LOOP_SWEEP_S,
     MAX_SLEEP_S,
     MIN_SLEEP_S,
+    SPIN_POLL_S,
     SPIN_S,
     STAND_DOWN_S,
     STREAM_POLL_GAP_S,
@@ -321,6 +323,7 @@ class EventEngine(CompletionEngine):
     # -- the watcher thread --------------------------------------------
     def _run(self) -> None:
         """One pass after another until closed: drain every stream, then rest."""
+        precise_timers()
         pace = _Pace(time.perf_counter())
         self._next_probe = pace.spin_until + FAULT_PROBE_S
         self._start_probe()
@@ -419,7 +422,7 @@ class EventEngine(CompletionEngine):
             pace.spin_again()
             return
         if now < pace.spin_until:
-            time.sleep(0)  # lets other threads have the GIL between polls
+            time.sleep(SPIN_POLL_S)  # lets other threads have the GIL between polls
             return
         with self._cv:
             notified = self._wait(pace.sleep_s) if self._queues and not self._closed else True

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..._core.errors import DeviceFatalError
 from ..._core.operation import ClosedWhilePendingError, Operation, resolve_many
+from ..._core.timerslack import precise_timers
 from ._engine import CompletionEngine, FaultProbe
 from ._tuning import FAULT_PROBE_S
 
@@ -124,6 +125,7 @@ class HostFuncEngine(CompletionEngine):
 
         With nothing pending, sleep until ``watch`` wakes us.
         """
+        precise_timers()
         next_probe = time.monotonic() + FAULT_PROBE_S
         while not self._closed:
             if self._pending:
