@@ -98,7 +98,7 @@ class Operation:
         self._done = False
         self._exc: BaseException | None = None
         self._waiters: list[tuple[Port, Callable[[], None]]] | None = None  # made on demand
-        self._callbacks: list[Callable[[], None]] | None = None
+        self._callbacks: list[Callable[[], object]] | None = None
         self._complete: Callable[[], None] | None = None
         self._abort = False
         self._retrieved = False  # whether anyone saw the error (await, exception())
@@ -162,34 +162,47 @@ class Operation:
         # A generator rather than a coroutine: the common cases (done, or done
         # after a few polls) create no coroutine at all.
         if not self._done and not (forked_child and self._abandon_if_inherited()):
-            poll = self._poll
-            engine: Any = poll[0] if poll is not None else None
-            spin = engine.loop_spin_s if engine is not None else 0.0
-            now = time.perf_counter()
-            if spin and self._eta - now < spin:
-                # Short ops: poll from this loop for a moment, yielding to
-                # other tasks, which beats any cross-thread wake-up. Yield
-                # before the first poll: a GPU takes microseconds to even
-                # start an op. Longer ops are left to the watcher thread.
-                deadline = max(now, self._eta) + spin
-                # On asyncio (and uvloop) a bare yield reschedules the task
-                # for the next turn of the loop, which is all asyncio.sleep(0)
-                # does, without a coroutine per poll.
-                yield_now = None if asyncio._get_running_loop() is not None else _yielder()
-                while True:
-                    if yield_now is None:
-                        yield
-                    else:
-                        yield from yield_now().__await__()
-                    # Poll at least once after yielding, even past the
-                    # deadline: with many tasks one turn of the loop can
-                    # outlast the whole window, and by then the op is done.
-                    if (engine is not None and engine.poll_for(self)) or (
-                        time.perf_counter() >= deadline
-                    ):
-                        break
-            if not self._done:
+            yield_now: Callable[[], Awaitable[None]] | None = None
+            asyncio_loop = asyncio._get_running_loop() is not None
+            while True:
+                poll = self._poll  # None until the op is watched (staged ops)
+                engine: Any = poll[0] if poll is not None else None
+                spin = engine.loop_spin_s if engine is not None else 0.0
+                now = time.perf_counter()
+                if spin and self._eta - now < spin:
+                    # Short ops, or long ones about to complete: poll from this
+                    # loop for a moment, yielding to other tasks, which beats
+                    # any cross-thread wake-up. Yield before the first poll: a
+                    # GPU takes microseconds to even start an op. Longer ops
+                    # are left to the watcher thread.
+                    # Past the expected time by a fifth of the op's estimate
+                    # too: estimates come from optimistic rates.
+                    deadline = max(now, self._eta) + spin + 0.2 * self._est
+                    # On asyncio (and uvloop) a bare yield reschedules the task
+                    # for the next turn of the loop, which is all
+                    # asyncio.sleep(0) does, without a coroutine per poll.
+                    if not asyncio_loop and yield_now is None:
+                        yield_now = _yielder()
+                    while True:
+                        if yield_now is None:
+                            yield
+                        else:
+                            yield from yield_now().__await__()
+                        # Poll at least once after yielding, even past the
+                        # deadline: with many tasks one turn of the loop can
+                        # outlast the whole window, and by then the op is done.
+                        if (engine is not None and engine.poll_for(self)) or (
+                            time.perf_counter() >= deadline
+                        ):
+                            break
+                # done(), not _done: the checks above narrowed the attribute.
+                if self.done():
+                    break
                 yield from self._wait_woken(engine).__await__()
+                if self.done():
+                    break
+                # Woken ahead of completion (``_prewake``): the op is due any
+                # moment, so go round and poll for it from here.
         # An op found done returns at once, like a done asyncio future.
         if self._exc is not None:
             self._retrieved = True
@@ -220,6 +233,27 @@ class Operation:
                 if waiters is not None:
                     with contextlib.suppress(ValueError):
                         waiters.remove(entry)
+
+    def _prewake(self) -> None:
+        """Wake the tasks asleep on this op just before it is due to complete.
+
+        Called by a watcher that expects the op to complete within moments:
+        waking an event loop that has slept a while takes 50-250 us, so the
+        loop wakes while the GPU finishes, and its task then polls for the
+        op itself (``__await__``). Threads blocked in :meth:`_wait_blocking`
+        are left asleep. A woken task that finds the op still pending past
+        its polling window sleeps again, and is woken at completion.
+        """
+        waiters = self._waiters
+        if not waiters or self._done:
+            return
+        early = [w for w in waiters if w[0] is not THREAD_PORT]
+        if not early:
+            return
+        for w in early:
+            with contextlib.suppress(ValueError):  # resolved meanwhile: list swapped
+                waiters.remove(w)
+        _post(early)
 
     def _add_waiter(self, entry: tuple[Port, Callable[[], None]]) -> None:
         waiters = self._waiters  # read once: a resolver may swap it out
@@ -273,7 +307,7 @@ class Operation:
         self._done = True
         return True
 
-    def _add_done_callback(self, cb: Callable[[], None]) -> None:
+    def _add_done_callback(self, cb: Callable[[], object]) -> None:
         """Run ``cb`` in the resolving thread as the op completes (at once if done).
 
         Callbacks are added before the op's work is enqueued; they may read

@@ -24,8 +24,16 @@ from .._core.timerslack import precise_timers
 
 __all__ = ["HostPool", "SerialExecutor", "byte_view"]
 
-MIN_SLICE = int(os.environ.get("GPUAIO_MIN_SLICE", 1 << 20))
-"""Bytes below which a copy is not split (thread hand-off costs ~10-50 µs)."""
+MIN_SLICE = 1 << 20
+"""Bytes below which a host copy or fill is not split (thread hand-off costs ~10-50 µs)."""
+
+STAGE_SLICE = int(os.environ.get("GPUAIO_STAGE_SLICE", 4 << 20))
+"""The smallest slice of a staging chunk a copy thread takes (:meth:`HostPool.submit_copy`).
+
+4 MiB: on H200 hosts 16 MiB pageable copies ran 1.2-1.3x and 64 MiB ones
+1.1x faster than in 1 MiB slices, in two runs (issue 13,
+``benchmarks/results/2026-12-02-h200-variants-run-h.log`` and ``-run-i``):
+each slice is a hand-off between threads under the GIL."""
 
 
 def byte_view(ptr: int, nbytes: int, readonly: bool = False) -> npt.NDArray[np.uint8]:
@@ -105,13 +113,6 @@ class HostPool:
         for f in futs:
             f.result()
 
-    def own_share(self, nbytes: int) -> int:
-        """Bytes of an ``nbytes`` copy its calling thread takes when it copies
-        alongside the pool (one slice of ``threads + 1``, 4 KiB aligned)."""
-        parts = min(self.threads + 1, max(1, nbytes // MIN_SLICE))
-        step = -(-nbytes // parts)
-        return min(nbytes, (step + 4095) & ~4095)
-
     def submit_copy(
         self,
         dst: np.ndarray,
@@ -126,7 +127,7 @@ class HostPool:
         ``offset`` (``args["offset"]`` plus its place in ``dst``).
         """
         n = dst.nbytes
-        parts = min(self.threads, max(1, n // MIN_SLICE))
+        parts = min(self.threads, max(1, n // STAGE_SLICE))
         step = -(-n // parts)
         step = (step + 4095) & ~4095
         pool = self._executor()

@@ -82,12 +82,14 @@ class PoolStats:
 class PinnedBlock:
     """One pinned allocation of ``size`` bytes at host address ``ptr``."""
 
-    __slots__ = ("events", "ptr", "retired", "size", "waiters")
+    __slots__ = ("events", "guard", "ptr", "retired", "size", "waiters")
 
     def __init__(self, ptr: int, size: int) -> None:
         self.ptr: int = ptr
         self.size: int = size
         self.events: list[Any] = []
+        self.guard: int = 0
+        """How many times it was released guarded: tells one guard from the next."""
         self.waiters: int = 0
         """Threads synchronizing on ``events`` outside the pool's lock."""
         self.retired: list[Any] = []
@@ -298,15 +300,17 @@ class PinnedPool:
             self._hits += 1
         return block
 
-    def release(self, block: PinnedBlock, events: list[Any] | tuple[Any, ...] = ()) -> None:
+    def release(self, block: PinnedBlock, events: list[Any] | tuple[Any, ...] = ()) -> int:
         """Hand ``block`` back; reusable once every event in ``events`` has fired.
 
         The events become the pool's: once they fire it hands them to
         ``recycle``, or destroys them. No driver call: safe on the event loop.
+        Returns the block's guard number, for :meth:`settled`.
         """
         with self._lock:
             if events:
                 block.events = list(events)
+                block.guard += 1
                 self._guarded.append(block)
             else:
                 self._put_free_locked(block)
@@ -315,6 +319,23 @@ class PinnedPool:
             # with nobody waiting still costs a microsecond there.
             if self._cv._waiters:  # type: ignore[attr-defined]
                 self._cv.notify_all()
+            return block.guard
+
+    def settled(self, guarded: list[tuple[PinnedBlock, int]]) -> None:
+        """The GPU work behind these guards has finished: the blocks are reusable now.
+
+        ``guarded`` holds (block, guard number from :meth:`release`) pairs;
+        a block released guarded again since then is left alone. The caller
+        knows the work ran (a marker behind it fired), so nothing is queried:
+        the next :meth:`take_cached` finds the blocks with no driver call.
+        """
+        dead: list[Any] = []
+        with self._cv:
+            done = [b for b, n in guarded if b.guard == n and b.events]
+            if not done:
+                return
+            self._retire_locked(done, dead)
+        self._recycle_events(dead)
 
     def reclaim(self) -> None:
         """Make guarded blocks whose events have all fired reusable.
@@ -329,25 +350,37 @@ class PinnedPool:
             if not self._guarded:
                 return
             self._reclaiming = True
-            blocks = list(self._guarded)
+            # Each block with the guard it had: settled() may free one meanwhile,
+            # and another transfer guard it anew.
+            blocks = [(b, b.guard, list(b.events)) for b in self._guarded]
         dead: list[Any] = []
-        done: list[PinnedBlock] = []
+        fired: list[tuple[PinnedBlock, int]] = []
         try:
-            done = [b for b in blocks if self._fired(b)]
+            fired = [(b, n) for b, n, evs in blocks if self._fired(evs)]
         finally:
             with self._cv:
                 self._reclaiming = False
+                done = [b for b, n in fired if b.guard == n and b.events]
                 if done:
-                    gone = {id(b) for b in done}
-                    self._guarded = deque(b for b in self._guarded if id(b) not in gone)
-                    for block in done:
-                        if block.waiters:  # a thread still synchronizes on them
-                            block.retired.extend(block.events)
-                        else:
-                            dead.extend(block.events)
-                        block.events = []
-                        self._put_free_locked(block)
+                    self._retire_locked(done, dead)
                 self._cv.notify_all()
+        self._recycle_events(dead)
+
+    def _retire_locked(self, done: list[PinnedBlock], dead: list[Any]) -> None:
+        """Move guarded blocks whose events fired to the free lists; collect the events."""
+        gone = {id(b) for b in done}
+        self._guarded = deque(b for b in self._guarded if id(b) not in gone)
+        for block in done:
+            if block.waiters:  # a thread still synchronizes on them
+                block.retired.extend(block.events)
+            else:
+                dead.extend(block.events)
+            block.events = []
+            self._put_free_locked(block)
+        if self._cv._waiters:  # type: ignore[attr-defined]
+            self._cv.notify_all()
+
+    def _recycle_events(self, dead: list[Any]) -> None:
         if dead:
             if self._recycle is not None:
                 self._recycle(dead)
@@ -388,9 +421,9 @@ class PinnedPool:
             self._closed = True
 
     # -- internal ------------------------------------------------------
-    def _fired(self, block: PinnedBlock) -> bool:
+    def _fired(self, events: list[Any]) -> bool:
         try:
-            return all(self.backend.event_query(ev) for ev in block.events)
+            return all(self.backend.event_query(ev) for ev in events)
         except DeviceFatalError:
             return True  # a dead context runs no more DMA: the block is safe
         except Exception:

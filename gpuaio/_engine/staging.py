@@ -24,7 +24,6 @@ settle on the host actions before them, so stream order holds.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 from collections import deque
@@ -37,6 +36,7 @@ from .._core.errors import InvalidArgumentError, OperationAbortedError
 from .._core.operation import Operation
 from .._core.progress import report_progress
 from .buffers import BufferInfo
+from .eventcache import EventCache
 from .hostwork import HostPool, byte_view
 from .pool import PinnedBlock, PinnedPool, parse_size, size_class
 
@@ -117,66 +117,6 @@ class StagingConfig:
         return max(self.min_chunk, chunk)
 
 
-class _EventCache:
-    """Fired staging events (blocking-sync, no timing), kept per device for reuse.
-
-    A staged copy records one event per chunk (the guard of its pinned block)
-    and a ring of ``depth``; creating and destroying each is a driver call of
-    4-12 us, a tenth of a 1 MiB chunk's time on an H200 (issue 13's
-    timelines). An event comes back when nothing waits on it any more (the
-    ring's when its transfer ends, a guard once the pool saw it fire), and every
-    user records an event before waiting on it, so a reused event never
-    carries an old record into a new wait. Thread-safe: list ``append`` and
-    ``pop`` are atomic.
-    """
-
-    KEEP = 64
-    """Events kept per device; more are destroyed."""
-
-    def __init__(self, backend: Any, defer: Any) -> None:
-        self._backend = backend
-        self._defer = defer
-        self._free: dict[int, list[Any]] = {}
-
-    def get(self, device: int) -> Any:
-        """A cached event of ``device``, else a new one (a driver call: never on a loop)."""
-        lst = self._free.get(device)
-        if lst:
-            try:
-                return lst.pop()
-            except IndexError:  # another thread took the last one
-                pass
-        return self._backend.event_create(device, blocking_sync=True)
-
-    def put(self, events: list[Any]) -> None:
-        """Take back fired events (any device)."""
-        extra = []
-        for ev in events:
-            device = getattr(ev, "device", None)  # both backends' events name it
-            if device is None:
-                extra.append(ev)
-                continue
-            lst = self._free.setdefault(device, [])
-            if len(lst) < self.KEEP:
-                lst.append(ev)
-            else:
-                extra.append(ev)
-        if extra:
-            self._defer(lambda: self._destroy(extra))
-
-    def close(self) -> None:
-        """Destroy every cached event."""
-        events = [ev for lst in self._free.values() for ev in lst]
-        self._free.clear()
-        self._destroy(events)
-
-    def _destroy(self, events: list[Any]) -> None:
-        for ev in events:
-            # A faulted context fails the destroy: its events are gone anyway.
-            with contextlib.suppress(Exception):
-                self._backend.event_destroy(ev)
-
-
 class Stager:
     """Runs pageable transfers of one runtime through its pinned pool."""
 
@@ -185,7 +125,7 @@ class Stager:
     ) -> None:
         self.runtime = runtime
         self.config: StagingConfig = config or StagingConfig()
-        self.events: _EventCache = _EventCache(runtime.backend, runtime.reaper.submit)
+        self.events: EventCache = EventCache(runtime.backend, runtime.reaper.submit)
         self.pool: PinnedPool = PinnedPool(
             runtime.backend, budget, defer=runtime.reaper.submit, recycle=self.events.put
         )
@@ -322,17 +262,23 @@ class Stager:
         # Chunks this thread copies itself are copied one ahead: the DMA of
         # one then runs while the next is copied (with two ahead, a transfer
         # of two chunks would copy both before its first DMA).
-        lookahead = 1 if solo else LOOKAHEAD
+        # In pairs (PAIR), a copy thread takes every other chunk while this
+        # thread copies the one before it.
+        pair = solo and PAIR
+        lookahead = 2 if pair else 1 if solo else LOOKAHEAD
         events = self.events
         ring = [events.get(device) for _ in range(depth)]
         copying: deque[tuple[int, int, PinnedBlock, list[Future[None]]]] = deque()
         # Chunk copies are traced on the host threads that run them, into
         # the tracer the op captured when its task enqueued it.
         tracer = op._tracer
+        guards: list[tuple[PinnedBlock, int]] = []
         k = 0
         off = 0
         enqueued = 0
+        last = 0
         j = 0
+        here: tuple[int, int, int] | None = None  # (chunk, offset, bytes) to copy here
         try:
             while off < n or copying:
                 while off < n and len(copying) < lookahead and not op._abort:
@@ -347,12 +293,26 @@ class Stager:
                     if block is None:
                         break
                     ln = min(block.size, n - off)  # a cached block of another size will do
-                    futs = _stage(
-                        host, _H2D_CHUNK, tracer, k, off, block.ptr, src_ptr + off, ln, solo
-                    )
+                    if pair and here is None and off + ln < n:
+                        futs = []  # copied below, once the next chunk is on its way
+                        here = (k, off, ln)
+                    elif pair and here is not None:
+                        span = (_H2D_CHUNK, tracer, {"chunk": k, "offset": off})
+                        futs = host.submit_copy(
+                            byte_view(block.ptr, ln), byte_view(src_ptr + off, ln, True), span
+                        )
+                    else:
+                        futs = _stage(
+                            host, _H2D_CHUNK, tracer, k, off, block.ptr, src_ptr + off, ln, solo
+                        )
                     copying.append((off, ln, block, futs))
                     k += 1
                     off += ln
+                if here is not None:
+                    hk, ho, hl = here
+                    here = None
+                    hblock = next(b for o_, _l, b, _f in copying if o_ == ho)
+                    _copy_here(_H2D_CHUNK, tracer, hk, ho, hblock.ptr, src_ptr + ho, hl)
                 if not copying:
                     break
                 o, ln, block, futs = copying[0]
@@ -368,10 +328,11 @@ class Stager:
                 guard = _guarded_dma(
                     backend, native, events, device, pool, block, d.ptr + o, block.ptr, ln
                 )
-                pool.release(block, [guard])
+                guards.append((block, pool.release(block, [guard])))
                 backend.event_record(slot, native)
                 j += 1
                 enqueued += ln
+                last = ln
                 if op._progress is not None and enqueued < n:
                     report_progress(op._progress, enqueued, n)
         finally:
@@ -382,6 +343,18 @@ class Stager:
         if enqueued < n:
             seq.wait_prior()
             raise OperationAbortedError(f"{op.label}: aborted after {enqueued} of {n} bytes")
+        # What is left is about the last chunk's DMA: with an expected time, the
+        # watcher sleeps until just before it and wakes the awaiting loop in time.
+        op._est = last / _DMA_BPS
+
+        def settle() -> None:
+            # The op's marker fired behind every DMA: its blocks are free for
+            # the next transfer with no event queried (a reclaim pass took
+            # 35-90 us before a copy's first host copy, issue 13's timelines).
+            if op._exc is None:
+                pool.settled(guards)
+
+        op._add_done_callback(settle)
         return True
 
     def _d2h(self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo) -> bool:
@@ -399,6 +372,7 @@ class Stager:
         depth = self.config.depth
         device = seq.ordinal
         solo = chunk <= SOLO_CHUNK
+        pair = solo and PAIR
         events = self.events
         inflight: deque[tuple[int, int, PinnedBlock, Any]] = deque()
         copying: deque[tuple[int, int, PinnedBlock, list[Future[None]]]] = deque()
@@ -423,6 +397,29 @@ class Stager:
                     )
                     inflight.append((off, ln, block, ev))
                     off += ln
+                if pair and len(inflight) >= 2 and not copying:
+                    # Both DMAs done (stream order: the second's event covers
+                    # the first), then one copy-out here, one on a copy thread.
+                    (o, ln, block, ev), (o1, ln1, block1, ev1) = inflight[0], inflight[1]
+                    backend.event_synchronize(ev1)
+                    inflight.popleft()
+                    inflight.popleft()
+                    events.put([ev, ev1])  # fired
+                    span = (_D2H_CHUNK, tracer, {"chunk": k + 1, "offset": o1})
+                    copying.append((o, ln, block, []))
+                    copying.append(
+                        (
+                            o1,
+                            ln1,
+                            block1,
+                            host.submit_copy(
+                                byte_view(dst_ptr + o1, ln1), byte_view(block1.ptr, ln1, True), span
+                            ),
+                        )
+                    )
+                    _copy_here(_D2H_CHUNK, tracer, k, o, dst_ptr + o, block.ptr, ln)
+                    k += 2
+                    continue
                 if inflight and len(copying) < LOOKAHEAD:
                     o, ln, block, ev = inflight[0]
                     backend.event_synchronize(ev)
@@ -451,6 +448,10 @@ class Stager:
         return False
 
 
+_DMA_BPS = 52e9
+"""A pinned DMA's rate over PCIe Gen5 x16, a little optimistic (as
+``gpuaio._api.transfers``): for expected completion times only."""
+
 LOOKAHEAD = int(os.environ.get("GPUAIO_LOOKAHEAD", "2"))
 """Chunks the host threads may be copying at once within one transfer."""
 
@@ -467,7 +468,7 @@ _D2H_CHUNK = "gpuaio stage d2h chunk"
 def _guarded_dma(
     backend: Any,
     native: Any,
-    events: _EventCache,
+    events: EventCache,
     device: int,
     pool: PinnedPool,
     block: PinnedBlock,
@@ -508,9 +509,9 @@ def _release_after_drain(backend: Any, native: Any, pool: PinnedPool, block: Pin
     pool.release(block)
 
 
-SHARE = os.environ.get("GPUAIO_STAGE_SHARE", "0") not in ("", "0")
-"""Whether the stream's host thread copies a slice of each chunk alongside the
-copy threads (one hand-off fewer per chunk), rather than only waiting."""
+PAIR = os.environ.get("GPUAIO_SOLO_PAIR", "0") not in ("", "0")
+"""Whether chunks of up to ``SOLO_CHUNK`` go in pairs: the stream's host thread
+copies one while a copy thread copies the next (one hand-off per pair)."""
 
 
 def _stage(
@@ -524,29 +525,13 @@ def _stage(
     nbytes: int,
     solo: bool,
 ) -> list[Future[None]]:
-    """Start the host copy of one chunk (``nbytes`` from ``src`` to ``dst``).
-
-    A solo chunk is copied here, at once. Otherwise its slices go to the copy
-    threads, and with :data:`SHARE` this thread copies the first one itself
-    before it returns. Returns the futures of the slices still running.
-    """
+    """Start the host copy of one chunk (``nbytes`` from ``src`` to ``dst``):
+    a solo chunk is copied here, at once; otherwise its slices go to the copy
+    threads. Returns the futures of the slices still running."""
     if solo:
         return _copy_here(name, tracer, chunk, offset, dst, src, nbytes)
-    own = host.own_share(nbytes) if SHARE else 0
-    futs: list[Future[None]] = []
-    if own < nbytes:
-        rest = nbytes - own
-        span = (name, tracer, {"chunk": chunk, "offset": offset + own})
-        futs = host.submit_copy(
-            byte_view(dst + own, rest), byte_view(src + own, rest, readonly=True), span
-        )
-    if own:
-        try:
-            _copy_here(name, tracer, chunk, offset, dst, src, own)
-        except BaseException:
-            wait(futs)  # no slice may still touch the block once the caller releases it
-            raise
-    return futs
+    span = (name, tracer, {"chunk": chunk, "offset": offset})
+    return host.submit_copy(byte_view(dst, nbytes), byte_view(src, nbytes, readonly=True), span)
 
 
 def _copy_here(

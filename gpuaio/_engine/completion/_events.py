@@ -59,6 +59,7 @@ from ._tuning import (
     LOOP_SWEEP_S,
     MAX_SLEEP_S,
     MIN_SLEEP_S,
+    PREWAKE_S,
     SPIN_POLL_S,
     SPIN_S,
     STAND_DOWN_S,
@@ -408,17 +409,35 @@ class EventEngine(CompletionEngine):
 
         * Every stream's oldest op has a known duration and the earliest is
           due later than ``ETA_SLEEP_MIN_S``: sleep until just before then.
+          Tasks asleep on an op due within ``PREWAKE_S`` are woken then, so
+          their loops poll for it while it finishes (``Operation._prewake``).
         * Within ``SPIN_S`` of new work or a completion: yield the GIL once.
         * Otherwise: sleep ``pace.sleep_s``, twice as long each time in a row.
         """
         now = time.perf_counter()
-        etas = [q.entries[0][0]._eta for _key, q in queues if q.entries]
+        oldest = [q.entries[0][0] for _key, q in queues if q.entries]
+        etas = [op._eta for op in oldest]
         next_eta = min(etas) if etas and all(etas) else 0.0
         if next_eta - now > ETA_SLEEP_MIN_S:
             until = min(next_eta - ETA_EARLY_S, self._next_probe, now + ETA_SLEEP_MAX_S)
+            # A task asleep on an op due soon is woken PREWAKE_S ahead (it polls
+            # from then on): a loop idle that long takes 50-250 us to wake.
+            awaited = [op for op in oldest if op._waiters]
+            for op in awaited:
+                if op._eta - now <= PREWAKE_S:
+                    op._prewake()
+            awaited = [op for op in awaited if op._eta - now > PREWAKE_S]
+            if awaited:
+                until = min(until, min(op._eta for op in awaited) - PREWAKE_S)
+            notified = False
             with self._cv:
                 if not self._closed:
-                    self._wait(max(0.0, until - now))
+                    notified = self._wait(max(0.0, until - now))
+            if awaited and not notified:
+                now = time.perf_counter()
+                for op in awaited:
+                    if op._eta - now <= PREWAKE_S + ETA_EARLY_S:
+                        op._prewake()
             pace.spin_again()
             return
         if now < pace.spin_until:

@@ -50,5 +50,11 @@ ETA_SLEEP_MIN_S = 150e-6
 """The watcher sleeps until the next expected completion only if it is further off."""
 ETA_EARLY_S = 50e-6
 """How long before the expected completion that sleep ends."""
+PREWAKE_S = 200e-6
+"""How long before an awaited op is due the watcher wakes its loop to poll for it.
+
+An event loop asleep for a millisecond took 50-260 us to run again after the
+watcher's wake-up on an H200 host (issue 13's timelines), a fifth of a 64 MiB
+pinned copy; woken this early, it polls while the DMA finishes instead."""
 ETA_SLEEP_MAX_S = 5e-3
 """The longest such a sleep."""

@@ -1,0 +1,78 @@
+"""The watcher wakes a task's loop just before its op is due (``Operation._prewake``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+import gpuaio
+from gpuaio._core.loopport import THREAD_PORT
+from gpuaio._core.operation import Operation
+from gpuaio._engine.hostwork import byte_view
+from tests.test_copy import pattern
+
+pytestmark = pytest.mark.anyio
+
+MiB = 1 << 20
+
+
+class _Port:
+    def __init__(self) -> None:
+        self.posted: list[Callable[[], None]] = []
+
+    def post(self, cbs: list[Callable[[], None]]) -> None:
+        self.posted.extend(cbs)
+
+
+def test_prewake_wakes_loops_not_threads() -> None:
+    """Loop waiters are woken early and taken off the op; a blocked thread's
+    waiter stays until completion (it would take the wake for completion)."""
+    op = Operation("test", None)
+    port = _Port()
+    woken: list[str] = []
+    loop_cb = lambda: woken.append("loop")  # noqa: E731
+    thread_cb = lambda: woken.append("thread")  # noqa: E731
+    op._add_waiter((port, loop_cb))  # type: ignore[arg-type]
+    op._add_waiter((THREAD_PORT, thread_cb))
+    op._prewake()
+    assert port.posted == [loop_cb]
+    assert op._waiters == [(THREAD_PORT, thread_cb)]
+    assert not op.done()
+    op._resolve(None)
+    assert woken == ["thread"], "the thread waiter was not woken exactly once at completion"
+
+
+async def test_a_prewoken_await_returns_only_once_the_copy_is_done(
+    dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long pinned copy: the watcher wakes the awaiting task ahead of the
+    expected time; the task polls, and its await still returns only when the
+    copy has completed and the data is there."""
+    prewoken: list[Operation] = []
+    real = Operation._prewake
+
+    def spy(self: Operation) -> None:
+        prewoken.append(self)
+        real(self)
+
+    monkeypatch.setattr(Operation, "_prewake", spy)
+    n = 64 * MiB  # expected ~1.3 ms at the rates gpuaio assumes
+    src = gpuaio.pinned_empty(n)
+    src[:] = pattern(n, 3)
+    d = dev.empty(n)
+    s = dev.stream()
+    sim = dev._runtime.backend.name == "sim"
+    for i in range(5):
+        src[:] = pattern(n, 10 + i)
+        op = s.copy(d, src)
+        await op
+        assert op.done()
+        if sim:  # device memory is host memory there: read it the moment await returns
+            assert np.array_equal(byte_view(d.ptr, n), src), "await returned before the copy"
+    back = gpuaio.pinned_empty(n)
+    await s.copy(back, d)
+    assert np.array_equal(back, src)
+    assert prewoken, "the watcher never woke the awaiting loop ahead of a long copy"
+    await s.aclose()
