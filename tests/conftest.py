@@ -235,3 +235,19 @@ def _open_latches_left_closed() -> Iterator[None]:
     for per_device in list(_latches.values()):
         for latches in per_device.values():
             latches.open_all()
+
+
+@pytest.fixture
+def staged_only(gpuaio_runtime: Any) -> Iterator[Any]:
+    """Mid-size pageable copies go through gpuaio's staging even on an idle
+    stream, not the driver's own path (``driver_max=0``): for tests of the
+    staging pipeline itself. Yields the stager."""
+    import dataclasses
+
+    stager = gpuaio_runtime.stager
+    old = stager.config
+    stager.config = dataclasses.replace(old, driver_max=0)
+    try:
+        yield stager
+    finally:
+        stager.config = old

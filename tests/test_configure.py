@@ -112,6 +112,11 @@ def test_bad_settings_name_the_argument_and_change_nothing(
 async def test_staging_settings_wait_for_transfers_in_flight(
     restored: Any, dev: gpuaio.Device
 ) -> None:
+    import dataclasses
+
+    # Staged, so that pinned blocks stay in use (the default stager is replaced below).
+    stager = restored.stager
+    stager.config = dataclasses.replace(stager.config, driver_max=0)
     s = dev.stream()
     release = latch(dev, s)
     src = pattern(4 * MiB, 2)

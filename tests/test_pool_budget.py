@@ -28,6 +28,7 @@ MiB = 1 << 20
 
 def _install(runtime: Any, budget: int, **config: Any) -> Iterator[Stager]:
     old = runtime.stager
+    config.setdefault("driver_max", 0)  # these tests are about the pool: always staged
     stager = Stager(runtime, StagingConfig(**config), budget=budget)
     runtime.extras["stager"] = stager
     yield stager

@@ -105,7 +105,7 @@ async def test_cancellation_storm_with_transient_faults(gpuaio_runtime: Any) -> 
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
 @pytest.mark.anyio
 async def test_storm_checks_detect_early_reuse(
-    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
+    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch, staged_only: Any
 ) -> None:
     """The harness can fail: a pool that ignores its guard events is caught."""
     assert await early_reuse_probe(gpuaio_runtime) == []
@@ -469,7 +469,9 @@ def test_event_finalizer_does_not_deadlock() -> None:
 @pytest.mark.gpuaio_sim_only
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
 @pytest.mark.anyio
-async def test_failed_d2h_chunk_keeps_its_block_guarded(gpuaio_runtime: Any) -> None:
+async def test_failed_d2h_chunk_keeps_its_block_guarded(
+    gpuaio_runtime: Any, staged_only: Any
+) -> None:
     """Found by this suite (fixed in bdf49e9): when event_create/event_record failed
     after a chunk's DMA was enqueued, _staging._d2h handed the pinned block back
     unguarded; the late DMA then overwrote it under another, successful transfer."""

@@ -23,7 +23,7 @@ MiB = 1 << 20
 def _stager_with_budget(runtime: Any, budget: int) -> Iterator[Stager]:
     """Install a stager of 1 MiB chunks, depth 2 and ``budget`` for one test."""
     old = runtime.stager
-    stager = Stager(runtime, StagingConfig(max_chunk=MiB, depth=2), budget=budget)
+    stager = Stager(runtime, StagingConfig(max_chunk=MiB, depth=2, driver_max=0), budget=budget)
     runtime.extras["stager"] = stager
     yield stager
     runtime.extras["stager"] = old
@@ -391,7 +391,7 @@ async def test_staged_copies_reuse_their_events(gpuaio_runtime: Any, dev: gpuaio
 
 
 async def test_a_chunk_copied_on_the_stream_thread_overlaps_the_dma_before_it(
-    gpuaio_runtime: Any, dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch
+    gpuaio_runtime: Any, dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch, staged_only: Any
 ) -> None:
     """Chunks the stream's host thread copies itself (SOLO_CHUNK) go one ahead:
     copy 0, DMA 0, copy 1 (while DMA 0 runs), DMA 1. Two ahead, a transfer of
@@ -512,25 +512,69 @@ async def test_a_finished_staged_copy_leaves_its_blocks_free(
     await s.aclose()
 
 
-@pytest.mark.parametrize("n", [3 * MiB, 4 * MiB])
-async def test_paired_chunks_arrive_whole(
-    gpuaio_runtime: Any, dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch, n: int
+async def test_a_mid_size_copy_on_an_idle_stream_takes_the_drivers_path(
+    gpuaio_runtime: Any, dev: gpuaio.Device
 ) -> None:
-    """With ``PAIR``, the stream's thread copies one chunk while a copy thread
-    copies the next, both ways; every byte arrives, in the right place."""
-    from gpuaio._engine import staging
-
-    monkeypatch.setattr(staging, "PAIR", True)
+    """Between ``inline_max`` and ``driver_max``, on a stream with no GPU work
+    pending, each direction is one driver call on the stream's host thread
+    (the driver pipelines its own staging, with no hand-off between threads)."""
     s = dev.stream()
-    stager = gpuaio_runtime.stager
-    assert stager.chunk_for(n) <= staging.SOLO_CHUNK < n
-    src = pattern(n, 31)
+    n = 4 * MiB
+    config = gpuaio_runtime.stager.config
+    assert config.inline_max < n <= config.driver_max
+    src = pattern(n, 41)
     d = dev.empty(n)
     back = np.zeros(n, np.uint8)
-    for seed in (31, 32):
-        src = pattern(n, seed)
+    be = gpuaio_runtime.backend
+    calls: list[tuple[int, int, int]] = []
+    real = be.memcpy_async
+
+    def spy(dst: int, src_ptr: int, nbytes: int, stream: Any) -> None:
+        calls.append((dst, src_ptr, nbytes))
+        real(dst, src_ptr, nbytes, stream)
+
+    be.memcpy_async = spy
+    try:
         await s.copy(d, src)
-        back[:] = 0
         await s.copy(back, d)
-        assert np.array_equal(back, src)
+    finally:
+        be.memcpy_async = real
+    assert calls == [(d.ptr, src.ctypes.data, n), (back.ctypes.data, d.ptr, n)]
+    assert np.array_equal(back, src)
+    await s.aclose()
+
+
+async def test_a_mid_size_copy_behind_pending_gpu_work_is_staged(
+    gpuaio_runtime: Any, dev: gpuaio.Device
+) -> None:
+    """The driver's pageable path waits for the stream's earlier work before it
+    copies a byte; behind pending work the copy is staged instead (its host copy
+    overlaps that work), and stream order holds."""
+    s = dev.stream()
+    n = 4 * MiB
+    src = pattern(n, 42)
+    d = dev.empty(n)
+    stager = gpuaio_runtime.stager
+    staged: list[int] = []
+    real_h2d = stager._h2d
+
+    def spy(*a: Any) -> Any:
+        staged.append(n)
+        return real_h2d(*a)
+
+    stager._h2d = spy
+    release = latch(dev, s)
+    try:
+        first = s.memset(d, 0)  # pending behind the latch
+        op = s.copy(d, src)
+        await anyio.sleep(0.05)
+        assert not first.done() and not op.done()
+        release()
+        await gpuaio.wait_all([first, op])
+    finally:
+        del stager._h2d
+    assert staged == [n], "the copy behind pending work was not staged"
+    back = np.zeros(n, np.uint8)
+    await s.copy(back, d)
+    assert np.array_equal(back, src), "the memset before the copy landed after it"
     await s.aclose()

@@ -164,6 +164,8 @@ class Runtime:
                 min_chunk=base.min_chunk,
                 depth=base.depth if staging_depth is None else staging_depth,
                 inline_max=base.inline_max if small is None else small,
+                split=base.split,
+                driver_max=base.driver_max,
             )
             if budget is None:
                 budget = old.pool.budget if old is not None else saved_budget

@@ -73,6 +73,7 @@ class Operation:
         "_exc",
         "_keep",
         "_poll",
+        "_prewoken",
         "_progress",
         "_retrieved",
         "_t0",
@@ -105,6 +106,7 @@ class Operation:
         self._est = 0.0  # expected GPU time in seconds, 0 if unknown
         self._eta = 0.0  # perf_counter() time it should complete by, 0 if unknown
         self._poll: tuple[Any, Any] | None = None
+        self._prewoken = False
         self._progress: Callable[[int, int], None] | None = None
         # The tracer of the enqueueing task, captured now: completion and
         # staging run on other threads, outside that task's context.
@@ -237,16 +239,19 @@ class Operation:
     def _prewake(self) -> None:
         """Wake the tasks asleep on this op just before it is due to complete.
 
-        Called by a watcher that expects the op to complete within moments:
-        waking an event loop that has slept a while takes 50-250 us, so the
-        loop wakes while the GPU finishes, and its task then polls for the
-        op itself (``__await__``). Threads blocked in :meth:`_wait_blocking`
+        Called by a watcher that expects the op to complete within moments,
+        at most once per op: waking an event loop that has slept a while
+        takes 50-250 us, so the loop wakes while the GPU finishes, and its
+        task then polls for the op itself (``__await__``). Threads blocked in :meth:`_wait_blocking`
         are left asleep. A woken task that finds the op still pending past
         its polling window sleeps again, and is woken at completion.
         """
         waiters = self._waiters
-        if not waiters or self._done:
+        # Once per op: a task that polled through its window and slept again is
+        # woken at completion, not pre-woken over and over by a bad estimate.
+        if not waiters or self._done or self._prewoken:
             return
+        self._prewoken = True
         early = [w for w in waiters if w[0] is not THREAD_PORT]
         if not early:
             return

@@ -74,9 +74,14 @@ class StagingConfig:
     ``benchmarks/results/2026-12-02-h200-staging-variants.log``)."""
     depth: int = field(default_factory=lambda: int(os.environ.get("GPUAIO_STAGING_DEPTH", "4")))
     """Chunks in flight per transfer (pinned use per transfer is depth x chunk)."""
-    driver_max: int = field(default_factory=lambda: _env_size("GPUAIO_DRIVER_COPY_MAX", 0))
+    driver_max: int = field(default_factory=lambda: _env_size("GPUAIO_DRIVER_COPY_MAX", 4 << 20))
     """Largest copy (above ``inline_max``) handed to the driver's own pageable path,
-    on the stream's host thread, when the stream has no GPU work pending; 0: never."""
+    on the stream's host thread, when the stream has no GPU work pending; 0: never.
+
+    4 MiB: the driver copies and DMAs in a pipeline on one thread with no
+    hand-off, and at 2-4 MiB an H200 ran that 1.2-1.5x faster than two staged
+    chunks, in three runs (issue 13, runs I-K); from 16 MiB staging's threads
+    win or tie."""
     inline_max: int = field(default_factory=lambda: _env_size("GPUAIO_INLINE_MAX", 1 << 20))
     """Largest copy staged on the calling thread (1 MiB: about 50 us of memmove,
     less than the thread hop it saves; on an H200 a 1 MiB pageable copy ran at
@@ -182,7 +187,9 @@ class Stager:
                 if h2d:
                     return self._small_h2d(seq, op, d, s, block)
                 return self._small_d2h(seq, op, d, s, block)
-        if d.nbytes <= self.config.driver_max and not (d.kind.is_host and s.kind.is_host):
+        if self.config.inline_max < d.nbytes <= self.config.driver_max and not (
+            d.kind.is_host and s.kind.is_host
+        ):
             return seq.host(op, lambda: self._driver_or_staged(seq, op, d, s), after_gpu=False)
         if h2d:
             return seq.host(op, lambda: self._h2d(seq, op, d, s), after_gpu=False)
@@ -202,9 +209,18 @@ class Stager:
             return self._h2d(seq, op, d, s) if h2d else self._d2h(seq, op, d, s)
         if op._abort:
             raise OperationAbortedError(f"{op.label}: aborted after 0 of {d.nbytes} bytes")
-        self.runtime.backend.memcpy_async(d.ptr, s.ptr, d.nbytes, seq.native)
+        # Traced like a staged chunk: one chunk, copied by the driver.
+        name = _H2D_CHUNK if h2d else _D2H_CHUNK
+        args = {"chunk": 0, "offset": 0, "bytes": d.nbytes, "driver": True}
+        backend = self.runtime.backend
+        _trace.traced_call(
+            name, op._tracer, args, backend.memcpy_async, d.ptr, s.ptr, d.nbytes, seq.native
+        )
         # From pageable memory the call returns once the source is staged (the
         # DMA may still run); into pageable memory, once the copy has completed.
+        if h2d:
+            # What is left is about one staging buffer's DMA: expected soon.
+            op._est = min(d.nbytes, 1 << 20) / _DMA_BPS
         return h2d
 
     # -- small ---------------------------------------------------------
@@ -262,10 +278,7 @@ class Stager:
         # Chunks this thread copies itself are copied one ahead: the DMA of
         # one then runs while the next is copied (with two ahead, a transfer
         # of two chunks would copy both before its first DMA).
-        # In pairs (PAIR), a copy thread takes every other chunk while this
-        # thread copies the one before it.
-        pair = solo and PAIR
-        lookahead = 2 if pair else 1 if solo else LOOKAHEAD
+        lookahead = 1 if solo else LOOKAHEAD
         events = self.events
         ring = [events.get(device) for _ in range(depth)]
         copying: deque[tuple[int, int, PinnedBlock, list[Future[None]]]] = deque()
@@ -278,7 +291,6 @@ class Stager:
         enqueued = 0
         last = 0
         j = 0
-        here: tuple[int, int, int] | None = None  # (chunk, offset, bytes) to copy here
         try:
             while off < n or copying:
                 while off < n and len(copying) < lookahead and not op._abort:
@@ -293,26 +305,12 @@ class Stager:
                     if block is None:
                         break
                     ln = min(block.size, n - off)  # a cached block of another size will do
-                    if pair and here is None and off + ln < n:
-                        futs = []  # copied below, once the next chunk is on its way
-                        here = (k, off, ln)
-                    elif pair and here is not None:
-                        span = (_H2D_CHUNK, tracer, {"chunk": k, "offset": off})
-                        futs = host.submit_copy(
-                            byte_view(block.ptr, ln), byte_view(src_ptr + off, ln, True), span
-                        )
-                    else:
-                        futs = _stage(
-                            host, _H2D_CHUNK, tracer, k, off, block.ptr, src_ptr + off, ln, solo
-                        )
+                    futs = _stage(
+                        host, _H2D_CHUNK, tracer, k, off, block.ptr, src_ptr + off, ln, solo
+                    )
                     copying.append((off, ln, block, futs))
                     k += 1
                     off += ln
-                if here is not None:
-                    hk, ho, hl = here
-                    here = None
-                    hblock = next(b for o_, _l, b, _f in copying if o_ == ho)
-                    _copy_here(_H2D_CHUNK, tracer, hk, ho, hblock.ptr, src_ptr + ho, hl)
                 if not copying:
                     break
                 o, ln, block, futs = copying[0]
@@ -372,7 +370,6 @@ class Stager:
         depth = self.config.depth
         device = seq.ordinal
         solo = chunk <= SOLO_CHUNK
-        pair = solo and PAIR
         events = self.events
         inflight: deque[tuple[int, int, PinnedBlock, Any]] = deque()
         copying: deque[tuple[int, int, PinnedBlock, list[Future[None]]]] = deque()
@@ -397,29 +394,6 @@ class Stager:
                     )
                     inflight.append((off, ln, block, ev))
                     off += ln
-                if pair and len(inflight) >= 2 and not copying:
-                    # Both DMAs done (stream order: the second's event covers
-                    # the first), then one copy-out here, one on a copy thread.
-                    (o, ln, block, ev), (o1, ln1, block1, ev1) = inflight[0], inflight[1]
-                    backend.event_synchronize(ev1)
-                    inflight.popleft()
-                    inflight.popleft()
-                    events.put([ev, ev1])  # fired
-                    span = (_D2H_CHUNK, tracer, {"chunk": k + 1, "offset": o1})
-                    copying.append((o, ln, block, []))
-                    copying.append(
-                        (
-                            o1,
-                            ln1,
-                            block1,
-                            host.submit_copy(
-                                byte_view(dst_ptr + o1, ln1), byte_view(block1.ptr, ln1, True), span
-                            ),
-                        )
-                    )
-                    _copy_here(_D2H_CHUNK, tracer, k, o, dst_ptr + o, block.ptr, ln)
-                    k += 2
-                    continue
                 if inflight and len(copying) < LOOKAHEAD:
                     o, ln, block, ev = inflight[0]
                     backend.event_synchronize(ev)
@@ -507,11 +481,6 @@ def _release_after_drain(backend: Any, native: Any, pool: PinnedPool, block: Pin
     except Exception:
         return  # cannot tell whether the DMA ran: never hand the block out again
     pool.release(block)
-
-
-PAIR = os.environ.get("GPUAIO_SOLO_PAIR", "0") not in ("", "0")
-"""Whether chunks of up to ``SOLO_CHUNK`` go in pairs: the stream's host thread
-copies one while a copy thread copies the next (one hand-off per pair)."""
 
 
 def _stage(

@@ -144,11 +144,16 @@ class EventEngine(CompletionEngine):
                 op._eta = q.busy_until = max(now, q.busy_until) + op._est
             q.entries.append((op, marker))
             op._poll = (self, q)
+            prewake = False
             if op._waiters is not None:
                 # A task went to sleep on this op before it was watched (it was
                 # queued behind a host step) and handed it to nobody: the watcher
                 # must not stand down for loops whose sweeps may stop any moment.
                 self._loop_polling_until = 0.0
+                # Due soon (a staged copy's last DMA): wake its loop from here,
+                # to poll while the GPU finishes, rather than after the watcher
+                # has woken and seen it done (two wake-ups of 50-100 us in a row).
+                prewake = bool(op._eta) and op._eta - now <= PREWAKE_S
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name=f"gpuaio-completion-{self.device}", daemon=True
@@ -157,6 +162,8 @@ class EventEngine(CompletionEngine):
             elif self._sleeping and (self._idle or now >= self._loop_polling_until):
                 # Not while loops poll: their sweeps find this op too.
                 self._cv.notify()
+        if prewake:
+            op._prewake()
 
     def pending(self) -> int:
         with self._lock:
@@ -416,17 +423,16 @@ class EventEngine(CompletionEngine):
         """
         now = time.perf_counter()
         oldest = [q.entries[0][0] for _key, q in queues if q.entries]
+        for op in oldest:
+            if op._waiters and op._eta and op._eta - now <= PREWAKE_S:
+                op._prewake()
         etas = [op._eta for op in oldest]
         next_eta = min(etas) if etas and all(etas) else 0.0
         if next_eta - now > ETA_SLEEP_MIN_S:
             until = min(next_eta - ETA_EARLY_S, self._next_probe, now + ETA_SLEEP_MAX_S)
             # A task asleep on an op due soon is woken PREWAKE_S ahead (it polls
             # from then on): a loop idle that long takes 50-250 us to wake.
-            awaited = [op for op in oldest if op._waiters]
-            for op in awaited:
-                if op._eta - now <= PREWAKE_S:
-                    op._prewake()
-            awaited = [op for op in awaited if op._eta - now > PREWAKE_S]
+            awaited = [op for op in oldest if op._waiters and op._eta - now > PREWAKE_S]
             if awaited:
                 until = min(until, min(op._eta for op in awaited) - PREWAKE_S)
             notified = False
