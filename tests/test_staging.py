@@ -578,3 +578,41 @@ async def test_a_mid_size_copy_behind_pending_gpu_work_is_staged(
     await s.copy(back, d)
     assert np.array_equal(back, src), "the memset before the copy landed after it"
     await s.aclose()
+
+
+async def test_a_larger_cached_block_keeps_the_planned_chunks(
+    gpuaio_runtime: Any, dev: gpuaio.Device, staged_only: Any
+) -> None:
+    """A transfer that gets a larger cached block (left by a bigger copy) still
+    copies in its own chunk size: one chunk filling the big block would copy
+    everything before its first DMA, with no overlap (seen on an H200, where a
+    16 MiB copy reported its progress once, after a 1 GiB test)."""
+    s = dev.stream()
+    big = 64 * MiB
+    d_big = dev.empty(big)
+    await s.copy(d_big, pattern(big, 51))  # leaves 32 MiB blocks cached
+    n = 16 * MiB
+    chunk = staged_only.chunk_for(n)
+    assert chunk < 32 * MiB and n // chunk >= 2
+    be = gpuaio_runtime.backend
+    real = be.memcpy_async
+    dmas: list[int] = []
+
+    def counting(dst: int, src_ptr: int, nbytes: int, stream: Any) -> None:
+        dmas.append(nbytes)
+        real(dst, src_ptr, nbytes, stream)
+
+    reports: list[int] = []
+    src = pattern(n, 52)
+    d = dev.empty(n)
+    be.memcpy_async = counting
+    try:
+        await s.copy(d, src, progress=lambda done, total: reports.append(done))
+    finally:
+        be.memcpy_async = real
+    assert dmas == [chunk] * (n // chunk), dmas
+    assert reports == [chunk * (i + 1) for i in range(n // chunk)], reports
+    back = np.zeros(n, np.uint8)
+    await s.copy(back, d)
+    assert np.array_equal(back, src)
+    await s.aclose()

@@ -144,7 +144,7 @@ async def test_trace_keeps_the_format_rules(
 ) -> None:
     """Two tasks enqueue overlapping ops on one stream: staged copies of several
     chunks each way, a memset and a kernel; the trace follows the format."""
-    n = 8 << 20  # 1 MiB chunks: 8 per copy
+    n = 8 << 20  # 4 MiB chunks: 2 per copy
     k = add_one_kernel(dev)
     outs: dict[int, np.ndarray] = {}
 
@@ -326,7 +326,9 @@ async def test_progress_of_staged_copy(
     assert len(dones) >= 2, "a staged copy reports each chunk"
     assert dones == sorted(dones) and dones[-1] == n
     assert all(t == n for _, t, _ in seen)
-    assert all(name != threading.main_thread().name for *_, name in seen)
+    # Each chunk's report comes from the stream's host thread; the last one
+    # from whichever thread found the copy complete (a polling loop's too).
+    assert all(name.startswith("gpuaio-stream") for *_, name in seen[:-1]), seen
 
 
 async def test_progress_of_direct_copy(stream: gpuaio.Stream, dev: gpuaio.Device) -> None:

@@ -16,7 +16,7 @@ t0=$(date +%s)
 nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.current,pcie.link.width.current \
     --format=csv,noheader | tee "$OUT/probe.log"
 if [ "${PERF_PROBE:-1}" != 0 ]; then
-    timeout 150 python3 tools/small_copy_probe.py --out "$OUT" --label "$LABEL" 2>&1 | tee -a "$OUT/probe.log"
+    timeout 150 python3 tools/small_copy_probe.py --out "$OUT" --label="$LABEL" 2>&1 | tee -a "$OUT/probe.log"
     if [ -n "${PERF_STAGE_VARIANTS:-}" ]; then
         # Section 3 again under other settings: "ENV=VALUE;ENV=VALUE ..." (one per run).
         IFS=';' read -ra variants <<<"$PERF_STAGE_VARIANTS"

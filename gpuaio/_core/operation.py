@@ -178,8 +178,8 @@ class Operation:
                     # GPU takes microseconds to even start an op. Longer ops
                     # are left to the watcher thread.
                     # Past the expected time by a fifth of the op's estimate
-                    # too: estimates come from optimistic rates.
-                    deadline = max(now, self._eta) + spin + 0.2 * self._est
+                    # too (up to 0.5 ms): estimates come from optimistic rates.
+                    deadline = max(now, self._eta) + spin + min(0.2 * self._est, 5e-4)
                     # On asyncio (and uvloop) a bare yield reschedules the task
                     # for the next turn of the loop, which is all
                     # asyncio.sleep(0) does, without a coroutine per poll.

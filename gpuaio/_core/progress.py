@@ -1,9 +1,10 @@
 """Progress reporting for long transfers and for the prefetch loader.
 
 ``stream.copy(dst, src, progress=cb)`` calls ``cb(done_bytes, total_bytes)``
-as a staged transfer advances (after each chunk) and once more when the
-operation completes successfully. The callback runs on a gpuaio worker
-thread: keep it quick and thread-safe.
+as a staged transfer advances (after each chunk, on the stream's host
+thread) and once more when the operation completes successfully (on the
+thread that finds it complete: a gpuaio thread, or the event loop of a task
+polling for it). Keep it quick and thread-safe.
 
 ``prefetch(source, progress=cb)`` calls ``cb(batches, total)`` on the
 consumer's task each time a batch is handed over, ``total`` being

@@ -304,7 +304,10 @@ class Stager:
                     )
                     if block is None:
                         break
-                    ln = min(block.size, n - off)  # a cached block of another size will do
+                    # A smaller cached block shortens the chunk; a larger one
+                    # holds the chunk planned (one chunk in a block that size
+                    # would lose the overlap of host copy and DMA).
+                    ln = min(ln, block.size)
                     futs = _stage(
                         host, _H2D_CHUNK, tracer, k, off, block.ptr, src_ptr + off, ln, solo
                     )
@@ -388,7 +391,10 @@ class Stager:
                     )
                     if block is None:
                         break
-                    ln = min(block.size, n - off)  # a cached block of another size will do
+                    # A smaller cached block shortens the chunk; a larger one
+                    # holds the chunk planned (one chunk in a block that size
+                    # would lose the overlap of host copy and DMA).
+                    ln = min(ln, block.size)
                     ev = _guarded_dma(
                         backend, native, events, device, pool, block, block.ptr, s.ptr + off, ln
                     )
@@ -422,7 +428,7 @@ class Stager:
         return False
 
 
-_DMA_BPS = 52e9
+_DMA_BPS = 60e9
 """A pinned DMA's rate over PCIe Gen5 x16, a little optimistic (as
 ``gpuaio._api.transfers``): for expected completion times only."""
 

@@ -424,7 +424,9 @@ class EventEngine(CompletionEngine):
         now = time.perf_counter()
         oldest = [q.entries[0][0] for _key, q in queues if q.entries]
         for op in oldest:
-            if op._waiters and op._eta and op._eta - now <= PREWAKE_S:
+            # Not yet due: a task asleep on an op past its time has polled
+            # through its window already (many tasks, one busy loop).
+            if op._waiters and now < op._eta <= now + PREWAKE_S:
                 op._prewake()
         etas = [op._eta for op in oldest]
         next_eta = min(etas) if etas and all(etas) else 0.0
