@@ -6,6 +6,12 @@
 # /tmp/perf); run from the repository root on a GPU machine:
 #
 #   OUT=/tmp/perf bash tools/perf_run.sh [label]
+#
+# PERF_PROBE=0 or PERF_MAIN=0 skip the probe or the two suites.
+# PERF_TRANSFER_VARIANTS="ENV=V ENV=V;ENV=V;..." then reruns the sizes in
+# PERF_VARIANT_SIZES (default 1M,4M,16M) and the 8 GiB soak once per entry,
+# with PERF_VARIANT_ARGS as extra arguments (default --no-peers), into
+# $OUT/variants.log; PERF_STAGE_VARIANTS reruns the probe's section 3.
 set -o pipefail
 OUT=${OUT:-/tmp/perf}
 LABEL=${1:-}
