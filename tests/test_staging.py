@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,40 @@ from tests.test_copy import pattern
 pytestmark = pytest.mark.anyio
 
 MiB = 1 << 20
+
+
+@contextlib.contextmanager
+def _recorded_copies(be: Any) -> Iterator[list[tuple[int, int, int]]]:
+    """Every ``memcpy_async`` on ``be`` within the block, as (dst, src, bytes)."""
+    calls: list[tuple[int, int, int]] = []
+    real = be.memcpy_async
+
+    def spy(dst: int, src_ptr: int, nbytes: int, stream: Any) -> None:
+        calls.append((dst, src_ptr, nbytes))
+        real(dst, src_ptr, nbytes, stream)
+
+    be.memcpy_async = spy
+    try:
+        yield calls
+    finally:
+        be.memcpy_async = real
+
+
+@contextlib.contextmanager
+def _recorded_queries(pool: Any) -> Iterator[list[Any]]:
+    """The guard events ``pool`` queries within the block (one list per block)."""
+    queried: list[Any] = []
+    real = pool._fired
+
+    def counting(events: list[Any]) -> bool:
+        queried.append(events)
+        return bool(real(events))
+
+    pool._fired = counting
+    try:
+        yield queried
+    finally:
+        pool._fired = real
 
 
 def _stager_with_budget(runtime: Any, budget: int) -> Iterator[Stager]:
@@ -329,19 +364,9 @@ async def test_large_staged_copy_after_small_ones_uses_its_own_chunk_size(
     assert chunk > MiB
     src = pattern(n, 5)
     d = dev.empty(n)
-    be = gpuaio_runtime.backend
-    real = be.memcpy_async
-    dmas: list[int] = []
-
-    def counting(dst: int, src_ptr: int, nbytes: int, stream: Any) -> None:
-        dmas.append(nbytes)
-        real(dst, src_ptr, nbytes, stream)
-
-    be.memcpy_async = counting
-    try:
+    with _recorded_copies(gpuaio_runtime.backend) as calls:
         await s.copy(d, src)
-    finally:
-        be.memcpy_async = real
+    dmas = [c[2] for c in calls]
     assert dmas == [chunk] * (n // chunk), f"DMAs of {sorted(set(dmas))} bytes, not {chunk}"
     back = np.zeros(n, np.uint8)
     await s.copy(back, d)
@@ -442,21 +467,14 @@ def test_settled_frees_only_the_guard_it_names(gpuaio_runtime: Any) -> None:
     dev = device_of(rt, 0)
     pool = PinnedPool(be, budget=2 * MIN_CLASS)
     s = dev.stream()
-    queried: list[Any] = []
-    real_fired = pool._fired
-
-    def counting(events: list[Any]) -> bool:
-        queried.append(events)
-        return real_fired(events)
-
-    pool._fired = counting  # type: ignore[method-assign]
     block = pool.acquire(MIN_CLASS)
     assert block is not None
     ev1 = be.event_create(0)
     be.event_record(ev1, s._native)
     first = pool.release(block, [ev1])
     be.stream_synchronize(s._native)
-    pool.settled([(block, first)])
+    with _recorded_queries(pool) as queried:
+        pool.settled([(block, first)])
     assert not queried, "settled() queried events"
     again = pool.take_cached(MIN_CLASS)
     assert again is block, "the settled block is not free"
@@ -490,21 +508,11 @@ async def test_a_finished_staged_copy_leaves_its_blocks_free(
     src = pattern(n, 21)
     d = dev.empty(n)
     await s.copy(d, src)  # warm: blocks allocated
-    queried: list[Any] = []
-    real_fired = pool._fired
-
-    def counting(events: list[Any]) -> bool:
-        queried.append(events)
-        return real_fired(events)
-
-    pool._fired = counting
-    try:
+    with _recorded_queries(pool) as queried:
         src2 = pattern(n, 22)
         await s.copy(d, src2)
         assert not pool._guarded, "blocks still guarded after their copy completed"
         await s.copy(d, src)
-    finally:
-        pool._fired = real_fired
     assert not queried, f"the pool queried {len(queried)} guards"
     back = np.zeros(n, np.uint8)
     await s.copy(back, d)
@@ -525,20 +533,9 @@ async def test_a_mid_size_copy_on_an_idle_stream_takes_the_drivers_path(
     src = pattern(n, 41)
     d = dev.empty(n)
     back = np.zeros(n, np.uint8)
-    be = gpuaio_runtime.backend
-    calls: list[tuple[int, int, int]] = []
-    real = be.memcpy_async
-
-    def spy(dst: int, src_ptr: int, nbytes: int, stream: Any) -> None:
-        calls.append((dst, src_ptr, nbytes))
-        real(dst, src_ptr, nbytes, stream)
-
-    be.memcpy_async = spy
-    try:
+    with _recorded_copies(gpuaio_runtime.backend) as calls:
         await s.copy(d, src)
         await s.copy(back, d)
-    finally:
-        be.memcpy_async = real
     assert calls == [(d.ptr, src.ctypes.data, n), (back.ctypes.data, d.ptr, n)]
     assert np.array_equal(back, src)
     await s.aclose()
@@ -594,22 +591,12 @@ async def test_a_larger_cached_block_keeps_the_planned_chunks(
     n = 16 * MiB
     chunk = staged_only.chunk_for(n)
     assert chunk < 32 * MiB and n // chunk >= 2
-    be = gpuaio_runtime.backend
-    real = be.memcpy_async
-    dmas: list[int] = []
-
-    def counting(dst: int, src_ptr: int, nbytes: int, stream: Any) -> None:
-        dmas.append(nbytes)
-        real(dst, src_ptr, nbytes, stream)
-
     reports: list[int] = []
     src = pattern(n, 52)
     d = dev.empty(n)
-    be.memcpy_async = counting
-    try:
+    with _recorded_copies(gpuaio_runtime.backend) as calls:
         await s.copy(d, src, progress=lambda done, total: reports.append(done))
-    finally:
-        be.memcpy_async = real
+    dmas = [c[2] for c in calls]
     assert dmas == [chunk] * (n // chunk), dmas
     assert reports == [chunk * (i + 1) for i in range(n // chunk)], reports
     back = np.zeros(n, np.uint8)
