@@ -75,7 +75,7 @@ async def test_cancelled_stream_context_closes_the_stream(dev: gpuaio.Device) ->
     base_threads = threading.active_count()
     base_stream_threads = _stream_threads()
     base_seqs = len(rt._sequencers)
-    base_sim = _live_sim_streams(rt)
+    base_sim = _live_sim_streams(rt)  # may still count handler_once's stream
 
     for _ in range(50):
         with anyio.move_on_after(0.005):
@@ -91,7 +91,11 @@ async def test_cancelled_stream_context_closes_the_stream(dev: gpuaio.Device) ->
     assert threading.active_count() <= base_threads + 2
     assert len(rt._sequencers) <= base_seqs, "the runtime still knows the closed streams"
     if base_sim is not None:
-        assert _eventually(lambda: _live_sim_streams(rt) == base_sim), "sim streams not destroyed"
+        # At most as many as before: the stream of handler_once may have been
+        # destroyed since (its release runs on its host thread, after its copy).
+        assert _eventually(lambda: (_live_sim_streams(rt) or 0) <= base_sim), (
+            f"sim streams not destroyed: {_live_sim_streams(rt)} live, {base_sim} before"
+        )
     out = np.empty(n, np.uint8)
     await dev.default_stream.copy(out, d)
     np.testing.assert_array_equal(out, data)
@@ -146,7 +150,15 @@ async def test_stream_dropped_unclosed_warns_and_is_destroyed_off_the_loop(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ResourceWarning)
             del s
-            gc.collect()
+
+            def warned() -> bool:
+                # The stream's host thread may still be leaving the copy's job
+                # (which names the op, and so the stream) when the await
+                # returns: the stream is collected, and warns, once it has.
+                gc.collect()
+                return any(w.category is ResourceWarning for w in caught)
+
+            _eventually(warned)
         messages = [str(w.message) for w in caught if w.category is ResourceWarning]
         assert [m[:22] for m in messages] == ["unclosed <gpuaio.Strea"]
         assert " closed>" not in messages[0]  # it names the stream as it was: open
@@ -154,7 +166,7 @@ async def test_stream_dropped_unclosed_warns_and_is_destroyed_off_the_loop(
         assert destroyed_on[0] != threading.current_thread().name, "destroyed on the loop thread"
         assert _eventually(lambda: len(rt._sequencers) <= base_seqs)
         if base_sim is not None:
-            assert _eventually(lambda: _live_sim_streams(rt) == base_sim)
+            assert _eventually(lambda: (_live_sim_streams(rt) or 0) <= base_sim)
         out = np.empty(n, np.uint8)
         await dev.default_stream.copy(out, d)
         np.testing.assert_array_equal(out, data)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
+import anyio
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ import gpuaio
 from gpuaio._core.loopport import THREAD_PORT
 from gpuaio._core.operation import Operation
 from gpuaio._engine.hostwork import byte_view
+from tests.conftest import latch
 from tests.test_copy import pattern
 
 pytestmark = pytest.mark.anyio
@@ -75,4 +78,45 @@ async def test_a_prewoken_await_returns_only_once_the_copy_is_done(
     await s.copy(back, d)
     assert np.array_equal(back, src)
     assert prewoken, "the watcher never woke the awaiting loop ahead of a long copy"
+    await s.aclose()
+
+
+async def test_a_prewoken_task_polls_even_if_the_op_is_not_due_yet(
+    dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task woken early polls from then on, even when its loop woke faster
+    than expected and the op is still further off than the polling window:
+    going back to sleep would waste the early wake-up (and add another)."""
+    s = dev.stream()
+    d = dev.empty(4096)
+    release = latch(dev, s)
+    op = s.memset(d, 1)  # pending behind the latch, watched at once
+    assert op._poll is not None
+    engine = op._poll[0]
+    op._eta = time.perf_counter() + 0.5  # expected far off: the task sleeps
+    polls: list[float] = []
+    real = engine.poll_for
+
+    def spy(o: Operation) -> bool:
+        if o is op:
+            polls.append(time.perf_counter())
+        return bool(real(o))
+
+    monkeypatch.setattr(engine, "poll_for", spy)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(op.wait)
+            await anyio.sleep(0.05)
+            assert not polls, "the task polled for an op due half a second later"
+            assert op._waiters, "the task is not asleep on the op"
+            op._prewake()
+            for _ in range(200):
+                await anyio.sleep(0.005)
+                if polls:
+                    break
+            assert polls, "the pre-woken task went back to sleep"
+            release()
+    finally:
+        release()
+    assert op.done()
     await s.aclose()

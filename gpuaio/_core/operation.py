@@ -166,12 +166,13 @@ class Operation:
         if not self._done and not (forked_child and self._abandon_if_inherited()):
             yield_now: Callable[[], Awaitable[None]] | None = None
             asyncio_loop = asyncio._get_running_loop() is not None
+            woken_early = False
             while True:
                 poll = self._poll  # None until the op is watched (staged ops)
                 engine: Any = poll[0] if poll is not None else None
                 spin = engine.loop_spin_s if engine is not None else 0.0
                 now = time.perf_counter()
-                if spin and self._eta - now < spin:
+                if spin and (woken_early or self._eta - now < spin):
                     # Short ops, or long ones about to complete: poll from this
                     # loop for a moment, yielding to other tasks, which beats
                     # any cross-thread wake-up. Yield before the first poll: a
@@ -204,7 +205,10 @@ class Operation:
                 if self.done():
                     break
                 # Woken ahead of completion (``_prewake``): the op is due any
-                # moment, so go round and poll for it from here.
+                # moment, so go round and poll for it from here, even if it is
+                # due further off than the polling window (a loop that woke
+                # quickly), or sleeping again would waste the early wake-up.
+                woken_early = True
         # An op found done returns at once, like a done asyncio future.
         if self._exc is not None:
             self._retrieved = True

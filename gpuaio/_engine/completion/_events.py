@@ -422,30 +422,23 @@ class EventEngine(CompletionEngine):
         * Otherwise: sleep ``pace.sleep_s``, twice as long each time in a row.
         """
         now = time.perf_counter()
-        oldest = [q.entries[0][0] for _key, q in queues if q.entries]
-        for op in oldest:
-            # Not yet due: a task asleep on an op past its time has polled
-            # through its window already (many tasks, one busy loop).
-            if op._waiters and now < op._eta <= now + PREWAKE_S:
-                op._prewake()
-        etas = [op._eta for op in oldest]
-        next_eta = min(etas) if etas and all(etas) else 0.0
+        # Not yet due: a task asleep on an op past its time has polled through
+        # its window already (many tasks, one busy loop).
+        _prewake_oldest(queues, now, now + PREWAKE_S)
+        next_eta, prewake_eta = _etas(queues, now)
         if next_eta - now > ETA_SLEEP_MIN_S:
             until = min(next_eta - ETA_EARLY_S, self._next_probe, now + ETA_SLEEP_MAX_S)
             # A task asleep on an op due soon is woken PREWAKE_S ahead (it polls
             # from then on): a loop idle that long takes 50-250 us to wake.
-            awaited = [op for op in oldest if op._waiters and op._eta - now > PREWAKE_S]
-            if awaited:
-                until = min(until, min(op._eta for op in awaited) - PREWAKE_S)
+            if prewake_eta:
+                until = min(until, prewake_eta - PREWAKE_S)
             notified = False
             with self._cv:
                 if not self._closed:
                     notified = self._wait(max(0.0, until - now))
-            if awaited and not notified:
+            if prewake_eta and not notified:
                 now = time.perf_counter()
-                for op in awaited:
-                    if op._eta - now <= PREWAKE_S + ETA_EARLY_S:
-                        op._prewake()
+                _prewake_oldest(queues, 0.0, now + PREWAKE_S + ETA_EARLY_S)
             pace.spin_again()
             return
         if now < pace.spin_until:
@@ -457,3 +450,31 @@ class EventEngine(CompletionEngine):
             pace.restart(time.perf_counter())
         else:
             pace.back_off()
+
+
+# Both read each stream's oldest op without the queue's lock (a resolver may
+# pop it meanwhile), and hold no op once they return: the watcher must not
+# keep a finished op, its stream and its buffers alive while it sleeps.
+def _oldest(queues: list[tuple[int, StreamQueue]]) -> list[Operation]:
+    ops = []
+    for _key, q in queues:
+        with contextlib.suppress(IndexError):  # empty, or emptied just now
+            ops.append(q.entries[0][0])
+    return ops
+
+
+def _etas(queues: list[tuple[int, StreamQueue]], now: float) -> tuple[float, float]:
+    """(when the earliest oldest op is due, 0 if any is of unknown duration;
+    when the earliest one a task sleeps on is due, past ``PREWAKE_S`` from now, or 0)."""
+    oldest = _oldest(queues)
+    etas = [op._eta for op in oldest]
+    next_eta = min(etas) if etas and all(etas) else 0.0
+    awaited = [op._eta for op in oldest if op._waiters and op._eta - now > PREWAKE_S]
+    return next_eta, min(awaited, default=0.0)
+
+
+def _prewake_oldest(queues: list[tuple[int, StreamQueue]], after: float, by: float) -> None:
+    """Pre-wake the tasks asleep on each stream's oldest op if it is due in (after, by]."""
+    for op in _oldest(queues):
+        if op._waiters and after < op._eta <= by:
+            op._prewake()
