@@ -457,22 +457,30 @@ async def test_a_chunk_copied_on_the_stream_thread_overlaps_the_dma_before_it(
     await s.aclose()
 
 
+def _block_behind_fired_guard(rt: Any, budget: int) -> tuple[Any, Any, Any, Any, int]:
+    """A fresh pool of ``budget``, a stream, and one block released guarded by an
+    event recorded (and fired) on it: (pool, stream, block, backend, guard number)."""
+    from gpuaio._engine.pool import MIN_CLASS, PinnedPool
+
+    be = rt.backend
+    pool = PinnedPool(be, budget=budget)
+    s = device_of(rt, 0).stream()
+    block = pool.acquire(MIN_CLASS)
+    assert block is not None
+    ev = be.event_create(0)
+    be.event_record(ev, s._native)
+    guard = pool.release(block, [ev])
+    be.stream_synchronize(s._native)
+    return pool, s, block, be, guard
+
+
 def test_settled_frees_only_the_guard_it_names(gpuaio_runtime: Any) -> None:
     """``settled`` frees a block whose guard the caller knows fired, with no event
     query; a block guarded again since (another transfer's DMA) stays guarded."""
-    from gpuaio._engine.pool import MIN_CLASS, PinnedPool
+    from gpuaio._engine.pool import MIN_CLASS
 
-    rt = gpuaio_runtime
-    be = rt.backend
-    dev = device_of(rt, 0)
-    pool = PinnedPool(be, budget=2 * MIN_CLASS)
-    s = dev.stream()
-    block = pool.acquire(MIN_CLASS)
-    assert block is not None
-    ev1 = be.event_create(0)
-    be.event_record(ev1, s._native)
-    first = pool.release(block, [ev1])
-    be.stream_synchronize(s._native)
+    dev = device_of(gpuaio_runtime, 0)
+    pool, s, block, be, first = _block_behind_fired_guard(gpuaio_runtime, 2 * MIN_CLASS)
     with _recorded_queries(pool) as queried:
         pool.settled([(block, first)])
     assert not queried, "settled() queried events"
@@ -603,3 +611,21 @@ async def test_a_larger_cached_block_keeps_the_planned_chunks(
     await s.copy(back, d)
     assert np.array_equal(back, src)
     await s.aclose()
+
+
+def test_settled_leaves_blocks_to_a_reclaim_pass_under_way(gpuaio_runtime: Any) -> None:
+    """While a reclaim pass queries guard events outside the lock, ``settled``
+    retires nothing (it would hand those events on, to be reused or destroyed,
+    under the pass) and does not wait for the pass: it may run on a loop."""
+    from gpuaio._engine.pool import MIN_CLASS
+
+    pool, s, block, _be, guard = _block_behind_fired_guard(gpuaio_runtime, MIN_CLASS)
+    pool._reclaiming = True  # as if another thread were in reclaim()'s queries
+    pool.settled([(block, guard)])
+    assert pool.take_cached(MIN_CLASS) is None, "settled() retired a block under a reclaim pass"
+    pool._reclaiming = False
+    pool.settled([(block, guard)])
+    assert pool.take_cached(MIN_CLASS) is block
+    pool.release(block)
+    pool.close()
+    s.close()

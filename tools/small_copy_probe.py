@@ -175,6 +175,32 @@ def driver_costs() -> None:
     be.event_destroy(ev)
 
 
+def _call_and_total(
+    d: Any, h: Any, reps: int, enqueue: Callable[[], Any]
+) -> tuple[list[float], list[float]]:
+    """Per rep: seconds until ``enqueue()`` returns, and until stream ``h`` is idle."""
+    call, total = [], []
+    for _ in range(reps):
+        d.cuStreamSynchronize(h)
+        t0 = time.perf_counter()
+        enqueue()
+        t1 = time.perf_counter()
+        d.cuStreamSynchronize(h)
+        t2 = time.perf_counter()
+        call.append(t1 - t0)
+        total.append(t2 - t0)
+    return call, total
+
+
+def _batch_copy(d: Any, dst: int, src: int, n: int, attr: Any, h: Any) -> None:
+    """One ``cuMemcpyBatchAsync`` of ``n`` bytes (raises on an error code)."""
+    res = d.cuMemcpyBatchAsync(
+        [d.CUdeviceptr(dst)], [d.CUdeviceptr(src)], [n], 1, [attr], [0], 1, h
+    )
+    if res[0]:
+        raise RuntimeError(f"cuMemcpyBatchAsync: {res[0]}")
+
+
 # -- 2. alternatives -------------------------------------------------------
 def alternatives(max_size: int) -> None:
     import cuda.bindings.driver as d
@@ -189,28 +215,13 @@ def alternatives(max_size: int) -> None:
         src = np.random.default_rng(n).integers(0, 255, n, dtype=np.uint8)
         dst = np.full(n, 0xA5, np.uint8)
         reps = 400 if n <= MiB else 60
-        call, total = [], []
-        for _ in range(reps):
-            d.cuStreamSynchronize(h)
-            t0 = time.perf_counter()
-            d.cuMemcpyAsync(dev_n.ptr, src.ctypes.data, n, h)
-            t1 = time.perf_counter()
-            d.cuStreamSynchronize(h)
-            t2 = time.perf_counter()
-            call.append(t1 - t0)
-            total.append(t2 - t0)
+
+        h2d = functools.partial(d.cuMemcpyAsync, dev_n.ptr, src.ctypes.data, n, h)
+        call, total = _call_and_total(d, h, reps, h2d)
         put(f"driver_h2d_pageable_{tag}_call_us", us(call))
         put(f"driver_h2d_pageable_{tag}_total_us", us(total))
-        call, total = [], []
-        for _ in range(reps):
-            d.cuStreamSynchronize(h)
-            t0 = time.perf_counter()
-            d.cuMemcpyAsync(dst.ctypes.data, dev_n.ptr, n, h)
-            t1 = time.perf_counter()
-            d.cuStreamSynchronize(h)
-            t2 = time.perf_counter()
-            call.append(t1 - t0)
-            total.append(t2 - t0)
+        d2h = functools.partial(d.cuMemcpyAsync, dst.ctypes.data, dev_n.ptr, n, h)
+        call, total = _call_and_total(d, h, reps, d2h)
         ok = bool(np.array_equal(dst, src))
         put(f"driver_d2h_pageable_{tag}_call_us", us(call))
         put(f"driver_d2h_pageable_{tag}_total_us", us(total))
@@ -226,28 +237,10 @@ def alternatives(max_size: int) -> None:
             loc_host.id = 0
             attr.srcLocHint = loc_dev
             attr.dstLocHint = loc_host
-            call, total = [], []
             dst[:] = 0
-            for _ in range(reps):
-                d.cuStreamSynchronize(h)
-                t0 = time.perf_counter()
-                res = d.cuMemcpyBatchAsync(
-                    [d.CUdeviceptr(dst.ctypes.data)],
-                    [d.CUdeviceptr(dev_n.ptr)],
-                    [n],
-                    1,
-                    [attr],
-                    [0],
-                    1,
-                    h,
-                )
-                t1 = time.perf_counter()
-                if res[0]:
-                    raise RuntimeError(f"cuMemcpyBatchAsync: {res[0]}")
-                d.cuStreamSynchronize(h)
-                t2 = time.perf_counter()
-                call.append(t1 - t0)
-                total.append(t2 - t0)
+
+            batch = functools.partial(_batch_copy, d, dst.ctypes.data, dev_n.ptr, n, attr, h)
+            call, total = _call_and_total(d, h, reps, batch)
             put(f"batch_d2h_pageable_{tag}_call_us", us(call))
             put(f"batch_d2h_pageable_{tag}_total_us", us(total))
             put(f"batch_d2h_pageable_{tag}_ok", bool(np.array_equal(dst, src)) and ok)

@@ -17,6 +17,7 @@ from .._core.errors import InvalidArgumentError
 from .._core.operation import Operation, completed
 from .._core.progress import report_progress
 from .._engine.buffers import BufferInfo
+from .._engine.staging import PCIE_BPS
 from ..backends import MemoryKind
 from .describe import describe
 from .memory import DeviceArray
@@ -136,7 +137,7 @@ class Transfers:
             rt.ensure_peer_access(dd, sd)
             op._est = n / _NVLINK_BPS
             return self._seq.gpu(op, backend.memcpy_peer_async, dp, dd, sp, sd, n)
-        op._est = n / (_PCIE_BPS if d_host or s_host else _HBM_BPS)
+        op._est = n / (PCIE_BPS if d_host or s_host else _HBM_BPS)
         return self._seq.gpu(op, backend.memcpy_async, d.ptr, s.ptr, n)
 
     def _pageable_copy(self, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
@@ -228,9 +229,7 @@ class Transfers:
 
 # Optimistic transfer rates (bytes/s), so that expected completion times are
 # early rather than late: they decide when to start polling, never correctness.
-# PCIe Gen5 x16: an H200 ran pinned DMA at up to 55 GB/s (at 52e9, run L's
-# 1 GiB copies were expected 1.2 ms late, and woken that late).
-_PCIE_BPS = 60e9
+# PCIe: the stager's PCIE_BPS.
 _NVLINK_BPS = 450e9
 _HBM_BPS = 3e12
 

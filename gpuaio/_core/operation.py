@@ -246,9 +246,10 @@ class Operation:
         Called by a watcher that expects the op to complete within moments,
         at most once per op: waking an event loop that has slept a while
         takes 50-250 us, so the loop wakes while the GPU finishes, and its
-        task then polls for the op itself (``__await__``). Threads blocked in :meth:`_wait_blocking`
-        are left asleep. A woken task that finds the op still pending past
-        its polling window sleeps again, and is woken at completion.
+        task then polls for the op itself (``__await__``). Threads blocked in
+        :meth:`_wait_blocking` are left asleep. A woken task that finds the op
+        still pending past its polling window sleeps again, and is woken at
+        completion.
         """
         waiters = self._waiters
         # Once per op: a task that polled through its window and slept again is

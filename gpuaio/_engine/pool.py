@@ -331,6 +331,12 @@ class PinnedPool:
         """
         dead: list[Any] = []
         with self._cv:
+            if self._reclaiming:
+                # A pass is querying guard events outside the lock: retiring
+                # now would hand those events on (to be reused or destroyed)
+                # under it. Leave the blocks to that pass or the next one;
+                # never wait for it, as this may run on an event loop.
+                return
             done = [b for b, n in guarded if b.guard == n and b.events]
             if not done:
                 return

@@ -187,9 +187,7 @@ class Stager:
                 if h2d:
                     return self._small_h2d(seq, op, d, s, block)
                 return self._small_d2h(seq, op, d, s, block)
-        if self.config.inline_max < d.nbytes <= self.config.driver_max and not (
-            d.kind.is_host and s.kind.is_host
-        ):
+        if self.config.inline_max < d.nbytes <= self.config.driver_max:
             return seq.host(op, lambda: self._driver_or_staged(seq, op, d, s), after_gpu=False)
         if h2d:
             return seq.host(op, lambda: self._h2d(seq, op, d, s), after_gpu=False)
@@ -220,7 +218,7 @@ class Stager:
         # DMA may still run); into pageable memory, once the copy has completed.
         if h2d:
             # What is left is about one staging buffer's DMA: expected soon.
-            op._est = min(d.nbytes, 1 << 20) / _DMA_BPS
+            op._est = min(d.nbytes, 1 << 20) / PCIE_BPS
         return h2d
 
     # -- small ---------------------------------------------------------
@@ -346,7 +344,7 @@ class Stager:
             raise OperationAbortedError(f"{op.label}: aborted after {enqueued} of {n} bytes")
         # What is left is about the last chunk's DMA: with an expected time, the
         # watcher sleeps until just before it and wakes the awaiting loop in time.
-        op._est = last / _DMA_BPS
+        op._est = last / PCIE_BPS
 
         def settle() -> None:
             # The op's marker fired behind every DMA: its blocks are free for
@@ -428,9 +426,11 @@ class Stager:
         return False
 
 
-_DMA_BPS = 60e9
-"""A pinned DMA's rate over PCIe Gen5 x16, a little optimistic (as
-``gpuaio._api.transfers``): for expected completion times only."""
+PCIE_BPS = 60e9
+"""A pinned DMA's rate over PCIe Gen5 x16, a little optimistic, so that expected
+completion times come early rather than late: they decide when to poll,
+never correctness. An H200 ran pinned DMA at up to 55 GB/s; at 52e9, issue
+13's run L expected 1 GiB copies 1.2 ms late, and woke them that late."""
 
 LOOKAHEAD = int(os.environ.get("GPUAIO_LOOKAHEAD", "2"))
 """Chunks the host threads may be copying at once within one transfer."""

@@ -422,10 +422,7 @@ class EventEngine(CompletionEngine):
         * Otherwise: sleep ``pace.sleep_s``, twice as long each time in a row.
         """
         now = time.perf_counter()
-        # Not yet due: a task asleep on an op past its time has polled through
-        # its window already (many tasks, one busy loop).
-        _prewake_oldest(queues, now, now + PREWAKE_S)
-        next_eta, prewake_eta = _etas(queues, now)
+        next_eta, prewake_eta = _survey(queues, now)
         if next_eta - now > ETA_SLEEP_MIN_S:
             until = min(next_eta - ETA_EARLY_S, self._next_probe, now + ETA_SLEEP_MAX_S)
             # A task asleep on an op due soon is woken PREWAKE_S ahead (it polls
@@ -463,13 +460,21 @@ def _oldest(queues: list[tuple[int, StreamQueue]]) -> list[Operation]:
     return ops
 
 
-def _etas(queues: list[tuple[int, StreamQueue]], now: float) -> tuple[float, float]:
-    """(when the earliest oldest op is due, 0 if any is of unknown duration;
-    when the earliest one a task sleeps on is due, past ``PREWAKE_S`` from now, or 0)."""
+def _survey(queues: list[tuple[int, StreamQueue]], now: float) -> tuple[float, float]:
+    """Pre-wake the tasks asleep on an oldest op due within ``PREWAKE_S`` but not
+    yet (one past its time was polled for through its window already); return
+    (when the earliest oldest op is due, 0 if any is of unknown duration; when
+    the earliest one a task sleeps on is due, past ``PREWAKE_S`` from now, or 0)."""
     oldest = _oldest(queues)
+    awaited: list[float] = []
+    for op in oldest:
+        if op._waiters:
+            if now < op._eta <= now + PREWAKE_S:
+                op._prewake()
+            elif op._eta - now > PREWAKE_S:
+                awaited.append(op._eta)
     etas = [op._eta for op in oldest]
     next_eta = min(etas) if etas and all(etas) else 0.0
-    awaited = [op._eta for op in oldest if op._waiters and op._eta - now > PREWAKE_S]
     return next_eta, min(awaited, default=0.0)
 
 
