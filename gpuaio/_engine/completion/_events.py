@@ -2,12 +2,10 @@
 
 Who does what, in the order an operation meets them:
 
-1. **The enqueuing thread** calls :meth:`EventEngine.watch`: it appends the
-   op to its stream's :class:`StreamQueue`, with a pooled event recorded
-   behind the op's work if the stream had nothing pending, or else in the
-   stream's open batch, whose one event the next drain records (see
-   ``_queue``). A stream completes in order, so only the oldest entry of
-   each queue is ever queried.
+1. **The enqueuing thread** calls :meth:`EventEngine.watch`: it records a
+   pooled event behind the op's work and appends ``(op, event)`` to its
+   stream's :class:`StreamQueue`. A stream completes in order, so only the
+   oldest entry of each queue is ever queried.
 2. **The awaiting loop** polls (:meth:`~EventEngine.poll_for`, called by
    ``Operation.__await__``) for up to ``LOOP_SPIN_S``, yielding between
    polls: a short op completes with no cross-thread wake-up at all. A
@@ -135,20 +133,16 @@ class EventEngine(CompletionEngine):
         if self.fatal is not None:
             op._resolve(self.fatal)
             return
+        marker = self._place(stream)
         key = self.backend.stream_handle(stream)  # wrappers of one CUstream share a queue
-        # Behind pending ops, the op shares the marker the next drain records
-        # (see _queue): one driver call for many ops. Alone, it gets one now,
-        # so that the GPU reaches it right behind the op's work.
-        q = self._queues.get(key)
-        marker = self._place(stream) if q is None or not q.entries else None
         with self._lock:
             q = self._queues.get(key)
             if q is None:
-                q = self._queues[key] = StreamQueue(self._place, self._fired, self._recycle)
+                q = self._queues[key] = StreamQueue(self._fired, self._recycle)
             now = time.perf_counter()
             if op._est:
                 op._eta = q.busy_until = max(now, q.busy_until) + op._est
-            q.add(op, stream, marker)
+            q.entries.append((op, marker))
             op._poll = (self, q)
             prewake = False
             if op._waiters is not None:
