@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _rawcuda import driver_on_device0, ok, parse_size
 
 
 def main() -> int:
@@ -35,24 +36,11 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=1.5, help="per condition (default 1.5)")
     p.add_argument("--out", help="directory for driver-lock-probe.json")
     args = p.parse_args()
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    n = int(args.size[:-1]) * mult[args.size[-1]] if args.size[-1] in mult else int(args.size)
-    try:
-        from cuda.bindings import driver as cu
-    except ImportError:
-        print("cuda.bindings is not installed: this probe needs a GPU")
+    n = parse_size(args.size)
+    found = driver_on_device0()
+    if found is None:
         return 2
-
-    def ok(res: tuple) -> object:  # type: ignore[type-arg]
-        err = res[0]
-        if int(err) != 0:
-            raise RuntimeError(f"CUDA error {err}")
-        return res[1] if len(res) == 2 else res[1:]
-
-    ok(cu.cuInit(0))
-    dev = ok(cu.cuDeviceGet(0))
-    ctx = ok(cu.cuDevicePrimaryCtxRetain(dev))
-    ok(cu.cuCtxSetCurrent(ctx))
+    cu, ctx = found
     bg_stream = ok(cu.cuStreamCreate(1))
     fg_stream = ok(cu.cuStreamCreate(1))
     d_big = ok(cu.cuMemAlloc(n))

@@ -35,13 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _rawcuda import driver_on_device0, ok, parse_size
 
 SIZES = ("1M", "4M", "16M", "64M")
-
-
-def parse_size(s: str) -> int:
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(s[:-1]) * mult[s[-1]] if s[-1] in mult else int(s)
 
 
 def main() -> int:
@@ -50,22 +46,10 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=40)
     p.add_argument("--out", help="directory for register_probe.json")
     args = p.parse_args()
-    try:
-        from cuda.bindings import driver as cu
-    except ImportError:
-        print("cuda.bindings is not installed: this probe needs a GPU")
+    found = driver_on_device0()
+    if found is None:
         return 2
-
-    def ok(res: Any) -> Any:
-        err = res[0]
-        if int(err) != 0:
-            raise RuntimeError(f"CUDA error {err}")
-        return res[1] if len(res) == 2 else res[1:]
-
-    ok(cu.cuInit(0))
-    dev = ok(cu.cuDeviceGet(0))
-    ctx = ok(cu.cuDevicePrimaryCtxRetain(dev))
-    ok(cu.cuCtxSetCurrent(ctx))
+    cu, _ctx = found
     stream = ok(cu.cuStreamCreate(1))
     try:
         import torch

@@ -341,6 +341,8 @@ class PinnedPool:
             if not done:
                 return
             self._retire_locked(done, dead)
+            if self._cv._waiters:  # type: ignore[attr-defined]
+                self._cv.notify_all()
         self._recycle_events(dead)
 
     def reclaim(self) -> None:
@@ -373,7 +375,9 @@ class PinnedPool:
         self._recycle_events(dead)
 
     def _retire_locked(self, done: list[PinnedBlock], dead: list[Any]) -> None:
-        """Move guarded blocks whose events fired to the free lists; collect the events."""
+        """Move guarded blocks whose events fired to the free lists; collect the events.
+
+        The caller wakes the threads waiting for a block (``reclaim`` does anyway)."""
         gone = {id(b) for b in done}
         self._guarded = deque(b for b in self._guarded if id(b) not in gone)
         for block in done:
@@ -383,8 +387,6 @@ class PinnedPool:
                 dead.extend(block.events)
             block.events = []
             self._put_free_locked(block)
-        if self._cv._waiters:  # type: ignore[attr-defined]
-            self._cv.notify_all()
 
     def _recycle_events(self, dead: list[Any]) -> None:
         if dead:

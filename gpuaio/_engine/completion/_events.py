@@ -435,7 +435,7 @@ class EventEngine(CompletionEngine):
                     notified = self._wait(max(0.0, until - now))
             if prewake_eta and not notified:
                 now = time.perf_counter()
-                _prewake_oldest(queues, 0.0, now + PREWAKE_S + ETA_EARLY_S)
+                _prewake_oldest(queues, now + PREWAKE_S + ETA_EARLY_S)
             pace.spin_again()
             return
         if now < pace.spin_until:
@@ -478,8 +478,8 @@ def _survey(queues: list[tuple[int, StreamQueue]], now: float) -> tuple[float, f
     return next_eta, min(awaited, default=0.0)
 
 
-def _prewake_oldest(queues: list[tuple[int, StreamQueue]], after: float, by: float) -> None:
-    """Pre-wake the tasks asleep on each stream's oldest op if it is due in (after, by]."""
+def _prewake_oldest(queues: list[tuple[int, StreamQueue]], by: float) -> None:
+    """Pre-wake the tasks asleep on each stream's oldest op if it is due by ``by``."""
     for op in _oldest(queues):
-        if op._waiters and after < op._eta <= by:
+        if op._waiters and 0.0 < op._eta <= by:
             op._prewake()
