@@ -93,3 +93,43 @@ async def test_an_array_stays_resizable_and_is_read_at_its_new_address(
     await s.copy(out, big)
     assert np.array_equal(out, arr)
     await s.aclose()
+
+
+async def test_a_device_array_is_described_once_and_freed_without_the_collector(
+    dev: gpuaio.Device, stream: gpuaio.Stream
+) -> None:
+    """A device view's description is built once and kept on the view (its layout
+    is read-only). The cache holds the allocation, not the view: a view that
+    referred to itself would leave freeing its memory to the cyclic collector."""
+    import gc
+    import weakref
+
+    rt = dev._runtime
+    d = dev.empty(64, np.uint32)
+    first = describe(d, rt)
+    assert describe(d, rt) is first
+    assert (first.ptr, first.nbytes, first.shape) == (d.ptr, 256, (64,))
+    part = d[16:32]
+    assert describe(part, rt).ptr == d.ptr + 64
+    for name in ("shape", "dtype", "offset"):
+        with pytest.raises(AttributeError):
+            setattr(d, name, getattr(d, name))
+    host = np.arange(64, dtype=np.uint32)
+    await stream.copy(d, host)
+    out = np.zeros(64, np.uint32)
+    await stream.copy(out, d)
+    assert np.array_equal(out, host)
+    view, alloc = weakref.ref(d), weakref.ref(d.allocation)
+    gc.disable()
+    try:
+        del d, part, first
+        assert view() is None, "the view outlived its last reference until a collection"
+        # Gone, or handed to the reaper thread to be freed.
+        left = alloc()
+        assert left is None or left._freed, "the allocation was not released"
+    finally:
+        gc.enable()
+    d = dev.empty(4)
+    d.free()
+    with pytest.raises(gpuaio.BufferFreedError):
+        describe(d, rt)

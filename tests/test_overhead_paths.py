@@ -224,3 +224,44 @@ def test_a_hand_off_while_the_watcher_decides_to_stand_down_wakes_it(
     t.join(10)
     assert woken
     assert engine._loop_polling_until == 0.0
+
+
+def test_the_watcher_sleeps_through_fault_probes_while_loops_poll(
+    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While loops poll, they probe for sticky errors in their sweeps, so the
+    standing-down watcher sleeps a whole STAND_DOWN_S. It used to wake for every
+    fault probe (each FAULT_PROBE_S, 5 ms). A thread woken while a loop is busy
+    then waits for the GIL, and is woken for nothing each time the loop lets go
+    of it (every turn): on the CPU machine that cost the loop 3 us a turn, half
+    the time, and a lone awaited memset took 16 us instead of 10."""
+    monkeypatch.setattr(_events, "STAND_DOWN_S", 60.0)
+    rt = gpuaio_runtime
+    rt.set_completion("events")
+    dev = device_of(rt, 0)
+    s = dev.stream()
+    release = latch(dev, s)
+    op = s.memset(dev.empty(4), 1)  # pending: the watcher has a stream to watch
+    engine: Any = rt.engine(0)
+    waits: list[float | None] = []
+    real_wait = engine._wait
+
+    def counting_wait(timeout: float | None) -> bool:
+        waits.append(timeout)
+        return bool(real_wait(timeout))
+
+    engine._wait = counting_wait
+    engine._loop_polling_until = time.perf_counter() + 60  # as if loops polled
+    with engine._cv:
+        engine._cv.notify()  # whatever the watcher does now, it decides again
+    time.sleep(0.3)  # 60 fault probes' worth
+    assert waits, "the watcher never went back to sleep"
+    assert len(waits) <= 3, f"the watcher woke {len(waits)} times while loops polled"
+    assert waits[-1] == 60.0
+    release()
+    engine.hand_off()  # nobody polls any more: the watcher takes over
+    deadline = time.perf_counter() + 10
+    while not op.done():
+        assert time.perf_counter() < deadline, "the op was never resolved"
+        time.sleep(0.001)
+    s.close()

@@ -1,9 +1,10 @@
 """Loop-thread CPU cost of awaited tiny ops, on a GPU that costs (almost) nothing.
 
 ``python tools/overhead_probe.py`` runs ``await stream.memset(d4, 0)`` loops
-with 1, 100 and 1,000 concurrent tasks (16 streams, round robin) on asyncio,
-uvloop and trio, and prints per configuration the median over repetitions
-(with the min-max spread) of:
+(``--op h2d-pinned`` or ``h2d-pageable``: 4 KiB uploads from pinned or
+pageable memory instead) with 1, 100 and 1,000 concurrent tasks (16
+streams, round robin) on asyncio, uvloop and trio, and prints per
+configuration the median over repetitions (with the min-max spread) of:
 
 * ``loop us/op``: CPU time of the event-loop thread per awaited op;
 * ``proc us/op``: CPU time of the whole process per op (watcher thread too);
@@ -40,6 +41,7 @@ import pstats
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -101,6 +103,11 @@ class _FakeGPU:
         start = max(time.perf_counter() + self.launch_s, stream.busy_until)
         stream.busy_until = start + self.gpu_s
 
+    def memcpy_async(self, dst: int, src: int, nbytes: int, stream: Any) -> None:
+        # Timing only: the probe measures gpuaio's CPU cost, not the bytes.
+        start = max(time.perf_counter() + self.launch_s, stream.busy_until)
+        stream.busy_until = start + self.gpu_s
+
     def event_create(self, device: int, blocking_sync: bool = False) -> Any:
         return _Event()
 
@@ -151,31 +158,49 @@ def load_package(init_dir: str, name: str) -> ModuleType:
     return module
 
 
+OPS = ("memset", "h2d-pinned", "h2d-pageable")
+"""``--op``: a 4-byte device memset, or a 4 KiB upload from pinned or pageable memory."""
+COPY_BYTES = 4096
+
+
+def op_factory(lib: ModuleType, dev: Any, op: str, tasks: int) -> Callable[[Any, int], Any]:
+    """``start(stream, i)``: enqueue task ``i``'s op of kind ``op``; returns the Operation."""
+    if op == "memset":
+        d = dev.empty(4 * tasks)
+        parts = [d[4 * i : 4 * i + 4] for i in range(tasks)]
+        return lambda s, i: s.memset(parts[i], 0)
+    d = dev.empty(COPY_BYTES * tasks)
+    dsts = [d[COPY_BYTES * i : COPY_BYTES * (i + 1)] for i in range(tasks)]
+    if op == "h2d-pinned":
+        srcs = [lib.pinned_empty(COPY_BYTES) for _ in range(tasks)]
+    else:
+        srcs = [np.zeros(COPY_BYTES, np.uint8) for _ in range(tasks)]
+    return lambda s, i: s.copy(dsts[i], srcs[i])
+
+
 async def run_case(
-    lib: ModuleType, tasks: int, total_ops: int, lat: list[float] | None
+    lib: ModuleType, tasks: int, total_ops: int, lat: list[float] | None, op: str = "memset"
 ) -> tuple[float, float, float]:
-    """Awaited memsets from ``tasks`` tasks; per op: (wall s, loop CPU s, process CPU s)."""
+    """Awaited ops from ``tasks`` tasks; per op: (wall s, loop CPU s, process CPU s)."""
     dev = lib.Device(0)
     streams = [dev.stream() for _ in range(min(NSTREAMS, tasks))]
-    d = dev.empty(4 * tasks)
     per_task = max(1, total_ops // tasks)
-    parts = [d[4 * i : 4 * i + 4] for i in range(tasks)]
+    start = op_factory(lib, dev, op, tasks)
     for s in streams:  # warm-up: the watcher thread, the loop's port
         for _ in range(50):
-            await s.memset(parts[0], 0)
+            await start(s, 0)
 
     async def worker(i: int) -> None:
         s = streams[i % len(streams)]
-        part = parts[i]
         if lat is not None:
             clock = time.perf_counter
             for _ in range(per_task):
                 t0 = clock()
-                await s.memset(part, 0)
+                await start(s, i)
                 lat.append(clock() - t0)
             return
         for _ in range(per_task):
-            await s.memset(part, 0)
+            await start(s, i)
 
     c0, p0, t0 = time.thread_time(), time.process_time(), time.perf_counter()
     async with anyio.create_task_group() as tg:
@@ -217,11 +242,11 @@ async def run_mixed(lib: ModuleType, n: int = 30) -> list[float]:
     return delays
 
 
-def measure(lib: ModuleType, loop: str, tasks: int, total_ops: int) -> dict[str, float]:
+def measure(lib: ModuleType, loop: str, tasks: int, total_ops: int, op: str) -> dict[str, float]:
     backend, opts = LOOPS[loop]
     lat: list[float] | None = [] if tasks == 1 else None
     wall, cpu, proc = anyio.run(
-        run_case, lib, tasks, total_ops, lat, backend=backend, backend_options=opts
+        run_case, lib, tasks, total_ops, lat, op, backend=backend, backend_options=opts
     )
     row = {"loop_us": cpu * 1e6, "proc_us": proc * 1e6, "ops": 1.0 / wall}
     if lat:
@@ -229,7 +254,7 @@ def measure(lib: ModuleType, loop: str, tasks: int, total_ops: int) -> dict[str,
     return row
 
 
-def profile(lib: ModuleType, loop: str, total_ops: int, top: int) -> None:
+def profile(lib: ModuleType, loop: str, total_ops: int, top: int, op: str) -> None:
     backend, opts = LOOPS[loop]
     prof = cProfile.Profile()
     ops = 0
@@ -238,7 +263,7 @@ def profile(lib: ModuleType, loop: str, total_ops: int, top: int) -> None:
         nonlocal ops
         prof.enable()  # inside the loop: profiles the loop thread only
         try:
-            await run_case(lib, 1000, total_ops, None)
+            await run_case(lib, 1000, total_ops, None, op)
         finally:
             prof.disable()
         ops = total_ops + 50 * NSTREAMS
@@ -269,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     # "thread" is the benchmarks' watcher-only engine (benchmarks/_thread_engine.py).
     ap.add_argument("--strategy", default="events", choices=("events", "thread"))
     ap.add_argument("--loops", default=",".join(LOOPS), help="comma-separated: " + ",".join(LOOPS))
+    ap.add_argument("--op", default="memset", choices=OPS, help="the awaited op")
     ap.add_argument("--baseline", metavar="DIR", help="also measure the gpuaio package in DIR")
     ap.add_argument("--profile", action="store_true", help="cProfile the 1,000-task case")
     ap.add_argument("--profile-loop", default="asyncio", choices=list(LOOPS))
@@ -291,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         for loop in loops:
             for tasks in TASKS:
                 for name, lib in libs.items():
-                    row = measure(lib, loop, tasks, args.ops)
+                    row = measure(lib, loop, tasks, args.ops, args.op)
                     results.setdefault((name, loop, tasks), []).append(row)
             for name, lib in libs.items():
                 backend, opts = LOOPS[loop]
@@ -299,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
                 mixed.setdefault((name, loop), []).extend(delays)
 
     print(
-        f"fake GPU (launch {args.launch_us:g} us, {args.gpu_us:g} us/op), {args.strategy}, "
+        f"fake GPU (launch {args.launch_us:g} us, {args.gpu_us:g} us/op), {args.op}, "
+        f"{args.strategy}, "
         f"{args.ops} ops x {args.reps} reps: median [min-max]"
     )
     print(
@@ -332,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{loop:<8} {tasks:>5}  " + "  ".join(f"{c:>17}" for c in cols))
     if args.profile:
         for lib in libs.values():
-            profile(lib, args.profile_loop, args.ops, args.top)
+            profile(lib, args.profile_loop, args.ops, args.top, args.op)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ here, so that classifying them needs no driver call either.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import threading
 from collections.abc import Mapping
@@ -46,8 +47,6 @@ class _Registry:
         self._entries: list[tuple[int, int, Allocation]] = []
 
     def add(self, alloc: Allocation) -> None:
-        import bisect
-
         _invalidate()
         with self._lock:
             i = bisect.bisect(self._starts, alloc.ptr)
@@ -76,8 +75,6 @@ class _Registry:
             time.sleep(0.001)
 
     def find(self, ptr: int, nbytes: int) -> Allocation | None:
-        import bisect
-
         if not self._starts:
             return None
         with self._lock:
@@ -152,16 +149,15 @@ def _host_kind(
     return info.kind, info.device, None
 
 
-def _address(arr: np.ndarray[Any, Any]) -> int:
+def _address(arr: np.ndarray[Any, Any], lends: bool) -> int:
     """The address of ``arr``'s first byte (0 if empty).
 
     ``__array_interface__`` builds a whole dict (about 2 us); a writable,
-    contiguous array lends its buffer to ctypes in a fifth of that.
+    contiguous array (``lends``) lends its buffer to ctypes in a fifth of that.
     """
     if not arr.size:
         return 0
-    flags = arr.flags
-    if flags.writeable and flags.c_contiguous:
+    if lends:
         try:
             return ctypes.addressof(ctypes.c_char.from_buffer(arr))  # type: ignore[arg-type]
         except (TypeError, ValueError, BufferError):
@@ -176,20 +172,28 @@ def describe(obj: Any, runtime: Runtime, name: str = "the buffer") -> BufferInfo
     """
     if isinstance(obj, DeviceArray):
         alloc = obj._alloc
-        if alloc.freed:
+        if alloc._freed or alloc._free_requested:
             raise BufferFreedError("this device array was freed")
-        return BufferInfo(
-            obj.ptr,
-            obj.nbytes,
-            obj.shape,
-            obj.dtype,
-            alloc.kind,
-            alloc.device,
-            False,
-            True,
-            obj,
-            alloc,
-        )
+        info = obj._info
+        if info is None:
+            # The owner kept alive is the allocation, not the view: the view's
+            # own cache must not refer back to it (a cycle would leave freeing
+            # the memory to the garbage collector).
+            info = obj._info = BufferInfo(
+                alloc.ptr + obj.offset,
+                obj.nbytes,
+                obj.shape,
+                obj.dtype,
+                alloc.kind,
+                alloc.device,
+                False,
+                True,
+                alloc,
+                alloc,
+            )
+        return info
+    if type(obj) is np.ndarray:  # the common case first: a missing getattr is slow
+        return _from_numpy(obj, obj, runtime)
     cai = getattr(obj, "__cuda_array_interface__", None)
     if cai is not None:
         return _from_cai(obj, cai, runtime, name)
@@ -210,9 +214,12 @@ def describe(obj: Any, runtime: Runtime, name: str = "the buffer") -> BufferInfo
 
 
 def _from_numpy(arr: np.ndarray[Any, Any], owner: Any, runtime: Runtime) -> BufferInfo:
-    if arr.dtype.hasobject:
+    dtype = arr.dtype
+    if dtype.hasobject:
         raise InvalidArgumentError("arrays of Python objects cannot be copied to or from a GPU")
-    ptr = _address(arr)
+    flags = arr.flags  # a new flags object per access: read it once
+    writeable, contiguous = flags.writeable, flags.c_contiguous
+    ptr = _address(arr, writeable and contiguous)
     nbytes = arr.nbytes
     reg = _registry(runtime).find(ptr, nbytes) if ptr else None
     if reg is not None:
@@ -223,17 +230,16 @@ def _from_numpy(arr: np.ndarray[Any, Any], owner: Any, runtime: Runtime) -> Buff
         kind, device, alloc = _host_kind(runtime, ptr, _root(arr))
     else:
         kind, device, alloc = MemoryKind.PAGEABLE, None, None
-    flags = arr.flags
     return BufferInfo(
         ptr,
         nbytes,
         arr.shape,
-        arr.dtype,
+        dtype,
         kind,
         device,
-        not flags.writeable,
-        flags.c_contiguous,
-        (owner, arr),
+        not writeable,
+        contiguous,
+        arr if owner is arr else (owner, arr),
         alloc,
     )
 

@@ -20,6 +20,7 @@ from .._core.errors import BufferFreedError, GpuaioError, InvalidArgumentError
 from ..backends import MemoryKind
 
 if TYPE_CHECKING:
+    from .._engine.buffers import BufferInfo
     from .runtime import Runtime
 
 __all__ = [
@@ -204,19 +205,36 @@ class DeviceArray:
     :meth:`gpuaio.Device.empty` and friends.
     """
 
-    __slots__ = ("__weakref__", "_alloc", "dtype", "offset", "shape")
+    __slots__ = ("__weakref__", "_alloc", "_dtype", "_info", "_offset", "_shape")
 
     def __init__(
         self, alloc: Allocation, shape: tuple[int, ...], dtype: npt.DTypeLike, offset: int = 0
     ) -> None:
         self._alloc = alloc
-        self.shape: tuple[int, ...] = shape
-        self.dtype: np.dtype[Any] = np.dtype(dtype)
-        self.offset: int = offset
+        self._shape: tuple[int, ...] = shape
+        self._dtype: np.dtype[Any] = np.dtype(dtype)
+        self._offset: int = offset
+        self._info: BufferInfo | None = None
+        """What ``describe`` returns, built at its first call (a view never changes)."""
         if offset + self.nbytes > alloc.nbytes:
             raise InvalidArgumentError("view exceeds its allocation")
 
     # -- properties ----------------------------------------------------
+    # Read-only: a view's layout is fixed (its BufferInfo is cached), and
+    # views of other layouts come from reshape(), view() and indexing.
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return self._dtype
+
+    @property
+    def offset(self) -> int:
+        """Bytes from the start of the allocation to the first element."""
+        return self._offset
+
     @property
     def ptr(self) -> int:
         """Device address of the first element."""

@@ -109,7 +109,9 @@ class Transfers:
         n = d.nbytes
         if n == 0:
             return completed(label, self)
-        op = Operation(label, self, (d.owner, s.owner), n)
+        # The objects passed in too: a described buffer's owner may be only
+        # the memory behind it (a device array's allocation).
+        op = Operation(label, self, (dst, src, d.owner, s.owner), n)
         if d.alloc is not None or s.alloc is not None:
             self._track(op, (d, s))
         if progress is not None:
@@ -212,7 +214,7 @@ class Transfers:
         label = _MEMSET_LABELS[kind]
         if nbytes == 0:
             return completed(label, self)
-        op = Operation(label, self, (d.owner,), nbytes)
+        op = Operation(label, self, (dst, d.owner), nbytes)
         self._track(op, (d,))
         if not on_device:
             view = d.host_array()

@@ -162,25 +162,26 @@ class Operation:
 
     def __await__(self) -> Generator[Any, None, None]:
         # A generator rather than a coroutine: the common cases (done, or done
-        # after a few polls) create no coroutine at all.
+        # after a few polls) create no coroutine at all. The hot path (a short
+        # op found done at the first poll) is kept to a few statements.
         if not self._done and not (forked_child and self._abandon_if_inherited()):
             yield_now: Callable[[], Awaitable[None]] | None = None
             asyncio_loop = asyncio._get_running_loop() is not None
             woken_early = False
+            clock = time.perf_counter
             while True:
                 poll = self._poll  # None until the op is watched (staged ops)
                 engine: Any = poll[0] if poll is not None else None
                 spin = engine.loop_spin_s if engine is not None else 0.0
-                now = time.perf_counter()
-                if spin and (woken_early or self._eta - now < spin):
+                start = clock()
+                if spin and (woken_early or self._eta - start < spin):
                     # Short ops, or long ones about to complete: poll from this
                     # loop for a moment, yielding to other tasks, which beats
                     # any cross-thread wake-up. Yield before the first poll: a
                     # GPU takes microseconds to even start an op. Longer ops
                     # are left to the watcher thread.
-                    # Past the expected time by a fifth of the op's estimate
-                    # too (up to 0.5 ms): estimates come from optimistic rates.
-                    deadline = max(now, self._eta) + spin + min(0.2 * self._est, 5e-4)
+                    assert engine is not None  # spin is non-zero
+                    deadline = 0.0  # worked out at the first miss: most ops never miss
                     # On asyncio (and uvloop) a bare yield reschedules the task
                     # for the next turn of the loop, which is all
                     # asyncio.sleep(0) does, without a coroutine per poll.
@@ -194,9 +195,14 @@ class Operation:
                         # Poll at least once after yielding, even past the
                         # deadline: with many tasks one turn of the loop can
                         # outlast the whole window, and by then the op is done.
-                        if (engine is not None and engine.poll_for(self)) or (
-                            time.perf_counter() >= deadline
-                        ):
+                        if engine.poll_for(self):
+                            break
+                        if not deadline:
+                            # Past the expected time by a fifth of the op's
+                            # estimate too (up to 0.5 ms): estimates come from
+                            # optimistic rates.
+                            deadline = max(start, self._eta) + spin + min(0.2 * self._est, 5e-4)
+                        if clock() >= deadline:
                             break
                 # done(), not _done: the checks above narrowed the attribute.
                 if self.done():

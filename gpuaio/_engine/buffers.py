@@ -41,7 +41,8 @@ class BufferInfo(NamedTuple):
     readonly: bool
     contiguous: bool
     owner: Any
-    """The object to keep alive while an operation uses the memory."""
+    """What keeps the memory alive while an operation uses it (for a gpuaio
+    device array, its allocation; the array itself is kept by the caller)."""
     alloc: InUse | None
     """gpuaio's allocation behind the buffer, if any."""
 

@@ -127,6 +127,11 @@ class EventEngine(CompletionEngine):
         self._next_sweep = 0.0
         self._next_probe = 0.0
         self._probe = FaultProbe(backend, device)
+        # What queues query markers with: the backend's own call, one Python
+        # frame less per poll, unless a subclass has markers of its own.
+        self._fired_call = (
+            backend.event_query if type(self)._fired is EventEngine._fired else self._fired
+        )
 
     # -- the enqueuing thread ------------------------------------------
     def watch(self, op: Operation, stream: Any) -> None:
@@ -138,7 +143,7 @@ class EventEngine(CompletionEngine):
         with self._lock:
             q = self._queues.get(key)
             if q is None:
-                q = self._queues[key] = StreamQueue(self._fired, self._recycle)
+                q = self._queues[key] = StreamQueue(self._fired_call, self._recycle)
             now = time.perf_counter()
             if op._est:
                 op._eta = q.busy_until = max(now, q.busy_until) + op._est
@@ -266,9 +271,12 @@ class EventEngine(CompletionEngine):
         q = poll[1]
         now = time.perf_counter()
         self._loop_polling_until = now + LOOP_COVER_S  # unlocked: see the module docstring
+        sweep = now >= self._next_sweep
+        if not sweep and (op._done or now - q.last_poll < STREAM_POLL_GAP_S):
+            return op._done
         waiters: Waiters = []
         try:
-            if now >= self._next_sweep:
+            if sweep:
                 self._sweep(now, waiters)
             if not op._done and now - q.last_poll >= STREAM_POLL_GAP_S:
                 q.last_poll = now
@@ -373,15 +381,19 @@ class EventEngine(CompletionEngine):
         pace.spin_again()
 
     def _stand_down(self, now: float, pace: _Pace) -> None:
-        """Loops poll and sweep: sleep until a hand-off, ``STAND_DOWN_S`` or the next probe.
+        """Loops poll and sweep: sleep until a hand-off or ``STAND_DOWN_S``.
 
-        Waking up often would cost both threads dearly: a loop that switches
-        tasks lets go of the GIL briefly and often, and each time it wakes a
-        thread waiting for the GIL, which rarely gets it. But never past the
-        next fault probe: loops sweep (and probe) only while they poll, which
-        may stop any moment.
+        Waking up often would cost both threads dearly. A thread woken while
+        a loop is busy waits for the GIL until the interpreter's switch
+        interval (5 ms) forces the loop to let go; meanwhile every time the
+        loop lets go of it briefly (each turn, around its I/O poll) wakes the
+        waiting thread, which rarely gets it, and that costs the loop about
+        3 us a turn. So the watcher does not wake for the fault probe either:
+        polling loops probe in their sweeps (``_sweep``). A task that stops
+        polling hands off (``hand_off``) and wakes it at once; ops nobody
+        awaits are left to this sleep's end.
         """
-        self._wait(max(0.0, min(STAND_DOWN_S, self._next_probe - now)))
+        self._wait(STAND_DOWN_S)
         pace.restart(time.perf_counter())
 
     def _pass(self, queues: list[tuple[int, StreamQueue]], pace: _Pace) -> bool:

@@ -55,10 +55,11 @@ class StreamQueue:
         the caller must still wake them. Without ``block`` it returns at once
         if another thread is draining this stream.
         """
-        if not self.lock.acquire(blocking=block):
+        lock = self.lock
+        if not lock.acquire(block):
             return  # another thread is draining this stream right now
         try:
-            entries, fired = self.entries, self.fired
+            entries, fired, recycle = self.entries, self.fired, self.recycle
             while entries:
                 op, marker = entries[0]
                 try:
@@ -70,10 +71,12 @@ class StreamQueue:
                 except CudaError as e:
                     exc = e
                 entries.popleft()
-                self.recycle(marker)
-                out.extend(op._finish(exc))
+                recycle(marker)
+                woken = op._finish(exc)
+                if woken:
+                    out.extend(woken)
         finally:
-            self.lock.release()
+            lock.release()
 
     def take_all(self) -> list[Operation]:
         """Remove every pending op (to fail them all), waiting for a drain under way."""
