@@ -297,3 +297,43 @@ def test_process_exits_with_an_event_alive() -> None:
         pytest.fail(f"the process did not exit within 30 s after its last line: {exc.stdout!r}")
     assert "end of script" in proc.stdout
     assert proc.returncode == 0, proc.stderr
+
+
+async def test_an_op_holds_its_allocations_until_done_and_a_failed_hold_takes_none(
+    stream: gpuaio.Stream, dev: gpuaio.Device
+) -> None:
+    """Each gpuaio allocation an op uses counts one user until the op completes
+    (it may not be freed before). If one of them cannot be held (freed in the
+    meantime by another thread), the others are let go again: the op is never
+    enqueued, and a count left behind would keep that memory forever."""
+    n = 1 << 12
+    d = dev.empty(n)
+    pin = gpuaio.pinned_empty(n)
+    alloc = d.allocation
+    release = latch(dev, stream)
+    op = stream.copy(d, pin)
+    assert alloc._users == 1
+    release()
+    await op
+    assert alloc._users == 0
+
+    from gpuaio._core.operation import Operation
+    from gpuaio._engine.buffers import BufferInfo
+
+    class Freed:
+        def acquire(self) -> None:
+            raise gpuaio.BufferFreedError("freed meanwhile")
+
+        def release(self) -> None:
+            raise AssertionError("never held")
+
+    def info(a: Any) -> BufferInfo:
+        return BufferInfo(
+            0, 0, (), np.dtype(np.uint8), gpuaio.MemoryKind.DEVICE, 0, False, True, a, a
+        )
+
+    op2 = Operation("test", stream)
+    with pytest.raises(gpuaio.BufferFreedError):
+        stream._track(op2, (info(alloc), info(Freed())))
+    assert alloc._users == 0, "the allocation held before the failure was not let go"
+    assert op2._allocs is None

@@ -240,7 +240,7 @@ class DeviceArray:
         """Device address of the first element."""
         if self._alloc.freed:
             raise BufferFreedError("this device array was freed")
-        return self._alloc.ptr + self.offset
+        return self._alloc.ptr + self._offset
 
     @property
     def device(self) -> int:
@@ -255,30 +255,30 @@ class DeviceArray:
     @property
     def size(self) -> int:
         n = 1
-        for d in self.shape:
+        for d in self._shape:
             n *= d
         return n
 
     @property
     def nbytes(self) -> int:
-        return self.size * self.dtype.itemsize
+        return self.size * self._dtype.itemsize
 
     @property
     def ndim(self) -> int:
-        return len(self.shape)
+        return len(self._shape)
 
     @property
     def strides(self) -> tuple[int, ...]:
-        return _c_strides(self.shape, self.dtype.itemsize)
+        return _c_strides(self._shape, self._dtype.itemsize)
 
     @property
     def allocation(self) -> Allocation:
         return self._alloc
 
     def __len__(self) -> int:
-        if not self.shape:
+        if not self._shape:
             raise TypeError("len() of a 0-d array")
-        return self.shape[0]
+        return self._shape[0]
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray[Any, Any]:
         """Refused, as CuPy refuses it: the data is in device memory, and NumPy
@@ -291,7 +291,7 @@ class DeviceArray:
     def __repr__(self) -> str:
         state = " freed" if self._alloc.freed else ""
         return (
-            f"<gpuaio.DeviceArray shape={self.shape} dtype={self.dtype} "
+            f"<gpuaio.DeviceArray shape={self._shape} dtype={self._dtype} "
             f"{self.kind.value} device={self._alloc.device}{state}>"
         )
 
@@ -304,41 +304,41 @@ class DeviceArray:
         for d in new:
             n *= d
         if n != self.size:
-            raise InvalidArgumentError(f"cannot reshape {self.shape} ({self.size} items) to {new}")
-        return DeviceArray(self._alloc, new, self.dtype, self.offset)
+            raise InvalidArgumentError(f"cannot reshape {self._shape} ({self.size} items) to {new}")
+        return DeviceArray(self._alloc, new, self._dtype, self._offset)
 
     def view(self, dtype: npt.DTypeLike) -> DeviceArray:
         """Reinterpret the bytes as ``dtype`` (the last axis absorbs the size change)."""
         dt = np.dtype(dtype)
         if self.nbytes % dt.itemsize:
             raise InvalidArgumentError(f"{self.nbytes} bytes is not a multiple of {dt}")
-        if not self.shape:
+        if not self._shape:
             raise InvalidArgumentError("cannot change the dtype of a 0-d array")
-        last = self.shape[-1] * self.dtype.itemsize
+        last = self._shape[-1] * self._dtype.itemsize
         if last % dt.itemsize:
             raise InvalidArgumentError(f"last axis of {last} bytes is not a multiple of {dt}")
-        return DeviceArray(self._alloc, (*self.shape[:-1], last // dt.itemsize), dt, self.offset)
+        return DeviceArray(self._alloc, (*self._shape[:-1], last // dt.itemsize), dt, self._offset)
 
     def __getitem__(self, key: slice | int) -> DeviceArray:
         """Basic indexing on the first axis (a step of 1 keeps it contiguous)."""
-        if not self.shape:
+        if not self._shape:
             raise IndexError("cannot index a 0-d array")
-        row = self.nbytes // self.shape[0] if self.shape[0] else 0
+        row = self.nbytes // self._shape[0] if self._shape[0] else 0
         if isinstance(key, slice):
-            start, stop, step = key.indices(self.shape[0])
+            start, stop, step = key.indices(self._shape[0])
             if step != 1:
                 raise InvalidArgumentError("only slices with step 1 keep a device array contiguous")
             n = max(0, stop - start)
             return DeviceArray(
-                self._alloc, (n, *self.shape[1:]), self.dtype, self.offset + start * row
+                self._alloc, (n, *self._shape[1:]), self._dtype, self._offset + start * row
             )
         if isinstance(key, (int, np.integer)):
             i = int(key)
             if i < 0:
-                i += self.shape[0]
-            if not 0 <= i < self.shape[0]:
-                raise IndexError(f"index {key} out of range for axis of size {self.shape[0]}")
-            return DeviceArray(self._alloc, self.shape[1:], self.dtype, self.offset + i * row)
+                i += self._shape[0]
+            if not 0 <= i < self._shape[0]:
+                raise IndexError(f"index {key} out of range for axis of size {self._shape[0]}")
+            return DeviceArray(self._alloc, self._shape[1:], self._dtype, self._offset + i * row)
         raise InvalidArgumentError(f"device arrays support int and slice indices, not {key!r}")
 
     def free(self) -> None:
@@ -369,8 +369,8 @@ class DeviceArray:
     def _gpuaio_cai(self) -> dict[str, Any]:
         """The ``__cuda_array_interface__`` dict, on either backend (gpuaio's own use)."""
         return {
-            "shape": self.shape,
-            "typestr": self.dtype.str,
+            "shape": self._shape,
+            "typestr": self._dtype.str,
             "data": (self.ptr, False),
             "version": 3,
             "strides": None,
@@ -422,9 +422,9 @@ class DeviceArray:
         dev_type, dev_id = self._gpuaio_dlpack_device()
         return export_capsule(
             ptr=self.ptr,
-            shape=self.shape,
+            shape=self._shape,
             strides=None,
-            dtype=self.dtype,
+            dtype=self._dtype,
             device_type=dev_type,
             device_id=dev_id,
             owner=self,

@@ -63,12 +63,23 @@ class Transfers:
         return infos
 
     def _track(self, op: Operation, infos: Sequence[BufferInfo]) -> None:
-        """Hold gpuaio allocations in use until ``op`` completes."""
-        for info in infos:
-            alloc = info.alloc
-            if alloc is not None:
+        """Hold gpuaio allocations in use until ``op`` completes.
+
+        All or none: if one was freed meanwhile (raises), those acquired
+        already are released again.
+        """
+        allocs = [info.alloc for info in infos if info.alloc is not None]
+        if not allocs:
+            return
+        for i, alloc in enumerate(allocs):
+            try:
                 alloc.acquire()
-                op._add_done_callback(alloc.release)
+            except BaseException:
+                for taken in allocs[:i]:
+                    taken.release()
+                raise
+        held = op._allocs
+        op._allocs = allocs if held is None else [*held, *allocs]
 
     # -- copies --------------------------------------------------------
     def copy(

@@ -17,7 +17,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import sniffio
@@ -29,7 +29,19 @@ from .loopport import THREAD_PORT, Port, current_port
 if TYPE_CHECKING:
     from .streamref import StreamRef
 
-__all__ = ["ClosedWhilePendingError", "Operation", "resolve_many", "wait_all"]
+__all__ = ["ClosedWhilePendingError", "InUse", "Operation", "resolve_many", "wait_all"]
+
+
+class InUse(Protocol):
+    """A gpuaio allocation, counted in use while an operation touches it."""
+
+    def acquire(self) -> None:
+        """One more operation uses it (raises if it was freed)."""
+        ...
+
+    def release(self) -> None:
+        """That operation has completed."""
+        ...
 
 
 class ClosedWhilePendingError(RuntimeError):
@@ -65,6 +77,7 @@ class Operation:
     __slots__ = (
         "__weakref__",
         "_abort",
+        "_allocs",
         "_callbacks",
         "_complete",
         "_done",
@@ -100,6 +113,9 @@ class Operation:
         self._exc: BaseException | None = None
         self._waiters: list[tuple[Port, Callable[[], None]]] | None = None  # made on demand
         self._callbacks: list[Callable[[], object]] | None = None
+        self._allocs: Sequence[InUse] | None = None
+        """gpuaio allocations the op uses, each acquired once (``_track``): released
+        as the op completes, after its callbacks (cheaper than a callback each)."""
         self._complete: Callable[[], None] | None = None
         self._abort = False
         self._retrieved = False  # whether anyone saw the error (await, exception())
@@ -363,6 +379,14 @@ class Operation:
                 except BaseException as cb_exc:
                     if self._exc is None:
                         self._exc = cb_exc
+        allocs, self._allocs = self._allocs, None
+        if allocs:
+            for alloc in allocs:
+                try:
+                    alloc.release()
+                except BaseException as rel_exc:
+                    if self._exc is None:
+                        self._exc = rel_exc
         self._keep = None
         self._done = True
         tracer = self._tracer

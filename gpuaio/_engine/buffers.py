@@ -7,26 +7,15 @@ a :class:`BufferInfo`; everything below works on those.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from .._core.operation import InUse
 from ..backends import MemoryKind
 from .hostwork import byte_view
 
 __all__ = ["BufferInfo", "InUse"]
-
-
-class InUse(Protocol):
-    """A gpuaio allocation, counted in use while an operation touches it."""
-
-    def acquire(self) -> None:
-        """One more operation uses it (raises if it was freed)."""
-        ...
-
-    def release(self) -> None:
-        """That operation has completed."""
-        ...
 
 
 class BufferInfo(NamedTuple):
