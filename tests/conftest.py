@@ -228,13 +228,23 @@ def latch(dev: gpuaio.Device, stream: gpuaio.Stream) -> Callable[[], None]:
     return latches.close(dev, stream)
 
 
-@pytest.fixture(autouse=True)
-def _open_latches_left_closed() -> Iterator[None]:
-    """A test that failed before opening its latches must not stall the next ones."""
-    yield
+def open_latches() -> None:
+    """Open every GPU latch a test left closed (sim holds end with their runtime)."""
     for per_device in list(_latches.values()):
         for latches in per_device.values():
             latches.open_all()
+
+
+@pytest.fixture(autouse=True)
+def _open_latches_left_closed() -> Iterator[None]:
+    """A test that failed before opening its latches must not stall the next ones.
+
+    This runs after the test's other fixtures are torn down; a fixture whose
+    teardown may wait for the GPU (freeing pinned memory synchronizes) calls
+    :func:`open_latches` first itself.
+    """
+    yield
+    open_latches()
 
 
 @pytest.fixture

@@ -354,6 +354,34 @@ async def test_break_without_context_manager(dev: gpuaio.Device) -> None:
     assert src.pulled <= 1 + 3 + 1
 
 
+async def test_an_abandoned_loader_is_collected_with_deliveries_pending(
+    dev: gpuaio.Device,
+) -> None:
+    """The source's thread hands batches to the loop through callbacks. One still
+    waiting to run when the loader is abandoned must not keep the loader alive:
+    it held it strongly, and so ``test_break_without_context_manager`` failed on
+    an H200 whenever a batch came in between the consumer's last await and its
+    ``break``. Here the consumer blocks its loop until the thread has handed over
+    every batch it may pull ahead, then breaks."""
+    src = Counting(50, n=64 * 1024)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        async for _ in gpuaio.prefetch(src, depth=3):
+            deadline = time.perf_counter() + 10
+            while src.pulled < 1 + 3:  # the batch being consumed, and three ahead
+                assert time.perf_counter() < deadline, "the source was not pulled ahead"
+                time.sleep(0.001)  # noqa: ASYNC251  (blocks the loop: deliveries queue up)
+            time.sleep(0.05)  # noqa: ASYNC251  (the last one handed over too)
+            break
+        gc.collect()
+    assert any(
+        issubclass(w.category, ResourceWarning) and "unclosed <gpuaio.Prefetcher" in str(w.message)
+        for w in caught
+    ), [str(w.message) for w in caught]
+    await eventually(src.closed.is_set)
+    await eventually(pipeline_idle(dev))
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 async def test_cancellation_closes_everything(kind: str, dev: gpuaio.Device) -> None:
     src = Counting(50, n=2 * MIB)

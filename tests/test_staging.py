@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 import gpuaio
 from gpuaio._api.device import device_of
 from gpuaio._engine.staging import Stager, StagingConfig
-from tests.conftest import latch
+from tests.conftest import latch, open_latches
 from tests.test_copy import pattern
 
 pytestmark = pytest.mark.anyio
@@ -62,6 +63,9 @@ def _stager_with_budget(runtime: Any, budget: int) -> Iterator[Stager]:
     runtime.extras["stager"] = stager
     yield stager
     runtime.extras["stager"] = old
+    # Freeing pinned memory waits for the GPU: a latch a failed test left
+    # closed would hang it (the autouse fixture that opens latches runs later).
+    open_latches()
     stager.close()
 
 
@@ -71,29 +75,47 @@ def small_pool(gpuaio_runtime: Any) -> Iterator[Stager]:
     yield from _stager_with_budget(gpuaio_runtime, 4 * MiB)
 
 
-async def test_no_block_reused_while_dma_pending(small_pool: Stager, dev: gpuaio.Device) -> None:
-    """A held stream keeps its staged chunks guarded; another transfer waits for them."""
+@pytest.fixture
+def held_pool(gpuaio_runtime: Any) -> Iterator[Stager]:
+    """A 3 MiB budget: what one held 1 MiB-chunk transfer takes (two chunks in
+    DMA, one copied and waiting for a DMA slot)."""
+    yield from _stager_with_budget(gpuaio_runtime, 3 * MiB)
+
+
+async def test_no_block_reused_while_dma_pending(held_pool: Stager, dev: gpuaio.Device) -> None:
+    """A held stream keeps its staged chunks guarded; another transfer waits for them.
+
+    The held transfer takes the whole budget, so the other one has no block of
+    its own to recycle: it can only start with one of the held transfer's,
+    which must not be handed out before its DMA ran. (With a block to spare,
+    the other transfer cycles it and may finish first: on a slow host its own
+    DMA completes before it asks for the next block. That is correct, and
+    made this test fail on one H200.)"""
     n = 8 * MiB
     a_src, b_src = pattern(n, 1), pattern(n, 2)
     a_dev, b_dev = dev.empty(n), dev.empty(n)
     sa, sb = dev.stream(), dev.stream()
     release = latch(dev, sa)
-    op_a = sa.copy(a_dev, a_src)
-    await anyio.sleep(0.05)
-    op_b = sb.copy(b_dev, b_src)  # needs blocks that op_a's pending DMAs hold
-    await anyio.sleep(0.05)
-    assert not op_a.done() and not op_b.done(), "a block was handed out before its DMA ran"
-    stats = small_pool.pool.stats()
-    assert stats.reserved <= 4 * MiB
-    release()
+    try:
+        op_a = sa.copy(a_dev, a_src)
+        deadline = time.perf_counter() + 10
+        while held_pool.pool.stats().in_use < 3 * MiB:  # it has taken the whole budget
+            assert time.perf_counter() < deadline, "the held transfer never took the budget"
+            await anyio.sleep(0.005)
+        op_b = sb.copy(b_dev, b_src)  # needs blocks that op_a's pending DMAs hold
+        await anyio.sleep(0.05)
+        assert not op_a.done() and not op_b.done(), "a block was handed out before its DMA ran"
+        assert held_pool.pool.stats().reserved <= 3 * MiB
+    finally:
+        release()
     await gpuaio.wait_all([op_a, op_b])
     out = np.empty(n, np.uint8)
     await sa.copy(out, a_dev)
     np.testing.assert_array_equal(out, a_src)
     await sb.copy(out, b_dev)
     np.testing.assert_array_equal(out, b_src)
-    stats = small_pool.pool.stats()
-    assert stats.peak_reserved <= 4 * MiB
+    stats = held_pool.pool.stats()
+    assert stats.peak_reserved <= 3 * MiB
     assert stats.waits > 0, "the second transfer should have waited for a block"
 
 

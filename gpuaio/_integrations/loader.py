@@ -221,9 +221,19 @@ class _SyncPuller:
             return self._closing
 
     def _post(self, kind: str, payload: Any) -> None:
-        deliver = self._deliver()
-        if deliver is not None:
-            self._port.post([lambda: deliver(kind, payload)])
+        # The callback looks the loader up when it runs: holding it from here
+        # would keep an abandoned loader alive until the loop ran the callback,
+        # past the collection that should close it.
+        ref = self._deliver
+        if ref() is None:
+            return
+
+        def deliver() -> None:
+            target = ref()
+            if target is not None:
+                target(kind, payload)
+
+        self._port.post([deliver])
 
     def _run(self) -> None:
         source, self._source = self._source, None
