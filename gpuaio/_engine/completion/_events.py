@@ -352,7 +352,7 @@ class EventEngine(CompletionEngine):
                 queues = None
                 now = time.perf_counter()
                 if now < self._loop_polling_until:
-                    self._stand_down(now, pace)
+                    self._stand_down(pace)
                 else:
                     queues = list(self._queues.items())
             if queues is None:  # stood down: loops sweep, but only the watcher probes for sure
@@ -380,7 +380,7 @@ class EventEngine(CompletionEngine):
             self._idle = False
         pace.spin_again()
 
-    def _stand_down(self, now: float, pace: _Pace) -> None:
+    def _stand_down(self, pace: _Pace) -> None:
         """Loops poll and sweep: sleep until a hand-off or ``STAND_DOWN_S``.
 
         Waking up often would cost both threads dearly. A thread woken while
