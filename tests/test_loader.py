@@ -336,6 +336,14 @@ async def test_early_break_closes_everything(kind: str, dev: gpuaio.Device) -> N
         await batches.__anext__()
 
 
+def assert_warned_unclosed(caught: list[warnings.WarningMessage]) -> None:
+    """A ResourceWarning named an unclosed loader among ``caught``."""
+    assert any(
+        issubclass(w.category, ResourceWarning) and "unclosed <gpuaio.Prefetcher" in str(w.message)
+        for w in caught
+    ), [str(w.message) for w in caught]
+
+
 async def test_break_without_context_manager(dev: gpuaio.Device) -> None:
     """An abandoned loader is closed when collected, with a ResourceWarning (as
     asyncio warns of an unclosed transport); one iterated to its end is not."""
@@ -345,10 +353,7 @@ async def test_break_without_context_manager(dev: gpuaio.Device) -> None:
         async for _ in gpuaio.prefetch(src, depth=3):
             break
         gc.collect()
-    assert any(
-        issubclass(w.category, ResourceWarning) and "unclosed <gpuaio.Prefetcher" in str(w.message)
-        for w in caught
-    ), [str(w.message) for w in caught]
+    assert_warned_unclosed(caught)
     await eventually(src.closed.is_set)
     await eventually(pipeline_idle(dev))
     assert src.pulled <= 1 + 3 + 1
@@ -374,10 +379,7 @@ async def test_an_abandoned_loader_is_collected_with_deliveries_pending(
             time.sleep(0.05)  # noqa: ASYNC251  (the last one handed over too)
             break
         gc.collect()
-    assert any(
-        issubclass(w.category, ResourceWarning) and "unclosed <gpuaio.Prefetcher" in str(w.message)
-        for w in caught
-    ), [str(w.message) for w in caught]
+    assert_warned_unclosed(caught)
     await eventually(src.closed.is_set)
     await eventually(pipeline_idle(dev))
 
