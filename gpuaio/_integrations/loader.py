@@ -50,7 +50,7 @@ from .._api.memory import DeviceArray
 from .._core import trace as _trace
 from .._core.errors import InvalidArgumentError
 from .._core.loopport import LoopPort, current_port
-from .._core.operation import Operation
+from .._core.operation import Operation, wait_all
 from .._core.progress import LoaderProgressCallback, report_progress
 from .batches import is_buffer, is_device_array, map_leaves, needs_prepare, prepare
 from .interop import converter
@@ -546,8 +546,9 @@ class Prefetcher(Generic[BatchT]):
         entry = self._entries[0]
         if entry.ops:
             try:
-                for op in entry.ops:
-                    await op
+                # Every op, last first (one wake-up for a batch on the stream),
+                # and the first error in order after all of them finished.
+                await wait_all(entry.ops)
             except Exception as exc:
                 if entry.error is None:
                     entry.error = exc

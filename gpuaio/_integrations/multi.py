@@ -156,6 +156,6 @@ async def _settle(ops: Sequence[Operation]) -> None:
     Their errors are not raised: the caller re-raises the error that stopped it.
     """
     with anyio.CancelScope(shield=True):
-        for op in ops:
+        for op in reversed(ops):  # last first: see wait_all
             with contextlib.suppress(Exception):
                 await op
