@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +15,7 @@ import pytest
 
 import gpuaio
 from gpuaio._api.device import device_of
+from gpuaio._engine.hostwork import COPY_NICE, HostPool
 from gpuaio._engine.staging import Stager, StagingConfig
 from tests.conftest import latch, open_latches
 from tests.test_copy import pattern
@@ -651,3 +654,34 @@ def test_settled_leaves_blocks_to_a_reclaim_pass_under_way(gpuaio_runtime: Any) 
     pool.release(block)
     pool.close()
     s.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities are set on Linux")
+def test_copy_threads_run_at_a_lower_cpu_priority_than_the_loop() -> None:
+    """A loop thread that wakes while every core copies must get a core at
+    once: the copy threads run ``COPY_NICE`` nice levels below the caller's
+    threads; the copy itself is byte-exact."""
+    if "GPUAIO_HOST_NICE" not in os.environ:
+        assert COPY_NICE > 0, "copy threads run at the loop's priority by default"
+    pool = HostPool(threads=3)
+    try:
+        me = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        together = threading.Barrier(3, timeout=10)
+
+        def nice_of_this_thread() -> tuple[int, int]:
+            together.wait()  # three threads at once: each of the pool's
+            tid = threading.get_native_id()
+            return tid, os.getpriority(os.PRIO_PROCESS, tid)
+
+        futures = [pool._executor().submit(nice_of_this_thread) for _ in range(3)]
+        seen = dict(f.result() for f in futures)
+        assert len(seen) == 3
+        nices = set(seen.values())
+        assert nices == {min(19, me + COPY_NICE)}, f"copy threads at nice {nices}, loop at {me}"
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == me
+        src = pattern(8 << 20, 21)
+        dst = np.zeros_like(src)
+        pool.copy(dst, src)
+        assert np.array_equal(dst, src)
+    finally:
+        pool.close()
