@@ -128,8 +128,8 @@ class Allocation:
 
     def _free_now(self) -> None:
         rt = self._runtime
-        if rt.closed:
-            return
+        if rt.released:
+            return  # freed with the context, or the parent's (a forked child)
         try:
             if self.kind is MemoryKind.PINNED:
                 rt.backend.host_free(self.ptr)

@@ -98,7 +98,7 @@ class _RegisteredAllocation(Allocation):
 
     def _free_now(self) -> None:
         try:
-            if not self._runtime.closed:
+            if not self._runtime.released:
                 self._runtime.backend.host_unregister(self.ptr)
         finally:
             # Only now: a new registration of the range waits for this removal.

@@ -63,6 +63,10 @@ class Runtime:
         self._staging_settings: tuple[StagingConfig | None, int | None] = (None, None)
         """What :meth:`configure_staging` set last (config, pinned budget)."""
         self.closed: bool = False
+        self.released: bool = False
+        """The backend is released (or is the parent's, after a fork): no driver
+        call may be made any more. Later than :attr:`closed`: the frees queued
+        before :meth:`close` still run while it closes."""
         self.extras: dict[str, Any] = {}
         self.devices: dict[int, object] = {}
         """The :class:`gpuaio.Device` objects, kept by ``gpuaio._api.device.device_of``
@@ -252,7 +256,8 @@ class Runtime:
                 except Exception as exc:
                     self.log_failure(f"gpuaio: error while closing {closer!r}", exc)
         self.host.close()
-        self.reaper.close()
+        self.reaper.close()  # runs the frees already queued, the backend still open
+        self.released = True
         self.backend.close()
 
     def _disown(self, detail: str) -> None:
@@ -264,6 +269,7 @@ class Runtime:
         """
         self.forked = detail
         self.closed = True  # close() and the frees of collected arrays do nothing now
+        self.released = True
         self._lock = threading.Lock()
         self.reaper = LeakingReaper()
         disable_backend(self.backend, detail)
