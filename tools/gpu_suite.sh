@@ -39,7 +39,9 @@ export GPUAIO_TEST_TIMES=${GPUAIO_TEST_TIMES:-$OUT/times.txt}
 # Fewer random programs per configuration than CI's 100: the GPU run has a
 # time limit, and CI runs the full count on every strategy and loop.
 export GPUAIO_PROPERTY_EXAMPLES=${GPUAIO_PROPERTY_EXAMPLES:-25}
-commit=${GPUAIO_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+# A tree copied onto the GPU machine may carry an older .git than its files:
+# "-dirty" then says the files are not that commit (set GPUAIO_GIT_COMMIT).
+commit=${GPUAIO_GIT_COMMIT:-$(git describe --always --dirty 2>/dev/null || echo unknown)}
 card=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)
 start=$(date +%s)
 # SIGINT first: pytest then stops and still prints its failures and summary.
