@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -656,7 +657,7 @@ def test_settled_leaves_blocks_to_a_reclaim_pass_under_way(gpuaio_runtime: Any) 
     s.close()
 
 
-@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities are set on Linux")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="set on Linux only")
 def test_copy_threads_run_at_a_lower_cpu_priority_than_the_loop() -> None:
     """A loop thread that wakes while every core copies must get a core at
     once: the copy threads run ``COPY_NICE`` nice levels below the caller's

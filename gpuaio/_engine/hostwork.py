@@ -11,6 +11,7 @@ import ctypes
 import logging
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,13 +61,14 @@ a waking loop thread preempt it; with idle cores nothing changes."""
 def _copy_thread_start() -> None:
     """Initializer of a copy thread: precise timers, and a lower CPU priority."""
     precise_timers()
-    if COPY_NICE > 0 and hasattr(os, "setpriority"):
+    # Linux only: there PRIO_PROCESS with a thread id sets that thread's nice;
+    # elsewhere the id would name a process (perhaps another program's).
+    if COPY_NICE > 0 and sys.platform.startswith("linux"):
         try:
-            # On Linux PRIO_PROCESS with a thread id sets that thread's nice.
             tid = threading.get_native_id()
             os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + COPY_NICE)
         except OSError:
-            pass  # not Linux-like: keep the default priority
+            pass  # a sandbox that forbids it: keep the default priority
 
 
 _FEW_CORES = (os.cpu_count() or 1) <= 4
