@@ -546,17 +546,12 @@ class Prefetcher(Generic[BatchT]):
         entry = self._entries[0]
         if entry.ops:
             try:
-                # Every op, last first (one wake-up for a batch on the stream),
-                # and the first error in order after all of them finished.
+                # Every op, last first (one wake-up for a batch on the stream);
+                # on an error, the first in order once all of them finished.
                 await wait_all(entry.ops)
             except Exception as exc:
                 if entry.error is None:
                     entry.error = exc
-            if entry.error is not None:
-                with anyio.CancelScope(shield=True):
-                    for op in entry.ops:
-                        with contextlib.suppress(Exception):
-                            await op
         if self._stopped or not self._entries or self._entries[0] is not entry:
             raise StopAsyncIteration  # closed while we waited
         self._entries.popleft()
