@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
 import warnings
@@ -242,19 +243,38 @@ class Operation:
 
     async def _wait_woken(self, engine: Any) -> None:
         """Wait for the resolver (a watcher thread, another task's poll) to wake us."""
-        event = anyio.Event()
-        entry = (current_port(), event.set)
+        loop = asyncio._get_running_loop()
+        if loop is None:  # trio
+            event = anyio.Event()
+            await self._sleep_until(engine, event.set, event.wait, event.is_set)
+            return
+        # asyncio and uvloop: a bare future, which its loop wakes with one
+        # callback (an anyio.Event costs more on the way in and out).
+        fut = loop.create_future()
+        await self._sleep_until(
+            engine, functools.partial(_wake, fut), lambda: fut, lambda: _woken(fut)
+        )
+
+    async def _sleep_until(
+        self,
+        engine: Any,
+        wake: Callable[[], None],
+        sleep: Callable[[], Awaitable[Any]],
+        woken: Callable[[], bool],
+    ) -> None:
+        """Register ``wake`` as a waiter of this op and await ``sleep()`` until it runs."""
+        entry = (current_port(), wake)
         self._add_waiter(entry)
         # The resolver sets _done before it takes _waiters: if it ran between
         # our check and append, we saw neither and wake ourselves.
         if self.done():  # another thread may have set it meanwhile
-            event.set()
+            wake()
         elif engine is not None:
             engine.hand_off()  # no loop polls for this op any more
         try:
-            await event.wait()
+            await sleep()
         finally:
-            if not event.is_set():
+            if not woken():
                 # Cancelled: take the waiter back, or every timed-out await of
                 # a long op would leave one behind until the op completes.
                 waiters = self._waiters
@@ -399,6 +419,17 @@ class Operation:
     def _resolve(self, exc: BaseException | None = None) -> None:
         """Complete this op from any thread and wake its waiters."""
         _post(self._finish(exc))
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    """Wake the task awaiting ``fut`` (on its loop's thread), unless it was cancelled."""
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _woken(fut: asyncio.Future[None]) -> bool:
+    """Whether ``fut`` was woken by :func:`_wake` (not cancelled)."""
+    return fut.done() and not fut.cancelled()
 
 
 def _yielder() -> Callable[[], Awaitable[None]]:
