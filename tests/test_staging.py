@@ -575,6 +575,60 @@ async def test_a_mid_size_copy_on_an_idle_stream_takes_the_drivers_path(
     await s.aclose()
 
 
+async def test_a_driver_staged_upload_is_resolved_by_its_host_thread_after_its_dma(
+    gpuaio_runtime: Any, dev: gpuaio.Device
+) -> None:
+    """The driver's pageable upload returns with its last DMA still running.
+    The stream's host thread waits for that DMA and resolves the op itself:
+    no marker for the watcher, or a woken loop, to find later (that round
+    trip cost 130-280 us after the call on an H200, issue 13's run Z)."""
+    s = dev.stream()
+    n = 4 * MiB
+    src = pattern(n, 43)
+    d = dev.empty(n)
+    be = gpuaio_runtime.backend
+    engine = gpuaio_runtime.engine(dev.ordinal)
+    watched: list[Any] = []
+    real_watch = engine.watch
+
+    def spy(op: Any, native: Any) -> None:
+        watched.append(op)
+        real_watch(op, native)
+
+    seen: dict[str, Any] = {}
+
+    def at_resolve() -> None:
+        # Has the last DMA landed as the op counts as done? Read the device
+        # memory through another stream, which does not wait for this one's.
+        side = be.stream_create(dev.ordinal)
+        landed = np.zeros(n, np.uint8)
+        try:
+            be.memcpy_async(landed.ctypes.data, d.ptr, n, side)
+            be.stream_synchronize(side)
+        finally:
+            be.stream_destroy(side)
+        seen["landed"] = bool(np.array_equal(landed, src))
+        seen["thread"] = threading.current_thread().name
+
+    gate = threading.Event()
+    s._seq.executor.submit(gate.wait)  # the callback goes on before the copy can run
+    engine.watch = spy
+    try:
+        op = s.copy(d, src)
+        op._add_done_callback(at_resolve)
+        gate.set()
+        await op
+    finally:
+        gate.set()
+        del engine.watch
+    assert seen == {"landed": True, "thread": f"gpuaio-stream-{dev.ordinal}"}
+    assert op not in watched, "the upload was left to the watcher"
+    back = np.zeros(n, np.uint8)
+    await s.copy(back, d)
+    assert np.array_equal(back, src)
+    await s.aclose()
+
+
 async def test_a_mid_size_copy_behind_pending_gpu_work_is_staged(
     gpuaio_runtime: Any, dev: gpuaio.Device
 ) -> None:

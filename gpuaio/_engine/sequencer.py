@@ -90,6 +90,7 @@ class Sequencer:
         "_copy_out",
         "_deps",
         "_rt",
+        "_spin_event",
         "_sync_event",
         "executor",
         "key",
@@ -106,6 +107,7 @@ class Sequencer:
         self._copy_out: Operation | None = None
         self._deps: list[Frontier] = []
         self._sync_event: Any = None
+        self._spin_event: Any = None
 
     # -- what is pending -----------------------------------------------
     @property
@@ -257,6 +259,20 @@ class Sequencer:
         backend.event_record(self._sync_event, self.native)
         backend.event_synchronize(self._sync_event)
 
+    def wait_tail(self) -> None:
+        """Block the host thread until the stream's enqueued GPU work is done, spinning.
+
+        For waits of microseconds, such as the last DMA of an upload the
+        driver staged: the driver spins with the GIL released, where
+        :meth:`wait_prior`'s event sleeps, and a sleeping thread took tens of
+        microseconds to wake on an H200 host.
+        """
+        backend = self._rt.backend
+        if self._spin_event is None:
+            self._spin_event = backend.event_create(self.ordinal)
+        backend.event_record(self._spin_event, self.native)
+        backend.event_synchronize(self._spin_event)
+
     def _fail_after_drain(self, op: Operation, exc: BaseException) -> None:
         """Fail ``op`` once no GPU work it enqueued can still touch its buffers."""
         try:
@@ -274,12 +290,15 @@ class Sequencer:
         """After every job so far: free the sync event (and the stream, if owned)."""
 
         def release() -> None:
-            sync, self._sync_event = self._sync_event, None
+            events = (self._sync_event, self._spin_event)
+            self._sync_event = self._spin_event = None
             rt = self._rt
-            # Each is attempted: after a sticky error both fail (logged once).
-            if sync is not None:
+            # Each is attempted: after a sticky error all fail (logged once).
+            for ev in events:
+                if ev is None:
+                    continue
                 try:
-                    rt.backend.event_destroy(sync)
+                    rt.backend.event_destroy(ev)
                 except Exception as exc:
                     rt.log_failure("gpuaio failed to destroy an event", exc, self.ordinal)
             if destroy_stream:
