@@ -373,3 +373,41 @@ async def test_an_op_holds_its_allocations_until_done_and_a_failed_hold_takes_no
         stream._track(op2, (info(alloc), info(Freed())))
     assert alloc._users == 0, "the allocation held before the failure was not let go"
     assert op2._allocs is None
+
+
+def test_a_resolver_holds_nothing_of_the_op_once_it_counts_as_done() -> None:
+    """A task returns from its await as soon as it sees the op done, and may then
+    drop the last reference to a buffer the op used: the resolving thread must
+    not keep that buffer (or a callback's) alive while it finishes. Checked at
+    the first moment the op counts as done (its tracer's report). On the GPU,
+    trio once saw a device allocation outlive its last reference that way."""
+    from gpuaio._core.operation import Operation
+
+    class Held:
+        def acquire(self) -> None:
+            pass
+
+        def release(self) -> None:
+            pass
+
+    class Cargo:
+        pass
+
+    alive: dict[str, bool] = {}
+    op = Operation("test", None)
+    held, cargo = Held(), Cargo()
+    refs = {"allocation": weakref.ref(held), "callback's buffer": weakref.ref(cargo)}
+    op._allocs = [held]
+    op._add_done_callback(lambda cargo=cargo: None)  # type: ignore[misc]
+
+    class Tracer:
+        def op_done(self, *args: Any) -> None:
+            assert op._done
+            alive.update({name: ref() is not None for name, ref in refs.items()})
+
+    op._tracer = Tracer()
+    del held, cargo
+    done = threading.Thread(target=op._resolve)
+    done.start()
+    done.join()
+    assert alive == {"allocation": False, "callback's buffer": False}

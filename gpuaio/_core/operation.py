@@ -393,21 +393,17 @@ class Operation:
         # Callbacks run before the op counts as done: a staged copy-out must
         # have landed before anyone can observe completion.
         if callbacks:
-            for cb in callbacks:
-                try:
-                    cb()
-                except BaseException as cb_exc:
-                    if self._exc is None:
-                        self._exc = cb_exc
+            self._exc = _run_all(callbacks, self._exc)
         allocs, self._allocs = self._allocs, None
         if allocs:
-            for alloc in allocs:
-                try:
-                    alloc.release()
-                except BaseException as rel_exc:
-                    if self._exc is None:
-                        self._exc = rel_exc
+            self._exc = _release_all(allocs, self._exc)
         self._keep = None
+        # Nothing of the op's may outlive it in this frame (the loops run in
+        # helpers for that): a task that sees _done returns from its await at
+        # once, and an allocation whose last reference it then drops must be
+        # freed, not kept alive by a resolver thread on its way out of here
+        # (a GPU-suite failure on trio, issue 13's run AA).
+        step = callbacks = allocs = None
         self._done = True
         tracer = self._tracer
         if tracer is not None:
@@ -419,6 +415,30 @@ class Operation:
     def _resolve(self, exc: BaseException | None = None) -> None:
         """Complete this op from any thread and wake its waiters."""
         _post(self._finish(exc))
+
+
+def _run_all(
+    callbacks: list[Callable[[], object]], exc: BaseException | None
+) -> BaseException | None:
+    """Run every callback; return ``exc``, or else the first callback's error."""
+    for cb in callbacks:
+        try:
+            cb()
+        except BaseException as cb_exc:
+            if exc is None:
+                exc = cb_exc
+    return exc
+
+
+def _release_all(allocs: Sequence[InUse], exc: BaseException | None) -> BaseException | None:
+    """Release every allocation; return ``exc``, or else the first release's error."""
+    for alloc in allocs:
+        try:
+            alloc.release()
+        except BaseException as rel_exc:
+            if exc is None:
+                exc = rel_exc
+    return exc
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
