@@ -6,6 +6,8 @@ current, and gpuaio's own size syntax (``16M``, ``1GiB``).
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpuaio._engine.pool import parse_size
 
-__all__ = ["driver_on_device0", "ok", "parse_size"]
+__all__ = ["driver_on_device0", "load_torch", "ok", "parse_size", "probe_parser", "write_records"]
 
 
 def ok(res: Any) -> Any:
@@ -41,3 +43,31 @@ def driver_on_device0() -> tuple[Any, Any] | None:
     ctx = ok(cu.cuDevicePrimaryCtxRetain(dev))
     ok(cu.cuCtxSetCurrent(ctx))
     return cu, ctx
+
+
+def probe_parser(doc: str | None, sizes: str, reps: int) -> argparse.ArgumentParser:
+    """The options every probe takes: ``--sizes`` (gpuaio's syntax, comma-separated),
+    ``--reps`` and ``--out`` (a directory for its JSON)."""
+    p = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    p.add_argument("--sizes", default=sizes, help=f"comma-separated sizes (default {sizes})")
+    p.add_argument("--reps", type=int, default=reps, help=f"repetitions (default {reps})")
+    p.add_argument("--out", help="directory for the JSON")
+    return p
+
+
+def write_records(out: str | None, name: str, records: Any) -> None:
+    """Write ``records`` as ``out/name`` (indented JSON), if ``out`` was given."""
+    if not out:
+        return
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / name).write_text(json.dumps(records, indent=1))
+
+
+def load_torch() -> Any:
+    """torch, where it is installed and sees a GPU; else None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None

@@ -27,9 +27,7 @@ Writes ``copy-path-probe.json`` with ``--out``. GPU only.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import random
 import statistics
 import sys
@@ -39,16 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _rawcuda import driver_on_device0, ok, parse_size
+from _rawcuda import driver_on_device0, load_torch, ok, parse_size, probe_parser, write_records
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--sizes", default="4M,16M,64M")
-    p.add_argument("--reps", type=int, default=25)
-    p.add_argument("--out")
+    p = probe_parser(__doc__, "4M,16M,64M", 25)
     args = p.parse_args()
     found = driver_on_device0()
     if found is None:
@@ -69,52 +64,34 @@ def main() -> int:
     gs = dev.stream()
     be = current_runtime().backend
     gd = dev.empty(big)
-    torch: Any = None
-    try:
-        import torch as _torch
-
-        if _torch.cuda.is_available():
-            torch = _torch
-    except ImportError:
-        pass
+    torch = load_torch()
     records: list[dict[str, Any]] = []
 
     def ways(n: int, h2d: bool) -> dict[str, Callable[[], None]]:
-        hp = host.ctypes.data
-        dd = int(d)
-        w: dict[str, Callable[[], None]] = {}
-        if h2d:
-            w["generic"] = lambda: (cu.cuMemcpyAsync(dd, hp, n, nb), cu.cuStreamSynchronize(nb))
-            w["typed"] = lambda: (cu.cuMemcpyHtoDAsync(dd, hp, n, nb), cu.cuStreamSynchronize(nb))
-            w["legacy"] = lambda: (
-                cu.cuMemcpyAsync(dd, hp, n, legacy),
-                cu.cuStreamSynchronize(legacy),
-            )
-            w["per_thread"] = lambda: (
-                cu.cuMemcpyAsync(dd, hp, n, per_thread),
-                cu.cuStreamSynchronize(per_thread),
-            )
-            w["sync"] = lambda: cu.cuMemcpyHtoD(dd, hp, n)
-            w["gpuaio_backend"] = lambda: (
-                be.memcpy_async(gd.ptr, hp, n, gs._native),
+        hp, dd = host.ctypes.data, int(d)
+        dst, src = (dd, hp) if h2d else (hp, dd)
+        g_dst, g_src = (gd.ptr, hp) if h2d else (hp, gd.ptr)
+        typed = cu.cuMemcpyHtoDAsync if h2d else cu.cuMemcpyDtoHAsync
+        blocking = cu.cuMemcpyHtoD if h2d else cu.cuMemcpyDtoH
+
+        def on(copy: Callable[..., Any], stream: Any) -> Callable[[], None]:
+            def run() -> None:
+                ok(copy(dst, src, n, stream))
+                ok(cu.cuStreamSynchronize(stream))
+
+            return run
+
+        w: dict[str, Callable[[], None]] = {
+            "generic": on(cu.cuMemcpyAsync, nb),
+            "typed": on(typed, nb),
+            "legacy": on(cu.cuMemcpyAsync, legacy),
+            "per_thread": on(cu.cuMemcpyAsync, per_thread),
+            "sync": lambda: ok(blocking(dst, src, n)),
+            "gpuaio_backend": lambda: (
+                be.memcpy_async(g_dst, g_src, n, gs._native),
                 be.stream_synchronize(gs._native),
-            )
-        else:
-            w["generic"] = lambda: (cu.cuMemcpyAsync(hp, dd, n, nb), cu.cuStreamSynchronize(nb))
-            w["typed"] = lambda: (cu.cuMemcpyDtoHAsync(hp, dd, n, nb), cu.cuStreamSynchronize(nb))
-            w["legacy"] = lambda: (
-                cu.cuMemcpyAsync(hp, dd, n, legacy),
-                cu.cuStreamSynchronize(legacy),
-            )
-            w["per_thread"] = lambda: (
-                cu.cuMemcpyAsync(hp, dd, n, per_thread),
-                cu.cuStreamSynchronize(per_thread),
-            )
-            w["sync"] = lambda: cu.cuMemcpyDtoH(hp, dd, n)
-            w["gpuaio_backend"] = lambda: (
-                be.memcpy_async(hp, gd.ptr, n, gs._native),
-                be.stream_synchronize(gs._native),
-            )
+            ),
+        }
         if torch is not None:
             t_host = torch.from_numpy(host[:n])
             t_dev = torch.empty(n, dtype=torch.uint8, device="cuda")
@@ -162,10 +139,7 @@ def main() -> int:
 
     asyncio.run(staged())
     measure("after gpuaio")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "copy-path-probe.json").write_text(json.dumps(records, indent=1))
+    write_records(args.out, "copy-path-probe.json", records)
     return 0
 
 

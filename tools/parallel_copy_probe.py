@@ -31,17 +31,14 @@ Writes ``parallel-copy-probe.json`` (one record per measurement) with
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _rawcuda import driver_on_device0, ok, parse_size
+from _rawcuda import driver_on_device0, load_torch, ok, parse_size, probe_parser, write_records
 
 
 class Worker(threading.Thread):
@@ -73,12 +70,9 @@ class Worker(threading.Thread):
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--sizes", default="1M,2M,4M,8M,16M,64M")
+    p = probe_parser(__doc__, "1M,2M,4M,8M,16M,64M", 40)
     p.add_argument("--ks", default="1,2,4,8")
-    p.add_argument("--reps", type=int, default=40)
     p.add_argument("--seconds", type=float, default=0.25)
-    p.add_argument("--out", help="directory for parallel-copy-probe.json")
     args = p.parse_args()
     found = driver_on_device0()
     if found is None:
@@ -97,14 +91,7 @@ def main() -> int:
     ok(cu.cuEventRecord(ev, main_stream))
     ok(cu.cuStreamSynchronize(main_stream))
     records: list[dict[str, Any]] = []
-    torch: Any = None
-    try:
-        import torch as _torch
-
-        if _torch.cuda.is_available():
-            torch = _torch
-    except ImportError:
-        pass
+    torch = load_torch()
 
     def record(**kw: Any) -> None:
         records.append(kw)
@@ -226,10 +213,7 @@ def main() -> int:
     for w in workers:
         w.job = None
         w.go.release()
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "parallel-copy-probe.json").write_text(json.dumps(records, indent=1))
+    write_records(args.out, "parallel-copy-probe.json", records)
     return 0
 
 

@@ -24,30 +24,24 @@ Writes ``wc-probe.json`` with ``--out``. GPU only.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-import json
 import random
 import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _rawcuda import driver_on_device0, ok, parse_size
+from _rawcuda import driver_on_device0, ok, parse_size, probe_parser, write_records
 
 WRITECOMBINED = 0x04  # CU_MEMHOSTALLOC_WRITECOMBINED
 PORTABLE_DEVICEMAP = 0x01 | 0x02  # gpuaio's flags
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--sizes", default="64K,1M,4M,16M,64M")
+    p = probe_parser(__doc__, "64K,1M,4M,16M,64M", 30)
     p.add_argument("--threads", type=int, default=8)
-    p.add_argument("--reps", type=int, default=30)
-    p.add_argument("--out")
     args = p.parse_args()
     found = driver_on_device0()
     if found is None:
@@ -126,10 +120,7 @@ def main() -> int:
         records.append({"bytes": n, **meds})
         print(f"  {n >> 10:>6} KiB: " + "  ".join(f"{k} {v}" for k, v in meds.items()), flush=True)
     pool.shutdown()
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "wc-probe.json").write_text(json.dumps(records, indent=1))
+    write_records(args.out, "wc-probe.json", records)
     return 0
 
 
