@@ -23,6 +23,10 @@ and measures, in the same process, what a user might write instead:
 * ``thread_post``: a persistent thread runs the naive call and posts the
   result with ``call_soon_threadsafe``.
 
+``--pinned`` puts the host buffers in pinned memory: the copy is then one
+DMA enqueued by the call, and only ``call``, ``to_resolve`` and
+``to_return`` apply.
+
 Writes ``hop-probe-<loop>.json`` with ``--out``. GPU only.
 """
 
@@ -46,12 +50,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gpuaio
 from gpuaio._api.runtime import current_runtime
+from gpuaio._core.operation import Operation
 from gpuaio._engine.pool import parse_size
 
 KEYS = ("call", "to_job", "job", "to_watch", "to_resolve", "to_return")
 
 
-async def probe(sizes: list[int], reps: int) -> list[dict[str, Any]]:
+async def probe(sizes: list[int], reps: int, pinned: bool = False) -> list[dict[str, Any]]:
     dev = gpuaio.Device(0)
     s = dev.stream()
     rt = current_runtime()
@@ -80,6 +85,22 @@ async def probe(sizes: list[int], reps: int) -> list[dict[str, Any]]:
     for job in ("_h2d", "_d2h", "_driver_or_staged"):
         wrap(stager, job, "job_start", "job_end")
     wrap(engine, "watch", None, "watched")
+    # How the awaiting task waited: polls from its loop, and sleeps until woken.
+    counts = {"polls": 0, "sleeps": 0}
+    real_poll = engine.poll_for
+
+    def poll_for(op: Any) -> bool:
+        counts["polls"] += 1
+        return bool(real_poll(op))
+
+    engine.poll_for = poll_for
+    real_sleep = Operation._wait_woken
+
+    async def wait_woken(self: Operation, eng: Any) -> None:
+        counts["sleeps"] += 1
+        await real_sleep(self, eng)
+
+    Operation._wait_woken = wait_woken  # type: ignore[method-assign]
 
     # The hand-written alternatives' thread.
     jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
@@ -92,8 +113,13 @@ async def probe(sizes: list[int], reps: int) -> list[dict[str, Any]]:
     th.start()
     out: list[dict[str, Any]] = []
     for n in sizes:
-        src = np.full(n, 0x5A, np.uint8)
-        back = np.zeros(n, np.uint8)
+        if pinned:  # the host side in pinned memory: DMA only, no job
+            src, back = gpuaio.pinned_empty(n), gpuaio.pinned_empty(n)
+            src.fill(0x5A)
+            back.fill(0)
+        else:
+            src = np.full(n, 0x5A, np.uint8)
+            back = np.zeros(n, np.uint8)
         d = dev.empty(n)
         for h2d in (True, False):
             dirn = "h2d" if h2d else "d2h"
@@ -141,6 +167,7 @@ async def probe(sizes: list[int], reps: int) -> list[dict[str, Any]]:
             segs: dict[str, list[float]] = {k: [] for k in KEYS}
             totals = []
             resolver.clear()
+            counts.update(polls=0, sleeps=0)
             for _ in range(reps):
                 marks.clear()
                 t0 = time.perf_counter()
@@ -175,16 +202,20 @@ async def probe(sizes: list[int], reps: int) -> list[dict[str, Any]]:
                 row[k] = round(statistics.median(v) * 1e6, 1) if v else None
             names = sorted(set(resolver))
             row["resolved_by"] = {nm: resolver.count(nm) for nm in names}
+            row["polls_per_op"] = round(counts["polls"] / reps, 2)
+            row["sleeps_per_op"] = round(counts["sleeps"] / reps, 2)
             out.append(row)
             print(
                 f"  {dirn} {n >> 20:>3} MiB: naive {row['naive']:7.1f}  to_thread "
                 f"{row['to_thread']:7.1f}  thread_post {row['thread_post']:7.1f}  gpuaio "
                 f"{row['gpuaio']:7.1f} = "
                 + " + ".join(f"{k} {row[k]}" for k in KEYS)
-                + f"  resolved by {row['resolved_by']}",
+                + f"  resolved by {row['resolved_by']}, polls/op {row['polls_per_op']}, "
+                f"sleeps/op {row['sleeps_per_op']}",
                 flush=True,
             )
     jobs.put(None)
+    Operation._wait_woken = real_sleep  # type: ignore[method-assign]
     return out
 
 
@@ -194,6 +225,7 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=60)
     p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     p.add_argument("--label", default="")
+    p.add_argument("--pinned", action="store_true", help="host buffers in pinned memory")
     p.add_argument("--out")
     args = p.parse_args()
     sizes = [parse_size(x) for x in args.sizes.split(",")]
@@ -201,9 +233,9 @@ def main() -> int:
     if args.loop == "uvloop":
         import uvloop
 
-        rows = uvloop.run(probe(sizes, args.reps))
+        rows = uvloop.run(probe(sizes, args.reps, args.pinned))
     else:
-        rows = asyncio.run(probe(sizes, args.reps))
+        rows = asyncio.run(probe(sizes, args.reps, args.pinned))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
