@@ -192,6 +192,17 @@ def test_reaper_submit_nested_in_its_own_start(monkeypatch: pytest.MonkeyPatch) 
     reaper.close()
 
 
+def _close_in_background(rt: Any) -> threading.Thread:
+    """Start ``rt.close()`` on a thread; return once it has begun."""
+    closer = threading.Thread(target=rt.close, daemon=True)
+    closer.start()
+    deadline = time.monotonic() + 10
+    while not rt.closed and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert rt.closed, "close() did not start"
+    return closer
+
+
 @pytest.mark.gpuaio_sim_only  # it closes the runtime (fresh per test on the sim)
 def test_frees_queued_before_close_still_run(gpuaio_runtime: Any) -> None:
     """Arrays freed just before ``Runtime.close()`` are freed by it, even when
@@ -215,17 +226,80 @@ def test_frees_queued_before_close_still_run(gpuaio_runtime: Any) -> None:
     rt.reaper.submit(lambda: gate.wait(10))  # busy: the frees below queue behind it
     for a in arrays:
         a.free()
-    closer = threading.Thread(target=rt.close, daemon=True)
-    closer.start()
-    deadline = time.monotonic() + 10
-    while not rt.closed and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert rt.closed, "close() did not start"
+    closer = _close_in_background(rt)
     gate.set()  # the reaper reaches the queued frees after close has begun
     closer.join(10)
     assert not closer.is_alive(), "close() hung"
     assert sorted(freed) == ptrs, f"{len(freed)} of {len(ptrs)} queued frees ran"
     assert not late
+
+
+@pytest.mark.gpuaio_sim_only  # it closes the runtime (fresh per test on the sim)
+def test_a_stream_dropped_as_the_runtime_closes_is_destroyed_before_the_release(
+    gpuaio_runtime: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dropped stream is destroyed on its host thread, behind the stream's
+    earlier jobs. ``Runtime.close()`` lets that run before it releases the
+    backend. It used to release it first, and the destroy then failed and
+    logged a traceback at exit (on an H200: ``CUDA_ERROR_CONTEXT_IS_DESTROYED``).
+    With a primary context torch also holds, the stream would stay allocated."""
+    rt = gpuaio_runtime
+    s = device_of(rt, 0).stream()
+    destroyed: list[bool] = []  # whether the backend was released by then
+    real = rt.backend.stream_destroy
+
+    def spy(native: Any) -> None:
+        destroyed.append(rt.released)
+        real(native)
+
+    rt.backend.stream_destroy = spy
+    gate = threading.Event()
+    s._seq.executor.submit(lambda: gate.wait(10))  # its thread busy: the release queues
+    s._closed = True  # as Stream.__del__ and aclose() do, then release:
+    s._seq.release(destroy_stream=True)
+    closer = _close_in_background(rt)
+    time.sleep(0.05)
+    assert not rt.released, "the backend was released before the stream's queued release ran"
+    gate.set()
+    closer.join(10)
+    assert not closer.is_alive(), "close() hung"
+    assert destroyed == [False]
+    assert "failed to destroy" not in caplog.text
+
+
+@pytest.mark.gpuaio_sim_only  # it closes the runtime (fresh per test on the sim)
+def test_a_stream_release_stuck_past_close_is_skipped_not_failed(
+    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream whose thread is stuck (a hung kernel, here a held job) does not
+    hold up ``Runtime.close()`` for more than its bounded wait. When the release
+    runs at last, the backend is gone with its context: it makes no driver call
+    and logs no failure."""
+    from gpuaio._api import runtime as _runtime
+
+    monkeypatch.setattr(_runtime, "_RELEASE_WAIT_S", 0.2, raising=False)
+    rt = gpuaio_runtime
+    s = device_of(rt, 0).stream()
+    calls: list[str] = []
+    real_event, real_stream = rt.backend.event_destroy, rt.backend.stream_destroy
+    rt.backend.event_destroy = lambda ev: (calls.append("event"), real_event(ev))
+    rt.backend.stream_destroy = lambda native: (calls.append("stream"), real_stream(native))
+    gate = threading.Event()
+    ran = threading.Event()
+    s._seq.executor.submit(lambda: gate.wait(10))
+    s._closed = True
+    s._seq.release(destroy_stream=True)
+    s._seq.executor.submit(ran.set)
+    t0 = time.monotonic()
+    closer = _close_in_background(rt)
+    closer.join(10)
+    assert not closer.is_alive(), "close() hung"
+    assert time.monotonic() - t0 < 5, "close() waited past its bound"
+    assert rt.released
+    gate.set()
+    assert ran.wait(10), "the stream's thread never got past its release"
+    assert calls == []
+    assert "failed to destroy" not in caplog.text
 
 
 def test_numpy_refuses_a_device_array(gpuaio_runtime: Any) -> None:

@@ -17,7 +17,9 @@ import importlib
 import logging
 import os
 import threading
+import time
 import weakref
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import anyio.to_thread
@@ -25,7 +27,7 @@ import anyio.to_thread
 from .._core import operation as _operation
 from .._core.errors import DeviceFatalError, ForkedProcessError, InvalidArgumentError
 from .._engine.completion import CompletionEngine, FaultLog, Strategy, check_strategy, make_engine
-from .._engine.hostwork import HostPool
+from .._engine.hostwork import HostPool, SerialExecutor
 from .._engine.pool import MIN_CLASS, PoolStats, parse_size
 from .._engine.reaper import LeakingReaper, Reaper
 from .._engine.sequencer import Sequencer
@@ -62,6 +64,10 @@ class Runtime:
         self._lock = threading.Lock()
         self._staging_settings: tuple[StagingConfig | None, int | None] = (None, None)
         """What :meth:`configure_staging` set last (config, pinned budget)."""
+        self._release_lock = threading.Lock()
+        """Held to release the backend, and by each stream release (``backend_held``)."""
+        self._releases: list[tuple[SerialExecutor, int]] = []
+        """Stream releases queued on their host threads (``expect_release``)."""
         self.closed: bool = False
         self.released: bool = False
         """The backend is released (or is the parent's, after a fork): no driver
@@ -257,8 +263,32 @@ class Runtime:
                     self.log_failure(f"gpuaio: error while closing {closer!r}", exc)
         self.host.close()
         self.reaper.close()  # runs the frees already queued, the backend still open
-        self.released = True
-        self.backend.close()
+        # Streams dropped meanwhile are destroyed on their host threads, behind
+        # their earlier jobs: let those run too, for a while (a stream stuck
+        # behind a hung kernel must not hang the exit; its release then finds
+        # the backend gone and leaves the stream to the context's teardown).
+        deadline = time.monotonic() + _RELEASE_WAIT_S
+        for executor, job in self._releases:
+            if not executor.wait_for(job, max(0.0, deadline - time.monotonic())):
+                break
+        self._releases.clear()
+        with self._release_lock:
+            self.released = True
+            self.backend.close()
+
+    @contextlib.contextmanager
+    def backend_held(self) -> Iterator[bool]:
+        """Hold off the backend's release; yields False once it was released."""
+        with self._release_lock:
+            yield not self.released
+
+    def expect_release(self, executor: SerialExecutor, job: int) -> None:
+        """Job ``job`` of ``executor`` releases driver objects: :meth:`close` lets
+        it run (up to a few seconds) before releasing the backend."""
+        releases = self._releases
+        releases.append((executor, job))
+        if len(releases) > 64:  # keep only the pending ones
+            releases[:] = [(e, j) for e, j in releases if e.completed < j]
 
     def _disown(self, detail: str) -> None:
         """In a forked child: refuse every use, free nothing, close nothing at exit.
@@ -475,6 +505,8 @@ def _shutdown() -> None:
 
 # -- fork ----------------------------------------------------------------------
 
+_RELEASE_WAIT_S = 5.0
+"""How long :meth:`Runtime.close` lets queued stream releases run, in all."""
 _FORK_LOCK_TIMEOUT_S = 30.0
 _fork_holds_lock = False
 

@@ -255,20 +255,21 @@ class SerialExecutor:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
 
-    def wait_for(self, n: int) -> None:
-        """Block until job number ``n`` (and so every job before it) has run.
+    def wait_for(self, n: int, timeout: float | None = None) -> bool:
+        """Block until job number ``n`` (and so every job before it) has run,
+        or ``timeout`` seconds have passed; returns whether it has run.
 
         Never from this executor's own thread for a job not yet run: that
         would wait for itself.
         """
         if self.completed >= n:
-            return
+            return True
         if self.on_thread():
             raise RuntimeError("a stream's host job cannot wait for a later job of its own")
         with self._cv:
             self._waiting += 1
             try:
-                self._cv.wait_for(lambda: self.completed >= n)
+                return self._cv.wait_for(lambda: self.completed >= n, timeout)
             finally:
                 self._waiting -= 1
 

@@ -293,19 +293,23 @@ class Sequencer:
             events = (self._sync_event, self._spin_event)
             self._sync_event = self._spin_event = None
             rt = self._rt
-            # Each is attempted: after a sticky error all fail (logged once).
-            for ev in events:
-                if ev is None:
-                    continue
-                try:
-                    rt.backend.event_destroy(ev)
-                except Exception as exc:
-                    rt.log_failure("gpuaio failed to destroy an event", exc, self.ordinal)
-            if destroy_stream:
-                try:
-                    rt.backend.stream_destroy(self.native)
-                except Exception as exc:
-                    rt.log_failure("gpuaio failed to destroy a stream", exc, self.ordinal)
+            with rt.backend_held() as live:
+                if not live:
+                    return  # released with the backend: its context took them along
+                # Each is attempted: after a sticky error all fail (logged once).
+                for ev in events:
+                    if ev is None:
+                        continue
+                    try:
+                        rt.backend.event_destroy(ev)
+                    except Exception as exc:
+                        rt.log_failure("gpuaio failed to destroy an event", exc, self.ordinal)
+                if destroy_stream:
+                    try:
+                        rt.backend.stream_destroy(self.native)
+                    except Exception as exc:
+                        rt.log_failure("gpuaio failed to destroy a stream", exc, self.ordinal)
 
         self.executor.submit(release)
+        self._rt.expect_release(self.executor, self.executor.submitted)
         self.executor.linger(0)  # no thread left idling once the release has run

@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from ..backends import Backend
     from .completion import CompletionEngine
-    from .hostwork import HostPool
+    from .hostwork import HostPool, SerialExecutor
     from .reaper import Reaper
 
 __all__ = ["Services"]
@@ -42,4 +44,14 @@ class Services(Protocol):
 
     def log_failure(self, what: str, exc: BaseException, device: int | None = None) -> None:
         """Report a failure nobody awaits (a background free, a destroy)."""
+        ...
+
+    def backend_held(self) -> AbstractContextManager[bool]:
+        """Hold off the backend's release; the value is False once it was released
+        (no driver call may be made any more)."""
+        ...
+
+    def expect_release(self, executor: SerialExecutor, job: int) -> None:
+        """Job ``job`` of ``executor`` releases driver objects: closing the
+        runtime lets it run (for a while) before it releases the backend."""
         ...
