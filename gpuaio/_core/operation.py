@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import threading
 import time
 import warnings
@@ -243,38 +242,19 @@ class Operation:
 
     async def _wait_woken(self, engine: Any) -> None:
         """Wait for the resolver (a watcher thread, another task's poll) to wake us."""
-        loop = asyncio._get_running_loop()
-        if loop is None:  # trio
-            event = anyio.Event()
-            await self._sleep_until(engine, event.set, event.wait, event.is_set)
-            return
-        # asyncio and uvloop: a bare future, which its loop wakes with one
-        # callback (an anyio.Event costs more on the way in and out).
-        fut = loop.create_future()
-        await self._sleep_until(
-            engine, functools.partial(_wake, fut), lambda: fut, lambda: _woken(fut)
-        )
-
-    async def _sleep_until(
-        self,
-        engine: Any,
-        wake: Callable[[], None],
-        sleep: Callable[[], Awaitable[Any]],
-        woken: Callable[[], bool],
-    ) -> None:
-        """Register ``wake`` as a waiter of this op and await ``sleep()`` until it runs."""
-        entry = (current_port(), wake)
+        event = anyio.Event()
+        entry = (current_port(), event.set)
         self._add_waiter(entry)
         # The resolver sets _done before it takes _waiters: if it ran between
         # our check and append, we saw neither and wake ourselves.
         if self.done():  # another thread may have set it meanwhile
-            wake()
+            event.set()
         elif engine is not None:
             engine.hand_off()  # no loop polls for this op any more
         try:
-            await sleep()
+            await event.wait()
         finally:
-            if not woken():
+            if not event.is_set():
                 # Cancelled: take the waiter back, or every timed-out await of
                 # a long op would leave one behind until the op completes.
                 waiters = self._waiters
@@ -439,17 +419,6 @@ def _release_all(allocs: Sequence[InUse], exc: BaseException | None) -> BaseExce
             if exc is None:
                 exc = rel_exc
     return exc
-
-
-def _wake(fut: asyncio.Future[None]) -> None:
-    """Wake the task awaiting ``fut`` (on its loop's thread), unless it was cancelled."""
-    if not fut.done():
-        fut.set_result(None)
-
-
-def _woken(fut: asyncio.Future[None]) -> bool:
-    """Whether ``fut`` was woken by :func:`_wake` (not cancelled)."""
-    return fut.done() and not fut.cancelled()
 
 
 def _yielder() -> Callable[[], Awaitable[None]]:
