@@ -220,6 +220,10 @@ def latch(dev: gpuaio.Device, stream: gpuaio.Stream) -> Callable[[], None]:
     """Hold ``stream`` busy until the returned function is called."""
     rt = dev._runtime
     if rt.backend.name == "sim":
+        # A hold is work enqueued behind gpuaio's back, as another library
+        # would enqueue it: that needs the handle, and handing it out stops
+        # gpuaio sharing markers among the stream's ops (Stream.handle).
+        assert stream.handle
         return rt.backend.hold(stream._native)  # type: ignore[attr-defined, no-any-return]
     per_device = _latches.setdefault(rt, {})
     latches = per_device.get(dev.ordinal)

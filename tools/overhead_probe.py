@@ -21,6 +21,10 @@ gpuaio's own per-op cost. Each stream models a GPU queue: an op starts
 ``--launch-us`` after it is enqueued (default 5) or when the op before it
 ends, whichever is later, and runs for ``--gpu-us`` (default 2), about what
 a 4-byte memset takes on an H100; an event fires once its stream reaches it.
+``--call-us`` spins that long in each memset, copy, event record and event
+query call, standing in for what a real driver call costs the calling
+thread (1-3 us through cuda-bindings on an H200 host, context check
+included): with it, fewer driver calls per op show as they would on a GPU.
 
 ``--baseline DIR`` also loads the gpuaio package in ``DIR`` (say a copy of an
 earlier commit: ``git archive HEAD~1 gpuaio | tar -x -C /tmp/base``, then
@@ -86,6 +90,16 @@ class _FakeGPU:
 
     launch_s = 5e-6
     gpu_s = 2e-6
+    call_s = 0.0
+
+    def _call(self) -> float:
+        """The host cost of one driver call (``--call-us``), spent spinning; returns now."""
+        now = time.perf_counter()
+        if self.call_s:
+            end = now + self.call_s
+            while now < end:
+                now = time.perf_counter()
+        return now
 
     def stream_create(self, device: int, priority: int = 0) -> Any:
         return _Stream(device)
@@ -100,12 +114,12 @@ class _FakeGPU:
         time.sleep(max(0.0, stream.busy_until - time.perf_counter()))
 
     def memset_async(self, ptr: int, value: int, itemsize: int, count: int, stream: Any) -> None:
-        start = max(time.perf_counter() + self.launch_s, stream.busy_until)
+        start = max(self._call() + self.launch_s, stream.busy_until)
         stream.busy_until = start + self.gpu_s
 
     def memcpy_async(self, dst: int, src: int, nbytes: int, stream: Any) -> None:
         # Timing only: the probe measures gpuaio's CPU cost, not the bytes.
-        start = max(time.perf_counter() + self.launch_s, stream.busy_until)
+        start = max(self._call() + self.launch_s, stream.busy_until)
         stream.busy_until = start + self.gpu_s
 
     def event_create(self, device: int, blocking_sync: bool = False) -> Any:
@@ -115,10 +129,11 @@ class _FakeGPU:
         pass
 
     def event_record(self, event: Any, stream: Any) -> None:
+        self._call()
         event.at = stream.busy_until
 
     def event_query(self, event: Any) -> bool:
-        return time.perf_counter() >= event.at  # type: ignore[no-any-return]
+        return self._call() >= event.at  # type: ignore[no-any-return]
 
     def event_synchronize(self, event: Any) -> None:
         time.sleep(max(0.0, event.at - time.perf_counter()))
@@ -127,10 +142,11 @@ class _FakeGPU:
         stream.busy_until = max(stream.busy_until, event.at)
 
 
-def fake_gpu(lib: ModuleType, launch_s: float, gpu_s: float) -> Any:
+def fake_gpu(lib: ModuleType, launch_s: float, gpu_s: float, call_s: float = 0.0) -> Any:
     """A fake-GPU backend for the gpuaio package ``lib``."""
     from_sim = importlib.import_module(lib.__name__ + ".backends.sim")
-    cls = type("FakeGPU", (_FakeGPU, from_sim.SimBackend), {"launch_s": launch_s, "gpu_s": gpu_s})
+    attrs = {"launch_s": launch_s, "gpu_s": gpu_s, "call_s": call_s}
+    cls = type("FakeGPU", (_FakeGPU, from_sim.SimBackend), attrs)
     return cls(from_sim.SimConfig())
 
 
@@ -288,6 +304,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--launch-us", type=float, default=5.0, help="enqueue-to-start latency")
     ap.add_argument("--gpu-us", type=float, default=2.0, help="GPU time of one op")
+    ap.add_argument(
+        "--call-us",
+        type=float,
+        default=0.0,
+        help="host time of each memset, copy, event record and query call (spun)",
+    )
     ap.add_argument("--ops", type=int, default=20_000, help="awaited ops per measurement")
     ap.add_argument("--reps", type=int, default=5, help="repetitions (interleaved)")
     # The fake GPU has no stream memory ops (flags) and no host functions.
@@ -309,7 +331,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.strategy == "thread":
             thread_engine().register(lib)
         lib.use_backend(
-            fake_gpu(lib, args.launch_us * 1e-6, args.gpu_us * 1e-6), completion=args.strategy
+            fake_gpu(lib, args.launch_us * 1e-6, args.gpu_us * 1e-6, args.call_us * 1e-6),
+            completion=args.strategy,
         )
     results: dict[tuple[str, str, int], list[dict[str, float]]] = {}
     mixed: dict[tuple[str, str], list[float]] = {}
@@ -325,7 +348,8 @@ def main(argv: list[str] | None = None) -> None:
                 mixed.setdefault((name, loop), []).extend(delays)
 
     print(
-        f"fake GPU (launch {args.launch_us:g} us, {args.gpu_us:g} us/op), {args.op}, "
+        f"fake GPU (launch {args.launch_us:g} us, {args.gpu_us:g} us/op, "
+        f"{args.call_us:g} us/driver call), {args.op}, "
         f"{args.strategy}, "
         f"{args.ops} ops x {args.reps} reps: median [min-max]"
     )

@@ -296,17 +296,26 @@ class Stream(Transfers):
         self._native = native
         self._owned = owned
         self._seq: Sequencer = self._rt.sequencer(device.ordinal, native)
+        if not owned:
+            self._seq.exported = True  # another library's stream: it enqueues there too
         self._key = self._seq.key
         self._closed = False  # last: __del__ of a half-made stream has nothing to release
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
-        return f"<gpuaio.Stream device={self._ordinal} handle={self.handle:#x}{state}>"
+        return f"<gpuaio.Stream device={self._ordinal} handle={self._key:#x}{state}>"
 
     @property
     def handle(self) -> int:
-        """The ``CUstream`` address."""
-        return self._rt.backend.stream_handle(self._native)
+        """The ``CUstream`` address.
+
+        Other libraries may enqueue work on it from then on, behind gpuaio's
+        back, so gpuaio stops sharing completion markers among this stream's
+        short ops (which only pays with many ops in flight): an op's
+        completion must never wait for work enqueued after it.
+        """
+        self._seq.exported = True
+        return self._key
 
     def __cuda_stream__(self) -> tuple[int, int]:
         """cuda.core's stream protocol: ``(version, CUstream address)``."""

@@ -36,6 +36,7 @@ class Transfers:
     _ordinal: int
     _seq: Sequencer
     _native: Any
+    _key: int
 
     @property
     def handle(self) -> int:

@@ -121,7 +121,7 @@ class Operation:
         self._retrieved = False  # whether anyone saw the error (await, exception())
         self._est = 0.0  # expected GPU time in seconds, 0 if unknown
         self._eta = 0.0  # perf_counter() time it should complete by, 0 if unknown
-        self._poll: tuple[Any, Any] | None = None
+        self._poll: tuple[Any, ...] | None = None
         self._prewoken = False
         self._progress: Callable[[int, int], None] | None = None
         # The tracer of the enqueueing task, captured now: completion and

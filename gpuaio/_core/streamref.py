@@ -36,6 +36,11 @@ class StreamRef(Protocol):
         ...
 
     @property
+    def _key(self) -> int:
+        """The ``CUstream`` address, read without handing it out (``handle`` does)."""
+        ...
+
+    @property
     def _ordinal(self) -> int: ...
 
     @property

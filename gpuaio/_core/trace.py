@@ -137,12 +137,12 @@ class Tracer:
                 ordinal = stream._ordinal
                 pid = device_pid(ordinal)
                 self._processes.setdefault(pid, f"device {ordinal}")
-                key = (ordinal, stream.handle)
+                key = (ordinal, stream._key)
                 tid = self._streams.get(key)
                 if tid is None:
                     tid = self._streams[key] = len(self._streams) + 1
-                    self._threads[(pid, tid)] = f"stream {stream.handle:#x}"
-                args["stream"] = f"{stream.handle:#x}"
+                    self._threads[(pid, tid)] = f"stream {stream._key:#x}"
+                args["stream"] = f"{stream._key:#x}"
             else:
                 pid, tid = HOST_PID, _OPS_TID
                 self._threads.setdefault((pid, tid), "operations without a stream")

@@ -93,6 +93,7 @@ class Sequencer:
         "_spin_event",
         "_sync_event",
         "executor",
+        "exported",
         "key",
         "native",
         "ordinal",
@@ -108,6 +109,9 @@ class Sequencer:
         self._deps: list[Frontier] = []
         self._sync_event: Any = None
         self._spin_event: Any = None
+        self.exported = False
+        """Whether other libraries may enqueue on this ``CUstream`` (a wrapped stream,
+        or one whose handle was handed out): then every op gets a marker of its own."""
 
     # -- what is pending -----------------------------------------------
     @property
@@ -156,16 +160,22 @@ class Sequencer:
         rather than a closure saves a function object on the hot path.
         """
         engine = self._rt.engine(self.ordinal)
+        # A short op may share its marker with the short ops around it; before
+        # anything else, the batch of those before it is sealed (its marker
+        # placed), so that they do not wait for it (gpuaio._engine.completion._queue).
+        short = 0.0 < op._est <= engine.short_op_s and not self.exported
         # Past the engine's share of the launch queue, enqueue on the host thread.
         if not self.executor.busy and engine.pending_on(self.key) < engine.direct_limit:
             native = self.native
             try:
+                if not short:
+                    engine.seal(self.key)
                 enqueue(*args, native)
             except BaseException as exc:
                 op._resolve(exc)  # nothing was enqueued: release at once
                 raise
             try:
-                engine.watch(op, native)
+                engine.watch(op, native, short)
             except BaseException as exc:
                 # The work may still run: release the op's buffers only once
                 # the stream has drained, off this thread.
@@ -175,13 +185,16 @@ class Sequencer:
 
         def job() -> None:
             native = self.native
+            engine = self._rt.engine(self.ordinal)
             try:
+                if not short:
+                    engine.seal(self.key)
                 enqueue(*args, native)
             except BaseException as exc:
                 op._resolve(exc)
                 return
             try:
-                self._rt.engine(self.ordinal).watch(op, native)
+                engine.watch(op, native, short)
             except BaseException as exc:
                 self._fail_after_drain(op, exc)
 
@@ -202,6 +215,8 @@ class Sequencer:
         def job() -> None:
             try:
                 self._settle(copy_out, deps, after_gpu)
+                # Whatever ``work`` enqueues must not hold back short ops' markers.
+                self._rt.engine(self.ordinal).seal(self.key)
                 enqueued = work()
             except BaseException as exc:
                 # The work may have enqueued GPU work before it failed.
@@ -296,6 +311,8 @@ class Sequencer:
             with rt.backend_held() as live:
                 if not live:
                     return  # released with the backend: its context took them along
+                # Short ops' shared marker goes on the stream before it is destroyed.
+                rt.engine(self.ordinal).seal(self.key)
                 # Each is attempted: after a sticky error all fail (logged once).
                 for ev in events:
                     if ev is None:

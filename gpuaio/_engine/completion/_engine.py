@@ -110,6 +110,9 @@ class CompletionEngine:
     loop_spin_s: float = 0.0
     """How long an awaiting task polls from its loop (:meth:`poll_for`) before it
     sleeps until woken; 0 for engines that leave every completion to a thread."""
+    short_op_s: float = 0.0
+    """Ops expected to take at most this long (and more than 0) are watched with
+    ``short=True``; 0 for engines that give every op a marker of its own."""
 
     def __init__(self, backend: Backend, device: int) -> None:
         self.backend = backend
@@ -125,13 +128,24 @@ class CompletionEngine:
         """Where the sticky error is logged (the runtime shares one across engines)."""
         self._closed = False
 
-    def watch(self, op: Operation, stream: Any) -> None:
+    def watch(self, op: Operation, stream: Any, short: bool = False) -> None:
         """Place a marker behind the work just enqueued on ``stream``.
 
         Call right after enqueueing, from the thread that enqueued (stream
         order is the order of calls). ``op`` is resolved when the marker fires.
+        ``short`` (an op expected to take at most ``short_op_s`` on the GPU)
+        lets an engine share one marker among consecutive short ops; the
+        caller then calls :meth:`seal` before enqueueing anything else.
         """
         raise NotImplementedError
+
+    def seal(self, key: int) -> None:
+        """Place the marker short ops watched on the stream ``key`` wait for, if any.
+
+        Call before enqueueing anything but a short op on that stream, so
+        that no short op's completion waits for it (a long copy, a kernel
+        that waits for the host).
+        """
 
     def pending(self) -> int:
         """Number of operations watched and not yet resolved."""

@@ -4,7 +4,9 @@ Who does what, in the order an operation meets them:
 
 1. **The enqueuing thread** calls :meth:`EventEngine.watch`: it records a
    pooled event behind the op's work and appends ``(op, event)`` to its
-   stream's :class:`StreamQueue`. A stream completes in order, so only the
+   stream's :class:`StreamQueue`; or, for a short op among many in flight,
+   it adds the op to the stream's open batch, whose one marker is placed
+   later (``_queue``: batches). A stream completes in order, so only the
    oldest entry of each queue is ever queried.
 2. **The awaiting loop** polls (:meth:`~EventEngine.poll_for`, called by
    ``Operation.__await__``) for up to ``LOOP_SPIN_S``, yielding between
@@ -50,6 +52,7 @@ from ..._core.timerslack import precise_timers
 from ._engine import CompletionEngine, FaultProbe
 from ._queue import StreamQueue, Waiters
 from ._tuning import (
+    BATCH_AGE_S,
     ETA_EARLY_S,
     ETA_SLEEP_MAX_S,
     ETA_SLEEP_MIN_S,
@@ -60,6 +63,7 @@ from ._tuning import (
     MAX_SLEEP_S,
     MIN_SLEEP_S,
     PREWAKE_S,
+    SHORT_OP_S,
     SPIN_POLL_S,
     SPIN_S,
     STAND_DOWN_S,
@@ -106,6 +110,7 @@ class EventEngine(CompletionEngine):
 
     strategy = "events"
     loop_spin_s: float = LOOP_SPIN_S
+    short_op_s: float = SHORT_OP_S
 
     def __init__(self, backend: Backend, device: int) -> None:
         super().__init__(backend, device)
@@ -134,41 +139,81 @@ class EventEngine(CompletionEngine):
         )
 
     # -- the enqueuing thread ------------------------------------------
-    def watch(self, op: Operation, stream: Any) -> None:
+    def watch(self, op: Operation, stream: Any, short: bool = False) -> None:
         if self.fatal is not None:
             op._resolve(self.fatal)
             return
-        marker = self._place(stream)
         key = self.backend.stream_handle(stream)  # wrappers of one CUstream share a queue
+        now = time.perf_counter()
+        q = self._queues.get(key)
+        # A short op joins its stream's batch (see ``_queue``), without the
+        # engine's lock; a lone one takes the path below at once.
+        if short and q is not None and (q.batching or q.open is not None or now >= q.next_probe):
+            batch = q.join(op, stream, now)
+            if batch is not None:
+                if op._est:
+                    op._eta = q.busy_until = max(now, q.busy_until) + op._est
+                op._poll = (self, q, batch)
+                # The watcher exists (the queue does); it need not hear of a
+                # short op, unless a task already sleeps on it or the watcher
+                # sleeps while no loop polls.
+                if op._waiters is not None or (
+                    self._sleeping and (self._idle or now >= self._loop_polling_until)
+                ):
+                    with self._lock:
+                        prewake = self._watched(op, now)
+                    if prewake:
+                        op._prewake()
+                return
+        marker = self._place(stream)
         with self._lock:
-            q = self._queues.get(key)
-            if q is None:
-                q = self._queues[key] = StreamQueue(self._fired_call, self._recycle)
-            now = time.perf_counter()
+            if q is None or q.detached:  # else still the stream's: only retiring detaches
+                q = self._queues.get(key)
+                if q is None:
+                    q = self._queues[key] = StreamQueue(
+                        self._fired_call, self._recycle, self._place
+                    )
             if op._est:
                 op._eta = q.busy_until = max(now, q.busy_until) + op._est
             q.entries.append((op, marker))
-            op._poll = (self, q)
-            prewake = False
-            if op._waiters is not None:
-                # A task went to sleep on this op before it was watched (it was
-                # queued behind a host step) and handed it to nobody: the watcher
-                # must not stand down for loops whose sweeps may stop any moment.
-                self._loop_polling_until = 0.0
-                # Due soon (a staged copy's last DMA): wake its loop from here,
-                # to poll while the GPU finishes, rather than after the watcher
-                # has woken and seen it done (two wake-ups of 50-100 us in a row).
-                prewake = bool(op._eta) and op._eta - now <= PREWAKE_S
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name=f"gpuaio-completion-{self.device}", daemon=True
-                )
-                self._thread.start()
-            elif self._sleeping and (self._idle or now >= self._loop_polling_until):
-                # Not while loops poll: their sweeps find this op too.
-                self._cv.notify()
+            q.last_watch = now
+            op._poll = (self, q, None)
+            if op._waiters is None and self._thread is not None and not self._sleeping:
+                return  # the common case, with no call: nobody to tell
+            prewake = self._watched(op, now)
         if prewake:
             op._prewake()
+
+    def _watched(self, op: Operation, now: float) -> bool:
+        """After ``op`` was queued (lock held): make sure the watcher knows; returns
+        whether to pre-wake the task asleep on it."""
+        prewake = False
+        if op._waiters is not None:
+            # A task went to sleep on this op before it was watched (it was
+            # queued behind a host step) and handed it to nobody: the watcher
+            # must not stand down for loops whose sweeps may stop any moment.
+            self._loop_polling_until = 0.0
+            # Due soon (a staged copy's last DMA): wake its loop from here,
+            # to poll while the GPU finishes, rather than after the watcher
+            # has woken and seen it done (two wake-ups of 50-100 us in a row).
+            prewake = bool(op._eta) and op._eta - now <= PREWAKE_S
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name=f"gpuaio-completion-{self.device}", daemon=True
+            )
+            self._thread.start()
+        elif self._sleeping and (self._idle or now >= self._loop_polling_until):
+            # Not while loops poll: their sweeps find this op too.
+            self._cv.notify()
+        return prewake
+
+    def seal(self, key: int) -> None:
+        q = self._queues.get(key)
+        if q is not None and q.open is not None:
+            # On a sticky error the batch's ops fail with it, and what comes
+            # next fails at its own call.
+            with contextlib.suppress(DeviceFatalError):
+                q.seal()
 
     def pending(self) -> int:
         with self._lock:
@@ -280,7 +325,18 @@ class EventEngine(CompletionEngine):
                 self._sweep(now, waiters)
             if not op._done and now - q.last_poll >= STREAM_POLL_GAP_S:
                 q.last_poll = now
-                q.drain(waiters)
+                q.drain(waiters, seal_after=BATCH_AGE_S)
+            batch = poll[2]
+            if batch is not None and not op._done:
+                if batch is q.open:
+                    # This task waits for the open batch: have its marker placed.
+                    q.seal(block=False, learn=True)
+                # An op completes no earlier than its batch's marker was placed:
+                # one due long ago by its own estimate is polled for a window
+                # from then on, rather than slept on.
+                placed = batch.placed if batch.event is not None else now
+                if placed > op._eta:
+                    op._eta = placed
         except DeviceFatalError as e:
             self._fail_all(e)
             return True
@@ -298,7 +354,7 @@ class EventEngine(CompletionEngine):
         for q in list(self._queues.values()):
             if q.entries and now - q.last_poll >= LOOP_SWEEP_S:
                 q.last_poll = now
-                q.drain(out)
+                q.drain(out, seal_after=BATCH_AGE_S)
         if now >= self._next_probe:
             self._next_probe = now + FAULT_PROBE_S
             self._probe.check()
@@ -411,9 +467,10 @@ class EventEngine(CompletionEngine):
                 post_waiters(waiters)
             self._fail_all(fatal)
             return True
+        now = time.perf_counter()
         with self._lock:
             for key, q in queues:
-                if not q.entries and self._queues.get(key) is q:
+                if not q.entries and self._queues.get(key) is q and q.retire(now):
                     del self._queues[key]
         if not waiters:
             return False

@@ -24,6 +24,34 @@ LOOP_SPIN_S = float(os.environ.get("GPUAIO_LOOP_SPIN_US", "150")) * 1e-6
 """How long an awaiting task polls from its event loop before handing off."""
 STREAM_POLL_GAP_S = 2e-6
 """A loop queries one stream at most this often (many tasks poll the same one)."""
+SHORT_OP_S = 10e-6
+"""Ops expected to take at most this long on the GPU may share a marker (``_queue``).
+
+Memsets, and copies between device and pinned memory of up to about half a
+megabyte. Ops of unknown duration (kernels, markers) never do.
+"""
+BATCH_S = 50e-6
+"""Expected GPU time past which a stream's open batch is sealed and a new one opened.
+
+It bounds how late an op of a batch is resolved: at most the GPU time of the
+short ops enqueued after it in the same batch."""
+BATCH_AGE_S = 5e-3
+"""How long a stream's open batch may stay open while loops poll for other ops.
+
+A loop polling for an op of the batch seals it at once, and so does the
+watcher; a loop's sweep, or a poll for another stream's op, only once it is
+this old. With 1,000 tasks on 16 streams a loop turn takes about 10 ms, and
+one stream's batch fills through most of it; ops nobody awaits still release
+their buffers within about this long of completing."""
+BATCH_PROBE_S = 10e-3
+"""While a stream's batches hold one op each, its short ops get markers of their
+own, but one op this often opens a batch, to see whether others join it."""
+RETIRE_S = 20e-3
+"""How long a stream's completion queue stays with its engine, empty, after its
+last op (with what its batches were like), before the watcher drops it."""
+BATCH_OP_S = 2e-6
+"""What a short op adds to its batch's expected time besides its own estimate
+(a 4-byte memset takes about that on an H100, launch included)."""
 LOOP_SWEEP_S = 250e-6
 """How often polling loops drain the streams that no poll has drained lately."""
 LOOP_COVER_S = 1e-3

@@ -1,0 +1,326 @@
+"""Short ops that share one completion marker (``gpuaio._engine.completion._queue``).
+
+What must hold: every op still resolves only once its work is done, in
+stream order; nothing an op's completion waits for was enqueued after it
+(a kernel that waits for the host, work another library enqueues); ops
+nobody awaits still resolve and release their buffers; and a lone op gets
+its marker at once, as before batches.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import numpy as np
+import pytest
+
+import gpuaio
+from gpuaio._api.device import device_of
+from gpuaio._core.errors import CudaError
+from gpuaio._engine.completion import _events, _queue, _tuning
+from tests.conftest import latch
+
+pytestmark = pytest.mark.anyio
+
+
+class _Records:
+    """Counts the event records the completion engine makes (markers)."""
+
+    def __init__(self, backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        self.fail: BaseException | None = None
+        real = backend.event_record
+
+        def record(event: Any, stream: Any) -> None:
+            if self.fail is not None:
+                exc, self.fail = self.fail, None
+                raise exc
+            self.count += 1
+            real(event, stream)
+
+        monkeypatch.setattr(backend, "event_record", record)
+
+
+@pytest.fixture
+def records(dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch) -> _Records:
+    return _Records(dev._runtime.backend, monkeypatch)
+
+
+@pytest.fixture
+def keep_queues(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watcher drops no idle queue (a new one would probe anew) during the test."""
+    monkeypatch.setattr(_queue, "RETIRE_S", 60.0)
+
+
+@pytest.fixture
+def always_batch(monkeypatch: pytest.MonkeyPatch, keep_queues: None) -> None:
+    """Every short op joins a batch, lone or not (as under many tasks)."""
+    monkeypatch.setattr(_queue, "BATCH_PROBE_S", 0.0)
+
+
+def _queue_of(stream: gpuaio.Stream) -> Any:
+    """The stream's completion queue (None if the watcher retired it, empty)."""
+    return stream._rt.engine(stream._ordinal)._queues.get(stream._key)  # type: ignore[attr-defined]
+
+
+async def _warm(stream: gpuaio.Stream, d: gpuaio.DeviceArray) -> None:
+    """Make the stream's queue: its first op gets a marker of its own."""
+    await stream.memset(d, 0)
+
+
+async def test_short_ops_of_many_tasks_share_markers(dev: gpuaio.Device, records: _Records) -> None:
+    streams = [dev.stream() for _ in range(2)]
+    ntasks, rounds = 200, 10
+    d = dev.empty(4 * ntasks)
+    order: list[list[int]] = [[] for _ in range(ntasks)]
+
+    async def worker(i: int) -> None:
+        part = d[4 * i : 4 * i + 4]
+        s = streams[i % 2]
+        for j in range(rounds):
+            await s.memset(part, (i + j) % 251)
+            order[i].append(j)
+
+    before = records.count
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for i in range(ntasks):
+                tg.start_soon(worker, i)
+    markers = records.count - before
+    out = np.empty(4 * ntasks, np.uint8)
+    for s in streams:
+        await s.synchronize()
+    await streams[0].copy(out, d)
+    expect = np.repeat(np.array([(i + rounds - 1) % 251 for i in range(ntasks)], np.uint8), 4)
+    np.testing.assert_array_equal(out, expect)
+    assert all(o == list(range(rounds)) for o in order)
+    # One marker per op before batches: 2,000. Each loop turn enqueues about
+    # 100 ops per stream, in batches of BATCH_S of expected GPU time (25).
+    assert markers <= ntasks * rounds // 4, markers
+    assert dev._runtime.engine(0).pending() == 0
+    for s in streams:
+        s.close()
+
+
+async def test_a_lone_task_gets_each_marker_at_once(
+    dev: gpuaio.Device, records: _Records, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Batching one op at a time would only place its marker later (at the
+    # first poll): a lone op's marker is recorded during its call. A new
+    # queue's second short op opens a batch, to see whether others join;
+    # then one does every BATCH_PROBE_S: not within this test.
+    monkeypatch.setattr(_queue, "BATCH_PROBE_S", 60.0)
+    monkeypatch.setattr(_queue, "RETIRE_S", 60.0)
+    s = dev.stream()
+    d = dev.empty(4)
+    at_call = []
+    for i in range(50):
+        before = records.count
+        op = s.memset(d, i)
+        at_call.append(records.count > before)
+        await op
+    assert at_call == [True, False] + [True] * 48
+    q = _queue_of(s)
+    assert q is not None and not q.batching and q.open is None
+    out = np.empty(4, np.uint8)
+    await s.copy(out, d)
+    assert (out == 49).all()
+    s.close()
+
+
+def _blocking_kernel(dev: gpuaio.Device) -> tuple[gpuaio.Kernel | None, threading.Event]:
+    """On sim, a kernel launched through gpuaio that runs until the event is set."""
+    opened = threading.Event()
+    if dev._runtime.backend.name != "sim":
+        return None, opened
+
+    def wait_for_host(grid: Any, block: Any) -> None:
+        opened.wait(30)
+
+    kernel = dev.compile("(sim)", "wait_for_host", sim=wait_for_host)
+    return kernel, opened
+
+
+def _hold_by_launch(dev: gpuaio.Device, stream: gpuaio.Stream) -> Callable[[], None]:
+    """Launch, through gpuaio, a kernel that waits for the host until the returned call."""
+    kernel, opened = _blocking_kernel(dev)
+    if kernel is None:
+        return latch(dev, stream)  # on a GPU, conftest's latch is such a launch
+    stream.launch(kernel, 1, 1)
+    return opened.set
+
+
+@pytest.mark.usefixtures("always_batch")
+async def test_a_batch_is_sealed_before_a_kernel_that_waits_for_the_host(
+    dev: gpuaio.Device, stream: gpuaio.Stream
+) -> None:
+    d = dev.empty(8)
+    await _warm(stream, d)
+    first = stream.memset(d[:4], 1)
+    second = stream.memset(d[4:], 2)
+    assert first._poll is not None and second._poll is not None
+    assert first._poll[2] is second._poll[2]  # one batch
+    assert _queue_of(stream).open is first._poll[2]
+    release = _hold_by_launch(dev, stream)
+    after = stream.memset(d[:4], 3)
+    try:
+        # The batch's marker went on before the kernel: it completes while
+        # the kernel still waits (before the fix it waited for the kernel).
+        with anyio.fail_after(10):
+            await first
+            await second
+        assert not after.done()
+    finally:
+        release()
+    with anyio.fail_after(10):
+        await after
+    out = np.empty(8, np.uint8)
+    await stream.copy(out, d)
+    assert (out[:4] == 3).all() and (out[4:] == 2).all()
+
+
+@pytest.mark.usefixtures("always_batch")
+def test_a_sweep_seals_a_batch_nobody_polls_for_once_it_is_old(
+    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While loops poll, the watcher stands down (here for good), and a poll
+    # seals only the batch of the op it waits for: the batch of a stream
+    # nobody awaits is sealed by a loop's sweep once BATCH_AGE_S old, so its
+    # ops resolve and release their buffers.
+    monkeypatch.setattr(_events, "STAND_DOWN_S", 60.0)
+    rt = gpuaio_runtime
+    dev = device_of(rt, 0)
+    busy, other = dev.stream(), dev.stream()
+    d = dev.empty(4)
+    buf = dev.empty(64)
+    engine = rt.engine(0)
+    engine._loop_polling_until = time.perf_counter() + 60  # as if loops polled
+    time.sleep(0.05)  # the watcher has stood down by now, for 60 s
+    other.memset(buf[:4], 0)  # the first op of a queue has a marker of its own
+    orphans = [other.memset(buf[i : i + 4], i) for i in range(4, 64, 4)]
+    del buf
+    polled = busy.memset(d, 1)
+    for s in (busy, other):
+        rt.backend.stream_synchronize(s._native)
+
+    def sweep() -> None:
+        time.sleep(2 * _tuning.LOOP_SWEEP_S)  # each stream is drained once per sweep
+        engine._next_sweep = 0.0
+        engine.poll_for(polled)
+
+    sweep()
+    assert polled.done() and not any(op.done() for op in orphans)  # young: left open
+    time.sleep(_tuning.BATCH_AGE_S)
+    sweep()  # seals it
+    sweep()  # finds its marker fired
+    assert all(op.done() and op.exception() is None for op in orphans)
+    assert all(op._allocs is None for op in orphans)  # released
+    busy.close()
+    other.close()
+
+
+@pytest.mark.usefixtures("always_batch")
+async def test_ops_nobody_awaits_resolve_with_no_loop_polling(dev: gpuaio.Device) -> None:
+    s = dev.stream()
+    d = dev.empty(64)
+    ops = [s.memset(d[i : i + 4], i) for i in range(0, 64, 4)]
+    # Nothing polls: the watcher seals the batch and resolves it.
+    done = threading.Event()
+    ops[-1]._add_done_callback(done.set)
+    assert await anyio.to_thread.run_sync(done.wait, 10)
+    await ops[-1]  # its callback runs just before it counts as done
+    assert all(op.done() and op.exception() is None for op in ops)
+    s.close()
+
+
+@pytest.mark.usefixtures("always_batch")
+async def test_closing_a_stream_seals_its_batch(dev: gpuaio.Device) -> None:
+    s = dev.stream()
+    d = dev.empty(16)
+    await _warm(s, d)
+    ops = [s.memset(d[i : i + 4], 9) for i in range(0, 16, 4)]
+    assert _queue_of(s).open is not None
+    s.close()  # releases the stream on its host thread, after sealing
+    with anyio.fail_after(10):
+        for op in ops:
+            await op
+    out = np.empty(16, np.uint8)
+    s2 = dev.stream()
+    await s2.copy(out, d)
+    assert (out == 9).all()
+    s2.close()
+
+
+@pytest.mark.usefixtures("always_batch")
+async def test_a_stream_whose_handle_was_handed_out_batches_nothing(
+    dev: gpuaio.Device, records: _Records
+) -> None:
+    # Another library may enqueue on the handle, behind gpuaio's back: a
+    # batch's marker placed after that work would wait for it.
+    s = dev.stream()
+    assert s.handle
+    d = dev.empty(4)
+    before = records.count
+    ops = [s.memset(d, i) for i in range(20)]
+    assert records.count - before == 20
+    for op in ops:
+        await op
+    theirs = dev.stream()
+    wrapped = dev.wrap_stream(theirs.handle)
+    assert wrapped._seq.exported  # shared by both wrappers of the CUstream
+    s.close()
+    wrapped.close()
+    theirs.close()
+
+
+@pytest.mark.usefixtures("always_batch")
+async def test_a_batch_whose_marker_cannot_be_recorded_fails_its_ops(
+    dev: gpuaio.Device, stream: gpuaio.Stream, records: _Records
+) -> None:
+    d = dev.empty(8)
+    await _warm(stream, d)
+    a = stream.memset(d[:4], 1)
+    b = stream.memset(d[4:], 2)
+    records.fail = CudaError("cuEventRecord", 1, "CUDA_ERROR_INVALID_VALUE", "injected")
+    with anyio.fail_after(10):
+        with pytest.raises(CudaError, match="injected"):
+            await a
+        with pytest.raises(CudaError, match="injected"):
+            await b
+    # The stream goes on: a later op gets a marker and completes.
+    with anyio.fail_after(10):
+        await stream.memset(d, 5)
+
+
+def test_batch_bookkeeping_recycles_each_marker_once() -> None:
+    # Unit level: an op with a marker of its own between two ops of one
+    # batch (another thread marked it alone while the batch was open).
+    placed: list[object] = []
+    recycled: list[object] = []
+    fired: set[int] = set()
+
+    def place(native: Any) -> object:
+        ev = object()
+        placed.append(ev)
+        return ev
+
+    q = _queue.StreamQueue(lambda ev: id(ev) in fired, recycled.append, place)
+    ops = [gpuaio.Operation(f"op{i}", None) for i in range(3)]
+    now = time.perf_counter()
+    assert q.join(ops[0], "s", now)
+    own = place("s")
+    q.entries.append((ops[1], own))
+    assert q.join(ops[2], "s", now)
+    assert q.seal()
+    batch_marker = placed[-1]
+    fired.update({id(own), id(batch_marker)})
+    out: list[Any] = []
+    q.drain(out)
+    assert all(op.done() for op in ops)
+    assert recycled == [own, batch_marker]
+    assert not q.entries and q.open is None
