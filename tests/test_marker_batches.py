@@ -324,3 +324,31 @@ def test_batch_bookkeeping_recycles_each_marker_once() -> None:
     assert all(op.done() for op in ops)
     assert recycled == [own, batch_marker]
     assert not q.entries and q.open is None
+
+
+@pytest.mark.usefixtures("always_batch")
+async def test_a_loop_never_waits_for_another_thread_sealing(
+    dev: gpuaio.Device, stream: gpuaio.Stream
+) -> None:
+    # Sealing records an event under seal_lock. With it held elsewhere, a
+    # short op gets a marker of its own, and an op that must seal the batch
+    # first goes to the stream's host thread, which waits for the lock.
+    d = dev.empty(8)
+    await _warm(stream, d)
+    batched = stream.memset(d[:4], 1)
+    q = _queue_of(stream)
+    assert q.open is not None
+    q.seal_lock.acquire()  # as if another thread were sealing (this one would deadlock)
+    try:
+        alone = stream.memset(d[4:], 2)
+        assert alone._poll is not None and alone._poll[2] is None  # a marker of its own
+        sync = stream.synchronize()  # not short: seals first, on the host thread
+        assert q.open is batched._poll[2]  # not sealed yet: the lock is held
+    finally:
+        q.seal_lock.release()
+    with anyio.fail_after(10):
+        await sync
+    assert batched.done() and alone.done()
+    out = np.empty(8, np.uint8)
+    await stream.copy(out, d)
+    assert (out[:4] == 1).all() and (out[4:] == 2).all()

@@ -164,12 +164,16 @@ class Sequencer:
         # anything else, the batch of those before it is sealed (its marker
         # placed), so that they do not wait for it (gpuaio._engine.completion._queue).
         short = 0.0 < op._est <= engine.short_op_s and not self.exported
-        # Past the engine's share of the launch queue, enqueue on the host thread.
-        if not self.executor.busy and engine.pending_on(self.key) < engine.direct_limit:
+        # Past the engine's share of the launch queue, enqueue on the host thread;
+        # also if sealing means waiting for another thread placing a marker
+        # (the calling thread may be an event loop's: the host thread waits).
+        if (
+            not self.executor.busy
+            and engine.pending_on(self.key) < engine.direct_limit
+            and (short or engine.seal(self.key, block=False))
+        ):
             native = self.native
             try:
-                if not short:
-                    engine.seal(self.key)
                 enqueue(*args, native)
             except BaseException as exc:
                 op._resolve(exc)  # nothing was enqueued: release at once

@@ -139,13 +139,15 @@ class CompletionEngine:
         """
         raise NotImplementedError
 
-    def seal(self, key: int) -> None:
+    def seal(self, key: int, block: bool = True) -> bool:
         """Place the marker short ops watched on the stream ``key`` wait for, if any.
 
         Call before enqueueing anything but a short op on that stream, so
         that no short op's completion waits for it (a long copy, a kernel
-        that waits for the host).
+        that waits for the host). Returns False if, without ``block``, it
+        would have had to wait for another thread placing a marker.
         """
+        return True
 
     def pending(self) -> int:
         """Number of operations watched and not yet resolved."""

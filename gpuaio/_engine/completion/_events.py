@@ -207,13 +207,15 @@ class EventEngine(CompletionEngine):
             self._cv.notify()
         return prewake
 
-    def seal(self, key: int) -> None:
+    def seal(self, key: int, block: bool = True) -> bool:
         q = self._queues.get(key)
-        if q is not None and q.open is not None:
-            # On a sticky error the batch's ops fail with it, and what comes
-            # next fails at its own call.
-            with contextlib.suppress(DeviceFatalError):
-                q.seal()
+        if q is None or q.open is None:
+            return True
+        try:
+            return q.seal(block)
+        except DeviceFatalError:
+            # The batch's ops fail with it, and what comes next fails at its own call.
+            return True
 
     def pending(self) -> int:
         with self._lock:
