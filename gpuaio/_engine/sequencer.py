@@ -109,7 +109,7 @@ class Sequencer:
         self._deps: list[Frontier] = []
         self._sync_event: Any = None
         self._spin_event: Any = None
-        self.exported = False
+        self.exported: bool = False
         """Whether other libraries may enqueue on this ``CUstream`` (a wrapped stream,
         or one whose handle was handed out): then every op gets a marker of its own."""
 
