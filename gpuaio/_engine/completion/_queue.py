@@ -9,34 +9,39 @@ thread drains; after a sticky error or at close, :meth:`StreamQueue.take_all`
 removes the rest to be failed.
 
 **Batches.** A short op (a memset, a small copy between device and pinned
-memory) enqueued while its stream has ops pending need not have a marker of
-its own: it joins the stream's *open batch*, and one marker, recorded when
-the batch is *sealed*, stands for every op of it. Per op that saves a
-``cuEventRecord`` and a ``cuEventQuery``, two of the three driver calls of an
-awaited memset. With 1,000 tasks on 16 streams, the ops a loop turn enqueues
-on one stream share one marker. A batch is sealed:
+memory) need not have a marker of its own: it joins its stream's *open
+batch*, and one marker, recorded when the batch is *sealed*, stands for
+every op of it. Per op that saves a ``cuEventRecord`` and a
+``cuEventQuery``, two of the three driver calls of an awaited memset. With
+1,000 tasks on 16 streams, the ops a loop turn enqueues on one stream share
+one marker. Short ops join batches while the last batch a task polled for
+had company (:attr:`StreamQueue.batching`); otherwise a lone op gets a
+marker at once, as before batches, and one op every ``BATCH_PROBE_S`` opens
+a batch to see whether others join. A batch is sealed:
 
-* by the first drain that reaches it (its ops are the oldest pending), or
-  that stops at an earlier marker which has not fired (so that a long kernel
-  ahead does not hold the batch's marker back until it ends);
-* before anything that is not short is enqueued on the stream
-  (:meth:`seal`, called by the stream's sequencer): a batch's ops must not
-  wait for a long copy or kernel enqueued after them, nor for a kernel that
-  waits for the host;
-* when it would cover more than ``BATCH_S`` of expected GPU time.
+* when a task polls for one of its ops (``EventEngine.poll_for``);
+* when a drain that stands in for the watcher reaches it: the watcher's at
+  once, a loop's sweep only once the batch is ``BATCH_AGE_S`` old (ops
+  nobody awaits still resolve and release their buffers);
+* before anything that is not short is enqueued on the stream, and before
+  the stream is destroyed (:meth:`StreamQueue.seal`, called through the
+  stream's sequencer): a batch's ops must not wait for a long copy or a
+  kernel enqueued after them, least of all one that waits for the host;
+* when it holds ``BATCH_S`` of expected GPU time.
 
 A marker recorded late covers the work enqueued before it, so a batch's op
 resolves when that work is done: never early, and late by at most the GPU
-time of the short ops enqueued after it (or of work other libraries enqueue
-on the same ``CUstream`` meanwhile). An op enqueued while its stream has
-nothing pending gets a marker at once: a lone awaited op is resolved as soon
-as it was before batches.
+time of the short ops enqueued after it. Work other libraries enqueue on
+the ``CUstream`` would count too, so a stream whose handle was handed out
+batches nothing (``Sequencer.exported``).
 
 ``seal_lock`` orders joining and sealing: an op joins the open batch, and a
 batch is sealed (its marker recorded), under it. An op's work is enqueued
 before it joins, so a marker always comes after the work of every op of its
-batch. An event loop never waits for it: it joins only if it takes the lock
-at once, else it places a marker of its own.
+batch. An event loop never waits for it: an op that cannot join at once
+gets a marker of its own, a poll that cannot seal polls again, and an op
+that must seal the batch before it is enqueued goes to the stream's host
+thread.
 """
 
 from __future__ import annotations
@@ -237,9 +242,11 @@ class StreamQueue:
         the caller must still wake them. Without ``block`` it returns at once
         if another thread is draining this stream (or sealing its batch).
 
-        The open batch is sealed if the drain reaches it or stops before it,
-        provided it has been open ``seal_after`` seconds: loops that poll for
-        other ops leave a young batch open, to fill (see the module docstring).
+        The open batch is sealed if the drain reaches it and it has been
+        open ``seal_after`` seconds (loops that poll for other ops leave a
+        young batch open, to fill), and, with ``seal_after`` 0 (the watcher,
+        a blocked host thread), also if the drain stops at an earlier marker
+        that has not fired (see the module docstring).
         """
         lock = self.lock
         if not lock.acquire(block):
