@@ -448,6 +448,19 @@ async def test_an_op_holds_its_allocations_until_done_and_a_failed_hold_takes_no
     assert alloc._users == 0, "the allocation held before the failure was not let go"
     assert op2._allocs is None
 
+    # The copies' and memsets' own two-allocation path, the same way.
+    from gpuaio._api.transfers import _hold
+
+    op3 = Operation("test", stream)
+    with pytest.raises(gpuaio.BufferFreedError):
+        _hold(op3, alloc, Freed())
+    assert alloc._users == 0, "the allocation held before the failure was not let go"
+    assert op3._allocs is None
+    _hold(op3, None, alloc)
+    assert alloc._users == 1 and list(op3._allocs or ()) == [alloc]
+    op3._resolve(None)
+    assert alloc._users == 0
+
 
 def test_a_resolver_holds_nothing_of_the_op_once_it_counts_as_done() -> None:
     """A task returns from its await as soon as it sees the op done, and may then

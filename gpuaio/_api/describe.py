@@ -149,22 +149,6 @@ def _host_kind(
     return info.kind, info.device, None
 
 
-def _address(arr: np.ndarray[Any, Any], lends: bool) -> int:
-    """The address of ``arr``'s first byte (0 if empty).
-
-    ``__array_interface__`` builds a whole dict (about 2 us); a writable,
-    contiguous array (``lends``) lends its buffer to ctypes in a fifth of that.
-    """
-    if not arr.size:
-        return 0
-    if lends:
-        try:
-            return ctypes.addressof(ctypes.c_char.from_buffer(arr))  # type: ignore[arg-type]
-        except (TypeError, ValueError, BufferError):
-            pass
-    return int(arr.__array_interface__["data"][0])
-
-
 def describe(obj: Any, runtime: Runtime, name: str = "the buffer") -> BufferInfo:
     """Classify ``obj`` (see the module docstring); raise if it is no buffer.
 
@@ -213,34 +197,51 @@ def describe(obj: Any, runtime: Runtime, name: str = "the buffer") -> BufferInfo
     )
 
 
+_lend = ctypes.c_char.from_buffer
+_addressof = ctypes.addressof
+_new_info = tuple.__new__
+"""``_new_info(BufferInfo, fields)``: a BufferInfo without the Python frame of its ``__new__``."""
+
+
 def _from_numpy(arr: np.ndarray[Any, Any], owner: Any, runtime: Runtime) -> BufferInfo:
     dtype = arr.dtype
     if dtype.hasobject:
         raise InvalidArgumentError("arrays of Python objects cannot be copied to or from a GPU")
-    flags = arr.flags  # a new flags object per access: read it once
-    writeable, contiguous = flags.writeable, flags.c_contiguous
-    ptr = _address(arr, writeable and contiguous)
     nbytes = arr.nbytes
-    reg = _registry(runtime).find(ptr, nbytes) if ptr else None
-    if reg is not None:
+    # A writable, C-contiguous, non-empty array lends its buffer to ctypes, and
+    # that also proves both flags (reading them builds a flags object): the
+    # address in a fifth of what ``__array_interface__`` takes (it builds a dict).
+    try:
+        ptr = _addressof(_lend(arr))  # type: ignore[arg-type]
+        writeable = contiguous = True
+    except (TypeError, ValueError, BufferError):
+        flags = arr.flags
+        writeable, contiguous = flags.writeable, flags.c_contiguous
+        ptr = int(arr.__array_interface__["data"][0]) if nbytes else 0
+    reg: _Registry | None = runtime.extras.get("registry")
+    found = reg.find(ptr, nbytes) if reg is not None and ptr else None
+    if found is not None:
         # Being unregistered: take the pageable path.
-        kind = MemoryKind.PAGEABLE if reg.freed else MemoryKind.PINNED
-        device, alloc = None, (None if reg.freed else reg)
+        kind = MemoryKind.PAGEABLE if found.freed else MemoryKind.PINNED
+        device, alloc = None, (None if found.freed else found)
     elif ptr:
         kind, device, alloc = _host_kind(runtime, ptr, _root(arr))
     else:
         kind, device, alloc = MemoryKind.PAGEABLE, None, None
-    return BufferInfo(
-        ptr,
-        nbytes,
-        arr.shape,
-        dtype,
-        kind,
-        device,
-        not writeable,
-        contiguous,
-        arr if owner is arr else (owner, arr),
-        alloc,
+    return _new_info(
+        BufferInfo,
+        (
+            ptr,
+            nbytes,
+            arr.shape,
+            dtype,
+            kind,
+            device,
+            not writeable,
+            contiguous,
+            arr if owner is arr else (owner, arr),
+            alloc,
+        ),
     )
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from .._core.errors import InvalidArgumentError
 from .._core.operation import Operation, completed
 from .._core.progress import report_progress
-from .._engine.buffers import BufferInfo
+from .._engine.buffers import BufferInfo, InUse
 from .._engine.staging import PCIE_BPS
 from ..backends import MemoryKind
 from .describe import describe
@@ -125,7 +125,7 @@ class Transfers:
         # the memory behind it (a device array's allocation).
         op = Operation(label, self, (dst, src, d.owner, s.owner), n)
         if d.alloc is not None or s.alloc is not None:
-            self._track(op, (d, s))
+            _hold(op, d.alloc, s.alloc)
         if progress is not None:
             op._progress = progress
 
@@ -227,7 +227,8 @@ class Transfers:
         if nbytes == 0:
             return completed(label, self)
         op = Operation(label, self, (dst, d.owner), nbytes)
-        self._track(op, (d,))
+        if d.alloc is not None:
+            _hold(op, d.alloc)
         if not on_device:
             view = d.host_array()
             w = width
@@ -254,6 +255,28 @@ _MEMSET_LIMITS = {w: (-(1 << (8 * w - 1)), (1 << (8 * w)) - 1) for w in (1, 2, 4
 _DEVICE = MemoryKind.DEVICE
 _MANAGED = MemoryKind.MANAGED
 _PAGEABLE = MemoryKind.PAGEABLE
+
+
+def _hold(op: Operation, a: InUse | None, b: InUse | None = None) -> None:
+    """Hold the gpuaio allocations ``a`` and ``b`` (either may be None) until ``op``
+    completes: :meth:`Transfers._track` for a fresh op, without its loops.
+
+    All or none: if ``b`` was freed meanwhile (raises), ``a`` is released again.
+    """
+    if a is None:
+        if b is None:
+            return
+        a, b = b, None
+    a.acquire()
+    if b is None:
+        op._allocs = (a,)
+        return
+    try:
+        b.acquire()
+    except BaseException:
+        a.release()
+        raise
+    op._allocs = (a, b)
 
 
 def _check_writable(d: BufferInfo, what: str) -> None:

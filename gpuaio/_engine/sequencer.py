@@ -272,11 +272,7 @@ class Sequencer:
 
     def wait_prior(self) -> None:
         """Block the host thread until the stream's enqueued GPU work is done."""
-        backend = self._rt.backend
-        if self._sync_event is None:
-            self._sync_event = backend.event_create(self.ordinal, blocking_sync=True)
-        backend.event_record(self._sync_event, self.native)
-        backend.event_synchronize(self._sync_event)
+        self._wait_gpu(spin=False)
 
     def wait_tail(self) -> None:
         """Block the host thread until the stream's enqueued GPU work is done, spinning.
@@ -286,11 +282,20 @@ class Sequencer:
         :meth:`wait_prior`'s event sleeps, and a sleeping thread took tens of
         microseconds to wake on an H200 host.
         """
+        self._wait_gpu(spin=True)
+
+    def _wait_gpu(self, *, spin: bool) -> None:
+        """Record this stream's event of that kind (made on first use) and wait for it."""
         backend = self._rt.backend
-        if self._spin_event is None:
-            self._spin_event = backend.event_create(self.ordinal)
-        backend.event_record(self._spin_event, self.native)
-        backend.event_synchronize(self._spin_event)
+        event = self._spin_event if spin else self._sync_event
+        if event is None:
+            event = backend.event_create(self.ordinal, blocking_sync=not spin)
+            if spin:
+                self._spin_event = event
+            else:
+                self._sync_event = event
+        backend.event_record(event, self.native)
+        backend.event_synchronize(event)
 
     def _fail_after_drain(self, op: Operation, exc: BaseException) -> None:
         """Fail ``op`` once no GPU work it enqueued can still touch its buffers."""

@@ -134,6 +134,9 @@ class Stager:
         self.pool: PinnedPool = PinnedPool(
             runtime.backend, budget, defer=runtime.reaper.submit, recycle=self.events.put
         )
+        # Whether every small copy's block fits the budget (its check then
+        # costs nothing per copy).
+        self._small_fit = size_class(self.config.inline_max) <= self.pool.budget
 
     def close(self) -> None:
         """Close the pinned pool (waits, bounded, for blocks still in use), drop cached events."""
@@ -168,12 +171,14 @@ class Stager:
     def copy(self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
         """Schedule ``op`` (a copy with a pageable side) on ``stream``."""
         h2d = s.kind.is_host
-        try:
-            self.check_budget(d.nbytes)
-        except BaseException as exc:  # nothing was enqueued
-            op._resolve(exc)
-            raise
-        if d.nbytes <= self.config.inline_max and (seq.host_clear() if h2d else seq.deps_clear()):
+        small = d.nbytes <= self.config.inline_max
+        if not (small and self._small_fit):
+            try:
+                self.check_budget(d.nbytes)
+            except BaseException as exc:  # nothing was enqueued
+                op._resolve(exc)
+                raise
+        if small and (seq.host_clear() if h2d else seq.deps_clear()):
             # Cached blocks only: allocating pinned memory is a slow driver
             # call that must not run on the caller's (event-loop) thread.
             block = self.pool.take_cached(d.nbytes)
