@@ -352,3 +352,85 @@ async def test_a_loop_never_waits_for_another_thread_sealing(
     out = np.empty(8, np.uint8)
     await stream.copy(out, d)
     assert (out[:4] == 1).all() and (out[4:] == 2).all()
+
+
+def test_any_seal_shows_company_only_a_poll_shows_none() -> None:
+    # Unit level. Company (other ops in the batch, or other ops of the stream
+    # pending) turns batching on whoever seals the batch; only a task polling
+    # for a batch without it turns it off. In run AI the watcher sealed the
+    # first batch of a stream of 200 tasks early, nothing was learnt, and for
+    # BATCH_PROBE_S every op got a marker of its own.
+    placed: list[object] = []
+    fired: set[int] = set()
+
+    def place(native: Any) -> object:
+        ev = object()
+        placed.append(ev)
+        return ev
+
+    def drain() -> None:
+        fired.update(id(ev) for ev in placed)
+        q.drain([])
+        assert not q.entries
+
+    q = _queue.StreamQueue(lambda ev: id(ev) in fired, lambda ev: None, place)
+    ops = [gpuaio.Operation(f"op{i}", None) for i in range(10)]
+    now = time.perf_counter()
+    # A probe batch of two ops, sealed by the watcher (it learns nothing else).
+    assert q.join(ops[0], "s", now) and q.join(ops[1], "s", now)
+    assert q.seal()
+    assert q.batching
+    # A batch sealed early leaves the ops a loop turn enqueues after it alone
+    # in the next one: polled for, it holds one op, but four are pending.
+    assert q.join(ops[2], "s", now) and q.join(ops[3], "s", now)
+    assert q.seal()
+    lone = q.join(ops[4], "s", now)
+    assert lone is not None and lone.left == 1
+    assert q.seal(learn=True)
+    assert q.batching
+    drain()
+    # Polled for alone, nothing else pending: a lone task's op.
+    assert q.join(ops[5], "s", now)
+    assert q.seal(learn=True)
+    assert not q.batching
+    drain()
+    # The watcher sealing a lone batch shows nothing either way...
+    assert q.join(ops[6], "s", now)
+    assert q.seal()
+    assert not q.batching
+    drain()
+    # ...unless the stream has other ops pending (here one with its own marker).
+    q.entries.append((ops[7], place("s")))
+    assert q.join(ops[8], "s", now)
+    assert q.seal()
+    assert q.batching
+    drain()
+    assert all(op.done() for op in ops[:9])
+
+
+@pytest.mark.usefixtures("keep_queues")
+async def test_a_short_op_behind_pending_ops_joins_a_batch(
+    dev: gpuaio.Device, stream: gpuaio.Stream
+) -> None:
+    # Other ops pending on the stream are company, learnt or not: in run AK
+    # the watcher sealed a stream's first batch while it held one op, and the
+    # 99 ops after it would have had markers of their own for BATCH_PROBE_S.
+    d = dev.empty(8)
+    await _warm(stream, d)
+    q = _queue_of(stream)
+    q.next_probe = float("inf")  # no probe due, nothing learnt
+    assert not q.batching
+    alone = stream.memset(d[:4], 1)
+    assert alone._poll is not None and alone._poll[2] is None  # nothing pending: its own
+    await alone
+    release = _hold_by_launch(dev, stream)
+    try:
+        behind = stream.memset(d[4:], 2)
+        assert behind._poll is not None and behind._poll[2] is not None  # joined a batch
+    finally:
+        release()
+    with anyio.fail_after(10):
+        await behind
+    out = np.empty(8, np.uint8)
+    await stream.copy(out, d)
+    assert (out[:4] == 1).all() and (out[4:] == 2).all()

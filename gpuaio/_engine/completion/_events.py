@@ -147,8 +147,15 @@ class EventEngine(CompletionEngine):
         now = time.perf_counter()
         q = self._queues.get(key)
         # A short op joins its stream's batch (see ``_queue``), without the
-        # engine's lock; a lone one takes the path below at once.
-        if short and q is not None and (q.batching or q.open is not None or now >= q.next_probe):
+        # engine's lock; a lone one takes the path below at once. Other ops
+        # pending on the stream are company: in run AK the watcher sealed a
+        # stream's first batch while it held one op, and its other 99 ops of
+        # that loop turn would have had markers of their own for BATCH_PROBE_S.
+        if (
+            short
+            and q is not None
+            and (q.batching or q.open is not None or q.entries or now >= q.next_probe)
+        ):
             batch = q.join(op, stream, now)
             if batch is not None:
                 if op._est:

@@ -14,10 +14,16 @@ batch*, and one marker, recorded when the batch is *sealed*, stands for
 every op of it. Per op that saves a ``cuEventRecord`` and a
 ``cuEventQuery``, two of the three driver calls of an awaited memset. With
 1,000 tasks on 16 streams, the ops a loop turn enqueues on one stream share
-one marker. Short ops join batches while the last batch a task polled for
-had company (:attr:`StreamQueue.batching`); otherwise a lone op gets a
-marker at once, as before batches, and one op every ``BATCH_PROBE_S`` opens
-a batch to see whether others join. A batch is sealed:
+one marker. Short ops join batches while the stream has company
+(:attr:`StreamQueue.batching`): a batch sealed with other ops in it, or
+with other ops of the stream still pending, shows it, whoever seals it;
+only a task polling for a batch that shows none learns it has none.
+A short op also joins a batch while other ops of its stream are pending.
+Otherwise a lone op gets a marker at once, as before batches, and one op
+every ``BATCH_PROBE_S`` opens a batch to see whether others join. (When
+only a task's poll could show company, the watcher sealing a stream's first
+batch early left its 200 tasks without batches for ``BATCH_PROBE_S``, up
+to a third of the ops of the test that counts markers, in GPU runs AI-AK.) A batch is sealed:
 
 * when a task polls for one of its ops (``EventEngine.poll_for``);
 * when a drain that stands in for the watcher reaches it: the watcher's at
@@ -130,7 +136,7 @@ class StreamQueue:
         self.open: Mark | None = None
         """The batch short ops join, not yet sealed (see the module docstring)."""
         self.batching = False
-        """Whether the last batch a task polled for had company: short ops join batches."""
+        """Whether the stream has company (see the module docstring): short ops join batches."""
         self.next_probe = 0.0
         """When a short op joins a batch even though :attr:`batching` is False (a new
         queue's second short op does: one retired while idle may be busy again)."""
@@ -169,7 +175,6 @@ class StreamQueue:
                 self.next_probe = now + BATCH_PROBE_S
                 m = self.open = Mark(native, now)
             elif m.cost >= BATCH_S:
-                self.batching = True
                 self._seal(m)
                 m = self.open = Mark(native, now)
             m.cost += op._est + BATCH_OP_S
@@ -183,8 +188,10 @@ class StreamQueue:
     def seal(self, block: bool = True, learn: bool = False) -> bool:
         """Seal the open batch, if any; False if ``seal_lock`` was busy and ``block`` is False.
 
-        With ``learn`` (a task polls for an op of the batch: it holds what one
-        loop turn enqueued), whether it has company decides :attr:`batching`.
+        A batch with company (other ops in it, or other ops of the stream
+        pending) sets :attr:`batching`; with ``learn`` (a task polls for an op
+        of the batch: it holds what one loop turn enqueued), one without
+        clears it.
         Raises DeviceFatalError if recording the marker hit a sticky error
         (the batch's ops then fail with it as the queue drains).
         """
@@ -194,17 +201,23 @@ class StreamQueue:
         try:
             m = self.open
             if m is not None:
-                if learn:
-                    self.batching = m.left > 1
-                self._seal(m)
+                self._seal(m, learn)
         finally:
             sl.release()
         if m is not None and isinstance(m.error, DeviceFatalError):
             raise m.error
         return True
 
-    def _seal(self, m: Mark) -> None:
-        """Record ``m``'s marker (``seal_lock`` held); a failure is kept in ``m.error``."""
+    def _seal(self, m: Mark, learn: bool = False) -> None:
+        """Record ``m``'s marker (``seal_lock`` held); a failure is kept in ``m.error``.
+
+        Updates :attr:`batching` as :meth:`seal` says.
+        """
+        # Read without the queue's lock: a drain may shorten entries meanwhile,
+        # which at worst takes company for none (the next probe corrects it).
+        company = m.left > 1 or len(self.entries) > m.left
+        if company or learn:
+            self.batching = company
         self.open = None
         try:
             m.event = self.place(m.native)
