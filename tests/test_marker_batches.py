@@ -46,6 +46,25 @@ class _Records:
         monkeypatch.setattr(backend, "event_record", record)
 
 
+class _FakeMarkers:
+    """Markers for a bare StreamQueue: ``place`` makes one, ``fire_all`` fires every one made."""
+
+    def __init__(self) -> None:
+        self.placed: list[object] = []
+        self.fired: set[int] = set()
+
+    def place(self, native: Any) -> object:
+        ev = object()
+        self.placed.append(ev)
+        return ev
+
+    def is_fired(self, ev: object) -> bool:
+        return id(ev) in self.fired
+
+    def fire_all(self) -> None:
+        self.fired.update(id(ev) for ev in self.placed)
+
+
 @pytest.fixture
 def records(dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch) -> _Records:
     return _Records(dev._runtime.backend, monkeypatch)
@@ -300,25 +319,18 @@ async def test_a_batch_whose_marker_cannot_be_recorded_fails_its_ops(
 def test_batch_bookkeeping_recycles_each_marker_once() -> None:
     # Unit level: an op with a marker of its own between two ops of one
     # batch (another thread marked it alone while the batch was open).
-    placed: list[object] = []
+    markers = _FakeMarkers()
     recycled: list[object] = []
-    fired: set[int] = set()
-
-    def place(native: Any) -> object:
-        ev = object()
-        placed.append(ev)
-        return ev
-
-    q = _queue.StreamQueue(lambda ev: id(ev) in fired, recycled.append, place)
+    q = _queue.StreamQueue(markers.is_fired, recycled.append, markers.place)
     ops = [gpuaio.Operation(f"op{i}", None) for i in range(3)]
     now = time.perf_counter()
     assert q.join(ops[0], "s", now)
-    own = place("s")
+    own = markers.place("s")
     q.entries.append((ops[1], own))
     assert q.join(ops[2], "s", now)
     assert q.seal()
-    batch_marker = placed[-1]
-    fired.update({id(own), id(batch_marker)})
+    batch_marker = markers.placed[-1]
+    markers.fire_all()
     out: list[Any] = []
     q.drain(out)
     assert all(op.done() for op in ops)
@@ -360,20 +372,14 @@ def test_any_seal_shows_company_only_a_poll_shows_none() -> None:
     # for a batch without it turns it off. In run AI the watcher sealed the
     # first batch of a stream of 200 tasks early, nothing was learnt, and for
     # BATCH_PROBE_S every op got a marker of its own.
-    placed: list[object] = []
-    fired: set[int] = set()
-
-    def place(native: Any) -> object:
-        ev = object()
-        placed.append(ev)
-        return ev
+    markers = _FakeMarkers()
 
     def drain() -> None:
-        fired.update(id(ev) for ev in placed)
+        markers.fire_all()
         q.drain([])
         assert not q.entries
 
-    q = _queue.StreamQueue(lambda ev: id(ev) in fired, lambda ev: None, place)
+    q = _queue.StreamQueue(markers.is_fired, lambda ev: None, markers.place)
     ops = [gpuaio.Operation(f"op{i}", None) for i in range(10)]
     now = time.perf_counter()
     # A probe batch of two ops, sealed by the watcher (it learns nothing else).
@@ -400,7 +406,7 @@ def test_any_seal_shows_company_only_a_poll_shows_none() -> None:
     assert not q.batching
     drain()
     # ...unless the stream has other ops pending (here one with its own marker).
-    q.entries.append((ops[7], place("s")))
+    q.entries.append((ops[7], markers.place("s")))
     assert q.join(ops[8], "s", now)
     assert q.seal()
     assert q.batching

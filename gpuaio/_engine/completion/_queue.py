@@ -14,16 +14,15 @@ batch*, and one marker, recorded when the batch is *sealed*, stands for
 every op of it. Per op that saves a ``cuEventRecord`` and a
 ``cuEventQuery``, two of the three driver calls of an awaited memset. With
 1,000 tasks on 16 streams, the ops a loop turn enqueues on one stream share
-one marker. Short ops join batches while the stream has company
-(:attr:`StreamQueue.batching`): a batch sealed with other ops in it, or
-with other ops of the stream still pending, shows it, whoever seals it;
-only a task polling for a batch that shows none learns it has none.
-A short op also joins a batch while other ops of its stream are pending.
-Otherwise a lone op gets a marker at once, as before batches, and one op
-every ``BATCH_PROBE_S`` opens a batch to see whether others join. (When
-only a task's poll could show company, the watcher sealing a stream's first
-batch early left its 200 tasks without batches for ``BATCH_PROBE_S``, up
-to a third of the ops of the test that counts markers, in GPU runs AI-AK.) A batch is sealed:
+one marker. A short op joins a batch while its stream has company: other
+ops of the stream pending, or :attr:`StreamQueue.batching`, which a batch
+sealed with other ops in it or behind it sets, whoever seals it, and only
+a task polling for a batch with neither clears. Otherwise a lone op gets a
+marker at once, as before batches, and one op every ``BATCH_PROBE_S``
+opens a batch to see whether others join. (When only a task's poll could
+show company, the watcher sealing a stream's first batch early left its
+200 tasks without batches for ``BATCH_PROBE_S``, up to a third of the ops
+of the test that counts markers, in GPU runs AI-AK.) A batch is sealed:
 
 * when a task polls for one of its ops (``EventEngine.poll_for``);
 * when a drain that stands in for the watcher reaches it: the watcher's at
