@@ -711,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{NSTREAMS} streams; to_thread waits share anyio's default limiter (40 threads)"
     )
     peers, notes = load_peers(card.backend, not args.no_peers)
+    H.freeze_heap()
     t0 = time.perf_counter()
     records: list[H.Record] = []
     for loop in args.loops:
@@ -738,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
         "idle_s": args.idle,
         "busy_s": args.busy,
         "streams": NSTREAMS,
+        "heap": "frozen once the peers were imported (gc.freeze)",
         "peer_notes": notes,
         "wall_s": round(time.perf_counter() - t0, 1),
     }

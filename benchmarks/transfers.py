@@ -845,6 +845,7 @@ async def run(args: argparse.Namespace, card: H.Card) -> list[H.Record]:
     notes: dict[str, str] = {}
     if not args.sweep:
         peers, notes = load_peers(card.backend, not args.no_peers)
+    H.freeze_heap()
     pools = {
         t: ThreadPoolExecutor(t - 1, thread_name_prefix="bench-copy") for t in HOST_THREADS if t > 1
     }
@@ -938,6 +939,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "quick": args.quick,
         "staging": _staging_desc(),
+        "heap": "frozen once the peers were imported (gc.freeze)",
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     H.write_results(suite, records, args.out_dir, card=card, config=config)
