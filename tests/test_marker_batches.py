@@ -47,16 +47,32 @@ class _Records:
 
 
 class _FakeMarkers:
-    """Markers for a bare StreamQueue: ``place`` makes one, ``fire_all`` fires every one made."""
+    """Markers for a bare StreamQueue: ``place`` makes one, ``fire_all`` fires every one made.
+
+    ``log`` lists what was enqueued, in order: each marker, and the words of
+    each ``write`` of deferred memsets (which raises ``fail_write`` if set).
+    """
 
     def __init__(self) -> None:
         self.placed: list[object] = []
         self.fired: set[int] = set()
+        self.log: list[object] = []
+        self.fail_write: BaseException | None = None
 
     def place(self, native: Any) -> object:
         ev = object()
         self.placed.append(ev)
+        self.log.append(ev)
         return ev
+
+    def write(self, native: Any, words: list[int]) -> None:
+        if self.fail_write is not None:
+            raise self.fail_write
+        self.log.append(list(words))
+
+    def queue(self) -> Any:
+        """A bare StreamQueue on these markers (recycling nothing)."""
+        return _queue.StreamQueue(self.is_fired, lambda ev: None, self.place, self.write)
 
     def is_fired(self, ev: object) -> bool:
         return id(ev) in self.fired
@@ -321,7 +337,7 @@ def test_batch_bookkeeping_recycles_each_marker_once() -> None:
     # batch (another thread marked it alone while the batch was open).
     markers = _FakeMarkers()
     recycled: list[object] = []
-    q = _queue.StreamQueue(markers.is_fired, recycled.append, markers.place)
+    q = _queue.StreamQueue(markers.is_fired, recycled.append, markers.place, markers.write)
     ops = [gpuaio.Operation(f"op{i}", None) for i in range(3)]
     now = time.perf_counter()
     assert q.join(ops[0], "s", now)
@@ -345,14 +361,15 @@ async def test_a_loop_never_waits_for_another_thread_sealing(
     # Sealing records an event under seal_lock. With it held elsewhere, a
     # short op gets a marker of its own, and an op that must seal the batch
     # first goes to the stream's host thread, which waits for the lock.
+    # (Two-byte memsets: a word's would be deferred, test_deferred_memsets.)
     d = dev.empty(8)
     await _warm(stream, d)
-    batched = stream.memset(d[:4], 1)
+    batched = stream.memset(d[:2], 1)
     q = _queue_of(stream)
-    assert q.open is not None
+    assert q.open is not None and q.open.words is None
     q.seal_lock.acquire()  # as if another thread were sealing (this one would deadlock)
     try:
-        alone = stream.memset(d[4:], 2)
+        alone = stream.memset(d[4:6], 2)
         assert alone._poll is not None and alone._poll[2] is None  # a marker of its own
         sync = stream.synchronize()  # not short: seals first, on the host thread
         assert q.open is batched._poll[2]  # not sealed yet: the lock is held
@@ -363,7 +380,7 @@ async def test_a_loop_never_waits_for_another_thread_sealing(
     assert batched.done() and alone.done()
     out = np.empty(8, np.uint8)
     await stream.copy(out, d)
-    assert (out[:4] == 1).all() and (out[4:] == 2).all()
+    assert out.tolist() == [1, 1, 0, 0, 2, 2, 0, 0]
 
 
 def test_any_seal_shows_company_only_a_poll_shows_none() -> None:
@@ -379,7 +396,7 @@ def test_any_seal_shows_company_only_a_poll_shows_none() -> None:
         q.drain([])
         assert not q.entries
 
-    q = _queue.StreamQueue(markers.is_fired, lambda ev: None, markers.place)
+    q = markers.queue()
     ops = [gpuaio.Operation(f"op{i}", None) for i in range(10)]
     now = time.perf_counter()
     # A probe batch of two ops, sealed by the watcher (it learns nothing else).

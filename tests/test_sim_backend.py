@@ -385,6 +385,26 @@ def test_stream_memory_ops(sim: SimBackend) -> None:
     user = np.zeros(4, np.uint32)
     with pytest.raises(CudaError, match="cuStreamWriteValue32"):
         sim.stream_write_value32(writer, user.ctypes.data, 1)
+    managed = sim.mem_alloc_managed(0, 16)
+    with pytest.raises(CudaError, match="cuStreamWriteValue32"):
+        sim.stream_write_value32(writer, managed, 1)
+    with pytest.raises(CudaError, match="cuStreamWriteValue32"):
+        sim.stream_write_value32(writer, dev + 2, 1)  # not 4-byte aligned
+
+
+def test_stream_write_words_store_in_stream_order(sim: SimBackend) -> None:
+    s = sim.stream_create(0)
+    dev = sim.mem_alloc(0, 16)
+    release = sim.hold(s)
+    sim.memset_async(dev, 0xAB, 1, 16, s)
+    sim.stream_write_words(s, [dev, 0x11223344, dev + 8, 7, dev, 5])
+    sim.memset_async(dev + 12, 9, 4, 1, s)
+    time.sleep(0.02)
+    assert (view(dev, 16) == 0).all()  # nothing ran while the stream was held
+    release()
+    sim.stream_synchronize(s)
+    words = np.frombuffer(bytes(view(dev, 16)), "<u4")
+    assert words.tolist() == [5, 0xABABABAB, 7, 9]
 
 
 # -- streams -------------------------------------------------------------

@@ -122,6 +122,12 @@ class _FakeGPU:
         start = max(self._call() + self.launch_s, stream.busy_until)
         stream.busy_until = start + self.gpu_s
 
+    def stream_write_words(self, stream: Any, words: Any) -> None:
+        # One call; each word a third of a memset's GPU time (0.63 us a word
+        # on an H200 in run AO, against about 2 us a memset).
+        start = max(self._call() + self.launch_s, stream.busy_until)
+        stream.busy_until = start + self.gpu_s / 3 * (len(words) // 2)
+
     def event_create(self, device: int, blocking_sync: bool = False) -> Any:
         return _Event()
 

@@ -312,9 +312,14 @@ class Stream(Transfers):
         Other libraries may enqueue work on it from then on, behind gpuaio's
         back, so gpuaio stops sharing completion markers among this stream's
         short ops (which only pays with many ops in flight): an op's
-        completion must never wait for work enqueued after it.
+        completion must never wait for work enqueued after it. Memsets
+        deferred to that batch are enqueued before the handle is returned.
         """
-        self._seq.exported = True
+        seq = self._seq
+        if not seq.exported:
+            seq.exported = True
+            if not self._closed:
+                self._rt.engine(self._ordinal).seal(self._key)
         return self._key
 
     def __cuda_stream__(self) -> tuple[int, int]:

@@ -239,7 +239,17 @@ class Transfers:
 
             return self._seq.host(op, fill, after_gpu=True)
         op._est = nbytes / _HBM_BPS
-        return self._seq.gpu(op, rt.backend.memset_async, d.ptr, value, width, nbytes // width)
+        ptr, count = d.ptr, nbytes // width
+        words = None
+        if nbytes <= _WORDS_MAX and kind is _DEVICE and not (ptr | nbytes) & 3:
+            # A few aligned words: may be deferred to the stream's batch and
+            # enqueued with its other ones in one call (``_queue``).
+            pattern = value * _REPEAT[width]
+            words = [ptr, pattern]
+            if nbytes > 4:
+                for i in range(4, nbytes, 4):
+                    words += (ptr + i, pattern)
+        return self._seq.gpu(op, rt.backend.memset_async, ptr, value, width, count, words=words)
 
 
 # Optimistic transfer rates (bytes/s), so that expected completion times are
@@ -251,6 +261,10 @@ _HBM_BPS = 3e12
 _COPY_LABELS = {(a, b): f"copy {a.value}->{b.value}" for a in MemoryKind for b in MemoryKind}
 _MEMSET_LABELS = {k: f"memset {k.value}" for k in MemoryKind}
 _MEMSET_LIMITS = {w: (-(1 << (8 * w - 1)), (1 << (8 * w)) - 1) for w in (1, 2, 4)}
+_REPEAT = {1: 0x01010101, 2: 0x00010001, 4: 1}
+"""Per memset width: the factor that repeats a value across a 32-bit word."""
+_WORDS_MAX = 16
+"""The largest memset (bytes) that may be deferred as 32-bit words."""
 """Per memset width: the lowest value accepted (as signed) and the mask (highest, unsigned)."""
 _DEVICE = MemoryKind.DEVICE
 _MANAGED = MemoryKind.MANAGED

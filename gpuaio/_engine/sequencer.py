@@ -153,11 +153,20 @@ class Sequencer:
         self._copy_out = op
 
     # -- submission ----------------------------------------------------
-    def gpu(self, op: Operation, enqueue: Callable[..., None], *args: Any) -> Operation:
+    def gpu(
+        self,
+        op: Operation,
+        enqueue: Callable[..., None],
+        *args: Any,
+        words: list[int] | None = None,
+    ) -> Operation:
         """Enqueue asynchronous driver work now, or in order behind host jobs.
 
         ``enqueue(*args, native_stream)`` does the work; passing its arguments
         rather than a closure saves a function object on the hot path.
+        ``words`` (``[address, value, ...]``, aligned 32-bit stores to device
+        memory) say the same work for a tiny memset: the engine may take them
+        instead, to enqueue with its batch (``gpuaio._engine.completion._queue``).
         """
         engine = self._rt.engine(self.ordinal)
         # A short op may share its marker with the short ops around it; before
@@ -167,12 +176,13 @@ class Sequencer:
         # Past the engine's share of the launch queue, enqueue on the host thread;
         # also if sealing means waiting for another thread placing a marker
         # (the calling thread may be an event loop's: the host thread waits).
-        if (
-            not self.executor.busy
-            and engine.pending_on(self.key) < engine.direct_limit
-            and (short or engine.seal(self.key, block=False))
-        ):
+        # A short op is enqueued behind the open batch's deferred memsets.
+        if not self.executor.busy and engine.pending_on(self.key) < engine.direct_limit:
             native = self.native
+            if words is not None and short and engine.defer(op, self.key, native, words):
+                return op
+            if not (engine.flush(self.key, False) if short else engine.seal(self.key, False)):
+                return self._submit(op, enqueue, args, short)
             try:
                 enqueue(*args, native)
             except BaseException as exc:
@@ -186,12 +196,20 @@ class Sequencer:
                 self.executor.submit(functools.partial(self._fail_after_drain, op, exc))
                 raise
             return op
+        return self._submit(op, enqueue, args, short)
+
+    def _submit(
+        self, op: Operation, enqueue: Callable[..., None], args: tuple[Any, ...], short: bool
+    ) -> Operation:
+        """:meth:`gpu`'s work as a job on the host thread, behind what is queued there."""
 
         def job() -> None:
             native = self.native
             engine = self._rt.engine(self.ordinal)
             try:
-                if not short:
+                if short:
+                    engine.flush(self.key)
+                else:
                     engine.seal(self.key)
                 enqueue(*args, native)
             except BaseException as exc:
@@ -218,9 +236,11 @@ class Sequencer:
 
         def job() -> None:
             try:
-                self._settle(copy_out, deps, after_gpu)
-                # Whatever ``work`` enqueues must not hold back short ops' markers.
+                # Whatever ``work`` enqueues must not hold back short ops'
+                # markers, and the wait for earlier GPU work (``after_gpu``)
+                # must cover their deferred memsets.
                 self._rt.engine(self.ordinal).seal(self.key)
+                self._settle(copy_out, deps, after_gpu)
                 enqueued = work()
             except BaseException as exc:
                 # The work may have enqueued GPU work before it failed.

@@ -261,6 +261,18 @@ class Backend(abc.ABC):
     def stream_write_value32(self, stream: Any, device_ptr: int, value: int) -> None:
         """``cuStreamWriteValue32`` into (mapped) memory, in stream order."""
 
+    def stream_write_words(self, stream: Any, words: Sequence[int]) -> None:
+        """Store 32-bit values in stream order: ``words`` is ``[address, value, ...]``.
+
+        Each address is 4-byte aligned device memory (never managed or host
+        memory), each value a uint32. One call enqueues them all, in order:
+        how short ops' memsets are handed to the GPU a batch at a time
+        (``gpuaio._engine.completion._queue``). This default makes one
+        :meth:`stream_write_value32` per word.
+        """
+        for i in range(0, len(words), 2):
+            self.stream_write_value32(stream, words[i], words[i + 1])
+
     @abc.abstractmethod
     def stream_wait_value32(self, stream: Any, device_ptr: int, value: int) -> None:
         """``cuStreamWaitValue32`` (>=): the stream waits until the word reaches ``value``."""

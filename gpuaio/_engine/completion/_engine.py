@@ -149,6 +149,25 @@ class CompletionEngine:
         """
         return True
 
+    def defer(self, op: Operation, key: int, stream: Any, words: list[int]) -> bool:
+        """Take the tiny memset ``op`` on ``stream`` (its ``CUstream`` address ``key``)
+        without its work enqueued, as 32-bit ``words``
+        (``[address, value, ...]``) that the engine enqueues before its marker.
+
+        Returns False, taking nothing, if the caller must enqueue the work and
+        :meth:`watch` the op itself; engines without batches always do.
+        """
+        return False
+
+    def flush(self, key: int, block: bool = True) -> bool:
+        """Enqueue the memsets deferred on the stream ``key``, if any.
+
+        Call before enqueueing a short op there (:meth:`seal` does it for the
+        rest). Returns False if, without ``block``, it would have had to wait
+        for another thread enqueueing on it.
+        """
+        return True
+
     def pending(self) -> int:
         """Number of operations watched and not yet resolved."""
         raise NotImplementedError

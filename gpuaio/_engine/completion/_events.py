@@ -137,6 +137,8 @@ class EventEngine(CompletionEngine):
         self._fired_call = (
             backend.event_query if type(self)._fired is EventEngine._fired else self._fired
         )
+        self.defers: bool = backend.device_properties(device).stream_mem_ops
+        """Whether tiny device memsets may be deferred to their batch's seal (``_queue``)."""
 
     # -- the enqueuing thread ------------------------------------------
     def watch(self, op: Operation, stream: Any, short: bool = False) -> None:
@@ -155,30 +157,19 @@ class EventEngine(CompletionEngine):
             short
             and q is not None
             and (q.batching or q.open is not None or q.entries or now >= q.next_probe)
+            and self._join(op, q, stream, now, None)
         ):
-            batch = q.join(op, stream, now)
-            if batch is not None:
-                if op._est:
-                    op._eta = q.busy_until = max(now, q.busy_until) + op._est
-                op._poll = (self, q, batch)
-                # The watcher exists (the queue does); it need not hear of a
-                # short op, unless a task already sleeps on it or the watcher
-                # sleeps while no loop polls.
-                if op._waiters is not None or (
-                    self._sleeping and (self._idle or now >= self._loop_polling_until)
-                ):
-                    with self._lock:
-                        prewake = self._watched(op, now)
-                    if prewake:
-                        op._prewake()
-                return
+            return
         marker = self._place(stream)
         with self._lock:
             if q is None or q.detached:  # else still the stream's: only retiring detaches
                 q = self._queues.get(key)
                 if q is None:
                     q = self._queues[key] = StreamQueue(
-                        self._fired_call, self._recycle, self._place
+                        self._fired_call,
+                        self._recycle,
+                        self._place,
+                        self.backend.stream_write_words,
                     )
             if op._est:
                 op._eta = q.busy_until = max(now, q.busy_until) + op._est
@@ -190,6 +181,41 @@ class EventEngine(CompletionEngine):
             prewake = self._watched(op, now)
         if prewake:
             op._prewake()
+
+    def defer(self, op: Operation, key: int, stream: Any, words: list[int]) -> bool:
+        """Add the memset ``op``, not enqueued, to its stream's open batch, as ``words``.
+
+        Returns False, deferring nothing, unless the stream batches now (as
+        :meth:`watch` decides for a short op): then the caller enqueues it
+        and watches it as usual.
+        """
+        q = self._queues.get(key)
+        if q is None or not self.defers or self.fatal is not None:
+            return False
+        now = time.perf_counter()
+        batching = q.batching or q.open is not None or q.entries or now >= q.next_probe
+        return bool(batching) and self._join(op, q, stream, now, words)
+
+    def _join(
+        self, op: Operation, q: StreamQueue, stream: Any, now: float, words: list[int] | None
+    ) -> bool:
+        """``op`` joins ``q``'s open batch (see ``_queue``); False if it could not."""
+        batch = q.join(op, stream, now, words)
+        if batch is None:
+            return False
+        if op._est:
+            op._eta = q.busy_until = max(now, q.busy_until) + op._est
+        op._poll = (self, q, batch)
+        # The watcher exists (the queue does); it need not hear of a short op,
+        # unless a task already sleeps on it or it sleeps while no loop polls.
+        if op._waiters is not None or (
+            self._sleeping and (self._idle or now >= self._loop_polling_until)
+        ):
+            with self._lock:
+                prewake = self._watched(op, now)
+            if prewake:
+                op._prewake()
+        return True
 
     def _watched(self, op: Operation, now: float) -> bool:
         """After ``op`` was queued (lock held): make sure the watcher knows; returns
@@ -223,6 +249,15 @@ class EventEngine(CompletionEngine):
         except DeviceFatalError:
             # The batch's ops fail with it, and what comes next fails at its own call.
             return True
+
+    def flush(self, key: int, block: bool = True) -> bool:
+        q = self._queues.get(key)
+        if q is None or q.open is None or q.open.words is None:
+            return True
+        try:
+            return q.flush(block)
+        except DeviceFatalError:
+            return True  # as in seal
 
     def pending(self) -> int:
         with self._lock:

@@ -216,7 +216,9 @@ class SimStreams(SimCore):
     # -- stream memory ops --------------------------------------------
     def _word_locked(self, ptr: int, call: str) -> None:
         kind = self._kind_locked(ptr, 4, call)
-        if kind is MemoryKind.PAGEABLE or ptr % 4:
+        # Stricter than some drivers: CUDA documents these operations for
+        # device memory and mapped pinned memory only, never managed memory.
+        if kind is MemoryKind.PAGEABLE or kind is MemoryKind.MANAGED or ptr % 4:
             raise _error(call, _INVALID_VALUE, f"{ptr:#x} is not aligned mapped/device memory")
 
     @_in_context("handle", "stream")
