@@ -27,23 +27,35 @@ pytestmark = pytest.mark.anyio
 
 
 class _Calls:
-    """Counts the backend's memset calls, and its batch writes and their words."""
+    """Counts the backend's memset calls, and the batch writes of watched streams' queues."""
 
     def __init__(self, backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         self.memsets = self.writes = self.words = 0
-        memset, write = backend.memset_async, backend.stream_write_words
+        self._monkeypatch = monkeypatch
+        memset = backend.memset_async
 
         def memset_async(*args: Any) -> None:
             self.memsets += 1
             memset(*args)
 
-        def stream_write_words(stream: Any, words: list[int]) -> None:
+        monkeypatch.setattr(backend, "memset_async", memset_async)
+
+    def watch(self, stream: gpuaio.Stream) -> None:
+        """Count the batch writes of ``stream``'s queue (it has one: an op was watched).
+
+        The queue's own callable, not the backend's: a queue is the engine's
+        for its ``CUstream`` address, which the driver reuses once a stream is
+        destroyed, and it may outlive the stream by ``RETIRE_S``.
+        """
+        q = _queue_of(stream)
+        write = q.write
+
+        def counted(native: Any, words: list[int]) -> None:
             self.writes += 1
             self.words += len(words) // 2
-            write(stream, words)
+            write(native, words)
 
-        monkeypatch.setattr(backend, "memset_async", memset_async)
-        monkeypatch.setattr(backend, "stream_write_words", stream_write_words)
+        self._monkeypatch.setattr(q, "write", counted)
 
     def reset(self) -> None:
         self.memsets = self.writes = self.words = 0
@@ -54,10 +66,19 @@ def calls(dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch) -> _Calls:
     return _Calls(dev._runtime.backend, monkeypatch)
 
 
+def _company(stream: gpuaio.Stream) -> None:
+    """Make the stream batch its next short op, as after a batch sealed with company.
+
+    Else whether it does depends on timing: a lone op opens a batch only
+    every ``BATCH_PROBE_S`` (on the GPU the warm-up's op opened one).
+    """
+    _queue_of(stream).batching = True
+
+
 def _deferred(stream: gpuaio.Stream, op: gpuaio.Operation, words: list[int]) -> None:
     """Assert that ``op`` waits in the stream's open batch, not enqueued, as ``words``."""
     q = _queue_of(stream)
-    assert op._poll is not None and op._poll[2] is q.open
+    assert q.open is not None and op._poll is not None and op._poll[2] is q.open
     assert q.open.words == words
 
 
@@ -69,6 +90,7 @@ async def test_tiny_memsets_of_many_tasks_go_to_the_gpu_in_batches(
     d = dev.empty(ntasks, np.uint32)
     for s in streams:
         await _warm(s, d)  # 400 bytes: enqueued at once
+        calls.watch(s)
     calls.reset()
 
     async def worker(i: int) -> None:
@@ -151,6 +173,7 @@ async def test_what_follows_a_deferred_memset_comes_after_it(
 ) -> None:
     d = dev.empty(8)
     await _warm(stream, d)
+    _company(stream)
     first = stream.memset(d[:4], 7)
     _deferred(stream, first, [d.ptr, 0x07070707])
     with anyio.fail_after(10):
@@ -167,6 +190,7 @@ async def test_a_deferred_memset_nobody_awaits_still_lands(
 ) -> None:
     d = dev.empty(4, np.uint32)
     await _warm(stream, d)
+    _company(stream)
     op = stream.memset(d[1:3], 0xABCD)
     _deferred(stream, op, [d.ptr + 4, 0xABCD, d.ptr + 8, 0xABCD])
     with anyio.fail_after(10):
@@ -192,6 +216,8 @@ async def test_memsets_that_are_not_a_few_device_words_are_enqueued_at_once(
     await _warm(stream, d)
     await stream.memset(m, 0)
     await stream.memset(host, 0)
+    calls.watch(stream)
+    _company(stream)
     target, whole = {
         "unaligned": (d[1:5], d),
         "three_bytes": (d[4:7], d),
@@ -220,6 +246,7 @@ async def test_a_failed_batch_write_fails_its_ops(
 ) -> None:
     d = dev.empty(8)
     await _warm(stream, d)
+    _company(stream)
 
     def refuse(native: Any, words: list[int]) -> None:
         raise CudaError("cuStreamBatchMemOp", 801, "CUDA_ERROR_NOT_SUPPORTED")
