@@ -295,3 +295,16 @@ def test_a_batch_writes_its_deferred_words_before_its_marker() -> None:
     markers.fire_all()
     q.drain([])
     assert all(isinstance(op.exception(), CudaError) for op in bad)
+
+    # A flush that fails seals its batch: the ops after it join a new one.
+    victim, after = gpuaio.Operation("victim", None), gpuaio.Operation("after", None)
+    q.join(victim, "s", now, [36, 5])
+    assert q.flush() and q.open is None
+    markers.fail_write = None
+    q.join(after, "s", now, [40, 6])
+    assert q.seal()
+    assert markers.log[-2:] == [[40, 6], markers.placed[-1]]
+    markers.fire_all()
+    q.drain([])
+    assert isinstance(victim.exception(), CudaError)
+    assert after.done() and after.exception() is None

@@ -273,7 +273,8 @@ class StreamQueue:
         ``seal_lock`` was busy and ``block`` is False.
 
         Before anything else is enqueued on the stream without sealing (a
-        short op's work): it must come after them.
+        short op's work): it must come after them. If enqueueing them fails,
+        the batch is sealed, so that the ops after it do not fail with it.
         Raises DeviceFatalError if enqueueing them hit a sticky error.
         """
         sl = self.seal_lock
@@ -283,6 +284,8 @@ class StreamQueue:
             m = self.open
             if m is not None and m.words is not None:
                 self._write(m)
+                if m.error is not None:
+                    self._seal(m)
         finally:
             sl.release()
         if m is not None and isinstance(m.error, DeviceFatalError):
