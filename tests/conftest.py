@@ -23,6 +23,7 @@ import pytest
 
 import gpuaio
 from gpuaio._api.device import device_of
+from gpuaio._engine.completion import _queue
 from gpuaio._engine.hostwork import byte_view
 
 _loops: list[Any] = [
@@ -83,6 +84,19 @@ def strategy_dev(request: pytest.FixtureRequest, gpuaio_runtime: Any) -> Iterato
     while gpuaio_runtime.engine(0).pending() and time.perf_counter() < deadline:
         time.sleep(0.01)
     gpuaio_runtime.set_completion("events")
+
+
+# -- completion batches (gpuaio._engine.completion._queue) -----------------
+@pytest.fixture
+def keep_queues(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watcher drops no idle queue (a new one would probe anew) during the test."""
+    monkeypatch.setattr(_queue, "RETIRE_S", 60.0)
+
+
+@pytest.fixture
+def always_batch(monkeypatch: pytest.MonkeyPatch, keep_queues: None) -> None:
+    """Every short op joins a batch, lone or not (as under many tasks)."""
+    monkeypatch.setattr(_queue, "BATCH_PROBE_S", 0.0)
 
 
 @pytest.fixture

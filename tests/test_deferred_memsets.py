@@ -66,15 +66,6 @@ def calls(dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch) -> _Calls:
     return _Calls(dev._runtime.backend, monkeypatch)
 
 
-def _company(stream: gpuaio.Stream) -> None:
-    """Make the stream batch its next short op, as after a batch sealed with company.
-
-    Else whether it does depends on timing: a lone op opens a batch only
-    every ``BATCH_PROBE_S`` (on the GPU the warm-up's op opened one).
-    """
-    _queue_of(stream).batching = True
-
-
 def _deferred(stream: gpuaio.Stream, op: gpuaio.Operation, words: list[int]) -> None:
     """Assert that ``op`` waits in the stream's open batch, not enqueued, as ``words``."""
     q = _queue_of(stream)
@@ -166,6 +157,7 @@ async def _then_raw_work_on_the_handle(stream: gpuaio.Stream, d: gpuaio.DeviceAr
     ],
     ids=lambda f: f.__name__.removeprefix("_then_"),
 )
+@pytest.mark.usefixtures("always_batch")
 async def test_what_follows_a_deferred_memset_comes_after_it(
     dev: gpuaio.Device,
     stream: gpuaio.Stream,
@@ -173,7 +165,6 @@ async def test_what_follows_a_deferred_memset_comes_after_it(
 ) -> None:
     d = dev.empty(8)
     await _warm(stream, d)
-    _company(stream)
     first = stream.memset(d[:4], 7)
     _deferred(stream, first, [d.ptr, 0x07070707])
     with anyio.fail_after(10):
@@ -185,12 +176,12 @@ async def test_what_follows_a_deferred_memset_comes_after_it(
     assert out.tolist() == [*seen, 0, 0, 0, 0]
 
 
+@pytest.mark.usefixtures("always_batch")
 async def test_a_deferred_memset_nobody_awaits_still_lands(
     dev: gpuaio.Device, stream: gpuaio.Stream
 ) -> None:
     d = dev.empty(4, np.uint32)
     await _warm(stream, d)
-    _company(stream)
     op = stream.memset(d[1:3], 0xABCD)
     _deferred(stream, op, [d.ptr + 4, 0xABCD, d.ptr + 8, 0xABCD])
     with anyio.fail_after(10):
@@ -207,6 +198,7 @@ async def test_a_deferred_memset_nobody_awaits_still_lands(
     "case",
     ["unaligned", "three_bytes", "five_words", "managed", "pinned"],
 )
+@pytest.mark.usefixtures("always_batch")
 async def test_memsets_that_are_not_a_few_device_words_are_enqueued_at_once(
     dev: gpuaio.Device, stream: gpuaio.Stream, calls: _Calls, case: str
 ) -> None:
@@ -217,7 +209,6 @@ async def test_memsets_that_are_not_a_few_device_words_are_enqueued_at_once(
     await stream.memset(m, 0)
     await stream.memset(host, 0)
     calls.watch(stream)
-    _company(stream)
     target, whole = {
         "unaligned": (d[1:5], d),
         "three_bytes": (d[4:7], d),
@@ -241,12 +232,12 @@ async def test_memsets_that_are_not_a_few_device_words_are_enqueued_at_once(
     assert out.tolist() == expect
 
 
+@pytest.mark.usefixtures("always_batch")
 async def test_a_failed_batch_write_fails_its_ops(
     dev: gpuaio.Device, stream: gpuaio.Stream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     d = dev.empty(8)
     await _warm(stream, d)
-    _company(stream)
 
     def refuse(native: Any, words: list[int]) -> None:
         raise CudaError("cuStreamBatchMemOp", 801, "CUDA_ERROR_NOT_SUPPORTED")

@@ -86,18 +86,6 @@ def records(dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch) -> _Records:
     return _Records(dev._runtime.backend, monkeypatch)
 
 
-@pytest.fixture
-def keep_queues(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The watcher drops no idle queue (a new one would probe anew) during the test."""
-    monkeypatch.setattr(_queue, "RETIRE_S", 60.0)
-
-
-@pytest.fixture
-def always_batch(monkeypatch: pytest.MonkeyPatch, keep_queues: None) -> None:
-    """Every short op joins a batch, lone or not (as under many tasks)."""
-    monkeypatch.setattr(_queue, "BATCH_PROBE_S", 0.0)
-
-
 def _queue_of(stream: gpuaio.Stream) -> Any:
     """The stream's completion queue (None if the watcher retired it, empty)."""
     return stream._rt.engine(stream._ordinal)._queues.get(stream._key)  # type: ignore[attr-defined]

@@ -261,11 +261,11 @@ _HBM_BPS = 3e12
 _COPY_LABELS = {(a, b): f"copy {a.value}->{b.value}" for a in MemoryKind for b in MemoryKind}
 _MEMSET_LABELS = {k: f"memset {k.value}" for k in MemoryKind}
 _MEMSET_LIMITS = {w: (-(1 << (8 * w - 1)), (1 << (8 * w)) - 1) for w in (1, 2, 4)}
+"""Per memset width: the lowest value accepted (as signed) and the mask (highest, unsigned)."""
 _REPEAT = {1: 0x01010101, 2: 0x00010001, 4: 1}
 """Per memset width: the factor that repeats a value across a 32-bit word."""
 _WORDS_MAX = 16
 """The largest memset (bytes) that may be deferred as 32-bit words."""
-"""Per memset width: the lowest value accepted (as signed) and the mask (highest, unsigned)."""
 _DEVICE = MemoryKind.DEVICE
 _MANAGED = MemoryKind.MANAGED
 _PAGEABLE = MemoryKind.PAGEABLE

@@ -153,12 +153,7 @@ class EventEngine(CompletionEngine):
         # pending on the stream are company: in run AK the watcher sealed a
         # stream's first batch while it held one op, and its other 99 ops of
         # that loop turn would have had markers of their own for BATCH_PROBE_S.
-        if (
-            short
-            and q is not None
-            and (q.batching or q.open is not None or q.entries or now >= q.next_probe)
-            and self._join(op, q, stream, now, None)
-        ):
+        if short and q is not None and self._join(op, q, stream, now, None):
             return
         marker = self._place(stream)
         with self._lock:
@@ -192,14 +187,17 @@ class EventEngine(CompletionEngine):
         q = self._queues.get(key)
         if q is None or not self.defers or self.fatal is not None:
             return False
-        now = time.perf_counter()
-        batching = q.batching or q.open is not None or q.entries or now >= q.next_probe
-        return bool(batching) and self._join(op, q, stream, now, words)
+        return self._join(op, q, stream, time.perf_counter(), words)
 
     def _join(
         self, op: Operation, q: StreamQueue, stream: Any, now: float, words: list[int] | None
     ) -> bool:
-        """``op`` joins ``q``'s open batch (see ``_queue``); False if it could not."""
+        """``op`` joins ``q``'s open batch if the stream batches now; False if it did not.
+
+        It batches while it has company, or when a probe for company is due (``_queue``).
+        """
+        if not (q.batching or q.open is not None or q.entries or now >= q.next_probe):
+            return False
         batch = q.join(op, stream, now, words)
         if batch is None:
             return False
