@@ -45,7 +45,8 @@ class _Calls:
 
         The queue's own callable, not the backend's: a queue is the engine's
         for its ``CUstream`` address, which the driver reuses once a stream is
-        destroyed, and it may outlive the stream by ``RETIRE_S``.
+        destroyed, and it may outlive the stream by ``RETIRE_S``. Use with
+        ``keep_queues``: a queue retired meanwhile would be replaced.
         """
         q = _queue_of(stream)
         write = q.write
@@ -73,6 +74,7 @@ def _deferred(stream: gpuaio.Stream, op: gpuaio.Operation, words: list[int]) -> 
     assert q.open.words == words
 
 
+@pytest.mark.usefixtures("keep_queues")  # the counted queues stay the streams'
 async def test_tiny_memsets_of_many_tasks_go_to_the_gpu_in_batches(
     dev: gpuaio.Device, calls: _Calls
 ) -> None:
