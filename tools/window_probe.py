@@ -49,8 +49,14 @@ _loop_thread = [0]
 
 
 def _count(cls: type, name: str, key: str, by_thread: bool = False) -> None:
-    """Count the calls of ``cls.name`` under ``key`` (``key@loop`` / ``key@thread``)."""
-    real = getattr(cls, name)
+    """Count the calls of ``cls.name`` under ``key`` (``key@loop`` / ``key@thread``).
+
+    A method the imported gpuaio lacks (an older tree, in an A/B run) is left
+    uncounted: its count is then absent from every row.
+    """
+    real = getattr(cls, name, None)
+    if real is None:
+        return
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         k = key
