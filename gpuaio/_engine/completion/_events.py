@@ -250,7 +250,10 @@ class EventEngine(CompletionEngine):
 
     def flush(self, key: int, block: bool = True) -> bool:
         q = self._queues.get(key)
-        if q is None or q.open is None or q.open.words is None:
+        if q is None:
+            return True
+        m = q.open  # read once: another thread may seal it meanwhile
+        if m is None or m.words is None:
             return True
         try:
             return q.flush(block)

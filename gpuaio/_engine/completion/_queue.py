@@ -59,6 +59,17 @@ batch. An event loop never waits for it: an op that cannot join at once
 gets a marker of its own, a poll that cannot seal polls again, and an op
 that must seal the batch before it is enqueued goes to the stream's host
 thread.
+
+**Sealing, seen from other threads.** ``EventEngine.seal`` and ``flush``
+read ``open`` (and its ``words``) without ``seal_lock``, to spare the lock
+on the hot path: no open batch, or none with words, and the caller enqueues
+at once. So a batch stays ``open``, and its ``words`` stay set, until its
+words are enqueued and its marker placed, under the lock; a caller that
+sees them set tries the lock, and gets in line behind the sealing thread.
+(Cleared first, another thread's kernel could go onto the stream between
+the watcher's clearing and its marker: the batch's ops then waited for
+the kernel, which waited for them, in GPU run AR; or a memset enqueued at
+once landed before the deferred words written after it.)
 """
 
 from __future__ import annotations
@@ -246,14 +257,19 @@ class StreamQueue:
         company = m.left > 1 or len(self.entries) > m.left
         if company or learn:
             self.batching = company
-        self.open = None
-        if m.words is not None:
-            self._write(m)
         try:
-            m.event = self.place(m.native)
-            m.placed = time.perf_counter()
-        except CudaError as e:  # DeviceFatalError too: the batch's ops fail with it
-            m.error = e
+            if m.words is not None:
+                self._write(m)
+            try:
+                m.event = self.place(m.native)
+                m.placed = time.perf_counter()
+            except CudaError as e:  # DeviceFatalError too: the batch's ops fail with it
+                m.error = e
+        finally:
+            # Only now: a thread that finds no open batch enqueues at once,
+            # without seal_lock (EventEngine.seal), and must come after the
+            # words and the marker (see "Sealing, seen from other threads").
+            self.open = None
 
     def _write(self, m: Mark) -> None:
         """Enqueue ``m``'s deferred memsets (``seal_lock`` held); a failure goes to ``m.error``.
@@ -261,12 +277,14 @@ class StreamQueue:
         Its marker is still placed after a failure: the batch's other ops'
         work was enqueued, and they resolve only once it is done.
         """
-        words, m.words = m.words, None
-        if words:
-            try:
+        words = m.words
+        try:
+            if words:
                 self.write(m.native, words)
-            except CudaError as e:
-                m.error = e
+        except CudaError as e:
+            m.error = e
+        finally:
+            m.words = None  # only now, as ``open`` in _seal: EventEngine.flush reads it unlocked
 
     def flush(self, block: bool = True) -> bool:
         """Enqueue the open batch's deferred memsets, leaving it open; False if
