@@ -67,11 +67,34 @@ def calls(dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch) -> _Calls:
     return _Calls(dev._runtime.backend, monkeypatch)
 
 
-def _deferred(stream: gpuaio.Stream, op: gpuaio.Operation, words: list[int]) -> None:
-    """Assert that ``op`` waits in the stream's open batch, not enqueued, as ``words``."""
+def _record_writes(
+    stream: gpuaio.Stream, monkeypatch: pytest.MonkeyPatch, fail: BaseException | None = None
+) -> list[list[int]]:
+    """The words of each batch write of the stream's queue, as it is made (then
+    it raises ``fail``, if given)."""
     q = _queue_of(stream)
-    assert q.open is not None and op._poll is not None and op._poll[2] is q.open
-    assert q.open.words == words
+    write, written = q.write, []
+
+    def recorded(native: Any, words: list[int]) -> None:
+        written.append(list(words))
+        if fail is not None:
+            raise fail
+        write(native, words)
+
+    monkeypatch.setattr(q, "write", recorded)
+    return written
+
+
+def _deferred(op: gpuaio.Operation, words: list[int], written: list[list[int]]) -> None:
+    """Assert that ``op`` went into its batch as ``words``, not enqueued.
+
+    The words still wait in the batch, or its seal wrote them (``written``,
+    from :func:`_record_writes`): on a GPU the watcher may seal it any time.
+    """
+    batch = op._poll[2] if op._poll is not None else None
+    assert batch is not None
+    pending = batch.words  # the batch's words stay set until they are written
+    assert pending == words or (pending is None and words in written), (pending, written)
 
 
 @pytest.mark.usefixtures("keep_queues")  # the counted queues stay the streams'
@@ -164,11 +187,13 @@ async def test_what_follows_a_deferred_memset_comes_after_it(
     dev: gpuaio.Device,
     stream: gpuaio.Stream,
     then: Callable[[gpuaio.Stream, gpuaio.DeviceArray], Awaitable[list[int]]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     d = dev.empty(8)
     await _warm(stream, d)
+    written = _record_writes(stream, monkeypatch)
     first = stream.memset(d[:4], 7)
-    _deferred(stream, first, [d.ptr, 0x07070707])
+    _deferred(first, [d.ptr, 0x07070707], written)
     with anyio.fail_after(10):
         seen = await then(stream, d)
         await first
@@ -180,12 +205,13 @@ async def test_what_follows_a_deferred_memset_comes_after_it(
 
 @pytest.mark.usefixtures("always_batch")
 async def test_a_deferred_memset_nobody_awaits_still_lands(
-    dev: gpuaio.Device, stream: gpuaio.Stream
+    dev: gpuaio.Device, stream: gpuaio.Stream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     d = dev.empty(4, np.uint32)
     await _warm(stream, d)
+    written = _record_writes(stream, monkeypatch)
     op = stream.memset(d[1:3], 0xABCD)
-    _deferred(stream, op, [d.ptr + 4, 0xABCD, d.ptr + 8, 0xABCD])
+    _deferred(op, [d.ptr + 4, 0xABCD, d.ptr + 8, 0xABCD], written)
     with anyio.fail_after(10):
         # Nothing to wait on without polling for it, which would seal the
         # batch itself: the watcher must, as nobody polls.
@@ -241,12 +267,10 @@ async def test_a_failed_batch_write_fails_its_ops(
     d = dev.empty(8)
     await _warm(stream, d)
 
-    def refuse(native: Any, words: list[int]) -> None:
-        raise CudaError("cuStreamBatchMemOp", 801, "CUDA_ERROR_NOT_SUPPORTED")
-
-    monkeypatch.setattr(_queue_of(stream), "write", refuse)
+    refused = CudaError("cuStreamBatchMemOp", 801, "CUDA_ERROR_NOT_SUPPORTED")
+    written = _record_writes(stream, monkeypatch, fail=refused)
     op = stream.memset(d[:4], 3)
-    _deferred(stream, op, [d.ptr, 0x03030303])
+    _deferred(op, [d.ptr, 0x03030303], written)
     with anyio.fail_after(10), pytest.raises(CudaError, match="cuStreamBatchMemOp"):
         await op
     monkeypatch.undo()

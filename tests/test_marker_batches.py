@@ -140,6 +140,12 @@ async def test_a_lone_task_gets_each_marker_at_once(
     monkeypatch.setattr(_queue, "BATCH_PROBE_S", 60.0)
     monkeypatch.setattr(_queue, "RETIRE_S", 60.0)
     s = dev.stream()
+    # A new queue: the one an earlier test's stream left at this CUstream
+    # address (the driver reuses them) would remember that stream's company.
+    engine: Any = dev._runtime.engine(dev.ordinal)
+    with engine._lock:
+        left = engine._queues.pop(s._key, None)
+    assert left is None or not left.entries
     d = dev.empty(4)
     at_call = []
     for i in range(50):
@@ -187,8 +193,7 @@ async def test_a_batch_is_sealed_before_a_kernel_that_waits_for_the_host(
     first = stream.memset(d[:4], 1)
     second = stream.memset(d[4:], 2)
     assert first._poll is not None and second._poll is not None
-    assert first._poll[2] is second._poll[2]  # one batch
-    assert _queue_of(stream).open is first._poll[2]
+    assert first._poll[2] is second._poll[2]  # one batch (on a GPU the watcher may seal it now)
     release = _hold_by_launch(dev, stream)
     after = stream.memset(d[:4], 3)
     try:
