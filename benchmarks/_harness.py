@@ -15,6 +15,7 @@ import contextlib
 import datetime as _dt
 import gc
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -34,7 +35,11 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 
-if str(REPO) not in sys.path:  # run from a checkout without installing gpuaio
+# Only where no gpuaio is importable (a checkout run without installing it):
+# a gpuaio on PYTHONPATH, such as another tree's in an A/B run, must win.
+# (Inserted unconditionally, this checkout's package shadowed the other tree
+# in the A/B runs of issue 13's rounds four to ten: see docs/benchmarks.md.)
+if importlib.util.find_spec("gpuaio") is None:
     sys.path.insert(0, str(REPO))
 
 import anyio  # noqa: E402
@@ -346,6 +351,7 @@ def write_results(
             "cpu": _cpu_model(),
             "cpu_count": os.cpu_count(),
             "gpuaio": gpuaio.__version__,
+            "gpuaio_path": str(Path(gpuaio.__file__).resolve().parent),
             "versions": _versions(
                 (
                     "numpy",
@@ -572,5 +578,6 @@ def banner(suite: str, card: Card) -> None:
     rt = current_runtime()
     print(f"gpuaio {gpuaio.__version__} benchmark suite {suite!r} on {card.name} ({card.backend})")
     print(f"  backend: {rt.reason}; driver: {card.driver}; git {git_commit()[:12]}")
+    print(f"  gpuaio from {Path(gpuaio.__file__).resolve().parent}")
     if card.backend == "sim":
         print("  SIMULATED backend: these numbers describe the simulator, not a GPU.")

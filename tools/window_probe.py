@@ -190,7 +190,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = H.run_on("uvloop", windows, args, peers, notes)
     for row in rows:
         print(json.dumps(row))
-    summary: dict[str, Any] = {"tag": args.tag, "summary": True, "card": card.name}
+    summary: dict[str, Any] = {
+        "tag": args.tag,
+        "summary": True,
+        "card": card.name,
+        "gpuaio": str(Path(gpuaio.__file__).resolve().parent),  # which tree ran (A/B runs)
+    }
     for name in dict.fromkeys(r["method"] for r in rows):
         kept = [r["ops_s"] for r in rows if r["method"] == name and r["rep"] > 0 and "ops_s" in r]
         if kept:
