@@ -128,7 +128,7 @@ class CompletionEngine:
         """Where the sticky error is logged (the runtime shares one across engines)."""
         self._closed = False
 
-    def watch(self, op: Operation, stream: Any, short: bool = False) -> None:
+    def watch(self, op: Operation, stream: Any, short: bool = False, block: bool = False) -> None:
         """Place a marker behind the work just enqueued on ``stream``.
 
         Call right after enqueueing, from the thread that enqueued (stream
@@ -136,6 +136,8 @@ class CompletionEngine:
         ``short`` (an op expected to take at most ``short_op_s`` on the GPU)
         lets an engine share one marker among consecutive short ops; the
         caller then calls :meth:`seal` before enqueueing anything else.
+        With ``block`` (never on an event loop's thread) a short op may wait
+        for another thread placing a marker, rather than get one of its own.
         """
         raise NotImplementedError
 
@@ -149,13 +151,16 @@ class CompletionEngine:
         """
         return True
 
-    def defer(self, op: Operation, key: int, stream: Any, words: list[int]) -> bool:
+    def defer(
+        self, op: Operation, key: int, stream: Any, words: list[int], block: bool = False
+    ) -> bool:
         """Take the tiny memset ``op`` on ``stream`` (its ``CUstream`` address ``key``)
         without its work enqueued, as 32-bit ``words``
         (``[address, value, ...]``) that the engine enqueues before its marker.
 
         Returns False, taking nothing, if the caller must enqueue the work and
         :meth:`watch` the op itself; engines without batches always do.
+        ``block`` as in :meth:`watch`.
         """
         return False
 

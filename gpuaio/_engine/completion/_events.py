@@ -141,7 +141,7 @@ class EventEngine(CompletionEngine):
         """Whether tiny device memsets may be deferred to their batch's seal (``_queue``)."""
 
     # -- the enqueuing thread ------------------------------------------
-    def watch(self, op: Operation, stream: Any, short: bool = False) -> None:
+    def watch(self, op: Operation, stream: Any, short: bool = False, block: bool = False) -> None:
         if self.fatal is not None:
             op._resolve(self.fatal)
             return
@@ -153,7 +153,7 @@ class EventEngine(CompletionEngine):
         # pending on the stream are company: in run AK the watcher sealed a
         # stream's first batch while it held one op, and its other 99 ops of
         # that loop turn would have had markers of their own for BATCH_PROBE_S.
-        if short and q is not None and self._join(op, q, stream, now, None):
+        if short and q is not None and self._join(op, q, stream, now, None, block):
             return
         marker = self._place(stream)
         with self._lock:
@@ -177,28 +177,28 @@ class EventEngine(CompletionEngine):
         if prewake:
             op._prewake()
 
-    def defer(self, op: Operation, key: int, stream: Any, words: list[int]) -> bool:
-        """Add the memset ``op``, not enqueued, to its stream's open batch, as ``words``.
-
-        Returns False, deferring nothing, unless the stream batches now (as
-        :meth:`watch` decides for a short op): then the caller enqueues it
-        and watches it as usual.
-        """
+    def defer(
+        self, op: Operation, key: int, stream: Any, words: list[int], block: bool = False
+    ) -> bool:
+        """Into the open batch if the stream batches now (as :meth:`watch` decides)."""
         q = self._queues.get(key)
         if q is None or not self.defers or self.fatal is not None:
             return False
-        return self._join(op, q, stream, time.perf_counter(), words)
+        return self._join(op, q, stream, time.perf_counter(), words, block)
 
     def _join(
-        self, op: Operation, q: StreamQueue, stream: Any, now: float, words: list[int] | None
+        self,
+        op: Operation,
+        q: StreamQueue,
+        stream: Any,
+        now: float,
+        words: list[int] | None,
+        block: bool = False,
     ) -> bool:
-        """``op`` joins ``q``'s open batch if the stream batches now; False if it did not.
-
-        It batches while it has company, or when a probe for company is due (``_queue``).
-        """
+        """``op`` joins ``q``'s open batch if it has company or a probe is due (``_queue``)."""
         if not (q.batching or q.open is not None or q.entries or now >= q.next_probe):
             return False
-        batch = q.join(op, stream, now, words)
+        batch = q.join(op, stream, now, words, block)
         if batch is None:
             return False
         if op._est:

@@ -55,7 +55,7 @@ class HostFuncEngine(CompletionEngine):
         self._wake = threading.Event()
 
     # -- the enqueuing thread ------------------------------------------
-    def watch(self, op: Operation, stream: Any, short: bool = False) -> None:
+    def watch(self, op: Operation, stream: Any, short: bool = False, block: bool = False) -> None:
         if self.fatal is not None:
             op._resolve(self.fatal)
             return

@@ -180,7 +180,12 @@ class StreamQueue:
 
     # -- adding --------------------------------------------------------
     def join(
-        self, op: Operation, native: Any, now: float, words: list[int] | None = None
+        self,
+        op: Operation,
+        native: Any,
+        now: float,
+        words: list[int] | None = None,
+        block: bool = False,
     ) -> Mark | None:
         """Add the short op ``op``, just enqueued on ``native``, to the open batch.
 
@@ -196,10 +201,11 @@ class StreamQueue:
 
         Returns the batch joined; or None, adding nothing, if the caller must
         give ``op`` a marker of its own (and enqueue its work itself):
-        ``seal_lock`` was busy (never waited for), or the queue was retired.
+        ``seal_lock`` was busy (waited for only with ``block``: never on an
+        event loop's thread), or the queue was retired.
         """
         sl = self.seal_lock
-        if not sl.acquire(False):
+        if not sl.acquire(block):
             return None
         try:
             if self.detached:
