@@ -124,7 +124,11 @@ extern "C" __global__ void latch(volatile int* flag) {
 
 
 def _add_one_sim(grid: Any, block: Any, data: np.ndarray, n: Any) -> None:
-    data.reshape(-1).view(np.uint8)[: int(n)] += 1
+    # As the CUDA kernel: one thread a byte, along x only (a launch too small
+    # for ``n`` leaves the rest, on the sim too).
+    gx = grid if isinstance(grid, int) else grid[0]
+    x = gx * (block if isinstance(block, int) else block[0])
+    data.reshape(-1).view(np.uint8)[: min(int(n), x)] += 1
 
 
 def add_one_kernel(dev: gpuaio.Device) -> gpuaio.Kernel:
