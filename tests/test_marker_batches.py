@@ -450,3 +450,22 @@ async def test_a_short_op_behind_pending_ops_joins_a_batch(
     out = np.empty(8, np.uint8)
     await stream.copy(out, d)
     assert (out[:4] == 1).all() and (out[4:] == 2).all()
+
+
+@pytest.mark.usefixtures("keep_queues")
+async def test_a_destroyed_streams_queue_leaves_with_it(dev: gpuaio.Device) -> None:
+    # The driver may hand its CUstream address to the next stream created:
+    # that one must not inherit a queue that learnt the old one's batching
+    # (GPU run AT: a sweep test's lone memset joined such a batch).
+    s = dev.stream()
+    d = dev.empty(64)
+    ops = [s.memset(d[i : i + 4], i) for i in range(0, 64, 4)]
+    for op in ops:
+        await op
+    key = s._key
+    engine: Any = dev._runtime.engine(dev.ordinal)
+    assert key in engine._queues  # kept while the stream lives (RETIRE_S is 60 s here)
+    await s.aclose()  # the release runs on the stream's host thread, after it returns
+    with anyio.fail_after(10):
+        while key in engine._queues:  # noqa: ASYNC110
+            await anyio.sleep(0.001)

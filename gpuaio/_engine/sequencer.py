@@ -371,6 +371,7 @@ class Sequencer:
                         rt.backend.stream_destroy(self.native)
                     except Exception as exc:
                         rt.log_failure("gpuaio failed to destroy a stream", exc, self.ordinal)
+                    rt.engine(self.ordinal).forget(self.key)
 
         self.executor.submit(release)
         self._rt.expect_release(self.executor, self.executor.submitted)

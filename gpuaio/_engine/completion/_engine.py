@@ -173,6 +173,13 @@ class CompletionEngine:
         """
         return True
 
+    def forget(self, key: int) -> None:
+        """The stream ``key`` was destroyed: keep nothing learnt about it.
+
+        The driver may give its ``CUstream`` address to the next stream
+        created, which must not inherit what the old one's ops were like.
+        """
+
     def pending(self) -> int:
         """Number of operations watched and not yet resolved."""
         raise NotImplementedError

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,7 @@ from ..._core.operation import ClosedWhilePendingError, Operation, post_waiters,
 from ..._core.timerslack import precise_timers
 from ._engine import CompletionEngine, FaultProbe
 from ._queue import StreamQueue, Waiters
+from ._survey import prewake_oldest, survey
 from ._tuning import (
     BATCH_AGE_S,
     ETA_EARLY_S,
@@ -259,6 +261,17 @@ class EventEngine(CompletionEngine):
             return q.flush(block)
         except DeviceFatalError:
             return True  # as in seal
+
+    def forget(self, key: int) -> None:
+        with self._lock:
+            q = self._queues.get(key)
+            if q is None:
+                return
+            # Ops still pending (their work outlives the stream) keep it
+            # until the watcher finds it empty; then it leaves at once.
+            q.last_watch = -math.inf
+            if not q.entries and q.retire(time.perf_counter()):
+                del self._queues[key]
 
     def pending(self) -> int:
         with self._lock:
@@ -536,7 +549,7 @@ class EventEngine(CompletionEngine):
         * Otherwise: sleep ``pace.sleep_s``, twice as long each time in a row.
         """
         now = time.perf_counter()
-        next_eta, prewake_eta = _survey(queues, now)
+        next_eta, prewake_eta = survey(queues, now)
         if next_eta - now > ETA_SLEEP_MIN_S:
             until = min(next_eta - ETA_EARLY_S, self._next_probe, now + ETA_SLEEP_MAX_S)
             # A task asleep on an op due soon is woken PREWAKE_S ahead (it polls
@@ -549,7 +562,7 @@ class EventEngine(CompletionEngine):
                     notified = self._wait(max(0.0, until - now))
             if prewake_eta and not notified:
                 now = time.perf_counter()
-                _prewake_oldest(queues, now + PREWAKE_S + ETA_EARLY_S)
+                prewake_oldest(queues, now + PREWAKE_S + ETA_EARLY_S)
             pace.spin_again()
             return
         if now < pace.spin_until:
@@ -561,39 +574,3 @@ class EventEngine(CompletionEngine):
             pace.restart(time.perf_counter())
         else:
             pace.back_off()
-
-
-# Both read each stream's oldest op without the queue's lock (a resolver may
-# pop it meanwhile), and hold no op once they return: the watcher must not
-# keep a finished op, its stream and its buffers alive while it sleeps.
-def _oldest(queues: list[tuple[int, StreamQueue]]) -> list[Operation]:
-    ops = []
-    for _key, q in queues:
-        with contextlib.suppress(IndexError):  # empty, or emptied just now
-            ops.append(q.entries[0][0])
-    return ops
-
-
-def _survey(queues: list[tuple[int, StreamQueue]], now: float) -> tuple[float, float]:
-    """Pre-wake the tasks asleep on an oldest op due within ``PREWAKE_S`` but not
-    yet (one past its time was polled for through its window already); return
-    (when the earliest oldest op is due, 0 if any is of unknown duration; when
-    the earliest one a task sleeps on is due, past ``PREWAKE_S`` from now, or 0)."""
-    oldest = _oldest(queues)
-    awaited: list[float] = []
-    for op in oldest:
-        if op._waiters:
-            if now < op._eta <= now + PREWAKE_S:
-                op._prewake()
-            elif op._eta - now > PREWAKE_S:
-                awaited.append(op._eta)
-    etas = [op._eta for op in oldest]
-    next_eta = min(etas) if etas and all(etas) else 0.0
-    return next_eta, min(awaited, default=0.0)
-
-
-def _prewake_oldest(queues: list[tuple[int, StreamQueue]], by: float) -> None:
-    """Pre-wake the tasks asleep on each stream's oldest op if it is due by ``by``."""
-    for op in _oldest(queues):
-        if op._waiters and 0.0 < op._eta <= by:
-            op._prewake()
