@@ -96,49 +96,46 @@ async def test_a_kernel_goes_after_the_marker_another_thread_is_placing(
     assert out.tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
 
 
-async def test_a_kernel_goes_after_the_words_another_thread_is_writing(
+async def _words_being_written(
     dev: gpuaio.Device,
     stream: gpuaio.Stream,
     monkeypatch: pytest.MonkeyPatch,
     sealing: list[threading.Thread],
-) -> None:
+) -> tuple[gpuaio.DeviceArray, gpuaio.Operation, _Gate]:
+    """An 8-byte array whose first 4 bytes a deferred memset sets to 1, and
+    another thread stopped while it writes that memset's words."""
     d = dev.empty(8)
     await _warm(stream, d)
     gate = _Gate(_queue_of(stream), "write", monkeypatch)
     first = stream.memset(d[:4], 1)  # deferred: its words wait in the batch
     _seal_elsewhere(stream, gate, sealing)
-    done = stream.launch(add_one_kernel(dev), 1, 32, d, np.uint64(4))
-    gate.open()
-    with anyio.fail_after(10):
-        await first
-        await done
-    out = np.empty(8, np.uint8)
-    await stream.copy(out, d)
-    # The kernel ran after the memset (before the fix it ran first: 1s).
-    assert out.tolist() == [2, 2, 2, 2, 0, 0, 0, 0]
+    return d, first, gate
 
 
-async def test_a_memset_goes_after_the_words_another_thread_is_writing(
+@pytest.mark.parametrize("then", ["kernel", "memset"])
+async def test_work_goes_after_the_words_another_thread_is_writing(
     dev: gpuaio.Device,
     stream: gpuaio.Stream,
     monkeypatch: pytest.MonkeyPatch,
     sealing: list[threading.Thread],
+    then: str,
 ) -> None:
-    d = dev.empty(8)
-    await _warm(stream, d)
-    gate = _Gate(_queue_of(stream), "write", monkeypatch)
-    first = stream.memset(d[:4], 1)  # deferred: its words wait in the batch
-    _seal_elsewhere(stream, gate, sealing)
-    second = stream.memset(d[:6], 2)  # six bytes: a short op enqueued at once
+    d, first, gate = await _words_being_written(dev, stream, monkeypatch, sealing)
+    if then == "kernel":  # adds 1 to the first 4 bytes
+        later = stream.launch(add_one_kernel(dev), 1, 32, d, np.uint64(4))
+        expect = [2, 2, 2, 2, 0, 0, 0, 0]
+    else:  # six bytes: a short op enqueued at once
+        later = stream.memset(d[:6], 2)
+        expect = [2, 2, 2, 2, 2, 2, 0, 0]
     gate.open()
     with anyio.fail_after(10):
         await first
-        await second
+        await later
     out = np.empty(8, np.uint8)
     await stream.copy(out, d)
-    # The later memset won (before the fix the deferred words, written
-    # after it, left 1s).
-    assert out.tolist() == [2, 2, 2, 2, 2, 2, 0, 0]
+    # The later work came after the memset (before the fix it went first,
+    # and the words written after it left 1s).
+    assert out.tolist() == expect
 
 
 async def test_a_tiny_memset_that_finds_the_batch_busy_still_joins_one(
@@ -152,8 +149,6 @@ async def test_a_tiny_memset_that_finds_the_batch_busy_still_joins_one(
     # thread gave up on the busy batch too, every such memset cost it one
     # or two driver calls: in GPU run AR a third of 2,000 memsets of 200
     # tasks got markers of their own.)
-    d = dev.empty(8)
-    await _warm(stream, d)
     backend = dev._runtime.backend
     memset, memsets = backend.memset_async, []
 
@@ -162,16 +157,15 @@ async def test_a_tiny_memset_that_finds_the_batch_busy_still_joins_one(
         memset(*args)
 
     monkeypatch.setattr(backend, "memset_async", counted)
-    gate = _Gate(_queue_of(stream), "write", monkeypatch)
-    first = stream.memset(d[:4], 1)  # deferred: its words wait in the batch
-    _seal_elsewhere(stream, gate, sealing)
+    d, first, gate = await _words_being_written(dev, stream, monkeypatch, sealing)
     second = stream.memset(d[4:], 2)  # the batch is busy: to the host thread
     gate.open()
     with anyio.fail_after(10):
         await first
         await second
     assert second._poll is not None and second._poll[2] is not None  # joined a batch
-    assert memsets == []  # both went to the GPU as batch writes
+    # Both went to the GPU as batch writes (the warm-up's memset of 0s is enqueued).
+    assert [args for args in memsets if args[1] != 0] == []
     out = np.empty(8, np.uint8)
     await stream.copy(out, d)
     assert out.tolist() == [1, 1, 1, 1, 2, 2, 2, 2]
