@@ -27,10 +27,13 @@ pytestmark = pytest.mark.anyio
 
 
 class _Calls:
-    """Counts the backend's memset calls, and the batch writes of watched streams' queues."""
+    """Counts the backend's memset calls, and the batch writes of watched streams' queues
+    (``written``: the words of each, as it is made; it then raises ``fail``, if set)."""
 
     def __init__(self, backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         self.memsets = self.writes = self.words = 0
+        self.written: list[list[int]] = []
+        self.fail: BaseException | None = None
         self._monkeypatch = monkeypatch
         memset = backend.memset_async
 
@@ -52,6 +55,9 @@ class _Calls:
         write = q.write
 
         def counted(native: Any, words: list[int]) -> None:
+            self.written.append(list(words))
+            if self.fail is not None:
+                raise self.fail
             self.writes += 1
             self.words += len(words) // 2
             write(native, words)
@@ -67,29 +73,11 @@ def calls(dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch) -> _Calls:
     return _Calls(dev._runtime.backend, monkeypatch)
 
 
-def _record_writes(
-    stream: gpuaio.Stream, monkeypatch: pytest.MonkeyPatch, fail: BaseException | None = None
-) -> list[list[int]]:
-    """The words of each batch write of the stream's queue, as it is made (then
-    it raises ``fail``, if given)."""
-    q = _queue_of(stream)
-    write, written = q.write, []
-
-    def recorded(native: Any, words: list[int]) -> None:
-        written.append(list(words))
-        if fail is not None:
-            raise fail
-        write(native, words)
-
-    monkeypatch.setattr(q, "write", recorded)
-    return written
-
-
 def _is_deferred(op: gpuaio.Operation, words: list[int], written: list[list[int]]) -> bool:
     """Whether ``op`` went into its batch as ``words``, not enqueued.
 
     The words still wait in the batch, or its seal wrote them (``written``,
-    from :func:`_record_writes`): on a GPU the watcher may seal it any time.
+    from :class:`_Calls`): on a GPU the watcher may seal it any time.
     """
     batch = op._poll[2] if op._poll is not None else None
     if batch is None:
@@ -103,7 +91,7 @@ async def _deferred_memset(
     target: gpuaio.DeviceArray,
     value: int,
     words: list[int],
-    written: list[list[int]],
+    calls: _Calls,
 ) -> gpuaio.Operation:
     """``stream.memset(target, value)``, deferred as ``words``: the first of up to
     20 tries that is (the others are awaited).
@@ -119,7 +107,7 @@ async def _deferred_memset(
         with anyio.fail_after(10):
             while op._poll is None and not op.done():  # noqa: ASYNC110
                 await anyio.sleep(0.001)  # queued on the host thread
-        if _is_deferred(op, words, written):
+        if _is_deferred(op, words, calls.written):
             return op
         q = _queue_of(stream)
         tries.append((op._poll, q.open, q.batching, len(q.entries), q.detached))
@@ -218,12 +206,12 @@ async def test_what_follows_a_deferred_memset_comes_after_it(
     dev: gpuaio.Device,
     stream: gpuaio.Stream,
     then: Callable[[gpuaio.Stream, gpuaio.DeviceArray], Awaitable[list[int]]],
-    monkeypatch: pytest.MonkeyPatch,
+    calls: _Calls,
 ) -> None:
     d = dev.empty(8)
     await _warm(stream, d)
-    written = _record_writes(stream, monkeypatch)
-    first = await _deferred_memset(stream, d[:4], 7, [d.ptr, 0x07070707], written)
+    calls.watch(stream)
+    first = await _deferred_memset(stream, d[:4], 7, [d.ptr, 0x07070707], calls)
     with anyio.fail_after(10):
         seen = await then(stream, d)
         await first
@@ -235,13 +223,13 @@ async def test_what_follows_a_deferred_memset_comes_after_it(
 
 @pytest.mark.usefixtures("always_batch")
 async def test_a_deferred_memset_nobody_awaits_still_lands(
-    dev: gpuaio.Device, stream: gpuaio.Stream, monkeypatch: pytest.MonkeyPatch
+    dev: gpuaio.Device, stream: gpuaio.Stream, calls: _Calls
 ) -> None:
     d = dev.empty(4, np.uint32)
     await _warm(stream, d)
-    written = _record_writes(stream, monkeypatch)
+    calls.watch(stream)
     words = [d.ptr + 4, 0xABCD, d.ptr + 8, 0xABCD]
-    op = await _deferred_memset(stream, d[1:3], 0xABCD, words, written)
+    op = await _deferred_memset(stream, d[1:3], 0xABCD, words, calls)
     with anyio.fail_after(10):
         # Nothing to wait on without polling for it, which would seal the
         # batch itself: the watcher must, as nobody polls.
@@ -292,17 +280,16 @@ async def test_memsets_that_are_not_a_few_device_words_are_enqueued_at_once(
 
 @pytest.mark.usefixtures("always_batch")
 async def test_a_failed_batch_write_fails_its_ops(
-    dev: gpuaio.Device, stream: gpuaio.Stream, monkeypatch: pytest.MonkeyPatch
+    dev: gpuaio.Device, stream: gpuaio.Stream, calls: _Calls
 ) -> None:
     d = dev.empty(8)
     await _warm(stream, d)
-
-    refused = CudaError("cuStreamBatchMemOp", 801, "CUDA_ERROR_NOT_SUPPORTED")
-    written = _record_writes(stream, monkeypatch, fail=refused)
-    op = await _deferred_memset(stream, d[:4], 3, [d.ptr, 0x03030303], written)
+    calls.watch(stream)
+    calls.fail = CudaError("cuStreamBatchMemOp", 801, "CUDA_ERROR_NOT_SUPPORTED")
+    op = await _deferred_memset(stream, d[:4], 3, [d.ptr, 0x03030303], calls)
     with anyio.fail_after(10), pytest.raises(CudaError, match="cuStreamBatchMemOp"):
         await op
-    monkeypatch.undo()
+    calls.fail = None
     await stream.memset(d[4:], 4)  # the stream goes on
     out = np.empty(8, np.uint8)
     await stream.copy(out, d)
