@@ -179,3 +179,36 @@ async def test_a_registered_strategy_is_selectable(
     assert (out == 5).all()
     await s.aclose()
     gpuaio.configure(completion="events")
+
+
+async def test_a_stream_used_before_a_strategy_change_goes_to_the_new_engine(
+    restored: Any, dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Streams keep their device's engine (a lookup less per op) until it closes:
+    a new completion strategy closes it, and the stream's next op goes to the
+    engine that replaced it."""
+    monkeypatch.setattr(_completion, "_registered", {})
+
+    class WatcherOnly(EventEngine):
+        strategy = "watcher-only"
+        loop_spin_s = 0.0
+
+    _completion.register_strategy("watcher-only", WatcherOnly)
+    s = dev.stream()
+    d = dev.empty(64)
+    await s.memset(d, 1)
+    old = restored.engine(dev.ordinal)
+    gpuaio.configure(completion="watcher-only")  # type: ignore[arg-type]
+    try:
+        assert old.closed
+        new = restored.engine(dev.ordinal)
+        assert isinstance(new, WatcherOnly)
+        op = s.memset(d, 7)
+        assert op._poll is not None and op._poll[0] is new, "the op went to the closed engine"
+        await op
+        out = np.empty(64, np.uint8)
+        await s.copy(out, d)
+        assert (out == 7).all()
+        await s.aclose()
+    finally:
+        gpuaio.configure(completion="events")

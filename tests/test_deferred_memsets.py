@@ -11,6 +11,7 @@ and memsets that do not fit are enqueued at once, as before.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 
 import gpuaio
 from gpuaio._core.errors import CudaError
+from gpuaio._engine.completion._queue import StreamQueue
 from tests.test_marker_batches import _FakeMarkers, _queue_of, _warm
 
 pytestmark = pytest.mark.anyio
@@ -295,6 +297,39 @@ async def test_a_failed_batch_write_fails_its_ops(
     await stream.copy(out, d)
     assert out.tolist() == [0, 0, 0, 0, 4, 4, 4, 4]
     d.free()  # its uses were all released
+
+
+@pytest.mark.usefixtures("always_batch")
+async def test_a_loop_defers_no_memset_past_the_streams_share_of_the_launch_queue(
+    dev: gpuaio.Device, stream: gpuaio.Stream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Joining a batch may seal it, which enqueues its words and marker, and
+    enqueueing into a full launch queue blocks: from ``direct_limit`` ops
+    pending on the stream, a loop's memsets go to its host thread."""
+    n, limit = 200, 4
+    d = dev.empty(n, np.uint32)
+    await _warm(stream, d)
+    monkeypatch.setattr(dev._runtime.engine(dev.ordinal), "direct_limit", limit)
+    q = _queue_of(stream)
+    joins: list[tuple[int, int]] = []  # (thread, ops pending before the join)
+    join = StreamQueue.join
+
+    def recorded(self: StreamQueue, *args: Any, **kwargs: Any) -> Any:
+        if self is q:
+            joins.append((threading.get_ident(), len(q.entries)))
+        return join(self, *args, **kwargs)
+
+    monkeypatch.setattr(StreamQueue, "join", recorded)
+    ops = [stream.memset(d[i : i + 1], i + 1) for i in range(n)]
+    with anyio.fail_after(30):
+        await gpuaio.wait_all(ops)
+    loop = threading.get_ident()
+    on_loop = [pending for thread, pending in joins if thread == loop]
+    assert on_loop, "no memset joined a batch from the loop"
+    assert max(on_loop) < limit, on_loop
+    out = np.empty(n, np.uint32)
+    await stream.copy(out, d)
+    assert out.tolist() == list(range(1, n + 1))
 
 
 def test_a_batch_writes_its_deferred_words_before_its_marker() -> None:

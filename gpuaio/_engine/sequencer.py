@@ -46,6 +46,7 @@ from .._core.operation import Operation
 from .hostwork import SerialExecutor
 
 if TYPE_CHECKING:
+    from .completion import CompletionEngine
     from .services import Services
 
 __all__ = ["Frontier", "HostWork", "Sequencer"]
@@ -89,6 +90,7 @@ class Sequencer:
         "__weakref__",
         "_copy_out",
         "_deps",
+        "_engine",
         "_rt",
         "_spin_event",
         "_sync_event",
@@ -109,9 +111,19 @@ class Sequencer:
         self._deps: list[Frontier] = []
         self._sync_event: Any = None
         self._spin_event: Any = None
+        self._engine: CompletionEngine | None = None
+        """The device's completion engine as last looked up (:meth:`engine`)."""
         self.exported: bool = False
         """Whether other libraries may enqueue on this ``CUstream`` (a wrapped stream,
         or one whose handle was handed out): then every op gets a marker of its own."""
+
+    def engine(self) -> CompletionEngine:
+        """The device's completion engine: the runtime's, kept until it closes
+        (a new completion strategy replaces it)."""
+        engine = self._engine
+        if engine is None or engine.closed:
+            engine = self._engine = self._rt.engine(self.ordinal)
+        return engine
 
     # -- what is pending -----------------------------------------------
     @property
@@ -168,7 +180,9 @@ class Sequencer:
         memory) say the same work for a tiny memset: the engine may take them
         instead, to enqueue with its batch (``gpuaio._engine.completion._queue``).
         """
-        engine = self._rt.engine(self.ordinal)
+        engine = self._engine  # self.engine(), without a call on the hot path
+        if engine is None or engine.closed:
+            engine = self.engine()
         # A short op may share its marker with the short ops around it; before
         # anything else, the batch of those before it is sealed (its marker
         # placed), so that they do not wait for it (gpuaio._engine.completion._queue).
@@ -177,10 +191,13 @@ class Sequencer:
         # also if sealing means waiting for another thread placing a marker
         # (the calling thread may be an event loop's: the host thread waits).
         # A short op is enqueued behind the open batch's deferred memsets.
-        if not self.executor.busy and engine.pending_on(self.key) < engine.direct_limit:
+        if not self.executor.busy:
             native = self.native
+            # (defer checks the stream's share of the launch queue itself.)
             if words is not None and short and engine.defer(op, self.key, native, words):
                 return op
+            if engine.pending_on(self.key) >= engine.direct_limit:
+                return self._submit(op, enqueue, args, short, words)
             if not (engine.flush(self.key, False) if short else engine.seal(self.key, False)):
                 return self._submit(op, enqueue, args, short, words)
             try:
@@ -219,7 +236,7 @@ class Sequencer:
 
         def job() -> None:
             native = self.native
-            engine = self._rt.engine(self.ordinal)
+            engine = self.engine()
             if words is not None and short and engine.defer(op, self.key, native, words, True):
                 return
             try:
@@ -255,7 +272,7 @@ class Sequencer:
                 # Whatever ``work`` enqueues must not hold back short ops'
                 # markers, and the wait for earlier GPU work (``after_gpu``)
                 # must cover their deferred memsets.
-                self._rt.engine(self.ordinal).seal(self.key)
+                self.engine().seal(self.key)
                 self._settle(copy_out, deps, after_gpu)
                 enqueued = work()
             except BaseException as exc:
@@ -266,7 +283,7 @@ class Sequencer:
                 op._resolve(None)
                 return
             try:
-                self._rt.engine(self.ordinal).watch(op, self.native)
+                self.engine().watch(op, self.native)
             except BaseException as exc:
                 self._fail_after_drain(op, exc)
 
@@ -301,7 +318,7 @@ class Sequencer:
         if copy_out is not None and not copy_out._done:
             if after_gpu:
                 # Its DMA is done: resolve it (and its copy-out) from here.
-                self._rt.engine(self.ordinal).drain_for(copy_out)
+                self.engine().drain_for(copy_out)
             copy_out._wait_blocking()
         for f in deps:
             f.wait()

@@ -126,7 +126,8 @@ class CompletionEngine:
         self.fatal: DeviceFatalError | None = None
         self.faults: FaultLog = FaultLog()
         """Where the sticky error is logged (the runtime shares one across engines)."""
-        self._closed = False
+        self.closed: bool = False
+        """Set by :meth:`close`: streams that kept the engine look it up again."""
 
     def watch(self, op: Operation, stream: Any, short: bool = False, block: bool = False) -> None:
         """Place a marker behind the work just enqueued on ``stream``.
@@ -159,7 +160,10 @@ class CompletionEngine:
         (``[address, value, ...]``) that the engine enqueues before its marker.
 
         Returns False, taking nothing, if the caller must enqueue the work and
-        :meth:`watch` the op itself; engines without batches always do.
+        :meth:`watch` the op itself; engines without batches always do. So
+        does a call without ``block`` while ``direct_limit`` ops are pending on
+        the stream (:meth:`pending_on`): joining may enqueue the batch's words
+        and marker, and the calling thread may be an event loop's.
         ``block`` as in :meth:`watch`.
         """
         return False
@@ -209,7 +213,7 @@ class CompletionEngine:
 
     def close(self) -> None:
         """Stop the engine; ops still pending fail with an error."""
-        self._closed = True
+        self.closed = True
 
     def _fail_fatal(self, exc: DeviceFatalError) -> None:
         """Remember the device's sticky error (the first one) and log it once."""

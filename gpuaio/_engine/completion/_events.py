@@ -184,7 +184,14 @@ class EventEngine(CompletionEngine):
     ) -> bool:
         """Into the open batch if the stream batches now (as :meth:`watch` decides)."""
         q = self._queues.get(key)
-        if q is None or not self.defers or self.fatal is not None:
+        if (
+            q is None
+            or not self.defers
+            or self.fatal is not None
+            # Joining may seal the open batch, which enqueues: not from a loop
+            # past the stream's share of the launch queue (Sequencer.gpu).
+            or (not block and len(q.entries) >= self.direct_limit)
+        ):
             return False
         return self._join(op, q, stream, time.perf_counter(), words, block)
 
@@ -204,7 +211,8 @@ class EventEngine(CompletionEngine):
         if batch is None:
             return False
         if op._est:
-            op._eta = q.busy_until = max(now, q.busy_until) + op._est
+            busy = q.busy_until  # not max(): a builtin call costs more than the test
+            op._eta = q.busy_until = (busy if busy > now else now) + op._est
         op._poll = (self, q, batch)
         # The watcher exists (the queue does); it need not hear of a short op,
         # unless a task already sleeps on it or it sleeps while no loop polls.
@@ -459,9 +467,9 @@ class EventEngine(CompletionEngine):
         self._start_probe()
         while True:
             with self._cv:
-                while not self._queues and not self._closed:
+                while not self._queues and not self.closed:
                     self._sleep_until_work(pace)
-                if self._closed:
+                if self.closed:
                     break
                 queues = None
                 now = time.perf_counter()
@@ -558,7 +566,7 @@ class EventEngine(CompletionEngine):
                 until = min(until, prewake_eta - PREWAKE_S)
             notified = False
             with self._cv:
-                if not self._closed:
+                if not self.closed:
                     notified = self._wait(max(0.0, until - now))
             if prewake_eta and not notified:
                 now = time.perf_counter()
@@ -569,7 +577,7 @@ class EventEngine(CompletionEngine):
             time.sleep(SPIN_POLL_S)  # lets other threads have the GIL between polls
             return
         with self._cv:
-            notified = self._wait(pace.sleep_s) if self._queues and not self._closed else True
+            notified = self._wait(pace.sleep_s) if self._queues and not self.closed else True
         if notified:
             pace.restart(time.perf_counter())
         else:

@@ -127,7 +127,7 @@ class HostFuncEngine(CompletionEngine):
         """
         precise_timers()
         next_probe = time.monotonic() + FAULT_PROBE_S
-        while not self._closed:
+        while not self.closed:
             if self._pending:
                 self._wake.wait(max(0.0, next_probe - time.monotonic()))
             else:
