@@ -185,12 +185,15 @@ class Transfers:
         self._check()
         rt = self._rt
         d = describe(dst, rt, "dst")
-        _check_writable(d, "memset destination")
+        # One unpacking: each field read by name is an attribute lookup of its own.
+        ptr, nbytes, _shape, dtype, kind, device, readonly, contiguous, owner, alloc = d
+        if readonly or not contiguous:
+            _check_writable(d, "memset destination")
         if width is None:
-            width = d.dtype.itemsize
+            width = dtype.itemsize
             if width not in (1, 2, 4):
                 raise InvalidArgumentError(
-                    f"cannot infer a memset width from dtype {d.dtype}; pass width=1, 2 or 4"
+                    f"cannot infer a memset width from dtype {dtype}; pass width=1, 2 or 4"
                 )
         elif type(width) is not int:  # the exact type: bool is an int too
             if isinstance(width, (bool, np.bool_)) or not isinstance(width, (int, np.integer)):
@@ -211,24 +214,23 @@ class Transfers:
         if not low <= value <= mask:
             raise InvalidArgumentError(f"memset value {value} does not fit in {width} byte(s)")
         value &= mask
-        nbytes = d.nbytes
         if nbytes % width:
             raise InvalidArgumentError(
                 f"destination of {nbytes} bytes is not a whole number of {width}-byte items"
             )
-        kind = d.kind
         on_device = kind is _DEVICE or kind is _MANAGED
-        if on_device and d.device not in (None, self._ordinal):
+        if on_device and device is not None and device != self._ordinal:
             raise InvalidArgumentError(
-                f"the destination is on device {d.device} but this stream is on device "
+                f"the destination is on device {device} but this stream is on device "
                 f"{self._ordinal}"
             )
         label = _MEMSET_LABELS[kind]
         if nbytes == 0:
             return completed(label, self)
-        op = Operation(label, self, (dst, d.owner), nbytes)
-        if d.alloc is not None:
-            _hold(op, d.alloc)
+        op = Operation(label, self, (dst, owner), nbytes)
+        if alloc is not None:
+            alloc.acquire()  # what _hold does for one allocation, without its call
+            op._allocs = (alloc,)
         if not on_device:
             view = d.host_array()
             w = width
@@ -239,7 +241,7 @@ class Transfers:
 
             return self._seq.host(op, fill, after_gpu=True)
         op._est = nbytes / _HBM_BPS
-        ptr, count = d.ptr, nbytes // width
+        count = nbytes // width
         words = None
         if nbytes <= _WORDS_MAX and kind is _DEVICE and not (ptr | nbytes) & 3:
             # A few aligned words: may be deferred to the stream's batch and
