@@ -383,8 +383,16 @@ class EventEngine(CompletionEngine):
         now = time.perf_counter()
         self._loop_polling_until = now + LOOP_COVER_S  # unlocked: see the module docstring
         sweep = now >= self._next_sweep
-        if not sweep and (op._done or now - q.last_poll < STREAM_POLL_GAP_S):
-            return op._done
+        if op._done:
+            # A drain of its stream resolved it since this await began, and all
+            # before it: sweeps may leave the stream to its polling tasks a while,
+            # as after a drain from here (most sweep drains with 1,000 tasks
+            # found nothing new).
+            q.last_poll = now
+            if not sweep:
+                return True
+        elif not sweep and now - q.last_poll < STREAM_POLL_GAP_S:
+            return False
         waiters: Waiters = []
         try:
             if sweep:
