@@ -67,6 +67,7 @@ def test_polls_sweep_the_other_streams(
     slow.close()
 
 
+@pytest.mark.usefixtures("keep_queues")  # the stream's queue stays the one its ops are in
 def test_a_poll_that_finds_its_op_done_keeps_sweeps_off_its_stream(
     gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -89,7 +90,13 @@ def test_a_poll_that_finds_its_op_done_keeps_sweeps_off_its_stream(
     pending = s.memset(d, 2)  # keeps the stream's queue non-empty: sweeps look at it
     engine._loop_polling_until = time.perf_counter() + 60  # as if loops polled
     time.sleep(0.05)  # the watcher has stood down by now, for 60 s
+    deadline = time.monotonic() + 10
+    while pending._poll is None and time.monotonic() < deadline:
+        time.sleep(0.001)  # queued on the stream's host thread, behind the latch's launch
     q = first._poll[1]
+    # Not retired while empty (on a GPU the latch took longer than RETIRE_S):
+    # the sweeps must look at this queue, or the test proves nothing.
+    assert engine._queues.get(s._key) is q and pending._poll is not None
     loop = threading.get_ident()
     drains: list[object] = []
     drain = type(q).drain
