@@ -13,7 +13,8 @@ configuration the median over repetitions (with the min-max spread) of:
 
 A second table gives the wake-up delay of a task awaiting a 1 ms op (past
 the loop's polling window, so it sleeps) while another task of the same loop
-keeps polling tiny ops: median and worst of 30.
+keeps polling tiny ops: median and worst of 30, each after a pause of 1 to
+1.3 ms (a fixed pause locks in phase with the loops' sweeps).
 
 The backend is a fake GPU: the simulated backend's memory, with streams,
 memsets and events that are a few Python statements each, so what is left is
@@ -240,6 +241,7 @@ async def run_mixed(lib: ModuleType, n: int = 30) -> list[float]:
     dev = lib.Device(0)
     busy, slow = dev.stream(), dev.stream()
     d = dev.empty(8)
+    jitter = np.random.default_rng(13)
     delays: list[float] = []
     stop = False
 
@@ -253,7 +255,11 @@ async def run_mixed(lib: ModuleType, n: int = 30) -> list[float]:
             done_at = slow._native.busy_until = time.perf_counter() + 1e-3  # 1 ms of work
             await slow.memset(d[4:], 0)
             delays.append(time.perf_counter() - max(done_at, slow._native.busy_until))
-            await anyio.sleep(0.001)
+            # A pause of a random length: with a fixed 1 ms the cycle locked in
+            # phase with the loops' sweeps (every LOOP_SWEEP_S), and the delay
+            # came out about 100 or about 260 us depending on which phase a
+            # process fell into (issue 13, eleventh round), not on the code.
+            await anyio.sleep(0.001 + float(jitter.uniform(0.0, 3e-4)))
         stop = True
 
     async with anyio.create_task_group() as tg:
