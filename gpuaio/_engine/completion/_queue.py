@@ -174,7 +174,8 @@ class StreamQueue:
         self.last_watch = 0.0
         """When an op was last added (``perf_counter``)."""
         self.last_poll = 0.0
-        """When a loop last drained it (sweeps skip streams drained lately)."""
+        """When a loop last drained it, or found an op of it resolved (sweeps skip
+        streams polled lately: ``EventEngine.poll_for``)."""
         self.busy_until = 0.0
         """When the stream's queued work with known durations should be done."""
 

@@ -53,7 +53,8 @@ BATCH_OP_S = 2e-6
 """What a short op adds to its batch's expected time besides its own estimate
 (a 4-byte memset takes about that on an H100, launch included)."""
 LOOP_SWEEP_S = 250e-6
-"""How often polling loops drain the streams that no poll has drained lately."""
+"""How often polling loops drain the streams that no poll has drained, or found
+an op of resolved, lately."""
 LOOP_COVER_S = 1e-3
 """How long after a loop last polled the watcher leaves the device to loops."""
 STAND_DOWN_S = 20e-3
