@@ -76,6 +76,10 @@ def test_a_poll_that_finds_its_op_done_keeps_sweeps_off_its_stream(
     ``LOOP_SWEEP_S``. With 1,000 tasks, nine in ten sweep drains found nothing
     new, because the streams' polls found their ops done and said nothing."""
     monkeypatch.setattr(_events, "STAND_DOWN_S", 60.0)
+    # A long sweep period: between the two polls below this thread may lose
+    # the CPU for a while on a loaded machine, and must not outlast it.
+    sweep_s = 0.1
+    monkeypatch.setattr(_events, "LOOP_SWEEP_S", sweep_s)
     rt = gpuaio_runtime
     dev = device_of(rt, 0)
     s, t = dev.stream(), dev.stream()
@@ -107,13 +111,13 @@ def test_a_poll_that_finds_its_op_done_keeps_sweeps_off_its_stream(
         drain(self, *args, **kwargs)
 
     monkeypatch.setattr(type(q), "drain", counted)
-    time.sleep(2 * _tuning.LOOP_SWEEP_S)  # the stream was last drained long ago
+    time.sleep(2 * sweep_s)  # the stream was last drained long ago
     engine._next_sweep = time.perf_counter() + 60
     assert engine.poll_for(first)  # found done: no sweep due
     engine._next_sweep = 0.0
     assert engine.poll_for(elsewhere)  # a sweep, just after that poll
     assert drains == [], "a sweep drained a stream a task had just found drained"
-    time.sleep(2 * _tuning.LOOP_SWEEP_S)
+    time.sleep(2 * sweep_s)
     engine._next_sweep = 0.0
     assert engine.poll_for(elsewhere)  # a sweep by a poll for another stream's op
     assert drains == [q], "no poll lately: the sweep drains the stream"
