@@ -374,7 +374,8 @@ class Sequencer:
                 if not live:
                     return  # released with the backend: its context took them along
                 # Short ops' shared marker goes on the stream before it is destroyed.
-                rt.engine(self.ordinal).seal(self.key)
+                engine = self.engine()
+                engine.seal(self.key)
                 # Each is attempted: after a sticky error all fail (logged once).
                 for ev in events:
                     if ev is None:
@@ -388,7 +389,7 @@ class Sequencer:
                         rt.backend.stream_destroy(self.native)
                     except Exception as exc:
                         rt.log_failure("gpuaio failed to destroy a stream", exc, self.ordinal)
-                    rt.engine(self.ordinal).forget(self.key)
+                    engine.forget(self.key)
 
         self.executor.submit(release)
         self._rt.expect_release(self.executor, self.executor.submitted)
