@@ -197,9 +197,9 @@ class Operation:
                 if spin and (woken_early or self._eta - start < spin):
                     # Short ops, or long ones about to complete: poll from this
                     # loop for a moment, yielding to other tasks, which beats
-                    # any cross-thread wake-up. Yield before the first poll: a
-                    # GPU takes microseconds to even start an op. Longer ops
-                    # are left to the watcher thread.
+                    # any cross-thread wake-up. Yield before the first poll, as
+                    # a rule: a GPU takes microseconds to even start an op.
+                    # Longer ops are left to the watcher thread.
                     assert engine is not None  # spin is non-zero
                     deadline = 0.0  # worked out at the first miss: most ops never miss
                     # On asyncio (and uvloop) a bare yield reschedules the task
@@ -207,7 +207,15 @@ class Operation:
                     # asyncio.sleep(0) does, without a coroutine per poll.
                     if not asyncio_loop and yield_now is None:
                         yield_now = _yielder()
-                    while True:
+                    # A lone tiny op may be done already, and then the yield
+                    # would cost a turn of the loop for nothing: the engine
+                    # decides whether to poll first (``_firstpoll``). Never on
+                    # trio, where an await is a checkpoint, nor for an op in a
+                    # batch (``_poll[2]``): many tasks are about, and a poll
+                    # would seal the batch. This check is the cheap one.
+                    first = asyncio_loop and not woken_early and poll[2] is None  # type: ignore[index]
+                    while not (first and engine.first_poll(self, start)):
+                        first = False
                         if yield_now is None:
                             yield
                         else:

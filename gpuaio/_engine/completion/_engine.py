@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..._core.errors import CudaError, DeviceFatalError
@@ -102,6 +103,10 @@ class FaultProbe:
                 log.debug("could not destroy the fault probe event: %s", exc)
 
 
+def _no_first_poll(op: Operation, now: float) -> bool:
+    return False
+
+
 class CompletionEngine:
     """Resolves operations of one device when their markers fire."""
 
@@ -128,6 +133,11 @@ class CompletionEngine:
         """Where the sticky error is logged (the runtime shares one across engines)."""
         self.closed: bool = False
         """Set by :meth:`close`: streams that kept the engine look it up again."""
+        self.first_poll: Callable[[Operation, float], bool] = _no_first_poll
+        """``first_poll(op, now)``, from an asyncio loop's await before its task
+        first yields: poll for ``op`` if that is likely to find it done, and
+        return whether it did (then the task does not yield). Only called while
+        ``loop_spin_s`` is non-zero; engines that never poll first return False."""
 
     def watch(self, op: Operation, stream: Any, short: bool = False, block: bool = False) -> None:
         """Place a marker behind the work just enqueued on ``stream``.

@@ -51,6 +51,7 @@ from ..._core.errors import CudaError, DeviceFatalError
 from ..._core.operation import ClosedWhilePendingError, Operation, post_waiters, resolve_many
 from ..._core.timerslack import precise_timers
 from ._engine import CompletionEngine, FaultProbe
+from ._firstpoll import FirstPolls
 from ._queue import StreamQueue, Waiters
 from ._survey import prewake_oldest, survey
 from ._tuning import (
@@ -139,6 +140,7 @@ class EventEngine(CompletionEngine):
         self._fired_call = (
             backend.event_query if type(self)._fired is EventEngine._fired else self._fired
         )
+        self.first_poll = FirstPolls(self.poll_for, self._queues)
         self.defers: bool = backend.device_properties(device).stream_mem_ops
         """Whether tiny device memsets may be deferred to their batch's seal (``_queue``)."""
 

@@ -22,6 +22,13 @@ nothing pending, nothing is probed and nothing wakes.
 # The events strategy.
 LOOP_SPIN_S = float(os.environ.get("GPUAIO_LOOP_SPIN_US", "150")) * 1e-6
 """How long an awaiting task polls from its event loop before handing off."""
+FIRST_POLL_RUN_S = 100e-6
+"""How long a loop may go on through awaits of gpuaio's without yielding (``_firstpoll``).
+
+A lone tiny op is polled for before the task's first yield only if the loop's
+thread yielded in such an await less than this long ago: a task awaiting one
+tiny op after another, each done when first polled, still lets the loop's
+other tasks run at least this often."""
 STREAM_POLL_GAP_S = 2e-6
 """A loop queries one stream at most this often (many tasks poll the same one)."""
 SHORT_OP_S = 10e-6
