@@ -27,7 +27,7 @@ class _Queue:
 class _Op:
     """What FirstPolls reads of an op: ``_poll`` (engine, queue, batch) and ``_eta``."""
 
-    def __init__(self, queue: _Queue, batch: object = None, eta: float = 0.0) -> None:
+    def __init__(self, queue: _Queue, batch: object = None, eta: float = 1.0) -> None:
         self._poll = (None, queue, batch)
         self._eta = eta
 
@@ -62,6 +62,7 @@ def test_only_a_lone_due_op_of_a_lone_stream_is_polled_first() -> None:
     # Each of these would take a poll from other tasks' work, or find nothing:
     assert not first(_Op(q, batch=object()), now)  # batched: a poll would seal the batch
     assert not first(_Op(q, eta=now + 1.0), now)  # not due by its estimate
+    assert not first(_Op(q, eta=0.0), now)  # of unknown length (a kernel: no estimate)
     assert not first(_Op(_Queue(2)), now)  # its stream has other work pending
     queues[2] = _Queue(0)
     assert not first(_Op(q), now)  # another stream is in use

@@ -10,7 +10,8 @@ once, learning from the polls themselves whether that pays.
 
 Only ops with a marker of their own (not batched: a poll seals the open
 batch, which would take batching away from the many-task case) that are due
-by their estimate are polled for first. Two limits keep it honest:
+by their estimate are polled for first; not kernels, whose length is
+unknown. Two limits keep it honest:
 
 - *Fairness.* A task that finds its op done returns without yielding, like
   an await of a done future. A loop that went on that way would starve its
@@ -77,7 +78,7 @@ class FirstPolls:
             or poll[2] is not None  # batched (the caller checks too): a poll would seal it
             or len(self._queues) != 1  # other streams have work: others' tasks run
             or len(poll[1].entries) != 1  # its stream has other work: so may others
-            or op._eta > now  # not due yet by its estimate
+            or not 0.0 < op._eta <= now  # not due yet by its estimate, or of unknown length
             or now - turn.at >= FIRST_POLL_RUN_S
         ):
             turn.at = now
