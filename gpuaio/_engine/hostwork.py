@@ -8,13 +8,14 @@ on the H100 hosts we measured).
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import os
 import queue
 import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -23,18 +24,17 @@ import numpy.typing as npt
 from .._core import trace as _trace
 from .._core.timerslack import precise_timers
 
-__all__ = ["HostPool", "SerialExecutor", "byte_view"]
+__all__ = ["HostPool", "SerialExecutor", "SlicedCopy", "byte_view"]
 
 MIN_SLICE = 1 << 20
 """Bytes below which a host copy or fill is not split (thread hand-off costs ~10-50 µs)."""
 
-STAGE_SLICE = int(os.environ.get("GPUAIO_STAGE_SLICE", 4 << 20))
-"""The smallest slice of a staging chunk a copy thread takes (:meth:`HostPool.submit_copy`).
+STAGE_SLICE = int(os.environ.get("GPUAIO_STAGE_SLICE", 1 << 20))
+"""The slice of a staging chunk a copy thread claims at a time (:class:`SlicedCopy`).
 
-4 MiB: on H200 hosts 16 MiB pageable copies ran 1.2-1.3x and 64 MiB ones
-1.1x faster than in 1 MiB slices, in two runs (issue 13,
-``benchmarks/results/2026-12-02-h200-variants-run-h.log`` and ``-run-i``):
-each slice is a hand-off between threads under the GIL."""
+A claim costs a counter step and a lock, not a hand-off between threads, so
+slices can be small; small slices complete front to back, and the stager
+DMAs the copied front of a chunk while its back is still being copied."""
 
 
 def byte_view(ptr: int, nbytes: int, readonly: bool = False) -> npt.NDArray[np.uint8]:
@@ -70,6 +70,9 @@ def _copy_thread_start() -> None:
         except OSError:
             pass  # a sandbox that forbids it: keep the default priority
 
+
+_memmove = ctypes.memmove
+"""The copy of one slice (releases the GIL; a name tests can wrap)."""
 
 _FEW_CORES = (os.cpu_count() or 1) <= 4
 _YIELD_SLICE = 4 << 20
@@ -139,41 +142,20 @@ class HostPool:
 
     def submit_copy(
         self,
-        dst: np.ndarray,
-        src: np.ndarray,
+        dst: int,
+        src: int,
+        nbytes: int,
         span: tuple[str, _trace.Tracer | None, dict[str, Any]] | None = None,
-    ) -> list[Future[None]]:
-        """Queue the copy of flat uint8 ``src`` into ``dst`` in slices; returns their futures.
+    ) -> SlicedCopy:
+        """Start copying ``nbytes`` from address ``src`` to ``dst`` on the copy
+        threads, in slices claimed front to back; returns at once.
 
         With ``span`` = (name, tracer, args), each slice is an NVTX range (if
         ``nvtx`` is installed) and a span in ``tracer`` (if not None) on the
         thread that copies it, with ``args`` plus the slice's ``bytes`` and
-        ``offset`` (``args["offset"]`` plus its place in ``dst``).
+        ``offset`` (``args["offset"]`` plus its place in the copy).
         """
-        n = dst.nbytes
-        parts = min(self.threads, max(1, n // STAGE_SLICE))
-        step = -(-n // parts)
-        step = (step + 4095) & ~4095
-        pool = self._executor()
-        if span is None or not _trace.wanted(span[1]):
-            return [
-                pool.submit(_yielding_copy, dst[start : start + step], src[start : start + step])
-                for start in range(0, n, step)
-            ]
-        name, tracer, args = span
-        base = args.get("offset", 0)
-        return [
-            pool.submit(
-                _trace.traced_call,
-                name,
-                tracer,
-                {**args, "offset": base + start, "bytes": min(step, n - start)},
-                _yielding_copy,
-                dst[start : start + step],
-                src[start : start + step],
-            )
-            for start in range(0, n, step)
-        ]
+        return SlicedCopy(self._executor(), self.threads, dst, src, nbytes, span)
 
     def fill(self, dst: np.ndarray, value: int, itemsize: int) -> None:
         """Fill flat uint8 ``dst`` with the little-endian ``itemsize``-byte ``value``."""
@@ -197,6 +179,151 @@ class HostPool:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+
+
+class SlicedCopy:
+    """One host copy, split into slices that copy threads claim in order.
+
+    Up to ``threads`` tasks go to the copy threads; each claims the next
+    slice (of :data:`STAGE_SLICE` bytes) until none is left. Slices are
+    claimed front to back, so the copy completes roughly that way:
+    :meth:`wait_copied` returns a growing copied prefix, which the stager
+    DMAs while the rest is still being copied. A thread that runs out of
+    slices takes the next task in the pool's queue (the next chunk's) at
+    once: no thread idles at a chunk boundary.
+    """
+
+    __slots__ = (
+        "_active",
+        "_claim",
+        "_count",
+        "_cv",
+        "_done",
+        "_dst",
+        "_error",
+        "_futs",
+        "_prefix",
+        "_span",
+        "_src",
+        "_step",
+        "_stop",
+        "_want",
+        "nbytes",
+    )
+
+    def __init__(
+        self,
+        executor: ThreadPoolExecutor,
+        threads: int,
+        dst: int,
+        src: int,
+        nbytes: int,
+        span: tuple[str, _trace.Tracer | None, dict[str, Any]] | None = None,
+    ) -> None:
+        self.nbytes = nbytes
+        self._dst, self._src = dst, src
+        step = max(4096, (STAGE_SLICE + 4095) & ~4095)
+        self._step = step
+        self._count = -(-nbytes // step)
+        self._claim = itertools.count().__next__  # atomic under the GIL
+        self._done = bytearray(self._count)
+        self._prefix = 0  # slices copied, counted from the first
+        self._want = nbytes  # the waiter's target: notify only once reached
+        self._error: BaseException | None = None
+        self._stop = False
+        self._cv = threading.Condition(threading.Lock())
+        self._span = span if span is not None and _trace.wanted(span[1]) else None
+        tasks = max(1, min(threads, self._count))
+        self._active = tasks
+        self._futs: list[Future[None]] = []
+        try:
+            for _ in range(tasks):
+                self._futs.append(executor.submit(self._run))
+        except BaseException:
+            with self._cv:
+                self._active -= tasks - len(self._futs)
+            self.stop()
+            raise
+
+    def _run(self) -> None:
+        step, count, n = self._step, self._count, self.nbytes
+        dst, src, span = self._dst, self._src, self._span
+        done, cv = self._done, self._cv
+        try:
+            while not self._stop:
+                k = self._claim()
+                if k >= count:
+                    break
+                off = k * step
+                ln = min(step, n - off)
+                if span is None:
+                    _memmove(dst + off, src + off, ln)
+                else:
+                    name, tracer, args = span
+                    sargs = {**args, "offset": args.get("offset", 0) + off, "bytes": ln}
+                    _trace.traced_call(name, tracer, sargs, _memmove, dst + off, src + off, ln)
+                if _FEW_CORES:
+                    os.sched_yield()  # let a waiting event-loop thread in between slices
+                with cv:
+                    done[k] = 1
+                    p = self._prefix
+                    if k == p:
+                        p += 1
+                        while p < count and done[p]:
+                            p += 1
+                        self._prefix = p
+                        if p == count or p * step >= self._want:
+                            cv.notify_all()
+        except BaseException as exc:
+            with cv:
+                if self._error is None:
+                    self._error = exc
+                self._stop = True
+        finally:
+            with cv:
+                self._active -= 1
+                if self._active == 0 or self._error is not None:
+                    cv.notify_all()
+
+    def copied(self) -> int:
+        """Bytes copied so far, counted from the start without a gap."""
+        return min(self._prefix * self._step, self.nbytes)
+
+    def wait_copied(self, have: int = 0, at_least: int = 0) -> int:
+        """Block until more than ``have`` bytes are copied from the start, and
+        at least ``at_least`` (or all); return how many are.
+
+        Raises the first error of a slice, once no thread copies any more.
+        """
+        n = self.nbytes
+        target = min(n, max(have + 1, at_least))
+        with self._cv:
+            while True:
+                p = min(self._prefix * self._step, n)
+                if p >= target:
+                    return p
+                if self._error is not None:
+                    if self._active == 0:
+                        raise self._error
+                elif self._active == 0:  # cannot happen: every slice was claimed
+                    raise RuntimeError("host copy ended with slices uncopied")
+                self._want = target
+                self._cv.wait()
+
+    def stop(self) -> None:
+        """Let no thread claim another slice; return once none copies any more.
+
+        After it, the copy's memory is untouched: what was not copied stays so.
+        """
+        self._stop = True
+        ended = 0
+        for f in self._futs:
+            if f.cancel():
+                ended += 1
+        if ended:
+            with self._cv:
+                self._active -= ended
+        wait(self._futs)
 
 
 def _wake() -> None:

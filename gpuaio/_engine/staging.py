@@ -27,7 +27,6 @@ from __future__ import annotations
 import ctypes
 import os
 from collections import deque
-from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +36,7 @@ from .._core.operation import Operation
 from .._core.progress import report_progress
 from .buffers import BufferInfo
 from .eventcache import EventCache
-from .hostwork import HostPool, byte_view
+from .hostwork import HostPool, SlicedCopy
 from .pool import PinnedBlock, PinnedPool, parse_size, size_class
 
 if TYPE_CHECKING:
@@ -269,9 +268,10 @@ class Stager:
         """Host job: chunks of ``s`` -> pinned blocks -> DMA into ``d``.
 
         Up to ``LOOKAHEAD`` chunks are being copied by the host threads while
-        this thread waits for the oldest and enqueues its DMA, so the threads
-        never idle at a chunk boundary; a ring of ``depth`` events bounds the
-        DMAs in flight.
+        this thread DMAs the copied front of the oldest, in steps of at
+        least ``DMA_STEP`` bytes, so the DMA trails the host copy by about
+        a step and the copy threads never idle at a chunk boundary; a ring
+        of ``depth`` events bounds the chunks in DMA.
         """
         backend, pool, host = self.runtime.backend, self.pool, self.runtime.host
         native = seq.native
@@ -288,7 +288,8 @@ class Stager:
         lookahead = 1 if solo else LOOKAHEAD
         events = self.events
         ring = [events.get(device) for _ in range(depth)]
-        copying: deque[tuple[int, int, PinnedBlock, list[Future[None]]]] = deque()
+        # (offset, bytes, block, its copy or None when copied, bytes DMAed)
+        copying: deque[list[Any]] = deque()
         # Chunk copies are traced on the host threads that run them, into
         # the tracer the op captured when its task enqueued it.
         tracer = op._tracer
@@ -315,43 +316,46 @@ class Stager:
                     # holds the chunk planned (one chunk in a block that size
                     # would lose the overlap of host copy and DMA).
                     ln = min(ln, block.size)
-                    futs = _stage(
+                    cp = _stage(
                         host, _H2D_CHUNK, tracer, k, off, block.ptr, src_ptr + off, ln, solo
                     )
-                    copying.append((off, ln, block, futs))
+                    copying.append([off, ln, block, cp, 0])
                     k += 1
                     off += ln
                 if not copying:
                     break
-                o, ln, block, futs = copying[0]
-                _finish(futs)
+                entry = copying[0]
+                o, ln, block, cp, sent = entry
+                ready = ln if cp is None else cp.wait_copied(sent, sent + DMA_STEP)
+                if sent == 0 and j >= depth:
+                    # The first DMA of this chunk: wait until the chunk
+                    # ``depth`` before it is out of DMA.
+                    backend.event_synchronize(ring[j % depth])
+                if ready < ln:  # a front part: its block stays guarded by the chunk's last DMA
+                    backend.memcpy_async(d.ptr + o + sent, block.ptr + sent, ready - sent, native)
+                    entry[4] = ready
+                    continue
                 copying.popleft()
-                slot = ring[j % depth]
-                try:
-                    if j >= depth:
-                        backend.event_synchronize(slot)
-                except BaseException:
-                    pool.release(block)
-                    raise
                 guard = _guarded_dma(
-                    backend, native, events, device, pool, block, d.ptr + o, block.ptr, ln
-                )
+                    backend, native, events, device, pool, block,
+                    d.ptr + o + sent, block.ptr + sent, ln - sent, drain=sent > 0,
+                )  # fmt: skip
                 guards.append((block, pool.release(block, [guard])))
-                backend.event_record(slot, native)
+                backend.event_record(ring[j % depth], native)
                 j += 1
                 enqueued += ln
-                last = ln
+                last = ln - sent
                 if op._progress is not None and enqueued < n:
                     report_progress(op._progress, enqueued, n)
         finally:
-            _drop(pool, copying)
+            _drop(backend, native, pool, copying)
             # Pending or not: every user records an event before it waits on
             # it, and a record replaces the one before.
             events.put(ring)
         if enqueued < n:
             seq.wait_prior()
             raise OperationAbortedError(f"{op.label}: aborted after {enqueued} of {n} bytes")
-        # What is left is about the last chunk's DMA: with an expected time, the
+        # What is left is about the last DMA: with an expected time, the
         # watcher sleeps until just before it and wakes the awaiting loop in time.
         op._est = last / PCIE_BPS
 
@@ -382,7 +386,8 @@ class Stager:
         solo = chunk <= SOLO_CHUNK
         events = self.events
         inflight: deque[tuple[int, int, PinnedBlock, Any]] = deque()
-        copying: deque[tuple[int, int, PinnedBlock, list[Future[None]]]] = deque()
+        # (offset, bytes, block, its copy-out or None when copied, 0)
+        copying: deque[list[Any]] = deque()
         # Chunk copies are traced on the host threads that run them, into
         # the tracer the op captured when its task enqueued it.
         tracer = op._tracer
@@ -412,13 +417,14 @@ class Stager:
                     backend.event_synchronize(ev)
                     inflight.popleft()
                     events.put([ev])  # fired
-                    futs = _stage(host, _D2H_CHUNK, tracer, k, o, dst_ptr + o, block.ptr, ln, solo)
-                    copying.append((o, ln, block, futs))
+                    cp = _stage(host, _D2H_CHUNK, tracer, k, o, dst_ptr + o, block.ptr, ln, solo)
+                    copying.append([o, ln, block, cp, 0])
                     k += 1
                     continue
                 if copying:
-                    o, ln, block, futs = copying[0]
-                    _finish(futs)
+                    o, ln, block, cp, _ = copying[0]
+                    if cp is not None:
+                        cp.wait_copied(at_least=ln)
                     copying.popleft()
                     pool.release(block)
                     copied += ln
@@ -429,7 +435,7 @@ class Stager:
         finally:
             for _o, _ln, block, ev in inflight:
                 pool.release(block, [ev])
-            _drop(pool, copying)
+            _drop(backend, native, pool, copying)
         if copied < n:
             raise OperationAbortedError(f"{op.label}: aborted after {copied} of {n} bytes")
         return False
@@ -443,6 +449,12 @@ never correctness. An H200 ran pinned DMA at up to 55 GB/s; at 52e9, issue
 
 LOOKAHEAD = int(os.environ.get("GPUAIO_LOOKAHEAD", "2"))
 """Chunks the host threads may be copying at once within one transfer."""
+
+DMA_STEP = int(os.environ.get("GPUAIO_DMA_STEP", 4 << 20))
+"""The least a staged upload DMAs at once of a chunk's copied front (the
+chunk's last DMA takes what is left): a DMA call costs 10-40 us of the stream
+thread, and at 4 MiB the last DMA, all that follows the host copy, takes
+about 80 us at 55 GB/s."""
 
 SOLO_CHUNK = int(os.environ.get("GPUAIO_SOLO_CHUNK", 2 << 20))
 """Chunks up to this size are copied by the stream's host thread itself, while
@@ -464,18 +476,22 @@ def _guarded_dma(
     dst: int,
     src: int,
     nbytes: int,
+    drain: bool = False,
 ) -> Any:
     """Enqueue a DMA to or from ``block`` and return an event (from ``events``)
-    recorded behind it.
+    recorded behind it; ``drain``: earlier DMAs of the block are enqueued.
 
     On failure ``block`` goes back to the pool only when no DMA can still
-    touch it: at once if the copy was not enqueued, after a drain otherwise;
+    touch it: at once if no copy of it was enqueued, after a drain otherwise;
     an event that failed to record goes back to ``events``.
     """
     try:
         backend.memcpy_async(dst, src, nbytes, native)
     except BaseException:
-        pool.release(block)  # nothing was enqueued
+        if drain:
+            _release_after_drain(backend, native, pool, block)
+        else:
+            pool.release(block)  # nothing was enqueued
         raise
     ev = None
     try:
@@ -508,40 +524,33 @@ def _stage(
     src: int,
     nbytes: int,
     solo: bool,
-) -> list[Future[None]]:
+) -> SlicedCopy | None:
     """Start the host copy of one chunk (``nbytes`` from ``src`` to ``dst``):
-    a solo chunk is copied here, at once; otherwise its slices go to the copy
-    threads. Returns the futures of the slices still running."""
+    a solo chunk is copied here, at once (returns None); otherwise its slices
+    go to the copy threads (returns the copy in progress)."""
     if solo:
-        return _copy_here(name, tracer, chunk, offset, dst, src, nbytes)
-    span = (name, tracer, {"chunk": chunk, "offset": offset})
-    return host.submit_copy(byte_view(dst, nbytes), byte_view(src, nbytes, readonly=True), span)
+        _copy_here(name, tracer, chunk, offset, dst, src, nbytes)
+        return None
+    return host.submit_copy(dst, src, nbytes, (name, tracer, {"chunk": chunk, "offset": offset}))
 
 
 def _copy_here(
     name: str, tracer: Any, chunk: int, offset: int, dst: int, src: int, nbytes: int
-) -> list[Future[None]]:
+) -> None:
     """Copy a chunk on the calling (stream host) thread, traced like a copy
-    thread's slice; returns no futures, for :func:`_finish`."""
+    thread's slice."""
     args = {"chunk": chunk, "offset": offset, "bytes": nbytes}
     _trace.traced_call(name, tracer, args, ctypes.memmove, dst, src, nbytes)
-    return []
 
 
-def _finish(futs: list[Future[None]]) -> None:
-    """Wait for every slice of a chunk; raise the first error after all ended."""
-    if not futs:  # copied by the calling thread
-        return
-    wait(futs)
-    for f in futs:
-        f.result()
-
-
-def _drop(
-    pool: PinnedPool, copying: deque[tuple[int, int, PinnedBlock, list[Future[None]]]]
-) -> None:
-    """After an error: let the copies still touching blocks end, then return the blocks."""
-    for _o, _ln, block, futs in copying:
-        wait(futs)
-        pool.release(block)
+def _drop(backend: Any, native: Any, pool: PinnedPool, copying: deque[list[Any]]) -> None:
+    """After an error or an abort: stop the host copies still touching blocks,
+    then return the blocks (once DMAed parts of them have run)."""
+    for _o, _ln, block, cp, sent in copying:
+        if cp is not None:
+            cp.stop()
+        if sent:
+            _release_after_drain(backend, native, pool, block)
+        else:
+            pool.release(block)
     copying.clear()

@@ -1,0 +1,265 @@
+"""Host copies in slices claimed front to back, and staged uploads that DMA a
+chunk's copied front while its back is still being copied."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import gpuaio
+from gpuaio._engine import hostwork
+from gpuaio._engine.hostwork import HostPool
+from tests.test_copy import pattern
+from tests.test_staging import _dma_chunks, _recorded_copies
+
+MiB = 1 << 20
+STEP = hostwork.STAGE_SLICE
+
+
+class Slices:
+    """Wraps ``hostwork._memmove``: counts the slices copied and in progress,
+    optionally slows each down, fails the one at ``fail_at`` (an offset into
+    the destination)."""
+
+    def __init__(self, delay_s: float = 0.0, fail_at: int | None = None) -> None:
+        self.delay_s = delay_s
+        self.fail_at = fail_at
+        self.base = 0
+        self.done = 0
+        self.running = 0
+        self.started = 0
+        self.lock = threading.Lock()
+        self.real: Callable[..., Any] = hostwork._memmove
+
+    def __call__(self, dst: int, src: int, n: int) -> Any:
+        with self.lock:
+            self.started += 1
+            self.running += 1
+        try:
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            if self.fail_at is not None and dst - self.base == self.fail_at:
+                raise OSError("slice copy failed")
+            return self.real(dst, src, n)
+        finally:
+            with self.lock:
+                self.running -= 1
+                self.done += 1
+
+
+@pytest.fixture
+def slices(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Slices]:
+    def make(**kw: Any) -> Slices:
+        spy = Slices(**kw)
+        monkeypatch.setattr(hostwork, "_memmove", spy)
+        return spy
+
+    return make
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("n", [0, 1, 4095, STEP, 5 * STEP + 123])
+def test_a_sliced_copy_is_byte_exact(threads: int, n: int) -> None:
+    pool = HostPool(threads)
+    try:
+        src = pattern(max(n, 1), 7)[:n]
+        dst = np.zeros(n + 64, np.uint8)  # the bytes past the end stay zero
+        cp = pool.submit_copy(dst.ctypes.data, src.ctypes.data, n)
+        assert cp.wait_copied(at_least=n) == n
+        assert cp.copied() == n
+        assert np.array_equal(dst[:n], src)
+        assert not dst[n:].any(), "bytes past the copy were written"
+    finally:
+        pool.close()
+
+
+def test_wait_copied_returns_a_copied_front_while_the_back_is_copied(
+    slices: Callable[..., Slices],
+) -> None:
+    """The front is handed out as soon as it is copied: with two threads and
+    slow slices, more than 2 but fewer than all slices are done when it is."""
+    spy = slices(delay_s=0.01)
+    pool = HostPool(2)
+    try:
+        n = 16 * STEP
+        src = pattern(n, 3)
+        dst = np.zeros(n, np.uint8)
+        cp = pool.submit_copy(dst.ctypes.data, src.ctypes.data, n)
+        front = cp.wait_copied(0, 2 * STEP)
+        done_then = spy.done
+        assert 2 * STEP <= front < n
+        assert done_then < n // STEP, "the front came only with the whole copy"
+        assert np.array_equal(dst[:front], src[:front]), "the front was not copied yet"
+        more = cp.wait_copied(front)
+        assert front < more <= n
+        assert cp.wait_copied(more, n) == n
+        assert np.array_equal(dst, src)
+    finally:
+        pool.close()
+
+
+def test_a_failing_slice_raises_once_no_thread_copies(slices: Callable[..., Slices]) -> None:
+    spy = slices(delay_s=0.002, fail_at=3 * STEP)
+    pool = HostPool(3)
+    try:
+        n = 32 * STEP
+        src = pattern(n, 4)
+        dst = np.zeros(n, np.uint8)
+        spy.base = dst.ctypes.data
+        cp = pool.submit_copy(dst.ctypes.data, src.ctypes.data, n)
+        with pytest.raises(OSError, match="slice copy failed"):
+            cp.wait_copied(0, n)
+        assert spy.running == 0, "a slice was still being copied after the error"
+        started = spy.started
+        assert started < n // STEP, "the copy went on after the error"
+        time.sleep(0.05)
+        assert spy.started == started, "a slice started after the error was raised"
+        assert cp.copied() <= 3 * STEP
+    finally:
+        pool.close()
+
+
+def test_stop_returns_once_no_thread_copies_and_the_rest_stays_untouched(
+    slices: Callable[..., Slices],
+) -> None:
+    spy = slices(delay_s=0.005)
+    pool = HostPool(2)
+    try:
+        n = 32 * STEP
+        src = pattern(n, 5)
+        dst = np.zeros(n, np.uint8)
+        cp = pool.submit_copy(dst.ctypes.data, src.ctypes.data, n)
+        cp.wait_copied(0, STEP)
+        cp.stop()
+        assert spy.running == 0
+        started = spy.started
+        assert started < n // STEP
+        time.sleep(0.05)
+        assert spy.started == started, "a slice started after stop() returned"
+        copied = [k for k in range(n // STEP) if dst[k * STEP : (k + 1) * STEP].any()]
+        assert len(copied) == started, "a claimed slice was left half done, or a slice lost"
+        for k in copied:
+            assert np.array_equal(dst[k * STEP : (k + 1) * STEP], src[k * STEP : (k + 1) * STEP])
+    finally:
+        pool.close()
+
+
+def test_stop_before_the_threads_start_cancels_the_tasks(slices: Callable[..., Slices]) -> None:
+    """Tasks still queued behind other work never run after stop()."""
+    slices()
+    pool = HostPool(1)
+    gate = threading.Event()
+    try:
+        blocker = pool._executor().submit(gate.wait, 10)
+        n = 4 * STEP
+        dst = np.zeros(n, np.uint8)
+        src = pattern(n, 6)
+        cp = pool.submit_copy(dst.ctypes.data, src.ctypes.data, n)
+        cp.stop()  # the only thread is busy: the copy's task is still queued
+        gate.set()
+        blocker.result()
+        time.sleep(0.02)
+        assert not dst.any()
+    finally:
+        gate.set()
+        pool.close()
+
+
+@pytest.mark.anyio
+async def test_a_staged_upload_dmas_a_chunks_front_before_its_back_is_copied(
+    gpuaio_runtime: Any, dev: gpuaio.Device, staged_only: Any, slices: Callable[..., Slices]
+) -> None:
+    """The DMA trails the host copy within a chunk: the first DMA of a 64 MiB
+    upload is enqueued before its first chunk is wholly copied, each chunk
+    still reads one block, and the data arrive byte-exact."""
+    from gpuaio._engine import staging
+
+    s = dev.stream()
+    n = 64 * MiB
+    chunk = staged_only.chunk_for(n)
+    per_chunk = chunk // STEP
+    assert chunk > staging.SOLO_CHUNK and per_chunk > staging.DMA_STEP // STEP
+    d = dev.empty(n)
+    await s.copy(d, pattern(n, 1))  # blocks cached
+    spy = slices(delay_s=0.0005)
+    be = gpuaio_runtime.backend
+    done_at_dma: list[int] = []
+    src = pattern(n, 2)
+    with _recorded_copies(be) as calls:
+        spied = be.memcpy_async
+
+        def dma(*a: Any) -> None:
+            done_at_dma.append(spy.done)
+            spied(*a)
+
+        be.memcpy_async = dma
+        try:
+            await s.copy(d, src)
+        finally:
+            be.memcpy_async = spied
+    assert _dma_chunks(calls, d.ptr, n) == [chunk] * (n // chunk)
+    assert len(calls) > n // chunk, "each chunk went in one DMA, after its whole copy"
+    assert done_at_dma[0] < per_chunk, (
+        f"the first DMA came after {done_at_dma[0]} of the first chunk's {per_chunk} slices"
+    )
+    out = np.zeros(n, np.uint8)
+    await s.copy(out, d)
+    assert np.array_equal(out, src)
+    await s.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_failed_dma_after_a_chunks_front_frees_its_block_only_after_the_front_ran(
+    gpuaio_runtime: Any,
+    dev: gpuaio.Device,
+    staged_only: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    slices: Callable[..., Slices],
+) -> None:
+    """The second DMA of a chunk fails after its front was enqueued: the copy
+    fails with the driver's error, the block goes back only after a drain of
+    the stream (the front's DMA may still read it), no block stays in use, and
+    the stream goes on byte-exact."""
+    from gpuaio._core.errors import CudaError
+
+    s = dev.stream()
+    n = 64 * MiB
+    d = dev.empty(n)
+    await s.copy(d, pattern(n, 1))  # blocks cached
+    be = gpuaio_runtime.backend
+    pool = staged_only.pool
+    real_dma, real_sync = be.memcpy_async, be.stream_synchronize
+    seen: list[str] = []
+    sizes: list[int] = []
+
+    def dma(*a: Any) -> None:
+        seen.append("dma")
+        sizes.append(a[2])
+        if len(seen) == 2:
+            raise CudaError("cuMemcpyAsync", 1, "CUDA_ERROR_INVALID_VALUE", "injected")
+        real_dma(*a)
+
+    def sync(native: Any) -> None:
+        seen.append("drain")
+        real_sync(native)
+
+    slices(delay_s=0.0005)  # the front is DMAed well before the chunk is copied
+    monkeypatch.setattr(be, "memcpy_async", dma)
+    monkeypatch.setattr(be, "stream_synchronize", sync)
+    with pytest.raises(CudaError, match="injected"):
+        await s.copy(d, pattern(n, 2))
+    monkeypatch.undo()
+    assert sizes[0] < staged_only.chunk_for(n), "the first DMA was a whole chunk"
+    assert seen[:3] == ["dma", "dma", "drain"], seen
+    assert pool.stats().in_use == 0, "a block stayed in use after the failed copy"
+    src = pattern(n, 3)
+    await s.copy(d, src)
+    out = np.zeros(n, np.uint8)
+    await s.copy(out, d)
+    assert np.array_equal(out, src)
+    await s.aclose()
