@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 
 import gpuaio
 from gpuaio._engine import hostwork
-from gpuaio._engine.hostwork import HostPool
+from gpuaio._engine.hostwork import HostPool, SlicedCopy
 from tests.test_copy import pattern
 from tests.test_staging import _dma_chunks, _recorded_copies
 
@@ -23,11 +24,16 @@ STEP = hostwork.STAGE_SLICE
 
 class Slices:
     """Wraps ``hostwork._memmove``: counts the slices copied and in progress,
-    optionally slows each down, fails the one at ``fail_at`` (an offset into
-    the destination)."""
+    optionally slows each down (``delay_s``, or ``stagger_s`` more for each
+    slice's place from ``base``), fails the one at ``fail_at`` (an offset
+    from ``base``)."""
 
-    def __init__(self, delay_s: float = 0.0, fail_at: int | None = None) -> None:
+    def __init__(
+        self, delay_s: float = 0.0, stagger_s: float = 0.0, fail_at: int | None = None
+    ) -> None:
         self.delay_s = delay_s
+        self.stagger_s = stagger_s
+        self.sizes: list[int] = []
         self.fail_at = fail_at
         self.base = 0
         self.done = 0
@@ -40,9 +46,11 @@ class Slices:
         with self.lock:
             self.started += 1
             self.running += 1
+            self.sizes.append(n)
         try:
-            if self.delay_s:
-                time.sleep(self.delay_s)
+            pause = self.delay_s + self.stagger_s * ((dst - self.base) // n if self.base else 0)
+            if pause:
+                time.sleep(pause)
             if self.fail_at is not None and dst - self.base == self.fail_at:
                 raise OSError("slice copy failed")
             return self.real(dst, src, n)
@@ -78,22 +86,50 @@ def test_a_sliced_copy_is_byte_exact(threads: int, n: int) -> None:
         pool.close()
 
 
+def test_a_chunk_is_cut_into_one_slice_per_thread_of_at_least_stage_slice(
+    slices: Callable[..., Slices],
+) -> None:
+    """Each slice is a return to Python under the GIL: a chunk is cut into one
+    slice per thread, never smaller than ``STAGE_SLICE``; byte-exact."""
+    for threads, n, want in [
+        (3, 12 * STEP, [4 * STEP] * 3),
+        (3, 2 * STEP, [STEP, STEP]),
+        (3, STEP // 2, [STEP // 2]),
+        (4, 10 * STEP + 4096, None),  # 4 KiB-aligned quarters, the rest last
+    ]:
+        if want is None:
+            step = (-(-n // 4) + 4095) & ~4095
+            want = [step] * 3 + [n - 3 * step]
+        spy = slices()
+        pool = HostPool(threads)
+        try:
+            src = pattern(n, 8)
+            dst = np.zeros(n, np.uint8)
+            pool.submit_copy(dst.ctypes.data, src.ctypes.data, n).wait_copied(at_least=n)
+            assert sorted(spy.sizes, reverse=True) == sorted(want, reverse=True), (threads, n)
+            assert np.array_equal(dst, src)
+        finally:
+            pool.close()
+
+
 def test_wait_copied_returns_a_copied_front_while_the_back_is_copied(
     slices: Callable[..., Slices],
 ) -> None:
-    """The front is handed out as soon as it is copied: with two threads and
-    slow slices, more than 2 but fewer than all slices are done when it is."""
-    spy = slices(delay_s=0.01)
-    pool = HostPool(2)
+    """The front is handed out as soon as it is copied: slices that take longer
+    the further back they are, on four threads, and the first comes back
+    while the others are still being copied."""
+    spy = slices(stagger_s=0.02)
+    pool = HostPool(4)
     try:
-        n = 16 * STEP
+        n = 4 * STEP
         src = pattern(n, 3)
         dst = np.zeros(n, np.uint8)
+        spy.base = dst.ctypes.data
         cp = pool.submit_copy(dst.ctypes.data, src.ctypes.data, n)
-        front = cp.wait_copied(0, 2 * STEP)
+        front = cp.wait_copied(0, 1)
         done_then = spy.done
-        assert 2 * STEP <= front < n
-        assert done_then < n // STEP, "the front came only with the whole copy"
+        assert STEP <= front < n
+        assert done_then < 4, "the front came only with the whole copy"
         assert np.array_equal(dst[:front], src[:front]), "the front was not copied yet"
         more = cp.wait_copied(front)
         assert front < more <= n
@@ -103,50 +139,54 @@ def test_wait_copied_returns_a_copied_front_while_the_back_is_copied(
         pool.close()
 
 
+def _one_worker_copy(n: int, seed: int) -> tuple[SlicedCopy, np.ndarray, np.ndarray, Any]:
+    """A copy cut for four threads but run by one worker: its slices go one by
+    one, front to back. Returns (copy, source, destination, executor)."""
+    ex = ThreadPoolExecutor(1)
+    src = pattern(n, seed)
+    dst = np.zeros(n, np.uint8)
+    return SlicedCopy(ex, 4, dst.ctypes.data, src.ctypes.data, n), src, dst, ex
+
+
 def test_a_failing_slice_raises_once_no_thread_copies(slices: Callable[..., Slices]) -> None:
-    spy = slices(delay_s=0.002, fail_at=3 * STEP)
-    pool = HostPool(3)
+    spy = slices(delay_s=0.002, fail_at=STEP)
+    n = 4 * STEP
+    ex = ThreadPoolExecutor(1)
     try:
-        n = 32 * STEP
         src = pattern(n, 4)
         dst = np.zeros(n, np.uint8)
         spy.base = dst.ctypes.data
-        cp = pool.submit_copy(dst.ctypes.data, src.ctypes.data, n)
+        cp = SlicedCopy(ex, 4, dst.ctypes.data, src.ctypes.data, n)
         with pytest.raises(OSError, match="slice copy failed"):
             cp.wait_copied(0, n)
         assert spy.running == 0, "a slice was still being copied after the error"
-        started = spy.started
-        assert started < n // STEP, "the copy went on after the error"
         time.sleep(0.05)
-        assert spy.started == started, "a slice started after the error was raised"
-        assert cp.copied() <= 3 * STEP
+        assert spy.started == 2, "the copy went on after the error"
+        assert cp.copied() == STEP
+        assert np.array_equal(dst[:STEP], src[:STEP])
+        assert not dst[STEP:].any(), "bytes from the failed slice on were written"
     finally:
-        pool.close()
+        ex.shutdown()
 
 
 def test_stop_returns_once_no_thread_copies_and_the_rest_stays_untouched(
     slices: Callable[..., Slices],
 ) -> None:
-    spy = slices(delay_s=0.005)
-    pool = HostPool(2)
+    spy = slices(delay_s=0.01)
+    cp, src, dst, ex = _one_worker_copy(4 * STEP, 5)
     try:
-        n = 32 * STEP
-        src = pattern(n, 5)
-        dst = np.zeros(n, np.uint8)
-        cp = pool.submit_copy(dst.ctypes.data, src.ctypes.data, n)
-        cp.wait_copied(0, STEP)
+        cp.wait_copied(0, 1)
         cp.stop()
         assert spy.running == 0
         started = spy.started
-        assert started < n // STEP
+        assert started < 4
         time.sleep(0.05)
         assert spy.started == started, "a slice started after stop() returned"
-        copied = [k for k in range(n // STEP) if dst[k * STEP : (k + 1) * STEP].any()]
-        assert len(copied) == started, "a claimed slice was left half done, or a slice lost"
-        for k in copied:
-            assert np.array_equal(dst[k * STEP : (k + 1) * STEP], src[k * STEP : (k + 1) * STEP])
+        copied = [k for k in range(4) if dst[k * STEP : (k + 1) * STEP].any()]
+        assert copied == list(range(started)), "a claimed slice was left half done, or lost"
+        assert np.array_equal(dst[: started * STEP], src[: started * STEP])
     finally:
-        pool.close()
+        ex.shutdown()
 
 
 def test_stop_before_the_threads_start_cancels_the_tasks(slices: Callable[..., Slices]) -> None:
@@ -170,23 +210,42 @@ def test_stop_before_the_threads_start_cancels_the_tasks(slices: Callable[..., S
         pool.close()
 
 
+@pytest.fixture
+def one_worker(gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The runtime's copies cut for four threads but run by one worker: a
+    chunk's slices are copied one by one, front to back, on any machine."""
+    host = HostPool(4)
+    host._pool = ThreadPoolExecutor(1, thread_name_prefix="gpuaio-host")
+    monkeypatch.setattr(gpuaio_runtime, "host", host)
+    yield host
+    host.close()
+
+
+def _first_slices(staged_only: Any, n: int, threads: int) -> tuple[list[int], int]:
+    """The chunks planned for ``n`` bytes, and how many slices the first has."""
+    plan = staged_only.config.plan(n, staged_only.chunk_for(n))
+    step = max(STEP, -(-plan[0] // threads))
+    return plan, -(-plan[0] // step)
+
+
 @pytest.mark.anyio
 async def test_a_staged_upload_dmas_a_chunks_front_before_its_back_is_copied(
-    gpuaio_runtime: Any, dev: gpuaio.Device, staged_only: Any, slices: Callable[..., Slices]
+    gpuaio_runtime: Any,
+    dev: gpuaio.Device,
+    staged_only: Any,
+    slices: Callable[..., Slices],
+    one_worker: HostPool,
 ) -> None:
     """The DMA trails the host copy within a chunk: the first DMA of a 64 MiB
     upload is enqueued before its first chunk is wholly copied, each chunk
     still reads one block, and the data arrive byte-exact."""
-    from gpuaio._engine import staging
-
     s = dev.stream()
     n = 64 * MiB
-    chunk = staged_only.chunk_for(n)
-    per_chunk = chunk // STEP
-    assert chunk > staging.SOLO_CHUNK and per_chunk > staging.DMA_STEP // STEP
+    plan, first = _first_slices(staged_only, n, one_worker.threads)
+    assert first > 1
     d = dev.empty(n)
     await s.copy(d, pattern(n, 1))  # blocks cached
-    spy = slices(delay_s=0.0005)
+    spy = slices(delay_s=0.002)
     be = gpuaio_runtime.backend
     done_at_dma: list[int] = []
     src = pattern(n, 2)
@@ -202,10 +261,10 @@ async def test_a_staged_upload_dmas_a_chunks_front_before_its_back_is_copied(
             await s.copy(d, src)
         finally:
             be.memcpy_async = spied
-    assert _dma_chunks(calls, d.ptr, n) == [chunk] * (n // chunk)
-    assert len(calls) > n // chunk, "each chunk went in one DMA, after its whole copy"
-    assert done_at_dma[0] < per_chunk, (
-        f"the first DMA came after {done_at_dma[0]} of the first chunk's {per_chunk} slices"
+    assert _dma_chunks(calls, d.ptr, n) == plan
+    assert len(calls) > len(plan), "each chunk went in one DMA, after its whole copy"
+    assert done_at_dma[0] < first, (
+        f"the first DMA came after {done_at_dma[0]} of the first chunk's {first} slices"
     )
     out = np.zeros(n, np.uint8)
     await s.copy(out, d)
@@ -220,6 +279,7 @@ async def test_a_failed_dma_after_a_chunks_front_frees_its_block_only_after_the_
     staged_only: Any,
     monkeypatch: pytest.MonkeyPatch,
     slices: Callable[..., Slices],
+    one_worker: HostPool,
 ) -> None:
     """The second DMA of a chunk fails after its front was enqueued: the copy
     fails with the driver's error, the block goes back only after a drain of
@@ -229,6 +289,7 @@ async def test_a_failed_dma_after_a_chunks_front_frees_its_block_only_after_the_
 
     s = dev.stream()
     n = 64 * MiB
+    plan, _ = _first_slices(staged_only, n, one_worker.threads)
     d = dev.empty(n)
     await s.copy(d, pattern(n, 1))  # blocks cached
     be = gpuaio_runtime.backend
@@ -248,13 +309,13 @@ async def test_a_failed_dma_after_a_chunks_front_frees_its_block_only_after_the_
         seen.append("drain")
         real_sync(native)
 
-    slices(delay_s=0.0005)  # the front is DMAed well before the chunk is copied
+    slices(delay_s=0.002)  # the front is DMAed well before the chunk is copied
     monkeypatch.setattr(be, "memcpy_async", dma)
     monkeypatch.setattr(be, "stream_synchronize", sync)
     with pytest.raises(CudaError, match="injected"):
         await s.copy(d, pattern(n, 2))
     monkeypatch.undo()
-    assert sizes[0] < staged_only.chunk_for(n), "the first DMA was a whole chunk"
+    assert sizes[0] < plan[0], "the first DMA was a whole chunk"
     assert seen[:3] == ["dma", "dma", "drain"], seen
     assert pool.stats().in_use == 0, "a block stayed in use after the failed copy"
     src = pattern(n, 3)

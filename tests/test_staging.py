@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 import threading
@@ -401,7 +402,8 @@ async def test_large_staged_copy_after_small_ones_uses_its_own_chunk_size(
     gpuaio_runtime: Any, dev: gpuaio.Device
 ) -> None:
     """End to end: after 1 MiB copies cached 1 MiB blocks, a 64 MiB pageable copy
-    still stages through blocks of its own chunk size, and its data arrive."""
+    still stages in the chunks planned for it (none served by a 1 MiB block),
+    and its data arrive."""
     s = dev.stream()
     small = pattern(MiB, 3)
     d_small = dev.empty(MiB)
@@ -416,7 +418,9 @@ async def test_large_staged_copy_after_small_ones_uses_its_own_chunk_size(
     with _recorded_copies(gpuaio_runtime.backend) as calls:
         await s.copy(d, src)
     dmas = _dma_chunks(calls, d.ptr, n)
-    assert dmas == [chunk] * (n // chunk), f"chunks of {sorted(set(dmas))} bytes, not {chunk}"
+    plan = stager.config.plan(n, chunk)
+    assert min(plan) > MiB
+    assert dmas == plan, f"chunks of {dmas} bytes, not {plan}"
     back = np.zeros(n, np.uint8)
     await s.copy(back, d)
     assert np.array_equal(back, src)
@@ -504,6 +508,37 @@ async def test_a_chunk_copied_on_the_stream_thread_overlaps_the_dma_before_it(
     await s.copy(out, d)
     assert np.array_equal(out, src2)
     await s.aclose()
+
+
+@pytest.mark.parametrize("mib", [16, 64, 100, 256, 1024])
+def test_chunks_grow_from_the_edge_and_shrink_back_to_it(mib: int) -> None:
+    """The first chunk is ``edge`` bytes, sizes double up to the transfer's
+    chunk and halve back to ``edge`` at the end (or less: what is left), all
+    powers of two but the last; they cover the transfer exactly."""
+    cfg = StagingConfig(max_chunk=64 * MiB, edge=8 * MiB)
+    n = mib * MiB + (12345 if mib == 100 else 0)
+    chunk = cfg.chunk_for(n)
+    plan = cfg.plan(n, chunk)
+    assert sum(plan) == n
+    assert max(plan) <= chunk
+    if chunk <= cfg.edge:
+        assert plan == [chunk] * (n // chunk)
+        return
+    assert plan[0] == cfg.edge
+    top = plan.index(max(plan))
+    assert all(a * 2 == b or b == a for a, b in itertools.pairwise(plan[: top + 1]))
+    rest = plan[top:]
+    assert all(a >= b for a, b in itertools.pairwise(rest)), plan
+    assert plan[-1] <= cfg.edge and plan[-2] <= cfg.edge, plan
+    assert all(c & (c - 1) == 0 for c in plan[:-1])
+
+
+def test_without_an_edge_every_chunk_is_the_same() -> None:
+    cfg = StagingConfig(max_chunk=64 * MiB, edge=0)
+    assert cfg.plan(256 * MiB, 64 * MiB) == [64 * MiB] * 4
+    assert cfg.plan(100 * MiB, 64 * MiB) == [64 * MiB, 36 * MiB]
+    with pytest.raises(gpuaio.InvalidArgumentError, match="GPUAIO_STAGING_EDGE"):
+        StagingConfig(edge=-1)
 
 
 def _block_behind_fired_guard(rt: Any, budget: int) -> tuple[Any, Any, Any, Any, int]:
@@ -708,8 +743,9 @@ async def test_a_larger_cached_block_keeps_the_planned_chunks(
     with _recorded_copies(gpuaio_runtime.backend) as calls:
         await s.copy(d, src, progress=lambda done, total: reports.append(done))
     dmas = _dma_chunks(calls, d.ptr, n)
-    assert dmas == [chunk] * (n // chunk), dmas
-    assert reports == [chunk * (i + 1) for i in range(n // chunk)], reports
+    plan = staged_only.config.plan(n, chunk)
+    assert dmas == plan, dmas
+    assert reports == list(itertools.accumulate(plan)), reports
     back = np.zeros(n, np.uint8)
     await s.copy(back, d)
     assert np.array_equal(back, src)
