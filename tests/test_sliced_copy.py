@@ -221,11 +221,11 @@ def one_worker(gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     host.close()
 
 
-def _first_slices(staged_only: Any, n: int, threads: int) -> tuple[list[int], int]:
-    """The chunks planned for ``n`` bytes, and how many slices the first has."""
-    plan = staged_only.config.plan(n, staged_only.chunk_for(n))
-    step = max(STEP, -(-plan[0] // threads))
-    return plan, -(-plan[0] // step)
+def _chunk_slices(staged_only: Any, n: int, threads: int) -> tuple[int, int]:
+    """The chunk of an ``n``-byte transfer, and how many slices it is cut into."""
+    chunk = staged_only.chunk_for(n)
+    step = max(STEP, -(-chunk // threads))
+    return chunk, -(-chunk // step)
 
 
 @pytest.mark.anyio
@@ -241,7 +241,7 @@ async def test_a_staged_upload_dmas_a_chunks_front_before_its_back_is_copied(
     still reads one block, and the data arrive byte-exact."""
     s = dev.stream()
     n = 64 * MiB
-    plan, first = _first_slices(staged_only, n, one_worker.threads)
+    chunk, first = _chunk_slices(staged_only, n, one_worker.threads)
     assert first > 1
     d = dev.empty(n)
     await s.copy(d, pattern(n, 1))  # blocks cached
@@ -261,8 +261,8 @@ async def test_a_staged_upload_dmas_a_chunks_front_before_its_back_is_copied(
             await s.copy(d, src)
         finally:
             be.memcpy_async = spied
-    assert _dma_chunks(calls, d.ptr, n) == plan
-    assert len(calls) > len(plan), "each chunk went in one DMA, after its whole copy"
+    assert _dma_chunks(calls, d.ptr, n, chunk) == [chunk] * (n // chunk)
+    assert len(calls) > n // chunk, "each chunk went in one DMA, after its whole copy"
     assert done_at_dma[0] < first, (
         f"the first DMA came after {done_at_dma[0]} of the first chunk's {first} slices"
     )
@@ -289,7 +289,7 @@ async def test_a_failed_dma_after_a_chunks_front_frees_its_block_only_after_the_
 
     s = dev.stream()
     n = 64 * MiB
-    plan, _ = _first_slices(staged_only, n, one_worker.threads)
+    chunk, _ = _chunk_slices(staged_only, n, one_worker.threads)
     d = dev.empty(n)
     await s.copy(d, pattern(n, 1))  # blocks cached
     be = gpuaio_runtime.backend
@@ -315,7 +315,7 @@ async def test_a_failed_dma_after_a_chunks_front_frees_its_block_only_after_the_
     with pytest.raises(CudaError, match="injected"):
         await s.copy(d, pattern(n, 2))
     monkeypatch.undo()
-    assert sizes[0] < plan[0], "the first DMA was a whole chunk"
+    assert sizes[0] < chunk, "the first DMA was a whole chunk"
     assert seen[:3] == ["dma", "dma", "drain"], seen
     assert pool.stats().in_use == 0, "a block stayed in use after the failed copy"
     src = pattern(n, 3)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import sys
 import threading
@@ -44,22 +43,26 @@ def _recorded_copies(be: Any) -> Iterator[list[tuple[int, int, int]]]:
         be.memcpy_async = real
 
 
-def _dma_chunks(calls: list[tuple[int, int, int]], base: int, n: int) -> list[int]:
-    """The bytes of each chunk the recorded DMAs (``_recorded_copies``) of an
-    upload of ``n`` bytes to ``base`` moved, in order.
+def _dma_chunks(calls: list[tuple[int, int, int]], base: int, n: int, chunk: int) -> list[int]:
+    """The bytes each ``chunk``-sized piece of an upload of ``n`` bytes to
+    ``base`` was DMAed in, from the recorded DMAs (``_recorded_copies``).
 
-    A chunk's DMAs (its copied front first, then the rest) are contiguous in
-    the destination and read one pinned block contiguously; a new chunk
-    starts where the source jumps to another block. Every byte is DMAed once.
+    A chunk's DMAs (its copied front first, then the rest) go in order, are
+    contiguous in the destination and read one pinned block contiguously;
+    every byte is DMAed once.
     """
     chunks: list[int] = []
     at = base
     src_end = -1
     for dst, src, nb in calls:
         assert dst == at, f"DMA to offset {dst - base}, expected {at - base}: out of order"
-        if src == src_end:
+        k = (dst - base) // chunk
+        if k < len(chunks):
+            assert src == src_end, f"chunk {k} read from two places"
+            assert (dst + nb - base - 1) // chunk == k, f"a DMA spans chunks {k} and {k + 1}"
             chunks[-1] += nb
         else:
+            assert dst - base == k * chunk, f"chunk {k} starts at {dst - base}"
             chunks.append(nb)
         src_end = src + nb
         at += nb
@@ -402,8 +405,7 @@ async def test_large_staged_copy_after_small_ones_uses_its_own_chunk_size(
     gpuaio_runtime: Any, dev: gpuaio.Device
 ) -> None:
     """End to end: after 1 MiB copies cached 1 MiB blocks, a 64 MiB pageable copy
-    still stages in the chunks planned for it (none served by a 1 MiB block),
-    and its data arrive."""
+    still stages through blocks of its own chunk size, and its data arrive."""
     s = dev.stream()
     small = pattern(MiB, 3)
     d_small = dev.empty(MiB)
@@ -417,10 +419,8 @@ async def test_large_staged_copy_after_small_ones_uses_its_own_chunk_size(
     d = dev.empty(n)
     with _recorded_copies(gpuaio_runtime.backend) as calls:
         await s.copy(d, src)
-    dmas = _dma_chunks(calls, d.ptr, n)
-    plan = stager.config.plan(n, chunk)
-    assert min(plan) > MiB
-    assert dmas == plan, f"chunks of {dmas} bytes, not {plan}"
+    dmas = _dma_chunks(calls, d.ptr, n, chunk)
+    assert dmas == [chunk] * (n // chunk), f"chunks of {sorted(set(dmas))} bytes, not {chunk}"
     back = np.zeros(n, np.uint8)
     await s.copy(back, d)
     assert np.array_equal(back, src)
@@ -508,37 +508,6 @@ async def test_a_chunk_copied_on_the_stream_thread_overlaps_the_dma_before_it(
     await s.copy(out, d)
     assert np.array_equal(out, src2)
     await s.aclose()
-
-
-@pytest.mark.parametrize("mib", [16, 64, 100, 256, 1024])
-def test_chunks_grow_from_the_edge_and_shrink_back_to_it(mib: int) -> None:
-    """The first chunk is ``edge`` bytes, sizes double up to the transfer's
-    chunk and halve back to ``edge`` at the end (or less: what is left), all
-    powers of two but the last; they cover the transfer exactly."""
-    cfg = StagingConfig(max_chunk=64 * MiB, edge=8 * MiB)
-    n = mib * MiB + (12345 if mib == 100 else 0)
-    chunk = cfg.chunk_for(n)
-    plan = cfg.plan(n, chunk)
-    assert sum(plan) == n
-    assert max(plan) <= chunk
-    if chunk <= cfg.edge:
-        assert plan == [chunk] * (n // chunk)
-        return
-    assert plan[0] == cfg.edge
-    top = plan.index(max(plan))
-    assert all(a * 2 == b or b == a for a, b in itertools.pairwise(plan[: top + 1]))
-    rest = plan[top:]
-    assert all(a >= b for a, b in itertools.pairwise(rest)), plan
-    assert plan[-1] <= cfg.edge and plan[-2] <= cfg.edge, plan
-    assert all(c & (c - 1) == 0 for c in plan[:-1])
-
-
-def test_without_an_edge_every_chunk_is_the_same() -> None:
-    cfg = StagingConfig(max_chunk=64 * MiB, edge=0)
-    assert cfg.plan(256 * MiB, 64 * MiB) == [64 * MiB] * 4
-    assert cfg.plan(100 * MiB, 64 * MiB) == [64 * MiB, 36 * MiB]
-    with pytest.raises(gpuaio.InvalidArgumentError, match="GPUAIO_STAGING_EDGE"):
-        StagingConfig(edge=-1)
 
 
 def _block_behind_fired_guard(rt: Any, budget: int) -> tuple[Any, Any, Any, Any, int]:
@@ -742,10 +711,9 @@ async def test_a_larger_cached_block_keeps_the_planned_chunks(
     d = dev.empty(n)
     with _recorded_copies(gpuaio_runtime.backend) as calls:
         await s.copy(d, src, progress=lambda done, total: reports.append(done))
-    dmas = _dma_chunks(calls, d.ptr, n)
-    plan = staged_only.config.plan(n, chunk)
-    assert dmas == plan, dmas
-    assert reports == list(itertools.accumulate(plan)), reports
+    dmas = _dma_chunks(calls, d.ptr, n, chunk)
+    assert dmas == [chunk] * (n // chunk), dmas
+    assert reports == [chunk * (i + 1) for i in range(n // chunk)], reports
     back = np.zeros(n, np.uint8)
     await s.copy(back, d)
     assert np.array_equal(back, src)

@@ -30,7 +30,7 @@ from .._core.errors import DeviceFatalError, InvalidArgumentError
 if TYPE_CHECKING:
     from ..backends import Backend
 
-__all__ = ["PinnedBlock", "PinnedPool", "PoolStats", "default_budget", "pow2_floor"]
+__all__ = ["PinnedBlock", "PinnedPool", "PoolStats", "default_budget"]
 
 MIN_CLASS = 64 << 10
 
@@ -181,7 +181,7 @@ class PinnedPool:
                 f"a {floor}-byte pinned block exceeds the pinned budget of {self.budget} "
                 "bytes (GPUAIO_PINNED_BUDGET)"
             )
-        size = max(floor, min(size, pow2_floor(self.budget)))
+        size = max(floor, min(size, _pow2_floor(self.budget)))
         ceiling = size * 4 if min_bytes is None else 1 << 62
         waited = False
         while True:
@@ -208,7 +208,7 @@ class PinnedPool:
                     return None
                 room = self.budget - self._reserved
                 if room >= floor:
-                    size = min(size, pow2_floor(room))
+                    size = min(size, _pow2_floor(room))
                     self._reserved += size
                     self._in_use += size
                     self._peak = max(self._peak, self._reserved)
@@ -521,6 +521,5 @@ def _run_now(fn: Callable[[], None]) -> None:
     fn()
 
 
-def pow2_floor(n: int) -> int:
-    """The largest power of two not above ``n`` (1 below 2)."""
+def _pow2_floor(n: int) -> int:
     return 1 << (max(n, 1).bit_length() - 1)

@@ -3,14 +3,13 @@
 The driver copies pageable memory synchronously and slowly (one thread,
 7-12 GB/s on an H100 host against 55 GB/s DMA). gpuaio instead:
 
-* **H2D from pageable**: splits the copy into chunks (small at both ends,
-  :meth:`StagingConfig.next_chunk`); for each, takes a pinned block, copies
-  the chunk into it with several threads (chunks of up to ``SOLO_CHUNK``: on
-  the stream's host thread itself), DMAs its copied front while the rest is
-  copied, and hands the block back guarded by an event, reused once it
-  fired. The DMA of chunk *i* runs while chunk *i+1* is copied; at most
-  ``depth`` chunks are in DMA per transfer. The op completes when the last
-  DMA has.
+* **H2D from pageable**: splits the copy into chunks; for each, takes a
+  pinned block, copies the chunk into it with several threads (chunks of up
+  to ``SOLO_CHUNK``: on the stream's host thread itself), DMAs its copied
+  front while the rest is copied, and hands the block back guarded by an
+  event, reused once it fired. The DMA of chunk *i* runs while chunk *i+1*
+  is copied; at most ``depth`` chunks are in DMA per transfer. The op
+  completes when the last DMA has.
 * **D2H into pageable**: the reverse: up to ``depth`` DMAs into pinned
   blocks run ahead while finished chunks are copied out. The op completes
   when the last byte is in the user's buffer.
@@ -39,7 +38,7 @@ from .._core.progress import report_progress
 from .buffers import BufferInfo
 from .eventcache import EventCache
 from .hostwork import HostPool, SlicedCopy
-from .pool import PinnedBlock, PinnedPool, parse_size, pow2_floor, size_class
+from .pool import PinnedBlock, PinnedPool, parse_size, size_class
 
 if TYPE_CHECKING:
     from .sequencer import Sequencer
@@ -83,14 +82,6 @@ class StagingConfig:
     hand-off, and at 2-4 MiB an H200 ran that 1.2-1.5x faster than two staged
     chunks, in three runs (issue 13, runs I-K); from 16 MiB staging's threads
     win or tie."""
-    edge: int = field(default_factory=lambda: _env_size("GPUAIO_STAGING_EDGE", 8 << 20))
-    """The first and last chunks of a staged transfer (0: every chunk the same).
-
-    Chunks grow from ``edge`` (doubling) to the planned chunk and shrink back
-    to it (halving) at the end: the first DMA (the first copy-out of a
-    download) starts after a short copy, and the last DMA (copy-out) after
-    the host copy (DMA) is short, where uniform chunks waited for a whole
-    chunk at both ends."""
     inline_max: int = field(default_factory=lambda: _env_size("GPUAIO_INLINE_MAX", 1 << 20))
     """Largest copy staged on the calling thread (1 MiB: about 50 us of memmove,
     less than the thread hop it saves; on an H200 a 1 MiB pageable copy ran at
@@ -108,8 +99,6 @@ class StagingConfig:
             )
         if self.split < 1:
             raise InvalidArgumentError(f"GPUAIO_STAGING_SPLIT must be at least 1, not {self.split}")
-        if self.edge < 0:
-            raise InvalidArgumentError(f"GPUAIO_STAGING_EDGE must not be negative, not {self.edge}")
         if self.inline_max < 0:
             raise InvalidArgumentError(
                 f"GPUAIO_INLINE_MAX must not be negative, not {self.inline_max}"
@@ -131,28 +120,6 @@ class StagingConfig:
             fit = 1 << (max(budget // per_transfer, 1).bit_length() - 1)
             chunk = min(chunk, fit)
         return max(self.min_chunk, chunk)
-
-    def next_chunk(self, done: int, left: int, chunk: int) -> int:
-        """The size of the next chunk of a transfer with ``done`` bytes planned
-        and ``left`` to go, whose chunk is ``chunk`` (:meth:`chunk_for`):
-        ``edge`` first, doubling up to ``chunk``, then halving back to ``edge``
-        (powers of two, so blocks come from few size classes)."""
-        edge = self.edge
-        if edge <= 0 or chunk <= edge:
-            return min(chunk, left)
-        head = max(edge, pow2_floor(done + edge))
-        tail = max(edge, pow2_floor(left // 2))
-        return min(chunk, head, tail, left)
-
-    def plan(self, nbytes: int, chunk: int) -> list[int]:
-        """Every chunk :meth:`next_chunk` plans for ``nbytes`` (when each block
-        holds its chunk)."""
-        sizes: list[int] = []
-        done = 0
-        while done < nbytes:
-            sizes.append(self.next_chunk(done, nbytes - done, chunk))
-            done += sizes[-1]
-        return sizes
 
 
 class Stager:
@@ -314,7 +281,6 @@ class Stager:
         chunk = self.chunk_for(n)
         floor = self.config.min_chunk
         depth = self.config.depth
-        plan = self.config.next_chunk
         device = seq.ordinal
         solo = chunk <= SOLO_CHUNK
         # Chunks this thread copies itself are copied one ahead: the DMA of
@@ -337,7 +303,7 @@ class Stager:
         try:
             while off < n or copying:
                 while off < n and len(copying) < lookahead and not op._abort:
-                    ln = plan(off, n - off, chunk)
+                    ln = min(chunk, n - off)
                     # Wait for a block only while holding none being copied:
                     # waiting while holding could deadlock transfers.
                     # A cached block first: acquire() reclaims (queries every
@@ -417,7 +383,6 @@ class Stager:
         chunk = self.chunk_for(n)
         floor = self.config.min_chunk
         depth = self.config.depth
-        plan = self.config.next_chunk
         device = seq.ordinal
         solo = chunk <= SOLO_CHUNK
         events = self.events
@@ -433,7 +398,7 @@ class Stager:
         try:
             while True:
                 while off < n and len(inflight) < depth and not op._abort:
-                    ln = plan(off, n - off, chunk)
+                    ln = min(chunk, n - off)
                     block = pool.take_cached(ln) or pool.acquire(
                         ln, wait=not (inflight or copying), min_bytes=min(ln, floor)
                     )
