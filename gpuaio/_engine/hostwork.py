@@ -34,10 +34,10 @@ STAGE_SLICE = int(os.environ.get("GPUAIO_STAGE_SLICE", 2 << 20))
 a chunk is cut into one slice per copy thread where slices are larger.
 
 Every slice is a return to Python under the GIL: on an H200 host, 1 MiB
-slices claimed one after another cut 64 MiB-1 GiB uploads by 15-25% and
-halved the 8 GiB soak's rate (issue 13, run BE); one slice per thread (12 of
-5.3 MiB in a 64 MiB chunk, against 16 of 4 MiB before) made them 5-11%
-faster (run BF)."""
+slices cut 64 MiB-1 GiB uploads by up to a third and the 8 GiB soak's rate
+by a third or more (issue 13, run BE); one slice per thread (12 of 5.3 MiB
+in a 64 MiB chunk, against 16 of 4 MiB before) made them 5-11% faster
+(run BF)."""
 
 
 def byte_view(ptr: int, nbytes: int, readonly: bool = False) -> npt.NDArray[np.uint8]:
