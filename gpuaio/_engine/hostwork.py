@@ -187,9 +187,10 @@ class HostPool:
 class SlicedCopy:
     """One host copy, split into slices that copy threads claim in order.
 
-    Up to ``threads`` tasks go to the copy threads; each claims the next
-    slice (of :data:`STAGE_SLICE` bytes) until none is left. Slices are
-    claimed front to back, so the copy completes roughly that way:
+    The copy is cut into one slice per thread, none under
+    :data:`STAGE_SLICE` bytes; as many tasks go to the copy threads, each
+    claiming the next slice until none is left. Slices are claimed front to
+    back, so the copy completes roughly that way:
     :meth:`wait_copied` returns a growing copied prefix, which the stager
     DMAs while the rest is still being copied. A thread that runs out of
     slices takes the next task in the pool's queue (the next chunk's) at
@@ -223,7 +224,8 @@ class SlicedCopy:
         nbytes: int,
         span: tuple[str, _trace.Tracer | None, dict[str, Any]] | None = None,
     ) -> None:
-        self.nbytes = nbytes
+        self.nbytes: int = nbytes
+        """Bytes the copy moves."""
         self._dst, self._src = dst, src
         # One slice per thread where that is at least STAGE_SLICE: each
         # thread then returns to Python once per chunk.
