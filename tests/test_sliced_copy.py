@@ -23,7 +23,7 @@ STEP = hostwork.STAGE_SLICE
 
 
 class Slices:
-    """Wraps ``hostwork._memmove``: counts the slices copied and in progress,
+    """Wraps ``hostwork._copy_slice``: counts the slices copied and in progress,
     optionally slows each down (``delay_s``, or ``stagger_s`` more for each
     slice's place from ``base``), fails the one at ``fail_at`` (an offset
     from ``base``)."""
@@ -40,7 +40,7 @@ class Slices:
         self.running = 0
         self.started = 0
         self.lock = threading.Lock()
-        self.real: Callable[..., Any] = hostwork._memmove
+        self.real: Callable[..., Any] = hostwork._copy_slice
 
     def __call__(self, dst: int, src: int, n: int) -> Any:
         with self.lock:
@@ -64,7 +64,7 @@ class Slices:
 def slices(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Slices]:
     def make(**kw: Any) -> Slices:
         spy = Slices(**kw)
-        monkeypatch.setattr(hostwork, "_memmove", spy)
+        monkeypatch.setattr(hostwork, "_copy_slice", spy)
         return spy
 
     return make
@@ -110,6 +110,25 @@ def test_a_chunk_is_cut_into_one_slice_per_thread_of_at_least_stage_slice(
             assert np.array_equal(dst, src)
         finally:
             pool.close()
+
+
+def test_on_few_cores_a_large_slice_yields_the_cpu_between_pieces(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With few cores, a copy thread gives the CPU up every 4 MiB of a slice,
+    so a waking event loop need not wait for its time slice; byte-exact."""
+    yields: list[int] = []
+    monkeypatch.setattr(hostwork, "_FEW_CORES", True)
+    monkeypatch.setattr(hostwork.os, "sched_yield", lambda: yields.append(1))
+    n = 10 * MiB + 5
+    src = pattern(n, 9)
+    dst = np.zeros(n, np.uint8)
+    hostwork._copy_slice(dst.ctypes.data, src.ctypes.data, n)
+    assert np.array_equal(dst, src)
+    assert len(yields) == 3, "one yield after each 4 MiB piece"
+    monkeypatch.setattr(hostwork, "_FEW_CORES", False)
+    hostwork._copy_slice(dst.ctypes.data, src.ctypes.data, n)
+    assert len(yields) == 3, "yielded with cores to spare"
 
 
 def test_wait_copied_returns_a_copied_front_while_the_back_is_copied(

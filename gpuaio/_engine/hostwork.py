@@ -74,26 +74,20 @@ def _copy_thread_start() -> None:
             pass  # a sandbox that forbids it: keep the default priority
 
 
-_memmove = ctypes.memmove
-"""The copy of one slice (releases the GIL; a name tests can wrap)."""
-
 _FEW_CORES = (os.cpu_count() or 1) <= 4
 _YIELD_SLICE = 4 << 20
 
 
-def _yielding_copy(dst: np.ndarray, src: np.ndarray) -> None:
-    """One thread's copy; on machines with few cores, in slices that yield the CPU.
-
-    Between slices the event loop thread gets a core at once instead of
-    after the scheduler's time slice.
-    """
-    n = dst.nbytes
-    if not _FEW_CORES or n <= _YIELD_SLICE:
-        np.copyto(dst, src)
+def _copy_slice(dst: int, src: int, nbytes: int) -> None:
+    """One thread's copy of ``nbytes`` between host addresses (``memmove``,
+    the GIL released); on machines with few cores, in pieces that yield the
+    CPU, so that the event loop's thread gets a core at once instead of after
+    the scheduler's time slice. Tests wrap it to see the slices."""
+    if not _FEW_CORES or nbytes <= _YIELD_SLICE:
+        ctypes.memmove(dst, src, nbytes)
         return
-    for off in range(0, n, _YIELD_SLICE):
-        end = min(n, off + _YIELD_SLICE)
-        np.copyto(dst[off:end], src[off:end])
+    for off in range(0, nbytes, _YIELD_SLICE):
+        ctypes.memmove(dst + off, src + off, min(_YIELD_SLICE, nbytes - off))
         os.sched_yield()
 
 
@@ -130,7 +124,7 @@ class HostPool:
         n = dst.nbytes
         parts = min(threads or self.threads, max(1, n // MIN_SLICE))
         if parts <= 1:
-            _yielding_copy(dst, src)
+            _copy_slice(dst.ctypes.data, src.ctypes.data, n)
             return
         step = -(-n // parts)
         step = (step + 4095) & ~4095
@@ -265,13 +259,11 @@ class SlicedCopy:
                 off = k * step
                 ln = min(step, n - off)
                 if span is None:
-                    _memmove(dst + off, src + off, ln)
+                    _copy_slice(dst + off, src + off, ln)
                 else:
                     name, tracer, args = span
                     sargs = {**args, "offset": args.get("offset", 0) + off, "bytes": ln}
-                    _trace.traced_call(name, tracer, sargs, _memmove, dst + off, src + off, ln)
-                if _FEW_CORES:
-                    os.sched_yield()  # let a waiting event-loop thread in between slices
+                    _trace.traced_call(name, tracer, sargs, _copy_slice, dst + off, src + off, ln)
                 with cv:
                     done[k] = 1
                     p = self._prefix
