@@ -450,8 +450,12 @@ async def timelines() -> None:
         if hasattr(stager, job):
             wrap(stager, job)
     wrap(rt.engine(0), "watch")
+    # Each copy thread's slices (SlicedCopy looks the function up per slice).
+    from gpuaio._engine import hostwork
+
+    wrap(hostwork, "_copy_slice")
     cases = []
-    for n in (4 * MiB, 16 * MiB, 64 * MiB):
+    for n in (4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB):
         src = np.random.default_rng(n).integers(0, 255, n, dtype=np.uint8)
         back = np.zeros(n, np.uint8)
         pin = gpuaio.pinned_empty(n)
@@ -479,9 +483,9 @@ async def timelines() -> None:
         rows = []
         for t, thread, what in log:
             rows.append(f"{(t - t0) * 1e6:9.1f} us  {thread[:22]:22s} {what}")
-        for row in rows[:60]:
+        for row in rows[:160]:
             print("    " + row)
-        RESULTS[f"timeline_{name}"] = rows[:200]
+        RESULTS[f"timeline_{name}"] = rows[:400]
         RESULTS[f"timeline_{name}_us"] = round((t1 - t0) * 1e6, 1)
 
 

@@ -40,6 +40,25 @@ in a 64 MiB chunk, against 16 of 4 MiB before) made them 5-11% faster
 (run BF)."""
 
 
+TAIL = float(os.environ.get("GPUAIO_STAGE_TAIL", "0"))
+"""The share of a copy cut into a second round of slices, one per thread, when
+:meth:`HostPool.submit_copy` is asked for a ``tail`` (a transfer's last chunk).
+
+With one slice per thread every slice of a chunk completes at about the same
+moment, so the DMA of a transfer's last chunk started only once all of it was
+copied and ran alone after it. A second round of smaller slices lets the first
+round's bytes go to the GPU while the tail is still being copied; what follows
+the host copy is then only the tail's DMA."""
+
+
+def _cuts(nbytes: int, threads: int, least: int) -> list[int]:
+    """Offsets that cut ``nbytes`` into one slice per thread, none under
+    ``least`` bytes (the last may be shorter), on 4 KiB boundaries."""
+    step = max(4096, least, -(-nbytes // max(1, threads)))
+    step = (step + 4095) & ~4095
+    return list(range(0, nbytes, step))
+
+
 def byte_view(ptr: int, nbytes: int, readonly: bool = False) -> npt.NDArray[np.uint8]:
     """A flat uint8 numpy view of ``nbytes`` at address ``ptr`` (host memory only)."""
     if nbytes == 0:
@@ -143,16 +162,21 @@ class HostPool:
         src: int,
         nbytes: int,
         span: tuple[str, _trace.Tracer | None, dict[str, Any]] | None = None,
+        tail: bool = False,
     ) -> SlicedCopy:
         """Start copying ``nbytes`` from address ``src`` to ``dst`` on the copy
         threads, in slices claimed front to back; returns at once.
+
+        ``tail``: the last :data:`TAIL` of the copy goes in a second round of
+        smaller slices, where the first round still gives every thread a
+        slice of at least :data:`STAGE_SLICE` (see :class:`SlicedCopy`).
 
         With ``span`` = (name, tracer, args), each slice is an NVTX range (if
         ``nvtx`` is installed) and a span in ``tracer`` (if not None) on the
         thread that copies it, with ``args`` plus the slice's ``bytes`` and
         ``offset`` (``args["offset"]`` plus its place in the copy).
         """
-        return SlicedCopy(self._executor(), self.threads, dst, src, nbytes, span)
+        return SlicedCopy(self._executor(), self.threads, dst, src, nbytes, span, tail)
 
     def fill(self, dst: np.ndarray, value: int, itemsize: int) -> None:
         """Fill flat uint8 ``dst`` with the little-endian ``itemsize``-byte ``value``."""
@@ -182,9 +206,10 @@ class SlicedCopy:
     """One host copy, split into slices that copy threads claim in order.
 
     The copy is cut into one slice per thread, none under
-    :data:`STAGE_SLICE` bytes; as many tasks go to the copy threads, each
-    claiming the next slice until none is left. Slices are claimed front to
-    back, so the copy completes roughly that way:
+    :data:`STAGE_SLICE` bytes (with ``tail``, its last :data:`TAIL` into a
+    second round of one smaller slice per thread); as many tasks go to the
+    copy threads, each claiming the next slice until none is left. Slices
+    are claimed front to back, so the copy completes roughly that way:
     :meth:`wait_copied` returns a growing copied prefix, which the stager
     DMAs while the rest is still being copied. A thread that runs out of
     slices takes the next task in the pool's queue (the next chunk's) at
@@ -193,6 +218,7 @@ class SlicedCopy:
 
     __slots__ = (
         "_active",
+        "_bounds",
         "_claim",
         "_count",
         "_cv",
@@ -203,7 +229,6 @@ class SlicedCopy:
         "_prefix",
         "_span",
         "_src",
-        "_step",
         "_stop",
         "_want",
         "nbytes",
@@ -217,16 +242,22 @@ class SlicedCopy:
         src: int,
         nbytes: int,
         span: tuple[str, _trace.Tracer | None, dict[str, Any]] | None = None,
+        tail: bool = False,
     ) -> None:
         self.nbytes: int = nbytes
         """Bytes the copy moves."""
         self._dst, self._src = dst, src
         # One slice per thread where that is at least STAGE_SLICE: each
-        # thread then returns to Python once per chunk.
-        step = max(4096, STAGE_SLICE, -(-nbytes // max(1, threads)))
-        step = (step + 4095) & ~4095
-        self._step = step
-        self._count = -(-nbytes // step)
+        # thread then returns to Python once per round.
+        body = nbytes
+        if tail and TAIL > 0:
+            back = (int(nbytes * TAIL) + 4095) & ~4095
+            if nbytes - back >= threads * STAGE_SLICE:
+                body = nbytes - back
+        cuts = _cuts(body, threads, STAGE_SLICE)
+        cuts += [body + c for c in _cuts(nbytes - body, threads, MIN_SLICE)]
+        self._bounds = [*cuts, nbytes]  # slice k is [bounds[k], bounds[k + 1])
+        self._count = len(cuts)
         self._claim = itertools.count().__next__  # atomic under the GIL
         self._done = bytearray(self._count)
         self._prefix = 0  # slices copied, counted from the first
@@ -248,7 +279,7 @@ class SlicedCopy:
             raise
 
     def _run(self) -> None:
-        step, count, n = self._step, self._count, self.nbytes
+        bounds, count = self._bounds, self._count
         dst, src, span = self._dst, self._src, self._span
         done, cv = self._done, self._cv
         try:
@@ -256,8 +287,8 @@ class SlicedCopy:
                 k = self._claim()
                 if k >= count:
                     break
-                off = k * step
-                ln = min(step, n - off)
+                off = bounds[k]
+                ln = bounds[k + 1] - off
                 if span is None:
                     _copy_slice(dst + off, src + off, ln)
                 else:
@@ -272,7 +303,7 @@ class SlicedCopy:
                         while p < count and done[p]:
                             p += 1
                         self._prefix = p
-                        if p == count or p * step >= self._want:
+                        if bounds[p] >= self._want:
                             cv.notify_all()
         except BaseException as exc:
             with cv:
@@ -287,7 +318,7 @@ class SlicedCopy:
 
     def copied(self) -> int:
         """Bytes copied so far, counted from the start without a gap."""
-        return min(self._prefix * self._step, self.nbytes)
+        return self._bounds[self._prefix]
 
     def wait_copied(self, have: int = 0, at_least: int = 0) -> int:
         """Block until more than ``have`` bytes are copied from the start, and
@@ -299,7 +330,7 @@ class SlicedCopy:
         target = min(n, max(have + 1, at_least))
         with self._cv:
             while True:
-                p = min(self._prefix * self._step, n)
+                p = self._bounds[self._prefix]
                 if p >= target:
                     return p
                 if self._error is not None:

@@ -317,9 +317,12 @@ class Stager:
                     # holds the chunk planned (one chunk in a block that size
                     # would lose the overlap of host copy and DMA).
                     ln = min(ln, block.size)
+                    # The last chunk's copy ends in smaller slices: its DMA
+                    # then mostly overlaps the copy (hostwork.TAIL).
                     cp = _stage(
-                        host, _H2D_CHUNK, tracer, k, off, block.ptr, src_ptr + off, ln, solo
-                    )
+                        host, _H2D_CHUNK, tracer, k, off, block.ptr, src_ptr + off, ln, solo,
+                        tail=off + ln == n,
+                    )  # fmt: skip
                     copying.append([off, ln, block, cp, 0])
                     k += 1
                     off += ln
@@ -373,8 +376,9 @@ class Stager:
     def _d2h(self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo) -> bool:
         """Host job: DMA chunks of ``s`` into pinned blocks, copy them out into ``d``.
 
-        Up to ``depth`` DMAs run ahead while the host threads copy out up to
-        ``LOOKAHEAD`` finished chunks.
+        Up to ``depth`` chunks are in DMA, each in steps of ``D2H_STEP`` bytes
+        with an event behind each; a step's copy-out goes to the host threads
+        as soon as its DMA has run, while the rest of its chunk still lands.
         """
         backend, pool, host = self.runtime.backend, self.pool, self.runtime.host
         native = seq.native
@@ -385,19 +389,23 @@ class Stager:
         depth = self.config.depth
         device = seq.ordinal
         solo = chunk <= SOLO_CHUNK
+        step = chunk if solo or D2H_STEP <= 0 else D2H_STEP
+        lookahead = LOOKAHEAD * max(1, chunk // step)  # steps being copied out
         events = self.events
-        inflight: deque[tuple[int, int, PinnedBlock, Any]] = deque()
-        # (offset, bytes, block, its copy-out or None when copied, 0)
+        # (offset, bytes, pinned address, the block on its last step else None, event)
+        inflight: deque[tuple[int, int, int, PinnedBlock | None, Any]] = deque()
+        # (offset, bytes, the block on its last step else None, its copy-out or None, 0)
         copying: deque[list[Any]] = deque()
         # Chunk copies are traced on the host threads that run them, into
         # the tracer the op captured when its task enqueued it.
         tracer = op._tracer
+        held = 0  # blocks with a DMA not yet seen done
         k = 0
         off = 0
         copied = 0
         try:
             while True:
-                while off < n and len(inflight) < depth and not op._abort:
+                while off < n and held < depth and not op._abort:
                     ln = min(chunk, n - off)
                     block = pool.take_cached(ln) or pool.acquire(
                         ln, wait=not (inflight or copying), min_bytes=min(ln, floor)
@@ -408,17 +416,24 @@ class Stager:
                     # holds the chunk planned (one chunk in a block that size
                     # would lose the overlap of host copy and DMA).
                     ln = min(ln, block.size)
-                    ev = _guarded_dma(
-                        backend, native, events, device, pool, block, block.ptr, s.ptr + off, ln
-                    )
-                    inflight.append((off, ln, block, ev))
+                    held += 1
+                    for so in range(0, ln, step):
+                        sl = min(step, ln - so)
+                        ev = _guarded_dma(
+                            backend, native, events, device, pool, block,
+                            block.ptr + so, s.ptr + off + so, sl, drain=so > 0,
+                        )  # fmt: skip
+                        last = block if so + sl == ln else None
+                        inflight.append((off + so, sl, block.ptr + so, last, ev))
                     off += ln
-                if inflight and len(copying) < LOOKAHEAD:
-                    o, ln, block, ev = inflight[0]
+                if inflight and len(copying) < lookahead:
+                    o, ln, src, block, ev = inflight[0]
                     backend.event_synchronize(ev)
                     inflight.popleft()
                     events.put([ev])  # fired
-                    cp = _stage(host, _D2H_CHUNK, tracer, k, o, dst_ptr + o, block.ptr, ln, solo)
+                    if block is not None:
+                        held -= 1
+                    cp = _stage(host, _D2H_CHUNK, tracer, k, o, dst_ptr + o, src, ln, solo)
                     copying.append([o, ln, block, cp, 0])
                     k += 1
                     continue
@@ -427,16 +442,21 @@ class Stager:
                     if cp is not None:
                         cp.wait_copied(at_least=ln)
                     copying.popleft()
-                    pool.release(block)
+                    if block is not None:
+                        pool.release(block)
                     copied += ln
                     if op._progress is not None and copied < n:
                         report_progress(op._progress, copied, n)
                     continue
                 break
         finally:
-            for _o, _ln, block, ev in inflight:
-                pool.release(block, [ev])
+            # Copy-outs first: a block is handed back only once no thread reads it.
             _drop(backend, native, pool, copying)
+            for _o, _ln, _src, block, ev in inflight:
+                if block is None:
+                    events.put([ev])  # a record replaces it before anyone waits on it
+                else:
+                    pool.release(block, [ev])
         if copied < n:
             raise OperationAbortedError(f"{op.label}: aborted after {copied} of {n} bytes")
         return False
@@ -456,6 +476,10 @@ DMA_STEP = int(os.environ.get("GPUAIO_DMA_STEP", 4 << 20))
 chunk's last DMA takes what is left): a DMA call costs 10-40 us of the stream
 thread, and at 4 MiB the last DMA, all that follows the host copy, takes
 about 80 us at 55 GB/s."""
+
+D2H_STEP = _env_size("GPUAIO_D2H_STEP", 0)
+"""A staged download's DMA of a chunk goes in steps of this many bytes, each
+copied out as soon as it has landed (0: one step per chunk)."""
 
 SOLO_CHUNK = int(os.environ.get("GPUAIO_SOLO_CHUNK", 2 << 20))
 """Chunks up to this size are copied by the stream's host thread itself, while
@@ -525,6 +549,7 @@ def _stage(
     src: int,
     nbytes: int,
     solo: bool,
+    tail: bool = False,
 ) -> SlicedCopy | None:
     """Start the host copy of one chunk (``nbytes`` from ``src`` to ``dst``):
     a solo chunk is copied here, at once (returns None); otherwise its slices
@@ -532,7 +557,8 @@ def _stage(
     if solo:
         _copy_here(name, tracer, chunk, offset, dst, src, nbytes)
         return None
-    return host.submit_copy(dst, src, nbytes, (name, tracer, {"chunk": chunk, "offset": offset}))
+    span = (name, tracer, {"chunk": chunk, "offset": offset})
+    return host.submit_copy(dst, src, nbytes, span, tail)
 
 
 def _copy_here(
@@ -550,6 +576,8 @@ def _drop(backend: Any, native: Any, pool: PinnedPool, copying: deque[list[Any]]
     for _o, _ln, block, cp, sent in copying:
         if cp is not None:
             cp.stop()
+        if block is None:
+            continue  # a download's step: its block goes back with the chunk's last step
         if sent:
             _release_after_drain(backend, native, pool, block)
         else:
