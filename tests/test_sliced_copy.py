@@ -1,5 +1,6 @@
 """Host copies in slices claimed front to back, and staged uploads that DMA a
-chunk's copied front while its back is still being copied."""
+chunk's slices as they are copied, in any order, while the rest of the chunk
+is still being copied."""
 
 from __future__ import annotations
 
@@ -26,13 +27,21 @@ class Slices:
     """Wraps ``hostwork._copy_slice``: counts the slices copied and in progress,
     optionally slows each down (``delay_s``, or ``stagger_s`` more for each
     slice's place from ``base``), fails the one at ``fail_at`` (an offset
-    from ``base``)."""
+    from ``base``), holds the one that reads ``hold_src`` until ``gate`` is
+    set (5 s at most; ``holding`` says whether it waits)."""
 
     def __init__(
-        self, delay_s: float = 0.0, stagger_s: float = 0.0, fail_at: int | None = None
+        self,
+        delay_s: float = 0.0,
+        stagger_s: float = 0.0,
+        fail_at: int | None = None,
+        hold_src: int | None = None,
     ) -> None:
         self.delay_s = delay_s
         self.stagger_s = stagger_s
+        self.hold_src = hold_src
+        self.gate = threading.Event()
+        self.holding = False
         self.sizes: list[int] = []
         self.fail_at = fail_at
         self.base = 0
@@ -51,6 +60,10 @@ class Slices:
             pause = self.delay_s + self.stagger_s * ((dst - self.base) // n if self.base else 0)
             if pause:
                 time.sleep(pause)
+            if src == self.hold_src:
+                self.holding = True
+                self.gate.wait(5)
+                self.holding = False
             if self.fail_at is not None and dst - self.base == self.fail_at:
                 raise OSError("slice copy failed")
             return self.real(dst, src, n)
@@ -156,6 +169,95 @@ def test_wait_copied_returns_a_copied_front_while_the_back_is_copied(
         assert np.array_equal(dst, src)
     finally:
         pool.close()
+
+
+def test_take_copied_hands_out_slices_as_they_complete_in_any_order(
+    slices: Callable[..., Slices],
+) -> None:
+    """A first slice that is still being copied holds none of the others back:
+    they come out of ``take_copied`` first, adjacent ones merged, then the
+    first; every byte once, byte-exact."""
+    pool = HostPool(4)
+    try:
+        n = 4 * STEP
+        src = pattern(n, 11)
+        dst = np.zeros(n, np.uint8)
+        spy = slices(hold_src=src.ctypes.data)
+        cp = pool.submit_copy(dst.ctypes.data, src.ctypes.data, n)
+        got = cp.take_copied(3 * STEP)
+        assert spy.holding, "the first slice was not held"
+        assert got == [(STEP, 3 * STEP)], got
+        assert cp.copied() == 0, "the copied front grew past a slice still being copied"
+        assert np.array_equal(dst[STEP:], src[STEP:])
+        spy.gate.set()
+        assert cp.take_copied() == [(0, STEP)]
+        assert cp.take_copied() == [], "a slice was handed out twice"
+        assert np.array_equal(dst, src)
+    finally:
+        spy.gate.set()
+        pool.close()
+
+
+def test_take_copied_raises_a_failing_slices_error_after_the_copied_ones(
+    slices: Callable[..., Slices],
+) -> None:
+    """One worker copies the slices in order; the second fails: the first
+    comes out, then the error, and nothing after the failed slice is copied."""
+    spy = slices(fail_at=STEP)
+    ex = ThreadPoolExecutor(1)
+    try:
+        n = 3 * STEP
+        src = pattern(n, 12)
+        dst = np.zeros(n, np.uint8)
+        spy.base = dst.ctypes.data
+        cp = SlicedCopy(ex, 4, dst.ctypes.data, src.ctypes.data, n)
+        assert cp.take_copied() == [(0, STEP)]
+        with pytest.raises(OSError, match="slice copy failed"):
+            cp.take_copied()
+        assert not dst[STEP:].any(), "bytes from the failed slice on were written"
+    finally:
+        ex.shutdown()
+
+
+@pytest.mark.parametrize("threads", [3, 4])
+def test_a_tail_copy_ends_in_a_second_round_of_smaller_slices(
+    slices: Callable[..., Slices], monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    """``tail``: the last ``TAIL`` of the copy is cut into one smaller slice per
+    thread, claimed after the others; without it, or where the first round
+    would give a thread less than ``STAGE_SLICE``, one round; byte-exact."""
+    monkeypatch.setattr(hostwork, "TAIL", 0.25)
+    n = 16 * STEP
+    for tail, big in ((True, 12 * STEP), (False, n)):
+        spy = slices()
+        pool = HostPool(threads)
+        try:
+            src = pattern(n, 13)
+            dst = np.zeros(n, np.uint8)
+            pool.submit_copy(dst.ctypes.data, src.ctypes.data, n, tail=tail).wait_copied(at_least=n)
+            assert np.array_equal(dst, src)
+        finally:
+            pool.close()
+        first = _cuts(big, threads)
+        want = first + (_cuts(n - big, threads) if tail else [])
+        assert sorted(spy.sizes) == sorted(want), (tail, threads, spy.sizes)
+    spy = slices()
+    pool = HostPool(threads)
+    try:  # 4 slices of STAGE_SLICE for 3-4 threads: a tail would leave them less
+        src = pattern(4 * STEP, 14)
+        dst = np.zeros(4 * STEP, np.uint8)
+        pool.submit_copy(dst.ctypes.data, src.ctypes.data, 4 * STEP, tail=True).wait_copied(
+            at_least=4 * STEP
+        )
+        assert max(spy.sizes) == STEP and np.array_equal(dst, src), spy.sizes
+    finally:
+        pool.close()
+
+
+def _cuts(n: int, threads: int) -> list[int]:
+    """Slice sizes of ``n`` bytes cut for ``threads`` threads (4 KiB-aligned)."""
+    step = (-(-n // threads) + 4095) & ~4095
+    return [min(step, n - o) for o in range(0, n, step)]
 
 
 def _one_worker_copy(n: int, seed: int) -> tuple[SlicedCopy, np.ndarray, np.ndarray, Any]:
@@ -289,6 +391,56 @@ async def test_a_staged_upload_dmas_a_chunks_front_before_its_back_is_copied(
     await s.copy(out, d)
     assert np.array_equal(out, src)
     await s.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_slice_still_being_copied_holds_back_no_other_slices_dma(
+    gpuaio_runtime: Any,
+    dev: gpuaio.Device,
+    staged_only: Any,
+    slices: Callable[..., Slices],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On four copy threads, the first slice of a 64 MiB upload is held until a
+    DMA comes: the other slices of its chunk are DMAed while it is still
+    being copied (before, a chunk's DMAs waited for its copied front, so the
+    first DMA came only once the held slice was released after 5 s); every
+    byte arrives once, byte-exact."""
+    host = HostPool(4)
+    monkeypatch.setattr(gpuaio_runtime, "host", host)
+    try:
+        s = dev.stream()
+        n = 64 * MiB
+        chunk = staged_only.chunk_for(n)
+        d = dev.empty(n)
+        await s.copy(d, pattern(n, 1))  # blocks cached
+        src = pattern(n, 2)
+        spy = slices(hold_src=src.ctypes.data)
+        be = gpuaio_runtime.backend
+        held_at_dma: list[bool] = []
+        with _recorded_copies(be) as calls:
+            spied = be.memcpy_async
+
+            def dma(*a: Any) -> None:
+                held_at_dma.append(spy.holding)
+                spy.gate.set()
+                spied(*a)
+
+            be.memcpy_async = dma
+            try:
+                await s.copy(d, src)
+            finally:
+                be.memcpy_async = spied
+                spy.gate.set()
+        assert held_at_dma[0], "the first DMA came only once the first slice was copied"
+        assert calls[0][0] != d.ptr, "the first DMA was of the held slice"
+        assert _dma_chunks(calls, d.ptr, n, chunk) == [chunk] * (n // chunk)
+        out = np.zeros(n, np.uint8)
+        await s.copy(out, d)
+        assert np.array_equal(out, src)
+        await s.aclose()
+    finally:
+        host.close()
 
 
 @pytest.mark.anyio

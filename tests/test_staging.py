@@ -47,26 +47,28 @@ def _dma_chunks(calls: list[tuple[int, int, int]], base: int, n: int, chunk: int
     """The bytes each ``chunk``-sized piece of an upload of ``n`` bytes to
     ``base`` was DMAed in, from the recorded DMAs (``_recorded_copies``).
 
-    A chunk's DMAs (its copied front first, then the rest) go in order, are
-    contiguous in the destination and read one pinned block contiguously;
+    Chunks go in order; a chunk's DMAs (its slices as they are copied, in any
+    order) stay within it and read one pinned block at the chunk's offsets;
     every byte is DMAed once.
     """
     chunks: list[int] = []
-    at = base
-    src_end = -1
+    delta: list[int] = []  # a chunk's source address minus its destination's
+    spans: list[tuple[int, int]] = []
     for dst, src, nb in calls:
-        assert dst == at, f"DMA to offset {dst - base}, expected {at - base}: out of order"
         k = (dst - base) // chunk
-        if k < len(chunks):
-            assert src == src_end, f"chunk {k} read from two places"
-            assert (dst + nb - base - 1) // chunk == k, f"a DMA spans chunks {k} and {k + 1}"
-            chunks[-1] += nb
-        else:
-            assert dst - base == k * chunk, f"chunk {k} starts at {dst - base}"
-            chunks.append(nb)
-        src_end = src + nb
+        assert (dst + nb - base - 1) // chunk == k, f"a DMA spans chunks {k} and {k + 1}"
+        if k == len(chunks):
+            chunks.append(0)
+            delta.append(src - dst)
+        assert k == len(chunks) - 1, f"a DMA of chunk {k} after one of chunk {len(chunks) - 1}"
+        assert src - dst == delta[k], f"chunk {k} read from two places"
+        chunks[k] += nb
+        spans.append((dst - base, nb))
+    at = 0
+    for off, nb in sorted(spans):
+        assert off == at, f"DMAs left bytes {at}-{off} out or moved them twice"
         at += nb
-    assert at == base + n, f"DMAs moved {at - base} of {n} bytes"
+    assert at == n, f"DMAs moved {at} of {n} bytes"
     return chunks
 
 

@@ -225,12 +225,16 @@ class SlicedCopy:
         "_done",
         "_dst",
         "_error",
+        "_fresh",
+        "_fresh_bytes",
         "_futs",
         "_prefix",
         "_span",
         "_src",
         "_stop",
+        "_taken",
         "_want",
+        "_want_fresh",
         "nbytes",
     )
 
@@ -262,6 +266,11 @@ class SlicedCopy:
         self._done = bytearray(self._count)
         self._prefix = 0  # slices copied, counted from the first
         self._want = nbytes  # the waiter's target: notify only once reached
+        # Slices copied but not yet handed out by take_copied, and their bytes.
+        self._fresh: list[int] = []
+        self._fresh_bytes = 0
+        self._taken = 0  # bytes handed out by take_copied
+        self._want_fresh = nbytes + 1  # take_copied's target: none while nobody waits
         self._error: BaseException | None = None
         self._stop = False
         self._cv = threading.Condition(threading.Lock())
@@ -303,8 +312,10 @@ class SlicedCopy:
                         while p < count and done[p]:
                             p += 1
                         self._prefix = p
-                        if bounds[p] >= self._want:
-                            cv.notify_all()
+                    self._fresh.append(k)
+                    self._fresh_bytes += ln
+                    if bounds[p] >= self._want or self._fresh_bytes >= self._want_fresh:
+                        cv.notify_all()
         except BaseException as exc:
             with cv:
                 if self._error is None:
@@ -340,6 +351,46 @@ class SlicedCopy:
                     raise RuntimeError("host copy ended with slices uncopied")
                 self._want = target
                 self._cv.wait()
+
+    def take_copied(self, at_least: int = 1) -> list[tuple[int, int]]:
+        """Block until slices of at least ``at_least`` bytes (or all that are
+        left) are copied that no earlier call returned; return them as
+        ``(offset, bytes)`` ranges in address order, adjacent ones merged
+        (an empty list once every slice was returned).
+
+        Unlike :meth:`wait_copied`, slices come as they complete, in any
+        order: a slice a late thread still copies holds none back.
+        Raises the first error of a slice, once no thread copies any more.
+        """
+        with self._cv:
+            while True:
+                left = self.nbytes - self._taken
+                if left == 0:
+                    return []
+                want = min(max(1, at_least), left)
+                if self._fresh_bytes >= want:
+                    break
+                if self._error is not None:
+                    if self._active == 0:
+                        raise self._error
+                elif self._active == 0:  # cannot happen: every slice was claimed
+                    raise RuntimeError("host copy ended with slices uncopied")
+                self._want_fresh = want
+                self._cv.wait()
+            fresh = sorted(self._fresh)
+            self._fresh.clear()
+            self._taken += self._fresh_bytes
+            self._fresh_bytes = 0
+            self._want_fresh = self.nbytes + 1
+        bounds = self._bounds
+        ranges: list[tuple[int, int]] = []
+        for k in fresh:
+            off, end = bounds[k], bounds[k + 1]
+            if ranges and sum(ranges[-1]) == off:
+                ranges[-1] = (ranges[-1][0], end - ranges[-1][0])
+            else:
+                ranges.append((off, end - off))
+        return ranges
 
     def stop(self) -> None:
         """Let no thread claim another slice; return once none copies any more.

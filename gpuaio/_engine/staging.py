@@ -330,25 +330,31 @@ class Stager:
                     break
                 entry = copying[0]
                 o, ln, block, cp, sent = entry
-                ready = ln if cp is None else cp.wait_copied(sent, sent + DMA_STEP)
+                # Slices as they are copied, in any order: one that a late
+                # thread still copies holds none of the others back.
+                parts = [(0, ln)] if cp is None else cp.take_copied(DMA_STEP)
                 if sent == 0 and j >= depth:
                     # The first DMA of this chunk: wait until the chunk
                     # ``depth`` before it is out of DMA.
                     backend.event_synchronize(ring[j % depth])
-                if ready < ln:  # a front part: its block stays guarded by the chunk's last DMA
-                    backend.memcpy_async(d.ptr + o + sent, block.ptr + sent, ready - sent, native)
-                    entry[4] = ready
+                final = sent + sum(b for _, b in parts) == ln
+                for fo, fl in parts[:-1] if final else parts:
+                    # Its block stays guarded by the chunk's last DMA.
+                    backend.memcpy_async(d.ptr + o + fo, block.ptr + fo, fl, native)
+                    entry[4] += fl
+                if not final:
                     continue
+                po, pl = parts[-1]
                 copying.popleft()
                 guard = _guarded_dma(
                     backend, native, events, device, pool, block,
-                    d.ptr + o + sent, block.ptr + sent, ln - sent, drain=sent > 0,
+                    d.ptr + o + po, block.ptr + po, pl, drain=entry[4] > 0,
                 )  # fmt: skip
                 guards.append((block, pool.release(block, [guard])))
                 backend.event_record(ring[j % depth], native)
                 j += 1
                 enqueued += ln
-                last = ln - sent
+                last = pl
                 if op._progress is not None and enqueued < n:
                     report_progress(op._progress, enqueued, n)
         finally:
@@ -376,9 +382,8 @@ class Stager:
     def _d2h(self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo) -> bool:
         """Host job: DMA chunks of ``s`` into pinned blocks, copy them out into ``d``.
 
-        Up to ``depth`` chunks are in DMA, each in steps of ``D2H_STEP`` bytes
-        with an event behind each; a step's copy-out goes to the host threads
-        as soon as its DMA has run, while the rest of its chunk still lands.
+        Up to ``depth`` DMAs run ahead while the host threads copy out up to
+        ``LOOKAHEAD`` finished chunks.
         """
         backend, pool, host = self.runtime.backend, self.pool, self.runtime.host
         native = seq.native
@@ -389,23 +394,19 @@ class Stager:
         depth = self.config.depth
         device = seq.ordinal
         solo = chunk <= SOLO_CHUNK
-        step = chunk if solo or D2H_STEP <= 0 else D2H_STEP
-        lookahead = LOOKAHEAD * max(1, chunk // step)  # steps being copied out
         events = self.events
-        # (offset, bytes, pinned address, the block on its last step else None, event)
-        inflight: deque[tuple[int, int, int, PinnedBlock | None, Any]] = deque()
-        # (offset, bytes, the block on its last step else None, its copy-out or None, 0)
+        inflight: deque[tuple[int, int, PinnedBlock, Any]] = deque()
+        # (offset, bytes, block, its copy-out or None when copied, 0)
         copying: deque[list[Any]] = deque()
         # Chunk copies are traced on the host threads that run them, into
         # the tracer the op captured when its task enqueued it.
         tracer = op._tracer
-        held = 0  # blocks with a DMA not yet seen done
         k = 0
         off = 0
         copied = 0
         try:
             while True:
-                while off < n and held < depth and not op._abort:
+                while off < n and len(inflight) < depth and not op._abort:
                     ln = min(chunk, n - off)
                     block = pool.take_cached(ln) or pool.acquire(
                         ln, wait=not (inflight or copying), min_bytes=min(ln, floor)
@@ -416,24 +417,17 @@ class Stager:
                     # holds the chunk planned (one chunk in a block that size
                     # would lose the overlap of host copy and DMA).
                     ln = min(ln, block.size)
-                    held += 1
-                    for so in range(0, ln, step):
-                        sl = min(step, ln - so)
-                        ev = _guarded_dma(
-                            backend, native, events, device, pool, block,
-                            block.ptr + so, s.ptr + off + so, sl, drain=so > 0,
-                        )  # fmt: skip
-                        last = block if so + sl == ln else None
-                        inflight.append((off + so, sl, block.ptr + so, last, ev))
+                    ev = _guarded_dma(
+                        backend, native, events, device, pool, block, block.ptr, s.ptr + off, ln
+                    )
+                    inflight.append((off, ln, block, ev))
                     off += ln
-                if inflight and len(copying) < lookahead:
-                    o, ln, src, block, ev = inflight[0]
+                if inflight and len(copying) < LOOKAHEAD:
+                    o, ln, block, ev = inflight[0]
                     backend.event_synchronize(ev)
                     inflight.popleft()
                     events.put([ev])  # fired
-                    if block is not None:
-                        held -= 1
-                    cp = _stage(host, _D2H_CHUNK, tracer, k, o, dst_ptr + o, src, ln, solo)
+                    cp = _stage(host, _D2H_CHUNK, tracer, k, o, dst_ptr + o, block.ptr, ln, solo)
                     copying.append([o, ln, block, cp, 0])
                     k += 1
                     continue
@@ -442,21 +436,16 @@ class Stager:
                     if cp is not None:
                         cp.wait_copied(at_least=ln)
                     copying.popleft()
-                    if block is not None:
-                        pool.release(block)
+                    pool.release(block)
                     copied += ln
                     if op._progress is not None and copied < n:
                         report_progress(op._progress, copied, n)
                     continue
                 break
         finally:
-            # Copy-outs first: a block is handed back only once no thread reads it.
+            for _o, _ln, block, ev in inflight:
+                pool.release(block, [ev])
             _drop(backend, native, pool, copying)
-            for _o, _ln, _src, block, ev in inflight:
-                if block is None:
-                    events.put([ev])  # a record replaces it before anyone waits on it
-                else:
-                    pool.release(block, [ev])
         if copied < n:
             raise OperationAbortedError(f"{op.label}: aborted after {copied} of {n} bytes")
         return False
@@ -476,10 +465,6 @@ DMA_STEP = int(os.environ.get("GPUAIO_DMA_STEP", 4 << 20))
 chunk's last DMA takes what is left): a DMA call costs 10-40 us of the stream
 thread, and at 4 MiB the last DMA, all that follows the host copy, takes
 about 80 us at 55 GB/s."""
-
-D2H_STEP = _env_size("GPUAIO_D2H_STEP", 0)
-"""A staged download's DMA of a chunk goes in steps of this many bytes, each
-copied out as soon as it has landed (0: one step per chunk)."""
 
 SOLO_CHUNK = int(os.environ.get("GPUAIO_SOLO_CHUNK", 2 << 20))
 """Chunks up to this size are copied by the stream's host thread itself, while
@@ -576,8 +561,6 @@ def _drop(backend: Any, native: Any, pool: PinnedPool, copying: deque[list[Any]]
     for _o, _ln, block, cp, sent in copying:
         if cp is not None:
             cp.stop()
-        if block is None:
-            continue  # a download's step: its block goes back with the chunk's last step
         if sent:
             _release_after_drain(backend, native, pool, block)
         else:
