@@ -371,17 +371,17 @@ async def test_a_staged_upload_dmas_a_chunks_front_before_its_back_is_copied(
     done_at_dma: list[int] = []
     src = pattern(n, 2)
     with _recorded_copies(be) as calls:
-        spied = be.dma_async
+        spied = be.memcpy_async
 
         def dma(*a: Any) -> None:
             done_at_dma.append(spy.done)
             spied(*a)
 
-        be.dma_async = dma
+        be.memcpy_async = dma
         try:
             await s.copy(d, src)
         finally:
-            be.dma_async = spied
+            be.memcpy_async = spied
     assert _dma_chunks(calls, d.ptr, n, chunk) == [chunk] * (n // chunk)
     assert len(calls) > n // chunk, "each chunk went in one DMA, after its whole copy"
     assert done_at_dma[0] < first, (
@@ -419,18 +419,18 @@ async def test_a_slice_still_being_copied_holds_back_no_other_slices_dma(
         be = gpuaio_runtime.backend
         held_at_dma: list[bool] = []
         with _recorded_copies(be) as calls:
-            spied = be.dma_async
+            spied = be.memcpy_async
 
             def dma(*a: Any) -> None:
                 held_at_dma.append(spy.holding)
                 spy.gate.set()
                 spied(*a)
 
-            be.dma_async = dma
+            be.memcpy_async = dma
             try:
                 await s.copy(d, src)
             finally:
-                be.dma_async = spied
+                be.memcpy_async = spied
                 spy.gate.set()
         assert held_at_dma[0], "the first DMA came only once the first slice was copied"
         assert calls[0][0] != d.ptr, "the first DMA was of the held slice"
@@ -465,7 +465,7 @@ async def test_a_failed_dma_after_a_chunks_front_frees_its_block_only_after_the_
     await s.copy(d, pattern(n, 1))  # blocks cached
     be = gpuaio_runtime.backend
     pool = staged_only.pool
-    real_dma, real_sync = be.dma_async, be.stream_synchronize
+    real_dma, real_sync = be.memcpy_async, be.stream_synchronize
     seen: list[str] = []
     sizes: list[int] = []
 
@@ -481,7 +481,7 @@ async def test_a_failed_dma_after_a_chunks_front_frees_its_block_only_after_the_
         real_sync(native)
 
     slices(delay_s=0.002)  # the front is DMAed well before the chunk is copied
-    monkeypatch.setattr(be, "dma_async", dma)
+    monkeypatch.setattr(be, "memcpy_async", dma)
     monkeypatch.setattr(be, "stream_synchronize", sync)
     with pytest.raises(CudaError, match="injected"):
         await s.copy(d, pattern(n, 2))

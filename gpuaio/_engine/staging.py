@@ -245,7 +245,7 @@ class Stager:
             raise
         pool, backend = self.pool, self.runtime.backend
         op._add_done_callback(lambda: pool.release(block))
-        return seq.gpu(op, backend.dma_async, d.ptr, block.ptr, n)
+        return seq.gpu(op, backend.memcpy_async, d.ptr, block.ptr, n)
 
     def _small_d2h(
         self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo, block: PinnedBlock
@@ -260,7 +260,7 @@ class Stager:
 
         op._complete = copy_out
         op._add_done_callback(lambda: pool.release(block))
-        seq.gpu(op, backend.dma_async, block.ptr, s.ptr, n)
+        seq.gpu(op, backend.memcpy_async, block.ptr, s.ptr, n)
         seq.note_copy_out(op)
         return op
 
@@ -340,7 +340,7 @@ class Stager:
                 final = sent + sum(b for _, b in parts) == ln
                 for fo, fl in parts[:-1] if final else parts:
                     # Its block stays guarded by the chunk's last DMA.
-                    backend.dma_async(d.ptr + o + fo, block.ptr + fo, fl, native)
+                    backend.memcpy_async(d.ptr + o + fo, block.ptr + fo, fl, native)
                     entry[4] += fl
                 if not final:
                     continue
@@ -496,7 +496,7 @@ def _guarded_dma(
     an event that failed to record goes back to ``events``.
     """
     try:
-        backend.dma_async(dst, src, nbytes, native)
+        backend.memcpy_async(dst, src, nbytes, native)
     except BaseException:
         if drain:
             _release_after_drain(backend, native, pool, block)

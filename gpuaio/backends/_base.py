@@ -227,13 +227,6 @@ class Backend(abc.ABC):
     def memcpy_async(self, dst: int, src: int, nbytes: int, stream: Any) -> None:
         """``cuMemcpyAsync``: follows CUDA's sync rules for pageable/host memory."""
 
-    def dma_async(self, dst: int, src: int, nbytes: int, stream: Any) -> None:
-        """``cuMemcpyAsync`` between device or pinned memory only (never
-        pageable): a copy the driver only enqueues, so a backend may make the
-        call without letting other threads run (the CUDA backend keeps the
-        GIL). By default :meth:`memcpy_async`."""
-        self.memcpy_async(dst, src, nbytes, stream)
-
     @abc.abstractmethod
     def memcpy_peer_async(
         self, dst: int, dst_device: int, src: int, src_device: int, nbytes: int, stream: Any

@@ -18,7 +18,6 @@ import cuda.bindings.driver as driver
 
 from ..._core.errors import InvalidArgumentError
 from ._driver import _NOT_READY, DriverBase, _check, _cuda_error, _uint32_error
-from ._raw import raw_calls
 
 _STREAM_NON_BLOCKING = int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)
 _EVENT_DISABLE_TIMING = int(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING)
@@ -180,20 +179,6 @@ class StreamCalls(DriverBase):
                 self._leave(prev)
         if err:
             raise _cuda_error("cuMemcpyAsync", err)
-
-    def dma_async(self, dst: int, src: int, nbytes: int, stream: CudaStream) -> None:
-        """``cuMemcpyAsync`` between device or pinned memory: it only enqueues,
-        so it is called with the GIL held (:mod:`._raw`) where the stream's
-        context is current, else as :meth:`memcpy_async`."""
-        raw = raw_calls()
-        # Handle 0, the legacy default stream, is left to cuda-bindings: it
-        # knows whether the process asked for per-thread default streams.
-        if raw is None or nbytes <= 0 or not stream.address or raw.current() != stream.ctx_addr:
-            self.memcpy_async(dst, src, nbytes, stream)
-            return
-        err = raw.memcpy_async(dst, src, nbytes, stream.address)
-        if err:
-            raise _cuda_error("cuMemcpyAsync", driver.CUresult(err))
 
     def memcpy_peer_async(
         self,

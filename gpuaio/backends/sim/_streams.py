@@ -175,24 +175,6 @@ class SimStreams(SimCore):
         else:
             self._push(s, self._copy_op(call, dst, src, nbytes, cfg.host_gbps), wait=True)
 
-    def dma_async(self, dst: int, src: int, nbytes: int, stream: Any) -> None:
-        """:meth:`memcpy_async` for device or pinned memory only. Stricter than
-        the CUDA backend, which calls it with the GIL held and so would stall
-        every thread on a pageable side: a pageable side is an error here."""
-        if nbytes > 0:
-            with self._lock:
-                for ptr in (dst, src):
-                    kind = self._kind_locked(ptr, nbytes, "cuMemcpyAsync")
-                    if kind not in _DEVICE_SIDE and kind is not MemoryKind.PINNED:
-                        raise _error(
-                            "cuMemcpyAsync",
-                            _INVALID_VALUE,
-                            f"dma_async of {kind.value} memory at {ptr:#x}: device or pinned only",
-                        )
-        # The class's method, as the CUDA backend's raw call: a test that
-        # wraps the instance's memcpy_async sees no DMA here, there or here.
-        type(self).memcpy_async(self, dst, src, nbytes, stream)
-
     @_in_context("handle", "stream")
     def memcpy_peer_async(
         self, dst: int, dst_device: int, src: int, src_device: int, nbytes: int, stream: Any
