@@ -219,47 +219,6 @@ def test_take_copied_raises_a_failing_slices_error_after_the_copied_ones(
         ex.shutdown()
 
 
-@pytest.mark.parametrize("threads", [3, 4])
-def test_a_tail_copy_ends_in_a_second_round_of_smaller_slices(
-    slices: Callable[..., Slices], monkeypatch: pytest.MonkeyPatch, threads: int
-) -> None:
-    """``tail``: the last ``TAIL`` of the copy is cut into one smaller slice per
-    thread, claimed after the others; without it, or where the first round
-    would give a thread less than ``STAGE_SLICE``, one round; byte-exact."""
-    monkeypatch.setattr(hostwork, "TAIL", 0.25)
-    n = 16 * STEP
-    for tail, big in ((True, 12 * STEP), (False, n)):
-        spy = slices()
-        pool = HostPool(threads)
-        try:
-            src = pattern(n, 13)
-            dst = np.zeros(n, np.uint8)
-            pool.submit_copy(dst.ctypes.data, src.ctypes.data, n, tail=tail).wait_copied(at_least=n)
-            assert np.array_equal(dst, src)
-        finally:
-            pool.close()
-        first = _cuts(big, threads)
-        want = first + (_cuts(n - big, threads) if tail else [])
-        assert sorted(spy.sizes) == sorted(want), (tail, threads, spy.sizes)
-    spy = slices()
-    pool = HostPool(threads)
-    try:  # 4 slices of STAGE_SLICE for 3-4 threads: a tail would leave them less
-        src = pattern(4 * STEP, 14)
-        dst = np.zeros(4 * STEP, np.uint8)
-        pool.submit_copy(dst.ctypes.data, src.ctypes.data, 4 * STEP, tail=True).wait_copied(
-            at_least=4 * STEP
-        )
-        assert max(spy.sizes) == STEP and np.array_equal(dst, src), spy.sizes
-    finally:
-        pool.close()
-
-
-def _cuts(n: int, threads: int) -> list[int]:
-    """Slice sizes of ``n`` bytes cut for ``threads`` threads (4 KiB-aligned)."""
-    step = (-(-n // threads) + 4095) & ~4095
-    return [min(step, n - o) for o in range(0, n, step)]
-
-
 def _one_worker_copy(n: int, seed: int) -> tuple[SlicedCopy, np.ndarray, np.ndarray, Any]:
     """A copy cut for four threads but run by one worker: its slices go one by
     one, front to back. Returns (copy, source, destination, executor)."""

@@ -40,17 +40,6 @@ in a 64 MiB chunk, against 16 of 4 MiB before) made them 5-11% faster
 (run BF)."""
 
 
-TAIL = float(os.environ.get("GPUAIO_STAGE_TAIL", "0"))
-"""The share of a copy cut into a second round of slices, one per thread, when
-:meth:`HostPool.submit_copy` is asked for a ``tail`` (a transfer's last chunk).
-
-With one slice per thread every slice of a chunk completes at about the same
-moment, so the DMA of a transfer's last chunk started only once all of it was
-copied and ran alone after it. A second round of smaller slices lets the first
-round's bytes go to the GPU while the tail is still being copied; what follows
-the host copy is then only the tail's DMA."""
-
-
 def _cuts(nbytes: int, threads: int, least: int) -> list[int]:
     """Offsets that cut ``nbytes`` into one slice per thread, none under
     ``least`` bytes (the last may be shorter), on 4 KiB boundaries."""
@@ -162,21 +151,16 @@ class HostPool:
         src: int,
         nbytes: int,
         span: tuple[str, _trace.Tracer | None, dict[str, Any]] | None = None,
-        tail: bool = False,
     ) -> SlicedCopy:
         """Start copying ``nbytes`` from address ``src`` to ``dst`` on the copy
         threads, in slices claimed front to back; returns at once.
-
-        ``tail``: the last :data:`TAIL` of the copy goes in a second round of
-        smaller slices, where the first round still gives every thread a
-        slice of at least :data:`STAGE_SLICE` (see :class:`SlicedCopy`).
 
         With ``span`` = (name, tracer, args), each slice is an NVTX range (if
         ``nvtx`` is installed) and a span in ``tracer`` (if not None) on the
         thread that copies it, with ``args`` plus the slice's ``bytes`` and
         ``offset`` (``args["offset"]`` plus its place in the copy).
         """
-        return SlicedCopy(self._executor(), self.threads, dst, src, nbytes, span, tail)
+        return SlicedCopy(self._executor(), self.threads, dst, src, nbytes, span)
 
     def fill(self, dst: np.ndarray, value: int, itemsize: int) -> None:
         """Fill flat uint8 ``dst`` with the little-endian ``itemsize``-byte ``value``."""
@@ -206,12 +190,12 @@ class SlicedCopy:
     """One host copy, split into slices that copy threads claim in order.
 
     The copy is cut into one slice per thread, none under
-    :data:`STAGE_SLICE` bytes (with ``tail``, its last :data:`TAIL` into a
-    second round of one smaller slice per thread); as many tasks go to the
-    copy threads, each claiming the next slice until none is left. Slices
-    are claimed front to back, so the copy completes roughly that way:
-    :meth:`wait_copied` returns a growing copied prefix, which the stager
-    DMAs while the rest is still being copied. A thread that runs out of
+    :data:`STAGE_SLICE` bytes; as many tasks go to the copy threads, each
+    claiming the next slice until none is left. Slices are claimed front to
+    back, so the copy completes roughly that way: :meth:`wait_copied`
+    returns a growing copied prefix, and :meth:`take_copied` the slices
+    copied since its last call, in any order, which the stager DMAs while
+    the rest is still being copied. A thread that runs out of
     slices takes the next task in the pool's queue (the next chunk's) at
     once: no thread idles at a chunk boundary.
     """
@@ -246,20 +230,13 @@ class SlicedCopy:
         src: int,
         nbytes: int,
         span: tuple[str, _trace.Tracer | None, dict[str, Any]] | None = None,
-        tail: bool = False,
     ) -> None:
         self.nbytes: int = nbytes
         """Bytes the copy moves."""
         self._dst, self._src = dst, src
         # One slice per thread where that is at least STAGE_SLICE: each
-        # thread then returns to Python once per round.
-        body = nbytes
-        if tail and TAIL > 0:
-            back = (int(nbytes * TAIL) + 4095) & ~4095
-            if nbytes - back >= threads * STAGE_SLICE:
-                body = nbytes - back
-        cuts = _cuts(body, threads, STAGE_SLICE)
-        cuts += [body + c for c in _cuts(nbytes - body, threads, MIN_SLICE)]
+        # thread then returns to Python once per chunk.
+        cuts = _cuts(nbytes, threads, STAGE_SLICE)
         self._bounds = [*cuts, nbytes]  # slice k is [bounds[k], bounds[k + 1])
         self._count = len(cuts)
         self._claim = itertools.count().__next__  # atomic under the GIL

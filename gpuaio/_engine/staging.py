@@ -5,9 +5,9 @@ The driver copies pageable memory synchronously and slowly (one thread,
 
 * **H2D from pageable**: splits the copy into chunks; for each, takes a
   pinned block, copies the chunk into it with several threads (chunks of up
-  to ``SOLO_CHUNK``: on the stream's host thread itself), DMAs its copied
-  front while the rest is copied, and hands the block back guarded by an
-  event, reused once it fired. The DMA of chunk *i* runs while chunk *i+1*
+  to ``SOLO_CHUNK``: on the stream's host thread itself), DMAs its slices
+  as they are copied, and hands the block back guarded by an event, reused
+  once it fired. The DMA of chunk *i* runs while chunk *i+1*
   is copied; at most ``depth`` chunks are in DMA per transfer. The op
   completes when the last DMA has.
 * **D2H into pageable**: the reverse: up to ``depth`` DMAs into pinned
@@ -269,9 +269,10 @@ class Stager:
         """Host job: chunks of ``s`` -> pinned blocks -> DMA into ``d``.
 
         Up to ``LOOKAHEAD`` chunks are being copied by the host threads while
-        this thread DMAs the copied front of the oldest, in steps of at
-        least ``DMA_STEP`` bytes, so the DMA trails the host copy by about
-        a step and the copy threads never idle at a chunk boundary; a ring
+        this thread DMAs the oldest's slices as they are copied, in any
+        order, at least ``DMA_STEP`` bytes at once, so the DMA trails the
+        host copy by about a step and the copy threads never idle at a chunk
+        boundary; a ring
         of ``depth`` events bounds the chunks in DMA.
         """
         backend, pool, host = self.runtime.backend, self.pool, self.runtime.host
@@ -317,12 +318,9 @@ class Stager:
                     # holds the chunk planned (one chunk in a block that size
                     # would lose the overlap of host copy and DMA).
                     ln = min(ln, block.size)
-                    # The last chunk's copy ends in smaller slices: its DMA
-                    # then mostly overlaps the copy (hostwork.TAIL).
                     cp = _stage(
-                        host, _H2D_CHUNK, tracer, k, off, block.ptr, src_ptr + off, ln, solo,
-                        tail=off + ln == n,
-                    )  # fmt: skip
+                        host, _H2D_CHUNK, tracer, k, off, block.ptr, src_ptr + off, ln, solo
+                    )
                     copying.append([off, ln, block, cp, 0])
                     k += 1
                     off += ln
@@ -461,7 +459,7 @@ LOOKAHEAD = int(os.environ.get("GPUAIO_LOOKAHEAD", "2"))
 """Chunks the host threads may be copying at once within one transfer."""
 
 DMA_STEP = int(os.environ.get("GPUAIO_DMA_STEP", 4 << 20))
-"""The least a staged upload DMAs at once of a chunk's copied front (the
+"""The least a staged upload DMAs at once of a chunk's copied slices (the
 chunk's last DMA takes what is left): a DMA call costs 10-40 us of the stream
 thread, and at 4 MiB the last DMA, all that follows the host copy, takes
 about 80 us at 55 GB/s."""
@@ -534,7 +532,6 @@ def _stage(
     src: int,
     nbytes: int,
     solo: bool,
-    tail: bool = False,
 ) -> SlicedCopy | None:
     """Start the host copy of one chunk (``nbytes`` from ``src`` to ``dst``):
     a solo chunk is copied here, at once (returns None); otherwise its slices
@@ -542,8 +539,7 @@ def _stage(
     if solo:
         _copy_here(name, tracer, chunk, offset, dst, src, nbytes)
         return None
-    span = (name, tracer, {"chunk": chunk, "offset": offset})
-    return host.submit_copy(dst, src, nbytes, span, tail)
+    return host.submit_copy(dst, src, nbytes, (name, tracer, {"chunk": chunk, "offset": offset}))
 
 
 def _copy_here(
