@@ -4,9 +4,10 @@ is still being copied."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -290,6 +291,22 @@ def test_stop_before_the_threads_start_cancels_the_tasks(slices: Callable[..., S
         pool.close()
 
 
+@contextlib.contextmanager
+def _on_dma(be: Any, hook: Callable[[], None]) -> Iterator[None]:
+    """Call ``hook`` before each ``memcpy_async`` on ``be`` within the block."""
+    spied = be.memcpy_async
+
+    def dma(*a: Any) -> None:
+        hook()
+        spied(*a)
+
+    be.memcpy_async = dma
+    try:
+        yield
+    finally:
+        be.memcpy_async = spied
+
+
 @pytest.fixture
 def one_worker(gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     """The runtime's copies cut for four threads but run by one worker: a
@@ -329,18 +346,8 @@ async def test_a_staged_upload_dmas_a_chunks_front_before_its_back_is_copied(
     be = gpuaio_runtime.backend
     done_at_dma: list[int] = []
     src = pattern(n, 2)
-    with _recorded_copies(be) as calls:
-        spied = be.memcpy_async
-
-        def dma(*a: Any) -> None:
-            done_at_dma.append(spy.done)
-            spied(*a)
-
-        be.memcpy_async = dma
-        try:
-            await s.copy(d, src)
-        finally:
-            be.memcpy_async = spied
+    with _recorded_copies(be) as calls, _on_dma(be, lambda: done_at_dma.append(spy.done)):
+        await s.copy(d, src)
     assert _dma_chunks(calls, d.ptr, n, chunk) == [chunk] * (n // chunk)
     assert len(calls) > n // chunk, "each chunk went in one DMA, after its whole copy"
     assert done_at_dma[0] < first, (
@@ -377,20 +384,16 @@ async def test_a_slice_still_being_copied_holds_back_no_other_slices_dma(
         spy = slices(hold_src=src.ctypes.data)
         be = gpuaio_runtime.backend
         held_at_dma: list[bool] = []
-        with _recorded_copies(be) as calls:
-            spied = be.memcpy_async
 
-            def dma(*a: Any) -> None:
-                held_at_dma.append(spy.holding)
-                spy.gate.set()
-                spied(*a)
+        def at_dma() -> None:
+            held_at_dma.append(spy.holding)
+            spy.gate.set()
 
-            be.memcpy_async = dma
-            try:
+        try:
+            with _recorded_copies(be) as calls, _on_dma(be, at_dma):
                 await s.copy(d, src)
-            finally:
-                be.memcpy_async = spied
-                spy.gate.set()
+        finally:
+            spy.gate.set()
         assert held_at_dma[0], "the first DMA came only once the first slice was copied"
         assert calls[0][0] != d.ptr, "the first DMA was of the held slice"
         assert _dma_chunks(calls, d.ptr, n, chunk) == [chunk] * (n // chunk)

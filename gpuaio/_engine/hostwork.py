@@ -321,13 +321,17 @@ class SlicedCopy:
                 p = self._bounds[self._prefix]
                 if p >= target:
                     return p
-                if self._error is not None:
-                    if self._active == 0:
-                        raise self._error
-                elif self._active == 0:  # cannot happen: every slice was claimed
-                    raise RuntimeError("host copy ended with slices uncopied")
+                self._raise_if_ended()
                 self._want = target
                 self._cv.wait()
+
+    def _raise_if_ended(self) -> None:
+        """For a waiter, under the lock: once no thread copies any more, raise
+        the first slice's error (or that slices went uncopied)."""
+        if self._active == 0:
+            if self._error is not None:
+                raise self._error
+            raise RuntimeError("host copy ended with slices uncopied")  # every slice was claimed
 
     def take_copied(self, at_least: int = 1) -> list[tuple[int, int]]:
         """Block until slices of at least ``at_least`` bytes (or all that are
@@ -347,11 +351,7 @@ class SlicedCopy:
                 want = min(max(1, at_least), left)
                 if self._fresh_bytes >= want:
                     break
-                if self._error is not None:
-                    if self._active == 0:
-                        raise self._error
-                elif self._active == 0:  # cannot happen: every slice was claimed
-                    raise RuntimeError("host copy ended with slices uncopied")
+                self._raise_if_ended()
                 self._want_fresh = want
                 self._cv.wait()
             fresh = sorted(self._fresh)
