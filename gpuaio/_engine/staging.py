@@ -7,9 +7,9 @@ The driver copies pageable memory synchronously and slowly (one thread,
   pinned block, copies the chunk into it with several threads (chunks of up
   to ``SOLO_CHUNK``: on the stream's host thread itself), DMAs its slices
   as they are copied, and hands the block back guarded by an event, reused
-  once it fired. The DMA of chunk *i* runs while chunk *i+1*
-  is copied; at most ``depth`` chunks are in DMA per transfer. The op
-  completes when the last DMA has.
+  once it fired. The DMA of chunk *i* runs while chunk *i+1* is copied; at
+  most ``depth`` chunks are in DMA per transfer. The op completes when the
+  last DMA has.
 * **D2H into pageable**: the reverse: up to ``depth`` DMAs into pinned
   blocks run ahead while finished chunks are copied out. The op completes
   when the last byte is in the user's buffer.
@@ -272,8 +272,7 @@ class Stager:
         this thread DMAs the oldest's slices as they are copied, in any
         order, at least ``DMA_STEP`` bytes at once, so the DMA trails the
         host copy by about a step and the copy threads never idle at a chunk
-        boundary; a ring
-        of ``depth`` events bounds the chunks in DMA.
+        boundary; a ring of ``depth`` events bounds the chunks in DMA.
         """
         backend, pool, host = self.runtime.backend, self.pool, self.runtime.host
         native = seq.native
