@@ -518,6 +518,13 @@ async def test_failed_marker_keeps_small_d2h_block_guarded(gpuaio_runtime: Any) 
     for s in (s1, s2):  # leave cached pinned blocks: small copies then take them inline
         await s.copy(np.empty(n, np.uint8), src)
         await s.copy(dev.empty(n), np.empty(n, np.uint8))
+    # A copy above that ran on a stream's host thread may still count as
+    # running there after its await returned (the thread counts a job done
+    # after it ran): the next copy would then queue behind it on that thread
+    # instead of taking the inline path, and fail later.
+    for s in (s1, s2):
+        ex = s._seq.executor
+        assert await anyio.to_thread.run_sync(ex.wait_for, ex.submitted, 10)
     release1, release2 = latch(dev, s1), latch(dev, s2)
     rt.backend.fail_next("cuEventRecord")  # the completion marker, after the DMA
     with pytest.raises(gpuaio.CudaError, match="cuEventRecord"):
