@@ -337,8 +337,6 @@ class Stager:
                 # that a late thread still copies holds none of the others back.
                 if copying[0][3] is None:
                     ready = [[(0, copying[0][1])]]  # copied here (solo: one at a time)
-                elif not _TAKE_ANY:
-                    ready = [copying[0][3].take_copied(DMA_STEP)]
                 else:
                     ready = take_copied_any([e[3] for e in copying], DMA_STEP)
                 for entry, parts in zip(list(copying), ready, strict=False):
@@ -386,7 +384,7 @@ class Stager:
                 pool.settled(guards)
 
         op._add_done_callback(settle)
-        if _LONE and lone and not seq.executor.queued_behind():
+        if lone and not seq.executor.queued_behind():
             # Nothing else for this thread to do: wait (spinning, the GIL
             # released) for the DMAs still running and resolve the op from
             # here. A marker and the watcher resolved a lone 16-64 MiB upload
@@ -491,9 +489,6 @@ SOLO_CHUNK = int(os.environ.get("GPUAIO_SOLO_CHUNK", 2 << 20))
 the DMA of the chunk before runs: handing 1-2 MiB to the copy threads cost
 more than the copy (an H200 ran 4 MiB pageable copies at 3.2-4.5 GB/s that
 way, and 16 MiB ones faster with fewer threads; issue 13)."""
-
-_TAKE_ANY = os.environ.get("GPUAIO_TAKE_ANY", "1") != "0"  # A/B only (run BM)
-_LONE = os.environ.get("GPUAIO_LONE", "1") != "0"  # A/B only (run BM)
 
 _H2D_CHUNK = "gpuaio stage h2d chunk"
 _D2H_CHUNK = "gpuaio stage d2h chunk"
