@@ -47,25 +47,29 @@ def _dma_chunks(calls: list[tuple[int, int, int]], base: int, n: int, chunk: int
     """The bytes each ``chunk``-sized piece of an upload of ``n`` bytes to
     ``base`` was DMAed in, from the recorded DMAs (``_recorded_copies``).
 
-    A chunk's DMAs (its slices as they are copied, in any order, interleaved
-    with other chunks' in flight) stay within it and read one pinned block
-    at the chunk's offsets; every byte is DMAed once.
+    Chunks go in order; a chunk's DMAs (its slices as they are copied, in any
+    order) stay within it and read one pinned block at the chunk's offsets;
+    every byte is DMAed once.
     """
-    chunks: dict[int, int] = {}
-    delta: dict[int, int] = {}  # a chunk's source address minus its destination's
+    chunks: list[int] = []
+    delta: list[int] = []  # a chunk's source address minus its destination's
     spans: list[tuple[int, int]] = []
     for dst, src, nb in calls:
         k = (dst - base) // chunk
         assert (dst + nb - base - 1) // chunk == k, f"a DMA spans chunks {k} and {k + 1}"
-        assert delta.setdefault(k, src - dst) == src - dst, f"chunk {k} read from two places"
-        chunks[k] = chunks.get(k, 0) + nb
+        if k == len(chunks):
+            chunks.append(0)
+            delta.append(src - dst)
+        assert k == len(chunks) - 1, f"a DMA of chunk {k} after one of chunk {len(chunks) - 1}"
+        assert src - dst == delta[k], f"chunk {k} read from two places"
+        chunks[k] += nb
         spans.append((dst - base, nb))
     at = 0
     for off, nb in sorted(spans):
         assert off == at, f"DMAs left bytes {at}-{off} out or moved them twice"
         at += nb
     assert at == n, f"DMAs moved {at} of {n} bytes"
-    return [chunks[k] for k in sorted(chunks)]
+    return chunks
 
 
 @contextlib.contextmanager
@@ -600,18 +604,15 @@ async def test_a_mid_size_copy_on_an_idle_stream_takes_the_drivers_path(
     await s.aclose()
 
 
-@pytest.mark.parametrize("n", [4 * MiB, 64 * MiB], ids=["driver", "staged"])
-async def test_a_lone_upload_is_resolved_by_its_host_thread_after_its_last_dma(
-    gpuaio_runtime: Any, dev: gpuaio.Device, n: int
+async def test_a_driver_staged_upload_is_resolved_by_its_host_thread_after_its_dma(
+    gpuaio_runtime: Any, dev: gpuaio.Device
 ) -> None:
-    """An upload with no GPU work before it and no job behind it returns from
-    its host job with its last DMA still running: the driver's pageable
-    call (4 MiB), or the last DMAs of gpuaio's staging (64 MiB). The stream's
-    host thread waits for them and resolves the op itself: no marker for the
-    watcher, or a woken loop, to find later (that round trip cost 130-280 us
-    after the driver's call on an H200, issue 13's run Z, and 300-1,000 us
-    after a staged upload's last DMA call, run BK)."""
+    """The driver's pageable upload returns with its last DMA still running.
+    The stream's host thread waits for that DMA and resolves the op itself:
+    no marker for the watcher, or a woken loop, to find later (that round
+    trip cost 130-280 us after the call on an H200, issue 13's run Z)."""
     s = dev.stream()
+    n = 4 * MiB
     src = pattern(n, 43)
     d = dev.empty(n)
     be = gpuaio_runtime.backend
@@ -654,43 +655,6 @@ async def test_a_lone_upload_is_resolved_by_its_host_thread_after_its_last_dma(
     back = np.zeros(n, np.uint8)
     await s.copy(back, d)
     assert np.array_equal(back, src)
-    await s.aclose()
-
-
-async def test_a_staged_upload_with_a_job_queued_behind_it_is_left_to_the_watcher(
-    gpuaio_runtime: Any, dev: gpuaio.Device, staged_only: Any
-) -> None:
-    """With another copy queued behind it on the stream, a staged upload's job
-    returns as soon as its DMAs are enqueued, its op watched behind them, so
-    that the next copy's host work overlaps those DMAs; both land in stream
-    order, byte-exact."""
-    s = dev.stream()
-    n = 64 * MiB
-    first_src, second_src = pattern(n, 44), pattern(n, 45)
-    d = dev.empty(n)
-    engine = gpuaio_runtime.engine(dev.ordinal)
-    watched: list[Any] = []
-    real_watch = engine.watch
-
-    def spy(op: Any, native: Any) -> None:
-        watched.append(op)
-        real_watch(op, native)
-
-    gate = threading.Event()
-    s._seq.executor.submit(gate.wait)  # both copies are queued before either runs
-    engine.watch = spy
-    try:
-        first = s.copy(d, first_src)
-        second = s.copy(d, second_src)
-        gate.set()
-        await gpuaio.wait_all([first, second])
-    finally:
-        gate.set()
-        del engine.watch
-    assert first in watched, "the first upload held its stream's thread for its last DMAs"
-    back = np.zeros(n, np.uint8)
-    await s.copy(back, d)
-    assert np.array_equal(back, second_src), "the uploads landed out of order"
     await s.aclose()
 
 

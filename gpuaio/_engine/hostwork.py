@@ -14,7 +14,7 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -24,7 +24,7 @@ import numpy.typing as npt
 from .._core import trace as _trace
 from .._core.timerslack import precise_timers
 
-__all__ = ["HostPool", "SerialExecutor", "SlicedCopy", "byte_view", "take_copied_any"]
+__all__ = ["HostPool", "SerialExecutor", "SlicedCopy", "byte_view"]
 
 MIN_SLICE = 1 << 20
 """Bytes below which a host copy or fill is not split (thread hand-off costs ~10-50 µs)."""
@@ -143,20 +143,16 @@ class HostPool:
         src: int,
         nbytes: int,
         span: tuple[str, _trace.Tracer | None, dict[str, Any]] | None = None,
-        cv: threading.Condition | None = None,
     ) -> SlicedCopy:
         """Start copying ``nbytes`` from address ``src`` to ``dst`` on the copy
         threads, in slices claimed front to back; returns at once.
-
-        Copies given one ``cv`` (a condition over a plain lock) can be waited
-        on together (:func:`take_copied_any`).
 
         With ``span`` = (name, tracer, args), each slice is an NVTX range (if
         ``nvtx`` is installed) and a span in ``tracer`` (if not None) on the
         thread that copies it, with ``args`` plus the slice's ``bytes`` and
         ``offset`` (``args["offset"]`` plus its place in the copy).
         """
-        return SlicedCopy(self._executor(), self.threads, dst, src, nbytes, span, cv)
+        return SlicedCopy(self._executor(), self.threads, dst, src, nbytes, span)
 
     def fill(self, dst: np.ndarray, value: int, itemsize: int) -> None:
         """Fill flat uint8 ``dst`` with the little-endian ``itemsize``-byte ``value``."""
@@ -226,7 +222,6 @@ class SlicedCopy:
         src: int,
         nbytes: int,
         span: tuple[str, _trace.Tracer | None, dict[str, Any]] | None = None,
-        cv: threading.Condition | None = None,
     ) -> None:
         self.nbytes: int = nbytes
         """Bytes the copy moves."""
@@ -248,7 +243,7 @@ class SlicedCopy:
         self._want_fresh = nbytes + 1  # take_copied's target: none while nobody waits
         self._error: BaseException | None = None
         self._stop = False
-        self._cv = cv if cv is not None else threading.Condition(threading.Lock())
+        self._cv = threading.Condition(threading.Lock())
         self._span = span if span is not None and _trace.wanted(span[1]) else None
         tasks = max(1, min(threads, self._count))
         self._active = tasks
@@ -342,20 +337,22 @@ class SlicedCopy:
         order: a slice a late thread still copies holds none back.
         Raises the first error of a slice, once no thread copies any more.
         """
-        return take_copied_any((self,), at_least)[0]
-
-    def _due(self, at_least: int) -> int:
-        """Under the lock: the fresh bytes a taker waits for (0: none are left)."""
-        left = self.nbytes - self._taken
-        return min(max(1, at_least), left)
-
-    def _take(self) -> list[tuple[int, int]]:
-        """Under the lock: hand out the fresh slices as merged ranges."""
-        fresh = sorted(self._fresh)
-        self._fresh.clear()
-        self._taken += self._fresh_bytes
-        self._fresh_bytes = 0
-        self._want_fresh = self.nbytes + 1
+        with self._cv:
+            while True:
+                left = self.nbytes - self._taken
+                if left == 0:
+                    return []
+                want = min(max(1, at_least), left)
+                if self._fresh_bytes >= want:
+                    break
+                self._raise_if_ended()
+                self._want_fresh = want
+                self._cv.wait()
+            fresh = sorted(self._fresh)
+            self._fresh.clear()
+            self._taken += self._fresh_bytes
+            self._fresh_bytes = 0
+            self._want_fresh = self.nbytes + 1
         step, n = self._step, self.nbytes
         ranges: list[tuple[int, int]] = []
         for k in fresh:
@@ -380,37 +377,6 @@ class SlicedCopy:
             with self._cv:
                 self._active -= ended
         wait(self._futs)
-
-
-def take_copied_any(copies: Sequence[SlicedCopy], at_least: int = 1) -> list[list[tuple[int, int]]]:
-    """:meth:`SlicedCopy.take_copied` over several copies that share one
-    condition (``submit_copy``'s ``cv``): block until one of them has slices
-    of at least ``at_least`` bytes (or all it has left) copied and not yet
-    handed out; return, per copy, the ranges of each copy that has, and an
-    empty list for the others (and for those with nothing left).
-
-    A staged upload serves every chunk in flight this way: a chunk copied
-    while an earlier one waits for a late slice is DMAed at once, instead of
-    in one piece after it (issue 13, run BK's timelines: 32 MiB DMAed at the
-    end of a 64 MiB upload). Raises the first error of a copy that still has
-    slices to hand out, once no thread copies it any more.
-    """
-    cv = copies[0]._cv
-    with cv:
-        while True:
-            due = [c._due(at_least) for c in copies]
-            if not any(due):
-                return [[] for _ in copies]
-            if any(d and c._fresh_bytes >= d for c, d in zip(copies, due, strict=True)):
-                break
-            for c, d in zip(copies, due, strict=True):
-                if d:
-                    c._raise_if_ended()
-                    c._want_fresh = d
-            cv.wait()
-        return [
-            c._take() if d and c._fresh_bytes >= d else [] for c, d in zip(copies, due, strict=True)
-        ]
 
 
 def _wake() -> None:
@@ -446,10 +412,6 @@ class SerialExecutor:
     def busy(self) -> bool:
         """True while any submitted job has not finished."""
         return self.completed < self.submitted
-
-    def queued_behind(self) -> bool:
-        """From a running job: whether another job was submitted after it."""
-        return self.submitted > self.completed + 1
 
     def on_thread(self) -> bool:
         """Whether the caller is this executor's thread (running one of its jobs)."""

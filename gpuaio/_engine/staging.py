@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 from collections import deque
-from collections.abc import MutableSequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +37,7 @@ from .._core.operation import Operation
 from .._core.progress import report_progress
 from .buffers import BufferInfo
 from .eventcache import EventCache
-from .hostwork import HostPool, SlicedCopy, take_copied_any
+from .hostwork import HostPool, SlicedCopy
 from .pool import PinnedBlock, PinnedPool, parse_size, size_class
 
 if TYPE_CHECKING:
@@ -271,12 +269,10 @@ class Stager:
         """Host job: chunks of ``s`` -> pinned blocks -> DMA into ``d``.
 
         Up to ``LOOKAHEAD`` chunks are being copied by the host threads while
-        this thread DMAs the slices of every one of them as they are copied,
-        in any order, at least ``DMA_STEP`` bytes of a chunk at once, so the
-        DMA trails the host copy by about a step and the copy threads never
-        idle at a chunk boundary; a ring of ``depth`` events bounds the
-        chunks in DMA. A lone upload (no GPU work before it on the stream, no
-        job queued behind it) is resolved here once its last DMA ran.
+        this thread DMAs the oldest's slices as they are copied, in any
+        order, at least ``DMA_STEP`` bytes at once, so the DMA trails the
+        host copy by about a step and the copy threads never idle at a chunk
+        boundary; a ring of ``depth`` events bounds the chunks in DMA.
         """
         backend, pool, host = self.runtime.backend, self.pool, self.runtime.host
         native = seq.native
@@ -287,19 +283,14 @@ class Stager:
         depth = self.config.depth
         device = seq.ordinal
         solo = chunk <= SOLO_CHUNK
-        lone = not self.runtime.engine(device).pending_on(seq.key)
         # Chunks this thread copies itself are copied one ahead: the DMA of
         # one then runs while the next is copied (with two ahead, a transfer
         # of two chunks would copy both before its first DMA).
         lookahead = 1 if solo else LOOKAHEAD
         events = self.events
         ring = [events.get(device) for _ in range(depth)]
-        # The chunks' copies share one condition: this thread waits for
-        # copied slices of any of them.
-        cv = threading.Condition(threading.Lock())
-        # [offset, bytes, block, its copy or None when copied, bytes DMAed,
-        # chunk number]: the chunks being copied or DMAed, oldest first.
-        copying: list[list[Any]] = []
+        # (offset, bytes, block, its copy or None when copied, bytes DMAed)
+        copying: deque[list[Any]] = deque()
         # Chunk copies are traced on the host threads that run them, into
         # the tracer the op captured when its task enqueued it.
         tracer = op._tracer
@@ -308,6 +299,7 @@ class Stager:
         off = 0
         enqueued = 0
         last = 0
+        j = 0
         try:
             while off < n or copying:
                 while off < n and len(copying) < lookahead and not op._abort:
@@ -326,46 +318,42 @@ class Stager:
                     # would lose the overlap of host copy and DMA).
                     ln = min(ln, block.size)
                     cp = _stage(
-                        host, _H2D_CHUNK, tracer, k, off, block.ptr, src_ptr + off, ln, solo, cv
+                        host, _H2D_CHUNK, tracer, k, off, block.ptr, src_ptr + off, ln, solo
                     )
-                    copying.append([off, ln, block, cp, 0, k])
+                    copying.append([off, ln, block, cp, 0])
                     k += 1
                     off += ln
                 if not copying:
                     break
-                # Slices as they are copied, of any chunk, in any order: one
-                # that a late thread still copies holds none of the others back.
-                if copying[0][3] is None:
-                    ready = [[(0, copying[0][1])]]  # copied here (solo: one at a time)
-                else:
-                    ready = take_copied_any([e[3] for e in copying], DMA_STEP)
-                for entry, parts in zip(list(copying), ready, strict=False):
-                    if not parts:
-                        continue
-                    o, ln, block, cp, sent, c = entry
-                    if sent == 0 and c >= depth:
-                        # The first DMA of this chunk: wait until the chunk
-                        # ``depth`` before it is out of DMA.
-                        backend.event_synchronize(ring[c % depth])
-                    final = sent + sum(b for _, b in parts) == ln
-                    for fo, fl in parts[:-1] if final else parts:
-                        # Its block stays guarded by the chunk's last DMA.
-                        backend.memcpy_async(d.ptr + o + fo, block.ptr + fo, fl, native)
-                        entry[4] += fl
-                    if not final:
-                        continue
-                    po, pl = parts[-1]
-                    copying.remove(entry)
-                    guard = _guarded_dma(
-                        backend, native, events, device, pool, block,
-                        d.ptr + o + po, block.ptr + po, pl, drain=entry[4] > 0,
-                    )  # fmt: skip
-                    guards.append((block, pool.release(block, [guard])))
-                    backend.event_record(ring[c % depth], native)
-                    enqueued += ln
-                    last = pl
-                    if op._progress is not None and enqueued < n:
-                        report_progress(op._progress, enqueued, n)
+                entry = copying[0]
+                o, ln, block, cp, sent = entry
+                # Slices as they are copied, in any order: one that a late
+                # thread still copies holds none of the others back.
+                parts = [(0, ln)] if cp is None else cp.take_copied(DMA_STEP)
+                if sent == 0 and j >= depth:
+                    # The first DMA of this chunk: wait until the chunk
+                    # ``depth`` before it is out of DMA.
+                    backend.event_synchronize(ring[j % depth])
+                final = sent + sum(b for _, b in parts) == ln
+                for fo, fl in parts[:-1] if final else parts:
+                    # Its block stays guarded by the chunk's last DMA.
+                    backend.memcpy_async(d.ptr + o + fo, block.ptr + fo, fl, native)
+                    entry[4] += fl
+                if not final:
+                    continue
+                po, pl = parts[-1]
+                copying.popleft()
+                guard = _guarded_dma(
+                    backend, native, events, device, pool, block,
+                    d.ptr + o + po, block.ptr + po, pl, drain=entry[4] > 0,
+                )  # fmt: skip
+                guards.append((block, pool.release(block, [guard])))
+                backend.event_record(ring[j % depth], native)
+                j += 1
+                enqueued += ln
+                last = pl
+                if op._progress is not None and enqueued < n:
+                    report_progress(op._progress, enqueued, n)
         finally:
             _drop(backend, native, pool, copying)
             # Pending or not: every user records an event before it waits on
@@ -374,27 +362,18 @@ class Stager:
         if enqueued < n:
             seq.wait_prior()
             raise OperationAbortedError(f"{op.label}: aborted after {enqueued} of {n} bytes")
+        # What is left is about the last DMA: with an expected time, the
+        # watcher sleeps until just before it and wakes the awaiting loop in time.
+        op._est = last / PCIE_BPS
 
         def settle() -> None:
-            # Every DMA has run (the op's marker fired behind them, or this
-            # thread waited for them): its blocks are free for the next
-            # transfer with no event queried (a reclaim pass took 35-90 us
-            # before a copy's first host copy, issue 13's timelines).
+            # The op's marker fired behind every DMA: its blocks are free for
+            # the next transfer with no event queried (a reclaim pass took
+            # 35-90 us before a copy's first host copy, issue 13's timelines).
             if op._exc is None:
                 pool.settled(guards)
 
         op._add_done_callback(settle)
-        if lone and not seq.executor.queued_behind():
-            # Nothing else for this thread to do: wait (spinning, the GIL
-            # released) for the DMAs still running and resolve the op from
-            # here. A marker and the watcher resolved a lone 16-64 MiB upload
-            # 300-1,000 us after its last DMA call on an H200 (issue 13, run
-            # BK); with a job queued behind, that job starts at once instead.
-            seq.wait_tail()
-            return False
-        # What is left is about the last DMA: with an expected time, the
-        # watcher sleeps until just before it and wakes the awaiting loop in time.
-        op._est = last / PCIE_BPS
         return True
 
     def _d2h(self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo) -> bool:
@@ -552,7 +531,6 @@ def _stage(
     src: int,
     nbytes: int,
     solo: bool,
-    cv: threading.Condition | None = None,
 ) -> SlicedCopy | None:
     """Start the host copy of one chunk (``nbytes`` from ``src`` to ``dst``):
     a solo chunk is copied here, at once (returns None); otherwise its slices
@@ -560,9 +538,7 @@ def _stage(
     if solo:
         _copy_here(name, tracer, chunk, offset, dst, src, nbytes)
         return None
-    return host.submit_copy(
-        dst, src, nbytes, (name, tracer, {"chunk": chunk, "offset": offset}), cv
-    )
+    return host.submit_copy(dst, src, nbytes, (name, tracer, {"chunk": chunk, "offset": offset}))
 
 
 def _copy_here(
@@ -574,12 +550,10 @@ def _copy_here(
     _trace.traced_call(name, tracer, args, ctypes.memmove, dst, src, nbytes)
 
 
-def _drop(backend: Any, native: Any, pool: PinnedPool, copying: MutableSequence[list[Any]]) -> None:
+def _drop(backend: Any, native: Any, pool: PinnedPool, copying: deque[list[Any]]) -> None:
     """After an error or an abort: stop the host copies still touching blocks,
-    then return the blocks (once DMAed parts of them have run); ``copying``
-    holds lists that start (offset, bytes, block, copy or None, bytes DMAed)."""
-    for entry in copying:
-        block, cp, sent = entry[2], entry[3], entry[4]
+    then return the blocks (once DMAed parts of them have run)."""
+    for _o, _ln, block, cp, sent in copying:
         if cp is not None:
             cp.stop()
         if sent:
