@@ -57,7 +57,7 @@ HERE = Path(__file__).resolve().parent
 SERVICE = HERE.parent / "service"
 sys.path.insert(0, str(SERVICE))
 
-import _common as common  # noqa: E402, F401  (serve_app.common: the kernel's host twin)
+import _common as common  # noqa: E402  (also serve_app.common: the kernel's host twin)
 import gpuaio_app  # noqa: E402
 import naive_app  # noqa: E402
 
@@ -74,7 +74,11 @@ async def read_body(request: Request, limit: int) -> np.ndarray | Response:
         return PlainTextResponse("body too large", status_code=413)
     if n == 0:
         return PlainTextResponse("empty body", status_code=400)
-    buf = np.empty(n, np.uint8)
+    # Pages faulted in off the event loop, as in the aiohttp apps (_common.read_body).
+    if n >= common.PREFAULT_MIN:
+        buf = await asyncio.to_thread(common.faulted_in, n)
+    else:
+        buf = np.empty(n, np.uint8)
     off = 0
     async for chunk in request.stream():
         k = len(chunk)
