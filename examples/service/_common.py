@@ -77,6 +77,7 @@ def faulted_in(n: int) -> np.ndarray:
     """A new uint8 buffer of ``n`` bytes whose pages are all mapped (contents undefined)."""
     buf = np.empty(n, np.uint8)
     buf[::_PAGE] = 0
+    buf[-1:] = 0  # the last page, where the buffer does not start on a page
     return buf
 
 
