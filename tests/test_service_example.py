@@ -222,10 +222,14 @@ def callback_cpu_times() -> Iterator[list[tuple[float, str]]]:
 LARGE = 64 << 20
 """Body of each concurrent upload: copying one whole body takes tens of
 milliseconds, as the gpuaio app once did on its event-loop thread."""
-MAX_CALLBACK_CPU_S = 0.020
+MAX_CALLBACK_CPU_S = 0.040
 """CPU time any one loop callback may take. Measured on a 2-core machine, idle
-or beside two busy-looping processes: at most 5 ms; with the whole-body
-copies: 135-185 ms."""
+or beside two busy-looping processes: at most 5 ms in 25 of 26 runs, once
+11.4 ms (a socket read: in a VM that backs its memory lazily, one fresh 2 MiB
+huge page costs 5-7 ms of system time on first write, wherever the allocator
+puts it); with the whole-body copies: 135-185 ms. The buffer a body is read
+into is mapped off the loop, which test_a_large_body_is_read_into_pages_mapped_off_the_loop
+checks page by page."""
 HEALTH_LATE_S = 0.050
 MAX_HEALTH_STALL_S = 0.250
 """Time /health answers may take beyond ``HEALTH_LATE_S``, summed over the
