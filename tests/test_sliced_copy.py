@@ -200,19 +200,28 @@ def test_take_copied_hands_out_slices_as_they_complete_in_any_order(
         pool.close()
 
 
+def _one_worker_copy(
+    n: int, seed: int, spy: Slices | None = None
+) -> tuple[SlicedCopy, np.ndarray, np.ndarray, Any]:
+    """A copy cut for four threads but run by one worker: its slices go one by
+    one, front to back. ``spy``'s offsets count from the destination, set
+    before the copy starts. Returns (copy, source, destination, executor)."""
+    ex = ThreadPoolExecutor(1)
+    src = pattern(n, seed)
+    dst = np.zeros(n, np.uint8)
+    if spy is not None:
+        spy.base = dst.ctypes.data
+    return SlicedCopy(ex, 4, dst.ctypes.data, src.ctypes.data, n), src, dst, ex
+
+
 def test_take_copied_raises_a_failing_slices_error_after_the_copied_ones(
     slices: Callable[..., Slices],
 ) -> None:
     """One worker copies the slices in order; the second fails: the first
     comes out, then the error, and nothing after the failed slice is copied."""
     spy = slices(fail_at=STEP)
-    ex = ThreadPoolExecutor(1)
+    cp, _, dst, ex = _one_worker_copy(3 * STEP, 12, spy)
     try:
-        n = 3 * STEP
-        src = pattern(n, 12)
-        dst = np.zeros(n, np.uint8)
-        spy.base = dst.ctypes.data
-        cp = SlicedCopy(ex, 4, dst.ctypes.data, src.ctypes.data, n)
         assert cp.take_copied() == [(0, STEP)]
         with pytest.raises(OSError, match="slice copy failed"):
             cp.take_copied()
@@ -221,24 +230,11 @@ def test_take_copied_raises_a_failing_slices_error_after_the_copied_ones(
         ex.shutdown()
 
 
-def _one_worker_copy(n: int, seed: int) -> tuple[SlicedCopy, np.ndarray, np.ndarray, Any]:
-    """A copy cut for four threads but run by one worker: its slices go one by
-    one, front to back. Returns (copy, source, destination, executor)."""
-    ex = ThreadPoolExecutor(1)
-    src = pattern(n, seed)
-    dst = np.zeros(n, np.uint8)
-    return SlicedCopy(ex, 4, dst.ctypes.data, src.ctypes.data, n), src, dst, ex
-
-
 def test_a_failing_slice_raises_once_no_thread_copies(slices: Callable[..., Slices]) -> None:
     spy = slices(delay_s=0.002, fail_at=STEP)
     n = 4 * STEP
-    ex = ThreadPoolExecutor(1)
+    cp, src, dst, ex = _one_worker_copy(n, 4, spy)
     try:
-        src = pattern(n, 4)
-        dst = np.zeros(n, np.uint8)
-        spy.base = dst.ctypes.data
-        cp = SlicedCopy(ex, 4, dst.ctypes.data, src.ctypes.data, n)
         with pytest.raises(OSError, match="slice copy failed"):
             cp.wait_copied(0, n)
         assert spy.running == 0, "a slice was still being copied after the error"

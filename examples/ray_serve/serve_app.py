@@ -74,11 +74,7 @@ async def read_body(request: Request, limit: int) -> np.ndarray | Response:
         return PlainTextResponse("body too large", status_code=413)
     if n == 0:
         return PlainTextResponse("empty body", status_code=400)
-    # Pages faulted in off the event loop, as in the aiohttp apps (_common.read_body).
-    if n >= common.PREFAULT_MIN:
-        buf = await asyncio.to_thread(common.faulted_in, n)
-    else:
-        buf = np.empty(n, np.uint8)
+    buf = await common.body_buffer(n)  # a large one's pages mapped off the loop
     off = 0
     async for chunk in request.stream():
         k = len(chunk)

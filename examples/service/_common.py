@@ -81,6 +81,19 @@ def faulted_in(n: int) -> np.ndarray:
     return buf
 
 
+async def body_buffer(n: int) -> np.ndarray:
+    """A new uint8 buffer for a request body of ``n`` bytes.
+
+    A large one's pages are faulted in on a worker thread: the first write
+    to each one zeroes a fresh page in the kernel, and in a VM that backs
+    guest memory lazily one 2 MiB huge page took 5-7 ms of system time,
+    every eighth 256 KiB chunk, on the event-loop thread.
+    """
+    if n >= PREFAULT_MIN:
+        return await asyncio.to_thread(faulted_in, n)
+    return np.empty(n, np.uint8)
+
+
 async def read_body(request: web.Request, limit: int) -> np.ndarray:
     """The request body in a fresh (pageable) numpy buffer, read chunk by chunk.
 
@@ -93,14 +106,7 @@ async def read_body(request: web.Request, limit: int) -> np.ndarray:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=n)
     if n == 0:
         raise web.HTTPBadRequest(text="empty body")
-    # A large buffer's pages are faulted in on a worker thread: the first
-    # write to each one zeroes a fresh page in the kernel, and in a VM that
-    # backs guest memory lazily one 2 MiB huge page took 5-7 ms of system
-    # time, every eighth 256 KiB chunk, on the event-loop thread.
-    if n >= PREFAULT_MIN:
-        buf = await asyncio.to_thread(faulted_in, n)
-    else:
-        buf = np.empty(n, np.uint8)
+    buf = await body_buffer(n)
     off = 0
     async for chunk in request.content.iter_any():
         k = len(chunk)
