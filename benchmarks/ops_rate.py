@@ -13,7 +13,10 @@ the record holds the medians and their ratio (this / baseline):
   copies from / into pageable memory (the small, cached-block paths);
 * ``ops_d2h_then_h2d_4KiB_<loop>``: a D2H into a pageable buffer and an H2D
   from it, started together and awaited together (the pattern stream order
-  is about: the H2D must read what the D2H wrote).
+  is about: the H2D must read what the D2H wrote);
+* ``ops_h2d_4KiB_1000tasks_<loop>``: 1,000 tasks on 16 streams, each
+  awaiting 4 KiB copies from its own pageable buffer (small staged copies
+  in company: whether they share markers).
 
 Runs on the simulated backend too (``GPUAIO_BACKEND=sim``), where the figures
 are CPU costs of this machine, not GPU figures.
@@ -31,7 +34,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-CASES = ("memset_1task", "memset_1000tasks", "h2d_4KiB", "d2h_4KiB", "d2h_then_h2d_4KiB")
+CASES = (
+    "memset_1task",
+    "memset_1000tasks",
+    "h2d_4KiB",
+    "d2h_4KiB",
+    "d2h_then_h2d_4KiB",
+    "h2d_4KiB_1000tasks",
+)
 LOOPS = ("asyncio", "uvloop", "trio")
 
 
@@ -70,6 +80,22 @@ def measure(case: str, loop: str, seconds: float) -> float:
             async with anyio.create_task_group() as tg:
                 for i in range(1000):
                     tg.start_soon(worker, i)
+            done = sum(counts)
+        elif case == "h2d_4KiB_1000tasks":
+            counts = [0] * 1000
+            dst = dev.empty(1000 * n)
+
+            async def uploader(i: int) -> None:
+                st = streams[i % 16]
+                src = np.full(n, i & 0xFF, np.uint8)
+                piece = dst[i * n : (i + 1) * n]
+                while time.perf_counter() < deadline:
+                    await st.copy(piece, src)
+                    counts[i] += 1
+
+            async with anyio.create_task_group() as tg:
+                for i in range(1000):
+                    tg.start_soon(uploader, i)
             done = sum(counts)
         else:
             while time.perf_counter() < deadline:
@@ -122,6 +148,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--loops", default=",".join(LOOPS))
+    ap.add_argument(
+        "--cases", default=",".join(CASES), help="comma-separated, of: " + " ".join(CASES)
+    )
     ap.add_argument("--out", help="JSON file to write")
     args = ap.parse_args()
     here = str(Path(__file__).resolve().parents[1])
@@ -130,7 +159,9 @@ def main() -> None:
     card = gpuaio.Device(0).name
     records: list[dict[str, Any]] = []
     for loop in args.loops.split(","):
-        for case in CASES:
+        for case in args.cases.split(","):
+            if case not in CASES:
+                ap.error(f"unknown case {case!r}")
             ours, base = [], []
             for _ in range(args.reps):
                 base.append(child(args.baseline, case, loop, args.seconds))
