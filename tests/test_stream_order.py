@@ -381,3 +381,81 @@ def test_no_waiter_is_lost_when_a_sticky_error_follows_a_completion(
     # DeviceFatalError is as good an ending as a return.
     assert len(result) == 1, result
     assert result[0] == "returned" or isinstance(result[0], DeviceFatalError), result
+
+
+MID = 4 << 20  # above inline_max: a host job (the driver's path, or staged)
+
+
+async def _pending_host_job(dev: gpuaio.Device, s: gpuaio.Stream, op: gpuaio.Operation) -> None:
+    """Until ``op``'s host job is stuck on the stream's thread behind held GPU work."""
+    deadline = time.perf_counter() + 10
+    while not s._seq.executor.busy or op.done():
+        assert time.perf_counter() < deadline, "the held copy never occupied the host thread"
+        await anyio.sleep(0.005)
+
+
+async def test_a_small_upload_behind_pending_uploads_reads_on_the_calling_thread(
+    dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream kept busy by uploads: a small upload still takes the inline path
+    (its source read at the call), and its bytes land after the earlier upload's."""
+    from gpuaio._engine.staging import Stager
+
+    s = dev.stream()
+    await _warm(s, dev, 4096)
+    d = dev.empty(MID)
+    big = np.full(MID, 0x11, np.uint8)
+    small = np.full(4096, 0x22, np.uint8)
+    inline: list[int] = []
+    real = Stager._small_h2d
+
+    def spy(self: Stager, seq: Any, op: Any, dd: Any, ss: Any, block: Any) -> Any:
+        inline.append(dd.nbytes)
+        return real(self, seq, op, dd, ss, block)
+
+    monkeypatch.setattr(Stager, "_small_h2d", spy)
+    release = latch(dev, s)
+    try:
+        first = s.copy(d, big)  # a host job, stuck behind the held GPU work
+        await _pending_host_job(dev, s, first)
+        second = s.copy(d[:4096], small)
+        assert inline == [4096], "a small upload behind a pending upload went to the host thread"
+        small[:] = 0x33  # read at the call: this write is not what lands
+        await anyio.sleep(0.02)
+        assert not second.done(), "the small upload finished before the upload ahead of it"
+    finally:
+        release()
+    await second
+    await first
+    out = np.empty(MID, np.uint8)
+    await s.copy(out, d)
+    assert (out[:4096] == 0x22).all(), "the small upload landed before the upload ahead of it"
+    assert (out[4096:] == 0x11).all()
+    await s.aclose()
+
+
+async def test_a_small_upload_behind_a_pending_download_reads_what_it_wrote(
+    dev: gpuaio.Device,
+) -> None:
+    """A download into pageable memory is a host action that writes: a small
+    upload from that memory behind it must wait for it, as before."""
+    s = dev.stream()
+    await _warm(s, dev, 4096)
+    d_src, d_dst = dev.empty(MID), dev.empty(4096)
+    await s.memset(d_src, 0x44)
+    host = np.zeros(MID, np.uint8)
+    release = latch(dev, s)
+    try:
+        down = s.copy(host, d_src)  # a host job that writes host, stuck behind the hold
+        await _pending_host_job(dev, s, down)
+        up = s.copy(d_dst, host[:4096])  # must read the 0x44s the download writes
+        await anyio.sleep(0.02)
+        assert not up.done()
+    finally:
+        release()
+    await up
+    out = np.zeros(4096, np.uint8)
+    await s.copy(out, d_dst)
+    assert (out == 0x44).all(), "the small upload read its source before the download wrote it"
+    await down
+    await s.aclose()

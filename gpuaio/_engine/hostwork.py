@@ -404,6 +404,9 @@ class SerialExecutor:
         """Jobs submitted so far (the number of the last one)."""
         self.completed: int = 0
         """Jobs that have run (they run in order: every job up to this number)."""
+        self.last_writer: int = 0
+        """The number of the last job submitted that may write host memory the
+        caller can read (every job but those submitted with ``writes=False``)."""
         self._waiting = 0
         self._thread: threading.Thread | None = None
         self._ident = 0
@@ -426,10 +429,17 @@ class SerialExecutor:
         self._idle_s = idle_s
         self._q.put(_WAKE)
 
-    def submit(self, job: Callable[[], None]) -> None:
-        """Queue ``job`` as number :attr:`submitted`; it runs after every job before it."""
+    def submit(self, job: Callable[[], None], writes: bool = True) -> None:
+        """Queue ``job`` as number :attr:`submitted`; it runs after every job before it.
+
+        ``writes=False`` promises that the job writes no host memory a caller
+        can read (it only reads such memory, or enqueues GPU work): it then
+        leaves :attr:`last_writer` alone.
+        """
         with self._cv:
             self.submitted += 1
+            if writes:
+                self.last_writer = self.submitted
             self._q.put(job)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)

@@ -15,7 +15,8 @@ The driver copies pageable memory synchronously and slowly (one thread,
   when the last byte is in the user's buffer.
 * **Small transfers** (``inline_max`` bytes or less) skip the thread hop
   where stream order allows: the host copy of an H2D runs on the calling
-  thread when no host action of the stream is pending; the copy-out of a
+  thread when no host action of the stream that may write host memory is
+  pending (its DMA is still enqueued behind the stream's host jobs); the copy-out of a
   D2H is the op's completion step, which the stream's completion queue
   runs in stream order (see :mod:`gpuaio._engine.sequencer`).
 
@@ -26,6 +27,7 @@ settle on the host actions before them, so stream order holds.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -178,7 +180,7 @@ class Stager:
             except BaseException as exc:  # nothing was enqueued
                 op._resolve(exc)
                 raise
-        if small and (seq.host_clear() if h2d else seq.deps_clear()):
+        if small and (seq.reads_clear() if h2d else seq.deps_clear()):
             # Cached blocks only: allocating pinned memory is a slow driver
             # call that must not run on the caller's (event-loop) thread.
             block = self.pool.take_cached(d.nbytes)
@@ -192,11 +194,16 @@ class Stager:
                 if h2d:
                     return self._small_h2d(seq, op, d, s, block)
                 return self._small_d2h(seq, op, d, s, block)
+        # An upload's host job only reads host memory (the user's source):
+        # later small uploads need not wait for it to read theirs.
         if self.config.inline_max < d.nbytes <= self.config.driver_max:
-            return seq.host(op, lambda: self._driver_or_staged(seq, op, d, s), after_gpu=False)
-        if h2d:
-            return seq.host(op, lambda: self._h2d(seq, op, d, s), after_gpu=False)
-        return seq.host(op, lambda: self._d2h(seq, op, d, s), after_gpu=False)
+            step = self._driver_or_staged
+        elif h2d:
+            step = self._h2d
+        else:
+            step = self._d2h
+        work = functools.partial(step, seq, op, d, s)
+        return seq.host(op, work, after_gpu=False, writes_host=not h2d)
 
     def _driver_or_staged(
         self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo
