@@ -20,6 +20,7 @@ import pytest
 import gpuaio
 from gpuaio._api.device import device_of
 from gpuaio._core.errors import DeviceFatalError
+from gpuaio._engine.staging import Stager
 from tests.conftest import add_one_kernel, latch
 from tests.test_copy import pattern
 
@@ -386,7 +387,7 @@ def test_no_waiter_is_lost_when_a_sticky_error_follows_a_completion(
 MID = 4 << 20  # above inline_max: a host job (the driver's path, or staged)
 
 
-async def _pending_host_job(dev: gpuaio.Device, s: gpuaio.Stream, op: gpuaio.Operation) -> None:
+async def _pending_host_job(s: gpuaio.Stream, op: gpuaio.Operation) -> None:
     """Until ``op``'s host job is stuck on the stream's thread behind held GPU work."""
     deadline = time.perf_counter() + 10
     while not s._seq.executor.busy or op.done():
@@ -399,8 +400,6 @@ async def test_a_small_upload_behind_pending_uploads_reads_on_the_calling_thread
 ) -> None:
     """A stream kept busy by uploads: a small upload still takes the inline path
     (its source read at the call), and its bytes land after the earlier upload's."""
-    from gpuaio._engine.staging import Stager
-
     s = dev.stream()
     await _warm(s, dev, 4096)
     d = dev.empty(MID)
@@ -417,7 +416,7 @@ async def test_a_small_upload_behind_pending_uploads_reads_on_the_calling_thread
     release = latch(dev, s)
     try:
         first = s.copy(d, big)  # a host job, stuck behind the held GPU work
-        await _pending_host_job(dev, s, first)
+        await _pending_host_job(s, first)
         second = s.copy(d[:4096], small)
         assert inline == [4096], "a small upload behind a pending upload went to the host thread"
         small[:] = 0x33  # read at the call: this write is not what lands
@@ -447,7 +446,7 @@ async def test_a_small_upload_behind_a_pending_download_reads_what_it_wrote(
     release = latch(dev, s)
     try:
         down = s.copy(host, d_src)  # a host job that writes host, stuck behind the hold
-        await _pending_host_job(dev, s, down)
+        await _pending_host_job(s, down)
         up = s.copy(d_dst, host[:4096])  # must read the 0x44s the download writes
         await anyio.sleep(0.02)
         assert not up.done()

@@ -16,9 +16,9 @@ The driver copies pageable memory synchronously and slowly (one thread,
 * **Small transfers** (``inline_max`` bytes or less) skip the thread hop
   where stream order allows: the host copy of an H2D runs on the calling
   thread when no host action of the stream that may write host memory is
-  pending (its DMA is still enqueued behind the stream's host jobs); the copy-out of a
-  D2H is the op's completion step, which the stream's completion queue
-  runs in stream order (see :mod:`gpuaio._engine.sequencer`).
+  pending (its DMA still queues behind the stream's host jobs); the
+  copy-out of a D2H is the op's completion step, which the stream's
+  completion queue runs in stream order (see :mod:`gpuaio._engine.sequencer`).
 
 Everything else runs as host steps on the stream's host thread, which
 settle on the host actions before them, so stream order holds.
