@@ -40,7 +40,10 @@ pinned and pageable copies, the raw call, and a pure-Python function of
 about gpuaio's footprint (40 small functions). Medians over ``--reps``
 rounds, microseconds. GPU only (``--allow-sim`` runs it on the simulated
 backend to check the script, with the hand-written methods through the
-backend's calls).
+backend's calls). A fourth, ``ladder``, goes from the hand-written pinned
+4 KiB upload to gpuaio's one piece at a time (gpuaio's backend calls, then
+its classification and checks), counts the driver calls of gpuaio's ops,
+and profiles the loop thread (``floor_profile_<loop>.txt``).
 
 Writes ``floor_probe.json`` into ``--out``.
 """
@@ -151,6 +154,26 @@ class Raw:
             self.cu.cuEventDestroy(self.ev)
         else:
             self.be.event_destroy(self.ev)
+
+
+class _Counting:
+    """Stands in for ``cuda.bindings.driver``: counts each ``cu*`` call by name."""
+
+    def __init__(self, module: Any, counts: dict[str, int]) -> None:
+        self._module = module
+        self._counts = counts
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._module, name)
+        if not (name.startswith("cu") and callable(value)):
+            return value
+        counts = self._counts
+
+        def call(*a: Any, **k: Any) -> Any:
+            counts[name] = counts.get(name, 0) + 1
+            return value(*a, **k)
+
+        return call
 
 
 class Poster:
@@ -543,6 +566,108 @@ async def stages_section(sizes: list[int], reps: int) -> None:
         await s.aclose()
 
 
+async def ladder_section(reps: int, profile_ops: int, out: Path) -> None:
+    """From the hand-written pinned 4 KiB upload to gpuaio's, one piece at a time;
+    the driver calls each of gpuaio's ops makes; a profile of the loop thread."""
+    from gpuaio._api.describe import describe
+    from gpuaio._api.transfers import check_copy
+
+    rt = current_runtime()
+    be = rt.backend
+    dev = gpuaio.Device(0)
+    s = dev.stream()
+    raw = Raw(s)
+    nat = s._native
+    n = 4096
+    d = dev.empty(n)
+    pin = gpuaio.pinned_empty(n)
+    src = np.ones(n, np.uint8)
+    ev = be.event_create(0)
+    dp, pp = d.ptr, pin.ctypes.data
+
+    async def hand_raw() -> None:
+        raw.copy(dp, pp, n)
+        raw.record()
+        while not raw.fired():
+            await YIELD
+
+    async def hand_backend() -> None:  # gpuaio's backend calls: context check, errors
+        be.memcpy_async(dp, pp, n, nat)
+        be.event_record(ev, nat)
+        while not be.event_query(ev):
+            await YIELD
+
+    async def hand_described() -> None:  # and gpuaio's classification and checks
+        di = describe(d, rt, "dst")
+        si = describe(pin, rt, "src")
+        check_copy(di, si)
+        be.memcpy_async(di.ptr, si.ptr, n, nat)
+        be.event_record(ev, nat)
+        while not be.event_query(ev):
+            await YIELD
+
+    methods: dict[str, Callable[[], Awaitable[None]]] = {
+        "hand_raw": hand_raw,
+        "hand_backend": hand_backend,
+        "hand_described": hand_described,
+        "gpuaio_pinned": lambda: s.copy(d, pin),
+        "gpuaio_pageable": lambda: s.copy(d, src),
+    }
+    try:
+        med = await interleave({k: async_timer(f, 256) for k, f in methods.items()}, reps)
+        rows = {k: v * 1e6 for k, v in med.items()}
+        RESULTS["ladder"] = rows
+        for k, v in rows.items():
+            print(f"  4KiB h2d {k:16} {v:7.2f} us")
+        # Driver calls per op: every ``cu*`` call of the CUDA backend's modules.
+        if be.name == "cuda":
+            import importlib
+
+            counts: dict[str, int] = {}
+            mods = [
+                importlib.import_module(f"gpuaio.backends.cuda.{m}")
+                for m in ("_driver", "_streams", "_memory", "_launch")
+            ]
+            real = mods[0].driver
+            proxy = _Counting(real, counts)
+            pairs = (("pinned", methods["gpuaio_pinned"]), ("pageable", methods["gpuaio_pageable"]))
+            for label, fn in pairs:
+                counts.clear()
+                for m in mods:
+                    m.driver = proxy  # type: ignore[attr-defined]
+                try:
+                    for _ in range(1000):
+                        await fn()
+                finally:
+                    for m in mods:
+                        m.driver = real  # type: ignore[attr-defined]
+                per_op = {k: v / 1000 for k, v in sorted(counts.items())}
+                RESULTS.setdefault("calls_per_op", {})[label] = per_op
+                print(f"  driver calls per op, gpuaio {label}: {per_op}")
+        # A profile of the loop thread, by own time.
+        import cProfile
+        import io
+        import pstats
+
+        text = io.StringIO()
+        for label, fn in (
+            ("pinned", methods["gpuaio_pinned"]),
+            ("pageable", methods["gpuaio_pageable"]),
+        ):
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(profile_ops):
+                await fn()
+            prof.disable()
+            text.write(f"\n===== 4 KiB h2d {label}, {profile_ops} awaited copies, by own time\n")
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(35)
+        RESULTS["profile_text"] = text.getvalue()  # main() writes it, off the loop
+    finally:
+        be.event_destroy(ev)
+        raw.close()
+        await s.aclose()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--sizes", default="4K,64K,256K,1M,4M,16M,64M")
@@ -554,7 +679,7 @@ def main() -> int:
     ap.add_argument("--inline-max", default="1M")
     ap.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     ap.add_argument("--no-peers", action="store_true")
-    ap.add_argument("--skip", default="", help="sections to skip: sizes,stages,cold")
+    ap.add_argument("--skip", default="", help="sections to skip: sizes,stages,ladder,cold")
     ap.add_argument("--out", default=".")
     ap.add_argument("--allow-sim", action="store_true")
     args = ap.parse_args()
@@ -587,6 +712,9 @@ def main() -> int:
                 f"stages ({args.loop}): an inline upload, back to back, medians of {args.cold_reps}"
             )
             await stages_section(stage_sizes, args.cold_reps)
+        if "ladder" not in skip:
+            print(f"ladder ({args.loop}): a 4 KiB upload from the hand-written one to gpuaio's")
+            await ladder_section(args.reps, 3000, Path(args.out))
         if "cold" not in skip:
             print(
                 f"cold ({args.loop}): one copy at a time, after {args.burn_ms} ms of other Python"
@@ -602,6 +730,9 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"floor_probe_{args.loop}.json"
+    profile = RESULTS.pop("profile_text", None)
+    if profile:
+        (out / f"floor_profile_{args.loop}.txt").write_text(profile)
     (out / name).write_text(json.dumps(RESULTS, indent=1) + "\n")
     print(f"wrote {out / name}")
     return 0
