@@ -32,20 +32,21 @@ this host; where it is faster, what is left is gpuaio's own cost.
 
 A second section, ``stages``, splits an inline upload (4 KiB to 1 MiB) into
 its call, whose ``memmove`` it includes, and its await, beside the
-``memmove`` alone and the raw pinned DMA. A third, ``cold``, times single
-copies one at a time, back to back (``warm``) and each after ``--burn-ms``
-of unrelated Python on the loop thread (``cold``), as ``transfers.py`` does
+``memmove`` alone and the raw pinned DMA. A third, ``ladder``, goes from the
+hand-written pinned 4 KiB upload to gpuaio's one piece at a time (gpuaio's
+backend calls, then its classification and checks), counts the driver
+calls of gpuaio's ops, and profiles the loop thread
+(``floor_profile_<loop>.txt``). A fourth, ``cold``, times single copies one
+at a time, back to back (``warm``) and each after ``--burn-ms`` of
+unrelated Python on the loop thread (``cold``), as ``transfers.py`` does
 from 8 MiB (one op per sample, between other methods' samples): gpuaio's
-pinned and pageable copies, the raw call, and a pure-Python function of
-about gpuaio's footprint (40 small functions). Medians over ``--reps``
-rounds, microseconds. GPU only (``--allow-sim`` runs it on the simulated
-backend to check the script, with the hand-written methods through the
-backend's calls). A fourth, ``ladder``, goes from the hand-written pinned
-4 KiB upload to gpuaio's one piece at a time (gpuaio's backend calls, then
-its classification and checks), counts the driver calls of gpuaio's ops,
-and profiles the loop thread (``floor_profile_<loop>.txt``).
+pinned and pageable copies, the raw call, torch's upload, and a pure-Python
+function of about gpuaio's footprint (40 small functions), medians of
+``--cold-reps``.
 
-Writes ``floor_probe.json`` into ``--out``.
+Microseconds throughout. GPU only (``--allow-sim`` runs it on the simulated
+backend to check the script, with the hand-written methods through the
+backend's calls). Writes ``floor_probe_<loop>.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -470,7 +471,7 @@ def burn(seconds: float) -> None:
         i += 1
 
 
-async def cold_section(sizes: list[int], reps: int, burn_s: float) -> None:
+async def cold_section(sizes: list[int], reps: int, burn_s: float, peers: dict[str, Any]) -> None:
     dev = gpuaio.Device(0)
     s = dev.stream()
     raw = Raw(s)
@@ -493,6 +494,15 @@ async def cold_section(sizes: list[int], reps: int, burn_s: float) -> None:
                 "gpuaio_pageable": lambda d=d, src=src: s.copy(d, src),  # type: ignore[misc]
                 "python_footprint": footprint,
             }
+            torch = peers.get("torch")
+            if torch is not None:
+                t_src = torch.from_numpy(src)
+
+                def t_h2d(t_src: Any = t_src, torch: Any = torch) -> None:
+                    t_src.to("cuda", non_blocking=True)
+                    torch.cuda.synchronize()
+
+                methods["torch_pageable"] = t_h2d
             for name, fn in methods.items():
                 warm: list[float] = []
                 cold: list[float] = []
@@ -719,7 +729,7 @@ def main() -> int:
             print(
                 f"cold ({args.loop}): one copy at a time, after {args.burn_ms} ms of other Python"
             )
-            await cold_section(cold_sizes, args.cold_reps, args.burn_ms * 1e-3)
+            await cold_section(cold_sizes, args.cold_reps, args.burn_ms * 1e-3, peers)
 
     if args.loop == "uvloop":
         import uvloop
