@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Issue 13's one command: the small-copy probe, the transfer sweep (4 KiB to
-# 1 GiB, both directions, with torch and CuPy) and the completion suite
-# (uvloop and asyncio, with peers, GIL stall), in one process tree, well
-# inside 10 minutes on an H200. Results and logs go to $OUT (default
+# 1 GiB, both directions, with torch and CuPy), the completion suite
+# (uvloop and asyncio, with peers, GIL stall) and the floor probe (the
+# fastest hand-written awaitable per size against the same peers, asyncio
+# and uvloop, 4 KiB-64 MiB, and the ladder of a 4 KiB upload), in one
+# process tree, well inside 10 minutes on an H200. Results and logs go to $OUT (default
 # /tmp/perf); run from the repository root on a GPU machine:
 #
 #   OUT=/tmp/perf bash tools/perf_run.sh [label]
 #
-# PERF_PROBE=0 or PERF_MAIN=0 skip the probe or the two suites.
+# PERF_PROBE=0, PERF_MAIN=0 or PERF_FLOOR=0 skip the probe, the two suites
+# or the floor probe.
 # PERF_TRANSFER_VARIANTS="ENV=V ENV=V;ENV=V;..." then reruns the sizes in
 # PERF_VARIANT_SIZES (default 1M,4M,16M) and the 8 GiB soak once per entry,
 # with PERF_VARIANT_ARGS as extra arguments (default --no-peers), into
@@ -41,6 +44,14 @@ if [ "${PERF_MAIN:-1}" != 0 ]; then
     timeout 200 python3 benchmarks/completion.py --loops uvloop,asyncio --out-dir "$OUT" 2>&1 \
         | tee "$OUT/completion.log"
     echo "through completion: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/completion.log"
+fi
+if [ "${PERF_FLOOR:-1}" != 0 ]; then
+    # Whether a gap to the peers is gpuaio's or any awaitable's, on this host.
+    for loop in asyncio uvloop; do
+        timeout 150 python3 tools/floor_probe.py --loop "$loop" --skip stages,cold --out "$OUT" 2>&1 \
+            | tee -a "$OUT/floor.log"
+    done
+    echo "through the floor probe: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/floor.log"
 fi
 if [ -n "${PERF_TRANSFER_VARIANTS:-}" ]; then
     # Some sizes and the 8 GiB soak again under other staging settings:
