@@ -391,6 +391,34 @@ def write_results(
 
 
 # -- measurement ----------------------------------------------------------
+Timer = Callable[[], Awaitable[float]]
+"""One sample of a method: seconds per call (see :func:`interleave`)."""
+
+
+def sync_timer(fn: Callable[[], Any], inner: int) -> Timer:
+    """A sample: seconds per call of ``fn``, averaged over ``inner`` calls."""
+
+    async def run() -> float:
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        return (time.perf_counter() - t0) / inner
+
+    return run
+
+
+def async_timer(fn: Callable[[], Awaitable[Any]], inner: int) -> Timer:
+    """A sample: seconds per awaited ``fn()``, averaged over ``inner`` awaits."""
+
+    async def run() -> float:
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            await fn()
+        return (time.perf_counter() - t0) / inner
+
+    return run
+
+
 @dataclass(slots=True)
 class Interleaved:
     """Samples per method from :func:`interleave`, and the methods that failed."""

@@ -54,7 +54,6 @@ LAG_MIN_S = 0.05
 SOAK_COUNT = 32
 FLAT_COUNT = 10_000
 
-Timer = Callable[[], Awaitable[float]]
 
 RAW_PAGEABLE = "cuMemcpyAsync from pageable memory + cuStreamSynchronize (raw cuda.bindings)"
 RAW_PINNED = "cuMemcpyAsync from pinned memory + cuStreamSynchronize (raw cuda.bindings)"
@@ -220,30 +219,6 @@ def rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def sync_timer(fn: Callable[[], Any], inner: int) -> Timer:
-    """A sample: seconds per call of ``fn``, averaged over ``inner`` calls."""
-
-    async def run() -> float:
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        return (time.perf_counter() - t0) / inner
-
-    return run
-
-
-def async_timer(fn: Callable[[], Awaitable[Any]], inner: int) -> Timer:
-    """A sample: seconds per awaited ``fn()``, averaged over ``inner`` awaits."""
-
-    async def run() -> float:
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            await fn()
-        return (time.perf_counter() - t0) / inner
-
-    return run
-
-
 # -- one size -------------------------------------------------------------
 async def bench_size(ctx: Ctx, n: int, derived: bool) -> list[H.Record]:
     """Every method at ``n`` bytes, both directions; lag; derived target records."""
@@ -277,15 +252,15 @@ async def bench_size(ctx: Ctx, n: int, derived: bool) -> list[H.Record]:
 
         return call
 
-    timers: dict[str, Timer] = {
-        "h2d_naive_pageable": sync_timer(raw(d_p, src_p), inner),
-        "h2d_raw_pinned": sync_timer(raw(d_p, pin_p), inner),
-        "h2d_pageable": async_timer(lambda: s.copy(d, src), inner),
-        "h2d_pinned": async_timer(lambda: s.copy(d, pin), inner),
-        "d2h_naive_pageable": sync_timer(raw(dst_p, d_p), inner),
-        "d2h_raw_pinned": sync_timer(raw(pin_p, d_p), inner),
-        "d2h_pageable": async_timer(lambda: s.copy(dst, d), inner),
-        "d2h_pinned": async_timer(lambda: s.copy(pin, d), inner),
+    timers: dict[str, H.Timer] = {
+        "h2d_naive_pageable": H.sync_timer(raw(d_p, src_p), inner),
+        "h2d_raw_pinned": H.sync_timer(raw(d_p, pin_p), inner),
+        "h2d_pageable": H.async_timer(lambda: s.copy(d, src), inner),
+        "h2d_pinned": H.async_timer(lambda: s.copy(d, pin), inner),
+        "d2h_naive_pageable": H.sync_timer(raw(dst_p, d_p), inner),
+        "d2h_raw_pinned": H.sync_timer(raw(pin_p, d_p), inner),
+        "d2h_pageable": H.async_timer(lambda: s.copy(dst, d), inner),
+        "d2h_pinned": H.async_timer(lambda: s.copy(pin, d), inner),
     }
     keep: list[Any] = []  # peer buffers, dropped at the end
     torch = ctx.peers.get("torch")
@@ -308,11 +283,11 @@ async def bench_size(ctx: Ctx, n: int, derived: bool) -> list[H.Record]:
             t_pin.copy_(t_dev, non_blocking=True)
             torch.cuda.synchronize()
 
-        timers["h2d_torch_pageable"] = sync_timer(t_h2d(t_src), inner)
-        timers["h2d_torch_pinned"] = sync_timer(t_h2d(t_pin), inner)
-        timers["d2h_torch_to_cpu"] = sync_timer(lambda: t_dev.to("cpu"), inner)
-        timers["d2h_torch_copy_pageable"] = sync_timer(lambda: t_dst.copy_(t_dev), inner)
-        timers["d2h_torch_pinned"] = sync_timer(t_d2h_pinned, inner)
+        timers["h2d_torch_pageable"] = H.sync_timer(t_h2d(t_src), inner)
+        timers["h2d_torch_pinned"] = H.sync_timer(t_h2d(t_pin), inner)
+        timers["d2h_torch_to_cpu"] = H.sync_timer(lambda: t_dev.to("cpu"), inner)
+        timers["d2h_torch_copy_pageable"] = H.sync_timer(lambda: t_dst.copy_(t_dev), inner)
+        timers["d2h_torch_pinned"] = H.sync_timer(t_d2h_pinned, inner)
     cupy = ctx.peers.get("cupy")
     if cupy is not None:
         c_dev = cupy.asarray(src)
@@ -323,14 +298,14 @@ async def bench_size(ctx: Ctx, n: int, derived: bool) -> list[H.Record]:
             cupy.asarray(src)
             cupy.cuda.get_current_stream().synchronize()
 
-        timers["h2d_cupy_asarray"] = sync_timer(c_h2d, inner)
-        timers["d2h_cupy_get"] = sync_timer(lambda: c_dev.get(out=dst), inner)
+        timers["h2d_cupy_asarray"] = H.sync_timer(c_h2d, inner)
+        timers["d2h_cupy_get"] = H.sync_timer(lambda: c_dev.get(out=dst), inner)
     for t in HOST_THREADS:
         pool = ctx.copy_pools.get(t)
-        timers[f"host_copy_to_pinned_{t}threads"] = sync_timer(
+        timers[f"host_copy_to_pinned_{t}threads"] = H.sync_timer(
             functools.partial(threaded_copy, pool, t, pin, src), inner
         )
-        timers[f"host_copy_from_pinned_{t}threads"] = sync_timer(
+        timers[f"host_copy_from_pinned_{t}threads"] = H.sync_timer(
             functools.partial(threaded_copy, pool, t, dst, pin), inner
         )
 
@@ -772,11 +747,15 @@ async def sweep(ctx: Ctx) -> list[H.Record]:
                     "default": (default_stager, default_host),
                     "candidate": (cand, cand_host),
                 }
-                timers: dict[str, Timer] = {}
+                timers: dict[str, H.Timer] = {}
                 for n, (src, dst, d) in bufs.items():
                     for who in pools:
-                        timers[f"{who}:h2d:{n}"] = async_timer(functools.partial(s.copy, d, src), 1)
-                        timers[f"{who}:d2h:{n}"] = async_timer(functools.partial(s.copy, dst, d), 1)
+                        timers[f"{who}:h2d:{n}"] = H.async_timer(
+                            functools.partial(s.copy, d, src), 1
+                        )
+                        timers[f"{who}:d2h:{n}"] = H.async_timer(
+                            functools.partial(s.copy, dst, d), 1
+                        )
 
                 def before(name: str, pools: dict[str, Any] = pools) -> None:
                     install(rt, *pools[name.split(":")[0]])

@@ -68,6 +68,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import _harness as H
 
 import gpuaio
 from gpuaio._api.runtime import current_runtime
@@ -235,40 +238,12 @@ def load_peers(enabled: bool) -> dict[str, Any]:
     return peers
 
 
-Timer = Callable[[], Awaitable[float]]
-
-
-def sync_timer(fn: Callable[[], Any], inner: int) -> Timer:
-    async def run() -> float:
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        return (time.perf_counter() - t0) / inner
-
-    return run
-
-
-def async_timer(fn: Callable[[], Awaitable[Any]], inner: int) -> Timer:
-    async def run() -> float:
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            await fn()
-        return (time.perf_counter() - t0) / inner
-
-    return run
-
-
-async def interleave(timers: dict[str, Timer], reps: int) -> dict[str, float]:
-    """Median seconds per op of each timer; the order rotates every round."""
-    names = list(timers)
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for name in names:  # warm-up round
-        await timers[name]()
-    for r in range(reps):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            samples[name].append(await timers[name]())
-    return {n: statistics.median(v) for n, v in samples.items()}
+async def interleave(timers: dict[str, H.Timer], reps: int) -> dict[str, float]:
+    """Median seconds per op of each timer (``_harness.interleave``: the order rotates)."""
+    res = await H.interleave(timers, reps=reps, warmup=1)
+    for name, err in res.errors.items():
+        raise RuntimeError(f"{name} failed: {err}")
+    return {name: statistics.median(v) for name, v in res.samples.items()}
 
 
 async def sizes_section(
@@ -330,16 +305,16 @@ async def one_size(
         memmove(dp, bp, n)
 
     thread_h2d, thread_d2h = naive(dd, sp), naive(dp, dd)
-    timers: dict[str, dict[str, Timer]] = {
+    timers: dict[str, dict[str, H.Timer]] = {
         "h2d": {
-            "naive": sync_timer(naive(dd, sp), inner),
-            "hand_thread": async_timer(lambda: poster.run(thread_h2d), inner),
-            "gpuaio": async_timer(lambda: s.copy(d, src), inner),
+            "naive": H.sync_timer(naive(dd, sp), inner),
+            "hand_thread": H.async_timer(lambda: poster.run(thread_h2d), inner),
+            "gpuaio": H.async_timer(lambda: s.copy(d, src), inner),
         },
         "d2h": {
-            "naive": sync_timer(naive(dp, dd), inner),
-            "hand_thread": async_timer(lambda: poster.run(thread_d2h), inner),
-            "gpuaio": async_timer(lambda: s.copy(dst, d), inner),
+            "naive": H.sync_timer(naive(dp, dd), inner),
+            "hand_thread": H.async_timer(lambda: poster.run(thread_d2h), inner),
+            "gpuaio": H.async_timer(lambda: s.copy(dst, d), inner),
         },
     }
     pin = gpuaio.pinned_empty(n)
@@ -352,18 +327,18 @@ async def one_size(
             await YIELD
 
     timers["h2d_pinned"] = {
-        "raw": sync_timer(naive(dd, pp), inner),
-        "hand_pinned": async_timer(lambda: hand_pinned(dd, pp), inner),
-        "gpuaio": async_timer(lambda: s.copy(d, pin), inner),
+        "raw": H.sync_timer(naive(dd, pp), inner),
+        "hand_pinned": H.async_timer(lambda: hand_pinned(dd, pp), inner),
+        "gpuaio": H.async_timer(lambda: s.copy(d, pin), inner),
     }
     timers["d2h_pinned"] = {
-        "raw": sync_timer(naive(pp, dd), inner),
-        "hand_pinned": async_timer(lambda: hand_pinned(pp, dd), inner),
-        "gpuaio": async_timer(lambda: s.copy(pin, d), inner),
+        "raw": H.sync_timer(naive(pp, dd), inner),
+        "hand_pinned": H.async_timer(lambda: hand_pinned(pp, dd), inner),
+        "gpuaio": H.async_timer(lambda: s.copy(pin, d), inner),
     }
     if n <= inline_max:
-        timers["h2d"]["hand_inline"] = async_timer(hand_h2d, inner)
-        timers["d2h"]["hand_inline"] = async_timer(hand_d2h, inner)
+        timers["h2d"]["hand_inline"] = H.async_timer(hand_h2d, inner)
+        timers["d2h"]["hand_inline"] = H.async_timer(hand_d2h, inner)
     keep: list[Any] = []
     if torch is not None:
         t_src, t_dst = torch.from_numpy(src), torch.from_numpy(dst)
@@ -375,8 +350,8 @@ async def one_size(
             t_src.to("cuda", non_blocking=True)
             torch.cuda.synchronize()
 
-        timers["h2d"]["torch"] = sync_timer(t_h2d, inner)
-        timers["d2h"]["torch"] = sync_timer(
+        timers["h2d"]["torch"] = H.sync_timer(t_h2d, inner)
+        timers["d2h"]["torch"] = H.sync_timer(
             lambda t_dst=t_dst, t_dev=t_dev: t_dst.copy_(t_dev), inner
         )
     if cupy is not None:
@@ -388,8 +363,8 @@ async def one_size(
             cupy.asarray(src)
             cupy.cuda.get_current_stream().synchronize()
 
-        timers["h2d"]["cupy"] = sync_timer(c_h2d, inner)
-        timers["d2h"]["cupy"] = sync_timer(lambda c_dev=c_dev, dst=dst: c_dev.get(out=dst), inner)
+        timers["h2d"]["cupy"] = H.sync_timer(c_h2d, inner)
+        timers["d2h"]["cupy"] = H.sync_timer(lambda c_dev=c_dev, dst=dst: c_dev.get(out=dst), inner)
     for direction, group in timers.items():
         med = await interleave(group, reps)
         us = {k: v * 1e6 for k, v in med.items()}
@@ -624,7 +599,7 @@ async def ladder_section(reps: int, profile_ops: int, out: Path) -> None:
         "gpuaio_pageable": lambda: s.copy(d, src),
     }
     try:
-        med = await interleave({k: async_timer(f, 256) for k, f in methods.items()}, reps)
+        med = await interleave({k: H.async_timer(f, 256) for k, f in methods.items()}, reps)
         rows = {k: v * 1e6 for k, v in med.items()}
         RESULTS["ladder"] = rows
         for k, v in rows.items():
