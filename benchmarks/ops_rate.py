@@ -174,10 +174,12 @@ def main() -> None:
 
     card = gpuaio.Device(0).name
     records: list[dict[str, Any]] = []
+    cases = args.cases.split(",")
+    unknown = [case for case in cases if case not in CASES]
+    if unknown:
+        ap.error(f"unknown case(s): {', '.join(unknown)}")
     for loop in args.loops.split(","):
-        for case in args.cases.split(","):
-            if case not in CASES:
-                ap.error(f"unknown case {case!r}")
+        for case in cases:
             ours, base = [], []
             for _ in range(args.reps):
                 base.append(child(args.baseline, case, loop, args.seconds))

@@ -71,12 +71,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import _harness as H
+import transfers
 
 import gpuaio
 from gpuaio._api.runtime import current_runtime
 from gpuaio._engine.pool import parse_size
 
 RESULTS: dict[str, Any] = {"rows": [], "cold": []}
+fmt = H.fmt_size  # 4KiB, 16MiB: as in record names
 
 
 class _Yield:
@@ -212,30 +214,6 @@ class Poster:
     def close(self) -> None:
         self.jobs.put(None)
         self.thread.join(5)
-
-
-def load_peers(enabled: bool) -> dict[str, Any]:
-    peers: dict[str, Any] = {}
-    if not enabled:
-        return peers
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.zeros(1, device="cuda")
-            torch.cuda.synchronize()
-            peers["torch"] = torch
-    except Exception as exc:  # a peer that cannot run is reported, not fatal
-        print(f"  torch unavailable: {exc}")
-    try:
-        import cupy
-
-        cupy.zeros(1)
-        cupy.cuda.Device().synchronize()
-        peers["cupy"] = cupy
-    except Exception as exc:
-        print(f"  cupy unavailable: {exc}")
-    return peers
 
 
 async def interleave(timers: dict[str, H.Timer], reps: int) -> dict[str, float]:
@@ -405,13 +383,6 @@ def report(n: int, direction: str, us: dict[str, float]) -> dict[str, Any]:
     )
     print(f"  {fmt(n):>7} {direction}: {cols} {tail} gpuaio/floor {row['gpuaio_over_floor']:.2f}")
     return row
-
-
-def fmt(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size and n % size == 0:
-            return f"{n // size}{unit}"
-    return f"{n}B"
 
 
 # -- cold ----------------------------------------------------------------------
@@ -685,7 +656,7 @@ def main() -> int:
         reps=args.reps,
         burn_ms=args.burn_ms,
     )
-    peers = load_peers(not args.no_peers and be.name == "cuda")
+    peers, _ = transfers.load_peers(be.name, not args.no_peers)
     RESULTS["peers"] = sorted(peers)
 
     async def run() -> None:

@@ -4,8 +4,8 @@
 # (uvloop and asyncio, with peers, GIL stall) and the floor probe (the
 # fastest hand-written awaitable per size against the same peers, asyncio
 # and uvloop, 4 KiB-64 MiB, and the ladder of a 4 KiB upload), in one
-# process tree, well inside 10 minutes on an H200. Results and logs go to $OUT (default
-# /tmp/perf); run from the repository root on a GPU machine:
+# process tree, well inside 10 minutes on an H200. Results and logs go to
+# $OUT (default /tmp/perf); run from the repository root on a GPU machine:
 #
 #   OUT=/tmp/perf bash tools/perf_run.sh [label]
 #
