@@ -23,6 +23,7 @@ import pytest
 
 import gpuaio
 from gpuaio._api.device import device_of
+from gpuaio._core.compiled import compiled_modules
 from gpuaio._engine.completion import _queue
 from gpuaio._engine.hostwork import byte_view
 
@@ -44,13 +45,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+COMPILED = bool(compiled_modules())
+"""Whether this gpuaio runs its hot path compiled (``hatch_build.py``; nox -s compiled)."""
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--run-slow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --run-slow (or tools/reliability_report.py)")
+    slow = pytest.mark.skip(reason="slow: run with --run-slow (or tools/reliability_report.py)")
+    # A compiled module's classes and globals cannot be patched from outside
+    # (a patched global may even crash it): such a test runs in the
+    # pure-Python session only, which checks the same code.
+    patches = pytest.mark.skip(reason="patches a module this install runs compiled (mypyc)")
     for item in items:
-        if item.get_closest_marker("slow") is not None:
-            item.add_marker(skip)
+        if item.get_closest_marker("slow") is not None and not config.getoption("--run-slow"):
+            item.add_marker(slow)
+        if COMPILED and item.get_closest_marker("patches_compiled") is not None:
+            item.add_marker(patches)
 
 
 _TIMES = os.environ.get("GPUAIO_TEST_TIMES")

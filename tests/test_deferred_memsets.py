@@ -299,6 +299,7 @@ async def test_a_failed_batch_write_fails_its_ops(
     d.free()  # its uses were all released
 
 
+@pytest.mark.patches_compiled
 @pytest.mark.usefixtures("always_batch")
 async def test_a_loop_defers_no_memset_past_the_streams_share_of_the_launch_queue(
     dev: gpuaio.Device, stream: gpuaio.Stream, monkeypatch: pytest.MonkeyPatch

@@ -15,7 +15,8 @@ from gpuaio._api.device import device_of
 from gpuaio._engine.completion import _events, _firstpoll
 from gpuaio._engine.completion._firstpoll import EXPLORE, WINDOW, FirstPolls
 
-pytestmark = pytest.mark.anyio
+# Every test here sets the first poll's state or tuning in its module.
+pytestmark = [pytest.mark.anyio, pytest.mark.patches_compiled]
 
 asyncio_only = pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
 

@@ -67,6 +67,7 @@ def test_polls_sweep_the_other_streams(
     slow.close()
 
 
+@pytest.mark.patches_compiled
 @pytest.mark.usefixtures("keep_queues")  # the stream's queue stays the one its ops are in
 def test_a_poll_that_finds_its_op_done_keeps_sweeps_off_its_stream(
     gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
@@ -283,7 +284,7 @@ def test_a_hand_off_while_the_watcher_decides_to_stand_down_wakes_it(
     rt = gpuaio_runtime
     rt.set_completion("events")
     engine: Any = rt.engine(0)
-    assert engine._thread is None  # no op watched yet: this test plays the watcher
+    assert engine._watcher is None  # no op watched yet: this test plays the watcher
     with engine._cv:
         engine._loop_polling_until = time.perf_counter() + 60
         assert time.perf_counter() < engine._loop_polling_until  # loops poll: stand down
@@ -300,6 +301,7 @@ def test_a_hand_off_while_the_watcher_decides_to_stand_down_wakes_it(
     assert engine._loop_polling_until == 0.0
 
 
+@pytest.mark.patches_compiled
 def test_the_watcher_sleeps_through_fault_probes_while_loops_poll(
     gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

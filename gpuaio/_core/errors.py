@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "BufferFreedError",
+    "ClosedWhilePendingError",
     "CudaError",
     "DeviceFatalError",
     "ForkedProcessError",
@@ -129,3 +130,14 @@ def make_cuda_error(call: str, code: int, name: str, detail: str = "") -> CudaEr
     """Return the right :class:`CudaError` subclass for ``code``."""
     cls = DeviceFatalError if int(code) in sticky_error_codes else CudaError
     return cls(call, code, name, detail)
+
+
+class ClosedWhilePendingError(RuntimeError):
+    """The runtime (its completion engine) closed while the operation was pending.
+
+    A ``RuntimeError``, as before it had a class of its own; the class lets an
+    unretrieved one stay quiet (shutdown, not a failure of the work).
+    """
+
+    def __init__(self) -> None:
+        super().__init__("gpuaio completion engine closed with the operation pending")

@@ -24,7 +24,13 @@ import anyio
 import sniffio
 
 from . import trace as _trace
-from .errors import DeviceFatalError, ForkedProcessError, OperationAbortedError
+from .compiled import mypyc_attr
+from .errors import (
+    ClosedWhilePendingError,
+    DeviceFatalError,
+    ForkedProcessError,
+    OperationAbortedError,
+)
 from .loopport import THREAD_PORT, Port, current_port
 
 if TYPE_CHECKING:
@@ -45,17 +51,6 @@ class InUse(Protocol):
         ...
 
 
-class ClosedWhilePendingError(RuntimeError):
-    """The runtime (its completion engine) closed while the operation was pending.
-
-    A ``RuntimeError``, as before it had a class of its own; the class lets an
-    unretrieved one stay quiet (shutdown, not a failure of the work).
-    """
-
-    def __init__(self) -> None:
-        super().__init__("gpuaio completion engine closed with the operation pending")
-
-
 _QUIET = (OperationAbortedError, DeviceFatalError, ForkedProcessError, ClosedWhilePendingError)
 """Errors an unretrieved op does not warn about (see ``Operation.__del__``)."""
 
@@ -67,6 +62,8 @@ forked_child = False
 pending at the fork never complete there, and awaiting one fails at once."""
 
 
+# Subclassed by gpuaio.Event, which a compiled install leaves interpreted.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Operation:
     """An enqueued copy, memset, launch or marker; awaitable once or many times.
 

@@ -47,8 +47,9 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..._core.errors import CudaError, DeviceFatalError
-from ..._core.operation import ClosedWhilePendingError, Operation, post_waiters, resolve_many
+from ..._core.compiled import mypyc_attr
+from ..._core.errors import ClosedWhilePendingError, CudaError, DeviceFatalError
+from ..._core.operation import Operation, post_waiters, resolve_many
 from ..._core.timerslack import precise_timers
 from ._engine import CompletionEngine, FaultProbe
 from ._firstpoll import FirstPolls
@@ -108,6 +109,8 @@ class _Pace:
         self.sleep_s = min(self.sleep_s * 2, MAX_SLEEP_S)
 
 
+# Other strategies may build on it (configure(completion=...)), interpreted.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class EventEngine(CompletionEngine):
     """Pooled events; awaiting loops poll briefly, a watcher thread does the rest."""
 
@@ -123,7 +126,8 @@ class EventEngine(CompletionEngine):
         self._cv = threading.Condition(self._lock)
         self._queues: dict[int, StreamQueue] = {}
         self._free_events: list[Any] = []
-        self._thread: threading.Thread | None = None
+        # (Not ``_thread``: mypyc would name the C field ``__thread``, a keyword.)
+        self._watcher: threading.Thread | None = None
         # The watcher's state, read and written under _lock (but see
         # _loop_polling_until).
         self._sleeping = False  # waiting on _cv: a notify() wakes it
@@ -175,7 +179,7 @@ class EventEngine(CompletionEngine):
             q.entries.append((op, marker))
             q.last_watch = now
             op._poll = (self, q, None)
-            if op._waiters is None and self._thread is not None and not self._sleeping:
+            if op._waiters is None and self._watcher is not None and not self._sleeping:
                 return  # the common case, with no call: nobody to tell
             prewake = self._watched(op, now)
         if prewake:
@@ -240,11 +244,11 @@ class EventEngine(CompletionEngine):
             # to poll while the GPU finishes, rather than after the watcher
             # has woken and seen it done (two wake-ups of 50-100 us in a row).
             prewake = bool(op._eta) and op._eta - now <= PREWAKE_S
-        if self._thread is None:
-            self._thread = threading.Thread(
+        if self._watcher is None:
+            self._watcher = threading.Thread(
                 target=self._run, name=f"gpuaio-completion-{self.device}", daemon=True
             )
-            self._thread.start()
+            self._watcher.start()
         elif self._sleeping and (self._idle or now >= self._loop_polling_until):
             # Not while loops poll: their sweeps find this op too.
             self._cv.notify()
@@ -463,7 +467,7 @@ class EventEngine(CompletionEngine):
         super().close()
         with self._cv:
             self._cv.notify()
-        t = self._thread
+        t = self._watcher
         if t is not None and t is not threading.current_thread():
             t.join(timeout=5)
         self._probe.close()
@@ -479,14 +483,18 @@ class EventEngine(CompletionEngine):
             with self._cv:
                 while not self._queues and not self.closed:
                     self._sleep_until_work(pace)
-                if self.closed:
-                    break
+                # Leaves the loop after the ``with``: mypyc compiles no
+                # ``break`` out of one (gpuaio._build).
+                closed = self.closed
                 queues = None
-                now = time.perf_counter()
-                if now < self._loop_polling_until:
+                if closed:
+                    pass
+                elif time.perf_counter() < self._loop_polling_until:
                     self._stand_down(pace)
                 else:
                     queues = list(self._queues.items())
+            if closed:
+                break
             if queues is None:  # stood down: loops sweep, but only the watcher probes for sure
                 fatal = self._check_probe()
                 if fatal is not None:

@@ -21,8 +21,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from ..._core.errors import DeviceFatalError
-from ..._core.operation import ClosedWhilePendingError, Operation, resolve_many
+from ..._core.errors import ClosedWhilePendingError, DeviceFatalError
+from ..._core.operation import Operation, resolve_many
 from ..._core.timerslack import precise_timers
 from ._engine import CompletionEngine, FaultProbe
 from ._tuning import FAULT_PROBE_S

@@ -371,10 +371,12 @@ class StreamQueue:
         try:
             entries, fired, recycle = self.entries, self.fired, self.recycle
             while entries:
-                op, m = entries[0]
-                if m.__class__ is not Mark:  # a marker of its own
+                # ``mk``, not ``m``: ``m`` is typed Mark above, and a compiled
+                # drain would reject an event of its own there (gpuaio._build).
+                op, mk = entries[0]
+                if mk.__class__ is not Mark:  # a marker of its own
                     try:
-                        if not fired(m):
+                        if not fired(mk):
                             break
                         exc: BaseException | None = None
                     except DeviceFatalError:
@@ -382,17 +384,17 @@ class StreamQueue:
                     except CudaError as e:
                         exc = e
                     entries.popleft()
-                    recycle(m)
+                    recycle(mk)
                 else:
-                    if not m.fired:
-                        if not self._batch_fired(m, seal_after, block):
+                    if not mk.fired:
+                        if not self._batch_fired(mk, seal_after, block):
                             break
-                        m.fired = True
+                        mk.fired = True
                     entries.popleft()
-                    m.left -= 1
-                    if not m.left and m.event is not None:
-                        recycle(m.event)
-                    exc = m.error
+                    mk.left -= 1
+                    if not mk.left and mk.event is not None:
+                        recycle(mk.event)
+                    exc = mk.error
                 woken = op._finish(exc)
                 if woken:
                     out.extend(woken)
