@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import nox
 
-nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
+nox.options.sessions = ["tests", "compiled", "lint", "typecheck", "docs"]
 
 # Tools pinned: a new release must not break CI on its own (bump them on purpose).
 RUFF = "ruff==0.17.6"
@@ -31,6 +34,40 @@ def tests(session: nox.Session) -> None:
         "no:cacheprovider",
         *session.posargs,
         env={"GPUAIO_TEST_BACKEND": session.env.get("GPUAIO_TEST_BACKEND", "sim")},
+    )
+
+
+@nox.session
+def compiled(session: nox.Session) -> None:
+    """The test suite again, with the hot path compiled by mypyc (``hatch_build.py``).
+
+    In a copy of the tree, compiled in place: the modules must not land in
+    this tree, where every other session would import them. Tests that patch
+    a compiled module are skipped (``patches_compiled``); the ``tests``
+    session runs them.
+    """
+    session.install("-e", ".[test]", MYPY, "setuptools>=70")
+    root = Path(__file__).parent
+    tree = Path(session.create_tmp()) / "compiled"
+    shutil.rmtree(tree, ignore_errors=True)
+    for part in ("gpuaio", "tests", "docs", "examples", "benchmarks", "tools"):
+        shutil.copytree(root / part, tree / part, ignore=shutil.ignore_patterns("*.so"))
+    for name in ("pyproject.toml", "hatch_build.py", "README.md", "mkdocs.yml"):
+        shutil.copy2(root / name, tree / name)
+    session.run("python", str(tree / "hatch_build.py"), str(tree))
+    session.chdir(tree)  # ``python -m pytest`` imports gpuaio from here
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        *session.posargs,
+        env={
+            "GPUAIO_TEST_BACKEND": session.env.get("GPUAIO_TEST_BACKEND", "sim"),
+            "GPUAIO_EXPECT_COMPILED": "1",
+        },
     )
 
 

@@ -352,6 +352,7 @@ def write_results(
             "cpu_count": os.cpu_count(),
             "gpuaio": gpuaio.__version__,
             "gpuaio_path": str(Path(gpuaio.__file__).resolve().parent),
+            "gpuaio_compiled": compiled(),
             "versions": _versions(
                 (
                     "numpy",
@@ -388,6 +389,16 @@ def write_results(
     for p in written:
         print(f"wrote {p}")
     return written
+
+
+def compiled() -> list[str] | None:
+    """The modules the measured gpuaio runs compiled (``hatch_build.py``); None
+    for a gpuaio older than that build option (an A/B baseline)."""
+    try:
+        from gpuaio._core.compiled import compiled_modules
+    except ImportError:
+        return None
+    return compiled_modules()
 
 
 # -- measurement ----------------------------------------------------------

@@ -29,6 +29,7 @@ import numpy as np
 import gpuaio
 
 from ._api.runtime import Runtime, current_runtime, use_backend
+from ._core.compiled import MODULES, compiled_modules
 from ._core.errors import GpuaioError
 
 ADD_ONE = r"""
@@ -115,6 +116,7 @@ def describe_setup() -> dict[str, Any]:
         "driver": be.driver_version(),
         "cuda_bindings": _bindings_version(),
         "completion": rt.strategy,
+        "compiled": compiled_modules(),
         "devices": devices,
         "memory_kinds": {k: gpuaio.memory_kind(v).value for k, v in samples.items()},
     }
@@ -129,6 +131,11 @@ def info(as_json: bool = False) -> int:
     _banner()
     print(f"driver: {setup['driver']} (cuda-bindings {setup['cuda_bindings']})")
     print(f"completion strategy: {setup['completion']}")
+    compiled = setup["compiled"]
+    hot_path = (
+        f"compiled ({len(compiled)} of {len(MODULES)} modules)" if compiled else "pure Python"
+    )
+    print(f"hot path: {hot_path}")
     for d in setup["devices"]:
         cc = d["compute_capability"]
         print(

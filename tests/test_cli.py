@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 
 import gpuaio
 from gpuaio.__main__ import main
+from gpuaio._core.compiled import MODULES, compiled_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +53,32 @@ def test_info_json_is_one_object_with_devices_and_kinds() -> None:
         "Device.empty": "device",
         "Device.managed_empty": "managed",
     }
+
+
+def test_info_says_which_modules_run_compiled() -> None:
+    proc = _run("info", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["compiled"] == compiled_modules()
+    assert "hot path: " in _run("info").stdout
+
+
+def test_the_build_hook_compiles_the_modules_info_names() -> None:
+    spec = importlib.util.spec_from_file_location("hatch_build", ROOT / "hatch_build.py")
+    assert spec is not None and spec.loader is not None
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)  # without hatchling: the hook class is left out
+    assert tuple(p.removesuffix(".py").replace("/", ".") for p in hook.COMPILED) == MODULES
+    for path in hook.COMPILED:
+        assert (ROOT / path).is_file(), path
+
+
+@pytest.mark.skipif(
+    not os.environ.get("GPUAIO_EXPECT_COMPILED"),
+    reason="GPUAIO_EXPECT_COMPILED unset: set by runs that built the hot path compiled",
+)
+def test_a_compiled_build_runs_every_module_compiled() -> None:
+    # Else nox -s compiled (or a GPU run) would pass on the pure-Python fallback.
+    assert compiled_modules() == list(MODULES)
 
 
 def test_json_goes_with_info_only(capsys: pytest.CaptureFixture[str]) -> None:

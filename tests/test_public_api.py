@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import gpuaio
+from gpuaio._core.compiled import compiled_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +28,12 @@ def test_all_is_unique_and_resolvable() -> None:
 
 def test_package_is_typed() -> None:
     assert (ROOT / "gpuaio" / "py.typed").exists()
+    # mypyc keeps no docstrings of the classes it compiles (gpuaio.Operation, in
+    # a compiled install): their source, checked by the pure-Python run, has them.
+    compiled = set(compiled_modules())
     for name in gpuaio.__all__:
         obj = getattr(gpuaio, name)
+        if getattr(obj, "__module__", None) in compiled:
+            continue
         if isinstance(obj, type) or inspect.isfunction(obj):
             assert obj.__doc__, f"{name} has no docstring"
