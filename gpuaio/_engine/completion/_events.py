@@ -483,15 +483,11 @@ class EventEngine(CompletionEngine):
             with self._cv:
                 while not self._queues and not self.closed:
                     self._sleep_until_work(pace)
-                # Leaves the loop after the ``with``: mypyc compiles no
-                # ``break`` out of one (gpuaio._build).
-                closed = self.closed
+                closed = self.closed  # (mypyc compiles no ``break`` out of a ``with``)
                 queues = None
-                if closed:
-                    pass
-                elif time.perf_counter() < self._loop_polling_until:
+                if not closed and time.perf_counter() < self._loop_polling_until:
                     self._stand_down(pace)
-                else:
+                elif not closed:
                     queues = list(self._queues.items())
             if closed:
                 break
