@@ -75,11 +75,11 @@ def compile_in_place(root: Path, work: Path) -> list[Path]:
         )
         dist = Distribution({"name": "gpuaio", "ext_modules": extensions})
         build = dist.get_command_obj("build_ext")
-        build.build_temp = str(work / "obj")  # type: ignore[attr-defined]
-        build.inplace = True  # type: ignore[attr-defined]
+        build.build_temp = str(work / "obj")
+        build.inplace = True
         build.ensure_finalized()
         build.run()
-        return [root / build.get_ext_filename(ext.name) for ext in extensions]  # type: ignore[attr-defined]
+        return [root / build.get_ext_filename(ext.name) for ext in extensions]
     finally:
         os.chdir(cwd)
 
@@ -90,7 +90,7 @@ except ImportError:  # run as a script (compile_in_place), not as a hook
     pass
 else:
 
-    class CompileHook(BuildHookInterface):  # type: ignore[type-arg]
+    class CompileHook(BuildHookInterface):
         """Adds the compiled modules to a wheel (not to an editable install)."""
 
         def initialize(self, version: str, build_data: dict[str, Any]) -> None:
@@ -107,7 +107,7 @@ else:
             build_data["pure_python"] = False
             build_data["infer_tag"] = True
 
-    def get_build_hook() -> type[BuildHookInterface]:  # type: ignore[type-arg]
+    def get_build_hook() -> type[BuildHookInterface]:
         return CompileHook
 
 
