@@ -25,16 +25,14 @@ def tests(session: nox.Session) -> None:
     (tests/test_ray.py) and the service example run too.
     """
     session.install("-e", ".[test,ray]")
-    session.run(
-        "python",
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        *session.posargs,
-        env={"GPUAIO_TEST_BACKEND": session.env.get("GPUAIO_TEST_BACKEND", "sim")},
-    )
+    _pytest(session)
+
+
+def _pytest(session: nox.Session, **env: str) -> None:
+    """The suite, on ``GPUAIO_TEST_BACKEND`` (default: the simulated backend)."""
+    backend = session.env.get("GPUAIO_TEST_BACKEND", "sim")
+    run = ("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *session.posargs)
+    session.run(*run, env={"GPUAIO_TEST_BACKEND": backend, **env})
 
 
 @nox.session
@@ -56,19 +54,7 @@ def compiled(session: nox.Session) -> None:
         shutil.copy2(root / name, tree / name)
     session.run("python", str(tree / "hatch_build.py"), str(tree))
     session.chdir(tree)  # ``python -m pytest`` imports gpuaio from here
-    session.run(
-        "python",
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        *session.posargs,
-        env={
-            "GPUAIO_TEST_BACKEND": session.env.get("GPUAIO_TEST_BACKEND", "sim"),
-            "GPUAIO_EXPECT_COMPILED": "1",
-        },
-    )
+    _pytest(session, GPUAIO_EXPECT_COMPILED="1")
 
 
 @nox.session
