@@ -372,7 +372,7 @@ class StreamQueue:
             entries, fired, recycle = self.entries, self.fired, self.recycle
             while entries:
                 # ``mk``, not ``m``: ``m`` is typed Mark above, and a compiled
-                # drain would reject an event of its own there (gpuaio._build).
+                # drain (hatch_build.py) would reject an event of its own there.
                 op, mk = entries[0]
                 if mk.__class__ is not Mark:  # a marker of its own
                     try:
@@ -386,15 +386,16 @@ class StreamQueue:
                     entries.popleft()
                     recycle(mk)
                 else:
-                    if not mk.fired:
-                        if not self._batch_fired(mk, seal_after, block):
+                    m = mk  # typed again (a Mark here): a compiled drain reads its fields directly
+                    if not m.fired:
+                        if not self._batch_fired(m, seal_after, block):
                             break
-                        mk.fired = True
+                        m.fired = True
                     entries.popleft()
-                    mk.left -= 1
-                    if not mk.left and mk.event is not None:
-                        recycle(mk.event)
-                    exc = mk.error
+                    m.left -= 1
+                    if not m.left and m.event is not None:
+                        recycle(m.event)
+                    exc = m.error
                 woken = op._finish(exc)
                 if woken:
                     out.extend(woken)
