@@ -602,24 +602,18 @@ async def ladder_section(reps: int, profile_ops: int, out: Path) -> None:
                 per_op = {k: v / 1000 for k, v in sorted(counts.items())}
                 RESULTS.setdefault("calls_per_op", {})[label] = per_op
                 print(f"  driver calls per op, gpuaio {label}: {per_op}")
-        # A profile of the loop thread, by own time.
-        import cProfile
-        import io
-        import pstats
-
-        text = io.StringIO()
-        for label, fn in (
-            ("pinned", methods["gpuaio_pinned"]),
-            ("pageable", methods["gpuaio_pageable"]),
-        ):
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(profile_ops):
-                await fn()
-            prof.disable()
-            text.write(f"\n===== 4 KiB h2d {label}, {profile_ops} awaited copies, by own time\n")
-            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(35)
-        RESULTS["profile_text"] = text.getvalue()  # main() writes it, off the loop
+        # A profile of the loop thread, by own time; main() writes it, off the loop.
+        RESULTS["profile_text"] = "".join(
+            [
+                await H.profile_awaits(
+                    methods[f"gpuaio_{label}"],
+                    profile_ops,
+                    f"4 KiB h2d {label}, {profile_ops} awaited copies, by own time",
+                    35,
+                )
+                for label in ("pinned", "pageable")
+            ]
+        )
     finally:
         be.event_destroy(ev)
         raw.close()
