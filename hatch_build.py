@@ -33,6 +33,9 @@ COMPILED = (
     "gpuaio/_engine/completion/_events.py",
     "gpuaio/_engine/completion/_queue.py",
     "gpuaio/_engine/completion/_firstpoll.py",
+    "gpuaio/_engine/sequencer.py",
+    "gpuaio/_api/transfers.py",
+    "gpuaio/_engine/staging.py",
 )
 """The modules compiled: what every awaited operation runs through, and that
 nothing (tests included) patches or subclasses from outside. Keep in step

@@ -67,7 +67,7 @@ def pipeline_idle(dev: gpuaio.Device) -> Callable[[], bool]:
     rt = dev._runtime
 
     def idle() -> bool:
-        if rt.engine(0).pending() or any(q.executor.busy for q in list(rt._sequencers.values())):
+        if rt.engine(0).pending() or any(q.executor.busy for q in rt.sequencers()):
             return False
         stager = rt.stager
         if stager is None:

@@ -112,10 +112,10 @@ async def test_storm_checks_detect_early_reuse(
 
     original = PinnedPool.release
 
-    def careless(self: PinnedPool, block: Any, events: Any = ()) -> None:
+    def careless(self: PinnedPool, block: Any, events: Any = ()) -> int:
         for ev in events:
             self.backend.event_destroy(ev)
-        original(self, block)  # reusable at once, DMA or not
+        return original(self, block)  # reusable at once, DMA or not
 
     monkeypatch.setattr(PinnedPool, "release", careless)
     problems = await early_reuse_probe(gpuaio_runtime)

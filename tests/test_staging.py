@@ -470,6 +470,7 @@ async def test_staged_copies_reuse_their_events(gpuaio_runtime: Any, dev: gpuaio
     await s.aclose()
 
 
+@pytest.mark.patches_compiled
 async def test_a_chunk_copied_on_the_stream_thread_overlaps_the_dma_before_it(
     gpuaio_runtime: Any, dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch, staged_only: Any
 ) -> None:
@@ -658,6 +659,7 @@ async def test_a_driver_staged_upload_is_resolved_by_its_host_thread_after_its_d
     await s.aclose()
 
 
+@pytest.mark.patches_compiled
 async def test_a_mid_size_copy_behind_pending_gpu_work_is_staged(
     gpuaio_runtime: Any, dev: gpuaio.Device
 ) -> None:

@@ -395,6 +395,7 @@ async def _pending_host_job(s: gpuaio.Stream, op: gpuaio.Operation) -> None:
         await anyio.sleep(0.005)
 
 
+@pytest.mark.patches_compiled
 async def test_a_small_upload_behind_pending_uploads_reads_on_the_calling_thread(
     dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch
 ) -> None:

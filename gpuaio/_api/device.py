@@ -295,7 +295,8 @@ class Stream(Transfers):
         self._ordinal = device.ordinal
         self._native = native
         self._owned = owned
-        self._seq: Sequencer = self._rt.sequencer(device.ordinal, native)
+        self._share = self._rt.sequencer(device.ordinal, native)
+        self._seq: Sequencer = self._share.seq
         if not owned:
             self._seq.exported = True  # another library's stream: it enqueues there too
         self._key = self._seq.key

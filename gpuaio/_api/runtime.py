@@ -40,6 +40,20 @@ __all__ = ["Runtime", "configure", "current_runtime", "reserve_pinned", "use_bac
 log = logging.getLogger("gpuaio")
 
 
+class SequencerShare:
+    """What the streams over one ``CUstream`` hold to share its :class:`Sequencer`.
+
+    The runtime keeps a weak reference to it, so that the sequencer (and its
+    host thread) goes once the last of those streams has, and a compiled
+    ``Sequencer`` (``hatch_build.py``) cannot be weakly referenced itself.
+    """
+
+    __slots__ = ("__weakref__", "seq")
+
+    def __init__(self, seq: Sequencer) -> None:
+        self.seq = seq
+
+
 class Runtime:
     """One backend with its devices, completion engines, host threads and reaper."""
 
@@ -58,9 +72,10 @@ class Runtime:
         self.reaper: Reaper = Reaper(self.log_failure)
         self._engines: dict[int, CompletionEngine] = {}
         self._peers: set[tuple[int, int]] = set()
-        self._sequencers: weakref.WeakValueDictionary[tuple[int, int], Sequencer] = (
+        self._sequencers: weakref.WeakValueDictionary[tuple[int, int], SequencerShare] = (
             weakref.WeakValueDictionary()
         )
+        """Per ``(device, CUstream)``, the share its streams hold, while one does."""
         self._lock = threading.Lock()
         self._staging_settings: tuple[StagingConfig | None, int | None] = (None, None)
         """What :meth:`configure_staging` set last (config, pinned budget)."""
@@ -99,24 +114,32 @@ class Runtime:
                     )
         return eng
 
-    def sequencer(self, device: int, native: Any) -> Sequencer:
+    def sequencer(self, device: int, native: Any) -> SequencerShare:
         """The ordering authority of the ``CUstream`` ``native``, shared by its wrappers.
 
         Two :class:`~gpuaio.Stream` objects over one ``CUstream`` (say, two
-        ``wrap_stream`` calls) must not order its work independently.
+        ``wrap_stream`` calls) must not order its work independently. Each
+        keeps the returned share; the runtime forgets the sequencer when no
+        stream keeps it any more.
         """
         key = (device, self.backend.stream_handle(native))
         with self._lock:
-            seq = self._sequencers.get(key)
-            if seq is None:
-                seq = self._sequencers[key] = Sequencer(self, device, native)
-            return seq
+            share = self._sequencers.get(key)
+            if share is None:
+                share = self._sequencers[key] = SequencerShare(Sequencer(self, device, native))
+            return share
+
+    def sequencers(self) -> list[Sequencer]:
+        """The sequencers of the streams alive now."""
+        with self._lock:
+            return [share.seq for share in list(self._sequencers.values())]
 
     def forget_sequencer(self, seq: Sequencer) -> None:
         """``seq``'s stream is being destroyed: a new stream may reuse its handle."""
         key = (seq.ordinal, seq.key)
         with self._lock:
-            if self._sequencers.get(key) is seq:
+            share = self._sequencers.get(key)
+            if share is not None and share.seq is seq:
                 del self._sequencers[key]
 
     @property

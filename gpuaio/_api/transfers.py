@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._core.compiled import mypyc_attr
 from .._core.errors import InvalidArgumentError
 from .._core.operation import Operation, completed
 from .._core.progress import report_progress
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["Transfers", "check_copy"]
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # Stream, compiled or not
 class Transfers:
     """Copies and memsets, mixed into :class:`gpuaio.Stream`."""
 
@@ -174,7 +176,18 @@ class Transfers:
         return self._seq.host(op, driver_copy, after_gpu=False)
 
     # -- memset --------------------------------------------------------
-    def memset(self, dst: Any, value: int, *, width: int | None = None) -> Operation:
+    # ``value`` and ``width`` are typed with numpy's integers, which they may
+    # be, and checked by ``_as_int``, which takes any object: compiled
+    # (hatch_build.py), a parameter typed ``int`` would turn True into 1 and
+    # reject a numpy integer with a TypeError, and a check narrowing the
+    # declared type would trust it.
+    def memset(
+        self,
+        dst: Any,
+        value: int | np.integer[Any],
+        *,
+        width: int | np.integer[Any] | None = None,
+    ) -> Operation:
         """Fill ``dst`` with a repeated ``width``-byte pattern ``value``.
 
         ``width`` (1, 2 or 4) defaults to the item size of ``dst``'s dtype
@@ -190,33 +203,32 @@ class Transfers:
         if readonly or not contiguous:
             _check_writable(d, "memset destination")
         if width is None:
-            width = dtype.itemsize
-            if width not in (1, 2, 4):
+            w = dtype.itemsize
+            if w not in (1, 2, 4):
                 raise InvalidArgumentError(
                     f"cannot infer a memset width from dtype {dtype}; pass width=1, 2 or 4"
                 )
-        elif type(width) is not int:  # the exact type: bool is an int too
-            if isinstance(width, (bool, np.bool_)) or not isinstance(width, (int, np.integer)):
+        else:
+            checked = width if type(width) is int else _as_int(width)
+            if checked is None:
                 raise InvalidArgumentError(
                     f"memset width must be 1, 2 or 4 (an int), not {width!r}"
                 )
-            width = int(width)
-        limits = _MEMSET_LIMITS.get(width)
+            w = checked
+        limits = _MEMSET_LIMITS.get(w)
         if limits is None:
-            raise InvalidArgumentError(f"memset width must be 1, 2 or 4 bytes, not {width}")
-        if type(value) is not int:
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-                raise InvalidArgumentError(
-                    f"memset value must be an int, not {type(value).__name__}"
-                )
-            value = int(value)
+            raise InvalidArgumentError(f"memset width must be 1, 2 or 4 bytes, not {w}")
+        checked = value if type(value) is int else _as_int(value)
+        if checked is None:
+            raise InvalidArgumentError(f"memset value must be an int, not {type(value).__name__}")
+        v = checked
         low, mask = limits
-        if not low <= value <= mask:
-            raise InvalidArgumentError(f"memset value {value} does not fit in {width} byte(s)")
-        value &= mask
-        if nbytes % width:
+        if not low <= v <= mask:
+            raise InvalidArgumentError(f"memset value {v} does not fit in {w} byte(s)")
+        v &= mask
+        if nbytes % w:
             raise InvalidArgumentError(
-                f"destination of {nbytes} bytes is not a whole number of {width}-byte items"
+                f"destination of {nbytes} bytes is not a whole number of {w}-byte items"
             )
         on_device = kind is _DEVICE or kind is _MANAGED
         if on_device and device is not None and device != self._ordinal:
@@ -233,25 +245,24 @@ class Transfers:
             op._allocs = (alloc,)
         if not on_device:
             view = d.host_array()
-            w = width
 
             def fill() -> bool:
-                rt.host.fill(view, value, w)
+                rt.host.fill(view, v, w)
                 return False
 
             return self._seq.host(op, fill, after_gpu=True)
         op._est = nbytes / _HBM_BPS
-        count = nbytes // width
+        count = nbytes // w
         words = None
         if nbytes <= _WORDS_MAX and kind is _DEVICE and not (ptr | nbytes) & 3:
             # A few aligned words: may be deferred to the stream's batch and
             # enqueued with its other ones in one call (``_queue``).
-            pattern = value * _REPEAT[width]
+            pattern = v * _REPEAT[w]
             words = [ptr, pattern]
             if nbytes > 4:
                 for i in range(4, nbytes, 4):
                     words += (ptr + i, pattern)
-        return self._seq.gpu(op, rt.backend.memset_async, ptr, value, width, count, words=words)
+        return self._seq.gpu(op, rt.backend.memset_async, ptr, v, w, count, words=words)
 
 
 # Optimistic transfer rates (bytes/s), so that expected completion times are
@@ -293,6 +304,15 @@ def _hold(op: Operation, a: InUse | None, b: InUse | None = None) -> None:
         a.release()
         raise
     op._allocs = (a, b)
+
+
+def _as_int(x: object) -> int | None:
+    """``x`` as an int if it is an integer (a numpy one too) and not a bool, else None."""
+    if type(x) is int:  # the exact type: bool is an int too
+        return x
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+        return None
+    return int(x)
 
 
 def _check_writable(d: BufferInfo, what: str) -> None:

@@ -31,6 +31,9 @@ MODULES = (
     "gpuaio._engine.completion._events",
     "gpuaio._engine.completion._queue",
     "gpuaio._engine.completion._firstpoll",
+    "gpuaio._engine.sequencer",
+    "gpuaio._api.transfers",
+    "gpuaio._engine.staging",
 )
 """The modules a compiled install compiles: ``hatch_build.COMPILED``, by module name."""
 

@@ -58,28 +58,6 @@ HostWork = Callable[[], bool]
 """A host step's body; returns True when it enqueued GPU work that needs a marker."""
 
 
-class Frontier(NamedTuple):
-    """The host actions one stream had submitted at some moment."""
-
-    seq: Sequencer
-    jobs: int
-    """Host jobs submitted on ``seq`` by then (they run in order)."""
-    copy_out: Operation | None
-    """The last small copy-out submitted by then, if it was pending."""
-
-    def reached(self) -> bool:
-        """Whether all of those host actions have taken effect."""
-        c = self.copy_out
-        return self.seq.executor.completed >= self.jobs and (c is None or c._done)
-
-    def wait(self) -> None:
-        """Block the calling thread (a stream's host thread) until :meth:`reached`."""
-        self.seq.executor.wait_for(self.jobs)
-        c = self.copy_out
-        if c is not None:
-            c._wait_blocking()
-
-
 class Sequencer:
     """Orders the GPU work and host steps of one ``CUstream`` (see the module docstring).
 
@@ -408,3 +386,27 @@ class Sequencer:
         self.executor.submit(release, False)
         self._rt.expect_release(self.executor, self.executor.submitted)
         self.executor.linger(0)  # no thread left idling once the release has run
+
+
+# After Sequencer: a compiled NamedTuple evaluates its field types when the
+# module runs, and Sequencer's type must exist by then (hatch_build.py).
+class Frontier(NamedTuple):
+    """The host actions one stream had submitted at some moment."""
+
+    seq: Sequencer
+    jobs: int
+    """Host jobs submitted on ``seq`` by then (they run in order)."""
+    copy_out: Operation | None
+    """The last small copy-out submitted by then, if it was pending."""
+
+    def reached(self) -> bool:
+        """Whether all of those host actions have taken effect."""
+        c = self.copy_out
+        return self.seq.executor.completed >= self.jobs and (c is None or c._done)
+
+    def wait(self) -> None:
+        """Block the calling thread (a stream's host thread) until :meth:`reached`."""
+        self.seq.executor.wait_for(self.jobs)
+        c = self.copy_out
+        if c is not None:
+            c._wait_blocking()
