@@ -51,7 +51,7 @@ class SequencerShare:
     __slots__ = ("__weakref__", "seq")
 
     def __init__(self, seq: Sequencer) -> None:
-        self.seq = seq
+        self.seq: Sequencer = seq
 
 
 class Runtime:
