@@ -41,6 +41,10 @@ COMPILED = (
 nothing (tests included) patches or subclasses from outside. Keep in step
 with ``gpuaio._core.compiled.MODULES``."""
 
+NATIVE = ("gpuaio._engine._copythreads", "gpuaio/_engine/_copythreads.c")
+"""The copy threads that never take the GIL (``gpuaio._engine.nativecopy``):
+C, built beside the compiled modules where the platform has pthreads."""
+
 # The type check mypyc bases its code on. The source is checked strictly in
 # CI (mypy --strict, pyright); here stubs of whatever the build environment
 # holds (numpy of another version, torch with its own stubs, or nothing) must
@@ -76,6 +80,11 @@ def compile_in_place(root: Path, work: Path) -> list[Path]:
             # The shared part, inside the package: gpuaio/_compiled__mypyc.
             group_name="gpuaio._compiled",
         )
+        if os.name == "posix":
+            from setuptools import Extension
+
+            name, source = NATIVE
+            extensions.append(Extension(name, [source], extra_compile_args=["-O2"]))
         dist = Distribution({"name": "gpuaio", "ext_modules": extensions})
         build = dist.get_command_obj("build_ext")
         build.build_temp = str(work / "obj")

@@ -81,6 +81,9 @@ def slices(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Slices]:
     def make(**kw: Any) -> Slices:
         spy = Slices(**kw)
         monkeypatch.setattr(hostwork, "_copy_slice", spy)
+        # The Python copy threads: the native ones (a compiled install's)
+        # copy without calling back into Python.
+        monkeypatch.setenv("GPUAIO_NATIVE_COPY", "0")
         return spy
 
     return make

@@ -23,8 +23,10 @@ import numpy.typing as npt
 
 from .._core import trace as _trace
 from .._core.timerslack import precise_timers
+from . import nativecopy
+from .nativecopy import NativeCopy, NativePool
 
-__all__ = ["HostPool", "SerialExecutor", "SlicedCopy", "byte_view"]
+__all__ = ["HostPool", "SerialExecutor", "SlicedCopy", "byte_view", "slice_step"]
 
 MIN_SLICE = 1 << 20
 """Bytes below which a host copy or fill is not split (thread hand-off costs ~10-50 µs)."""
@@ -38,6 +40,14 @@ slices cut 64 MiB-1 GiB uploads by up to a third and the 8 GiB soak's rate
 by a third or more (issue 13, run BE); one slice per thread (12 of 5.3 MiB
 in a 64 MiB chunk, against 16 of 4 MiB before) made them 5-11% faster
 (run BF)."""
+
+
+def slice_step(nbytes: int, threads: int) -> int:
+    """The slice size of a sliced copy of ``nbytes`` on ``threads`` threads: one
+    slice per thread where that is at least :data:`STAGE_SLICE`, so that each
+    thread reports once per chunk; a multiple of 4 KiB."""
+    step = max(4096, STAGE_SLICE, -(-nbytes // max(1, threads)))
+    return (step + 4095) & ~4095
 
 
 def byte_view(ptr: int, nbytes: int, readonly: bool = False) -> npt.NDArray[np.uint8]:
@@ -109,6 +119,7 @@ class HostPool:
             threads = int(env) if env else min(12, max(1, (os.cpu_count() or 1) - 1))
         self.threads: int = max(1, threads)
         self._pool: ThreadPoolExecutor | None = None
+        self._native: NativePool | None = None
         self._lock = threading.Lock()
 
     def _executor(self) -> ThreadPoolExecutor:
@@ -143,16 +154,32 @@ class HostPool:
         src: int,
         nbytes: int,
         span: tuple[str, _trace.Tracer | None, dict[str, Any]] | None = None,
-    ) -> SlicedCopy:
+    ) -> SlicedCopy | NativeCopy:
         """Start copying ``nbytes`` from address ``src`` to ``dst`` on the copy
         threads, in slices claimed front to back; returns at once.
 
-        With ``span`` = (name, tracer, args), each slice is an NVTX range (if
-        ``nvtx`` is installed) and a span in ``tracer`` (if not None) on the
-        thread that copies it, with ``args`` plus the slice's ``bytes`` and
-        ``offset`` (``args["offset"]`` plus its place in the copy).
+        The threads are native ones that never take the GIL where the install
+        has them (:mod:`gpuaio._engine.nativecopy`), Python ones otherwise
+        and while ``span`` = (name, tracer, args) has a tracer recording:
+        then each slice is a span in ``tracer`` and, if ``nvtx`` is
+        installed, an NVTX range (as it is on the Python threads untraced),
+        on the thread that copies it, with ``args`` plus the slice's
+        ``bytes`` and ``offset`` (``args["offset"]`` plus its place in the
+        copy). Native threads record no NVTX range: an installed ``nvtx``
+        package must not cost every copy its speed.
         """
+        if nativecopy.available() and (span is None or span[1] is None):
+            return self._native_pool().submit_copy(
+                dst, src, nbytes, slice_step(nbytes, self.threads)
+            )
         return SlicedCopy(self._executor(), self.threads, dst, src, nbytes, span)
+
+    def _native_pool(self) -> NativePool:
+        with self._lock:
+            if self._native is None:
+                piece = _YIELD_SLICE if _FEW_CORES else 0
+                self._native = NativePool(self.threads, max(0, COPY_NICE), piece)
+            return self._native
 
     def fill(self, dst: np.ndarray, value: int, itemsize: int) -> None:
         """Fill flat uint8 ``dst`` with the little-endian ``itemsize``-byte ``value``."""
@@ -174,8 +201,11 @@ class HostPool:
         """Stop the copy threads after the copies already submitted."""
         with self._lock:
             pool, self._pool = self._pool, None
+            native, self._native = self._native, None
         if pool is not None:
             pool.shutdown(wait=True)
+        if native is not None:
+            native.close()
 
 
 class SlicedCopy:
@@ -226,11 +256,7 @@ class SlicedCopy:
         self.nbytes: int = nbytes
         """Bytes the copy moves."""
         self._dst, self._src = dst, src
-        # One slice per thread where that is at least STAGE_SLICE: each
-        # thread then returns to Python once per chunk.
-        step = max(4096, STAGE_SLICE, -(-nbytes // max(1, threads)))
-        step = (step + 4095) & ~4095
-        self._step = step
+        step = self._step = slice_step(nbytes, threads)
         self._count = -(-nbytes // step)
         self._claim = itertools.count().__next__  # atomic under the GIL
         self._done = bytearray(self._count)

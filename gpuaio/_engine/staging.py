@@ -40,6 +40,7 @@ from .._core.progress import report_progress
 from .buffers import BufferInfo
 from .eventcache import EventCache
 from .hostwork import HostPool, SlicedCopy
+from .nativecopy import NativeCopy
 from .pool import PinnedBlock, PinnedPool, parse_size, size_class
 
 if TYPE_CHECKING:
@@ -538,7 +539,7 @@ def _stage(
     src: int,
     nbytes: int,
     solo: bool,
-) -> SlicedCopy | None:
+) -> SlicedCopy | NativeCopy | None:
     """Start the host copy of one chunk (``nbytes`` from ``src`` to ``dst``):
     a solo chunk is copied here, at once (returns None); otherwise its slices
     go to the copy threads (returns the copy in progress)."""

@@ -1,0 +1,394 @@
+/* Copy threads that never take the GIL: the native engine of gpuaio's sliced
+ * host copies (gpuaio/_engine/nativecopy.py drives it through ctypes).
+ *
+ * Why: a staged transfer's host copies run on a pool of threads. As Python
+ * threads, each slice is a return to Python: a woken thread needs the GIL to
+ * leave its queue and reach its memmove, and gets it in turn, so on an H200
+ * host twelve copy threads started 30-60 us apart, and the stream thread's
+ * DMA calls came back 180-880 us late, queued for the GIL behind the copy
+ * threads (issue 13, runs BH-BM). These threads claim and copy slices and
+ * report them copied without Python; callers wait in a ctypes call, which
+ * releases the GIL.
+ *
+ * The semantics are those of hostwork.SlicedCopy: a copy is cut into slices
+ * of ``step`` bytes, claimed front to back by the pool's threads; a thread
+ * that runs out of slices takes the next copy in the pool's queue. Waiters
+ * ask for a copied prefix (gcp_wait_prefix) or for the slices copied since
+ * their last call, in any order (gcp_take); gcp_stop lets no thread claim
+ * another slice of a copy and returns once none copies any.
+ *
+ * No Python API is used except the module's (empty) init function, so that
+ * the build can make this an extension module beside the package's others.
+ * One mutex guards every pool and copy: a slice is megabytes (hundreds of
+ * microseconds of memcpy), so it is taken a few times per slice at most.
+ * In a forked child (no threads were inherited, the mutex may be held) every
+ * call on an inherited pool or copy does nothing, leaking it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#if defined(__GNUC__)
+#define GCP_EXPORT __attribute__((visibility("default")))
+#else
+#define GCP_EXPORT
+#endif
+
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+
+typedef struct gcp_copy gcp_copy;
+
+typedef struct gcp_pool {
+    pthread_cond_t work; /* a copy was queued, or the pool closes */
+    pthread_t *threads;
+    int nthreads, started;
+    int nice;          /* raise each thread's nice value by this much */
+    uint64_t piece;    /* >0: copy a slice in pieces of this size, yielding between */
+    int closing;
+    pid_t pid;
+    gcp_copy *head, *tail; /* copies with slices left to claim */
+} gcp_pool;
+
+struct gcp_copy {
+    gcp_copy *next;
+    pthread_cond_t cv; /* a slice was copied, or a thread stopped copying */
+    char *dst;
+    const char *src;
+    uint64_t nbytes, step;
+    uint32_t count, claimed, prefix;
+    uint32_t active;  /* threads copying a slice of it now */
+    uint32_t nfresh;  /* slices copied, not yet handed out by gcp_take */
+    uint32_t waiters;
+    int stop;
+    int refs;         /* the caller's handle, the queue, each active slice */
+    pid_t pid;
+    uint64_t fresh_bytes, taken;
+    uint8_t *done;
+    uint32_t *fresh;
+};
+
+static void copy_unref(gcp_copy *c) /* under mu */
+{
+    if (--c->refs == 0) {
+        pthread_cond_destroy(&c->cv);
+        free(c->done);
+        free(c->fresh);
+        free(c);
+    }
+}
+
+static void copy_bytes(gcp_pool *p, char *dst, const char *src, uint64_t n)
+{
+    if (p->piece == 0 || n <= p->piece) {
+        memmove(dst, src, n);
+        return;
+    }
+    /* Few cores: give the CPU up between pieces, so that a waking event
+     * loop thread need not wait for a whole scheduler time slice. */
+    for (uint64_t off = 0; off < n; off += p->piece) {
+        uint64_t ln = n - off < p->piece ? n - off : p->piece;
+        memmove(dst + off, src + off, ln);
+        sched_yield();
+    }
+}
+
+static void *run(void *arg)
+{
+    gcp_pool *p = (gcp_pool *)arg;
+#ifdef __linux__
+    if (p->nice > 0) {
+        /* Linux: PRIO_PROCESS with a thread id sets that thread's nice. */
+        pid_t tid = (pid_t)syscall(SYS_gettid);
+        errno = 0;
+        int now = getpriority(PRIO_PROCESS, (id_t)tid);
+        if (errno == 0)
+            (void)setpriority(PRIO_PROCESS, (id_t)tid, now + p->nice);
+    }
+#endif
+    pthread_mutex_lock(&mu);
+    for (;;) {
+        gcp_copy *c = p->head;
+        if (c == NULL) {
+            if (p->closing)
+                break;
+            pthread_cond_wait(&p->work, &mu);
+            continue;
+        }
+        if (c->stop || c->claimed >= c->count) {
+            /* Nothing left to claim: out of the queue. */
+            p->head = c->next;
+            if (p->head == NULL)
+                p->tail = NULL;
+            c->next = NULL;
+            copy_unref(c);
+            continue;
+        }
+        uint32_t k = c->claimed++;
+        c->active++;
+        c->refs++;
+        pthread_mutex_unlock(&mu);
+        uint64_t off = (uint64_t)k * c->step;
+        uint64_t ln = c->nbytes - off < c->step ? c->nbytes - off : c->step;
+        copy_bytes(p, c->dst + off, c->src + off, ln);
+        pthread_mutex_lock(&mu);
+        c->active--;
+        c->done[k] = 1;
+        while (c->prefix < c->count && c->done[c->prefix])
+            c->prefix++;
+        c->fresh[c->nfresh++] = k;
+        c->fresh_bytes += ln;
+        if (c->waiters)
+            pthread_cond_broadcast(&c->cv);
+        copy_unref(c);
+    }
+    pthread_mutex_unlock(&mu);
+    return NULL;
+}
+
+/* A pool of ``nthreads`` copy threads, started at its first copy. */
+GCP_EXPORT gcp_pool *gcp_pool_new(int nthreads, int nice, uint64_t piece)
+{
+    gcp_pool *p = calloc(1, sizeof *p);
+    if (p == NULL)
+        return NULL;
+    p->threads = calloc((size_t)(nthreads > 0 ? nthreads : 1), sizeof *p->threads);
+    if (p->threads == NULL || pthread_cond_init(&p->work, NULL) != 0) {
+        free(p->threads);
+        free(p);
+        return NULL;
+    }
+    p->nthreads = nthreads > 0 ? nthreads : 1;
+    p->nice = nice;
+    p->piece = piece;
+    p->pid = getpid();
+    return p;
+}
+
+static int start_threads(gcp_pool *p) /* under mu */
+{
+    pthread_attr_t attr;
+    if (pthread_attr_init(&attr) != 0)
+        return -1;
+    (void)pthread_attr_setstacksize(&attr, 256 << 10);
+    while (p->started < p->nthreads) {
+        if (pthread_create(&p->threads[p->started], &attr, run, p) != 0)
+            break;
+        p->started++;
+    }
+    pthread_attr_destroy(&attr);
+    return p->started > 0 ? 0 : -1;
+}
+
+/* Queue a copy of ``nbytes`` from ``src`` to ``dst`` in slices of ``step``
+ * bytes; returns its handle, or NULL (out of memory, no thread could start,
+ * the pool is closed, or this is a forked child). */
+GCP_EXPORT gcp_copy *gcp_submit(gcp_pool *p, uintptr_t dst, uintptr_t src, uint64_t nbytes,
+                                uint64_t step)
+{
+    if (p->pid != getpid() || step == 0)
+        return NULL;
+    uint64_t count = nbytes ? (nbytes + step - 1) / step : 0;
+    if (count > UINT32_MAX)
+        return NULL;
+    gcp_copy *c = calloc(1, sizeof *c);
+    if (c == NULL)
+        return NULL;
+    c->done = calloc(count ? count : 1, 1);
+    c->fresh = calloc(count ? count : 1, sizeof *c->fresh);
+    if (c->done == NULL || c->fresh == NULL || pthread_cond_init(&c->cv, NULL) != 0) {
+        free(c->done);
+        free(c->fresh);
+        free(c);
+        return NULL;
+    }
+    c->dst = (char *)dst;
+    c->src = (const char *)src;
+    c->nbytes = nbytes;
+    c->step = step;
+    c->count = (uint32_t)count;
+    c->pid = p->pid;
+    c->refs = 1;
+    pthread_mutex_lock(&mu);
+    if (p->closing || (p->started == 0 && start_threads(p) != 0)) {
+        pthread_mutex_unlock(&mu);
+        pthread_cond_destroy(&c->cv);
+        free(c->done);
+        free(c->fresh);
+        free(c);
+        return NULL;
+    }
+    if (count) {
+        c->refs++;
+        if (p->tail)
+            p->tail->next = c;
+        else
+            p->head = c;
+        p->tail = c;
+        pthread_cond_broadcast(&p->work);
+    }
+    pthread_mutex_unlock(&mu);
+    return c;
+}
+
+/* Whether no thread copies a slice of ``c`` and none will: under mu. */
+static int ended(const gcp_copy *c)
+{
+    return c->active == 0 && (c->stop || c->claimed >= c->count);
+}
+
+/* Bytes copied from the start without a gap (no wait). */
+GCP_EXPORT uint64_t gcp_copied(gcp_copy *c)
+{
+    if (c->pid != getpid())
+        return 0;
+    pthread_mutex_lock(&mu);
+    uint64_t got = (uint64_t)c->prefix * c->step;
+    pthread_mutex_unlock(&mu);
+    return got < c->nbytes ? got : c->nbytes;
+}
+
+/* Block until at least ``target`` bytes (at most all) are copied from the
+ * start; returns how many are, or -1 if the copy was stopped short of it. */
+GCP_EXPORT int64_t gcp_wait_prefix(gcp_copy *c, uint64_t target)
+{
+    if (c->pid != getpid())
+        return -1;
+    if (target > c->nbytes)
+        target = c->nbytes;
+    pthread_mutex_lock(&mu);
+    int64_t got;
+    for (;;) {
+        uint64_t p = (uint64_t)c->prefix * c->step;
+        if (p > c->nbytes)
+            p = c->nbytes;
+        if (p >= target) {
+            got = (int64_t)p;
+            break;
+        }
+        if (ended(c)) {
+            got = -1;
+            break;
+        }
+        c->waiters++;
+        pthread_cond_wait(&c->cv, &mu);
+        c->waiters--;
+    }
+    pthread_mutex_unlock(&mu);
+    return got;
+}
+
+static int by_index(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Block until slices of at least ``at_least`` bytes (or all that are left)
+ * are copied that no earlier call returned; write them as (offset, bytes)
+ * ranges in address order, adjacent ones merged, into ``offs``/``lens``
+ * (room for one per slice) and return how many: 0 once every slice was
+ * returned, -1 if the copy was stopped short of it. */
+GCP_EXPORT int64_t gcp_take(gcp_copy *c, uint64_t at_least, uint64_t *offs, uint64_t *lens)
+{
+    if (c->pid != getpid())
+        return -1;
+    pthread_mutex_lock(&mu);
+    uint64_t left = c->nbytes - c->taken;
+    if (left == 0) {
+        pthread_mutex_unlock(&mu);
+        return 0;
+    }
+    uint64_t want = at_least ? at_least : 1;
+    if (want > left)
+        want = left;
+    while (c->fresh_bytes < want) {
+        if (ended(c)) {
+            pthread_mutex_unlock(&mu);
+            return -1;
+        }
+        c->waiters++;
+        pthread_cond_wait(&c->cv, &mu);
+        c->waiters--;
+    }
+    uint32_t n = c->nfresh;
+    qsort(c->fresh, n, sizeof *c->fresh, by_index);
+    int64_t ranges = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t off = (uint64_t)c->fresh[i] * c->step;
+        uint64_t end = off + c->step < c->nbytes ? off + c->step : c->nbytes;
+        if (ranges && offs[ranges - 1] + lens[ranges - 1] == off) {
+            lens[ranges - 1] = end - offs[ranges - 1];
+        } else {
+            offs[ranges] = off;
+            lens[ranges] = end - off;
+            ranges++;
+        }
+    }
+    c->taken += c->fresh_bytes;
+    c->fresh_bytes = 0;
+    c->nfresh = 0;
+    pthread_mutex_unlock(&mu);
+    return ranges;
+}
+
+/* Let no thread claim another slice of ``c``; return once none copies any. */
+GCP_EXPORT void gcp_stop(gcp_copy *c)
+{
+    if (c->pid != getpid())
+        return;
+    pthread_mutex_lock(&mu);
+    c->stop = 1;
+    while (c->active) {
+        c->waiters++;
+        pthread_cond_wait(&c->cv, &mu);
+        c->waiters--;
+    }
+    pthread_mutex_unlock(&mu);
+}
+
+/* Drop the caller's handle. A copy still running stops claiming slices and
+ * is freed once its last slice is copied: its memory must outlive that
+ * (the caller stops it first, with gcp_stop, when it does not). */
+GCP_EXPORT void gcp_free(gcp_copy *c)
+{
+    if (c->pid != getpid())
+        return;
+    pthread_mutex_lock(&mu);
+    c->stop = 1;
+    copy_unref(c);
+    pthread_mutex_unlock(&mu);
+}
+
+/* Stop the threads after the copies already queued, and free the pool. */
+GCP_EXPORT void gcp_pool_close(gcp_pool *p)
+{
+    if (p->pid != getpid())
+        return;
+    pthread_mutex_lock(&mu);
+    p->closing = 1;
+    pthread_cond_broadcast(&p->work);
+    int started = p->started;
+    pthread_mutex_unlock(&mu);
+    for (int i = 0; i < started; i++)
+        pthread_join(p->threads[i], NULL);
+    pthread_cond_destroy(&p->work);
+    free(p->threads);
+    free(p);
+}
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_copythreads",
+    "Copy threads without the GIL, used through ctypes by gpuaio._engine.nativecopy.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__copythreads(void) { return PyModule_Create(&module); }

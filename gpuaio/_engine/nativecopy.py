@@ -1,0 +1,173 @@
+"""Copy threads that never take the GIL: the native engine of sliced host copies.
+
+A compiled install (``hatch_build.py``) builds ``_copythreads.c`` into the
+extension module ``gpuaio._engine._copythreads``: a pool of pthreads that
+claim, copy and report slices of a host copy without Python. This module
+drives it through ctypes. :class:`gpuaio._engine.hostwork.HostPool` uses it
+for a staged transfer's chunk copies where it is there, and its own Python
+threads (:class:`~gpuaio._engine.hostwork.SlicedCopy`, the same semantics)
+where it is not, where ``GPUAIO_NATIVE_COPY=0``, and where a copy is traced.
+
+Why: as Python threads, each copy thread needs the GIL to leave its queue
+and to report a slice, and gets it in turn. On an H200 host twelve of them
+started 30-60 us apart, and the stream thread's DMA calls came back
+180-880 us late, queued for the GIL behind them (issue 13, runs BH-BM).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+from collections.abc import Callable
+from typing import Any, cast
+
+__all__ = ["NativeCopy", "NativePool", "available"]
+
+_c_u64 = ctypes.c_uint64
+_c_ptr = ctypes.c_void_p
+
+
+def _fn(dll: ctypes.CDLL, name: str, argtypes: list[Any], restype: Any) -> Callable[..., Any]:
+    fn = getattr(dll, name)
+    fn.argtypes = argtypes
+    fn.restype = restype
+    return cast("Callable[..., Any]", fn)
+
+
+class _Lib:
+    """The library's functions: those that may block release the GIL (a
+    ``CDLL``), the others keep it (a ``PyDLL``: no hand-off for a call of
+    microseconds)."""
+
+    def __init__(self, path: str) -> None:
+        free, held = ctypes.CDLL(path), ctypes.PyDLL(path)
+        u64, ptr, size = _c_u64, _c_ptr, ctypes.c_size_t
+        self.pool_new: Callable[..., Any] = _fn(
+            held, "gcp_pool_new", [ctypes.c_int, ctypes.c_int, u64], ptr
+        )
+        self.submit: Callable[..., Any] = _fn(held, "gcp_submit", [ptr, size, size, u64, u64], ptr)
+        self.copied: Callable[..., Any] = _fn(held, "gcp_copied", [ptr], u64)
+        self.free: Callable[..., Any] = _fn(held, "gcp_free", [ptr], None)
+        self.wait_prefix: Callable[..., Any] = _fn(
+            free, "gcp_wait_prefix", [ptr, u64], ctypes.c_int64
+        )
+        self.take: Callable[..., Any] = _fn(free, "gcp_take", [ptr, u64, ptr, ptr], ctypes.c_int64)
+        self.stop: Callable[..., Any] = _fn(free, "gcp_stop", [ptr], None)
+        self.pool_close: Callable[..., Any] = _fn(free, "gcp_pool_close", [ptr], None)
+
+
+def _load() -> _Lib | None:
+    try:
+        spec = importlib.util.find_spec("gpuaio._engine._copythreads")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None or spec.origin.endswith(".py"):
+        return None
+    try:
+        return _Lib(spec.origin)
+    except (OSError, AttributeError):  # not loadable here, or an older build
+        return None
+
+
+_LIB = _load()
+
+
+def available() -> bool:
+    """Whether this install has the native copy threads and they are not
+    switched off (``GPUAIO_NATIVE_COPY=0``)."""
+    return _LIB is not None and os.environ.get("GPUAIO_NATIVE_COPY", "1") != "0"
+
+
+class NativeCopy:
+    """One host copy on native threads, with the interface of
+    :class:`gpuaio._engine.hostwork.SlicedCopy` (which see): slices claimed
+    front to back, a copied prefix to wait for, the slices copied since the
+    last call to take in any order, and :meth:`stop`."""
+
+    __slots__ = ("_handle", "_lens", "_lib", "_offs", "nbytes")
+
+    def __init__(self, lib: _Lib, handle: int, nbytes: int, slices: int) -> None:
+        self._lib = lib
+        self._handle = handle
+        self.nbytes: int = nbytes
+        """Bytes the copy moves."""
+        room = max(1, slices)
+        self._offs = (_c_u64 * room)()
+        self._lens = (_c_u64 * room)()
+
+    def copied(self) -> int:
+        """Bytes copied so far, counted from the start without a gap."""
+        return int(self._lib.copied(self._handle))
+
+    def wait_copied(self, have: int = 0, at_least: int = 0) -> int:
+        """Block until more than ``have`` bytes are copied from the start, and
+        at least ``at_least`` (or all); return how many are. Raises if the
+        copy was stopped short of it."""
+        target = min(self.nbytes, max(have + 1, at_least))
+        got = int(self._lib.wait_prefix(self._handle, target))
+        if got < 0:
+            raise RuntimeError("host copy ended with slices uncopied")
+        return got
+
+    def take_copied(self, at_least: int = 1) -> list[tuple[int, int]]:
+        """Block until slices of at least ``at_least`` bytes (or all that are
+        left) are copied that no earlier call returned; return them as
+        ``(offset, bytes)`` ranges in address order, adjacent ones merged (an
+        empty list once every slice was returned). Raises if the copy was
+        stopped short of it."""
+        offs, lens = self._offs, self._lens
+        k = int(self._lib.take(self._handle, max(1, at_least), offs, lens))
+        if k < 0:
+            raise RuntimeError("host copy ended with slices uncopied")
+        return [(offs[i], lens[i]) for i in range(k)]
+
+    def stop(self) -> None:
+        """Let no thread claim another slice; return once none copies any more.
+
+        After it, the copy's memory is untouched: what was not copied stays so.
+        """
+        self._lib.stop(self._handle)
+
+    def __del__(self) -> None:
+        # The handle only: a slice still copying keeps the copy's record
+        # alive until it is done (the caller stopped it first if its memory
+        # goes).
+        handle, self._handle = self._handle, 0
+        if handle:
+            self._lib.free(handle)
+
+
+class NativePool:
+    """``threads`` native copy threads, started at the first copy, each
+    ``nice`` nice levels below the process, copying in ``piece``-byte pieces
+    with a yield of the CPU between them where ``piece`` > 0."""
+
+    def __init__(self, threads: int, nice: int, piece: int) -> None:
+        lib = _LIB
+        if lib is None:
+            raise RuntimeError("gpuaio was installed without its native copy threads")
+        handle = lib.pool_new(threads, nice, piece)
+        if not handle:
+            raise MemoryError("cannot create the native copy pool")
+        self._lib: _Lib = lib
+        self._handle: int = handle
+
+    def submit_copy(self, dst: int, src: int, nbytes: int, step: int) -> NativeCopy:
+        """Start copying ``nbytes`` from address ``src`` to ``dst`` in slices of
+        ``step`` bytes; returns at once."""
+        if not self._handle:
+            raise RuntimeError("the native copy pool is closed")
+        handle = self._lib.submit(self._handle, dst, src, nbytes, step)
+        if not handle:
+            raise RuntimeError(
+                "the native copy threads could not take the copy (out of memory, or no thread "
+                "could start)"
+            )
+        return NativeCopy(self._lib, handle, nbytes, -(-nbytes // step))
+
+    def close(self) -> None:
+        """Stop the threads after the copies already submitted."""
+        handle, self._handle = self._handle, 0
+        if handle:
+            self._lib.pool_close(handle)

@@ -1,0 +1,219 @@
+"""The native copy threads of a compiled install (``gpuaio._engine.nativecopy``):
+byte-exact, slices handed out once each, a stop that leaves the rest
+untouched, progress while the caller holds the GIL, their CPU priority, a
+forked child, and the staged transfers that use them.
+
+They exist only in a compiled install (``hatch_build.py``; CI's ``compiled``
+session): elsewhere these tests skip, and the Python copy threads, which
+``tests/test_sliced_copy.py`` covers, do the work.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import gpuaio
+from gpuaio._engine import hostwork, nativecopy
+from gpuaio._engine.hostwork import COPY_NICE, HostPool, SlicedCopy
+from gpuaio._engine.nativecopy import NativeCopy
+from tests.test_copy import pattern
+
+MiB = 1 << 20
+
+pytestmark = pytest.mark.skipif(
+    not nativecopy.available(),
+    reason="no native copy threads: they are built by a compiled install (hatch_build.py), "
+    "or GPUAIO_NATIVE_COPY=0",
+)
+
+
+@pytest.fixture
+def pool() -> Iterator[HostPool]:
+    p = HostPool(3)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def _native(cp: object) -> NativeCopy:
+    assert isinstance(cp, NativeCopy), f"the copy ran on {type(cp).__name__}, not native threads"
+    return cp
+
+
+@pytest.mark.parametrize("n", [0, 1, 4095, 2 * MiB, 5 * 2 * MiB + 123, 64 * MiB + 4097])
+def test_a_native_copy_is_byte_exact_and_hands_out_every_slice_once(pool: HostPool, n: int) -> None:
+    src = pattern(max(n, 1), 31)[:n]
+    dst = np.zeros(n + 64, np.uint8)
+    cp = _native(pool.submit_copy(dst.ctypes.data, src.ctypes.data, n))
+    assert cp.wait_copied(at_least=n) == n
+    assert cp.copied() == n
+    assert np.array_equal(dst[:n], src)
+    assert not dst[n:].any(), "bytes past the copy were written"
+
+    dst[:] = 0
+    cp = _native(pool.submit_copy(dst.ctypes.data, src.ctypes.data, n))
+    seen = np.zeros(n, np.int8)
+    while ranges := cp.take_copied(1):
+        assert ranges == sorted(ranges)
+        for (o, ln), nxt in zip(ranges, [*ranges[1:], None], strict=True):
+            assert ln > 0
+            if nxt is not None:
+                assert o + ln < nxt[0], "adjacent ranges were not merged"
+            assert np.array_equal(dst[o : o + ln], src[o : o + ln]), "handed out before copied"
+            seen[o : o + ln] += 1
+    assert (seen == 1).all(), "a byte was handed out twice, or never"
+    assert cp.take_copied(1) == []
+
+
+def test_take_copied_waits_for_at_least_what_is_asked(pool: HostPool) -> None:
+    n = 48 * MiB
+    src, dst = pattern(n, 32), np.zeros(n, np.uint8)
+    cp = _native(pool.submit_copy(dst.ctypes.data, src.ctypes.data, n))
+    first = cp.take_copied(20 * MiB)
+    assert sum(ln for _, ln in first) >= 20 * MiB
+    rest = cp.take_copied(n)  # more than is left: all that is left
+    assert sum(ln for _, ln in first + rest) == n
+    assert np.array_equal(dst, src)
+
+
+def test_stop_leaves_unclaimed_slices_untouched_and_raises_for_them(pool: HostPool) -> None:
+    n = 512 * MiB
+    src = np.ones(n, np.uint8)
+    dst = np.zeros(n, np.uint8)
+    cp = _native(pool.submit_copy(dst.ctypes.data, src.ctypes.data, n))
+    cp.stop()
+    after = dst.copy()
+    time.sleep(0.05)
+    assert np.array_equal(dst, after), "a slice was written after stop() returned"
+    step = hostwork.slice_step(n, pool.threads)
+    whole = [bool(dst[o : o + step].all()) for o in range(0, n, step)]
+    for o, full in zip(range(0, n, step), whole, strict=True):
+        assert full or not dst[o : o + step].any(), f"the slice at {o} is half copied"
+    if not all(whole):
+        with pytest.raises(RuntimeError, match="slices uncopied"):
+            cp.wait_copied(at_least=n)
+        with pytest.raises(RuntimeError, match="slices uncopied"):
+            _take_all(cp)
+
+
+def _take_all(cp: NativeCopy) -> None:
+    while cp.take_copied(1):
+        pass
+
+
+def test_native_threads_copy_while_the_caller_holds_the_gil(pool: HostPool) -> None:
+    """The native threads never need the GIL: a copy completes while the
+    caller spins in Python and another Python thread would wait 100 s for
+    the GIL; the Python copy threads could not start their slices."""
+    n = 64 * MiB
+    src, dst = pattern(n, 33), np.zeros(n, np.uint8)
+    pool.submit_copy(dst.ctypes.data, src.ctypes.data, 1).wait_copied()  # threads started
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(100.0)
+    try:
+        cp = _native(pool.submit_copy(dst.ctypes.data, src.ctypes.data, n))
+        deadline = time.monotonic() + 30
+        while cp.copied() < n and time.monotonic() < deadline:
+            pass  # pure Python: the GIL is never released here
+        done = cp.copied()
+    finally:
+        sys.setswitchinterval(old)
+    assert done == n, f"{done} of {n} bytes copied while the caller held the GIL"
+    assert np.array_equal(dst, src)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="set on Linux only")
+def test_native_copy_threads_run_at_a_lower_cpu_priority(pool: HostPool) -> None:
+    before = set(os.listdir("/proc/self/task"))
+    src = pattern(8 * MiB, 34)
+    dst = np.zeros_like(src)
+    _native(pool.submit_copy(dst.ctypes.data, src.ctypes.data, src.nbytes)).wait_copied(
+        at_least=src.nbytes
+    )
+    assert np.array_equal(dst, src)
+    new = set(os.listdir("/proc/self/task")) - before
+    assert len(new) == pool.threads, f"{len(new)} threads started for a pool of {pool.threads}"
+    me = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    nices = {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in new}
+    assert nices == {min(19, me + max(0, COPY_NICE))}, f"copy threads at {nices}, caller at {me}"
+    pool.close()
+    left = set(os.listdir("/proc/self/task")) & new
+    assert not left, f"threads {left} outlived the pool's close()"
+
+
+def test_gpuaio_native_copy_0_takes_the_python_threads(
+    pool: HostPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GPUAIO_NATIVE_COPY", "0")
+    src = pattern(4 * MiB, 35)
+    dst = np.zeros_like(src)
+    cp = pool.submit_copy(dst.ctypes.data, src.ctypes.data, src.nbytes)
+    assert isinstance(cp, SlicedCopy)
+    cp.wait_copied(at_least=src.nbytes)
+    assert np.array_equal(dst, src)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the platform has no fork")
+def test_in_a_forked_child_the_inherited_pool_refuses_work_and_closes_at_once(
+    pool: HostPool,
+) -> None:
+    src = pattern(8 * MiB, 36)
+    dst = np.zeros_like(src)
+    pool.submit_copy(dst.ctypes.data, src.ctypes.data, src.nbytes).wait_copied(at_least=src.nbytes)
+    r, w = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads running
+        pid = os.fork()
+    if pid == 0:  # the child: no copy thread was inherited
+        code = 1
+        try:
+            try:
+                pool.submit_copy(dst.ctypes.data, src.ctypes.data, src.nbytes)
+            except RuntimeError:
+                pool.close()  # must return, not join threads that are not there
+                code = 0
+        finally:
+            os.write(w, bytes([code]))
+            os._exit(code)
+    os.close(w)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.01)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on the inherited native pool")
+    got = os.read(r, 1)
+    os.close(r)
+    assert got == b"\x00" and os.WEXITSTATUS(status) == 0, "the child's copy was not refused"
+
+
+@pytest.mark.anyio
+async def test_staged_transfers_run_on_the_native_threads_byte_exact(
+    dev: gpuaio.Device, gpuaio_runtime: Any
+) -> None:
+    """Chunks above the stream thread's solo size go to the native threads:
+    an upload and a download of 24 MiB, byte-exact both ways."""
+    host = gpuaio_runtime.host
+    n = 24 * MiB
+    src = pattern(n, 37)
+    back = np.zeros(n, np.uint8)
+    d = dev.empty(n)
+    s = dev.stream()
+    await s.copy(d, src)
+    await s.copy(back, d)
+    assert np.array_equal(back, src)
+    assert host._native is not None, "the staged copies did not use the native threads"
