@@ -396,6 +396,10 @@ class Stager:
         n = d.nbytes
         chunk = self.chunk_for(n)
         floor = self.config.min_chunk
+        if self.config.split < D2H_SPLIT:
+            # Smaller chunks: the first copy-out waits for one chunk's DMA.
+            target = max(floor, n // D2H_SPLIT)
+            chunk = min(chunk, max(floor, 1 << (target - 1).bit_length()))
         depth = self.config.depth
         device = seq.ordinal
         solo = chunk <= SOLO_CHUNK
@@ -470,6 +474,10 @@ DMA_STEP = int(os.environ.get("GPUAIO_DMA_STEP", 4 << 20))
 chunk's last DMA takes what is left): a DMA call costs 10-40 us of the stream
 thread, and at 4 MiB the last DMA, all that follows the host copy, takes
 about 80 us at 55 GB/s."""
+
+D2H_SPLIT = int(os.environ.get("GPUAIO_D2H_SPLIT", "0"))
+"""Chunks a download is split into where more than ``StagingConfig.split`` (0:
+as many as an upload)."""
 
 SOLO_CHUNK = int(os.environ.get("GPUAIO_SOLO_CHUNK", 2 << 20))
 """Chunks up to this size are copied by the stream's host thread itself, while
