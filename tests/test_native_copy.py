@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 
 import gpuaio
-from gpuaio._engine import hostwork, nativecopy
+from gpuaio._engine import hostwork, nativecopy, staging
 from gpuaio._engine.hostwork import COPY_NICE, HostPool, SlicedCopy
 from gpuaio._engine.nativecopy import NativeCopy
 from tests.test_copy import pattern
+from tests.test_staging import _recorded_copies
 
 MiB = 1 << 20
 
@@ -95,7 +96,7 @@ def test_stop_leaves_unclaimed_slices_untouched_and_raises_for_them(pool: HostPo
     after = dst.copy()
     time.sleep(0.05)
     assert np.array_equal(dst, after), "a slice was written after stop() returned"
-    step = hostwork.slice_step(n, pool.threads)
+    step = hostwork.slice_step(n, pool.threads, hostwork.NATIVE_SLICE)
     whole = [bool(dst[o : o + step].all()) for o in range(0, n, step)]
     for o, full in zip(range(0, n, step), whole, strict=True):
         assert full or not dst[o : o + step].any(), f"the slice at {o} is half copied"
@@ -217,3 +218,28 @@ async def test_staged_transfers_run_on_the_native_threads_byte_exact(
     await s.copy(back, d)
     assert np.array_equal(back, src)
     assert host._native is not None, "the staged copies did not use the native threads"
+
+
+@pytest.mark.anyio
+async def test_on_the_native_threads_a_download_goes_in_smaller_chunks(
+    dev: gpuaio.Device, gpuaio_runtime: Any
+) -> None:
+    """A 64 MiB download is DMAed in ``D2H_SPLIT`` chunks, not the upload's
+    two: its first copy-out then waits for an eighth of the DMA; byte-exact.
+    At 16 MiB the eighths would be copied solo: it keeps the upload's chunks."""
+    stager = gpuaio_runtime.stager
+    be = gpuaio_runtime.backend
+    for n, want in [
+        (64 * MiB, 64 * MiB // staging.D2H_SPLIT),
+        (16 * MiB, stager.chunk_for(16 * MiB)),
+    ]:
+        src = pattern(n, 38)
+        back = np.zeros(n, np.uint8)
+        d = dev.empty(n)
+        s = dev.stream()
+        await s.copy(d, src)
+        with _recorded_copies(be) as calls:
+            await s.copy(back, d)
+        assert np.array_equal(back, src)
+        sizes = sorted({nb for _, _, nb in calls})
+        assert sizes == [want], f"a {n}-byte download went in DMAs of {sizes}, not {want}"

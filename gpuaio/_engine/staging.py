@@ -396,10 +396,15 @@ class Stager:
         n = d.nbytes
         chunk = self.chunk_for(n)
         floor = self.config.min_chunk
-        if self.config.split < D2H_SPLIT:
+        if self.config.split < D2H_SPLIT and host.native:
             # Smaller chunks: the first copy-out waits for one chunk's DMA.
+            # Not down to chunks this thread would copy alone, though; and
+            # not on the Python copy threads, where each chunk's hand-offs
+            # cost more than the overlap gains (issue 13, run BH).
             target = max(floor, n // D2H_SPLIT)
-            chunk = min(chunk, max(floor, 1 << (target - 1).bit_length()))
+            small = max(floor, 1 << (target - 1).bit_length())
+            if small > SOLO_CHUNK:
+                chunk = min(chunk, small)
         depth = self.config.depth
         device = seq.ordinal
         solo = chunk <= SOLO_CHUNK
@@ -475,9 +480,16 @@ chunk's last DMA takes what is left): a DMA call costs 10-40 us of the stream
 thread, and at 4 MiB the last DMA, all that follows the host copy, takes
 about 80 us at 55 GB/s."""
 
-D2H_SPLIT = int(os.environ.get("GPUAIO_D2H_SPLIT", "0"))
+D2H_SPLIT = int(os.environ.get("GPUAIO_D2H_SPLIT", "8"))
 """Chunks a download is split into where more than ``StagingConfig.split`` (0:
-as many as an upload)."""
+as many as an upload), unless its chunks would then be copied by the stream
+thread alone (:data:`SOLO_CHUNK`); with the native copy threads only.
+
+8: a download's first copy-out waits for its first chunk's whole DMA, and
+the copy threads idle meanwhile. On an H200 host, 8 chunks ran 64 MiB
+downloads at 25.9-27.7 GB/s against 21.0-21.2 in 2, 256 MiB ones at
+31.7-31.8 against 28.0-28.1 (issue 13, run CI); at 16 MiB the 2 MiB chunks
+copied solo ran at 5.7-6.8 against 12.6-14.3, hence the floor."""
 
 SOLO_CHUNK = int(os.environ.get("GPUAIO_SOLO_CHUNK", 2 << 20))
 """Chunks up to this size are copied by the stream's host thread itself, while
