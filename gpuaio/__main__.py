@@ -31,6 +31,7 @@ import gpuaio
 from ._api.runtime import Runtime, current_runtime, use_backend
 from ._core.compiled import MODULES, compiled_modules
 from ._core.errors import GpuaioError
+from ._engine import nativecopy
 
 ADD_ONE = r"""
 extern "C" __global__ void add_one(unsigned char* data, unsigned long long n) {
@@ -117,6 +118,7 @@ def describe_setup() -> dict[str, Any]:
         "cuda_bindings": _bindings_version(),
         "completion": rt.strategy,
         "compiled": compiled_modules(),
+        "native_copy_threads": nativecopy.available(),
         "devices": devices,
         "memory_kinds": {k: gpuaio.memory_kind(v).value for k, v in samples.items()},
     }
@@ -136,6 +138,8 @@ def info(as_json: bool = False) -> int:
         f"compiled ({len(compiled)} of {len(MODULES)} modules)" if compiled else "pure Python"
     )
     print(f"hot path: {hot_path}")
+    threads = "native (no GIL)" if setup["native_copy_threads"] else "Python"
+    print(f"staging copy threads: {threads}")
     for d in setup["devices"]:
         cc = d["compute_capability"]
         print(

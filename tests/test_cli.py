@@ -14,6 +14,7 @@ import pytest
 import gpuaio
 from gpuaio.__main__ import main
 from gpuaio._core.compiled import MODULES, compiled_modules
+from gpuaio._engine import nativecopy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,6 +80,11 @@ def test_the_build_hook_compiles_the_modules_info_names() -> None:
 def test_a_compiled_build_runs_every_module_compiled() -> None:
     # Else nox -s compiled (or a GPU run) would pass on the pure-Python fallback.
     assert compiled_modules() == list(MODULES)
+    assert nativecopy.available(), "the compiled build has no native copy threads"
+    proc = _run("info", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["native_copy_threads"] is True
+    assert "staging copy threads: native (no GIL)" in _run("info").stdout
 
 
 def test_json_goes_with_info_only(capsys: pytest.CaptureFixture[str]) -> None:

@@ -25,13 +25,14 @@ from .._core import trace as _trace
 from .._core.timerslack import precise_timers
 from . import nativecopy
 from .nativecopy import NativeCopy, NativePool
+from .pool import parse_size
 
 __all__ = ["HostPool", "SerialExecutor", "SlicedCopy", "byte_view", "slice_step"]
 
 MIN_SLICE = 1 << 20
 """Bytes below which a host copy or fill is not split (thread hand-off costs ~10-50 µs)."""
 
-STAGE_SLICE = int(os.environ.get("GPUAIO_STAGE_SLICE", 2 << 20))
+STAGE_SLICE = parse_size(os.environ.get("GPUAIO_STAGE_SLICE") or str(2 << 20))
 """The smallest slice of a staging chunk a copy thread claims (:class:`SlicedCopy`);
 a chunk is cut into one slice per copy thread where slices are larger.
 
@@ -42,7 +43,7 @@ in a 64 MiB chunk, against 16 of 4 MiB before) made them 5-11% faster
 (run BF)."""
 
 
-NATIVE_SLICE = int(os.environ.get("GPUAIO_NATIVE_SLICE", 1 << 20))
+NATIVE_SLICE = parse_size(os.environ.get("GPUAIO_NATIVE_SLICE") or str(1 << 20))
 """:data:`STAGE_SLICE` for the native copy threads, which report a slice
 without Python (:mod:`gpuaio._engine.nativecopy`): 1 MiB. More slices keep
 every thread busy to a chunk's end and let an upload DMA its front sooner; on

@@ -474,7 +474,7 @@ never correctness. An H200 ran pinned DMA at up to 55 GB/s; at 52e9, issue
 LOOKAHEAD = int(os.environ.get("GPUAIO_LOOKAHEAD", "2"))
 """Chunks the host threads may be copying at once within one transfer."""
 
-DMA_STEP = int(os.environ.get("GPUAIO_DMA_STEP", 4 << 20))
+DMA_STEP = _env_size("GPUAIO_DMA_STEP", 4 << 20)
 """The least a staged upload DMAs at once of a chunk's copied slices (the
 chunk's last DMA takes what is left): a DMA call costs 10-40 us of the stream
 thread, and at 4 MiB the last DMA, all that follows the host copy, takes
@@ -491,7 +491,7 @@ downloads at 25.9-27.7 GB/s against 21.0-21.2 in 2, 256 MiB ones at
 31.7-31.8 against 28.0-28.1 (issue 13, run CI); at 16 MiB the 2 MiB chunks
 copied solo ran at 5.7-6.8 against 12.6-14.3, hence the floor."""
 
-SOLO_CHUNK = int(os.environ.get("GPUAIO_SOLO_CHUNK", 2 << 20))
+SOLO_CHUNK = _env_size("GPUAIO_SOLO_CHUNK", 2 << 20)
 """Chunks up to this size are copied by the stream's host thread itself, while
 the DMA of the chunk before runs: handing 1-2 MiB to the copy threads cost
 more than the copy (an H200 ran 4 MiB pageable copies at 3.2-4.5 GB/s that
