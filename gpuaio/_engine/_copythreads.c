@@ -77,14 +77,18 @@ struct gcp_copy {
     uint32_t *fresh;
 };
 
+static void copy_free(gcp_copy *c) /* its cv initialized */
+{
+    pthread_cond_destroy(&c->cv);
+    free(c->done);
+    free(c->fresh);
+    free(c);
+}
+
 static void copy_unref(gcp_copy *c) /* under mu */
 {
-    if (--c->refs == 0) {
-        pthread_cond_destroy(&c->cv);
-        free(c->done);
-        free(c->fresh);
-        free(c);
-    }
+    if (--c->refs == 0)
+        copy_free(c);
 }
 
 static void copy_bytes(gcp_pool *p, char *dst, const char *src, uint64_t n)
@@ -221,10 +225,7 @@ GCP_EXPORT gcp_copy *gcp_submit(gcp_pool *p, uintptr_t dst, uintptr_t src, uint6
     pthread_mutex_lock(&mu);
     if (p->closing || (p->started == 0 && start_threads(p) != 0)) {
         pthread_mutex_unlock(&mu);
-        pthread_cond_destroy(&c->cv);
-        free(c->done);
-        free(c->fresh);
-        free(c);
+        copy_free(c);
         return NULL;
     }
     if (count) {

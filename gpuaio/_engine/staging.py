@@ -107,16 +107,17 @@ class StagingConfig:
                 f"GPUAIO_INLINE_MAX must not be negative, not {self.inline_max}"
             )
 
-    def chunk_for(self, nbytes: int, budget: int | None = None) -> int:
-        """The chunk size for a transfer of ``nbytes``: ``1/split`` of it, as a
-        power of two, clamped to [``min_chunk``, ``max_chunk``].
+    def chunk_for(self, nbytes: int, budget: int | None = None, split: int = 0) -> int:
+        """The chunk size for a transfer of ``nbytes``: ``1/split`` of it (this
+        config's ``split`` unless given), as a power of two, clamped to
+        [``min_chunk``, ``max_chunk``].
 
         With a pinned ``budget``, also no larger than the power of two that
         lets one transfer's ``depth + LOOKAHEAD`` blocks fit in it (but never
         under ``min_chunk``): large and small transfers under a tight budget
         then share one block size instead of evicting each other's blocks.
         """
-        target = max(self.min_chunk, nbytes // self.split)
+        target = max(self.min_chunk, nbytes // (split or self.split))
         chunk = min(self.max_chunk, 1 << (target - 1).bit_length())
         if budget is not None:
             per_transfer = self.depth + LOOKAHEAD
@@ -401,8 +402,7 @@ class Stager:
             # Not down to chunks this thread would copy alone, though; and
             # not on the Python copy threads, where each chunk's hand-offs
             # cost more than the overlap gains (issue 13, run BH).
-            target = max(floor, n // D2H_SPLIT)
-            small = max(floor, 1 << (target - 1).bit_length())
+            small = self.config.chunk_for(n, self.pool.budget, D2H_SPLIT)
             if small > SOLO_CHUNK:
                 chunk = min(chunk, small)
         depth = self.config.depth
