@@ -229,3 +229,35 @@ def test_hostfunc_completion_and_an_eviction_do_not_deadlock(
     finally:
         if outcome:
             rt.set_completion(before)
+
+
+def test_a_block_pinned_while_the_pool_closes_is_freed_not_leaked(gpuaio_runtime: Any) -> None:
+    """``reserve`` (run on the reaper thread to prime mid-size copies) pins
+    outside the pool's lock; if the pool closes meanwhile, the new block is
+    given back to the driver and its bytes to the budget, and it raises."""
+    from gpuaio._engine.pool import PinnedPool
+
+    be = gpuaio_runtime.backend
+    pool = PinnedPool(be, budget=8 * MiB)
+    freed: list[int] = []
+    real_alloc, real_free = be.host_alloc, be.host_free
+
+    class Racing:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(be, name)
+
+        def host_alloc(self, nbytes: int) -> int:
+            ptr = real_alloc(nbytes)
+            pool.close()  # closes between the budget check and the pinning
+            return ptr
+
+        def host_free(self, ptr: int) -> None:
+            freed.append(ptr)
+            real_free(ptr)
+
+    pool.backend = Racing()
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.reserve(4 * MiB, 1)
+    assert len(freed) == 1, "the block pinned during close was not freed"
+    stats = pool.stats()
+    assert stats.reserved == 0 and stats.in_use == 0, stats

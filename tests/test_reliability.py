@@ -397,6 +397,40 @@ os._exit(0)
 """
 
 
+_CLOSE_HANG_CACHED_CHILD = r"""
+import os, threading, time
+import anyio
+import numpy as np
+import gpuaio
+from gpuaio.backends.sim import SimBackend, SimConfig
+rt = gpuaio.use_backend(SimBackend(SimConfig()))
+dev = gpuaio.Device(0)
+d = dev.empty(64 << 10)
+async def small():
+    await dev.stream().copy(d, np.ones(64 << 10, np.uint8))  # leaves its pinned block cached
+anyio.run(small)
+assert rt.stager.pool.stats().reserved > 0
+s = dev.stream()
+rt.backend.hold(s._native)  # GPU work that never ends (a hung kernel)
+op = s.copy(dev.empty(4096), d[:4096])
+time.sleep(0.1)
+t = threading.Thread(target=rt.close, daemon=True)
+t.start()
+t.join(12)
+print("hung" if t.is_alive() else "closed", flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.gpuaio_sim_only
+def test_runtime_close_returns_with_cached_blocks_while_gpu_work_never_ends() -> None:
+    """A pinned free waits for all of the device's work (as cuMemFreeHost
+    does): the pool's close freed its cached blocks without a bound, and hung
+    behind a kernel that never ends. Now within the pool's bound (5 s)."""
+    _expect_child_prints(_CLOSE_HANG_CACHED_CHILD, "closed")
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.gpuaio_sim_only
 def test_runtime_close_returns_when_gpu_work_never_ends() -> None:

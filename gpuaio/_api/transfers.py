@@ -18,7 +18,7 @@ from .._core.errors import InvalidArgumentError
 from .._core.operation import Operation, completed
 from .._core.progress import report_progress
 from .._engine.buffers import BufferInfo, InUse
-from .._engine.staging import PCIE_BPS
+from .._engine.stagingconfig import PCIE_BPS
 from ..backends import MemoryKind
 from .describe import describe
 from .memory import DeviceArray

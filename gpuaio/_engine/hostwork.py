@@ -52,6 +52,12 @@ against 21 / 21 (H2D / D2H) and was no slower at 16 MiB-1 GiB (issue 13,
 run CI)."""
 
 
+INLINE_SLICE = parse_size(os.environ.get("GPUAIO_INLINE_SLICE") or str(256 << 10))
+"""The slice of a copy that a thread stages for itself with the native copy
+threads' help (:meth:`HostPool.copy_now`); copies up to this size are one
+``memmove``."""
+
+
 def slice_step(nbytes: int, threads: int, least: int = STAGE_SLICE) -> int:
     """The slice size of a sliced copy of ``nbytes`` on ``threads`` threads: one
     slice per thread where that is at least ``least``, so that each thread
@@ -183,6 +189,31 @@ class HostPool:
                 dst, src, nbytes, slice_step(nbytes, self.threads, NATIVE_SLICE)
             )
         return SlicedCopy(self._executor(), self.threads, dst, src, nbytes, span)
+
+    def copy_now(self, dst: int, src: int, nbytes: int) -> None:
+        """Copy ``nbytes`` from address ``src`` to ``dst`` before returning.
+
+        Over :data:`INLINE_SLICE` bytes, and where the native copy threads
+        are, idle ones help in slices of that size: the calling thread copies
+        every slice no helper has claimed, so the call never waits for a busy
+        pool and returns no later than one ``memmove`` of the whole, plus a
+        helper's last slice. Otherwise one ``memmove``. Either releases the GIL.
+        """
+        if nbytes <= INLINE_SLICE or not nativecopy.available():
+            ctypes.memmove(dst, src, nbytes)
+            return
+        native = self._native
+        if native is None:
+            native = self._native_pool()
+        native.copy_now(dst, src, nbytes, INLINE_SLICE)
+
+    def native_idle(self) -> bool:
+        """Whether the native copy threads are there and no copy is queued for
+        them: a :meth:`copy_now` would have them all to help."""
+        if not nativecopy.available():
+            return False
+        native = self._native
+        return native is None or native.idle()
 
     @property
     def native(self) -> bool:

@@ -282,9 +282,9 @@ class PinnedPool:
                 with self._cv:
                     self._reserved -= size
                 raise
-            with self._cv:
-                self._free.setdefault(size, []).append(PinnedBlock(ptr, size))
-                self._cv.notify_all()
+            if not self._cache_new(ptr, size):  # closed while it was pinned
+                self._free_unpooled(ptr, size)
+                raise RuntimeError("the pinned pool is closed")
             added += size
 
     def take_cached(self, nbytes: int) -> PinnedBlock | None:
@@ -414,6 +414,9 @@ class PinnedPool:
 
         Blocks whose GPU work has not finished by then are never freed (a
         stuck stream could still write them): a bounded leak, not a hang.
+        Idle blocks are freed within the same bound: a pinned free waits for
+        all of the device's work, as ``cuMemFreeHost`` does, and a hung kernel
+        never lets it return; such a free stays behind on its own thread.
         """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -424,9 +427,21 @@ class PinnedPool:
                     self._cv.wait(0.001)
             if not busy:
                 break
-        self.trim()
+        failed: list[BaseException] = []
+
+        def trim() -> None:
+            try:
+                self.trim()
+            except BaseException as exc:  # raised below, if it ends in time
+                failed.append(exc)
+
+        t = threading.Thread(target=trim, name="gpuaio-pool-close", daemon=True)
+        t.start()
+        t.join(max(0.0, deadline - time.monotonic()))
         with self._cv:
             self._closed = True
+        if failed and not t.is_alive():
+            raise failed[0]
 
     # -- internal ------------------------------------------------------
     def _fired(self, events: list[Any]) -> bool:
@@ -457,6 +472,25 @@ class PinnedPool:
                     self._cv.notify_all()
         if error is not None:
             raise error
+
+    def _cache_new(self, ptr: int, size: int) -> bool:
+        """Cache a newly pinned block, unless the pool is closed (then False:
+        nobody would free it)."""
+        with self._cv:
+            if self._closed:
+                return False
+            self._free.setdefault(size, []).append(PinnedBlock(ptr, size))
+            self._cv.notify_all()
+            return True
+
+    def _free_unpooled(self, ptr: int, size: int) -> None:
+        """Free a block that never entered the pool, and its bytes of the budget."""
+        try:
+            self.backend.host_free(ptr)
+        finally:
+            with self._cv:
+                self._reserved -= size
+                self._cv.notify_all()
 
     def _wait_events(self, block: PinnedBlock, events: list[Any]) -> None:
         """Synchronize on ``events`` (``block``'s, its ``waiters`` counted up by the caller)."""

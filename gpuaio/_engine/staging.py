@@ -19,6 +19,8 @@ The driver copies pageable memory synchronously and slowly (one thread,
   pending (its DMA still queues behind the stream's host jobs); the
   copy-out of a D2H is the op's completion step, which the stream's
   completion queue runs in stream order (see :mod:`gpuaio._engine.sequencer`).
+  Above ``ALONE_MAX`` such a copy is staged there only while the native copy
+  threads are idle, and they copy with the calling thread.
 
 Everything else runs as host steps on the stream's host thread, which
 settle on the host actions before them, so stream order holds.
@@ -28,9 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from collections import deque
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .._core import trace as _trace
@@ -41,89 +41,22 @@ from .buffers import BufferInfo
 from .eventcache import EventCache
 from .hostwork import HostPool, SlicedCopy
 from .nativecopy import NativeCopy
-from .pool import PinnedBlock, PinnedPool, parse_size, size_class
+from .pool import PinnedBlock, PinnedPool, size_class
+from .stagingconfig import (
+    ALONE_MAX,
+    D2H_SPLIT,
+    DMA_STEP,
+    LOOKAHEAD,
+    PCIE_BPS,
+    SOLO_CHUNK,
+    StagingConfig,
+)
 
 if TYPE_CHECKING:
     from .sequencer import Sequencer
     from .services import Services
 
 __all__ = ["Stager", "StagingConfig"]
-
-
-def _env_size(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    return parse_size(raw) if raw else default
-
-
-@dataclass(frozen=True, slots=True)
-class StagingConfig:
-    """Tuning of the staging pipeline (defaults measured on an H100 host).
-
-    Environment: ``GPUAIO_CHUNK_BYTES``, ``GPUAIO_STAGING_DEPTH``,
-    ``GPUAIO_INLINE_MAX``, ``GPUAIO_PINNED_BUDGET``, ``GPUAIO_HOST_THREADS``.
-    """
-
-    max_chunk: int = field(default_factory=lambda: _env_size("GPUAIO_CHUNK_BYTES", 64 << 20))
-    """Largest chunk (64 MiB measured best on an H100 host); smaller transfers use
-    smaller chunks (``1/split`` of the copy) so the pipeline fills quickly."""
-    min_chunk: int = 1 << 20
-    split: int = field(default_factory=lambda: int(os.environ.get("GPUAIO_STAGING_SPLIT", "2")))
-    """Chunks a transfer is split into (before clamping to [min_chunk, max_chunk]).
-
-    2: on an H200, 16 MiB copies ran 1.6-1.7x and 64 MiB ones 1.6x faster in 2
-    chunks than in 8, and faster than in 4 (each chunk costs a block, a DMA,
-    an event and thread hand-offs; the DMA of one overlaps the host copy of
-    the next); from 256 MiB the 64 MiB cap decides (issue 13,
-    ``benchmarks/results/2026-12-02-h200-staging-variants.log``)."""
-    depth: int = field(default_factory=lambda: int(os.environ.get("GPUAIO_STAGING_DEPTH", "4")))
-    """Chunks in flight per transfer (pinned use per transfer is depth x chunk)."""
-    driver_max: int = field(default_factory=lambda: _env_size("GPUAIO_DRIVER_COPY_MAX", 4 << 20))
-    """Largest copy (above ``inline_max``) handed to the driver's own pageable path,
-    on the stream's host thread, when the stream has no GPU work pending; 0: never.
-
-    4 MiB: the driver copies and DMAs in a pipeline on one thread with no
-    hand-off, and at 2-4 MiB an H200 ran that 1.2-1.5x faster than two staged
-    chunks, in three runs (issue 13, runs I-K); from 16 MiB staging's threads
-    win or tie."""
-    inline_max: int = field(default_factory=lambda: _env_size("GPUAIO_INLINE_MAX", 1 << 20))
-    """Largest copy staged on the calling thread (1 MiB: about 50 us of memmove,
-    less than the thread hop it saves; on an H200 a 1 MiB pageable copy ran at
-    7.7-7.9 GB/s so against 2.1-2.4 through a host thread, issue 13)."""
-
-    def __post_init__(self) -> None:
-        if self.depth < 1:
-            raise InvalidArgumentError(
-                f"staging depth (GPUAIO_STAGING_DEPTH) must be at least 1, not {self.depth}"
-            )
-        if not 0 < self.min_chunk <= self.max_chunk:
-            raise InvalidArgumentError(
-                f"chunk sizes must satisfy 0 < min_chunk <= max_chunk (GPUAIO_CHUNK_BYTES), "
-                f"not {self.min_chunk} and {self.max_chunk}"
-            )
-        if self.split < 1:
-            raise InvalidArgumentError(f"GPUAIO_STAGING_SPLIT must be at least 1, not {self.split}")
-        if self.inline_max < 0:
-            raise InvalidArgumentError(
-                f"GPUAIO_INLINE_MAX must not be negative, not {self.inline_max}"
-            )
-
-    def chunk_for(self, nbytes: int, budget: int | None = None, split: int = 0) -> int:
-        """The chunk size for a transfer of ``nbytes``: ``1/split`` of it (this
-        config's ``split`` unless given), as a power of two, clamped to
-        [``min_chunk``, ``max_chunk``].
-
-        With a pinned ``budget``, also no larger than the power of two that
-        lets one transfer's ``depth + LOOKAHEAD`` blocks fit in it (but never
-        under ``min_chunk``): large and small transfers under a tight budget
-        then share one block size instead of evicting each other's blocks.
-        """
-        target = max(self.min_chunk, nbytes // (split or self.split))
-        chunk = min(self.max_chunk, 1 << (target - 1).bit_length())
-        if budget is not None:
-            per_transfer = self.depth + LOOKAHEAD
-            fit = 1 << (max(budget // per_transfer, 1).bit_length() - 1)
-            chunk = min(chunk, fit)
-        return max(self.min_chunk, chunk)
 
 
 class Stager:
@@ -138,9 +71,12 @@ class Stager:
         self.pool: PinnedPool = PinnedPool(
             runtime.backend, budget, defer=runtime.reaper.submit, recycle=self.events.put
         )
-        # Whether every small copy's block fits the budget (its check then
+        # The largest copy staged on the calling thread with no helpers, and
+        # whether each such copy's block fits the budget (its check then
         # costs nothing per copy).
-        self._small_fit = size_class(self.config.inline_max) <= self.pool.budget
+        self._alone = min(self.config.inline_max, ALONE_MAX)
+        self._small_fit = size_class(self._alone) <= self.pool.budget
+        self._priming: set[int] = set()  # size classes being pinned for the next copy
 
     def close(self) -> None:
         """Close the pinned pool (waits, bounded, for blocks still in use), drop cached events."""
@@ -161,7 +97,7 @@ class Stager:
     def check_budget(self, nbytes: int) -> None:
         """Raise, before anything is enqueued, if no block for this copy fits the budget."""
         budget = self.pool.budget
-        small = nbytes <= self.config.inline_max
+        small = nbytes <= self._alone
         need = size_class(nbytes) if small else size_class(self.config.min_chunk)
         if need > budget:
             what = "block" if small else "chunk (the smallest staging chunk)"
@@ -175,7 +111,13 @@ class Stager:
     def copy(self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
         """Schedule ``op`` (a copy with a pageable side) on ``stream``."""
         h2d = s.kind.is_host
-        small = d.nbytes <= self.config.inline_max
+        n = d.nbytes
+        small = n <= self._alone
+        if not small and n <= self.config.inline_max and op._tracer is None:
+            # Staged here with helpers, or as a host job: never by this
+            # thread alone (it may be an event loop's). Traced, a host job,
+            # whose chunks are spans.
+            small = size_class(n) <= self.pool.budget and self.runtime.host.native_idle()
         if not (small and self._small_fit):
             try:
                 self.check_budget(d.nbytes)
@@ -196,9 +138,13 @@ class Stager:
                 if h2d:
                     return self._small_h2d(seq, op, d, s, block)
                 return self._small_d2h(seq, op, d, s, block)
+            if n > self._alone:
+                # This size's host job copies through the driver, taking no
+                # block: pin one off this thread for the next copy of it.
+                self._prime(n)
         # An upload's host job only reads host memory (the user's source):
         # later small uploads need not wait for it to read theirs.
-        if self.config.inline_max < d.nbytes <= self.config.driver_max:
+        if self._alone < n <= self.config.driver_max:
             step = self._driver_or_staged
         elif h2d:
             step = self._h2d
@@ -239,6 +185,25 @@ class Stager:
             seq.wait_tail()
         return False
 
+    def _prime(self, nbytes: int) -> None:
+        """Have a block for ``nbytes`` pinned on the reaper thread, unless one
+        of its size is being pinned already (nothing over the budget)."""
+        size = size_class(nbytes)
+        if size in self._priming:
+            return
+        self._priming.add(size)
+        pool, priming = self.pool, self._priming
+
+        def reserve() -> None:
+            try:
+                pool.reserve(size, 1)
+            except (InvalidArgumentError, RuntimeError):
+                pass  # over the budget, or closed: copies of this size stay host jobs
+            finally:
+                priming.discard(size)
+
+        self.runtime.reaper.submit(reserve)
+
     # -- small ---------------------------------------------------------
     def _small_h2d(
         self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo, block: PinnedBlock
@@ -247,7 +212,7 @@ class Stager:
         n = d.nbytes
         try:
             # Small: cheaper than a thread hop (and memmove than numpy views).
-            ctypes.memmove(block.ptr, s.ptr, n)
+            self.runtime.host.copy_now(block.ptr, s.ptr, n)
         except BaseException as exc:
             self.pool.release(block)
             op._resolve(exc)
@@ -261,11 +226,11 @@ class Stager:
     ) -> Operation:
         """DMA into a pinned block; the copy-out is the op's completion step."""
         n = d.nbytes
-        pool, backend = self.pool, self.runtime.backend
+        pool, backend, host = self.pool, self.runtime.backend, self.runtime.host
         dst_ptr, src_ptr = d.ptr, block.ptr  # the op keeps the destination alive
 
         def copy_out() -> None:
-            ctypes.memmove(dst_ptr, src_ptr, n)
+            host.copy_now(dst_ptr, src_ptr, n)
 
         op._complete = copy_out
         op._add_done_callback(lambda: pool.release(block))
@@ -464,38 +429,6 @@ class Stager:
             raise OperationAbortedError(f"{op.label}: aborted after {copied} of {n} bytes")
         return False
 
-
-PCIE_BPS = 60e9
-"""A pinned DMA's rate over PCIe Gen5 x16, a little optimistic, so that expected
-completion times come early rather than late: they decide when to poll,
-never correctness. An H200 ran pinned DMA at up to 55 GB/s; at 52e9, issue
-13's run L expected 1 GiB copies 1.2 ms late, and woke them that late."""
-
-LOOKAHEAD = int(os.environ.get("GPUAIO_LOOKAHEAD", "2"))
-"""Chunks the host threads may be copying at once within one transfer."""
-
-DMA_STEP = _env_size("GPUAIO_DMA_STEP", 4 << 20)
-"""The least a staged upload DMAs at once of a chunk's copied slices (the
-chunk's last DMA takes what is left): a DMA call costs 10-40 us of the stream
-thread, and at 4 MiB the last DMA, all that follows the host copy, takes
-about 80 us at 55 GB/s."""
-
-D2H_SPLIT = int(os.environ.get("GPUAIO_D2H_SPLIT", "8"))
-"""Chunks a download is split into where more than ``StagingConfig.split`` (0:
-as many as an upload), unless its chunks would then be copied by the stream
-thread alone (:data:`SOLO_CHUNK`); with the native copy threads only.
-
-8: a download's first copy-out waits for its first chunk's whole DMA, and
-the copy threads idle meanwhile. On an H200 host, 8 chunks ran 64 MiB
-downloads at 25.9-27.7 GB/s against 21.0-21.2 in 2, 256 MiB ones at
-31.7-31.8 against 28.0-28.1 (issue 13, run CI); at 16 MiB the 2 MiB chunks
-copied solo ran at 5.7-6.8 against 12.6-14.3, hence the floor."""
-
-SOLO_CHUNK = _env_size("GPUAIO_SOLO_CHUNK", 2 << 20)
-"""Chunks up to this size are copied by the stream's host thread itself, while
-the DMA of the chunk before runs: handing 1-2 MiB to the copy threads cost
-more than the copy (an H200 ran 4 MiB pageable copies at 3.2-4.5 GB/s that
-way, and 16 MiB ones faster with fewer threads; issue 13)."""
 
 _H2D_CHUNK = "gpuaio stage h2d chunk"
 _D2H_CHUNK = "gpuaio stage d2h chunk"

@@ -1,0 +1,155 @@
+"""The staging pipeline's settings: chunk sizes, depth, what is copied where.
+
+:class:`StagingConfig` holds the settings a runtime may change
+(``gpuaio.configure``); the module constants are the measured tunings that
+only the environment changes. :mod:`gpuaio._engine.staging` runs the
+pipeline they describe.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .._core.errors import InvalidArgumentError
+from . import nativecopy
+from .pool import parse_size
+
+__all__ = [
+    "ALONE_MAX",
+    "D2H_SPLIT",
+    "DMA_STEP",
+    "LOOKAHEAD",
+    "PCIE_BPS",
+    "SOLO_CHUNK",
+    "StagingConfig",
+]
+
+
+ALONE_MAX = 1 << 20
+"""The largest copy the calling thread stages by itself. Up to
+``StagingConfig.inline_max``, larger ones are staged there only with the
+native copy threads' help, when they are idle: alone, the caller would hold
+an event loop for a millisecond or more."""
+
+
+def _inline_default() -> int:
+    # With native helpers, 4 MiB: the copy splits over idle threads, so the
+    # caller holds its thread no longer than for a lone 1 MiB memmove.
+    return 4 << 20 if nativecopy.available() else ALONE_MAX
+
+
+def _env_size(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return parse_size(raw) if raw else default
+
+
+@dataclass(frozen=True, slots=True)
+class StagingConfig:
+    """Tuning of the staging pipeline (defaults measured on an H100 host).
+
+    Environment: ``GPUAIO_CHUNK_BYTES``, ``GPUAIO_STAGING_DEPTH``,
+    ``GPUAIO_INLINE_MAX``, ``GPUAIO_PINNED_BUDGET``, ``GPUAIO_HOST_THREADS``.
+    """
+
+    max_chunk: int = field(default_factory=lambda: _env_size("GPUAIO_CHUNK_BYTES", 64 << 20))
+    """Largest chunk (64 MiB measured best on an H100 host); smaller transfers use
+    smaller chunks (``1/split`` of the copy) so the pipeline fills quickly."""
+    min_chunk: int = 1 << 20
+    split: int = field(default_factory=lambda: int(os.environ.get("GPUAIO_STAGING_SPLIT", "2")))
+    """Chunks a transfer is split into (before clamping to [min_chunk, max_chunk]).
+
+    2: on an H200, 16 MiB copies ran 1.6-1.7x and 64 MiB ones 1.6x faster in 2
+    chunks than in 8, and faster than in 4 (each chunk costs a block, a DMA,
+    an event and thread hand-offs; the DMA of one overlaps the host copy of
+    the next); from 256 MiB the 64 MiB cap decides (issue 13,
+    ``benchmarks/results/2026-12-02-h200-staging-variants.log``)."""
+    depth: int = field(default_factory=lambda: int(os.environ.get("GPUAIO_STAGING_DEPTH", "4")))
+    """Chunks in flight per transfer (pinned use per transfer is depth x chunk)."""
+    driver_max: int = field(default_factory=lambda: _env_size("GPUAIO_DRIVER_COPY_MAX", 4 << 20))
+    """Largest copy (above ``inline_max``) handed to the driver's own pageable path,
+    on the stream's host thread, when the stream has no GPU work pending; 0: never.
+
+    4 MiB: the driver copies and DMAs in a pipeline on one thread with no
+    hand-off, and at 2-4 MiB an H200 ran that 1.2-1.5x faster than two staged
+    chunks, in three runs (issue 13, runs I-K); from 16 MiB staging's threads
+    win or tie."""
+    inline_max: int = field(
+        default_factory=lambda: _env_size("GPUAIO_INLINE_MAX", _inline_default())
+    )
+    """Largest copy staged on the calling thread, where stream order allows.
+
+    Up to :data:`ALONE_MAX` (1 MiB: about 50 us of memmove, less than the
+    thread hop it saves; on an H200 a 1 MiB pageable copy ran at 7.7-7.9 GB/s
+    so against 2.1-2.4 through a host thread, issue 13) the calling thread
+    copies alone if need be. Above it, only while the native copy threads are
+    idle, which then copy with it (``HostPool.copy_now``): 4 MiB where they
+    are there, 1 MiB otherwise."""
+
+    def __post_init__(self) -> None:
+        if self.depth < 1:
+            raise InvalidArgumentError(
+                f"staging depth (GPUAIO_STAGING_DEPTH) must be at least 1, not {self.depth}"
+            )
+        if not 0 < self.min_chunk <= self.max_chunk:
+            raise InvalidArgumentError(
+                f"chunk sizes must satisfy 0 < min_chunk <= max_chunk (GPUAIO_CHUNK_BYTES), "
+                f"not {self.min_chunk} and {self.max_chunk}"
+            )
+        if self.split < 1:
+            raise InvalidArgumentError(f"GPUAIO_STAGING_SPLIT must be at least 1, not {self.split}")
+        if self.inline_max < 0:
+            raise InvalidArgumentError(
+                f"GPUAIO_INLINE_MAX must not be negative, not {self.inline_max}"
+            )
+
+    def chunk_for(self, nbytes: int, budget: int | None = None, split: int = 0) -> int:
+        """The chunk size for a transfer of ``nbytes``: ``1/split`` of it (this
+        config's ``split`` unless given), as a power of two, clamped to
+        [``min_chunk``, ``max_chunk``].
+
+        With a pinned ``budget``, also no larger than the power of two that
+        lets one transfer's ``depth + LOOKAHEAD`` blocks fit in it (but never
+        under ``min_chunk``): large and small transfers under a tight budget
+        then share one block size instead of evicting each other's blocks.
+        """
+        target = max(self.min_chunk, nbytes // (split or self.split))
+        chunk = min(self.max_chunk, 1 << (target - 1).bit_length())
+        if budget is not None:
+            per_transfer = self.depth + LOOKAHEAD
+            fit = 1 << (max(budget // per_transfer, 1).bit_length() - 1)
+            chunk = min(chunk, fit)
+        return max(self.min_chunk, chunk)
+
+
+PCIE_BPS = 60e9
+"""A pinned DMA's rate over PCIe Gen5 x16, a little optimistic, so that expected
+completion times come early rather than late: they decide when to poll,
+never correctness. An H200 ran pinned DMA at up to 55 GB/s; at 52e9, issue
+13's run L expected 1 GiB copies 1.2 ms late, and woke them that late."""
+
+LOOKAHEAD = int(os.environ.get("GPUAIO_LOOKAHEAD", "2"))
+"""Chunks the host threads may be copying at once within one transfer."""
+
+DMA_STEP = _env_size("GPUAIO_DMA_STEP", 4 << 20)
+"""The least a staged upload DMAs at once of a chunk's copied slices (the
+chunk's last DMA takes what is left): a DMA call costs 10-40 us of the stream
+thread, and at 4 MiB the last DMA, all that follows the host copy, takes
+about 80 us at 55 GB/s."""
+
+D2H_SPLIT = int(os.environ.get("GPUAIO_D2H_SPLIT", "8"))
+"""Chunks a download is split into where more than ``StagingConfig.split`` (0:
+as many as an upload), unless its chunks would then be copied by the stream
+thread alone (:data:`SOLO_CHUNK`); with the native copy threads only.
+
+8: a download's first copy-out waits for its first chunk's whole DMA, and
+the copy threads idle meanwhile. On an H200 host, 8 chunks ran 64 MiB
+downloads at 25.9-27.7 GB/s against 21.0-21.2 in 2, 256 MiB ones at
+31.7-31.8 against 28.0-28.1 (issue 13, run CI); at 16 MiB the 2 MiB chunks
+copied solo ran at 5.7-6.8 against 12.6-14.3, hence the floor."""
+
+SOLO_CHUNK = _env_size("GPUAIO_SOLO_CHUNK", 2 << 20)
+"""Chunks up to this size are copied by the stream's host thread itself, while
+the DMA of the chunk before runs: handing 1-2 MiB to the copy threads cost
+more than the copy (an H200 ran 4 MiB pageable copies at 3.2-4.5 GB/s that
+way, and 16 MiB ones faster with fewer threads; issue 13)."""
