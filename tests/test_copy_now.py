@@ -24,7 +24,7 @@ import pytest
 
 import gpuaio
 from gpuaio._engine import nativecopy
-from gpuaio._engine.hostwork import INLINE_SLICE, HostPool
+from gpuaio._engine.hostwork import HELP_MIN, INLINE_SLICE, HostPool
 from gpuaio._engine.nativecopy import NativePool
 from gpuaio._engine.stagingconfig import ALONE_MAX, StagingConfig
 from tests.test_copy import pattern
@@ -60,12 +60,15 @@ def test_copy_now_is_byte_exact_and_writes_nothing_else(native: NativePool, n: i
     assert native.idle(), "the copy stayed queued after copy_now returned"
 
 
-def test_idle_threads_help(native: NativePool) -> None:
-    """Over a 64 MiB copy in 256 KiB slices, woken threads claim slices (the
-    caller pays for one wake-up; each helper wakes the next)."""
+@pytest.mark.parametrize("wake", [0, 1])
+def test_idle_threads_help(native: NativePool, wake: int) -> None:
+    """Over a 64 MiB copy in 256 KiB slices, woken threads claim slices: all
+    woken at once, or one, which wakes the next as it claims a slice."""
     n = 64 * MiB
     src, dst = pattern(n, 42), np.zeros(n, np.uint8)
-    helped = [native.copy_now(dst.ctypes.data, src.ctypes.data, n, 256 << 10) for _ in range(5)]
+    helped = [
+        native.copy_now(dst.ctypes.data, src.ctypes.data, n, 256 << 10, wake) for _ in range(5)
+    ]
     assert np.array_equal(dst, src)
     assert max(helped) > 0, f"no thread helped in five 64 MiB copies: {helped}"
 
@@ -139,16 +142,16 @@ def test_in_a_forked_child_copy_now_copies_alone(native: NativePool) -> None:
     assert got == b"\x00" and os.WEXITSTATUS(status) == 0, "the child's copy was wrong"
 
 
-def test_host_pool_copy_now_is_a_memmove_up_to_a_slice() -> None:
+def test_host_pool_copy_now_is_a_memmove_up_to_help_min() -> None:
     """Small copies never touch the native pool: it is not even created."""
     pool = HostPool(2)
     try:
-        src, dst = pattern(INLINE_SLICE, 46), np.zeros(INLINE_SLICE, np.uint8)
-        pool.copy_now(dst.ctypes.data, src.ctypes.data, INLINE_SLICE)
+        src, dst = pattern(HELP_MIN, 46), np.zeros(HELP_MIN, np.uint8)
+        pool.copy_now(dst.ctypes.data, src.ctypes.data, HELP_MIN)
         assert np.array_equal(dst, src)
         assert pool._native is None
         assert pool.native_idle()
-        big = pattern(3 * MiB, 47)
+        big = pattern(HELP_MIN + 3 * MiB, 47)
         out = np.zeros_like(big)
         pool.copy_now(out.ctypes.data, big.ctypes.data, big.nbytes)
         assert np.array_equal(out, big)
@@ -259,7 +262,7 @@ async def test_a_mid_copy_with_no_block_cached_pins_one_for_the_next(
     pinned on the reaper thread; soon an upload is staged on the caller's."""
     stager = gpuaio_runtime.stager
     n = 3 * MiB
-    assert stager.pool.take_cached(n) is None
+    stager.pool.trim()  # no block cached by earlier tests of this runtime
     s = dev.stream()
     d = dev.empty(n)
     src = pattern(n, 54)

@@ -275,15 +275,16 @@ GCP_EXPORT int gcp_idle(gcp_pool *p)
  * the pool's idle threads helping in slices of ``step`` bytes; return once
  * every byte is copied, with the number of slices the pool's threads copied.
  *
- * The copy goes to the front of the pool's queue and wakes one thread; each
- * thread that claims a slice wakes the next while slices are left. The
+ * The copy goes to the front of the pool's queue and wakes ``wake`` threads
+ * (0: as many as it has slices for, in one broadcast); while slices are
+ * left, each thread that claims one wakes another. The
  * caller claims slices like the threads do and never waits for a slice no
  * thread has claimed, so it returns no later than its own memmove of the
  * whole would, plus the last slice a helper copies: with every thread busy
  * elsewhere, or in a forked child (where the copy is one memmove), the
  * caller copies alone. */
 GCP_EXPORT int64_t gcp_copy_now(gcp_pool *p, uintptr_t dst, uintptr_t src, uint64_t nbytes,
-                                uint64_t step)
+                                uint64_t step, int wake)
 {
     gcp_copy *c = NULL;
     if (p->pid == getpid() && step && nbytes > step)
@@ -307,8 +308,15 @@ GCP_EXPORT int64_t gcp_copy_now(gcp_pool *p, uintptr_t dst, uintptr_t src, uint6
     p->head = c;
     if (p->tail == NULL)
         p->tail = c;
-    if (p->sleeping)
-        pthread_cond_signal(&p->work);
+    /* A woken thread takes tens of microseconds to run (an idle core wakes
+     * up first): waking one at a time, the chain reached a few threads
+     * before a 4 MiB copy was over (issue 13, run CK). One broadcast is one
+     * system call for the caller. */
+    if (wake <= 0 || (uint32_t)wake + 1 >= c->count)
+        pthread_cond_broadcast(&p->work);
+    else
+        for (int i = 0; i < wake && i < p->sleeping; i++)
+            pthread_cond_signal(&p->work);
     uint32_t mine = 0;
     while (c->claimed < c->count) {
         uint32_t k = c->claimed++;
