@@ -281,19 +281,13 @@ def _open_latches_left_closed() -> Iterator[None]:
 @pytest.fixture
 def staged_only(gpuaio_runtime: Any) -> Iterator[Any]:
     """Mid-size pageable copies go through gpuaio's staging even on an idle
-    stream, not the driver's own path (``driver_max=0``) nor the caller's
-    thread with the native copy threads' help (``inline_max`` at most
-    ``ALONE_MAX``): for tests of the staging pipeline itself. Yields the
-    stager."""
+    stream, not the driver's own path (``driver_max=0``): for tests of the
+    staging pipeline itself. Yields the stager."""
     import dataclasses
-
-    from gpuaio._engine.stagingconfig import ALONE_MAX
 
     stager = gpuaio_runtime.stager
     old = stager.config
-    stager.config = dataclasses.replace(
-        old, driver_max=0, inline_max=min(old.inline_max, ALONE_MAX)
-    )
+    stager.config = dataclasses.replace(old, driver_max=0)
     try:
         yield stager
     finally:

@@ -477,13 +477,13 @@ async def test_a_chunk_copied_on_the_stream_thread_overlaps_the_dma_before_it(
     """Chunks the stream's host thread copies itself (SOLO_CHUNK) go one ahead:
     copy 0, DMA 0, copy 1 (while DMA 0 runs), DMA 1. Two ahead, a transfer of
     two chunks copied both before its first DMA."""
-    from gpuaio._engine import staging, stagingconfig
+    from gpuaio._engine import staging
 
     s = dev.stream()
     stager = gpuaio_runtime.stager
     n = 4 * MiB
     chunk = stager.chunk_for(n)
-    assert chunk <= stagingconfig.SOLO_CHUNK and n // chunk == 2
+    assert chunk <= staging.SOLO_CHUNK and n // chunk == 2
     src = pattern(n, 12)
     d = dev.empty(n)
     await s.copy(d, src)  # warm: blocks cached
@@ -585,19 +585,15 @@ async def test_a_finished_staged_copy_leaves_its_blocks_free(
 
 
 async def test_a_mid_size_copy_on_an_idle_stream_takes_the_drivers_path(
-    gpuaio_runtime: Any, dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch
+    gpuaio_runtime: Any, dev: gpuaio.Device
 ) -> None:
-    """Between ``ALONE_MAX`` and ``driver_max``, on a stream with no GPU work
-    pending and no idle native copy threads to stage it on the caller's
-    thread, each direction is one driver call on the stream's host thread
+    """Between ``inline_max`` and ``driver_max``, on a stream with no GPU work
+    pending, each direction is one driver call on the stream's host thread
     (the driver pipelines its own staging, with no hand-off between threads)."""
-    from gpuaio._engine.stagingconfig import ALONE_MAX
-
-    monkeypatch.setattr(gpuaio_runtime.host, "native_idle", lambda: False)
     s = dev.stream()
     n = 4 * MiB
     config = gpuaio_runtime.stager.config
-    assert ALONE_MAX < n <= config.driver_max
+    assert config.inline_max < n <= config.driver_max
     src = pattern(n, 41)
     d = dev.empty(n)
     back = np.zeros(n, np.uint8)

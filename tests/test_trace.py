@@ -268,12 +268,10 @@ async def test_trace_records_the_loaders_copies(stream: gpuaio.Stream) -> None:
 
 
 def test_nvtx_ranges_on_the_copying_threads(
-    dev: gpuaio.Device, gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
+    dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With ``nvtx`` installed, each staged slice copy is an NVTX range on the
-    thread that copies it, traced or not. (Staged as host jobs: not on the
-    caller's thread with the native copy threads' help, which is no range.)"""
-    monkeypatch.setattr(gpuaio_runtime.host, "native_idle", lambda: False)
+    thread that copies it, traced or not."""
     calls: list[tuple[str, str, str]] = []
 
     class FakeNvtx:

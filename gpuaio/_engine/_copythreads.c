@@ -55,7 +55,6 @@ typedef struct gcp_pool {
     int nice;          /* raise each thread's nice value by this much */
     uint64_t piece;    /* >0: copy a slice in pieces of this size, yielding between */
     int closing;
-    int sleeping;      /* threads waiting for work */
     pid_t pid;
     gcp_copy *head, *tail; /* copies with slices left to claim */
 } gcp_pool;
@@ -71,7 +70,6 @@ struct gcp_copy {
     uint32_t nfresh;  /* slices copied, not yet handed out by gcp_take */
     uint32_t waiters;
     int stop;
-    int urgent;       /* gcp_copy_now's: each claim wakes another thread */
     int refs;         /* the caller's handle, the queue, each active slice */
     pid_t pid;
     uint64_t fresh_bytes, taken;
@@ -127,9 +125,7 @@ static void *run(void *arg)
         if (c == NULL) {
             if (p->closing)
                 break;
-            p->sleeping++;
             pthread_cond_wait(&p->work, &mu);
-            p->sleeping--;
             continue;
         }
         if (c->stop || c->claimed >= c->count) {
@@ -144,10 +140,6 @@ static void *run(void *arg)
         uint32_t k = c->claimed++;
         c->active++;
         c->refs++;
-        /* A caller waits on this copy: wake the next helper, one at a time,
-         * so that the caller itself pays for one wake-up, not one each. */
-        if (c->urgent && c->claimed < c->count && p->sleeping)
-            pthread_cond_signal(&p->work);
         pthread_mutex_unlock(&mu);
         uint64_t off = (uint64_t)k * c->step;
         uint64_t ln = c->nbytes - off < c->step ? c->nbytes - off : c->step;
@@ -201,10 +193,14 @@ static int start_threads(gcp_pool *p) /* under mu */
     return p->started > 0 ? 0 : -1;
 }
 
-/* A copy's record, not queued (NULL: too many slices, or out of memory). */
-static gcp_copy *copy_new(gcp_pool *p, uintptr_t dst, uintptr_t src, uint64_t nbytes,
-                          uint64_t step)
+/* Queue a copy of ``nbytes`` from ``src`` to ``dst`` in slices of ``step``
+ * bytes; returns its handle, or NULL (out of memory, no thread could start,
+ * the pool is closed, or this is a forked child). */
+GCP_EXPORT gcp_copy *gcp_submit(gcp_pool *p, uintptr_t dst, uintptr_t src, uint64_t nbytes,
+                                uint64_t step)
 {
+    if (p->pid != getpid() || step == 0)
+        return NULL;
     uint64_t count = nbytes ? (nbytes + step - 1) / step : 0;
     if (count > UINT32_MAX)
         return NULL;
@@ -226,27 +222,13 @@ static gcp_copy *copy_new(gcp_pool *p, uintptr_t dst, uintptr_t src, uint64_t nb
     c->count = (uint32_t)count;
     c->pid = p->pid;
     c->refs = 1;
-    return c;
-}
-
-/* Queue a copy of ``nbytes`` from ``src`` to ``dst`` in slices of ``step``
- * bytes; returns its handle, or NULL (out of memory, no thread could start,
- * the pool is closed, or this is a forked child). */
-GCP_EXPORT gcp_copy *gcp_submit(gcp_pool *p, uintptr_t dst, uintptr_t src, uint64_t nbytes,
-                                uint64_t step)
-{
-    if (p->pid != getpid() || step == 0)
-        return NULL;
-    gcp_copy *c = copy_new(p, dst, src, nbytes, step);
-    if (c == NULL)
-        return NULL;
     pthread_mutex_lock(&mu);
     if (p->closing || (p->started == 0 && start_threads(p) != 0)) {
         pthread_mutex_unlock(&mu);
         copy_free(c);
         return NULL;
     }
-    if (c->count) {
+    if (count) {
         c->refs++;
         if (p->tail)
             p->tail->next = c;
@@ -257,100 +239,6 @@ GCP_EXPORT gcp_copy *gcp_submit(gcp_pool *p, uintptr_t dst, uintptr_t src, uint6
     }
     pthread_mutex_unlock(&mu);
     return c;
-}
-
-/* Whether no copy has slices left to claim: a copy_now would have the
- * threads to itself. */
-GCP_EXPORT int gcp_idle(gcp_pool *p)
-{
-    if (p->pid != getpid())
-        return 0;
-    pthread_mutex_lock(&mu);
-    int idle = p->head == NULL && !p->closing;
-    pthread_mutex_unlock(&mu);
-    return idle;
-}
-
-/* Copy ``nbytes`` from ``src`` to ``dst`` now, on the calling thread, with
- * the pool's idle threads helping in slices of ``step`` bytes; return once
- * every byte is copied, with the number of slices the pool's threads copied.
- *
- * The copy goes to the front of the pool's queue and wakes ``wake`` threads
- * (0: as many as it has slices for, in one broadcast); while slices are
- * left, each thread that claims one wakes another. The
- * caller claims slices like the threads do and never waits for a slice no
- * thread has claimed, so it returns no later than its own memmove of the
- * whole would, plus the last slice a helper copies: with every thread busy
- * elsewhere, or in a forked child (where the copy is one memmove), the
- * caller copies alone. */
-GCP_EXPORT int64_t gcp_copy_now(gcp_pool *p, uintptr_t dst, uintptr_t src, uint64_t nbytes,
-                                uint64_t step, int wake)
-{
-    gcp_copy *c = NULL;
-    if (p->pid == getpid() && step && nbytes > step)
-        c = copy_new(p, dst, src, nbytes, step);
-    if (c != NULL) {
-        pthread_mutex_lock(&mu);
-        if (p->closing || (p->started == 0 && start_threads(p) != 0)) {
-            pthread_mutex_unlock(&mu);
-            copy_free(c);
-            c = NULL;
-        }
-    }
-    if (c == NULL) {
-        memmove((void *)dst, (const void *)src, nbytes);
-        return 0;
-    }
-    /* Under mu. */
-    c->urgent = 1;
-    c->refs++;
-    c->next = p->head;
-    p->head = c;
-    if (p->tail == NULL)
-        p->tail = c;
-    /* A woken thread takes tens of microseconds to run (an idle core wakes
-     * up first): waking one at a time, the chain reached a few threads
-     * before a 4 MiB copy was over (issue 13, run CK). One broadcast is one
-     * system call for the caller. */
-    if (wake <= 0 || (uint32_t)wake + 1 >= c->count)
-        pthread_cond_broadcast(&p->work);
-    else
-        for (int i = 0; i < wake && i < p->sleeping; i++)
-            pthread_cond_signal(&p->work);
-    uint32_t mine = 0;
-    while (c->claimed < c->count) {
-        uint32_t k = c->claimed++;
-        c->active++;
-        pthread_mutex_unlock(&mu);
-        uint64_t off = (uint64_t)k * step;
-        uint64_t ln = nbytes - off < step ? nbytes - off : step;
-        memmove(c->dst + off, c->src + off, ln);
-        pthread_mutex_lock(&mu);
-        c->active--;
-        mine++;
-    }
-    while (c->active) {
-        c->waiters++;
-        pthread_cond_wait(&c->cv, &mu);
-        c->waiters--;
-    }
-    /* Out of the queue, if no thread took it out yet. */
-    gcp_copy **at = &p->head, *prev = NULL;
-    while (*at != NULL && *at != c) {
-        prev = *at;
-        at = &(*at)->next;
-    }
-    if (*at == c) {
-        *at = c->next;
-        if (p->tail == c)
-            p->tail = prev;
-        c->next = NULL;
-        c->refs--; /* the queue's: the caller's is still held */
-    }
-    int64_t helped = (int64_t)c->count - mine;
-    copy_unref(c);
-    pthread_mutex_unlock(&mu);
-    return helped;
 }
 
 /* Whether no thread copies a slice of ``c`` and none will: under mu. */

@@ -52,21 +52,6 @@ against 21 / 21 (H2D / D2H) and was no slower at 16 MiB-1 GiB (issue 13,
 run CI)."""
 
 
-INLINE_SLICE = parse_size(os.environ.get("GPUAIO_INLINE_SLICE") or str(256 << 10))
-"""The slice of a copy that a thread stages for itself with the native copy
-threads' help (:meth:`HostPool.copy_now`)."""
-
-HELP_MIN = parse_size(os.environ.get("GPUAIO_HELP_MIN") or str(1 << 20))
-"""Copies up to this size are one ``memmove`` in :meth:`HostPool.copy_now`: a
-woken helper takes tens of microseconds to start, and on an H200 host 1 MiB
-uploads staged with helpers ran at 0.59-0.64 of the best peer against
-0.71-0.75 alone (issue 13, run CK)."""
-
-HELP_WAKE = int(os.environ.get("GPUAIO_HELP_WAKE", "0"))
-"""Helpers :meth:`HostPool.copy_now` wakes at once (0: one per slice, in one
-broadcast); each that claims a slice wakes another."""
-
-
 def slice_step(nbytes: int, threads: int, least: int = STAGE_SLICE) -> int:
     """The slice size of a sliced copy of ``nbytes`` on ``threads`` threads: one
     slice per thread where that is at least ``least``, so that each thread
@@ -198,32 +183,6 @@ class HostPool:
                 dst, src, nbytes, slice_step(nbytes, self.threads, NATIVE_SLICE)
             )
         return SlicedCopy(self._executor(), self.threads, dst, src, nbytes, span)
-
-    def copy_now(self, dst: int, src: int, nbytes: int) -> None:
-        """Copy ``nbytes`` from address ``src`` to ``dst`` before returning.
-
-        Over :data:`HELP_MIN` bytes, and where the native copy threads are,
-        idle ones help in slices of :data:`INLINE_SLICE` bytes: the calling
-        thread copies every slice no helper has claimed, so the call never
-        waits for a busy pool and returns no later than one ``memmove`` of the
-        whole, plus a helper's last slice. Otherwise one ``memmove``. Either
-        releases the GIL.
-        """
-        if nbytes <= HELP_MIN or not nativecopy.available():
-            ctypes.memmove(dst, src, nbytes)
-            return
-        native = self._native
-        if native is None:
-            native = self._native_pool()
-        native.copy_now(dst, src, nbytes, INLINE_SLICE, HELP_WAKE)
-
-    def native_idle(self) -> bool:
-        """Whether the native copy threads are there and no copy is queued for
-        them: a :meth:`copy_now` would have them all to help."""
-        if not nativecopy.available():
-            return False
-        native = self._native
-        return native is None or native.idle()
 
     @property
     def native(self) -> bool:

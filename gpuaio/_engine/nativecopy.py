@@ -49,10 +49,6 @@ class _Lib:
         self.submit: Callable[..., Any] = _fn(held, "gcp_submit", [ptr, size, size, u64, u64], ptr)
         self.copied: Callable[..., Any] = _fn(held, "gcp_copied", [ptr], u64)
         self.free: Callable[..., Any] = _fn(held, "gcp_free", [ptr], None)
-        self.idle: Callable[..., Any] = _fn(held, "gcp_idle", [ptr], ctypes.c_int)
-        self.copy_now: Callable[..., Any] = _fn(
-            free, "gcp_copy_now", [ptr, size, size, u64, u64, ctypes.c_int], ctypes.c_int64
-        )
         self.wait_prefix: Callable[..., Any] = _fn(
             free, "gcp_wait_prefix", [ptr, u64], ctypes.c_int64
         )
@@ -169,28 +165,6 @@ class NativePool:
                 "could start)"
             )
         return NativeCopy(self._lib, handle, nbytes, -(-nbytes // step))
-
-    def idle(self) -> bool:
-        """Whether no submitted copy has slices left for the threads to claim."""
-        return bool(self._handle and self._lib.idle(self._handle))
-
-    def copy_now(self, dst: int, src: int, nbytes: int, step: int, wake: int = 0) -> int:
-        """Copy ``nbytes`` from address ``src`` to ``dst`` on the calling thread,
-        with the pool's idle threads helping in slices of ``step`` bytes; return
-        once all is copied (the GIL released meanwhile), with the number of
-        slices the threads copied. ``wake`` threads are woken at once (0: all
-        there are slices for), and each that claims a slice wakes another.
-
-        The copy goes ahead of the submitted ones, and the caller copies what
-        no thread has claimed: it never waits for a busy pool, only for the
-        slices helpers are copying. Closed, or in a forked child, the caller
-        copies alone.
-        """
-        handle = self._handle
-        if not handle:
-            ctypes.memmove(dst, src, nbytes)
-            return 0
-        return int(self._lib.copy_now(handle, dst, src, nbytes, step, wake))
 
     def close(self) -> None:
         """Stop the threads after the copies already submitted."""

@@ -19,8 +19,6 @@ The driver copies pageable memory synchronously and slowly (one thread,
   pending (its DMA still queues behind the stream's host jobs); the
   copy-out of a D2H is the op's completion step, which the stream's
   completion queue runs in stream order (see :mod:`gpuaio._engine.sequencer`).
-  Above ``ALONE_MAX`` such a copy is staged there only while the native copy
-  threads are idle, and they copy with the calling thread.
 
 Everything else runs as host steps on the stream's host thread, which
 settle on the host actions before them, so stream order holds.
@@ -43,7 +41,6 @@ from .hostwork import HostPool, SlicedCopy
 from .nativecopy import NativeCopy
 from .pool import PinnedBlock, PinnedPool, size_class
 from .stagingconfig import (
-    ALONE_MAX,
     D2H_SPLIT,
     DMA_STEP,
     LOOKAHEAD,
@@ -71,12 +68,9 @@ class Stager:
         self.pool: PinnedPool = PinnedPool(
             runtime.backend, budget, defer=runtime.reaper.submit, recycle=self.events.put
         )
-        # The largest copy staged on the calling thread with no helpers, and
-        # whether each such copy's block fits the budget (its check then
+        # Whether every small copy's block fits the budget (its check then
         # costs nothing per copy).
-        self._alone = min(self.config.inline_max, ALONE_MAX)
-        self._small_fit = size_class(self._alone) <= self.pool.budget
-        self._priming: set[int] = set()  # size classes being pinned for the next copy
+        self._small_fit = size_class(self.config.inline_max) <= self.pool.budget
 
     def close(self) -> None:
         """Close the pinned pool (waits, bounded, for blocks still in use), drop cached events."""
@@ -97,7 +91,7 @@ class Stager:
     def check_budget(self, nbytes: int) -> None:
         """Raise, before anything is enqueued, if no block for this copy fits the budget."""
         budget = self.pool.budget
-        small = nbytes <= self._alone
+        small = nbytes <= self.config.inline_max
         need = size_class(nbytes) if small else size_class(self.config.min_chunk)
         if need > budget:
             what = "block" if small else "chunk (the smallest staging chunk)"
@@ -111,13 +105,7 @@ class Stager:
     def copy(self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
         """Schedule ``op`` (a copy with a pageable side) on ``stream``."""
         h2d = s.kind.is_host
-        n = d.nbytes
-        small = n <= self._alone
-        if not small and n <= self.config.inline_max and op._tracer is None:
-            # Staged here with helpers, or as a host job: never by this
-            # thread alone (it may be an event loop's). Traced, a host job,
-            # whose chunks are spans.
-            small = size_class(n) <= self.pool.budget and self.runtime.host.native_idle()
+        small = d.nbytes <= self.config.inline_max
         if not (small and self._small_fit):
             try:
                 self.check_budget(d.nbytes)
@@ -138,13 +126,9 @@ class Stager:
                 if h2d:
                     return self._small_h2d(seq, op, d, s, block)
                 return self._small_d2h(seq, op, d, s, block)
-            if n > self._alone:
-                # This size's host job copies through the driver, taking no
-                # block: pin one off this thread for the next copy of it.
-                self._prime(n)
         # An upload's host job only reads host memory (the user's source):
         # later small uploads need not wait for it to read theirs.
-        if self._alone < n <= self.config.driver_max:
+        if self.config.inline_max < d.nbytes <= self.config.driver_max:
             step = self._driver_or_staged
         elif h2d:
             step = self._h2d
@@ -185,25 +169,6 @@ class Stager:
             seq.wait_tail()
         return False
 
-    def _prime(self, nbytes: int) -> None:
-        """Have a block for ``nbytes`` pinned on the reaper thread, unless one
-        of its size is being pinned already (nothing over the budget)."""
-        size = size_class(nbytes)
-        if size in self._priming:
-            return
-        self._priming.add(size)
-        pool, priming = self.pool, self._priming
-
-        def reserve() -> None:
-            try:
-                pool.reserve(size, 1)
-            except (InvalidArgumentError, RuntimeError):
-                pass  # over the budget, or closed: copies of this size stay host jobs
-            finally:
-                priming.discard(size)
-
-        self.runtime.reaper.submit(reserve)
-
     # -- small ---------------------------------------------------------
     def _small_h2d(
         self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo, block: PinnedBlock
@@ -212,7 +177,7 @@ class Stager:
         n = d.nbytes
         try:
             # Small: cheaper than a thread hop (and memmove than numpy views).
-            self.runtime.host.copy_now(block.ptr, s.ptr, n)
+            ctypes.memmove(block.ptr, s.ptr, n)
         except BaseException as exc:
             self.pool.release(block)
             op._resolve(exc)
@@ -226,11 +191,11 @@ class Stager:
     ) -> Operation:
         """DMA into a pinned block; the copy-out is the op's completion step."""
         n = d.nbytes
-        pool, backend, host = self.pool, self.runtime.backend, self.runtime.host
+        pool, backend = self.pool, self.runtime.backend
         dst_ptr, src_ptr = d.ptr, block.ptr  # the op keeps the destination alive
 
         def copy_out() -> None:
-            host.copy_now(dst_ptr, src_ptr, n)
+            ctypes.memmove(dst_ptr, src_ptr, n)
 
         op._complete = copy_out
         op._add_done_callback(lambda: pool.release(block))

@@ -12,11 +12,9 @@ import os
 from dataclasses import dataclass, field
 
 from .._core.errors import InvalidArgumentError
-from . import nativecopy
 from .pool import parse_size
 
 __all__ = [
-    "ALONE_MAX",
     "D2H_SPLIT",
     "DMA_STEP",
     "LOOKAHEAD",
@@ -24,19 +22,6 @@ __all__ = [
     "SOLO_CHUNK",
     "StagingConfig",
 ]
-
-
-ALONE_MAX = 1 << 20
-"""The largest copy the calling thread stages by itself. Up to
-``StagingConfig.inline_max``, larger ones are staged there only with the
-native copy threads' help, when they are idle: alone, the caller would hold
-an event loop for a millisecond or more."""
-
-
-def _inline_default() -> int:
-    # With native helpers, 4 MiB: the copy splits over idle threads, so the
-    # caller holds its thread no longer than for a lone 1 MiB memmove.
-    return 4 << 20 if nativecopy.available() else ALONE_MAX
 
 
 def _env_size(name: str, default: int) -> int:
@@ -74,17 +59,14 @@ class StagingConfig:
     hand-off, and at 2-4 MiB an H200 ran that 1.2-1.5x faster than two staged
     chunks, in three runs (issue 13, runs I-K); from 16 MiB staging's threads
     win or tie."""
-    inline_max: int = field(
-        default_factory=lambda: _env_size("GPUAIO_INLINE_MAX", _inline_default())
-    )
-    """Largest copy staged on the calling thread, where stream order allows.
+    inline_max: int = field(default_factory=lambda: _env_size("GPUAIO_INLINE_MAX", 1 << 20))
+    """Largest copy staged on the calling thread (1 MiB: about 50 us of memmove,
+    less than the thread hop it saves; on an H200 a 1 MiB pageable copy ran at
+    7.7-7.9 GB/s so against 2.1-2.4 through a host thread, issue 13).
 
-    Up to :data:`ALONE_MAX` (1 MiB: about 50 us of memmove, less than the
-    thread hop it saves; on an H200 a 1 MiB pageable copy ran at 7.7-7.9 GB/s
-    so against 2.1-2.4 through a host thread, issue 13) the calling thread
-    copies alone if need be. Above it, only while the native copy threads are
-    idle, which then copy with it (``HostPool.copy_now``): 4 MiB where they
-    are there, 1 MiB otherwise."""
+    Not higher with the native copy threads' help either: woken from idle,
+    they joined a 4 MiB copy too late to halve its time on the calling
+    thread (issue 13, runs CK-CL)."""
 
     def __post_init__(self) -> None:
         if self.depth < 1:
