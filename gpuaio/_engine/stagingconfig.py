@@ -48,7 +48,9 @@ class StagingConfig:
     chunks than in 8, and faster than in 4 (each chunk costs a block, a DMA,
     an event and thread hand-offs; the DMA of one overlaps the host copy of
     the next); from 256 MiB the 64 MiB cap decides (issue 13,
-    ``benchmarks/results/2026-12-02-h200-staging-variants.log``)."""
+    ``benchmarks/results/2026-12-02-h200-staging-variants.log``). On the
+    native copy threads 4 chunks ran 64 MiB uploads 7% faster but 16 MiB
+    ones 16% slower (run CN)."""
     depth: int = field(default_factory=lambda: int(os.environ.get("GPUAIO_STAGING_DEPTH", "4")))
     """Chunks in flight per transfer (pinned use per transfer is depth x chunk)."""
     driver_max: int = field(default_factory=lambda: _env_size("GPUAIO_DRIVER_COPY_MAX", 4 << 20))
@@ -65,8 +67,9 @@ class StagingConfig:
     7.7-7.9 GB/s so against 2.1-2.4 through a host thread, issue 13).
 
     Not higher with the native copy threads' help either: woken from idle,
-    they joined a 4 MiB copy too late to halve its time on the calling
-    thread (issue 13, runs CK-CL)."""
+    they joined late, and a 2-4 MiB upload staged on the calling thread with
+    them held it 148-282 us against 32-55 us as a host job, for copies 1-53%
+    faster (issue 13, runs CK-CL)."""
 
     def __post_init__(self) -> None:
         if self.depth < 1:
