@@ -378,7 +378,18 @@ async def test_runtime_closed_with_ops_in_flight(gpuaio_runtime: Any) -> None:
     assert left == []
 
 
-_CLOSE_HANG_CHILD = r"""
+# The children's end: close the runtime on a thread; it must return within 12 s.
+_CLOSE_IN_A_THREAD = r"""
+time.sleep(0.1)
+t = threading.Thread(target=rt.close, daemon=True)
+t.start()
+t.join(12)
+print("hung" if t.is_alive() else "closed", flush=True)
+os._exit(0)
+"""
+
+_CLOSE_HANG_CHILD = (
+    r"""
 import os, threading, time
 import numpy as np
 import gpuaio
@@ -388,16 +399,13 @@ dev = gpuaio.Device(0)
 s = dev.stream()
 rt.backend.hold(s._native)  # GPU work that never ends (a hung kernel)
 op = s.copy(dev.empty(2 << 20), np.ones(2 << 20, np.uint8))  # staged: pinned blocks in flight
-time.sleep(0.1)
-t = threading.Thread(target=rt.close, daemon=True)
-t.start()
-t.join(12)
-print("hung" if t.is_alive() else "closed", flush=True)
-os._exit(0)
 """
+    + _CLOSE_IN_A_THREAD
+)
 
 
-_CLOSE_HANG_CACHED_CHILD = r"""
+_CLOSE_HANG_CACHED_CHILD = (
+    r"""
 import os, threading, time
 import anyio
 import numpy as np
@@ -413,13 +421,9 @@ assert rt.stager.pool.stats().reserved > 0
 s = dev.stream()
 rt.backend.hold(s._native)  # GPU work that never ends (a hung kernel)
 op = s.copy(dev.empty(4096), d[:4096])
-time.sleep(0.1)
-t = threading.Thread(target=rt.close, daemon=True)
-t.start()
-t.join(12)
-print("hung" if t.is_alive() else "closed", flush=True)
-os._exit(0)
 """
+    + _CLOSE_IN_A_THREAD
+)
 
 
 @pytest.mark.timeout(60)
