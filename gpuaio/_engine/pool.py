@@ -282,8 +282,9 @@ class PinnedPool:
                 with self._cv:
                     self._reserved -= size
                 raise
-            if not self._cache_new(ptr, size):  # closed while it was pinned
-                self._free_unpooled(ptr, size)
+            block = PinnedBlock(ptr, size)
+            if not self._cache_new(block):  # closed while it was pinned
+                self._free_blocks([block])
                 raise RuntimeError("the pinned pool is closed")
             added += size
 
@@ -473,24 +474,16 @@ class PinnedPool:
         if error is not None:
             raise error
 
-    def _cache_new(self, ptr: int, size: int) -> bool:
-        """Cache a newly pinned block, unless the pool is closed (then False:
-        nobody would free it)."""
+    def _cache_new(self, block: PinnedBlock) -> bool:
+        """Cache a newly pinned block, unless the pool is closed: then count it
+        as being freed (for :meth:`_free_blocks`) and return False."""
         with self._cv:
             if self._closed:
+                self._freeing += block.size
                 return False
-            self._free.setdefault(size, []).append(PinnedBlock(ptr, size))
+            self._free.setdefault(block.size, []).append(block)
             self._cv.notify_all()
             return True
-
-    def _free_unpooled(self, ptr: int, size: int) -> None:
-        """Free a block that never entered the pool, and its bytes of the budget."""
-        try:
-            self.backend.host_free(ptr)
-        finally:
-            with self._cv:
-                self._reserved -= size
-                self._cv.notify_all()
 
     def _wait_events(self, block: PinnedBlock, events: list[Any]) -> None:
         """Synchronize on ``events`` (``block``'s, its ``waiters`` counted up by the caller)."""
