@@ -11,6 +11,7 @@ import anyio
 import numpy as np
 import pytest
 
+import gpuaio
 from gpuaio._api.device import device_of
 from gpuaio._engine.completion import _events, _firstpoll
 from gpuaio._engine.completion._firstpoll import EXPLORE, WINDOW, FirstPolls
@@ -162,4 +163,55 @@ async def test_an_await_of_a_lone_op_already_done_yields_only_when_the_loop_is_d
     out = np.zeros(4, np.uint8)
     await s.copy(out, d)
     assert out.tobytes() == b"\x07" * 4
+    s.close()
+
+
+@asyncio_only
+@pytest.mark.parametrize("direction", ["h2d", "d2h"])
+@pytest.mark.parametrize("kib", [4, 256])
+async def test_a_small_staged_copy_already_done_is_found_at_its_first_poll(
+    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch, direction: str, kib: int
+) -> None:
+    """A copy staged on the calling thread up to ``POLL_FIRST_MAX`` (4 KiB) has a
+    pinned copy's expected duration: awaited once its DMA has run, it returns
+    without yielding, the bytes where they belong (a download's copy-out
+    included). A larger one (256 KiB) has none and takes a turn of the loop."""
+    from gpuaio._engine import staging
+
+    monkeypatch.setattr(_events, "STAND_DOWN_S", 60.0)
+    monkeypatch.setattr(_firstpoll, "FIRST_POLL_RUN_S", 60.0)
+    assert 4096 <= staging.POLL_FIRST_MAX < 256 * 1024 <= gpuaio_runtime.stager.config.inline_max
+    rt = gpuaio_runtime
+    dev = device_of(rt, 0)
+    s = dev.stream()
+    n = kib * 1024
+    d = dev.empty(n)
+    src = np.frombuffer(np.random.default_rng(kib).bytes(n), np.uint8).copy()
+    out = np.zeros(n, np.uint8)
+    await gpuaio.reserve_pinned(n)  # a block of this size is cached now
+    await s.copy(d, src)
+    engine = rt.engine(0)
+    engine._loop_polling_until = time.perf_counter() + 60
+    await anyio.sleep(0.05)  # the watcher has stood down by now, for 60 s
+    for q in engine._queues.values():  # no batch probe due: the op gets its own marker
+        q.next_probe = time.perf_counter() + 60
+    d2 = dev.empty(n)
+    op = s.copy(d2, src) if direction == "h2d" else s.copy(out, d)
+    rt.backend.stream_synchronize(s._native)  # its DMA has run
+    assert not op.done()
+    assert op._poll is not None and op._poll[2] is None, "the copy was batched"
+    engine.first_poll._on = True
+    _firstpoll._turn.at = time.perf_counter()
+    gen = op.__await__()
+    if kib == 4:
+        assert not _step(gen), "the await yielded for a copy found done at its first poll"
+    else:
+        assert _step(gen), "a 256 KiB staged copy was polled for before a turn of the loop"
+        assert not _step(gen)
+    assert op.done()
+    if direction == "d2h":
+        assert np.array_equal(out, src), "the copy-out did not run when the copy was found done"
+    else:
+        await s.copy(out, d2)
+        assert np.array_equal(out, src)
     s.close()
