@@ -172,10 +172,10 @@ async def test_an_await_of_a_lone_op_already_done_yields_only_when_the_loop_is_d
 async def test_a_small_staged_copy_already_done_is_found_at_its_first_poll(
     gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch, direction: str, kib: int
 ) -> None:
-    """A copy staged on the calling thread up to ``POLL_FIRST_MAX`` (4 KiB) has a
-    pinned copy's expected duration: awaited once its DMA has run, it returns
-    without yielding, the bytes where they belong (a download's copy-out
-    included). A larger one (256 KiB) has none and takes a turn of the loop."""
+    """A copy staged on the calling thread up to ``POLL_FIRST_MAX`` (16 KiB) has
+    a pinned copy's expected duration: awaited once its DMA has run, a 4 KiB
+    one returns without yielding, the bytes where they belong (a download's
+    copy-out included). A 256 KiB one has none and takes a turn of the loop."""
     from gpuaio._engine import staging
 
     monkeypatch.setattr(_events, "STAND_DOWN_S", 60.0)

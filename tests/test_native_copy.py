@@ -26,7 +26,7 @@ from gpuaio._engine import hostwork, nativecopy, staging
 from gpuaio._engine.hostwork import COPY_NICE, HostPool, SlicedCopy
 from gpuaio._engine.nativecopy import NativeCopy
 from tests.test_copy import pattern
-from tests.test_staging import _dma_chunks, _recorded_copies
+from tests.test_staging import _recorded_copies
 
 MiB = 1 << 20
 
@@ -218,33 +218,6 @@ async def test_staged_transfers_run_on_the_native_threads_byte_exact(
     await s.copy(back, d)
     assert np.array_equal(back, src)
     assert host._native is not None, "the staged copies did not use the native threads"
-
-
-@pytest.mark.anyio
-async def test_on_the_native_threads_an_upload_of_64_mib_goes_in_quarters(
-    dev: gpuaio.Device, gpuaio_runtime: Any
-) -> None:
-    """A 64 MiB upload is staged in ``H2D_SPLIT`` (4) chunks of 16 MiB, not two
-    of 32: its first DMA waits for less of the host copy. 32 and 16 MiB ones
-    go in 8 MiB chunks, no smaller (``H2D_SPLIT_MIN``: 4 MiB chunks ran 16 MiB
-    uploads 16% slower). Byte-exact; a reservation for the size serves it."""
-    assert staging.H2D_SPLIT == 4 and 8 * MiB == staging.H2D_SPLIT_MIN, "not the defaults"
-    stager = gpuaio_runtime.stager
-    be = gpuaio_runtime.backend
-    for n, want in [(64 * MiB, 16 * MiB), (32 * MiB, 8 * MiB), (16 * MiB, 8 * MiB)]:
-        assert stager.chunk_for(n) == want
-        assert stager.blocks_for(n)[0] >= want
-        src = pattern(n, 39)
-        back = np.zeros(n, np.uint8)
-        d = dev.empty(n)
-        s = dev.stream()
-        with _recorded_copies(be) as calls:
-            await s.copy(d, src)
-        chunks = _dma_chunks(calls, d.ptr, n, want)
-        assert chunks == [want] * (n // want), f"a {n}-byte upload went in chunks of {chunks}"
-        await s.copy(back, d)
-        assert np.array_equal(back, src)
-        await s.aclose()
 
 
 @pytest.mark.anyio

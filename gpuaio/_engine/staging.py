@@ -43,8 +43,6 @@ from .pool import PinnedBlock, PinnedPool, size_class
 from .stagingconfig import (
     D2H_SPLIT,
     DMA_STEP,
-    H2D_SPLIT,
-    H2D_SPLIT_MIN,
     LOOKAHEAD,
     PCIE_BPS,
     POLL_FIRST_MAX,
@@ -81,33 +79,15 @@ class Stager:
         self.events.close()
 
     def blocks_for(self, transfer_bytes: int, concurrent: int = 1) -> tuple[int, int]:
-        """(block size, count) that ``concurrent`` transfers of this size hold at most,
-        in either direction (a block serves chunks of up to a quarter its size)."""
+        """(block size, count) that ``concurrent`` transfers of this size hold at most."""
         if transfer_bytes <= self.config.inline_max:
             return transfer_bytes, concurrent  # one block per small transfer in flight
         per_transfer = self.config.depth + LOOKAHEAD  # in DMA + being copied
-        chunk = max(self.chunk_for(transfer_bytes), self.chunk_for(transfer_bytes, upload=False))
-        return chunk, per_transfer * concurrent
+        return self.chunk_for(transfer_bytes), per_transfer * concurrent
 
-    def chunk_for(self, transfer_bytes: int, *, upload: bool = True) -> int:
-        """The chunk size of a staged upload (or download) of this size under this
-        pool's budget.
-
-        ``StagingConfig.chunk_for``'s, or on the native copy threads a smaller
-        one (:data:`H2D_SPLIT`, :data:`D2H_SPLIT`): not down to chunks the
-        stream's host thread would copy alone (:data:`SOLO_CHUNK`), nor, for an
-        upload, below :data:`H2D_SPLIT_MIN`. Not on the Python copy threads,
-        where each chunk's hand-offs cost more than the overlap gains (issue
-        13, run BH).
-        """
-        config, budget = self.config, self.pool.budget
-        chunk = config.chunk_for(transfer_bytes, budget)
-        split = H2D_SPLIT if upload else D2H_SPLIT
-        if config.split < split and self.runtime.host.native:
-            small = config.chunk_for(transfer_bytes, budget, split)
-            if small > SOLO_CHUNK and (small >= H2D_SPLIT_MIN or not upload):
-                chunk = min(chunk, small)
-        return chunk
+    def chunk_for(self, transfer_bytes: int) -> int:
+        """The chunk size of a staged transfer of this size under this pool's budget."""
+        return self.config.chunk_for(transfer_bytes, self.pool.budget)
 
     def check_budget(self, nbytes: int) -> None:
         """Raise, before anything is enqueued, if no block for this copy fits the budget."""
@@ -350,10 +330,16 @@ class Stager:
         native = seq.native
         dst_ptr = d.ptr
         n = d.nbytes
-        # Smaller chunks than an upload's: the first copy-out waits for one
-        # chunk's DMA.
-        chunk = self.chunk_for(n, upload=False)
+        chunk = self.chunk_for(n)
         floor = self.config.min_chunk
+        if self.config.split < D2H_SPLIT and host.native:
+            # Smaller chunks: the first copy-out waits for one chunk's DMA.
+            # Not down to chunks this thread would copy alone, though; and
+            # not on the Python copy threads, where each chunk's hand-offs
+            # cost more than the overlap gains (issue 13, run BH).
+            small = self.config.chunk_for(n, self.pool.budget, D2H_SPLIT)
+            if small > SOLO_CHUNK:
+                chunk = min(chunk, small)
         depth = self.config.depth
         device = seq.ordinal
         solo = chunk <= SOLO_CHUNK

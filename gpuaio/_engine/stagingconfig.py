@@ -17,8 +17,6 @@ from .pool import parse_size
 __all__ = [
     "D2H_SPLIT",
     "DMA_STEP",
-    "H2D_SPLIT",
-    "H2D_SPLIT_MIN",
     "LOOKAHEAD",
     "PCIE_BPS",
     "POLL_FIRST_MAX",
@@ -116,17 +114,18 @@ completion times come early rather than late: they decide when to poll,
 never correctness. An H200 ran pinned DMA at up to 55 GB/s; at 52e9, issue
 13's run L expected 1 GiB copies 1.2 ms late, and woke them that late."""
 
-POLL_FIRST_MAX = _env_size("GPUAIO_POLL_FIRST_MAX", 64 << 10)
+POLL_FIRST_MAX = _env_size("GPUAIO_POLL_FIRST_MAX", 16 << 10)
 """Copies staged on the calling thread up to this size get the expected
 duration a pinned copy of their size has, so that a lone one, done by the
 time its task awaits it, is found done at a first poll instead of after a
 turn of the loop (``gpuaio._engine.completion._firstpoll``), and may share
-its stream's markers; 0: none does.
+its stream's markers like one; 0: none does.
 
-A turn of an asyncio loop costs several microseconds. On an H200 host the
-estimate made 4 and 64 KiB staged copies 3-8% faster on asyncio, 0-3% on
-uvloop, and 256 KiB ones up to 4% slower, where the first poll comes before
-the DMA can have finished (issue 13, run BW)."""
+On an H200 host, toggled per call in one process, the estimate made 4 KiB
+staged copies 10-16% faster on asyncio and 6-9% on uvloop, in 22-25 rounds
+of 25; 64 KiB ones ran 0.97-1.01 as fast, the first poll coming before
+their DMA had finished (issue 13, run CO; run BW before it, on slower
+paths: 3-8% at 4-64 KiB on asyncio, up to 4% slower at 256 KiB)."""
 
 LOOKAHEAD = int(os.environ.get("GPUAIO_LOOKAHEAD", "2"))
 """Chunks the host threads may be copying at once within one transfer."""
@@ -147,22 +146,6 @@ the copy threads idle meanwhile. On an H200 host, 8 chunks ran 64 MiB
 downloads at 25.9-27.7 GB/s against 21.0-21.2 in 2, 256 MiB ones at
 31.7-31.8 against 28.0-28.1 (issue 13, run CI); at 16 MiB the 2 MiB chunks
 copied solo ran at 5.7-6.8 against 12.6-14.3, hence the floor."""
-
-H2D_SPLIT = int(os.environ.get("GPUAIO_H2D_SPLIT", "4"))
-"""Chunks an upload is split into where more than ``StagingConfig.split`` (0:
-as many as ``split``), as long as each stays at least :data:`H2D_SPLIT_MIN`;
-with the native copy threads only.
-
-Smaller chunks shorten the pipeline's ends: the first DMA waits for less of
-the host copy, and the last chunk's blocks come back sooner. But each chunk
-costs a block, an event and a hand-off to the copy threads. On an H200 host
-4 chunks ran 64 MiB uploads at 23.4-24.4 GB/s against 21.1-22.1 in 2
-(issue 13, run CM) and 24.5 against 23.0 (run CN), while 16 MiB ones, in
-4 MiB chunks, ran 16% slower: hence the floor."""
-
-H2D_SPLIT_MIN = _env_size("GPUAIO_H2D_SPLIT_MIN", 8 << 20)
-"""The smallest chunk :data:`H2D_SPLIT` cuts an upload into: 16 MiB uploads keep
-their two 8 MiB chunks."""
 
 SOLO_CHUNK = _env_size("GPUAIO_SOLO_CHUNK", 2 << 20)
 """Chunks up to this size are copied by the stream's host thread itself, while
