@@ -121,11 +121,12 @@ time its task awaits it, is found done at a first poll instead of after a
 turn of the loop (``gpuaio._engine.completion._firstpoll``), and may share
 its stream's markers like one; 0: none does.
 
-On an H200 host, toggled per call in one process, the estimate made 4 KiB
-staged copies 10-16% faster on asyncio and 6-9% on uvloop, in 22-25 rounds
-of 25; 64 KiB ones ran 0.97-1.01 as fast, the first poll coming before
-their DMA had finished (issue 13, run CO; run BW before it, on slower
-paths: 3-8% at 4-64 KiB on asyncio, up to 4% slower at 256 KiB)."""
+On H200 hosts, toggled per call in one process (medians of 25 paired
+rounds), the estimate made 4 and 16 KiB staged copies 9-17% faster on
+asyncio and 1-9% on uvloop; 64 KiB ones ran 0.97-1.01 as fast (issue 13,
+runs CO and CP), the first poll coming before their DMA had finished. Run
+BW, on slower paths, had found 3-8% at 4-64 KiB on asyncio and up to 4%
+slower at 256 KiB."""
 
 LOOKAHEAD = int(os.environ.get("GPUAIO_LOOKAHEAD", "2"))
 """Chunks the host threads may be copying at once within one transfer."""
