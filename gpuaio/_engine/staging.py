@@ -124,6 +124,9 @@ class Stager:
                     op._resolve(exc)
                     raise
             if block is not None:
+                if d.nbytes <= POLL_FIRST_MAX:
+                    # Its DMA is a pinned copy: so is its expected duration.
+                    op._est = d.nbytes / PCIE_BPS
                 if h2d:
                     return self._small_h2d(seq, op, d, s, block)
                 return self._small_d2h(seq, op, d, s, block)
@@ -185,8 +188,6 @@ class Stager:
             raise
         pool, backend = self.pool, self.runtime.backend
         op._add_done_callback(lambda: pool.release(block))
-        if n <= POLL_FIRST_MAX:
-            op._est = n / PCIE_BPS  # a pinned copy's, which its DMA is
         return seq.gpu(op, backend.memcpy_async, d.ptr, block.ptr, n)
 
     def _small_d2h(
@@ -202,8 +203,6 @@ class Stager:
 
         op._complete = copy_out
         op._add_done_callback(lambda: pool.release(block))
-        if n <= POLL_FIRST_MAX:
-            op._est = n / PCIE_BPS
         seq.gpu(op, backend.memcpy_async, block.ptr, s.ptr, n)
         seq.note_copy_out(op)
         return op
