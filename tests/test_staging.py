@@ -282,6 +282,55 @@ async def test_reserve_pinned_small_transfers_use_inline_blocks(
     assert roomy_pool.pool.stats().misses == 0
 
 
+@pytest.mark.parametrize("direction", ["h2d", "d2h"])
+async def test_a_small_copy_after_a_large_one_pins_a_block_of_its_own_size(
+    roomy_pool: Stager, dev: gpuaio.Device, direction: str
+) -> None:
+    """With only larger blocks cached, a small copy (its class empty, so it runs
+    on the stream's thread) pins a block of its own size class for the next
+    ones, which are then staged on the calling thread. It used to take a
+    larger cached block: the class stayed empty, and after one large copy
+    every 4 KiB copy went through the stream's thread, 3-5x slower."""
+    from gpuaio._engine.pool import MIN_CLASS
+
+    pool = roomy_pool.pool
+    s = dev.stream()
+    big = pattern(2 * MiB, 1)
+    dbig = dev.empty(2 * MiB)
+    await s.copy(dbig, big)  # caches 1 MiB chunk blocks, nothing smaller
+    n = 4096
+    d = dev.empty(n)
+    await s.memset(d, 0x5A)
+    before = pool.stats()
+    srcs = [pattern(n, 10 + i) for i in range(4)]
+    for i, src in enumerate(srcs):
+        if direction == "h2d":
+            expect = src.copy()
+            op = s.copy(d, src)
+            if i:
+                # Staged at the call, on this thread: the source is read already.
+                src[:] = 0xEE
+            await op
+            out = np.empty(n, np.uint8)
+            await s.copy(out, d)
+        else:
+            expect = np.full(n, 0x5A, np.uint8)
+            out = np.empty(n, np.uint8)
+            await s.copy(out, d)
+        np.testing.assert_array_equal(out, expect)
+        if i == 0:
+            first = pool.stats()
+            assert first.reserved == before.reserved + MIN_CLASS, (
+                "the first small copy did not pin a block of its own size class"
+            )
+    after = pool.stats()
+    assert after.misses == first.misses and after.reserved == first.reserved, (
+        "later small copies should be served by the block the first one pinned"
+    )
+    assert after.in_use == 0
+    await s.aclose()
+
+
 async def test_registered_buffer_goes_direct(dev: gpuaio.Device) -> None:
     n = 4 * MiB
     arr = pattern(n, 3)

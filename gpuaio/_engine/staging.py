@@ -223,6 +223,7 @@ class Stager:
         n = d.nbytes
         chunk = self.chunk_for(n)
         floor = self.config.min_chunk
+        own = n <= self.config.inline_max  # see _chunk_block
         depth = self.config.depth
         device = seq.ordinal
         solo = chunk <= SOLO_CHUNK
@@ -251,9 +252,7 @@ class Stager:
                     # waiting while holding could deadlock transfers.
                     # A cached block first: acquire() reclaims (queries every
                     # guarded block's events) before it looks.
-                    block = pool.take_cached(ln) or pool.acquire(
-                        ln, wait=not copying, min_bytes=min(ln, floor)
-                    )
+                    block = _chunk_block(pool, ln, not copying, min(ln, floor), own)
                     if block is None:
                         break
                     # A smaller cached block shortens the chunk; a larger one
@@ -331,6 +330,7 @@ class Stager:
         n = d.nbytes
         chunk = self.chunk_for(n)
         floor = self.config.min_chunk
+        own = n <= self.config.inline_max  # see _chunk_block
         if self.config.split < D2H_SPLIT and host.native:
             # Smaller chunks: the first copy-out waits for one chunk's DMA.
             # Not down to chunks this thread would copy alone, though; and
@@ -356,9 +356,7 @@ class Stager:
             while True:
                 while off < n and len(inflight) < depth and not op._abort:
                     ln = min(chunk, n - off)
-                    block = pool.take_cached(ln) or pool.acquire(
-                        ln, wait=not (inflight or copying), min_bytes=min(ln, floor)
-                    )
+                    block = _chunk_block(pool, ln, not (inflight or copying), min(ln, floor), own)
                     if block is None:
                         break
                     # A smaller cached block shortens the chunk; a larger one
@@ -440,6 +438,29 @@ def _guarded_dma(
         _release_after_drain(backend, native, pool, block)
         raise
     return ev
+
+
+def _chunk_block(
+    pool: PinnedPool, nbytes: int, wait: bool, min_bytes: int, own: bool
+) -> PinnedBlock | None:
+    """A pinned block for a staged chunk of ``nbytes`` (see :meth:`PinnedPool.acquire`).
+
+    A cached block of the chunk's size class first. Then, for a copy small
+    enough for its caller's thread (``own``: it came here only because no
+    block of its class was cached), a block of that class, pinned now if the
+    budget has room: cached afterwards, it keeps the next copy of that size
+    on its caller's thread. Taking any larger cached block instead, as a
+    chunk of a large copy does, left the class empty for good: after one
+    1 MiB copy every 4 KiB copy took this thread's path, 3-5x slower (issue
+    13, run CS). Then any cached block of at least ``min_bytes``, or a new
+    one, waiting for one if ``wait``.
+    """
+    block = pool.take_cached(nbytes)
+    if block is None and own:
+        block = pool.acquire(nbytes, wait=False)
+    if block is None:
+        block = pool.acquire(nbytes, wait=wait, min_bytes=min_bytes)
+    return block
 
 
 def _release_after_drain(backend: Any, native: Any, pool: PinnedPool, block: PinnedBlock) -> None:
