@@ -290,7 +290,7 @@ async def test_a_small_copy_after_a_large_one_pins_a_block_of_its_own_size(
     on the stream's thread) pins a block of its own size class for the next
     ones, which are then staged on the calling thread. It used to take a
     larger cached block: the class stayed empty, and after one large copy
-    every 4 KiB copy went through the stream's thread, 3-5x slower."""
+    every 4-256 KiB copy went through the stream's thread, 4-13x slower."""
     from gpuaio._engine.pool import MIN_CLASS
 
     pool = roomy_pool.pool

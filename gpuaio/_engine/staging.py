@@ -451,8 +451,8 @@ def _chunk_block(
     budget has room: cached afterwards, it keeps the next copy of that size
     on its caller's thread. Taking any larger cached block instead, as a
     chunk of a large copy does, left the class empty for good: after one
-    1 MiB copy every 4 KiB copy took this thread's path, 3-5x slower (issue
-    13, run CS). Then any cached block of at least ``min_bytes``, or a new
+    large copy every 4-256 KiB copy took this thread's path, 4-13x slower
+    (issue 13, runs CS and CX). Then any cached block of at least ``min_bytes``, or a new
     one, waiting for one if ``wait``.
     """
     block = pool.take_cached(nbytes)
