@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 
 import gpuaio
+from gpuaio import CudaError
+from gpuaio._core.operation import Operation
 from tests.conftest import latch
 from tests.test_copy import pattern
 
@@ -76,6 +79,56 @@ async def test_event_wait_before_record_is_enqueued(dev: gpuaio.Device) -> None:
     out = np.empty(n, np.uint8)
     await b.copy(out, d)
     np.testing.assert_array_equal(out, host)
+
+
+@pytest.mark.gpuaio_sim_only  # a record failing on the stream's thread: injected
+async def test_a_wait_on_an_event_whose_record_failed_still_orders(
+    dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event recorded behind a host job, whose record then fails on the stream's
+    thread: a wait issued for it must still order later work after what the
+    event stood for. It used to let that work run at once, so a copy read the
+    buffer before the upload ahead of the event had landed, and returned the old
+    bytes without an error (found by the cancellation storm with transient
+    faults)."""
+    a, b = dev.stream(), dev.stream()
+    n = 4096
+    d = dev.empty(n)
+    await a.memset(d, 0x5A)
+    src = pattern(n, 3)
+    be = dev._runtime.backend
+    release = latch(dev, a)  # the upload's DMA waits behind this
+    gate = threading.Event()
+
+    def held() -> bool:  # keeps the stream's thread busy: what follows is deferred
+        gate.wait(10)
+        return False
+
+    a._seq.host(Operation("gate", a), held, after_gpu=False)
+    try:
+        up = a.copy(d, src)  # a host job behind the gate
+        ev = a.record()  # recorded by the stream's thread, later
+        real = be.event_record
+
+        def failing(event: Any, stream: Any) -> None:
+            if event is ev._native:
+                raise CudaError("cuEventRecord", 1, "CUDA_ERROR_INVALID_VALUE", "injected")
+            real(event, stream)
+
+        monkeypatch.setattr(be, "event_record", failing)
+        b.wait(ev)
+        out = np.empty(n, np.uint8)
+        copy = b.copy(out, d)  # must see the upload, not the 0x5A before it
+        gate.set()
+        with pytest.raises(CudaError, match="injected"):
+            await ev  # the record's failure is reported where it is awaited
+        await anyio.sleep(0.05)  # time for the copy to run, were it not held back
+    finally:
+        gate.set()
+        release()
+    await up
+    await copy
+    np.testing.assert_array_equal(out, src)
 
 
 async def _ticker(gaps: list[float], stop: anyio.Event, ticks: list[float] | None = None) -> None:

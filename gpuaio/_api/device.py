@@ -253,12 +253,14 @@ class Device:
 class Event(Operation):
     """A point in a stream's order: awaitable, and usable in :meth:`Stream.wait`."""
 
-    __slots__ = ("_frontier", "_native", "_recorded", "_rt")
+    __slots__ = ("_frontier", "_native", "_on", "_recorded", "_rt")
 
     def __init__(self, stream: Stream) -> None:
         super().__init__("event", stream)
         self._rt: Runtime = stream._rt
         self._native: Any = None
+        self._on: Any = stream._native
+        """The native stream it is recorded on (``Stream.wait`` falls back on it)."""
         self._recorded = False
         # The host actions submitted before the event (see Stream.wait).
         self._frontier: tuple[Frontier, ...] = ()
@@ -483,7 +485,9 @@ class Stream(Transfers):
         Later GPU work waits on the GPU; later host steps (staging copies,
         copy-outs, host memsets, host-to-host copies) also come after the
         host-side effects of everything ``other`` stands for. The calling
-        thread does not wait.
+        thread does not wait. Should an event's record fail on its stream's
+        host thread (awaiting the event raises the error), later work here
+        waits for all of that stream's work submitted up to then instead.
         """
         self._check()
         if isinstance(other, Stream):
@@ -509,6 +513,12 @@ class Stream(Transfers):
             if ev._recorded:
                 backend.stream_wait_event(self._native, ev._native)
                 return True
+            # Its record failed (awaiting the event raises why). All it stood
+            # for had been enqueued on its stream by then: wait here for all
+            # of that stream's work so far, more than the event but never
+            # less. Waiting for nothing let later work on this stream run
+            # ahead of it, silently (issue 13's storm with transient faults).
+            backend.stream_synchronize(ev._on)
             return False
 
         seq.host(marker, wait_recorded, after_gpu=False)
