@@ -325,6 +325,31 @@ async def test_a_batch_whose_marker_cannot_be_recorded_fails_its_ops(
         await stream.memset(d, 5)
 
 
+@pytest.mark.usefixtures("always_batch")
+@pytest.mark.gpuaio_sim_only  # the DMA is slowed down and a marker fails: simulated
+@pytest.mark.gpuaio_sim_config(dma_gbps=0.0001)  # 4 KiB: about 40 ms
+async def test_a_staged_copy_whose_batch_marker_failed_keeps_its_block_until_its_dma_ran(
+    dev: gpuaio.Device, stream: gpuaio.Stream, records: _Records
+) -> None:
+    pool = dev._runtime.stager.pool
+    n = 4096
+    d = dev.empty(n)
+    await stream.memset(d, 7)
+    host = np.empty(n, np.uint8)
+    await stream.copy(host, d)  # leaves a block of its class: the next one is staged here
+    host[:] = 0
+    op = stream.copy(host, d)  # a short download: it joins the stream's batch
+    records.fail = CudaError("cuEventRecord", 1, "CUDA_ERROR_INVALID_VALUE", "injected")
+    with anyio.move_on_after(0.01):  # the poll seals the batch: its marker fails
+        await op
+    assert not op.done(), "resolved while its DMA could still run"
+    assert pool.stats().in_use > 0, "its pinned block went back under its DMA"
+    with anyio.fail_after(10):
+        with pytest.raises(CudaError, match="injected"):
+            await op
+    assert pool.stats().in_use == 0
+
+
 def test_batch_bookkeeping_recycles_each_marker_once() -> None:
     # Unit level: an op with a marker of its own between two ops of one
     # batch (another thread marked it alone while the batch was open).
@@ -345,6 +370,43 @@ def test_batch_bookkeeping_recycles_each_marker_once() -> None:
     assert all(op.done() for op in ops)
     assert recycled == [own, batch_marker]
     assert not q.entries and q.open is None
+
+
+def test_a_batch_whose_marker_failed_resolves_only_behind_its_work() -> None:
+    # Unit level. The batch's work was enqueued before its marker failed to
+    # record, and may still run: its ops fail with the error, but only once a
+    # marker placed after that work has fired. They used to resolve at the
+    # next drain, and their done callbacks gave a staged copy's pinned block
+    # back to the pool under its DMA (the storm with transient faults read
+    # another copy's bytes).
+    markers = _FakeMarkers()
+    real_place = markers.place
+    failures = [CudaError("cuEventRecord", 1, "CUDA_ERROR_INVALID_VALUE", "injected")] * 2
+
+    def place(native: Any) -> object:
+        if failures:
+            raise failures.pop()
+        return real_place(native)
+
+    q = _queue.StreamQueue(markers.is_fired, lambda ev: None, place, markers.write)
+    released: list[str] = []
+    ops = [gpuaio.Operation(f"op{i}", None) for i in range(2)]
+    for op in ops:
+        op._add_done_callback(lambda op=op: released.append(op.label))
+    now = time.perf_counter()
+    assert q.join(ops[0], "s", now) and q.join(ops[1], "s", now)
+    assert q.seal()  # its marker fails to record
+    q.drain([])  # the next try fails too: nothing may resolve
+    assert not any(op.done() for op in ops) and not released
+    q.drain([])  # placed now, behind the batch's work, but not fired
+    assert markers.placed, "a failed batch marker is placed again at a later drain"
+    assert not any(op.done() for op in ops) and not released
+    markers.fire_all()
+    q.drain([])
+    assert all(op.done() for op in ops) and released == ["op0", "op1"]
+    for op in ops:
+        assert isinstance(op.exception(), CudaError), "the ops still report the failure"
+    assert not q.entries
 
 
 @pytest.mark.usefixtures("always_batch")

@@ -413,7 +413,12 @@ class StreamQueue:
             if isinstance(err, DeviceFatalError):
                 raise err
             if m.event is None:
-                return True
+                # Its marker failed to record, but the batch's work was
+                # enqueued and may still run: its ops fail only once a marker
+                # placed behind that work has fired. Resolved at once, they
+                # gave their buffers back under it (a staged copy's pinned
+                # block, reused by another copy while the DMA still wrote it).
+                return self._place_again(m) and self._fired_or_failed(m)
             # Its deferred memsets failed; its marker covers the rest's work.
         if m.event is None:
             # The open batch is the oldest pending. Its marker, if recorded
@@ -422,17 +427,35 @@ class StreamQueue:
             if not seal_after or now - m.opened >= seal_after:
                 self.seal(block)
             return False
+        if self._fired_or_failed(m):
+            return True
+        if not seal_after and self.open is not None:
+            self.seal(block)  # not held back behind a long op to its end, either
+        return False
+
+    def _fired_or_failed(self, m: Mark) -> bool:
+        """Whether ``m``'s recorded marker has fired; a query's (non-sticky) error
+        goes to ``m.error`` and counts as over. Raises DeviceFatalError."""
         try:
-            if self.fired(m.event):
-                return True
+            return bool(self.fired(m.event))
         except DeviceFatalError:
             raise
         except CudaError as e:
             m.error = e
             return True
-        if not seal_after and self.open is not None:
-            self.seal(block)  # not held back behind a long op to its end, either
-        return False
+
+    def _place_again(self, m: Mark) -> bool:
+        """Record the marker of a sealed batch whose marker failed, now (behind
+        its work and maybe more: late, never early); False if that fails too
+        (the next drain tries again). Raises DeviceFatalError."""
+        try:
+            m.event = self.place(m.native)
+        except DeviceFatalError:
+            raise
+        except CudaError:
+            return False
+        m.placed = time.perf_counter()
+        return True
 
     def take_all(self) -> list[Operation]:
         """Remove every pending op (to fail them all), waiting for a drain under way."""
