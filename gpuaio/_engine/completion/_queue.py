@@ -106,7 +106,8 @@ class Mark:
         self.event: Any = None
         """The recorded marker; None while the batch is open."""
         self.error: BaseException | None = None
-        """Why the marker could not be recorded or queried: its ops fail with it."""
+        """Why the marker could not be recorded or queried: its ops fail with it (once a
+        marker behind their work has fired: one is placed again if recording failed)."""
         self.fired = False
         self.left = 0
         """Entries of the queue holding this mark (its event is recycled at 0)."""
