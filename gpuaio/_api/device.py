@@ -253,14 +253,12 @@ class Device:
 class Event(Operation):
     """A point in a stream's order: awaitable, and usable in :meth:`Stream.wait`."""
 
-    __slots__ = ("_frontier", "_native", "_on", "_recorded", "_rt")
+    __slots__ = ("_frontier", "_native", "_recorded", "_rt")
 
     def __init__(self, stream: Stream) -> None:
         super().__init__("event", stream)
         self._rt: Runtime = stream._rt
         self._native: Any = None
-        self._on: Any = stream._native
-        """The native stream it is recorded on (``Stream.wait`` falls back on it)."""
         self._recorded = False
         # The host actions submitted before the event (see Stream.wait).
         self._frontier: tuple[Frontier, ...] = ()
@@ -500,6 +498,8 @@ class Stream(Transfers):
         ev = other
         seq = self._seq
         seq.add_deps(ev._frontier)
+        source = ev.stream
+        assert isinstance(source, Stream)  # events come from Stream.record
         marker = Operation("wait", self, keep=(ev,))
         if ev._recorded:
             seq.gpu(marker, _wait_event, backend, ev._native)
@@ -518,7 +518,7 @@ class Stream(Transfers):
             # of that stream's work so far, more than the event but never
             # less. Waiting for nothing let later work on this stream run
             # ahead of it, silently (issue 13's storm with transient faults).
-            backend.stream_synchronize(ev._on)
+            backend.stream_synchronize(source._native)
             return False
 
         seq.host(marker, wait_recorded, after_gpu=False)

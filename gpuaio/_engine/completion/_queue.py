@@ -438,7 +438,7 @@ class StreamQueue:
         """Whether ``m``'s recorded marker has fired; a query's (non-sticky) error
         goes to ``m.error`` and counts as over. Raises DeviceFatalError."""
         try:
-            return bool(self.fired(m.event))
+            return self.fired(m.event)
         except DeviceFatalError:
             raise
         except CudaError as e:
