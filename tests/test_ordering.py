@@ -142,25 +142,15 @@ async def _ticker(gaps: list[float], stop: anyio.Event, ticks: list[float] | Non
         last = now
 
 
-@pytest.mark.gpuaio_sim_config(dma_gbps=4.0, pageable_gbps=2.0)
-@pytest.mark.parametrize("what", ["h2d_pageable", "d2h_pageable", "h2h", "host_memset"])
-async def test_loop_keeps_running(
-    stream: gpuaio.Stream, dev: gpuaio.Device, what: str, anyio_backend: Any
-) -> None:
-    """A 1 ms ticker keeps ticking (gaps < 5 ms on a GPU) while a 256 MiB transfer runs."""
-    n = 256 << 20
-    a = np.ones(n, np.uint8)
-    # Pre-touched buffers: first-touch page faults take the kernel's memory
-    # map lock, which stalls every thread of the process, gpuaio or not.
-    b = np.zeros(n, np.uint8)
-    d = dev.empty(n)
-    await stream.memset(d, 5)
-    # Warm the path up outside the measured window: threads, and the pinned
-    # pool grown to its steady size (pinning pages takes the memory map lock).
-    for _ in range(3):
-        await stream.copy(d, a)
-        await stream.copy(b, d)
-    await stream.memset(d, 5)
+async def _liveness_problem(
+    stream: gpuaio.Stream,
+    dev: gpuaio.Device,
+    what: str,
+    a: np.ndarray,
+    b: np.ndarray,
+    d: gpuaio.DeviceArray,
+) -> str | None:
+    """Run ``what`` once beside a 1 ms ticker; what went wrong with the ticks, or None."""
     gaps: list[float] = []
     ticks: list[float] = []
     stop = anyio.Event()
@@ -188,16 +178,48 @@ async def test_loop_keeps_running(
         # of one op (12-45 ms here). Gaps of 5-7 ms were seen on an H200 with
         # 13 host threads copying (the kernel's scheduler, not a block);
         # tighter loop lag is a benchmark target, not this test's.
-        assert worst < 0.010, msg
+        return None if worst < 0.010 else msg
+    # On a 2-core CI VM any busy thread (even a plain numpy copy, which
+    # releases the GIL) delays a 1 ms ticker by 5-20 ms now and then
+    # through the VM's scheduler alone. A loop blocked by the transfer
+    # instead misses every tick for its whole duration: require that the
+    # ticker kept ticking through the transfer and never stopped for half of it.
+    during = sum(1 for t in ticks if t0 < t <= t0 + elapsed)
+    if during < 0.4 * elapsed / 0.0011:
+        return f"{during} ticks in {elapsed * 1e3:.0f} ms"
+    return None if worst < max(0.025, 0.5 * elapsed) else msg
+
+
+@pytest.mark.gpuaio_sim_config(dma_gbps=4.0, pageable_gbps=2.0)
+@pytest.mark.parametrize("what", ["h2d_pageable", "d2h_pageable", "h2h", "host_memset"])
+async def test_loop_keeps_running(
+    stream: gpuaio.Stream, dev: gpuaio.Device, what: str, anyio_backend: Any
+) -> None:
+    """A 1 ms ticker keeps ticking (gaps < 10 ms on a GPU) while a 256 MiB transfer runs."""
+    n = 256 << 20
+    a = np.ones(n, np.uint8)
+    # Pre-touched buffers: first-touch page faults take the kernel's memory
+    # map lock, which stalls every thread of the process, gpuaio or not.
+    b = np.zeros(n, np.uint8)
+    d = dev.empty(n)
+    await stream.memset(d, 5)
+    # Warm the path up outside the measured window: threads, and the pinned
+    # pool grown to its steady size (pinning pages takes the memory map lock).
+    for _ in range(3):
+        await stream.copy(d, a)
+        await stream.copy(b, d)
+    # Two tries: a loaded 2-core CI VM now and then stalls the whole process
+    # for 50-150 ms (CI of stop 45: a 149 ms gap, in a window in which the
+    # ticker still ticked at least 74 times). A loop the transfer blocks fails both.
+    problems: list[str] = []
+    for _ in range(2):
+        await stream.memset(d, 5)
+        problem = await _liveness_problem(stream, dev, what, a, b, d)
+        if problem is None:
+            break
+        problems.append(problem)
     else:
-        # On a 2-core CI VM any busy thread (even a plain numpy copy, which
-        # releases the GIL) delays a 1 ms ticker by 5-20 ms now and then
-        # through the VM's scheduler alone. A loop blocked by the transfer
-        # instead misses every tick for its whole duration: require that the
-        # ticker kept ticking through the transfer and never stopped for half of it.
-        during = sum(1 for t in ticks if t0 < t <= t0 + elapsed)
-        assert during >= 0.4 * elapsed / 0.0011, f"{during} ticks in {elapsed * 1e3:.0f} ms"
-        assert worst < max(0.025, 0.5 * elapsed), msg
+        pytest.fail("; ".join(problems))
     if what == "d2h_pageable":
         assert (b == 5).all()
     elif what == "h2h":
