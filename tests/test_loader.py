@@ -308,13 +308,20 @@ async def test_producer_transfer_and_consumer_overlap(
             time.sleep(step)  # producing takes `step`, off the loop
             yield batch_of(i, 256 << 10)
 
-    t0 = time.perf_counter()
-    async with gpuaio.prefetch(slow_source(), depth=2) as batches:
-        async for _ in batches:
-            await anyio.sleep(step)  # consuming takes `step` too
-    elapsed = time.perf_counter() - t0
     sequential = 2 * n * step
-    assert elapsed < 0.8 * sequential, f"{elapsed:.3f}s vs {sequential:.3f}s sequential"
+    tries: list[float] = []
+    # Two tries: a loaded 2-core CI VM now and then stalls the whole process
+    # for 50-150 ms, a third of this budget. No overlap fails both.
+    for _ in range(2):
+        t0 = time.perf_counter()
+        async with gpuaio.prefetch(slow_source(), depth=2) as batches:
+            async for _ in batches:
+                await anyio.sleep(step)  # consuming takes `step` too
+        tries.append(time.perf_counter() - t0)
+        if tries[-1] < 0.8 * sequential:
+            break
+    else:
+        pytest.fail(f"{tries} s against {sequential:.3f} s sequential")
 
 
 # -- closing ---------------------------------------------------------------------
