@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 # Load CUDA modules when they are loaded, not at a kernel's first launch: with
@@ -257,6 +257,14 @@ def twice(attempt: Callable[[], _T]) -> _T:
         return attempt()
     except AssertionError:
         return attempt()
+
+
+async def twice_async(attempt: Callable[[], Awaitable[_T]]) -> _T:
+    """:func:`twice` for a check that runs on the event loop."""
+    try:
+        return await attempt()
+    except AssertionError:
+        return await attempt()
 
 
 _latches: weakref.WeakKeyDictionary[Any, dict[int, _Latches]] = weakref.WeakKeyDictionary()
