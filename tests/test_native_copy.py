@@ -248,3 +248,87 @@ async def test_on_the_native_threads_a_download_goes_in_smaller_chunks(
         assert np.array_equal(back, src)
         sizes = sorted({nb for _, _, nb in calls})
         assert sizes == [want], f"a {n}-byte download went in DMAs of {sizes}, not {want}"
+
+
+def _nt() -> Any:
+    copy = nativecopy.nt_copier()
+    if copy is None:
+        pytest.skip("this CPU has no non-temporal stores in the native module (not x86-64)")
+    return copy
+
+
+@pytest.mark.parametrize("dst_off", [0, 1, 8, 15])
+@pytest.mark.parametrize("src_off", [0, 3])
+def test_a_copy_with_non_temporal_stores_is_byte_exact_at_any_size_and_alignment(
+    dst_off: int, src_off: int
+) -> None:
+    """``copy_nt`` copies an unaligned head, 64-byte blocks and a tail: every
+    byte lands, none past either end."""
+    copy = _nt()
+    for n in [0, 1, 15, 16, 17, 255, 256, 257, 319, 4096 + 5, 64 * 1024 + 3, MiB + 17]:
+        src = pattern(n + src_off + 1, n + 40)
+        dst = np.full(n + dst_off + 64, 0xA5, np.uint8)
+        copy(dst.ctypes.data + dst_off, src.ctypes.data + src_off, n)
+        assert np.array_equal(dst[dst_off : dst_off + n], src[src_off : src_off + n]), n
+        assert (dst[:dst_off] == 0xA5).all() and (dst[dst_off + n :] == 0xA5).all(), (
+            f"a {n}-byte copy wrote outside its destination"
+        )
+
+
+@pytest.mark.parametrize("n", [1, 4095, 5 * 2 * MiB + 123])
+def test_native_threads_copy_with_non_temporal_stores_byte_exact(pool: HostPool, n: int) -> None:
+    _nt()
+    src = pattern(n, 41)
+    dst = np.zeros(n + 65, np.uint8)
+    cp = _native(pool.submit_copy(dst.ctypes.data + 1, src.ctypes.data, n, nt=True))
+    assert cp.wait_copied(at_least=n) == n
+    assert np.array_equal(dst[1 : n + 1], src)
+    assert dst[0] == 0 and not dst[n + 1 :].any(), "bytes outside the copy were written"
+
+
+@pytest.mark.anyio
+async def test_uploads_write_their_pinned_blocks_with_non_temporal_stores(
+    dev: gpuaio.Device, gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From ``NT_MIN`` bytes, an upload staged on the calling thread, a chunk
+    the stream's thread copies and the copy threads' chunks all go through
+    the non-temporal copy; smaller uploads and downloads do not. Byte-exact."""
+    real = _nt()
+    stager = gpuaio_runtime.stager
+    assert stager._nt is not None, "the stager did not pick up the non-temporal copy"
+    here: list[int] = []
+
+    def spy(dst: int, src: int, n: int) -> None:
+        here.append(n)
+        real(dst, src, n)
+
+    stager._nt = spy
+    native = gpuaio_runtime.host._native_pool()
+    flags: list[bool] = []
+    submit = native.submit_copy
+
+    def spy_submit(dst: int, src: int, n: int, step: int, nt: bool = False) -> NativeCopy:
+        flags.append(nt)
+        return submit(dst, src, n, step, nt)
+
+    monkeypatch.setattr(native, "submit_copy", spy_submit)
+    s = dev.stream()
+    small = staging.NT_MIN // 2
+    for n in [small, staging.NT_MIN, MiB, 24 * MiB]:
+        src = pattern(n, 42)
+        back = np.zeros(n, np.uint8)
+        d = dev.empty(n)
+        here.clear()
+        flags.clear()
+        await s.copy(d, src)
+        if n < staging.NT_MIN:
+            assert not here and not flags, f"a {n}-byte upload used non-temporal stores"
+        elif n <= stager.config.inline_max:
+            assert here == [n], f"a {n}-byte upload staged here copied {here}"
+        else:
+            assert flags and all(flags), f"the copy threads' chunks were not flagged: {flags}"
+        here.clear()
+        flags.clear()
+        await s.copy(back, d)
+        assert np.array_equal(back, src), n
+        assert not here and not any(flags), f"a {n}-byte download used non-temporal stores"

@@ -38,6 +38,13 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <emmintrin.h>
+#define GCP_NT 1
+#else
+#define GCP_NT 0
+#endif
+
 #if defined(__GNUC__)
 #define GCP_EXPORT __attribute__((visibility("default")))
 #else
@@ -70,6 +77,7 @@ struct gcp_copy {
     uint32_t nfresh;  /* slices copied, not yet handed out by gcp_take */
     uint32_t waiters;
     int stop;
+    int nt;           /* copy with non-temporal stores (copy_nt) */
     int refs;         /* the caller's handle, the queue, each active slice */
     pid_t pid;
     uint64_t fresh_bytes, taken;
@@ -91,17 +99,73 @@ static void copy_unref(gcp_copy *c) /* under mu */
         copy_free(c);
 }
 
-static void copy_bytes(gcp_pool *p, char *dst, const char *src, uint64_t n)
+static void copy_plain(char *dst, const char *src, uint64_t n) { memmove(dst, src, n); }
+
+/* Copy with non-temporal stores where the CPU has them (x86-64: SSE2), so
+ * that the destination's lines go to memory instead of staying dirty in the
+ * CPU's caches. For a pinned staging block the GPU reads next, that is the
+ * point: a DMA that reads lines still dirty in the caches must have each
+ * one snooped out of them, and on an H200 host a 1 MiB DMA just after a
+ * memmove into its block took twice as long as one from a block not just
+ * written (issue 13, run CS). The stores also skip reading the destination
+ * before writing it. The fence makes them visible before whatever the
+ * caller does next (reporting a slice copied, enqueueing its DMA). The
+ * regions must not overlap. Elsewhere: memmove. */
+static void copy_nt(char *dst, const char *src, uint64_t n)
 {
-    if (p->piece == 0 || n <= p->piece) {
+#if GCP_NT
+    if (n < 256) {
         memmove(dst, src, n);
+        return;
+    }
+    uint64_t head = (16 - ((uintptr_t)dst & 15)) & 15;
+    if (head) {
+        memmove(dst, src, head);
+        dst += head;
+        src += head;
+        n -= head;
+    }
+    uint64_t body = n & ~(uint64_t)63;
+    for (uint64_t i = 0; i < body; i += 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(src + i));
+        __m128i b = _mm_loadu_si128((const __m128i *)(src + i + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(src + i + 32));
+        __m128i d = _mm_loadu_si128((const __m128i *)(src + i + 48));
+        _mm_stream_si128((__m128i *)(dst + i), a);
+        _mm_stream_si128((__m128i *)(dst + i + 16), b);
+        _mm_stream_si128((__m128i *)(dst + i + 32), c);
+        _mm_stream_si128((__m128i *)(dst + i + 48), d);
+    }
+    if (n > body)
+        memmove(dst + body, src + body, n - body);
+    _mm_sfence();
+#else
+    memmove(dst, src, n);
+#endif
+}
+
+/* One copy, on the calling thread, through copy_nt (the staging of a small
+ * upload on the thread that makes it). */
+GCP_EXPORT void gcp_copy_nt(uintptr_t dst, uintptr_t src, uint64_t n)
+{
+    copy_nt((char *)dst, (const char *)src, n);
+}
+
+/* Whether gcp_copy_nt uses non-temporal stores on this platform. */
+GCP_EXPORT int gcp_has_nt(void) { return GCP_NT; }
+
+static void copy_bytes(gcp_pool *p, char *dst, const char *src, uint64_t n, int nt)
+{
+    void (*copy)(char *, const char *, uint64_t) = nt ? copy_nt : copy_plain;
+    if (p->piece == 0 || n <= p->piece) {
+        copy(dst, src, n);
         return;
     }
     /* Few cores: give the CPU up between pieces, so that a waking event
      * loop thread need not wait for a whole scheduler time slice. */
     for (uint64_t off = 0; off < n; off += p->piece) {
         uint64_t ln = n - off < p->piece ? n - off : p->piece;
-        memmove(dst + off, src + off, ln);
+        copy(dst + off, src + off, ln);
         sched_yield();
     }
 }
@@ -143,7 +207,7 @@ static void *run(void *arg)
         pthread_mutex_unlock(&mu);
         uint64_t off = (uint64_t)k * c->step;
         uint64_t ln = c->nbytes - off < c->step ? c->nbytes - off : c->step;
-        copy_bytes(p, c->dst + off, c->src + off, ln);
+        copy_bytes(p, c->dst + off, c->src + off, ln, c->nt);
         pthread_mutex_lock(&mu);
         c->active--;
         c->done[k] = 1;
@@ -194,10 +258,11 @@ static int start_threads(gcp_pool *p) /* under mu */
 }
 
 /* Queue a copy of ``nbytes`` from ``src`` to ``dst`` in slices of ``step``
- * bytes; returns its handle, or NULL (out of memory, no thread could start,
- * the pool is closed, or this is a forked child). */
-GCP_EXPORT gcp_copy *gcp_submit(gcp_pool *p, uintptr_t dst, uintptr_t src, uint64_t nbytes,
-                                uint64_t step)
+ * bytes, with non-temporal stores if ``nt`` (copy_nt); returns its handle,
+ * or NULL (out of memory, no thread could start, the pool is closed, or this
+ * is a forked child). */
+GCP_EXPORT gcp_copy *gcp_submit_copy(gcp_pool *p, uintptr_t dst, uintptr_t src, uint64_t nbytes,
+                                     uint64_t step, int nt)
 {
     if (p->pid != getpid() || step == 0)
         return NULL;
@@ -219,6 +284,7 @@ GCP_EXPORT gcp_copy *gcp_submit(gcp_pool *p, uintptr_t dst, uintptr_t src, uint6
     c->src = (const char *)src;
     c->nbytes = nbytes;
     c->step = step;
+    c->nt = nt;
     c->count = (uint32_t)count;
     c->pid = p->pid;
     c->refs = 1;

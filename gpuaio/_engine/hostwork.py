@@ -164,6 +164,7 @@ class HostPool:
         src: int,
         nbytes: int,
         span: tuple[str, _trace.Tracer | None, dict[str, Any]] | None = None,
+        nt: bool = False,
     ) -> SlicedCopy | NativeCopy:
         """Start copying ``nbytes`` from address ``src`` to ``dst`` on the copy
         threads, in slices claimed front to back; returns at once.
@@ -177,10 +178,13 @@ class HostPool:
         ``bytes`` and ``offset`` (``args["offset"]`` plus its place in the
         copy). Native threads record no NVTX range: an installed ``nvtx``
         package must not cost every copy its speed.
+
+        ``nt``: the native threads copy with non-temporal stores
+        (:func:`gpuaio._engine.nativecopy.nt_copier`); Python ones ignore it.
         """
         if nativecopy.available() and (span is None or span[1] is None):
             return self._native_pool().submit_copy(
-                dst, src, nbytes, slice_step(nbytes, self.threads, NATIVE_SLICE)
+                dst, src, nbytes, slice_step(nbytes, self.threads, NATIVE_SLICE), nt
             )
         return SlicedCopy(self._executor(), self.threads, dst, src, nbytes, span)
 

@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable
 from typing import Any, cast
 
-__all__ = ["NativeCopy", "NativePool", "available"]
+__all__ = ["NativeCopy", "NativePool", "available", "nt_copier"]
 
 _c_u64 = ctypes.c_uint64
 _c_ptr = ctypes.c_void_p
@@ -46,7 +46,12 @@ class _Lib:
         self.pool_new: Callable[..., Any] = _fn(
             held, "gcp_pool_new", [ctypes.c_int, ctypes.c_int, u64], ptr
         )
-        self.submit: Callable[..., Any] = _fn(held, "gcp_submit", [ptr, size, size, u64, u64], ptr)
+        self.submit: Callable[..., Any] = _fn(
+            held, "gcp_submit_copy", [ptr, size, size, u64, u64, ctypes.c_int], ptr
+        )
+        # Releases the GIL, as ctypes.memmove does: it copies up to a MiB.
+        self.copy_nt: Callable[..., Any] = _fn(free, "gcp_copy_nt", [size, size, u64], None)
+        self.has_nt: Callable[..., Any] = _fn(held, "gcp_has_nt", [], ctypes.c_int)
         self.copied: Callable[..., Any] = _fn(held, "gcp_copied", [ptr], u64)
         self.free: Callable[..., Any] = _fn(held, "gcp_free", [ptr], None)
         self.wait_prefix: Callable[..., Any] = _fn(
@@ -77,6 +82,20 @@ def available() -> bool:
     """Whether this install has the native copy threads and they are not
     switched off (``GPUAIO_NATIVE_COPY=0``)."""
     return _LIB is not None and os.environ.get("GPUAIO_NATIVE_COPY", "1") != "0"
+
+
+def nt_copier() -> Callable[[int, int, int], None] | None:
+    """``copy(dst, src, nbytes)`` between host addresses with non-temporal
+    stores, the GIL released, or None where this install or CPU has none
+    (then staging uses ``memmove``) or the native copy threads are off.
+
+    The stores send the destination's lines to memory instead of leaving
+    them dirty in the CPU's caches, where a DMA that reads them next would
+    have to snoop each one out (``_copythreads.c``, ``copy_nt``)."""
+    lib = _LIB
+    if lib is None or not available() or not lib.has_nt():
+        return None
+    return lib.copy_nt
 
 
 class NativeCopy:
@@ -153,12 +172,15 @@ class NativePool:
         self._lib: _Lib = lib
         self._handle: int = handle
 
-    def submit_copy(self, dst: int, src: int, nbytes: int, step: int) -> NativeCopy:
+    def submit_copy(
+        self, dst: int, src: int, nbytes: int, step: int, nt: bool = False
+    ) -> NativeCopy:
         """Start copying ``nbytes`` from address ``src`` to ``dst`` in slices of
-        ``step`` bytes; returns at once."""
+        ``step`` bytes, with non-temporal stores if ``nt`` (see
+        :func:`nt_copier`); returns at once."""
         if not self._handle:
             raise RuntimeError("the native copy pool is closed")
-        handle = self._lib.submit(self._handle, dst, src, nbytes, step)
+        handle = self._lib.submit(self._handle, dst, src, nbytes, step, 1 if nt else 0)
         if not handle:
             raise RuntimeError(
                 "the native copy threads could not take the copy (out of memory, or no thread "

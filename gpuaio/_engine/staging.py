@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .._core import trace as _trace
@@ -38,12 +39,13 @@ from .._core.progress import report_progress
 from .buffers import BufferInfo
 from .eventcache import EventCache
 from .hostwork import HostPool, SlicedCopy
-from .nativecopy import NativeCopy
+from .nativecopy import NativeCopy, nt_copier
 from .pool import PinnedBlock, PinnedPool, size_class
 from .stagingconfig import (
     D2H_SPLIT,
     DMA_STEP,
     LOOKAHEAD,
+    NT_MIN,
     PCIE_BPS,
     POLL_FIRST_MAX,
     SOLO_CHUNK,
@@ -72,6 +74,9 @@ class Stager:
         # Whether every small copy's block fits the budget (its check then
         # costs nothing per copy).
         self._small_fit = size_class(self.config.inline_max) <= self.pool.budget
+        # Uploads of NT_MIN bytes or more write their blocks with
+        # non-temporal stores where this install can (stagingconfig.NT_MIN).
+        self._nt: Callable[[int, int, int], None] | None = nt_copier() if NT_MIN else None
 
     def close(self) -> None:
         """Close the pinned pool (waits, bounded, for blocks still in use), drop cached events."""
@@ -179,9 +184,13 @@ class Stager:
     ) -> Operation:
         """The source is read now: no earlier host action of the stream is pending."""
         n = d.nbytes
+        nt = self._nt
         try:
             # Small: cheaper than a thread hop (and memmove than numpy views).
-            ctypes.memmove(block.ptr, s.ptr, n)
+            if nt is not None and n >= NT_MIN:
+                nt(block.ptr, s.ptr, n)
+            else:
+                ctypes.memmove(block.ptr, s.ptr, n)
         except BaseException as exc:
             self.pool.release(block)
             op._resolve(exc)
@@ -219,6 +228,7 @@ class Stager:
         """
         backend, pool, host = self.runtime.backend, self.pool, self.runtime.host
         native = seq.native
+        nt = self._nt
         src_ptr = s.ptr
         n = d.nbytes
         chunk = self.chunk_for(n)
@@ -260,8 +270,9 @@ class Stager:
                     # would lose the overlap of host copy and DMA).
                     ln = min(ln, block.size)
                     cp = _stage(
-                        host, _H2D_CHUNK, tracer, k, off, block.ptr, src_ptr + off, ln, solo
-                    )
+                        host, _H2D_CHUNK, tracer, k, off, block.ptr, src_ptr + off, ln, solo,
+                        nt if ln >= NT_MIN else None,
+                    )  # fmt: skip
                     copying.append([off, ln, block, cp, 0])
                     k += 1
                     off += ln
@@ -482,23 +493,34 @@ def _stage(
     src: int,
     nbytes: int,
     solo: bool,
+    nt: Callable[[int, int, int], None] | None = None,
 ) -> SlicedCopy | NativeCopy | None:
     """Start the host copy of one chunk (``nbytes`` from ``src`` to ``dst``):
     a solo chunk is copied here, at once (returns None); otherwise its slices
-    go to the copy threads (returns the copy in progress)."""
+    go to the copy threads (returns the copy in progress). ``nt``: copy with
+    non-temporal stores, through this function where this thread copies."""
     if solo:
-        _copy_here(name, tracer, chunk, offset, dst, src, nbytes)
+        _copy_here(name, tracer, chunk, offset, dst, src, nbytes, nt)
         return None
-    return host.submit_copy(dst, src, nbytes, (name, tracer, {"chunk": chunk, "offset": offset}))
+    span = (name, tracer, {"chunk": chunk, "offset": offset})
+    return host.submit_copy(dst, src, nbytes, span, nt is not None)
 
 
 def _copy_here(
-    name: str, tracer: Any, chunk: int, offset: int, dst: int, src: int, nbytes: int
+    name: str,
+    tracer: Any,
+    chunk: int,
+    offset: int,
+    dst: int,
+    src: int,
+    nbytes: int,
+    nt: Callable[[int, int, int], None] | None = None,
 ) -> None:
     """Copy a chunk on the calling (stream host) thread, traced like a copy
-    thread's slice."""
+    thread's slice; through ``nt`` (non-temporal stores) if given."""
     args = {"chunk": chunk, "offset": offset, "bytes": nbytes}
-    _trace.traced_call(name, tracer, args, ctypes.memmove, dst, src, nbytes)
+    copy = ctypes.memmove if nt is None else nt
+    _trace.traced_call(name, tracer, args, copy, dst, src, nbytes)
 
 
 def _drop(backend: Any, native: Any, pool: PinnedPool, copying: deque[list[Any]]) -> None:

@@ -18,6 +18,7 @@ __all__ = [
     "D2H_SPLIT",
     "DMA_STEP",
     "LOOKAHEAD",
+    "NT_MIN",
     "PCIE_BPS",
     "POLL_FIRST_MAX",
     "SOLO_CHUNK",
@@ -153,3 +154,14 @@ SOLO_CHUNK = _env_size("GPUAIO_SOLO_CHUNK", 2 << 20)
 the DMA of the chunk before runs: handing 1-2 MiB to the copy threads cost
 more than the copy (an H200 ran 4 MiB pageable copies at 3.2-4.5 GB/s that
 way, and 16 MiB ones faster with fewer threads; issue 13)."""
+
+NT_MIN = _env_size("GPUAIO_NT_MIN", 64 << 10)
+"""Uploads copy their source into pinned blocks with non-temporal stores from
+this size (a chunk's slices, or a copy staged on the calling thread), where
+the install has the native copy threads and the CPU such stores
+(:func:`gpuaio._engine.nativecopy.nt_copier`); 0: never.
+
+A DMA that reads a block just written by ordinary stores must snoop each
+line still dirty in the CPU's caches: on an H200 host a 1 MiB DMA took
+59-64 us after a memmove into its block, against 30 us from a block not
+just written (issue 13, run CS)."""
