@@ -155,13 +155,19 @@ the DMA of the chunk before runs: handing 1-2 MiB to the copy threads cost
 more than the copy (an H200 ran 4 MiB pageable copies at 3.2-4.5 GB/s that
 way, and 16 MiB ones faster with fewer threads; issue 13)."""
 
-NT_MIN = _env_size("GPUAIO_NT_MIN", 64 << 10)
+NT_MIN = _env_size("GPUAIO_NT_MIN", 256 << 10)
 """Uploads copy their source into pinned blocks with non-temporal stores from
 this size (a chunk's slices, or a copy staged on the calling thread), where
 the install has the native copy threads and the CPU such stores
 (:func:`gpuaio._engine.nativecopy.nt_copier`); 0: never.
 
 A DMA that reads a block just written by ordinary stores must snoop each
-line still dirty in the CPU's caches: on an H200 host a 1 MiB DMA took
-59-64 us after a memmove into its block, against 30 us from a block not
-just written (issue 13, run CS)."""
+line still dirty in the CPU's caches. On an H200 host (issue 13, run DC) a
+1 MiB DMA took 54-57 us after a ``memmove`` into its block and 34-35 us
+after a non-temporal copy (32-36 us for the same DMA again at once), and
+awaited uploads, toggled per call in one process, ran 1.23-1.33x as fast at
+1 MiB, 1.28-1.36x at 16 MiB and 1.08-1.16x at 1 GiB (0.98-1.13x at 256 KiB,
+4, 64 and 256 MiB). At 64 KiB they ran 0.94-0.99x: the non-temporal copy
+itself is slower there, and its DMA gains 1-2 us. 256 KiB is the size from
+which every measured size held at least 0.97x in each of four processes,
+the rule the run was judged by."""
