@@ -287,22 +287,28 @@ def test_native_threads_copy_with_non_temporal_stores_byte_exact(pool: HostPool,
 
 
 @pytest.mark.anyio
-async def test_uploads_write_their_pinned_blocks_with_non_temporal_stores(
+async def test_staged_copies_write_with_non_temporal_stores_from_their_thresholds(
     dev: gpuaio.Device, gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """From ``NT_MIN`` bytes, an upload staged on the calling thread, a chunk
     the stream's thread copies and the copy threads' chunks all go through
-    the non-temporal copy; smaller uploads and downloads do not. Byte-exact."""
+    the non-temporal copy, smaller uploads not; downloads from
+    ``D2H_NT_MIN`` copy their chunks out so, smaller ones not. Byte-exact."""
     real = _nt()
     stager = gpuaio_runtime.stager
-    assert stager._nt is not None, "the stager did not pick up the non-temporal copy"
-    here: list[int] = []
+    assert stager._nt is not None and stager._nt_out is not None, (
+        "the stager did not pick up the non-temporal copy"
+    )
+    here: list[tuple[str, int]] = []
 
-    def spy(dst: int, src: int, n: int) -> None:
-        here.append(n)
-        real(dst, src, n)
+    def spy(kind: str) -> Any:
+        def copy(dst: int, src: int, n: int) -> None:
+            here.append((kind, n))
+            real(dst, src, n)
 
-    stager._nt = spy
+        return copy
+
+    stager._nt, stager._nt_out = spy("up"), spy("down")
     native = gpuaio_runtime.host._native_pool()
     flags: list[bool] = []
     submit = native.submit_copy
@@ -313,22 +319,31 @@ async def test_uploads_write_their_pinned_blocks_with_non_temporal_stores(
 
     monkeypatch.setattr(native, "submit_copy", spy_submit)
     s = dev.stream()
-    small = staging.NT_MIN // 2
-    for n in [small, staging.NT_MIN, MiB, 24 * MiB]:
+    up_min, down_min = staging.NT_MIN, staging.D2H_NT_MIN
+    for n in sorted({up_min // 2, up_min, MiB, down_min // 2 + 1, down_min, 24 * MiB}):
         src = pattern(n, 42)
         back = np.zeros(n, np.uint8)
         d = dev.empty(n)
         here.clear()
         flags.clear()
         await s.copy(d, src)
-        if n < staging.NT_MIN:
-            assert not here and not flags, f"a {n}-byte upload used non-temporal stores"
+        assert all(k == "up" for k, _ in here), here
+        if n < up_min:
+            assert not here and not any(flags), f"a {n}-byte upload used non-temporal stores"
         elif n <= stager.config.inline_max:
-            assert here == [n], f"a {n}-byte upload staged here copied {here}"
-        else:
-            assert flags and all(flags), f"the copy threads' chunks were not flagged: {flags}"
+            assert here == [("up", n)], f"a {n}-byte upload staged here copied {here}"
+        else:  # up to driver_max the driver's own path may take it: nothing staged
+            assert all(flags), f"a {n}-byte upload: {flags}"
+            staged = n > stager.config.driver_max
+            assert not staged or here or flags, f"a {n}-byte upload was staged plainly"
         here.clear()
         flags.clear()
         await s.copy(back, d)
         assert np.array_equal(back, src), n
-        assert not here and not any(flags), f"a {n}-byte download used non-temporal stores"
+        assert all(k == "down" for k, _ in here), here
+        if n < down_min:
+            assert not here and not any(flags), f"a {n}-byte download used non-temporal stores"
+        else:
+            assert all(flags), f"a {n}-byte download: {flags}"
+            staged = n > stager.config.driver_max
+            assert not staged or here or flags, f"a {n}-byte download was staged plainly"

@@ -148,8 +148,9 @@ def threads_section(
             d = dev.empty(n)
             d_ptr = d.ptr
             step = slice_step(n, threads, NATIVE_SLICE)
+            out = np.ones(n, np.uint8)  # pre-touched, as a download's destination
             got: dict[str, dict[str, list[float]]] = {
-                m: {"copy": [], "dma": []} for m in ("plain", "nt")
+                m: {"copy": [], "dma": [], "out": []} for m in ("plain", "nt")
             }
             for _ in range(reps):
                 for m in ("plain", "nt"):
@@ -159,8 +160,13 @@ def threads_section(
                     t1 = clock()
                     dma.h2d(d_ptr, block.ctypes.data, n)
                     t2 = clock()
+                    # A download's copy-out: pinned -> pageable.
+                    cp = pool.submit_copy(out.ctypes.data, block.ctypes.data, n, step, m == "nt")
+                    cp.wait_copied(at_least=n)
+                    t3 = clock()
                     got[m]["copy"].append(n / (t1 - t0) / 1e9)
                     got[m]["dma"].append(n / (t2 - t1) / 1e9)
+                    got[m]["out"].append(n / (t3 - t2) / 1e9)
             row: dict[str, Any] = {"bytes": n, "threads": threads}
             for m, parts in got.items():
                 for part, xs in parts.items():
@@ -169,7 +175,8 @@ def threads_section(
             print(
                 f"threads {_fmt(n):>8}: plain copy {row['plain_copy_gbps']} GB/s, then DMA "
                 f"{row['plain_dma_gbps']}; nt copy {row['nt_copy_gbps']}, then DMA "
-                f"{row['nt_dma_gbps']}",
+                f"{row['nt_dma_gbps']}; copy-out plain {row['plain_out_gbps']}, nt "
+                f"{row['nt_out_gbps']}",
                 flush=True,
             )
     finally:
@@ -178,11 +185,18 @@ def threads_section(
 
 
 async def e2e_section(
-    dev: gpuaio.Device, s: gpuaio.Stream, sizes: list[int], rounds: int, budget_s: float
+    dev: gpuaio.Device,
+    s: gpuaio.Stream,
+    sizes: list[int],
+    rounds: int,
+    budget_s: float,
+    toggle: str = "h2d",
 ) -> list[dict[str, Any]]:
     stager = current_runtime().stager
     assert stager is not None
-    on = stager._nt
+    # The stager's copy toggled: uploads' (``_nt``) or downloads' (``_nt_out``).
+    attr = "_nt" if toggle == "h2d" else "_nt_out"
+    on = getattr(stager, attr)
     if on is None:
         print("e2e: the stager has no non-temporal copy in this install", flush=True)
         return []
@@ -205,7 +219,7 @@ async def e2e_section(
             for kind in ("h2d", "d2h"):
                 med: dict[str, float] = {}
                 for arm in order:
-                    stager._nt = on if arm == "on" else None
+                    setattr(stager, attr, on if arm == "on" else None)
                     xs = []
                     for _ in range(per):
                         t0 = clock()
@@ -217,10 +231,10 @@ async def e2e_section(
                     med[arm] = statistics.median(xs)
                     times[kind][arm].append(med[arm] * 1e6)
                 ratios[kind].append(med["off"] / med["on"])
-        stager._nt = on
+        setattr(stager, attr, on)
         if not np.array_equal(back, src):
             raise AssertionError(f"{n} bytes: the round trip is not byte-exact")
-        row: dict[str, Any] = {"bytes": n, "per_arm": per, "rounds": rounds}
+        row: dict[str, Any] = {"bytes": n, "per_arm": per, "rounds": rounds, "toggled": toggle}
         for kind in ("h2d", "d2h"):
             row[f"{kind}_ratio"] = round(statistics.median(ratios[kind]), 4)
             row[f"{kind}_nt_faster_rounds"] = sum(x > 1 for x in ratios[kind])
@@ -239,12 +253,13 @@ async def e2e_section(
 
 
 def judge(procs: list[list[dict[str, Any]]]) -> int:
-    """The rule of the module docstring over several processes' e2e rows: the
-    NT_MIN it picks (0: rejected)."""
+    """The rule of the module docstring over several processes' e2e rows (of
+    the direction they toggled): the NT_MIN it picks (0: rejected)."""
     if not procs or not all(procs):
         return 0
     sizes = [r["bytes"] for r in procs[0]]
-    by = [{r["bytes"]: r["h2d_ratio"] for r in rows} for rows in procs]
+    kind = procs[0][0].get("toggled", "h2d")
+    by = [{r["bytes"]: r[f"{kind}_ratio"] for r in rows} for rows in procs]
     for i, start in enumerate(sizes):
         up = sizes[i:]
         if all(all(p.get(n, 0.0) >= 0.97 for n in up) for p in by) and all(
@@ -274,7 +289,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 dev, s, [n for n in sizes if n >= 16 * MiB], max(3, args.reps // 4)
             )
         if "e2e" in args.sections:
-            out["e2e"] = await e2e_section(dev, s, sizes, args.rounds, args.size_s)
+            out["e2e"] = await e2e_section(dev, s, sizes, args.rounds, args.size_s, args.toggle)
     return out
 
 
@@ -299,6 +314,12 @@ def cli() -> None:
         ),
     )
     p.add_argument("--sections", default="dma,threads,e2e")
+    p.add_argument(
+        "--toggle",
+        choices=["h2d", "d2h"],
+        default="h2d",
+        help="e2e: toggle the uploads' non-temporal copy (h2d) or the downloads' copy-out (d2h)",
+    )
     p.add_argument("--reps", type=int, default=25)
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--size-s", type=float, default=4.0, help="e2e seconds per size, about")

@@ -42,6 +42,7 @@ from .hostwork import HostPool, SlicedCopy
 from .nativecopy import NativeCopy, nt_copier
 from .pool import PinnedBlock, PinnedPool, size_class
 from .stagingconfig import (
+    D2H_NT_MIN,
     D2H_SPLIT,
     DMA_STEP,
     LOOKAHEAD,
@@ -77,6 +78,8 @@ class Stager:
         # Uploads of NT_MIN bytes or more write their blocks with
         # non-temporal stores where this install can (stagingconfig.NT_MIN).
         self._nt: Callable[[int, int, int], None] | None = nt_copier() if NT_MIN else None
+        # And downloads of D2H_NT_MIN or more copy their chunks out so.
+        self._nt_out: Callable[[int, int, int], None] | None = nt_copier() if D2H_NT_MIN else None
 
     def close(self) -> None:
         """Close the pinned pool (waits, bounded, for blocks still in use), drop cached events."""
@@ -353,6 +356,7 @@ class Stager:
         depth = self.config.depth
         device = seq.ordinal
         solo = chunk <= SOLO_CHUNK
+        nt = self._nt_out if n >= D2H_NT_MIN else None
         events = self.events
         inflight: deque[tuple[int, int, PinnedBlock, Any]] = deque()
         # (offset, bytes, block, its copy-out or None when copied, 0)
@@ -384,7 +388,9 @@ class Stager:
                     backend.event_synchronize(ev)
                     inflight.popleft()
                     events.put([ev])  # fired
-                    cp = _stage(host, _D2H_CHUNK, tracer, k, o, dst_ptr + o, block.ptr, ln, solo)
+                    cp = _stage(
+                        host, _D2H_CHUNK, tracer, k, o, dst_ptr + o, block.ptr, ln, solo, nt
+                    )
                     copying.append([o, ln, block, cp, 0])
                     k += 1
                     continue

@@ -15,6 +15,7 @@ from .._core.errors import InvalidArgumentError
 from .pool import parse_size
 
 __all__ = [
+    "D2H_NT_MIN",
     "D2H_SPLIT",
     "DMA_STEP",
     "LOOKAHEAD",
@@ -171,3 +172,12 @@ awaited uploads, toggled per call in one process, ran 1.23-1.33x as fast at
 itself is slower there, and its DMA gains 1-2 us. 256 KiB is the size from
 which every measured size held at least 0.97x in each of four processes,
 the rule the run was judged by."""
+
+D2H_NT_MIN = _env_size("GPUAIO_D2H_NT_MIN", 2 << 20)
+"""Downloads of at least this size, staged through the stream's host thread,
+copy their chunks out of the pinned blocks into the destination with
+non-temporal stores (:func:`gpuaio._engine.nativecopy.nt_copier`); 0: never.
+
+Ordinary stores read each destination line before writing it; these do
+not, and leave the destination out of the CPU's caches (where a large
+download would not stay anyway)."""
