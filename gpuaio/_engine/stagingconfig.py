@@ -173,11 +173,16 @@ itself is slower there, and its DMA gains 1-2 us. 256 KiB is the size from
 which every measured size held at least 0.97x in each of four processes,
 the rule the run was judged by."""
 
-D2H_NT_MIN = _env_size("GPUAIO_D2H_NT_MIN", 2 << 20)
+D2H_NT_MIN = _env_size("GPUAIO_D2H_NT_MIN", 256 << 20)
 """Downloads of at least this size, staged through the stream's host thread,
 copy their chunks out of the pinned blocks into the destination with
 non-temporal stores (:func:`gpuaio._engine.nativecopy.nt_copier`); 0: never.
 
 Ordinary stores read each destination line before writing it; these do
-not, and leave the destination out of the CPU's caches (where a large
-download would not stay anyway)."""
+not, and leave the destination out of the CPU's caches, where a download
+this large would not stay anyway. On an H200 host (issue 13, run DE),
+awaited downloads toggled per call in one process ran 1.07-1.17x as fast
+at 256 MiB and 1.05-1.11x at 1 GiB, but 0.93-0.97x at 64 MiB and 0.81-0.92x
+at 16 MiB: 256 MiB is where the rule the run was judged by (every size from
+there up at least 0.97x, one at least 1.03x, in each of four processes)
+starts."""
