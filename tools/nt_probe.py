@@ -83,6 +83,26 @@ class Dma:
             self.be.stream_synchronize(self.native)
 
 
+def _buffers(dev: gpuaio.Device, n: int) -> tuple[np.ndarray, np.ndarray, gpuaio.DeviceArray]:
+    """A random pageable source, a written pinned block and a device buffer,
+    of ``n`` bytes each."""
+    src = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+    block = gpuaio.pinned_empty(n, np.uint8)
+    block[:] = 1
+    return src, block, dev.empty(n)
+
+
+def _medians(
+    row: dict[str, Any], got: dict[str, dict[str, list[float]]], unit: str
+) -> dict[str, Any]:
+    """``row`` with the median of each method's samples of each part, as
+    ``<method>_<part>_<unit>``."""
+    for m, parts in got.items():
+        for part, xs in parts.items():
+            row[f"{m}_{part}_{unit}"] = round(statistics.median(xs), 2)
+    return row
+
+
 def dma_section(
     dev: gpuaio.Device, s: gpuaio.Stream, sizes: list[int], reps: int
 ) -> list[dict[str, Any]]:
@@ -90,10 +110,7 @@ def dma_section(
     dma = Dma(s)
     rows = []
     for n in sizes:
-        src = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
-        block = gpuaio.pinned_empty(n, np.uint8)
-        block[:] = 1
-        d = dev.empty(n)
+        src, block, d = _buffers(dev, n)
         d_ptr = d.ptr
         copies: dict[str, Callable[[int, int, int], Any]] = {"memmove": ctypes.memmove}
         if nt is not None:
@@ -113,10 +130,7 @@ def dma_section(
                 got[m]["copy"].append((t1 - t0) * 1e6)
                 got[m]["dma"].append((t2 - t1) * 1e6)
                 got[m]["again"].append((t3 - t2) * 1e6)
-        row: dict[str, Any] = {"bytes": n}
-        for m, parts in got.items():
-            for part, xs in parts.items():
-                row[f"{m}_{part}_us"] = round(statistics.median(xs), 2)
+        row = _medians({"bytes": n}, got, "us")
         rows.append(row)
         print(
             f"dma {_fmt(n):>8}: "
@@ -142,10 +156,7 @@ def threads_section(
     rows = []
     try:
         for n in sizes:
-            src = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
-            block = gpuaio.pinned_empty(n, np.uint8)
-            block[:] = 1
-            d = dev.empty(n)
+            src, block, d = _buffers(dev, n)
             d_ptr = d.ptr
             step = slice_step(n, threads, NATIVE_SLICE)
             out = np.ones(n, np.uint8)  # pre-touched, as a download's destination
@@ -167,10 +178,7 @@ def threads_section(
                     got[m]["copy"].append(n / (t1 - t0) / 1e9)
                     got[m]["dma"].append(n / (t2 - t1) / 1e9)
                     got[m]["out"].append(n / (t3 - t2) / 1e9)
-            row: dict[str, Any] = {"bytes": n, "threads": threads}
-            for m, parts in got.items():
-                for part, xs in parts.items():
-                    row[f"{m}_{part}_gbps"] = round(statistics.median(xs), 2)
+            row = _medians({"bytes": n, "threads": threads}, got, "gbps")
             rows.append(row)
             print(
                 f"threads {_fmt(n):>8}: plain copy {row['plain_copy_gbps']} GB/s, then DMA "

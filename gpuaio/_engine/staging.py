@@ -505,26 +505,25 @@ def _stage(
     a solo chunk is copied here, at once (returns None); otherwise its slices
     go to the copy threads (returns the copy in progress). ``nt``: copy with
     non-temporal stores, through this function where this thread copies."""
-    if solo:
-        _copy_here(name, tracer, chunk, offset, dst, src, nbytes, nt)
-        return None
     span = (name, tracer, {"chunk": chunk, "offset": offset})
+    if solo:
+        _copy_here(span, dst, src, nbytes, nt)
+        return None
     return host.submit_copy(dst, src, nbytes, span, nt is not None)
 
 
 def _copy_here(
-    name: str,
-    tracer: Any,
-    chunk: int,
-    offset: int,
+    span: tuple[str, Any, dict[str, Any]],
     dst: int,
     src: int,
     nbytes: int,
     nt: Callable[[int, int, int], None] | None = None,
 ) -> None:
     """Copy a chunk on the calling (stream host) thread, traced like a copy
-    thread's slice; through ``nt`` (non-temporal stores) if given."""
-    args = {"chunk": chunk, "offset": offset, "bytes": nbytes}
+    thread's slice (``span``: name, tracer, args); through ``nt``
+    (non-temporal stores) if given."""
+    name, tracer, args = span
+    args = {**args, "bytes": nbytes}
     copy = ctypes.memmove if nt is None else nt
     _trace.traced_call(name, tracer, args, copy, dst, src, nbytes)
 

@@ -1,0 +1,66 @@
+"""``tools/nt_probe.py``: the rule its runs were judged by, and a run on the simulator.
+
+The thresholds ``NT_MIN`` and ``D2H_NT_MIN`` were picked by the probe's
+``judge`` (issue 13, runs DC and DE): from the smallest size at which, from
+there up, every size held at least 0.97x in each process and at least one
+size 1.03x or more in each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import nt_probe  # noqa: E402
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def _rows(ratios: dict[int, float], kind: str = "h2d") -> list[dict[str, Any]]:
+    return [{"bytes": n, f"{kind}_ratio": r, "toggled": kind} for n, r in ratios.items()]
+
+
+def test_the_rule_picks_the_size_from_which_every_process_gains_and_none_loses() -> None:
+    a = _rows({64 * KiB: 0.94, 256 * KiB: 1.10, MiB: 1.30, 4 * MiB: 1.04})
+    b = _rows({64 * KiB: 0.99, 256 * KiB: 1.01, MiB: 1.25, 4 * MiB: 1.00})
+    assert nt_probe.judge([a, b]) == 256 * KiB
+    # One process losing more than 3% at a larger size moves the start past it.
+    c = _rows({64 * KiB: 0.99, 256 * KiB: 1.01, MiB: 0.96, 4 * MiB: 1.05})
+    assert nt_probe.judge([a, c]) == 4 * MiB
+    # No gain of 3% anywhere in one process: rejected.
+    flat = _rows({64 * KiB: 1.0, 256 * KiB: 1.01, MiB: 1.02, 4 * MiB: 1.0})
+    assert nt_probe.judge([a, flat]) == 0
+    assert nt_probe.judge([]) == 0 and nt_probe.judge([a, []]) == 0
+    # Downloads are judged by their own ratios, never below 64 KiB.
+    d = _rows({4 * KiB: 1.2, 16 * MiB: 0.81, 256 * MiB: 1.09}, "d2h")
+    assert nt_probe.judge([d]) == 256 * MiB
+    assert nt_probe.judge([_rows({4 * KiB: 1.2, 16 * KiB: 1.1}, "d2h")]) == 64 * KiB
+
+
+@pytest.mark.timeout(240)
+def test_the_probe_runs_on_the_simulator_and_writes_its_json(tmp_path: Path) -> None:
+    out = tmp_path / "nt.json"
+    env = {**os.environ, "GPUAIO_BACKEND": "sim"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "nt_probe.py"), "--quick", "--json", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=200,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = json.loads(out.read_text())
+    assert got["backend"] == "sim"
+    assert [r["bytes"] for r in got["dma"]] == [64 * KiB, 16 * MiB]
+    for row in got["dma"]:
+        assert row["memmove_dma_us"] > 0
+    assert "NT_MIN by the rule" in proc.stdout
