@@ -182,7 +182,7 @@ Ordinary stores read each destination line before writing it; these do
 not, and leave the destination out of the CPU's caches, where a download
 this large would not stay anyway. On an H200 host (issue 13, run DE),
 awaited downloads toggled per call in one process ran 1.07-1.17x as fast
-at 256 MiB and 1.05-1.11x at 1 GiB, but 0.93-0.97x at 64 MiB and 0.81-0.92x
+at 256 MiB and 1.05-1.10x at 1 GiB, but 0.93-0.97x at 64 MiB and 0.81-0.92x
 at 16 MiB: 256 MiB is where the rule the run was judged by (every size from
 there up at least 0.97x, one at least 1.03x, in each of four processes)
 starts."""
