@@ -76,10 +76,11 @@ class Stager:
         # costs nothing per copy).
         self._small_fit = size_class(self.config.inline_max) <= self.pool.budget
         # Uploads of NT_MIN bytes or more write their blocks with
-        # non-temporal stores where this install can (stagingconfig.NT_MIN).
-        self._nt: Callable[[int, int, int], None] | None = nt_copier() if NT_MIN else None
-        # And downloads of D2H_NT_MIN or more copy their chunks out so.
-        self._nt_out: Callable[[int, int, int], None] | None = nt_copier() if D2H_NT_MIN else None
+        # non-temporal stores where this install can (stagingconfig.NT_MIN),
+        # and downloads of D2H_NT_MIN or more copy their chunks out so.
+        nt = nt_copier()
+        self._nt: Callable[[int, int, int], None] | None = nt if NT_MIN else None
+        self._nt_out: Callable[[int, int, int], None] | None = nt if D2H_NT_MIN else None
 
     def close(self) -> None:
         """Close the pinned pool (waits, bounded, for blocks still in use), drop cached events."""
