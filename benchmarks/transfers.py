@@ -842,9 +842,10 @@ async def run(args: argparse.Namespace, card: H.Card) -> list[H.Record]:
                 t0 = time.perf_counter()
                 records += await bench_size(ctx, n, derived=n >= threshold)
                 print(f"  ({H.fmt_size(n)} took {time.perf_counter() - t0:.1f} s)")
-            records += await soak(ctx)
-            records += await memory_flat(ctx)
-            records.append(pinned_peak(ctx))
+            if not args.no_soak:
+                records += await soak(ctx)
+                records += await memory_flat(ctx)
+                records.append(pinned_peak(ctx))
         finally:
             for pool in pools.values():
                 pool.shutdown()
@@ -867,6 +868,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--loop", choices=H.LOOPS, default="asyncio", help="event loop (default asyncio)"
     )
     p.add_argument("--no-peers", action="store_true", help="skip torch and CuPy")
+    p.add_argument(
+        "--no-soak",
+        action="store_true",
+        help="sizes only: skip the 8 GiB soak, the memory check and the pool's peak "
+        "(A/B runs of a few sizes)",
+    )
     p.add_argument(
         "--sweep", action="store_true", help="sweep chunk size x depth x host threads instead"
     )

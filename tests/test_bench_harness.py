@@ -68,3 +68,27 @@ def test_results_say_which_gpuaio_ran(tmp_path: Path, monkeypatch: pytest.Monkey
     import gpuaio
 
     assert doc["environment"]["gpuaio_path"] == str(Path(gpuaio.__file__).resolve().parent)
+
+
+def test_transfers_without_the_soak_measures_the_sizes_only(tmp_path: Path) -> None:
+    # A/B runs of a few sizes start one process per variant and round: the
+    # 8 GiB soak would take most of each.
+    env = dict(os.environ, GPUAIO_BACKEND="sim")
+    env.pop("OUT", None)
+    script = REPO / "benchmarks" / "transfers.py"
+    args = ["--sizes", "4K", "--reps", "5", "--no-peers", "--no-soak", "--out-dir", str(tmp_path)]
+    out = subprocess.run(
+        [sys.executable, str(script), *args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    (path,) = tmp_path.glob("*-transfers.json")
+    doc = json.loads(path.read_text())
+    records = doc["records"]
+    names = {r["name"] for r in (records.values() if isinstance(records, dict) else records)}
+    assert "h2d_pageable_4KiB" in names and "d2h_pageable_4KiB" in names
+    assert not names & {"loop_lag_8GiB_pageable", "memory_flat_10k", "pinned_peak_vs_budget"}
