@@ -81,6 +81,7 @@ struct gcp_copy {
     int refs;         /* the caller's handle, the queue, each active slice */
     pid_t pid;
     uint64_t fresh_bytes, taken;
+    uint32_t *flag;   /* set to 1 once the copy has ended (gcp_submit_copy_flag) */
     uint8_t *done;
     uint32_t *fresh;
 };
@@ -170,6 +171,21 @@ static void copy_bytes(gcp_pool *p, char *dst, const char *src, uint64_t n, int 
     }
 }
 
+/* Store 1 to the copy's flag once no slice is left to copy or being copied
+ * (under mu): every slice copied, or the copy stopped. The release store
+ * comes after the slices' stores (copy_nt fenced its own), so whoever sees
+ * the flag, a GPU stream waiting on it included (cuStreamWaitValue32), sees
+ * the data. Stopped short, the destination is incomplete: only an abort
+ * stops a flagged copy, and the flag must still come, or a stream waiting
+ * on it would wait for ever. */
+static void signal_if_ended(gcp_copy *c)
+{
+    if (c->flag != NULL && c->active == 0 && (c->stop || c->prefix >= c->count)) {
+        __atomic_store_n(c->flag, 1u, __ATOMIC_RELEASE);
+        c->flag = NULL;
+    }
+}
+
 static void *run(void *arg)
 {
     gcp_pool *p = (gcp_pool *)arg;
@@ -215,6 +231,7 @@ static void *run(void *arg)
             c->prefix++;
         c->fresh[c->nfresh++] = k;
         c->fresh_bytes += ln;
+        signal_if_ended(c);
         if (c->waiters)
             pthread_cond_broadcast(&c->cv);
         copy_unref(c);
@@ -258,11 +275,13 @@ static int start_threads(gcp_pool *p) /* under mu */
 }
 
 /* Queue a copy of ``nbytes`` from ``src`` to ``dst`` in slices of ``step``
- * bytes, with non-temporal stores if ``nt`` (copy_nt); returns its handle,
- * or NULL (out of memory, no thread could start, the pool is closed, or this
- * is a forked child). */
-GCP_EXPORT gcp_copy *gcp_submit_copy(gcp_pool *p, uintptr_t dst, uintptr_t src, uint64_t nbytes,
-                                     uint64_t step, int nt)
+ * bytes, with non-temporal stores if ``nt`` (copy_nt); then, if ``flag`` is
+ * not 0, store the uint32 1 at that address once the copy has ended (every
+ * slice copied, or the copy stopped). Returns its handle, or NULL (out of
+ * memory, no thread could start, the pool is closed, or this is a forked
+ * child: then the flag is left as it was). */
+GCP_EXPORT gcp_copy *gcp_submit_copy_flag(gcp_pool *p, uintptr_t dst, uintptr_t src,
+                                          uint64_t nbytes, uint64_t step, int nt, uintptr_t flag)
 {
     if (p->pid != getpid() || step == 0)
         return NULL;
@@ -294,6 +313,8 @@ GCP_EXPORT gcp_copy *gcp_submit_copy(gcp_pool *p, uintptr_t dst, uintptr_t src, 
         copy_free(c);
         return NULL;
     }
+    c->flag = (uint32_t *)flag;
+    signal_if_ended(c); /* nothing to copy */
     if (count) {
         c->refs++;
         if (p->tail)
@@ -305,6 +326,13 @@ GCP_EXPORT gcp_copy *gcp_submit_copy(gcp_pool *p, uintptr_t dst, uintptr_t src, 
     }
     pthread_mutex_unlock(&mu);
     return c;
+}
+
+/* gcp_submit_copy_flag without a flag. */
+GCP_EXPORT gcp_copy *gcp_submit_copy(gcp_pool *p, uintptr_t dst, uintptr_t src, uint64_t nbytes,
+                                     uint64_t step, int nt)
+{
+    return gcp_submit_copy_flag(p, dst, src, nbytes, step, nt, 0);
 }
 
 /* Whether no thread copies a slice of ``c`` and none will: under mu. */
@@ -415,6 +443,7 @@ GCP_EXPORT void gcp_stop(gcp_copy *c)
         return;
     pthread_mutex_lock(&mu);
     c->stop = 1;
+    signal_if_ended(c);
     while (c->active) {
         c->waiters++;
         pthread_cond_wait(&c->cv, &mu);
@@ -432,6 +461,7 @@ GCP_EXPORT void gcp_free(gcp_copy *c)
         return;
     pthread_mutex_lock(&mu);
     c->stop = 1;
+    signal_if_ended(c);
     copy_unref(c);
     pthread_mutex_unlock(&mu);
 }

@@ -47,7 +47,7 @@ class _Lib:
             held, "gcp_pool_new", [ctypes.c_int, ctypes.c_int, u64], ptr
         )
         self.submit: Callable[..., Any] = _fn(
-            held, "gcp_submit_copy", [ptr, size, size, u64, u64, ctypes.c_int], ptr
+            held, "gcp_submit_copy_flag", [ptr, size, size, u64, u64, ctypes.c_int, size], ptr
         )
         # Releases the GIL, as ctypes.memmove does: it copies up to a MiB.
         self.copy_nt: Callable[..., Any] = _fn(free, "gcp_copy_nt", [size, size, u64], None)
@@ -173,14 +173,20 @@ class NativePool:
         self._handle: int = handle
 
     def submit_copy(
-        self, dst: int, src: int, nbytes: int, step: int, nt: bool = False
+        self, dst: int, src: int, nbytes: int, step: int, nt: bool = False, flag: int = 0
     ) -> NativeCopy:
         """Start copying ``nbytes`` from address ``src`` to ``dst`` in slices of
         ``step`` bytes, with non-temporal stores if ``nt`` (see
-        :func:`nt_copier`); returns at once."""
+        :func:`nt_copier`); returns at once.
+
+        ``flag``: the address of a uint32 that the threads set to 1 once the
+        copy has ended, every byte copied (or the copy stopped, which only an
+        abort does), its stores visible before it: a GPU stream may wait for
+        it (``cuStreamWaitValue32``) before it reads the destination. The
+        copy's handle must be kept until then: dropping it stops the copy."""
         if not self._handle:
             raise RuntimeError("the native copy pool is closed")
-        handle = self._lib.submit(self._handle, dst, src, nbytes, step, 1 if nt else 0)
+        handle = self._lib.submit(self._handle, dst, src, nbytes, step, 1 if nt else 0, flag)
         if not handle:
             raise RuntimeError(
                 "the native copy threads could not take the copy (out of memory, or no thread "
