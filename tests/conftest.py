@@ -308,14 +308,17 @@ def _open_latches_left_closed() -> Iterator[None]:
 @pytest.fixture
 def staged_only(gpuaio_runtime: Any) -> Iterator[Any]:
     """Mid-size pageable copies go through gpuaio's staging even on an idle
-    stream, not the driver's own path (``driver_max=0``): for tests of the
-    staging pipeline itself. Yields the stager."""
+    stream, not the driver's own path (``driver_max=0``) nor the copy
+    threads' gated one (``gpuaio._engine.gated``): for tests of the staging
+    pipeline itself. Yields the stager."""
     import dataclasses
 
     stager = gpuaio_runtime.stager
-    old = stager.config
+    old, gated = stager.config, stager.gated
     stager.config = dataclasses.replace(old, driver_max=0)
+    stager.gated = None
     try:
         yield stager
     finally:
         stager.config = old
+        stager.gated = gated

@@ -38,6 +38,7 @@ from .._core.operation import Operation
 from .._core.progress import report_progress
 from .buffers import BufferInfo
 from .eventcache import EventCache
+from .gated import GatedUploads
 from .hostwork import HostPool, SlicedCopy
 from .nativecopy import NativeCopy, nt_copier
 from .pool import PinnedBlock, PinnedPool, size_class
@@ -45,6 +46,7 @@ from .stagingconfig import (
     D2H_NT_MIN,
     D2H_SPLIT,
     DMA_STEP,
+    GATED_MAX,
     LOOKAHEAD,
     NT_MIN,
     PCIE_BPS,
@@ -81,9 +83,15 @@ class Stager:
         nt = nt_copier()
         self._nt: Callable[[int, int, int], None] | None = nt if NT_MIN else None
         self._nt_out: Callable[[int, int, int], None] | None = nt if D2H_NT_MIN else None
+        # Mid-size uploads gated on the native copy threads (gated.py).
+        self.gated: GatedUploads | None = None
+        if GATED_MAX and runtime.host.native:
+            self.gated = GatedUploads(runtime, self.pool, nt is not None, self.chunk_for)
 
     def close(self) -> None:
         """Close the pinned pool (waits, bounded, for blocks still in use), drop cached events."""
+        if self.gated is not None:
+            self.gated.close()
         self.pool.close()
         self.events.close()
 
@@ -115,6 +123,9 @@ class Stager:
     def copy(self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
         """Schedule ``op`` (a copy with a pageable side) on ``stream``."""
         h2d = s.kind.is_host
+        gated = self.gated
+        if h2d and gated is not None and gated.covers(d.nbytes) and gated.copy(seq, op, d, s):
+            return op
         small = d.nbytes <= self.config.inline_max
         if not (small and self._small_fit):
             try:

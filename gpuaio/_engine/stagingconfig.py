@@ -18,6 +18,10 @@ __all__ = [
     "D2H_NT_MIN",
     "D2H_SPLIT",
     "DMA_STEP",
+    "GATED_COPY_BPS",
+    "GATED_MAX",
+    "GATED_MIN",
+    "GATED_SLICE",
     "LOOKAHEAD",
     "NT_MIN",
     "PCIE_BPS",
@@ -186,3 +190,20 @@ at 256 MiB and 1.05-1.10x at 1 GiB, but 0.93-0.97x at 64 MiB and 0.81-0.92x
 at 16 MiB: 256 MiB is where the rule the run was judged by (every size from
 there up at least 0.97x, one at least 1.03x, in each of four processes)
 starts."""
+
+GATED_MIN = _env_size("GPUAIO_GATED_MIN", 512 << 10)
+"""Uploads from pageable memory of ``GATED_MIN``-``GATED_MAX`` bytes are
+copied into their pinned block by the native copy threads while their
+stream waits on a flag the threads set (:mod:`gpuaio._engine.gated`), where
+the install has those threads; ``GPUAIO_GATED_MAX=0``: never."""
+
+GATED_MAX = _env_size("GPUAIO_GATED_MAX", 16 << 20)
+"""See :data:`GATED_MIN`."""
+
+GATED_SLICE = _env_size("GPUAIO_GATED_SLICE", 256 << 10)
+"""The least slice a copy thread takes of a gated upload (one slice per
+thread where that is more)."""
+
+GATED_COPY_BPS = 40e9
+"""What the copy threads are expected to manage together, optimistic, for a
+gated upload's expected duration (which decides when it is polled for)."""

@@ -1,0 +1,290 @@
+"""Gated uploads (``gpuaio._engine.gated``): the copy threads stage a mid-size
+upload while its stream waits on a flag they set.
+
+Where this install has no native copy threads (a pure install), the tests
+that need only the gating give the stager a gated path whose copies a
+Python thread makes, late on purpose: a DMA that did not wait for its flag
+would read a block not yet written. The native threads' own tests run in a
+compiled install (CI's ``compiled`` session).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+
+import gpuaio
+from gpuaio._engine import gated as gated_mod
+from gpuaio._engine import nativecopy
+from gpuaio._engine.gated import GatedUploads
+from gpuaio._engine.stagingconfig import GATED_MAX, GATED_MIN
+from tests.conftest import latch
+from tests.test_copy import pattern
+
+pytestmark = pytest.mark.anyio
+
+MiB = 1 << 20
+SIZE = max(GATED_MIN, MiB)
+LATE_S = 0.05
+"""How late the stand-in copy threads of ``late_gated`` copy (tests may change it)."""
+
+native_only = pytest.mark.skipif(
+    not nativecopy.available(),
+    reason="no native copy threads: they are built by a compiled install (hatch_build.py), "
+    "or GPUAIO_NATIVE_COPY=0",
+)
+
+
+class _LateCopy:
+    """A copy a Python thread makes after ``delay`` seconds, then sets its flag."""
+
+    def __init__(self, dst: int, src: int, nbytes: int, flag: int, delay: float) -> None:
+        self.ended = threading.Event()
+
+        def run() -> None:
+            time.sleep(delay)
+            ctypes.memmove(dst, src, nbytes)
+            ctypes.c_uint32.from_address(flag).value = 1
+            self.ended.set()
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def stop(self) -> None:
+        self.ended.wait(10)
+
+
+@pytest.fixture
+def late_gated(gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[GatedUploads]:
+    """The stager's gated path, its copies made 50 ms late by a Python thread."""
+    if GATED_MAX < SIZE:
+        pytest.skip("gated uploads are off (GPUAIO_GATED_MAX)")
+    stager = gpuaio_runtime.stager
+    old = stager.gated
+    path = (
+        old
+        if old is not None
+        else GatedUploads(gpuaio_runtime, stager.pool, False, stager.chunk_for)
+    )
+    stager.gated = path
+
+    def late(dst: int, src: int, nbytes: int, least: int, nt: bool, flag: int) -> _LateCopy:
+        return _LateCopy(dst, src, nbytes, flag, LATE_S)
+
+    monkeypatch.setattr(gpuaio_runtime.host, "submit_flagged", late)
+    try:
+        yield path
+    finally:
+        if old is None:
+            path.close()
+        stager.gated = old
+
+
+async def test_a_gated_dma_waits_for_its_copy(
+    late_gated: GatedUploads, dev: gpuaio.Device, gpuaio_runtime: Any
+) -> None:
+    """The copy into the block lands 50 ms after the call; the DMA, and the
+    download queued behind it without an await between, still see every
+    byte: the stream waited on the flag."""
+    late_gated.prepare(dev.ordinal, SIZE)
+    s = dev.stream()
+    src = pattern(SIZE, 5)
+    back = np.zeros(SIZE, np.uint8)
+    d = dev.empty(SIZE)
+    up = s.copy(d, src)
+    down = s.copy(back, d)
+    await up
+    await down
+    assert late_gated.taken == 1
+    np.testing.assert_array_equal(back, src)
+    gates = late_gated.gates
+    assert gates is not None
+    pool = gpuaio_runtime.stager.pool
+    deadline = time.monotonic() + 10
+    while gates.free != 64 or pool.stats().in_use:
+        assert time.monotonic() < deadline, (gates.free, pool.stats())
+        await anyio.sleep(0.01)
+
+
+async def test_the_first_upload_of_a_size_goes_the_usual_way_and_readies_the_next(
+    late_gated: GatedUploads, dev: gpuaio.Device
+) -> None:
+    """Nothing is pinned on the calling thread: the first upload finds no
+    flag block and no cached block of its size, is staged as usual, and has
+    the reaper pin both; a later one is gated."""
+    late_gated.close()  # as new: no flag block
+    late_gated._closed = False
+    s = dev.stream()
+    d = dev.empty(SIZE)
+    back = np.zeros(SIZE, np.uint8)
+    src = pattern(SIZE, 6)
+    await s.copy(d, src)
+    assert late_gated.taken == 0
+    deadline = time.monotonic() + 10
+    while late_gated.gates is None or late_gated._priming:
+        assert time.monotonic() < deadline, "the reaper never pinned the gated path's blocks"
+        await anyio.sleep(0.01)
+    src2 = pattern(SIZE, 7)
+    await s.copy(d, src2)
+    await s.copy(back, d)
+    assert late_gated.taken == 1
+    np.testing.assert_array_equal(back, src2)
+
+
+async def test_an_upload_behind_a_pending_download_into_its_source_is_not_gated(
+    late_gated: GatedUploads, dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A download into the upload's source, not awaited, is pending: stream
+    order says the upload reads what it wrote, so the upload must not read
+    the source now; it goes the usual way and carries the downloaded bytes.
+    The stream is held meanwhile, and the copy threads copy at once."""
+    monkeypatch.setitem(globals(), "LATE_S", 0.0)
+    late_gated.prepare(dev.ordinal, SIZE)
+    late_gated._pool.reserve(SIZE, 4)  # a block for the download too
+    s = dev.stream()
+    first = pattern(SIZE, 8)
+    d0, d1 = dev.empty(SIZE), dev.empty(SIZE)
+    await s.copy(d0, first)
+    taken = late_gated.taken
+    buf = np.zeros(SIZE, np.uint8)
+    out = np.zeros(SIZE, np.uint8)
+    release = latch(dev, s)
+    try:
+        down = s.copy(buf, d0)  # writes buf once the stream runs again
+        up = s.copy(d1, buf)
+        check = s.copy(out, d1)
+        await anyio.sleep(0.05)  # a copy thread would have read buf by now
+    finally:
+        release()
+    await down
+    await up
+    await check
+    np.testing.assert_array_equal(out, first)
+    assert late_gated.taken == taken
+
+
+async def test_with_every_flag_in_use_uploads_go_the_usual_way(
+    late_gated: GatedUploads, dev: gpuaio.Device
+) -> None:
+    late_gated.prepare(dev.ordinal, SIZE)
+    gates = late_gated.gates
+    assert gates is not None
+    held = [gates.take() for _ in range(gates.free)]
+    assert gates.take() is None
+    s = dev.stream()
+    d = dev.empty(SIZE)
+    back = np.zeros(SIZE, np.uint8)
+    src = pattern(SIZE, 9)
+    await s.copy(d, src)
+    await s.copy(back, d)
+    np.testing.assert_array_equal(back, src)
+    assert late_gated.taken == 0
+    for addr in held:
+        assert addr is not None
+        gates.give(addr)
+
+
+async def test_a_cancelled_await_of_a_gated_upload_corrupts_and_leaks_nothing(
+    late_gated: GatedUploads, dev: gpuaio.Device, gpuaio_runtime: Any
+) -> None:
+    """The await is cancelled while the copy is still 50 ms off: the upload
+    still lands whole, and its block and flag come back once it has."""
+    late_gated.prepare(dev.ordinal, SIZE)
+    pool = gpuaio_runtime.stager.pool
+    gates = late_gated.gates
+    assert gates is not None
+    s = dev.stream()
+    d = dev.empty(SIZE)
+    src = pattern(SIZE, 10)
+    with anyio.move_on_after(0.005) as scope:
+        await s.copy(d, src)
+    assert scope.cancelled_caught
+    assert late_gated.taken == 1
+    await s.synchronize()
+    back = np.zeros(SIZE, np.uint8)
+    await s.copy(back, d)
+    np.testing.assert_array_equal(back, src)
+    deadline = time.monotonic() + 10
+    while gates.free != 64 or pool.stats().in_use:
+        assert time.monotonic() < deadline, (gates.free, pool.stats())
+        await anyio.sleep(0.01)
+
+
+@native_only
+async def test_gated_uploads_on_the_copy_threads_are_byte_exact_in_stream_order(
+    dev: gpuaio.Device, gpuaio_runtime: Any
+) -> None:
+    """Each size of the gated range, a new source each round, uploaded and
+    downloaded back with no await between, then overwritten on the device
+    by the next round's upload: every round reads back its own bytes."""
+    if GATED_MAX < GATED_MIN:
+        pytest.skip("gated uploads are off (GPUAIO_GATED_MAX)")
+    path = gpuaio_runtime.stager.gated
+    assert path is not None, "a compiled install has the gated path"
+    s = dev.stream()
+    sizes = sorted({GATED_MIN, SIZE, min(GATED_MAX, 4 * MiB + 3), GATED_MAX})
+    for n in sizes:
+        path.prepare(dev.ordinal, n)
+        d = dev.empty(n)
+        ops = []
+        outs = []
+        srcs = []
+        for k in range(3):
+            src = pattern(n, 20 + k)
+            out = np.zeros(n, np.uint8)
+            ops += [s.copy(d, src), s.copy(out, d)]
+            outs.append(out)
+            srcs.append(src)
+        for op in ops:
+            await op
+        for out, src in zip(outs, srcs, strict=True):
+            np.testing.assert_array_equal(out, src)
+    assert path.taken >= len(sizes), f"only {path.taken} uploads were gated"
+    assert path.gates is not None and path.gates.free == 64
+
+
+@native_only
+def test_a_flagged_native_copy_sets_its_flag_once_it_has_ended() -> None:
+    """The flag is 0 while slices are left and 1 once every one is copied;
+    a copy stopped short sets it too, so a stream waiting on it goes on."""
+    from gpuaio._engine.hostwork import HostPool
+
+    pool = HostPool(2)
+    try:
+        n = 8 * MiB + 5
+        src = pattern(n, 3)
+        dst = np.zeros(n, np.uint8)
+        word = np.zeros(16, np.uint32)
+        flag = word.ctypes.data
+        cp = pool.submit_flagged(dst.ctypes.data, src.ctypes.data, n, MiB, False, flag)
+        cp.wait_copied(at_least=n)
+        assert word[0] == 1
+        np.testing.assert_array_equal(dst, src)
+        assert not word[1:].any()
+        # Stopped before its threads took a slice: the flag comes all the same.
+        word[0] = 0
+        big = 64 * MiB
+        a = np.zeros(big, np.uint8)
+        b = np.ones(big, np.uint8)
+        hold = pool.submit_flagged(a.ctypes.data, b.ctypes.data, big, MiB, False, 0)
+        cp = pool.submit_flagged(dst.ctypes.data, src.ctypes.data, n, MiB, False, flag)
+        cp.stop()
+        deadline = time.monotonic() + 10
+        while word[0] != 1:
+            assert time.monotonic() < deadline, "a stopped copy never set its flag"
+            time.sleep(0.001)
+        hold.wait_copied(at_least=big)
+    finally:
+        pool.close()
+
+
+def test_gated_settings_are_what_the_docs_say() -> None:
+    assert gated_mod.GATES_BYTES // gated_mod.GATE_STRIDE == 64
+    assert GatedUploads.covers(GATED_MIN) == (GATED_MIN <= GATED_MAX)
+    assert not GatedUploads.covers(GATED_MAX + 1)
