@@ -11,6 +11,7 @@ compiled install (CI's ``compiled`` session).
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -24,14 +25,15 @@ import gpuaio
 from gpuaio._engine import gated as gated_mod
 from gpuaio._engine import nativecopy
 from gpuaio._engine.gated import GatedUploads
-from gpuaio._engine.stagingconfig import GATED_MAX, GATED_MIN
 from tests.conftest import latch
 from tests.test_copy import pattern
 
 pytestmark = pytest.mark.anyio
 
 MiB = 1 << 20
-SIZE = max(GATED_MIN, MiB)
+GATED_MIN, GATED_MAX = 512 << 10, 16 * MiB
+"""The range the tests turn the path on for (it is off by default)."""
+SIZE = MiB
 LATE_S = 0.05
 """How late the stand-in copy threads of ``late_gated`` copy (tests may change it)."""
 
@@ -61,10 +63,17 @@ class _LateCopy:
 
 
 @pytest.fixture
-def late_gated(gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[GatedUploads]:
+def gated_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gated uploads on for GATED_MIN-GATED_MAX (``GPUAIO_GATED_MIN``/``_MAX``)."""
+    monkeypatch.setattr(gated_mod, "GATED_MIN", GATED_MIN)
+    monkeypatch.setattr(gated_mod, "GATED_MAX", GATED_MAX)
+
+
+@pytest.fixture
+def late_gated(
+    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch, gated_on: None
+) -> Iterator[GatedUploads]:
     """The stager's gated path, its copies made 50 ms late by a Python thread."""
-    if GATED_MAX < SIZE:
-        pytest.skip("gated uploads are off (GPUAIO_GATED_MAX)")
     stager = gpuaio_runtime.stager
     old = stager.gated
     path = (
@@ -119,7 +128,7 @@ async def test_the_first_upload_of_a_size_goes_the_usual_way_and_readies_the_nex
     flag block and no cached block of its size, is staged as usual, and has
     the reaper pin both; a later one is gated."""
     late_gated.close()  # as new: no flag block
-    late_gated._closed = False
+    late_gated._closed.clear()
     s = dev.stream()
     d = dev.empty(SIZE)
     back = np.zeros(SIZE, np.uint8)
@@ -218,13 +227,11 @@ async def test_a_cancelled_await_of_a_gated_upload_corrupts_and_leaks_nothing(
 
 @native_only
 async def test_gated_uploads_on_the_copy_threads_are_byte_exact_in_stream_order(
-    dev: gpuaio.Device, gpuaio_runtime: Any
+    dev: gpuaio.Device, gpuaio_runtime: Any, gated_on: None
 ) -> None:
     """Each size of the gated range, a new source each round, uploaded and
     downloaded back with no await between, then overwritten on the device
     by the next round's upload: every round reads back its own bytes."""
-    if GATED_MAX < GATED_MIN:
-        pytest.skip("gated uploads are off (GPUAIO_GATED_MAX)")
     path = gpuaio_runtime.stager.gated
     assert path is not None, "a compiled install has the gated path"
     s = dev.stream()
@@ -284,7 +291,16 @@ def test_a_flagged_native_copy_sets_its_flag_once_it_has_ended() -> None:
         pool.close()
 
 
-def test_gated_settings_are_what_the_docs_say() -> None:
+def test_gated_uploads_cover_their_range_only(gated_on: None) -> None:
     assert gated_mod.GATES_BYTES // gated_mod.GATE_STRIDE == 64
-    assert GatedUploads.covers(GATED_MIN) == (GATED_MIN <= GATED_MAX)
-    assert not GatedUploads.covers(GATED_MAX + 1)
+    assert GatedUploads.covers(GATED_MIN) and GatedUploads.covers(GATED_MAX)
+    assert not GatedUploads.covers(GATED_MIN - 1) and not GatedUploads.covers(GATED_MAX + 1)
+
+
+def test_gated_uploads_are_off_unless_turned_on() -> None:
+    from gpuaio._engine import stagingconfig
+
+    if "GPUAIO_GATED_MAX" not in os.environ:
+        assert stagingconfig.GATED_MAX == 0
+    if not stagingconfig.GATED_MAX:
+        assert not any(GatedUploads.covers(n) for n in (0, 4096, MiB, 16 * MiB, 1 << 30))

@@ -5,8 +5,8 @@ copy. On the calling thread (an event loop's) it holds the loop for the
 whole copy; as a host job it pays two thread hand-offs, the stream thread's
 wake-up and the loop's, which on an H200 host cost more than the copy (issue
 13, run DH: a 1 MiB upload as a host job ran at 0.37-0.42x the speed of the
-one staged on the loop, and 4 MiB ones through the native threads at
-0.73-0.85x the driver's own path).
+one staged on the loop, and 4 MiB ones staged through the native threads
+by the host thread at best tied the driver's own path: 0.73-1.02x).
 
 Here the calling thread hands the host copy to the native copy threads and
 at once enqueues, in stream order, a ``cuStreamWaitValue32`` on a flag word
@@ -121,11 +121,12 @@ class GatedUploads:
         """Chunk sizes the reaper is pinning blocks for."""
         self.taken = 0
         """Uploads this path took (tests and probes read it)."""
-        self._closed = False
+        self._closed = threading.Event()
 
     @staticmethod
     def covers(nbytes: int) -> bool:
-        """Whether an upload of this size is one for this path (``GATED_MIN``-``GATED_MAX``)."""
+        """Whether an upload of this size is one for this path (``GATED_MIN``-``GATED_MAX``;
+        none while ``GATED_MAX`` is 0, the default)."""
         return GATED_MIN <= nbytes <= GATED_MAX
 
     def copy(self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo) -> bool:
@@ -218,9 +219,9 @@ class GatedUploads:
             if device not in self._devices:
                 props = self._rt.backend.device_properties(device)
                 self._devices[device] = props.stream_mem_ops
-            if self.gates is None and not self._closed:
+            if self.gates is None and not self._closed.is_set():
                 self.gates = Gates(self._rt.backend.host_alloc(GATES_BYTES))
-                if self._closed:  # closed meanwhile
+                if self._closed.is_set():  # closed meanwhile
                     self.close()
             # Pinned now if the budget has room, cached for the next upload.
             self._pool.reserve(chunk, count)
@@ -232,7 +233,7 @@ class GatedUploads:
     def close(self) -> None:
         """Free the flag block, waiting for that a second at most (the stager
         closes its pool next, which waits for uploads still in flight)."""
-        self._closed = True
+        self._closed.set()
         gates, self.gates = self.gates, None
         if gates is None:
             return

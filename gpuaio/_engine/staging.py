@@ -46,7 +46,6 @@ from .stagingconfig import (
     D2H_NT_MIN,
     D2H_SPLIT,
     DMA_STEP,
-    GATED_MAX,
     LOOKAHEAD,
     NT_MIN,
     PCIE_BPS,
@@ -83,9 +82,10 @@ class Stager:
         nt = nt_copier()
         self._nt: Callable[[int, int, int], None] | None = nt if NT_MIN else None
         self._nt_out: Callable[[int, int, int], None] | None = nt if D2H_NT_MIN else None
-        # Mid-size uploads gated on the native copy threads (gated.py).
+        # Mid-size uploads gated on the native copy threads (gated.py), in
+        # the range its settings give (none by default).
         self.gated: GatedUploads | None = None
-        if GATED_MAX and runtime.host.native:
+        if runtime.host.native:
             self.gated = GatedUploads(runtime, self.pool, nt is not None, self.chunk_for)
 
     def close(self) -> None:

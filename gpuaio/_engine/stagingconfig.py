@@ -193,11 +193,18 @@ starts."""
 
 GATED_MIN = _env_size("GPUAIO_GATED_MIN", 512 << 10)
 """Uploads from pageable memory of ``GATED_MIN``-``GATED_MAX`` bytes are
-copied into their pinned block by the native copy threads while their
-stream waits on a flag the threads set (:mod:`gpuaio._engine.gated`), where
-the install has those threads; ``GPUAIO_GATED_MAX=0``: never."""
+copied into their pinned blocks by the native copy threads while their
+stream waits on flags the threads set (:mod:`gpuaio._engine.gated`), where
+the install has those threads and ``GATED_MAX`` is not 0.
 
-GATED_MAX = _env_size("GPUAIO_GATED_MAX", 16 << 20)
+Off by default (``GATED_MAX`` 0) until a GPU run has measured it against the
+paths those sizes take now (issue 13: run DH found a 1 MiB upload handed to
+a host thread 2.4-2.7x slower than one staged on the loop, and 4 MiB ones
+staged through the native threads by a host thread at best as fast as the
+driver's own path, 0.73-1.02x; this path hands nothing to a Python thread).
+``GPUAIO_GATED_MAX=16M`` turns it on for its intended range."""
+
+GATED_MAX = _env_size("GPUAIO_GATED_MAX", 0)
 """See :data:`GATED_MIN`."""
 
 GATED_SLICE = _env_size("GPUAIO_GATED_SLICE", 256 << 10)
