@@ -171,7 +171,7 @@ class GatedUploads:
                 copies.append(
                     host.submit_flagged(block.ptr, s.ptr + off, ln, GATED_SLICE, nt, flag)
                 )
-        except RuntimeError:  # the native threads could not take one
+        except (RuntimeError, MemoryError):  # the native threads could not take one
             return False
         finally:
             if len(copies) < count:  # declined: stop what started, hand all back
