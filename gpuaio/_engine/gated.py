@@ -119,7 +119,7 @@ class GatedUploads:
         """Per device: whether its streams can wait on a word (``stream_mem_ops``)."""
         self._priming: set[int] = set()
         """Chunk sizes the reaper is pinning blocks for."""
-        self.taken = 0
+        self.taken: int = 0
         """Uploads this path took (tests and probes read it)."""
         self._closed = threading.Event()
 
