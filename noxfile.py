@@ -37,7 +37,7 @@ GATED_TESTS = (
     "tests/test_order_property.py",
     "tests/test_reliability.py",
 )
-"""What the compiled session runs again with gated uploads on."""
+"""What the compiled session runs again with gated copies on."""
 
 
 def _pytest(session: nox.Session, **env: str) -> None:
@@ -68,7 +68,7 @@ def compiled(session: nox.Session) -> None:
     session.chdir(tree)  # ``python -m pytest`` imports gpuaio from here
     _pytest(session, GPUAIO_EXPECT_COMPILED="1")
     if not session.posargs:
-        # Gated uploads (gpuaio._engine.gated) are off by default until a GPU
+        # Gated copies (gpuaio._engine.gated) are off by default until a GPU
         # run has measured them: the ordering, staging and copy tests again
         # with them on, across the whole range they would cover.
         session.run(

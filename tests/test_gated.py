@@ -1,10 +1,12 @@
-"""Gated uploads (``gpuaio._engine.gated``): the copy threads stage a mid-size
-upload while its stream waits on a flag they set.
+"""Gated copies (``gpuaio._engine.gated``): the copy threads stage a mid-size
+copy while its stream waits on flags they set, and they wait on words the
+stream sets.
 
 Where this install has no native copy threads (a pure install), the tests
 that need only the gating give the stager a gated path whose copies a
 Python thread makes, late on purpose: a DMA that did not wait for its flag
-would read a block not yet written. The native threads' own tests run in a
+would read a block not yet written, an await that did not wait for a
+copy-out would find the destination empty. The native threads' own tests run in a
 compiled install (CI's ``compiled`` session).
 """
 
@@ -24,7 +26,7 @@ import pytest
 import gpuaio
 from gpuaio._engine import gated as gated_mod
 from gpuaio._engine import nativecopy
-from gpuaio._engine.gated import GatedUploads
+from gpuaio._engine.gated import GatedCopies
 from tests.conftest import latch
 from tests.test_copy import pattern
 
@@ -45,26 +47,36 @@ native_only = pytest.mark.skipif(
 
 
 class _LateCopy:
-    """A copy a Python thread makes after ``delay`` seconds, then sets its flag."""
+    """A copy a Python thread makes ``delay`` seconds late (and not before
+    its ``ready`` word is set, if it has one), then sets its flag."""
 
-    def __init__(self, dst: int, src: int, nbytes: int, flag: int, delay: float) -> None:
+    def __init__(
+        self, dst: int, src: int, nbytes: int, flag: int, delay: float, ready: int = 0
+    ) -> None:
         self.ended = threading.Event()
+        self._stop = threading.Event()
 
         def run() -> None:
             time.sleep(delay)
-            ctypes.memmove(dst, src, nbytes)
+            word = ctypes.c_uint32.from_address(ready) if ready else None
+            while word is not None and not word.value and not self._stop.is_set():
+                time.sleep(0.0005)
+            if not self._stop.is_set():
+                ctypes.memmove(dst, src, nbytes)
             ctypes.c_uint32.from_address(flag).value = 1
             self.ended.set()
 
         threading.Thread(target=run, daemon=True).start()
 
     def stop(self) -> None:
+        if not self.ended.is_set():
+            self._stop.set()
         self.ended.wait(10)
 
 
 @pytest.fixture
 def gated_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Gated uploads on for GATED_MIN-GATED_MAX (``GPUAIO_GATED_MIN``/``_MAX``)."""
+    """Gated copies on for GATED_MIN-GATED_MAX (``GPUAIO_GATED_MIN``/``_MAX``)."""
     monkeypatch.setattr(gated_mod, "GATED_MIN", GATED_MIN)
     monkeypatch.setattr(gated_mod, "GATED_MAX", GATED_MAX)
 
@@ -72,19 +84,21 @@ def gated_on(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def late_gated(
     gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch, gated_on: None
-) -> Iterator[GatedUploads]:
+) -> Iterator[GatedCopies]:
     """The stager's gated path, its copies made 50 ms late by a Python thread."""
     stager = gpuaio_runtime.stager
     old = stager.gated
     path = (
         old
         if old is not None
-        else GatedUploads(gpuaio_runtime, stager.pool, False, stager.chunk_for)
+        else GatedCopies(gpuaio_runtime, stager.pool, False, stager.chunk_for)
     )
     stager.gated = path
 
-    def late(dst: int, src: int, nbytes: int, least: int, nt: bool, flag: int) -> _LateCopy:
-        return _LateCopy(dst, src, nbytes, flag, LATE_S)
+    def late(
+        dst: int, src: int, nbytes: int, least: int, nt: bool, flag: int, ready: int = 0
+    ) -> _LateCopy:
+        return _LateCopy(dst, src, nbytes, flag, LATE_S, ready)
 
     monkeypatch.setattr(gpuaio_runtime.host, "submit_flagged", late)
     try:
@@ -96,12 +110,14 @@ def late_gated(
 
 
 async def test_a_gated_dma_waits_for_its_copy(
-    late_gated: GatedUploads, dev: gpuaio.Device, gpuaio_runtime: Any
+    late_gated: GatedCopies, dev: gpuaio.Device, gpuaio_runtime: Any
 ) -> None:
     """The copy into the block lands 50 ms after the call; the DMA, and the
     download queued behind it without an await between, still see every
-    byte: the stream waited on the flag."""
+    byte: the stream waited on the flag. The download is gated too: its
+    copy-out, as late, is done before its await returns."""
     late_gated.prepare(dev.ordinal, SIZE)
+    late_gated._pool.reserve(SIZE, 2)  # a block each
     s = dev.stream()
     src = pattern(SIZE, 5)
     back = np.zeros(SIZE, np.uint8)
@@ -110,7 +126,7 @@ async def test_a_gated_dma_waits_for_its_copy(
     down = s.copy(back, d)
     await up
     await down
-    assert late_gated.taken == 1
+    assert (late_gated.uploads, late_gated.downloads) == (1, 1)
     np.testing.assert_array_equal(back, src)
     gates = late_gated.gates
     assert gates is not None
@@ -122,7 +138,7 @@ async def test_a_gated_dma_waits_for_its_copy(
 
 
 async def test_the_first_upload_of_a_size_goes_the_usual_way_and_readies_the_next(
-    late_gated: GatedUploads, dev: gpuaio.Device
+    late_gated: GatedCopies, dev: gpuaio.Device
 ) -> None:
     """Nothing is pinned on the calling thread: the first upload finds no
     flag block and no cached block of its size, is staged as usual, and has
@@ -134,7 +150,7 @@ async def test_the_first_upload_of_a_size_goes_the_usual_way_and_readies_the_nex
     back = np.zeros(SIZE, np.uint8)
     src = pattern(SIZE, 6)
     await s.copy(d, src)
-    assert late_gated.taken == 0
+    assert late_gated.uploads == 0
     deadline = time.monotonic() + 10
     while late_gated.gates is None or late_gated._priming:
         assert time.monotonic() < deadline, "the reaper never pinned the gated path's blocks"
@@ -142,12 +158,12 @@ async def test_the_first_upload_of_a_size_goes_the_usual_way_and_readies_the_nex
     src2 = pattern(SIZE, 7)
     await s.copy(d, src2)
     await s.copy(back, d)
-    assert late_gated.taken == 1
+    assert late_gated.uploads == 1
     np.testing.assert_array_equal(back, src2)
 
 
 async def test_an_upload_behind_a_pending_download_into_its_source_is_not_gated(
-    late_gated: GatedUploads, dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch
+    late_gated: GatedCopies, dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A download into the upload's source, not awaited, is pending: stream
     order says the upload reads what it wrote, so the upload must not read
@@ -160,7 +176,7 @@ async def test_an_upload_behind_a_pending_download_into_its_source_is_not_gated(
     first = pattern(SIZE, 8)
     d0, d1 = dev.empty(SIZE), dev.empty(SIZE)
     await s.copy(d0, first)
-    taken = late_gated.taken
+    taken = late_gated.uploads
     buf = np.zeros(SIZE, np.uint8)
     out = np.zeros(SIZE, np.uint8)
     release = latch(dev, s)
@@ -175,11 +191,11 @@ async def test_an_upload_behind_a_pending_download_into_its_source_is_not_gated(
     await up
     await check
     np.testing.assert_array_equal(out, first)
-    assert late_gated.taken == taken
+    assert late_gated.uploads == taken
 
 
 async def test_with_every_flag_in_use_uploads_go_the_usual_way(
-    late_gated: GatedUploads, dev: gpuaio.Device
+    late_gated: GatedCopies, dev: gpuaio.Device
 ) -> None:
     late_gated.prepare(dev.ordinal, SIZE)
     gates = late_gated.gates
@@ -193,14 +209,14 @@ async def test_with_every_flag_in_use_uploads_go_the_usual_way(
     await s.copy(d, src)
     await s.copy(back, d)
     np.testing.assert_array_equal(back, src)
-    assert late_gated.taken == 0
+    assert late_gated.uploads == 0
     for addr in held:
         assert addr is not None
         gates.give(addr)
 
 
 async def test_a_cancelled_await_of_a_gated_upload_corrupts_and_leaks_nothing(
-    late_gated: GatedUploads, dev: gpuaio.Device, gpuaio_runtime: Any
+    late_gated: GatedCopies, dev: gpuaio.Device, gpuaio_runtime: Any
 ) -> None:
     """The await is cancelled while the copy is still 50 ms off: the upload
     still lands whole, and its block and flag come back once it has."""
@@ -214,7 +230,7 @@ async def test_a_cancelled_await_of_a_gated_upload_corrupts_and_leaks_nothing(
     with anyio.move_on_after(0.005) as scope:
         await s.copy(d, src)
     assert scope.cancelled_caught
-    assert late_gated.taken == 1
+    assert late_gated.uploads == 1
     await s.synchronize()
     back = np.zeros(SIZE, np.uint8)
     await s.copy(back, d)
@@ -252,8 +268,73 @@ async def test_gated_uploads_on_the_copy_threads_are_byte_exact_in_stream_order(
             await op
         for out, src in zip(outs, srcs, strict=True):
             np.testing.assert_array_equal(out, src)
-    assert path.taken >= len(sizes), f"only {path.taken} uploads were gated"
+    assert path.uploads >= len(sizes), f"only {path.uploads} uploads were gated"
     assert path.gates is not None and path.gates.free == 64
+
+
+@native_only
+@native_only
+async def test_a_gated_download_copies_out_only_after_its_dma(
+    dev: gpuaio.Device, gpuaio_runtime: Any, gated_on: None
+) -> None:
+    """The stream is held before the download's DMA: the copy threads must
+    not touch the destination (its ready word is not set) until it runs."""
+    path = gpuaio_runtime.stager.gated
+    assert path is not None, "a compiled install has the gated path"
+    path.prepare(dev.ordinal, SIZE)
+    s = dev.stream()
+    d = dev.empty(SIZE)
+    src = pattern(SIZE, 31)
+    await s.copy(d, src)
+    out = np.zeros(SIZE, np.uint8)
+    before = path.downloads
+    release = latch(dev, s)
+    try:
+        down = s.copy(out, d)
+        assert path.downloads == before + 1, "the download was not gated"
+        await anyio.sleep(0.05)
+        assert not out.any(), "the copy-out ran before the DMA"
+    finally:
+        release()
+    await down
+    np.testing.assert_array_equal(out, src)
+
+
+@native_only
+def test_a_gated_native_copy_waits_for_its_ready_word() -> None:
+    """Nothing is copied while the ready word is 0, all of it once it is set,
+    then the flag; a gated copy stopped, or held when its pool closes, sets
+    its flag with nothing copied."""
+    from gpuaio._engine.hostwork import HostPool
+
+    pool = HostPool(2)
+    n = 3 * MiB + 7
+    src = pattern(n, 4)
+    dst = np.zeros(n, np.uint8)
+    words = np.zeros(64, np.uint32)  # [0] ready, [16] flag: a cache line apart
+    ready, flag = words.ctypes.data, words.ctypes.data + 64
+    try:
+        cp = pool.submit_flagged(dst.ctypes.data, src.ctypes.data, n, MiB, False, flag, ready)
+        time.sleep(0.02)
+        assert not dst.any() and words[16] == 0
+        words[0] = 1
+        cp.wait_copied(at_least=n)
+        np.testing.assert_array_equal(dst, src)
+        deadline = time.monotonic() + 10
+        while words[16] != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        words[:] = 0
+        dst[:] = 0
+        cp = pool.submit_flagged(dst.ctypes.data, src.ctypes.data, n, MiB, False, flag, ready)
+        cp.stop()
+        assert words[16] == 1 and not dst.any()
+        words[16] = 0
+        held = pool.submit_flagged(dst.ctypes.data, src.ctypes.data, n, MiB, False, flag, ready)
+    finally:
+        pool.close()
+    assert words[16] == 1 and not dst.any(), "closing left a held copy's flag unset"
+    del held
 
 
 @native_only
@@ -293,8 +374,8 @@ def test_a_flagged_native_copy_sets_its_flag_once_it_has_ended() -> None:
 
 def test_gated_uploads_cover_their_range_only(gated_on: None) -> None:
     assert gated_mod.GATES_BYTES // gated_mod.GATE_STRIDE == 64
-    assert GatedUploads.covers(GATED_MIN) and GatedUploads.covers(GATED_MAX)
-    assert not GatedUploads.covers(GATED_MIN - 1) and not GatedUploads.covers(GATED_MAX + 1)
+    assert GatedCopies.covers(GATED_MIN) and GatedCopies.covers(GATED_MAX)
+    assert not GatedCopies.covers(GATED_MIN - 1) and not GatedCopies.covers(GATED_MAX + 1)
 
 
 def test_gated_uploads_are_off_unless_turned_on() -> None:
@@ -303,4 +384,4 @@ def test_gated_uploads_are_off_unless_turned_on() -> None:
     if "GPUAIO_GATED_MAX" not in os.environ:
         assert stagingconfig.GATED_MAX == 0
     if not stagingconfig.GATED_MAX:
-        assert not any(GatedUploads.covers(n) for n in (0, 4096, MiB, 16 * MiB, 1 << 30))
+        assert not any(GatedCopies.covers(n) for n in (0, 4096, MiB, 16 * MiB, 1 << 30))

@@ -309,15 +309,19 @@ async def test_staged_copies_write_with_non_temporal_stores_from_their_threshold
         return copy
 
     stager._nt, stager._nt_out = spy("up"), spy("down")
+    # The staged paths: gated copies (GPUAIO_GATED_MAX) take their own way.
+    monkeypatch.setattr(stager, "gated", None)
     native = gpuaio_runtime.host._native_pool()
     flags: list[bool] = []
     sizes: list[int] = []  # of the chunks the copy threads copied
     submit = native.submit_copy
 
-    def spy_submit(dst: int, src: int, n: int, step: int, nt: bool = False) -> NativeCopy:
+    def spy_submit(
+        dst: int, src: int, n: int, step: int, nt: bool = False, *more: int
+    ) -> NativeCopy:
         flags.append(nt)
         sizes.append(n)
-        return submit(dst, src, n, step, nt)
+        return submit(dst, src, n, step, nt, *more)
 
     monkeypatch.setattr(native, "submit_copy", spy_submit)
     s = dev.stream()

@@ -634,11 +634,13 @@ async def test_a_finished_staged_copy_leaves_its_blocks_free(
 
 
 async def test_a_mid_size_copy_on_an_idle_stream_takes_the_drivers_path(
-    gpuaio_runtime: Any, dev: gpuaio.Device
+    gpuaio_runtime: Any, dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Between ``inline_max`` and ``driver_max``, on a stream with no GPU work
     pending, each direction is one driver call on the stream's host thread
-    (the driver pipelines its own staging, with no hand-off between threads)."""
+    (the driver pipelines its own staging, with no hand-off between threads).
+    Gated copies (``GPUAIO_GATED_MAX``), when on, take such sizes first."""
+    monkeypatch.setattr(gpuaio_runtime.stager, "gated", None)
     s = dev.stream()
     n = 4 * MiB
     config = gpuaio_runtime.stager.config

@@ -33,7 +33,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/resource.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -64,6 +68,13 @@ typedef struct gcp_pool {
     int closing;
     pid_t pid;
     gcp_copy *head, *tail; /* copies with slices left to claim */
+    /* Gated copies (gcp_submit_copy_gated): held here, not in the queue,
+     * until their ready word is set; one watcher thread looks. */
+    gcp_copy *gated;
+    pthread_cond_t gate;   /* a gated copy was added, or the pool closes */
+    pthread_t watcher;
+    int watching;          /* the watcher thread was started */
+    uint64_t gated_at;     /* when the last gated copy was added (now_ns) */
 } gcp_pool;
 
 struct gcp_copy {
@@ -82,6 +93,7 @@ struct gcp_copy {
     pid_t pid;
     uint64_t fresh_bytes, taken;
     uint32_t *flag;   /* set to 1 once the copy has ended (gcp_submit_copy_flag) */
+    const uint32_t *ready; /* gated: no slice is claimed before this is non-zero */
     uint8_t *done;
     uint32_t *fresh;
 };
@@ -252,11 +264,112 @@ GCP_EXPORT gcp_pool *gcp_pool_new(int nthreads, int nice, uint64_t piece)
         free(p);
         return NULL;
     }
+    if (pthread_cond_init(&p->gate, NULL) != 0) {
+        pthread_cond_destroy(&p->work);
+        free(p->threads);
+        free(p);
+        return NULL;
+    }
     p->nthreads = nthreads > 0 ? nthreads : 1;
     p->nice = nice;
     p->piece = piece;
     p->pid = getpid();
     return p;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static void cpu_relax(void)
+{
+#if GCP_NT
+    for (int i = 0; i < 32; i++)
+        _mm_pause();
+#else
+    sched_yield();
+#endif
+}
+
+/* Put ``c`` (its queue reference held) at the end of the pool's queue: under mu. */
+static void queue_locked(gcp_pool *p, gcp_copy *c)
+{
+    c->next = NULL;
+    if (p->tail)
+        p->tail->next = c;
+    else
+        p->head = c;
+    p->tail = c;
+    pthread_cond_broadcast(&p->work);
+}
+
+/* How long the watcher polls without sleeping after a gated copy was added
+ * or released (a mid-size DMA lasts tens of microseconds), and how long it
+ * sleeps between polls after that (with a 1 us timer slack). */
+#define GATE_SPIN_NS 200000u
+#define GATE_SLEEP_NS 20000
+
+/* The watcher: moves each gated copy whose ready word is set into the
+ * queue, and drops those stopped (their flags set). It never copies, and no
+ * copy thread ever waits for a ready word: a copy that a GPU stream waits
+ * for is never queued behind one that waits for a GPU stream, so none can
+ * wait for the other in a cycle. While gated copies are held it polls,
+ * spinning for GATE_SPIN_NS after the last one came or went, then every
+ * GATE_SLEEP_NS; with none held it sleeps on the pool's gate. When the pool
+ * closes it stops those still held: their flags are set, their bytes not
+ * copied (the runtime closing, nobody reads them). */
+static void *watch(void *arg)
+{
+    gcp_pool *p = (gcp_pool *)arg;
+#ifdef __linux__
+    (void)prctl(PR_SET_TIMERSLACK, 1000UL, 0UL, 0UL, 0UL);
+#endif
+    uint64_t last = now_ns();
+    pthread_mutex_lock(&mu);
+    for (;;) {
+        if (p->gated == NULL) {
+            if (p->closing)
+                break;
+            pthread_cond_wait(&p->gate, &mu);
+            continue;
+        }
+        gcp_copy **at = &p->gated;
+        while (*at != NULL) {
+            gcp_copy *c = *at;
+            if (c->stop || p->closing) {
+                *at = c->next;
+                c->next = NULL;
+                c->stop = 1;
+                signal_if_ended(c);
+                if (c->waiters)
+                    pthread_cond_broadcast(&c->cv);
+                copy_unref(c);
+            } else if (__atomic_load_n(c->ready, __ATOMIC_ACQUIRE) != 0) {
+                *at = c->next;
+                queue_locked(p, c);
+                last = now_ns();
+            } else {
+                at = &c->next;
+            }
+        }
+        if (p->gated == NULL)
+            continue;
+        if (p->gated_at > last)
+            last = p->gated_at;
+        pthread_mutex_unlock(&mu);
+        if (now_ns() - last < GATE_SPIN_NS) {
+            cpu_relax();
+        } else {
+            struct timespec ts = {0, GATE_SLEEP_NS};
+            nanosleep(&ts, NULL);
+        }
+        pthread_mutex_lock(&mu);
+    }
+    pthread_mutex_unlock(&mu);
+    return NULL;
 }
 
 static int start_threads(gcp_pool *p) /* under mu */
@@ -274,14 +387,9 @@ static int start_threads(gcp_pool *p) /* under mu */
     return p->started > 0 ? 0 : -1;
 }
 
-/* Queue a copy of ``nbytes`` from ``src`` to ``dst`` in slices of ``step``
- * bytes, with non-temporal stores if ``nt`` (copy_nt); then, if ``flag`` is
- * not 0, store the uint32 1 at that address once the copy has ended (every
- * slice copied, or the copy stopped). Returns its handle, or NULL (out of
- * memory, no thread could start, the pool is closed, or this is a forked
- * child: then the flag is left as it was). */
-GCP_EXPORT gcp_copy *gcp_submit_copy_flag(gcp_pool *p, uintptr_t dst, uintptr_t src,
-                                          uint64_t nbytes, uint64_t step, int nt, uintptr_t flag)
+/* gcp_submit_copy_flag and gcp_submit_copy_gated (``ready`` not 0). */
+static gcp_copy *submit(gcp_pool *p, uintptr_t dst, uintptr_t src, uint64_t nbytes,
+                        uint64_t step, int nt, uintptr_t flag, uintptr_t ready)
 {
     if (p->pid != getpid() || step == 0)
         return NULL;
@@ -313,19 +421,55 @@ GCP_EXPORT gcp_copy *gcp_submit_copy_flag(gcp_pool *p, uintptr_t dst, uintptr_t 
         copy_free(c);
         return NULL;
     }
+    if (ready && !p->watching) {
+        if (pthread_create(&p->watcher, NULL, watch, p) != 0) {
+            pthread_mutex_unlock(&mu);
+            copy_free(c);
+            return NULL;
+        }
+        p->watching = 1;
+    }
     c->flag = (uint32_t *)flag;
     signal_if_ended(c); /* nothing to copy */
     if (count) {
         c->refs++;
-        if (p->tail)
-            p->tail->next = c;
-        else
-            p->head = c;
-        p->tail = c;
-        pthread_cond_broadcast(&p->work);
+        if (ready) {
+            c->ready = (const uint32_t *)ready;
+            c->next = p->gated;
+            p->gated = c;
+            p->gated_at = now_ns();
+            pthread_cond_signal(&p->gate);
+        } else {
+            queue_locked(p, c);
+        }
     }
     pthread_mutex_unlock(&mu);
     return c;
+}
+
+/* Queue a copy of ``nbytes`` from ``src`` to ``dst`` in slices of ``step``
+ * bytes, with non-temporal stores if ``nt`` (copy_nt); then, if ``flag`` is
+ * not 0, store the uint32 1 at that address once the copy has ended (every
+ * slice copied, or the copy stopped). Returns its handle, or NULL (out of
+ * memory, no thread could start, the pool is closed, or this is a forked
+ * child: then the flag is left as it was). */
+GCP_EXPORT gcp_copy *gcp_submit_copy_flag(gcp_pool *p, uintptr_t dst, uintptr_t src,
+                                          uint64_t nbytes, uint64_t step, int nt, uintptr_t flag)
+{
+    return submit(p, dst, src, nbytes, step, nt, flag, 0);
+}
+
+/* gcp_submit_copy_flag, but no slice is copied before the uint32 at
+ * ``ready`` is non-zero (a GPU stream sets it with cuStreamWriteValue32 once
+ * the source is there): until then the watcher thread holds the copy, and
+ * no copy thread waits for it. */
+GCP_EXPORT gcp_copy *gcp_submit_copy_gated(gcp_pool *p, uintptr_t dst, uintptr_t src,
+                                           uint64_t nbytes, uint64_t step, int nt, uintptr_t flag,
+                                           uintptr_t ready)
+{
+    if (ready == 0)
+        return NULL;
+    return submit(p, dst, src, nbytes, step, nt, flag, ready);
 }
 
 /* gcp_submit_copy_flag without a flag. */
@@ -474,10 +618,14 @@ GCP_EXPORT void gcp_pool_close(gcp_pool *p)
     pthread_mutex_lock(&mu);
     p->closing = 1;
     pthread_cond_broadcast(&p->work);
-    int started = p->started;
+    pthread_cond_broadcast(&p->gate);
+    int started = p->started, watching = p->watching;
     pthread_mutex_unlock(&mu);
+    if (watching)
+        pthread_join(p->watcher, NULL);
     for (int i = 0; i < started; i++)
         pthread_join(p->threads[i], NULL);
+    pthread_cond_destroy(&p->gate);
     pthread_cond_destroy(&p->work);
     free(p->threads);
     free(p);

@@ -1,32 +1,46 @@
-"""Gated uploads: the native copy threads stage, the GPU waits for them.
+"""Gated copies: the native copy threads stage, the GPU and they wait on flags.
 
-A mid-size upload from pageable memory has no good place to run its host
-copy. On the calling thread (an event loop's) it holds the loop for the
-whole copy; as a host job it pays two thread hand-offs, the stream thread's
-wake-up and the loop's, which on an H200 host cost more than the copy (issue
-13, run DH: a 1 MiB upload as a host job ran at 0.37-0.42x the speed of the
-one staged on the loop, and 4 MiB ones staged through the native threads
-by the host thread at best tied the driver's own path: 0.73-1.02x).
+A mid-size copy between the GPU and pageable memory has no good place to
+run its host copy. On the calling thread (an event loop's) it holds the
+loop for the whole copy; as a host job it pays two thread hand-offs, the
+stream thread's wake-up and the loop's, which on an H200 host cost more
+than the copy (issue 13, run DH: a 1 MiB upload as a host job ran at
+0.37-0.42x the speed of the one staged on the loop, and 4 MiB ones staged
+through the native threads by the host thread at best tied the driver's own
+path: 0.73-1.02x).
 
-Here the calling thread hands the host copy to the native copy threads and
-at once enqueues, in stream order, a ``cuStreamWaitValue32`` on a flag word
-in pinned memory and the DMA from the block. The threads copy the source
-into the block and set the flag; the GPU, waiting on it, then runs the DMA.
-No Python thread takes part, and nothing waits on the calling thread: it
-makes a handful of calls, like a pinned copy's.
+Here no Python thread takes part and nothing waits on the calling thread,
+which makes a handful of calls, like a pinned copy's:
 
-Stream order holds as for a copy staged on the calling thread: it is taken
-only when no host action of the stream that may write host memory is pending
-(``Sequencer.reads_clear``), so the source holds what stream order says;
-everything the stream does after it waits for the DMA, which waits for the
-copy. The copy threads run every copy handed to them without waiting for
-anything, so a stream waiting on a flag always gets it: no cycle through a
-GPU stream can form.
+* **Upload**: the calling thread hands each chunk's host copy to the native
+  copy threads and at once enqueues, in stream order, a
+  ``cuStreamWaitValue32`` on the chunk's flag word (pinned memory) and the
+  chunk's DMA from its block. The threads copy the source into the block
+  and set the flag; the GPU, waiting on it, then runs the DMA.
+* **Download**: the calling thread enqueues each chunk's DMA into its block
+  and a ``cuStreamWriteValue32`` of the chunk's ready word (fenced: the
+  block's bytes land first), then a wait on every chunk's flag, and hands
+  the copy-outs to the native threads gated on the ready words
+  (``gcp_submit_copy_gated``): a watcher thread queues each once its word is
+  set; the threads copy it out and set its flag. The op's marker, behind
+  the waits, fires with the bytes in the destination.
 
-The flag words (:class:`Gates`) live in one pinned block and the copies'
-blocks come from the pool's cache: neither is allocated on the calling
-thread. The first upload of a size finds neither, goes the usual way, and
-has the reaper thread pin them for the next.
+Stream order holds as for a copy staged on the calling thread. An upload is
+taken only when no host action that may write host memory is pending on
+the stream (``Sequencer.reads_clear``), so the source holds what stream
+order says; everything the stream does after it waits for its DMAs, which
+wait for the copies. A download is taken only when the host actions of the
+streams this one waits for have landed (``Sequencer.deps_clear``); it
+counts as the stream's copy-out (``note_copy_out``): later host steps settle
+on it, and later uploads do not read host memory until it is done. No copy
+thread ever waits: a copy held for its ready word sits with the watcher,
+not in the queue, so a stream waiting on a flag always gets it, and no
+cycle through a GPU stream can form.
+
+The flag words (:class:`Gates`) live in one pinned allocation and the
+copies' blocks come from the pool's cache: neither is allocated on the
+calling thread. The first copy of a size finds neither, goes the usual way,
+and has the reaper thread pin them for the next.
 """
 
 from __future__ import annotations
@@ -54,15 +68,15 @@ if TYPE_CHECKING:
     from .sequencer import Sequencer
     from .services import Services
 
-__all__ = ["GatedUploads", "Gates"]
+__all__ = ["GatedCopies", "Gates"]
 
 GATED_CHUNKS = 4
-"""The most chunks a gated upload goes in (each a block, a flag and a DMA)."""
+"""The most chunks a gated copy goes in (each a block, a flag or two and a DMA)."""
 GATE_STRIDE = 64
 """Bytes between two flag words: one cache line each, so that a thread
 setting one flag does not take the line of another from whoever reads it."""
 GATES_BYTES = 4096
-"""The flag block: 64 flags, as many gated uploads in flight at once. Pinned
+"""The flag block: 64 flags (an upload takes one per chunk, a download two). Pinned
 apart from the staging pool (whose smallest block is far larger), like a
 completion engine's flag slab, and outside its budget."""
 
@@ -101,8 +115,8 @@ class Gates:
         return len(self._free)
 
 
-class GatedUploads:
-    """The gated path of one stager: :meth:`copy` takes an upload or declines it."""
+class GatedCopies:
+    """The gated path of one stager: :meth:`copy` takes a copy or declines it."""
 
     def __init__(
         self, runtime: Services, pool: PinnedPool, nt: bool, chunk_for: Callable[[int], int]
@@ -119,25 +133,34 @@ class GatedUploads:
         """Per device: whether its streams can wait on a word (``stream_mem_ops``)."""
         self._priming: set[int] = set()
         """Chunk sizes the reaper is pinning blocks for."""
-        self.taken: int = 0
+        self.uploads: int = 0
         """Uploads this path took (tests and probes read it)."""
+        self.downloads: int = 0
+        """Downloads this path took."""
         self._closed = threading.Event()
 
     @staticmethod
     def covers(nbytes: int) -> bool:
-        """Whether an upload of this size is one for this path (``GATED_MIN``-``GATED_MAX``;
-        none while ``GATED_MAX`` is 0, the default)."""
+        """Whether a copy of this size, either way, is one for this path
+        (``GATED_MIN``-``GATED_MAX``; none while ``GATED_MAX`` is 0, the default)."""
         return GATED_MIN <= nbytes <= GATED_MAX
 
     def copy(self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo) -> bool:
-        """Enqueue ``op`` (an upload of a size :meth:`covers`) gated on the copy
-        threads, and return True; or return False, having enqueued nothing,
-        where it cannot go this way now (the caller stages it as usual).
+        """Enqueue ``op`` (a copy from or into pageable memory, of a size
+        :meth:`covers`) gated on the copy threads, and return True; or return
+        False, having enqueued nothing, where it cannot go this way now (the
+        caller stages it as usual).
 
-        The upload goes in the stager's chunks, each copied into a block of
-        its own and DMAed once its copy's flag is set, so that the DMA of
-        the first runs while the others are copied.
+        The copy goes in the stager's chunks, each through a block of its
+        own. An upload's chunk is copied into its block, and DMAed once its
+        copy's flag is set: the DMA of the first runs while the others are
+        copied. A download's chunk is DMAed into its block, then the stream
+        sets the chunk's ready word, on which the copy threads copy it out
+        and set its flag; the stream waits for every chunk's flag, so the
+        op (its marker behind those waits) completes with the bytes in the
+        destination, and later work of the stream comes after.
         """
+        up = s.kind.is_host
         n = d.nbytes
         chunk = self._chunk_for(n)
         count = -(-n // chunk)
@@ -148,29 +171,43 @@ class GatedUploads:
         if gates is None or not self._devices.get(seq.ordinal, False):
             self._prime(seq.ordinal, chunk, count)
             return False
-        if op._tracer is not None or not seq.reads_clear():
-            return False  # traced copies show their slices on Python threads
-        # Cached blocks only: pinning memory is a slow driver call.
+        # An upload reads its source now: no pending host action may write
+        # it. A download writes its destination once its DMA is done: after
+        # the host actions of the streams this one waits for (as a small
+        # download's copy-out). Traced copies show their slices on Python
+        # threads.
+        clear = seq.reads_clear() if up else seq.deps_clear()
+        if op._tracer is not None or not clear:
+            return False
         blocks: list[PinnedBlock] = []
-        flags: list[int] = []
+        flags: list[int] = []  # per chunk: its flag (a download: its ready word first)
         copies: list[NativeCopy] = []
-        nt = self._nt and min(chunk, n) >= NT_MIN
+        nt = up and self._nt and min(chunk, n) >= NT_MIN
         host = self._rt.host
+        per = 1 if up else 2
         try:
             for off in range(0, n, chunk):
+                # Cached blocks only: pinning memory is a slow driver call.
                 block = pool.take_cached(chunk)
                 if block is None:
                     self._prime(seq.ordinal, chunk, count)
                     return False
                 blocks.append(block)
-                flag = gates.take()
-                if flag is None:
-                    return False
-                flags.append(flag)
+                for _ in range(per):
+                    flag = gates.take()
+                    if flag is None:
+                        return False
+                    flags.append(flag)
+                flag = flags[-1]
                 ln = min(chunk, n - off)
-                copies.append(
-                    host.submit_flagged(block.ptr, s.ptr + off, ln, GATED_SLICE, nt, flag)
-                )
+                if up:
+                    cp = host.submit_flagged(block.ptr, s.ptr + off, ln, GATED_SLICE, nt, flag)
+                else:
+                    ready = flags[-2]
+                    cp = host.submit_flagged(
+                        d.ptr + off, block.ptr, ln, GATED_SLICE, nt, flag, ready
+                    )
+                copies.append(cp)
         except (RuntimeError, MemoryError):  # the native threads could not take one
             return False
         finally:
@@ -178,19 +215,24 @@ class GatedUploads:
                 _hand_back(copies, gates, flags, pool, blocks)
 
         def release() -> None:
-            # Done: every DMA ran, after its flag, after its copy. Failed: a
-            # copy may still run; stop it (which sets its flag) before its
-            # block and flag are anyone else's.
+            # Done: every copy ended before the stream passed its flag. Failed:
+            # a copy may still run (or wait for its ready word); stop it (which
+            # sets its flag) before its block and flags are anyone else's.
             _hand_back(copies, gates, flags, pool, blocks)
 
         op._add_done_callback(release)
         op._est = n / PCIE_BPS + min(chunk, n) / GATED_COPY_BPS
-        self.taken += 1
         ptrs = [b.ptr for b in blocks]
-        seq.gpu(op, self._enqueue, d.ptr, ptrs, n, chunk, flags)
+        if up:
+            self.uploads += 1
+            seq.gpu(op, self._enqueue_up, d.ptr, ptrs, n, chunk, flags)
+        else:
+            self.downloads += 1
+            seq.gpu(op, self._enqueue_down, s.ptr, ptrs, n, chunk, flags)
+            seq.note_copy_out(op)  # later host steps settle on it
         return True
 
-    def _enqueue(
+    def _enqueue_up(
         self, dst: int, blocks: list[int], nbytes: int, chunk: int, flags: list[int], native: Any
     ) -> None:
         backend = self._rt.backend
@@ -199,9 +241,21 @@ class GatedUploads:
             backend.stream_wait_value32(native, flag, 1)
             backend.memcpy_async(dst + off, block, min(chunk, nbytes - off), native)
 
+    def _enqueue_down(
+        self, src: int, blocks: list[int], nbytes: int, chunk: int, flags: list[int], native: Any
+    ) -> None:
+        backend = self._rt.backend
+        for k, block in enumerate(blocks):
+            off = k * chunk
+            backend.memcpy_async(block, src + off, min(chunk, nbytes - off), native)
+            # Fenced (the default): the block's bytes are visible before the word.
+            backend.stream_write_value32(native, flags[2 * k], 1)
+        for k in range(len(blocks)):
+            backend.stream_wait_value32(native, flags[2 * k + 1], 1)
+
     # -- set-up, on the reaper thread -------------------------------------
     def _prime(self, device: int, chunk: int, count: int) -> None:
-        """Have the reaper pin what a gated upload needs and lacks: the flag
+        """Have the reaper pin what a gated copy needs and lacks: the flag
         block, and ``count`` cached blocks of ``chunk`` bytes."""
         if chunk in self._priming:
             return
@@ -209,7 +263,7 @@ class GatedUploads:
         self._rt.reaper.submit(lambda: self._pin(device, chunk, count))
 
     def prepare(self, device: int, nbytes: int) -> None:
-        """Pin the flag block and the blocks of an upload of ``nbytes`` now,
+        """Pin the flag block and the blocks of a copy of ``nbytes`` now,
         if the budget has room (blocks; never on an event loop's thread)."""
         chunk = self._chunk_for(nbytes)
         self._pin(device, chunk, -(-nbytes // chunk))
@@ -225,14 +279,14 @@ class GatedUploads:
                     self.close()
             # Pinned now if the budget has room, cached for the next upload.
             self._pool.reserve(chunk, count)
-        except Exception:  # a closed pool, a budget too small: uploads go the usual way
+        except Exception:  # a closed pool, a budget too small: copies go the usual way
             return
         finally:
             self._priming.discard(chunk)
 
     def close(self) -> None:
         """Free the flag block, waiting for that a second at most (the stager
-        closes its pool next, which waits for uploads still in flight)."""
+        closes its pool next, which waits for copies still in flight)."""
         self._closed.set()
         gates, self.gates = self.gates, None
         if gates is None:

@@ -189,15 +189,16 @@ class HostPool:
         return SlicedCopy(self._executor(), self.threads, dst, src, nbytes, span)
 
     def submit_flagged(
-        self, dst: int, src: int, nbytes: int, least: int, nt: bool, flag: int
+        self, dst: int, src: int, nbytes: int, least: int, nt: bool, flag: int, ready: int = 0
     ) -> NativeCopy:
         """Start copying on the native copy threads, in slices of at least
         ``least`` bytes, and set the uint32 at ``flag`` to 1 once the copy has
-        ended (:meth:`gpuaio._engine.nativecopy.NativePool.submit_copy`).
-        Raises RuntimeError where they cannot take it (then the flag is
-        untouched); only where :attr:`native`."""
+        ended; with ``ready``, not before the uint32 there is non-zero
+        (:meth:`gpuaio._engine.nativecopy.NativePool.submit_copy`). Raises
+        RuntimeError where they cannot take it (then the flag is untouched);
+        only where :attr:`native`."""
         step = slice_step(nbytes, self.threads, least)
-        return self._native_pool().submit_copy(dst, src, nbytes, step, nt, flag)
+        return self._native_pool().submit_copy(dst, src, nbytes, step, nt, flag, ready)
 
     @property
     def native(self) -> bool:

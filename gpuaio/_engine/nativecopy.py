@@ -49,6 +49,12 @@ class _Lib:
         self.submit: Callable[..., Any] = _fn(
             held, "gcp_submit_copy_flag", [ptr, size, size, u64, u64, ctypes.c_int, size], ptr
         )
+        self.submit_gated: Callable[..., Any] = _fn(
+            held,
+            "gcp_submit_copy_gated",
+            [ptr, size, size, u64, u64, ctypes.c_int, size, size],
+            ptr,
+        )
         # Releases the GIL, as ctypes.memmove does: it copies up to a MiB.
         self.copy_nt: Callable[..., Any] = _fn(free, "gcp_copy_nt", [size, size, u64], None)
         self.has_nt: Callable[..., Any] = _fn(held, "gcp_has_nt", [], ctypes.c_int)
@@ -173,7 +179,14 @@ class NativePool:
         self._handle: int = handle
 
     def submit_copy(
-        self, dst: int, src: int, nbytes: int, step: int, nt: bool = False, flag: int = 0
+        self,
+        dst: int,
+        src: int,
+        nbytes: int,
+        step: int,
+        nt: bool = False,
+        flag: int = 0,
+        ready: int = 0,
     ) -> NativeCopy:
         """Start copying ``nbytes`` from address ``src`` to ``dst`` in slices of
         ``step`` bytes, with non-temporal stores if ``nt`` (see
@@ -183,10 +196,20 @@ class NativePool:
         copy has ended, every byte copied (or the copy stopped, which only an
         abort does), its stores visible before it: a GPU stream may wait for
         it (``cuStreamWaitValue32``) before it reads the destination. The
-        copy's handle must be kept until then: dropping it stops the copy."""
+        copy's handle must be kept until then: dropping it stops the copy.
+
+        ``ready``: the address of a uint32 that something else (a GPU stream,
+        ``cuStreamWriteValue32``) sets non-zero once ``src`` holds the bytes:
+        no slice is copied before. A watcher thread holds the copy until
+        then, so no copy thread ever waits for a GPU; a pool that closes
+        first stops it (its flag set, nothing copied)."""
         if not self._handle:
             raise RuntimeError("the native copy pool is closed")
-        handle = self._lib.submit(self._handle, dst, src, nbytes, step, 1 if nt else 0, flag)
+        lib, handle, mode = self._lib, self._handle, 1 if nt else 0
+        if ready:
+            handle = lib.submit_gated(handle, dst, src, nbytes, step, mode, flag, ready)
+        else:
+            handle = lib.submit(handle, dst, src, nbytes, step, mode, flag)
         if not handle:
             raise RuntimeError(
                 "the native copy threads could not take the copy (out of memory, or no thread "

@@ -38,7 +38,7 @@ from .._core.operation import Operation
 from .._core.progress import report_progress
 from .buffers import BufferInfo
 from .eventcache import EventCache
-from .gated import GatedUploads
+from .gated import GatedCopies
 from .hostwork import HostPool, SlicedCopy
 from .nativecopy import NativeCopy, nt_copier
 from .pool import PinnedBlock, PinnedPool, size_class
@@ -84,9 +84,9 @@ class Stager:
         self._nt_out: Callable[[int, int, int], None] | None = nt if D2H_NT_MIN else None
         # Mid-size uploads gated on the native copy threads (gated.py), in
         # the range its settings give (none by default).
-        self.gated: GatedUploads | None = None
+        self.gated: GatedCopies | None = None
         if runtime.host.native:
-            self.gated = GatedUploads(runtime, self.pool, nt is not None, self.chunk_for)
+            self.gated = GatedCopies(runtime, self.pool, nt is not None, self.chunk_for)
 
     def close(self) -> None:
         """Close the pinned pool (waits, bounded, for blocks still in use), drop cached events."""
@@ -124,7 +124,7 @@ class Stager:
         """Schedule ``op`` (a copy with a pageable side) on ``stream``."""
         h2d = s.kind.is_host
         gated = self.gated
-        if h2d and gated is not None and gated.covers(d.nbytes) and gated.copy(seq, op, d, s):
+        if gated is not None and gated.covers(d.nbytes) and gated.copy(seq, op, d, s):
             return op
         small = d.nbytes <= self.config.inline_max
         if not (small and self._small_fit):

@@ -192,10 +192,11 @@ there up at least 0.97x, one at least 1.03x, in each of four processes)
 starts."""
 
 GATED_MIN = _env_size("GPUAIO_GATED_MIN", 512 << 10)
-"""Uploads from pageable memory of ``GATED_MIN``-``GATED_MAX`` bytes are
-copied into their pinned blocks by the native copy threads while their
-stream waits on flags the threads set (:mod:`gpuaio._engine.gated`), where
-the install has those threads and ``GATED_MAX`` is not 0.
+"""Copies between the GPU and pageable memory of ``GATED_MIN``-``GATED_MAX``
+bytes, either way, go through their pinned blocks by the native copy
+threads while their stream waits on flags the threads set, and the threads
+on words the stream sets (:mod:`gpuaio._engine.gated`), where the install
+has those threads and ``GATED_MAX`` is not 0.
 
 Off by default (``GATED_MAX`` 0) until a GPU run has measured it against the
 paths those sizes take now (issue 13: run DH found a 1 MiB upload handed to
@@ -208,9 +209,9 @@ GATED_MAX = _env_size("GPUAIO_GATED_MAX", 0)
 """See :data:`GATED_MIN`."""
 
 GATED_SLICE = _env_size("GPUAIO_GATED_SLICE", 256 << 10)
-"""The least slice a copy thread takes of a gated upload (one slice per
+"""The least slice a copy thread takes of a gated copy's chunk (one slice per
 thread where that is more)."""
 
 GATED_COPY_BPS = 40e9
 """What the copy threads are expected to manage together, optimistic, for a
-gated upload's expected duration (which decides when it is polled for)."""
+gated copy's expected duration (which decides when it is polled for)."""
