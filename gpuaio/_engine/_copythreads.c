@@ -17,6 +17,13 @@
  * their last call, in any order (gcp_take); gcp_stop lets no thread claim
  * another slice of a copy and returns once none copies any.
  *
+ * Gated copies (gpuaio/_engine/gated.py) talk to a GPU stream through flag
+ * words in pinned memory: a copy may set a word once it has ended
+ * (gcp_submit_copy_flag), for the stream to wait on (cuStreamWaitValue32),
+ * and may wait for a word the stream sets (cuStreamWriteValue32) before its
+ * first slice (gcp_submit_copy_gated). Such a copy waits with a watcher
+ * thread, never in the queue: copy threads never wait for a GPU.
+ *
  * No Python API is used except the module's (empty) init function, so that
  * the build can make this an extension module beside the package's others.
  * One mutex guards every pool and copy: a slice is megabytes (hundreds of

@@ -6,7 +6,9 @@ claim, copy and report slices of a host copy without Python. This module
 drives it through ctypes. :class:`gpuaio._engine.hostwork.HostPool` uses it
 for a staged transfer's chunk copies where it is there, and its own Python
 threads (:class:`~gpuaio._engine.hostwork.SlicedCopy`, the same semantics)
-where it is not, where ``GPUAIO_NATIVE_COPY=0``, and where a copy is traced.
+where it is not, where ``GPUAIO_NATIVE_COPY=0``, and where a copy is traced;
+gated copies (:mod:`gpuaio._engine.gated`) use it alone, through the flag
+words a copy sets once it has ended and may wait for before it starts.
 
 Why: as Python threads, each copy thread needs the GIL to leave its queue
 and to report a slice, and gets it in turn. On an H200 host twelve of them
