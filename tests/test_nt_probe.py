@@ -64,3 +64,58 @@ def test_the_probe_runs_on_the_simulator_and_writes_its_json(tmp_path: Path) -> 
     for row in got["dma"]:
         assert row["memmove_dma_us"] > 0
     assert "NT_MIN by the rule" in proc.stdout
+
+
+def _gated_rows(cells: dict[int, tuple[float, float, int]]) -> list[dict[str, Any]]:
+    """Rows of a ``--toggle gated`` run: size -> (H2D ratio, D2H ratio, rounds faster both)."""
+    return [
+        {
+            "bytes": n,
+            "rounds": 4,
+            "toggled": "gated",
+            "h2d_ratio": up,
+            "d2h_ratio": down,
+            "h2d_nt_faster_rounds": faster,
+            "d2h_nt_faster_rounds": faster,
+        }
+        for n, (up, down, faster) in cells.items()
+    ]
+
+
+def test_the_gated_rule_keeps_each_direction_where_every_process_gains_5_percent() -> None:
+    a = _gated_rows({MiB: (1.30, 1.02, 4), 4 * MiB: (1.60, 1.40, 4), 16 * MiB: (1.05, 1.10, 3)})
+    b = _gated_rows({MiB: (1.20, 1.20, 4), 4 * MiB: (1.50, 1.04, 4), 16 * MiB: (1.08, 1.20, 2)})
+    assert nt_probe.judge_gated([a, b]) == {"h2d": [MiB, 4 * MiB], "d2h": []}
+    assert nt_probe.judge_gated([a]) == {
+        "h2d": [MiB, 4 * MiB, 16 * MiB],
+        "d2h": [4 * MiB, 16 * MiB],
+    }
+    assert nt_probe.judge_gated([]) == {"h2d": [], "d2h": []}
+    assert nt_probe.judge_gated([a, []]) == {"h2d": [], "d2h": []}
+
+
+@pytest.mark.timeout(240)
+def test_the_probe_toggles_gated_copies_on_the_simulator(tmp_path: Path) -> None:
+    """With the native copy threads (a compiled install) the gated path is
+    toggled per call and every round trip is byte-exact; without them the
+    probe says it has none."""
+    out = tmp_path / "gated.json"
+    env = {**os.environ, "GPUAIO_BACKEND": "sim"}
+    args = ["--quick", "--toggle", "gated", "--sections", "e2e", "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "nt_probe.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=200,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = json.loads(out.read_text())
+    assert "gated copies kept by the rule" in proc.stdout
+    if got["native"]:
+        assert [r["bytes"] for r in got["e2e"]] == [64 * KiB, 16 * MiB]
+        assert all(r["toggled"] == "gated" for r in got["e2e"])
+        assert "gated so far" in proc.stdout
+    else:
+        assert got["e2e"] == [] and "no gated path" in proc.stdout
