@@ -385,3 +385,52 @@ def test_gated_uploads_are_off_unless_turned_on() -> None:
         assert stagingconfig.GATED_MAX == 0
     if not stagingconfig.GATED_MAX:
         assert not any(GatedCopies.covers(n) for n in (0, 4096, MiB, 16 * MiB, 1 << 30))
+
+
+async def test_a_gated_copy_that_fails_to_enqueue_hands_back_its_blocks_after_a_drain(
+    late_gated: GatedCopies, dev: gpuaio.Device, gpuaio_runtime: Any
+) -> None:
+    """The second chunk's DMA fails to enqueue: the call raises, the first
+    chunk's wait and DMA may still run, so its block and flag come back only
+    once the stream has drained; nothing hangs, and the path works after."""
+    n = 2 * MiB  # two 1 MiB chunks
+    late_gated.prepare(dev.ordinal, n)
+    gates = late_gated.gates
+    assert gates is not None
+    be = gpuaio_runtime.backend
+    real = be.memcpy_async
+    calls = 0
+
+    def second_fails(dst: int, src: int, nbytes: int, stream: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("injected: the second DMA could not be enqueued")
+        real(dst, src, nbytes, stream)
+
+    s = dev.stream()
+    d = dev.empty(n)
+    src = pattern(n, 12)
+    release = latch(dev, s)  # the stream cannot drain yet
+    try:
+        be.memcpy_async = second_fails
+        try:
+            with pytest.raises(RuntimeError, match="injected"):
+                s.copy(d, src)
+        finally:
+            be.memcpy_async = real
+        assert late_gated.uploads == 1
+        await anyio.sleep(0.1)  # the copies stopped; the stream still holds its work
+        assert gates.free < 64, "a failed copy's words came back before its stream drained"
+    finally:
+        release()
+    pool = gpuaio_runtime.stager.pool
+    deadline = time.monotonic() + 10
+    while gates.free != 64 or pool.stats().in_use:
+        assert time.monotonic() < deadline, (gates.free, pool.stats())
+        await anyio.sleep(0.01)
+    late_gated.prepare(dev.ordinal, n)
+    back = np.zeros(n, np.uint8)
+    await s.copy(d, src)
+    await s.copy(back, d)
+    np.testing.assert_array_equal(back, src)

@@ -215,10 +215,23 @@ class GatedCopies:
                 _hand_back(copies, gates, flags, pool, blocks)
 
         def release() -> None:
-            # Done: every copy ended before the stream passed its flag. Failed:
-            # a copy may still run (or wait for its ready word); stop it (which
-            # sets its flag) before its block and flags are anyone else's.
-            _hand_back(copies, gates, flags, pool, blocks)
+            # Done: every copy ended before the stream passed its flag.
+            if op._exc is None:
+                _hand_back(copies, gates, flags, pool, blocks)
+                return
+            # Failed: part of the work may have been enqueued, and may still
+            # run: a DMA into or out of a block, a write of a ready word. Stop
+            # the copies (which sets their flags, so no stream waits on them
+            # for ever), and hand the blocks and words back only once the
+            # stream has drained, on its host thread.
+            for cp in copies:
+                cp.stop()
+            seq.executor.submit(
+                lambda: _hand_back_after_drain(
+                    self._rt.backend, seq.native, gates, flags, pool, blocks
+                ),
+                False,
+            )
 
         op._add_done_callback(release)
         op._est = n / PCIE_BPS + min(chunk, n) / GATED_COPY_BPS
@@ -320,3 +333,21 @@ def _hand_back(
         gates.give(flag)
     for block in blocks:
         pool.release(block)
+
+
+def _hand_back_after_drain(
+    backend: Any,
+    native: Any,
+    gates: Gates,
+    flags: list[int],
+    pool: PinnedPool,
+    blocks: list[PinnedBlock],
+) -> None:
+    """A failed gated copy's blocks and words, once nothing its stream had
+    enqueued can touch them; never, where that cannot be told (a dead
+    context runs nothing more, but the error may be another)."""
+    try:
+        backend.stream_synchronize(native)
+    except Exception:
+        return
+    _hand_back([], gates, flags, pool, blocks)
