@@ -218,8 +218,9 @@ async def test_with_every_flag_in_use_uploads_go_the_usual_way(
 async def test_a_cancelled_await_of_a_gated_upload_corrupts_and_leaks_nothing(
     late_gated: GatedCopies, dev: gpuaio.Device, gpuaio_runtime: Any
 ) -> None:
-    """The await is cancelled while the copy is still 50 ms off: the upload
-    still lands whole, and its block and flag come back once it has."""
+    """The await is cancelled while the stream is held and the copy still
+    50 ms off: the upload still lands whole, and its block and flag come
+    back once it has."""
     late_gated.prepare(dev.ordinal, SIZE)
     pool = gpuaio_runtime.stager.pool
     gates = late_gated.gates
@@ -227,8 +228,12 @@ async def test_a_cancelled_await_of_a_gated_upload_corrupts_and_leaks_nothing(
     s = dev.stream()
     d = dev.empty(SIZE)
     src = pattern(SIZE, 10)
-    with anyio.move_on_after(0.005) as scope:
-        await s.copy(d, src)
+    release = latch(dev, s)  # the upload cannot complete before the cancel
+    try:
+        with anyio.move_on_after(0.01) as scope:
+            await s.copy(d, src)
+    finally:
+        release()
     assert scope.cancelled_caught
     assert late_gated.uploads == 1
     await s.synchronize()
