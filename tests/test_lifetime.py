@@ -192,6 +192,52 @@ def test_reaper_submit_nested_in_its_own_start(monkeypatch: pytest.MonkeyPatch) 
     reaper.close()
 
 
+def test_reaper_submit_from_its_own_new_thread_before_start_returns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The collector may run a ``__del__`` on the reaper's new thread while
+    ``Thread.start()`` still waits for it on the submitting thread, which
+    holds the reaper's lock: the nested submit must not wait for that lock
+    (it hung a CI run), and both frees run."""
+    from gpuaio._engine import reaper as _reaper
+
+    reaper = Reaper()
+    ran: list[str] = []
+    both = threading.Event()
+
+    def free(name: str) -> None:
+        ran.append(name)
+        if len(ran) == 2:
+            both.set()
+
+    real_thread = threading.Thread
+    nested_done = threading.Event()
+    in_time: list[bool] = []
+
+    class FinalizerOnTheNewThread(real_thread):
+        def start(self) -> None:
+            # As a __del__ run by the collector on the new thread would,
+            # before start() returns here.
+            other = real_thread(
+                target=lambda: (reaper.submit(lambda: free("nested")), nested_done.set()),
+                daemon=True,
+            )
+            other.start()
+            in_time.append(nested_done.wait(3))
+            super().start()
+
+    monkeypatch.setattr(_reaper.threading, "Thread", FinalizerOnTheNewThread)
+    worker = real_thread(target=lambda: reaper.submit(lambda: free("outer")), daemon=True)
+    worker.start()
+    worker.join(10)
+    monkeypatch.undo()
+    assert in_time == [True], "the nested submit waited for the starting thread's lock"
+    assert not worker.is_alive(), "submit deadlocked"
+    assert both.wait(5)
+    assert sorted(ran) == ["nested", "outer"]
+    reaper.close()
+
+
 def _close_in_background(rt: Any) -> threading.Thread:
     """Start ``rt.close()`` on a thread; return once it has begun."""
     closer = threading.Thread(target=rt.close, daemon=True)

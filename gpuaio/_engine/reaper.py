@@ -41,7 +41,11 @@ class Reaper:
     def submit(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` (a driver free) on the reaper thread, off the loop."""
         self._q.put(fn)
-        if self._thread is None:
+        # While a start is under way its new thread will run ``fn``. Asking
+        # for the lock then could deadlock: the collector may run a __del__
+        # on that new thread before ``Thread.start()`` returns on the thread
+        # holding the lock (it hung a CI run).
+        if self._thread is None and not self._starting:
             self._start()
 
     def _start(self) -> None:
