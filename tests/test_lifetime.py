@@ -7,6 +7,7 @@ import gc
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -159,13 +160,9 @@ def test_trio_run_ends_with_op_in_flight(gpuaio_runtime: Any) -> None:
     assert op.exception() is None
 
 
-def test_reaper_submit_nested_in_its_own_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``__del__`` methods submit frees; the garbage collector may run one inside
-    ``_Reaper.submit`` while it creates its thread. The nested submit must not
-    deadlock on the reaper's lock (it hung the suite once), and both frees run."""
-    from gpuaio._api import runtime as _runtime
-
-    reaper = Reaper()
+def _reaper_and_two_frees() -> tuple[Reaper, Callable[[str], None], list[str], threading.Event]:
+    """A new reaper, a free that records its name, the names recorded, and
+    an event set once two frees have run."""
     ran: list[str] = []
     both = threading.Event()
 
@@ -174,6 +171,16 @@ def test_reaper_submit_nested_in_its_own_start(monkeypatch: pytest.MonkeyPatch) 
         if len(ran) == 2:
             both.set()
 
+    return Reaper(), free, ran, both
+
+
+def test_reaper_submit_nested_in_its_own_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``__del__`` methods submit frees; the garbage collector may run one inside
+    ``_Reaper.submit`` while it creates its thread. The nested submit must not
+    deadlock on the reaper's lock (it hung the suite once), and both frees run."""
+    from gpuaio._api import runtime as _runtime
+
+    reaper, free, ran, both = _reaper_and_two_frees()
     real_thread = threading.Thread
 
     class FinalizerDuringInit(real_thread):
@@ -201,15 +208,7 @@ def test_reaper_submit_from_its_own_new_thread_before_start_returns(
     (it hung a CI run), and both frees run."""
     from gpuaio._engine import reaper as _reaper
 
-    reaper = Reaper()
-    ran: list[str] = []
-    both = threading.Event()
-
-    def free(name: str) -> None:
-        ran.append(name)
-        if len(ran) == 2:
-            both.set()
-
+    reaper, free, ran, both = _reaper_and_two_frees()
     real_thread = threading.Thread
     nested_done = threading.Event()
     in_time: list[bool] = []

@@ -45,25 +45,30 @@ def test_the_rule_picks_the_size_from_which_every_process_gains_and_none_loses()
     assert nt_probe.judge([_rows({4 * KiB: 1.2, 16 * KiB: 1.1}, "d2h")]) == 64 * KiB
 
 
-@pytest.mark.timeout(240)
-def test_the_probe_runs_on_the_simulator_and_writes_its_json(tmp_path: Path) -> None:
-    out = tmp_path / "nt.json"
-    env = {**os.environ, "GPUAIO_BACKEND": "sim"}
+def _run_probe(tmp_path: Path, *args: str) -> tuple[str, dict[str, Any]]:
+    """Run the probe on the simulator with ``--quick`` and these arguments:
+    its output and its JSON."""
+    out = tmp_path / "probe.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "nt_probe.py"), "--quick", "--json", str(out)],
-        env=env,
+        [sys.executable, str(REPO / "tools" / "nt_probe.py"), "--quick", *args, "--json", str(out)],
+        env={**os.environ, "GPUAIO_BACKEND": "sim"},
         capture_output=True,
         text=True,
         timeout=200,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    got = json.loads(out.read_text())
+    return proc.stdout, json.loads(out.read_text())
+
+
+@pytest.mark.timeout(240)
+def test_the_probe_runs_on_the_simulator_and_writes_its_json(tmp_path: Path) -> None:
+    stdout, got = _run_probe(tmp_path)
     assert got["backend"] == "sim"
     assert [r["bytes"] for r in got["dma"]] == [64 * KiB, 16 * MiB]
     for row in got["dma"]:
         assert row["memmove_dma_us"] > 0
-    assert "NT_MIN by the rule" in proc.stdout
+    assert "NT_MIN by the rule" in stdout
 
 
 def _gated_rows(cells: dict[int, tuple[float, float, int]]) -> list[dict[str, Any]]:
@@ -99,23 +104,11 @@ def test_the_probe_toggles_gated_copies_on_the_simulator(tmp_path: Path) -> None
     """With the native copy threads (a compiled install) the gated path is
     toggled per call and every round trip is byte-exact; without them the
     probe says it has none."""
-    out = tmp_path / "gated.json"
-    env = {**os.environ, "GPUAIO_BACKEND": "sim"}
-    args = ["--quick", "--toggle", "gated", "--sections", "e2e", "--json", str(out)]
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "nt_probe.py"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=200,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    got = json.loads(out.read_text())
-    assert "gated copies kept by the rule" in proc.stdout
+    stdout, got = _run_probe(tmp_path, "--toggle", "gated", "--sections", "e2e")
+    assert "gated copies kept by the rule" in stdout
     if got["native"]:
         assert [r["bytes"] for r in got["e2e"]] == [64 * KiB, 16 * MiB]
         assert all(r["toggled"] == "gated" for r in got["e2e"])
-        assert "gated so far" in proc.stdout
+        assert "gated so far" in stdout
     else:
-        assert got["e2e"] == [] and "no gated path" in proc.stdout
+        assert got["e2e"] == [] and "no gated path" in stdout
