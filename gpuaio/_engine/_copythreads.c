@@ -479,13 +479,6 @@ GCP_EXPORT gcp_copy *gcp_submit_copy_gated(gcp_pool *p, uintptr_t dst, uintptr_t
     return submit(p, dst, src, nbytes, step, nt, flag, ready);
 }
 
-/* gcp_submit_copy_flag without a flag. */
-GCP_EXPORT gcp_copy *gcp_submit_copy(gcp_pool *p, uintptr_t dst, uintptr_t src, uint64_t nbytes,
-                                     uint64_t step, int nt)
-{
-    return gcp_submit_copy_flag(p, dst, src, nbytes, step, nt, 0);
-}
-
 /* Whether no thread copies a slice of ``c`` and none will: under mu. */
 static int ended(const gcp_copy *c)
 {

@@ -76,9 +76,9 @@ GATE_STRIDE = 64
 """Bytes between two flag words: one cache line each, so that a thread
 setting one flag does not take the line of another from whoever reads it."""
 GATES_BYTES = 4096
-"""The flag block: 64 flags (an upload takes one per chunk, a download two). Pinned
-apart from the staging pool (whose smallest block is far larger), like a
-completion engine's flag slab, and outside its budget."""
+"""The flag block: 64 flags (an upload takes one per chunk, a download two).
+Pinned apart from the staging pool (whose smallest block is far larger) and
+outside its budget."""
 
 
 class Gates:

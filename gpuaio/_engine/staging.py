@@ -82,8 +82,8 @@ class Stager:
         nt = nt_copier()
         self._nt: Callable[[int, int, int], None] | None = nt if NT_MIN else None
         self._nt_out: Callable[[int, int, int], None] | None = nt if D2H_NT_MIN else None
-        # Mid-size uploads gated on the native copy threads (gated.py), in
-        # the range its settings give (none by default).
+        # Mid-size copies, either way, gated on the native copy threads
+        # (gated.py), in the range its settings give (none by default).
         self.gated: GatedCopies | None = None
         if runtime.host.native:
             self.gated = GatedCopies(runtime, self.pool, nt is not None, self.chunk_for)
