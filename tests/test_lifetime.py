@@ -543,3 +543,43 @@ def test_a_resolver_holds_nothing_of_the_op_once_it_counts_as_done() -> None:
     done.start()
     done.join()
     assert alive == {"allocation": False, "callback's buffer": False}
+
+
+class _ChainedWork:
+    """A host step's body that, when dropped, submits another host step on
+    the same sequencer, as a finalizer dropping a user's buffer may run code
+    that enqueues (and as another thread may, while a finalizer runs)."""
+
+    def __init__(self, seq: Any, then: gpuaio.Operation | None) -> None:
+        self._seq = seq
+        self._then = then
+
+    def __call__(self) -> bool:
+        return False
+
+    def __del__(self) -> None:
+        if self._then is not None:
+            self._seq.host(self._then, _ChainedWork(self._seq, None), after_gpu=False)
+
+
+def test_a_host_step_submitted_while_another_is_dropped_runs_whole(
+    gpuaio_runtime: Any, dev: gpuaio.Device
+) -> None:
+    """The second step is submitted from the first's finalizer, while the
+    first step's closure is being freed. A compiled build that reused the
+    freed closure's storage for the new step and then went on clearing it
+    lost the new step's state: it failed with "attribute 'copy_out' of
+    'host_Sequencer_env' undefined" (a CI run of the compiled session)."""
+    s = dev.stream()
+    seq = s._seq
+    for _ in range(3):  # the first may find the freed storage taken
+        first = gpuaio.Operation("first", None)
+        second = gpuaio.Operation("second", None)
+        seq.host(first, _ChainedWork(seq, second), after_gpu=False)
+        del first
+        seq.executor.wait_for(seq.executor.submitted, timeout=10)
+        deadline = time.monotonic() + 10
+        while not second.done():
+            assert time.monotonic() < deadline, "the chained step never ran"
+            time.sleep(0.001)
+        assert second.exception() is None

@@ -8,6 +8,7 @@ becomes a host step, so the event loop never blocks.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,9 @@ from .describe import describe
 from .memory import DeviceArray
 
 if TYPE_CHECKING:
+    from .._engine.hostwork import HostPool
     from .._engine.sequencer import Sequencer
+    from ..backends import Backend
     from .runtime import Runtime
 
 __all__ = ["Transfers", "check_copy"]
@@ -128,21 +131,13 @@ class Transfers:
         op = Operation(label, self, (dst, src, d.owner, s.owner), n)
         if d.alloc is not None or s.alloc is not None:
             _hold(op, d.alloc, s.alloc)
+        # Partials, not closures (see Sequencer._gpu_job); and a call with
+        # none makes no closure storage at all.
         if progress is not None:
             op._progress = progress
-
-            def report_done() -> None:
-                if op._exc is None:
-                    report_progress(progress, n, n)
-
-            op._add_done_callback(report_done)
+            op._add_done_callback(functools.partial(_report_done, op, progress, n))
         if d_host and s_host:
-            dv, sv = d.host_array(), s.host_array()
-
-            def h2h() -> bool:
-                rt.host.copy(dv, sv)
-                return False
-
+            h2h = functools.partial(_host_copy, rt.host, d.host_array(), s.host_array())
             return self._seq.host(op, h2h, after_gpu=True)
         if d.kind is _PAGEABLE or s.kind is _PAGEABLE:
             return self._pageable_copy(op, d, s)
@@ -166,13 +161,9 @@ class Transfers:
             return stager.copy(self._seq, op, d, s)
         # The driver's own path blocks the calling thread (and, for H2D,
         # synchronizes the stream first): run it on the executor thread.
-        backend = self._rt.backend
-        dp, sp, n = d.ptr, s.ptr, d.nbytes
-
-        def driver_copy() -> bool:
-            backend.memcpy_async(dp, sp, n, self._native)
-            return True
-
+        driver_copy = functools.partial(
+            _driver_copy, self._rt.backend, d.ptr, s.ptr, d.nbytes, self._native
+        )
         return self._seq.host(op, driver_copy, after_gpu=False)
 
     # -- memset --------------------------------------------------------
@@ -244,12 +235,7 @@ class Transfers:
             alloc.acquire()  # what _hold does for one allocation, without its call
             op._allocs = (alloc,)
         if not on_device:
-            view = d.host_array()
-
-            def fill() -> bool:
-                rt.host.fill(view, v, w)
-                return False
-
+            fill = functools.partial(_host_fill, rt.host, d.host_array(), v, w)
             return self._seq.host(op, fill, after_gpu=True)
         op._est = nbytes / _HBM_BPS
         count = nbytes // w
@@ -282,6 +268,30 @@ _WORDS_MAX = 16
 _DEVICE = MemoryKind.DEVICE
 _MANAGED = MemoryKind.MANAGED
 _PAGEABLE = MemoryKind.PAGEABLE
+
+
+def _report_done(op: Operation, progress: Callable[[int, Any], None], n: int) -> None:
+    """A copy with a progress callback is done: report all of it, unless it failed."""
+    if op._exc is None:
+        report_progress(progress, n, n)
+
+
+def _host_copy(host: HostPool, dst: np.ndarray, src: np.ndarray) -> bool:
+    """A host-to-host copy's host step (nothing for the GPU to watch)."""
+    host.copy(dst, src)
+    return False
+
+
+def _host_fill(host: HostPool, view: np.ndarray, value: int, width: int) -> bool:
+    """A host memset's host step."""
+    host.fill(view, value, width)
+    return False
+
+
+def _driver_copy(backend: Backend, dst: int, src: int, nbytes: int, native: Any) -> bool:
+    """The driver's own pageable copy (staging off), on the stream's host thread."""
+    backend.memcpy_async(dst, src, nbytes, native)
+    return True
 
 
 def _hold(op: Operation, a: InUse | None, b: InUse | None = None) -> None:

@@ -220,27 +220,42 @@ class Sequencer:
         that now slept, which kept the batch busy.
         """
 
-        def job() -> None:
-            native = self.native
-            engine = self.engine()
-            if words is not None and short and engine.defer(op, self.key, native, words, True):
-                return
-            try:
-                if short:
-                    engine.flush(self.key)
-                else:
-                    engine.seal(self.key)
-                enqueue(*args, native)
-            except BaseException as exc:
-                op._resolve(exc)
-                return
-            try:
-                engine.watch(op, native, short, True)
-            except BaseException as exc:
-                self._fail_after_drain(op, exc)
-
+        job = functools.partial(self._gpu_job, op, enqueue, args, short, words)
         self.executor.submit(job, False)  # GPU work: no host memory written here
         return op
+
+    # Jobs are bound methods under functools.partial, never closures: a
+    # compiled closure's storage is reused from a one-slot free list that a
+    # freed closure joins before its fields are cleared, so a job submitted
+    # by a finalizer run during that clearing (dropping a user's buffer
+    # may run code) lost its state, and the op failed with "attribute
+    # 'copy_out' of 'host_Sequencer_env' undefined" (mypyc's env and
+    # callable classes; tests/test_lifetime.py).
+    def _gpu_job(
+        self,
+        op: Operation,
+        enqueue: Callable[..., None],
+        args: tuple[Any, ...],
+        short: bool,
+        words: list[int] | None,
+    ) -> None:
+        native = self.native
+        engine = self.engine()
+        if words is not None and short and engine.defer(op, self.key, native, words, True):
+            return
+        try:
+            if short:
+                engine.flush(self.key)
+            else:
+                engine.seal(self.key)
+            enqueue(*args, native)
+        except BaseException as exc:
+            op._resolve(exc)
+            return
+        try:
+            engine.watch(op, native, short, True)
+        except BaseException as exc:
+            self._fail_after_drain(op, exc)
 
     def host(
         self, op: Operation, work: HostWork, *, after_gpu: bool, writes_host: bool = True
@@ -259,28 +274,37 @@ class Sequencer:
         copy_out = None if c is None or c._done else c
         deps = () if self.deps_clear() else tuple(self._deps)
 
-        def job() -> None:
-            try:
-                # Whatever ``work`` enqueues must not hold back short ops'
-                # markers, and the wait for earlier GPU work (``after_gpu``)
-                # must cover their deferred memsets.
-                self.engine().seal(self.key)
-                self._settle(copy_out, deps, after_gpu)
-                enqueued = work()
-            except BaseException as exc:
-                # The work may have enqueued GPU work before it failed.
-                self._fail_after_drain(op, exc)
-                return
-            if not enqueued:
-                op._resolve(None)
-                return
-            try:
-                self.engine().watch(op, self.native)
-            except BaseException as exc:
-                self._fail_after_drain(op, exc)
-
+        job = functools.partial(self._host_job, op, work, copy_out, deps, after_gpu)
         self.executor.submit(job, writes_host)
         return op
+
+    def _host_job(
+        self,
+        op: Operation,
+        work: HostWork,
+        copy_out: Operation | None,
+        deps: tuple[Frontier, ...],
+        after_gpu: bool,
+    ) -> None:
+        """:meth:`host`'s job, on the host thread."""
+        try:
+            # Whatever ``work`` enqueues must not hold back short ops'
+            # markers, and the wait for earlier GPU work (``after_gpu``)
+            # must cover their deferred memsets.
+            self.engine().seal(self.key)
+            self._settle(copy_out, deps, after_gpu)
+            enqueued = work()
+        except BaseException as exc:
+            # The work may have enqueued GPU work before it failed.
+            self._fail_after_drain(op, exc)
+            return
+        if not enqueued:
+            op._resolve(None)
+            return
+        try:
+            self.engine().watch(op, self.native)
+        except BaseException as exc:
+            self._fail_after_drain(op, exc)
 
     def marker(self, op: Operation, enqueue: Callable[[Any], None]) -> Operation:
         """Enqueue a marker (``enqueue(native_stream)``): an event record, a synchronize.
@@ -292,12 +316,7 @@ class Sequencer:
         """
         if self.deps_clear():
             return self.gpu(op, enqueue)
-        native = self.native
-
-        def settled() -> bool:
-            enqueue(native)
-            return True
-
+        settled = functools.partial(_enqueue_then_true, enqueue, self.native)
         return self.host(op, settled, after_gpu=False)
 
     # -- on the host thread ----------------------------------------------
@@ -357,35 +376,35 @@ class Sequencer:
 
     def release(self, destroy_stream: bool) -> None:
         """After every job so far: free the sync event (and the stream, if owned)."""
-
-        def release() -> None:
-            events = (self._sync_event, self._spin_event)
-            self._sync_event = self._spin_event = None
-            rt = self._rt
-            with rt.backend_held() as live:
-                if not live:
-                    return  # released with the backend: its context took them along
-                # Short ops' shared marker goes on the stream before it is destroyed.
-                engine = self.engine()
-                engine.seal(self.key)
-                # Each is attempted: after a sticky error all fail (logged once).
-                for ev in events:
-                    if ev is None:
-                        continue
-                    try:
-                        rt.backend.event_destroy(ev)
-                    except Exception as exc:
-                        rt.log_failure("gpuaio failed to destroy an event", exc, self.ordinal)
-                if destroy_stream:
-                    try:
-                        rt.backend.stream_destroy(self.native)
-                    except Exception as exc:
-                        rt.log_failure("gpuaio failed to destroy a stream", exc, self.ordinal)
-                    engine.forget(self.key)
-
-        self.executor.submit(release, False)
+        self.executor.submit(functools.partial(self._release_job, destroy_stream), False)
         self._rt.expect_release(self.executor, self.executor.submitted)
         self.executor.linger(0)  # no thread left idling once the release has run
+
+    def _release_job(self, destroy_stream: bool) -> None:
+        """:meth:`release`'s job, on the host thread."""
+        events = (self._sync_event, self._spin_event)
+        self._sync_event = self._spin_event = None
+        rt = self._rt
+        with rt.backend_held() as live:
+            if not live:
+                return  # released with the backend: its context took them along
+            # Short ops' shared marker goes on the stream before it is destroyed.
+            engine = self.engine()
+            engine.seal(self.key)
+            # Each is attempted: after a sticky error all fail (logged once).
+            for ev in events:
+                if ev is None:
+                    continue
+                try:
+                    rt.backend.event_destroy(ev)
+                except Exception as exc:
+                    rt.log_failure("gpuaio failed to destroy an event", exc, self.ordinal)
+            if destroy_stream:
+                try:
+                    rt.backend.stream_destroy(self.native)
+                except Exception as exc:
+                    rt.log_failure("gpuaio failed to destroy a stream", exc, self.ordinal)
+                engine.forget(self.key)
 
 
 # After Sequencer: a compiled NamedTuple evaluates its field types when the
@@ -410,3 +429,9 @@ class Frontier(NamedTuple):
         c = self.copy_out
         if c is not None:
             c._wait_blocking()
+
+
+def _enqueue_then_true(enqueue: Callable[[Any], None], native: Any) -> bool:
+    """A marker's host step (:meth:`Sequencer.marker`): enqueue it, say so."""
+    enqueue(native)
+    return True

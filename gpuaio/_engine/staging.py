@@ -210,24 +210,19 @@ class Stager:
             self.pool.release(block)
             op._resolve(exc)
             raise
-        pool, backend = self.pool, self.runtime.backend
-        op._add_done_callback(lambda: pool.release(block))
-        return seq.gpu(op, backend.memcpy_async, d.ptr, block.ptr, n)
+        # Partials, not closures, here and below: see Sequencer._gpu_job.
+        op._add_done_callback(functools.partial(self.pool.release, block))
+        return seq.gpu(op, self.runtime.backend.memcpy_async, d.ptr, block.ptr, n)
 
     def _small_d2h(
         self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo, block: PinnedBlock
     ) -> Operation:
         """DMA into a pinned block; the copy-out is the op's completion step."""
         n = d.nbytes
-        pool, backend = self.pool, self.runtime.backend
-        dst_ptr, src_ptr = d.ptr, block.ptr  # the op keeps the destination alive
-
-        def copy_out() -> None:
-            ctypes.memmove(dst_ptr, src_ptr, n)
-
-        op._complete = copy_out
-        op._add_done_callback(lambda: pool.release(block))
-        seq.gpu(op, backend.memcpy_async, block.ptr, s.ptr, n)
+        # The op keeps the destination alive.
+        op._complete = functools.partial(_copy_out, d.ptr, block.ptr, n)
+        op._add_done_callback(functools.partial(self.pool.release, block))
+        seq.gpu(op, self.runtime.backend.memcpy_async, block.ptr, s.ptr, n)
         seq.note_copy_out(op)
         return op
 
@@ -333,15 +328,7 @@ class Stager:
         # What is left is about the last DMA: with an expected time, the
         # watcher sleeps until just before it and wakes the awaiting loop in time.
         op._est = last / PCIE_BPS
-
-        def settle() -> None:
-            # The op's marker fired behind every DMA: its blocks are free for
-            # the next transfer with no event queried (a reclaim pass took
-            # 35-90 us before a copy's first host copy, issue 13's timelines).
-            if op._exc is None:
-                pool.settled(guards)
-
-        op._add_done_callback(settle)
+        op._add_done_callback(functools.partial(_settle, op, pool, guards))
         return True
 
     def _d2h(self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo) -> bool:
@@ -424,6 +411,19 @@ class Stager:
         if copied < n:
             raise OperationAbortedError(f"{op.label}: aborted after {copied} of {n} bytes")
         return False
+
+
+def _copy_out(dst: int, src: int, nbytes: int) -> None:
+    """A small download's completion step: its block into the destination."""
+    ctypes.memmove(dst, src, nbytes)
+
+
+def _settle(op: Operation, pool: PinnedPool, guards: list[tuple[PinnedBlock, int]]) -> None:
+    """A staged upload is done: the op's marker fired behind every DMA, so its
+    blocks are free for the next transfer with no event queried (a reclaim
+    pass took 35-90 us before a copy's first host copy, issue 13's timelines)."""
+    if op._exc is None:
+        pool.settled(guards)
 
 
 _H2D_CHUNK = "gpuaio stage h2d chunk"
