@@ -1,9 +1,10 @@
 """Loop-thread CPU cost of awaited tiny ops, on a GPU that costs (almost) nothing.
 
 ``python tools/overhead_probe.py`` runs ``await stream.memset(d4, 0)`` loops
-(``--op h2d-pinned`` or ``h2d-pageable``: 4 KiB uploads from pinned or
-pageable memory instead) with 1, 100 and 1,000 concurrent tasks (16
-streams, round robin) on asyncio, uvloop and trio, and prints per
+(``--op h2d-pinned``, ``h2d-pageable``, ``d2h-pinned`` or ``d2h-pageable``:
+4 KiB uploads from, or downloads into, pinned or pageable memory instead)
+with 1, 100 and 1,000 concurrent tasks (16 streams, round robin) on
+asyncio, uvloop and trio, and prints per
 configuration the median over repetitions (with the min-max spread) of:
 
 * ``loop us/op``: CPU time of the event-loop thread per awaited op;
@@ -32,6 +33,11 @@ earlier commit: ``git archive HEAD~1 gpuaio | tar -x -C /tmp/base``, then
 ``--baseline /tmp/base/gpuaio``) and measures both in this process, each
 configuration of one right after the other's, and adds the median of these
 pairs' ratios (current / baseline): robust when the machine's speed drifts.
+``--floor`` also times, with 1 task, a hand-written awaitable of the same op
+on the same fake GPU (the driver calls, then a bare yield between event
+queries; a ``memmove`` through a pinned block for pageable memory): what
+the op would cost with nothing of gpuaio's around it, as
+``tools/floor_probe.py``'s ``hand_inline`` does on a GPU.
 ``--profile`` prints a cProfile (by tottime) of the loop thread in the
 1,000-task case, and the Python calls per op. These are CPU figures of this
 machine, not GPU figures.
@@ -40,7 +46,9 @@ machine, not GPU figures.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import cProfile
+import ctypes
 import importlib.util
 import pstats
 import statistics
@@ -53,6 +61,7 @@ from typing import Any
 
 import anyio
 import numpy as np
+import sniffio
 
 import gpuaio
 
@@ -181,8 +190,9 @@ def load_package(init_dir: str, name: str) -> ModuleType:
     return module
 
 
-OPS = ("memset", "h2d-pinned", "h2d-pageable")
-"""``--op``: a 4-byte device memset, or a 4 KiB upload from pinned or pageable memory."""
+OPS = ("memset", "h2d-pinned", "h2d-pageable", "d2h-pinned", "d2h-pageable")
+"""``--op``: a 4-byte device memset, or a 4 KiB upload from (download into) pinned or
+pageable memory."""
 COPY_BYTES = 4096
 
 
@@ -193,12 +203,14 @@ def op_factory(lib: ModuleType, dev: Any, op: str, tasks: int) -> Callable[[Any,
         parts = [d[4 * i : 4 * i + 4] for i in range(tasks)]
         return lambda s, i: s.memset(parts[i], 0)
     d = dev.empty(COPY_BYTES * tasks)
-    dsts = [d[COPY_BYTES * i : COPY_BYTES * (i + 1)] for i in range(tasks)]
-    if op == "h2d-pinned":
-        srcs = [lib.pinned_empty(COPY_BYTES) for _ in range(tasks)]
+    devs = [d[COPY_BYTES * i : COPY_BYTES * (i + 1)] for i in range(tasks)]
+    if op.endswith("-pinned"):
+        hosts = [lib.pinned_empty(COPY_BYTES) for _ in range(tasks)]
     else:
-        srcs = [np.zeros(COPY_BYTES, np.uint8) for _ in range(tasks)]
-    return lambda s, i: s.copy(dsts[i], srcs[i])
+        hosts = [np.zeros(COPY_BYTES, np.uint8) for _ in range(tasks)]
+    if op.startswith("d2h"):
+        return lambda s, i: s.copy(hosts[i], devs[i])
+    return lambda s, i: s.copy(devs[i], hosts[i])
 
 
 async def run_case(
@@ -270,6 +282,58 @@ async def run_mixed(lib: ModuleType, n: int = 30) -> list[float]:
     return delays
 
 
+async def run_floor(lib: ModuleType, fake: Any, total_ops: int, op: str) -> list[float]:
+    """Per-op times of a hand-written awaitable of ``op`` on ``fake``, 1 task, no gpuaio."""
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        yield_now: Callable[[], Any] = trio.lowlevel.checkpoint
+    else:
+        yield_now = _asyncio_yield
+    dev = lib.Device(0)
+    d = dev.empty(COPY_BYTES)
+    dptr = d.ptr
+    pinned = lib.pinned_empty(COPY_BYTES)
+    block = lib.pinned_empty(COPY_BYTES)
+    host = np.zeros(COPY_BYTES, np.uint8)
+    native, event = fake.stream_create(0), fake.event_create(0)
+    pageable = op.endswith("-pageable")
+    hptr = (block if pageable else pinned).ctypes.data
+    uptr = host.ctypes.data
+    h2d = op.startswith("h2d")
+
+    async def once() -> None:
+        if op == "memset":
+            fake.memset_async(dptr, 0, 4, 1, native)
+        elif h2d:
+            if pageable:
+                ctypes.memmove(hptr, uptr, COPY_BYTES)
+            fake.memcpy_async(dptr, hptr, COPY_BYTES, native)
+        else:
+            fake.memcpy_async(hptr, dptr, COPY_BYTES, native)
+        fake.event_record(event, native)
+        while not fake.event_query(event):
+            await yield_now()
+        if pageable and not h2d:
+            ctypes.memmove(uptr, hptr, COPY_BYTES)
+
+    for _ in range(50):
+        await once()
+    clock = time.perf_counter
+    lat = []
+    for _ in range(total_ops):
+        t0 = clock()
+        await once()
+        lat.append(clock() - t0)
+    fake.event_destroy(event)
+    fake.stream_destroy(native)
+    return lat
+
+
+async def _asyncio_yield() -> None:
+    await asyncio.sleep(0)
+
+
 def measure(lib: ModuleType, loop: str, tasks: int, total_ops: int, op: str) -> dict[str, float]:
     backend, opts = LOOPS[loop]
     lat: list[float] | None = [] if tasks == 1 else None
@@ -330,6 +394,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--loops", default=",".join(LOOPS), help="comma-separated: " + ",".join(LOOPS))
     ap.add_argument("--op", default="memset", choices=OPS, help="the awaited op")
     ap.add_argument("--baseline", metavar="DIR", help="also measure the gpuaio package in DIR")
+    ap.add_argument(
+        "--floor", action="store_true", help="also time a hand-written awaitable (1 task)"
+    )
     ap.add_argument("--profile", action="store_true", help="cProfile the 1,000-task case")
     ap.add_argument("--profile-loop", default="asyncio", choices=list(LOOPS))
     ap.add_argument("--top", type=int, default=30, help="profile rows to print")
@@ -339,21 +406,28 @@ def main(argv: list[str] | None = None) -> None:
     libs = {"current": gpuaio}
     if args.baseline:
         libs = {"baseline": load_package(args.baseline, "gpuaio_baseline"), **libs}
-    for lib in libs.values():
+    fakes = {}
+    for name, lib in libs.items():
         if args.strategy == "thread":
             thread_engine().register(lib)
-        lib.use_backend(
-            fake_gpu(lib, args.launch_us * 1e-6, args.gpu_us * 1e-6, args.call_us * 1e-6),
-            completion=args.strategy,
-        )
+        fakes[name] = fake_gpu(lib, args.launch_us * 1e-6, args.gpu_us * 1e-6, args.call_us * 1e-6)
+        lib.use_backend(fakes[name], completion=args.strategy)
     results: dict[tuple[str, str, int], list[dict[str, float]]] = {}
     mixed: dict[tuple[str, str], list[float]] = {}
+    floor: dict[str, list[float]] = {}
     for _ in range(args.reps):
         for loop in loops:
             for tasks in TASKS:
                 for name, lib in libs.items():
                     row = measure(lib, loop, tasks, args.ops, args.op)
                     results.setdefault((name, loop, tasks), []).append(row)
+                if args.floor and tasks == 1:
+                    backend, opts = LOOPS[loop]
+                    lat = anyio.run(
+                        run_floor, gpuaio, fakes["current"], args.ops, args.op,
+                        backend=backend, backend_options=opts,
+                    )  # fmt: skip
+                    floor.setdefault(loop, []).append(float(np.percentile(lat, 50) * 1e6))
             for name, lib in libs.items():
                 backend, opts = LOOPS[loop]
                 delays = anyio.run(run_mixed, lib, backend=backend, backend_options=opts)
@@ -379,6 +453,12 @@ def main(argv: list[str] | None = None) -> None:
                     f"{name:<9} {loop:<8} {tasks:>5}  {fmt(col['loop_us'], '5.1f'):>20}  "
                     f"{fmt(col['proc_us'], '5.1f'):>20}  {fmt(col['ops'], '7.0f'):>26}  {p50}"
                 )
+    if floor:
+        print("\nhand-written awaitable of the same op, 1 task (--floor): p50 us; gpuaio / it")
+        for loop in loops:
+            cur = [r["p50_us"] for r in results["current", loop, 1]]
+            ratios = [c / f for c, f in zip(cur, floor[loop], strict=True)]
+            print(f"floor     {loop:<8} {fmt(floor[loop], '5.1f'):>20}  {fmt(ratios, '.2f'):>17}")
     print("\nwake-up delay after a 1 ms op while another task polls, us: median, max")
     for loop in loops:
         for name in libs:

@@ -1,0 +1,103 @@
+"""``tools/overhead_probe.py``: its downloads and its hand-written floor on the fake GPU.
+
+The probe's figures are CPU figures of the machine it runs on; these tests
+check that it measures what it says: the ops go the direction named, and
+the floor waits for the fake GPU's event like gpuaio's await does.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import gpuaio
+from gpuaio._api.runtime import _drop_current
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import overhead_probe  # noqa: E402
+
+
+class _Counting:
+    """Counts the fake GPU's enqueue calls by name."""
+
+    def __init__(self, fake: Any) -> None:
+        self.calls: dict[str, int] = {}
+        for name in ("memcpy_async", "memset_async", "event_record"):
+            orig = getattr(fake, name)
+            setattr(fake, name, self._counted(name, orig))
+
+    def _counted(self, name: str, orig: Any) -> Any:
+        def call(*args: Any) -> Any:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return orig(*args)
+
+        return call
+
+
+LAUNCH_S, GPU_S = 200e-6, 100e-6
+
+
+@pytest.fixture
+def fake() -> Iterator[Any]:
+    """The probe's fake GPU (200 us launch, 100 us an op), as gpuaio's backend for the test."""
+    fake = overhead_probe.fake_gpu(gpuaio, LAUNCH_S, GPU_S)
+    rt = gpuaio.use_backend(fake)
+    try:
+        yield fake
+    finally:
+        rt.close()
+        _drop_current(rt)
+
+
+@pytest.mark.parametrize("op", overhead_probe.OPS)
+def test_the_floor_enqueues_the_op_and_waits_for_its_event(fake: Any, op: str) -> None:
+    counting = _Counting(fake)
+    lat = anyio.run(overhead_probe.run_floor, gpuaio, fake, 20, op)
+    assert len(lat) == 20
+    # Each op waited for its event: at least the fake GPU's launch and run time.
+    assert min(lat) >= (LAUNCH_S + GPU_S) * 0.999
+    enqueue = "memset_async" if op == "memset" else "memcpy_async"
+    # 50 warm-up ops and the 20 timed, each one enqueue and one event record.
+    assert counting.calls == {enqueue: 70, "event_record": 70}
+
+
+@pytest.mark.parametrize("op", ["h2d-pageable", "d2h-pinned", "d2h-pageable"])
+def test_the_probe_copies_go_the_direction_named(fake: Any, op: str) -> None:
+    async def labels() -> str:
+        dev = gpuaio.Device(0)
+        s = dev.stream()
+        try:
+            start = overhead_probe.op_factory(gpuaio, dev, op, 2)
+            copy = start(s, 1)
+            await copy
+            return copy.label
+        finally:
+            s.close()
+
+    label = anyio.run(labels)
+    kind = "pinned" if op.endswith("pinned") else "pageable"
+    assert label.endswith(f"{kind}->device" if op.startswith("h2d") else f"device->{kind}"), label
+
+
+def test_the_probe_runs_with_its_floor_on_the_fake_gpu() -> None:
+    args = ["--op", "d2h-pageable", "--loops", "asyncio", "--floor", "--ops", "300", "--reps", "1"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "overhead_probe.py"), *args],
+        env={**os.environ, "GPUAIO_BACKEND": "sim"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    floor = [ln for ln in lines if ln.startswith("floor ")]
+    assert len(floor) == 1 and floor[0].split()[1] == "asyncio", proc.stdout
