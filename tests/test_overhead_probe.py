@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,3 +102,25 @@ def test_the_probe_runs_with_its_floor_on_the_fake_gpu() -> None:
     lines = proc.stdout.splitlines()
     floor = [ln for ln in lines if ln.startswith("floor ")]
     assert len(floor) == 1 and floor[0].split()[1] == "asyncio", proc.stdout
+
+
+def test_fake_copies_take_their_bytes_over_the_bandwidth_given() -> None:
+    nbytes, bps = 1 << 20, 2e9
+    fake = overhead_probe.fake_gpu(gpuaio, LAUNCH_S, GPU_S, copy_bps=bps)
+    rt = gpuaio.use_backend(fake)
+    try:
+        lat = anyio.run(overhead_probe.run_floor, gpuaio, fake, 5, "h2d-pinned", nbytes)
+    finally:
+        rt.close()
+        _drop_current(rt)
+    assert min(lat) >= (LAUNCH_S + GPU_S + nbytes / bps) * 0.999
+
+
+def test_cold_ops_each_come_after_the_other_work(fake: Any) -> None:
+    cold_s, n = 30e-3, 3  # 90 ms: well past the 50 warm-up ops (15 ms)
+    t0 = time.perf_counter()
+    lat = anyio.run(overhead_probe.run_floor, gpuaio, fake, n, "memset", 4096, cold_s)
+    elapsed = time.perf_counter() - t0
+    assert len(lat) == n and min(lat) >= (LAUNCH_S + GPU_S) * 0.999
+    # The other work ran before each timed op, outside its time.
+    assert elapsed - sum(lat) >= n * cold_s

@@ -101,6 +101,7 @@ class _FakeGPU:
     launch_s = 5e-6
     gpu_s = 2e-6
     call_s = 0.0
+    copy_bps = 0.0  # a copy's bytes per second on top of gpu_s (0: copies take gpu_s)
 
     def _call(self) -> float:
         """The host cost of one driver call (``--call-us``), spent spinning; returns now."""
@@ -130,7 +131,8 @@ class _FakeGPU:
     def memcpy_async(self, dst: int, src: int, nbytes: int, stream: Any) -> None:
         # Timing only: the probe measures gpuaio's CPU cost, not the bytes.
         start = max(self._call() + self.launch_s, stream.busy_until)
-        stream.busy_until = start + self.gpu_s
+        bps = self.copy_bps
+        stream.busy_until = start + self.gpu_s + (nbytes / bps if bps else 0.0)
 
     def stream_write_words(self, stream: Any, words: Any) -> None:
         # One call; each word a third of a memset's GPU time (0.63 us a word
@@ -158,10 +160,12 @@ class _FakeGPU:
         stream.busy_until = max(stream.busy_until, event.at)
 
 
-def fake_gpu(lib: ModuleType, launch_s: float, gpu_s: float, call_s: float = 0.0) -> Any:
+def fake_gpu(
+    lib: ModuleType, launch_s: float, gpu_s: float, call_s: float = 0.0, copy_bps: float = 0.0
+) -> Any:
     """A fake-GPU backend for the gpuaio package ``lib``."""
     from_sim = importlib.import_module(lib.__name__ + ".backends.sim")
-    attrs = {"launch_s": launch_s, "gpu_s": gpu_s, "call_s": call_s}
+    attrs = {"launch_s": launch_s, "gpu_s": gpu_s, "call_s": call_s, "copy_bps": copy_bps}
     cls = type("FakeGPU", (_FakeGPU, from_sim.SimBackend), attrs)
     return cls(from_sim.SimConfig())
 
@@ -196,31 +200,45 @@ pageable memory."""
 COPY_BYTES = 4096
 
 
-def op_factory(lib: ModuleType, dev: Any, op: str, tasks: int) -> Callable[[Any, int], Any]:
-    """``start(stream, i)``: enqueue task ``i``'s op of kind ``op``; returns the Operation."""
+def op_factory(
+    lib: ModuleType, dev: Any, op: str, tasks: int, nbytes: int = COPY_BYTES
+) -> Callable[[Any, int], Any]:
+    """``start(stream, i)``: enqueue task ``i``'s op of kind ``op`` (a copy of
+    ``nbytes``); returns the Operation."""
     if op == "memset":
         d = dev.empty(4 * tasks)
         parts = [d[4 * i : 4 * i + 4] for i in range(tasks)]
         return lambda s, i: s.memset(parts[i], 0)
-    d = dev.empty(COPY_BYTES * tasks)
-    devs = [d[COPY_BYTES * i : COPY_BYTES * (i + 1)] for i in range(tasks)]
+    d = dev.empty(nbytes * tasks)
+    devs = [d[nbytes * i : nbytes * (i + 1)] for i in range(tasks)]
     if op.endswith("-pinned"):
-        hosts = [lib.pinned_empty(COPY_BYTES) for _ in range(tasks)]
+        hosts = [lib.pinned_empty(nbytes) for _ in range(tasks)]
     else:
-        hosts = [np.zeros(COPY_BYTES, np.uint8) for _ in range(tasks)]
+        hosts = [np.zeros(nbytes, np.uint8) for _ in range(tasks)]
     if op.startswith("d2h"):
         return lambda s, i: s.copy(hosts[i], devs[i])
     return lambda s, i: s.copy(devs[i], hosts[i])
 
 
 async def run_case(
-    lib: ModuleType, tasks: int, total_ops: int, lat: list[float] | None, op: str = "memset"
+    lib: ModuleType,
+    tasks: int,
+    total_ops: int,
+    lat: list[float] | None,
+    op: str = "memset",
+    nbytes: int = COPY_BYTES,
+    cold_s: float = 0.0,
 ) -> tuple[float, float, float]:
-    """Awaited ops from ``tasks`` tasks; per op: (wall s, loop CPU s, process CPU s)."""
+    """Awaited ops from ``tasks`` tasks; per op: (wall s, loop CPU s, process CPU s).
+
+    With ``lat`` (1 task), each op's time is appended to it, each after
+    ``cold_s`` of unrelated Python when given (then the per-op figures
+    include that too: only ``lat`` is meaningful).
+    """
     dev = lib.Device(0)
     streams = [dev.stream() for _ in range(min(NSTREAMS, tasks))]
     per_task = max(1, total_ops // tasks)
-    start = op_factory(lib, dev, op, tasks)
+    start = op_factory(lib, dev, op, tasks, nbytes)
     for s in streams:  # warm-up: the watcher thread, the loop's port
         for _ in range(50):
             await start(s, 0)
@@ -230,6 +248,8 @@ async def run_case(
         if lat is not None:
             clock = time.perf_counter
             for _ in range(per_task):
+                if cold_s:
+                    burn(cold_s)
                 t0 = clock()
                 await start(s, i)
                 lat.append(clock() - t0)
@@ -282,7 +302,14 @@ async def run_mixed(lib: ModuleType, n: int = 30) -> list[float]:
     return delays
 
 
-async def run_floor(lib: ModuleType, fake: Any, total_ops: int, op: str) -> list[float]:
+async def run_floor(
+    lib: ModuleType,
+    fake: Any,
+    total_ops: int,
+    op: str,
+    nbytes: int = COPY_BYTES,
+    cold_s: float = 0.0,
+) -> list[float]:
     """Per-op times of a hand-written awaitable of ``op`` on ``fake``, 1 task, no gpuaio."""
     if sniffio.current_async_library() == "trio":
         import trio
@@ -291,11 +318,11 @@ async def run_floor(lib: ModuleType, fake: Any, total_ops: int, op: str) -> list
     else:
         yield_now = _asyncio_yield
     dev = lib.Device(0)
-    d = dev.empty(COPY_BYTES)
+    d = dev.empty(nbytes)
     dptr = d.ptr
-    pinned = lib.pinned_empty(COPY_BYTES)
-    block = lib.pinned_empty(COPY_BYTES)
-    host = np.zeros(COPY_BYTES, np.uint8)
+    pinned = lib.pinned_empty(nbytes)
+    block = lib.pinned_empty(nbytes)
+    host = np.zeros(nbytes, np.uint8)
     native, event = fake.stream_create(0), fake.event_create(0)
     pageable = op.endswith("-pageable")
     hptr = (block if pageable else pinned).ctypes.data
@@ -307,21 +334,23 @@ async def run_floor(lib: ModuleType, fake: Any, total_ops: int, op: str) -> list
             fake.memset_async(dptr, 0, 4, 1, native)
         elif h2d:
             if pageable:
-                ctypes.memmove(hptr, uptr, COPY_BYTES)
-            fake.memcpy_async(dptr, hptr, COPY_BYTES, native)
+                ctypes.memmove(hptr, uptr, nbytes)
+            fake.memcpy_async(dptr, hptr, nbytes, native)
         else:
-            fake.memcpy_async(hptr, dptr, COPY_BYTES, native)
+            fake.memcpy_async(hptr, dptr, nbytes, native)
         fake.event_record(event, native)
         while not fake.event_query(event):
             await yield_now()
         if pageable and not h2d:
-            ctypes.memmove(uptr, hptr, COPY_BYTES)
+            ctypes.memmove(uptr, hptr, nbytes)
 
     for _ in range(50):
         await once()
     clock = time.perf_counter
     lat = []
     for _ in range(total_ops):
+        if cold_s:
+            burn(cold_s)
         t0 = clock()
         await once()
         lat.append(clock() - t0)
@@ -334,16 +363,32 @@ async def _asyncio_yield() -> None:
     await asyncio.sleep(0)
 
 
-def measure(lib: ModuleType, loop: str, tasks: int, total_ops: int, op: str) -> dict[str, float]:
+def measure(
+    lib: ModuleType,
+    loop: str,
+    tasks: int,
+    total_ops: int,
+    op: str,
+    nbytes: int = COPY_BYTES,
+    cold_s: float = 0.0,
+) -> dict[str, float]:
     backend, opts = LOOPS[loop]
     lat: list[float] | None = [] if tasks == 1 else None
     wall, cpu, proc = anyio.run(
-        run_case, lib, tasks, total_ops, lat, op, backend=backend, backend_options=opts
-    )
+        run_case, lib, tasks, total_ops, lat, op, nbytes, cold_s,
+        backend=backend, backend_options=opts,
+    )  # fmt: skip
     row = {"loop_us": cpu * 1e6, "proc_us": proc * 1e6, "ops": 1.0 / wall}
     if lat:
         row["p50_us"] = float(np.percentile(lat, 50) * 1e6)
     return row
+
+
+def burn(seconds: float) -> None:
+    """``--cold-ms``: unrelated Python on the loop thread (``floor_probe.burn``)."""
+    from floor_probe import burn as floor_burn
+
+    floor_burn(seconds)
 
 
 def profile(lib: ModuleType, loop: str, total_ops: int, top: int, op: str) -> None:
@@ -387,6 +432,19 @@ def main(argv: list[str] | None = None) -> None:
         help="host time of each memset, copy, event record and query call (spun)",
     )
     ap.add_argument("--ops", type=int, default=20_000, help="awaited ops per measurement")
+    ap.add_argument("--bytes", type=int, default=COPY_BYTES, help="bytes a copy op moves")
+    ap.add_argument(
+        "--gbps", type=float, default=0.0, help="fake copies' GB/s on top of --gpu-us (0: none)"
+    )
+    ap.add_argument(
+        "--tasks", default=",".join(map(str, TASKS)), help="comma-separated concurrent tasks"
+    )
+    ap.add_argument(
+        "--cold-ms",
+        type=float,
+        default=0.0,
+        help="1 task: run this much unrelated Python before each timed op (p50 only)",
+    )
     ap.add_argument("--reps", type=int, default=5, help="repetitions (interleaved)")
     # The fake GPU has no stream memory ops (flags) and no host functions.
     # "thread" is the benchmarks' watcher-only engine (benchmarks/_thread_engine.py).
@@ -402,6 +460,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top", type=int, default=30, help="profile rows to print")
     args = ap.parse_args(argv)
     loops = [name.strip() for name in args.loops.split(",") if name.strip()]
+    task_counts = [int(t) for t in args.tasks.split(",") if t.strip()]
 
     libs = {"current": gpuaio}
     if args.baseline:
@@ -410,21 +469,25 @@ def main(argv: list[str] | None = None) -> None:
     for name, lib in libs.items():
         if args.strategy == "thread":
             thread_engine().register(lib)
-        fakes[name] = fake_gpu(lib, args.launch_us * 1e-6, args.gpu_us * 1e-6, args.call_us * 1e-6)
+        fakes[name] = fake_gpu(
+            lib, args.launch_us * 1e-6, args.gpu_us * 1e-6, args.call_us * 1e-6, args.gbps * 1e9
+        )
         lib.use_backend(fakes[name], completion=args.strategy)
     results: dict[tuple[str, str, int], list[dict[str, float]]] = {}
     mixed: dict[tuple[str, str], list[float]] = {}
     floor: dict[str, list[float]] = {}
     for _ in range(args.reps):
         for loop in loops:
-            for tasks in TASKS:
+            for tasks in task_counts:
                 for name, lib in libs.items():
-                    row = measure(lib, loop, tasks, args.ops, args.op)
+                    cold = args.cold_ms * 1e-3 if tasks == 1 else 0.0
+                    row = measure(lib, loop, tasks, args.ops, args.op, args.bytes, cold)
                     results.setdefault((name, loop, tasks), []).append(row)
                 if args.floor and tasks == 1:
                     backend, opts = LOOPS[loop]
                     lat = anyio.run(
-                        run_floor, gpuaio, fakes["current"], args.ops, args.op,
+                        run_floor, gpuaio, fakes["current"], args.ops, args.op, args.bytes,
+                        args.cold_ms * 1e-3,
                         backend=backend, backend_options=opts,
                     )  # fmt: skip
                     floor.setdefault(loop, []).append(float(np.percentile(lat, 50) * 1e6))
@@ -433,9 +496,11 @@ def main(argv: list[str] | None = None) -> None:
                 delays = anyio.run(run_mixed, lib, backend=backend, backend_options=opts)
                 mixed.setdefault((name, loop), []).extend(delays)
 
+    cold = f", each after {args.cold_ms:g} ms of other work" if args.cold_ms else ""
     print(
         f"fake GPU (launch {args.launch_us:g} us, {args.gpu_us:g} us/op, "
-        f"{args.call_us:g} us/driver call), {args.op}, "
+        f"{args.call_us:g} us/driver call, copies {args.gbps:g} GB/s), {args.op} "
+        f"({args.bytes} bytes{cold}), "
         f"{args.strategy}, "
         f"{args.ops} ops x {args.reps} reps: median [min-max]"
     )
@@ -444,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{'ops/s':>26}  p50 us"
     )
     for loop in loops:
-        for tasks in TASKS:
+        for tasks in task_counts:
             for name in libs:
                 rows = results[name, loop, tasks]
                 col = {k: [r[k] for r in rows] for k in rows[0]}
@@ -455,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
     if floor:
         print("\nhand-written awaitable of the same op, 1 task (--floor): p50 us; gpuaio / it")
-        for loop in loops:
+        for loop in floor:
             cur = [r["p50_us"] for r in results["current", loop, 1]]
             ratios = [c / f for c, f in zip(cur, floor[loop], strict=True)]
             print(f"floor     {loop:<8} {fmt(floor[loop], '5.1f'):>20}  {fmt(ratios, '.2f'):>17}")
@@ -467,7 +532,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.baseline:
         print("\ncurrent / baseline, median of paired runs [min-max]: loop us/op, ops/s, p50")
         for loop in loops:
-            for tasks in TASKS:
+            for tasks in task_counts:
                 base, cur = results["baseline", loop, tasks], results["current", loop, tasks]
                 pairs = list(zip(base, cur, strict=True))
                 ratios = {k: [c[k] / b[k] for b, c in pairs] for k in pairs[0][0]}
