@@ -1,4 +1,5 @@
-"""``tools/overhead_probe.py``: its downloads and its hand-written floor on the fake GPU.
+"""``tools/overhead_probe.py`` (its downloads, its hand-written floor on the fake GPU)
+and ``tools/gil_tax_probe.py``.
 
 The probe's figures are CPU figures of the machine it runs on; these tests
 check that it measures what it says: the ops go the direction named, and
@@ -7,6 +8,7 @@ the floor waits for the fake GPU's event like gpuaio's await does.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -124,3 +126,23 @@ def test_cold_ops_each_come_after_the_other_work(fake: Any) -> None:
     assert len(lat) == n and min(lat) >= (LAUNCH_S + GPU_S) * 0.999
     # The other work ran before each timed op, outside its time.
     assert elapsed - sum(lat) >= n * cold_s
+
+
+def test_the_gil_tax_probe_times_both_releases_in_each_setting(tmp_path: Path) -> None:
+    out = tmp_path / "tax.json"
+    args = ["--rounds", "40", "--pause-ms", "0.2", "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "gil_tax_probe.py"), *args],
+        env={**os.environ, "GPUAIO_BACKEND": "sim"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())
+    assert [r["setting"] for r in rows] == ["alone", "sleeper", "blocked", "gpuaio"]
+    for r in rows:
+        # A release and a retake of the GIL take some time, and p90 >= p50.
+        assert 0 < r["first_p50_us"] <= r["first_p90_us"], r
+        assert 0 < r["second_p50_us"] <= r["second_p90_us"], r
