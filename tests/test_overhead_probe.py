@@ -8,6 +8,7 @@ the floor waits for the fake GPU's event like gpuaio's await does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -48,16 +49,36 @@ class _Counting:
 LAUNCH_S, GPU_S = 200e-6, 100e-6
 
 
-@pytest.fixture
-def fake() -> Iterator[Any]:
-    """The probe's fake GPU (200 us launch, 100 us an op), as gpuaio's backend for the test."""
-    fake = overhead_probe.fake_gpu(gpuaio, LAUNCH_S, GPU_S)
+@contextlib.contextmanager
+def _backend(fake: Any) -> Iterator[Any]:
+    """``fake`` as gpuaio's backend within the block."""
     rt = gpuaio.use_backend(fake)
     try:
         yield fake
     finally:
         rt.close()
         _drop_current(rt)
+
+
+@pytest.fixture
+def fake() -> Iterator[Any]:
+    """The probe's fake GPU (200 us launch, 100 us an op), as gpuaio's backend for the test."""
+    with _backend(overhead_probe.fake_gpu(gpuaio, LAUNCH_S, GPU_S)) as fake:
+        yield fake
+
+
+def _run_tool(name: str, *args: str) -> str:
+    """Run ``tools/<name>`` on the simulator with ``args``; its output (it must succeed)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / name), *args],
+        env={**os.environ, "GPUAIO_BACKEND": "sim"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
 
 
 @pytest.mark.parametrize("op", overhead_probe.OPS)
@@ -92,29 +113,15 @@ def test_the_probe_copies_go_the_direction_named(fake: Any, op: str) -> None:
 
 def test_the_probe_runs_with_its_floor_on_the_fake_gpu() -> None:
     args = ["--op", "d2h-pageable", "--loops", "asyncio", "--floor", "--ops", "300", "--reps", "1"]
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "overhead_probe.py"), *args],
-        env={**os.environ, "GPUAIO_BACKEND": "sim"},
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = proc.stdout.splitlines()
-    floor = [ln for ln in lines if ln.startswith("floor ")]
-    assert len(floor) == 1 and floor[0].split()[1] == "asyncio", proc.stdout
+    out = _run_tool("overhead_probe.py", *args)
+    floor = [ln for ln in out.splitlines() if ln.startswith("floor ")]
+    assert len(floor) == 1 and floor[0].split()[1] == "asyncio", out
 
 
 def test_fake_copies_take_their_bytes_over_the_bandwidth_given() -> None:
     nbytes, bps = 1 << 20, 2e9
-    fake = overhead_probe.fake_gpu(gpuaio, LAUNCH_S, GPU_S, copy_bps=bps)
-    rt = gpuaio.use_backend(fake)
-    try:
+    with _backend(overhead_probe.fake_gpu(gpuaio, LAUNCH_S, GPU_S, copy_bps=bps)) as fake:
         lat = anyio.run(overhead_probe.run_floor, gpuaio, fake, 5, "h2d-pinned", nbytes)
-    finally:
-        rt.close()
-        _drop_current(rt)
     assert min(lat) >= (LAUNCH_S + GPU_S + nbytes / bps) * 0.999
 
 
@@ -130,16 +137,7 @@ def test_cold_ops_each_come_after_the_other_work(fake: Any) -> None:
 
 def test_the_gil_tax_probe_times_both_releases_in_each_setting(tmp_path: Path) -> None:
     out = tmp_path / "tax.json"
-    args = ["--rounds", "40", "--pause-ms", "0.2", "--json", str(out)]
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "gil_tax_probe.py"), *args],
-        env={**os.environ, "GPUAIO_BACKEND": "sim"},
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _run_tool("gil_tax_probe.py", "--rounds", "40", "--pause-ms", "0.2", "--json", str(out))
     rows = json.loads(out.read_text())
     assert [r["setting"] for r in rows] == ["alone", "sleeper", "blocked", "gpuaio"]
     for r in rows:
