@@ -82,6 +82,22 @@ def gated_on(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
+def gated_path(gpuaio_runtime: Any, gated_on: None) -> Iterator[GatedCopies | None]:
+    """The stager's gated path, turned on: as ``GPUAIO_GATED_MAX`` makes it at
+    start-up, where the install has the native copy threads (else None)."""
+    stager = gpuaio_runtime.stager
+    old = stager.gated
+    path = stager.make_gated()
+    try:
+        yield path
+    finally:
+        if path is not old:
+            assert path is not None
+            path.close()
+            stager.gated = old
+
+
+@pytest.fixture
 def late_gated(
     gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch, gated_on: None
 ) -> Iterator[GatedCopies]:
@@ -248,7 +264,7 @@ async def test_a_cancelled_await_of_a_gated_upload_corrupts_and_leaks_nothing(
 
 @native_only
 async def test_gated_uploads_on_the_copy_threads_are_byte_exact_in_stream_order(
-    dev: gpuaio.Device, gpuaio_runtime: Any, gated_on: None
+    dev: gpuaio.Device, gpuaio_runtime: Any, gated_path: GatedCopies | None
 ) -> None:
     """Each size of the gated range, a new source each round, uploaded and
     downloaded back with no await between, then overwritten on the device
@@ -280,7 +296,7 @@ async def test_gated_uploads_on_the_copy_threads_are_byte_exact_in_stream_order(
 @native_only
 @native_only
 async def test_a_gated_download_copies_out_only_after_its_dma(
-    dev: gpuaio.Device, gpuaio_runtime: Any, gated_on: None
+    dev: gpuaio.Device, gpuaio_runtime: Any, gated_path: GatedCopies | None
 ) -> None:
     """The stream is held before the download's DMA: the copy threads must
     not touch the destination (its ready word is not set) until it runs."""
@@ -390,6 +406,26 @@ def test_gated_uploads_are_off_unless_turned_on() -> None:
         assert stagingconfig.GATED_MAX == 0
     if not stagingconfig.GATED_MAX:
         assert not any(GatedCopies.covers(n) for n in (0, 4096, MiB, 16 * MiB, 1 << 30))
+
+
+def test_off_by_default_no_pageable_copy_asks_a_gated_path(gpuaio_runtime: Any) -> None:
+    """With ``GATED_MAX`` 0 the stager has no path at all (so no copy checks
+    its range); ``make_gated`` makes one where the native threads are."""
+    from gpuaio._engine import stagingconfig
+
+    stager = gpuaio_runtime.stager
+    if stagingconfig.GATED_MAX:
+        assert (stager.gated is not None) == gpuaio_runtime.host.native
+        return
+    assert stager.gated is None
+    path = stager.make_gated()
+    try:
+        assert (path is not None) == gpuaio_runtime.host.native
+        assert stager.make_gated() is path  # made once
+    finally:
+        if path is not None:
+            path.close()
+        stager.gated = None
 
 
 async def test_a_gated_copy_that_fails_to_enqueue_hands_back_its_blocks_after_a_drain(

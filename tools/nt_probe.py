@@ -211,6 +211,8 @@ async def e2e_section(
     # What is toggled: the uploads' non-temporal copy (``_nt``), the
     # downloads' (``_nt_out``), or the gated path (``gated``, both ways).
     attr = {"h2d": "_nt", "d2h": "_nt_out", "gated": "gated"}[toggle]
+    if toggle == "gated":
+        stager.make_gated()  # off by default: no path unless made
     on = getattr(stager, attr)
     if on is None:
         what = "gated path" if toggle == "gated" else "non-temporal copy"

@@ -46,6 +46,7 @@ from .stagingconfig import (
     D2H_NT_MIN,
     D2H_SPLIT,
     DMA_STEP,
+    GATED_MAX,
     LOOKAHEAD,
     NT_MIN,
     PCIE_BPS,
@@ -83,10 +84,20 @@ class Stager:
         self._nt: Callable[[int, int, int], None] | None = nt if NT_MIN else None
         self._nt_out: Callable[[int, int, int], None] | None = nt if D2H_NT_MIN else None
         # Mid-size copies, either way, gated on the native copy threads
-        # (gated.py), in the range its settings give (none by default).
+        # (gated.py), in the range its settings give. Off by default: then
+        # there is no path, and no pageable copy pays for asking it.
         self.gated: GatedCopies | None = None
-        if runtime.host.native:
-            self.gated = GatedCopies(runtime, self.pool, nt is not None, self.chunk_for)
+        if GATED_MAX:
+            self.make_gated()
+
+    def make_gated(self) -> GatedCopies | None:
+        """The gated path, made now if there is none and the install has the
+        native copy threads (else None): at start-up where ``GATED_MAX`` is
+        set, later where a test or probe turns the path on."""
+        if self.gated is None and self.runtime.host.native:
+            nt = nt_copier() is not None
+            self.gated = GatedCopies(self.runtime, self.pool, nt, self.chunk_for)
+        return self.gated
 
     def close(self) -> None:
         """Close the pinned pool (waits, bounded, for blocks still in use), drop cached events."""
