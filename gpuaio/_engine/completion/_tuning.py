@@ -65,12 +65,22 @@ an op of resolved, lately."""
 LOOP_COVER_S = 1e-3
 """How long after a loop last polled the watcher leaves the device to loops."""
 STAND_DOWN_S = 20e-3
-"""How long the watcher sleeps while loops poll (they probe for it meanwhile).
+"""How often a watcher parked in Python looks whether it is needed (``_rest``).
 
-A task that stops polling wakes it at once; an op nobody awaits that completes
-just after the loops stopped polling may be resolved this late, and a sticky
-error found this late if only such ops pend. Every wake-up while a loop is busy
-costs that loop about 3 us a turn for up to 5 ms (``EventEngine._stand_down``).
+It parks while loops poll (they sweep and probe for it meanwhile) and while
+no op pends; a task that stops polling wakes it at once. Each look needs the
+GIL, which beside a busy loop costs that loop a wake-up at each of its GIL
+releases until the watcher gets it (``_rest``), so a Python watcher looks
+seldom: an op nobody awaits that completes just after the loops stopped
+polling may be resolved this late, and a sticky error found this late if
+only such ops pend.
+"""
+PARK_CHECK_S = 1e-3
+"""How often the native parker (``_parker.c``) looks, without the GIL.
+
+An op nobody awaits is resolved within about ``LOOP_COVER_S`` plus this
+after the loops stopped polling; a look costs a few microseconds of a core
+that no loop needs.
 """
 SPIN_S = 200e-6
 """How long the watcher keeps spinning after new work or a completion."""
