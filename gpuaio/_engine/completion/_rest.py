@@ -71,6 +71,7 @@ __all__ = [
     "Pace",
     "Parker",
     "make_parker",
+    "native_available",
 ]
 
 UNTIL = 0
@@ -275,6 +276,11 @@ def _load() -> _Lib | None:
 
 
 _LIB = _load()
+
+
+def native_available() -> bool:
+    """Whether this install has the native parker (a compiled install builds it)."""
+    return _LIB is not None
 
 
 def make_parker(native: bool = True) -> Parker:
