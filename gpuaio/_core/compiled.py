@@ -1,17 +1,22 @@
-"""Which of gpuaio's modules run compiled (mypyc), for ``gpuaio info`` and benchmarks.
+"""What a compiled install adds: which modules run compiled (mypyc), and the C
+libraries it builds beside them (``hatch_build.NATIVE``).
 
 The hot path may be compiled at install time (``hatch_build.py``); the same
 source is the pure-Python fallback. A compiled module is an extension module:
-its ``__file__`` is a shared library, not a ``.py`` file.
+its ``__file__`` is a shared library, not a ``.py`` file. The native
+libraries are extension modules too, driven through ctypes
+(:func:`native_library`, :func:`c_function`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
+import importlib.util
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
-__all__ = ["MODULES", "compiled_modules", "mypyc_attr"]
+__all__ = ["MODULES", "c_function", "compiled_modules", "mypyc_attr", "native_library"]
 
 _T = TypeVar("_T")
 
@@ -46,3 +51,23 @@ def compiled_modules() -> list[str]:
         if not path.endswith(".py"):
             found.append(name)
     return found
+
+
+def native_library(module: str) -> str | None:
+    """The shared library of the native extension ``module``, or None where this
+    install did not build it (a pure-Python install, or another platform)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None or spec.origin.endswith(".py"):
+        return None
+    return spec.origin
+
+
+def c_function(dll: ctypes.CDLL, name: str, argtypes: list[Any], restype: Any) -> Any:
+    """``dll``'s function ``name``, its argument and result types set."""
+    fn = getattr(dll, name)
+    fn.argtypes = argtypes
+    fn.restype = restype
+    return fn

@@ -19,22 +19,16 @@ started 30-60 us apart, and the stream thread's DMA calls came back
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import os
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
+
+from .._core.compiled import c_function, native_library
 
 __all__ = ["NativeCopy", "NativePool", "available", "nt_copier"]
 
 _c_u64 = ctypes.c_uint64
 _c_ptr = ctypes.c_void_p
-
-
-def _fn(dll: ctypes.CDLL, name: str, argtypes: list[Any], restype: Any) -> Callable[..., Any]:
-    fn = getattr(dll, name)
-    fn.argtypes = argtypes
-    fn.restype = restype
-    return cast("Callable[..., Any]", fn)
 
 
 class _Lib:
@@ -45,40 +39,39 @@ class _Lib:
     def __init__(self, path: str) -> None:
         free, held = ctypes.CDLL(path), ctypes.PyDLL(path)
         u64, ptr, size = _c_u64, _c_ptr, ctypes.c_size_t
-        self.pool_new: Callable[..., Any] = _fn(
+        self.pool_new: Callable[..., Any] = c_function(
             held, "gcp_pool_new", [ctypes.c_int, ctypes.c_int, u64], ptr
         )
-        self.submit: Callable[..., Any] = _fn(
+        self.submit: Callable[..., Any] = c_function(
             held, "gcp_submit_copy_flag", [ptr, size, size, u64, u64, ctypes.c_int, size], ptr
         )
-        self.submit_gated: Callable[..., Any] = _fn(
+        self.submit_gated: Callable[..., Any] = c_function(
             held,
             "gcp_submit_copy_gated",
             [ptr, size, size, u64, u64, ctypes.c_int, size, size],
             ptr,
         )
         # Releases the GIL, as ctypes.memmove does: it copies up to a MiB.
-        self.copy_nt: Callable[..., Any] = _fn(free, "gcp_copy_nt", [size, size, u64], None)
-        self.has_nt: Callable[..., Any] = _fn(held, "gcp_has_nt", [], ctypes.c_int)
-        self.copied: Callable[..., Any] = _fn(held, "gcp_copied", [ptr], u64)
-        self.free: Callable[..., Any] = _fn(held, "gcp_free", [ptr], None)
-        self.wait_prefix: Callable[..., Any] = _fn(
+        self.copy_nt: Callable[..., Any] = c_function(free, "gcp_copy_nt", [size, size, u64], None)
+        self.has_nt: Callable[..., Any] = c_function(held, "gcp_has_nt", [], ctypes.c_int)
+        self.copied: Callable[..., Any] = c_function(held, "gcp_copied", [ptr], u64)
+        self.free: Callable[..., Any] = c_function(held, "gcp_free", [ptr], None)
+        self.wait_prefix: Callable[..., Any] = c_function(
             free, "gcp_wait_prefix", [ptr, u64], ctypes.c_int64
         )
-        self.take: Callable[..., Any] = _fn(free, "gcp_take", [ptr, u64, ptr, ptr], ctypes.c_int64)
-        self.stop: Callable[..., Any] = _fn(free, "gcp_stop", [ptr], None)
-        self.pool_close: Callable[..., Any] = _fn(free, "gcp_pool_close", [ptr], None)
+        self.take: Callable[..., Any] = c_function(
+            free, "gcp_take", [ptr, u64, ptr, ptr], ctypes.c_int64
+        )
+        self.stop: Callable[..., Any] = c_function(free, "gcp_stop", [ptr], None)
+        self.pool_close: Callable[..., Any] = c_function(free, "gcp_pool_close", [ptr], None)
 
 
 def _load() -> _Lib | None:
-    try:
-        spec = importlib.util.find_spec("gpuaio._engine._copythreads")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or spec.origin is None or spec.origin.endswith(".py"):
+    path = native_library("gpuaio._engine._copythreads")
+    if path is None:
         return None
     try:
-        return _Lib(spec.origin)
+        return _Lib(path)
     except (OSError, AttributeError):  # not loadable here, or an older build
         return None
 

@@ -50,13 +50,13 @@ else, every ``STAND_DOWN_S``, paying for the GIL at each look.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import threading
 import time
 from array import array
 from collections.abc import Iterable
 from typing import Any
 
+from ..._core.compiled import c_function, native_library
 from ._queue import StreamQueue
 from ._tuning import LOOP_COVER_S, MAX_SLEEP_S, MIN_SLEEP_S, PARK_CHECK_S, SPIN_S, STAND_DOWN_S
 
@@ -241,33 +241,23 @@ class _Lib:
     def __init__(self, path: str) -> None:
         free, held = ctypes.CDLL(path), ctypes.PyDLL(path)
         ptr, dbl = ctypes.c_void_p, ctypes.c_double
-        self.new: Any = _fn(held, "gpk_new", [], ptr)
-        self.free: Any = _fn(held, "gpk_free", [ptr], None)
-        self.unpark: Any = _fn(held, "gpk_unpark", [ptr], None)
-        self.now: Any = _fn(held, "gpk_now", [], dbl)
-        self.park: Any = _fn(free, "gpk_park", [ptr, ptr, dbl, dbl, dbl, dbl], ctypes.c_int)
-
-
-def _fn(dll: ctypes.CDLL, name: str, argtypes: list[Any], restype: Any) -> Any:
-    fn = getattr(dll, name)
-    fn.argtypes = argtypes
-    fn.restype = restype
-    return fn
+        self.new: Any = c_function(held, "gpk_new", [], ptr)
+        self.free: Any = c_function(held, "gpk_free", [ptr], None)
+        self.unpark: Any = c_function(held, "gpk_unpark", [ptr], None)
+        self.now: Any = c_function(held, "gpk_now", [], dbl)
+        self.park: Any = c_function(free, "gpk_park", [ptr, ptr, dbl, dbl, dbl, dbl], ctypes.c_int)
 
 
 def _load() -> _Lib | None:
     """The native parker's library, where this install built it and its clock
     is ``time.perf_counter``'s."""
-    try:
-        spec = importlib.util.find_spec("gpuaio._engine.completion._parker")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or spec.origin is None or spec.origin.endswith(".py"):
+    path = native_library("gpuaio._engine.completion._parker")
+    if path is None:
         return None
     if "CLOCK_MONOTONIC" not in time.get_clock_info("perf_counter").implementation:
         return None  # its stamps would not compare with the C clock
     try:
-        lib = _Lib(spec.origin)
+        lib = _Lib(path)
     except (OSError, AttributeError):
         return None
     if abs(lib.now() - time.perf_counter()) > 0.5:
