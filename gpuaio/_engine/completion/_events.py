@@ -471,16 +471,13 @@ class EventEngine(CompletionEngine):
         must_pass = False  # after a park's deadline: retire idle queues, probe
         while True:
             with self._cv:
-                while not self._queues and not self.closed:
+                while not self._queues and not self.closed and not self._parker.parks_idle:
                     self._sleep_until_work(pace)
                 closed = self.closed  # (mypyc compiles no ``break`` out of a ``with``)
-                queues = None
-                if not closed and (
-                    must_pass or (cell[NEED] and time.perf_counter() >= cell[UNTIL])
-                ):
-                    queues = list(self._queues.items())
-                elif not closed:  # loops poll, or nothing pends: park (a hand-off unparks it)
-                    self._parked = True
+                due = must_pass or bool(cell[NEED] and time.perf_counter() >= cell[UNTIL])
+                queues = list(self._queues.items()) if due and self._queues and not closed else None
+                # Else loops poll, or nothing pends: park (a hand-off from now on unparks it).
+                self._parked = queues is None and not closed
             if closed:
                 break
             if queues is None:
@@ -515,10 +512,13 @@ class EventEngine(CompletionEngine):
         a loop resolves the last op (``_settle``): each return to Python beside
         a busy loop costs it dearly. A park that ran out its time probes.
         Returns whether to make a pass (to retire queues idle ``RETIRE_S``).
+        With no queue at all (``Parker.parks_idle``) it parks until needed.
         """
         parker = self._parker
+        idle = not self._queues
         try:
-            result = parker.park(time.perf_counter() + parker.stand_down_s, RETIRE_S)
+            end = math.inf if idle else time.perf_counter() + parker.stand_down_s
+            result = parker.park(end, math.inf if idle else RETIRE_S)
         finally:
             self._parked = False
         if result != DEADLINE:

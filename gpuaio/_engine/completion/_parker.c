@@ -106,13 +106,15 @@ GPK_EXPORT void gpk_unpark(gpk_parker *p)
 /* Wait until unparked (GPK_UNPARKED), until cell[1] is set while the
  * clock has passed cell[0] (GPK_NEEDED), or until the clock passes
  * ``deadline`` or, while cell[1] is clear, ``idle_s`` after cell[2]
- * (GPK_DEADLINE). While cell[1] is clear it looks again every
- * ``check_s``; while it is set, when cell[0] is due (loops push it on as
- * they poll), but at least ``min_s`` apart. */
+ * (GPK_DEADLINE). While cell[1] is clear it looks again after ``check_s``,
+ * twice as long each time up to ``check_max_s``; while it is set, when
+ * cell[0] is due (loops push it on as they poll), but at least ``min_s``
+ * apart. */
 GPK_EXPORT int gpk_park(gpk_parker *p, const volatile double *cell, double deadline,
-                        double idle_s, double check_s, double min_s)
+                        double idle_s, double check_s, double check_max_s, double min_s)
 {
     int result = GPK_DEADLINE;
+    double look = check_s;
     if (p->pid != getpid())
         return GPK_FORKED;
     pthread_mutex_lock(&p->mu);
@@ -133,7 +135,13 @@ GPK_EXPORT int gpk_park(gpk_parker *p, const volatile double *cell, double deadl
             end = deadline;
         if (now >= end)
             break;
-        target = need ? (until > now + min_s ? until : now + min_s) : now + check_s;
+        if (need) {
+            look = check_s;
+            target = until > now + min_s ? until : now + min_s;
+        } else {
+            target = now + look;
+            look = look * 2 < check_max_s ? look * 2 : check_max_s;
+        }
         if (target > end)
             target = end;
         if (!(target < now + 3600.0)) /* a deadline of inf, or NaN: look hourly */

@@ -14,8 +14,10 @@ the engine keeps in :attr:`Parker.cell`,
 and returns once ``NEED`` is set and ``UNTIL`` has passed, once unparked
 (:meth:`Parker.unpark`: a task went to sleep on an op, or the engine
 closes), once, with ``NEED`` clear, no op has been watched for the idle
-time it was given (the watcher then retires its streams' queues, and
-sleeps until an op comes), or at its deadline.
+time it was given (the watcher then retires its streams' queues), or at its
+deadline. With no queue left, the native parker parks on, its looks backing
+off to ``PARK_IDLE_CHECK_S``; the Python one has the watcher sleep until an
+op is watched, which then wakes it (``Parker.parks_idle``).
 
 Who writes the words (``_events.EventEngine``). Every poll pushes ``UNTIL``
 to ``now + LOOP_COVER_S``; a task that stops polling (``hand_off``), or an
@@ -50,6 +52,7 @@ else, every ``STAND_DOWN_S``, paying for the GIL at each look.
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 import time
 from array import array
@@ -58,7 +61,15 @@ from typing import Any
 
 from ..._core.compiled import c_function, native_library
 from ._queue import StreamQueue
-from ._tuning import LOOP_COVER_S, MAX_SLEEP_S, MIN_SLEEP_S, PARK_CHECK_S, SPIN_S, STAND_DOWN_S
+from ._tuning import (
+    LOOP_COVER_S,
+    MAX_SLEEP_S,
+    MIN_SLEEP_S,
+    PARK_CHECK_S,
+    PARK_IDLE_CHECK_S,
+    SPIN_S,
+    STAND_DOWN_S,
+)
 
 __all__ = [
     "DEADLINE",
@@ -123,6 +134,9 @@ class Parker:
     """
 
     native = False
+    parks_idle = False
+    """Whether the watcher parks with no stream queue at all, or sleeps until
+    an op is watched (``watch`` then wakes it: a look in Python needs the GIL)."""
     stand_down_s = STAND_DOWN_S
     """The longest one park lasts (then the watcher probes for sticky errors)."""
     check_s = STAND_DOWN_S
@@ -203,8 +217,11 @@ class NativeParker(Parker):
     """The same, in C (``_parker.c``): it looks every ``PARK_CHECK_S``, without the GIL."""
 
     native = True
+    parks_idle = True
     stand_down_s = 1.0  # loops probe while they poll; this is a safety net
     check_s = PARK_CHECK_S
+    idle_check_max_s = PARK_IDLE_CHECK_S
+    """With no stream queue at all (``idle_s`` infinite) the looks back off to this."""
     min_s = 100e-6  # a look in C costs the loops nothing
 
     def __init__(self, lib: _Lib) -> None:
@@ -220,7 +237,10 @@ class NativeParker(Parker):
         handle = self._handle
         if handle is None:
             return DEADLINE
-        result: int = self._lib.park(handle, self._addr, deadline, idle_s, self.check_s, self.min_s)
+        check_max = self.check_s if idle_s < math.inf else self.idle_check_max_s
+        result: int = self._lib.park(
+            handle, self._addr, deadline, idle_s, self.check_s, check_max, self.min_s
+        )
         return DEADLINE if result < 0 else result  # < 0: a forked child's
 
     def unpark(self) -> None:
@@ -245,7 +265,9 @@ class _Lib:
         self.free: Any = c_function(held, "gpk_free", [ptr], None)
         self.unpark: Any = c_function(held, "gpk_unpark", [ptr], None)
         self.now: Any = c_function(held, "gpk_now", [], dbl)
-        self.park: Any = c_function(free, "gpk_park", [ptr, ptr, dbl, dbl, dbl, dbl], ctypes.c_int)
+        self.park: Any = c_function(
+            free, "gpk_park", [ptr, ptr, dbl, dbl, dbl, dbl, dbl], ctypes.c_int
+        )
 
 
 def _load() -> _Lib | None:

@@ -82,6 +82,13 @@ An op nobody awaits is resolved within about ``LOOP_COVER_S`` plus this
 after the loops stopped polling; a look costs a few microseconds of a core
 that no loop needs.
 """
+PARK_IDLE_CHECK_S = 20e-3
+"""How seldom, at most, the native parker looks with no stream queue at all.
+
+Its looks back off from ``PARK_CHECK_S`` to this while nothing pends, so
+an idle process wakes it 50 times a second; an op nobody awaits, the first
+after such a pause, is resolved up to this late.
+"""
 SPIN_S = 200e-6
 """How long the watcher keeps spinning after new work or a completion."""
 SPIN_POLL_S = 10e-6
