@@ -60,7 +60,6 @@ from ._tuning import (
     LOOP_SPIN_S,
     LOOP_SWEEP_S,
     PREWAKE_S,
-    RETIRE_S,
     SHORT_OP_S,
     SPIN_POLL_S,
     STREAM_POLL_GAP_S,
@@ -423,11 +422,9 @@ class EventEngine(CompletionEngine):
             self._probe.check()
 
     def hand_off(self) -> None:
-        """A task stopped polling and sleeps until its op is resolved: wake the watcher.
-
-        Should no other task be polling, nobody would sweep its stream.
-        """
-        with self._lock:  # see the module docstring: the reset must not slip by
+        """A task stopped polling and sleeps until its op is resolved: wake the watcher
+        (should no other task poll, nobody would sweep its stream)."""
+        with self._lock:  # see ``_rest``: the reset must not slip by
             self._cell[UNTIL] = 0.0
             if self._sleeping:
                 self._cv.notify()
@@ -511,14 +508,16 @@ class EventEngine(CompletionEngine):
         Not for the fault probe (polling loops probe in their sweeps), nor when
         a loop resolves the last op (``_settle``): each return to Python beside
         a busy loop costs it dearly. A park that ran out its time probes.
-        Returns whether to make a pass (to retire queues idle ``RETIRE_S``).
-        With no queue at all (``Parker.parks_idle``) it parks until needed.
+        Returns whether to pass (and retire queues idle ``retire_s``). With no
+        queue (``Parker.parks_idle``): until needed, or ``retire_s`` after ops.
         """
         parker = self._parker
         idle = not self._queues
+        if idle:  # LAST: no op since (the next op's watch sets it)
+            self._cell[LAST] = math.inf
         try:
             end = math.inf if idle else time.perf_counter() + parker.stand_down_s
-            result = parker.park(end, math.inf if idle else RETIRE_S)
+            result = parker.park(end, parker.retire_s)
         finally:
             self._parked = False
         if result != DEADLINE:
@@ -527,7 +526,7 @@ class EventEngine(CompletionEngine):
         fatal = self._check_probe()
         if fatal is not None:
             self._fail_all(fatal)
-        return parker.idle_over(time.perf_counter(), RETIRE_S)
+        return parker.idle_over(time.perf_counter(), parker.retire_s)
 
     def _pass(self, queues: list[tuple[int, StreamQueue]], pace: Pace) -> bool:
         """Drain every stream once and probe if due.

@@ -67,6 +67,8 @@ from ._tuning import (
     MIN_SLEEP_S,
     PARK_CHECK_S,
     PARK_IDLE_CHECK_S,
+    PARK_RETIRE_S,
+    RETIRE_S,
     SPIN_S,
     STAND_DOWN_S,
 )
@@ -139,6 +141,9 @@ class Parker:
     an op is watched (``watch`` then wakes it: a look in Python needs the GIL)."""
     stand_down_s = STAND_DOWN_S
     """The longest one park lasts (then the watcher probes for sticky errors)."""
+    retire_s = RETIRE_S
+    """After how long with no op watched a park ends, for the watcher to retire
+    its idle queues (and then sleep, or park idle)."""
     check_s = STAND_DOWN_S
     """How often it looks at ``NEED`` while it is clear."""
     min_s = STAND_DOWN_S
@@ -221,6 +226,7 @@ class NativeParker(Parker):
     stand_down_s = 1.0  # loops probe while they poll; this is a safety net
     check_s = PARK_CHECK_S
     idle_check_max_s = PARK_IDLE_CHECK_S
+    retire_s = PARK_RETIRE_S
     """With no stream queue at all (``idle_s`` infinite) the looks back off to this."""
     min_s = 100e-6  # a look in C costs the loops nothing
 
