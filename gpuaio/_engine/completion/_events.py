@@ -201,8 +201,7 @@ class EventEngine(CompletionEngine):
 
     def _settle(self) -> None:
         """Clear ``NEED`` unless an op pends, so that a parked watcher stays parked."""
-        with self._lock:
-            self._parker.settle(self._queues.values())
+        self._parker.settle(self._queues)  # no lock: see ``_rest``
 
     def _watched(self, op: Operation, now: float) -> bool:
         """After ``op`` was queued (lock held): make sure the watcher knows; returns

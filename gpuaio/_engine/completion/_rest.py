@@ -32,9 +32,13 @@ never slip between the watcher's decision and its parking (an unpark before
 the park makes the park return at once). Polls push ``UNTIL`` without the
 lock: they run on the loop for every poll, and their write is true whenever
 it lands (a loop polled just now), so a poll racing a reset is the same as
-a poll just after it. An op that joins a batch reads ``NEED`` without the
-lock, after joining, which is why :meth:`Parker.settle` clears it before it
-looks for pending ops, not after.
+a poll just after it. :meth:`Parker.settle` takes no lock either (it runs
+once an op): it clears ``NEED`` first and then looks at a snapshot of the
+queues taken after the clear. An op queued meanwhile (its entry is queued
+before it sets ``NEED``, and only if ``NEED`` reads clear; an op that joins
+a batch reads it without the lock) is in the snapshot, or reads ``NEED``
+after the clear and sets it: either way ``NEED`` ends set. Every step is
+one operation under the GIL.
 
 Why it parks rather than sleeps on a condition: a Python thread that wakes
 from a timed wait needs the GIL back, and beside a busy event loop it gets
@@ -56,7 +60,7 @@ import math
 import threading
 import time
 from array import array
-from collections.abc import Iterable
+from collections.abc import Mapping
 from typing import Any
 
 from ..._core.compiled import c_function, native_library
@@ -188,11 +192,12 @@ class Parker:
                 cell[UNTIL] = now + LOOP_COVER_S
             cell[NEED] = 1.0
 
-    def settle(self, queues: Iterable[StreamQueue]) -> None:
-        """Clear ``NEED`` unless one of ``queues`` has an op pending (the engine's lock held)."""
+    def settle(self, queues: Mapping[int, StreamQueue]) -> None:
+        """Clear ``NEED`` unless one of ``queues`` has an op pending; needs no
+        lock (see the module docstring)."""
         cell = self.cell
-        cell[NEED] = 0.0  # first: see the module docstring
-        for q in queues:
+        cell[NEED] = 0.0  # first, then the snapshot
+        for q in list(queues.values()):
             if q.entries:
                 cell[NEED] = 1.0
                 return
