@@ -15,9 +15,10 @@ and returns once ``NEED`` is set and ``UNTIL`` has passed, once unparked
 (:meth:`Parker.unpark`: a task went to sleep on an op, or the engine
 closes), once, with ``NEED`` clear, no op has been watched for the idle
 time it was given (the watcher then retires its streams' queues), or at its
-deadline. With no queue left, the native parker parks on, its looks backing
-off to ``PARK_IDLE_CHECK_S``; the Python one has the watcher sleep until an
-op is watched, which then wakes it (``Parker.parks_idle``).
+deadline. While ``NEED`` is clear the native parker's looks back off to
+``PARK_IDLE_CHECK_S``, and with no queue left it parks on; the Python one
+has the watcher sleep until an op is watched, which then wakes it
+(``Parker.parks_idle``).
 
 Who writes the words (``_events.EventEngine``). Every poll pushes ``UNTIL``
 to ``now + LOOP_COVER_S``; a task that stops polling (``hand_off``), or an
@@ -56,7 +57,6 @@ else, every ``STAND_DOWN_S``, paying for the GIL at each look.
 from __future__ import annotations
 
 import ctypes
-import math
 import threading
 import time
 from array import array
@@ -139,7 +139,6 @@ class Parker:
     letting go of it: a task that hands off in between is not missed.
     """
 
-    native = False
     parks_idle = False
     """Whether the watcher parks with no stream queue at all, or sleeps until
     an op is watched (``watch`` then wakes it: a look in Python needs the GIL)."""
@@ -226,13 +225,12 @@ class Parker:
 class NativeParker(Parker):
     """The same, in C (``_parker.c``): it looks every ``PARK_CHECK_S``, without the GIL."""
 
-    native = True
     parks_idle = True
     stand_down_s = 1.0  # loops probe while they poll; this is a safety net
     check_s = PARK_CHECK_S
-    idle_check_max_s = PARK_IDLE_CHECK_S
+    check_max_s = PARK_IDLE_CHECK_S
+    """While ``NEED`` is clear its looks back off from ``check_s`` to this."""
     retire_s = PARK_RETIRE_S
-    """With no stream queue at all (``idle_s`` infinite) the looks back off to this."""
     min_s = 100e-6  # a look in C costs the loops nothing
 
     def __init__(self, lib: _Lib) -> None:
@@ -248,9 +246,8 @@ class NativeParker(Parker):
         handle = self._handle
         if handle is None:
             return DEADLINE
-        check_max = self.check_s if idle_s < math.inf else self.idle_check_max_s
         result: int = self._lib.park(
-            handle, self._addr, deadline, idle_s, self.check_s, check_max, self.min_s
+            handle, self._addr, deadline, idle_s, self.check_s, self.check_max_s, self.min_s
         )
         return DEADLINE if result < 0 else result  # < 0: a forked child's
 

@@ -91,7 +91,7 @@ there soon; each return to Python beside a busy loop costs that loop a
 switch. Ops 30 ms apart would have had it return after each.
 """
 PARK_IDLE_CHECK_S = 20e-3
-"""How seldom, at most, the native parker looks with no stream queue at all.
+"""How seldom, at most, the native parker looks while no op pends.
 
 Its looks back off from ``PARK_CHECK_S`` to this while nothing pends, so
 an idle process wakes it 50 times a second; an op nobody awaits, the first
