@@ -41,13 +41,9 @@ COMPILED = (
 nothing (tests included) patches or subclasses from outside. Keep in step
 with ``gpuaio._core.compiled.MODULES``."""
 
-NATIVE = (
-    ("gpuaio._engine._copythreads", "gpuaio/_engine/_copythreads.c"),
-    ("gpuaio._engine.completion._parker", "gpuaio/_engine/completion/_parker.c"),
-)
-"""C that never takes the GIL, built beside the compiled modules where the
-platform has pthreads: the copy threads (``gpuaio._engine.nativecopy``) and
-the completion watcher's parker (``gpuaio._engine.completion._rest``)."""
+NATIVE = ("gpuaio._engine._copythreads", "gpuaio/_engine/_copythreads.c")
+"""The copy threads that never take the GIL (``gpuaio._engine.nativecopy``):
+C, built beside the compiled modules where the platform has pthreads."""
 
 # The type check mypyc bases its code on. The source is checked strictly in
 # CI (mypy --strict, pyright); here stubs of whatever the build environment
@@ -87,8 +83,8 @@ def compile_in_place(root: Path, work: Path) -> list[Path]:
         if os.name == "posix":
             from setuptools import Extension
 
-            for name, source in NATIVE:
-                extensions.append(Extension(name, [source], extra_compile_args=["-O2"]))
+            name, source = NATIVE
+            extensions.append(Extension(name, [source], extra_compile_args=["-O2"]))
         dist = Distribution({"name": "gpuaio", "ext_modules": extensions})
         build = dist.get_command_obj("build_ext")
         build.build_temp = str(work / "obj")

@@ -32,7 +32,6 @@ from ._api.runtime import Runtime, current_runtime, use_backend
 from ._core.compiled import MODULES, compiled_modules
 from ._core.errors import GpuaioError
 from ._engine import nativecopy
-from ._engine.completion import _rest
 
 ADD_ONE = r"""
 extern "C" __global__ void add_one(unsigned char* data, unsigned long long n) {
@@ -120,7 +119,6 @@ def describe_setup() -> dict[str, Any]:
         "completion": rt.strategy,
         "compiled": compiled_modules(),
         "native_copy_threads": nativecopy.available(),
-        "native_parker": _rest.native_available(),
         "devices": devices,
         "memory_kinds": {k: gpuaio.memory_kind(v).value for k, v in samples.items()},
     }
@@ -142,8 +140,6 @@ def info(as_json: bool = False) -> int:
     print(f"hot path: {hot_path}")
     threads = "native (no GIL)" if setup["native_copy_threads"] else "Python"
     print(f"staging copy threads: {threads}")
-    parker = "native (no GIL)" if setup["native_parker"] else "Python"
-    print(f"completion watcher parks: {parker}")
     for d in setup["devices"]:
         cc = d["compute_capability"]
         print(

@@ -25,7 +25,6 @@ import gpuaio
 from gpuaio._api.device import device_of
 from gpuaio._core.compiled import compiled_modules
 from gpuaio._engine.completion import _queue
-from gpuaio._engine.completion._rest import UNTIL
 from gpuaio._engine.hostwork import byte_view
 
 _loops: list[Any] = [
@@ -107,22 +106,6 @@ def keep_queues(monkeypatch: pytest.MonkeyPatch) -> None:
 def always_batch(monkeypatch: pytest.MonkeyPatch, keep_queues: None) -> None:
     """Every short op joins a batch, lone or not (as under many tasks)."""
     monkeypatch.setattr(_queue, "BATCH_PROBE_S", 0.0)
-
-
-def loops_poll(engine: Any, monkeypatch: pytest.MonkeyPatch, seconds: float = 60.0) -> None:
-    """As if loops polled for ``seconds``: the watcher parks that long, looking
-    only whether a loop stopped polling (``_rest``); its parks may not end for
-    a fault probe either."""
-    monkeypatch.setattr(engine._parker, "stand_down_s", seconds)
-    engine._cell[UNTIL] = time.perf_counter() + seconds
-
-
-def loops_stop(engine: Any) -> None:
-    """As if the last polling loop handed off: the watcher takes over at once."""
-    engine._cell[UNTIL] = 0.0
-    engine._parker.unpark()
-    with engine._cv:
-        engine._cv.notify()
 
 
 @pytest.fixture

@@ -83,12 +83,8 @@ def test_a_compiled_build_runs_every_module_compiled() -> None:
     assert nativecopy.available(), "the compiled build has no native copy threads"
     proc = _run("info", "--json")
     assert proc.returncode == 0, proc.stderr
-    setup = json.loads(proc.stdout)
-    assert setup["native_copy_threads"] is True
-    assert setup["native_parker"] is True, "the compiled build has no native parker"
-    out = _run("info").stdout
-    assert "staging copy threads: native (no GIL)" in out
-    assert "completion watcher parks: native (no GIL)" in out
+    assert json.loads(proc.stdout)["native_copy_threads"] is True
+    assert "staging copy threads: native (no GIL)" in _run("info").stdout
 
 
 def test_json_goes_with_info_only(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,9 +13,8 @@ import pytest
 
 import gpuaio
 from gpuaio._api.device import device_of
-from gpuaio._engine.completion import _firstpoll
+from gpuaio._engine.completion import _events, _firstpoll
 from gpuaio._engine.completion._firstpoll import EXPLORE, WINDOW, FirstPolls
-from tests.conftest import loops_poll
 
 # Every test here sets the first poll's state or tuning in its module.
 pytestmark = [pytest.mark.anyio, pytest.mark.patches_compiled]
@@ -131,16 +130,17 @@ def _step(gen: Generator[Any, None, None]) -> bool:
 async def test_an_await_of_a_lone_op_already_done_yields_only_when_the_loop_is_due_a_turn(
     gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch, turn: str
 ) -> None:
-    # The watcher parks (as while loops poll), so the op stays pending
+    # The watcher stands down (as while loops poll), so the op stays pending
     # after its marker fired, until someone polls for it.
+    monkeypatch.setattr(_events, "STAND_DOWN_S", 60.0)
     monkeypatch.setattr(_firstpoll, "FIRST_POLL_RUN_S", 60.0)
     rt = gpuaio_runtime
     dev = device_of(rt, 0)
     s = dev.stream()
     d = dev.empty(4)
     engine = rt.engine(0)
-    loops_poll(engine, monkeypatch)
-    await anyio.sleep(0.05)  # the watcher has parked by now, for 60 s
+    engine._loop_polling_until = time.perf_counter() + 60
+    await anyio.sleep(0.05)  # the watcher has stood down by now, for 60 s
     op = s.memset(d, 7)
     rt.backend.stream_synchronize(s._native)  # its marker has fired
     assert not op.done()
@@ -178,6 +178,7 @@ async def test_a_small_staged_copy_already_done_is_found_at_its_first_poll(
     copy-out included). A 256 KiB one has none and takes a turn of the loop."""
     from gpuaio._engine import staging
 
+    monkeypatch.setattr(_events, "STAND_DOWN_S", 60.0)
     monkeypatch.setattr(_firstpoll, "FIRST_POLL_RUN_S", 60.0)
     assert 4096 <= staging.POLL_FIRST_MAX < 256 * 1024 <= gpuaio_runtime.stager.config.inline_max
     rt = gpuaio_runtime
@@ -190,8 +191,8 @@ async def test_a_small_staged_copy_already_done_is_found_at_its_first_poll(
     await gpuaio.reserve_pinned(n)  # a block of this size is cached now
     await s.copy(d, src)
     engine = rt.engine(0)
-    loops_poll(engine, monkeypatch)
-    await anyio.sleep(0.05)  # the watcher has parked by now, for 60 s
+    engine._loop_polling_until = time.perf_counter() + 60
+    await anyio.sleep(0.05)  # the watcher has stood down by now, for 60 s
     for q in engine._queues.values():  # no batch probe due: the op gets its own marker
         q.next_probe = time.perf_counter() + 60
     d2 = dev.empty(n)

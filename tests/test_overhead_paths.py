@@ -15,8 +15,7 @@ import pytest
 import gpuaio
 from gpuaio._api.device import device_of
 from gpuaio._engine.completion import _events, _tuning
-from gpuaio._engine.completion._rest import LAST, NEED, UNPARKED, UNTIL
-from tests.conftest import latch, loops_poll
+from tests.conftest import latch
 
 pytestmark = pytest.mark.anyio
 
@@ -24,10 +23,11 @@ pytestmark = pytest.mark.anyio
 def test_polls_sweep_the_other_streams(
     gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # While loops poll, the watcher parks: a poll for one op now and then
-    # drains the device's other streams too (ops nobody polls for). Its park
-    # ends for a fault probe now and then; make that long, or it may resolve
+    # While loops poll, the watcher stands down: a poll for one op now and
+    # then drains the device's other streams too (ops nobody polls for).
+    # It still looks every STAND_DOWN_S; make that long, or it may resolve
     # the op first (seen on an H200, where synchronizing took that long).
+    monkeypatch.setattr(_events, "STAND_DOWN_S", 60.0)
     rt = gpuaio_runtime
     dev = device_of(rt, 0)
     busy, slow = dev.stream(), dev.stream()
@@ -43,8 +43,8 @@ def test_polls_sweep_the_other_streams(
     resolved_on: list[int] = []
     other._add_done_callback(lambda: resolved_on.append(threading.get_ident()))
     engine = rt.engine(0)
-    loops_poll(engine, monkeypatch)
-    time.sleep(0.05)  # the watcher has parked by now, for 60 s
+    engine._loop_polling_until = time.perf_counter() + 60  # as if loops polled
+    time.sleep(0.05)  # the watcher has stood down by now, for 60 s
     hold_slow()
     rt.backend.stream_synchronize(slow._native)  # the op has run
     assert not other.done()
@@ -76,6 +76,7 @@ def test_a_poll_that_finds_its_op_done_keeps_sweeps_off_its_stream(
     began) counts as polling that stream: sweeps leave it alone for
     ``LOOP_SWEEP_S``. With 1,000 tasks, nine in ten sweep drains found nothing
     new, because the streams' polls found their ops done and said nothing."""
+    monkeypatch.setattr(_events, "STAND_DOWN_S", 60.0)
     # A long sweep period: between the two polls below this thread may lose
     # the CPU for a while on a loaded machine, and must not outlast it.
     sweep_s = 0.1
@@ -92,8 +93,8 @@ def test_a_poll_that_finds_its_op_done_keeps_sweeps_off_its_stream(
         assert op.done()
     hold = latch(dev, s)
     pending = s.memset(d, 2)  # keeps the stream's queue non-empty: sweeps look at it
-    loops_poll(engine, monkeypatch)
-    time.sleep(0.05)  # the watcher has parked by now, for 60 s
+    engine._loop_polling_until = time.perf_counter() + 60  # as if loops polled
+    time.sleep(0.05)  # the watcher has stood down by now, for 60 s
     deadline = time.monotonic() + 10
     while pending._poll is None and time.monotonic() < deadline:
         time.sleep(0.001)  # queued on the stream's host thread, behind the latch's launch
@@ -250,7 +251,7 @@ async def test_op_watched_after_its_await_slept_is_not_left_to_a_standing_down_w
 ) -> None:
     """An op queued behind a host step is watched only once the step ran; a task
     that awaited it sleeps with nobody to hand it to. While loops elsewhere poll,
-    the watcher parks; when the op is watched it must take
+    the watcher stands down (20 ms at a time); when the op is watched it must take
     it up at once, not leave it to sweeps that stop when those loops stop polling
     (awaits of host-step ops took 13-19 ms on an H200)."""
     rt = gpuaio_runtime
@@ -265,53 +266,52 @@ async def test_op_watched_after_its_await_slept_is_not_left_to_a_standing_down_w
         async with anyio.create_task_group() as tg:
             tg.start_soon(op.wait)
             await anyio.sleep(0.05)  # the await sleeps, handed to nobody
-            engine._cell[UNTIL] = time.perf_counter() + 60  # as if loops polled
+            engine._loop_polling_until = time.perf_counter() + 60  # as if loops polled
             release()
     assert op.done()
     s.close()
 
 
-def test_a_hand_off_while_the_watcher_decides_to_park_unparks_it(
+def test_a_hand_off_while_the_watcher_decides_to_stand_down_wakes_it(
     gpuaio_runtime: Any,
 ) -> None:
-    """The watcher decides to park (loops poll) under the engine's lock, and
-    parks after letting go of it. A task that stops polling in between resets
-    ``UNTIL`` and must unpark it: the unpark is kept for the park to come.
-    (Before the fix of the condition-variable version, ``hand_off`` looked for
-    a sleeping watcher without the lock, found none and woke nobody: the
-    watcher slept on with nobody sweeping for the task's op.)"""
+    """The watcher decides to stand down (loops poll) and goes to sleep, both
+    under the engine's lock. A task that stops polling in between resets the
+    stand-down and must wake it. Before the fix ``hand_off`` looked for a
+    sleeping watcher without the lock, found none (it was not asleep yet) and
+    woke nobody: the watcher slept on, up to FAULT_PROBE_S, with nobody
+    sweeping for the task's op."""
     rt = gpuaio_runtime
     rt.set_completion("events")
     engine: Any = rt.engine(0)
     assert engine._watcher is None  # no op watched yet: this test plays the watcher
-    cell = engine._cell
     with engine._cv:
-        cell[UNTIL] = time.perf_counter() + 60  # loops poll: park
-        # Nothing pends: only the unpark can end this park before its 30 s.
-        cell[NEED], cell[LAST] = 0.0, time.perf_counter()
-        engine._parked = True
+        engine._loop_polling_until = time.perf_counter() + 60
+        assert time.perf_counter() < engine._loop_polling_until  # loops poll: stand down
         t = threading.Thread(target=engine.hand_off)  # a task stops polling, now
         t.start()
         t.join(0.2)
-    start = time.perf_counter()
-    try:
-        result = engine._parker.park(start + 30, 30.0)
-    finally:
-        engine._parked = False
+        engine._sleeping = True
+        try:
+            woken = engine._cv.wait(10)
+        finally:
+            engine._sleeping = False
     t.join(10)
-    assert result == UNPARKED and time.perf_counter() - start < 10
-    assert cell[UNTIL] == 0.0
+    assert woken
+    assert engine._loop_polling_until == 0.0
 
 
-def test_the_watcher_stays_parked_through_fault_probes_while_loops_poll(
+@pytest.mark.patches_compiled
+def test_the_watcher_sleeps_through_fault_probes_while_loops_poll(
     gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While loops poll, they probe for sticky errors in their sweeps, so the
-    parked watcher stays parked. It used to wake for every fault probe (each
-    FAULT_PROBE_S, 5 ms). A thread woken while a loop is busy then waits for
-    the GIL, and is woken for nothing each time the loop lets go of it (every
-    turn): on the CPU machine that cost the loop 3 us a turn, half the time,
-    and a lone awaited memset took 16 us instead of 10."""
+    standing-down watcher sleeps a whole STAND_DOWN_S. It used to wake for every
+    fault probe (each FAULT_PROBE_S, 5 ms). A thread woken while a loop is busy
+    then waits for the GIL, and is woken for nothing each time the loop lets go
+    of it (every turn): on the CPU machine that cost the loop 3 us a turn, half
+    the time, and a lone awaited memset took 16 us instead of 10."""
+    monkeypatch.setattr(_events, "STAND_DOWN_S", 60.0)
     rt = gpuaio_runtime
     rt.set_completion("events")
     dev = device_of(rt, 0)
@@ -319,21 +319,21 @@ def test_the_watcher_stays_parked_through_fault_probes_while_loops_poll(
     release = latch(dev, s)
     op = s.memset(dev.empty(4), 1)  # pending: the watcher has a stream to watch
     engine: Any = rt.engine(0)
-    parker = engine._parker
-    parks: list[float] = []
-    real_park = parker.park
+    waits: list[float | None] = []
+    real_wait = engine._wait
 
-    def counting_park(deadline: float, idle_s: float) -> int:
-        parks.append(deadline - time.perf_counter())
-        return int(real_park(deadline, idle_s))
+    def counting_wait(timeout: float | None) -> bool:
+        waits.append(timeout)
+        return bool(real_wait(timeout))
 
-    monkeypatch.setattr(parker, "park", counting_park)
-    loops_poll(engine, monkeypatch)
-    parker.unpark()  # whatever the watcher does now, it decides again
+    engine._wait = counting_wait
+    engine._loop_polling_until = time.perf_counter() + 60  # as if loops polled
+    with engine._cv:
+        engine._cv.notify()  # whatever the watcher does now, it decides again
     time.sleep(0.3)  # 60 fault probes' worth
-    assert parks, "the watcher never parked"
-    assert len(parks) <= 3, f"the watcher parked {len(parks)} times while loops polled"
-    assert parks[-1] > 50, "its last park was not the long one"
+    assert waits, "the watcher never went back to sleep"
+    assert len(waits) <= 3, f"the watcher woke {len(waits)} times while loops polled"
+    assert waits[-1] == 60.0
     release()
     engine.hand_off()  # nobody polls any more: the watcher takes over
     deadline = time.perf_counter() + 10

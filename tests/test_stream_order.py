@@ -21,7 +21,7 @@ import gpuaio
 from gpuaio._api.device import device_of
 from gpuaio._core.errors import DeviceFatalError
 from gpuaio._engine.staging import Stager
-from tests.conftest import add_one_kernel, latch, loops_poll, loops_stop
+from tests.conftest import add_one_kernel, latch
 from tests.test_copy import pattern
 
 pytestmark = pytest.mark.anyio
@@ -325,7 +325,7 @@ def test_waiter_of_a_closed_loop_is_not_woken_by_the_next(
 @pytest.mark.gpuaio_sim_only
 @pytest.mark.parametrize("path", ["poll", "watcher"])
 def test_no_waiter_is_lost_when_a_sticky_error_follows_a_completion(
-    gpuaio_runtime: Any, path: str, monkeypatch: pytest.MonkeyPatch
+    gpuaio_runtime: Any, path: str
 ) -> None:
     """An op completes just before a sticky fault, and the pass that resolves it
     then finds the fault: its sleeping await must still end (the watcher's
@@ -340,9 +340,9 @@ def test_no_waiter_is_lost_when_a_sticky_error_follows_a_completion(
     op = s.memset(d, 1)
     poller = other.memset(dev.empty(64), 2)
     engine.loop_spin_s = 0.0  # an await sleeps at once
-    engine.hand_off = lambda: None  # and leaves the watcher parked
-    loops_poll(engine, monkeypatch)
-    time.sleep(0.05)  # the watcher parks
+    engine.hand_off = lambda: None  # and leaves the watcher standing down
+    engine._loop_polling_until = time.perf_counter() + 60
+    time.sleep(0.05)  # the watcher stands down
     result: list[object] = []
 
     def await_op() -> None:
@@ -373,7 +373,9 @@ def test_no_waiter_is_lost_when_a_sticky_error_follows_a_completion(
         engine._next_sweep = 0.0
         engine.poll_for(poller)  # a poll from some loop, for another op
     else:
-        loops_stop(engine)
+        engine._loop_polling_until = 0.0
+        with engine._cv:
+            engine._cv.notify()
     t.join(10)
     # Not lost: the await ended. An event marker queried after the fault
     # reports it even though its op ran first (CUDA's sticky errors), so

@@ -17,19 +17,25 @@ Who does what, in the order an operation meets them:
    :meth:`~EventEngine.hand_off`.
 3. **The watcher thread** (one per device, :meth:`~EventEngine._run`)
    drains every stream, then rests as cheaply as it can while staying quick
-   (``_rest.Pace``). While loops poll, and while no op pends, it *parks*
-   (``_rest.Parker``): woken often, it would mostly wait for the GIL, which
-   a busy loop rarely lets go of for long, and each of the loop's brief
-   releases would pay to wake it. One batch of completions wakes each event
-   loop once.
+   (see :class:`_Pace`). While loops poll it *stands down*: woken often, it
+   would mostly wait for the GIL, which a loop switching tasks rarely lets
+   go of. One batch of completions wakes each event loop once.
 
 Every op is resolved in one place, :meth:`StreamQueue.drain` (or failed by
 :meth:`StreamQueue.take_all` after a sticky error or at close), under the
 queue's lock, so a stream's ops resolve in stream order whichever thread
 drains. The GPU never waits for Python.
 
-Parking, and who writes the parker's words under the engine's lock and who
-does not: ``_rest``.
+The stand-down. ``EventEngine._loop_polling_until`` says until when loops
+are assumed to poll. Every poll pushes it to ``now + LOOP_COVER_S``; a task
+that stops polling (``hand_off``), or an op watched with a task already
+asleep on it, resets it to 0 and wakes a standing-down watcher. The watcher
+reads it, and decides to sleep, under the engine's lock; ``hand_off`` and
+``watch`` write it under that lock too, so a reset can never slip between
+the watcher's decision and its sleep (the reset would then wake nobody).
+Polls write it without the lock: they run on the loop for every poll, and
+their write is true whenever it lands (a loop polled just now), so a poll
+racing a reset is the same as a poll just after it.
 """
 
 from __future__ import annotations
@@ -48,7 +54,6 @@ from ..._core.timerslack import precise_timers
 from ._engine import CompletionEngine, FaultProbe
 from ._firstpoll import FirstPolls
 from ._queue import StreamQueue, Waiters
-from ._rest import DEADLINE, LAST, NEED, UNTIL, Pace, make_parker
 from ._survey import prewake_oldest, survey
 from ._tuning import (
     BATCH_AGE_S,
@@ -59,9 +64,13 @@ from ._tuning import (
     LOOP_COVER_S,
     LOOP_SPIN_S,
     LOOP_SWEEP_S,
+    MAX_SLEEP_S,
+    MIN_SLEEP_S,
     PREWAKE_S,
     SHORT_OP_S,
     SPIN_POLL_S,
+    SPIN_S,
+    STAND_DOWN_S,
     STREAM_POLL_GAP_S,
 )
 
@@ -71,6 +80,33 @@ if TYPE_CHECKING:
 __all__ = ["EventEngine"]
 
 log = logging.getLogger("gpuaio")
+
+
+class _Pace:
+    """How the watcher rests between passes that resolved nothing.
+
+    It spins (yielding the GIL) for ``SPIN_S`` after new work or a
+    completion, then sleeps between passes, ``MIN_SLEEP_S`` at first and
+    twice as long each time up to ``MAX_SLEEP_S``.
+    """
+
+    __slots__ = ("sleep_s", "spin_until")
+
+    def __init__(self, now: float) -> None:
+        self.spin_until = now + SPIN_S
+        self.sleep_s = MIN_SLEEP_S
+
+    def spin_again(self) -> None:
+        """Spin again from now (the back-off continues where it was)."""
+        self.spin_until = time.perf_counter() + SPIN_S
+
+    def restart(self, now: float) -> None:
+        """Spin again from ``now``, then back off from the shortest sleep."""
+        self.spin_until = now + SPIN_S
+        self.sleep_s = MIN_SLEEP_S
+
+    def back_off(self) -> None:
+        self.sleep_s = min(self.sleep_s * 2, MAX_SLEEP_S)
 
 
 # Other strategies may build on it (configure(completion=...)), interpreted.
@@ -92,12 +128,12 @@ class EventEngine(CompletionEngine):
         self._free_events: list[Any] = []
         # (Not ``_thread``: mypyc would name the C field ``__thread``, a keyword.)
         self._watcher: threading.Thread | None = None
-        # The watcher's state, under _lock (the parker's words: see ``_rest``).
+        # The watcher's state, read and written under _lock (but see
+        # _loop_polling_until).
         self._sleeping = False  # waiting on _cv: a notify() wakes it
-        self._idle = False  # sleeping with no stream queue at all, until notified
-        self._parked = False  # parked: an unpark() wakes it
-        self._parker = make_parker()
-        self._cell = self._parker.cell  # UNTIL, NEED, LAST
+        self._idle = False  # sleeping with nothing pending, until notified
+        self._loop_polling_until = 0.0
+        """Until when loops are assumed to poll (and sweep); see the module docstring."""
         # Shared by the watcher and polling loops, without a lock: a race
         # costs at most one extra sweep or probe.
         self._next_sweep = 0.0
@@ -143,7 +179,6 @@ class EventEngine(CompletionEngine):
             q.entries.append((op, marker))
             q.last_watch = now
             op._poll = (self, q, None)
-            self._parker.need(now)
             if op._waiters is None and self._watcher is not None and not self._sleeping:
                 return  # the common case, with no call: nobody to tell
             prewake = self._watched(op, now)
@@ -185,23 +220,16 @@ class EventEngine(CompletionEngine):
             busy = q.busy_until  # not max(): a builtin call costs more than the test
             op._eta = q.busy_until = (busy if busy > now else now) + op._est
         op._poll = (self, q, batch)
-        cell = self._cell
-        cell[LAST] = now
-        if not cell[NEED]:  # read unlocked: see ``_rest``
-            with self._lock:
-                self._parker.need(now)
         # The watcher exists (the queue does); it need not hear of a short op,
         # unless a task already sleeps on it or it sleeps while no loop polls.
-        if op._waiters is not None or (self._sleeping and (self._idle or now >= cell[UNTIL])):
+        if op._waiters is not None or (
+            self._sleeping and (self._idle or now >= self._loop_polling_until)
+        ):
             with self._lock:
                 prewake = self._watched(op, now)
             if prewake:
                 op._prewake()
         return True
-
-    def _settle(self) -> None:
-        """Clear ``NEED`` unless an op pends, so that a parked watcher stays parked."""
-        self._parker.settle(self._queues)  # no lock: see ``_rest``
 
     def _watched(self, op: Operation, now: float) -> bool:
         """After ``op`` was queued (lock held): make sure the watcher knows; returns
@@ -210,8 +238,8 @@ class EventEngine(CompletionEngine):
         if op._waiters is not None:
             # A task went to sleep on this op before it was watched (it was
             # queued behind a host step) and handed it to nobody: the watcher
-            # must not park for loops whose sweeps may stop any moment.
-            self._cell[UNTIL] = 0.0
+            # must not stand down for loops whose sweeps may stop any moment.
+            self._loop_polling_until = 0.0
             # Due soon (a staged copy's last DMA): wake its loop from here,
             # to poll while the GPU finishes, rather than after the watcher
             # has woken and seen it done (two wake-ups of 50-100 us in a row).
@@ -221,11 +249,9 @@ class EventEngine(CompletionEngine):
                 target=self._run, name=f"gpuaio-completion-{self.device}", daemon=True
             )
             self._watcher.start()
-        elif self._sleeping and (self._idle or now >= self._cell[UNTIL]):
+        elif self._sleeping and (self._idle or now >= self._loop_polling_until):
             # Not while loops poll: their sweeps find this op too.
             self._cv.notify()
-        elif self._parked and op._waiters is not None:
-            self._parker.unpark()
         return prewake
 
     def seal(self, key: int, block: bool = True) -> bool:
@@ -361,7 +387,7 @@ class EventEngine(CompletionEngine):
             return op._done
         q = poll[1]
         now = time.perf_counter()
-        self._cell[UNTIL] = now + LOOP_COVER_S  # unlocked: see ``_rest``
+        self._loop_polling_until = now + LOOP_COVER_S  # unlocked: see the module docstring
         sweep = now >= self._next_sweep
         if op._done:
             # A drain of its stream resolved it since this await began, and all
@@ -370,8 +396,6 @@ class EventEngine(CompletionEngine):
             # found nothing new).
             q.last_poll = now
             if not sweep:
-                if not q.entries and self._cell[NEED]:
-                    self._settle()
                 return True
         elif not sweep and now - q.last_poll < STREAM_POLL_GAP_S:
             return False
@@ -399,12 +423,7 @@ class EventEngine(CompletionEngine):
         finally:
             if waiters:  # even after a sticky error: these ops were resolved
                 post_waiters(waiters)
-        if not op._done:
-            return False
-        # The last pending op done: a parked watcher need not look (``_rest``).
-        if not q.entries and self._cell[NEED]:
-            self._settle()
-        return True
+        return op._done
 
     def _sweep(self, now: float, out: Waiters) -> None:
         """Drain the streams that no poll has drained lately; probe for sticky errors.
@@ -421,14 +440,14 @@ class EventEngine(CompletionEngine):
             self._probe.check()
 
     def hand_off(self) -> None:
-        """A task stopped polling and sleeps until its op is resolved: wake the watcher
-        (should no other task poll, nobody would sweep its stream)."""
-        with self._lock:  # see ``_rest``: the reset must not slip by
-            self._cell[UNTIL] = 0.0
+        """A task stopped polling and sleeps until its op is resolved: wake the watcher.
+
+        Should no other task be polling, nobody would sweep its stream.
+        """
+        with self._lock:  # see the module docstring: the reset must not slip by
+            self._loop_polling_until = 0.0
             if self._sleeping:
                 self._cv.notify()
-            elif self._parked:
-                self._parker.unpark()
 
     # -- threads that may block ----------------------------------------
     def drain_for(self, op: Operation) -> None:
@@ -448,40 +467,36 @@ class EventEngine(CompletionEngine):
         super().close()
         with self._cv:
             self._cv.notify()
-        self._parker.unpark()
         t = self._watcher
         if t is not None and t is not threading.current_thread():
             t.join(timeout=5)
-        if t is None or not t.is_alive():  # else it may still be parked
-            self._parker.close()
         self._probe.close()
 
     # -- the watcher thread --------------------------------------------
     def _run(self) -> None:
         """One pass after another until closed: drain every stream, then rest."""
         precise_timers()
-        pace = Pace(time.perf_counter())
+        pace = _Pace(time.perf_counter())
         self._next_probe = pace.spin_until + FAULT_PROBE_S
         self._start_probe()
-        cell = self._cell
-        must_pass = False  # after a park's deadline: retire idle queues, probe
         while True:
             with self._cv:
-                while not self._queues and not self.closed and not self._parker.parks_idle:
+                while not self._queues and not self.closed:
                     self._sleep_until_work(pace)
                 closed = self.closed  # (mypyc compiles no ``break`` out of a ``with``)
-                due = must_pass or bool(cell[NEED] and time.perf_counter() >= cell[UNTIL])
-                queues = list(self._queues.items()) if due and self._queues and not closed else None
-                # Else loops poll, or nothing pends: park (a hand-off from now on unparks it).
-                self._parked = queues is None and not closed
+                queues = None
+                if not closed and time.perf_counter() < self._loop_polling_until:
+                    self._stand_down(pace)
+                elif not closed:
+                    queues = list(self._queues.items())
             if closed:
                 break
-            if queues is None:
-                must_pass = self._park(pace)
-            else:
-                must_pass = False
-                if not self._pass(queues, pace):
-                    self._rest(queues, pace)
+            if queues is None:  # stood down: loops sweep, but only the watcher probes for sure
+                fatal = self._check_probe()
+                if fatal is not None:
+                    self._fail_all(fatal)
+            elif not self._pass(queues, pace):
+                self._rest(queues, pace)
         self._fail_pending(ClosedWhilePendingError())
 
     def _wait(self, timeout: float | None) -> bool:
@@ -492,7 +507,7 @@ class EventEngine(CompletionEngine):
         finally:
             self._sleeping = False
 
-    def _sleep_until_work(self, pace: Pace) -> None:
+    def _sleep_until_work(self, pace: _Pace) -> None:
         """Nothing pending: block, using no CPU, until ``watch`` or ``close`` notifies."""
         self._idle = True
         try:
@@ -501,33 +516,23 @@ class EventEngine(CompletionEngine):
             self._idle = False
         pace.spin_again()
 
-    def _park(self, pace: Pace) -> bool:
-        """Loops poll (and sweep, and probe), or no op pends: park (``_rest``).
+    def _stand_down(self, pace: _Pace) -> None:
+        """Loops poll and sweep: sleep until a hand-off or ``STAND_DOWN_S``.
 
-        Not for the fault probe (polling loops probe in their sweeps), nor when
-        a loop resolves the last op (``_settle``): each return to Python beside
-        a busy loop costs it dearly. A park that ran out its time probes.
-        Returns whether to pass (and retire queues idle ``retire_s``). With no
-        queue (``Parker.parks_idle``): until needed, or ``retire_s`` after ops.
+        Waking up often would cost both threads dearly. A thread woken while
+        a loop is busy waits for the GIL until the interpreter's switch
+        interval (5 ms) forces the loop to let go; meanwhile every time the
+        loop lets go of it briefly (each turn, around its I/O poll) wakes the
+        waiting thread, which rarely gets it, and that costs the loop about
+        3 us a turn. So the watcher does not wake for the fault probe either:
+        polling loops probe in their sweeps (``_sweep``). A task that stops
+        polling hands off (``hand_off``) and wakes it at once; ops nobody
+        awaits are left to this sleep's end.
         """
-        parker = self._parker
-        idle = not self._queues
-        if idle:  # LAST: no op since (the next op's watch sets it)
-            self._cell[LAST] = math.inf
-        try:
-            end = math.inf if idle else time.perf_counter() + parker.stand_down_s
-            result = parker.park(end, parker.retire_s)
-        finally:
-            self._parked = False
-        if result != DEADLINE:
-            pace.restart(time.perf_counter())
-            return False
-        fatal = self._check_probe()
-        if fatal is not None:
-            self._fail_all(fatal)
-        return parker.idle_over(time.perf_counter(), parker.retire_s)
+        self._wait(STAND_DOWN_S)
+        pace.restart(time.perf_counter())
 
-    def _pass(self, queues: list[tuple[int, StreamQueue]], pace: Pace) -> bool:
+    def _pass(self, queues: list[tuple[int, StreamQueue]], pace: _Pace) -> bool:
         """Drain every stream once and probe if due.
 
         Returns whether any op was resolved (or failed on a sticky error):
@@ -555,7 +560,7 @@ class EventEngine(CompletionEngine):
         post_waiters(waiters)
         return True
 
-    def _rest(self, queues: list[tuple[int, StreamQueue]], pace: Pace) -> None:
+    def _rest(self, queues: list[tuple[int, StreamQueue]], pace: _Pace) -> None:
         """Nothing was resolved: wait for the next pass as cheaply as stays quick.
 
         * Every stream's oldest op has a known duration and the earliest is
@@ -564,12 +569,7 @@ class EventEngine(CompletionEngine):
           their loops poll for it while it finishes (``Operation._prewake``).
         * Within ``SPIN_S`` of new work or a completion: yield the GIL once.
         * Otherwise: sleep ``pace.sleep_s``, twice as long each time in a row.
-
-        With no op pending at all it clears ``NEED``, and the watcher parks.
         """
-        if not any(q.entries for _key, q in queues):
-            self._settle()
-            return
         now = time.perf_counter()
         next_eta, prewake_eta = survey(queues, now)
         if next_eta - now > ETA_SLEEP_MIN_S:

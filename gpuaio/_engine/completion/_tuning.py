@@ -65,37 +65,12 @@ an op of resolved, lately."""
 LOOP_COVER_S = 1e-3
 """How long after a loop last polled the watcher leaves the device to loops."""
 STAND_DOWN_S = 20e-3
-"""How often a watcher parked in Python looks whether it is needed (``_rest``).
+"""How long the watcher sleeps while loops poll (they probe for it meanwhile).
 
-It parks while loops poll (they sweep and probe for it meanwhile) and while
-no op pends; a task that stops polling wakes it at once. Each look needs the
-GIL, which beside a busy loop costs that loop a wake-up at each of its GIL
-releases until the watcher gets it (``_rest``), so a Python watcher looks
-seldom: an op nobody awaits that completes just after the loops stopped
-polling may be resolved this late, and a sticky error found this late if
-only such ops pend.
-"""
-PARK_CHECK_S = 1e-3
-"""How often the native parker (``_parker.c``) looks, without the GIL.
-
-An op nobody awaits is resolved within about ``LOOP_COVER_S`` plus this
-after the loops stopped polling; a look costs a few microseconds of a core
-that no loop needs.
-"""
-PARK_RETIRE_S = 1.0
-"""After how long with no op watched the native parker lets the watcher retire
-its streams' idle queues (``RETIRE_S`` in Python, which then sleeps).
-
-It parks on with no queue left (``PARK_IDLE_CHECK_S``), so it need not get
-there soon; each return to Python beside a busy loop costs that loop a
-switch. Ops 30 ms apart would have had it return after each.
-"""
-PARK_IDLE_CHECK_S = 20e-3
-"""How seldom, at most, the native parker looks while no op pends.
-
-Its looks back off from ``PARK_CHECK_S`` to this while nothing pends, so
-an idle process wakes it 50 times a second; an op nobody awaits, the first
-after such a pause, is resolved up to this late.
+A task that stops polling wakes it at once; an op nobody awaits that completes
+just after the loops stopped polling may be resolved this late, and a sticky
+error found this late if only such ops pend. Every wake-up while a loop is busy
+costs that loop about 3 us a turn for up to 5 ms (``EventEngine._stand_down``).
 """
 SPIN_S = 200e-6
 """How long the watcher keeps spinning after new work or a completion."""
