@@ -83,32 +83,31 @@ def gated_on(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def gated_path(gpuaio_runtime: Any, gated_on: None) -> Iterator[GatedCopies | None]:
-    """The stager's gated path, turned on: as ``GPUAIO_GATED_MAX`` makes it at
-    start-up, where the install has the native copy threads (else None)."""
+    """A fresh gated path for the stager, turned on: as ``GPUAIO_GATED_MAX``
+    makes it at start-up, where the install has the native copy threads (else
+    None). Fresh even where the runtime has one (GPUAIO_GATED_MAX set, and on
+    CUDA one runtime for the session): its counts and flags are this test's."""
     stager = gpuaio_runtime.stager
     old = stager.gated
+    stager.gated = None
     path = stager.make_gated()
     try:
         yield path
     finally:
-        if path is not old:
-            assert path is not None
+        if path is not None:
             path.close()
-            stager.gated = old
+        stager.gated = old
 
 
 @pytest.fixture
 def late_gated(
     gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch, gated_on: None
 ) -> Iterator[GatedCopies]:
-    """The stager's gated path, its copies made 50 ms late by a Python thread."""
+    """A fresh gated path for the stager, its copies made 50 ms late by a
+    Python thread (fresh as in ``gated_path``)."""
     stager = gpuaio_runtime.stager
     old = stager.gated
-    path = (
-        old
-        if old is not None
-        else GatedCopies(gpuaio_runtime, stager.pool, False, stager.chunk_for)
-    )
+    path = GatedCopies(gpuaio_runtime, stager.pool, False, stager.chunk_for)
     stager.gated = path
 
     def late(
@@ -120,8 +119,7 @@ def late_gated(
     try:
         yield path
     finally:
-        if old is None:
-            path.close()
+        path.close()
         stager.gated = old
 
 
@@ -217,18 +215,20 @@ async def test_with_every_flag_in_use_uploads_go_the_usual_way(
     gates = late_gated.gates
     assert gates is not None
     held = [gates.take() for _ in range(gates.free)]
-    assert gates.take() is None
-    s = dev.stream()
-    d = dev.empty(SIZE)
-    back = np.zeros(SIZE, np.uint8)
-    src = pattern(SIZE, 9)
-    await s.copy(d, src)
-    await s.copy(back, d)
-    np.testing.assert_array_equal(back, src)
-    assert late_gated.uploads == 0
-    for addr in held:
-        assert addr is not None
-        gates.give(addr)
+    try:
+        assert gates.take() is None
+        s = dev.stream()
+        d = dev.empty(SIZE)
+        back = np.zeros(SIZE, np.uint8)
+        src = pattern(SIZE, 9)
+        await s.copy(d, src)
+        await s.copy(back, d)
+        np.testing.assert_array_equal(back, src)
+        assert late_gated.uploads == 0
+    finally:
+        for addr in held:
+            assert addr is not None
+            gates.give(addr)
 
 
 async def test_a_cancelled_await_of_a_gated_upload_corrupts_and_leaks_nothing(
