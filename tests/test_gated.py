@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -76,9 +78,10 @@ class _LateCopy:
 
 @pytest.fixture
 def gated_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Gated copies on for GATED_MIN-GATED_MAX (``GPUAIO_GATED_MIN``/``_MAX``)."""
-    monkeypatch.setattr(gated_mod, "GATED_MIN", GATED_MIN)
-    monkeypatch.setattr(gated_mod, "GATED_MAX", GATED_MAX)
+    """Gated copies on for GATED_MIN-GATED_MAX either way (``GPUAIO_GATED_MIN``/``_MAX``)."""
+    for way in ("UP", "DOWN"):
+        monkeypatch.setattr(gated_mod, f"GATED_{way}_MIN", GATED_MIN)
+        monkeypatch.setattr(gated_mod, f"GATED_{way}_MAX", GATED_MAX)
 
 
 @pytest.fixture
@@ -395,26 +398,80 @@ def test_a_flagged_native_copy_sets_its_flag_once_it_has_ended() -> None:
 
 def test_gated_uploads_cover_their_range_only(gated_on: None) -> None:
     assert gated_mod.GATES_BYTES // gated_mod.GATE_STRIDE == 64
-    assert GatedCopies.covers(GATED_MIN) and GatedCopies.covers(GATED_MAX)
-    assert not GatedCopies.covers(GATED_MIN - 1) and not GatedCopies.covers(GATED_MAX + 1)
+    for up in (True, False):
+        assert GatedCopies.covers(GATED_MIN, up) and GatedCopies.covers(GATED_MAX, up)
+        assert not GatedCopies.covers(GATED_MIN - 1, up)
+        assert not GatedCopies.covers(GATED_MAX + 1, up)
 
 
-def test_gated_uploads_are_off_unless_turned_on() -> None:
+def test_each_direction_has_its_own_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Uploads and downloads are gated over ranges of their own."""
+    monkeypatch.setattr(gated_mod, "GATED_UP_MIN", 2 * MiB)
+    monkeypatch.setattr(gated_mod, "GATED_UP_MAX", 8 * MiB)
+    monkeypatch.setattr(gated_mod, "GATED_DOWN_MIN", 12 * MiB)
+    monkeypatch.setattr(gated_mod, "GATED_DOWN_MAX", 16 * MiB)
+    up = [n for n in (MiB, 2 * MiB, 8 * MiB, 8 * MiB + 1, 12 * MiB) if GatedCopies.covers(n, True)]
+    down = [n for n in (8 * MiB, 12 * MiB - 1, 12 * MiB, 16 * MiB) if GatedCopies.covers(n, False)]
+    assert up == [2 * MiB, 8 * MiB]
+    assert down == [12 * MiB, 16 * MiB]
+
+
+def test_a_direction_whose_maximum_is_0_gates_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gated_mod, "GATED_UP_MAX", 0)
+    monkeypatch.setattr(gated_mod, "GATED_DOWN_MAX", 0)
+    sizes = (0, 4096, MiB, 16 * MiB, 1 << 30)
+    assert not any(GatedCopies.covers(n, up) for n in sizes for up in (True, False))
+
+
+def _gated_settings(env: dict[str, str]) -> list[int]:
+    """The four gated settings a fresh process reads from ``env``."""
+    code = (
+        "from gpuaio._engine import stagingconfig as c; "
+        "print(c.GATED_UP_MIN, c.GATED_UP_MAX, c.GATED_DOWN_MIN, c.GATED_DOWN_MAX)"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("GPUAIO_GATED_")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return [int(x) for x in out.stdout.split()]
+
+
+def test_the_gated_ranges_follow_their_settings() -> None:
+    """``GPUAIO_GATED_MIN``/``_MAX`` set both directions; ``GPUAIO_GATED_UP_*``
+    and ``GPUAIO_GATED_DOWN_*`` one each, over the defaults or over both."""
     from gpuaio._engine import stagingconfig
 
-    if "GPUAIO_GATED_MAX" not in os.environ:
-        assert stagingconfig.GATED_MAX == 0
-    if not stagingconfig.GATED_MAX:
-        assert not any(GatedCopies.covers(n) for n in (0, 4096, MiB, 16 * MiB, 1 << 30))
+    default = _gated_settings({})
+    assert _gated_settings({"GPUAIO_GATED_MAX": "16M"}) == [512 << 10, 16 * MiB] * 2
+    assert (
+        _gated_settings({"GPUAIO_GATED_MIN": "1M", "GPUAIO_GATED_MAX": "8M"})
+        == [
+            MiB,
+            8 * MiB,
+        ]
+        * 2
+    )
+    up = _gated_settings({"GPUAIO_GATED_UP_MIN": "2M", "GPUAIO_GATED_UP_MAX": "6M"})
+    assert up == [2 * MiB, 6 * MiB, *default[2:]]
+    down = _gated_settings({"GPUAIO_GATED_MAX": "16M", "GPUAIO_GATED_DOWN_MAX": "0"})
+    assert down == [512 << 10, 16 * MiB, 512 << 10, 0]
+    if not any(k.startswith("GPUAIO_GATED_") for k in os.environ):
+        assert default == [
+            stagingconfig.GATED_UP_MIN,
+            stagingconfig.GATED_UP_MAX,
+            stagingconfig.GATED_DOWN_MIN,
+            stagingconfig.GATED_DOWN_MAX,
+        ]
 
 
 def test_off_by_default_no_pageable_copy_asks_a_gated_path(gpuaio_runtime: Any) -> None:
-    """With ``GATED_MAX`` 0 the stager has no path at all (so no copy checks
-    its range); ``make_gated`` makes one where the native threads are."""
+    """With both directions off the stager has no path at all (so no copy
+    checks its range); ``make_gated`` makes one where the native threads are."""
     from gpuaio._engine import stagingconfig
 
     stager = gpuaio_runtime.stager
-    if stagingconfig.GATED_MAX:
+    if stagingconfig.GATED_UP_MAX or stagingconfig.GATED_DOWN_MAX:
         assert (stager.gated is not None) == gpuaio_runtime.host.native
         return
     assert stager.gated is None

@@ -56,9 +56,11 @@ from .buffers import BufferInfo
 from .pool import PinnedBlock, PinnedPool, size_class
 from .stagingconfig import (
     GATED_COPY_BPS,
-    GATED_MAX,
-    GATED_MIN,
+    GATED_DOWN_MAX,
+    GATED_DOWN_MIN,
     GATED_SLICE,
+    GATED_UP_MAX,
+    GATED_UP_MIN,
     NT_MIN,
     PCIE_BPS,
 )
@@ -140,10 +142,13 @@ class GatedCopies:
         self._closed = threading.Event()
 
     @staticmethod
-    def covers(nbytes: int) -> bool:
-        """Whether a copy of this size, either way, is one for this path
-        (``GATED_MIN``-``GATED_MAX``; none while ``GATED_MAX`` is 0, the default)."""
-        return GATED_MIN <= nbytes <= GATED_MAX
+    def covers(nbytes: int, upload: bool) -> bool:
+        """Whether an upload (else a download) of this size is one for this
+        path (``GATED_UP_MIN``-``GATED_UP_MAX``, ``GATED_DOWN_MIN``-``GATED_DOWN_MAX``;
+        none of a direction whose maximum is 0)."""
+        if upload:
+            return 0 < GATED_UP_MIN <= nbytes <= GATED_UP_MAX
+        return 0 < GATED_DOWN_MIN <= nbytes <= GATED_DOWN_MAX
 
     def copy(self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo) -> bool:
         """Enqueue ``op`` (a copy from or into pageable memory, of a size

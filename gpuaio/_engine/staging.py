@@ -46,7 +46,8 @@ from .stagingconfig import (
     D2H_NT_MIN,
     D2H_SPLIT,
     DMA_STEP,
-    GATED_MAX,
+    GATED_DOWN_MAX,
+    GATED_UP_MAX,
     LOOKAHEAD,
     NT_MIN,
     PCIE_BPS,
@@ -83,17 +84,17 @@ class Stager:
         nt = nt_copier()
         self._nt: Callable[[int, int, int], None] | None = nt if NT_MIN else None
         self._nt_out: Callable[[int, int, int], None] | None = nt if D2H_NT_MIN else None
-        # Mid-size copies, either way, gated on the native copy threads
-        # (gated.py), in the range its settings give. Off by default: then
-        # there is no path, and no pageable copy pays for asking it.
+        # Mid-size copies gated on the native copy threads (gated.py), in the
+        # ranges its settings give each direction. With both off there is no
+        # path, and no pageable copy pays for asking it.
         self.gated: GatedCopies | None = None
-        if GATED_MAX:
+        if GATED_UP_MAX or GATED_DOWN_MAX:
             self.make_gated()
 
     def make_gated(self) -> GatedCopies | None:
         """The gated path, made now if there is none and the install has the
-        native copy threads (else None): at start-up where ``GATED_MAX`` is
-        set, later where a test or probe turns the path on."""
+        native copy threads (else None): at start-up where ``GATED_UP_MAX``
+        or ``GATED_DOWN_MAX`` is set, later where a test or probe turns the path on."""
         if self.gated is None and self.runtime.host.native:
             nt = nt_copier() is not None
             self.gated = GatedCopies(self.runtime, self.pool, nt, self.chunk_for)
@@ -135,7 +136,7 @@ class Stager:
         """Schedule ``op`` (a copy with a pageable side) on ``stream``."""
         h2d = s.kind.is_host
         gated = self.gated
-        if gated is not None and gated.covers(d.nbytes) and gated.copy(seq, op, d, s):
+        if gated is not None and gated.covers(d.nbytes, h2d) and gated.copy(seq, op, d, s):
             return op
         small = d.nbytes <= self.config.inline_max
         if not (small and self._small_fit):

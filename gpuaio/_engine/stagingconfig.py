@@ -19,9 +19,13 @@ __all__ = [
     "D2H_SPLIT",
     "DMA_STEP",
     "GATED_COPY_BPS",
+    "GATED_DOWN_MAX",
+    "GATED_DOWN_MIN",
     "GATED_MAX",
     "GATED_MIN",
     "GATED_SLICE",
+    "GATED_UP_MAX",
+    "GATED_UP_MIN",
     "LOOKAHEAD",
     "NT_MIN",
     "PCIE_BPS",
@@ -207,6 +211,23 @@ driver's own path, 0.73-1.02x; this path hands nothing to a Python thread).
 
 GATED_MAX = _env_size("GPUAIO_GATED_MAX", 0)
 """See :data:`GATED_MIN`."""
+
+_BOTH = "GPUAIO_GATED_MAX" in os.environ
+
+GATED_UP_MIN = _env_size("GPUAIO_GATED_UP_MIN", GATED_MIN)
+"""Uploads of ``GATED_UP_MIN``-``GATED_UP_MAX`` bytes are gated: the range of
+``GPUAIO_GATED_MIN``-``GPUAIO_GATED_MAX`` where ``GPUAIO_GATED_MAX`` is set,
+else the default; ``GPUAIO_GATED_UP_MIN``/``_MAX`` set uploads alone."""
+
+GATED_UP_MAX = _env_size("GPUAIO_GATED_UP_MAX", GATED_MAX if _BOTH else 0)
+"""See :data:`GATED_UP_MIN`; 0: no upload is gated."""
+
+GATED_DOWN_MIN = _env_size("GPUAIO_GATED_DOWN_MIN", GATED_MIN)
+"""Downloads of ``GATED_DOWN_MIN``-``GATED_DOWN_MAX`` bytes are gated: as
+:data:`GATED_UP_MIN`, with ``GPUAIO_GATED_DOWN_MIN``/``_MAX``."""
+
+GATED_DOWN_MAX = _env_size("GPUAIO_GATED_DOWN_MAX", GATED_MAX if _BOTH else 0)
+"""See :data:`GATED_DOWN_MIN`; 0: no download is gated."""
 
 GATED_SLICE = _env_size("GPUAIO_GATED_SLICE", 256 << 10)
 """The least slice a copy thread takes of a gated copy's chunk (one slice per
