@@ -532,3 +532,33 @@ async def test_a_gated_copy_that_fails_to_enqueue_hands_back_its_blocks_after_a_
     await s.copy(d, src)
     await s.copy(back, d)
     np.testing.assert_array_equal(back, src)
+
+
+@native_only
+def test_the_gated_tests_hold_with_one_runtime_for_the_session() -> None:
+    """As on CUDA: one runtime for the session, its gated path made at
+    start-up. Run DI's 20 failures were one test's count, then its flags,
+    left in that shared path for the tests after it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "GPUAIO_GATED_MAX": "16M", "GPUAIO_TEST_SIM_RUNTIME": "session"}
+    env["GPUAIO_TEST_BACKEND"] = "sim"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            __file__,
+            "-k",
+            "not one_runtime_for_the_session",
+        ],
+        cwd=os.path.dirname(here),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1], out.stdout

@@ -647,3 +647,65 @@ def test_a_fresh_runtime_is_not_left_current_once_closed(pytester: pytest.Pytest
     )
     result = pytester.runpytest("--gpuaio-backend=sim", *ARGS)
     result.assert_outcomes(passed=2)
+
+
+SIM_RUNTIMES = """
+import pytest
+
+kept = []
+
+
+@pytest.mark.parametrize("k", range(2))
+def test_plain(gpuaio_runtime, k):
+    kept.append(gpuaio_runtime)
+
+
+@pytest.mark.gpuaio_sim_config(devices=2)
+def test_own_config(gpuaio_runtime):
+    kept.append(gpuaio_runtime)
+
+
+def test_after(gpuaio_runtime):
+    kept.append(gpuaio_runtime)
+
+
+def test_which_were_shared():
+    same = [kept[i] is kept[i + 1] for i in range(len(kept) - 1)]
+    print("SHARED", ",".join(str(x) for x in same), "END")
+"""
+
+
+@pytest.mark.parametrize(
+    ("how", "shared"),
+    [
+        ((), "False,False,False"),
+        (("--gpuaio-sim-runtime=test",), "False,False,False"),
+        (("--gpuaio-sim-runtime=session",), "True,False,False"),
+    ],
+)
+def test_simulated_tests_share_a_runtime_only_when_asked(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, how: tuple[str, ...], shared: str
+) -> None:
+    """Per test by default; with ``--gpuaio-sim-runtime=session`` one for the
+    session, as on CUDA, except for a test with a configuration of its own,
+    after which the shared one starts again."""
+    monkeypatch.delenv("GPUAIO_TEST_SIM_RUNTIME", raising=False)
+    pytester.makeini(INI.format(mode="strict"))
+    pytester.makepyfile(test_runtimes=SIM_RUNTIMES)
+    result = pytester.runpytest_subprocess("--gpuaio-backend=sim", "-s", *how, *ARGS)
+    result.assert_outcomes(passed=5)
+    result.stdout.fnmatch_lines([f"*SHARED {shared} END*"])
+
+
+def test_the_shared_simulated_runtime_by_environment(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makeini(INI.format(mode="strict"))
+    pytester.makepyfile(test_runtimes=SIM_RUNTIMES)
+    monkeypatch.setenv("GPUAIO_TEST_SIM_RUNTIME", "session")
+    result = pytester.runpytest_subprocess("--gpuaio-backend=sim", "-s", *ARGS)
+    result.stdout.fnmatch_lines(["*SHARED True,False,False END*"])
+    monkeypatch.setenv("GPUAIO_TEST_SIM_RUNTIME", "always")
+    bad = pytester.runpytest_subprocess("--gpuaio-backend=sim", *ARGS)
+    assert bad.ret != 0
+    bad.stderr.fnmatch_lines(["*GPUAIO_TEST_SIM_RUNTIME must be test or session: 'always'*"])

@@ -147,6 +147,7 @@ from ._backend_choice import (
     _source,
 )
 from ._backend_choice import _cuda_available as _cuda_available
+from ._fixtures import _sim_per_session
 from ._fixtures import gpuaio_backend_name as gpuaio_backend_name
 from ._fixtures import gpuaio_device as gpuaio_device
 from ._fixtures import gpuaio_runtime as gpuaio_runtime
@@ -205,6 +206,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="how long ops may take to finish after a test before they count as leaked",
     )
+    group.addoption(
+        "--gpuaio-sim-runtime",
+        choices=("test", "session"),
+        default=None,
+        help="simulated runtimes: a fresh one per test (default), or one for the session "
+        "as on CUDA, so state one test leaves in the runtime shows in the next; "
+        "default $GPUAIO_TEST_SIM_RUNTIME or test",
+    )
     parser.addini(
         "gpuaio_max_loop_block_ms",
         "watch every async test's event loop with this limit in ms (0 or empty: off)",
@@ -242,6 +251,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(
             f"{_source(config)}=cuda, but CUDA is not usable here: {_no_gpu_reason()}"
         )
+    _sim_per_session(config)  # a bad choice is a usage error now, not one per test
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:

@@ -1,11 +1,13 @@
 """The runtime, device and stream fixtures, and the backend they run on.
 
-``gpuaio_runtime`` is a fresh simulated runtime per test, or the session's one
-CUDA runtime; when the test ends it runs the leak check (``_leakcheck.py``) on it.
+``gpuaio_runtime`` is a fresh simulated runtime per test (or the session's
+one with ``--gpuaio-sim-runtime=session``), or the session's one CUDA
+runtime; when the test ends it runs the leak check (``_leakcheck.py``) on it.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -27,6 +29,16 @@ if TYPE_CHECKING:
     from .._api.runtime import Runtime
 
 _session_runtime: Runtime | None = None
+_session_sim: Runtime | None = None
+
+
+def _sim_per_session(config: pytest.Config) -> bool:
+    """Whether simulated tests share one runtime (``--gpuaio-sim-runtime``)."""
+    choice = config.getoption("--gpuaio-sim-runtime", None)
+    choice = choice or os.environ.get("GPUAIO_TEST_SIM_RUNTIME") or "test"
+    if choice not in ("test", "session"):
+        raise pytest.UsageError(f"GPUAIO_TEST_SIM_RUNTIME must be test or session: {choice!r}")
+    return choice == "session"
 
 
 @pytest.fixture
@@ -43,18 +55,26 @@ def gpuaio_runtime(request: pytest.FixtureRequest, gpuaio_backend_name: str) -> 
     """A runtime on the chosen backend (fresh per test when simulated), leak-checked."""
     from .._api.runtime import _drop_current, use_backend
 
-    global _session_runtime
+    global _session_runtime, _session_sim
     if gpuaio_backend_name == "sim":
         from ..backends.sim import SimBackend, SimConfig
 
         marker = request.node.get_closest_marker("gpuaio_sim_config")
         kwargs: dict[str, Any] = dict(marker.kwargs) if marker else {}
-        rt = use_backend(SimBackend(SimConfig(**kwargs)))
         _session_runtime = None
-        fresh = True
+        # A test with a configuration of its own gets a fresh runtime even
+        # where the session shares one (and the shared one starts again after).
+        fresh = marker is not None or not _sim_per_session(request.config)
+        if fresh:
+            rt = use_backend(SimBackend(SimConfig(**kwargs)))
+        else:
+            if _session_sim is None or _session_sim.closed:
+                _session_sim = use_backend(SimBackend(SimConfig()))
+            rt = _session_sim
     else:
         if not _cuda_available():
             pytest.skip(f"needs a CUDA GPU: {_no_gpu_reason()}")
+        _session_sim = None
         if _session_runtime is None or _session_runtime.closed:
             _session_runtime = use_backend("cuda")
         rt = _session_runtime
