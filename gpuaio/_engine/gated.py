@@ -147,8 +147,8 @@ class GatedCopies:
         path (``GATED_UP_MIN``-``GATED_UP_MAX``, ``GATED_DOWN_MIN``-``GATED_DOWN_MAX``;
         none of a direction whose maximum is 0)."""
         if upload:
-            return 0 < GATED_UP_MIN <= nbytes <= GATED_UP_MAX
-        return 0 < GATED_DOWN_MIN <= nbytes <= GATED_DOWN_MAX
+            return GATED_UP_MIN <= nbytes <= GATED_UP_MAX
+        return GATED_DOWN_MIN <= nbytes <= GATED_DOWN_MAX
 
     def copy(self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo) -> bool:
         """Enqueue ``op`` (a copy from or into pageable memory, of a size

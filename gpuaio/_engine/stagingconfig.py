@@ -212,21 +212,19 @@ driver's own path, 0.73-1.02x; this path hands nothing to a Python thread).
 GATED_MAX = _env_size("GPUAIO_GATED_MAX", 0)
 """See :data:`GATED_MIN`."""
 
-_BOTH = "GPUAIO_GATED_MAX" in os.environ
-
 GATED_UP_MIN = _env_size("GPUAIO_GATED_UP_MIN", GATED_MIN)
-"""Uploads of ``GATED_UP_MIN``-``GATED_UP_MAX`` bytes are gated: the range of
-``GPUAIO_GATED_MIN``-``GPUAIO_GATED_MAX`` where ``GPUAIO_GATED_MAX`` is set,
-else the default; ``GPUAIO_GATED_UP_MIN``/``_MAX`` set uploads alone."""
+"""Uploads of ``GATED_UP_MIN``-``GATED_UP_MAX`` bytes are gated: by default
+the range of ``GPUAIO_GATED_MIN``-``GPUAIO_GATED_MAX`` (both directions);
+``GPUAIO_GATED_UP_MIN``/``_MAX`` set uploads alone."""
 
-GATED_UP_MAX = _env_size("GPUAIO_GATED_UP_MAX", GATED_MAX if _BOTH else 0)
+GATED_UP_MAX = _env_size("GPUAIO_GATED_UP_MAX", GATED_MAX)
 """See :data:`GATED_UP_MIN`; 0: no upload is gated."""
 
 GATED_DOWN_MIN = _env_size("GPUAIO_GATED_DOWN_MIN", GATED_MIN)
 """Downloads of ``GATED_DOWN_MIN``-``GATED_DOWN_MAX`` bytes are gated: as
 :data:`GATED_UP_MIN`, with ``GPUAIO_GATED_DOWN_MIN``/``_MAX``."""
 
-GATED_DOWN_MAX = _env_size("GPUAIO_GATED_DOWN_MAX", GATED_MAX if _BOTH else 0)
+GATED_DOWN_MAX = _env_size("GPUAIO_GATED_DOWN_MAX", GATED_MAX)
 """See :data:`GATED_DOWN_MIN`; 0: no download is gated."""
 
 GATED_SLICE = _env_size("GPUAIO_GATED_SLICE", 256 << 10)

@@ -52,7 +52,8 @@ def gpuaio_backend_name(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def gpuaio_runtime(request: pytest.FixtureRequest, gpuaio_backend_name: str) -> Iterator[Runtime]:
-    """A runtime on the chosen backend (fresh per test when simulated), leak-checked."""
+    """A runtime on the chosen backend (fresh per test when simulated, unless
+    ``--gpuaio-sim-runtime=session``), leak-checked."""
     from .._api.runtime import _drop_current, use_backend
 
     global _session_runtime, _session_sim
@@ -74,7 +75,6 @@ def gpuaio_runtime(request: pytest.FixtureRequest, gpuaio_backend_name: str) -> 
     else:
         if not _cuda_available():
             pytest.skip(f"needs a CUDA GPU: {_no_gpu_reason()}")
-        _session_sim = None
         if _session_runtime is None or _session_runtime.closed:
             _session_runtime = use_backend("cuda")
         rt = _session_runtime
