@@ -211,6 +211,43 @@ async def test_an_upload_behind_a_pending_download_into_its_source_is_not_gated(
     assert late_gated.uploads == taken
 
 
+@pytest.mark.parametrize("up", [True, False], ids=["upload", "download"])
+async def test_a_copy_with_a_progress_callback_is_staged_and_reports_each_chunk(
+    late_gated: GatedCopies, dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch, up: bool
+) -> None:
+    """Gated copies report no chunks (the copy threads run no Python), so a
+    copy asking for progress goes the staged way, which reports each chunk
+    from the stream's host thread; the same copy without a callback is
+    gated, in the same primed path."""
+    monkeypatch.setitem(globals(), "LATE_S", 0.0)
+    n = GATED_MAX  # two chunks: the staged way takes smaller copies to the driver whole
+    late_gated.prepare(dev.ordinal, n)
+    late_gated._pool.reserve(n // 2, 4)
+    s = dev.stream()
+    d = dev.empty(n)
+    host = pattern(n, 13)
+    out = np.zeros(n, np.uint8)
+    if not up:
+        await s.copy(d, host)
+    seen: list[int] = []
+
+    def gated() -> int:
+        return late_gated.uploads if up else late_gated.downloads
+
+    def copy(progress: Any = None) -> gpuaio.Operation:
+        return s.copy(d, host, progress=progress) if up else s.copy(out, d, progress=progress)
+
+    before = gated()
+    await copy(lambda done, total: seen.append(done))
+    assert gated() == before, "a copy with a progress callback was gated"
+    assert len(seen) >= 2 and seen == sorted(seen) and seen[-1] == n, seen
+    await copy()
+    assert gated() == before + 1, "the same copy without one was not gated"
+    if up:
+        await s.copy(out, d)
+    np.testing.assert_array_equal(out, host)
+
+
 async def test_with_every_flag_in_use_uploads_go_the_usual_way(
     late_gated: GatedCopies, dev: gpuaio.Device
 ) -> None:
@@ -296,7 +333,6 @@ async def test_gated_uploads_on_the_copy_threads_are_byte_exact_in_stream_order(
     assert path.gates is not None and path.gates.free == 64
 
 
-@native_only
 @native_only
 async def test_a_gated_download_copies_out_only_after_its_dma(
     dev: gpuaio.Device, gpuaio_runtime: Any, gated_path: GatedCopies | None

@@ -180,9 +180,10 @@ class GatedCopies:
         # it. A download writes its destination once its DMA is done: after
         # the host actions of the streams this one waits for (as a small
         # download's copy-out). Traced copies show their slices on Python
-        # threads.
+        # threads, and a copy with a progress callback reports each chunk
+        # from one: the copy threads run no Python.
         clear = seq.reads_clear() if up else seq.deps_clear()
-        if op._tracer is not None or not clear:
+        if op._tracer is not None or op._progress is not None or not clear:
             return False
         blocks: list[PinnedBlock] = []
         flags: list[int] = []  # per chunk: its flag (a download: its ready word first)
