@@ -669,6 +669,15 @@ def test_after(gpuaio_runtime):
     kept.append(gpuaio_runtime)
 
 
+@pytest.mark.gpuaio_sim_only
+def test_sim_only(gpuaio_runtime):
+    kept.append(gpuaio_runtime)
+
+
+def test_last(gpuaio_runtime):
+    kept.append(gpuaio_runtime)
+
+
 def test_which_were_shared():
     same = [kept[i] is kept[i + 1] for i in range(len(kept) - 1)]
     print("SHARED", ",".join(str(x) for x in same), "END")
@@ -678,22 +687,23 @@ def test_which_were_shared():
 @pytest.mark.parametrize(
     ("how", "shared"),
     [
-        ((), "False,False,False"),
-        (("--gpuaio-sim-runtime=test",), "False,False,False"),
-        (("--gpuaio-sim-runtime=session",), "True,False,False"),
+        ((), "False,False,False,False,False"),
+        (("--gpuaio-sim-runtime=test",), "False,False,False,False,False"),
+        (("--gpuaio-sim-runtime=session",), "True,False,False,False,False"),
     ],
 )
 def test_simulated_tests_share_a_runtime_only_when_asked(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, how: tuple[str, ...], shared: str
 ) -> None:
     """Per test by default; with ``--gpuaio-sim-runtime=session`` one for the
-    session, as on CUDA, except for a test with a configuration of its own,
+    session, as on CUDA, except for a test with a configuration of its own or
+    a sim-only one (its faults and latches stay out of the shared runtime),
     after which the shared one starts again."""
     monkeypatch.delenv("GPUAIO_TEST_SIM_RUNTIME", raising=False)
     pytester.makeini(INI.format(mode="strict"))
     pytester.makepyfile(test_runtimes=SIM_RUNTIMES)
     result = pytester.runpytest_subprocess("--gpuaio-backend=sim", "-s", *how, *ARGS)
-    result.assert_outcomes(passed=5)
+    result.assert_outcomes(passed=7)
     result.stdout.fnmatch_lines([f"*SHARED {shared} END*"])
 
 
@@ -704,7 +714,7 @@ def test_the_shared_simulated_runtime_by_environment(
     pytester.makepyfile(test_runtimes=SIM_RUNTIMES)
     monkeypatch.setenv("GPUAIO_TEST_SIM_RUNTIME", "session")
     result = pytester.runpytest_subprocess("--gpuaio-backend=sim", "-s", *ARGS)
-    result.stdout.fnmatch_lines(["*SHARED True,False,False END*"])
+    result.stdout.fnmatch_lines(["*SHARED True,False,False,False,False END*"])
     monkeypatch.setenv("GPUAIO_TEST_SIM_RUNTIME", "always")
     bad = pytester.runpytest_subprocess("--gpuaio-backend=sim", *ARGS)
     assert bad.ret != 0

@@ -1,8 +1,9 @@
 """The runtime, device and stream fixtures, and the backend they run on.
 
-``gpuaio_runtime`` is a fresh simulated runtime per test (or the session's
-one with ``--gpuaio-sim-runtime=session``), or the session's one CUDA
-runtime; when the test ends it runs the leak check (``_leakcheck.py``) on it.
+``gpuaio_runtime`` is a fresh simulated runtime per test (or, with
+``--gpuaio-sim-runtime=session``, the session's one for every test that could
+run on CUDA too), or the session's one CUDA runtime; when the test ends it
+runs the leak check (``_leakcheck.py``) on it.
 """
 
 from __future__ import annotations
@@ -64,8 +65,14 @@ def gpuaio_runtime(request: pytest.FixtureRequest, gpuaio_backend_name: str) -> 
         kwargs: dict[str, Any] = dict(marker.kwargs) if marker else {}
         _session_runtime = None
         # A test with a configuration of its own gets a fresh runtime even
-        # where the session shares one (and the shared one starts again after).
-        fresh = marker is not None or not _sim_per_session(request.config)
+        # where the session shares one (and the shared one starts again after),
+        # and so does a sim-only test: it never runs on CUDA, and its faults and
+        # latches would be left in the runtime the CUDA-able tests share.
+        fresh = (
+            marker is not None
+            or request.node.get_closest_marker("gpuaio_sim_only") is not None
+            or not _sim_per_session(request.config)
+        )
         if fresh:
             rt = use_backend(SimBackend(SimConfig(**kwargs)))
         else:
