@@ -36,8 +36,11 @@ GATED_TESTS = (
     "tests/test_stream_order.py",
     "tests/test_order_property.py",
     "tests/test_reliability.py",
+    "tests/test_trace.py",
 )
-"""What the compiled session runs again with gated copies on."""
+"""What the compiled session runs again with gated copies on, one simulated
+runtime for the session as on CUDA (the path is primed once, and what one test
+leaves in it shows in the next)."""
 
 
 def _pytest(session: nox.Session, **env: str) -> None:
@@ -69,8 +72,8 @@ def compiled(session: nox.Session) -> None:
     _pytest(session, GPUAIO_EXPECT_COMPILED="1")
     if not session.posargs:
         # Gated copies (gpuaio._engine.gated) are off by default until a GPU
-        # run has measured them: the ordering, staging and copy tests again
-        # with them on, across the whole range they would cover.
+        # run has measured them: the ordering, staging, copy and trace tests
+        # again with them on, across the whole range they would cover.
         session.run(
             "python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
             *GATED_TESTS,
@@ -79,6 +82,7 @@ def compiled(session: nox.Session) -> None:
                 "GPUAIO_EXPECT_COMPILED": "1",
                 "GPUAIO_GATED_MIN": "512K",
                 "GPUAIO_GATED_MAX": "16M",
+                "GPUAIO_TEST_SIM_RUNTIME": "session",
             },
         )  # fmt: skip
 

@@ -185,7 +185,11 @@ def test_reaper_submit_nested_in_its_own_start(monkeypatch: pytest.MonkeyPatch) 
 
     class FinalizerDuringInit(real_thread):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            reaper.submit(lambda: free("nested"))  # as Allocation.__del__ would
+            # Only the reaper's thread, made on the worker: the patch is
+            # process-wide, and other threads (a runtime an earlier test left
+            # running) may be made meanwhile.
+            if threading.current_thread() is worker:
+                reaper.submit(lambda: free("nested"))  # as Allocation.__del__ would
             super().__init__(*args, **kwargs)
 
     worker = real_thread(target=lambda: reaper.submit(lambda: free("outer")), daemon=True)
@@ -215,6 +219,9 @@ def test_reaper_submit_from_its_own_new_thread_before_start_returns(
 
     class FinalizerOnTheNewThread(real_thread):
         def start(self) -> None:
+            if threading.current_thread() is not worker:  # as above: not the reaper's
+                super().start()
+                return
             # As a __del__ run by the collector on the new thread would,
             # before start() returns here.
             other = real_thread(

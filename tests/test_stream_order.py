@@ -387,8 +387,13 @@ def test_no_waiter_is_lost_when_a_sticky_error_follows_a_completion(
 MID = 4 << 20  # above inline_max: a host job (the driver's path, or staged)
 
 
-async def _pending_host_job(s: gpuaio.Stream, op: gpuaio.Operation) -> None:
-    """Until ``op``'s host job is stuck on the stream's thread behind held GPU work."""
+async def _pending_host_job(s: gpuaio.Stream, op: gpuaio.Operation, gated: bool = False) -> None:
+    """Until ``op``'s host job is stuck on the stream's thread behind held GPU
+    work; at once if ``op`` was gated (``gpuaio._engine.gated``: no host job,
+    its copy-out waits in the stream behind the held work)."""
+    if gated:
+        assert not op.done()
+        return
     deadline = time.perf_counter() + 10
     while not s._seq.executor.busy or op.done():
         assert time.perf_counter() < deadline, "the held copy never occupied the host thread"
@@ -438,16 +443,21 @@ async def test_a_small_upload_behind_a_pending_download_reads_what_it_wrote(
     dev: gpuaio.Device,
 ) -> None:
     """A download into pageable memory is a host action that writes: a small
-    upload from that memory behind it must wait for it, as before."""
+    upload from that memory behind it must wait for it, as before. So must
+    one behind a gated download (``GPUAIO_GATED_MAX``, once its path is
+    primed), whose copy-out the copy threads make."""
     s = dev.stream()
     await _warm(s, dev, 4096)
     d_src, d_dst = dev.empty(MID), dev.empty(4096)
     await s.memset(d_src, 0x44)
     host = np.zeros(MID, np.uint8)
+    path = dev._runtime.stager.gated
+    gated_before = path.downloads if path is not None else 0
     release = latch(dev, s)
     try:
         down = s.copy(host, d_src)  # a host job that writes host, stuck behind the hold
-        await _pending_host_job(s, down)
+        gated = path is not None and path.downloads > gated_before
+        await _pending_host_job(s, down, gated)
         up = s.copy(d_dst, host[:4096])  # must read the 0x44s the download writes
         await anyio.sleep(0.02)
         assert not up.done()
