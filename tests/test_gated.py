@@ -248,6 +248,29 @@ async def test_a_copy_with_a_progress_callback_is_staged_and_reports_each_chunk(
     np.testing.assert_array_equal(out, host)
 
 
+async def test_abort_of_a_gated_copy_is_ignored_and_it_completes_whole(
+    late_gated: GatedCopies, dev: gpuaio.Device
+) -> None:
+    """A gated copy is enqueued whole by the call: ``abort()`` records the
+    request (True) and the copy completes normally, every byte in place, as
+    the docs list for operations that can't be stopped once enqueued."""
+    late_gated.prepare(dev.ordinal, SIZE)
+    s = dev.stream()
+    d = dev.empty(SIZE)
+    src = pattern(SIZE, 14)
+    release = latch(dev, s)
+    try:
+        op = s.copy(d, src)
+        assert late_gated.uploads == 1, "the upload was not gated"
+        assert op.abort()
+    finally:
+        release()
+    await op
+    back = np.zeros(SIZE, np.uint8)
+    await s.copy(back, d)
+    np.testing.assert_array_equal(back, src)
+
+
 async def test_with_every_flag_in_use_uploads_go_the_usual_way(
     late_gated: GatedCopies, dev: gpuaio.Device
 ) -> None:
