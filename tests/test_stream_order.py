@@ -387,13 +387,8 @@ def test_no_waiter_is_lost_when_a_sticky_error_follows_a_completion(
 MID = 4 << 20  # above inline_max: a host job (the driver's path, or staged)
 
 
-async def _pending_host_job(s: gpuaio.Stream, op: gpuaio.Operation, gated: bool = False) -> None:
-    """Until ``op``'s host job is stuck on the stream's thread behind held GPU
-    work; at once if ``op`` was gated (``gpuaio._engine.gated``: no host job,
-    its copy-out waits in the stream behind the held work)."""
-    if gated:
-        assert not op.done()
-        return
+async def _pending_host_job(s: gpuaio.Stream, op: gpuaio.Operation) -> None:
+    """Until ``op``'s host job is stuck on the stream's thread behind held GPU work."""
     deadline = time.perf_counter() + 10
     while not s._seq.executor.busy or op.done():
         assert time.perf_counter() < deadline, "the held copy never occupied the host thread"
@@ -456,8 +451,10 @@ async def test_a_small_upload_behind_a_pending_download_reads_what_it_wrote(
     release = latch(dev, s)
     try:
         down = s.copy(host, d_src)  # a host job that writes host, stuck behind the hold
-        gated = path is not None and path.downloads > gated_before
-        await _pending_host_job(s, down, gated)
+        if path is not None and path.downloads > gated_before:
+            assert not down.done()  # gated: no host job, its copy-out waits in the stream
+        else:
+            await _pending_host_job(s, down)
         up = s.copy(d_dst, host[:4096])  # must read the 0x44s the download writes
         await anyio.sleep(0.02)
         assert not up.done()
