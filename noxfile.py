@@ -30,6 +30,7 @@ def tests(session: nox.Session) -> None:
 
 GATED_TESTS = (
     "tests/test_gated.py",
+    "tests/test_direct_upload.py",
     "tests/test_staging.py",
     "tests/test_copy.py",
     "tests/test_ordering.py",
@@ -38,9 +39,9 @@ GATED_TESTS = (
     "tests/test_reliability.py",
     "tests/test_trace.py",
 )
-"""What the compiled session runs again with gated copies on, one simulated
-runtime for the session as on CUDA (the path is primed once, and what one test
-leaves in it shows in the next)."""
+"""What the compiled session runs again with gated copies and direct uploads on,
+one simulated runtime for the session as on CUDA (the gated path is primed
+once, and what one test leaves in it shows in the next)."""
 
 
 def _pytest(session: nox.Session, **env: str) -> None:
@@ -71,9 +72,10 @@ def compiled(session: nox.Session) -> None:
     session.chdir(tree)  # ``python -m pytest`` imports gpuaio from here
     _pytest(session, GPUAIO_EXPECT_COMPILED="1")
     if not session.posargs:
-        # Gated copies (gpuaio._engine.gated) are off by default until a GPU
-        # run has measured them: the ordering, staging, copy and trace tests
-        # again with them on, across the whole range they would cover.
+        # Gated copies (gpuaio._engine.gated) and direct uploads
+        # (stagingconfig.DIRECT_UP_MAX) are off by default until a GPU run has
+        # measured them: the ordering, staging, copy and trace tests again
+        # with them on, across the whole range they would cover.
         session.run(
             "python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
             *GATED_TESTS,
@@ -82,6 +84,7 @@ def compiled(session: nox.Session) -> None:
                 "GPUAIO_EXPECT_COMPILED": "1",
                 "GPUAIO_GATED_MIN": "512K",
                 "GPUAIO_GATED_MAX": "16M",
+                "GPUAIO_DIRECT_UP_MAX": "256K",
                 "GPUAIO_TEST_SIM_RUNTIME": "session",
             },
         )  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
@@ -305,20 +306,37 @@ def _open_latches_left_closed() -> Iterator[None]:
     open_latches()
 
 
+@contextlib.contextmanager
+def fresh_stager(rt: Any) -> Iterator[None]:
+    """Within the block ``rt`` makes a new stager when one is asked for (reading
+    the staging settings from the environment again); the old one is back after."""
+    old = rt.extras.pop("stager", None)
+    try:
+        yield
+    finally:
+        stager = rt.extras.pop("stager", None)
+        if stager is not None:
+            stager.close()
+        if old is not None:
+            rt.extras["stager"] = old
+
+
 @pytest.fixture
 def staged_only(gpuaio_runtime: Any) -> Iterator[Any]:
-    """Mid-size pageable copies go through gpuaio's staging even on an idle
-    stream, not the driver's own path (``driver_max=0``) nor the copy
+    """Pageable copies go through gpuaio's staging even on an idle stream, not
+    the driver's own path (``driver_max=0``, ``direct_up_max=0``) nor the copy
     threads' gated one (``gpuaio._engine.gated``): for tests of the staging
     pipeline itself. Yields the stager."""
     import dataclasses
 
     stager = gpuaio_runtime.stager
-    old, gated = stager.config, stager.gated
+    old, gated, direct = stager.config, stager.gated, stager.direct_up_max
     stager.config = dataclasses.replace(old, driver_max=0)
     stager.gated = None
+    stager.direct_up_max = 0
     try:
         yield stager
     finally:
         stager.config = old
         stager.gated = gated
+        stager.direct_up_max = direct

@@ -415,7 +415,9 @@ rt = gpuaio.use_backend(SimBackend(SimConfig()))
 dev = gpuaio.Device(0)
 d = dev.empty(64 << 10)
 async def small():
-    await dev.stream().copy(d, np.ones(64 << 10, np.uint8))  # leaves its pinned block cached
+    # A download: it leaves its pinned block cached (an upload may be the
+    # driver's, GPUAIO_DIRECT_UP_MAX).
+    await dev.stream().copy(np.ones(64 << 10, np.uint8), d)
 anyio.run(small)
 assert rt.stager.pool.stats().reserved > 0
 s = dev.stream()

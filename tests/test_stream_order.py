@@ -21,7 +21,7 @@ import gpuaio
 from gpuaio._api.device import device_of
 from gpuaio._core.errors import DeviceFatalError
 from gpuaio._engine.staging import Stager
-from tests.conftest import add_one_kernel, latch
+from tests.conftest import add_one_kernel, fresh_stager, latch
 from tests.test_copy import pattern
 
 pytestmark = pytest.mark.anyio
@@ -256,11 +256,9 @@ async def test_stager_error_releases_the_allocation(
     dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch, settings: dict[str, str]
 ) -> None:
     """r15: a copy the stager rejects at the call leaves nothing held: free() frees."""
-    rt = dev._runtime
-    old = rt.extras.pop("stager", None)
     for k, v in settings.items():
         monkeypatch.setenv(k, v)
-    try:
+    with fresh_stager(dev._runtime):
         s = dev.stream()
         d = dev.empty(200 << 10)
         with pytest.raises(gpuaio.InvalidArgumentError):
@@ -270,12 +268,6 @@ async def test_stager_error_releases_the_allocation(
         d.free()
         assert alloc._freed
         await s.aclose()
-    finally:
-        stager = rt.extras.pop("stager", None)
-        if stager is not None:
-            stager.close()
-        if old is not None:
-            rt.extras["stager"] = old
 
 
 async def test_cancelled_awaits_leave_no_waiters(stream: gpuaio.Stream, dev: gpuaio.Device) -> None:

@@ -45,6 +45,7 @@ from .pool import PinnedBlock, PinnedPool, size_class
 from .stagingconfig import (
     D2H_NT_MIN,
     D2H_SPLIT,
+    DIRECT_UP_MAX,
     DMA_STEP,
     GATED_DOWN_MAX,
     GATED_UP_MAX,
@@ -82,6 +83,11 @@ class Stager:
         # non-temporal stores where this install can (stagingconfig.NT_MIN),
         # and downloads of D2H_NT_MIN or more copy their chunks out so.
         nt = nt_copier()
+        self.direct_up_max: int = DIRECT_UP_MAX
+        """Pageable uploads up to this size go to the driver on an idle stream
+        (:data:`~gpuaio._engine.stagingconfig.DIRECT_UP_MAX`); 0: none."""
+        self.direct_uploads: int = 0
+        """Uploads handed to the driver so (for tests and probes)."""
         self._nt: Callable[[int, int, int], None] | None = nt if NT_MIN else None
         self._nt_out: Callable[[int, int, int], None] | None = nt if D2H_NT_MIN else None
         # Mid-size copies gated on the native copy threads (gated.py), in the
@@ -135,6 +141,14 @@ class Stager:
     def copy(self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
         """Schedule ``op`` (a copy with a pageable side) on ``stream``."""
         h2d = s.kind.is_host
+        if h2d and d.nbytes <= self.direct_up_max and self._small_fit and _idle(seq):
+            # The driver stages the source before the call returns; with the
+            # stream idle it has no earlier work to wait for first. Not where
+            # the budget is below a small copy's block: whether a copy is
+            # rejected at the call must not depend on the stream's state.
+            op._est = d.nbytes / PCIE_BPS
+            self.direct_uploads += 1
+            return seq.gpu(op, self.runtime.backend.memcpy_async, d.ptr, s.ptr, d.nbytes)
         gated = self.gated
         if gated is not None and gated.covers(d.nbytes, h2d) and gated.copy(seq, op, d, s):
             return op
@@ -423,6 +437,16 @@ class Stager:
         if copied < n:
             raise OperationAbortedError(f"{op.label}: aborted after {copied} of {n} bytes")
         return False
+
+
+def _idle(seq: Sequencer) -> bool:
+    """Whether ``seq``'s stream has nothing the driver could wait for: no
+    pending gpuaio work (waits on other streams' events included), no host
+    job queued or running, no pending write of host memory, and no other
+    library that may have enqueued on it."""
+    return (
+        not seq.exported and seq.idle and seq.reads_clear() and not seq.engine().pending_on(seq.key)
+    )
 
 
 def _copy_out(dst: int, src: int, nbytes: int) -> None:

@@ -17,6 +17,7 @@ from .pool import parse_size
 __all__ = [
     "D2H_NT_MIN",
     "D2H_SPLIT",
+    "DIRECT_UP_MAX",
     "DMA_STEP",
     "GATED_COPY_BPS",
     "GATED_DOWN_MAX",
@@ -137,6 +138,24 @@ asyncio and 1-9% on uvloop; 64 KiB ones ran 0.97-1.01 as fast (issue 13,
 runs CO and CP), the first poll coming before their DMA had finished. Run
 BW, on slower paths, had found 3-8% at 4-64 KiB on asyncio and up to 4%
 slower at 256 KiB."""
+
+DIRECT_UP_MAX = _env_size("GPUAIO_DIRECT_UP_MAX", 0)
+"""Uploads from pageable memory up to this size are handed to the driver's own
+pageable path (``cuMemcpyAsync`` from the user's buffer) on the calling
+thread, where the stream is idle: none of gpuaio's work on it is pending, no
+host action of it is queued, and no other library may enqueue there (its
+handle was never handed out); 0: none is.
+
+The driver copies a small pageable source into its own staging memory and
+returns, the source reusable; it may first wait for the stream's earlier
+work, which on an idle stream is none. That saves the pinned block, its
+``memmove`` and its hand-back: a 4 KiB pageable upload cost 4-5 us more
+than a pinned one on an H200 host, in gpuaio's code, and the driver's call
+cost the same as a pinned one's (issue 13, runs A, F and DD).
+
+Off until a GPU run has measured it (issue 13, run DN): whether the driver's
+call waits for a busy stream, what it costs by size, and awaited uploads
+with it on and off."""
 
 LOOKAHEAD = int(os.environ.get("GPUAIO_LOOKAHEAD", "2"))
 """Chunks the host threads may be copying at once within one transfer."""
