@@ -109,6 +109,11 @@ def test_the_probe_toggles_gated_copies_on_the_simulator(tmp_path: Path) -> None
     if got["native"]:
         assert [r["bytes"] for r in got["e2e"]] == [64 * KiB, 16 * MiB]
         assert all(r["toggled"] == "gated" for r in got["e2e"])
+        # Every copy of the "on" arm took the path (none did while the probe set
+        # GATED_MIN/_MAX, which the path no longer read).
+        for r in got["e2e"]:
+            assert r["gated_up"] >= r["per_arm"] * r["rounds"], r
+            assert r["gated_down"] >= r["per_arm"] * r["rounds"], r
         assert "gated so far" in stdout
     else:
         assert got["e2e"] == [] and "no gated path" in stdout

@@ -219,8 +219,13 @@ async def e2e_section(
         print(f"e2e: the stager has no {what} in this install", flush=True)
         return []
     if toggle == "gated":
-        # On for every size measured (it is off by default), blocks pinned now.
-        vars(gated_mod).update(GATED_MIN=min(sizes), GATED_MAX=max(sizes))
+        # On for every size measured, both ways (it is off by default), blocks
+        # pinned now. The path reads each direction's range (GATED_UP_*,
+        # GATED_DOWN_*): setting GATED_MIN/_MAX here turned nothing on.
+        lo, hi = min(sizes), max(sizes)
+        vars(gated_mod).update(
+            GATED_UP_MIN=lo, GATED_UP_MAX=hi, GATED_DOWN_MIN=lo, GATED_DOWN_MAX=hi
+        )
         for n in sizes:
             on.prepare(dev.ordinal, n)
     rows = []
@@ -233,6 +238,8 @@ async def e2e_section(
         for _ in range(3):
             await s.copy(d, src)
             await s.copy(back, d)
+        if toggle == "gated":
+            taken = (on.uploads, on.downloads)
         ratios: dict[str, list[float]] = {"h2d": [], "d2h": []}
         times: dict[str, dict[str, list[float]]] = {
             k: {"on": [], "off": []} for k in ("h2d", "d2h")
@@ -257,9 +264,16 @@ async def e2e_section(
         setattr(stager, attr, on)
         if not np.array_equal(back, src):
             raise AssertionError(f"{n} bytes: the round trip is not byte-exact")
+        row: dict[str, Any] = {"bytes": n, "per_arm": per, "rounds": rounds, "toggled": toggle}
         if toggle == "gated":
             print(f"e2e {_fmt(n):>8}: gated so far: {on.uploads} up, {on.downloads} down")
-        row: dict[str, Any] = {"bytes": n, "per_arm": per, "rounds": rounds, "toggled": toggle}
+            # Every "on" copy must have been gated: else the arms compared the same path.
+            row["gated_up"], row["gated_down"] = on.uploads - taken[0], on.downloads - taken[1]
+            if min(row["gated_up"], row["gated_down"]) < per * rounds:
+                raise AssertionError(
+                    f"{n} bytes: {row['gated_up']} uploads and {row['gated_down']} downloads "
+                    f"of the {per * rounds} each way with the path on were gated"
+                )
         for kind in ("h2d", "d2h"):
             row[f"{kind}_ratio"] = round(statistics.median(ratios[kind]), 4)
             row[f"{kind}_nt_faster_rounds"] = sum(x > 1 for x in ratios[kind])
