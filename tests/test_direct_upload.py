@@ -1,5 +1,5 @@
 """Small pageable uploads handed to the driver's own staging on an idle stream
-(``Stager.direct_up_max``, ``GPUAIO_DIRECT_UP_MAX``; off by default).
+(``Stager.direct_up_max``, ``GPUAIO_DIRECT_UP_MAX``; 64 KiB by default).
 
 The simulated driver, like CUDA's, may wait for the stream's earlier work
 before it stages a pageable source (``SimStreams.memcpy_async``): a direct
@@ -47,10 +47,10 @@ def direct(gpuaio_runtime: Any) -> Iterator[Any]:
         stager.direct_up_max = old
 
 
-def test_off_unless_set() -> None:
-    """The default is the setting: 0 (off) where ``GPUAIO_DIRECT_UP_MAX`` is unset."""
+def test_the_limit_is_the_setting_else_64k() -> None:
+    """``GPUAIO_DIRECT_UP_MAX`` where set, else 64 KiB (issue 13, run DN)."""
     raw = os.environ.get("GPUAIO_DIRECT_UP_MAX")
-    assert (parse_size(raw) if raw else 0) == stagingconfig.DIRECT_UP_MAX
+    assert (parse_size(raw) if raw else 64 * KiB) == stagingconfig.DIRECT_UP_MAX
 
 
 @pytest.mark.parametrize("n", [4 * KiB, LIMIT, LIMIT + 1])

@@ -312,9 +312,12 @@ async def test_a_batch_whose_marker_cannot_be_recorded_fails_its_ops(
 ) -> None:
     d = dev.empty(8)
     await _warm(stream, d)
+    # Armed before the ops: a batch's marker is recorded when the batch is
+    # sealed, which the watcher thread may do at once (on an H100, run DL,
+    # it did before the test armed the failure, and both ops completed).
+    records.fail = CudaError("cuEventRecord", 1, "CUDA_ERROR_INVALID_VALUE", "injected")
     a = stream.memset(d[:4], 1)
     b = stream.memset(d[4:], 2)
-    records.fail = CudaError("cuEventRecord", 1, "CUDA_ERROR_INVALID_VALUE", "injected")
     with anyio.fail_after(10):
         with pytest.raises(CudaError, match="injected"):
             await a

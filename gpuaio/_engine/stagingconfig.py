@@ -139,7 +139,7 @@ runs CO and CP), the first poll coming before their DMA had finished. Run
 BW, on slower paths, had found 3-8% at 4-64 KiB on asyncio and up to 4%
 slower at 256 KiB."""
 
-DIRECT_UP_MAX = _env_size("GPUAIO_DIRECT_UP_MAX", 0)
+DIRECT_UP_MAX = _env_size("GPUAIO_DIRECT_UP_MAX", 64 << 10)
 """Uploads from pageable memory up to this size are handed to the driver's own
 pageable path (``cuMemcpyAsync`` from the user's buffer) on the calling
 thread, where the stream is idle: none of gpuaio's work on it is pending, no
@@ -147,15 +147,20 @@ host action of it is queued, and no other library may enqueue there (its
 handle was never handed out); 0: none is.
 
 The driver copies a small pageable source into its own staging memory and
-returns, the source reusable; it may first wait for the stream's earlier
-work, which on an idle stream is none. That saves the pinned block, its
-``memmove`` and its hand-back: a 4 KiB pageable upload cost 4-5 us more
-than a pinned one on an H200 host, in gpuaio's code, and the driver's call
-cost the same as a pinned one's (issue 13, runs A, F and DD).
+returns; CUDA lets it wait for the stream's earlier work first, which on an
+idle stream is none. That saves the pinned block, its ``memmove`` and its
+hand-back: a 4 KiB pageable upload cost 4-7 us more than a pinned one on an
+H200 host, in gpuaio's code (issue 13, runs DD and DJ).
 
-Off until a GPU run has measured it (issue 13, run DN): whether the driver's
-call waits for a busy stream, what it costs by size, and awaited uploads
-with it on and off."""
+64 KiB: on an H100 host (issue 13, run DN, ``tools/direct_upload_probe.py``,
+four processes) the call returned in 8-14 us (p50) at 4-64 KiB on an idle
+stream, and as fast beside another thread's 16 MiB pageable uploads through
+the driver (p99 under 45 us); from 256 KiB it waited for those
+(1.2-2.1 ms p50: the driver's staging memory is shared), which would hold the
+event loop. Awaited 4-64 KiB uploads ran 1.05-1.40x as fast as staged ones,
+toggled per call, about as fast as pinned ones at 4-16 KiB. A busy stream
+did not make the call wait at any size measured (up to 1 MiB); the path
+still requires an idle one, as CUDA does not promise that."""
 
 LOOKAHEAD = int(os.environ.get("GPUAIO_LOOKAHEAD", "2"))
 """Chunks the host threads may be copying at once within one transfer."""
