@@ -30,6 +30,10 @@ def _install(runtime: Any, budget: int, **config: Any) -> Iterator[Stager]:
     old = runtime.stager
     config.setdefault("driver_max", 0)  # these tests are about the pool: always staged
     stager = Stager(runtime, StagingConfig(**config), budget=budget)
+    # Small uploads too: not the driver's own (GPUAIO_DIRECT_UP_MAX). Some of
+    # these tests also hold a stream by its native handle, behind gpuaio's
+    # back, which a direct upload on it would wait for.
+    stager.direct_up_max = 0
     runtime.extras["stager"] = stager
     yield stager
     runtime.extras["stager"] = old
