@@ -31,7 +31,14 @@ SIZES = [4096, SMALL, 8 << 20]  # small, small, staged
 
 
 async def _warm(s: gpuaio.Stream, dev: gpuaio.Device, n: int) -> None:
-    """Leave cached pinned blocks, so small copies take the inline paths."""
+    """Leave cached pinned blocks, so small copies take the inline paths.
+
+    Pinned ahead: a small upload on an idle stream may be the driver's
+    (``GPUAIO_DIRECT_UP_MAX``) and leave no block, and a download that found
+    none goes through the host thread, whose block comes back only once its
+    event has fired."""
+    stager = dev._runtime.stager
+    await anyio.to_thread.run_sync(stager.pool.reserve, n, 2)
     d = dev.empty(n)
     host = np.zeros(n, np.uint8)
     await s.copy(d, host)
