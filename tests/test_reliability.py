@@ -555,6 +555,8 @@ async def test_failed_marker_keeps_small_d2h_block_guarded(gpuaio_runtime: Any) 
     s1, s2 = dev.stream(), dev.stream()
     src = dev.empty(n)
     await s1.memset(src, 0x11)
+    # Pinned ahead: the small uploads below may be the driver's and leave no block.
+    await anyio.to_thread.run_sync(rt.stager.pool.reserve, n, 2)
     for s in (s1, s2):  # leave cached pinned blocks: small copies then take them inline
         await s.copy(np.empty(n, np.uint8), src)
         await s.copy(dev.empty(n), np.empty(n, np.uint8))
