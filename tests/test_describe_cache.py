@@ -51,6 +51,33 @@ def test_only_pageable_answers_are_kept_and_the_map_is_bounded(
     assert len(_describe._pageable) <= 8
 
 
+def test_a_pinned_allocation_ends_every_pageable_entry(
+    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pageable address, once freed, may come back as pinned memory gpuaio
+    allocates (the whole-session GPU suite met it: a pinned array exported
+    through DLPack classified pageable). Made to happen here: after a pinned
+    allocation the driver calls the cached address pinned, and describe asks
+    it again instead of answering from the cache."""
+    rt = gpuaio_runtime
+    _describe._invalidate()
+    a = np.ones(4096, np.uint8)
+    assert describe(a, rt).kind is gpuaio.MemoryKind.PAGEABLE  # now cached
+    real = rt.backend.pointer_info
+    pinned = gpuaio.pinned_empty(16)
+    addr, now = a.ctypes.data, pinned.ctypes.data
+
+    def reused(ptr: int) -> Any:
+        return real(now if ptr == addr else ptr)
+
+    monkeypatch.setattr(rt.backend, "pointer_info", reused)
+    try:
+        assert describe(a, rt).kind is gpuaio.MemoryKind.PINNED
+    finally:
+        monkeypatch.undo()
+        del pinned
+
+
 async def test_registering_a_classified_array_changes_its_path(dev: gpuaio.Device) -> None:
     """Classified pageable, then registered: the next copy goes direct (no
     staging); unregistered: staged again. Data exact throughout."""

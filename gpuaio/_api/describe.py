@@ -30,6 +30,7 @@ from .memory import (
     DeviceArray,
     _is_c_contiguous,
     _PinnedBlock,
+    host_generation,
 )
 
 if TYPE_CHECKING:
@@ -94,9 +95,9 @@ def _registry(runtime: Runtime) -> _Registry:
     return reg
 
 
-_generation = [0]
-"""Bumped whenever a host range's kind may have changed (registration, forget):
-every cached classification made before it is stale."""
+_generation = host_generation
+"""Bumped whenever a host range's kind may have changed (a pinned allocation,
+registration, forget): every cached classification made before it is stale."""
 
 
 def _invalidate() -> None:
@@ -108,10 +109,11 @@ _pageable: dict[int, tuple[int, int]] = {}
 
 ``cuPointerGetAttributes`` is a driver call per copy otherwise. Only the
 pageable answer is kept by address, because only it is safe to keep stale:
-a range stops being pageable only when it is page-locked, through
-:func:`gpuaio.register_host` (which starts a new generation) or by another
-library, and then a stale entry sends pinned memory through staging, which is
-correct, only slower. Pinned, device and managed answers are asked for every
+a range stops being pageable only when it is page-locked: through
+:func:`gpuaio.register_host` or by gpuaio's own pinned allocations (a freed
+pageable address may come back pinned), which start a new generation, or by
+another library, and then a stale entry sends pinned memory through staging,
+which is correct, only slower. Pinned, device and managed answers are asked for every
 time. No lock: single dict operations are atomic. Nothing here refers to the
 user's arrays (a weak reference would stop ``ndarray.resize``).
 """

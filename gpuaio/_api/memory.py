@@ -94,6 +94,7 @@ class Allocation:
             ptr = be.mem_alloc_managed(device, size)
         elif kind is MemoryKind.PINNED:
             ptr = be.host_alloc(size)
+            host_generation[0] += 1
         else:
             raise InvalidArgumentError(f"gpuaio does not allocate {kind.value} memory")
         return cls(runtime, ptr, nbytes, kind, device)
@@ -168,6 +169,12 @@ class Allocation:
 
 _SIZE_LIMIT = 1 << 64
 """Sizes and addresses the driver takes are ``size_t``: every one is below this."""
+
+host_generation = [0]
+"""Bumped whenever a host range's kind may have changed: gpuaio page-locked
+memory (whose addresses may be those of pageable memory freed before) or a
+registration changed. Classifications of host addresses cached before it
+are stale (:mod:`gpuaio._api.describe`)."""
 
 
 def _alloc_size(dims: tuple[int, ...], dtype: np.dtype[Any]) -> int:
