@@ -211,15 +211,16 @@ async def e2e_section(
     # What is toggled: the uploads' non-temporal copy (``_nt``), the
     # downloads' (``_nt_out``), or the gated path (``gated``, both ways).
     attr = {"h2d": "_nt", "d2h": "_nt_out", "gated": "gated"}[toggle]
+    direct_up_max = stager.direct_up_max
     if toggle == "gated":
-        stager.make_gated()  # off by default: no path unless made
+        stager.make_gated()  # none where GPUAIO_GATED_MAX=0 turned it off
     on = getattr(stager, attr)
     if on is None:
         what = "gated path" if toggle == "gated" else "non-temporal copy"
         print(f"e2e: the stager has no {what} in this install", flush=True)
         return []
     if toggle == "gated":
-        # On for every size measured, both ways (it is off by default), blocks
+        # On for every size measured, both ways (past its default ranges), blocks
         # pinned now. The path reads each direction's range (GATED_UP_*,
         # GATED_DOWN_*): setting GATED_MIN/_MAX here turned nothing on.
         lo, hi = min(sizes), max(sizes)
@@ -250,6 +251,10 @@ async def e2e_section(
                 med: dict[str, float] = {}
                 for arm in order:
                     setattr(stager, attr, on if arm == "on" else None)
+                    if toggle == "gated":
+                        # Direct uploads come first on an idle stream: the "on"
+                        # arm turns them off, so that its uploads are gated.
+                        stager.direct_up_max = 0 if arm == "on" else direct_up_max
                     xs = []
                     for _ in range(per):
                         t0 = clock()
@@ -262,6 +267,7 @@ async def e2e_section(
                     times[kind][arm].append(med[arm] * 1e6)
                 ratios[kind].append(med["off"] / med["on"])
         setattr(stager, attr, on)
+        stager.direct_up_max = direct_up_max
         if not np.array_equal(back, src):
             raise AssertionError(f"{n} bytes: the round trip is not byte-exact")
         row: dict[str, Any] = {"bytes": n, "per_arm": per, "rounds": rounds, "toggled": toggle}
