@@ -39,9 +39,10 @@ GATED_TESTS = (
     "tests/test_reliability.py",
     "tests/test_trace.py",
 )
-"""What the compiled session runs again with gated copies on and direct uploads
-up to 256 KiB, one simulated runtime for the session as on CUDA (the gated path
-is primed once, and what one test leaves in it shows in the next)."""
+"""What the compiled session runs again with gated copies on from 512 KiB to
+16 MiB both ways and direct uploads up to 256 KiB, one simulated runtime for
+the session as on CUDA (the gated path is primed once, and what one test
+leaves in it shows in the next)."""
 
 
 def _pytest(session: nox.Session, **env: str) -> None:
@@ -72,10 +73,10 @@ def compiled(session: nox.Session) -> None:
     session.chdir(tree)  # ``python -m pytest`` imports gpuaio from here
     _pytest(session, GPUAIO_EXPECT_COMPILED="1")
     if not session.posargs:
-        # Gated copies (gpuaio._engine.gated) are off by default until a GPU
-        # run has passed the whole suite with them, and direct uploads
-        # (stagingconfig.DIRECT_UP_MAX) are on up to 64 KiB: the ordering,
-        # staging, copy and trace tests again with both on over a wider range.
+        # Gated copies (gpuaio._engine.gated) are on by default for uploads of
+        # 2-8 MiB and downloads of 6-16 MiB, and direct uploads
+        # (stagingconfig.DIRECT_UP_MAX) up to 64 KiB: the ordering, staging,
+        # copy and trace tests again with both on over wider ranges.
         session.run(
             "python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
             *GATED_TESTS,

@@ -29,7 +29,7 @@ import gpuaio
 from gpuaio._engine import gated as gated_mod
 from gpuaio._engine import nativecopy
 from gpuaio._engine.gated import GatedCopies
-from tests.conftest import latch
+from tests.conftest import fresh_stager, latch
 from tests.test_copy import pattern
 
 pytestmark = pytest.mark.anyio
@@ -497,12 +497,18 @@ def _gated_settings(env: dict[str, str]) -> list[int]:
 
 
 def test_the_gated_ranges_follow_their_settings() -> None:
-    """``GPUAIO_GATED_MIN``/``_MAX`` set both directions; ``GPUAIO_GATED_UP_*``
-    and ``GPUAIO_GATED_DOWN_*`` one each, over the defaults or over both."""
+    """``GPUAIO_GATED_MIN``/``_MAX`` set both directions (512 KiB-16 MiB where
+    one is set alone); ``GPUAIO_GATED_UP_*`` and ``GPUAIO_GATED_DOWN_*`` one
+    each, over the defaults or over both. Unset: the ranges run DL measured,
+    uploads 2-8 MiB and downloads 6-16 MiB."""
     from gpuaio._engine import stagingconfig
 
     default = _gated_settings({})
+    assert default == [2 * MiB, 8 * MiB, 6 * MiB, 16 * MiB]
     assert _gated_settings({"GPUAIO_GATED_MAX": "16M"}) == [512 << 10, 16 * MiB] * 2
+    assert _gated_settings({"GPUAIO_GATED_MIN": "1M"}) == [MiB, 16 * MiB] * 2
+    assert _gated_settings({"GPUAIO_GATED_MAX": "0"}) == [512 << 10, 0] * 2
+    assert _gated_settings({"GPUAIO_GATED_DOWN_MAX": "0"}) == [*default[:2], 6 * MiB, 0]
     assert (
         _gated_settings({"GPUAIO_GATED_MIN": "1M", "GPUAIO_GATED_MAX": "8M"})
         == [
@@ -524,24 +530,33 @@ def test_the_gated_ranges_follow_their_settings() -> None:
         ]
 
 
-def test_off_by_default_no_pageable_copy_asks_a_gated_path(gpuaio_runtime: Any) -> None:
-    """With both directions off the stager has no path at all (so no copy
-    checks its range); ``make_gated`` makes one where the native threads are."""
+def test_the_stager_has_a_gated_path_where_a_range_is_on(gpuaio_runtime: Any) -> None:
+    """On by default (run DL's ranges): the runtime's stager has the path
+    where the install has the native copy threads, and none where it has not."""
     from gpuaio._engine import stagingconfig
 
-    stager = gpuaio_runtime.stager
-    if stagingconfig.GATED_UP_MAX or stagingconfig.GATED_DOWN_MAX:
-        assert (stager.gated is not None) == gpuaio_runtime.host.native
-        return
-    assert stager.gated is None
-    path = stager.make_gated()
-    try:
+    if not (stagingconfig.GATED_UP_MAX or stagingconfig.GATED_DOWN_MAX):
+        pytest.skip("GPUAIO_GATED_*MAX turned both directions off")
+    assert (gpuaio_runtime.stager.gated is not None) == gpuaio_runtime.host.native
+
+
+@pytest.mark.patches_compiled
+def test_with_both_directions_off_no_pageable_copy_asks_a_gated_path(
+    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With both directions off (``GPUAIO_GATED_MAX=0``) a new stager has no
+    path at all (so no copy checks its range); ``make_gated`` makes one where
+    the native threads are."""
+    from gpuaio._engine import staging
+
+    monkeypatch.setattr(staging, "GATED_UP_MAX", 0)
+    monkeypatch.setattr(staging, "GATED_DOWN_MAX", 0)
+    with fresh_stager(gpuaio_runtime):
+        stager = gpuaio_runtime.stager
+        assert stager.gated is None
+        path = stager.make_gated()
         assert (path is not None) == gpuaio_runtime.host.native
         assert stager.make_gated() is path  # made once
-    finally:
-        if path is not None:
-            path.close()
-        stager.gated = None
 
 
 async def test_a_gated_copy_that_fails_to_enqueue_hands_back_its_blocks_after_a_drain(
@@ -615,7 +630,8 @@ def test_the_gated_tests_hold_with_one_runtime_for_the_session() -> None:
             "no:cacheprovider",
             __file__,
             "-k",
-            "not one_runtime_for_the_session",
+            # (and not the test that patches the compiled stager, skipped here)
+            "not one_runtime_for_the_session and not both_directions_off",
         ],
         cwd=os.path.dirname(here),
         env=env,

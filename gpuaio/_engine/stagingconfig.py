@@ -219,36 +219,47 @@ at 16 MiB: 256 MiB is where the rule the run was judged by (every size from
 there up at least 0.97x, one at least 1.03x, in each of four processes)
 starts."""
 
+_GATED_BOTH = any(os.environ.get(k) for k in ("GPUAIO_GATED_MIN", "GPUAIO_GATED_MAX"))
+
 GATED_MIN = _env_size("GPUAIO_GATED_MIN", 512 << 10)
-"""Copies between the GPU and pageable memory of ``GATED_MIN``-``GATED_MAX``
-bytes, either way, go through their pinned blocks by the native copy
-threads while their stream waits on flags the threads set, and the threads
-on words the stream sets (:mod:`gpuaio._engine.gated`), where the install
-has those threads and ``GATED_MAX`` is not 0.
+"""With ``GPUAIO_GATED_MIN`` or ``GPUAIO_GATED_MAX`` set, copies between the
+GPU and pageable memory of ``GATED_MIN``-``GATED_MAX`` bytes, either way, are
+gated: they go through their pinned blocks by the native copy threads while
+their stream waits on flags the threads set, and the threads on words the
+stream sets (:mod:`gpuaio._engine.gated`), where the install has those
+threads. ``GPUAIO_GATED_MAX=0`` turns the path off.
 
-Off by default (``GATED_MAX`` 0) until a GPU run has measured it against the
-paths those sizes take now (issue 13: run DH found a 1 MiB upload handed to
-a host thread 2.4-2.7x slower than one staged on the loop, and 4 MiB ones
-staged through the native threads by a host thread at best as fast as the
-driver's own path, 0.73-1.02x; this path hands nothing to a Python thread).
-``GPUAIO_GATED_MAX=16M`` turns it on for its intended range."""
+Unset, each direction has its own measured range (:data:`GATED_UP_MIN`,
+:data:`GATED_DOWN_MIN`)."""
 
-GATED_MAX = _env_size("GPUAIO_GATED_MAX", 0)
+GATED_MAX = _env_size("GPUAIO_GATED_MAX", 16 << 20)
 """See :data:`GATED_MIN`."""
 
-GATED_UP_MIN = _env_size("GPUAIO_GATED_UP_MIN", GATED_MIN)
-"""Uploads of ``GATED_UP_MIN``-``GATED_UP_MAX`` bytes are gated: by default
-the range of ``GPUAIO_GATED_MIN``-``GPUAIO_GATED_MAX`` (both directions);
-``GPUAIO_GATED_UP_MIN``/``_MAX`` set uploads alone."""
+GATED_UP_MIN = _env_size("GPUAIO_GATED_UP_MIN", GATED_MIN if _GATED_BOTH else 2 << 20)
+"""Uploads of ``GATED_UP_MIN``-``GATED_UP_MAX`` bytes are gated; by default
+2-8 MiB. ``GPUAIO_GATED_UP_MIN``/``_MAX`` set uploads alone, over
+``GPUAIO_GATED_MIN``/``_MAX``.
 
-GATED_UP_MAX = _env_size("GPUAIO_GATED_UP_MAX", GATED_MAX)
+Measured (issue 13, run DL, H100, compiled install): in ``transfers.py``,
+gated against the usual path over three rounds, awaited pageable uploads ran
+1.75x as fast at 2 MiB, 2.20x at 4 MiB, 1.57x at 8 MiB, 1.30x at 12 MiB and
+1.12x at 16 MiB (medians). The rule written before the run kept a size
+where every round was faster, the median by at least 1.05x, and
+``tools/nt_probe.py --toggle gated`` agreed: uploads kept 2-8 MiB (12 and
+16 MiB failed the probe). Run DO then passed the whole GPU suite with these
+ranges on."""
+
+GATED_UP_MAX = _env_size("GPUAIO_GATED_UP_MAX", GATED_MAX if _GATED_BOTH else 8 << 20)
 """See :data:`GATED_UP_MIN`; 0: no upload is gated."""
 
-GATED_DOWN_MIN = _env_size("GPUAIO_GATED_DOWN_MIN", GATED_MIN)
-"""Downloads of ``GATED_DOWN_MIN``-``GATED_DOWN_MAX`` bytes are gated: as
-:data:`GATED_UP_MIN`, with ``GPUAIO_GATED_DOWN_MIN``/``_MAX``."""
+GATED_DOWN_MIN = _env_size("GPUAIO_GATED_DOWN_MIN", GATED_MIN if _GATED_BOTH else 6 << 20)
+"""Downloads of ``GATED_DOWN_MIN``-``GATED_DOWN_MAX`` bytes are gated; by
+default 6-16 MiB: as :data:`GATED_UP_MIN`, with
+``GPUAIO_GATED_DOWN_MIN``/``_MAX``. Run DL: downloads 1.14-1.86x at 2-16 MiB
+(medians); the rule kept 2 MiB and 6-16 MiB, and the range is the run of
+kept sizes that holds 16 MiB."""
 
-GATED_DOWN_MAX = _env_size("GPUAIO_GATED_DOWN_MAX", GATED_MAX)
+GATED_DOWN_MAX = _env_size("GPUAIO_GATED_DOWN_MAX", GATED_MAX if _GATED_BOTH else 16 << 20)
 """See :data:`GATED_DOWN_MIN`; 0: no download is gated."""
 
 GATED_SLICE = _env_size("GPUAIO_GATED_SLICE", 256 << 10)
