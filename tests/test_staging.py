@@ -306,6 +306,13 @@ async def test_a_small_copy_after_a_large_one_pins_a_block_of_its_own_size(
     for i, src in enumerate(srcs):
         if direction == "h2d":
             expect = src.copy()
+            if i:
+                # The readback before ran on the stream's host thread, which
+                # counts its job done just after the op it resolved: until
+                # then the upload would go there too (a CI failure, trio).
+                with anyio.fail_after(10):
+                    while not (s._seq.idle and s._seq.reads_clear()):  # noqa: ASYNC110
+                        await anyio.sleep(0.001)
             op = s.copy(d, src)
             if i:
                 # Staged at the call, on this thread: the source is read already.
