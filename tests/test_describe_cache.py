@@ -55,8 +55,9 @@ def test_a_pinned_allocation_ends_every_pageable_entry(
     gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A pageable address, once freed, may come back as pinned memory gpuaio
-    allocates (the whole-session GPU suite met it: a pinned array exported
-    through DLPack classified pageable). Made to happen here: after a pinned
+    allocates (the compiled suite with one simulated runtime for the session
+    met it: a pinned array exported through DLPack classified pageable).
+    Made to happen here: after a pinned
     allocation the driver calls the cached address pinned, and describe asks
     it again instead of answering from the cache."""
     rt = gpuaio_runtime
