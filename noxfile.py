@@ -74,7 +74,7 @@ def compiled(session: nox.Session) -> None:
     _pytest(session, GPUAIO_EXPECT_COMPILED="1")
     if not session.posargs:
         # Gated copies (gpuaio._engine.gated) are on by default for uploads of
-        # 2-8 MiB and downloads of 6-16 MiB, and direct uploads
+        # 2-8 MiB and downloads of 2-16 MiB, and direct uploads
         # (stagingconfig.DIRECT_UP_MAX) up to 64 KiB: the ordering, staging,
         # copy and trace tests again with both on over wider ranges.
         session.run(
