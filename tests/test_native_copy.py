@@ -10,6 +10,7 @@ session): elsewhere these tests skip, and the Python copy threads, which
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import threading
@@ -357,3 +358,116 @@ async def test_staged_copies_write_with_non_temporal_stores_from_their_threshold
             assert all(flags), f"a {n}-byte download: {flags}"
             staged = n > stager.config.driver_max
             assert not staged or here or flags, f"a {n}-byte download was staged plainly"
+
+
+def test_the_small_host_copy_is_native_byte_exact_and_checks_its_arguments() -> None:
+    """Staging's small copies on the calling thread (a download's copy-out, an
+    upload's source into its block) call the extension's ``copy``, not
+    ``ctypes.memmove``: memmove's semantics, overlap included, every byte
+    in place and none outside, and bad arguments refused at the call."""
+    copy = nativecopy.host_copier()
+    assert copy is not ctypes.memmove, "a compiled install should have the native host copy"
+    assert staging._copy_small is copy, "staging does not use the native host copy"
+    for n in [0, 1, 15, 4095, 4096, 64 * 1024, 64 * 1024 + 1, MiB + 17]:
+        for dst_off, src_off in [(0, 0), (1, 3), (8, 0)]:
+            src = pattern(n + src_off + 1, n + 7)
+            dst = np.full(n + dst_off + 64, 0xA5, np.uint8)
+            assert copy(dst.ctypes.data + dst_off, src.ctypes.data + src_off, n) is None
+            assert np.array_equal(dst[dst_off : dst_off + n], src[src_off : src_off + n]), n
+            assert (dst[:dst_off] == 0xA5).all() and (dst[dst_off + n :] == 0xA5).all(), (
+                f"a {n}-byte copy wrote outside its destination"
+            )
+    # Overlapping ranges, both ways, as memmove.
+    for shift in (10, -10):
+        buf = pattern(1000, 3)
+        want = buf.copy()
+        lo = max(0, -shift)
+        want[lo + shift : lo + shift + 500] = buf[lo : lo + 500]
+        copy(buf.ctypes.data + lo + shift, buf.ctypes.data + lo, 500)
+        assert np.array_equal(buf, want), f"an overlapping copy (shift {shift}) is not memmove's"
+    buf = np.zeros(8, np.uint8)
+    with pytest.raises(TypeError):
+        copy(buf.ctypes.data, buf.ctypes.data)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        copy(buf.ctypes.data, "src", 8)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="negative"):
+        copy(buf.ctypes.data, buf.ctypes.data, -1)
+    with pytest.raises(ValueError, match="null"):
+        copy(0, buf.ctypes.data, 8)
+    copy(0, 0, 0)  # nothing to copy: no address is read
+
+
+def test_a_large_host_copy_lets_other_threads_run() -> None:
+    """Above 64 KiB the native host copy releases the GIL, as ``ctypes.memmove``
+    did: another Python thread runs while the bytes move. (Below it keeps the
+    GIL: a memmove of microseconds costs less than handing the GIL over.)
+
+    The other thread gives the GIL up after each timestamp, and a switch
+    interval of 100 s keeps this one from being made to give it up between
+    its two timestamps (with the usual 5 ms, the request to drop it comes
+    due during a copy that holds it, and is granted as the copy returns): a
+    timestamp between them means the copy released it, never chance. On a
+    loaded machine the other thread may miss a copy of a few milliseconds,
+    so up to 20 are tried."""
+    copy = nativecopy.host_copier()
+    n = 64 * MiB
+    src, dst = pattern(n, 5), np.zeros(n, np.uint8)
+    d_ptr, s_ptr = dst.ctypes.data, src.ctypes.data
+    stamps: list[float] = []
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+            time.sleep(0)  # gives the GIL up
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(100.0)
+    t = threading.Thread(target=spin)
+    t.start()
+    inside = 0
+    try:
+        for _ in range(20):
+            seen = len(stamps)
+            t0 = time.perf_counter()
+            copy(d_ptr, s_ptr, n)
+            t1 = time.perf_counter()
+            inside = sum(1 for x in stamps[seen:] if t0 < x < t1)
+            if inside:
+                break
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(interval)
+    assert np.array_equal(dst, src)
+    assert inside, "no other thread ran during any of 20 copies of 64 MiB: the GIL was held"
+
+
+@pytest.mark.anyio
+async def test_small_staged_copies_go_through_the_native_host_copy(
+    dev: gpuaio.Device, gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small upload staged on the calling thread and a small download's
+    copy-out both call the native host copy: byte-exact both ways."""
+    calls: list[int] = []
+    real = staging._copy_small
+
+    def spy(dst: int, src: int, nbytes: int) -> object:
+        calls.append(nbytes)
+        return real(dst, src, nbytes)
+
+    monkeypatch.setattr(staging, "_copy_small", spy)
+    # Not the driver's own path for the upload (an idle stream's small ones).
+    monkeypatch.setattr(gpuaio_runtime.stager, "direct_up_max", 0)
+    s = dev.stream()
+    n = 4096
+    d = dev.empty(n)
+    for i in range(50):  # the first copy of a size may pin its block on another thread
+        src, back = pattern(n, i), np.zeros(n, np.uint8)
+        calls.clear()
+        await s.copy(d, src)
+        await s.copy(back, d)
+        assert np.array_equal(back, src), f"round trip {i} is not byte-exact"
+        if calls == [n, n]:
+            break
+    assert calls == [n, n], f"the native host copy saw {calls}, not the upload and the copy-out"

@@ -40,7 +40,7 @@ from .buffers import BufferInfo
 from .eventcache import EventCache
 from .gated import GatedCopies
 from .hostwork import HostPool, SlicedCopy
-from .nativecopy import NativeCopy, nt_copier
+from .nativecopy import NativeCopy, host_copier, nt_copier
 from .pool import PinnedBlock, PinnedPool, size_class
 from .stagingconfig import (
     D2H_NT_MIN,
@@ -62,6 +62,10 @@ if TYPE_CHECKING:
     from .services import Services
 
 __all__ = ["Stager", "StagingConfig"]
+
+_copy_small: Callable[[int, int, int], object] = host_copier()
+"""A small copy between host addresses on the calling thread (no ctypes call
+where the install has the native extension: ``host_copier``)."""
 
 
 class Stager:
@@ -231,7 +235,7 @@ class Stager:
             if nt is not None and n >= NT_MIN:
                 nt(block.ptr, s.ptr, n)
             else:
-                ctypes.memmove(block.ptr, s.ptr, n)
+                _copy_small(block.ptr, s.ptr, n)
         except BaseException as exc:
             self.pool.release(block)
             op._resolve(exc)
@@ -451,7 +455,7 @@ def _idle(seq: Sequencer) -> bool:
 
 def _copy_out(dst: int, src: int, nbytes: int) -> None:
     """A small download's completion step: its block into the destination."""
-    ctypes.memmove(dst, src, nbytes)
+    _copy_small(dst, src, nbytes)
 
 
 def _settle(op: Operation, pool: PinnedPool, guards: list[tuple[PinnedBlock, int]]) -> None:
