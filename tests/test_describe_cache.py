@@ -57,9 +57,9 @@ def test_a_pinned_allocation_ends_every_pageable_entry(
     """A pageable address, once freed, may come back as pinned memory gpuaio
     allocates (the compiled suite with one simulated runtime for the session
     met it: a pinned array exported through DLPack classified pageable).
-    Made to happen here: after a pinned
-    allocation the driver calls the cached address pinned, and describe asks
-    it again instead of answering from the cache."""
+    Made to happen here: after a pinned allocation the driver calls the
+    cached address pinned, and describe asks it again instead of answering
+    from the cache."""
     rt = gpuaio_runtime
     _describe._invalidate()
     a = np.ones(4096, np.uint8)

@@ -115,7 +115,7 @@ class Operation:
         self._allocs: Sequence[InUse] | None = None
         """gpuaio allocations the op uses, each acquired once (``_track``): released
         as the op completes, after its callbacks (cheaper than a callback each)."""
-        self._complete: Callable[[], None] | None = None
+        self._complete: Callable[[], object] | None = None  # its result is ignored
         self._abort = False
         self._retrieved = False  # whether anyone saw the error (await, exception())
         self._est = 0.0  # expected GPU time in seconds, 0 if unknown

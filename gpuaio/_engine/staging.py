@@ -249,8 +249,8 @@ class Stager:
     ) -> Operation:
         """DMA into a pinned block; the copy-out is the op's completion step."""
         n = d.nbytes
-        # The op keeps the destination alive.
-        op._complete = functools.partial(_copy_out, d.ptr, block.ptr, n)
+        # The op keeps the destination alive. The copy-out: block -> destination.
+        op._complete = functools.partial(_copy_small, d.ptr, block.ptr, n)
         op._add_done_callback(functools.partial(self.pool.release, block))
         seq.gpu(op, self.runtime.backend.memcpy_async, block.ptr, s.ptr, n)
         seq.note_copy_out(op)
@@ -451,11 +451,6 @@ def _idle(seq: Sequencer) -> bool:
     return (
         not seq.exported and seq.idle and seq.reads_clear() and not seq.engine().pending_on(seq.key)
     )
-
-
-def _copy_out(dst: int, src: int, nbytes: int) -> None:
-    """A small download's completion step: its block into the destination."""
-    _copy_small(dst, src, nbytes)
 
 
 def _settle(op: Operation, pool: PinnedPool, guards: list[tuple[PinnedBlock, int]]) -> None:
