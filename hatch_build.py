@@ -41,9 +41,13 @@ COMPILED = (
 nothing (tests included) patches or subclasses from outside. Keep in step
 with ``gpuaio._core.compiled.MODULES``."""
 
-NATIVE = ("gpuaio._engine._copythreads", "gpuaio/_engine/_copythreads.c")
-"""The copy threads that never take the GIL (``gpuaio._engine.nativecopy``):
-C, built beside the compiled modules where the platform has pthreads."""
+NATIVE = (
+    ("gpuaio._engine._copythreads", "gpuaio/_engine/_copythreads.c"),
+    ("gpuaio.backends.cuda._fastcalls", "gpuaio/backends/cuda/_fastcalls.c"),
+)
+"""C, built beside the compiled modules on POSIX platforms: the copy threads
+that never take the GIL (``gpuaio._engine.nativecopy``, pthreads), and the
+hot path's driver calls (``gpuaio.backends.cuda._fast``)."""
 
 # The type check mypyc bases its code on. The source is checked strictly in
 # CI (mypy --strict, pyright); here stubs of whatever the build environment
@@ -83,8 +87,8 @@ def compile_in_place(root: Path, work: Path) -> list[Path]:
         if os.name == "posix":
             from setuptools import Extension
 
-            name, source = NATIVE
-            extensions.append(Extension(name, [source], extra_compile_args=["-O2"]))
+            for name, source in NATIVE:
+                extensions.append(Extension(name, [source], extra_compile_args=["-O2"]))
         dist = Distribution({"name": "gpuaio", "ext_modules": extensions})
         build = dist.get_command_obj("build_ext")
         build.build_temp = str(work / "obj")

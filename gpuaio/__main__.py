@@ -119,6 +119,7 @@ def describe_setup() -> dict[str, Any]:
         "completion": rt.strategy,
         "compiled": compiled_modules(),
         "native_copy_threads": nativecopy.available(),
+        "fast_driver_calls": bool(getattr(be, "fast_driver_calls", False)),
         "devices": devices,
         "memory_kinds": {k: gpuaio.memory_kind(v).value for k, v in samples.items()},
     }
@@ -140,6 +141,8 @@ def info(as_json: bool = False) -> int:
     print(f"hot path: {hot_path}")
     threads = "native (no GIL)" if setup["native_copy_threads"] else "Python"
     print(f"staging copy threads: {threads}")
+    calls = "direct (C)" if setup["fast_driver_calls"] else "through cuda.bindings"
+    print(f"hot-path driver calls: {calls}")
     for d in setup["devices"]:
         cc = d["compute_capability"]
         print(

@@ -83,8 +83,13 @@ def test_a_compiled_build_runs_every_module_compiled() -> None:
     assert nativecopy.available(), "the compiled build has no native copy threads"
     proc = _run("info", "--json")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["native_copy_threads"] is True
-    assert "staging copy threads: native (no GIL)" in _run("info").stdout
+    setup = json.loads(proc.stdout)
+    assert setup["native_copy_threads"] is True
+    out = _run("info").stdout
+    assert "staging copy threads: native (no GIL)" in out
+    # On CUDA the driver calls of every operation go through _fastcalls.c.
+    assert setup["fast_driver_calls"] is (setup["backend"] == "cuda")
+    assert ("hot-path driver calls: direct (C)" in out) is (setup["backend"] == "cuda")
 
 
 def test_json_goes_with_info_only(capsys: pytest.CaptureFixture[str]) -> None:

@@ -215,6 +215,9 @@ class _FakeDriver:
         self.calls: collections.Counter[str] = collections.Counter()
         self.owners: dict[int, int] = {}
         self.ran_in: list[int] = []
+        self.proc: dict[str, int] = {}
+        """What ``cuGetProcAddress`` gives (none by default: the backend then
+        makes every call through these methods; ``tests/test_fast_calls.py``)."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
@@ -251,6 +254,12 @@ class _FakeDriver:
 
     def cuDevicePrimaryCtxRelease(self, dev: Any) -> tuple[Any, ...]:
         return self._ok()
+
+    def cuGetProcAddress(self, symbol: bytes, version: int, flags: Any) -> tuple[Any, ...]:
+        address = self.proc.get(symbol.decode())
+        if address is None:
+            return (self._real.CUresult.CUDA_ERROR_NOT_FOUND, 0, 0)
+        return self._ok(address, 0)
 
     def cuCtxGetCurrent(self) -> tuple[Any, ...]:
         self.calls["cuCtxGetCurrent"] += 1

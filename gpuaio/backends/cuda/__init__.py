@@ -12,7 +12,9 @@ see what foreign code set), makes the one it needs current only when they
 differ, and makes the previous one current again once its driver call has
 returned (see :class:`~gpuaio.backends.Backend` for the two cases where the
 context stays). When the right context is current already, as in gpuaio's own
-threads after their first call, that is one ``cuCtxGetCurrent`` per call.
+threads after their first call, that is one ``cuCtxGetCurrent`` per call. In
+a compiled install the copies, event records and queries of every awaited
+operation make that check and their call in one C function (``_fast``).
 
 Errors. Every ``CUresult`` is checked; a failure becomes
 :func:`gpuaio._core.errors.make_cuda_error` (``CudaError``, or ``DeviceFatalError``
@@ -30,6 +32,8 @@ One module per concern; :class:`CudaBackend` is their mixins put together:
 * ``_memory``: device, managed and pinned memory, host registration, pointer
   classification;
 * ``_streams``: streams, events, copies, memsets and stream memory operations;
+* ``_fast``: the hot path's copy, record and query calls through the driver's
+  function pointers, where a compiled install built ``_fastcalls.c``;
 * ``_launch``: kernel launches (argument lowering) and host functions;
 * ``_compile``: NVRTC compiles through ``cuda.core`` and the kernel handle.
 """

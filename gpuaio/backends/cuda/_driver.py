@@ -32,6 +32,8 @@ import cuda.bindings.driver as driver
 
 from ..._core.errors import CudaError, NoDeviceError, make_cuda_error
 from .._base import Backend, DeviceProperties, keeps_context
+from ._fast import FastCalls
+from ._fast import load as load_fast_calls
 
 _logger = logging.getLogger("gpuaio")
 
@@ -165,9 +167,18 @@ class DriverBase(Backend):
         self._ctx_addrs: dict[int, int] = {}  # device -> address of its primary context
         self._own_addrs: set[int] = set()  # the addresses of all of them
         self._tls = _ThreadState()
+        # The hot path's driver calls without cuda.bindings' wrappers, where
+        # this install built them (None: every call goes through the bindings).
+        self._fast: FastCalls | None = load_fast_calls()
         self._properties: dict[int, DeviceProperties] = {}
         self._priority_ranges: dict[int, tuple[int, int]] = {}
         self._peers_enabled: set[tuple[int, int]] = set()
+
+    @property
+    def fast_driver_calls(self) -> bool:
+        """Whether the hot path's copies, event records and queries call the
+        driver directly (``_fast``), not through cuda.bindings."""
+        return self._fast is not None
 
     # -- contexts ------------------------------------------------------
     def _cu_device(self, device: int) -> Any:

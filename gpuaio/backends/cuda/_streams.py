@@ -17,7 +17,7 @@ from typing import Any
 import cuda.bindings.driver as driver
 
 from ..._core.errors import InvalidArgumentError
-from ._driver import _NOT_READY, DriverBase, _check, _cuda_error, _uint32_error
+from ._driver import _NOT_READY, DriverBase, _check, _cuda_error, _CUresult, _uint32_error
 
 _STREAM_NON_BLOCKING = int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)
 _EVENT_DISABLE_TIMING = int(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING)
@@ -26,6 +26,7 @@ _WAIT_GEQ = int(driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ)
 _WRITE_DEFAULT = int(driver.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
 _WRITE_32 = driver.CUstreamBatchMemOpType.CU_STREAM_MEM_OP_WRITE_VALUE_32
 _NOT_SUPPORTED = driver.CUresult.CUDA_ERROR_NOT_SUPPORTED
+_NOT_READY_CODE = int(_NOT_READY)
 _BATCH_MAX = 255
 """``cuStreamBatchMemOp`` takes fewer than 256 operations a call."""
 
@@ -84,17 +85,18 @@ class CudaStream:
 class CudaEvent:
     """A timing-disabled event created by the backend."""
 
-    __slots__ = ("ctx", "ctx_addr", "destroyed", "device", "handle")
+    __slots__ = ("address", "ctx", "ctx_addr", "destroyed", "device", "handle")
 
     def __init__(self, handle: Any, device: int, ctx: Any) -> None:
         self.handle: Any = handle
+        self.address: int = int(handle)
         self.device: int = device
         self.ctx: Any = ctx
         self.ctx_addr: int = int(ctx)
         self.destroyed: bool = False
 
     def __repr__(self) -> str:
-        return f"<CudaEvent 0x{int(self.handle):x} device={self.device}>"
+        return f"<CudaEvent 0x{self.address:x} device={self.device}>"
 
 
 class StreamCalls(DriverBase):
@@ -171,6 +173,14 @@ class StreamCalls(DriverBase):
             if nbytes < 0:
                 raise InvalidArgumentError(f"copy size must not be negative, got {nbytes}")
             return
+        fast = self._fast
+        if fast is not None:
+            code = fast.memcpy(stream.ctx_addr, dst, src, nbytes, stream.address)
+            if code == 0:
+                return
+            if code > 0:
+                raise _cuda_error("cuMemcpyAsync", _CUresult(code))
+            # Another context is current: the switch below.
         prev = self._enter(stream.ctx, stream.ctx_addr)
         try:
             (err,) = driver.cuMemcpyAsync(dst, src, nbytes, stream.handle)
@@ -329,6 +339,13 @@ class StreamCalls(DriverBase):
 
     def event_record(self, event: CudaEvent, stream: CudaStream) -> None:
         """``cuEventRecord``: ``event`` completes when ``stream``'s prior work has."""
+        fast = self._fast
+        if fast is not None:
+            code = fast.record(stream.ctx_addr, event.address, stream.address)
+            if code == 0:
+                return
+            if code > 0:
+                raise _cuda_error("cuEventRecord", _CUresult(code))
         prev = self._enter(stream.ctx, stream.ctx_addr)
         try:
             (err,) = driver.cuEventRecord(event.handle, stream.handle)
@@ -340,6 +357,15 @@ class StreamCalls(DriverBase):
 
     def event_query(self, event: CudaEvent) -> bool:
         """``cuEventQuery``: True when done, False on ``CUDA_ERROR_NOT_READY``, else raises."""
+        fast = self._fast
+        if fast is not None:
+            code = fast.query(event.ctx_addr, event.address)
+            if code == 0:
+                return True
+            if code == _NOT_READY_CODE:
+                return False
+            if code > 0:
+                raise _cuda_error("cuEventQuery", _CUresult(code))
         prev = self._enter(event.ctx, event.ctx_addr)
         try:
             (err,) = driver.cuEventQuery(event.handle)

@@ -1,0 +1,214 @@
+/* The driver calls every awaited operation makes, called straight through
+ * the driver's own function pointers (gpuaio.backends.cuda._fast).
+ *
+ * Through cuda.bindings each of cuMemcpyAsync, cuEventRecord and
+ * cuEventQuery costs a Python-level call that converts its arguments, a
+ * result tuple and a CUresult enum object, and so does the cuCtxGetCurrent
+ * before it that checks the stream's context is current: four such calls
+ * for one small copy (issue 13). Here each is one METH_FASTCALL function
+ * that checks the context and makes the call, and answers the CUresult as
+ * an int.
+ *
+ * Nothing here links against the driver: bind() takes the addresses
+ * cuGetProcAddress gave (through cuda.bindings), so that the same library
+ * loads on a machine without CUDA, and the calls are the ones the bindings
+ * themselves resolve. Until bind() has run every call answers NOT_BOUND.
+ *
+ * Each call first compares the calling thread's current context with the
+ * one its handle belongs to. Where they differ it does nothing and answers
+ * NOT_CURRENT: the caller then takes its slow path, which switches
+ * contexts (and switches back for a thread that is not gpuaio's). */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+typedef int (*ctx_get_current_fn)(void **ctx);
+typedef int (*memcpy_async_fn)(uint64_t dst, uint64_t src, size_t n, void *stream);
+typedef int (*event_record_fn)(void *event, void *stream);
+typedef int (*event_query_fn)(void *event);
+
+static ctx_get_current_fn p_ctx_get_current;
+static memcpy_async_fn p_memcpy_async;
+static event_record_fn p_event_record;
+static event_query_fn p_event_query;
+
+/* Answers that are no CUresult (those are all >= 0). */
+#define NOT_CURRENT (-1)
+#define NOT_BOUND (-2)
+
+/* Up to this many bytes a copy keeps the GIL. gpuaio's copies this small
+ * are between device and pinned memory, which the driver enqueues without
+ * waiting, or direct uploads from pageable memory (at most 64 KiB by
+ * default), which it stages in microseconds: less than handing the GIL to
+ * another thread and queueing to take it back, which can keep an event
+ * loop's thread waiting for a switch interval. Above it the GIL is let go,
+ * as cuda.bindings does: from or into pageable memory the call returns only
+ * once the data is staged or has landed. */
+#define KEEP_GIL_MAX (64u << 10)
+
+static int arg_u64(PyObject *o, uint64_t *out)
+{
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    *out = (uint64_t)v;
+    return 0;
+}
+
+static int arg_ptr(PyObject *o, void **out)
+{
+    uint64_t v;
+    if (arg_u64(o, &v))
+        return -1;
+    *out = (void *)(uintptr_t)v;
+    return 0;
+}
+
+/* 1: ctx is current; 0: another one (or none) is, or the driver could not
+ * say (the slow path then reports what is wrong). */
+static int is_current(void *ctx)
+{
+    void *cur = NULL;
+    if (p_ctx_get_current(&cur) != 0)
+        return 0;
+    return cur == ctx;
+}
+
+static int nargs_ok(Py_ssize_t nargs, Py_ssize_t want, const char *what)
+{
+    if (nargs == want)
+        return 1;
+    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments (%zd given)", what, want, nargs);
+    return 0;
+}
+
+/* bind(ctx_get_current, memcpy_async, event_record, event_query): the
+ * addresses of cuCtxGetCurrent, cuMemcpyAsync, cuEventRecord and
+ * cuEventQuery; 0 for any of them unbinds all. */
+static PyObject *py_bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (!nargs_ok(nargs, 4, "bind(ctx_get_current, memcpy_async, event_record, event_query)"))
+        return NULL;
+    void *p[4];
+    for (int i = 0; i < 4; i++)
+        if (arg_ptr(args[i], &p[i]))
+            return NULL;
+    if (!p[0] || !p[1] || !p[2] || !p[3]) {
+        p_ctx_get_current = NULL;
+        p_memcpy_async = NULL;
+        p_event_record = NULL;
+        p_event_query = NULL;
+        Py_RETURN_FALSE;
+    }
+    p_ctx_get_current = (ctx_get_current_fn)p[0];
+    p_memcpy_async = (memcpy_async_fn)p[1];
+    p_event_record = (event_record_fn)p[2];
+    p_event_query = (event_query_fn)p[3];
+    Py_RETURN_TRUE;
+}
+
+/* memcpy(ctx, dst, src, nbytes, stream) -> int: cuMemcpyAsync on stream,
+ * whose context is ctx. */
+static PyObject *py_memcpy(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (!nargs_ok(nargs, 5, "memcpy(ctx, dst, src, nbytes, stream)"))
+        return NULL;
+    void *ctx, *stream;
+    uint64_t dst, src;
+    if (arg_ptr(args[0], &ctx) || arg_u64(args[1], &dst) || arg_u64(args[2], &src))
+        return NULL;
+    Py_ssize_t n = PyLong_AsSsize_t(args[3]);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "memcpy: nbytes must not be negative");
+        return NULL;
+    }
+    if (arg_ptr(args[4], &stream))
+        return NULL;
+    if (p_memcpy_async == NULL)
+        return PyLong_FromLong(NOT_BOUND);
+    if (!is_current(ctx))
+        return PyLong_FromLong(NOT_CURRENT);
+    int err;
+    if ((size_t)n <= KEEP_GIL_MAX) {
+        err = p_memcpy_async(dst, src, (size_t)n, stream);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        err = p_memcpy_async(dst, src, (size_t)n, stream);
+        Py_END_ALLOW_THREADS
+    }
+    return PyLong_FromLong(err);
+}
+
+/* record(ctx, event, stream) -> int: cuEventRecord. The GIL is kept: the
+ * call enqueues a marker and returns. */
+static PyObject *py_record(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (!nargs_ok(nargs, 3, "record(ctx, event, stream)"))
+        return NULL;
+    void *ctx, *event, *stream;
+    if (arg_ptr(args[0], &ctx) || arg_ptr(args[1], &event) || arg_ptr(args[2], &stream))
+        return NULL;
+    if (p_event_record == NULL)
+        return PyLong_FromLong(NOT_BOUND);
+    if (!is_current(ctx))
+        return PyLong_FromLong(NOT_CURRENT);
+    return PyLong_FromLong(p_event_record(event, stream));
+}
+
+/* query(ctx, event) -> int: cuEventQuery (0: done, CUDA_ERROR_NOT_READY:
+ * not yet). The GIL is kept: the call never waits. */
+static PyObject *py_query(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (!nargs_ok(nargs, 2, "query(ctx, event)"))
+        return NULL;
+    void *ctx, *event;
+    if (arg_ptr(args[0], &ctx) || arg_ptr(args[1], &event))
+        return NULL;
+    if (p_event_query == NULL)
+        return PyLong_FromLong(NOT_BOUND);
+    if (!is_current(ctx))
+        return PyLong_FromLong(NOT_CURRENT);
+    return PyLong_FromLong(p_event_query(event));
+}
+
+static PyMethodDef methods[] = {
+    {"bind", (PyCFunction)(void (*)(void))py_bind, METH_FASTCALL,
+     "bind(ctx_get_current, memcpy_async, event_record, event_query) -> bool: the driver "
+     "functions' addresses; any of them 0 unbinds all."},
+    {"memcpy", (PyCFunction)(void (*)(void))py_memcpy, METH_FASTCALL,
+     "memcpy(ctx, dst, src, nbytes, stream) -> int: cuMemcpyAsync's CUresult, or "
+     "NOT_CURRENT or NOT_BOUND (nothing done)."},
+    {"record", (PyCFunction)(void (*)(void))py_record, METH_FASTCALL,
+     "record(ctx, event, stream) -> int: cuEventRecord's CUresult, or NOT_CURRENT or NOT_BOUND."},
+    {"query", (PyCFunction)(void (*)(void))py_query, METH_FASTCALL,
+     "query(ctx, event) -> int: cuEventQuery's CUresult, or NOT_CURRENT or NOT_BOUND."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_fastcalls",
+    "cuMemcpyAsync, cuEventRecord and cuEventQuery through the driver's function pointers, "
+    "each behind a check of the current context (gpuaio.backends.cuda._fast).",
+    -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__fastcalls(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "NOT_CURRENT", NOT_CURRENT) ||
+        PyModule_AddIntConstant(m, "NOT_BOUND", NOT_BOUND) ||
+        PyModule_AddIntConstant(m, "KEEP_GIL_MAX", KEEP_GIL_MAX)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

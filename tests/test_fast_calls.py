@@ -1,0 +1,266 @@
+"""The hot path's driver calls in C (``gpuaio.backends.cuda._fast``, ``_fastcalls.c``).
+
+A compiled install calls ``cuMemcpyAsync``, ``cuEventRecord`` and
+``cuEventQuery`` through the driver's function pointers, each behind a check
+that the handle's context is current. Here the pointers are C functions made
+from Python (ctypes) that stand in for the driver's, so the extension and
+the backend's use of it are checked without a GPU: the arguments arrive
+exactly, nothing runs while another context is current (the backend's own
+switch does it then), and every ``CUresult`` comes back. Where this install
+did not build the extension these tests skip; ``tests/test_context.py``
+covers the cuda.bindings path, and on a GPU ``tests/test_cli.py`` checks that
+a compiled install binds the real driver.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from gpuaio._core.errors import CudaError
+from tests.test_context import _FakeDriver
+
+driver = pytest.importorskip("cuda.bindings.driver")
+_fast = pytest.importorskip("gpuaio.backends.cuda._fast")
+try:
+    from gpuaio.backends.cuda import _fastcalls  # type: ignore[attr-defined]
+except ImportError:  # a pure-Python install
+    pytest.skip(
+        "no _fastcalls extension: it is built by a compiled install (hatch_build.py)",
+        allow_module_level=True,
+    )
+
+_GET = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_void_p))
+_MEMCPY = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p
+)
+_RECORD = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_QUERY = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+
+NOT_READY = int(driver.CUresult.CUDA_ERROR_NOT_READY)
+
+
+class _CDriver:
+    """cuCtxGetCurrent, cuMemcpyAsync, cuEventRecord and cuEventQuery as C
+    function pointers. ``current`` says the calling thread's context; every
+    call is recorded with the context current when it ran; ``results`` are
+    what each call answers."""
+
+    def __init__(self, current: Any) -> None:
+        self.current = current
+        self.ran: list[tuple[Any, ...]] = []
+        self.results = {"memcpy": 0, "record": 0, "query": 0, "get": 0}
+        # Kept here: the pointers are valid only while these objects live.
+        self._fns = (
+            _GET(self._get),
+            _MEMCPY(self._memcpy),
+            _RECORD(self._record),
+            _QUERY(self._query),
+        )
+
+    def addresses(self) -> dict[str, int]:
+        out = {}
+        for name, fn in zip(_fast.SYMBOLS, self._fns, strict=True):
+            address = ctypes.cast(fn, ctypes.c_void_p).value
+            assert address
+            out[name] = address
+        return out
+
+    def _get(self, out: Any) -> int:
+        out[0] = self.current() or None
+        return self.results["get"]
+
+    def _memcpy(self, dst: int, src: int, n: int, stream: int | None) -> int:
+        self.ran.append(("memcpy", dst, src, n, stream or 0, self.current()))
+        return self.results["memcpy"]
+
+    def _record(self, event: int | None, stream: int | None) -> int:
+        self.ran.append(("record", event or 0, stream or 0, self.current()))
+        return self.results["record"]
+
+    def _query(self, event: int | None) -> int:
+        self.ran.append(("query", event or 0, self.current()))
+        return self.results["query"]
+
+
+@pytest.fixture
+def unbind_after() -> Iterator[None]:
+    # The extension's pointers are process-wide: none may outlive the test's C functions.
+    try:
+        yield
+    finally:
+        _fastcalls.bind(0, 0, 0, 0)
+
+
+CTX = 0x7F00_0000_C000
+BIG = 0xFFFF_8000_0000_1234  # above 2**63: passed as unsigned 64-bit
+
+
+def _bound(ctx: int) -> _CDriver:
+    c = _CDriver(lambda: ctx)
+    assert _fastcalls.bind(*c.addresses().values()) is True
+    return c
+
+
+def test_unbound_calls_do_nothing_and_say_so(unbind_after: None) -> None:
+    assert _fastcalls.bind(0, 0, 0, 0) is False
+    assert _fastcalls.memcpy(CTX, 1, 2, 3, 4) == _fastcalls.NOT_BOUND
+    assert _fastcalls.record(CTX, 1, 2) == _fastcalls.NOT_BOUND
+    assert _fastcalls.query(CTX, 1) == _fastcalls.NOT_BOUND
+    assert _fastcalls.NOT_BOUND < 0 and _fastcalls.NOT_CURRENT < 0  # never a CUresult
+
+
+@pytest.mark.parametrize("n", [0, 1, 64 << 10, (64 << 10) + 1, 1 << 30])
+def test_each_call_passes_its_arguments_and_answers_the_driver(unbind_after: None, n: int) -> None:
+    # Above KEEP_GIL_MAX the copy lets the GIL go (the C function here takes it back).
+    c = _bound(CTX)
+    assert _fastcalls.memcpy(CTX, BIG, BIG - 4096, n, 0x5000) == 0
+    assert _fastcalls.record(CTX, 0x6000, 0x5000) == 0
+    assert _fastcalls.query(CTX, 0x6000) == 0
+    assert c.ran == [
+        ("memcpy", BIG, BIG - 4096, n, 0x5000, CTX),
+        ("record", 0x6000, 0x5000, CTX),
+        ("query", 0x6000, CTX),
+    ]
+    c.results.update(memcpy=1, record=700, query=NOT_READY)
+    assert _fastcalls.memcpy(CTX, 1, 2, n, 0) == 1
+    assert _fastcalls.record(CTX, 1, 0) == 700
+    assert _fastcalls.query(CTX, 1) == NOT_READY
+
+
+def test_nothing_runs_while_another_context_is_current(unbind_after: None) -> None:
+    c = _bound(0xF00000)
+    assert _fastcalls.memcpy(CTX, 1, 2, 3, 4) == _fastcalls.NOT_CURRENT
+    assert _fastcalls.record(CTX, 1, 2) == _fastcalls.NOT_CURRENT
+    assert _fastcalls.query(CTX, 1) == _fastcalls.NOT_CURRENT
+    # No context current at all, or the driver unable to say: the same.
+    c.current = lambda: 0
+    assert _fastcalls.query(CTX, 1) == _fastcalls.NOT_CURRENT
+    c.current = lambda: CTX
+    c.results["get"] = 3  # CUDA_ERROR_NOT_INITIALIZED from cuCtxGetCurrent
+    assert _fastcalls.query(CTX, 1) == _fastcalls.NOT_CURRENT
+    assert c.ran == []
+
+
+def test_bad_arguments_raise_at_the_call(unbind_after: None) -> None:
+    c = _bound(CTX)
+    with pytest.raises(TypeError, match="takes 5 arguments"):
+        _fastcalls.memcpy(CTX, 1, 2, 3)
+    with pytest.raises(TypeError, match="takes 3 arguments"):
+        _fastcalls.record(CTX, 1)
+    with pytest.raises(TypeError, match="takes 2 arguments"):
+        _fastcalls.query(CTX)
+    with pytest.raises(ValueError, match="must not be negative"):
+        _fastcalls.memcpy(CTX, 1, 2, -1, 4)
+    with pytest.raises(OverflowError):
+        _fastcalls.memcpy(CTX, -1, 2, 3, 4)  # no address is negative
+    with pytest.raises(TypeError):
+        _fastcalls.query(CTX, "0x10")
+    with pytest.raises(OverflowError):
+        _fastcalls.record(1 << 64, 1, 2)
+    assert c.ran == []
+
+
+def _patched_backend(monkeypatch: pytest.MonkeyPatch, c_functions: bool) -> tuple[Any, Any, Any]:
+    cuda = pytest.importorskip("gpuaio.backends.cuda")
+    fake = _FakeDriver(driver)
+    for name in vars(_FakeDriver):
+        if name.startswith("cu") and name[2:3].isupper():
+            monkeypatch.setattr(driver, name, getattr(fake, name))
+    c = _CDriver(fake.current)
+    if c_functions:
+        fake.proc = c.addresses()
+    return cuda.CudaBackend(), fake, c
+
+
+@pytest.mark.gpuaio_sim_only  # it patches the driver module a CUDA runtime's threads would use
+def test_the_backend_makes_its_hot_calls_in_c_in_their_context(
+    monkeypatch: pytest.MonkeyPatch, unbind_after: None
+) -> None:
+    be, fake, c = _patched_backend(monkeypatch, c_functions=True)
+    assert be.fast_driver_calls
+    p0, p1 = be.primary_context(0), be.primary_context(1)
+    be.set_current_context(p0)
+    s = be.stream_create(0)
+    ev = be.event_create(0)
+    ptr = be.mem_alloc(0, 64)
+    pinned = be.host_alloc(1 << 20)
+    fake.calls.clear()
+    fake.ran_in.clear()
+    for n in (64, 1 << 20):
+        be.memcpy_async(ptr, pinned, n, s)
+        be.event_record(ev, s)
+        assert be.event_query(ev) is True
+    # One C call each, its context checked there: no cuda.bindings call at all.
+    assert fake.calls == {} and fake.ran_in == []
+    assert c.ran == [
+        ("memcpy", ptr, pinned, 64, s.address, p0),
+        ("record", ev.address, s.address, p0),
+        ("query", ev.address, p0),
+        ("memcpy", ptr, pinned, 1 << 20, s.address, p0),
+        ("record", ev.address, s.address, p0),
+        ("query", ev.address, p0),
+    ]
+    be.memcpy_async(ptr, pinned, 0, s)  # nothing to copy: no call
+    assert len(c.ran) == 6
+    # Another context current (a created one; device 1's, as after
+    # torch.cuda.set_device(1)): the backend switches to the stream's, runs
+    # the call through the bindings, and switches back.
+    for foreign in (0xF00000, p1):
+        be.set_current_context(foreign)
+        c.ran.clear()
+        be.memcpy_async(ptr, pinned, 64, s)
+        be.event_record(ev, s)
+        assert be.event_query(ev) is True
+        assert c.ran == []
+        assert fake.ran_in == [p0] * 3
+        assert fake.current() == foreign
+        fake.ran_in.clear()
+    # Every CUresult comes back as the error the bindings' path raises.
+    be.set_current_context(p0)
+    c.results["query"] = NOT_READY
+    assert be.event_query(ev) is False
+    c.results.update(memcpy=1, record=700, query=999)
+    with pytest.raises(CudaError, match="cuMemcpyAsync") as info:
+        be.memcpy_async(ptr, pinned, 64, s)
+    assert info.value.code == 1
+    with pytest.raises(CudaError, match="cuEventRecord") as info:
+        be.event_record(ev, s)
+    assert info.value.code == 700
+    with pytest.raises(CudaError, match="cuEventQuery") as info:
+        be.event_query(ev)
+    assert info.value.code == 999
+    assert fake.ran_in == []
+    be.close()
+
+
+@pytest.mark.gpuaio_sim_only
+@pytest.mark.parametrize("why", ["no symbol", "switched off", "per-thread default stream"], ids=str)
+def test_the_backend_uses_the_bindings_where_c_calls_cannot_be_bound(
+    monkeypatch: pytest.MonkeyPatch, unbind_after: None, why: str
+) -> None:
+    if why == "switched off":
+        monkeypatch.setenv("GPUAIO_FAST_DRIVER_CALLS", "0")
+    if why == "per-thread default stream":
+        # cuda.bindings would resolve the _ptsz calls; the C ones are the legacy ones.
+        monkeypatch.setenv("CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM", "1")
+    be, fake, c = _patched_backend(monkeypatch, c_functions=why != "no symbol")
+    if why == "no symbol":
+        fake.proc = {name: a for name, a in c.addresses().items() if name != "cuEventQuery"}
+        be = type(be)()
+    assert not be.fast_driver_calls
+    p0 = be.primary_context(0)
+    be.set_current_context(p0)
+    s = be.stream_create(0)
+    ev = be.event_create(0)
+    ptr = be.mem_alloc(0, 64)
+    fake.calls.clear()
+    be.memcpy_async(ptr, ptr, 64, s)
+    be.event_record(ev, s)
+    assert be.event_query(ev) is True
+    assert c.ran == []
+    assert fake.calls == {"cuCtxGetCurrent": 3}
+    assert fake.ran_in == [p0] * 3
