@@ -15,7 +15,10 @@ a compiled install binds the real driver.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -115,7 +118,6 @@ def test_unbound_calls_do_nothing_and_say_so(unbind_after: None) -> None:
 
 @pytest.mark.parametrize("n", [0, 1, 64 << 10, (64 << 10) + 1, 1 << 30])
 def test_each_call_passes_its_arguments_and_answers_the_driver(unbind_after: None, n: int) -> None:
-    # Above KEEP_GIL_MAX the copy lets the GIL go (the C function here takes it back).
     c = _bound(CTX)
     assert _fastcalls.memcpy(CTX, BIG, BIG - 4096, n, 0x5000) == 0
     assert _fastcalls.record(CTX, 0x6000, 0x5000) == 0
@@ -129,6 +131,53 @@ def test_each_call_passes_its_arguments_and_answers_the_driver(unbind_after: Non
     assert _fastcalls.memcpy(CTX, 1, 2, n, 0) == 1
     assert _fastcalls.record(CTX, 1, 0) == 700
     assert _fastcalls.query(CTX, 1) == NOT_READY
+
+
+@pytest.mark.parametrize("call", ["memcpy", "record", "query"])
+def test_other_threads_run_while_a_driver_call_blocks(unbind_after: None, call: str) -> None:
+    # A driver call may block (a full launch queue, a pageable copy) on work
+    # that needs the GIL: a host function on the stream is Python. Holding the
+    # GIL across it deadlocked the hostfunc strategy's storm on a GPU. Here
+    # the driver's call is usleep(its first argument): it blocks, in C, with
+    # no Python of its own, for 0.3 s.
+    usleep = ctypes.cast(ctypes.CDLL(None).usleep, ctypes.c_void_p).value
+    c = _CDriver(lambda: CTX)
+    get_current = c.addresses()["cuCtxGetCurrent"]
+    assert _fastcalls.bind(get_current, usleep, usleep, usleep)
+    calls: dict[str, Callable[[], int]] = {
+        "memcpy": lambda: _fastcalls.memcpy(CTX, 300_000, 0, 64, 0),
+        "record": lambda: _fastcalls.record(CTX, 300_000, 0),
+        "query": lambda: _fastcalls.query(CTX, 300_000),
+    }
+    ticks = 0
+    stop = threading.Event()
+    running = threading.Event()
+
+    def spin() -> None:
+        # Lets the GIL go at every turn (sleep(0)): only a call that lets
+        # it go too can be overtaken.
+        nonlocal ticks
+        running.set()
+        while not stop.is_set():
+            ticks += 1
+            time.sleep(0)
+
+    # No forced hand-over of the GIL (the default comes every 5 ms): the
+    # C stand-in for cuCtxGetCurrent runs Python, where one could come.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(100)
+    t = threading.Thread(target=spin, daemon=True)
+    t.start()
+    try:
+        assert running.wait(30)
+        before = ticks
+        assert calls[call]() == 0
+        during = ticks - before
+    finally:
+        stop.set()
+        t.join(30)
+        sys.setswitchinterval(interval)
+    assert during > 10, f"{call}: another thread ran {during} times while the call blocked"
 
 
 def test_nothing_runs_while_another_context_is_current(unbind_after: None) -> None:

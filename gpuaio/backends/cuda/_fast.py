@@ -7,7 +7,9 @@ that the handle's context is current, called through the function pointers
 ``cuGetProcAddress`` gives. Through cuda.bindings a small copy made four
 driver calls from Python for these three steps (the context check is a
 ``cuCtxGetCurrent`` of its own), each converting its arguments and building a
-result tuple and a ``CUresult`` object (issue 13).
+result tuple and a ``CUresult`` object (issue 13). Like the bindings, each
+lets the GIL go while the driver runs: the driver may block on work that
+needs it (a host function on the stream is Python).
 
 :func:`load` binds the extension and returns it, or ``None`` where this
 install did not build it, the driver does not give the functions, or
@@ -44,7 +46,6 @@ class FastCalls(Protocol):
 
     NOT_CURRENT: int
     NOT_BOUND: int
-    KEEP_GIL_MAX: int
 
     def bind(self, ctx_get_current: int, memcpy: int, record: int, query: int, /) -> bool: ...
 

@@ -37,15 +37,13 @@ static event_query_fn p_event_query;
 #define NOT_CURRENT (-1)
 #define NOT_BOUND (-2)
 
-/* Up to this many bytes a copy keeps the GIL. gpuaio's copies this small
- * are between device and pinned memory, which the driver enqueues without
- * waiting, or direct uploads from pageable memory (at most 64 KiB by
- * default), which it stages in microseconds: less than handing the GIL to
- * another thread and queueing to take it back, which can keep an event
- * loop's thread waiting for a switch interval. Above it the GIL is let go,
- * as cuda.bindings does: from or into pageable memory the call returns only
- * once the data is staged or has landed. */
-#define KEEP_GIL_MAX (64u << 10)
+/* Every driver call here lets the GIL go, as cuda.bindings does. Any of them
+ * may block: an enqueue while the stream's launch queue is full, a copy from
+ * or into pageable memory until its data is staged or has landed. And what
+ * the driver waits for may need the GIL: a host function on the stream (the
+ * "hostfunc" completion strategy) is Python. Holding the GIL across such a
+ * call deadlocked the GPU suite's cancellation storm on that strategy (issue
+ * 13, run DU). Letting it go and taking it back costs about 0.1 us. */
 
 static int arg_u64(PyObject *o, uint64_t *out)
 {
@@ -134,18 +132,13 @@ static PyObject *py_memcpy(PyObject *self, PyObject *const *args, Py_ssize_t nar
     if (!is_current(ctx))
         return PyLong_FromLong(NOT_CURRENT);
     int err;
-    if ((size_t)n <= KEEP_GIL_MAX) {
-        err = p_memcpy_async(dst, src, (size_t)n, stream);
-    } else {
-        Py_BEGIN_ALLOW_THREADS
-        err = p_memcpy_async(dst, src, (size_t)n, stream);
-        Py_END_ALLOW_THREADS
-    }
+    Py_BEGIN_ALLOW_THREADS
+    err = p_memcpy_async(dst, src, (size_t)n, stream);
+    Py_END_ALLOW_THREADS
     return PyLong_FromLong(err);
 }
 
-/* record(ctx, event, stream) -> int: cuEventRecord. The GIL is kept: the
- * call enqueues a marker and returns. */
+/* record(ctx, event, stream) -> int: cuEventRecord. */
 static PyObject *py_record(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
@@ -158,11 +151,15 @@ static PyObject *py_record(PyObject *self, PyObject *const *args, Py_ssize_t nar
         return PyLong_FromLong(NOT_BOUND);
     if (!is_current(ctx))
         return PyLong_FromLong(NOT_CURRENT);
-    return PyLong_FromLong(p_event_record(event, stream));
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = p_event_record(event, stream);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(err);
 }
 
 /* query(ctx, event) -> int: cuEventQuery (0: done, CUDA_ERROR_NOT_READY:
- * not yet). The GIL is kept: the call never waits. */
+ * not yet). */
 static PyObject *py_query(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
@@ -175,7 +172,11 @@ static PyObject *py_query(PyObject *self, PyObject *const *args, Py_ssize_t narg
         return PyLong_FromLong(NOT_BOUND);
     if (!is_current(ctx))
         return PyLong_FromLong(NOT_CURRENT);
-    return PyLong_FromLong(p_event_query(event));
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = p_event_query(event);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(err);
 }
 
 static PyMethodDef methods[] = {
@@ -205,8 +206,7 @@ PyMODINIT_FUNC PyInit__fastcalls(void)
     if (m == NULL)
         return NULL;
     if (PyModule_AddIntConstant(m, "NOT_CURRENT", NOT_CURRENT) ||
-        PyModule_AddIntConstant(m, "NOT_BOUND", NOT_BOUND) ||
-        PyModule_AddIntConstant(m, "KEEP_GIL_MAX", KEEP_GIL_MAX)) {
+        PyModule_AddIntConstant(m, "NOT_BOUND", NOT_BOUND)) {
         Py_DECREF(m);
         return NULL;
     }
