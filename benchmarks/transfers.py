@@ -138,6 +138,37 @@ class Ctx:
     def native(self) -> Any:
         return self.stream._native
 
+    def raw_copy(self) -> Callable[[int, int, int], None]:
+        """``copy(dst, src, n)``: the baselines' ``cuMemcpyAsync`` and
+        ``cuStreamSynchronize`` on the stream, called as a user calls them.
+
+        On CUDA straight through cuda.bindings, not through the backend,
+        whose hot-path calls go through gpuaio's own C functions in a
+        compiled install (``gpuaio.backends.cuda._fast``): a baseline must
+        not share what it is compared with. On the simulator, the backend.
+        """
+        be, native = self.be, self.native
+        if be.name != "cuda":
+
+            def through_backend(dst: int, src: int, n: int) -> None:
+                be.memcpy_async(dst, src, n, native)
+                be.stream_synchronize(native)
+
+            return through_backend
+        import cuda.bindings.driver as driver
+
+        handle = native.handle
+
+        def through_bindings(dst: int, src: int, n: int) -> None:
+            (err,) = driver.cuMemcpyAsync(dst, src, n, handle)
+            if err:
+                raise RuntimeError(f"cuMemcpyAsync failed: {err!r}")
+            (err,) = driver.cuStreamSynchronize(handle)
+            if err:
+                raise RuntimeError(f"cuStreamSynchronize failed: {err!r}")
+
+        return through_bindings
+
 
 def load_peers(backend: str, enabled: bool) -> tuple[dict[str, Any], dict[str, str]]:
     """Import torch and CuPy if they can use the GPU; else say why not."""
@@ -223,7 +254,8 @@ def rss_mib() -> float:
 async def bench_size(ctx: Ctx, n: int, derived: bool) -> list[H.Record]:
     """Every method at ``n`` bytes, both directions; lag; derived target records."""
     size = H.fmt_size(n)
-    be, native, s, dev = ctx.be, ctx.native, ctx.stream, ctx.dev
+    s, dev = ctx.stream, ctx.dev
+    raw_copy = ctx.raw_copy()
     src = filled(n, 0x11)
     dst = np.full(n, 0xA5, np.uint8)  # pre-touched
     pin = gpuaio.pinned_empty(n)
@@ -247,8 +279,7 @@ async def bench_size(ctx: Ctx, n: int, derived: bool) -> list[H.Record]:
 
     def raw(dst_ptr: int, src_ptr: int) -> Callable[[], None]:
         def call() -> None:
-            be.memcpy_async(dst_ptr, src_ptr, n, native)
-            be.stream_synchronize(native)
+            raw_copy(dst_ptr, src_ptr, n)
 
         return call
 
@@ -542,7 +573,7 @@ async def soak(ctx: Ctx) -> list[H.Record]:
     (a wake-up per copy), for comparison.
     """
     n = 4 * MiB if ctx.args.quick else 256 * MiB
-    s, be, native = ctx.stream, ctx.be, ctx.native
+    s, raw_copy = ctx.stream, ctx.raw_copy()
     src = filled(n, 0x22)
     d = ctx.dev.empty(n)
     await s.copy(d, src)
@@ -564,8 +595,7 @@ async def soak(ctx: Ctx) -> list[H.Record]:
         async with H.loop_lag() as ticker:
             t0 = time.perf_counter()
             for _ in range(SOAK_COUNT):
-                be.memcpy_async(d.ptr, src.ctypes.data, n, native)
-                be.stream_synchronize(native)
+                raw_copy(d.ptr, src.ctypes.data, n)
                 await H.checkpoint()
             dt = time.perf_counter() - t0
         return ticker.stats(), SOAK_COUNT * n / dt / 1e9
