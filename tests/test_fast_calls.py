@@ -282,6 +282,10 @@ def test_the_backend_makes_its_hot_calls_in_c_in_their_context(
     with pytest.raises(CudaError, match="cuEventQuery") as info:
         be.event_query(ev)
     assert info.value.code == 999
+    c.results["memcpy"] = 12345  # a newer driver's code, not in this cuda.bindings' CUresult
+    with pytest.raises(CudaError, match="cuMemcpyAsync") as info:
+        be.memcpy_async(ptr, pinned, 64, s)
+    assert info.value.code == 12345
     assert fake.ran_in == []
     be.close()
 

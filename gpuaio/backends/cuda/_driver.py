@@ -22,6 +22,7 @@ signature changed in 13 (``cuCtxCreate``, ``cuMemPrefetchAsync``,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -62,7 +63,14 @@ def _error_text(err: Any) -> tuple[str, str]:
 
 
 def _cuda_error(call: str, err: Any) -> CudaError:
-    """The gpuaio exception for a failed driver call."""
+    """The gpuaio exception for a failed driver call.
+
+    ``err`` is a ``CUresult``, or its plain int (the C calls of ``_fast``): one
+    this cuda.bindings does not know (a newer driver's) is named by number.
+    """
+    if not isinstance(err, _CUresult):
+        with contextlib.suppress(ValueError):
+            err = _CUresult(int(err))
     name, detail = _error_text(err)
     return make_cuda_error(call, int(err), name, detail)
 

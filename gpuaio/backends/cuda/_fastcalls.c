@@ -63,14 +63,18 @@ static int arg_ptr(PyObject *o, void **out)
     return 0;
 }
 
-/* 1: ctx is current; 0: another one (or none) is, or the driver could not
- * say (the slow path then reports what is wrong). */
-static int is_current(void *ctx)
+/* Whether a call may go ahead: 0 where fn is bound and ctx is the calling
+ * thread's current context; else the answer to give, NOT_BOUND, or
+ * NOT_CURRENT where another context (or none) is current or the driver could
+ * not say (the slow path then reports what is wrong). */
+static int blocked(const void *fn, void *ctx)
 {
+    if (fn == NULL || p_ctx_get_current == NULL)
+        return NOT_BOUND;
     void *cur = NULL;
-    if (p_ctx_get_current(&cur) != 0)
-        return 0;
-    return cur == ctx;
+    if (p_ctx_get_current(&cur) != 0 || cur != ctx)
+        return NOT_CURRENT;
+    return 0;
 }
 
 static int nargs_ok(Py_ssize_t nargs, Py_ssize_t want, const char *what)
@@ -127,11 +131,9 @@ static PyObject *py_memcpy(PyObject *self, PyObject *const *args, Py_ssize_t nar
     }
     if (arg_ptr(args[4], &stream))
         return NULL;
-    if (p_memcpy_async == NULL)
-        return PyLong_FromLong(NOT_BOUND);
-    if (!is_current(ctx))
-        return PyLong_FromLong(NOT_CURRENT);
-    int err;
+    int err = blocked((const void *)(uintptr_t)p_memcpy_async, ctx);
+    if (err)
+        return PyLong_FromLong(err);
     Py_BEGIN_ALLOW_THREADS
     err = p_memcpy_async(dst, src, (size_t)n, stream);
     Py_END_ALLOW_THREADS
@@ -147,11 +149,9 @@ static PyObject *py_record(PyObject *self, PyObject *const *args, Py_ssize_t nar
     void *ctx, *event, *stream;
     if (arg_ptr(args[0], &ctx) || arg_ptr(args[1], &event) || arg_ptr(args[2], &stream))
         return NULL;
-    if (p_event_record == NULL)
-        return PyLong_FromLong(NOT_BOUND);
-    if (!is_current(ctx))
-        return PyLong_FromLong(NOT_CURRENT);
-    int err;
+    int err = blocked((const void *)(uintptr_t)p_event_record, ctx);
+    if (err)
+        return PyLong_FromLong(err);
     Py_BEGIN_ALLOW_THREADS
     err = p_event_record(event, stream);
     Py_END_ALLOW_THREADS
@@ -168,11 +168,9 @@ static PyObject *py_query(PyObject *self, PyObject *const *args, Py_ssize_t narg
     void *ctx, *event;
     if (arg_ptr(args[0], &ctx) || arg_ptr(args[1], &event))
         return NULL;
-    if (p_event_query == NULL)
-        return PyLong_FromLong(NOT_BOUND);
-    if (!is_current(ctx))
-        return PyLong_FromLong(NOT_CURRENT);
-    int err;
+    int err = blocked((const void *)(uintptr_t)p_event_query, ctx);
+    if (err)
+        return PyLong_FromLong(err);
     Py_BEGIN_ALLOW_THREADS
     err = p_event_query(event);
     Py_END_ALLOW_THREADS

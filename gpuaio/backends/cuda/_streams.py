@@ -17,7 +17,7 @@ from typing import Any
 import cuda.bindings.driver as driver
 
 from ..._core.errors import InvalidArgumentError
-from ._driver import _NOT_READY, DriverBase, _check, _cuda_error, _CUresult, _uint32_error
+from ._driver import _NOT_READY, DriverBase, _check, _cuda_error, _uint32_error
 
 _STREAM_NON_BLOCKING = int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)
 _EVENT_DISABLE_TIMING = int(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING)
@@ -179,7 +179,7 @@ class StreamCalls(DriverBase):
             if code == 0:
                 return
             if code > 0:
-                raise _cuda_error("cuMemcpyAsync", _CUresult(code))
+                raise _cuda_error("cuMemcpyAsync", code)
             # Another context is current: the switch below.
         prev = self._enter(stream.ctx, stream.ctx_addr)
         try:
@@ -345,7 +345,7 @@ class StreamCalls(DriverBase):
             if code == 0:
                 return
             if code > 0:
-                raise _cuda_error("cuEventRecord", _CUresult(code))
+                raise _cuda_error("cuEventRecord", code)
         prev = self._enter(stream.ctx, stream.ctx_addr)
         try:
             (err,) = driver.cuEventRecord(event.handle, stream.handle)
@@ -365,7 +365,7 @@ class StreamCalls(DriverBase):
             if code == _NOT_READY_CODE:
                 return False
             if code > 0:
-                raise _cuda_error("cuEventQuery", _CUresult(code))
+                raise _cuda_error("cuEventQuery", code)
         prev = self._enter(event.ctx, event.ctx_addr)
         try:
             (err,) = driver.cuEventQuery(event.handle)
