@@ -4,6 +4,7 @@ r14, r23)."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -265,3 +266,129 @@ def test_a_block_pinned_while_the_pool_closes_is_freed_not_leaked(gpuaio_runtime
     assert len(freed) == 1, "the block pinned during close was not freed"
     stats = pool.stats()
     assert stats.reserved == 0 and stats.in_use == 0, stats
+
+
+# -- the spare stack of small blocks -------------------------------------------------
+
+
+def test_small_blocks_handed_back_are_reused_without_the_lock(gpuaio_runtime: Any) -> None:
+    """``release_small`` parks a smallest-class block on the spare stack and
+    ``take_small`` hands that same block out again, without taking the pool's
+    lock; ``stats`` counts parked blocks as free, and ``trim`` frees them."""
+    from gpuaio._engine.pool import MIN_CLASS, SPARE_MAX, PinnedPool
+
+    pool = PinnedPool(gpuaio_runtime.backend, budget=32 * MIN_CLASS)
+    blocks = [pool.acquire(MIN_CLASS) for _ in range(SPARE_MAX + 2)]
+    assert all(b is not None for b in blocks)
+    for b in blocks:
+        assert b is not None
+        pool.release_small(b)
+    assert len(pool._spare) == SPARE_MAX, "the spare stack outgrew its bound"
+
+    class NoLock:  # any use of the lock fails the fast path
+        def __enter__(self) -> None:
+            raise AssertionError("take_small took the pool's lock with a spare block at hand")
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    real_lock = pool._lock
+    pool._lock = NoLock()  # type: ignore[assignment]
+    try:
+        again = pool.take_small()
+    finally:
+        pool._lock = real_lock
+    assert again is blocks[SPARE_MAX - 1], "not the last block parked"
+    stats = pool.stats()
+    assert stats.in_use == MIN_CLASS, stats  # only the one taken back
+    assert stats.hits == 1, stats
+    assert not pool._spare, "stats() did not fold the spare stack into the cache"
+    pool.release_small(again)
+    assert pool.trim() == len(blocks) * MIN_CLASS, "parked blocks were not freed"
+    stats = pool.stats()
+    assert stats.reserved == 0 and stats.in_use == 0, stats
+    pool.close()
+
+
+def test_parked_small_blocks_make_room_for_a_larger_one(gpuaio_runtime: Any) -> None:
+    """Under a budget that small blocks fill, parked ones are evicted for a
+    larger block as idle cached ones are: none may hold the budget hostage."""
+    from gpuaio._engine.pool import MIN_CLASS, PinnedPool
+
+    pool = PinnedPool(gpuaio_runtime.backend, budget=4 * MIN_CLASS)
+    blocks = [pool.acquire(MIN_CLASS) for _ in range(4)]
+    for b in blocks:
+        assert b is not None
+        pool.release_small(b)
+    big = pool.acquire(4 * MIN_CLASS, wait=False)
+    assert big is not None, "the parked blocks kept the budget from a larger block"
+    assert big.size == 4 * MIN_CLASS
+    stats = pool.stats()
+    assert stats.evictions == 4 and stats.reserved == 4 * MIN_CLASS, stats
+    pool.release(big)
+    pool.close()
+
+
+def test_a_waiting_acquire_gets_a_small_block_handed_back(gpuaio_runtime: Any) -> None:
+    """A thread waiting in ``acquire`` for the budget gets the block another
+    thread hands back with ``release_small``: the block goes to the waiter,
+    not onto the spare stack out of its sight."""
+    from gpuaio._engine.pool import MIN_CLASS, PinnedPool
+
+    pool = PinnedPool(gpuaio_runtime.backend, budget=MIN_CLASS)
+    block = pool.acquire(MIN_CLASS)
+    assert block is not None
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire(MIN_CLASS)), daemon=True)
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while not pool._cv._waiters and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.001)
+    assert pool._cv._waiters, "acquire() did not wait for the budget"  # type: ignore[attr-defined]
+    pool.release_small(block)
+    waiter.join(10)
+    assert not waiter.is_alive(), "acquire() never got the block back"
+    assert got == [block]
+    assert not pool._spare
+    pool.release(block)
+    pool.close()
+
+
+def test_small_blocks_are_never_handed_out_twice_across_threads(gpuaio_runtime: Any) -> None:
+    """Threads taking and handing back small blocks at once: each block has one
+    holder at a time, and every block ends up back in the cache."""
+    from gpuaio._engine.pool import MIN_CLASS, PinnedPool
+
+    pool = PinnedPool(gpuaio_runtime.backend, budget=64 * MIN_CLASS)
+    pool.reserve(MIN_CLASS, 6)
+    holders: dict[int, int] = {}
+    errors: list[str] = []
+    guard = threading.Lock()
+
+    def worker(me: int) -> None:
+        for _ in range(3000):
+            b = pool.take_small()
+            if b is None:
+                continue
+            with guard:
+                if b.ptr in holders:
+                    errors.append(f"block {b.ptr:#x} held by {holders[b.ptr]} and {me}")
+                holders[b.ptr] = me
+            with guard:
+                del holders[b.ptr]
+            pool.release_small(b)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as CPython allows
+    try:
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors, errors[:3]
+    stats = pool.stats()
+    assert stats.in_use == 0 and stats.reserved == 6 * MIN_CLASS, stats
+    pool.close()

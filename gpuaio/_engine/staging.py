@@ -41,7 +41,7 @@ from .eventcache import EventCache
 from .gated import GatedCopies
 from .hostwork import HostPool, SlicedCopy
 from .nativecopy import NativeCopy, host_copier, nt_copier
-from .pool import PinnedBlock, PinnedPool, size_class
+from .pool import MIN_CLASS, PinnedBlock, PinnedPool, size_class
 from .stagingconfig import (
     D2H_NT_MIN,
     D2H_SPLIT,
@@ -166,7 +166,8 @@ class Stager:
         if small and (seq.reads_clear() if h2d else seq.deps_clear()):
             # Cached blocks only: allocating pinned memory is a slow driver
             # call that must not run on the caller's (event-loop) thread.
-            block = self.pool.take_cached(d.nbytes)
+            n = d.nbytes
+            block = self.pool.take_small() if n <= MIN_CLASS else self.pool.take_cached(n)
             if block is None:
                 try:
                     block = self.pool.acquire(d.nbytes, wait=False, allocate=False)
@@ -237,11 +238,11 @@ class Stager:
             else:
                 _copy_small(block.ptr, s.ptr, n)
         except BaseException as exc:
-            self.pool.release(block)
+            self.pool.release_small(block)
             op._resolve(exc)
             raise
         # Partials, not closures, here and below: see Sequencer._gpu_job.
-        op._add_done_callback(functools.partial(self.pool.release, block))
+        op._add_done_callback(functools.partial(self.pool.release_small, block))
         return seq.gpu(op, self.runtime.backend.memcpy_async, d.ptr, block.ptr, n)
 
     def _small_d2h(
@@ -251,7 +252,7 @@ class Stager:
         n = d.nbytes
         # The op keeps the destination alive. The copy-out: block -> destination.
         op._complete = functools.partial(_copy_small, d.ptr, block.ptr, n)
-        op._add_done_callback(functools.partial(self.pool.release, block))
+        op._add_done_callback(functools.partial(self.pool.release_small, block))
         seq.gpu(op, self.runtime.backend.memcpy_async, block.ptr, s.ptr, n)
         seq.note_copy_out(op)
         return op
