@@ -829,3 +829,164 @@ def test_copy_threads_run_at_a_lower_cpu_priority_than_the_loop() -> None:
         assert np.array_equal(dst, src)
     finally:
         pool.close()
+
+
+# -- uploads staged on the calling thread in pieces (INLINE_PIECES) -----------------
+
+
+@pytest.fixture
+def in_pieces(gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch) -> Stager:
+    """Uploads up to ``inline_max`` staged on the calling thread, in up to 4 pieces."""
+    stager: Stager = gpuaio_runtime.stager
+    monkeypatch.setattr(stager, "inline_pieces", 4)
+    monkeypatch.setattr(stager, "direct_up_max", 0)  # small ones staged too
+    monkeypatch.setattr(stager, "gated", None)
+    return stager
+
+
+@contextlib.contextmanager
+def _piece_dmas(be: Any, d_ptr: int, src: np.ndarray) -> Iterator[list[tuple[int, int]]]:
+    """Each ``memcpy_async`` into ``d_ptr``'s upload as (offset, bytes); checks at
+    each that its piece of the block already holds the source's bytes and that
+    the next piece does not yet (so the DMA was enqueued before that copy)."""
+    import ctypes
+
+    pieces: list[tuple[int, int]] = []
+    real = be.memcpy_async
+    n = src.nbytes
+
+    def spy(dst: int, src_ptr: int, nbytes: int, stream: Any) -> None:
+        off = dst - d_ptr
+        if 0 <= off < n:
+            want = src[off : off + nbytes].tobytes()
+            assert ctypes.string_at(src_ptr, nbytes) == want, f"piece at {off} DMAed uncopied"
+            end = off + nbytes
+            if end < n:
+                ahead = min(nbytes, n - end)
+                early = (
+                    ctypes.string_at(src_ptr + nbytes, ahead) == src[end : end + ahead].tobytes()
+                )
+                assert not early, f"the piece after {off} was copied before this one's DMA"
+            pieces.append((off, nbytes))
+        real(dst, src_ptr, nbytes, stream)
+
+    be.memcpy_async = spy
+    try:
+        yield pieces
+    finally:
+        be.memcpy_async = real
+
+
+@pytest.mark.parametrize(
+    ("n", "expected"),
+    [
+        (MiB, [256 << 10] * 4),
+        (MiB - 5, [262143] * 3 + [MiB - 5 - 3 * 262143]),
+        (300 << 10, [150 << 10] * 2),
+        (256 << 10, [128 << 10] * 2),
+        (200 << 10, [200 << 10]),  # under two pieces' minimum: one piece
+    ],
+)
+async def test_an_inline_upload_in_pieces_dmas_each_piece_once_copied(
+    in_pieces: Stager, dev: gpuaio.Device, n: int, expected: list[int]
+) -> None:
+    """Each piece is copied into the block, then its DMA enqueued, before the
+    next piece is copied; the pieces cover the upload once, in order; the
+    data is byte-exact and the block is free again afterwards."""
+    s = dev.stream()
+    d = dev.empty(n)
+    await s.copy(d, pattern(n, 30))  # warm: a block of this size cached
+    src = pattern(n, 31)
+    be = in_pieces.runtime.backend
+    with _piece_dmas(be, d.ptr, src) as pieces:
+        await s.copy(d, src)
+    assert [b for _, b in pieces] == expected, pieces
+    assert [o for o, _ in pieces] == [sum(expected[:i]) for i in range(len(expected))]
+    out = np.zeros(n, np.uint8)
+    await s.copy(out, d)
+    np.testing.assert_array_equal(out, src)
+    assert in_pieces.pool.stats().in_use == 0
+    await s.aclose()
+
+
+async def test_an_inline_upload_goes_in_one_piece_by_default(
+    gpuaio_runtime: Any, dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``GPUAIO_INLINE_PIECES`` is 1 unless set: one copy, then one DMA."""
+    from gpuaio._engine.stagingconfig import INLINE_PIECES
+
+    stager = gpuaio_runtime.stager
+    if "GPUAIO_INLINE_PIECES" not in os.environ:
+        assert INLINE_PIECES == 1 and stager.inline_pieces == 1
+    monkeypatch.setattr(stager, "inline_pieces", 1)
+    monkeypatch.setattr(stager, "gated", None)
+    s = dev.stream()
+    n = MiB
+    d = dev.empty(n)
+    await s.copy(d, pattern(n, 32))
+    src = pattern(n, 33)
+    with _piece_dmas(gpuaio_runtime.backend, d.ptr, src) as pieces:
+        await s.copy(d, src)
+    assert pieces == [(0, n)]
+    await s.aclose()
+
+
+@pytest.mark.parametrize("fatal", [False, True])
+async def test_an_upload_failing_after_some_pieces_frees_their_block_only_after_a_drain(
+    in_pieces: Stager, dev: gpuaio.Device, fatal: bool
+) -> None:
+    """A driver call failing at the third piece fails the copy. The first two
+    pieces' DMAs may still read the block, so it goes back to the pool only
+    once the stream has drained (an upload meanwhile gets another block),
+    unless the error was a dead device's, which runs no DMA any more: then
+    the block is free at once."""
+    from gpuaio._core.errors import DeviceFatalError
+    from tests.test_loader import eventually
+
+    s = dev.stream()
+    n = MiB
+    d = dev.empty(n)
+    await s.copy(d, pattern(n, 34))
+    pool = in_pieces.pool
+    pool.reserve(n, 2)  # a second block at hand for the upload after the failure
+    before = pool.stats().in_use
+    be = in_pieces.runtime.backend
+    real = be.memcpy_async
+    reads: list[int] = []
+
+    def failing(dst: int, src_ptr: int, nbytes: int, stream: Any) -> None:
+        reads.append(src_ptr)
+        if len(reads) == 3:
+            if fatal:
+                raise DeviceFatalError("cuMemcpyAsync", 999, "CUDA_ERROR_INJECTED")
+            raise RuntimeError("injected: the third piece's DMA failed")
+        real(dst, src_ptr, nbytes, stream)
+
+    release = latch(dev, s)  # the pieces' DMAs stay pending
+    try:
+        be.memcpy_async = failing
+        try:
+            with pytest.raises((RuntimeError, DeviceFatalError), match=r"INJECTED|injected"):
+                await s.copy(d, pattern(n, 35))
+        finally:
+            be.memcpy_async = real
+        assert len(reads) == 3
+        if fatal:
+            assert pool.stats().in_use == before
+            return
+        assert pool.stats().in_use == before + MiB, "the block went back before a drain"
+        src = pattern(n, 36)
+        with _recorded_copies(be) as calls:
+            op = s.copy(d, src)
+        block = reads[0]
+        assert calls and all(not block <= sp < block + MiB for _, sp, _ in calls), (
+            "a block whose DMAs may still run was handed out again"
+        )
+    finally:
+        release()
+    await op
+    out = np.zeros(n, np.uint8)
+    await s.copy(out, d)
+    np.testing.assert_array_equal(out, src)
+    await eventually(lambda: pool.stats().in_use == before)
+    await s.aclose()

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .._core import trace as _trace
-from .._core.errors import InvalidArgumentError, OperationAbortedError
+from .._core.errors import DeviceFatalError, InvalidArgumentError, OperationAbortedError
 from .._core.operation import Operation
 from .._core.progress import report_progress
 from .buffers import BufferInfo
@@ -49,6 +49,8 @@ from .stagingconfig import (
     DMA_STEP,
     GATED_DOWN_MAX,
     GATED_UP_MAX,
+    INLINE_PIECE_MIN,
+    INLINE_PIECES,
     LOOKAHEAD,
     NT_MIN,
     PCIE_BPS,
@@ -92,6 +94,9 @@ class Stager:
         (:data:`~gpuaio._engine.stagingconfig.DIRECT_UP_MAX`); 0: none."""
         self.direct_uploads: int = 0
         """Uploads handed to the driver so (for tests and probes)."""
+        self.inline_pieces: int = INLINE_PIECES
+        """Uploads staged on the calling thread go in up to this many pieces
+        (:data:`~gpuaio._engine.stagingconfig.INLINE_PIECES`); 1 or less: one."""
         self._nt: Callable[[int, int, int], None] | None = nt if NT_MIN else None
         self._nt_out: Callable[[int, int, int], None] | None = nt if D2H_NT_MIN else None
         # Mid-size copies gated on the native copy threads (gated.py), in the
@@ -231,6 +236,9 @@ class Stager:
         """The source is read now: no earlier host action of the stream is pending."""
         n = d.nbytes
         nt = self._nt
+        pieces = min(self.inline_pieces, n // INLINE_PIECE_MIN)
+        if pieces > 1:
+            return self._pieces_h2d(seq, op, d, s, block, pieces)
         try:
             # Small: cheaper than a thread hop (and memmove than numpy views).
             if nt is not None and n >= NT_MIN:
@@ -244,6 +252,25 @@ class Stager:
         # Partials, not closures, here and below: see Sequencer._gpu_job.
         op._add_done_callback(functools.partial(self.pool.release_small, block))
         return seq.gpu(op, self.runtime.backend.memcpy_async, d.ptr, block.ptr, n)
+
+    def _pieces_h2d(
+        self,
+        seq: Sequencer,
+        op: Operation,
+        d: BufferInfo,
+        s: BufferInfo,
+        block: PinnedBlock,
+        pieces: int,
+    ) -> Operation:
+        """:meth:`_small_h2d` in ``pieces``: each piece's DMA is enqueued once it
+        is copied, and runs while the next one is (``INLINE_PIECES``)."""
+        n = d.nbytes
+        piece = -(-n // pieces)
+        nt = self._nt
+        copy = nt if nt is not None and piece >= NT_MIN else _copy_small
+        held = [block]
+        op._add_done_callback(functools.partial(_release_held, self.pool, held))
+        return seq.gpu(op, _upload_in_pieces, self, copy, held, d.ptr, s.ptr, n, piece)
 
     def _small_d2h(
         self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo, block: PinnedBlock
@@ -526,6 +553,50 @@ def _chunk_block(
     if block is None:
         block = pool.acquire(nbytes, wait=wait, min_bytes=min_bytes)
     return block
+
+
+def _upload_in_pieces(
+    stager: Stager,
+    copy: Callable[[int, int, int], object],
+    held: list[PinnedBlock],
+    dst: int,
+    src: int,
+    nbytes: int,
+    piece: int,
+    native: Any,
+) -> None:
+    """Copy ``src`` into the block in ``held`` piece by piece, enqueueing each
+    piece's DMA to ``dst`` as soon as it is copied (a sequencer's enqueue).
+
+    If a piece fails after others were enqueued, their DMAs may still read
+    the block when the op fails: the block leaves ``held`` and goes back to
+    the pool only once the stream has drained, from the reaper thread
+    (unless the device is dead, when no DMA runs any more).
+    """
+    backend = stager.runtime.backend
+    block = held[0]
+    off = 0
+    try:
+        while off < nbytes:
+            ln = min(piece, nbytes - off)
+            copy(block.ptr + off, src + off, ln)
+            backend.memcpy_async(dst + off, block.ptr + off, ln, native)
+            off += ln
+    except DeviceFatalError:
+        raise
+    except BaseException:
+        if off:
+            held.clear()
+            stager.runtime.reaper.submit(
+                functools.partial(_release_after_drain, backend, native, stager.pool, block)
+            )
+        raise
+
+
+def _release_held(pool: PinnedPool, held: list[PinnedBlock]) -> None:
+    """An upload in pieces completed (or failed): hand back its block, if held."""
+    for block in held:
+        pool.release_small(block)
 
 
 def _release_after_drain(backend: Any, native: Any, pool: PinnedPool, block: PinnedBlock) -> None:

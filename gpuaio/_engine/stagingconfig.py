@@ -205,6 +205,21 @@ itself is slower there, and its DMA gains 1-2 us. 256 KiB is the size from
 which every measured size held at least 0.97x in each of four processes,
 the rule the run was judged by."""
 
+INLINE_PIECES = int(os.environ.get("GPUAIO_INLINE_PIECES", "1"))
+"""An upload staged on the calling thread (up to ``inline_max``) is copied into
+its block and DMAed in up to this many pieces of at least
+``INLINE_PIECE_MIN`` bytes, each piece's DMA enqueued as soon as it is
+copied, so the DMA of one overlaps the copy of the next; 1: one piece.
+
+The blocking call it replaces, the driver's own pageable copy, pipelines
+its staging with its DMA the same way; gpuaio's 1 MiB upload, one copy then
+one DMA, ran at 0.88-0.97 of torch's on H100 hosts (issue 13, runs DT and
+DV). Each piece costs a driver call (1.6-2.4 us on those hosts). Off until
+a GPU run measures it (``GPUAIO_INLINE_PIECES=4``)."""
+
+INLINE_PIECE_MIN = 128 << 10
+"""The smallest piece of an upload staged on the calling thread in pieces."""
+
 D2H_NT_MIN = _env_size("GPUAIO_D2H_NT_MIN", 256 << 20)
 """Downloads of at least this size, staged through the stream's host thread,
 copy their chunks out of the pinned blocks into the destination with
