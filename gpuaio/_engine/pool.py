@@ -30,7 +30,7 @@ from .._core.errors import DeviceFatalError, InvalidArgumentError
 if TYPE_CHECKING:
     from ..backends import Backend
 
-__all__ = ["PinnedBlock", "PinnedPool", "PoolStats", "default_budget"]
+__all__ = ["PinnedBlock", "PinnedPool", "PoolStats", "default_budget", "release_after_drain"]
 
 MIN_CLASS = 64 << 10
 SPARE_MAX = 8
@@ -131,9 +131,8 @@ class PinnedPool:
         self._cv = threading.Condition(self._lock)
         self._free: dict[int, list[PinnedBlock]] = {}
         self._spare: list[PinnedBlock] = []
-        """Smallest-class blocks small copies handed back unguarded, taken again
-        without the lock (:meth:`take_small`): counted as in use, and folded
-        into ``_free`` by anything that looks at the cache as a whole."""
+        """Small copies' blocks, in use to the counts, for :meth:`take_small`;
+        folded into ``_free`` by anything that looks at the cache as a whole."""
         self._guarded: deque[PinnedBlock] = deque()
         self._reserved = 0
         self._freeing = 0
@@ -332,15 +331,10 @@ class PinnedPool:
             return block.guard
 
     def take_small(self) -> PinnedBlock | None:
-        """A cached smallest-class block (``MIN_CLASS`` bytes), or None, as
-        :meth:`take_cached` gives one, for copies of up to ``MIN_CLASS`` bytes.
-
-        Off the spare stack first: a list's ``pop`` (atomic under the GIL)
-        instead of the lock and the size-class lookup, which with the
-        hand-back cost a 4 KiB download into pageable memory about 1 us of its
-        16 on an H100 host (issue 13). The hit counter is updated without the
-        lock: threads taking at once may lose a count, never a block.
-        """
+        """:meth:`take_cached` for copies of up to ``MIN_CLASS`` bytes: off the
+        spare stack first, by a list's ``pop`` (atomic under the GIL) instead of
+        the lock (with the hand-back, about 1 us of a 16 us 4 KiB download on an
+        H100 host, issue 13). Its hit count may lose an update, never a block."""
         try:
             block = self._spare.pop()
         except IndexError:
@@ -349,14 +343,12 @@ class PinnedPool:
         return block
 
     def release_small(self, block: PinnedBlock) -> None:
-        """Hand back, unguarded, a block from :meth:`take_small` whose GPU work
-        has completed: onto the spare stack, still counted as in use, unless
-        the stack is full, the block is larger, or a thread waits in
-        :meth:`acquire` (which then gets it through :meth:`release`)."""
+        """Hand back, unguarded, a block of :meth:`take_small`'s whose GPU work
+        is done: onto the spare stack (still counted as in use) unless it is
+        full, the block larger, or a thread waits in :meth:`acquire` (which
+        folds the stack into the cache before each wait of at most 10 ms)."""
         waiting = self._cv._waiters  # type: ignore[attr-defined]
         if block.size == MIN_CLASS and len(self._spare) < SPARE_MAX and not waiting:
-            # A thread that starts waiting after this check folds the stack
-            # into the cache before each wait, which is at most 10 ms.
             self._spare.append(block)
         else:
             self.release(block)
@@ -560,15 +552,10 @@ class PinnedPool:
         return block
 
     def _fold_spare_locked(self) -> None:
-        """Move the spare stack's blocks into the cache as free (pops, so a
-        concurrent :meth:`take_small` gets each block once)."""
-        spare = self._spare
-        while spare:
-            try:
-                block = spare.pop()
-            except IndexError:  # another thread took the last one
-                break
-            self._put_free_locked(block)
+        """Move the spare stack's blocks into the cache (pops: each block once)."""
+        with contextlib.suppress(IndexError):  # another thread took the last one
+            while self._spare:
+                self._put_free_locked(self._spare.pop())
 
     def _put_free_locked(self, block: PinnedBlock) -> None:
         self._in_use -= block.size
@@ -601,3 +588,12 @@ def _run_now(fn: Callable[[], None]) -> None:
 
 def _pow2_floor(n: int) -> int:
     return 1 << (max(n, 1).bit_length() - 1)
+
+
+def release_after_drain(backend: Any, native: Any, pool: PinnedPool, block: PinnedBlock) -> None:
+    """A DMA into/from ``block`` is enqueued but unguarded: release it once it ran."""
+    try:
+        backend.stream_synchronize(native)
+    except Exception:
+        return  # cannot tell whether the DMA ran: never hand the block out again
+    pool.release(block)

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .._core import trace as _trace
-from .._core.errors import DeviceFatalError, InvalidArgumentError, OperationAbortedError
+from .._core.errors import InvalidArgumentError, OperationAbortedError
 from .._core.operation import Operation
 from .._core.progress import report_progress
 from .buffers import BufferInfo
@@ -41,7 +41,8 @@ from .eventcache import EventCache
 from .gated import GatedCopies
 from .hostwork import HostPool, SlicedCopy
 from .nativecopy import NativeCopy, host_copier, nt_copier
-from .pool import MIN_CLASS, PinnedBlock, PinnedPool, size_class
+from .pieces import upload_in_pieces
+from .pool import MIN_CLASS, PinnedBlock, PinnedPool, release_after_drain, size_class
 from .stagingconfig import (
     D2H_NT_MIN,
     D2H_SPLIT,
@@ -238,7 +239,10 @@ class Stager:
         nt = self._nt
         pieces = min(self.inline_pieces, n // INLINE_PIECE_MIN)
         if pieces > 1:
-            return self._pieces_h2d(seq, op, d, s, block, pieces)
+            nt = nt if nt is not None and -(-n // pieces) >= NT_MIN else None
+            backend, defer = self.runtime.backend, self.runtime.reaper.submit
+            args = (seq, op, d.ptr, s.ptr, n, pieces, block, self.pool, backend, defer)
+            return upload_in_pieces(*args, nt or _copy_small)
         try:
             # Small: cheaper than a thread hop (and memmove than numpy views).
             if nt is not None and n >= NT_MIN:
@@ -252,25 +256,6 @@ class Stager:
         # Partials, not closures, here and below: see Sequencer._gpu_job.
         op._add_done_callback(functools.partial(self.pool.release_small, block))
         return seq.gpu(op, self.runtime.backend.memcpy_async, d.ptr, block.ptr, n)
-
-    def _pieces_h2d(
-        self,
-        seq: Sequencer,
-        op: Operation,
-        d: BufferInfo,
-        s: BufferInfo,
-        block: PinnedBlock,
-        pieces: int,
-    ) -> Operation:
-        """:meth:`_small_h2d` in ``pieces``: each piece's DMA is enqueued once it
-        is copied, and runs while the next one is (``INLINE_PIECES``)."""
-        n = d.nbytes
-        piece = -(-n // pieces)
-        nt = self._nt
-        copy = nt if nt is not None and piece >= NT_MIN else _copy_small
-        held = [block]
-        op._add_done_callback(functools.partial(_release_held, self.pool, held))
-        return seq.gpu(op, _upload_in_pieces, self, copy, held, d.ptr, s.ptr, n, piece)
 
     def _small_d2h(
         self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo, block: PinnedBlock
@@ -516,7 +501,7 @@ def _guarded_dma(
         backend.memcpy_async(dst, src, nbytes, native)
     except BaseException:
         if drain:
-            _release_after_drain(backend, native, pool, block)
+            release_after_drain(backend, native, pool, block)
         else:
             pool.release(block)  # nothing was enqueued
         raise
@@ -527,7 +512,7 @@ def _guarded_dma(
     except BaseException:
         if ev is not None:
             events.put([ev])  # not recorded: nothing waits on it
-        _release_after_drain(backend, native, pool, block)
+        release_after_drain(backend, native, pool, block)
         raise
     return ev
 
@@ -553,59 +538,6 @@ def _chunk_block(
     if block is None:
         block = pool.acquire(nbytes, wait=wait, min_bytes=min_bytes)
     return block
-
-
-def _upload_in_pieces(
-    stager: Stager,
-    copy: Callable[[int, int, int], object],
-    held: list[PinnedBlock],
-    dst: int,
-    src: int,
-    nbytes: int,
-    piece: int,
-    native: Any,
-) -> None:
-    """Copy ``src`` into the block in ``held`` piece by piece, enqueueing each
-    piece's DMA to ``dst`` as soon as it is copied (a sequencer's enqueue).
-
-    If a piece fails after others were enqueued, their DMAs may still read
-    the block when the op fails: the block leaves ``held`` and goes back to
-    the pool only once the stream has drained, from the reaper thread
-    (unless the device is dead, when no DMA runs any more).
-    """
-    backend = stager.runtime.backend
-    block = held[0]
-    off = 0
-    try:
-        while off < nbytes:
-            ln = min(piece, nbytes - off)
-            copy(block.ptr + off, src + off, ln)
-            backend.memcpy_async(dst + off, block.ptr + off, ln, native)
-            off += ln
-    except DeviceFatalError:
-        raise
-    except BaseException:
-        if off:
-            held.clear()
-            stager.runtime.reaper.submit(
-                functools.partial(_release_after_drain, backend, native, stager.pool, block)
-            )
-        raise
-
-
-def _release_held(pool: PinnedPool, held: list[PinnedBlock]) -> None:
-    """An upload in pieces completed (or failed): hand back its block, if held."""
-    for block in held:
-        pool.release_small(block)
-
-
-def _release_after_drain(backend: Any, native: Any, pool: PinnedPool, block: PinnedBlock) -> None:
-    """A DMA into/from ``block`` is enqueued but unguarded: free it only once it ran."""
-    try:
-        backend.stream_synchronize(native)
-    except Exception:
-        return  # cannot tell whether the DMA ran: never hand the block out again
-    pool.release(block)
 
 
 def _stage(
@@ -654,7 +586,7 @@ def _drop(backend: Any, native: Any, pool: PinnedPool, copying: deque[list[Any]]
         if cp is not None:
             cp.stop()
         if sent:
-            _release_after_drain(backend, native, pool, block)
+            release_after_drain(backend, native, pool, block)
         else:
             pool.release(block)
     copying.clear()
