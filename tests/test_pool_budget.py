@@ -307,7 +307,11 @@ def test_small_blocks_handed_back_are_reused_without_the_lock(gpuaio_runtime: An
     assert pool.trim() == len(blocks) * MIN_CLASS, "parked blocks were not freed"
     stats = pool.stats()
     assert stats.reserved == 0 and stats.in_use == 0, stats
+    last = pool.acquire(MIN_CLASS)
+    assert last is not None
     pool.close()
+    pool.release_small(last)  # a copy ending after the close: not parked for the next
+    assert pool.take_small() is None, "a closed pool handed out a block"
 
 
 def test_parked_small_blocks_make_room_for_a_larger_one(gpuaio_runtime: Any) -> None:

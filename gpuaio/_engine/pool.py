@@ -345,9 +345,9 @@ class PinnedPool:
     def release_small(self, block: PinnedBlock) -> None:
         """Hand back, unguarded, a block of :meth:`take_small`'s whose GPU work
         is done: onto the spare stack (still counted as in use) unless it is
-        full, the block larger, or a thread waits in :meth:`acquire` (which
-        folds the stack into the cache before each wait of at most 10 ms)."""
-        waiting = self._cv._waiters  # type: ignore[attr-defined]
+        full, the block larger, the pool closed, or a thread waits in
+        :meth:`acquire` (which folds the stack in before each wait, <= 10 ms)."""
+        waiting = self._cv._waiters or self._closed  # type: ignore[attr-defined]
         if block.size == MIN_CLASS and len(self._spare) < SPARE_MAX and not waiting:
             self._spare.append(block)
         else:
