@@ -7,7 +7,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -27,13 +27,19 @@ MiB = 1 << 20
 
 
 @contextlib.contextmanager
-def _recorded_copies(be: Any) -> Iterator[list[tuple[int, int, int]]]:
-    """Every ``memcpy_async`` on ``be`` within the block, as (dst, src, bytes)."""
+def _recorded_copies(
+    be: Any, check: Callable[[int, int, int], None] | None = None
+) -> Iterator[list[tuple[int, int, int]]]:
+    """Every ``memcpy_async`` on ``be`` within the block, as (dst, src, bytes);
+    ``check(dst, src, bytes)``, if given, runs at each call before the driver's
+    (an error it raises is the call's)."""
     calls: list[tuple[int, int, int]] = []
     real = be.memcpy_async
 
     def spy(dst: int, src_ptr: int, nbytes: int, stream: Any) -> None:
         calls.append((dst, src_ptr, nbytes))
+        if check is not None:
+            check(dst, src_ptr, nbytes)
         real(dst, src_ptr, nbytes, stream)
 
     be.memcpy_async = spy
@@ -852,10 +858,9 @@ def _piece_dmas(be: Any, d_ptr: int, src: np.ndarray) -> Iterator[list[tuple[int
     import ctypes
 
     pieces: list[tuple[int, int]] = []
-    real = be.memcpy_async
     n = src.nbytes
 
-    def spy(dst: int, src_ptr: int, nbytes: int, stream: Any) -> None:
+    def check(dst: int, src_ptr: int, nbytes: int) -> None:
         off = dst - d_ptr
         if 0 <= off < n:
             want = src[off : off + nbytes].tobytes()
@@ -868,13 +873,9 @@ def _piece_dmas(be: Any, d_ptr: int, src: np.ndarray) -> Iterator[list[tuple[int
                 )
                 assert not early, f"the piece after {off} was copied before this one's DMA"
             pieces.append((off, nbytes))
-        real(dst, src_ptr, nbytes, stream)
 
-    be.memcpy_async = spy
-    try:
+    with _recorded_copies(be, check):
         yield pieces
-    finally:
-        be.memcpy_async = real
 
 
 @pytest.mark.parametrize(
@@ -951,26 +952,22 @@ async def test_an_upload_failing_after_some_pieces_frees_their_block_only_after_
     pool.reserve(n, 2)  # a second block at hand for the upload after the failure
     before = pool.stats().in_use
     be = in_pieces.runtime.backend
-    real = be.memcpy_async
-    reads: list[int] = []
+    tries = 0
 
-    def failing(dst: int, src_ptr: int, nbytes: int, stream: Any) -> None:
-        reads.append(src_ptr)
-        if len(reads) == 3:
+    def failing(dst: int, src_ptr: int, nbytes: int) -> None:
+        nonlocal tries
+        tries += 1
+        if tries == 3:
             if fatal:
                 raise DeviceFatalError("cuMemcpyAsync", 999, "CUDA_ERROR_INJECTED")
             raise RuntimeError("injected: the third piece's DMA failed")
-        real(dst, src_ptr, nbytes, stream)
 
     release = latch(dev, s)  # the pieces' DMAs stay pending
     try:
-        be.memcpy_async = failing
-        try:
-            with pytest.raises((RuntimeError, DeviceFatalError), match=r"INJECTED|injected"):
-                await s.copy(d, pattern(n, 35))
-        finally:
-            be.memcpy_async = real
-        assert len(reads) == 3
+        injected = pytest.raises((RuntimeError, DeviceFatalError), match=r"INJECTED|injected")
+        with _recorded_copies(be, failing) as failed, injected:
+            await s.copy(d, pattern(n, 35))
+        assert len(failed) == 3
         if fatal:
             assert pool.stats().in_use == before
             return
@@ -978,7 +975,7 @@ async def test_an_upload_failing_after_some_pieces_frees_their_block_only_after_
         src = pattern(n, 36)
         with _recorded_copies(be) as calls:
             op = s.copy(d, src)
-        block = reads[0]
+        block = failed[0][1]
         assert calls and all(not block <= sp < block + MiB for _, sp, _ in calls), (
             "a block whose DMAs may still run was handed out again"
         )

@@ -29,7 +29,7 @@ def upload_in_pieces(
     dst: int,
     src: int,
     nbytes: int,
-    pieces: int,
+    piece: int,
     block: PinnedBlock,
     pool: PinnedPool,
     backend: Any,
@@ -37,7 +37,8 @@ def upload_in_pieces(
     copy: Callable[[int, int, int], object],
 ) -> Operation:
     """Enqueue ``op``, the upload of ``nbytes`` from pageable ``src`` to ``dst``
-    through ``block``, in ``pieces`` (``copy`` copies one into the block).
+    through ``block``, in pieces of ``piece`` bytes (``copy`` copies one into
+    the block).
 
     The source is read as the sequencer enqueues: at once, on the calling
     thread, unless the stream has host jobs queued. The block goes back to
@@ -45,7 +46,6 @@ def upload_in_pieces(
     """
     held = [block]
     op._add_done_callback(functools.partial(_release_held, pool, held))
-    piece = -(-nbytes // pieces)
     args = (backend, defer, pool, copy, held, dst, src, nbytes, piece)
     return seq.gpu(op, _enqueue, *args)
 

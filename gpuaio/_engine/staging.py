@@ -237,12 +237,12 @@ class Stager:
         """The source is read now: no earlier host action of the stream is pending."""
         n = d.nbytes
         nt = self._nt
-        pieces = min(self.inline_pieces, n // INLINE_PIECE_MIN)
-        if pieces > 1:
-            nt = nt if nt is not None and -(-n // pieces) >= NT_MIN else None
+        if n >= 2 * INLINE_PIECE_MIN and self.inline_pieces > 1:  # else one piece
+            piece = -(-n // min(self.inline_pieces, n // INLINE_PIECE_MIN))
+            copy = nt if nt is not None and piece >= NT_MIN else _copy_small
             backend, defer = self.runtime.backend, self.runtime.reaper.submit
-            args = (seq, op, d.ptr, s.ptr, n, pieces, block, self.pool, backend, defer)
-            return upload_in_pieces(*args, nt or _copy_small)
+            args = (seq, op, d.ptr, s.ptr, n, piece, block, self.pool, backend, defer)
+            return upload_in_pieces(*args, copy)
         try:
             # Small: cheaper than a thread hop (and memmove than numpy views).
             if nt is not None and n >= NT_MIN:
