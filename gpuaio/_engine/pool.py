@@ -258,8 +258,9 @@ class PinnedPool:
             raise
         return PinnedBlock(ptr, size)
 
-    def reserve(self, nbytes: int, count: int) -> int:
-        """Allocate blocks ahead of need until ``count`` cached blocks serve ``nbytes``.
+    def reserve(self, nbytes: int, count: int, *, more: bool = False) -> int:
+        """Allocate blocks ahead of need until ``count`` cached blocks serve ``nbytes``
+        (with ``more``: until ``count`` new blocks do, whatever is cached already).
 
         Stops at the budget (it never evicts). Returns the bytes newly
         allocated. Blocks: calls the driver's allocator, so run it off the
@@ -278,7 +279,7 @@ class PinnedPool:
                 if self._closed:
                     raise RuntimeError("the pinned pool is closed")
                 self._fold_spare_locked()
-                if len(self._free.get(size, ())) >= count:
+                if (added // size if more else len(self._free.get(size, ()))) >= count:
                     return added
                 if self._reserved + size > self.budget:
                     return added

@@ -39,6 +39,7 @@ from .._core.progress import report_progress
 from .buffers import BufferInfo
 from .eventcache import EventCache
 from .gated import GatedCopies
+from .growth import ClassGrowth
 from .hostwork import HostPool, SlicedCopy
 from .nativecopy import NativeCopy, host_copier, nt_copier
 from .pieces import upload_in_pieces
@@ -83,6 +84,7 @@ class Stager:
         self.pool: PinnedPool = PinnedPool(
             runtime.backend, budget, defer=runtime.reaper.submit, recycle=self.events.put
         )
+        self.growth = ClassGrowth(self.pool, runtime.reaper.submit)
         # Whether every small copy's block fits the budget (its check then
         # costs nothing per copy).
         self._small_fit = size_class(self.config.inline_max) <= self.pool.budget
@@ -180,6 +182,8 @@ class Stager:
                 except BaseException as exc:  # over the budget, or closed: nothing was enqueued
                     op._resolve(exc)
                     raise
+                if block is None:  # this copy takes the host thread's path
+                    self.growth.missed(n)
             if block is not None:
                 if d.nbytes <= POLL_FIRST_MAX:
                     # Its DMA is a pinned copy: so is its expected duration.
