@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import gpuaio
-from gpuaio._engine.growth import CLASS_SHARE, FIRST_STEP, ClassGrowth
+from gpuaio._engine.growth import CLASS_SHARE, ClassGrowth
 from gpuaio._engine.pool import MIN_CLASS, PinnedPool
 from gpuaio._engine.staging import Stager, StagingConfig
 from tests.test_copy import pattern
@@ -26,73 +26,67 @@ def _queue() -> tuple[list[Callable[[], None]], Callable[[Callable[[], None]], N
     return jobs, jobs.append
 
 
-def test_a_miss_pins_a_batch_of_its_class_off_the_calling_thread(gpuaio_runtime: Any) -> None:
-    """``missed`` pins nothing itself; the job it hands over pins ``FIRST_STEP``
-    blocks of the copy's class. Each batch that pinned any doubles the
-    next, up to a share of the budget."""
-    budget = 1024 * MIN_CLASS
-    pool = PinnedPool(gpuaio_runtime.backend, budget=budget)
-    jobs, submit = _queue()
-    growth = ClassGrowth(pool, submit)
-    growth.missed(4096)
-    assert pool.stats().reserved == 0, "the calling thread pinned memory"
-    assert len(jobs) == 1
-    jobs.pop()()
-    stats = pool.stats()
-    assert stats.reserved == FIRST_STEP * MIN_CLASS and stats.in_use == 0, stats
-    assert len(pool._free[MIN_CLASS]) == FIRST_STEP
-
-    # Each batch with its class's cached blocks all taken (copies in flight).
-    share = budget // CLASS_SHARE // MIN_CLASS
-    held: list[Any] = []
-    steps = []
-    for _ in range(6):
-        before = pool.stats().reserved
-        held += iter(lambda: pool.take_cached(MIN_CLASS), None)
-        growth.missed(100)
-        jobs.pop()()
-        steps.append((pool.stats().reserved - before) // MIN_CLASS)
-    assert steps == [2 * FIRST_STEP, 4 * FIRST_STEP, share, share, share, share]
-
-    # A batch pins its blocks however many are cached by the time it runs:
-    # copies handing theirs back in between must not cut the class's growth.
-    held += iter(lambda: pool.take_cached(MIN_CLASS), None)
-    for b in held[:5]:
-        pool.release(b)
-    before = pool.stats().reserved
-    growth.missed(100)
-    jobs.pop()()
-    assert pool.stats().reserved - before == share * MIN_CLASS
-
-    # Another class has its own batches.
-    growth.missed(3 * MIN_CLASS)
-    jobs.pop()()
-    assert len(pool._free[4 * MIN_CLASS]) == FIRST_STEP
-    for b in held[5:]:
-        pool.release(b)
-    pool.close()
-
-
-def test_one_batch_per_class_at_a_time(gpuaio_runtime: Any) -> None:
-    """Misses while a class's batch is still being pinned ask for nothing more."""
+def test_each_miss_pins_a_block_of_its_class_off_the_calling_thread(
+    gpuaio_runtime: Any,
+) -> None:
+    """``missed`` pins nothing itself and queues one job per class however
+    many copies miss before it runs; the job pins a block per miss."""
     pool = PinnedPool(gpuaio_runtime.backend, budget=1024 * MIN_CLASS)
     jobs, submit = _queue()
     growth = ClassGrowth(pool, submit)
     for _ in range(5):
-        growth.missed(MIN_CLASS)
-    assert len(jobs) == 1
+        growth.missed(4096)
+    assert pool.stats().reserved == 0, "the calling thread pinned memory"
+    assert len(jobs) == 1, "one job per class at a time"
     jobs.pop()()
-    assert growth.batches == 1
+    stats = pool.stats()
+    assert stats.reserved == 5 * MIN_CLASS and stats.in_use == 0, stats
+    assert len(pool._free[MIN_CLASS]) == 5
     growth.missed(MIN_CLASS)
-    assert len(jobs) == 1, "the class's next miss asked for no batch"
+    growth.missed(3 * MIN_CLASS)  # another class: a job of its own
+    assert len(jobs) == 2
+    for job in jobs:
+        job()
+    assert pool.stats().reserved == 6 * MIN_CLASS + 4 * MIN_CLASS
+    assert len(pool._free[4 * MIN_CLASS]) == 1
+    pool.close()
+
+
+def test_misses_during_a_batch_are_pinned_by_the_same_job(gpuaio_runtime: Any) -> None:
+    """Copies missing while a batch is being pinned queue nothing; the job pins
+    their blocks after its batch, up to a share of the budget per batch."""
+    budget = 64 * MIN_CLASS
+    pool = PinnedPool(gpuaio_runtime.backend, budget=budget)
+    jobs, submit = _queue()
+    growth = ClassGrowth(pool, submit)
+    reserve = pool.reserve
+    calls: list[int] = []
+
+    def reserve_while_copies_miss(nbytes: int, count: int, *, more: bool = False) -> int:
+        calls.append(count)
+        if len(calls) == 1:
+            for _ in range(20):  # misses while the first batch pins
+                growth.missed(MIN_CLASS)
+        return reserve(nbytes, count, more=more)
+
+    pool.reserve = reserve_while_copies_miss  # type: ignore[method-assign]
+    growth.missed(MIN_CLASS)
+    jobs.pop()()
+    assert not jobs, "a miss during the batch queued another job"
+    share = budget // CLASS_SHARE // MIN_CLASS
+    assert calls == [1, share, share, 20 - 2 * share], calls
+    assert growth.batches == 4
+    assert pool.stats().reserved == 21 * MIN_CLASS
+    growth.missed(MIN_CLASS)
+    assert len(jobs) == 1, "the class's next miss queued no job"
     jobs.pop()()
     pool.close()
 
 
 def test_a_batch_for_a_closed_or_full_pool_is_dropped(gpuaio_runtime: Any) -> None:
-    """A batch with the budget spent pins nothing; one after the pool closed
-    raises nowhere (it runs on the reaper thread); either way the class may
-    ask again."""
+    """A batch with the budget spent pins nothing and forgets the misses owed;
+    one after the pool closed raises nowhere (it runs on the reaper thread);
+    either way the class may ask again."""
     pool = PinnedPool(gpuaio_runtime.backend, budget=64 * MIN_CLASS)
     jobs, submit = _queue()
     growth = ClassGrowth(pool, submit)
@@ -100,6 +94,7 @@ def test_a_batch_for_a_closed_or_full_pool_is_dropped(gpuaio_runtime: Any) -> No
     growth.missed(MIN_CLASS)
     jobs.pop()()  # the budget is spent
     assert pool.stats().reserved == 64 * MIN_CLASS
+    assert not growth._owed and not growth._pending
     for b in held:
         assert b is not None
         pool.release(b)
@@ -154,7 +149,7 @@ async def test_concurrent_small_copies_stop_missing_the_cache(
         assert np.array_equal(out, srcs[i]), f"task {i}: wrong bytes"
         await s.copy(part, out)
 
-    for _ in range(8):
+    for _ in range(20):
         misses.append(0)
         async with anyio.create_task_group() as tg:
             for i in range(tasks):
@@ -165,9 +160,8 @@ async def test_concurrent_small_copies_stop_missing_the_cache(
             break
     assert misses[0] > 0, "the first round never missed the cache: nothing was tested"
     assert misses[-1] == 0, f"the copies kept missing the cache, per round: {misses}"
-    # Grown to what was in flight (a block per task, two while a task's next
-    # copy starts before its last one's block went back), plus a batch at most.
-    share = small_stager.pool.budget // CLASS_SHARE // MIN_CLASS
-    assert small_stager.pool.stats().reserved <= (2 * tasks + share) * MIN_CLASS
+    # A block per miss: at most twice the blocks in flight (one per task, two
+    # while a task's next copy starts before its last one's block went back).
+    assert small_stager.pool.stats().reserved <= 2 * 2 * tasks * MIN_CLASS
     for s in streams:
         s.close()

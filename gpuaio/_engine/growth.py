@@ -9,13 +9,14 @@ one block only where a host job found the cache empty: with 1,000 tasks
 downloading 4 KiB each on the fake GPU, 14,811 of the first 20,800 copies
 took the host thread's path, at 11k copies/s against 42k once the class
 had grown (issue 13, thirty-fifth round). A miss now also asks the
-reaper thread to pin a batch of blocks of the class, doubling with each
-miss, so the class reaches the number of copies in flight after a few
-misses.
+reaper thread to pin a block of the class for each copy that missed it
+since the last batch: the class grows with the demand it failed to meet,
+fast under many concurrent copies and by a block or two under a few.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections.abc import Callable
@@ -24,60 +25,69 @@ from .pool import PinnedPool, size_class
 
 __all__ = ["ClassGrowth"]
 
-FIRST_STEP = 16
-"""Blocks a class's first batch leaves cached; each batch that pinned any doubles the next."""
 CLASS_SHARE = 8
 """A batch is at most 1/``CLASS_SHARE`` of the pinned budget."""
 
 
 class ClassGrowth:
-    """Pins blocks of a size class in batches on the reaper thread after a cache miss.
+    """Pins blocks of a size class on the reaper thread for the copies that missed it.
 
     A class grows only while its copies miss the cache, that is while every
-    cached block of it is in use: to the copies in flight plus at most one
-    batch, within the budget (:meth:`PinnedPool.reserve` never evicts), and
-    :meth:`PinnedPool.trim` frees what later stays idle.
+    cached block of it is in use, by one block per miss (the missing copy
+    also pins or takes one on its host thread): to at most twice the copies
+    of it in flight, within the budget (:meth:`PinnedPool.reserve` never
+    evicts); :meth:`PinnedPool.trim` frees what later stays idle.
     """
 
     def __init__(self, pool: PinnedPool, submit: Callable[[Callable[[], None]], None]) -> None:
-        self._pool = pool
-        self._submit = submit
-        self._lock = threading.Lock()
+        self._pool: PinnedPool = pool
+        self._submit: Callable[[Callable[[], None]], None] = submit
+        self._lock: threading.Lock = threading.Lock()
+        self._owed: dict[int, int] = {}
+        """Per class, the misses no batch has pinned a block for yet."""
         self._pending: set[int] = set()
-        """Classes a batch is being pinned for: one batch per class at a time."""
-        self._step: dict[int, int] = {}
-        """The next batch's size per class, in blocks."""
-        self.batches = 0
+        """Classes a batch is queued or being pinned for: one per class at a time."""
+        self.batches: int = 0
         """Batches run (for tests and probes)."""
 
     def missed(self, nbytes: int) -> None:
-        """A copy of ``nbytes`` found no cached block: pin a batch of its class.
+        """A copy of ``nbytes`` found no cached block: owe its class a block.
 
-        Never calls the driver and never waits: a set lookup when a batch is
-        already under way; else a queue put to the reaper thread.
+        Never calls the driver and never waits on one: a lock held for a few
+        dictionary operations, and a queue put to the reaper thread unless a
+        batch of the class is already queued or running (it picks this miss
+        up when it ends).
         """
         size = size_class(nbytes)
-        if size in self._pending:
-            return
         with self._lock:
+            self._owed[size] = self._owed.get(size, 0) + 1
             if size in self._pending:
                 return
             self._pending.add(size)
         self._submit(functools.partial(self._pin, size))
 
     def _pin(self, size: int) -> None:
-        """On the reaper thread: a batch of cached blocks of ``size``."""
+        """On the reaper thread: a block of ``size`` for each miss owed, then
+        again for the misses that came meanwhile."""
         share = max(1, self._pool.budget // CLASS_SHARE // size)
-        step = min(self._step.get(size, FIRST_STEP), share)
-        try:
-            if self._pool.reserve(size, step, more=True):
-                self._step[size] = min(2 * step, share)
-        except Exception:
+        while True:
+            with self._lock:
+                owed = self._owed.pop(size, 0)
+                count = min(owed, share)
+                if owed > count:  # the rest in the next batch
+                    self._owed[size] = owed - count
+                if not count:
+                    self._pending.discard(size)
+                    return
+            pinned = 0
             # The pool closed, or a driver error: the copies keep their own
             # path (the host thread pins a block or fails the copy), so
             # nothing is lost by dropping the batch.
-            pass
-        finally:
+            with contextlib.suppress(Exception):
+                pinned = self._pool.reserve(size, count, more=True)
             self.batches += 1
-            with self._lock:
-                self._pending.discard(size)
+            if not pinned:  # at the budget, or failed: owe nothing more for now
+                with self._lock:
+                    self._owed.pop(size, None)
+                    self._pending.discard(size)
+                return

@@ -84,7 +84,7 @@ class Stager:
         self.pool: PinnedPool = PinnedPool(
             runtime.backend, budget, defer=runtime.reaper.submit, recycle=self.events.put
         )
-        self.growth = ClassGrowth(self.pool, runtime.reaper.submit)
+        self.growth: ClassGrowth = ClassGrowth(self.pool, runtime.reaper.submit)
         # Whether every small copy's block fits the budget (its check then
         # costs nothing per copy).
         self._small_fit = size_class(self.config.inline_max) <= self.pool.budget
