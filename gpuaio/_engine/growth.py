@@ -6,9 +6,10 @@ driver call. On a miss the copy goes to its stream's host thread, which
 takes a cached block or pins one. That thread, though, takes the blocks
 other copies hand back as readily as it pins new ones, so a class grew by
 one block only where a host job found the cache empty: with 1,000 tasks
-downloading 4 KiB each on the fake GPU, 14,811 of the first 20,800 copies
-took the host thread's path, at 11k copies/s against 42k once the class
-had grown (issue 13, thirty-fifth round). A miss now also asks the
+downloading 4 KiB each on an H100, 15-17k of the first 20,800 copies took
+the host thread's path, at 6k copies/s, and bursts of thousands of misses
+came back later (issue 13, thirty-fifth round, run DZ; with the batches,
+4-5k misses at 10-12k copies/s, then none). A miss now also asks the
 reaper thread to pin a block of the class for each copy that missed it
 since the last batch: the class grows with the demand it failed to meet,
 fast under many concurrent copies and by a block or two under a few.
