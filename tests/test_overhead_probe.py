@@ -144,3 +144,37 @@ def test_the_gil_tax_probe_times_both_releases_in_each_setting(tmp_path: Path) -
         # A release and a retake of the GIL take some time, and p90 >= p50.
         assert 0 < r["first_p50_us"] <= r["first_p90_us"], r
         assert 0 < r["second_p50_us"] <= r["second_p90_us"], r
+
+
+def test_the_timeline_marks_each_op_in_the_order_it_ran(fake: Any) -> None:
+    """``tools/timeline_probe.py``: for gpuaio's await and the hand-written one,
+    the driver call comes before the marker, the query that finds the copy
+    done comes after the fake GPU finished it, and the await returns last."""
+    import timeline_probe
+
+    rec = timeline_probe.Recorder()
+    rec.wrap(fake)
+
+    async def both() -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+        dev = gpuaio.Device(0)
+        s = dev.stream()
+        try:
+            start = overhead_probe.op_factory(gpuaio, dev, "d2h-pageable", 1)
+            ours = await timeline_probe.timeline(lambda: start(s, 0), rec, 5, warmup=2)
+        finally:
+            s.close()
+        once = overhead_probe.floor_op(gpuaio, fake, "d2h-pageable")
+        return ours, await timeline_probe.timeline(once, rec, 5, warmup=2)
+
+    for rows in anyio.run(both):
+        assert len(rows) == 5
+        for r in rows:
+            assert r["memcpy"] <= r["memcpy_ret"] <= r["record"] < r["hit"] <= r["return"], r
+            assert r["gpu_done"] >= r["memcpy"] + LAUNCH_S + GPU_S, r
+            assert r["hit"] >= r["gpu_done"], r
+
+
+def test_the_timeline_probe_runs_on_the_fake_gpu() -> None:
+    out = _run_tool("timeline_probe.py", "--op", "h2d-pinned", "--loops", "asyncio", "--ops", "200")
+    rows = [ln.split()[:3] for ln in out.splitlines()[1:]]
+    assert rows == [["asyncio", "h2d-pinned", "gpuaio"], ["asyncio", "h2d-pinned", "hand"]], out

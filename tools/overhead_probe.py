@@ -302,15 +302,10 @@ async def run_mixed(lib: ModuleType, n: int = 30) -> list[float]:
     return delays
 
 
-async def run_floor(
-    lib: ModuleType,
-    fake: Any,
-    total_ops: int,
-    op: str,
-    nbytes: int = COPY_BYTES,
-    cold_s: float = 0.0,
-) -> list[float]:
-    """Per-op times of a hand-written awaitable of ``op`` on ``fake``, 1 task, no gpuaio."""
+def floor_op(lib: ModuleType, fake: Any, op: str, nbytes: int = COPY_BYTES) -> Callable[[], Any]:
+    """``once()``: one hand-written awaitable of ``op`` on ``fake``, no gpuaio: the
+    driver calls, a bare yield between event queries, and for pageable memory a
+    ``memmove`` through a pinned block."""
     if sniffio.current_async_library() == "trio":
         import trio
 
@@ -330,6 +325,7 @@ async def run_floor(
     h2d = op.startswith("h2d")
 
     async def once() -> None:
+        _keep = (d, pinned, block, host)  # alive as long as once() is
         if op == "memset":
             fake.memset_async(dptr, 0, 4, 1, native)
         elif h2d:
@@ -344,6 +340,19 @@ async def run_floor(
         if pageable and not h2d:
             ctypes.memmove(uptr, hptr, nbytes)
 
+    return once
+
+
+async def run_floor(
+    lib: ModuleType,
+    fake: Any,
+    total_ops: int,
+    op: str,
+    nbytes: int = COPY_BYTES,
+    cold_s: float = 0.0,
+) -> list[float]:
+    """Per-op times of a hand-written awaitable of ``op`` on ``fake`` (:func:`floor_op`), 1 task."""
+    once = floor_op(lib, fake, op, nbytes)
     for _ in range(50):
         await once()
     clock = time.perf_counter
@@ -354,8 +363,6 @@ async def run_floor(
         t0 = clock()
         await once()
         lat.append(clock() - t0)
-    fake.event_destroy(event)
-    fake.stream_destroy(native)
     return lat
 
 
