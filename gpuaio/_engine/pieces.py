@@ -89,4 +89,4 @@ def _enqueue(
 def _release_held(pool: PinnedPool, held: list[PinnedBlock]) -> None:
     """The upload completed (or failed): hand back its block, if still held."""
     for block in held:
-        pool.release_small(block)
+        pool.release(block)  # at least 2 * INLINE_PIECE_MIN: never a spare-stack block

@@ -214,8 +214,10 @@ copied, so the DMA of one overlaps the copy of the next; 1: one piece.
 The blocking call it replaces, the driver's own pageable copy, pipelines
 its staging with its DMA the same way; gpuaio's 1 MiB upload, one copy then
 one DMA, ran at 0.88-0.97 of torch's on H100 hosts (issue 13, runs DT and
-DV). Each piece costs a driver call (1.6-2.4 us on those hosts). Off until
-a GPU run measures it (``GPUAIO_INLINE_PIECES=4``)."""
+DV). Each piece costs a driver call (1.6-2.4 us on those hosts), and on an
+H100 that cost what the overlap won: 1 MiB uploads in 2 pieces ran at
+0.77-0.78 of naive against 0.75-0.78 in one, in 4 at 0.68-0.72 (issue 13,
+run DX). So it stays off."""
 
 INLINE_PIECE_MIN = 128 << 10
 """The smallest piece of an upload staged on the calling thread in pieces."""
