@@ -4,7 +4,7 @@
 task) on ``tools/overhead_probe.py``'s fake GPU and prints, per ``--op``
 and loop, the median microseconds from the call to: the driver's copy call
 (``memcpy``) and its return, the marker's ``event_record``, the moment the
-fake GPU finishes the copy (``gpu_done``), each ``event_query`` that found
+fake GPU finishes the copy (``gpu_done``), the return of each ``event_query`` that found
 the copy not done (``miss1``, ``miss2``), the one that found it done
 (``hit``), and the await's return; in brackets, the share of ops that had
 that mark. Then the same for a hand-written awaitable
@@ -63,9 +63,10 @@ class Recorder:
             record(self, event, stream)
 
         def event_query(self: Any, event: Any) -> bool:
-            now = clock()
+            # Marked as it returns: the fake decides by a clock read inside
+            # the call, so a hit marked before it could precede ``gpu_done``.
             done: bool = query(self, event)
-            marks.append(("hit" if done else "miss", now))
+            marks.append(("hit" if done else "miss", clock()))
             return done
 
         cls.memcpy_async = memcpy_async
