@@ -179,8 +179,13 @@ async def test_sticky_fault_fails_pending_awaits(stream: gpuaio.Stream, dev: gpu
         with pytest.raises(gpuaio.DeviceFatalError, match="ILLEGAL_ADDRESS"):
             await op
     assert time.perf_counter() - t0 < 0.1
-    with pytest.raises(gpuaio.DeviceFatalError):
-        stream.memset(d, 0)
+    # At the call, on every stream of the device (a copy checks the engine
+    # its stream last looked up, Transfers._live), before anything is enqueued.
+    for s in (stream, other):
+        with pytest.raises(gpuaio.DeviceFatalError):
+            s.memset(d, 0)
+        with pytest.raises(gpuaio.DeviceFatalError):
+            s.copy(np.zeros(d.nbytes, np.uint8), d)
     with pytest.raises(gpuaio.DeviceFatalError):
         dev.empty(8)
 

@@ -104,6 +104,12 @@ class Sequencer:
             engine = self._engine = self._rt.engine(self.ordinal)
         return engine
 
+    def healthy(self) -> bool:
+        """Whether the device's engine, as last looked up, is open and has had
+        no sticky error (False also before the first lookup)."""
+        engine = self._engine
+        return engine is not None and not engine.closed and engine.fatal is None
+
     # -- what is pending -----------------------------------------------
     @property
     def idle(self) -> bool:
@@ -177,7 +183,8 @@ class Sequencer:
         # also if sealing means waiting for another thread placing a marker
         # (the calling thread may be an event loop's: the host thread waits).
         # A short op is enqueued behind the open batch's deferred memsets.
-        if not self.executor.busy:
+        ex = self.executor
+        if ex.completed >= ex.submitted:  # not ex.busy: a property is a call
             native = self.native
             # (defer checks the stream's share of the launch queue itself.)
             if words is not None and short and engine.defer(op, self.key, native, words):
