@@ -482,6 +482,30 @@ def test_a_direction_whose_maximum_is_0_gates_nothing(monkeypatch: pytest.Monkey
     assert not any(GatedCopies.covers(n, up) for n in sizes for up in (True, False))
 
 
+def test_the_least_size_is_that_of_the_directions_on(
+    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stager asks a path whether it covers a copy only from its ``least``
+    size: the smallest minimum of the directions on when the path was made."""
+    stager = gpuaio_runtime.stager
+
+    def least(up: tuple[int, int], down: tuple[int, int]) -> int:
+        for way, (lo, hi) in (("UP", up), ("DOWN", down)):
+            monkeypatch.setattr(gated_mod, f"GATED_{way}_MIN", lo)
+            monkeypatch.setattr(gated_mod, f"GATED_{way}_MAX", hi)
+        path = GatedCopies(gpuaio_runtime, stager.pool, False, stager.chunk_for)
+        covered = [
+            n for n in range(0, 20 * MiB, MiB // 2) for u in (True, False) if path.covers(n, u)
+        ]
+        assert not covered or min(covered) >= path.least
+        return path.least
+
+    assert least((2 * MiB, 8 * MiB), (3 * MiB, 16 * MiB)) == 2 * MiB
+    assert least((2 * MiB, 0), (3 * MiB, 16 * MiB)) == 3 * MiB  # uploads off
+    assert least((MiB, 8 * MiB), (MiB // 2, 16 * MiB)) == MiB // 2
+    assert least((MiB, 0), (MiB // 2, 0)) > 1 << 62  # both off: no copy asks
+
+
 def _gated_settings(env: dict[str, str]) -> list[int]:
     """The four gated settings a fresh process reads from ``env``."""
     code = (

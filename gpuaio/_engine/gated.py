@@ -139,6 +139,11 @@ class GatedCopies:
         """Uploads this path took (tests and probes read it)."""
         self.downloads: int = 0
         """Downloads this path took."""
+        ranges = ((GATED_UP_MIN, GATED_UP_MAX), (GATED_DOWN_MIN, GATED_DOWN_MAX))
+        self.least: int = min((lo for lo, hi in ranges if hi), default=1 << 63)
+        """The smallest copy :meth:`covers` in either direction, as set when the
+        path was made: the stager asks :meth:`covers` only from this size, so
+        a small copy pays no call for the path (issue 13)."""
         self._closed = threading.Event()
 
     @staticmethod

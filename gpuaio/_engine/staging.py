@@ -153,47 +153,51 @@ class Stager:
     def copy(self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
         """Schedule ``op`` (a copy with a pageable side) on ``stream``."""
         h2d = s.kind.is_host
-        if h2d and d.nbytes <= self.direct_up_max and self._small_fit and _idle(seq):
+        n = d.nbytes
+        if h2d and n <= self.direct_up_max and self._small_fit and _idle(seq):
             # The driver stages the source before the call returns; with the
             # stream idle it has no earlier work to wait for first. Not where
             # the budget is below a small copy's block: whether a copy is
             # rejected at the call must not depend on the stream's state.
-            op._est = d.nbytes / PCIE_BPS
+            op._est = n / PCIE_BPS
             self.direct_uploads += 1
-            return seq.gpu(op, self.runtime.backend.memcpy_async, d.ptr, s.ptr, d.nbytes)
+            return seq.gpu(op, self.runtime.backend.memcpy_async, d.ptr, s.ptr, n)
         gated = self.gated
-        if gated is not None and gated.covers(d.nbytes, h2d) and gated.copy(seq, op, d, s):
+        if (
+            gated is not None
+            and n >= gated.least  # (covers() is a call: none for smaller copies)
+            and gated.covers(n, h2d)
+            and gated.copy(seq, op, d, s)
+        ):
             return op
-        small = d.nbytes <= self.config.inline_max
+        small = n <= self.config.inline_max
         if not (small and self._small_fit):
             try:
-                self.check_budget(d.nbytes)
+                self.check_budget(n)
             except BaseException as exc:  # nothing was enqueued
                 op._resolve(exc)
                 raise
         if small and (seq.reads_clear() if h2d else seq.deps_clear()):
             # Cached blocks only: allocating pinned memory is a slow driver
             # call that must not run on the caller's (event-loop) thread.
-            n = d.nbytes
             block = self.pool.take_small() if n <= MIN_CLASS else self.pool.take_cached(n)
             if block is None:
                 try:
-                    block = self.pool.acquire(d.nbytes, wait=False, allocate=False)
+                    block = self.pool.acquire(n, wait=False, allocate=False)
                 except BaseException as exc:  # over the budget, or closed: nothing was enqueued
                     op._resolve(exc)
                     raise
                 if block is None:  # this copy takes the host thread's path
                     self.growth.missed(n)
             if block is not None:
-                if d.nbytes <= POLL_FIRST_MAX:
+                if n <= POLL_FIRST_MAX:
                     # Its DMA is a pinned copy: so is its expected duration.
-                    op._est = d.nbytes / PCIE_BPS
+                    op._est = n / PCIE_BPS
                 if h2d:
                     return self._small_h2d(seq, op, d, s, block)
                 return self._small_d2h(seq, op, d, s, block)
-        # An upload's host job only reads host memory (the user's source):
-        # later small uploads need not wait for it to read theirs.
-        if self.config.inline_max < d.nbytes <= self.config.driver_max:
+        # An upload's host job only reads host memory: later small uploads need not wait.
+        if self.config.inline_max < n <= self.config.driver_max:
             step = self._driver_or_staged
         elif h2d:
             step = self._h2d
