@@ -1,8 +1,10 @@
-"""Polling for a lone short op before the awaiting task first yields (``_firstpoll``)."""
+"""Polling for a lone short op without yielding (``_firstpoll``): first polls,
+before the awaiting task first yields, and tail spins, after it."""
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Generator
 from typing import Any
@@ -14,7 +16,8 @@ import pytest
 import gpuaio
 from gpuaio._api.device import device_of
 from gpuaio._engine.completion import _events, _firstpoll
-from gpuaio._engine.completion._firstpoll import EXPLORE, WINDOW, FirstPolls
+from gpuaio._engine.completion._firstpoll import EXPLORE, WINDOW, FirstPolls, TailSpins
+from tests.conftest import latch
 
 # Every test here sets the first poll's state or tuning in its module.
 pytestmark = [pytest.mark.anyio, pytest.mark.patches_compiled]
@@ -28,11 +31,15 @@ class _Queue:
 
 
 class _Op:
-    """What FirstPolls reads of an op: ``_poll`` (engine, queue, batch) and ``_eta``."""
+    """What FirstPolls and TailSpins read of an op: ``_poll`` (engine, queue,
+    batch), ``_eta`` and ``_est``."""
 
-    def __init__(self, queue: _Queue, batch: object = None, eta: float = 1.0) -> None:
+    def __init__(
+        self, queue: _Queue, batch: object = None, eta: float = 1.0, est: float = 1e-7
+    ) -> None:
         self._poll = (None, queue, batch)
         self._eta = eta
+        self._est = est
 
 
 class _Polls:
@@ -42,7 +49,7 @@ class _Polls:
         self.answer = True
         self.calls = 0
 
-    def __call__(self, op: Any) -> bool:
+    def __call__(self, op: Any, gap: float = 1.0) -> bool:
         self.calls += 1
         return self.answer
 
@@ -107,9 +114,9 @@ def test_first_polls_stop_when_they_miss_and_come_back_when_they_find() -> None:
     polls.answer = True
     for _ in range(2 * WINDOW * EXPLORE):
         first(_Op(q), now)
-        if first._on:
+        if first.window.on:
             break
-    assert first._on
+    assert first.window.on
     calls = polls.calls
     for _ in range(5):
         assert first(_Op(q), now)
@@ -148,7 +155,7 @@ async def test_an_await_of_a_lone_op_already_done_yields_only_when_the_loop_is_d
     assert op._poll is not None and op._poll[2] is None, "the memset was batched"
     assert list(engine._queues.values()) == [op._poll[1]]
     assert op._eta <= time.perf_counter()
-    engine.first_poll._on = True
+    engine.first_poll.window.on = True
     # "Long ago" is minus infinity, not 0.0: perf_counter() counts from the
     # machine's boot, and a GPU machine may run this test less than
     # FIRST_POLL_RUN_S (60 s here) after it (run BQ failed so).
@@ -200,7 +207,7 @@ async def test_a_small_staged_copy_already_done_is_found_at_its_first_poll(
     rt.backend.stream_synchronize(s._native)  # its DMA has run
     assert not op.done()
     assert op._poll is not None and op._poll[2] is None, "the copy was batched"
-    engine.first_poll._on = True
+    engine.first_poll.window.on = True
     _firstpoll._turn.at = time.perf_counter()
     gen = op.__await__()
     if kib == 4:
@@ -214,4 +221,140 @@ async def test_a_small_staged_copy_already_done_is_found_at_its_first_poll(
     else:
         await s.copy(out, d2)
         assert np.array_equal(out, src)
+    s.close()
+
+
+# -- tail spins ---------------------------------------------------------
+
+
+def test_only_a_lone_short_due_op_is_spun_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_firstpoll, "TAIL_SPIN_S", 60.0)  # a spin that starts finds it
+    polls = _Polls()
+    q = _Queue(1)
+    queues = {1: q}
+    spins = TailSpins(polls, queues)
+    now = time.perf_counter()
+    assert spins(_Op(q), now) and polls.calls == 1
+    assert not spins(_Op(q, batch=object()), now)  # batched
+    assert not spins(_Op(q, eta=now + 1.0), now)  # not due by its estimate
+    assert not spins(_Op(q, est=0.0), now)  # of unknown length (a kernel)
+    assert not spins(_Op(q, est=2 * _firstpoll.SHORT_OP_S), now)  # not a short op
+    assert not spins(_Op(_Queue(2)), now)  # its stream has other work pending
+    queues[2] = _Queue(0)
+    assert not spins(_Op(q), now)  # another stream is in use
+    del queues[2]
+    monkeypatch.setattr(_firstpoll, "TAIL_SPIN_S", 0.0)  # GPUAIO_TAIL_SPIN_US=0
+    assert not spins(_Op(q), now)
+    assert polls.calls == 1
+
+
+def test_a_spin_polls_on_for_tail_spin_s_at_most(monkeypatch: pytest.MonkeyPatch) -> None:
+    spin_s = 0.02
+    monkeypatch.setattr(_firstpoll, "TAIL_SPIN_S", spin_s)
+    polls = _Polls()
+    polls.answer = False
+    q = _Queue(1)
+    spins = TailSpins(polls, {1: q})
+    t0 = time.perf_counter()
+    assert not spins(_Op(q), t0)
+    took = time.perf_counter() - t0
+    # Polled on (many polls) until the window ended, and then gave up: a
+    # slow machine may overrun it by a scheduler slice, never stop short.
+    assert polls.calls > 1
+    assert spin_s <= took < spin_s + 0.5
+
+
+def test_spins_stop_when_they_miss_and_come_back_when_they_find(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_firstpoll, "TAIL_SPIN_S", 1e-4)
+    polls = _Polls()
+    q = _Queue(1)
+    spins = TailSpins(polls, {1: q})
+    polls.answer = False
+    for _ in range(WINDOW):  # a whole window of missed spins
+        assert not spins(_Op(q), time.perf_counter())
+    assert not spins.window.on
+    calls = polls.calls
+    for _ in range(EXPLORE - 1):  # off: only one eligible await in EXPLORE spins
+        assert not spins(_Op(q), time.perf_counter())
+    assert polls.calls == calls
+    polls.answer = True
+    for _ in range(2 * WINDOW * EXPLORE):
+        spins(_Op(q), time.perf_counter())
+        if spins.window.on:
+            break
+    assert spins.window.on
+
+
+class _Resume:
+    """Awaits the rest of an await's generator already stepped into."""
+
+    def __init__(self, gen: Generator[Any, None, None]) -> None:
+        self._gen = gen
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._gen
+
+
+@asyncio_only
+@pytest.mark.parametrize("completes", ["during the spin", "after it"])
+async def test_a_lone_op_completing_after_the_poll_past_a_yield_is_found_by_a_spin(
+    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch, completes: str
+) -> None:
+    """A lone short op that the first poll after its task's yield finds not
+    done is polled on for, once per await, without yielding: found done within
+    the spin, the await returns without a second turn of the loop; not done
+    by its end, the await goes on as before, and does not spin again."""
+    spin_s = 0.3
+    monkeypatch.setattr(_firstpoll, "TAIL_SPIN_S", spin_s)
+    rt = gpuaio_runtime
+    dev = device_of(rt, 0)
+    s = dev.stream()
+    n = 4096
+    src = gpuaio.pinned_empty(n)
+    src[:] = np.random.default_rng(5).integers(0, 256, n, dtype=np.uint8)
+    d = dev.empty(n)
+    await s.copy(d, src)
+    engine = rt.engine(0)
+    spins = engine.tail_spin
+    spins.window.on = True
+    calls: list[bool] = []
+
+    def counted(op: Any, now: float) -> bool:
+        calls.append(spins(op, now))
+        return calls[-1]
+
+    monkeypatch.setattr(engine, "tail_spin", counted)
+    # The await polls on, yielding, however long the spin and the test take
+    # (past the polling window it would sleep until woken).
+    monkeypatch.setattr(engine, "loop_spin_s", 60.0)
+    release = latch(dev, s)
+    op = s.copy(d, src)
+    assert op._poll is not None and op._poll[2] is None, "the copy was batched"
+    assert list(engine._queues.values()) == [op._poll[1]]
+    assert 0.0 < op._est <= _firstpoll.SHORT_OP_S
+    gen = op.__await__()
+    assert _step(gen), "the await of an op on a held stream did not yield"
+    assert not calls, "a spin before the task's first yield"
+    opened = threading.Timer(0.05, release) if completes == "during the spin" else None
+    t0 = time.perf_counter()
+    if opened is not None:
+        opened.start()
+    yielded = _step(gen)
+    took = time.perf_counter() - t0
+    if opened is not None:
+        opened.join()
+        assert not yielded, "the await yielded for an op that completed during its spin"
+        assert took < spin_s, "the spin did not end when the op was found done"
+        assert op.done() and calls == [True]
+    else:
+        assert yielded, "the await returned for an op still held"
+        assert took >= spin_s and calls == [False], "no spin, or one cut short"
+        release()
+        await _Resume(gen)
+        assert calls == [False], "a second spin in one await"
+    out = np.zeros(n, np.uint8)
+    await s.copy(out, d)
+    assert np.array_equal(out, src)
     s.close()

@@ -212,7 +212,8 @@ class Operation:
                     # trio, where an await is a checkpoint, nor for an op in a
                     # batch (``_poll[2]``): many tasks are about, and a poll
                     # would seal the batch. This check is the cheap one.
-                    first = asyncio_loop and not woken_early and poll[2] is None  # type: ignore[index]
+                    lone = asyncio_loop and not woken_early and poll[2] is None  # type: ignore[index]
+                    first = lone
                     while not (first and engine.first_poll(self, start)):
                         first = False
                         if yield_now is None:
@@ -224,6 +225,12 @@ class Operation:
                         # outlast the whole window, and by then the op is done.
                         if engine.poll_for(self):
                             break
+                        # Not done yet: a lone short op may be polled on for,
+                        # once, rather than found a whole turn late (``_firstpoll``).
+                        if lone:
+                            lone = False
+                            if engine.tail_spin(self, clock()):
+                                break
                         if not deadline:
                             # Past the expected time by a fifth of the op's
                             # estimate too (up to 0.5 ms): estimates come from

@@ -138,6 +138,10 @@ class CompletionEngine:
         first yields: poll for ``op`` if that is likely to find it done, and
         return whether it did (then the task does not yield). Only called while
         ``loop_spin_s`` is non-zero; engines that never poll first return False."""
+        self.tail_spin: Callable[[Operation, float], bool] = _no_first_poll
+        """``tail_spin(op, now)``, from an asyncio loop's await whose first poll
+        after a yield found ``op`` not done: poll on for it without yielding if
+        that is likely to find it done soon, and return whether it did."""
 
     def watch(self, op: Operation, stream: Any, short: bool = False, block: bool = False) -> None:
         """Place a marker behind the work just enqueued on ``stream``.

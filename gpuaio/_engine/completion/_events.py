@@ -52,7 +52,7 @@ from ..._core.errors import ClosedWhilePendingError, CudaError, DeviceFatalError
 from ..._core.operation import Operation, post_waiters, resolve_many
 from ..._core.timerslack import precise_timers
 from ._engine import CompletionEngine, FaultProbe
-from ._firstpoll import FirstPolls
+from ._firstpoll import FirstPolls, TailSpins
 from ._queue import StreamQueue, Waiters
 from ._survey import prewake_oldest, survey
 from ._tuning import (
@@ -145,6 +145,7 @@ class EventEngine(CompletionEngine):
             backend.event_query if type(self)._fired is EventEngine._fired else self._fired
         )
         self.first_poll = FirstPolls(self.poll_for, self._queues)
+        self.tail_spin = TailSpins(self.poll_for, self._queues)
         self.defers: bool = backend.device_properties(device).stream_mem_ops
         """Whether tiny device memsets may be deferred to their batch's seal (``_queue``)."""
 
@@ -374,11 +375,11 @@ class EventEngine(CompletionEngine):
             log.debug("could not create the fault probe event", exc_info=True)
 
     # -- awaiting loops ------------------------------------------------
-    def poll_for(self, op: Operation) -> bool:
+    def poll_for(self, op: Operation, gap: float = STREAM_POLL_GAP_S) -> bool:
         """From an awaiting loop: resolve what has fired on ``op``'s stream.
 
         Returns whether ``op`` is done. Cheap when called often: a stream is
-        queried at most once every ``STREAM_POLL_GAP_S``. Every
+        queried at most once every ``gap`` seconds (a tail spin, 0). Every
         ``LOOP_SWEEP_S`` a poll also drains the device's other streams,
         standing in for the watcher while loops poll.
         """
@@ -397,13 +398,13 @@ class EventEngine(CompletionEngine):
             q.last_poll = now
             if not sweep:
                 return True
-        elif not sweep and now - q.last_poll < STREAM_POLL_GAP_S:
+        elif not sweep and now - q.last_poll < gap:
             return False
         waiters: Waiters = []
         try:
             if sweep:
                 self._sweep(now, waiters)
-            if not op._done and now - q.last_poll >= STREAM_POLL_GAP_S:
+            if not op._done and now - q.last_poll >= gap:
                 q.last_poll = now
                 q.drain(waiters, seal_after=BATCH_AGE_S)
             batch = poll[2]

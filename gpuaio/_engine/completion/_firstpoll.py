@@ -1,27 +1,37 @@
-"""Polling for a lone short op before the awaiting task first yields.
+"""Polling for a lone short op without yielding, where a turn of the loop would be wasted.
 
-An awaiting task normally yields to its loop once before it polls
-(``Operation.__await__``): just after the call a GPU has rarely finished.
-But a lone tiny op (a memset, a few-byte copy between device and pinned
-memory) often has by the time its call returns, and with one task on the
-loop that yield is a whole turn of the loop spent on nothing. So
-:class:`FirstPolls` decides, per engine, whether such an op is polled for at
-once, learning from the polls themselves whether that pays.
+An awaiting task normally yields to its loop between polls
+(``Operation.__await__``), so that the loop's other tasks run. But for a
+lone tiny op (a memset, a few-kilobyte copy between device and pinned
+memory) with one task on the loop, a turn of the loop is time spent on
+nothing, twice over:
 
-Only ops with a marker of their own (not batched: a poll seals the open
-batch, which would take batching away from the many-task case) that are due
-by their estimate are polled for first; not kernels, whose length is
-unknown. Two limits keep it honest:
+- *First polls* (:class:`FirstPolls`). Such an op has often completed by
+  the time its call returns; then the task's yield before its first poll
+  costs a whole turn. So a due op is polled for at once.
+- *Spins* (:class:`TailSpins`). One that the first poll after the task's
+  yield finds not done completes, as a rule, within microseconds, and the
+  next turn of the loop (about 3 us on asyncio) finds it that much late,
+  half a turn on average. So the task polls on, without yielding, for up to
+  ``TAIL_SPIN_S``, once per await: it has yielded once already, so the
+  loop's other tasks ran.
 
-- *Fairness.* A task that finds its op done returns without yielding, like
-  an await of a done future. A loop that went on that way would starve its
-  other tasks, so a first poll is made only if the loop's thread yielded
-  through an await of gpuaio's less than ``FIRST_POLL_RUN_S`` ago.
+Only lone ops are polled for so: one stream of the device has work, the op is
+alone on it, and it has a marker of its own (a poll seals an open batch,
+which would take batching away from the many-task case); and only ops due by
+their estimate (not kernels, whose length is unknown). Two limits keep it
+honest:
+
+- *Fairness.* A task that finds its op done at a first poll returns without
+  yielding, like an await of a done future. A loop that went on that way would
+  starve its other tasks, so a first poll is made only if the loop's thread
+  yielded through an await of gpuaio's less than ``FIRST_POLL_RUN_S`` ago.
 - *Cost.* A missed first poll costs a query (about 1 us) and the task still
-  yields. Out of every ``WINDOW`` first polls at least ``WINDOW // 3`` must
-  find the op done (a turn of the loop costs several queries), or first
-  polls stop; while stopped, one eligible await in ``EXPLORE`` still polls
-  first, so a change of workload is noticed.
+  yields; a missed spin, ``TAIL_SPIN_S``. Out of every ``WINDOW`` tries of
+  each kind at least ``WINDOW // 3`` must find the op done (a turn of the
+  loop costs several queries), or that kind stops; while stopped, one
+  eligible await in ``EXPLORE`` still tries, so a change of workload is
+  noticed.
 
 The counters are updated without a lock: loops of several threads that share
 an engine may lose an update now and then, which only shifts a decision by a
@@ -31,17 +41,18 @@ window.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sized
 
 from ..._core.operation import Operation
-from ._tuning import FIRST_POLL_RUN_S
+from ._tuning import FIRST_POLL_RUN_S, SHORT_OP_S, TAIL_SPIN_S
 
-__all__ = ["FirstPolls"]
+__all__ = ["FirstPolls", "TailSpins"]
 
 WINDOW = 32
-"""First polls per decision."""
+"""Tries (first polls, or spins) per decision."""
 EXPLORE = 16
-"""While first polls are off, one eligible await in this many makes one anyway."""
+"""While a kind of try is off, one eligible await in this many makes one anyway."""
 
 
 class _Turn(threading.local):
@@ -52,6 +63,48 @@ class _Turn(threading.local):
 _turn = _Turn()
 
 
+def _lone(op: Operation, queues: Sized) -> bool:
+    """Whether ``op`` is watched alone: one stream of the device in use, ``op``
+    the only work pending on it, with a marker of its own (not batched)."""
+    poll = op._poll
+    return (
+        poll is not None
+        and poll[2] is None  # batched (the caller checks too): a poll would seal it
+        and len(queues) == 1  # other streams have work: others' tasks run
+        and len(poll[1].entries) == 1  # its stream has other work: so may others
+    )
+
+
+class _Window:
+    """Whether a kind of poll pays: out of every ``WINDOW`` tries at least a
+    third must find the op done, else it stops but for one eligible await in
+    ``EXPLORE``."""
+
+    __slots__ = ("_hits", "_skipped", "_tries", "on")
+
+    def __init__(self) -> None:
+        self.on = True
+        self._skipped = 0
+        self._tries = 0
+        self._hits = 0
+
+    def allows(self) -> bool:
+        """Whether to try now (while off: one call in ``EXPLORE``)."""
+        if self.on:
+            return True
+        self._skipped += 1
+        return self._skipped % EXPLORE == 0
+
+    def tried(self, found: bool) -> None:
+        """Count a try, and decide at the end of a window."""
+        self._tries += 1
+        if found:
+            self._hits += 1
+        if self._tries >= WINDOW:
+            self.on = 3 * self._hits >= self._tries
+            self._tries = self._hits = 0
+
+
 class FirstPolls:
     """``first_polls(op, now)``: whether ``op`` was polled for and found done at once.
 
@@ -60,41 +113,63 @@ class FirstPolls:
     should yield as usual, and then assumes that it does.
     """
 
-    __slots__ = ("_hits", "_on", "_poll", "_queues", "_skipped", "_tries")
+    __slots__ = ("_poll", "_queues", "window")
 
     def __init__(self, poll: Callable[[Operation], bool], queues: Sized) -> None:
         self._poll = poll
         self._queues = queues
-        self._on = True
-        self._skipped = 0
-        self._tries = 0
-        self._hits = 0
+        self.window = _Window()
 
     def __call__(self, op: Operation, now: float) -> bool:
-        poll = op._poll
         turn = _turn
         if (
-            poll is None
-            or poll[2] is not None  # batched (the caller checks too): a poll would seal it
-            or len(self._queues) != 1  # other streams have work: others' tasks run
-            or len(poll[1].entries) != 1  # its stream has other work: so may others
+            not _lone(op, self._queues)
             or not 0.0 < op._eta <= now  # not due yet by its estimate, or of unknown length
             or now - turn.at >= FIRST_POLL_RUN_S
+            or not self.window.allows()
         ):
             turn.at = now
             return False
-        if not self._on:
-            self._skipped += 1
-            if self._skipped % EXPLORE:
-                turn.at = now
-                return False
         done = self._poll(op)
-        self._tries += 1
-        if done:
-            self._hits += 1
-        else:
+        self.window.tried(done)
+        if not done:
             turn.at = now
-        if self._tries >= WINDOW:
-            self._on = 3 * self._hits >= self._tries
-            self._tries = self._hits = 0
         return done
+
+
+class TailSpins:
+    """``spins(op, now)``: whether ``op``, which a poll after its task's yield
+    found not done at ``now``, was found done by polling on for up to
+    ``TAIL_SPIN_S`` without yielding.
+
+    Called by ``Operation.__await__`` on an asyncio loop, at most once per
+    await. Only a lone op (as for first polls) that is short (expected to
+    take ``SHORT_OP_S`` or less) and due by its estimate. ``poll(op, gap)``
+    is the engine's poll, asked here for no gap between polls of a stream.
+    """
+
+    __slots__ = ("_poll", "_queues", "window")
+
+    def __init__(self, poll: Callable[[Operation, float], bool], queues: Sized) -> None:
+        self._poll = poll
+        self._queues = queues
+        self.window = _Window()
+
+    def __call__(self, op: Operation, now: float) -> bool:
+        if (
+            not TAIL_SPIN_S
+            or not 0.0 < op._est <= SHORT_OP_S
+            or op._eta > now
+            or not _lone(op, self._queues)
+            or not self.window.allows()
+        ):
+            return False
+        end = now + TAIL_SPIN_S
+        poll, clock = self._poll, time.perf_counter
+        while True:
+            if poll(op, 0.0):
+                self.window.tried(True)
+                return True
+            if clock() >= end:
+                self.window.tried(False)
+                return False

@@ -29,6 +29,13 @@ A lone tiny op is polled for before the task's first yield only if the loop's
 thread yielded in such an await less than this long ago: a task awaiting one
 tiny op after another, each done when first polled, still lets the loop's
 other tasks run at least this often."""
+TAIL_SPIN_S = float(os.environ.get("GPUAIO_TAIL_SPIN_US", "5")) * 1e-6
+"""How long a task polls on, without yielding, for a lone short op that its
+first poll after a yield found not done (``_firstpoll``); 0: never.
+
+A turn of an idle asyncio loop took about 3 us on the CPU machine's fake GPU
+(2 on uvloop), so such an op was found done that long after it completed, on
+average half of it."""
 STREAM_POLL_GAP_S = 2e-6
 """A loop queries one stream at most this often (many tasks poll the same one)."""
 SHORT_OP_S = 10e-6
