@@ -213,21 +213,26 @@ async def e2e_section(
     attr = {"h2d": "_nt", "d2h": "_nt_out", "gated": "gated"}[toggle]
     direct_up_max = stager.direct_up_max
     if toggle == "gated":
-        stager.make_gated()  # none where GPUAIO_GATED_MAX=0 turned it off
+        # On for every size measured, both ways (past its default ranges). The
+        # path reads each direction's range (GATED_UP_*, GATED_DOWN_*): setting
+        # GATED_MIN/_MAX here turned nothing on. A fresh path (none where the
+        # install lacks the native copy threads): a path takes the least size
+        # it is asked about when it is made (GatedCopies.least).
+        lo, hi = min(sizes), max(sizes)
+        vars(gated_mod).update(
+            GATED_UP_MIN=lo, GATED_UP_MAX=hi, GATED_DOWN_MIN=lo, GATED_DOWN_MAX=hi
+        )
+        old, stager.gated = stager.gated, None
+        if old is not None:
+            old.close()
+        stager.make_gated()
     on = getattr(stager, attr)
     if on is None:
         what = "gated path" if toggle == "gated" else "non-temporal copy"
         print(f"e2e: the stager has no {what} in this install", flush=True)
         return []
     if toggle == "gated":
-        # On for every size measured, both ways (past its default ranges), blocks
-        # pinned now. The path reads each direction's range (GATED_UP_*,
-        # GATED_DOWN_*): setting GATED_MIN/_MAX here turned nothing on.
-        lo, hi = min(sizes), max(sizes)
-        vars(gated_mod).update(
-            GATED_UP_MIN=lo, GATED_UP_MAX=hi, GATED_DOWN_MIN=lo, GATED_DOWN_MAX=hi
-        )
-        for n in sizes:
+        for n in sizes:  # its blocks pinned now
             on.prepare(dev.ordinal, n)
     rows = []
     for n in sizes:
