@@ -34,8 +34,9 @@ TAIL_SPIN_S = float(os.environ.get("GPUAIO_TAIL_SPIN_US", "5")) * 1e-6
 first poll after a yield found not done (``_firstpoll``); 0: never.
 
 A turn of an idle asyncio loop took about 3 us on the CPU machine's fake GPU
-(2 on uvloop), so such an op was found done that long after it completed, on
-average half of it."""
+(2 on uvloop), so such an op was found done up to that long after it
+completed. On an H100 (issue 13's run EC) spins cut 64 KiB pinned uploads on
+asyncio by 16% and changed other copies of 4 KiB-1 MiB by at most 2%."""
 STREAM_POLL_GAP_S = 2e-6
 """A loop queries one stream at most this often (many tasks poll the same one)."""
 SHORT_OP_S = 10e-6
