@@ -294,6 +294,16 @@ class _FakeDriver:
     def cuStreamDestroy(self, stream: Any) -> tuple[Any, ...]:
         return self._ran()
 
+    def cuStreamWriteValue32(
+        self, stream: Any, addr: int, value: int, flags: int
+    ) -> tuple[Any, ...]:
+        return self._ran()
+
+    def cuStreamWaitValue32(
+        self, stream: Any, addr: int, value: int, flags: int
+    ) -> tuple[Any, ...]:
+        return self._ran()
+
 
 @pytest.mark.gpuaio_sim_only  # it patches the driver module a CUDA runtime's threads would use
 def test_cuda_backend_checks_the_current_context(monkeypatch: pytest.MonkeyPatch) -> None:

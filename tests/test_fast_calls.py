@@ -42,31 +42,37 @@ _MEMCPY = ctypes.CFUNCTYPE(
 )
 _RECORD = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 _QUERY = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+_MEMOP = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint
+)
 
 NOT_READY = int(driver.CUresult.CUDA_ERROR_NOT_READY)
 
 
 class _CDriver:
-    """cuCtxGetCurrent, cuMemcpyAsync, cuEventRecord and cuEventQuery as C
-    function pointers. ``current`` says the calling thread's context; every
-    call is recorded with the context current when it ran; ``results`` are
-    what each call answers."""
+    """cuCtxGetCurrent, cuMemcpyAsync, cuEventRecord, cuEventQuery,
+    cuStreamWriteValue32 and cuStreamWaitValue32 as C function pointers.
+    ``current`` says the calling thread's context; every call is recorded
+    with the context current when it ran; ``results`` are what each call
+    answers."""
 
     def __init__(self, current: Any) -> None:
         self.current = current
         self.ran: list[tuple[Any, ...]] = []
-        self.results = {"memcpy": 0, "record": 0, "query": 0, "get": 0}
+        self.results = {"memcpy": 0, "record": 0, "query": 0, "get": 0, "write": 0, "wait": 0}
         # Kept here: the pointers are valid only while these objects live.
         self._fns = (
             _GET(self._get),
             _MEMCPY(self._memcpy),
             _RECORD(self._record),
             _QUERY(self._query),
+            _MEMOP(self._write),
+            _MEMOP(self._wait),
         )
 
     def addresses(self) -> dict[str, int]:
         out = {}
-        for name, fn in zip(_fast.SYMBOLS, self._fns, strict=True):
+        for name, fn in zip(_fast.SYMBOLS + _fast.OPTIONAL, self._fns, strict=True):
             address = ctypes.cast(fn, ctypes.c_void_p).value
             assert address
             out[name] = address
@@ -87,6 +93,14 @@ class _CDriver:
     def _query(self, event: int | None) -> int:
         self.ran.append(("query", event or 0, self.current()))
         return self.results["query"]
+
+    def _write(self, stream: int | None, addr: int, value: int, flags: int) -> int:
+        self.ran.append(("write", stream or 0, addr, value, flags, self.current()))
+        return self.results["write"]
+
+    def _wait(self, stream: int | None, addr: int, value: int, flags: int) -> int:
+        self.ran.append(("wait", stream or 0, addr, value, flags, self.current()))
+        return self.results["wait"]
 
 
 @pytest.fixture
@@ -113,6 +127,7 @@ def test_unbound_calls_do_nothing_and_say_so(unbind_after: None) -> None:
     assert _fastcalls.memcpy(CTX, 1, 2, 3, 4) == _fastcalls.NOT_BOUND
     assert _fastcalls.record(CTX, 1, 2) == _fastcalls.NOT_BOUND
     assert _fastcalls.query(CTX, 1) == _fastcalls.NOT_BOUND
+    assert _fastcalls.gated(CTX, 4, True, 1, [2], 3, 3, [5]) == _fastcalls.NOT_BOUND
     assert _fastcalls.NOT_BOUND < 0 and _fastcalls.NOT_CURRENT < 0  # never a CUresult
 
 
@@ -180,8 +195,98 @@ def test_other_threads_run_while_a_driver_call_blocks(unbind_after: None, call: 
     assert during > 10, f"{call}: another thread ran {during} times while the call blocked"
 
 
+STREAM = 0x5000
+DEV = BIG - (1 << 30)
+
+
+def _gated_calls(
+    up: bool, blocks: list[int], nbytes: int, chunk: int, flags: list[int]
+) -> list[Any]:
+    """What a gated copy's stream work is, call by call (``Backend.enqueue_gated``)."""
+    out: list[Any] = []
+    for k, block in enumerate(blocks):
+        off, ln = k * chunk, min(chunk, nbytes - k * chunk)
+        if up:
+            out += [
+                ("wait", STREAM, flags[k], 1, 0, CTX),
+                ("memcpy", DEV + off, block, ln, STREAM, CTX),
+            ]
+        else:
+            out += [
+                ("memcpy", block, DEV + off, ln, STREAM, CTX),
+                ("write", STREAM, flags[2 * k], 1, 0, CTX),
+            ]
+    if not up:
+        out += [("wait", STREAM, flags[2 * k + 1], 1, 0, CTX) for k in range(len(blocks))]
+    return out
+
+
+@pytest.mark.parametrize("up", [True, False], ids=["upload", "download"])
+@pytest.mark.parametrize("chunks", [1, 3, 16])
+def test_gated_enqueues_every_chunks_steps_in_stream_order(
+    unbind_after: None, up: bool, chunks: int
+) -> None:
+    c = _bound(CTX)
+    chunk = 1 << 20
+    nbytes = chunks * chunk - 4097  # the last chunk short
+    blocks = [BIG - (k + 1) * (4 << 20) for k in range(chunks)]
+    flags = [0x7000_0000 + 64 * i for i in range(chunks if up else 2 * chunks)]
+    assert _fastcalls.gated(CTX, STREAM, up, DEV, blocks, nbytes, chunk, flags) == 0
+    assert c.ran == _gated_calls(up, blocks, nbytes, chunk, flags)
+
+
+@pytest.mark.parametrize(
+    ("up", "fails", "step"),
+    [
+        (True, "wait", 3),
+        (True, "memcpy", 1),
+        (False, "memcpy", 1),
+        (False, "write", 2),
+        (False, "wait", 3),
+    ],
+)
+def test_gated_stops_at_the_first_failing_call_and_names_it(
+    unbind_after: None, up: bool, fails: str, step: int
+) -> None:
+    c = _bound(CTX)
+    blocks, flags = [0x1000, 0x2000], [0x100, 0x140] if up else [0x100, 0x140, 0x180, 0x1C0]
+    c.results[fails] = 700
+    answer = _fastcalls.gated(CTX, STREAM, up, DEV, blocks, 2 * 4096, 4096, flags)
+    assert divmod(answer, 65536) == (step, 700)
+    expected = _gated_calls(up, blocks, 2 * 4096, 4096, flags)
+    first = next(i for i, call in enumerate(expected) if call[0] == fails)
+    assert c.ran == expected[: first + 1], "calls after the failing one were made"
+
+
+def test_gated_needs_the_stream_memory_calls_and_checks_its_arguments(unbind_after: None) -> None:
+    c = _CDriver(lambda: CTX)
+    four = list(c.addresses().values())[:4]
+    assert _fastcalls.bind(*four) is True  # no cuStreamWriteValue32/WaitValue32: the rest works
+    assert _fastcalls.gated(CTX, STREAM, True, DEV, [1], 8, 8, [2]) == _fastcalls.NOT_BOUND
+    assert _fastcalls.memcpy(CTX, 1, 2, 3, 4) == 0
+    assert _fastcalls.bind(*c.addresses().values()) is True
+    c.ran.clear()
+    with pytest.raises(TypeError, match="takes 8 arguments"):
+        _fastcalls.gated(CTX, STREAM, True, DEV, [1], 8, 8)
+    with pytest.raises(TypeError, match="must be a list"):
+        _fastcalls.gated(CTX, STREAM, True, DEV, (1,), 8, 8, [2])
+    for blocks, nbytes, chunk, flags in (
+        ([1], 9, 8, [2]),  # 9 bytes are two chunks of 8
+        ([1, 2], 9, 8, [2]),  # an upload: a flag per chunk
+        ([1], 8, 0, [2]),
+    ):
+        with pytest.raises(ValueError, match="chunks"):
+            _fastcalls.gated(CTX, STREAM, True, DEV, blocks, nbytes, chunk, flags)
+    with pytest.raises(ValueError, match="chunks"):
+        _fastcalls.gated(CTX, STREAM, False, DEV, [1], 8, 8, [2])  # a download: two a chunk
+    with pytest.raises(ValueError, match="at most"):
+        _fastcalls.gated(CTX, STREAM, True, DEV, list(range(17)), 17, 1, list(range(17)))
+    assert c.ran == []
+
+
 def test_nothing_runs_while_another_context_is_current(unbind_after: None) -> None:
     c = _bound(0xF00000)
+    assert _fastcalls.gated(CTX, STREAM, False, DEV, [1], 8, 8, [2, 3]) == _fastcalls.NOT_CURRENT
     assert _fastcalls.memcpy(CTX, 1, 2, 3, 4) == _fastcalls.NOT_CURRENT
     assert _fastcalls.record(CTX, 1, 2) == _fastcalls.NOT_CURRENT
     assert _fastcalls.query(CTX, 1) == _fastcalls.NOT_CURRENT
@@ -317,3 +422,38 @@ def test_the_backend_uses_the_bindings_where_c_calls_cannot_be_bound(
     assert c.ran == []
     assert fake.calls == {"cuCtxGetCurrent": 3}
     assert fake.ran_in == [p0] * 3
+
+
+@pytest.mark.gpuaio_sim_only
+def test_the_backend_enqueues_a_gated_copy_in_one_c_call_in_its_context(
+    monkeypatch: pytest.MonkeyPatch, unbind_after: None
+) -> None:
+    be, fake, c = _patched_backend(monkeypatch, c_functions=True)
+    p0 = be.primary_context(0)
+    be.set_current_context(p0)
+    s = be.stream_create(0)
+    dev = be.mem_alloc(0, 64)
+    blocks = [be.host_alloc(4096), be.host_alloc(4096)]
+    flags = [0x100, 0x140, 0x180, 0x1C0]
+    fake.calls.clear()
+    be.enqueue_gated(s, False, dev, blocks, 6000, 4096, flags)
+    assert fake.calls == {} and fake.ran_in == []  # no cuda.bindings call at all
+    assert [call[0] for call in c.ran] == ["memcpy", "write", "memcpy", "write", "wait", "wait"]
+    assert c.ran[0] == ("memcpy", blocks[0], dev, 4096, s.address, p0)
+    assert c.ran[3] == ("write", s.address, flags[2], 1, 0, p0)
+    assert c.ran[5] == ("wait", s.address, flags[3], 1, 0, p0)
+    # Another context current: the same calls through the bindings, each in the stream's.
+    be.set_current_context(0xF00000)
+    c.ran.clear()
+    be.enqueue_gated(s, True, dev, blocks, 6000, 4096, flags[:2])
+    assert c.ran == []
+    assert fake.ran_in == [p0] * 4 and fake.current() == 0xF00000
+    # A failure names its call and code, as the bindings' path does.
+    be.set_current_context(p0)
+    for name, call in (("write", "cuStreamWriteValue32"), ("wait", "cuStreamWaitValue32")):
+        c.results.update(write=0, wait=0)
+        c.results[name] = 700
+        with pytest.raises(CudaError, match=call) as info:
+            be.enqueue_gated(s, False, dev, blocks, 6000, 4096, flags)
+        assert info.value.code == 700
+    be.close()

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -418,6 +418,75 @@ def test_a_gated_native_copy_waits_for_its_ready_word() -> None:
         pool.close()
     assert words[16] == 1 and not dst.any(), "closing left a held copy's flag unset"
     del held
+
+
+def _until(check: Callable[[], bool], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.001)
+
+
+@native_only
+def test_idle_copy_threads_spin_while_a_gated_copy_waits_for_its_dma() -> None:
+    """With spinners, idle copy threads poll instead of sleeping while a gated
+    copy is held (at most that many), so that the copy starts once its ready
+    word is set without a thread's wake-up; it is byte-exact and sets its
+    flag. The spin ends when the copy is queued, when a held copy is dropped,
+    when its window ends (the copy still held), and when the pool closes."""
+    from gpuaio._engine.hostwork import HostPool
+
+    pool = HostPool(3)
+    native = pool._native_pool()
+    n = 2 * MiB + 5
+    src = pattern(n, 6)
+    dst = np.zeros(n, np.uint8)
+    words = np.zeros(64, np.uint32)  # [0] ready, [16] flag
+    ready, flag = words.ctypes.data, words.ctypes.data + 64
+
+    def gated() -> Any:
+        return pool.submit_flagged(dst.ctypes.data, src.ctypes.data, n, MiB, False, flag, ready)
+
+    try:
+        native.spin(2, 60_000_000)  # a minute: only the events under test end a spin
+        cp = gated()
+        _until(lambda: native.spinning == 2, 10, "no two idle threads spun for the held copy")
+        time.sleep(0.01)
+        assert native.spinning == 2, "more threads spun than allowed, or they stopped"
+        assert not dst.any() and words[16] == 0
+        words[0] = 1
+        cp.wait_copied(at_least=n)
+        np.testing.assert_array_equal(dst, src)
+        _until(lambda: words[16] == 1, 10, "the copy's flag was not set")
+        _until(lambda: native.spinning == 0, 10, "threads spun on with no copy held")
+        # A held copy dropped ends the spin.
+        words[:] = 0
+        dst[:] = 0
+        cp = gated()
+        _until(lambda: native.spinning == 2, 10, "no thread spun for the second copy")
+        cp.stop()
+        assert words[16] == 1 and not dst.any()
+        _until(lambda: native.spinning == 0, 10, "threads spun on after the held copy was dropped")
+        # The window's end ends it, the copy still held.
+        words[16] = 0
+        native.spin(2, 3_000_000)
+        cp = gated()
+        _until(lambda: native.spinning == 2, 2.5, "no thread spun for the third copy")
+        _until(lambda: native.spinning == 0, 10, "threads spun past their window")
+        assert words[16] == 0 and not dst.any()
+        cp.stop()
+        # Closing the pool ends it at once.
+        words[16] = 0
+        native.spin(3, 60_000_000)
+        held = gated()
+        _until(lambda: native.spinning == 3, 10, "no three threads spun")
+        t0 = time.monotonic()
+        pool.close()
+        assert time.monotonic() - t0 < 10, "closing waited for the spinning threads' window"
+        assert words[16] == 1 and not dst.any(), "closing left a held copy's flag unset"
+        del held
+    finally:
+        pool.close()
 
 
 @native_only

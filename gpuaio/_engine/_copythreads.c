@@ -22,7 +22,10 @@
  * (gcp_submit_copy_flag), for the stream to wait on (cuStreamWaitValue32),
  * and may wait for a word the stream sets (cuStreamWriteValue32) before its
  * first slice (gcp_submit_copy_gated). Such a copy waits with a watcher
- * thread, never in the queue: copy threads never wait for a GPU.
+ * thread, never in the queue: copy threads never wait for a GPU. While such
+ * copies are held, up to a set number of idle copy threads may spin instead
+ * of sleeping (gcp_pool_spin), bounded in time, so that a copy is started as
+ * soon as the watcher queues it, not after a thread's wake-up.
  *
  * No Python API is used except the module's init function and copy(), a
  * plain memmove for small copies on the calling thread (py_copy below), so
@@ -84,6 +87,13 @@ typedef struct gcp_pool {
     pthread_t watcher;
     int watching;          /* the watcher thread was started */
     uint64_t gated_at;     /* when the last gated copy was added (now_ns) */
+    /* Spinning copy threads (gcp_pool_spin): while gated copies are held,
+     * up to ``spinners`` idle threads poll ``stirs`` instead of sleeping,
+     * for at most ``spin_ns`` after the last gated copy was added. */
+    uint64_t spin_ns;
+    int spinners, spinning;
+    uint64_t stirs;        /* bumped when a copy is queued, a held one dropped or the
+                            * pool closes (atomic): what spinning threads poll */
 } gcp_pool;
 
 struct gcp_copy {
@@ -207,6 +217,50 @@ static void signal_if_ended(gcp_copy *c)
     }
 }
 
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static void cpu_relax(void)
+{
+#if GCP_NT
+    for (int i = 0; i < 32; i++)
+        _mm_pause();
+#else
+    sched_yield();
+#endif
+}
+
+/* An idle copy thread that may spin (gcp_pool_spin): gated copies are
+ * held, fewer than ``spinners`` threads spin, and the last gated copy came
+ * less than ``spin_ns`` ago. Under mu. */
+static int may_spin(const gcp_pool *p, uint64_t now)
+{
+    return p->spinners > 0 && p->gated != NULL && p->spinning < p->spinners && !p->closing &&
+           now - p->gated_at < p->spin_ns;
+}
+
+/* Spin, mu let go, until a copy is queued or a held one dropped, the pool
+ * closes or the spin window ends; then take mu back. Under mu on entry and on return. A held
+ * gated copy's ready word is set by its stream once a DMA has landed, tens
+ * of microseconds after the copy was submitted: a thread asleep on the
+ * condition variable then takes 20-100 us to wake (its core idle in a deep
+ * sleep state), a spinning one starts the copy-out at once. */
+static void spin_for_work(gcp_pool *p)
+{
+    uint64_t seen = __atomic_load_n(&p->stirs, __ATOMIC_ACQUIRE);
+    uint64_t until = p->gated_at + p->spin_ns;
+    p->spinning++;
+    pthread_mutex_unlock(&mu);
+    while (__atomic_load_n(&p->stirs, __ATOMIC_ACQUIRE) == seen && now_ns() < until)
+        cpu_relax();
+    pthread_mutex_lock(&mu);
+    p->spinning--;
+}
+
 static void *run(void *arg)
 {
     gcp_pool *p = (gcp_pool *)arg;
@@ -226,7 +280,10 @@ static void *run(void *arg)
         if (c == NULL) {
             if (p->closing)
                 break;
-            pthread_cond_wait(&p->work, &mu);
+            if (may_spin(p, now_ns()))
+                spin_for_work(p);
+            else
+                pthread_cond_wait(&p->work, &mu);
             continue;
         }
         if (c->stop || c->claimed >= c->count) {
@@ -286,21 +343,24 @@ GCP_EXPORT gcp_pool *gcp_pool_new(int nthreads, int nice, uint64_t piece)
     return p;
 }
 
-static uint64_t now_ns(void)
+/* Let up to ``spinners`` idle copy threads spin, for at most ``spin_us``
+ * microseconds after a gated copy was submitted, while gated copies are
+ * held (0 either way: none spins, the default). */
+GCP_EXPORT void gcp_pool_spin(gcp_pool *p, int spinners, uint64_t spin_us)
 {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+    pthread_mutex_lock(&mu);
+    p->spinners = spinners > 0 ? spinners : 0;
+    p->spin_ns = spin_us * 1000u;
+    pthread_mutex_unlock(&mu);
 }
 
-static void cpu_relax(void)
+/* How many copy threads spin now (tests). */
+GCP_EXPORT int gcp_pool_spinning(gcp_pool *p)
 {
-#if GCP_NT
-    for (int i = 0; i < 32; i++)
-        _mm_pause();
-#else
-    sched_yield();
-#endif
+    pthread_mutex_lock(&mu);
+    int n = p->spinning;
+    pthread_mutex_unlock(&mu);
+    return n;
 }
 
 /* Put ``c`` (its queue reference held) at the end of the pool's queue: under mu. */
@@ -312,6 +372,7 @@ static void queue_locked(gcp_pool *p, gcp_copy *c)
     else
         p->head = c;
     p->tail = c;
+    __atomic_add_fetch(&p->stirs, 1, __ATOMIC_RELEASE);
     pthread_cond_broadcast(&p->work);
 }
 
@@ -356,6 +417,7 @@ static void *watch(void *arg)
                 if (c->waiters)
                     pthread_cond_broadcast(&c->cv);
                 copy_unref(c);
+                __atomic_add_fetch(&p->stirs, 1, __ATOMIC_RELEASE); /* spinners look again */
             } else if (__atomic_load_n(c->ready, __ATOMIC_ACQUIRE) != 0) {
                 *at = c->next;
                 queue_locked(p, c);
@@ -448,6 +510,9 @@ static gcp_copy *submit(gcp_pool *p, uintptr_t dst, uintptr_t src, uint64_t nbyt
             p->gated = c;
             p->gated_at = now_ns();
             pthread_cond_signal(&p->gate);
+            /* Idle copy threads start spinning now, while the DMA runs. */
+            if (p->spinners > p->spinning)
+                pthread_cond_broadcast(&p->work);
         } else {
             queue_locked(p, c);
         }
@@ -619,6 +684,7 @@ GCP_EXPORT void gcp_pool_close(gcp_pool *p)
         return;
     pthread_mutex_lock(&mu);
     p->closing = 1;
+    __atomic_add_fetch(&p->stirs, 1, __ATOMIC_RELEASE); /* ends every spin */
     pthread_cond_broadcast(&p->work);
     pthread_cond_broadcast(&p->gate);
     int started = p->started, watching = p->watching;

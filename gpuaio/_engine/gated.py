@@ -249,33 +249,25 @@ class GatedCopies:
         ptrs = [b.ptr for b in blocks]
         if up:
             self.uploads += 1
-            seq.gpu(op, self._enqueue_up, d.ptr, ptrs, n, chunk, flags)
+            seq.gpu(op, self._enqueue, True, d.ptr, ptrs, n, chunk, flags)
         else:
             self.downloads += 1
-            seq.gpu(op, self._enqueue_down, s.ptr, ptrs, n, chunk, flags)
+            seq.gpu(op, self._enqueue, False, s.ptr, ptrs, n, chunk, flags)
             seq.note_copy_out(op)  # later host steps settle on it
         return True
 
-    def _enqueue_up(
-        self, dst: int, blocks: list[int], nbytes: int, chunk: int, flags: list[int], native: Any
+    def _enqueue(
+        self,
+        up: bool,
+        dev: int,
+        blocks: list[int],
+        nbytes: int,
+        chunk: int,
+        flags: list[int],
+        native: Any,
     ) -> None:
-        backend = self._rt.backend
-        for k, (block, flag) in enumerate(zip(blocks, flags, strict=True)):
-            off = k * chunk
-            backend.stream_wait_value32(native, flag, 1)
-            backend.memcpy_async(dst + off, block, min(chunk, nbytes - off), native)
-
-    def _enqueue_down(
-        self, src: int, blocks: list[int], nbytes: int, chunk: int, flags: list[int], native: Any
-    ) -> None:
-        backend = self._rt.backend
-        for k, block in enumerate(blocks):
-            off = k * chunk
-            backend.memcpy_async(block, src + off, min(chunk, nbytes - off), native)
-            # Fenced (the default): the block's bytes are visible before the word.
-            backend.stream_write_value32(native, flags[2 * k], 1)
-        for k in range(len(blocks)):
-            backend.stream_wait_value32(native, flags[2 * k + 1], 1)
+        # One backend call: on CUDA one C call for all the chunks' steps.
+        self._rt.backend.enqueue_gated(native, up, dev, blocks, nbytes, chunk, flags)
 
     # -- set-up, on the reaper thread -------------------------------------
     def _prime(self, device: int, chunk: int, count: int) -> None:

@@ -81,6 +81,16 @@ kernel's scheduler weighs a copy thread at a tenth of a normal thread and lets
 a waking loop thread preempt it; with idle cores nothing changes."""
 
 
+COPY_SPINNERS = int(os.environ.get("GPUAIO_COPY_SPINNERS", "4"))
+"""How many idle native copy threads poll for work, instead of sleeping,
+while gated copies wait for their DMAs (``NativePool.spin``), for at most
+:data:`COPY_SPIN_US` after one was submitted; none on a machine of four
+cores or fewer, where a spinning thread would take the event loop's core."""
+
+COPY_SPIN_US = 200
+"""See :data:`COPY_SPINNERS`: a gated chunk's DMA lasts tens of microseconds."""
+
+
 def _copy_thread_start() -> None:
     """Initializer of a copy thread: precise timers, and a lower CPU priority."""
     precise_timers()
@@ -210,6 +220,8 @@ class HostPool:
             if self._native is None:
                 piece = _YIELD_SLICE if _FEW_CORES else 0
                 self._native = NativePool(self.threads, max(0, COPY_NICE), piece)
+                if not _FEW_CORES:
+                    self._native.spin(COPY_SPINNERS, COPY_SPIN_US)
             return self._native
 
     def fill(self, dst: np.ndarray, value: int, itemsize: int) -> None:

@@ -65,6 +65,12 @@ class _Lib:
         )
         self.stop: Callable[..., Any] = c_function(free, "gcp_stop", [ptr], None)
         self.pool_close: Callable[..., Any] = c_function(free, "gcp_pool_close", [ptr], None)
+        self.pool_spin: Callable[..., Any] = c_function(
+            held, "gcp_pool_spin", [ptr, ctypes.c_int, u64], None
+        )
+        self.pool_spinning: Callable[..., Any] = c_function(
+            held, "gcp_pool_spinning", [ptr], ctypes.c_int
+        )
 
 
 def _load() -> _Lib | None:
@@ -195,6 +201,20 @@ class NativePool:
             raise MemoryError("cannot create the native copy pool")
         self._lib: _Lib = lib
         self._handle: int = handle
+
+    def spin(self, spinners: int, spin_us: int) -> None:
+        """Let up to ``spinners`` idle threads poll for work instead of sleeping
+        while gated copies are held, for at most ``spin_us`` microseconds after
+        one was submitted (0 either way: none does). A held copy is queued once
+        its stream's DMA has landed; a spinning thread starts it at once, a
+        sleeping one only after waking."""
+        if self._handle:
+            self._lib.pool_spin(self._handle, max(0, spinners), max(0, spin_us))
+
+    @property
+    def spinning(self) -> int:
+        """How many threads spin now (:meth:`spin`)."""
+        return int(self._lib.pool_spinning(self._handle)) if self._handle else 0
 
     def submit_copy(
         self,

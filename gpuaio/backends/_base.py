@@ -277,6 +277,39 @@ class Backend(abc.ABC):
     def stream_wait_value32(self, stream: Any, device_ptr: int, value: int) -> None:
         """``cuStreamWaitValue32`` (>=): the stream waits until the word reaches ``value``."""
 
+    def enqueue_gated(
+        self,
+        stream: Any,
+        up: bool,
+        device_ptr: int,
+        blocks: Sequence[int],
+        nbytes: int,
+        chunk: int,
+        flags: Sequence[int],
+    ) -> None:
+        """A gated copy's stream work (``gpuaio._engine.gated``), in order.
+
+        ``nbytes`` at ``device_ptr`` go in chunks of ``chunk`` bytes, chunk
+        ``k`` through the pinned block ``blocks[k]``. An upload (``up``): per
+        chunk, a wait for ``flags[k]`` to reach 1, then the chunk's copy from
+        its block. A download: per chunk, the copy into its block, then a
+        write of 1 to ``flags[2k]`` (its ready word); then a wait for each
+        ``flags[2k + 1]`` to reach 1. Raises at the first call that fails,
+        what came before it enqueued. This default makes one call per step.
+        """
+        if up:
+            for k, (block, flag) in enumerate(zip(blocks, flags, strict=True)):
+                off = k * chunk
+                self.stream_wait_value32(stream, flag, 1)
+                self.memcpy_async(device_ptr + off, block, min(chunk, nbytes - off), stream)
+            return
+        for k, block in enumerate(blocks):
+            off = k * chunk
+            self.memcpy_async(block, device_ptr + off, min(chunk, nbytes - off), stream)
+            self.stream_write_value32(stream, flags[2 * k], 1)
+        for k in range(len(blocks)):
+            self.stream_wait_value32(stream, flags[2 * k + 1], 1)
+
     # -- events --------------------------------------------------------
     @abc.abstractmethod
     def event_create(self, device: int, blocking_sync: bool = False) -> Any:

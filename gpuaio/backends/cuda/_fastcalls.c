@@ -1,5 +1,6 @@
 /* The driver calls every awaited operation makes, called straight through
- * the driver's own function pointers (gpuaio.backends.cuda._fast).
+ * the driver's own function pointers (gpuaio.backends.cuda._fast), and a
+ * gated copy's stream work in one call (gated()).
  *
  * Through cuda.bindings each of cuMemcpyAsync, cuEventRecord and
  * cuEventQuery costs a Python-level call that converts its arguments, a
@@ -27,11 +28,20 @@ typedef int (*ctx_get_current_fn)(void **ctx);
 typedef int (*memcpy_async_fn)(uint64_t dst, uint64_t src, size_t n, void *stream);
 typedef int (*event_record_fn)(void *event, void *stream);
 typedef int (*event_query_fn)(void *event);
+typedef int (*write_value32_fn)(void *stream, uint64_t addr, uint32_t value, unsigned int flags);
+typedef int (*wait_value32_fn)(void *stream, uint64_t addr, uint32_t value, unsigned int flags);
 
 static ctx_get_current_fn p_ctx_get_current;
 static memcpy_async_fn p_memcpy_async;
 static event_record_fn p_event_record;
 static event_query_fn p_event_query;
+static write_value32_fn p_write_value32; /* optional: NULL, and gated() answers NOT_BOUND */
+static wait_value32_fn p_wait_value32;
+
+/* CU_STREAM_WRITE_VALUE_DEFAULT (a memory barrier first: the stores before
+ * the word are visible before it) and CU_STREAM_WAIT_VALUE_GEQ. */
+#define WRITE_DEFAULT 0u
+#define WAIT_GEQ 0u
 
 /* Answers that are no CUresult (those are all >= 0). */
 #define NOT_CURRENT (-1)
@@ -85,16 +95,23 @@ static int nargs_ok(Py_ssize_t nargs, Py_ssize_t want, const char *what)
     return 0;
 }
 
-/* bind(ctx_get_current, memcpy_async, event_record, event_query): the
- * addresses of cuCtxGetCurrent, cuMemcpyAsync, cuEventRecord and
- * cuEventQuery; 0 for any of them unbinds all. */
+/* bind(ctx_get_current, memcpy_async, event_record, event_query
+ *      [, write_value32, wait_value32]): the addresses of cuCtxGetCurrent,
+ * cuMemcpyAsync, cuEventRecord and cuEventQuery, and optionally of
+ * cuStreamWriteValue32 and cuStreamWaitValue32 (for gated(); 0: none). Any of
+ * the first four 0 unbinds all. */
 static PyObject *py_bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (!nargs_ok(nargs, 4, "bind(ctx_get_current, memcpy_async, event_record, event_query)"))
+    if (nargs != 4 && nargs != 6) {
+        PyErr_Format(PyExc_TypeError,
+                     "bind(ctx_get_current, memcpy_async, event_record, event_query"
+                     "[, write_value32, wait_value32]) takes 4 or 6 arguments (%zd given)",
+                     nargs);
         return NULL;
-    void *p[4];
-    for (int i = 0; i < 4; i++)
+    }
+    void *p[6] = {NULL, NULL, NULL, NULL, NULL, NULL};
+    for (Py_ssize_t i = 0; i < nargs; i++)
         if (arg_ptr(args[i], &p[i]))
             return NULL;
     if (!p[0] || !p[1] || !p[2] || !p[3]) {
@@ -102,12 +119,16 @@ static PyObject *py_bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         p_memcpy_async = NULL;
         p_event_record = NULL;
         p_event_query = NULL;
+        p_write_value32 = NULL;
+        p_wait_value32 = NULL;
         Py_RETURN_FALSE;
     }
     p_ctx_get_current = (ctx_get_current_fn)p[0];
     p_memcpy_async = (memcpy_async_fn)p[1];
     p_event_record = (event_record_fn)p[2];
     p_event_query = (event_query_fn)p[3];
+    p_write_value32 = (p[4] && p[5]) ? (write_value32_fn)p[4] : NULL;
+    p_wait_value32 = (p[4] && p[5]) ? (wait_value32_fn)p[5] : NULL;
     Py_RETURN_TRUE;
 }
 
@@ -177,10 +198,102 @@ static PyObject *py_query(PyObject *self, PyObject *const *args, Py_ssize_t narg
     return PyLong_FromLong(err);
 }
 
+/* The most chunks gated() takes (gpuaio._engine.gated.GATED_CHUNKS is 4). */
+#define GATED_MAX_CHUNKS 16
+
+/* Which call of gated() failed, in the answer's bits 16 and up. */
+#define STEP_MEMCPY 1
+#define STEP_WRITE 2
+#define STEP_WAIT 3
+
+static int u64_list(PyObject *o, uint64_t *out, Py_ssize_t max, Py_ssize_t *n, const char *what)
+{
+    if (!PyList_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "gated: %s must be a list", what);
+        return -1;
+    }
+    *n = PyList_GET_SIZE(o);
+    if (*n > max) {
+        PyErr_Format(PyExc_ValueError, "gated: at most %zd %s", max, what);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < *n; i++)
+        if (arg_u64(PyList_GET_ITEM(o, i), &out[i]))
+            return -1;
+    return 0;
+}
+
+/* gated(ctx, stream, up, device_ptr, blocks, nbytes, chunk, flags) -> int: a
+ * gated copy's stream work (Backend.enqueue_gated says what), all of it with
+ * the GIL let go once: an upload's per chunk cuStreamWaitValue32 and
+ * cuMemcpyAsync, a download's per chunk cuMemcpyAsync and
+ * cuStreamWriteValue32, then its waits. Answers 0, NOT_CURRENT or NOT_BOUND
+ * (nothing done), or the first failing call's CUresult plus its step
+ * (STEP_*) times 65536 (what came before it enqueued). Through cuda.bindings
+ * these were six calls from Python for a 4 MiB download, 2-10 us each on
+ * the loop's thread (issue 13, run ED). */
+static PyObject *py_gated(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (!nargs_ok(nargs, 8, "gated(ctx, stream, up, device_ptr, blocks, nbytes, chunk, flags)"))
+        return NULL;
+    void *ctx, *stream;
+    uint64_t dev, nbytes, chunk;
+    uint64_t blocks[GATED_MAX_CHUNKS], flags[2 * GATED_MAX_CHUNKS];
+    Py_ssize_t nblocks, nflags;
+    if (arg_ptr(args[0], &ctx) || arg_ptr(args[1], &stream))
+        return NULL;
+    int up = PyObject_IsTrue(args[2]);
+    if (up < 0 || arg_u64(args[3], &dev) || arg_u64(args[5], &nbytes) || arg_u64(args[6], &chunk))
+        return NULL;
+    if (u64_list(args[4], blocks, GATED_MAX_CHUNKS, &nblocks, "blocks") ||
+        u64_list(args[7], flags, 2 * GATED_MAX_CHUNKS, &nflags, "flags"))
+        return NULL;
+    if (chunk == 0 || nblocks != (Py_ssize_t)((nbytes + chunk - 1) / chunk) ||
+        nflags != (up ? nblocks : 2 * nblocks)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "gated: blocks must cover nbytes in chunks, with one flag per chunk "
+                        "(an upload) or two (a download)");
+        return NULL;
+    }
+    if (p_write_value32 == NULL || p_wait_value32 == NULL)
+        return PyLong_FromLong(NOT_BOUND);
+    int err = blocked((const void *)(uintptr_t)p_memcpy_async, ctx);
+    if (err)
+        return PyLong_FromLong(err);
+    long answer = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t k = 0; k < nblocks && answer == 0; k++) {
+        uint64_t off = (uint64_t)k * chunk;
+        size_t ln = (size_t)(nbytes - off < chunk ? nbytes - off : chunk);
+        if (up) {
+            if ((err = p_wait_value32(stream, flags[k], 1u, WAIT_GEQ)) != 0)
+                answer = err + STEP_WAIT * 65536L;
+            else if ((err = p_memcpy_async(dev + off, blocks[k], ln, stream)) != 0)
+                answer = err + STEP_MEMCPY * 65536L;
+        } else {
+            if ((err = p_memcpy_async(blocks[k], dev + off, ln, stream)) != 0)
+                answer = err + STEP_MEMCPY * 65536L;
+            else if ((err = p_write_value32(stream, flags[2 * k], 1u, WRITE_DEFAULT)) != 0)
+                answer = err + STEP_WRITE * 65536L;
+        }
+    }
+    for (Py_ssize_t k = 0; !up && k < nblocks && answer == 0; k++)
+        if ((err = p_wait_value32(stream, flags[2 * k + 1], 1u, WAIT_GEQ)) != 0)
+            answer = err + STEP_WAIT * 65536L;
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(answer);
+}
+
 static PyMethodDef methods[] = {
     {"bind", (PyCFunction)(void (*)(void))py_bind, METH_FASTCALL,
-     "bind(ctx_get_current, memcpy_async, event_record, event_query) -> bool: the driver "
-     "functions' addresses; any of them 0 unbinds all."},
+     "bind(ctx_get_current, memcpy_async, event_record, event_query[, write_value32, "
+     "wait_value32]) -> bool: the driver functions' addresses; any of the first four 0 "
+     "unbinds all."},
+    {"gated", (PyCFunction)(void (*)(void))py_gated, METH_FASTCALL,
+     "gated(ctx, stream, up, device_ptr, blocks, nbytes, chunk, flags) -> int: a gated copy's "
+     "stream work; 0, NOT_CURRENT or NOT_BOUND (nothing done), or the failing call's "
+     "CUresult + 65536 * its step (1 copy, 2 write, 3 wait)."},
     {"memcpy", (PyCFunction)(void (*)(void))py_memcpy, METH_FASTCALL,
      "memcpy(ctx, dst, src, nbytes, stream) -> int: cuMemcpyAsync's CUresult, or "
      "NOT_CURRENT or NOT_BOUND (nothing done)."},
@@ -193,8 +306,9 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_fastcalls",
-    "cuMemcpyAsync, cuEventRecord and cuEventQuery through the driver's function pointers, "
-    "each behind a check of the current context (gpuaio.backends.cuda._fast).",
+    "cuMemcpyAsync, cuEventRecord, cuEventQuery and a gated copy's stream work through the "
+    "driver's function pointers, each behind a check of the current context "
+    "(gpuaio.backends.cuda._fast).",
     -1, methods,
 };
 

@@ -29,6 +29,8 @@ _NOT_SUPPORTED = driver.CUresult.CUDA_ERROR_NOT_SUPPORTED
 _NOT_READY_CODE = int(_NOT_READY)
 _BATCH_MAX = 255
 """``cuStreamBatchMemOp`` takes fewer than 256 operations a call."""
+_GATED_STEPS = {1: "cuMemcpyAsync", 2: "cuStreamWriteValue32", 3: "cuStreamWaitValue32"}
+"""The call a failed ``_fast.gated`` names (its answer's step)."""
 
 
 class _WordParams(threading.local):
@@ -309,6 +311,40 @@ class StreamCalls(DriverBase):
                 self._leave(prev)
         if err:
             raise _cuda_error("cuStreamWaitValue32", err)
+
+    def enqueue_gated(
+        self,
+        stream: CudaStream,
+        up: bool,
+        device_ptr: int,
+        blocks: Sequence[int],
+        nbytes: int,
+        chunk: int,
+        flags: Sequence[int],
+    ) -> None:
+        """As :meth:`Backend.enqueue_gated`, in one C call where the fast calls
+        are bound and the stream's context is current (``_fast``): through
+        cuda.bindings a 4 MiB download's six calls took 30-45 us of the
+        calling thread, against 12 us for the bare calls (issue 13, run ED)."""
+        fast = self._fast
+        if fast is not None:
+            code = fast.gated(
+                stream.ctx_addr,
+                stream.address,
+                up,
+                device_ptr,
+                list(blocks),
+                nbytes,
+                chunk,
+                list(flags),
+            )
+            if code == 0:
+                return
+            if code > 0:
+                step, err = divmod(code, 65536)
+                raise _cuda_error(_GATED_STEPS.get(step, "cuMemcpyAsync"), err)
+            # Another context is current, or the driver lacks the calls: one by one.
+        super().enqueue_gated(stream, up, device_ptr, blocks, nbytes, chunk, flags)
 
     # -- events --------------------------------------------------------
     def event_create(self, device: int, blocking_sync: bool = False) -> CudaEvent:
