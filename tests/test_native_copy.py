@@ -471,3 +471,125 @@ async def test_small_staged_copies_go_through_the_native_host_copy(
         if calls == [n, n]:
             break
     assert calls == [n, n], f"the native host copy saw {calls}, not the upload and the copy-out"
+
+
+def _flags_set(words: np.ndarray, idx: list[int], within: float = 10) -> None:
+    deadline = time.monotonic() + within
+    while not all(words[i] == 1 for i in idx):
+        assert time.monotonic() < deadline, f"flags {[int(words[i]) for i in idx]} not all set"
+        time.sleep(0.001)
+
+
+def test_chunks_submitted_in_one_call_are_byte_exact_and_each_sets_its_flag(
+    pool: HostPool,
+) -> None:
+    """``submit_chunks``: one copy per chunk between unrelated addresses (a
+    gated upload's blocks), each setting its own flag once copied."""
+    n, chunk = 3 * MiB + 77, MiB
+    src = pattern(n, 40)
+    blocks = [np.zeros(chunk, np.uint8) for _ in range(4)]
+    words = np.zeros(256, np.uint32)
+    lens = [min(chunk, n - off) for off in range(0, n, chunk)]
+    flags = [words.ctypes.data + 64 * k for k in range(4)]
+    copies = pool.submit_chunks(
+        [b.ctypes.data for b in blocks],
+        [src.ctypes.data + off for off in range(0, n, chunk)],
+        lens,
+        256 << 10,
+        False,
+        flags,
+    )
+    assert [cp.nbytes for cp in copies] == lens
+    _flags_set(words, [0, 16, 32, 48])
+    for k, ln in enumerate(lens):
+        np.testing.assert_array_equal(blocks[k][:ln], src[k * chunk : k * chunk + ln])
+    assert not blocks[3][lens[3] :].any(), "bytes past the last chunk were written"
+
+
+def test_unposted_chunks_wait_for_post_then_for_their_ready_words(pool: HostPool) -> None:
+    """Made without ``post``, nothing is copied (the ready words set or not)
+    until ``post_chunks``; then each chunk waits for its own ready word. A
+    chunk stopped before it is posted sets its flag with nothing copied."""
+    n, chunk = 2 * MiB, MiB
+    src = pattern(n, 41)
+    dst = np.zeros(n, np.uint8)
+    words = np.zeros(256, np.uint32)  # ready words at [0], [16]; flags at [32], [48]
+    readies = [words.ctypes.data, words.ctypes.data + 64]
+    flags = [words.ctypes.data + 128, words.ctypes.data + 192]
+    copies = pool.submit_chunks(
+        [dst.ctypes.data, dst.ctypes.data + chunk],
+        [src.ctypes.data, src.ctypes.data + chunk],
+        [chunk, chunk],
+        256 << 10,
+        False,
+        flags,
+        readies,
+        False,
+    )
+    words[0] = words[16] = 1
+    time.sleep(0.05)
+    assert not dst.any() and words[32] == 0 and words[48] == 0, "an unposted chunk ran"
+    words[0] = words[16] = 0
+    pool.post_chunks(copies)
+    time.sleep(0.02)
+    assert not dst.any(), "a posted chunk ran before its ready word"
+    words[16] = 1
+    _flags_set(words, [48])
+    np.testing.assert_array_equal(dst[chunk:], src[chunk:])
+    assert not dst[:chunk].any() and words[32] == 0
+    words[0] = 1
+    _flags_set(words, [32])
+    np.testing.assert_array_equal(dst, src)
+    # Stopped unposted: flag set, nothing copied; posting it then does nothing.
+    words[:] = 0
+    dst[:] = 0
+    (cp,) = pool.submit_chunks(
+        [dst.ctypes.data], [src.ctypes.data], [chunk], 256 << 10, False, flags[:1], None, False
+    )
+    cp.stop()
+    assert words[32] == 1
+    words[32] = 0
+    pool.post_chunks([cp])
+    time.sleep(0.02)
+    assert not dst.any() and words[32] == 0
+
+
+def test_chunks_posted_after_the_pool_closed_set_their_flags_and_copy_nothing() -> None:
+    pool = HostPool(2)
+    src = pattern(MiB, 42)
+    dst = np.zeros(MiB, np.uint8)
+    words = np.zeros(64, np.uint32)
+    copies = pool.submit_chunks(
+        [dst.ctypes.data], [src.ctypes.data], [MiB], MiB, False, [words.ctypes.data], None, False
+    )
+    pool.close()
+    pool.post_chunks(copies)
+    assert words[0] == 1 and not dst.any()
+    native = nativecopy.NativePool(2, 0, 0)
+    native.close()
+    words[0] = 0
+    with pytest.raises(RuntimeError, match="closed"):
+        native.submit_chunks(
+            [dst.ctypes.data], [src.ctypes.data], [MiB], MiB, False, [words.ctypes.data], None, True
+        )
+    assert words[0] == 0
+
+
+def test_submit_chunks_checks_its_arguments_at_the_call(pool: HostPool) -> None:
+    src = pattern(MiB, 43)
+    dst = np.zeros(MiB, np.uint8)
+    words = np.zeros(64, np.uint32)
+    d, s, f = dst.ctypes.data, src.ctypes.data, words.ctypes.data
+    native = pool._native_pool()
+    for args, match in (
+        (([d, d], [s], [8, 8], 8, False, [f, f], None, True), "srcs"),
+        (([d], [s], [8], 8, False, [f], [f, f], True), "readies"),
+        (([], [], [], 8, False, [], None, True), "chunks"),
+        (([d] * 65, [s] * 65, [8] * 65, 8, False, [f] * 65, None, True), "chunks"),
+        (([d], [s], [8], 0, False, [f], None, True), "step"),
+        (([d], [0], [8], 8, False, [f], None, True), "null"),
+        (([d], [s], [8], 8, False, [0], None, True), "null"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            native.submit_chunks(*args)  # type: ignore[arg-type]
+    assert not dst.any() and not words.any()

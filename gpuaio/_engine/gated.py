@@ -190,52 +190,27 @@ class GatedCopies:
         clear = seq.reads_clear() if up else seq.deps_clear()
         if op._tracer is not None or op._progress is not None or not clear:
             return False
-        blocks: list[PinnedBlock] = []
-        flags: list[int] = []  # per chunk: its flag (a download: its ready word first)
-        copies: list[NativeCopy] = []
-        nt = up and self._nt and min(chunk, n) >= NT_MIN
-        host = self._rt.host
-        per = 1 if up else 2
-        try:
-            for off in range(0, n, chunk):
-                # Cached blocks only: pinning memory is a slow driver call.
-                block = pool.take_cached(chunk)
-                if block is None:
-                    self._prime(seq.ordinal, chunk, count)
-                    return False
-                blocks.append(block)
-                for _ in range(per):
-                    flag = gates.take()
-                    if flag is None:
-                        return False
-                    flags.append(flag)
-                flag = flags[-1]
-                ln = min(chunk, n - off)
-                if up:
-                    cp = host.submit_flagged(block.ptr, s.ptr + off, ln, GATED_SLICE, nt, flag)
-                else:
-                    ready = flags[-2]
-                    cp = host.submit_flagged(
-                        d.ptr + off, block.ptr, ln, GATED_SLICE, nt, flag, ready
-                    )
-                copies.append(cp)
-        except (RuntimeError, MemoryError):  # the native threads could not take one
+        held = self._take(gates, seq.ordinal, chunk, count, 1 if up else 2)
+        if held is None:
             return False
-        finally:
-            if len(copies) < count:  # declined: stop what started, hand all back
-                _hand_back(copies, gates, flags, pool, blocks)
+        blocks, flags = held
+        ptrs = [b.ptr for b in blocks]
+        taken = self._start(up, (s if up else d).ptr, ptrs, n, chunk, flags)
+        if taken is None:  # the native threads could not take them
+            _hand_back([], gates, flags, pool, blocks)
+            return False
 
         def release() -> None:
             # Done: every copy ended before the stream passed its flag.
             if op._exc is None:
-                _hand_back(copies, gates, flags, pool, blocks)
+                _hand_back(taken, gates, flags, pool, blocks)
                 return
             # Failed: part of the work may have been enqueued, and may still
             # run: a DMA into or out of a block, a write of a ready word. Stop
             # the copies (which sets their flags, so no stream waits on them
             # for ever), and hand the blocks and words back only once the
             # stream has drained, on its host thread.
-            for cp in copies:
+            for cp in taken:
                 cp.stop()
             seq.executor.submit(
                 lambda: _hand_back_after_drain(
@@ -246,15 +221,65 @@ class GatedCopies:
 
         op._add_done_callback(release)
         op._est = n / PCIE_BPS + min(chunk, n) / GATED_COPY_BPS
-        ptrs = [b.ptr for b in blocks]
         if up:
             self.uploads += 1
             seq.gpu(op, self._enqueue, True, d.ptr, ptrs, n, chunk, flags)
         else:
             self.downloads += 1
+            # Raising, it resolved the op with the error: release() stops the
+            # unposted copies (setting their flags) and hands all back.
             seq.gpu(op, self._enqueue, False, s.ptr, ptrs, n, chunk, flags)
+            self._rt.host.post_chunks(taken)
             seq.note_copy_out(op)  # later host steps settle on it
         return True
+
+    def _take(
+        self, gates: Gates, device: int, chunk: int, count: int, per: int
+    ) -> tuple[list[PinnedBlock], list[int]] | None:
+        """``count`` cached blocks of ``chunk`` bytes and ``per`` flag words a
+        block (a download's ready word first), or None with nothing taken."""
+        pool = self._pool
+        blocks: list[PinnedBlock] = []
+        flags: list[int] = []
+        for _ in range(count):
+            # Cached blocks only: pinning memory is a slow driver call.
+            block = pool.take_cached(chunk)
+            if block is None:
+                self._prime(device, chunk, count)
+                break
+            blocks.append(block)
+            for _ in range(per):
+                flag = gates.take()
+                if flag is None:
+                    break
+                flags.append(flag)
+            if len(flags) < len(blocks) * per:  # all words in use
+                break
+        if len(flags) == count * per:
+            return blocks, flags
+        _hand_back([], gates, flags, pool, blocks)
+        return None
+
+    def _start(
+        self, up: bool, host: int, blocks: list[int], n: int, chunk: int, flags: list[int]
+    ) -> list[NativeCopy] | None:
+        """The chunks' host copies, in one call: an upload's from ``host`` into
+        the blocks, started now (its DMAs wait for them); a download's out of
+        the blocks into ``host``, each gated on its ready word and started
+        only once posted (``HostPool.post_chunks``), after its DMAs are
+        enqueued: the calling thread's bookkeeping then runs while the first
+        DMA does. None where the native threads cannot take them."""
+        at = [host + off for off in range(0, n, chunk)]
+        lens = [min(chunk, n - off) for off in range(0, n, chunk)]
+        nt = up and self._nt and min(chunk, n) >= NT_MIN
+        try:
+            if up:
+                return self._rt.host.submit_chunks(blocks, at, lens, GATED_SLICE, nt, flags)
+            return self._rt.host.submit_chunks(
+                at, blocks, lens, GATED_SLICE, nt, flags[1::2], flags[0::2], False
+            )
+        except (RuntimeError, MemoryError):
+            return None
 
     def _enqueue(
         self,

@@ -86,6 +86,19 @@ def _load() -> _Lib | None:
 _LIB = _load()
 
 
+def _load_ext() -> Any:
+    """The extension module's Python-level functions (``submit_chunks``)."""
+    if _LIB is None:
+        return None
+    try:
+        return importlib.import_module("gpuaio._engine._copythreads")
+    except ImportError:
+        return None
+
+
+_EXT: Any = _load_ext()
+
+
 def available() -> bool:
     """Whether this install has the native copy threads and they are not
     switched off (``GPUAIO_NATIVE_COPY=0``)."""
@@ -134,16 +147,18 @@ class NativeCopy:
     front to back, a copied prefix to wait for, the slices copied since the
     last call to take in any order, and :meth:`stop`."""
 
-    __slots__ = ("_handle", "_lens", "_lib", "_offs", "nbytes")
+    __slots__ = ("_handle", "_lens", "_lib", "_offs", "_room", "nbytes")
 
     def __init__(self, lib: _Lib, handle: int, nbytes: int, slices: int) -> None:
         self._lib = lib
         self._handle = handle
         self.nbytes: int = nbytes
         """Bytes the copy moves."""
-        room = max(1, slices)
-        self._offs = (_c_u64 * room)()
-        self._lens = (_c_u64 * room)()
+        # take_copied's out-arrays, made at its first call: a gated copy
+        # never takes, and making them took 1 us of its call.
+        self._room = max(1, slices)
+        self._offs: Any = None
+        self._lens: Any = None
 
     def copied(self) -> int:
         """Bytes copied so far, counted from the start without a gap."""
@@ -165,6 +180,8 @@ class NativeCopy:
         ``(offset, bytes)`` ranges in address order, adjacent ones merged (an
         empty list once every slice was returned). Raises if the copy was
         stopped short of it."""
+        if self._offs is None:
+            self._offs, self._lens = (_c_u64 * self._room)(), (_c_u64 * self._room)()
         offs, lens = self._offs, self._lens
         k = int(self._lib.take(self._handle, max(1, at_least), offs, lens))
         if k < 0:
@@ -210,6 +227,45 @@ class NativePool:
         sleeping one only after waking."""
         if self._handle:
             self._lib.pool_spin(self._handle, max(0, spinners), max(0, spin_us))
+
+    def submit_chunks(
+        self,
+        dsts: list[int],
+        srcs: list[int],
+        lens: list[int],
+        step: int,
+        nt: bool,
+        flags: list[int],
+        readies: list[int] | None,
+        post: bool,
+    ) -> list[NativeCopy]:
+        """Copies ``k`` of ``lens[k]`` bytes from ``srcs[k]`` to ``dsts[k]``,
+        each as :meth:`submit_copy` with the flag ``flags[k]`` and, given
+        ``readies``, the ready word ``readies[k]``: made in one call (64 at
+        most). With ``post`` false the threads take none of them before
+        :meth:`post_chunks`, which cannot fail. Raises RuntimeError where
+        they cannot be taken (nothing was made, no flag set)."""
+        ext = _EXT
+        if ext is None or not self._handle:
+            raise RuntimeError("the native copy pool is closed, or this build has no submit_chunks")
+        handles = ext.submit_chunks(self._handle, dsts, srcs, lens, step, nt, flags, readies, post)
+        if handles is None:
+            raise RuntimeError(
+                "the native copy threads could not take the copies (out of memory, no thread "
+                "could start, or the pool is closed)"
+            )
+        lib = self._lib
+        return [NativeCopy(lib, h, ln, -(-ln // step)) for h, ln in zip(handles, lens, strict=True)]
+
+    def post_chunks(self, copies: list[NativeCopy]) -> None:
+        """Hand copies made by :meth:`submit_chunks` without ``post`` to the
+        threads; a closed pool stops them (their flags set, nothing copied)."""
+        ext = _EXT
+        if ext is not None and self._handle:
+            ext.post_chunks(self._handle, [cp._handle for cp in copies])
+        else:
+            for cp in copies:
+                cp.stop()
 
     @property
     def spinning(self) -> int:
