@@ -100,6 +100,7 @@ typedef struct gcp_pool {
      * up to ``spinners`` idle threads poll ``stirs`` instead of sleeping,
      * for at most ``spin_ns`` after the last gated copy was added. */
     uint64_t spin_ns;
+    uint64_t spin_woken;   /* the gated_at the watcher last woke spinners for */
     int spinners, spinning;
     uint64_t stirs;        /* bumped when a copy is queued, a held one dropped or the
                             * pool closes (atomic): what spinning threads poll */
@@ -372,7 +373,8 @@ GCP_EXPORT int gcp_pool_spinning(gcp_pool *p)
     return n;
 }
 
-/* Put ``c`` (its queue reference held) at the end of the pool's queue: under mu. */
+/* Put ``c`` (its queue reference held) at the end of the pool's queue: under
+ * mu. The caller wakes the threads (wake_locked), once for all it queued. */
 static void queue_locked(gcp_pool *p, gcp_copy *c)
 {
     c->next = NULL;
@@ -382,6 +384,13 @@ static void queue_locked(gcp_pool *p, gcp_copy *c)
         p->head = c;
     p->tail = c;
     __atomic_add_fetch(&p->stirs, 1, __ATOMIC_RELEASE);
+}
+
+/* Wake the sleeping copy threads (spinning ones see ``stirs``): one system
+ * call however many wake, 5-20 us of the calling thread on an H100 host,
+ * which is why a gated copy's caller leaves it to the watcher. Under mu. */
+static void wake_locked(gcp_pool *p)
+{
     pthread_cond_broadcast(&p->work);
 }
 
@@ -415,6 +424,10 @@ static void *watch(void *arg)
             pthread_cond_wait(&p->gate, &mu);
             continue;
         }
+        /* New gated copies: the idle threads that may spin start now, while
+         * the DMAs run (woken here, not by the submitting thread). */
+        int wake = p->spinners > p->spinning && p->gated_at > p->spin_woken;
+        p->spin_woken = p->gated_at;
         gcp_copy **at = &p->gated;
         while (*at != NULL) {
             gcp_copy *c = *at;
@@ -430,11 +443,14 @@ static void *watch(void *arg)
             } else if (__atomic_load_n(c->ready, __ATOMIC_ACQUIRE) != 0) {
                 *at = c->next;
                 queue_locked(p, c);
+                wake = 1;
                 last = now_ns();
             } else {
                 at = &c->next;
             }
         }
+        if (wake)
+            wake_locked(p);
         if (p->gated == NULL)
             continue;
         if (p->gated_at > last)
@@ -514,29 +530,27 @@ static int open_locked(gcp_pool *p, int gated)
 }
 
 /* Hand a copy from copy_new to the threads: held for its ready word (the
- * watcher queues it once that is set) or queued now. A pool closed meanwhile
+ * watcher queues it once that is set) or queued now; returns 1 if queued
+ * (the caller then wakes the threads, wake_locked). A pool closed meanwhile
  * takes none: the copy is stopped, its flag set, nothing copied (as a copy
  * held when the pool closes). Under mu. */
-static void post_locked(gcp_pool *p, gcp_copy *c)
+static int post_locked(gcp_pool *p, gcp_copy *c)
 {
     if (p->closing || p->pid != getpid())
         c->stop = 1;
     signal_if_ended(c); /* stopped, or nothing to copy */
     if (c->stop || c->count == 0)
-        return;
+        return 0;
     c->refs++;
     if (c->ready != NULL) {
         c->next = p->gated;
         p->gated = c;
         p->gated_at = now_ns();
-        pthread_cond_signal(&p->gate);
-        /* Idle copy threads start spinning now, while the DMA runs: as
-         * many as may spin, not every thread (each woken takes mu). */
-        for (int i = p->spinning; i < p->spinners && i < p->nthreads; i++)
-            pthread_cond_signal(&p->work);
-    } else {
-        queue_locked(p, c);
+        pthread_cond_signal(&p->gate); /* no system call while the watcher polls */
+        return 0;
     }
+    queue_locked(p, c);
+    return 1; /* the caller wakes the threads */
 }
 
 /* gcp_submit_copy_flag and gcp_submit_copy_gated (``ready`` not 0). */
@@ -554,7 +568,8 @@ static gcp_copy *submit(gcp_pool *p, uintptr_t dst, uintptr_t src, uint64_t nbyt
         copy_free(c);
         return NULL;
     }
-    post_locked(p, c);
+    if (post_locked(p, c))
+        wake_locked(p);
     pthread_mutex_unlock(&mu);
     return c;
 }
@@ -869,8 +884,11 @@ static PyObject *py_submit_chunks(PyObject *self, PyObject *const *args, Py_ssiz
     if (out != NULL) {
         pthread_mutex_lock(&mu);
         ok = open_locked(p, args[7] != Py_None);
+        int queued = 0;
         for (Py_ssize_t i = 0; ok && post && i < n; i++)
-            post_locked(p, made[i]);
+            queued |= post_locked(p, made[i]);
+        if (queued)
+            wake_locked(p);
         pthread_mutex_unlock(&mu);
     }
     if (!ok) {
@@ -919,8 +937,11 @@ static PyObject *py_post_chunks(PyObject *self, PyObject *const *args, Py_ssize_
     if (p->pid != getpid())
         Py_RETURN_NONE;
     pthread_mutex_lock(&mu);
+    int queued = 0;
     for (Py_ssize_t i = 0; i < n; i++)
-        post_locked(p, cs[i]);
+        queued |= post_locked(p, cs[i]);
+    if (queued)
+        wake_locked(p);
     pthread_mutex_unlock(&mu);
     Py_RETURN_NONE;
 }
