@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from gpuaio._core.errors import CudaError
+from gpuaio.backends._base import GATED_DOWN_DMAS, GATED_DOWN_WAITS, GATED_UP
 from tests.test_context import _FakeDriver
 
 driver = pytest.importorskip("cuda.bindings.driver")
@@ -127,7 +128,7 @@ def test_unbound_calls_do_nothing_and_say_so(unbind_after: None) -> None:
     assert _fastcalls.memcpy(CTX, 1, 2, 3, 4) == _fastcalls.NOT_BOUND
     assert _fastcalls.record(CTX, 1, 2) == _fastcalls.NOT_BOUND
     assert _fastcalls.query(CTX, 1) == _fastcalls.NOT_BOUND
-    assert _fastcalls.gated(CTX, 4, True, 1, [2], 3, 3, [5]) == _fastcalls.NOT_BOUND
+    assert _fastcalls.gated(CTX, 4, UP, 1, [2], 3, 3, [5]) == _fastcalls.NOT_BOUND
     assert _fastcalls.NOT_BOUND < 0 and _fastcalls.NOT_CURRENT < 0  # never a CUresult
 
 
@@ -199,61 +200,66 @@ STREAM = 0x5000
 DEV = BIG - (1 << 30)
 
 
+UP, DMAS, WAITS = GATED_UP, GATED_DOWN_DMAS, GATED_DOWN_WAITS
+
+
 def _gated_calls(
-    up: bool, blocks: list[int], nbytes: int, chunk: int, flags: list[int]
+    part: int, blocks: list[int], nbytes: int, chunk: int, flags: list[int]
 ) -> list[Any]:
-    """What a gated copy's stream work is, call by call (``Backend.enqueue_gated``)."""
+    """What a part of a gated copy's stream work is, call by call
+    (``Backend.enqueue_gated``)."""
     out: list[Any] = []
     for k, block in enumerate(blocks):
         off, ln = k * chunk, min(chunk, nbytes - k * chunk)
-        if up:
+        if part == UP:
             out += [
                 ("wait", STREAM, flags[k], 1, 0, CTX),
                 ("memcpy", DEV + off, block, ln, STREAM, CTX),
             ]
-        else:
+        elif part == DMAS:
             out += [
                 ("memcpy", block, DEV + off, ln, STREAM, CTX),
                 ("write", STREAM, flags[2 * k], 1, 0, CTX),
             ]
-    if not up:
-        out += [("wait", STREAM, flags[2 * k + 1], 1, 0, CTX) for k in range(len(blocks))]
+        else:
+            out.append(("wait", STREAM, flags[2 * k + 1], 1, 0, CTX))
     return out
 
 
-@pytest.mark.parametrize("up", [True, False], ids=["upload", "download"])
+@pytest.mark.parametrize("part", [UP, DMAS, WAITS], ids=["upload", "dmas", "waits"])
 @pytest.mark.parametrize("chunks", [1, 3, 16])
 def test_gated_enqueues_every_chunks_steps_in_stream_order(
-    unbind_after: None, up: bool, chunks: int
+    unbind_after: None, part: int, chunks: int
 ) -> None:
     c = _bound(CTX)
     chunk = 1 << 20
     nbytes = chunks * chunk - 4097  # the last chunk short
     blocks = [BIG - (k + 1) * (4 << 20) for k in range(chunks)]
-    flags = [0x7000_0000 + 64 * i for i in range(chunks if up else 2 * chunks)]
-    assert _fastcalls.gated(CTX, STREAM, up, DEV, blocks, nbytes, chunk, flags) == 0
-    assert c.ran == _gated_calls(up, blocks, nbytes, chunk, flags)
+    flags = [0x7000_0000 + 64 * i for i in range(chunks if part == UP else 2 * chunks)]
+    assert _fastcalls.gated(CTX, STREAM, part, DEV, blocks, nbytes, chunk, flags) == 0
+    assert c.ran == _gated_calls(part, blocks, nbytes, chunk, flags)
 
 
 @pytest.mark.parametrize(
-    ("up", "fails", "step"),
+    ("part", "fails", "step"),
     [
-        (True, "wait", 3),
-        (True, "memcpy", 1),
-        (False, "memcpy", 1),
-        (False, "write", 2),
-        (False, "wait", 3),
+        (UP, "wait", 3),
+        (UP, "memcpy", 1),
+        (DMAS, "memcpy", 1),
+        (DMAS, "write", 2),
+        (WAITS, "wait", 3),
     ],
 )
 def test_gated_stops_at_the_first_failing_call_and_names_it(
-    unbind_after: None, up: bool, fails: str, step: int
+    unbind_after: None, part: int, fails: str, step: int
 ) -> None:
     c = _bound(CTX)
-    blocks, flags = [0x1000, 0x2000], [0x100, 0x140] if up else [0x100, 0x140, 0x180, 0x1C0]
+    blocks = [0x1000, 0x2000]
+    flags = [0x100, 0x140] if part == UP else [0x100, 0x140, 0x180, 0x1C0]
     c.results[fails] = 700
-    answer = _fastcalls.gated(CTX, STREAM, up, DEV, blocks, 2 * 4096, 4096, flags)
+    answer = _fastcalls.gated(CTX, STREAM, part, DEV, blocks, 2 * 4096, 4096, flags)
     assert divmod(answer, 65536) == (step, 700)
-    expected = _gated_calls(up, blocks, 2 * 4096, 4096, flags)
+    expected = _gated_calls(part, blocks, 2 * 4096, 4096, flags)
     first = next(i for i, call in enumerate(expected) if call[0] == fails)
     assert c.ran == expected[: first + 1], "calls after the failing one were made"
 
@@ -262,31 +268,33 @@ def test_gated_needs_the_stream_memory_calls_and_checks_its_arguments(unbind_aft
     c = _CDriver(lambda: CTX)
     four = list(c.addresses().values())[:4]
     assert _fastcalls.bind(*four) is True  # no cuStreamWriteValue32/WaitValue32: the rest works
-    assert _fastcalls.gated(CTX, STREAM, True, DEV, [1], 8, 8, [2]) == _fastcalls.NOT_BOUND
+    assert _fastcalls.gated(CTX, STREAM, UP, DEV, [1], 8, 8, [2]) == _fastcalls.NOT_BOUND
     assert _fastcalls.memcpy(CTX, 1, 2, 3, 4) == 0
     assert _fastcalls.bind(*c.addresses().values()) is True
     c.ran.clear()
     with pytest.raises(TypeError, match="takes 8 arguments"):
-        _fastcalls.gated(CTX, STREAM, True, DEV, [1], 8, 8)
+        _fastcalls.gated(CTX, STREAM, UP, DEV, [1], 8, 8)
     with pytest.raises(TypeError, match="must be a list"):
-        _fastcalls.gated(CTX, STREAM, True, DEV, (1,), 8, 8, [2])
+        _fastcalls.gated(CTX, STREAM, UP, DEV, (1,), 8, 8, [2])
+    with pytest.raises(ValueError, match="part"):
+        _fastcalls.gated(CTX, STREAM, 3, DEV, [1], 8, 8, [2])
     for blocks, nbytes, chunk, flags in (
         ([1], 9, 8, [2]),  # 9 bytes are two chunks of 8
         ([1, 2], 9, 8, [2]),  # an upload: a flag per chunk
         ([1], 8, 0, [2]),
     ):
         with pytest.raises(ValueError, match="chunks"):
-            _fastcalls.gated(CTX, STREAM, True, DEV, blocks, nbytes, chunk, flags)
+            _fastcalls.gated(CTX, STREAM, UP, DEV, blocks, nbytes, chunk, flags)
     with pytest.raises(ValueError, match="chunks"):
-        _fastcalls.gated(CTX, STREAM, False, DEV, [1], 8, 8, [2])  # a download: two a chunk
+        _fastcalls.gated(CTX, STREAM, DMAS, DEV, [1], 8, 8, [2])  # a download: two a chunk
     with pytest.raises(ValueError, match="at most"):
-        _fastcalls.gated(CTX, STREAM, True, DEV, list(range(17)), 17, 1, list(range(17)))
+        _fastcalls.gated(CTX, STREAM, UP, DEV, list(range(17)), 17, 1, list(range(17)))
     assert c.ran == []
 
 
 def test_nothing_runs_while_another_context_is_current(unbind_after: None) -> None:
     c = _bound(0xF00000)
-    assert _fastcalls.gated(CTX, STREAM, False, DEV, [1], 8, 8, [2, 3]) == _fastcalls.NOT_CURRENT
+    assert _fastcalls.gated(CTX, STREAM, WAITS, DEV, [1], 8, 8, [2, 3]) == _fastcalls.NOT_CURRENT
     assert _fastcalls.memcpy(CTX, 1, 2, 3, 4) == _fastcalls.NOT_CURRENT
     assert _fastcalls.record(CTX, 1, 2) == _fastcalls.NOT_CURRENT
     assert _fastcalls.query(CTX, 1) == _fastcalls.NOT_CURRENT
@@ -436,7 +444,8 @@ def test_the_backend_enqueues_a_gated_copy_in_one_c_call_in_its_context(
     blocks = [be.host_alloc(4096), be.host_alloc(4096)]
     flags = [0x100, 0x140, 0x180, 0x1C0]
     fake.calls.clear()
-    be.enqueue_gated(s, False, dev, blocks, 6000, 4096, flags)
+    be.enqueue_gated(s, DMAS, dev, blocks, 6000, 4096, flags)
+    be.enqueue_gated(s, WAITS, dev, blocks, 6000, 4096, flags)
     assert fake.calls == {} and fake.ran_in == []  # no cuda.bindings call at all
     assert [call[0] for call in c.ran] == ["memcpy", "write", "memcpy", "write", "wait", "wait"]
     assert c.ran[0] == ("memcpy", blocks[0], dev, 4096, s.address, p0)
@@ -445,15 +454,18 @@ def test_the_backend_enqueues_a_gated_copy_in_one_c_call_in_its_context(
     # Another context current: the same calls through the bindings, each in the stream's.
     be.set_current_context(0xF00000)
     c.ran.clear()
-    be.enqueue_gated(s, True, dev, blocks, 6000, 4096, flags[:2])
+    be.enqueue_gated(s, UP, dev, blocks, 6000, 4096, flags[:2])
     assert c.ran == []
     assert fake.ran_in == [p0] * 4 and fake.current() == 0xF00000
     # A failure names its call and code, as the bindings' path does.
     be.set_current_context(p0)
-    for name, call in (("write", "cuStreamWriteValue32"), ("wait", "cuStreamWaitValue32")):
+    for name, call, part in (
+        ("write", "cuStreamWriteValue32", DMAS),
+        ("wait", "cuStreamWaitValue32", WAITS),
+    ):
         c.results.update(write=0, wait=0)
         c.results[name] = 700
         with pytest.raises(CudaError, match=call) as info:
-            be.enqueue_gated(s, False, dev, blocks, 6000, 4096, flags)
+            be.enqueue_gated(s, part, dev, blocks, 6000, 4096, flags)
         assert info.value.code == 700
     be.close()

@@ -30,7 +30,7 @@ import gpuaio
 from gpuaio._engine import gated as gated_mod
 from gpuaio._engine import nativecopy
 from gpuaio._engine.gated import GatedCopies
-from gpuaio.backends._base import Backend
+from gpuaio.backends._base import GATED_DOWN_DMAS, GATED_DOWN_WAITS, GATED_UP, Backend
 from tests.conftest import fresh_stager, latch
 from tests.test_copy import pattern
 
@@ -396,6 +396,50 @@ async def test_a_gated_download_copies_out_only_after_its_dma(
         release()
     await down
     np.testing.assert_array_equal(out, src)
+
+
+@native_only
+async def test_a_gated_download_enqueues_its_waits_only_once_its_copy_outs_are_posted(
+    dev: gpuaio.Device,
+    gpuaio_runtime: Any,
+    gated_path: GatedCopies | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No stream may hold a wait on a flag that no running thread will set:
+    the enqueueing thread's next driver call could then deadlock against a
+    device-wide synchronization on another thread (run EG's GPU suite: the
+    marker's cuEventRecord on the loop's thread, a cuMemFree on the reaper's,
+    waiting for the device while holding the driver's lock). So a download
+    enqueues its DMAs, posts its copy-outs, and only then its waits."""
+    path = gpuaio_runtime.stager.gated
+    assert path is not None, "a compiled install has the gated path"
+    be, host = gpuaio_runtime.backend, gpuaio_runtime.host
+    steps: list[str] = []
+    enqueue, post = be.enqueue_gated, host.post_chunks
+
+    def enqueue_gated(stream: Any, part: int, *args: Any) -> None:
+        steps.append({GATED_UP: "up", GATED_DOWN_DMAS: "dmas", GATED_DOWN_WAITS: "waits"}[part])
+        enqueue(stream, part, *args)
+
+    def post_chunks(copies: Any) -> None:
+        steps.append("post")
+        post(copies)
+
+    monkeypatch.setattr(be, "enqueue_gated", enqueue_gated)
+    monkeypatch.setattr(host, "post_chunks", post_chunks)
+    n = 3 * SIZE  # a few chunks
+    path.prepare(dev.ordinal, n)
+    s = dev.stream()
+    d = dev.empty(n)
+    src = pattern(n, 32)
+    await s.copy(d, src)
+    out = np.zeros(n, np.uint8)
+    before = path.downloads
+    steps.clear()
+    await s.copy(out, d)
+    assert path.downloads == before + 1, "the download was not gated"
+    np.testing.assert_array_equal(out, src)
+    assert steps == ["dmas", "post", "waits"]
 
 
 @native_only

@@ -52,6 +52,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .._core.operation import Operation
+from ..backends._base import GATED_DOWN_DMAS, GATED_DOWN_WAITS, GATED_UP
 from .buffers import BufferInfo
 from .pool import PinnedBlock, PinnedPool, size_class
 from .stagingconfig import (
@@ -223,13 +224,12 @@ class GatedCopies:
         op._est = n / PCIE_BPS + min(chunk, n) / GATED_COPY_BPS
         if up:
             self.uploads += 1
-            seq.gpu(op, self._enqueue, True, d.ptr, ptrs, n, chunk, flags)
+            seq.gpu(op, self._enqueue_up, d.ptr, ptrs, n, chunk, flags)
         else:
             self.downloads += 1
             # Raising, it resolved the op with the error: release() stops the
-            # unposted copies (setting their flags) and hands all back.
-            seq.gpu(op, self._enqueue, False, s.ptr, ptrs, n, chunk, flags)
-            self._rt.host.post_chunks(taken)
+            # copies, posted or not (setting their flags), and hands all back.
+            seq.gpu(op, self._enqueue_down, s.ptr, ptrs, n, chunk, flags, taken)
             seq.note_copy_out(op)  # later host steps settle on it
         return True
 
@@ -281,18 +281,32 @@ class GatedCopies:
         except (RuntimeError, MemoryError):
             return None
 
-    def _enqueue(
+    def _enqueue_up(
+        self, dev: int, blocks: list[int], nbytes: int, chunk: int, flags: list[int], native: Any
+    ) -> None:
+        # One backend call (on CUDA one C call): the copies it waits for run.
+        self._rt.backend.enqueue_gated(native, GATED_UP, dev, blocks, nbytes, chunk, flags)
+
+    def _enqueue_down(
         self,
-        up: bool,
         dev: int,
         blocks: list[int],
         nbytes: int,
         chunk: int,
         flags: list[int],
+        copies: list[NativeCopy],
         native: Any,
     ) -> None:
-        # One backend call: on CUDA one C call for all the chunks' steps.
-        self._rt.backend.enqueue_gated(native, up, dev, blocks, nbytes, chunk, flags)
+        # The DMAs first, so that the first runs while this thread posts the
+        # copy-outs; the waits for them only after: a wait whose flag no
+        # running thread would set deadlocked this thread's next driver call
+        # (the marker's record) against a cuMemFree on the reaper thread,
+        # which waits for the device while holding the driver's lock (issue
+        # 13, run EG's GPU suite).
+        backend = self._rt.backend
+        backend.enqueue_gated(native, GATED_DOWN_DMAS, dev, blocks, nbytes, chunk, flags)
+        self._rt.host.post_chunks(copies)
+        backend.enqueue_gated(native, GATED_DOWN_WAITS, dev, blocks, nbytes, chunk, flags)
 
     # -- set-up, on the reaper thread -------------------------------------
     def _prime(self, device: int, chunk: int, count: int) -> None:

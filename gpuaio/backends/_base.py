@@ -21,7 +21,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Backend", "DeviceProperties", "MemoryKind", "PointerInfo", "keeps_context"]
+__all__ = [
+    "GATED_DOWN_DMAS",
+    "GATED_DOWN_WAITS",
+    "GATED_UP",
+    "Backend",
+    "DeviceProperties",
+    "MemoryKind",
+    "PointerInfo",
+    "keeps_context",
+]
 
 OWN_THREAD_PREFIX = "gpuaio-"
 """Every thread gpuaio starts is named so (host threads, watchers, the reaper)."""
@@ -95,6 +104,14 @@ class DeviceProperties:
     can_map_host_memory: bool
     stream_mem_ops: bool
     """Whether ``cuStreamWriteValue32``/``cuStreamWaitValue32`` are usable."""
+
+
+GATED_UP = 0
+"""An upload's part of :meth:`Backend.enqueue_gated` (all of it)."""
+GATED_DOWN_DMAS = 1
+"""A download's first part of :meth:`Backend.enqueue_gated`: its DMAs and ready words."""
+GATED_DOWN_WAITS = 2
+"""A download's second part of :meth:`Backend.enqueue_gated`: its waits for its flags."""
 
 
 class Backend(abc.ABC):
@@ -280,35 +297,41 @@ class Backend(abc.ABC):
     def enqueue_gated(
         self,
         stream: Any,
-        up: bool,
+        part: int,
         device_ptr: int,
         blocks: Sequence[int],
         nbytes: int,
         chunk: int,
         flags: Sequence[int],
     ) -> None:
-        """A gated copy's stream work (``gpuaio._engine.gated``), in order.
+        """A part of a gated copy's stream work (``gpuaio._engine.gated``), in order.
 
         ``nbytes`` at ``device_ptr`` go in chunks of ``chunk`` bytes, chunk
-        ``k`` through the pinned block ``blocks[k]``. An upload (``up``): per
-        chunk, a wait for ``flags[k]`` to reach 1, then the chunk's copy from
-        its block. A download: per chunk, the copy into its block, then a
-        write of 1 to ``flags[2k]`` (its ready word); then a wait for each
-        ``flags[2k + 1]`` to reach 1. Raises at the first call that fails,
-        what came before it enqueued. This default makes one call per step.
+        ``k`` through the pinned block ``blocks[k]``. :data:`GATED_UP`, an
+        upload: per chunk, a wait for ``flags[k]`` to reach 1, then the
+        chunk's copy from its block. A download in two parts:
+        :data:`GATED_DOWN_DMAS`, per chunk the copy into its block, then a
+        write of 1 to ``flags[2k]`` (its ready word); :data:`GATED_DOWN_WAITS`,
+        a wait for each ``flags[2k + 1]`` to reach 1. A wait is enqueued only
+        once whatever sets its flag runs (see ``gated.GatedCopies``). Raises at
+        the first call that fails, what came before it enqueued. This default
+        makes one call per step.
         """
-        if up:
+        if part == GATED_UP:
             for k, (block, flag) in enumerate(zip(blocks, flags, strict=True)):
                 off = k * chunk
                 self.stream_wait_value32(stream, flag, 1)
                 self.memcpy_async(device_ptr + off, block, min(chunk, nbytes - off), stream)
-            return
-        for k, block in enumerate(blocks):
-            off = k * chunk
-            self.memcpy_async(block, device_ptr + off, min(chunk, nbytes - off), stream)
-            self.stream_write_value32(stream, flags[2 * k], 1)
-        for k in range(len(blocks)):
-            self.stream_wait_value32(stream, flags[2 * k + 1], 1)
+        elif part == GATED_DOWN_DMAS:
+            for k, block in enumerate(blocks):
+                off = k * chunk
+                self.memcpy_async(block, device_ptr + off, min(chunk, nbytes - off), stream)
+                self.stream_write_value32(stream, flags[2 * k], 1)
+        elif part == GATED_DOWN_WAITS:
+            for k in range(len(blocks)):
+                self.stream_wait_value32(stream, flags[2 * k + 1], 1)
+        else:
+            raise ValueError(f"no such part of a gated copy: {part}")
 
     # -- events --------------------------------------------------------
     @abc.abstractmethod

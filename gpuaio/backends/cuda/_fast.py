@@ -75,7 +75,7 @@ class FastCalls(Protocol):
         self,
         ctx: int,
         stream: int,
-        up: bool,
+        part: int,
         device_ptr: int,
         blocks: list[int],
         nbytes: int,

@@ -223,19 +223,28 @@ static int u64_list(PyObject *o, uint64_t *out, Py_ssize_t max, Py_ssize_t *n, c
     return 0;
 }
 
-/* gated(ctx, stream, up, device_ptr, blocks, nbytes, chunk, flags) -> int: a
- * gated copy's stream work (Backend.enqueue_gated says what), all of it with
- * the GIL let go once: an upload's per chunk cuStreamWaitValue32 and
- * cuMemcpyAsync, a download's per chunk cuMemcpyAsync and
- * cuStreamWriteValue32, then its waits. Answers 0, NOT_CURRENT or NOT_BOUND
- * (nothing done), or the first failing call's CUresult plus its step
- * (STEP_*) times 65536 (what came before it enqueued). Through cuda.bindings
- * these were six calls from Python for a 4 MiB download, 2-10 us each on
- * the loop's thread (issue 13, run ED). */
+/* The parts of gated(): an upload's (per chunk a wait for its flag, then
+ * its copy); a download's DMAs (per chunk its copy into its block, then a
+ * write of its ready word); a download's waits (for each chunk's flag). A
+ * download enqueues its waits only once its copy-outs are posted: a wait
+ * whose flag no running thread will set would deadlock the enqueueing
+ * thread's next driver call against any device-wide synchronization in
+ * between, a cuMemFree on another thread (issue 13, run EG's GPU suite). */
+#define PART_UP 0
+#define PART_DOWN_DMAS 1
+#define PART_DOWN_WAITS 2
+
+/* gated(ctx, stream, part, device_ptr, blocks, nbytes, chunk, flags) -> int:
+ * a part (PART_*) of a gated copy's stream work (Backend.enqueue_gated says
+ * what), all of it with the GIL let go once. Answers 0, NOT_CURRENT or
+ * NOT_BOUND (nothing done), or the first failing call's CUresult plus its
+ * step (STEP_*) times 65536 (what came before it enqueued). Through
+ * cuda.bindings these were six calls from Python for a 4 MiB download, 2-10
+ * us each on the loop's thread (issue 13, run ED). */
 static PyObject *py_gated(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (!nargs_ok(nargs, 8, "gated(ctx, stream, up, device_ptr, blocks, nbytes, chunk, flags)"))
+    if (!nargs_ok(nargs, 8, "gated(ctx, stream, part, device_ptr, blocks, nbytes, chunk, flags)"))
         return NULL;
     void *ctx, *stream;
     uint64_t dev, nbytes, chunk;
@@ -243,9 +252,15 @@ static PyObject *py_gated(PyObject *self, PyObject *const *args, Py_ssize_t narg
     Py_ssize_t nblocks, nflags;
     if (arg_ptr(args[0], &ctx) || arg_ptr(args[1], &stream))
         return NULL;
-    int up = PyObject_IsTrue(args[2]);
-    if (up < 0 || arg_u64(args[3], &dev) || arg_u64(args[5], &nbytes) || arg_u64(args[6], &chunk))
+    long part = PyLong_AsLong(args[2]);
+    if ((part == -1 && PyErr_Occurred()) || arg_u64(args[3], &dev) ||
+        arg_u64(args[5], &nbytes) || arg_u64(args[6], &chunk))
         return NULL;
+    if (part != PART_UP && part != PART_DOWN_DMAS && part != PART_DOWN_WAITS) {
+        PyErr_SetString(PyExc_ValueError, "gated: part must be 0, 1 or 2");
+        return NULL;
+    }
+    int up = part == PART_UP;
     if (u64_list(args[4], blocks, GATED_MAX_CHUNKS, &nblocks, "blocks") ||
         u64_list(args[7], flags, 2 * GATED_MAX_CHUNKS, &nflags, "flags"))
         return NULL;
@@ -263,7 +278,7 @@ static PyObject *py_gated(PyObject *self, PyObject *const *args, Py_ssize_t narg
         return PyLong_FromLong(err);
     long answer = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t k = 0; k < nblocks && answer == 0; k++) {
+    for (Py_ssize_t k = 0; part != PART_DOWN_WAITS && k < nblocks && answer == 0; k++) {
         uint64_t off = (uint64_t)k * chunk;
         size_t ln = (size_t)(nbytes - off < chunk ? nbytes - off : chunk);
         if (up) {
@@ -278,7 +293,7 @@ static PyObject *py_gated(PyObject *self, PyObject *const *args, Py_ssize_t narg
                 answer = err + STEP_WRITE * 65536L;
         }
     }
-    for (Py_ssize_t k = 0; !up && k < nblocks && answer == 0; k++)
+    for (Py_ssize_t k = 0; part == PART_DOWN_WAITS && k < nblocks && answer == 0; k++)
         if ((err = p_wait_value32(stream, flags[2 * k + 1], 1u, WAIT_GEQ)) != 0)
             answer = err + STEP_WAIT * 65536L;
     Py_END_ALLOW_THREADS
@@ -291,9 +306,10 @@ static PyMethodDef methods[] = {
      "wait_value32]) -> bool: the driver functions' addresses; any of the first four 0 "
      "unbinds all."},
     {"gated", (PyCFunction)(void (*)(void))py_gated, METH_FASTCALL,
-     "gated(ctx, stream, up, device_ptr, blocks, nbytes, chunk, flags) -> int: a gated copy's "
-     "stream work; 0, NOT_CURRENT or NOT_BOUND (nothing done), or the failing call's "
-     "CUresult + 65536 * its step (1 copy, 2 write, 3 wait)."},
+     "gated(ctx, stream, part, device_ptr, blocks, nbytes, chunk, flags) -> int: a part of a "
+     "gated copy's stream work (0 an upload's, 1 a download's DMAs, 2 its waits); 0, "
+     "NOT_CURRENT or NOT_BOUND (nothing done), or the failing call's CUresult + 65536 * its "
+     "step (1 copy, 2 write, 3 wait)."},
     {"memcpy", (PyCFunction)(void (*)(void))py_memcpy, METH_FASTCALL,
      "memcpy(ctx, dst, src, nbytes, stream) -> int: cuMemcpyAsync's CUresult, or "
      "NOT_CURRENT or NOT_BOUND (nothing done)."},

@@ -315,7 +315,7 @@ class StreamCalls(DriverBase):
     def enqueue_gated(
         self,
         stream: CudaStream,
-        up: bool,
+        part: int,
         device_ptr: int,
         blocks: Sequence[int],
         nbytes: int,
@@ -331,7 +331,7 @@ class StreamCalls(DriverBase):
             code = fast.gated(
                 stream.ctx_addr,
                 stream.address,
-                up,
+                part,
                 device_ptr,
                 list(blocks),
                 nbytes,
@@ -344,7 +344,7 @@ class StreamCalls(DriverBase):
                 step, err = divmod(code, 65536)
                 raise _cuda_error(_GATED_STEPS.get(step, "cuMemcpyAsync"), err)
             # Another context is current, or the driver lacks the calls: one by one.
-        super().enqueue_gated(stream, up, device_ptr, blocks, nbytes, chunk, flags)
+        super().enqueue_gated(stream, part, device_ptr, blocks, nbytes, chunk, flags)
 
     # -- events --------------------------------------------------------
     def event_create(self, device: int, blocking_sync: bool = False) -> CudaEvent:
