@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -18,6 +19,7 @@ import gpuaio
 from gpuaio._api.device import device_of
 from gpuaio._engine.hostwork import COPY_NICE, HostPool
 from gpuaio._engine.staging import Stager, StagingConfig
+from gpuaio.backends._base import Backend
 from tests.conftest import latch, open_latches
 from tests.test_copy import pattern
 
@@ -32,7 +34,9 @@ def _recorded_copies(
 ) -> Iterator[list[tuple[int, int, int]]]:
     """Every ``memcpy_async`` on ``be`` within the block, as (dst, src, bytes);
     ``check(dst, src, bytes)``, if given, runs at each call before the driver's
-    (an error it raises is the call's)."""
+    (an error it raises is the call's). A gated copy's stream work goes a
+    step a call meanwhile, its DMAs through ``memcpy_async`` too (a compiled
+    CUDA install makes them in one C call, ``tests/test_fast_calls.py``)."""
     calls: list[tuple[int, int, int]] = []
     real = be.memcpy_async
 
@@ -43,10 +47,12 @@ def _recorded_copies(
         real(dst, src_ptr, nbytes, stream)
 
     be.memcpy_async = spy
+    be.enqueue_gated = functools.partial(Backend.enqueue_gated, be)
     try:
         yield calls
     finally:
         be.memcpy_async = real
+        del be.enqueue_gated
 
 
 def _dma_chunks(calls: list[tuple[int, int, int]], base: int, n: int, chunk: int) -> list[int]:
