@@ -221,6 +221,16 @@ def same(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.array_equal(a, b))
 
 
+def gated_path() -> Any:
+    """The runtime's gated path (``gpuaio._engine.gated``), or None."""
+    from gpuaio._api.runtime import current_runtime
+
+    try:
+        return current_runtime().stager.gated
+    except Exception:  # no runtime yet, or a build without the path
+        return None
+
+
 def threaded_copy(
     pool: ThreadPoolExecutor | None, threads: int, dst: np.ndarray, src: np.ndarray
 ) -> None:
@@ -283,14 +293,34 @@ async def bench_size(ctx: Ctx, n: int, derived: bool) -> list[H.Record]:
 
         return call
 
+    # How many of the pageable copies the gated path took (issue 13: a size's
+    # samples have swung 3x within one run; which path each took is the question).
+    gated = gated_path()
+    taken = {"h2d_pageable": [0, 0], "d2h_pageable": [0, 0]}
+
+    def tally(name: str, call: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+        if gated is None or n < gated.least:
+            return call
+        count = taken[name]
+        up = name.startswith("h2d")
+
+        def counted() -> Awaitable[Any]:
+            before = gated.uploads if up else gated.downloads
+            op = call()
+            count[0] += 1
+            count[1] += (gated.uploads if up else gated.downloads) - before
+            return op
+
+        return counted
+
     timers: dict[str, H.Timer] = {
         "h2d_naive_pageable": H.sync_timer(raw(d_p, src_p), inner),
         "h2d_raw_pinned": H.sync_timer(raw(d_p, pin_p), inner),
-        "h2d_pageable": H.async_timer(lambda: s.copy(d, src), inner),
+        "h2d_pageable": H.async_timer(tally("h2d_pageable", lambda: s.copy(d, src)), inner),
         "h2d_pinned": H.async_timer(lambda: s.copy(d, pin), inner),
         "d2h_naive_pageable": H.sync_timer(raw(dst_p, d_p), inner),
         "d2h_raw_pinned": H.sync_timer(raw(pin_p, d_p), inner),
-        "d2h_pageable": H.async_timer(lambda: s.copy(dst, d), inner),
+        "d2h_pageable": H.async_timer(tally("d2h_pageable", lambda: s.copy(dst, d)), inner),
         "d2h_pinned": H.async_timer(lambda: s.copy(pin, d), inner),
     }
     keep: list[Any] = []  # peer buffers, dropped at the end
@@ -343,6 +373,11 @@ async def bench_size(ctx: Ctx, n: int, derived: bool) -> list[H.Record]:
     res = await H.interleave(timers, reps=ctx.args.reps, warmup=ctx.args.warmup)
     for name, err in res.errors.items():
         print(f"  {size}: {name} FAILED: {err}")
+    if any(c for c, _ in taken.values()):
+        print(
+            f"  {size}: gated path took "
+            + ", ".join(f"{name} {h}/{c}" for name, (c, h) in taken.items() if c)
+        )
 
     def gbps(name: str) -> float | None:
         m = res.median(name)
@@ -361,6 +396,9 @@ async def bench_size(ctx: Ctx, n: int, derived: bool) -> list[H.Record]:
         extra: dict[str, Any] = {"what": what, "samples": len(res.samples.get(name, []))}
         if name in ("h2d_pageable", "h2d_pinned", "d2h_pageable", "d2h_pinned"):
             extra["verified"] = ok
+        if name in taken and taken[name][0]:
+            calls, hits = taken[name]
+            extra["gated"] = f"{hits}/{calls}"
         if base is None:
             records.append(H.record(rname, "GB/s", value, note=note, **extra))
         else:
