@@ -69,9 +69,11 @@
 
 /* Adaptive where glibc has it: a thread that finds mu taken spins a moment
  * before it sleeps in the kernel. mu is held for a few hundred nanoseconds
- * at a time (the watcher's scan, a slice's claim), and sleeping on it cost
- * the event loop's thread a wake-up: submitting a gated copy took 7-20 us
- * while the watcher polled, against 1-2 us uncontended (issue 13, run EE). */
+ * at a time (the watcher's scan, a slice's claim), and a sleep on it costs
+ * the event loop's thread a wake-up. On an H100 host submitting a gated copy
+ * took 6-16 us while the watcher polled (issue 13, run EE), the same call 2-3
+ * us on an idle CPU machine; contention for mu is a suspect, not measured
+ * apart. */
 #if defined(PTHREAD_ADAPTIVE_MUTEX_INITIALIZER_NP)
 static pthread_mutex_t mu = PTHREAD_ADAPTIVE_MUTEX_INITIALIZER_NP;
 #else
@@ -254,11 +256,12 @@ static int may_spin(const gcp_pool *p, uint64_t now)
 }
 
 /* Spin, mu let go, until a copy is queued or a held one dropped, the pool
- * closes or the spin window ends; then take mu back. Under mu on entry and on return. A held
- * gated copy's ready word is set by its stream once a DMA has landed, tens
- * of microseconds after the copy was submitted: a thread asleep on the
- * condition variable then takes 20-100 us to wake (its core idle in a deep
- * sleep state), a spinning one starts the copy-out at once. */
+ * closes or the spin window ends; then take mu back (held on entry and on
+ * return). A held gated copy's ready word is set by its stream once a DMA
+ * has landed, tens of microseconds after the copy was submitted: a thread
+ * asleep on the condition variable starts its copy-out only after waking,
+ * a spinning one at once (issue 13, run EE: a 2 MiB chunk's copy-out ended
+ * 66-76 us after its ready word with 12 spinning, 102-112 with none). */
 static void spin_for_work(gcp_pool *p)
 {
     uint64_t seen = __atomic_load_n(&p->stirs, __ATOMIC_ACQUIRE);
@@ -386,9 +389,11 @@ static void queue_locked(gcp_pool *p, gcp_copy *c)
     __atomic_add_fetch(&p->stirs, 1, __ATOMIC_RELEASE);
 }
 
-/* Wake the sleeping copy threads (spinning ones see ``stirs``): one system
- * call however many wake, 5-20 us of the calling thread on an H100 host,
- * which is why a gated copy's caller leaves it to the watcher. Under mu. */
+/* Wake the sleeping copy threads (spinning ones see ``stirs``): a system
+ * call that costs the calling thread more the more threads it wakes (issue
+ * 13, run EF: twelve signals from the event loop's thread took 40 us), which
+ * is why a gated copy's caller leaves the spinners' wake-up to the watcher.
+ * Under mu. */
 static void wake_locked(gcp_pool *p)
 {
     pthread_cond_broadcast(&p->work);
