@@ -17,6 +17,7 @@ the fork were byte-exact. A child that hangs is killed, not waited for.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import json
 import multiprocessing as mp
@@ -179,7 +180,10 @@ def child_report(inh: Inherited | None) -> dict[str, Any]:
 
 def child_main(inh: Inherited | None, path: str) -> None:
     # The hooks under test must keep the child from hanging; should they not,
-    # the parent kills it at CHILD_DEADLINE_S.
+    # the parent kills it at CHILD_DEADLINE_S, and the child's stack goes to
+    # stderr a little before, for the test's message (CI's compiled session
+    # saw one child hang, round 37).
+    faulthandler.dump_traceback_later(CHILD_DEADLINE_S - 5, exit=False)
     report = child_report(inh)
     gc.collect()  # what the attempts above still held: inherited arrays and streams
     with open(path, "w") as f:

@@ -208,6 +208,66 @@ def test_in_a_forked_child_the_inherited_pool_refuses_work_and_closes_at_once(
     assert got == b"\x00" and os.WEXITSTATUS(status) == 0, "the child's copy was not refused"
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the platform has no fork")
+def test_a_child_forked_while_the_watcher_polls_copies_on_a_pool_of_its_own() -> None:
+    """fork() while the watcher polls held gated copies (taking the pools'
+    mutex for each scan, every microsecond or two) and the threads claim
+    slices: every child's own pool copies byte-exact and none hangs (the
+    mutex is taken around the fork, not inherited held). A child of
+    tests/test_fork.py hung so in CI's compiled session, in its first
+    submit, round 37."""
+    native = nativecopy.NativePool(2, 0, 0)
+    src = pattern(16 * MiB, 44)
+    dst = np.zeros_like(src)
+    small = pattern(MiB, 45)
+    words = np.zeros(64 * 16, np.uint32)  # [0]: a ready word never set; then flags
+    base = words.ctypes.data
+    held: list[NativeCopy] = []
+
+    def hold() -> None:  # a gated copy that waits for ever: the watcher polls it
+        flag = base + 64 * (len(held) + 1)
+        held.append(
+            native.submit_copy(dst.ctypes.data, src.ctypes.data, 4096, 4096, False, flag, base)
+        )
+
+    for _ in range(15):
+        hold()
+    try:
+        for _ in range(40):
+            busy = native.submit_copy(dst.ctypes.data, src.ctypes.data, src.nbytes, 4096)
+            hold()  # one more: the watcher polls without sleeping now
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads running
+                pid = os.fork()
+            if pid == 0:  # the child
+                code = 1
+                try:
+                    own = nativecopy.NativePool(2, 0, 0)
+                    out = np.zeros(MiB, np.uint8)
+                    own.submit_copy(out.ctypes.data, small.ctypes.data, MiB, 64 << 10).wait_copied(
+                        at_least=MiB
+                    )
+                    code = 0 if np.array_equal(out, small) else 2
+                finally:
+                    os._exit(code)
+            deadline = time.monotonic() + 20
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    pytest.fail("a forked child hung at its own first copy")
+                time.sleep(0.002)
+            assert os.WEXITSTATUS(status) == 0, "the child's own copy was not byte-exact"
+            busy.stop()
+    finally:
+        for cp in held:
+            cp.stop()
+        native.close()
+
+
 @pytest.mark.anyio
 async def test_staged_transfers_run_on_the_native_threads_byte_exact(
     dev: gpuaio.Device, gpuaio_runtime: Any

@@ -331,9 +331,23 @@ static void *run(void *arg)
     return NULL;
 }
 
+/* fork() while a copy thread or the watcher holds mu (each takes it for a
+ * slice's claim or a scan, many times a millisecond while copies run) leaves
+ * the child a mutex locked for ever: a fresh pool there hangs at its first
+ * copy. A child of tests/test_fork.py hung in CI's compiled session so, we
+ * believe (round 37; tests/test_native_copy.py forks while the threads
+ * claim slices). So the forking thread takes mu first, and parent and child
+ * let it go: the child's mu is free, and its inherited pools and copies
+ * refuse work by their pid. */
+static void fork_prepare(void) { pthread_mutex_lock(&mu); }
+static void fork_release(void) { pthread_mutex_unlock(&mu); }
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+static void fork_hooks(void) { (void)pthread_atfork(fork_prepare, fork_release, fork_release); }
+
 /* A pool of ``nthreads`` copy threads, started at its first copy. */
 GCP_EXPORT gcp_pool *gcp_pool_new(int nthreads, int nice, uint64_t piece)
 {
+    (void)pthread_once(&fork_once, fork_hooks);
     gcp_pool *p = calloc(1, sizeof *p);
     if (p == NULL)
         return NULL;
