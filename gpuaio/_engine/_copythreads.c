@@ -334,9 +334,10 @@ static void *run(void *arg)
 /* fork() while a copy thread or the watcher holds mu (each takes it for a
  * slice's claim or a scan, many times a millisecond while copies run) leaves
  * the child a mutex locked for ever: a fresh pool there hangs at its first
- * copy. A child of tests/test_fork.py hung in CI's compiled session so, we
- * believe (round 37; tests/test_native_copy.py forks while the threads
- * claim slices). So the forking thread takes mu first, and parent and child
+ * copy. A child of tests/test_fork.py hung so in CI's compiled session
+ * (round 37; its stack, dumped before the kill, ended in its first submit),
+ * and tests/test_native_copy.py makes it happen by forking while the
+ * watcher polls. So the forking thread takes mu first, and parent and child
  * let it go: the child's mu is free, and its inherited pools and copies
  * refuse work by their pid. */
 static void fork_prepare(void) { pthread_mutex_lock(&mu); }
