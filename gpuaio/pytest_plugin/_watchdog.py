@@ -15,6 +15,7 @@ import contextlib
 import functools
 import gc
 import inspect
+import os
 import sys
 import threading
 import time
@@ -38,6 +39,18 @@ class LoopBlock:
     """Where the loop thread was, ``max_block_ms`` into the block (may be empty)."""
     gc_s: float = 0.0
     """How much of the block Python's garbage collector ran (it holds the GIL)."""
+    cpu_wait_s: float = 0.0
+    """How much of the block is explained by threads waiting for a CPU (Linux).
+
+    The loop thread's own wait on a run queue, plus, when the watchdog could not
+    take the loop thread's stack (something held the GIL), the longest such
+    wait of another thread of this process: that thread may have held the GIL.
+    A loaded machine, not the code under test; left out of :attr:`counted_s`."""
+
+    @property
+    def counted_s(self) -> float:
+        """The part of the block held against the test: ``duration_s - cpu_wait_s``."""
+        return self.duration_s - self.cpu_wait_s
 
 
 class LoopWatchdog:
@@ -48,6 +61,14 @@ class LoopWatchdog:
     after ``max_block_ms``, the thread records the loop thread's stack. The
     lateness of every callback is the time the loop could not run anything:
     a blocking call, or a long stretch of CPU work without an ``await``.
+
+    On a loaded machine a callback is also late while the loop thread (or a
+    thread holding the GIL it needs) waits for a CPU. On Linux the watchdog
+    reads how long this process's threads waited on a run queue during each
+    late callback (``/proc/self/task/*/schedstat``) and holds only the rest
+    of the block against the test (:attr:`LoopBlock.counted_s`): a blocked
+    loop thread sleeps or runs, it does not wait for a CPU. Elsewhere every
+    block counts in full.
 
     :meth:`watch` is entered inside the running loop (asyncio, uvloop or
     trio); the plugin does this around every test that uses the
@@ -60,7 +81,9 @@ class LoopWatchdog:
         self.blocks: list[LoopBlock] = []
         """Every block longer than the limit in force when it ended."""
         self.worst_s: float = 0.0
-        """The longest lateness measured, limit or not."""
+        """The longest lateness held against the test, limit or not."""
+        self.cpu_wait_s: float = 0.0
+        """Time left out of blocks because threads waited for a CPU (Linux)."""
         self.pings: int = 0
         """Callbacks answered by the loop so far."""
         self.watching: bool = False
@@ -105,35 +128,41 @@ class LoopWatchdog:
             run.stop()
             gc.unfreeze()
 
-    def _record(self, duration_s: float, stack: str, epoch: int, gc_s: float = 0.0) -> None:
+    def _record(self, block: LoopBlock, epoch: int) -> None:
         with self._lock:
             self.pings += 1
             if self._allowed or epoch != self._allow_epoch:
                 return
-            self.worst_s = max(self.worst_s, duration_s)
-            if duration_s > self.max_block_s:
-                self.blocks.append(LoopBlock(duration_s, stack, gc_s))
+            self.cpu_wait_s += block.cpu_wait_s
+            self.worst_s = max(self.worst_s, block.counted_s)
+            if block.counted_s > self.max_block_s:
+                self.blocks.append(block)
 
     def _epoch(self) -> int:
         with self._lock:
             return self._allow_epoch
 
     def failures(self) -> list[LoopBlock]:
-        """The blocks longer than the current limit."""
-        return [b for b in self.blocks if b.duration_s > self.max_block_s]
+        """The blocks whose counted part is longer than the current limit."""
+        return [b for b in self.blocks if b.counted_s > self.max_block_s]
 
     def report(self) -> str:
         """A description of the blocks over the limit (empty: none)."""
         bad = self.failures()
         if not bad:
             return ""
-        worst = max(bad, key=lambda b: b.duration_s)
+        worst = max(bad, key=lambda b: b.counted_s)
         lines = [
-            f"event loop blocked for {worst.duration_s * 1e3:.1f} ms (limit "
+            f"event loop blocked for {worst.counted_s * 1e3:.1f} ms (limit "
             f"{self.max_block_ms:g} ms; {len(bad)} block(s) over the limit). "
             "A blocking call ran on the event loop thread: move it to a worker thread "
             "(anyio.to_thread.run_sync) or use gpuaio's awaitable API."
         ]
+        if worst.cpu_wait_s:
+            lines.append(
+                f"Not counted: another {worst.cpu_wait_s * 1e3:.1f} ms during which threads of "
+                "this process waited for a CPU (a loaded machine)."
+            )
         if worst.gc_s:
             lines.append(
                 f"Python's garbage collector ran for {worst.gc_s * 1e3:.1f} ms of that block "
@@ -179,6 +208,62 @@ def _stack_of(thread_id: int, limit: int = 12) -> str:
     return "".join(traceback.format_stack(frame, limit=limit))
 
 
+class _CpuWaits:
+    """How long each Python thread of this process has waited for a CPU, in ns.
+
+    The second field of Linux's ``/proc/self/task/<tid>/schedstat`` is the
+    time a thread was runnable but not running. Files stay open between
+    samples (a ``pread`` is a few us; the watchdog samples every ping). Where
+    the files are missing, samples are empty and nothing is left out.
+    """
+
+    def __init__(self, skip: int | None) -> None:
+        self.skip = skip  # the watchdog's own thread: its waits delay no callback
+        self.fds: dict[int, int] = {}
+        self.usable = sys.platform == "linux" and os.path.exists("/proc/self/task")
+
+    def sample(self) -> dict[int, int]:
+        if not self.usable:
+            return {}
+        waits: dict[int, int] = {}
+        for t in threading.enumerate():
+            tid = t.native_id
+            if tid is None or tid == self.skip:
+                continue
+            try:
+                fd = self.fds.get(tid)
+                if fd is None:
+                    fd = self.fds[tid] = os.open(f"/proc/self/task/{tid}/schedstat", os.O_RDONLY)
+                waits[tid] = int(os.pread(fd, 128, 0).split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # the thread has just ended
+        for tid in self.fds.keys() - waits.keys():
+            os.close(self.fds.pop(tid))
+        return waits
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    @staticmethod
+    def explained(
+        before: dict[int, int], after: dict[int, int], loop: int, stack: str, duration_s: float
+    ) -> float:
+        """Seconds of a block of ``duration_s`` that waits for a CPU explain.
+
+        The loop thread's own wait always counts. Another thread's counts only
+        when the watchdog got no stack, that is when the GIL was held: then
+        the thread that waited longest may have held it, and the loop thread
+        slept waiting for the GIL meanwhile. Threads born during the block
+        waited all their waits in it.
+        """
+        deltas = {tid: ns - before.get(tid, 0) for tid, ns in after.items()}
+        own = deltas.pop(loop, 0)
+        other = max(deltas.values(), default=0) if not stack else 0
+        return min(duration_s, max(0, own + other) / 1e9)
+
+
 class _WatchRun:
     """One watched stretch of a loop: the watchdog thread and its outstanding ping."""
 
@@ -188,6 +273,11 @@ class _WatchRun:
         self.dog = dog
         self.post = post
         self.loop_thread = loop_thread
+        self.loop_native = threading.get_native_id()  # made on the loop thread
+        # One sampler per thread that samples: the watchdog's before each
+        # ping, the loop thread's when a ping came back late.
+        self.late_waits = _CpuWaits(skip=None)
+        self.waits_before: dict[int, int] = {}
         self.cv = threading.Condition(threading.Lock())
         self.stopped = False
         self.outstanding: tuple[float, int] | None = None  # (posted at, allow epoch)
@@ -200,6 +290,7 @@ class _WatchRun:
     def start(self) -> None:
         gc.callbacks.append(self._on_gc)
         self.thread.start()
+        self.late_waits.skip = self.thread.native_id
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
@@ -226,7 +317,8 @@ class _WatchRun:
         with contextlib.suppress(ValueError):
             gc.callbacks.remove(self._on_gc)
         if late is not None:
-            self.dog._record(now - late[0], stack, late[1], self._gc_within(late[0], now))
+            self._record(late, now, stack)
+        self.late_waits.close()
 
     def _answer(self, seq: int) -> None:
         now = time.perf_counter()
@@ -234,20 +326,49 @@ class _WatchRun:
             late = self.outstanding if seq == self.seq else None
             self.outstanding = None
             stack = self.stack
+            before = self.waits_before
             self.cv.notify_all()
         if late is not None:
-            self.dog._record(now - late[0], stack, late[1], self._gc_within(late[0], now))
+            self._record(late, now, stack, before)
+
+    def _record(
+        self,
+        late: tuple[float, int],
+        now: float,
+        stack: str,
+        before: dict[int, int] | None = None,
+    ) -> None:
+        duration = now - late[0]
+        cpu_wait = 0.0
+        if duration > self.dog.max_block_s:  # sampled only then: it costs the loop ~50 us
+            after = self.late_waits.sample()
+            if before is None:
+                before = self.waits_before
+            cpu_wait = _CpuWaits.explained(before, after, self.loop_native, stack, duration)
+        gc_s = self._gc_within(late[0], now)
+        self.dog._record(LoopBlock(duration, stack, gc_s, cpu_wait), late[1])
 
     def _run(self) -> None:
+        waits = _CpuWaits(skip=threading.get_native_id())
+        try:
+            self._ping_until_stopped(waits)
+        finally:
+            waits.close()
+
+    def _ping_until_stopped(self, waits: _CpuWaits) -> None:
         limit = self.dog.max_block_s
         interval = min(limit / 4, 0.005)
         while True:
+            # Sampled before the time is taken, so that a wait counted in a
+            # block happened within it; outside the lock the loop takes.
+            before = waits.sample()
             with self.cv:
                 if self.stopped:
                     return
                 self.seq += 1
                 seq = self.seq
                 self.stack = ""
+                self.waits_before = before
                 self.outstanding = (time.perf_counter(), self.dog._epoch())
             try:
                 self.post(functools.partial(self._answer, seq))
