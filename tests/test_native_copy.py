@@ -653,3 +653,37 @@ def test_submit_chunks_checks_its_arguments_at_the_call(pool: HostPool) -> None:
         with pytest.raises(ValueError, match=match):
             native.submit_chunks(*args)  # type: ignore[arg-type]
     assert not dst.any() and not words.any()
+
+
+def test_a_handle_read_before_the_pool_closed_finds_it_closed() -> None:
+    """A thread that read a pool's handle just before another thread closed
+    the pool calls in with it afterwards: it must find that pool closed
+    (nothing copied, no flag set), not freed memory, nor a pool made since at
+    the same address. A second close returns at once."""
+    native = nativecopy.NativePool(2, 0, 0)
+    src = pattern(MiB, 44)
+    dst = np.zeros(MiB, np.uint8)
+    words = np.zeros(64, np.uint32)
+    native.submit_copy(dst.ctypes.data, src.ctypes.data, MiB, MiB).wait_copied(0, MiB)  # started
+    stale = native._handle
+    native.close()
+    made_since = [nativecopy.NativePool(2, 0, 0) for _ in range(4)]
+    try:
+        assert stale not in {p._handle for p in made_since}, "a closed pool's address was reused"
+        dst[:] = 0
+        native._handle = stale  # what the other thread still holds
+        with pytest.raises(RuntimeError, match="could not take"):
+            native.submit_copy(dst.ctypes.data, src.ctypes.data, MiB, MiB, flag=words.ctypes.data)
+        with pytest.raises(RuntimeError, match="could not take"):
+            native.submit_chunks(
+                [dst.ctypes.data], [src.ctypes.data], [MiB], MiB, False, [words.ctypes.data],
+                None, True,
+            )  # fmt: skip
+        native.spin(2, 100)
+        assert native.spinning == 0
+        native.close()  # again, with the stale handle: returns at once
+        assert not dst.any() and not words.any()
+    finally:
+        native._handle = 0
+        for p in made_since:
+            p.close()

@@ -750,12 +750,20 @@ GCP_EXPORT void gcp_free(gcp_copy *c)
     pthread_mutex_unlock(&mu);
 }
 
-/* Stop the threads after the copies already queued, and free the pool. */
+/* Stop the threads after the copies already queued. The pool's struct is
+ * never freed (a few hundred bytes a pool, one pool a runtime): a thread that
+ * read the handle just before another closed it may still call in with it,
+ * and must find this pool closed, not freed memory or a pool made since at
+ * the same address. A second close returns at once. */
 GCP_EXPORT void gcp_pool_close(gcp_pool *p)
 {
     if (p->pid != getpid())
         return;
     pthread_mutex_lock(&mu);
+    if (p->closing) {
+        pthread_mutex_unlock(&mu);
+        return;
+    }
     p->closing = 1;
     __atomic_add_fetch(&p->stirs, 1, __ATOMIC_RELEASE); /* ends every spin */
     pthread_cond_broadcast(&p->work);
@@ -766,10 +774,12 @@ GCP_EXPORT void gcp_pool_close(gcp_pool *p)
         pthread_join(p->watcher, NULL);
     for (int i = 0; i < started; i++)
         pthread_join(p->threads[i], NULL);
-    pthread_cond_destroy(&p->gate);
-    pthread_cond_destroy(&p->work);
+    /* Its condition variables stay too: a late call takes mu, finds
+     * ``closing`` and touches nothing else (open_locked, post_locked). */
+    pthread_mutex_lock(&mu);
     free(p->threads);
-    free(p);
+    p->threads = NULL;
+    pthread_mutex_unlock(&mu);
 }
 
 /* Up to this many bytes copy() keeps the GIL: such a memmove takes a few

@@ -312,7 +312,11 @@ class NativePool:
         return NativeCopy(self._lib, handle, nbytes, -(-nbytes // step))
 
     def close(self) -> None:
-        """Stop the threads after the copies already submitted."""
+        """Stop the threads after the copies already submitted.
+
+        Safe against a thread that read the handle just before: the C pool is
+        never freed, so its late call finds the pool closed and fails as a
+        call on a closed pool does. Closing twice does nothing."""
         handle, self._handle = self._handle, 0
         if handle:
             self._lib.pool_close(handle)
