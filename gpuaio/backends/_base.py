@@ -299,10 +299,10 @@ class Backend(abc.ABC):
         stream: Any,
         part: int,
         device_ptr: int,
-        blocks: Sequence[int],
+        blocks: list[int],
         nbytes: int,
         chunk: int,
-        flags: Sequence[int],
+        flags: list[int],
     ) -> None:
         """A part of a gated copy's stream work (``gpuaio._engine.gated``), in order.
 
@@ -315,7 +315,8 @@ class Backend(abc.ABC):
         a wait for each ``flags[2k + 1]`` to reach 1. A wait is enqueued only
         once whatever sets its flag runs (see ``gated.GatedCopies``). Raises at
         the first call that fails, what came before it enqueued. This default
-        makes one call per step.
+        makes one call per step. Lists, not any sequence: CUDA's override
+        hands them to one C call as they are.
         """
         if part == GATED_UP:
             for k, (block, flag) in enumerate(zip(blocks, flags, strict=True)):

@@ -317,10 +317,10 @@ class StreamCalls(DriverBase):
         stream: CudaStream,
         part: int,
         device_ptr: int,
-        blocks: Sequence[int],
+        blocks: list[int],
         nbytes: int,
         chunk: int,
-        flags: Sequence[int],
+        flags: list[int],
     ) -> None:
         """As :meth:`Backend.enqueue_gated`, in one C call where the fast calls
         are bound and the stream's context is current (``_fast``): through
@@ -333,10 +333,10 @@ class StreamCalls(DriverBase):
                 stream.address,
                 part,
                 device_ptr,
-                list(blocks),
+                blocks,
                 nbytes,
                 chunk,
-                list(flags),
+                flags,
             )
             if code == 0:
                 return
