@@ -33,6 +33,8 @@ class _Backend:
     def mem_free(self, ptr: int) -> None:
         self.freed.append(ptr)
 
+    mem_free_async = mem_free  # how an unshared device block is freed
+
 
 class _Runtime:
     def __init__(self) -> None:

@@ -139,6 +139,28 @@ def test_mem_free_waits_for_the_device(sim: SimBackend) -> None:
     assert timed(lambda: sim.mem_free(dev)) >= HOLD_S * 0.9
 
 
+def test_mem_free_async_waits_for_nothing(sim: SimBackend) -> None:
+    """``cuMemFreeAsync`` on an idle stream: the memory is back at once while
+    the device is busy (the held stream is released only 5 s later, so a
+    free that waited would take that long)."""
+    s = sim.stream_create(0)
+    dev = sim.mem_alloc(0, 64 * MIB)  # all of it: another fits only once it is back
+    timer = release_later(sim.hold(s), delay=5.0)
+    try:
+        assert timed(lambda: sim.mem_free_async(dev)) < 2.5
+        again = sim.mem_alloc(0, 64 * MIB)
+    finally:
+        timer.cancel()
+        timer.function()
+    sim.mem_free_async(again)
+    with pytest.raises(CudaError, match="INVALID_VALUE"):
+        sim.mem_free_async(dev)  # freed already
+    managed = sim.mem_alloc_managed(0, 1024)
+    with pytest.raises(CudaError, match="INVALID_VALUE"):
+        sim.mem_free_async(managed)  # stream-ordered frees take device memory only
+    sim.mem_free(managed)
+
+
 # -- copies ------------------------------------------------------------
 @pytest.mark.parametrize("src_kind", ["pageable", "pinned", "device", "managed"])
 @pytest.mark.parametrize("dst_kind", ["pageable", "pinned", "device", "managed"])

@@ -26,7 +26,15 @@ __all__ = ["disable_backend", "forked_message"]
 
 # Backend calls that release something: in the child they do nothing (leak).
 _RELEASES = frozenset(
-    {"close", "event_destroy", "host_free", "host_unregister", "mem_free", "stream_destroy"}
+    {
+        "close",
+        "event_destroy",
+        "host_free",
+        "host_unregister",
+        "mem_free",
+        "mem_free_async",
+        "stream_destroy",
+    }
 )
 # Backend calls that only read the Python handle: they keep working (reprs, keys).
 _PURE = frozenset({"stream_handle"})

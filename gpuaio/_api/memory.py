@@ -41,7 +41,13 @@ class Allocation:
 
     Freed when the last reference goes away, or by :meth:`free`. Freeing
     waits for every in-flight gpuaio operation that uses the block, and the
-    driver call runs on a background thread (``cuMemFree`` may synchronize).
+    driver call runs on a background thread. Device memory whose address
+    never left gpuaio (no ``ptr``, ``allocation``, CUDA Array Interface or
+    DLPack export) is freed without waiting for the device
+    (``cuMemFreeAsync``): only gpuaio's operations, all done, ever used it.
+    Other memory is freed with ``cuMemFree``/``cuMemFreeHost``, which wait
+    for all of the device's work (work of other libraries may still use an
+    exported array) and meanwhile hold up every thread's driver calls.
     """
 
     __slots__ = (
@@ -55,6 +61,7 @@ class Allocation:
         "kind",
         "nbytes",
         "ptr",
+        "shared",
     )
 
     def __init__(
@@ -74,6 +81,10 @@ class Allocation:
         self._free_requested = False
         self._lock = threading.Lock()
         """Taken only to free: it makes sure that exactly one caller does."""
+        self.shared: bool = False
+        """Whether the address left gpuaio (read by the user, or exported):
+        work gpuaio does not know of may use the block, so its free waits
+        for the device."""
 
     @classmethod
     def new(cls, runtime: Runtime, nbytes: int, kind: MemoryKind, device: int | None) -> Allocation:
@@ -152,6 +163,11 @@ class Allocation:
         try:
             if self.kind is MemoryKind.PINNED:
                 rt.backend.host_free(self.ptr)
+            elif self.kind is MemoryKind.DEVICE and not self.shared:
+                # Nothing can use the block: cuMemFree's wait for the device,
+                # which holds up the loop's next driver call until a running
+                # kernel ends, buys nothing here.
+                rt.backend.mem_free_async(self.ptr)
             else:
                 rt.backend.mem_free(self.ptr)
         except Exception as exc:
@@ -262,10 +278,21 @@ class DeviceArray:
 
     @property
     def ptr(self) -> int:
-        """Device address of the first element."""
-        if self._alloc.freed:
+        """Device address of the first element.
+
+        Once read, the array's memory is freed with ``cuMemFree`` (which
+        waits for all of the device's work), as work gpuaio does not know
+        of may use it.
+        """
+        return self._address(share=True)
+
+    def _address(self, *, share: bool) -> int:
+        alloc = self._alloc
+        if alloc.freed:
             raise BufferFreedError("this device array was freed")
-        return self._alloc.ptr + self._offset
+        if share:
+            alloc.shared = True
+        return alloc.ptr + self._offset
 
     @property
     def device(self) -> int:
@@ -298,6 +325,8 @@ class DeviceArray:
 
     @property
     def allocation(self) -> Allocation:
+        """The allocation this array views (its ``ptr`` is shared: see :attr:`ptr`)."""
+        self._alloc.shared = True
         return self._alloc
 
     def __len__(self) -> int:
@@ -389,14 +418,14 @@ class DeviceArray:
     def __cuda_array_interface__(self) -> dict[str, Any]:
         """The CUDA Array Interface (v3); a ``TypeError`` on the simulated backend."""
         self._refuse_simulated_export("__cuda_array_interface__")
-        return self._gpuaio_cai()
+        return self._gpuaio_cai(share=True)
 
-    def _gpuaio_cai(self) -> dict[str, Any]:
+    def _gpuaio_cai(self, *, share: bool = False) -> dict[str, Any]:
         """The ``__cuda_array_interface__`` dict, on either backend (gpuaio's own use)."""
         return {
             "shape": self._shape,
             "typestr": self._dtype.str,
-            "data": (self.ptr, False),
+            "data": (self._address(share=share), False),
             "version": 3,
             "strides": None,
             "stream": None,
@@ -446,7 +475,7 @@ class DeviceArray:
             raise BufferError("gpuaio exports device arrays without copying (copy=True refused)")
         dev_type, dev_id = self._gpuaio_dlpack_device()
         return export_capsule(
-            ptr=self.ptr,
+            ptr=self._address(share=True),
             shape=self._shape,
             strides=None,
             dtype=self._dtype,

@@ -190,6 +190,15 @@ class Backend(abc.ABC):
     def mem_free(self, ptr: int) -> None:
         """Free device or managed memory (synchronizes like ``cuMemFree``)."""
 
+    def mem_free_async(self, ptr: int) -> None:
+        """Free device memory from :meth:`mem_alloc` without waiting for the device.
+
+        The caller guarantees that no work enqueued or yet to come uses
+        ``ptr``: unlike :meth:`mem_free`, this does not wait for the device's
+        work first. The default is :meth:`mem_free`.
+        """
+        self.mem_free(ptr)
+
     @abc.abstractmethod
     def host_alloc(self, nbytes: int) -> int:
         """Allocate pinned, portable, device-mapped host memory."""

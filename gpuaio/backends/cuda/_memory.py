@@ -1,7 +1,9 @@
 """Memory: device, managed and pinned allocations, host registration, pointer kinds.
 
 Device and managed memory is allocated in its device's primary context and
-freed in its owner's. Pinned memory is portable and mapped on every device, so
+freed in its owner's. :meth:`MemoryCalls.mem_free_async` frees device memory
+that nothing uses any more on a stream of the backend's own, without the
+device-wide wait of ``cuMemFree``. Pinned memory is portable and mapped on every device, so
 its calls run in whichever of the backend's contexts is current (never in a
 foreign one: the memory would go when that context is destroyed).
 :meth:`MemoryCalls.pointer_info` classifies an address with one
@@ -10,11 +12,14 @@ foreign one: the memory would go when that context is destroyed).
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import cuda.bindings.driver as driver
 
 from ..._core.errors import InvalidArgumentError
 from .._base import MemoryKind, PointerInfo
-from ._driver import _INVALID_VALUE, DriverBase, _check, _cuda_error
+from ._driver import _INVALID_VALUE, DriverBase, _check, _cuda_error, _logger
 
 _ATTACH_GLOBAL = int(driver.CUmemAttach_flags.CU_MEM_ATTACH_GLOBAL)
 _HOST_ALLOC_FLAGS = int(driver.CU_MEMHOSTALLOC_PORTABLE) | int(driver.CU_MEMHOSTALLOC_DEVICEMAP)
@@ -31,6 +36,14 @@ _POINTER_ATTRIBUTES = (
 _MEMORYTYPE_HOST = int(driver.CUmemorytype.CU_MEMORYTYPE_HOST)
 _MEMORYTYPE_DEVICE = int(driver.CUmemorytype.CU_MEMORYTYPE_DEVICE)
 _MEMORYTYPE_UNIFIED = int(driver.CUmemorytype.CU_MEMORYTYPE_UNIFIED)
+_OUT_OF_MEMORY = driver.CUresult.CUDA_ERROR_OUT_OF_MEMORY
+_NOT_SUPPORTED = driver.CUresult.CUDA_ERROR_NOT_SUPPORTED
+_NON_BLOCKING = int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)
+
+
+def _drain_and_destroy(stream: Any) -> None:
+    driver.cuStreamSynchronize(stream)
+    driver.cuStreamDestroy(stream)
 
 
 class MemoryCalls(DriverBase):
@@ -39,6 +52,11 @@ class MemoryCalls(DriverBase):
     def __init__(self) -> None:
         super().__init__()
         self._allocations: dict[int, int] = {}  # device/managed pointer -> device
+        self._managed: set[int] = set()  # the managed ones among them
+        # device -> the stream mem_free_async frees on; None: the driver
+        # refused cuMemFreeAsync there, so it frees with cuMemFree.
+        self._free_streams: dict[int, Any] = {}
+        self._free_lock = threading.Lock()
 
     # -- memory --------------------------------------------------------
     @staticmethod
@@ -47,11 +65,20 @@ class MemoryCalls(DriverBase):
             raise InvalidArgumentError(f"allocation size must be positive, got {nbytes}")
 
     def mem_alloc(self, device: int, nbytes: int) -> int:
-        """``cuMemAlloc`` on ``device``; returns the device address."""
+        """``cuMemAlloc`` on ``device``; returns the device address.
+
+        Out of memory, it waits for the frees :meth:`mem_free_async` queued
+        on the device and tries once more.
+        """
         self._check_size(nbytes)
         _, prev = self._enter_device(device)
         try:
-            ptr = int(_check("cuMemAlloc", driver.cuMemAlloc(nbytes)))
+            result = driver.cuMemAlloc(nbytes)
+            if result[0] == _OUT_OF_MEMORY:
+                stream = self._free_streams.get(device)
+                if stream is not None and not driver.cuStreamSynchronize(stream)[0]:
+                    result = driver.cuMemAlloc(nbytes)
+            ptr = int(_check("cuMemAlloc", result))
         finally:
             if prev is not None:
                 self._leave(prev)
@@ -69,10 +96,18 @@ class MemoryCalls(DriverBase):
                 self._leave(prev)
         ptr = int(_check("cuMemAllocManaged", result))
         self._allocations[ptr] = device
+        self._managed.add(ptr)
         return ptr
 
     def mem_free(self, ptr: int) -> None:
-        """``cuMemFree`` of device or managed memory, in its owner's context."""
+        """``cuMemFree`` of device or managed memory, in its owner's context.
+
+        ``cuMemFree`` waits for all of the device's work while it holds a
+        lock of the driver's: until that work is done, every other thread's
+        next driver call waits too (run EI, on an H100: another thread's
+        ``cuEventRecord`` waited 179 ms of a 200 ms kernel).
+        """
+        self._managed.discard(ptr)
         device = self._allocations.pop(ptr, None)
         if device is None:
             info = self.pointer_info(ptr)  # a foreign allocation: find its device
@@ -80,6 +115,67 @@ class MemoryCalls(DriverBase):
         prev = self._enter_host() if device is None else self._enter_device(device)[1]
         result = self._restoring(prev, driver.cuMemFree, ptr)
         _check("cuMemFree", result)
+
+    def mem_free_async(self, ptr: int) -> None:
+        """``cuMemFreeAsync`` of device memory from :meth:`mem_alloc` on a stream
+        of its own (non-blocking, empty but for frees): the memory goes back at
+        once, and nothing waits for the device's other work (run EI: the loop
+        thread's records were as fast as with no free, 19 us the call).
+
+        The caller guarantees that nothing uses ``ptr`` any more. Managed or
+        foreign memory, or a device whose driver refuses ``cuMemFreeAsync``,
+        is freed with :meth:`mem_free`.
+        """
+        device = self._allocations.get(ptr)
+        if device is None or ptr in self._managed:
+            self.mem_free(ptr)
+            return
+        stream = self._free_stream(device)
+        if stream is None:
+            self.mem_free(ptr)
+            return
+        _, prev = self._enter_device(device)
+        result = self._restoring(prev, driver.cuMemFreeAsync, ptr, stream)
+        if result[0] == _NOT_SUPPORTED:
+            self._free_streams[device] = None
+            self.mem_free(ptr)
+            return
+        _check("cuMemFreeAsync", result)
+        self._allocations.pop(ptr, None)
+
+    def _free_stream(self, device: int) -> Any:
+        """The stream :meth:`mem_free_async` frees on for ``device`` (made on first use)."""
+        try:
+            return self._free_streams[device]
+        except KeyError:
+            pass
+        with self._free_lock:
+            if device not in self._free_streams:
+                _, prev = self._enter_device(device)
+                result = self._restoring(prev, driver.cuStreamCreate, _NON_BLOCKING)
+                self._free_streams[device] = _check("cuStreamCreate", result)
+            return self._free_streams[device]
+
+    def _close_free_streams(self) -> None:
+        """Wait for the queued frees and destroy the free streams (before the
+        contexts are released: another library may keep them alive)."""
+        with self._free_lock:
+            streams, self._free_streams = self._free_streams, {}
+        for device, stream in streams.items():
+            if stream is None:
+                continue
+            try:
+                _, prev = self._enter_device(device)
+                self._restoring(prev, _drain_and_destroy, stream)
+            except Exception:  # the driver may already be torn down at exit
+                _logger.debug("destroying device %d's free stream failed", device, exc_info=True)
+
+    def close(self) -> None:
+        """Destroy the free streams, then release the contexts (see :class:`DriverBase`)."""
+        try:
+            self._close_free_streams()
+        finally:
+            super().close()
 
     def host_alloc(self, nbytes: int) -> int:
         """``cuMemHostAlloc(PORTABLE | DEVICEMAP)``: pinned, mapped on every device."""

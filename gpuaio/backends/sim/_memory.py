@@ -87,20 +87,30 @@ class SimMemory(SimCore):
         Like ``cuMemFree`` on a faulted context, this raises the sticky error
         and keeps the memory.
         """
-        call = "cuMemFree"
+        self._free_device_side("cuMemFree", ptr, wait=True)
+
+    @_in_context("owner", "ptr")
+    def mem_free_async(self, ptr: int) -> None:
+        """Free device memory at once, waiting for nothing (``cuMemFreeAsync``
+        on an idle stream); managed memory is refused, as CUDA's pools hold none."""
+        self._free_device_side("cuMemFreeAsync", ptr, wait=False)
+
+    def _free_device_side(self, call: str, ptr: int, *, wait: bool) -> None:
+        kinds = _DEVICE_SIDE if wait else (MemoryKind.DEVICE,)
         with self._lock:
             self._check_locked(call, None)
             region = self._regions.get(ptr)
-            if region is None or region.device is None or region.kind not in _DEVICE_SIDE:
+            if region is None or region.device is None or region.kind not in kinds:
                 raise _error(call, _INVALID_VALUE, f"{ptr:#x} is not a device allocation")
             if _dead(region.ctx):
                 raise _error(call, _INVALID_VALUE, f"{ptr:#x} was freed with {region.ctx!r}")
             self._on_device_locked(call, region.device)
             dev = self._devices[region.device]
-            targets = [(s, s.submitted) for s in dev.streams]
-            self._wait_locked(
-                call, dev, lambda: self._closed or all(s.retired >= n for s, n in targets)
-            )
+            if wait:
+                targets = [(s, s.submitted) for s in dev.streams]
+                self._wait_locked(
+                    call, dev, lambda: self._closed or all(s.retired >= n for s, n in targets)
+                )
             if self._regions.get(ptr) is not region:  # freed meanwhile by another thread
                 raise _error(call, _INVALID_VALUE, f"{ptr:#x} was already freed")
             self._remove_region_locked(region)
