@@ -111,6 +111,8 @@ class SimMemory(SimCore):
                 self._wait_locked(
                     call, dev, lambda: self._closed or all(s.retired >= n for s, n in targets)
                 )
+            elif dev.fault is not None:  # a faulted context fails every call, this one too
+                raise self._fault_error(call, dev)
             if self._regions.get(ptr) is not region:  # freed meanwhile by another thread
                 raise _error(call, _INVALID_VALUE, f"{ptr:#x} was already freed")
             self._remove_region_locked(region)
