@@ -180,6 +180,7 @@ def test_disabled_backend_refuses_calls_and_frees_nothing() -> None:
             with pytest.raises(gpuaio.ForkedProcessError, match="forked"):
                 call()
         be.mem_free(ptr)  # a no-op: the memory stays the parent's
+        be.mem_free_async(ptr)  # so is the stream-ordered free
         be.stream_destroy(stream)
         be.close()
         assert be.stream_handle(stream) == handle
