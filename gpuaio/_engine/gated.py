@@ -329,7 +329,8 @@ class GatedCopies:
                 props = self._rt.backend.device_properties(device)
                 self._devices[device] = props.stream_mem_ops
             if self.gates is None and not self._closed.is_set():
-                self.gates = Gates(self._rt.backend.host_alloc(GATES_BYTES))
+                # Words streams write and wait on: cuMemHostAlloc memory.
+                self.gates = Gates(self._rt.backend.host_alloc_mapped(GATES_BYTES))
                 if self._closed.is_set():  # closed meanwhile
                     self.close()
             # Pinned now if the budget has room, cached for the next upload.

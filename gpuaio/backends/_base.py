@@ -203,9 +203,16 @@ class Backend(abc.ABC):
     def host_alloc(self, nbytes: int) -> int:
         """Allocate pinned, portable, device-mapped host memory."""
 
+    def host_alloc_mapped(self, nbytes: int) -> int:
+        """Pinned memory as :meth:`host_alloc`, good also for the words that
+        stream memory operations write and wait on (``cuMemHostAlloc``
+        memory). The default is :meth:`host_alloc`."""
+        return self.host_alloc(nbytes)
+
     @abc.abstractmethod
     def host_free(self, ptr: int) -> None:
-        """Free memory from :meth:`host_alloc` (synchronizes like ``cuMemFreeHost``)."""
+        """Free memory from :meth:`host_alloc` or :meth:`host_alloc_mapped` (may
+        synchronize like ``cuMemFreeHost``)."""
 
     @abc.abstractmethod
     def host_register(self, ptr: int, nbytes: int) -> None:
