@@ -164,7 +164,8 @@ class _Latches:
     def __init__(self, dev: gpuaio.Device) -> None:
         rt = dev._runtime
         self.kernel = dev.compile(LATCH_SRC, "latch")
-        ptr = rt.backend.host_alloc_mapped(4 * self.SLOTS)  # a kernel polls it; unseen by the leak check
+        # A kernel polls it (cuMemHostAlloc memory); the leak check does not count it.
+        ptr = rt.backend.host_alloc_mapped(4 * self.SLOTS)
         self.flags = byte_view(ptr, 4 * self.SLOTS).view(np.int32)
         self.flags[:] = 1
         self.ptr = ptr

@@ -282,6 +282,9 @@ class _Frees:
         self.ptr = ptr
         self.calls: list[str] = []
         self.done = threading.Event()
+        # Wrappers already on the instance (the leak check's pinned
+        # accounting, on a session's runtime) are put back by restore().
+        self.saved = {n: vars(backend)[n] for n in self.NAMES if n in vars(backend)}
         for name in self.NAMES:
             setattr(backend, name, self._watch(name, getattr(backend, name)))
 
@@ -296,7 +299,10 @@ class _Frees:
 
     def restore(self) -> None:
         for name in self.NAMES:
-            vars(self.backend).pop(name, None)
+            if name in self.saved:
+                setattr(self.backend, name, self.saved[name])
+            else:
+                vars(self.backend).pop(name, None)
 
     async def wait(self, seconds: float) -> bool:
         """Whether the free returned within ``seconds`` (waited for on a thread)."""
