@@ -309,64 +309,46 @@ class _Frees:
         return await anyio.to_thread.run_sync(self.done.wait, seconds)
 
 
-async def test_a_device_array_only_gpuaio_used_is_freed_without_waiting_for_the_device(
-    stream: gpuaio.Stream, dev: gpuaio.Device
+@pytest.mark.parametrize("kind", ["device", pytest.param("pinned", marks=pytest.mark.gpuaio_gpu)])
+async def test_memory_only_gpuaio_used_is_freed_without_waiting_for_the_device(
+    stream: gpuaio.Stream, dev: gpuaio.Device, kind: str
 ) -> None:
-    """Dropped while a kernel runs, an array whose address never left gpuaio
-    is freed at once (``cuMemFreeAsync``), and the loop's next driver calls
-    go ahead: ``cuMemFree`` would wait for the kernel, and hold every other
-    thread's driver calls meanwhile (run EI: 179 ms of a 200 ms kernel)."""
+    """Dropped while a kernel runs, a device array whose address never left
+    gpuaio is freed at once (``cuMemFreeAsync``), and the loop's next driver
+    calls go ahead: ``cuMemFree`` would wait for the kernel, and hold every
+    other thread's driver calls meanwhile (run EI: 179 ms of a 200 ms kernel).
+    So is a pinned array, with the host memory pool on (``cuMemFreeHost``:
+    186 ms)."""
+    rt = dev._runtime
+    if kind == "pinned" and getattr(rt.backend, "_host_pool", lambda: None)() is None:
+        pytest.skip("no host memory pool (GPUAIO_HOST_POOL=1 turns it on where the driver has one)")
     spin = dev.compile(SPIN_SRC, "spin", sim=_spin_sim)
     other = dev.stream()
-    a = dev.empty(1 << 20)
-    await other.memset(a, 1)  # gpuaio's own use: done before the drop
+    d = dev.empty(1 << 20)
+    dropped: list[Any] = []
+    if kind == "device":
+        await other.memset(d, 1)  # gpuaio's own use: done before the drop
+        dropped.append(d)
+        ptr, call = d._alloc.ptr, "mem_free_async"
+        del d
+    else:
+        host = gpuaio.pinned_empty(1 << 20)
+        await other.copy(d, host)
+        dropped.append(host)
+        ptr, call = host.ctypes.data, "host_free"
+        del host
     running = stream.launch(spin, 1, 1, np.uint64(int(SPIN_S * 1e9)))
-    frees = _Frees(dev._runtime.backend, a._alloc.ptr)
+    frees = _Frees(rt.backend, ptr)
     try:
-        del a
+        dropped.clear()
         gc.collect()
         assert await frees.wait(SPIN_S * 0.8), "the free waited for the kernel"
-        assert frees.calls == ["mem_free_async"]
+        assert frees.calls == [call]
         b = dev.empty(4096)
         await other.memset(b, 7)  # another stream's work, enqueued and done meanwhile
         out = np.zeros(4096, np.uint8)
         await other.copy(out, b)
         assert (out == 7).all()
-        assert not running.done(), "the kernel ended first: the test proves nothing"
-    finally:
-        frees.restore()
-        with anyio.CancelScope(shield=True):
-            await running
-        other.close()
-
-
-@pytest.mark.gpuaio_gpu
-async def test_pinned_memory_is_freed_without_waiting_for_the_device(
-    stream: gpuaio.Stream, dev: gpuaio.Device
-) -> None:
-    """Pinned memory comes from a host memory pool and goes back with
-    ``cuMemFreeAsync``: a pinned array dropped while a kernel runs is freed at
-    once and the loop's next driver calls go ahead (``cuMemFreeHost`` would
-    wait for the kernel and hold them all; run EI: 186 ms of a 200 ms one)."""
-    rt = dev._runtime
-    if getattr(rt.backend, "_host_pool", lambda: None)() is None:
-        pytest.skip("this driver has no host memory pool: pinned frees use cuMemFreeHost")
-    spin = dev.compile(SPIN_SRC, "spin", sim=_spin_sim)
-    other = dev.stream()
-    host = gpuaio.pinned_empty(64 << 20)
-    d = dev.empty(64 << 20)
-    await other.copy(d, host)  # gpuaio's own use: done before the drop
-    running = stream.launch(spin, 1, 1, np.uint64(int(SPIN_S * 1e9)))
-    frees = _Frees(rt.backend, host.ctypes.data)
-    try:
-        del host
-        gc.collect()
-        assert await frees.wait(SPIN_S * 0.8), "the pinned free waited for the kernel"
-        b = dev.empty(4096)
-        await other.memset(b, 9)
-        out = gpuaio.pinned_empty(4096)
-        await other.copy(out, b)
-        assert (out == 9).all()
         assert not running.done(), "the kernel ended first: the test proves nothing"
     finally:
         frees.restore()
