@@ -3,9 +3,11 @@
 Device and managed memory is allocated in its device's primary context and
 freed in its owner's. :meth:`MemoryCalls.mem_free_async` frees device memory
 that nothing uses any more on a stream of the backend's own, without the
-device-wide wait of ``cuMemFree``. Pinned memory is portable and mapped on every device, so
-its calls run in whichever of the backend's contexts is current (never in a
-foreign one: the memory would go when that context is destroyed).
+device-wide wait of ``cuMemFree``. Pinned memory is portable and mapped on
+every device, so its calls run in whichever of the backend's contexts is
+current (never in a foreign one: the memory would go when that context is
+destroyed); with ``GPUAIO_HOST_POOL=1`` it comes from a host memory pool and
+is freed the same stream-ordered way.
 :meth:`MemoryCalls.pointer_info` classifies an address with one
 ``cuPointerGetAttributes`` call, in any current context.
 """
