@@ -30,6 +30,7 @@ __all__ = [
     "MemoryKind",
     "PointerInfo",
     "keeps_context",
+    "kernel_array_interface",
 ]
 
 OWN_THREAD_PREFIX = "gpuaio-"
@@ -397,3 +398,17 @@ def memcpy_call_name(dst_kind: MemoryKind, src_kind: MemoryKind) -> str:
     src = "D" if src_kind in (MemoryKind.DEVICE, MemoryKind.MANAGED) else "H"
     dst = "D" if dst_kind in (MemoryKind.DEVICE, MemoryKind.MANAGED) else "H"
     return f"cuMemcpy{src}to{dst}Async"
+
+
+def kernel_array_interface(arg: Any) -> Any:
+    """A kernel argument's CUDA Array Interface dict, or ``None``.
+
+    A gpuaio ``DeviceArray`` is asked through its private ``_gpuaio_cai``: its
+    public one refuses on the simulated backend and marks the memory as used
+    outside gpuaio (so its free waits for the device), while a launch holds
+    its arrays until it has run.
+    """
+    own = getattr(type(arg), "_gpuaio_cai", None)
+    if own is not None:
+        return own(arg)
+    return getattr(arg, "__cuda_array_interface__", None)

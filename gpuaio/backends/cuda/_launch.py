@@ -42,6 +42,7 @@ import cuda.bindings.driver as driver
 import numpy as np
 
 from ..._core.errors import InvalidArgumentError
+from .._base import kernel_array_interface
 from ._compile import CudaKernel, _param_sizes
 from ._driver import DriverBase, _cuda_error
 from ._streams import CudaStream
@@ -168,22 +169,9 @@ def _size_mismatch(index: int, what: str, size: int, expected: int) -> InvalidAr
     )
 
 
-def _cai_of(arg: Any) -> Any:
-    """``arg``'s CUDA Array Interface, or ``None``.
-
-    A gpuaio ``DeviceArray`` is asked through its private ``_gpuaio_cai``:
-    its public one marks the memory as used outside gpuaio (so its free
-    waits for the device), and a launch holds its arrays until it has run.
-    """
-    own = getattr(type(arg), "_gpuaio_cai", None)
-    if own is not None:
-        return own(arg)
-    return getattr(arg, "__cuda_array_interface__", None)
-
-
 def _pointer_of(arg: Any) -> int | None:
     """The device address an argument stands for, or ``None`` if it is no pointer."""
-    cai = _cai_of(arg)
+    cai = kernel_array_interface(arg)
     if cai is not None:
         return int(cai["data"][0])
     if isinstance(arg, driver.CUdeviceptr):
@@ -279,7 +267,7 @@ def _lower_args(
                 values[i] = int(arg.view(np.uint16)) if is_half else arg.item()
                 types[i] = ctype
                 continue
-            cai = _cai_of(arg)
+            cai = kernel_array_interface(arg)
             if cai is not None and (size is None or size == _POINTER_SIZE):
                 values[i], types[i] = int(cai["data"][0]), _c_void_p
             else:

@@ -14,9 +14,9 @@ is freed the same stream-ordered way.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import cuda.bindings.driver as driver
@@ -48,6 +48,17 @@ _NON_BLOCKING = int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)
 def _drain_and_destroy(stream: Any) -> None:
     driver.cuStreamSynchronize(stream)
     driver.cuStreamDestroy(stream)
+
+
+def _alloc_from_pool(nbytes: int, pool: Any, stream: Any) -> Any:
+    """``cuMemAllocFromPoolAsync`` on ``stream``, then wait for that stream: the
+    memory is usable by every stream (and the host) once its stream has
+    reached the allocation. A failed wait comes back as the call's error."""
+    result = driver.cuMemAllocFromPoolAsync(nbytes, pool, stream)
+    if result[0]:
+        return result
+    (err,) = driver.cuStreamSynchronize(stream)
+    return (err, None) if err else result
 
 
 class MemoryCalls(DriverBase):
@@ -142,14 +153,17 @@ class MemoryCalls(DriverBase):
         if stream is None:
             self.mem_free(ptr)
             return
-        _, prev = self._enter_device(device)
-        result = self._restoring(prev, driver.cuMemFreeAsync, ptr, stream)
+        result = self._on_device(device, driver.cuMemFreeAsync, ptr, stream)
         if result[0] == _NOT_SUPPORTED:
             self._free_streams[device] = None
             self.mem_free(ptr)
             return
         _check("cuMemFreeAsync", result)
         self._allocations.pop(ptr, None)
+
+    def _on_device(self, device: int, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args)`` in ``device``'s context, then the caller's again."""
+        return self._restoring(self._enter_device(device)[1], call, *args)
 
     def _free_stream(self, device: int) -> Any:
         """The stream :meth:`mem_free_async` frees on for ``device`` (made on first use)."""
@@ -159,8 +173,7 @@ class MemoryCalls(DriverBase):
             pass
         with self._free_lock:
             if device not in self._free_streams:
-                _, prev = self._enter_device(device)
-                result = self._restoring(prev, driver.cuStreamCreate, _NON_BLOCKING)
+                result = self._on_device(device, driver.cuStreamCreate, _NON_BLOCKING)
                 self._free_streams[device] = _check("cuStreamCreate", result)
             return self._free_streams[device]
 
@@ -173,8 +186,7 @@ class MemoryCalls(DriverBase):
             if stream is None:
                 continue
             try:
-                _, prev = self._enter_device(device)
-                self._restoring(prev, _drain_and_destroy, stream)
+                self._on_device(device, _drain_and_destroy, stream)
             except Exception:  # the driver may already be torn down at exit
                 _logger.debug("destroying device %d's free stream failed", device, exc_info=True)
 
@@ -212,20 +224,8 @@ class MemoryCalls(DriverBase):
         stream = self._free_stream(device)
         if stream is None:
             return self.host_alloc_mapped(nbytes)
-        _, prev = self._enter_device(device)
-        try:
-            result = driver.cuMemAllocFromPoolAsync(nbytes, pool, stream)
-            # Allocated in the free stream's order: usable by every stream
-            # (and the host) once that stream has reached it.
-            synced = driver.cuStreamSynchronize(stream)[0] if not result[0] else None
-        finally:
-            if prev is not None:
-                self._leave(prev)
+        result = self._on_device(device, _alloc_from_pool, nbytes, pool, stream)
         ptr = int(_check("cuMemAllocFromPoolAsync", result))
-        if synced:
-            with contextlib.suppress(Exception):
-                self._restoring(self._enter_device(device)[1], driver.cuMemFreeAsync, ptr, stream)
-            raise _cuda_error("cuStreamSynchronize", synced)
         self._pooled_host[ptr] = device
         return ptr
 
@@ -253,8 +253,7 @@ class MemoryCalls(DriverBase):
         if device is not None:
             # No free stream (cuMemFreeAsync refused there): the legacy one.
             stream = self._free_stream(device) or driver.CUstream(0)
-            _, prev = self._enter_device(device)
-            _check("cuMemFreeAsync", self._restoring(prev, driver.cuMemFreeAsync, ptr, stream))
+            _check("cuMemFreeAsync", self._on_device(device, driver.cuMemFreeAsync, ptr, stream))
             return
         result = self._restoring(self._enter_host(), driver.cuMemFreeHost, ptr)
         _check("cuMemFreeHost", result)

@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..._core.errors import InvalidArgumentError
+from .._base import kernel_array_interface
 from ._config import _INVALID_HANDLE, _INVALID_VALUE, _LAUNCH_FAILED, _error
 from ._core import SimCore, _in_context
 from ._memory import _view
@@ -45,15 +46,11 @@ def _kernel_arg(arg: Any) -> Any:
     """A kernel argument as the sim kernel body sees it: arrays become numpy views.
 
     A gpuaio ``DeviceArray`` refuses its public ``__cuda_array_interface__`` on
-    the sim (it is not CUDA memory to other libraries), so its own describes it
-    through the private ``_gpuaio_cai``.
+    the sim (it is not CUDA memory to other libraries), so it is described
+    through the private one (:func:`kernel_array_interface`).
     """
-    own = getattr(type(arg), "_gpuaio_cai", None)
-    if own is not None:
-        return _array_arg(own(arg))
-    if hasattr(arg, "__cuda_array_interface__"):
-        return _array_arg(arg.__cuda_array_interface__)
-    return arg
+    cai = kernel_array_interface(arg)
+    return arg if cai is None else _array_arg(cai)
 
 
 class SimLaunch(SimCore):
