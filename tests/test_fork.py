@@ -167,6 +167,7 @@ def test_disabled_backend_refuses_calls_and_frees_nothing() -> None:
     be = SimBackend()
     try:
         ptr = be.mem_alloc(0, 4096)
+        pinned = be.host_alloc(4096)
         stream = be.stream_create(0)
         handle = be.stream_handle(stream)
         disable_backend(be, "forked")
@@ -181,10 +182,12 @@ def test_disabled_backend_refuses_calls_and_frees_nothing() -> None:
                 call()
         be.mem_free(ptr)  # a no-op: the memory stays the parent's
         be.mem_free_async(ptr)  # so is the stream-ordered free
+        be.host_free_async(pinned)  # and the pool's pinned free
         be.stream_destroy(stream)
         be.close()
         assert be.stream_handle(stream) == handle
         # The class's own methods (the instance's are replaced) show it all still there.
         assert SimBackend.pointer_info(be, ptr).kind is gpuaio.MemoryKind.DEVICE
+        assert SimBackend.pointer_info(be, pinned).kind is gpuaio.MemoryKind.PINNED
     finally:
         SimBackend.close(be)

@@ -130,13 +130,18 @@ def budget_1m(gpuaio_runtime: Any) -> Iterator[Stager]:
 
 
 @pytest.mark.gpuaio_sim_only  # a latch on CUDA defers frees, so the free would not wait
-async def test_an_eviction_never_blocks_the_loop(budget_1m: Stager, dev: gpuaio.Device) -> None:
-    """r14: evicting cached blocks frees pinned memory, and a driver free waits for
-    all of the device's work (an H200's cuMemFreeHost waited 1.47 s for an
+async def test_an_eviction_never_blocks_the_loop(
+    budget_1m: Stager, dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """r14: evicting cached blocks frees pinned memory, and a driver free may wait
+    for all of the device's work (an H200's cuMemFreeHost waited 1.47 s for an
     unrelated kernel). The pool held its lock across that free, and the loop
     takes the lock for every small pageable copy: one call blocked the loop
     for 1.9 s. The free now runs on the reaper thread, outside the lock."""
     rt = gpuaio.current_runtime()
+    # A free that waits, as the CUDA backend's is without a host memory pool
+    # (cuMemFreeHost; the simulator's stream-ordered free waits for nothing).
+    monkeypatch.setattr(rt.backend, "host_free_async", rt.backend.host_free)
     small = pattern(64 << 10, 4)
     d_small = dev.empty(small.nbytes)
     sz, sy, sx = dev.stream(), dev.stream(), dev.stream()
@@ -245,7 +250,7 @@ def test_a_block_pinned_while_the_pool_closes_is_freed_not_leaked(gpuaio_runtime
     be = gpuaio_runtime.backend
     pool = PinnedPool(be, budget=8 * MiB)
     freed: list[int] = []
-    real_alloc, real_free = be.host_alloc, be.host_free
+    real_alloc, real_free = be.host_alloc, be.host_free_async
 
     class Racing:
         def __getattr__(self, name: str) -> Any:
@@ -256,7 +261,7 @@ def test_a_block_pinned_while_the_pool_closes_is_freed_not_leaked(gpuaio_runtime
             pool.close()  # closes between the budget check and the pinning
             return ptr
 
-        def host_free(self, ptr: int) -> None:
+        def host_free_async(self, ptr: int) -> None:  # the pool's blocks are idle
             freed.append(ptr)
             real_free(ptr)
 

@@ -161,6 +161,74 @@ def test_mem_free_async_waits_for_nothing(sim: SimBackend) -> None:
     sim.mem_free(managed)
 
 
+def test_host_free_async_waits_for_nothing(sim: SimBackend) -> None:
+    """The host pool's stream-ordered free: back at once while a stream is busy."""
+    s = sim.stream_create(0)
+    pinned = sim.host_alloc(4096)
+    timer = release_later(sim.hold(s), delay=5.0)
+    try:
+        assert timed(lambda: sim.host_free_async(pinned)) < 2.5
+    finally:
+        timer.cancel()
+        timer.function()
+    assert sim.pointer_info(pinned).kind is MemoryKind.PAGEABLE
+    with pytest.raises(CudaError, match="INVALID_VALUE"):
+        sim.host_free_async(pinned)  # freed already
+    dev = sim.mem_alloc(0, 4096)
+    with pytest.raises(CudaError, match="INVALID_VALUE"):
+        sim.host_free_async(dev)  # pinned memory only
+    sim.mem_free(dev)
+
+
+@pytest.mark.parametrize("use", ["memset", "upload", "download", "launch", "running"])
+def test_frees_that_wait_for_nothing_refuse_memory_queued_work_uses(
+    sim: SimBackend, use: str
+) -> None:
+    """Stricter than CUDA, where it would be a silent use after free: a
+    stream-ordered free of memory that a queued (or running) copy, memset or
+    launch still uses fails and keeps the memory; once the work is done it
+    goes through. A free that waits for the device (``cuMemFree``) is fine."""
+    s = sim.stream_create(0)
+    dev = sim.mem_alloc(0, 4096)
+    pinned = sim.host_alloc(4096)
+    free_async = sim.mem_free_async
+    if use == "running":
+        started = threading.Event()
+
+        def slow(grid: Any, block: Any, a: Any) -> None:
+            started.set()
+            time.sleep(HOLD_S)
+
+        kernel = SimKernel(slow, "slow", 0.0)
+        sim.launch(kernel, (1, 1, 1), (1, 1, 1), [CudaArray(dev, (4096,), "|u1")], 0, s)
+        assert started.wait(5)
+    else:
+        release = sim.hold(s)
+        if use == "memset":
+            sim.memset_async(dev, 1, 1, 4096, s)
+        elif use == "upload":
+            sim.memcpy_async(dev, pinned, 4096, s)
+            free_async = sim.host_free_async
+        elif use == "download":
+            sim.memcpy_async(pinned, dev, 4096, s)
+        else:
+            kernel = SimKernel(lambda grid, block, a: None, "k", 0.0)
+            sim.launch(kernel, (1, 1, 1), (1, 1, 1), [CudaArray(dev + 1024, (16,), "|u1")], 0, s)
+        release_later(release)
+    ptr = pinned if free_async == sim.host_free_async else dev
+    with pytest.raises(CudaError, match="still used by cu") as info:
+        free_async(ptr)
+    assert info.value.code == 1
+    assert sim.pointer_info(ptr).kind is not MemoryKind.PAGEABLE, "freed all the same"
+    sim.stream_synchronize(s)
+    free_async(ptr)
+    assert sim.pointer_info(ptr).kind is MemoryKind.PAGEABLE
+    if ptr == dev:
+        sim.host_free(pinned)
+    else:
+        sim.mem_free(dev)
+
+
 # -- copies ------------------------------------------------------------
 @pytest.mark.parametrize("src_kind", ["pageable", "pinned", "device", "managed"])
 @pytest.mark.parametrize("dst_kind", ["pageable", "pinned", "device", "managed"])

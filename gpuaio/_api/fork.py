@@ -30,6 +30,7 @@ _RELEASES = frozenset(
         "close",
         "event_destroy",
         "host_free",
+        "host_free_async",
         "host_unregister",
         "mem_free",
         "mem_free_async",

@@ -448,9 +448,8 @@ class PinnedPool:
 
         Blocks whose GPU work has not finished by then are never freed (a
         stuck stream could still write them): a bounded leak, not a hang.
-        Idle blocks are freed within the same bound: a pinned free waits for
-        all of the device's work, as ``cuMemFreeHost`` does, and a hung kernel
-        never lets it return; such a free stays behind on its own thread.
+        Idle blocks are freed within the same bound: a free that waits for the
+        device (``cuMemFreeHost``: no host pool) stays behind a hung kernel.
         """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -496,7 +495,8 @@ class PinnedPool:
         error: Exception | None = None
         for b in blocks:
             try:
-                self.backend.host_free(b.ptr)
+                # Idle, and only gpuaio ever used it: no wait for the device.
+                self.backend.host_free_async(b.ptr)
             except Exception as exc:  # the rest are still freed; the caller reports it
                 error = error or exc
             finally:

@@ -189,7 +189,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def mem_free(self, ptr: int) -> None:
-        """Free device or managed memory (synchronizes like ``cuMemFree``)."""
+        """Free device or managed memory once the work already enqueued on its
+        device is done (as ``cuMemFree`` does)."""
 
     def mem_free_async(self, ptr: int) -> None:
         """Free device memory from :meth:`mem_alloc` without waiting for the device.
@@ -212,8 +213,19 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def host_free(self, ptr: int) -> None:
-        """Free memory from :meth:`host_alloc` or :meth:`host_alloc_mapped` (may
-        synchronize like ``cuMemFreeHost``)."""
+        """Free memory from :meth:`host_alloc` or :meth:`host_alloc_mapped` once
+        the work already enqueued on the device is done (as ``cuMemFreeHost``
+        does: another library's copy may still use it)."""
+
+    def host_free_async(self, ptr: int) -> None:
+        """Free memory from :meth:`host_alloc` or :meth:`host_alloc_mapped`
+        without waiting for the device.
+
+        The caller guarantees that no work enqueued or yet to come uses
+        ``ptr`` (gpuaio's staging blocks, whose copies are all done). The
+        default is :meth:`host_free`.
+        """
+        self.host_free(ptr)
 
     @abc.abstractmethod
     def host_register(self, ptr: int, nbytes: int) -> None:

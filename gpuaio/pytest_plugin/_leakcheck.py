@@ -19,6 +19,7 @@ import threading
 import time
 import types
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -54,11 +55,12 @@ def _pending_grace_s(config: pytest.Config) -> float:
 class PinnedAccounting:
     """Counts the pinned and registered host bytes a backend holds.
 
-    Installed on a runtime's backend by wrapping its ``host_alloc``/``host_free``
-    and ``host_register``/``host_unregister``. An allocation made for a user
-    (:func:`gpuaio.pinned_empty` and other gpuaio allocations) is told apart
-    from gpuaio's own (the staging pool, a completion engine's flag slab) by
-    whether ``gpuaio/_api/memory.py`` asked for it.
+    Installed on a runtime's backend by wrapping its ``host_alloc``,
+    ``host_free``/``host_free_async`` and ``host_register``/``host_unregister``.
+    An allocation made for a user (:func:`gpuaio.pinned_empty` and other
+    gpuaio allocations) is told apart from gpuaio's own (the staging pool, a
+    completion engine's flag slab) by whether ``gpuaio/_api/memory.py`` asked
+    for it.
     """
 
     _by_backend: ClassVar[weakref.WeakKeyDictionary[Any, PinnedAccounting]] = (
@@ -104,7 +106,7 @@ class PinnedAccounting:
         if acct is not None:
             return acct
         acct = cls()
-        alloc, free = backend.host_alloc, backend.host_free
+        alloc, free, free_async = backend.host_alloc, backend.host_free, backend.host_free_async
         register, unregister = backend.host_register, backend.host_unregister
 
         def host_alloc(nbytes: int) -> int:
@@ -115,11 +117,14 @@ class PinnedAccounting:
                 acct.allocs += 1
             return ptr
 
-        def host_free(ptr: int) -> None:
-            free(ptr)
-            with acct._lock:
-                if acct.pinned.pop(ptr, None) is not None:
-                    acct.frees += 1
+        def counting(real: Callable[[int], None]) -> Callable[[int], None]:
+            def host_free(ptr: int) -> None:
+                real(ptr)
+                with acct._lock:
+                    if acct.pinned.pop(ptr, None) is not None:
+                        acct.frees += 1
+
+            return host_free
 
         def host_register(ptr: int, nbytes: int) -> None:
             register(ptr, nbytes)
@@ -133,7 +138,8 @@ class PinnedAccounting:
 
         for name, fn in (
             ("host_alloc", host_alloc),
-            ("host_free", host_free),
+            ("host_free", counting(free)),
+            ("host_free_async", counting(free_async)),
             ("host_register", host_register),
             ("host_unregister", host_unregister),
         ):

@@ -317,6 +317,7 @@ class SimCore(Backend):
                 if self._closed or not s.queue:  # closed, or destroyed and drained
                     break
                 op = s.queue.popleft()
+                s.running = op
                 s.load -= op.weight
                 injected: int | None = None
                 if op.counted and dev.inject is not None:
@@ -339,6 +340,7 @@ class SimCore(Backend):
                     self._pace(start, op.cost_s)
             with self._lock:
                 s.retired += 1
+                s.running = None
                 if failure is not None:
                     detail = f"device {dev.ordinal} faulted in {op.call}: {failure[1]}"
                     self._fault_locked(dev, failure[0], detail)
@@ -352,6 +354,18 @@ class SimCore(Backend):
             s.load = 0
             dev.streams.discard(s)
             self._changed.notify_all()
+
+    def _user_locked(self, start: int, end: int) -> tuple[_Op, SimStream] | None:
+        """An op queued or running on any stream that uses ``[start, end)``."""
+        for dev in self._devices:
+            for s in dev.streams:
+                ops = list(s.queue)
+                if s.running is not None:
+                    ops.append(s.running)
+                for op in ops:
+                    if any(lo < end and start < hi for lo, hi in op.spans):
+                        return op, s
+        return None
 
     def _fault_locked(self, dev: _Device, code: int, detail: str) -> None:
         """Make ``dev`` sticky-faulted: drop all its queued ops, wake every waiter."""

@@ -42,6 +42,14 @@ def _array_arg(cai: Mapping[str, Any]) -> npt.NDArray[Any]:
     return np.ndarray(shape, dtype=dtype, buffer=buf, offset=-lo, strides=strides)
 
 
+def _span(a: npt.NDArray[Any]) -> tuple[int, int]:
+    """The address range ``[start, end)`` an array's elements lie in."""
+    pairs = list(zip(a.shape, a.strides, strict=True))
+    lo = a.ctypes.data + sum((n - 1) * st for n, st in pairs if st < 0)
+    hi = a.ctypes.data + sum((n - 1) * st for n, st in pairs if st > 0) + a.itemsize
+    return lo, hi
+
+
 def _kernel_arg(arg: Any) -> Any:
     """A kernel argument as the sim kernel body sees it: arrays become numpy views.
 
@@ -109,12 +117,15 @@ class SimLaunch(SimCore):
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise _error(call, _INVALID_VALUE, f"bad __cuda_array_interface__: {exc}") from None
         fn = kernel.fn
+        spans = tuple(
+            _span(c) for a, c in zip(args, converted, strict=True) if c is not a and c.size
+        )
 
         def run() -> None:
             fn(grid, block, *converted)
 
         cost = max(self.config.latency_s, kernel.duration_s)
-        self._push(s, _Op(call, run, cost, fail_code=_LAUNCH_FAILED))
+        self._push(s, _Op(call, run, cost, fail_code=_LAUNCH_FAILED, spans=spans))
 
     @_in_context("handle", "stream")
     def launch_host_func(self, stream: Any, fn: Callable[[], None]) -> None:

@@ -92,7 +92,12 @@ class SimMemory(SimCore):
     @_in_context("owner", "ptr")
     def mem_free_async(self, ptr: int) -> None:
         """Free device memory at once, waiting for nothing (``cuMemFreeAsync``
-        on an idle stream); managed memory is refused, as CUDA's pools hold none."""
+        on an idle stream); managed memory is refused, as CUDA's pools hold none.
+
+        Stricter than CUDA, which would let queued work use freed memory:
+        memory a queued or running copy, memset or launch uses is refused
+        (``CUDA_ERROR_INVALID_VALUE``) and stays allocated.
+        """
         self._free_device_side("cuMemFreeAsync", ptr, wait=False)
 
     def _free_device_side(self, call: str, ptr: int, *, wait: bool) -> None:
@@ -113,6 +118,8 @@ class SimMemory(SimCore):
                 )
             elif dev.fault is not None:  # a faulted context fails every call, this one too
                 raise self._fault_error(call, dev)
+            else:
+                self._refuse_in_use_locked(call, region)
             if self._regions.get(ptr) is not region:  # freed meanwhile by another thread
                 raise _error(call, _INVALID_VALUE, f"{ptr:#x} was already freed")
             self._remove_region_locked(region)
@@ -127,7 +134,19 @@ class SimMemory(SimCore):
     @_in_context("any")
     def host_free(self, ptr: int) -> None:
         """Free pinned memory after all work already enqueued on any stream has finished."""
-        call = "cuMemFreeHost"
+        self._free_pinned("cuMemFreeHost", ptr, wait=True)
+
+    @_in_context("any")
+    def host_free_async(self, ptr: int) -> None:
+        """Free pinned memory at once, waiting for nothing (as the CUDA backend
+        gives host pool memory back with ``cuMemFreeAsync``).
+
+        Stricter than CUDA, as :meth:`mem_free_async` is: memory that queued
+        or running work uses is refused and stays allocated.
+        """
+        self._free_pinned("cuMemFreeAsync", ptr, wait=False)
+
+    def _free_pinned(self, call: str, ptr: int, *, wait: bool) -> None:
         with self._lock:
             self._check_locked(call, None)
             self._current_locked(call)
@@ -136,11 +155,27 @@ class SimMemory(SimCore):
                 raise _error(call, _INVALID_VALUE, f"{ptr:#x} is not from cuMemHostAlloc")
             if _dead(region.ctx):
                 raise _error(call, _INVALID_VALUE, f"{ptr:#x} was freed with {region.ctx!r}")
-            targets = [(s, s.submitted) for d in self._devices for s in d.streams]
-            self._changed.wait_for(lambda: self._closed or all(s.retired >= n for s, n in targets))
+            if wait:
+                targets = [(s, s.submitted) for d in self._devices for s in d.streams]
+                self._changed.wait_for(
+                    lambda: self._closed or all(s.retired >= n for s, n in targets)
+                )
+            else:
+                self._refuse_in_use_locked(call, region)
             if self._regions.get(ptr) is not region:
                 raise _error(call, _INVALID_VALUE, f"{ptr:#x} was already freed")
             self._remove_region_locked(region)
+
+    def _refuse_in_use_locked(self, call: str, region: _Region) -> None:
+        user = self._user_locked(region.start, region.end)
+        if user is not None:
+            op, stream = user
+            raise _error(
+                call,
+                _INVALID_VALUE,
+                f"{region.start:#x} is still used by {op.call} on {stream!r}: "
+                "freeing it without waiting for the device would be a use after free",
+            )
 
     @_in_context("any")
     def host_register(self, ptr: int, nbytes: int) -> None:

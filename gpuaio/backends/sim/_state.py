@@ -51,7 +51,7 @@ class _Dropped(Exception):
 class _Op:
     """One unit of stream work; ``done`` is set (under the lock) once it succeeded."""
 
-    __slots__ = ("call", "cost_s", "counted", "done", "fail_code", "run", "weight")
+    __slots__ = ("call", "cost_s", "counted", "done", "fail_code", "run", "spans", "weight")
 
     def __init__(
         self,
@@ -62,6 +62,7 @@ class _Op:
         counted: bool = True,
         fail_code: int = _ILLEGAL_ADDRESS,
         weight: int = 1,
+        spans: tuple[tuple[int, int], ...] = (),
     ) -> None:
         self.call: str = call
         self.weight: int = weight  # launch-queue entries it takes
@@ -72,6 +73,9 @@ class _Op:
         # tests must not depend on which one the library picked.
         self.counted: bool = counted
         self.fail_code: int = fail_code  # the sticky error if ``run`` raises
+        # The address ranges ``[start, end)`` the op reads or writes: a free
+        # that promises nothing uses the memory any more checks them.
+        self.spans: tuple[tuple[int, int], ...] = spans
         self.done: bool = False
 
 
@@ -121,6 +125,7 @@ class SimStream:
         self.ctx = ctx
         """The context the stream was created in."""
         self.queue: deque[_Op] = deque()
+        self.running: _Op | None = None  # the op the worker runs now
         self.load = 0  # launch-queue entries the queued ops take
         self.cond: threading.Condition = threading.Condition(lock)
         self.submitted = 0

@@ -138,7 +138,8 @@ class SimStreams(SimCore):
         def run() -> None:
             _paced_copy(_view(dst, nbytes), _view(src, nbytes), gbps)
 
-        return _Op(call, run, self.config.latency_s + nbytes / (gbps * 1e9))
+        cost = self.config.latency_s + nbytes / (gbps * 1e9)
+        return _Op(call, run, cost, spans=((dst, dst + nbytes), (src, src + nbytes)))
 
     @_in_context("handle", "stream")
     def memcpy_async(self, dst: int, src: int, nbytes: int, stream: Any) -> None:
@@ -171,7 +172,8 @@ class SimStreams(SimCore):
             def dma() -> None:
                 _paced_copy(_view(dst, nbytes), staged, cfg.dma_gbps)
 
-            self._push(s, _Op(call, dma, cfg.latency_s + nbytes / (cfg.dma_gbps * 1e9)))
+            cost = cfg.latency_s + nbytes / (cfg.dma_gbps * 1e9)
+            self._push(s, _Op(call, dma, cost, spans=((dst, dst + nbytes),)))
         else:
             self._push(s, self._copy_op(call, dst, src, nbytes, cfg.host_gbps), wait=True)
 
@@ -211,7 +213,8 @@ class SimStreams(SimCore):
 
         host = kind is MemoryKind.PINNED
         gbps = self.config.host_gbps if host else self.config.d2d_gbps
-        self._push(s, _Op(call, run, self.config.latency_s + nbytes / (gbps * 1e9)), wait=host)
+        cost = self.config.latency_s + nbytes / (gbps * 1e9)
+        self._push(s, _Op(call, run, cost, spans=((ptr, ptr + nbytes),)), wait=host)
 
     # -- stream memory ops --------------------------------------------
     def _word_locked(self, ptr: int, call: str) -> None:
