@@ -275,12 +275,15 @@ def _spin_sim(grid: Any, block: Any, ns: Any) -> None:
 class _Frees:
     """Which backend call freed the device memory at ``ptr``, once it has returned."""
 
-    NAMES = ("mem_free", "mem_free_async", "host_free")
+    NAMES = ("mem_free", "mem_free_async", "host_free", "host_free_async")
 
-    def __init__(self, backend: Any, ptr: int) -> None:
+    def __init__(self, backend: Any, ptr: int, after: Callable[[], bool] | None = None) -> None:
         self.backend = backend
         self.ptr = ptr
+        self.after = after
+        self.after_done: list[bool] = []  # ``after()`` as each free of ``ptr`` returned
         self.calls: list[str] = []
+        self.started = threading.Event()
         self.done = threading.Event()
         # Wrappers already on the instance (the leak check's pinned
         # accounting, on a session's runtime) are put back by restore().
@@ -290,8 +293,12 @@ class _Frees:
 
     def _watch(self, name: str, real: Callable[[int], None]) -> Callable[[int], None]:
         def free(ptr: int) -> None:
+            if ptr == self.ptr:
+                self.started.set()
             real(ptr)
             if ptr == self.ptr:
+                if self.after is not None:
+                    self.after_done.append(self.after())
                 self.calls.append(name)
                 self.done.set()
 
@@ -308,47 +315,34 @@ class _Frees:
         """Whether the free returned within ``seconds`` (waited for on a thread)."""
         return await anyio.to_thread.run_sync(self.done.wait, seconds)
 
+    async def begun(self, seconds: float) -> bool:
+        """Whether the free was called within ``seconds``."""
+        return await anyio.to_thread.run_sync(self.started.wait, seconds)
 
-@pytest.mark.parametrize("kind", ["device", pytest.param("pinned", marks=pytest.mark.gpuaio_gpu)])
+
 async def test_memory_only_gpuaio_used_is_freed_without_waiting_for_the_device(
-    stream: gpuaio.Stream, dev: gpuaio.Device, kind: str
+    stream: gpuaio.Stream, dev: gpuaio.Device
 ) -> None:
     """Dropped while a kernel runs, a device array whose address never left
     gpuaio is freed at once (``cuMemFreeAsync``), and the loop's next driver
     calls go ahead: ``cuMemFree`` would wait for the kernel, and hold every
-    other thread's driver calls meanwhile (run EI: 179 ms of a 200 ms kernel).
-    So is a pinned array, with the host memory pool on (``cuMemFreeHost``:
-    186 ms)."""
+    other thread's driver calls meanwhile (run EI: 179 ms of a 200 ms kernel)."""
     rt = dev._runtime
-    if kind == "pinned" and getattr(rt.backend, "_host_pool", lambda: None)() is None:
-        pytest.skip("no host memory pool (GPUAIO_HOST_POOL=1 turns it on where the driver has one)")
     spin = dev.compile(SPIN_SRC, "spin", sim=_spin_sim)
     other = dev.stream()
     d = dev.empty(1 << 20)
-    dropped: list[Any] = []
-    if kind == "device":
-        await other.memset(d, 1)  # gpuaio's own use: done before the drop
-        dropped.append(d)
-        ptr, call = d._alloc.ptr, "mem_free_async"
-        del d
-    else:
-        host = gpuaio.pinned_empty(1 << 20)
-        await other.copy(d, host)
-        dropped.append(host)
-        ptr, call = host.ctypes.data, "host_free"
-        del host
+    await other.memset(d, 1)  # gpuaio's own use: done before the drop
+    dropped: list[Any] = [d]
+    ptr = d._alloc.ptr
+    del d
     running = stream.launch(spin, 1, 1, np.uint64(int(SPIN_S * 1e9)))
     frees = _Frees(rt.backend, ptr)
     try:
         dropped.clear()
         gc.collect()
         assert await frees.wait(SPIN_S * 0.8), "the free waited for the kernel"
-        assert frees.calls == [call]
-        b = dev.empty(4096)
-        await other.memset(b, 7)  # another stream's work, enqueued and done meanwhile
-        out = np.zeros(4096, np.uint8)
-        await other.copy(out, b)
-        assert (out == 7).all()
+        assert frees.calls == ["mem_free_async"]
+        await _work_meanwhile(dev, other)
         assert not running.done(), "the kernel ended first: the test proves nothing"
     finally:
         frees.restore()
@@ -357,17 +351,44 @@ async def test_memory_only_gpuaio_used_is_freed_without_waiting_for_the_device(
         other.close()
 
 
-@pytest.mark.parametrize("share", ["ptr", "allocation", "cuda_array_interface", "dlpack"])
-async def test_a_device_array_whose_address_left_gpuaio_is_freed_after_the_device_work(
+async def _work_meanwhile(dev: gpuaio.Device, other: gpuaio.Stream) -> None:
+    """Another stream's memset and download, enqueued and awaited, byte-exact."""
+    b = dev.empty(4096)
+    await other.memset(b, 7)
+    out = np.zeros(4096, np.uint8)
+    await other.copy(out, b)
+    assert (out == 7).all()
+
+
+@pytest.mark.parametrize(
+    "share",
+    [
+        "ptr",
+        "allocation",
+        "cuda_array_interface",
+        "dlpack",
+        "pinned",
+    ],
+)
+async def test_memory_other_libraries_may_use_is_freed_after_the_device_work(
     stream: gpuaio.Stream, dev: gpuaio.Device, share: str
 ) -> None:
     """Other libraries' work, which gpuaio cannot see, may still use an
-    exported array: its free waits for all of the device's work, as
-    ``cuMemFree`` does. A launch of gpuaio's own does not count as an export."""
+    exported device array or any pinned array (its host address is always
+    out): its free waits for the device's work, as ``cuMemFree`` and
+    ``cuMemFreeHost`` do. Meanwhile the loop's driver calls go ahead (the CUDA
+    backend waits with ``cuCtxSynchronize``, which holds nothing up, then
+    frees stream-ordered; ``cuMemFree`` would hold every other thread's calls
+    until the kernel ended). A launch of gpuaio's own does not count as an
+    export."""
     rt = dev._runtime
     if share in ("cuda_array_interface", "dlpack") and rt.backend.name == "sim":
         pytest.skip("the simulator's device memory is not exported (TypeError)")
+    pool = getattr(rt.backend, "_host_pool", None)
+    if share == "pinned" and pool is not None and pool() is None:
+        pytest.skip("no host memory pool (GPUAIO_HOST_POOL=0): cuMemFreeHost holds up the loop")
     spin = dev.compile(SPIN_SRC, "spin", sim=_spin_sim)
+    other = dev.stream()
     kernel = add_one_kernel(dev)
     a = dev.empty(1 << 20)
     await stream.launch(kernel, 1 << 10, 1 << 10, a, np.uint64(a.nbytes))
@@ -379,24 +400,36 @@ async def test_a_device_array_whose_address_left_gpuaio_is_freed_after_the_devic
         exported = a.allocation
     elif share == "cuda_array_interface":
         exported = a.__cuda_array_interface__
-    else:
+    elif share == "dlpack":
         exported = a.__dlpack__()  # a capsule, dropped unconsumed below
-    del exported
-    assert a._alloc.shared
-    running = stream.launch(spin, 1, 1, np.uint64(int(SPIN_S / 2 * 1e9)))
-    frees = _Frees(rt.backend, a._alloc.ptr)
+    else:
+        a = gpuaio.pinned_empty(1 << 20)
+        await other.copy(a, dev.empty(1 << 20))
+    if share != "pinned":
+        del exported
+        assert a._alloc.shared
+    ptr, call = (a.ctypes.data, "host_free") if share == "pinned" else (a._alloc.ptr, "mem_free")
+    be = rt.backend
+    running = stream.launch(spin, 1, 1, np.uint64(int(SPIN_S * 1e9)))
+    ended = be.event_create(dev.ordinal)  # the device's own word on when the kernel ended
+    be.event_record(ended, stream._native)
+    frees = _Frees(be, ptr, after=lambda: be.event_query(ended))
     try:
         del a
         gc.collect()
-        # Only a thread of the test's waits here: on CUDA the free holds the
-        # driver's lock until the kernel ends, and the loop's calls would wait.
-        assert not await frees.wait(0.3), "freed while the device was busy"
+        assert await frees.begun(SPIN_S / 2), "the free did not begin"
+        await anyio.sleep(0.05)  # into the driver's free (or its wait)
+        await _work_meanwhile(dev, other)
+        assert not be.event_query(ended), "the loop's calls waited for the kernel (or it was short)"
         assert await frees.wait(SPIN_S * 5)
-        assert frees.calls == ["mem_free"]
+        assert frees.calls == [call]
+        assert frees.after_done == [True], "freed before the kernel ended"
     finally:
         frees.restore()
         with anyio.CancelScope(shield=True):
             await running
+        be.event_destroy(ended)
+        other.close()
 
 
 @pytest.mark.gpuaio_sim_only  # it closes the runtime (fresh per test on the sim)

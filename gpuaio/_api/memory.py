@@ -45,9 +45,12 @@ class Allocation:
     never left gpuaio (no ``ptr``, ``allocation``, CUDA Array Interface or
     DLPack export) is freed without waiting for the device
     (``cuMemFreeAsync``): only gpuaio's operations, all done, ever used it.
-    Other memory is freed with ``cuMemFree``/``cuMemFreeHost``, which wait
-    for all of the device's work (work of other libraries may still use an
-    exported array) and meanwhile hold up every thread's driver calls.
+    Other memory (exported device arrays, pinned arrays, managed memory),
+    which other libraries' work may still use, is freed once the device's
+    work enqueued before the free is done, as ``cuMemFree`` and
+    ``cuMemFreeHost`` do; the CUDA backend waits for it without holding up
+    other threads' driver calls, except for managed memory and pinned memory
+    without a host memory pool.
     """
 
     __slots__ = (
@@ -280,9 +283,9 @@ class DeviceArray:
     def ptr(self) -> int:
         """Device address of the first element.
 
-        Once read, the array's memory is freed with ``cuMemFree`` (which
-        waits for all of the device's work), as work gpuaio does not know
-        of may use it.
+        Once read, the array's memory is freed only after the device's work
+        enqueued before the free (as ``cuMemFree`` frees), as work gpuaio
+        does not know of may use it.
         """
         return self._address(share=True)
 

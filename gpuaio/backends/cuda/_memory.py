@@ -6,8 +6,9 @@ that nothing uses any more on a stream of the backend's own, without the
 device-wide wait of ``cuMemFree``. Pinned memory is portable and mapped on
 every device, so its calls run in whichever of the backend's contexts is
 current (never in a foreign one: the memory would go when that context is
-destroyed); with ``GPUAIO_HOST_POOL=1`` it comes from a host memory pool and
-is freed the same stream-ordered way.
+destroyed); it comes from a host memory pool where the driver has one
+(``GPUAIO_HOST_POOL=0`` turns that off) and is freed the same stream-ordered
+way.
 :meth:`MemoryCalls.pointer_info` classifies an address with one
 ``cuPointerGetAttributes`` call, in any current context.
 """
@@ -119,21 +120,24 @@ class MemoryCalls(DriverBase):
         return ptr
 
     def mem_free(self, ptr: int) -> None:
-        """``cuMemFree`` of device or managed memory, in its owner's context.
+        """Free device or managed memory once the work already enqueued in its
+        owner's context is done (what ``cuMemFree`` waits for).
 
-        ``cuMemFree`` waits for all of the device's work while it holds a
-        lock of the driver's: until that work is done, every other thread's
-        next driver call waits too (run EI, on an H100: another thread's
-        ``cuEventRecord`` waited 179 ms of a 200 ms kernel).
+        Device memory from :meth:`mem_alloc` waits with ``cuCtxSynchronize``
+        and then goes back with ``cuMemFreeAsync`` on the free stream:
+        ``cuMemFree`` waits while it holds a lock of the driver's, so every
+        other thread's next driver call waits too (run EI, on an H100: another
+        thread's ``cuEventRecord`` waited 179 ms of a 200 ms kernel), while a
+        synchronize holds nothing up (run EL: records at most 44 us).
+        Managed or foreign memory, or a device whose driver refuses
+        ``cuMemFreeAsync``, is freed with ``cuMemFree``.
         """
-        self._managed.discard(ptr)
-        device = self._allocations.pop(ptr, None)
-        if device is None:
-            info = self.pointer_info(ptr)  # a foreign allocation: find its device
-            device = info.device
-        prev = self._enter_host() if device is None else self._enter_device(device)[1]
-        result = self._restoring(prev, driver.cuMemFree, ptr)
-        _check("cuMemFree", result)
+        device = self._allocations.get(ptr)
+        if device is not None and ptr not in self._managed:
+            _check("cuCtxSynchronize", self._on_device(device, driver.cuCtxSynchronize))
+            if self._free_ordered(ptr, device):
+                return
+        self._free_blocking(ptr)
 
     def mem_free_async(self, ptr: int) -> None:
         """``cuMemFreeAsync`` of device memory from :meth:`mem_alloc` on a stream
@@ -143,23 +147,37 @@ class MemoryCalls(DriverBase):
 
         The caller guarantees that nothing uses ``ptr`` any more. Managed or
         foreign memory, or a device whose driver refuses ``cuMemFreeAsync``,
-        is freed with :meth:`mem_free`.
+        is freed with ``cuMemFree``.
         """
         device = self._allocations.get(ptr)
-        if device is None or ptr in self._managed:
-            self.mem_free(ptr)
-            return
+        if device is None or ptr in self._managed or not self._free_ordered(ptr, device):
+            self._free_blocking(ptr)
+
+    def _free_ordered(self, ptr: int, device: int) -> bool:
+        """``cuMemFreeAsync`` of ``ptr`` on ``device``'s free stream; False where
+        the driver refuses it (nothing was freed)."""
         stream = self._free_stream(device)
         if stream is None:
-            self.mem_free(ptr)
-            return
+            return False
         result = self._on_device(device, driver.cuMemFreeAsync, ptr, stream)
         if result[0] == _NOT_SUPPORTED:
             self._free_streams[device] = None
-            self.mem_free(ptr)
-            return
+            return False
         _check("cuMemFreeAsync", result)
         self._allocations.pop(ptr, None)
+        return True
+
+    def _free_blocking(self, ptr: int) -> None:
+        """``cuMemFree`` in the owner's context (found by asking the driver for
+        foreign memory)."""
+        self._managed.discard(ptr)
+        device = self._allocations.pop(ptr, None)
+        if device is None:
+            info = self.pointer_info(ptr)  # a foreign allocation: find its device
+            device = info.device
+        prev = self._enter_host() if device is None else self._enter_device(device)[1]
+        result = self._restoring(prev, driver.cuMemFree, ptr)
+        _check("cuMemFree", result)
 
     def _on_device(self, device: int, call: Callable[..., Any], *args: Any) -> Any:
         """``call(*args)`` in ``device``'s context, then the caller's again."""
@@ -209,10 +227,10 @@ class MemoryCalls(DriverBase):
     def host_alloc(self, nbytes: int) -> int:
         """Pinned host memory, portable and mapped on every device.
 
-        With ``GPUAIO_HOST_POOL=1``, from the backend's host memory pool (a
-        CUDA memory pool located on the host, every device given read/write
-        access) where the driver has one, so that :meth:`host_free` of it
-        waits for nothing (``cuMemFreeAsync``); else, and by default,
+        From the backend's host memory pool (a CUDA memory pool located on
+        the host, every device given read/write access) where the driver has
+        one, so that its frees hold up no other thread's driver calls
+        (``cuMemFreeAsync``); else, or with ``GPUAIO_HOST_POOL=0``,
         ``cuMemHostAlloc(PORTABLE | DEVICEMAP)``. Words that streams write or
         wait on come from :meth:`host_alloc_mapped`.
         """
@@ -239,15 +257,30 @@ class MemoryCalls(DriverBase):
         return int(_check("cuMemHostAlloc", result))
 
     def host_free(self, ptr: int) -> None:
-        """Free memory from :meth:`host_alloc` or :meth:`host_alloc_mapped`.
+        """Free memory from :meth:`host_alloc` or :meth:`host_alloc_mapped` once
+        the work already enqueued in the backend's contexts is done (what
+        ``cuMemFreeHost`` waits for: another library's copy may still read it).
+
+        Host pool memory waits with ``cuCtxSynchronize`` in each context and
+        then goes back as :meth:`host_free_async` gives it back.
+        ``cuMemFreeHost`` waits while it holds every other thread's driver
+        calls, and holds them for the free itself too (run EI: 186 ms of a
+        200 ms kernel; run EL: 11 ms for 64 MiB on an idle device); the
+        synchronizes and the pool's free hold nothing up (run EL).
+        """
+        if ptr in self._pooled_host:
+            for device in sorted(list(self._contexts)):
+                _check("cuCtxSynchronize", self._on_device(device, driver.cuCtxSynchronize))
+        self.host_free_async(ptr)
+
+    def host_free_async(self, ptr: int) -> None:
+        """Free memory from :meth:`host_alloc` or :meth:`host_alloc_mapped` that
+        nothing uses any more, without waiting for the device.
 
         Host pool memory goes back with ``cuMemFreeAsync`` on an idle stream,
         which holds up no other thread (run EL, on an H100: another thread's
         ``cuEventRecord`` took at most 78 us while 64 MiB was freed during a
-        200 ms kernel). ``cuMemFreeHost`` waits for all of the device's work,
-        and holds every other thread's driver calls meanwhile and for the free
-        itself (run EI: 186 ms of a 200 ms kernel; run EL: 11 ms for 64 MiB on
-        an idle device).
+        200 ms kernel). Other pinned memory is freed with ``cuMemFreeHost``.
         """
         device = self._pooled_host.pop(ptr, None)
         if device is not None:
@@ -273,10 +306,9 @@ class MemoryCalls(DriverBase):
             return self._host_pool_handle or None
 
     def _make_host_pool(self) -> Any:
-        # Off unless asked for, until the whole GPU suite has run with it
-        # (round thirty-nine ran the copy, staging, gated, pool and lifetime
-        # tests on an H100 with it: their copies all passed).
-        if os.environ.get("GPUAIO_HOST_POOL", "0") != "1":
+        # On unless turned off: the whole GPU suite passed with it (run EN,
+        # an H100), and its frees hold up no other thread (run EL).
+        if os.environ.get("GPUAIO_HOST_POOL", "1") == "0":
             return None
         props = driver.CUmemPoolProps()
         props.allocType = driver.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
