@@ -330,6 +330,7 @@ async def test_memory_only_gpuaio_used_is_freed_without_waiting_for_the_device(
     rt = dev._runtime
     spin = dev.compile(SPIN_SRC, "spin", sim=_spin_sim)
     other = dev.stream()
+    b = dev.empty(4096)  # set-up calls before the window the test watches
     d = dev.empty(1 << 20)
     await other.memset(d, 1)  # gpuaio's own use: done before the drop
     dropped: list[Any] = [d]
@@ -342,7 +343,7 @@ async def test_memory_only_gpuaio_used_is_freed_without_waiting_for_the_device(
         gc.collect()
         assert await frees.wait(SPIN_S * 0.8), "the free waited for the kernel"
         assert frees.calls == ["mem_free_async"]
-        await _work_meanwhile(dev, other)
+        await _work_meanwhile(b, other)
         assert not running.done(), "the kernel ended first: the test proves nothing"
     finally:
         frees.restore()
@@ -351,9 +352,8 @@ async def test_memory_only_gpuaio_used_is_freed_without_waiting_for_the_device(
         other.close()
 
 
-async def _work_meanwhile(dev: gpuaio.Device, other: gpuaio.Stream) -> None:
-    """Another stream's memset and download, enqueued and awaited, byte-exact."""
-    b = dev.empty(4096)
+async def _work_meanwhile(b: gpuaio.DeviceArray, other: gpuaio.Stream) -> None:
+    """Another stream's memset of ``b`` (4 KiB) and download, awaited, byte-exact."""
     await other.memset(b, 7)
     out = np.zeros(4096, np.uint8)
     await other.copy(out, b)
@@ -389,6 +389,7 @@ async def test_memory_other_libraries_may_use_is_freed_after_the_device_work(
         pytest.skip("no host memory pool (GPUAIO_HOST_POOL=0): cuMemFreeHost holds up the loop")
     spin = dev.compile(SPIN_SRC, "spin", sim=_spin_sim)
     other = dev.stream()
+    b = dev.empty(4096)  # set-up calls before the window the test watches
     kernel = add_one_kernel(dev)
     a = dev.empty(1 << 20)
     await stream.launch(kernel, 1 << 10, 1 << 10, a, np.uint64(a.nbytes))
@@ -419,7 +420,7 @@ async def test_memory_other_libraries_may_use_is_freed_after_the_device_work(
         gc.collect()
         assert await frees.begun(SPIN_S / 2), "the free did not begin"
         await anyio.sleep(0.05)  # into the driver's free (or its wait)
-        await _work_meanwhile(dev, other)
+        await _work_meanwhile(b, other)
         assert not be.event_query(ended), "the loop's calls waited for the kernel (or it was short)"
         assert await frees.wait(SPIN_S * 5)
         assert frees.calls == [call]
