@@ -271,7 +271,7 @@ class MemoryCalls(DriverBase):
         if ptr in self._pooled_host:
             for device in sorted(list(self._contexts)):
                 _check("cuCtxSynchronize", self._on_device(device, driver.cuCtxSynchronize))
-        self.host_free_async(ptr)
+        self._free_host(ptr)  # not self.host_free_async: wrappers on the instance see one free
 
     def host_free_async(self, ptr: int) -> None:
         """Free memory from :meth:`host_alloc` or :meth:`host_alloc_mapped` that
@@ -282,6 +282,9 @@ class MemoryCalls(DriverBase):
         ``cuEventRecord`` took at most 78 us while 64 MiB was freed during a
         200 ms kernel). Other pinned memory is freed with ``cuMemFreeHost``.
         """
+        self._free_host(ptr)
+
+    def _free_host(self, ptr: int) -> None:
         device = self._pooled_host.pop(ptr, None)
         if device is not None:
             # No free stream (cuMemFreeAsync refused there): the legacy one.
