@@ -29,6 +29,7 @@ class _FreeDriver(_FakeDriver):
         super().__init__(real)
         self.log: list[tuple[str, int]] = []
         self.refuse_free_async = False
+        self.failed: set[int] = set()  # contexts with a sticky error
 
     def _note(self, name: str) -> None:
         self.log.append((name, self.current()))
@@ -38,6 +39,8 @@ class _FreeDriver(_FakeDriver):
 
     def cuCtxSynchronize(self) -> tuple[Any, ...]:
         self._note("cuCtxSynchronize")
+        if self.current() in self.failed:
+            return (self._real.CUresult.CUDA_ERROR_ILLEGAL_ADDRESS,)
         return self._ok()
 
     def cuMemFree(self, ptr: Any) -> tuple[Any, ...]:
@@ -52,6 +55,10 @@ class _FreeDriver(_FakeDriver):
 
     def cuMemFreeHost(self, ptr: Any) -> tuple[Any, ...]:
         self._note("cuMemFreeHost")
+        return self._ok()
+
+    def cuMemHostUnregister(self, ptr: Any) -> tuple[Any, ...]:
+        self._note("cuMemHostUnregister")
         return self._ok()
 
     def cuMemAllocManaged(self, nbytes: int, flags: int) -> tuple[Any, ...]:
@@ -107,20 +114,34 @@ def test_device_memory_is_freed_stream_ordered_after_a_synchronize_if_it_was_sha
     assert fake.current() == 0xF00000, "the thread's context was left changed"
 
 
-def test_managed_memory_and_refused_stream_ordered_frees_use_cu_mem_free(
+def test_managed_memory_and_refused_stream_ordered_frees_use_cu_mem_free_after_a_synchronize(
     patched: tuple[Any, _FreeDriver],
 ) -> None:
+    """``cuMemFree`` still waits for the device holding the driver's lock:
+    waited for first with a synchronize, it holds the lock for the free only."""
     be, fake = patched
+    p0 = be.primary_context(0)
     managed = be.mem_alloc_managed(0, 64)
     fake.log.clear()
     be.mem_free_async(managed)  # CUDA's pools hold no managed memory
-    assert fake.names() == ["cuMemFree"]
+    assert fake.log == [("cuCtxSynchronize", p0), ("cuMemFree", p0)]
     a, b = be.mem_alloc(0, 64), be.mem_alloc(0, 64)
     fake.refuse_free_async = True
     fake.log.clear()
     be.mem_free_async(a)
+    assert fake.names() == ["cuCtxSynchronize", "cuMemFree"]
+    fake.log.clear()
     be.mem_free(b)
-    assert fake.names() == ["cuMemFree", "cuCtxSynchronize", "cuMemFree"]
+    assert fake.names()[-2:] == ["cuCtxSynchronize", "cuMemFree"]
+
+
+def test_unregistering_waits_for_the_device_first(patched: tuple[Any, _FreeDriver]) -> None:
+    be, fake = patched
+    p0, p1 = be.primary_context(0), be.primary_context(1)
+    fake.log.clear()
+    be.host_unregister(0x7000)
+    assert sorted(fake.log[:2]) == sorted([("cuCtxSynchronize", p0), ("cuCtxSynchronize", p1)])
+    assert fake.names()[2:] == ["cuMemHostUnregister"]
 
 
 def test_pinned_memory_comes_from_the_host_pool_and_waits_only_when_it_may_be_shared(
@@ -146,16 +167,38 @@ def test_pinned_memory_comes_from_the_host_pool_and_waits_only_when_it_may_be_sh
     words = be.host_alloc_mapped(64)  # streams write and wait on these: not pool memory
     fake.log.clear()
     be.host_free(words)
-    assert fake.names() == ["cuMemFreeHost"]
+    assert fake.names() == ["cuCtxSynchronize", "cuCtxSynchronize", "cuMemFreeHost"]
 
 
 def test_without_the_host_pool_pinned_memory_is_cu_mem_host_alloc_memory(
     patched: tuple[Any, _FreeDriver], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     be, fake = patched
+    be.primary_context(0), be.primary_context(1)  # pinned memory serves every device
     monkeypatch.setenv("GPUAIO_HOST_POOL", "0")
     ptr = be.host_alloc(64)
     assert "cuMemAllocFromPoolAsync" not in fake.names()
     fake.log.clear()
     be.host_free(ptr)
-    assert fake.names() == ["cuMemFreeHost"]
+    assert fake.names() == ["cuCtxSynchronize", "cuCtxSynchronize", "cuMemFreeHost"]
+
+
+def test_a_failed_device_does_not_keep_host_memory_from_being_freed(
+    patched: tuple[Any, _FreeDriver],
+) -> None:
+    """A device with a sticky error runs nothing more: host memory any device
+    may use is still freed (and unlocked), while the failed device's own
+    memory fails to free with its error, as ``cuMemFree`` would."""
+    cuda_error = pytest.importorskip("gpuaio._core.errors").CudaError
+    be, fake = patched
+    p0, p1 = be.primary_context(0), be.primary_context(1)
+    pinned, dev1 = be.host_alloc(64), be.mem_alloc(1, 64)
+    fake.failed.add(p1)
+    fake.log.clear()
+    be.host_free(pinned)
+    be.host_unregister(0x7000)
+    assert fake.names().count("cuMemFreeAsync") == 1
+    assert fake.names()[-1] == "cuMemHostUnregister"
+    with pytest.raises(cuda_error, match="ILLEGAL_ADDRESS"):
+        be.mem_free(dev1)
+    assert ("cuCtxSynchronize", p0) in fake.log

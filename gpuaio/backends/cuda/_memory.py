@@ -130,11 +130,12 @@ class MemoryCalls(DriverBase):
         thread's ``cuEventRecord`` waited 179 ms of a 200 ms kernel), while a
         synchronize holds nothing up (run EL: records at most 44 us).
         Managed or foreign memory, or a device whose driver refuses
-        ``cuMemFreeAsync``, is freed with ``cuMemFree``.
+        ``cuMemFreeAsync``, is freed with ``cuMemFree``, after a synchronize
+        all the same (see :meth:`_free_blocking`).
         """
         device = self._allocations.get(ptr)
         if device is not None and ptr not in self._managed:
-            _check("cuCtxSynchronize", self._on_device(device, driver.cuCtxSynchronize))
+            self._synchronize(device)
             if self._free_ordered(ptr, device):
                 return
         self._free_blocking(ptr)
@@ -169,15 +170,41 @@ class MemoryCalls(DriverBase):
 
     def _free_blocking(self, ptr: int) -> None:
         """``cuMemFree`` in the owner's context (found by asking the driver for
-        foreign memory)."""
+        foreign memory), after ``cuCtxSynchronize`` there.
+
+        ``cuMemFree`` waits for the device's work while it holds a lock of the
+        driver's; waiting first without it leaves the lock held for the free
+        itself only (run EL, ``cuMemFreeHost`` of 64 MiB: other threads'
+        records held 11 ms after a synchronize, the rest of a 200 ms kernel
+        without one).
+        """
         self._managed.discard(ptr)
         device = self._allocations.pop(ptr, None)
         if device is None:
             info = self.pointer_info(ptr)  # a foreign allocation: find its device
             device = info.device
-        prev = self._enter_host() if device is None else self._enter_device(device)[1]
+        if device is None:
+            prev = self._enter_host()
+        else:
+            self._synchronize(device)
+            prev = self._enter_device(device)[1]
         result = self._restoring(prev, driver.cuMemFree, ptr)
         _check("cuMemFree", result)
+
+    def _synchronize(self, device: int) -> None:
+        """``cuCtxSynchronize`` in ``device``'s context: a wait for the device
+        that, unlike a free's, holds up no other thread (run EL)."""
+        _check("cuCtxSynchronize", self._on_device(device, driver.cuCtxSynchronize))
+
+    def _synchronize_all(self) -> None:
+        """:meth:`_synchronize` every context, before freeing or unlocking host
+        memory any device may use. A device that failed (a sticky error) runs
+        nothing more, so there is nothing to wait for: it is skipped, and the
+        memory is still freed."""
+        for device in sorted(list(self._contexts)):
+            (err,) = self._on_device(device, driver.cuCtxSynchronize)
+            if err:
+                _logger.debug("device %d not synchronized before a host free: %s", device, err)
 
     def _on_device(self, device: int, call: Callable[..., Any], *args: Any) -> Any:
         """``call(*args)`` in ``device``'s context, then the caller's again."""
@@ -269,8 +296,7 @@ class MemoryCalls(DriverBase):
         synchronizes and the pool's free hold nothing up (run EL).
         """
         if ptr in self._pooled_host:
-            for device in sorted(list(self._contexts)):
-                _check("cuCtxSynchronize", self._on_device(device, driver.cuCtxSynchronize))
+            self._synchronize_all()
         self._free_host(ptr)  # not self.host_free_async: wrappers on the instance see one free
 
     def host_free_async(self, ptr: int) -> None:
@@ -280,7 +306,8 @@ class MemoryCalls(DriverBase):
         Host pool memory goes back with ``cuMemFreeAsync`` on an idle stream,
         which holds up no other thread (run EL, on an H100: another thread's
         ``cuEventRecord`` took at most 78 us while 64 MiB was freed during a
-        200 ms kernel). Other pinned memory is freed with ``cuMemFreeHost``.
+        200 ms kernel). Other pinned memory is freed with ``cuMemFreeHost``
+        after a synchronize in each context, as :meth:`_free_blocking` frees.
         """
         self._free_host(ptr)
 
@@ -291,6 +318,7 @@ class MemoryCalls(DriverBase):
             stream = self._free_stream(device) or driver.CUstream(0)
             _check("cuMemFreeAsync", self._on_device(device, driver.cuMemFreeAsync, ptr, stream))
             return
+        self._synchronize_all()
         result = self._restoring(self._enter_host(), driver.cuMemFreeHost, ptr)
         _check("cuMemFreeHost", result)
 
@@ -357,7 +385,11 @@ class MemoryCalls(DriverBase):
         _check("cuMemHostRegister", result)
 
     def host_unregister(self, ptr: int) -> None:
-        """``cuMemHostUnregister`` of a range registered by :meth:`host_register`."""
+        """``cuMemHostUnregister`` of a range registered by :meth:`host_register`,
+        after a synchronize in each context: it waits for the device's work
+        holding every other thread's driver calls, as ``cuMemFree`` does (run
+        EI: 180 ms of a 200 ms kernel), and then holds them only for itself."""
+        self._synchronize_all()
         result = self._restoring(self._enter_host(), driver.cuMemHostUnregister, ptr)
         _check("cuMemHostUnregister", result)
 
