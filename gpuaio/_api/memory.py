@@ -49,8 +49,8 @@ class Allocation:
     which other libraries' work may still use, is freed once the device's
     work enqueued before the free is done, as ``cuMemFree`` and
     ``cuMemFreeHost`` do; the CUDA backend waits for it without holding up
-    other threads' driver calls, except for managed memory and pinned memory
-    without a host memory pool.
+    other threads' driver calls (managed memory, and pinned memory without a
+    host memory pool, then hold them for the free itself).
     """
 
     __slots__ = (
