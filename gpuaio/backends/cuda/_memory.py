@@ -184,11 +184,10 @@ class MemoryCalls(DriverBase):
             info = self.pointer_info(ptr)  # a foreign allocation: find its device
             device = info.device
         if device is None:
-            prev = self._enter_host()
+            result = self._restoring(self._enter_host(), driver.cuMemFree, ptr)
         else:
             self._synchronize(device)
-            prev = self._enter_device(device)[1]
-        result = self._restoring(prev, driver.cuMemFree, ptr)
+            result = self._on_device(device, driver.cuMemFree, ptr)
         _check("cuMemFree", result)
 
     def _synchronize(self, device: int) -> None:
@@ -201,7 +200,7 @@ class MemoryCalls(DriverBase):
         memory any device may use. A device that failed (a sticky error) runs
         nothing more, so there is nothing to wait for: it is skipped, and the
         memory is still freed."""
-        for device in sorted(list(self._contexts)):
+        for device in sorted(self._contexts):
             (err,) = self._on_device(device, driver.cuCtxSynchronize)
             if err:
                 _logger.debug("device %d not synchronized before a host free: %s", device, err)

@@ -36,18 +36,23 @@ def _array_arg(cai: Mapping[str, Any]) -> npt.NDArray[Any]:
     strides = tuple(int(s) for s in strides)
     if 0 in shape:
         return np.empty(shape, dtype=dtype)
-    lo = sum((n - 1) * s for n, s in zip(shape, strides, strict=True) if s < 0)
-    hi = sum((n - 1) * s for n, s in zip(shape, strides, strict=True) if s > 0) + dtype.itemsize
+    lo, hi = _extent(shape, strides, dtype.itemsize)
     buf = _view(ptr + lo, hi - lo)
     return np.ndarray(shape, dtype=dtype, buffer=buf, offset=-lo, strides=strides)
 
 
+def _extent(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    """Byte offsets ``[lo, hi)`` from the first element that the elements lie in."""
+    pairs = list(zip(shape, strides, strict=True))
+    lo = sum((n - 1) * s for n, s in pairs if s < 0)
+    hi = sum((n - 1) * s for n, s in pairs if s > 0) + itemsize
+    return lo, hi
+
+
 def _span(a: npt.NDArray[Any]) -> tuple[int, int]:
     """The address range ``[start, end)`` an array's elements lie in."""
-    pairs = list(zip(a.shape, a.strides, strict=True))
-    lo = a.ctypes.data + sum((n - 1) * st for n, st in pairs if st < 0)
-    hi = a.ctypes.data + sum((n - 1) * st for n, st in pairs if st > 0) + a.itemsize
-    return lo, hi
+    lo, hi = _extent(a.shape, a.strides, a.itemsize)
+    return a.ctypes.data + lo, a.ctypes.data + hi
 
 
 def _kernel_arg(arg: Any) -> Any:
