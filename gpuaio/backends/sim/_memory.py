@@ -221,7 +221,15 @@ class SimMemory(SimCore):
 
     @_in_context("some")
     def pointer_info(self, ptr: int) -> PointerInfo:
-        """Classify ``ptr`` by the sim's allocation table; unknown memory is pageable."""
+        """Classify ``ptr`` by the sim's allocation table; unknown memory is pageable.
+
+        Freed memory answers pageable here. On CUDA the attributes of memory
+        freed with ``cuMemFreeAsync`` (every device free, and host-pool frees,
+        since round forty) are undefined: an H100 went on answering "device"
+        for seconds (run ER). The sim cannot refuse such a query, as its
+        device memory is host memory that a user's array may reuse; gpuaio
+        classifies only addresses it was handed, and its tests watch frees at
+        the backend's calls instead."""
         with self._lock:
             self._current_locked("cuPointerGetAttributes")
             region = self._region_locked(ptr)
