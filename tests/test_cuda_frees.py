@@ -28,6 +28,7 @@ class _FreeDriver(_FakeDriver):
     def __init__(self, real: Any) -> None:
         super().__init__(real)
         self.log: list[tuple[str, int]] = []
+        self.streams: list[tuple[str, int]] = []  # (call, stream) of frees and stream waits
         self.refuse_free_async = False
         self.failed: set[int] = set()  # contexts with a sticky error
 
@@ -51,6 +52,7 @@ class _FreeDriver(_FakeDriver):
         if self.refuse_free_async:
             return (self._real.CUresult.CUDA_ERROR_NOT_SUPPORTED,)
         self._note("cuMemFreeAsync")
+        self.streams.append(("cuMemFreeAsync", int(stream)))
         return self._ok()
 
     def cuMemFreeHost(self, ptr: Any) -> tuple[Any, ...]:
@@ -68,6 +70,8 @@ class _FreeDriver(_FakeDriver):
         return self._made(self._real.CUstream)
 
     def cuStreamSynchronize(self, stream: Any) -> tuple[Any, ...]:
+        self._note("cuStreamSynchronize")
+        self.streams.append(("cuStreamSynchronize", int(stream)))
         return self._ok()
 
     def cuMemPoolCreate(self, props: Any) -> tuple[Any, ...]:
@@ -106,12 +110,29 @@ def test_device_memory_is_freed_stream_ordered_after_a_synchronize_if_it_was_sha
     be.set_current_context(0xF00000)  # another library's context is current
     fake.log.clear()
     be.mem_free_async(unshared)
-    assert fake.log == [("cuMemFreeAsync", p0)], "nothing to wait for: no synchronize"
+    # Nothing to wait for: no synchronize of the device; the free stream's
+    # synchronize is the driver's cue to give the memory back (run ET).
+    assert fake.log == [("cuMemFreeAsync", p0), ("cuStreamSynchronize", p0)]
+    _released_on_the_free_stream(fake)
     fake.log.clear()
     be.mem_free(shared)
     # What cuMemFree waits for, waited for without its lock; then the free.
-    assert fake.log == [("cuCtxSynchronize", p0), ("cuMemFreeAsync", p0)]
+    assert fake.log == [
+        ("cuCtxSynchronize", p0),
+        ("cuMemFreeAsync", p0),
+        ("cuStreamSynchronize", p0),
+    ]
+    _released_on_the_free_stream(fake)
     assert fake.current() == 0xF00000, "the thread's context was left changed"
+
+
+def _released_on_the_free_stream(fake: _FreeDriver) -> None:
+    """The last free was followed by a synchronize of the stream it was
+    enqueued on, and that stream is not the legacy one (which would wait for
+    every blocking stream's work)."""
+    (free, stream), (wait, waited) = fake.streams[-2:]
+    assert (free, wait) == ("cuMemFreeAsync", "cuStreamSynchronize")
+    assert waited == stream != 0
 
 
 def test_managed_memory_and_refused_stream_ordered_frees_use_cu_mem_free_after_a_synchronize(
@@ -150,7 +171,7 @@ def test_pinned_memory_comes_from_the_host_pool_and_waits_only_when_it_may_be_sh
     be, fake = patched
     p0, p1 = be.primary_context(0), be.primary_context(1)
     block, array = be.host_alloc(64), be.host_alloc(64)
-    assert fake.names() == ["cuMemAllocFromPoolAsync"] * 2
+    assert fake.names() == ["cuMemAllocFromPoolAsync", "cuStreamSynchronize"] * 2
     # Wrappers on the instance (the leak check's accounting) see each free once.
     seen: list[str] = []
     for name in ("host_free", "host_free_async"):
@@ -158,11 +179,13 @@ def test_pinned_memory_comes_from_the_host_pool_and_waits_only_when_it_may_be_sh
         setattr(be, name, lambda ptr, real=real, name=name: (seen.append(name), real(ptr)))
     fake.log.clear()
     be.host_free_async(block)  # a staging block: only gpuaio used it
-    assert fake.log == [("cuMemFreeAsync", p0)]
+    assert fake.log == [("cuMemFreeAsync", p0), ("cuStreamSynchronize", p0)]
+    _released_on_the_free_stream(fake)
     fake.log.clear()
     be.host_free(array)  # a pinned array: another library's copy may still read it
     assert sorted(fake.log[:2]) == sorted([("cuCtxSynchronize", p0), ("cuCtxSynchronize", p1)])
-    assert fake.log[2:] == [("cuMemFreeAsync", p0)]
+    assert fake.log[2:] == [("cuMemFreeAsync", p0), ("cuStreamSynchronize", p0)]
+    _released_on_the_free_stream(fake)
     assert seen == ["host_free_async", "host_free"]
     words = be.host_alloc_mapped(64)  # streams write and wait on these: not pool memory
     fake.log.clear()

@@ -51,6 +51,24 @@ def _drain_and_destroy(stream: Any) -> None:
     driver.cuStreamDestroy(stream)
 
 
+def _free_and_release(ptr: int, stream: Any) -> Any:
+    """``cuMemFreeAsync`` of ``ptr`` on ``stream`` (empty but for frees), then
+    ``cuStreamSynchronize`` of that stream: the driver gives freed memory back
+    only at a synchronization. Without one, 2 GiB from ``cuMemAlloc`` freed
+    so stayed taken for as long as was watched (``cuMemGetInfo``, 1.5 s; the
+    GPU suite's check, 10 s), and a host pool keeps what is freed into it
+    until then; after the stream's synchronize it was back within 0.03 ms.
+    The synchronize (0.6-1.9 ms for 2 GiB, the release itself) waits for
+    that stream only: with a 200 ms kernel running on another it did not
+    wait for the kernel, and another thread's ``cuEventRecord`` took at most
+    44 us meanwhile (issue 13, run ET, on an H100). The free's error comes
+    back first, else the synchronize's."""
+    result = driver.cuMemFreeAsync(ptr, stream)
+    if result[0]:
+        return result
+    return driver.cuStreamSynchronize(stream)
+
+
 def _alloc_from_pool(nbytes: int, pool: Any, stream: Any) -> Any:
     """``cuMemAllocFromPoolAsync`` on ``stream``, then wait for that stream: the
     memory is usable by every stream (and the host) once its stream has
@@ -142,9 +160,11 @@ class MemoryCalls(DriverBase):
 
     def mem_free_async(self, ptr: int) -> None:
         """``cuMemFreeAsync`` of device memory from :meth:`mem_alloc` on a stream
-        of its own (non-blocking, empty but for frees): the memory goes back at
-        once, and nothing waits for the device's other work (run EI: the loop
-        thread's records were as fast as with no free, 19 us the call).
+        of its own (non-blocking, empty but for frees), then a synchronize of
+        that stream, without which the driver keeps the memory
+        (:func:`_free_and_release`): nothing waits for the device's other
+        work (run EI: the loop thread's records were as fast as with no free;
+        run ET: the synchronize did not wait for a running kernel).
 
         The caller guarantees that nothing uses ``ptr`` any more. Managed or
         foreign memory, or a device whose driver refuses ``cuMemFreeAsync``,
@@ -160,11 +180,11 @@ class MemoryCalls(DriverBase):
         stream = self._free_stream(device)
         if stream is None:
             return False
-        result = self._on_device(device, driver.cuMemFreeAsync, ptr, stream)
+        result = self._on_device(device, _free_and_release, ptr, stream)
         if result[0] == _NOT_SUPPORTED:
             self._free_streams[device] = None
             return False
-        _check("cuMemFreeAsync", result)
+        _check("cuMemFreeAsync (then cuStreamSynchronize)", result)
         self._allocations.pop(ptr, None)
         return True
 
@@ -302,20 +322,28 @@ class MemoryCalls(DriverBase):
         """Free memory from :meth:`host_alloc` or :meth:`host_alloc_mapped` that
         nothing uses any more, without waiting for the device.
 
-        Host pool memory goes back with ``cuMemFreeAsync`` on an idle stream,
-        which holds up no other thread (run EL, on an H100: another thread's
-        ``cuEventRecord`` took at most 78 us while 64 MiB was freed during a
-        200 ms kernel). Other pinned memory is freed with ``cuMemFreeHost``
-        after a synchronize in each context, as :meth:`_free_blocking` frees.
+        Host pool memory goes back with ``cuMemFreeAsync`` on an idle stream
+        and that stream's synchronize (:func:`_free_and_release`; without it
+        the pool keeps the memory), which hold up no other thread (run EL, on
+        an H100: another thread's ``cuEventRecord`` took at most 78 us while
+        64 MiB was freed during a 200 ms kernel). Other pinned memory is freed
+        with ``cuMemFreeHost`` after a synchronize in each context, as
+        :meth:`_free_blocking` frees.
         """
         self._free_host(ptr)
 
     def _free_host(self, ptr: int) -> None:
         device = self._pooled_host.pop(ptr, None)
         if device is not None:
-            # No free stream (cuMemFreeAsync refused there): the legacy one.
-            stream = self._free_stream(device) or driver.CUstream(0)
-            _check("cuMemFreeAsync", self._on_device(device, driver.cuMemFreeAsync, ptr, stream))
+            stream = self._free_stream(device)
+            if stream is None:
+                # cuMemFreeAsync refused there for device memory (a pool's is
+                # still freed): on the legacy stream, which is not waited
+                # for, as that would wait for every blocking stream's work.
+                result = self._on_device(device, driver.cuMemFreeAsync, ptr, driver.CUstream(0))
+            else:
+                result = self._on_device(device, _free_and_release, ptr, stream)
+            _check("cuMemFreeAsync (then cuStreamSynchronize)", result)
             return
         self._synchronize_all()
         result = self._restoring(self._enter_host(), driver.cuMemFreeHost, ptr)
