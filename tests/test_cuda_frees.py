@@ -72,6 +72,8 @@ class _FreeDriver(_FakeDriver):
     def cuStreamSynchronize(self, stream: Any) -> tuple[Any, ...]:
         self._note("cuStreamSynchronize")
         self.streams.append(("cuStreamSynchronize", int(stream)))
+        if self.current() in self.failed:
+            return (self._real.CUresult.CUDA_ERROR_ILLEGAL_ADDRESS,)
         return self._ok()
 
     def cuMemPoolCreate(self, props: Any) -> tuple[Any, ...]:
@@ -225,3 +227,20 @@ def test_a_failed_device_does_not_keep_host_memory_from_being_freed(
     with pytest.raises(cuda_error, match="ILLEGAL_ADDRESS"):
         be.mem_free(dev1)
     assert ("cuCtxSynchronize", p0) in fake.log
+
+
+def test_a_free_whose_stream_wait_fails_still_counts_as_freed(
+    patched: tuple[Any, _FreeDriver],
+) -> None:
+    """The free was enqueued, so the memory is the driver's again: the
+    synchronize's (sticky) error is raised, naming it, and the backend
+    forgets the address, which a later allocation may get back."""
+    cuda_error = pytest.importorskip("gpuaio._core.errors").CudaError
+    be, fake = patched
+    p0 = be.primary_context(0)
+    ptr = be.mem_alloc(0, 64)
+    fake.failed.add(p0)
+    with pytest.raises(cuda_error, match="cuStreamSynchronize"):
+        be.mem_free_async(ptr)
+    assert fake.names()[-2:] == ["cuMemFreeAsync", "cuStreamSynchronize"]
+    assert ptr not in be._allocations

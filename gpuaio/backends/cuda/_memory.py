@@ -51,22 +51,24 @@ def _drain_and_destroy(stream: Any) -> None:
     driver.cuStreamDestroy(stream)
 
 
-def _free_and_release(ptr: int, stream: Any) -> Any:
+def _free_and_release(ptr: int, stream: Any) -> tuple[Any, Any]:
     """``cuMemFreeAsync`` of ``ptr`` on ``stream`` (empty but for frees), then
     ``cuStreamSynchronize`` of that stream: the driver gives freed memory back
     only at a synchronization. Without one, 2 GiB from ``cuMemAlloc`` freed
     so stayed taken for as long as was watched (``cuMemGetInfo``, 1.5 s; the
-    GPU suite's check, 10 s), and a host pool keeps what is freed into it
-    until then; after the stream's synchronize it was back within 0.03 ms.
+    GPU suite's check, 10 s); a memory pool (the host pool) gives what is
+    freed into it back at a synchronization too, by CUDA's documentation.
+    After the stream's synchronize it was back within 0.03 ms.
     The synchronize (0.6-1.9 ms for 2 GiB, the release itself) waits for
     that stream only: with a 200 ms kernel running on another it did not
     wait for the kernel, and another thread's ``cuEventRecord`` took at most
-    44 us meanwhile (issue 13, run ET, on an H100). The free's error comes
-    back first, else the synchronize's."""
-    result = driver.cuMemFreeAsync(ptr, stream)
-    if result[0]:
-        return result
-    return driver.cuStreamSynchronize(stream)
+    44 us meanwhile (issue 13, run ET, on an H100). Returns both calls'
+    ``CUresult``; no synchronize where the free failed (``None``)."""
+    (err,) = driver.cuMemFreeAsync(ptr, stream)
+    if err:
+        return err, None
+    (synced,) = driver.cuStreamSynchronize(stream)
+    return err, synced
 
 
 def _alloc_from_pool(nbytes: int, pool: Any, stream: Any) -> Any:
@@ -180,12 +182,13 @@ class MemoryCalls(DriverBase):
         stream = self._free_stream(device)
         if stream is None:
             return False
-        result = self._on_device(device, _free_and_release, ptr, stream)
-        if result[0] == _NOT_SUPPORTED:
+        freed, synced = self._on_device(device, _free_and_release, ptr, stream)
+        if freed == _NOT_SUPPORTED:
             self._free_streams[device] = None
             return False
-        _check("cuMemFreeAsync (then cuStreamSynchronize)", result)
-        self._allocations.pop(ptr, None)
+        _check("cuMemFreeAsync", (freed,))
+        self._allocations.pop(ptr, None)  # freed: whatever the synchronize says
+        _check("cuStreamSynchronize", (synced,))
         return True
 
     def _free_blocking(self, ptr: int) -> None:
@@ -341,9 +344,11 @@ class MemoryCalls(DriverBase):
                 # still freed): on the legacy stream, which is not waited
                 # for, as that would wait for every blocking stream's work.
                 result = self._on_device(device, driver.cuMemFreeAsync, ptr, driver.CUstream(0))
-            else:
-                result = self._on_device(device, _free_and_release, ptr, stream)
-            _check("cuMemFreeAsync (then cuStreamSynchronize)", result)
+                _check("cuMemFreeAsync", result)
+                return
+            freed, synced = self._on_device(device, _free_and_release, ptr, stream)
+            _check("cuMemFreeAsync", (freed,))
+            _check("cuStreamSynchronize", (synced,))
             return
         self._synchronize_all()
         result = self._restoring(self._enter_host(), driver.cuMemFreeHost, ptr)
