@@ -107,8 +107,10 @@ class MemoryCalls(DriverBase):
     def mem_alloc(self, device: int, nbytes: int) -> int:
         """``cuMemAlloc`` on ``device``; returns the device address.
 
-        Out of memory, it waits for the frees :meth:`mem_free_async` queued
-        on the device and tries once more.
+        Out of memory, it synchronizes the device's free stream and tries once
+        more: each stream-ordered free gives its memory back itself
+        (:func:`_free_and_release`), but one on another thread may be between
+        its ``cuMemFreeAsync`` and that synchronize.
         """
         self._check_size(nbytes)
         _, prev = self._enter_device(device)
