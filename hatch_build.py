@@ -44,10 +44,12 @@ with ``gpuaio._core.compiled.MODULES``."""
 NATIVE = (
     ("gpuaio._engine._copythreads", "gpuaio/_engine/_copythreads.c"),
     ("gpuaio.backends.cuda._fastcalls", "gpuaio/backends/cuda/_fastcalls.c"),
+    ("gpuaio._api._address", "gpuaio/_api/_address.c"),
 )
 """C, built beside the compiled modules on POSIX platforms: the copy threads
-that never take the GIL (``gpuaio._engine.nativecopy``, pthreads), and the
-hot path's driver calls (``gpuaio.backends.cuda._fast``)."""
+that never take the GIL (``gpuaio._engine.nativecopy``, pthreads), the
+hot path's driver calls (``gpuaio.backends.cuda._fast``), and a host array's
+address through the buffer protocol (``gpuaio._api.describe``)."""
 
 # The type check mypyc bases its code on. The source is checked strictly in
 # CI (mypy --strict, pyright); here stubs of whatever the build environment

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -81,6 +82,9 @@ def test_a_compiled_build_runs_every_module_compiled() -> None:
     # Else nox -s compiled (or a GPU run) would pass on the pure-Python fallback.
     assert compiled_modules() == list(MODULES)
     assert nativecopy.available(), "the compiled build has no native copy threads"
+    # A numpy argument's address through the buffer protocol in C (_address.c).
+    address = importlib.import_module("gpuaio._api._address").writable_address
+    assert importlib.import_module("gpuaio._api.describe")._writable_address is address
     proc = _run("info", "--json")
     assert proc.returncode == 0, proc.stderr
     setup = json.loads(proc.stdout)

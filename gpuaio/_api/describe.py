@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import importlib
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -201,6 +202,21 @@ def describe(obj: Any, runtime: Runtime, name: str = "the buffer") -> BufferInfo
 
 _lend = ctypes.c_char.from_buffer
 _addressof = ctypes.addressof
+
+
+def _ctypes_address(arr: Any) -> int:
+    """The address of ``arr``'s writable, C-contiguous, non-empty buffer; raises
+    ``TypeError``, ``ValueError`` or ``BufferError`` for any other."""
+    return _addressof(_lend(arr))
+
+
+_writable_address: Callable[[Any], int]
+try:
+    # A compiled install's C (``_address.c``, hatch_build.NATIVE): the same
+    # answers and errors without building a ctypes object, in a third of the time.
+    _writable_address = importlib.import_module("gpuaio._api._address").writable_address
+except ImportError:  # a pure-Python install
+    _writable_address = _ctypes_address
 _new_info = tuple.__new__
 """``_new_info(BufferInfo, fields)``: a BufferInfo without the Python frame of its ``__new__``."""
 
@@ -210,11 +226,12 @@ def _from_numpy(arr: np.ndarray[Any, Any], owner: Any, runtime: Runtime) -> Buff
     if dtype.hasobject:
         raise InvalidArgumentError("arrays of Python objects cannot be copied to or from a GPU")
     nbytes = arr.nbytes
-    # A writable, C-contiguous, non-empty array lends its buffer to ctypes, and
-    # that also proves both flags (reading them builds a flags object): the
-    # address in a fifth of what ``__array_interface__`` takes (it builds a dict).
+    # A writable, C-contiguous, non-empty array lends its buffer, and that also
+    # proves both flags (reading them builds a flags object): the address in a
+    # fifth of what ``__array_interface__`` takes (it builds a dict), a
+    # twentieth in C.
     try:
-        ptr = _addressof(_lend(arr))  # type: ignore[arg-type]
+        ptr = _writable_address(arr)
         writeable = contiguous = True
     except (TypeError, ValueError, BufferError):
         flags = arr.flags
