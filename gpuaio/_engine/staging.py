@@ -72,6 +72,31 @@ _copy_small: Callable[[int, int, int], object] = host_copier()
 where the install has the native extension: ``host_copier``)."""
 
 
+class _Lent:
+    """A small copy's pinned block of the pool's spare stack, lent to one op.
+
+    ``release``, the op's done callback, hands it back; calling the object is
+    a download's copy-out from it into ``dst`` (the op's completion step).
+    One object where two ``functools.partial`` and a bound method of the pool
+    were made per copy: about 0.3 us of a 4 KiB download's 3 us before its
+    driver call in a compiled build (issue 13).
+    """
+
+    __slots__ = ("_block", "_dst", "_n", "_pool")
+
+    def __init__(self, pool: PinnedPool, block: PinnedBlock, dst: int = 0, n: int = 0) -> None:
+        self._pool = pool
+        self._block = block
+        self._dst = dst
+        self._n = n
+
+    def __call__(self) -> None:
+        _copy_small(self._dst, self._block.ptr, self._n)
+
+    def release(self) -> None:
+        self._pool.release_small(self._block)
+
+
 class Stager:
     """Runs pageable transfers of one runtime through its pinned pool."""
 
@@ -261,8 +286,8 @@ class Stager:
             self.pool.release_small(block)
             op._resolve(exc)
             raise
-        # Partials, not closures, here and below: see Sequencer._gpu_job.
-        op._add_done_callback(functools.partial(self.pool.release_small, block))
+        # Not a closure, here and below: see Sequencer._gpu_job.
+        op._add_done_callback(_Lent(self.pool, block).release)
         return seq.gpu(op, self.runtime.backend.memcpy_async, d.ptr, block.ptr, n)
 
     def _small_d2h(
@@ -271,8 +296,9 @@ class Stager:
         """DMA into a pinned block; the copy-out is the op's completion step."""
         n = d.nbytes
         # The op keeps the destination alive. The copy-out: block -> destination.
-        op._complete = functools.partial(_copy_small, d.ptr, block.ptr, n)
-        op._add_done_callback(functools.partial(self.pool.release_small, block))
+        lent = _Lent(self.pool, block, d.ptr, n)
+        op._complete = lent
+        op._add_done_callback(lent.release)
         seq.gpu(op, self.runtime.backend.memcpy_async, block.ptr, s.ptr, n)
         seq.note_copy_out(op)
         return op
