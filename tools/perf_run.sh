@@ -61,7 +61,7 @@ if [ -n "${PERF_TRANSFER_VARIANTS:-}" ]; then
         echo "### variant: ${v:-defaults}" | tee -a "$OUT/variants.log"
         env $v timeout 90 python3 benchmarks/transfers.py --sizes "${PERF_VARIANT_SIZES:-1M,4M,16M}" \
             ${PERF_VARIANT_ARGS---no-peers} --flat-count 200 --out-dir /tmp/variant 2>&1 \
-            | grep -E "^[0-9]+[KMG]iB|^  [hd]2[hd]_|loop lag|memory over|setswitch|Error" \
+            | grep -E "^[0-9]+[KMG]iB|^  [hd]2[hd]_|gated path took|loop lag|memory over|setswitch|Error" \
             | tee -a "$OUT/variants.log"
         echo "  (at $(( $(date +%s) - t0 )) s)" | tee -a "$OUT/variants.log"
     done
