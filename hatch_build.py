@@ -36,6 +36,7 @@ COMPILED = (
     "gpuaio/_engine/sequencer.py",
     "gpuaio/_api/transfers.py",
     "gpuaio/_engine/staging.py",
+    "gpuaio/_engine/lent.py",
 )
 """The modules compiled: what every awaited operation runs through, and that
 nothing (tests included) patches or subclasses from outside. Keep in step

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import gpuaio
-from gpuaio._engine import hostwork, nativecopy, staging
+from gpuaio._engine import hostwork, lent, nativecopy, staging
 from gpuaio._engine.hostwork import COPY_NICE, HostPool, SlicedCopy
 from gpuaio._engine.nativecopy import NativeCopy
 from tests.test_copy import pattern
@@ -427,7 +427,8 @@ def test_the_small_host_copy_is_native_byte_exact_and_checks_its_arguments() -> 
     in place and none outside, and bad arguments refused at the call."""
     copy = nativecopy.host_copier()
     assert copy is not ctypes.memmove, "a compiled install should have the native host copy"
-    assert staging._copy_small is copy, "staging does not use the native host copy"
+    assert staging.copy_small is copy, "staging does not use the native host copy"
+    assert lent.copy_small is copy, "a download's copy-out does not use the native host copy"
     for n in [0, 1, 15, 4095, 4096, 64 * 1024, 64 * 1024 + 1, MiB + 17]:
         for dst_off, src_off in [(0, 0), (1, 3), (8, 0)]:
             src = pattern(n + src_off + 1, n + 7)
@@ -510,13 +511,15 @@ async def test_small_staged_copies_go_through_the_native_host_copy(
     """A small upload staged on the calling thread and a small download's
     copy-out both call the native host copy: byte-exact both ways."""
     calls: list[int] = []
-    real = staging._copy_small
+    real = lent.copy_small
 
     def spy(dst: int, src: int, nbytes: int) -> object:
         calls.append(nbytes)
         return real(dst, src, nbytes)
 
-    monkeypatch.setattr(staging, "_copy_small", spy)
+    # An upload's copy into its block is staging's; a download's copy-out, its Lent's.
+    monkeypatch.setattr(staging, "copy_small", spy)
+    monkeypatch.setattr(lent, "copy_small", spy)
     # Not the driver's own path for the upload (an idle stream's small ones).
     monkeypatch.setattr(gpuaio_runtime.stager, "direct_up_max", 0)
     s = dev.stream()

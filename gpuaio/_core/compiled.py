@@ -39,6 +39,7 @@ MODULES = (
     "gpuaio._engine.sequencer",
     "gpuaio._api.transfers",
     "gpuaio._engine.staging",
+    "gpuaio._engine.lent",
 )
 """The modules a compiled install compiles: ``hatch_build.COMPILED``, by module name."""
 

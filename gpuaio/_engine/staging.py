@@ -41,7 +41,8 @@ from .eventcache import EventCache
 from .gated import GatedCopies
 from .growth import ClassGrowth
 from .hostwork import HostPool, SlicedCopy
-from .nativecopy import NativeCopy, host_copier, nt_copier
+from .lent import Lent, copy_small
+from .nativecopy import NativeCopy, nt_copier
 from .pieces import upload_in_pieces
 from .pool import MIN_CLASS, PinnedBlock, PinnedPool, release_after_drain, size_class
 from .stagingconfig import (
@@ -66,35 +67,6 @@ if TYPE_CHECKING:
     from .services import Services
 
 __all__ = ["Stager", "StagingConfig"]
-
-_copy_small: Callable[[int, int, int], object] = host_copier()
-"""A small copy between host addresses on the calling thread (no ctypes call
-where the install has the native extension: ``host_copier``)."""
-
-
-class _Lent:
-    """A small copy's pinned block of the pool's spare stack, lent to one op.
-
-    ``release``, the op's done callback, hands it back; calling the object is
-    a download's copy-out from it into ``dst`` (the op's completion step).
-    One object where two ``functools.partial`` and a bound method of the pool
-    were made per copy: about 0.3 us of a 4 KiB download's 3 us before its
-    driver call in a compiled build (issue 13).
-    """
-
-    __slots__ = ("_block", "_dst", "_n", "_pool")
-
-    def __init__(self, pool: PinnedPool, block: PinnedBlock, dst: int = 0, n: int = 0) -> None:
-        self._pool = pool
-        self._block = block
-        self._dst = dst
-        self._n = n
-
-    def __call__(self) -> None:
-        _copy_small(self._dst, self._block.ptr, self._n)
-
-    def release(self) -> None:
-        self._pool.release_small(self._block)
 
 
 class Stager:
@@ -272,7 +244,7 @@ class Stager:
         nt = self._nt
         if n >= 2 * INLINE_PIECE_MIN and self.inline_pieces > 1:  # else one piece
             piece = -(-n // min(self.inline_pieces, n // INLINE_PIECE_MIN))
-            copy = nt if nt is not None and piece >= NT_MIN else _copy_small
+            copy = nt if nt is not None and piece >= NT_MIN else copy_small
             backend, defer = self.runtime.backend, self.runtime.reaper.submit
             args = (seq, op, d.ptr, s.ptr, n, piece, block, self.pool, backend, defer)
             return upload_in_pieces(*args, copy)
@@ -281,13 +253,13 @@ class Stager:
             if nt is not None and n >= NT_MIN:
                 nt(block.ptr, s.ptr, n)
             else:
-                _copy_small(block.ptr, s.ptr, n)
+                copy_small(block.ptr, s.ptr, n)
         except BaseException as exc:
             self.pool.release_small(block)
             op._resolve(exc)
             raise
         # Not a closure, here and below: see Sequencer._gpu_job.
-        op._add_done_callback(_Lent(self.pool, block).release)
+        op._add_done_callback(Lent(self.pool, block).release)
         return seq.gpu(op, self.runtime.backend.memcpy_async, d.ptr, block.ptr, n)
 
     def _small_d2h(
@@ -296,7 +268,7 @@ class Stager:
         """DMA into a pinned block; the copy-out is the op's completion step."""
         n = d.nbytes
         # The op keeps the destination alive. The copy-out: block -> destination.
-        lent = _Lent(self.pool, block, d.ptr, n)
+        lent = Lent(self.pool, block, d.ptr, n)
         op._complete = lent
         op._add_done_callback(lent.release)
         seq.gpu(op, self.runtime.backend.memcpy_async, block.ptr, s.ptr, n)
