@@ -30,6 +30,7 @@ from typing import Any
 COMPILED = (
     "gpuaio/_core/operation.py",
     "gpuaio/_api/describe.py",
+    "gpuaio/_engine/completion/_engine.py",
     "gpuaio/_engine/completion/_events.py",
     "gpuaio/_engine/completion/_queue.py",
     "gpuaio/_engine/completion/_firstpoll.py",

@@ -81,6 +81,7 @@ async def test_a_prewoken_await_returns_only_once_the_copy_is_done(
     await s.aclose()
 
 
+@pytest.mark.patches_compiled  # replaces an engine method on the instance
 async def test_a_prewoken_task_polls_even_if_the_op_is_not_due_yet(
     dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch
 ) -> None:

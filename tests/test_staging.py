@@ -678,6 +678,7 @@ async def test_a_mid_size_copy_on_an_idle_stream_takes_the_drivers_path(
     await s.aclose()
 
 
+@pytest.mark.patches_compiled  # replaces an engine method on the instance
 async def test_a_driver_staged_upload_is_resolved_by_its_host_thread_after_its_dma(
     gpuaio_runtime: Any, dev: gpuaio.Device
 ) -> None:

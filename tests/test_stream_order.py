@@ -322,6 +322,7 @@ def test_waiter_of_a_closed_loop_is_not_woken_by_the_next(
 
 
 @pytest.mark.gpuaio_sim_only
+@pytest.mark.patches_compiled  # replaces an engine method on the instance
 @pytest.mark.parametrize("path", ["poll", "watcher"])
 def test_no_waiter_is_lost_when_a_sticky_error_follows_a_completion(
     gpuaio_runtime: Any, path: str

@@ -33,6 +33,7 @@ except ImportError:  # a pure-Python install need not have mypy_extensions
 MODULES = (
     "gpuaio._core.operation",
     "gpuaio._api.describe",
+    "gpuaio._engine.completion._engine",
     "gpuaio._engine.completion._events",
     "gpuaio._engine.completion._queue",
     "gpuaio._engine.completion._firstpoll",
