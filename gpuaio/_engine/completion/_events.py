@@ -115,10 +115,7 @@ class EventEngine(CompletionEngine):
     """Pooled events; awaiting loops poll briefly, a watcher thread does the rest."""
 
     strategy = "events"
-    # Class-level, so that a Python subclass may override them the same way
-    # (``benchmarks/_thread_engine.py``). Compiled, each instance is given
-    # the value as it is built; mypyc warns that the default is not a
-    # literal (it comes from the environment), and handles it.
+    # Class-level for Python subclasses to override (mypyc warns: not literals).
     loop_spin_s: float = LOOP_SPIN_S
     short_op_s: float = SHORT_OP_S
 
