@@ -108,11 +108,12 @@ def _no_first_poll(op: Operation, now: float) -> bool:
     return False
 
 
-# Compiled, a native class: the hot path reads an engine's attributes and calls
-# its methods (``watch``, ``poll_for``, ``pending_on``, ``flush``) directly
-# instead of through instance dictionaries, about 0.3 us of a 4 KiB copy's
-# call on the CPU machine (issue 13). The price: a compiled engine's methods
-# cannot be replaced on an instance (tests that do are ``patches_compiled``).
+# Compiled, a native class: an engine's own code reads its attributes from
+# slots, and the compiled sequencer calls ``watch``, ``pending_on`` and
+# ``flush`` directly, not through instance dictionaries: about 0.3 us of a
+# 4 KiB copy's call on the CPU machine (issue 13). The price: a compiled
+# engine's methods cannot be replaced on an instance (tests that do are
+# ``patches_compiled``).
 # The other strategies (``_hostfunc``) and tools subclass it from Python.
 @mypyc_attr(allow_interpreted_subclasses=True)
 class CompletionEngine:
