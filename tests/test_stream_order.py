@@ -20,6 +20,8 @@ import pytest
 import gpuaio
 from gpuaio._api.device import device_of
 from gpuaio._core.errors import DeviceFatalError
+from gpuaio._engine import completion as _completion
+from gpuaio._engine.completion._events import EventEngine
 from gpuaio._engine.staging import Stager
 from tests.conftest import add_one_kernel, fresh_stager, latch
 from tests.test_copy import pattern
@@ -321,26 +323,43 @@ def test_waiter_of_a_closed_loop_is_not_woken_by_the_next(
     del task
 
 
+class _NoHandOff(EventEngine):
+    """The events engine, but an await sleeps at once (no polling window) and
+    leaves the watcher standing down (its hand-off is a no-op).
+
+    A subclass, not methods replaced on an engine: where the engine is
+    compiled (a native class) they cannot be; the compiled ``Operation.__await__``
+    looks ``hand_off`` up on the engine, so it calls this one."""
+
+    strategy = "no-hand-off"
+    loop_spin_s = 0.0
+    hand_offs = 0
+
+    def hand_off(self) -> None:
+        type(self).hand_offs += 1
+
+
 @pytest.mark.gpuaio_sim_only
-@pytest.mark.patches_compiled  # replaces an engine method on the instance
 @pytest.mark.parametrize("path", ["poll", "watcher"])
 def test_no_waiter_is_lost_when_a_sticky_error_follows_a_completion(
-    gpuaio_runtime: Any, path: str
+    gpuaio_runtime: Any, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An op completes just before a sticky fault, and the pass that resolves it
     then finds the fault: its sleeping await must still end (the watcher's
     fault probe runs in the same pass as the drains)."""
     rt = gpuaio_runtime
-    rt.set_completion("events")
+    monkeypatch.setattr(_completion, "_registered", {})
+    monkeypatch.setattr(_NoHandOff, "hand_offs", 0)
+    _completion.register_strategy(_NoHandOff.strategy, _NoHandOff)
+    rt.set_completion(_NoHandOff.strategy)
     dev = device_of(rt, 0)
     engine: Any = rt.engine(0)
+    assert isinstance(engine, _NoHandOff)
     s, other = dev.stream(), dev.stream()
     d = dev.empty(64)
     release = latch(dev, s)
     op = s.memset(d, 1)
     poller = other.memset(dev.empty(64), 2)
-    engine.loop_spin_s = 0.0  # an await sleeps at once
-    engine.hand_off = lambda: None  # and leaves the watcher standing down
     engine._loop_polling_until = time.perf_counter() + 60
     time.sleep(0.05)  # the watcher stands down
     result: list[object] = []
@@ -358,7 +377,10 @@ def test_no_waiter_is_lost_when_a_sticky_error_follows_a_completion(
 
     t = threading.Thread(target=await_op)
     t.start()
-    time.sleep(0.05)  # the await sleeps on op
+    deadline = time.monotonic() + 5
+    while not _NoHandOff.hand_offs and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert _NoHandOff.hand_offs == 1, "the await did not go to sleep on op"
     release()
     rt.backend.stream_synchronize(s._native)  # op ran: its flag is written
     assert not op.done()
