@@ -174,7 +174,11 @@ def test_the_timeline_marks_each_op_in_the_order_it_ran(fake: Any) -> None:
             assert r["hit"] >= r["gpu_done"], r
 
 
-def test_the_timeline_probe_runs_on_the_fake_gpu() -> None:
-    out = _run_tool("timeline_probe.py", "--op", "h2d-pinned", "--loops", "asyncio", "--ops", "200")
+@pytest.mark.parametrize("extra", [(), ("--bytes", "65536", "--evict", "262144")])
+def test_the_timeline_probe_runs_on_the_fake_gpu(extra: tuple[str, ...]) -> None:
+    args = ("--op", "h2d-pinned", "--loops", "asyncio", "--ops", "200", *extra)
+    out = _run_tool("timeline_probe.py", *args)
     rows = [ln.split()[:3] for ln in out.splitlines()[1:]]
     assert rows == [["asyncio", "h2d-pinned", "gpuaio"], ["asyncio", "h2d-pinned", "hand"]], out
+    if extra:
+        assert "65536 B copies" in out and "a 262144 B host copy before each" in out, out

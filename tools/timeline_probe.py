@@ -1,7 +1,7 @@
-"""Where one awaited 4 KiB copy's time goes, in any build, on the fake GPU.
+"""Where one awaited small copy's time goes, in any build, on the fake GPU.
 
-``python tools/timeline_probe.py`` awaits 4 KiB copies one at a time (1
-task) on ``tools/overhead_probe.py``'s fake GPU and prints, per ``--op``
+``python tools/timeline_probe.py`` awaits 4 KiB copies (``--bytes``) one at
+a time (1 task) on ``tools/overhead_probe.py``'s fake GPU and prints, per ``--op``
 and loop, the median microseconds from the call to: the driver's copy call
 (``memcpy``) and its return, the marker's ``event_record``, the moment the
 fake GPU finishes the copy (``gpu_done``), the return of each ``event_query`` that found
@@ -17,11 +17,16 @@ profiler sees nothing inside gpuaio. It shows how much of gpuaio's cost
 comes before the driver call, and how its polls fall against the GPU's
 completion: what a compiled-mode change must shorten (issue 13).
 These are CPU figures of this machine, not GPU figures.
+
+``--evict N`` runs an unrelated host copy of N bytes before each timed op,
+either way: the caches as a large download's copy-out leaves them for the
+next call (issue 13, round forty-four).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import sys
 import time
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -88,7 +94,11 @@ class Recorder:
 
 
 async def timeline(
-    start: Callable[[], Any], rec: Recorder, ops: int, warmup: int
+    start: Callable[[], Any],
+    rec: Recorder,
+    ops: int,
+    warmup: int,
+    before: Callable[[], object] | None = None,
 ) -> list[dict[str, float]]:
     for _ in range(warmup):
         await start()
@@ -96,6 +106,9 @@ async def timeline(
     rows = []
     clock = time.perf_counter
     for _ in range(ops):
+        if before is not None:
+            before()
+            rec.marks.clear()
         t0 = clock()
         await start()
         rows.append(rec.row(t0, clock()))
@@ -113,15 +126,34 @@ def summary(rows: list[dict[str, float]]) -> str:
     return "  ".join(parts)
 
 
-async def run(op: str, ops: int, backend: Any, rec: Recorder) -> tuple[str, str]:
+def evicter(nbytes: int) -> Callable[[], object] | None:
+    """An unrelated host copy of ``nbytes`` (None for 0): run before each timed
+    op, it leaves the caches as a large copy's own copy-out leaves them for
+    the next call, so the marks show what the call costs with its code and
+    data out of the caches (issue 13: a 1 MiB download's next call)."""
+    if not nbytes:
+        return None
+    src, dst = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
+
+    def evict() -> object:
+        # (The closure keeps both arrays alive; a partial of their addresses would not.)
+        return ctypes.memmove(dst.ctypes.data, src.ctypes.data, nbytes)
+
+    return evict
+
+
+async def run(
+    op: str, ops: int, backend: Any, rec: Recorder, nbytes: int, evict: int
+) -> tuple[str, str]:
     dev = gpuaio.Device(0)
     s = dev.stream()
-    start = probe.op_factory(gpuaio, dev, op, 1)
-    rows = await timeline(lambda: start(s, 0), rec, ops, warmup=500)
+    before = evicter(evict)
+    start = probe.op_factory(gpuaio, dev, op, 1, nbytes)
+    rows = await timeline(lambda: start(s, 0), rec, ops, 500, before)
     s.close()
     # The hand-written awaitable of the same op (overhead_probe.floor_op).
-    once = probe.floor_op(gpuaio, backend, op)
-    hand = await timeline(once, rec, ops, warmup=500)
+    once = probe.floor_op(gpuaio, backend, op, nbytes)
+    hand = await timeline(once, rec, ops, 500, before)
     return summary(rows), summary(hand)
 
 
@@ -132,20 +164,34 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ops", type=int, default=5000)
     ap.add_argument("--launch-us", type=float, default=5.0)
     ap.add_argument("--gpu-us", type=float, default=2.0)
+    ap.add_argument("--bytes", type=int, default=probe.COPY_BYTES, help="bytes per copy")
+    ap.add_argument(
+        "--evict", type=int, default=0, help="bytes of an unrelated host copy before each op"
+    )
     args = ap.parse_args(argv)
     backend = probe.fake_gpu(gpuaio, args.launch_us * 1e-6, args.gpu_us * 1e-6)
     rec = Recorder()
     rec.wrap(backend)
     gpuaio.use_backend(backend, completion="events")
     print(
-        f"fake GPU (launch {args.launch_us:g} us, {args.gpu_us:g} us/op), 4 KiB copies, "
-        f"1 task, {args.ops} ops: median us from the call (share of ops with the mark)"
+        f"fake GPU (launch {args.launch_us:g} us, {args.gpu_us:g} us/op), {args.bytes} B copies, "
+        f"1 task, {args.ops} ops"
+        + (f", a {args.evict} B host copy before each" if args.evict else "")
+        + ": median us from the call (share of ops with the mark)"
     )
     for loop in args.loops.split(","):
         name, opts = probe.LOOPS[loop]
         for op in args.op.split(","):
             ours, hand = anyio.run(
-                run, op, args.ops, backend, rec, backend=name, backend_options=opts
+                run,
+                op,
+                args.ops,
+                backend,
+                rec,
+                args.bytes,
+                args.evict,
+                backend=name,
+                backend_options=opts,
             )
             print(f"{loop:8} {op:13} gpuaio  {ours}")
             print(f"{loop:8} {op:13} hand    {hand}")
