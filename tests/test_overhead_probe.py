@@ -174,6 +174,24 @@ def test_the_timeline_marks_each_op_in_the_order_it_ran(fake: Any) -> None:
             assert r["hit"] >= r["gpu_done"], r
 
 
+def test_the_download_probe_times_both_ways_and_their_copy_outs(tmp_path: Path) -> None:
+    """``tools/download_probe.py`` on the simulator: a record per size (and per
+    size again after the evicting copy) with gpuaio's stamps in order (call,
+    copy-out, await) and one copy-out per download, which the probe checks."""
+    out = tmp_path / "dl.json"
+    args = ("--reps", "8", "--sizes", "4096,262144", "--evict-sizes", "4096", "--evict", "65536")
+    _run_tool("download_probe.py", *args, "--out", str(out))
+    rows = json.loads(out.read_text())
+    assert [(r["bytes"], r["evict_bytes"]) for r in rows] == [(4096, 0), (262144, 0), (4096, 65536)]
+    for r in rows:
+        g = r["gpuaio"]
+        assert 0 < g["call"] <= g["copy_start"] <= g["copy_end"] <= g["await"], r
+        for way in ("hand", "hand_pool"):
+            h = r[way]
+            assert 0 < h["call"] <= h["fired"] <= h["await"], r
+        assert 0 <= r["gpuaio_copy_out_on_loop"] <= 1, r
+
+
 @pytest.mark.parametrize("extra", [(), ("--bytes", "65536", "--evict", "262144")])
 def test_the_timeline_probe_runs_on_the_fake_gpu(extra: tuple[str, ...]) -> None:
     args = ("--op", "h2d-pinned", "--loops", "asyncio", "--ops", "200", *extra)
