@@ -44,11 +44,13 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # floor_probe, beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the probes beside this file
 from floor_probe import YIELD, Raw
+from timeline_probe import evicter
 
 import gpuaio
 import gpuaio._engine.lent as lent_mod
+from gpuaio._api.runtime import current_runtime
 from gpuaio._engine.pool import MIN_CLASS
 
 clock = time.perf_counter
@@ -91,9 +93,7 @@ async def one_size(dev: Any, s: Any, raw: Raw, n: int, reps: int, evict: int = 0
     # evict: an unrelated host copy of this many bytes before each timed
     # copy, either way (as a 1 MiB download's own copy-out does to the next
     # call): how much of a call's time is its code and data out of the caches.
-    ea = np.ones(max(evict, 1), np.uint8)
-    eb = np.zeros(max(evict, 1), np.uint8)
-    eap, ebp = ea.ctypes.data, eb.ctypes.data
+    before = evicter(evict)
     src = np.frombuffer(os.urandom(n), np.uint8).copy()
     dst = np.full(n, 0xA5, np.uint8)
     d = dev.empty(n)
@@ -102,8 +102,6 @@ async def one_size(dev: Any, s: Any, raw: Raw, n: int, reps: int, evict: int = 0
     bp, dp, dd = blk.ctypes.data, dst.ctypes.data, d.ptr
     # hand_pool: the hand-written download through a block of gpuaio's own
     # staging pool, the kind of block gpuaio's download DMAs into.
-    from gpuaio._api.runtime import current_runtime
-
     pool = current_runtime().stager.pool  # type: ignore[union-attr]
     for _ in range(3):  # the pool caches a block of this class
         await s.copy(dst, d)
@@ -136,8 +134,8 @@ async def one_size(dev: Any, s: Any, raw: Raw, n: int, reps: int, evict: int = 0
     for i in range(3 * reps):
         if i % 3 == 0:
             stamps.clear()
-            if evict:
-                ctypes.memmove(ebp, eap, evict)
+            if before is not None:
+                before()
             t0 = clock()
             op = s.copy(dst, d)
             t1 = clock()
@@ -154,8 +152,8 @@ async def one_size(dev: Any, s: Any, raw: Raw, n: int, reps: int, evict: int = 0
             g["copy_us"].append(c1 - c0)
         else:
             hh, b = (h, bp) if i % 3 == 1 else (hp, pp)
-            if evict:
-                ctypes.memmove(ebp, eap, evict)
+            if before is not None:
+                before()
             t0 = clock()
             raw.copy(b, dd, n)
             raw.record()
@@ -191,7 +189,7 @@ async def one_size(dev: Any, s: Any, raw: Raw, n: int, reps: int, evict: int = 0
         pool.release_small(pblk)
     else:
         pool.release(pblk)
-    assert bytes(dst[:64]) == bytes(src[:64])
+    assert np.array_equal(dst, src), "a download left wrong bytes"
     out = {
         "evict_bytes": evict,
         "gpuaio_alone_us": round(alone * 1e6, 1),

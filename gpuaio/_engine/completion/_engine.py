@@ -112,8 +112,8 @@ def _no_first_poll(op: Operation, now: float) -> bool:
 # slots, and the compiled sequencer calls ``watch``, ``pending_on`` and
 # ``flush`` directly, not through instance dictionaries: about 0.3 us of a
 # 4 KiB copy's call on the CPU machine (issue 13). The price: a compiled
-# engine's methods cannot be replaced on an instance (tests that do are
-# ``patches_compiled``).
+# engine's methods cannot be replaced on an instance (tests observe its
+# state or subclass it instead; those that cannot are ``patches_compiled``).
 # The other strategies (``_hostfunc``) and tools subclass it from Python.
 @mypyc_attr(allow_interpreted_subclasses=True)
 class CompletionEngine:
