@@ -38,6 +38,7 @@ COMPILED = (
     "gpuaio/_api/transfers.py",
     "gpuaio/_engine/staging.py",
     "gpuaio/_engine/lent.py",
+    "gpuaio/_engine/early.py",
 )
 """The modules compiled: what every awaited operation runs through, and that
 nothing (tests included) patches or subclasses from outside. Keep in step

@@ -37,7 +37,7 @@ from .memory import (
 if TYPE_CHECKING:
     from .runtime import Runtime
 
-__all__ = ["describe", "forget"]
+__all__ = ["cached_pageable", "describe", "forget"]
 
 
 class _Registry:
@@ -140,8 +140,7 @@ def _host_kind(
     if isinstance(root, _PinnedBlock):
         return MemoryKind.PINNED, None, root.alloc
     backend = runtime.backend
-    hit = _pageable.get(ptr)
-    if hit is not None and hit[0] == _generation[0] and hit[1] == id(backend):
+    if _cached(ptr, backend):
         return MemoryKind.PAGEABLE, None, None
     gen = _generation[0]
     info = backend.pointer_info(ptr)
@@ -150,6 +149,24 @@ def _host_kind(
             _pageable.clear()
         _pageable[ptr] = (gen, id(backend))
     return info.kind, info.device, None
+
+
+def _cached(ptr: int, backend: object) -> bool:
+    """Whether the driver called ``ptr`` pageable in this generation (``_pageable``)."""
+    hit = _pageable.get(ptr)
+    return hit is not None and hit[0] == _generation[0] and hit[1] == id(backend)
+
+
+def cached_pageable(arr: np.ndarray[Any, Any], runtime: Runtime) -> bool:
+    """Whether :func:`describe` would find ``arr`` writable, C-contiguous,
+    non-empty and pageable without asking the driver: a copy may take it
+    to be such memory before describing it (``gpuaio._engine.early``).
+    False says nothing."""
+    try:
+        ptr = _writable_address(arr)
+    except (TypeError, ValueError, BufferError):
+        return False
+    return not isinstance(_root(arr), _PinnedBlock) and _cached(ptr, runtime.backend)
 
 
 def describe(obj: Any, runtime: Runtime, name: str = "the buffer") -> BufferInfo:

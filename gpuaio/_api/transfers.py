@@ -19,14 +19,16 @@ from .._core.errors import InvalidArgumentError
 from .._core.operation import Operation, completed
 from .._core.progress import report_progress
 from .._engine.buffers import BufferInfo, InUse
+from .._engine.early import adopt, issue
 from .._engine.stagingconfig import PCIE_BPS
 from ..backends import MemoryKind
-from .describe import describe
+from .describe import cached_pageable, describe
 from .memory import DeviceArray
 
 if TYPE_CHECKING:
     from .._engine.hostwork import HostPool
     from .._engine.sequencer import Sequencer
+    from .._engine.staging import Stager
     from ..backends import Backend
     from .runtime import Runtime
 
@@ -119,6 +121,10 @@ class Transfers:
                 "copy: progress must be a callable taking (done_bytes, total_bytes), not "
                 f"{type(progress).__name__}"
             )
+        if progress is None and type(dst) is np.ndarray and type(src) is DeviceArray:
+            op = self._download_early(dst, src)
+            if op is not None:
+                return op
         rt = self._rt
         d = describe(dst, rt, "dst")
         s = describe(src, rt, "src")
@@ -159,6 +165,38 @@ class Transfers:
             return self._seq.gpu(op, backend.memcpy_peer_async, dp, dd, sp, sd, n)
         op._est = n / (PCIE_BPS if d_host or s_host else _HBM_BPS)
         return self._seq.gpu(op, backend.memcpy_async, d.ptr, s.ptr, n)
+
+    def _download_early(self, dst: np.ndarray[Any, Any], src: DeviceArray) -> Operation | None:
+        """:meth:`copy` of a small download into pageable memory, its DMA issued
+        before ``dst`` is checked (``gpuaio._engine.early``); None, with nothing
+        done, where that does not apply: the usual path then takes the copy."""
+        rt = self._rt
+        stager: Stager | None = rt.extras.get("stager")
+        if stager is None or not cached_pageable(dst, rt):
+            return None
+        try:
+            s = describe(src, rt, "src")
+        except Exception:  # freed: the usual path says so, after checking dst
+            return None
+        if s.kind is not _DEVICE or s.device != self._ordinal or not s.contiguous:
+            return None
+        seq = self._seq
+        early = issue(stager, seq, s)
+        if early is None:
+            return None
+        n = s.nbytes
+        try:
+            d = describe(dst, rt, "dst")
+            check_copy(d, s)
+        except BaseException:
+            # Raised as before, nothing written: the DMA completes unawaited.
+            adopt(stager, seq, early, Operation(_EARLY_LABEL, self, (src, s.owner), n), 0)
+            raise
+        if d.kind is not _PAGEABLE:  # registered since the check (another thread)
+            adopt(stager, seq, early, Operation(_EARLY_LABEL, self, (src, s.owner), n), 0)
+            return None
+        op = Operation(_EARLY_LABEL, self, (dst, src, d.owner, s.owner), n)
+        return adopt(stager, seq, early, op, d.ptr)
 
     def _pageable_copy(self, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
         try:
@@ -267,6 +305,8 @@ _NVLINK_BPS = 450e9
 _HBM_BPS = 3e12
 
 _COPY_LABELS = {(a, b): f"copy {a.value}->{b.value}" for a in MemoryKind for b in MemoryKind}
+_DEVICE = MemoryKind.DEVICE
+_EARLY_LABEL = _COPY_LABELS[_DEVICE, MemoryKind.PAGEABLE]
 _MEMSET_LABELS = {k: f"memset {k.value}" for k in MemoryKind}
 _MEMSET_LIMITS = {w: (-(1 << (8 * w - 1)), (1 << (8 * w)) - 1) for w in (1, 2, 4)}
 """Per memset width: the lowest value accepted (as signed) and the mask (highest, unsigned)."""

@@ -41,6 +41,7 @@ MODULES = (
     "gpuaio._api.transfers",
     "gpuaio._engine.staging",
     "gpuaio._engine.lent",
+    "gpuaio._engine.early",
 )
 """The modules a compiled install compiles: ``hatch_build.COMPILED``, by module name."""
 

@@ -189,24 +189,41 @@ class Sequencer:
             # (defer checks the stream's share of the launch queue itself.)
             if words is not None and short and engine.defer(op, self.key, native, words):
                 return op
-            if engine.pending_on(self.key) >= engine.direct_limit:
-                return self._submit(op, enqueue, args, short, words)
-            if not (engine.flush(self.key, False) if short else engine.seal(self.key, False)):
+            if not self._may_enqueue(engine, short):
                 return self._submit(op, enqueue, args, short, words)
             try:
                 enqueue(*args, native)
             except BaseException as exc:
                 op._resolve(exc)  # nothing was enqueued: release at once
                 raise
-            try:
-                engine.watch(op, native, short)
-            except BaseException as exc:
-                # The work may still run: release the op's buffers only once
-                # the stream has drained, off this thread.
-                self.executor.submit(functools.partial(self._fail_after_drain, op, exc), False)
-                raise
-            return op
+            return self.watch(engine, op, native, short)
         return self._submit(op, enqueue, args, short, words)
+
+    def may_enqueue(self, engine: CompletionEngine, short: bool) -> bool:
+        """Whether the calling thread may enqueue GPU work now, as :meth:`gpu`
+        would: nothing of the stream is queued on its host thread, the
+        engine's share of the launch queue is not used up, and the open
+        batch is sealed (flushed, for a ``short`` op) without waiting for
+        another thread. Work enqueued so must then be :meth:`watch`-ed."""
+        ex = self.executor
+        return ex.completed >= ex.submitted and self._may_enqueue(engine, short)
+
+    def _may_enqueue(self, engine: CompletionEngine, short: bool) -> bool:
+        if engine.pending_on(self.key) >= engine.direct_limit:
+            return False
+        return engine.flush(self.key, False) if short else engine.seal(self.key, False)
+
+    def watch(self, engine: CompletionEngine, op: Operation, native: Any, short: bool) -> Operation:
+        """Have ``engine`` complete ``op``, whose GPU work the calling thread
+        has just enqueued on this stream; returns ``op``."""
+        try:
+            engine.watch(op, native, short)
+        except BaseException as exc:
+            # The work may still run: release the op's buffers only once
+            # the stream has drained, off this thread.
+            self.executor.submit(functools.partial(self._fail_after_drain, op, exc), False)
+            raise
+        return op
 
     def _submit(
         self,

@@ -1,0 +1,226 @@
+"""Small downloads into pageable memory whose DMA is issued before the
+destination is checked (``gpuaio._engine.early``).
+
+The DMA fills a pinned block only; the caller's array is written by the
+op's completion step. These tests check that a download into an array
+``describe`` already knows issues its DMA first, that every other download
+takes the usual path, that a destination failing its checks after the DMA
+was issued raises as before, writes nothing and leaks nothing, and that
+stream order holds across uploads, downloads and host steps with none
+awaited in between.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+
+import gpuaio
+from gpuaio._engine import early
+from tests.test_copy import pattern
+from tests.test_staging import _recorded_copies
+
+pytestmark = pytest.mark.anyio
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+
+async def _until_early(attempt: Callable[[], Awaitable[bool]], tries: int = 50) -> None:
+    """Run ``attempt`` until it says its download took the early path. One
+    may take the usual path for a while: while a growing pool has no block of
+    its class cached, while the stream's host thread or marker is busy, and
+    after a pinned allocation, which makes ``describe`` ask the driver again."""
+    for _ in range(tries):
+        if await attempt():
+            return
+    raise AssertionError(f"no download took the early path in {tries} tries")
+
+
+async def _settled(pool: Any) -> None:
+    """Wait (up to 10 s) until no pinned block is in use (``stats()`` counts
+    the spare stack's as free): every block came back."""
+    deadline = time.monotonic() + 10.0
+    while (in_use := pool.stats().in_use) != 0:
+        assert time.monotonic() < deadline, f"{in_use} pinned bytes still in use: a block leaked"
+        await anyio.sleep(0.005)
+
+
+@pytest.mark.parametrize("n", [4 * KiB, 64 * KiB + 8, MiB])
+async def test_a_download_into_a_known_array_issues_its_dma_first(
+    dev: gpuaio.Device, gpuaio_runtime: Any, n: int
+) -> None:
+    """Into an array copied into before, the DMA is issued by the early path
+    (into a pinned block, not the array), and the bytes are the source's."""
+    s = dev.stream()
+    d = dev.empty(n)
+    want = pattern(n, 7)
+    await s.copy(d, want)
+    out = np.zeros(n, np.uint8)
+
+    async def attempt() -> bool:
+        out[:] = 0
+        before = early.issued
+        with _recorded_copies(gpuaio_runtime.backend) as calls:
+            op = s.copy(out, d)
+            took = early.issued - before
+            await op
+        np.testing.assert_array_equal(out, want)
+        assert [(src, k) for _, src, k in calls] == [(d.ptr, n)]
+        assert calls[0][0] != out.ctypes.data, "the DMA wrote the caller's array itself"
+        return took == 1
+
+    await _until_early(attempt)
+
+
+async def test_other_downloads_take_the_usual_path(dev: gpuaio.Device) -> None:
+    """Not early: an array never described (its first copy), a pinned one, one
+    with a progress callback, one larger than the small copies, and a view
+    that is not writable (rejected as before, nothing issued)."""
+    s = dev.stream()
+    n = 4 * KiB
+    d = dev.empty(2 * MiB)
+    await s.copy(d, pattern(2 * MiB, 8))
+    before = early.issued
+    await s.copy(np.zeros(3 * n + 24, np.uint8), d[: 3 * n + 24])  # a fresh array
+    pinned = gpuaio.pinned_empty(n)
+    await s.copy(pinned, d[:n])
+    await s.copy(pinned, d[:n])
+    out = np.zeros(n, np.uint8)
+    seen: list[tuple[int, int]] = []
+    await s.copy(out, d[:n], progress=lambda done, total: seen.append((done, total)))
+    await s.copy(out, d[:n], progress=lambda done, total: seen.append((done, total)))
+    big = np.zeros(2 * MiB, np.uint8)
+    await s.copy(big, d)
+    await s.copy(big, d)
+    frozen = out.view()
+    frozen.flags.writeable = False
+    with pytest.raises(gpuaio.InvalidArgumentError, match="read-only"):
+        s.copy(frozen, d[:n])
+    assert early.issued == before
+    assert seen[-1] == (n, n)
+
+
+async def test_a_destination_failing_its_checks_raises_writes_nothing_and_leaks_nothing(
+    dev: gpuaio.Device, gpuaio_runtime: Any
+) -> None:
+    """A view of a known array with another dtype: the DMA was issued before
+    the check, the call still raises the mismatch, the array keeps its
+    bytes, and the block and the source come back once the DMA has run."""
+    s = dev.stream()
+    n = 4 * KiB
+    d = dev.empty(n // 4, np.float32)
+    await s.copy(d, pattern(n, 9).view(np.float32))
+    out = np.zeros(n, np.uint8)
+    out[:] = 0x5A
+    bad = out.view(np.uint16)  # 2-byte items: neither side is a byte buffer
+
+    async def attempt() -> bool:
+        before = early.issued
+        mismatch = pytest.raises(gpuaio.InvalidArgumentError, match="dtype mismatch")
+        with _recorded_copies(gpuaio_runtime.backend) as calls, mismatch:
+            s.copy(bad, d)
+        # Early, the DMA ran though the call raised; else none was made.
+        took = early.issued - before
+        assert len(calls) == took
+        assert all((src, k) == (d.ptr, n) for _, src, k in calls)
+        # A download that succeeds: the pool has blocks of the class after it.
+        await s.copy(np.zeros(n // 4, np.float32), d)
+        return took == 1
+
+    await _until_early(attempt)
+    await s.copy(np.zeros(n, np.uint8), dev.empty(n))  # behind it on the stream
+    await _settled(gpuaio_runtime.stager.pool)
+    assert (out == 0x5A).all(), "the failed download wrote the caller's array"
+    d.free()  # the source's allocation was released: freed at once
+    assert d._alloc._freed or d._alloc._free_requested
+
+
+async def test_a_download_of_a_freed_source_raises_and_issues_nothing(
+    dev: gpuaio.Device, gpuaio_runtime: Any
+) -> None:
+    s = dev.stream()
+    n = 4 * KiB
+    d = dev.empty(n)
+    out = np.zeros(n, np.uint8)
+    await s.copy(out, d)  # known since
+    d.free()
+    before = early.issued
+    freed = pytest.raises(gpuaio.BufferFreedError)
+    with _recorded_copies(gpuaio_runtime.backend) as calls, freed:
+        s.copy(out, d)
+    assert early.issued == before and calls == []
+
+
+async def test_early_downloads_keep_stream_order_with_uploads_and_host_steps(
+    dev: gpuaio.Device,
+) -> None:
+    """Round trips through one known host array, nothing awaited until the
+    end: each download carries what the upload before it wrote, each upload
+    what the download before it wrote, and a host memset after a download
+    lands after its copy-out."""
+    n = 16 * KiB
+    s = dev.stream()
+    ds = [dev.empty(n) for _ in range(5)]
+    srcs = [pattern(n, 20 + i) for i in range(5)]
+    for d, src in zip(ds, srcs, strict=True):
+        await s.copy(d, src)
+    buf = np.zeros(n, np.uint8)
+    out = dev.empty(n)
+    back = np.zeros(n, np.uint8)
+
+    async def attempt() -> bool:
+        before = early.issued
+        ops = []
+        for d in ds:
+            ops.append(s.copy(buf, d))  # may go early: into buf
+            ops.append(s.copy(out, buf))  # must read d's bytes out of buf
+            ops.append(s.copy(d, buf))
+        ops.append(s.copy(buf, ds[0]))
+        ops.append(s.memset(buf, 0x33))  # a host step: after the copy-out
+        took = early.issued - before
+        for op in ops:
+            await op
+        assert (buf == 0x33).all()
+        await s.copy(back, out)
+        np.testing.assert_array_equal(back, srcs[-1])
+        for d, src in zip(ds, srcs, strict=True):
+            await s.copy(back, d)
+            np.testing.assert_array_equal(back, src)
+        return took > 0
+
+    await _until_early(attempt)
+
+
+async def test_a_cancelled_wait_for_an_early_download_still_fills_the_array(
+    dev: gpuaio.Device, gpuaio_runtime: Any
+) -> None:
+    """Cancelling the task that awaits the download leaves the copy to
+    complete: the array gets every byte and the block comes back."""
+    n = 64 * KiB
+    s = dev.stream()
+    d = dev.empty(n)
+    want = pattern(n, 31)
+    await s.copy(d, want)
+    out = np.zeros(n, np.uint8)
+
+    async def attempt() -> bool:
+        out[:] = 0
+        before = early.issued
+        op = s.copy(out, d)
+        took = early.issued - before
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await op
+        await s.copy(np.zeros(4, np.uint8), dev.empty(4))
+        await op
+        np.testing.assert_array_equal(out, want)
+        return took == 1
+
+    await _until_early(attempt)
+    await _settled(gpuaio_runtime.stager.pool)
