@@ -31,6 +31,7 @@ def tests(session: nox.Session) -> None:
 GATED_TESTS = (
     "tests/test_gated.py",
     "tests/test_direct_upload.py",
+    "tests/test_early_download.py",
     "tests/test_staging.py",
     "tests/test_copy.py",
     "tests/test_ordering.py",
