@@ -162,11 +162,15 @@ def cached_pageable(arr: np.ndarray[Any, Any], runtime: Runtime) -> bool:
     non-empty and pageable without asking the driver: a copy may take it
     to be such memory before describing it (``gpuaio._engine.early``).
     False says nothing."""
+    # A gpuaio pinned array first: it is asked about on every pinned download
+    # from a device array, and answered without reading its address.
+    if isinstance(_root(arr), _PinnedBlock):
+        return False
     try:
         ptr = _writable_address(arr)
     except (TypeError, ValueError, BufferError):
         return False
-    return not isinstance(_root(arr), _PinnedBlock) and _cached(ptr, runtime.backend)
+    return _cached(ptr, runtime.backend)
 
 
 def describe(obj: Any, runtime: Runtime, name: str = "the buffer") -> BufferInfo:

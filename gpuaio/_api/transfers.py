@@ -171,8 +171,10 @@ class Transfers:
         before ``dst`` is checked (``gpuaio._engine.early``); None, with nothing
         done, where that does not apply: the usual path then takes the copy."""
         rt = self._rt
+        if not cached_pageable(dst, rt):
+            return None
         stager: Stager | None = rt.extras.get("stager")
-        if stager is None or not cached_pageable(dst, rt):
+        if stager is None:
             return None
         try:
             s = describe(src, rt, "src")
