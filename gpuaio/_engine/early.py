@@ -83,14 +83,11 @@ def issue(stager: Stager, seq: Sequencer, src: BufferInfo) -> Early | None:
     short = 0.0 < est <= engine.short_op_s and not seq.exported
     pool = stager.pool
     # Cached blocks only, as Stager.copy: allocating is a slow driver call.
+    # On a miss the usual path asks the pool again (``acquire``, which reclaims
+    # blocks whose events have fired) and counts the miss: not twice per copy.
     block = pool.take_small() if n <= MIN_CLASS else pool.take_cached(n)
     if block is None:
-        try:  # blocks whose guarding events have fired, as Stager.copy
-            block = pool.acquire(n, wait=False, allocate=False)
-        except Exception:  # over the budget, or closed: the usual path says so
-            return None
-        if block is None:  # the usual path, which counts the miss
-            return None
+        return None
     alloc = src.alloc
     try:
         if alloc is not None:
