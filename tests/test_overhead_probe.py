@@ -200,3 +200,19 @@ def test_the_timeline_probe_runs_on_the_fake_gpu(extra: tuple[str, ...]) -> None
     assert rows == [["asyncio", "h2d-pinned", "gpuaio"], ["asyncio", "h2d-pinned", "hand"]], out
     if extra:
         assert "65536 B copies" in out and "a 262144 B host copy before each" in out, out
+
+
+def test_the_after_probe_times_each_method_after_each_predecessor(tmp_path: Path) -> None:
+    """``tools/after_probe.py`` on the simulator: per size and direction, a
+    median for every method after every kind of predecessor."""
+    _run_tool(
+        "after_probe.py", "--allow-sim", "--sizes", "4K", "--reps", "2", "--out", str(tmp_path)
+    )
+    res = json.loads((tmp_path / "after_probe_asyncio.json").read_text())
+    assert [(r["size"], r["way"]) for r in res["rows"]] == [("4KiB", "h2d"), ("4KiB", "d2h")]
+    for r in res["rows"]:
+        keys = {
+            f"{b}:{m}" for b in ("same", "raw", "staged", "burn") for m in ("gpuaio", "hand", "raw")
+        }
+        assert set(r["median_us"]) == keys, r
+        assert all(v > 0 for v in r["median_us"].values()), r
