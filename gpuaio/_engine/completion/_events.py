@@ -54,7 +54,7 @@ from ..._core.timerslack import precise_timers
 from ._engine import CompletionEngine, FaultProbe
 from ._firstpoll import FirstPolls, TailSpins
 from ._queue import StreamQueue, Waiters
-from ._survey import prewake_oldest, survey
+from ._survey import idle_until, prewake_oldest, survey
 from ._tuning import (
     BATCH_AGE_S,
     ETA_EARLY_S,
@@ -129,14 +129,12 @@ class EventEngine(CompletionEngine):
         self._free_events: list[Any] = []
         # (Not ``_thread``: mypyc would name the C field ``__thread``, a keyword.)
         self._watcher: threading.Thread | None = None
-        # The watcher's state, read and written under _lock (but see
-        # _loop_polling_until).
+        # The watcher's state, under _lock (but see _loop_polling_until).
         self._sleeping = False  # waiting on _cv: a notify() wakes it
         self._idle = False  # sleeping with nothing pending, until notified
         self._loop_polling_until = 0.0
         """Until when loops are assumed to poll (and sweep); see the module docstring."""
-        # Shared by the watcher and polling loops, without a lock: a race
-        # costs at most one extra sweep or probe.
+        # Shared by the watcher and loops, unlocked: a race costs a sweep or probe.
         self._next_sweep = 0.0
         self._next_probe = 0.0
         self._probe = FaultProbe(backend, device)
@@ -158,11 +156,9 @@ class EventEngine(CompletionEngine):
         key = self.backend.stream_handle(stream)  # wrappers of one CUstream share a queue
         now = time.perf_counter()
         q = self._queues.get(key)
-        # A short op joins its stream's batch (see ``_queue``), without the
-        # engine's lock; a lone one takes the path below at once. Other ops
-        # pending on the stream are company: in run AK the watcher sealed a
-        # stream's first batch while it held one op, and its other 99 ops of
-        # that loop turn would have had markers of their own for BATCH_PROBE_S.
+        # A short op joins its stream's batch (``_queue``) without the engine's
+        # lock; a lone one takes the path below. Other ops pending are company
+        # (run AK: a first batch sealed at one op left 99 with markers of their own).
         if short and q is not None and self._join(op, q, stream, now, None, block):
             return
         marker = self._place(stream)
@@ -331,9 +327,8 @@ class EventEngine(CompletionEngine):
 
     def _fail_all(self, exc: DeviceFatalError) -> None:
         """After a sticky error: resolve what had fired, fail every other pending op."""
-        # Ops whose markers fired before the fault completed: resolve them
-        # first (a flag still reads after a fault; an event query raises, and
-        # then the rest fail). A probe may find the fault before any drain.
+        # Ops whose markers fired before the fault: resolve them first (a flag
+        # reads after a fault, an event query raises). A probe may come first.
         done: Waiters = []
         with self._lock:
             queues = list(self._queues.values())
@@ -521,15 +516,12 @@ class EventEngine(CompletionEngine):
     def _stand_down(self, pace: _Pace) -> None:
         """Loops poll and sweep: sleep until a hand-off or ``STAND_DOWN_S``.
 
-        Waking up often would cost both threads dearly. A thread woken while
-        a loop is busy waits for the GIL until the interpreter's switch
-        interval (5 ms) forces the loop to let go; meanwhile every time the
-        loop lets go of it briefly (each turn, around its I/O poll) wakes the
-        waiting thread, which rarely gets it, and that costs the loop about
-        3 us a turn. So the watcher does not wake for the fault probe either:
-        polling loops probe in their sweeps (``_sweep``). A task that stops
-        polling hands off (``hand_off``) and wakes it at once; ops nobody
-        awaits are left to this sleep's end.
+        A thread woken while a loop is busy waits for the GIL until the switch
+        interval (5 ms) forces the loop to let go, and each time the loop lets
+        go briefly (around its I/O poll) wakes and rarely gets it: about 3 us
+        a turn of the loop. So the watcher does not wake for the fault probe
+        either (loops probe in their sweeps). A task that stops polling hands
+        off and wakes it at once; ops nobody awaits wait for this sleep's end.
         """
         self._wait(STAND_DOWN_S)
         pace.restart(time.perf_counter())
@@ -569,15 +561,23 @@ class EventEngine(CompletionEngine):
           due later than ``ETA_SLEEP_MIN_S``: sleep until just before then.
           Tasks asleep on an op due within ``PREWAKE_S`` are woken then, so
           their loops poll for it while it finishes (``Operation._prewake``).
+        * No op pending: sleep until a queue may retire or a watch notifies (each
+          wake-up takes the GIL: about a hundred per ``RETIRE_S`` before, issue 13).
         * Within ``SPIN_S`` of new work or a completion: yield the GIL once.
         * Otherwise: sleep ``pace.sleep_s``, twice as long each time in a row.
         """
         now = time.perf_counter()
+        idle = idle_until(queues)
+        if idle:
+            with self._cv:
+                notified = self._wait(max(0.0, idle - now)) if not self.closed else True
+            if notified:
+                pace.restart(time.perf_counter())
+            return
         next_eta, prewake_eta = survey(queues, now)
         if next_eta - now > ETA_SLEEP_MIN_S:
             until = min(next_eta - ETA_EARLY_S, self._next_probe, now + ETA_SLEEP_MAX_S)
-            # A task asleep on an op due soon is woken PREWAKE_S ahead (it polls
-            # from then on): a loop idle that long takes 50-250 us to wake.
+            # Wake a task asleep on an op PREWAKE_S early: an idle loop takes 50-250 us.
             if prewake_eta:
                 until = min(until, prewake_eta - PREWAKE_S)
             notified = False

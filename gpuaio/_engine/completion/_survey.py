@@ -10,9 +10,9 @@ import contextlib
 
 from ..._core.operation import Operation
 from ._queue import StreamQueue
-from ._tuning import PREWAKE_S
+from ._tuning import PREWAKE_S, RETIRE_S
 
-__all__ = ["oldest", "prewake_oldest", "survey"]
+__all__ = ["idle_until", "oldest", "prewake_oldest", "survey"]
 
 
 # Both read each stream's oldest op without the queue's lock (a resolver may
@@ -49,3 +49,15 @@ def prewake_oldest(queues: list[tuple[int, StreamQueue]], by: float) -> None:
     for op in oldest(queues):
         if op._waiters and 0.0 < op._eta <= by:
             op._prewake()
+
+
+def idle_until(queues: list[tuple[int, StreamQueue]]) -> float:
+    """When the first of these queues may retire (``StreamQueue.retire``) if none
+    holds an op; 0 if one does. Until then no pass can resolve anything."""
+    first = 0.0
+    for _key, q in queues:
+        if q.entries:
+            return 0.0
+        if not first or q.last_watch < first:
+            first = q.last_watch
+    return first + RETIRE_S
