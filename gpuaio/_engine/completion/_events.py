@@ -568,9 +568,9 @@ class EventEngine(CompletionEngine):
         """
         now = time.perf_counter()
         idle = idle_until(queues)
-        if idle:
+        if idle:  # (at least MIN_SLEEP_S: a retire that failed on a busy lock)
             with self._cv:
-                notified = self._wait(max(0.0, idle - now)) if not self.closed else True
+                notified = self._wait(max(MIN_SLEEP_S, idle - now)) if not self.closed else True
             if notified:
                 pace.restart(time.perf_counter())
             return

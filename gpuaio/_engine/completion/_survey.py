@@ -7,10 +7,11 @@ on one due soon, so that they poll while the GPU finishes (``_events``).
 from __future__ import annotations
 
 import contextlib
+import math
 
 from ..._core.operation import Operation
 from ._queue import StreamQueue
-from ._tuning import PREWAKE_S, RETIRE_S
+from ._tuning import PREWAKE_S
 
 __all__ = ["idle_until", "oldest", "prewake_oldest", "survey"]
 
@@ -52,12 +53,11 @@ def prewake_oldest(queues: list[tuple[int, StreamQueue]], by: float) -> None:
 
 
 def idle_until(queues: list[tuple[int, StreamQueue]]) -> float:
-    """When the first of these queues may retire (``StreamQueue.retire``) if none
-    holds an op; 0 if one does. Until then no pass can resolve anything."""
-    first = 0.0
+    """When the first of these queues may retire (``StreamQueue.retire_at``) if
+    none holds an op; 0 if one does. Until then no pass can resolve anything."""
+    first = math.inf
     for _key, q in queues:
         if q.entries:
             return 0.0
-        if not first or q.last_watch < first:
-            first = q.last_watch
-    return first + RETIRE_S
+        first = min(first, q.retire_at())
+    return first
