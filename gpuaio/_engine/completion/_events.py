@@ -138,8 +138,8 @@ class EventEngine(CompletionEngine):
         self._next_sweep = 0.0
         self._next_probe = 0.0
         self._probe = FaultProbe(backend, device)
-        # What queues query markers with: the backend's own call, one Python
-        # frame less per poll, unless a subclass has markers of its own.
+        # What queues query markers with: the backend's call (a frame less per
+        # poll) unless a subclass has markers of its own.
         self._fired_call = (
             backend.event_query if type(self)._fired is EventEngine._fired else self._fired
         )
@@ -238,9 +238,8 @@ class EventEngine(CompletionEngine):
             # queued behind a host step) and handed it to nobody: the watcher
             # must not stand down for loops whose sweeps may stop any moment.
             self._loop_polling_until = 0.0
-            # Due soon (a staged copy's last DMA): wake its loop from here,
-            # to poll while the GPU finishes, rather than after the watcher
-            # has woken and seen it done (two wake-ups of 50-100 us in a row).
+            # Due soon (a staged copy's last DMA): wake its loop from here to poll while
+            # the GPU finishes, not after the watcher saw it done (2 wake-ups of 50-100 us).
             prewake = bool(op._eta) and op._eta - now <= PREWAKE_S
         if self._watcher is None:
             self._watcher = threading.Thread(
@@ -387,10 +386,9 @@ class EventEngine(CompletionEngine):
         self._loop_polling_until = now + LOOP_COVER_S  # unlocked: see the module docstring
         sweep = now >= self._next_sweep
         if op._done:
-            # A drain of its stream resolved it since this await began, and all
-            # before it: sweeps may leave the stream to its polling tasks a while,
-            # as after a drain from here (most sweep drains with 1,000 tasks
-            # found nothing new).
+            # A drain resolved it (and all before it) since this await began:
+            # sweeps may leave the stream to its polling tasks a while, as after
+            # a drain from here (most sweep drains with 1,000 tasks found nothing).
             q.last_poll = now
             if not sweep:
                 return True
@@ -408,9 +406,8 @@ class EventEngine(CompletionEngine):
                 if batch is q.open:
                     # This task waits for the open batch: have its marker placed.
                     q.seal(block=False, learn=True)
-                # An op completes no earlier than its batch's marker was placed:
-                # one due long ago by its own estimate is polled for a window
-                # from then on, rather than slept on.
+                # An op completes no earlier than its batch's marker was placed: one
+                # due long ago by its estimate is polled for a window from then on.
                 placed = batch.placed if batch.event is not None else now
                 if placed > op._eta:
                     op._eta = placed
@@ -504,14 +501,18 @@ class EventEngine(CompletionEngine):
         finally:
             self._sleeping = False
 
-    def _sleep_until_work(self, pace: _Pace) -> None:
-        """Nothing pending: block, using no CPU, until ``watch`` or ``close`` notifies."""
+    def _sleep_until_work(self, pace: _Pace, timeout: float | None = None) -> None:
+        """Nothing pending: sleep until ``watch`` (even while loops poll), ``close``
+        or ``timeout``; then spin, from the shortest back-off if notified."""
         self._idle = True
         try:
-            self._wait(None)
+            notified = self._wait(timeout)
         finally:
             self._idle = False
-        pace.spin_again()
+        if notified:
+            pace.restart(time.perf_counter())
+        else:
+            pace.spin_again()
 
     def _stand_down(self, pace: _Pace) -> None:
         """Loops poll and sweep: sleep until a hand-off or ``STAND_DOWN_S``.
@@ -549,8 +550,7 @@ class EventEngine(CompletionEngine):
         if not waiters:
             return False
         pace.restart(time.perf_counter())
-        # Not kept while this thread sleeps: a waiter's wake-up holds its
-        # event loop, which must be collectable once closed.
+        # Not kept while asleep: a waiter's wake-up holds its loop, collectable once closed.
         post_waiters(waiters)
         return True
 
@@ -561,18 +561,18 @@ class EventEngine(CompletionEngine):
           due later than ``ETA_SLEEP_MIN_S``: sleep until just before then.
           Tasks asleep on an op due within ``PREWAKE_S`` are woken then, so
           their loops poll for it while it finishes (``Operation._prewake``).
-        * No op pending: sleep until a queue may retire or a watch notifies (each
-          wake-up takes the GIL: about a hundred per ``RETIRE_S`` before, issue 13).
+        * No op pending: sleep until a queue may retire or a watch notifies.
         * Within ``SPIN_S`` of new work or a completion: yield the GIL once.
         * Otherwise: sleep ``pace.sleep_s``, twice as long each time in a row.
         """
         now = time.perf_counter()
         idle = idle_until(queues)
-        if idle:  # (at least MIN_SLEEP_S: a retire that failed on a busy lock)
+        # (Each pass takes the GIL: idle, the watcher made about a hundred per
+        # RETIRE_S before, issue 13; at least MIN_SLEEP_S: a retire may fail.)
+        if idle:
             with self._cv:
-                notified = self._wait(max(MIN_SLEEP_S, idle - now)) if not self.closed else True
-            if notified:
-                pace.restart(time.perf_counter())
+                if not self.closed:
+                    self._sleep_until_work(pace, max(MIN_SLEEP_S, idle - now))
             return
         next_eta, prewake_eta = survey(queues, now)
         if next_eta - now > ETA_SLEEP_MIN_S:
