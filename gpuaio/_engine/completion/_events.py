@@ -54,7 +54,7 @@ from ..._core.timerslack import precise_timers
 from ._engine import CompletionEngine, FaultProbe
 from ._firstpoll import FirstPolls, TailSpins
 from ._queue import StreamQueue, Waiters
-from ._survey import idle_until, prewake_oldest, survey
+from ._survey import prewake_oldest, survey
 from ._tuning import (
     BATCH_AGE_S,
     ETA_EARLY_S,
@@ -129,17 +129,19 @@ class EventEngine(CompletionEngine):
         self._free_events: list[Any] = []
         # (Not ``_thread``: mypyc would name the C field ``__thread``, a keyword.)
         self._watcher: threading.Thread | None = None
-        # The watcher's state, under _lock (but see _loop_polling_until).
+        # The watcher's state, read and written under _lock (but see
+        # _loop_polling_until).
         self._sleeping = False  # waiting on _cv: a notify() wakes it
         self._idle = False  # sleeping with nothing pending, until notified
         self._loop_polling_until = 0.0
         """Until when loops are assumed to poll (and sweep); see the module docstring."""
-        # Shared by the watcher and loops, unlocked: a race costs a sweep or probe.
+        # Shared by the watcher and polling loops, without a lock: a race
+        # costs at most one extra sweep or probe.
         self._next_sweep = 0.0
         self._next_probe = 0.0
         self._probe = FaultProbe(backend, device)
-        # What queues query markers with: the backend's call (a frame less per
-        # poll) unless a subclass has markers of its own.
+        # What queues query markers with: the backend's own call, one Python
+        # frame less per poll, unless a subclass has markers of its own.
         self._fired_call = (
             backend.event_query if type(self)._fired is EventEngine._fired else self._fired
         )
@@ -156,9 +158,11 @@ class EventEngine(CompletionEngine):
         key = self.backend.stream_handle(stream)  # wrappers of one CUstream share a queue
         now = time.perf_counter()
         q = self._queues.get(key)
-        # A short op joins its stream's batch (``_queue``) without the engine's
-        # lock; a lone one takes the path below. Other ops pending are company
-        # (run AK: a first batch sealed at one op left 99 with markers of their own).
+        # A short op joins its stream's batch (see ``_queue``), without the
+        # engine's lock; a lone one takes the path below at once. Other ops
+        # pending on the stream are company: in run AK the watcher sealed a
+        # stream's first batch while it held one op, and its other 99 ops of
+        # that loop turn would have had markers of their own for BATCH_PROBE_S.
         if short and q is not None and self._join(op, q, stream, now, None, block):
             return
         marker = self._place(stream)
@@ -238,8 +242,9 @@ class EventEngine(CompletionEngine):
             # queued behind a host step) and handed it to nobody: the watcher
             # must not stand down for loops whose sweeps may stop any moment.
             self._loop_polling_until = 0.0
-            # Due soon (a staged copy's last DMA): wake its loop from here to poll while
-            # the GPU finishes, not after the watcher saw it done (2 wake-ups of 50-100 us).
+            # Due soon (a staged copy's last DMA): wake its loop from here,
+            # to poll while the GPU finishes, rather than after the watcher
+            # has woken and seen it done (two wake-ups of 50-100 us in a row).
             prewake = bool(op._eta) and op._eta - now <= PREWAKE_S
         if self._watcher is None:
             self._watcher = threading.Thread(
@@ -326,8 +331,9 @@ class EventEngine(CompletionEngine):
 
     def _fail_all(self, exc: DeviceFatalError) -> None:
         """After a sticky error: resolve what had fired, fail every other pending op."""
-        # Ops whose markers fired before the fault: resolve them first (a flag
-        # reads after a fault, an event query raises). A probe may come first.
+        # Ops whose markers fired before the fault completed: resolve them
+        # first (a flag still reads after a fault; an event query raises, and
+        # then the rest fail). A probe may find the fault before any drain.
         done: Waiters = []
         with self._lock:
             queues = list(self._queues.values())
@@ -386,9 +392,10 @@ class EventEngine(CompletionEngine):
         self._loop_polling_until = now + LOOP_COVER_S  # unlocked: see the module docstring
         sweep = now >= self._next_sweep
         if op._done:
-            # A drain resolved it (and all before it) since this await began:
-            # sweeps may leave the stream to its polling tasks a while, as after
-            # a drain from here (most sweep drains with 1,000 tasks found nothing).
+            # A drain of its stream resolved it since this await began, and all
+            # before it: sweeps may leave the stream to its polling tasks a while,
+            # as after a drain from here (most sweep drains with 1,000 tasks
+            # found nothing new).
             q.last_poll = now
             if not sweep:
                 return True
@@ -406,8 +413,9 @@ class EventEngine(CompletionEngine):
                 if batch is q.open:
                     # This task waits for the open batch: have its marker placed.
                     q.seal(block=False, learn=True)
-                # An op completes no earlier than its batch's marker was placed: one
-                # due long ago by its estimate is polled for a window from then on.
+                # An op completes no earlier than its batch's marker was placed:
+                # one due long ago by its own estimate is polled for a window
+                # from then on, rather than slept on.
                 placed = batch.placed if batch.event is not None else now
                 if placed > op._eta:
                     op._eta = placed
@@ -501,28 +509,27 @@ class EventEngine(CompletionEngine):
         finally:
             self._sleeping = False
 
-    def _sleep_until_work(self, pace: _Pace, timeout: float | None = None) -> None:
-        """Nothing pending: sleep until ``watch`` (even while loops poll), ``close``
-        or ``timeout``; then spin, from the shortest back-off if notified."""
+    def _sleep_until_work(self, pace: _Pace) -> None:
+        """Nothing pending: block, using no CPU, until ``watch`` or ``close`` notifies."""
         self._idle = True
         try:
-            notified = self._wait(timeout)
+            self._wait(None)
         finally:
             self._idle = False
-        if notified:
-            pace.restart(time.perf_counter())
-        else:
-            pace.spin_again()
+        pace.spin_again()
 
     def _stand_down(self, pace: _Pace) -> None:
         """Loops poll and sweep: sleep until a hand-off or ``STAND_DOWN_S``.
 
-        A thread woken while a loop is busy waits for the GIL until the switch
-        interval (5 ms) forces the loop to let go, and each time the loop lets
-        go briefly (around its I/O poll) wakes and rarely gets it: about 3 us
-        a turn of the loop. So the watcher does not wake for the fault probe
-        either (loops probe in their sweeps). A task that stops polling hands
-        off and wakes it at once; ops nobody awaits wait for this sleep's end.
+        Waking up often would cost both threads dearly. A thread woken while
+        a loop is busy waits for the GIL until the interpreter's switch
+        interval (5 ms) forces the loop to let go; meanwhile every time the
+        loop lets go of it briefly (each turn, around its I/O poll) wakes the
+        waiting thread, which rarely gets it, and that costs the loop about
+        3 us a turn. So the watcher does not wake for the fault probe either:
+        polling loops probe in their sweeps (``_sweep``). A task that stops
+        polling hands off (``hand_off``) and wakes it at once; ops nobody
+        awaits are left to this sleep's end.
         """
         self._wait(STAND_DOWN_S)
         pace.restart(time.perf_counter())
@@ -550,7 +557,8 @@ class EventEngine(CompletionEngine):
         if not waiters:
             return False
         pace.restart(time.perf_counter())
-        # Not kept while asleep: a waiter's wake-up holds its loop, collectable once closed.
+        # Not kept while this thread sleeps: a waiter's wake-up holds its
+        # event loop, which must be collectable once closed.
         post_waiters(waiters)
         return True
 
@@ -561,23 +569,15 @@ class EventEngine(CompletionEngine):
           due later than ``ETA_SLEEP_MIN_S``: sleep until just before then.
           Tasks asleep on an op due within ``PREWAKE_S`` are woken then, so
           their loops poll for it while it finishes (``Operation._prewake``).
-        * No op pending: sleep until a queue may retire or a watch notifies.
         * Within ``SPIN_S`` of new work or a completion: yield the GIL once.
         * Otherwise: sleep ``pace.sleep_s``, twice as long each time in a row.
         """
         now = time.perf_counter()
-        idle = idle_until(queues)
-        # (Each pass takes the GIL: idle, the watcher made about a hundred per
-        # RETIRE_S before, issue 13; at least MIN_SLEEP_S: a retire may fail.)
-        if idle:
-            with self._cv:
-                if not self.closed:
-                    self._sleep_until_work(pace, max(MIN_SLEEP_S, idle - now))
-            return
         next_eta, prewake_eta = survey(queues, now)
         if next_eta - now > ETA_SLEEP_MIN_S:
             until = min(next_eta - ETA_EARLY_S, self._next_probe, now + ETA_SLEEP_MAX_S)
-            # Wake a task asleep on an op PREWAKE_S early: an idle loop takes 50-250 us.
+            # A task asleep on an op due soon is woken PREWAKE_S ahead (it polls
+            # from then on): a loop idle that long takes 50-250 us to wake.
             if prewake_eta:
                 until = min(until, prewake_eta - PREWAKE_S)
             notified = False

@@ -318,10 +318,6 @@ class StreamQueue:
             raise m.error
         return True
 
-    def retire_at(self) -> float:
-        """When :meth:`retire` may first let the queue go (if it is empty then)."""
-        return self.last_watch + RETIRE_S
-
     def retire(self, now: float) -> bool:
         """Whether the queue may leave its engine (empty, idle ``RETIRE_S``): then no
         op joins it any more.
@@ -331,7 +327,7 @@ class StreamQueue:
         every other way into an engine's queues takes; an op may join without
         it, so joining and retiring exclude each other through ``seal_lock``.
         """
-        if now < self.retire_at() or not self.seal_lock.acquire(False):
+        if now - self.last_watch < RETIRE_S or not self.seal_lock.acquire(False):
             return False
         try:
             if self.entries:

@@ -7,13 +7,12 @@ on one due soon, so that they poll while the GPU finishes (``_events``).
 from __future__ import annotations
 
 import contextlib
-import math
 
 from ..._core.operation import Operation
 from ._queue import StreamQueue
 from ._tuning import PREWAKE_S
 
-__all__ = ["idle_until", "oldest", "prewake_oldest", "survey"]
+__all__ = ["oldest", "prewake_oldest", "survey"]
 
 
 # Both read each stream's oldest op without the queue's lock (a resolver may
@@ -50,14 +49,3 @@ def prewake_oldest(queues: list[tuple[int, StreamQueue]], by: float) -> None:
     for op in oldest(queues):
         if op._waiters and 0.0 < op._eta <= by:
             op._prewake()
-
-
-def idle_until(queues: list[tuple[int, StreamQueue]]) -> float:
-    """When the first of these queues may retire (``StreamQueue.retire_at``) if
-    none holds an op; 0 if one does. Until then no pass can resolve anything."""
-    first = math.inf
-    for _key, q in queues:
-        if q.entries:
-            return 0.0
-        first = min(first, q.retire_at())
-    return first
