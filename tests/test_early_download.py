@@ -4,8 +4,9 @@ destination is checked (``gpuaio._engine.early``).
 The DMA fills a pinned block only; the caller's array is written by the
 op's completion step. These tests check that a download into an array
 ``describe`` already knows issues its DMA first, that every other download
-takes the usual path, that a destination failing its checks after the DMA
-was issued raises as before, writes nothing and leaks nothing, and that
+takes the usual path, that a destination failing its checks raises before
+any DMA, that one changed after the DMA was issued raises as before, writes
+nothing and leaks nothing, and that
 stream order holds across uploads, downloads and host steps with none
 awaited in between.
 """
@@ -111,32 +112,77 @@ async def test_other_downloads_take_the_usual_path(dev: gpuaio.Device) -> None:
     assert seen[-1] == (n, n)
 
 
-async def test_a_destination_failing_its_checks_raises_writes_nothing_and_leaks_nothing(
-    dev: gpuaio.Device, gpuaio_runtime: Any
+@pytest.mark.parametrize("view", ["dtype", "size"], ids=["another-dtype", "a-smaller-array"])
+async def test_a_destination_failing_its_checks_raises_and_enqueues_nothing(
+    dev: gpuaio.Device, gpuaio_runtime: Any, view: str
 ) -> None:
-    """A view of a known array with another dtype: the DMA was issued before
-    the check, the call still raises the mismatch, the array keeps its
-    bytes, and the block and the source come back once the DMA has run."""
+    """A view of a known array with another dtype, or a part of it: the call
+    raises the mismatch before any DMA (a call rejected for its arguments
+    enqueues nothing, as ``tests/test_bad_input.py`` asks of every call), and
+    the array keeps its bytes. The same source into the whole array takes
+    the early path meanwhile: the early path was open to the bad call too."""
     s = dev.stream()
     n = 4 * KiB
     d = dev.empty(n // 4, np.float32)
     await s.copy(d, pattern(n, 9).view(np.float32))
     out = np.zeros(n, np.uint8)
     out[:] = 0x5A
-    bad = out.view(np.uint16)  # 2-byte items: neither side is a byte buffer
+    # 2-byte items (neither side a byte buffer), or the same dtype, half the size.
+    bad = out.view(np.uint16) if view == "dtype" else out.view(np.float32)[: n // 8]
+    good = np.zeros(n // 4, np.float32)
 
     async def attempt() -> bool:
         before = early.issued
-        mismatch = pytest.raises(gpuaio.InvalidArgumentError, match="dtype mismatch")
+        mismatch = pytest.raises(
+            gpuaio.InvalidArgumentError,
+            match="dtype mismatch" if view == "dtype" else "size mismatch",
+        )
         with _recorded_copies(gpuaio_runtime.backend) as calls, mismatch:
             s.copy(bad, d)
-        # Early, the DMA ran though the call raised; else none was made.
-        took = early.issued - before
-        assert len(calls) == took
-        assert all((src, k) == (d.ptr, n) for _, src, k in calls)
+        assert calls == [], "a rejected call enqueued a copy"
+        assert early.issued == before
+        await s.copy(good, d)
+        return early.issued == before + 1
+
+    await _until_early(attempt)
+    assert (out == 0x5A).all(), "the rejected download wrote the caller's array"
+    assert good.tobytes() == pattern(n, 9).tobytes()
+
+
+@pytest.mark.patches_compiled
+async def test_a_destination_registered_after_the_early_dma_leaks_nothing(
+    dev: gpuaio.Device, gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another thread registers the array between the early path's look at it
+    and ``describe``'s (stood in for here by ``describe`` raising once the DMA
+    is issued): the call raises, the array keeps its bytes, and the block and
+    the source come back once the DMA has run, as an op nobody awaits."""
+    from gpuaio._api import transfers
+
+    s = dev.stream()
+    n = 4 * KiB
+    d = dev.empty(n)
+    await s.copy(d, pattern(n, 3))
+    out = np.zeros(n, np.uint8)
+    await s.copy(out, d)  # known since
+    out[:] = 0x5A
+    real = transfers.describe
+
+    def changed(obj: Any, rt: Any, name: str = "the buffer") -> Any:
+        if obj is out:
+            raise gpuaio.InvalidArgumentError("registered meanwhile")
+        return real(obj, rt, name)
+
+    async def attempt() -> bool:
+        before = early.issued
+        with monkeypatch.context() as m:
+            m.setattr(transfers, "describe", changed)
+            with pytest.raises(gpuaio.InvalidArgumentError, match="registered meanwhile"):
+                s.copy(out, d)
+        took = early.issued == before + 1
         # A download that succeeds: the pool has blocks of the class after it.
-        await s.copy(np.zeros(n // 4, np.float32), d)
-        return took == 1
+        await s.copy(np.zeros(n, np.uint8), d)
+        return took
 
     await _until_early(attempt)
     await s.copy(np.zeros(n, np.uint8), dev.empty(n))  # behind it on the stream

@@ -168,8 +168,9 @@ class Transfers:
 
     def _download_early(self, dst: np.ndarray[Any, Any], src: DeviceArray) -> Operation | None:
         """:meth:`copy` of a small download into pageable memory, its DMA issued
-        before ``dst`` is checked (``gpuaio._engine.early``); None, with nothing
-        done, where that does not apply: the usual path then takes the copy."""
+        before ``dst`` is described (``gpuaio._engine.early``), once its size,
+        dtype and shape are found to fit; None, with nothing done, where that
+        does not apply: the usual path then takes the copy (or rejects it)."""
         rt = self._rt
         if not cached_pageable(dst, rt):
             return None
@@ -182,6 +183,8 @@ class Transfers:
             return None
         if s.kind is not _DEVICE or s.device != self._ordinal or not s.contiguous:
             return None
+        if not _fits(dst, s):  # the usual path raises the mismatch, nothing enqueued
+            return None
         seq = self._seq
         early = issue(stager, seq, s)
         if early is None:
@@ -191,7 +194,8 @@ class Transfers:
             d = describe(dst, rt, "dst")
             check_copy(d, s)
         except BaseException:
-            # Raised as before, nothing written: the DMA completes unawaited.
+            # (_fits passed: only a change since, by another thread.) Raised
+            # as before, nothing written: the DMA completes unawaited.
             adopt(stager, seq, early, Operation(_EARLY_LABEL, self, (src, s.owner), n), 0)
             raise
         if d.kind is not _PAGEABLE:  # registered since the check (another thread)
@@ -387,6 +391,20 @@ def _check_writable(d: BufferInfo, what: str) -> None:
 
 def _is_bytes(info: BufferInfo) -> bool:
     return info.dtype.itemsize == 1 and len(info.shape) <= 1
+
+
+def _fits(dst: np.ndarray[Any, Any], s: BufferInfo) -> bool:
+    """Whether :func:`check_copy` passes ``dst`` against the contiguous ``s``,
+    where ``dst`` is known writable, C-contiguous and non-empty
+    (``cached_pageable``): the same size, and the same dtype and shape unless
+    either side is a byte buffer. A host array and device memory never overlap.
+    Asked before a small download's early DMA: a call rejected for its
+    arguments enqueues nothing (``tests/test_bad_input.py``)."""
+    if dst.nbytes != s.nbytes:
+        return False
+    if (dst.dtype.itemsize == 1 and dst.ndim <= 1) or _is_bytes(s):
+        return True
+    return bool(dst.dtype == s.dtype) and dst.shape == s.shape
 
 
 def check_copy(d: BufferInfo, s: BufferInfo) -> None:

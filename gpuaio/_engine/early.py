@@ -13,10 +13,14 @@ its driver call, and on GPU hosts gpuaio's call reached the driver 3-5 us
 later than a hand-written download, more after a large copy-out had emptied
 the caches (issue 13, run FB).
 
-The destination is checked as fully as before, before the call returns: if
-it fails, the call raises what it raised before, nothing has been written to
-the caller's memory, and the DMA completes as an op nobody awaits, which
-releases the block and the source's allocation once it has run
+The destination's size, dtype and shape are checked against the source
+before the DMA, from the array itself (``transfers._fits``): a call rejected
+for its arguments enqueues nothing. The rest of its checks (``describe``: the
+registry, the memory kind) come after and are as full as before, before the
+call returns: should one fail now (another thread registered the array
+meanwhile), the call raises or goes the usual way as before, nothing has been
+written to the caller's memory, and the DMA completes as an op nobody awaits,
+which releases the block and the source's allocation once it has run
 (``adopt`` with no destination).
 """
 
