@@ -80,14 +80,19 @@ class Recorder:
         cls.event_query = event_query
 
     def row(self, t0: float, t1: float) -> dict[str, float]:
-        """The marks of the op awaited from ``t0`` to ``t1``, first of each kind."""
+        """The marks of the op awaited from ``t0`` to ``t1``: the first of each
+        kind, but the last ``hit``, the query that let the await return (a
+        sweep may find another stream's or an older marker fired first)."""
         out: dict[str, float] = {"return": t1 - t0}
         misses = 0
         for name, t in self.marks:
             if name == "miss":
                 misses += 1
                 name = f"miss{misses}"
-            out.setdefault(name, t - t0)
+            if name == "hit":
+                out[name] = t - t0
+            else:
+                out.setdefault(name, t - t0)
         out["n_miss"] = misses
         self.marks.clear()
         return out
