@@ -20,7 +20,8 @@ thread), each right after one of these, per size and direction:
 * ``raw``: a raw blocking pinned copy of the same size;
 * ``staged``: a gpuaio copy of the same size from or to pageable memory
   (transfers.py's order);
-* ``burn``: ``--burn-ms`` of unrelated Python on the loop's thread.
+* ``burn``: ``--burn-ms`` of unrelated Python on the loop's thread (the
+  floor probe's ``burn``; run GB's figures came from a plain counting loop).
 
 Medians of ``--reps`` interleaved rounds, in us; then per predecessor each
 method's excess over ``raw`` after the same predecessor. GPU only
@@ -46,23 +47,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import _harness as H
-from floor_probe import YIELD, Raw
+from floor_probe import YIELD, Raw, burn
 
 import gpuaio
 from gpuaio._engine.pool import parse_size
 
 METHODS = ("gpuaio", "hand", "raw")
 BEFORE = ("same", "raw", "staged", "burn")
-
-
-def burn(ms: float) -> None:
-    """Unrelated Python on the loop's thread (as between transfers.py's samples)."""
-    end = time.perf_counter() + ms * 1e-3
-    x = 0
-    while time.perf_counter() < end:
-        for i in range(50):
-            x += i
-    del x
 
 
 async def one_way(
@@ -100,7 +91,7 @@ async def one_way(
         elif kind == "staged":
             await (s.copy(d, page) if up else s.copy(page, d))
         else:
-            burn(args.burn_ms)
+            burn(args.burn_ms * 1e-3)
 
     samples: dict[tuple[str, str], list[float]] = {(b, m): [] for b in BEFORE for m in METHODS}
     keys = list(samples)

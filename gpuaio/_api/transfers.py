@@ -191,11 +191,11 @@ class Transfers:
             return None
         n = s.nbytes
         try:
+            # No check_copy: cached_pageable and _fits covered all it asks.
             d = describe(dst, rt, "dst")
-            check_copy(d, s)
         except BaseException:
-            # (_fits passed: only a change since, by another thread.) Raised
-            # as before, nothing written: the DMA completes unawaited.
+            # Raised as before (only a change since, by another thread),
+            # nothing written: the DMA completes unawaited.
             adopt(stager, seq, early, Operation(_EARLY_LABEL, self, (src, s.owner), n), 0)
             raise
         if d.kind is not _PAGEABLE:  # registered since the check (another thread)
@@ -393,18 +393,29 @@ def _is_bytes(info: BufferInfo) -> bool:
     return info.dtype.itemsize == 1 and len(info.shape) <= 1
 
 
+def _mismatch(nbytes: int, dtype: np.dtype[Any], shape: tuple[int, ...], s: BufferInfo) -> str:
+    """Why a destination of this size, dtype and shape cannot take ``s`` ("" if
+    it can): the same size, and the same dtype and shape unless either side is
+    a byte buffer. :func:`check_copy`'s rule, and the early download's, which
+    asks it of the array itself before its DMA (``_fits``)."""
+    if nbytes != s.nbytes:
+        return f"size mismatch: destination has {nbytes} bytes, source has {s.nbytes}"
+    if (dtype.itemsize == 1 and len(shape) <= 1) or _is_bytes(s):
+        return ""
+    if dtype != s.dtype:
+        return f"dtype mismatch: destination is {dtype}, source is {s.dtype}"
+    if shape != s.shape:
+        return f"shape mismatch: destination is {shape}, source is {s.shape}"
+    return ""
+
+
 def _fits(dst: np.ndarray[Any, Any], s: BufferInfo) -> bool:
-    """Whether :func:`check_copy` passes ``dst`` against the contiguous ``s``,
-    where ``dst`` is known writable, C-contiguous and non-empty
-    (``cached_pageable``): the same size, and the same dtype and shape unless
-    either side is a byte buffer. A host array and device memory never overlap.
-    Asked before a small download's early DMA: a call rejected for its
-    arguments enqueues nothing (``tests/test_bad_input.py``)."""
-    if dst.nbytes != s.nbytes:
-        return False
-    if (dst.dtype.itemsize == 1 and dst.ndim <= 1) or _is_bytes(s):
-        return True
-    return bool(dst.dtype == s.dtype) and dst.shape == s.shape
+    """Whether :func:`check_copy` passes ``dst`` against the contiguous device
+    buffer ``s``, where ``dst`` is known writable, C-contiguous and non-empty
+    (``cached_pageable``); a host array and device memory never overlap. Asked
+    before a small download's early DMA: a call rejected for its arguments
+    enqueues nothing (``tests/test_bad_input.py``)."""
+    return not _mismatch(dst.nbytes, dst.dtype, dst.shape, s)
 
 
 def check_copy(d: BufferInfo, s: BufferInfo) -> None:
@@ -413,18 +424,8 @@ def check_copy(d: BufferInfo, s: BufferInfo) -> None:
         raise InvalidArgumentError(
             "the source is not C-contiguous; copy it into a contiguous buffer first"
         )
-    if d.nbytes != s.nbytes:
-        raise InvalidArgumentError(
-            f"size mismatch: destination has {d.nbytes} bytes, source has {s.nbytes}"
-        )
-    if not (_is_bytes(d) or _is_bytes(s)):
-        if d.dtype != s.dtype:
-            raise InvalidArgumentError(
-                f"dtype mismatch: destination is {d.dtype}, source is {s.dtype}"
-            )
-        if d.shape != s.shape:
-            raise InvalidArgumentError(
-                f"shape mismatch: destination is {d.shape}, source is {s.shape}"
-            )
+    why = _mismatch(d.nbytes, d.dtype, d.shape, s)
+    if why:
+        raise InvalidArgumentError(why)
     if d.nbytes and d.ptr < s.ptr + s.nbytes and s.ptr < d.ptr + d.nbytes:
         raise InvalidArgumentError("source and destination overlap")
