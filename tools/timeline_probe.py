@@ -26,7 +26,8 @@ next call (issue 13, round forty-four).
 the CUDA backend's methods are wrapped (they are Python in every build),
 there is no ``gpu_done``, and queries made by the completion watcher's
 thread are marked apart (``w_miss1``, ``w_hit``): an await that returns
-after a ``w_hit`` was woken across threads. ``--bytes`` takes a list of
+after a ``w_hit`` was woken across threads; ``x_memcpy`` marks a copy issued
+by another thread than the loop's (a stream's host thread). ``--bytes`` takes a list of
 sizes (``4K,1M,64M``), ``--burn-ms`` runs that much unrelated Python on the
 loop before each timed op (the floor probe's ``burn``: a cold call), and
 ``--out`` writes the medians as JSON. A lone awaited pinned copy costs
@@ -60,6 +61,7 @@ from gpuaio._engine.pool import parse_size
 
 MARKS = (
     "memcpy",
+    "x_memcpy",
     "memcpy_ret",
     "record",
     "record_ret",
@@ -92,7 +94,10 @@ class Recorder:
         ident = threading.get_ident
 
         def memcpy_async(self: Any, dst: int, src: int, nbytes: int, stream: Any) -> None:
-            marks.append(("memcpy", clock()))
+            t = clock()
+            marks.append(("memcpy", t))
+            if ident() != loop_thread:  # issued by another thread (a stream's host thread)
+                marks.append(("x_memcpy", t))
             copy(self, dst, src, nbytes, stream)
             marks.append(("memcpy_ret", clock()))
             busy_until = getattr(stream, "busy_until", None)  # the fake GPU's; not CUDA's

@@ -36,6 +36,11 @@ the watcher's decision and its sleep (the reset would then wake nobody).
 Polls write it without the lock: they run on the loop for every poll, and
 their write is true whenever it lands (a loop polled just now), so a poll
 racing a reset is the same as a poll just after it.
+
+A new op wakes a sleeping watcher only where it sleeps until told (nothing
+was pending) or a task already sleeps on the op. Its other sleeps (a
+stand-down, a rest) end by themselves, and a task that awaits the op polls
+for it or hands it off; an op nobody awaits waits for the sleep's end.
 """
 
 from __future__ import annotations
@@ -223,10 +228,8 @@ class EventEngine(CompletionEngine):
             op._eta = q.busy_until = (busy if busy > now else now) + op._est
         op._poll = (self, q, batch)
         # The watcher exists (the queue does); it need not hear of a short op,
-        # unless a task already sleeps on it or it sleeps while no loop polls.
-        if op._waiters is not None or (
-            self._sleeping and (self._idle or now >= self._loop_polling_until)
-        ):
+        # unless a task already sleeps on it or it sleeps until told (_watched).
+        if op._waiters is not None or (self._sleeping and self._idle):
             with self._lock:
                 prewake = self._watched(op, now)
             if prewake:
@@ -251,8 +254,16 @@ class EventEngine(CompletionEngine):
                 target=self._run, name=f"gpuaio-completion-{self.device}", daemon=True
             )
             self._watcher.start()
-        elif self._sleeping and (self._idle or now >= self._loop_polling_until):
-            # Not while loops poll: their sweeps find this op too.
+        elif self._sleeping and (self._idle or op._waiters is not None):
+            # Only a watcher asleep until told, or one that must catch an op
+            # a task already sleeps on. Every other sleep of the watcher's
+            # ends by itself within STAND_DOWN_S (a rest, sooner), and a task
+            # that awaits this op polls for it or hands it off, which wakes
+            # the watcher (``hand_off``): an op nobody awaits waits for that
+            # sleep's end, as it would while loops poll. A notify here cost a
+            # lone op awaited after a pause of the loop's a futex wake-up, and
+            # the GIL, which the woken watcher takes at the loop's next I/O
+            # poll, for a pass that found nothing (issue 13, round 47).
             self._cv.notify()
         return prewake
 
