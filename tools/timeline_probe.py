@@ -60,6 +60,7 @@ import gpuaio
 from gpuaio._engine.pool import parse_size
 
 MARKS = (
+    "memcpy_cpu",
     "memcpy",
     "x_memcpy",
     "memcpy_ret",
@@ -92,12 +93,15 @@ class Recorder:
         self.loop_thread = threading.get_ident()
         loop_thread = self.loop_thread
         ident = threading.get_ident
+        thread_time = time.thread_time
 
         def memcpy_async(self: Any, dst: int, src: int, nbytes: int, stream: Any) -> None:
             t = clock()
             marks.append(("memcpy", t))
             if ident() != loop_thread:  # issued by another thread (a stream's host thread)
                 marks.append(("x_memcpy", t))
+            else:  # the loop thread's CPU time so far: how much of ``memcpy`` it ran
+                marks.append(("memcpy_cpu", thread_time()))
             copy(self, dst, src, nbytes, stream)
             marks.append(("memcpy_ret", clock()))
             busy_until = getattr(stream, "busy_until", None)  # the fake GPU's; not CUDA's
@@ -139,16 +143,23 @@ class Recorder:
         set._timeline = True  # type: ignore[attr-defined]
         cls.set = set  # type: ignore[method-assign]
 
-    def row(self, t0: float, t1: float) -> dict[str, float]:
+    def row(self, t0: float, t1: float, cpu0: float | None = None) -> dict[str, float]:
         """The marks of the op awaited from ``t0`` to ``t1``: the first of each
         kind, but the last ``hit``, ``w_hit`` and ``wake``: the query that let
         the await return (a sweep may find another stream's or an older
         marker fired first), and the wake-up after it (not a pre-wake's).
         Marks before ``t0`` (a watcher's late query of the last op) are left
-        out."""
+        out. ``memcpy_cpu`` is the loop thread's CPU time (``time.thread_time``)
+        from ``cpu0``, taken at ``t0``, to the driver call: where it falls
+        short of ``memcpy``, the thread waited (for the GIL, a lock) or was
+        not running."""
         out: dict[str, float] = {"return": t1 - t0}
         misses = {"miss": 0, "w_miss": 0}
         for name, t in self.marks:
+            if name == "memcpy_cpu":
+                if cpu0 is not None and name not in out:
+                    out[name] = t - cpu0
+                continue
             if t < t0 and name != "gpu_done":
                 continue
             if name in misses:
@@ -175,14 +186,15 @@ async def timeline(
         await start()
     rec.marks.clear()
     rows = []
-    clock = time.perf_counter
+    clock, thread_time = time.perf_counter, time.thread_time
     for _ in range(ops):
         if before is not None:
             before()
             rec.marks.clear()
+        cpu0 = thread_time()
         t0 = clock()
         await start()
-        rows.append(rec.row(t0, clock()))
+        rows.append(rec.row(t0, clock(), cpu0))
     return rows
 
 
