@@ -36,11 +36,6 @@ the watcher's decision and its sleep (the reset would then wake nobody).
 Polls write it without the lock: they run on the loop for every poll, and
 their write is true whenever it lands (a loop polled just now), so a poll
 racing a reset is the same as a poll just after it.
-
-A new op wakes a sleeping watcher only where it sleeps until told (nothing
-was pending) or a task already sleeps on the op. Its other sleeps (a
-stand-down, a rest) end by themselves, and a task that awaits the op polls
-for it or hands it off; an op nobody awaits waits for the sleep's end.
 """
 
 from __future__ import annotations
@@ -255,15 +250,9 @@ class EventEngine(CompletionEngine):
             )
             self._watcher.start()
         elif self._sleeping and (self._idle or op._waiters is not None):
-            # Only a watcher asleep until told, or one that must catch an op
-            # a task already sleeps on. Every other sleep of the watcher's
-            # ends by itself within STAND_DOWN_S (a rest, sooner), and a task
-            # that awaits this op polls for it or hands it off, which wakes
-            # the watcher (``hand_off``): an op nobody awaits waits for that
-            # sleep's end, as it would while loops poll. A notify here cost a
-            # lone op awaited after a pause of the loop's a futex wake-up, and
-            # the GIL, which the woken watcher takes at the loop's next I/O
-            # poll, for a pass that found nothing (issue 13, round 47).
+            # Not a sleep that ends by itself: the op's awaiting task polls, or
+            # hands off (wakes it). A wake-up here made an await after a pause
+            # pay a futex call and the GIL (docs/completion.md, "Stand-down").
             self._cv.notify()
         return prewake
 
