@@ -301,6 +301,23 @@ def test_a_hand_off_while_the_watcher_decides_to_stand_down_wakes_it(
     assert engine._loop_polling_until == 0.0
 
 
+def _count_waits_and_stand_down(engine: Any) -> list[float | None]:
+    """Record the timeout of each sleep of ``engine``'s watcher from now, and
+    have it decide again as if loops polled: it stands down."""
+    waits: list[float | None] = []
+    real_wait = engine._wait
+
+    def counting_wait(timeout: float | None) -> bool:
+        waits.append(timeout)
+        return bool(real_wait(timeout))
+
+    engine._wait = counting_wait
+    engine._loop_polling_until = time.perf_counter() + 60  # as if loops polled
+    with engine._cv:
+        engine._cv.notify()  # whatever the watcher does now, it decides again
+    return waits
+
+
 @pytest.mark.patches_compiled
 def test_the_watcher_sleeps_through_fault_probes_while_loops_poll(
     gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
@@ -319,17 +336,7 @@ def test_the_watcher_sleeps_through_fault_probes_while_loops_poll(
     release = latch(dev, s)
     op = s.memset(dev.empty(4), 1)  # pending: the watcher has a stream to watch
     engine: Any = rt.engine(0)
-    waits: list[float | None] = []
-    real_wait = engine._wait
-
-    def counting_wait(timeout: float | None) -> bool:
-        waits.append(timeout)
-        return bool(real_wait(timeout))
-
-    engine._wait = counting_wait
-    engine._loop_polling_until = time.perf_counter() + 60  # as if loops polled
-    with engine._cv:
-        engine._cv.notify()  # whatever the watcher does now, it decides again
+    waits = _count_waits_and_stand_down(engine)
     time.sleep(0.3)  # 60 fault probes' worth
     assert waits, "the watcher never went back to sleep"
     assert len(waits) <= 3, f"the watcher woke {len(waits)} times while loops polled"
@@ -363,17 +370,7 @@ def test_an_op_started_after_loops_paused_leaves_the_standing_down_watcher_aslee
     release = latch(dev, s)  # hands the handle out: every op has a marker of its own
     s.memset(dev.empty(4), 1)  # pending: the watcher has a stream to watch
     engine: Any = rt.engine(0)
-    waits: list[float | None] = []
-    real_wait = engine._wait
-
-    def counting_wait(timeout: float | None) -> bool:
-        waits.append(timeout)
-        return bool(real_wait(timeout))
-
-    engine._wait = counting_wait
-    engine._loop_polling_until = time.perf_counter() + 60  # as if loops polled
-    with engine._cv:
-        engine._cv.notify()  # whatever the watcher does now, it decides again
+    waits = _count_waits_and_stand_down(engine)
     deadline = time.perf_counter() + 10
     while not (waits and waits[-1] == 60.0 and engine._sleeping):
         assert time.perf_counter() < deadline, "the watcher never stood down"
