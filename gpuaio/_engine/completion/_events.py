@@ -250,9 +250,9 @@ class EventEngine(CompletionEngine):
             )
             self._watcher.start()
         elif self._sleeping and (self._idle or op._waiters is not None):
-            # Not a sleep that ends by itself: the op's awaiting task polls, or
-            # hands off (wakes it). A wake-up here made an await after a pause
-            # pay a futex call and the GIL (docs/completion.md, "Stand-down").
+            # Only a sleep without end, or an op a task sleeps on: any other op's
+            # task polls, or hands off (wakes it). A wake-up here made an await
+            # after a pause pay a futex call and the GIL (completion.md).
             self._cv.notify()
         return prewake
 
