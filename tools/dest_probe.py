@@ -31,17 +31,15 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import anyio
 import numpy as np
-from _rawcuda import driver_on_device0, load_torch, ok, parse_size
+from _rawcuda import driver_on_device0, load_torch, ok, parse_size, probe_parser, write_records
 
 import gpuaio
 
@@ -146,16 +144,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--sizes", default=",".join(SIZES))
-    p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--out", help="directory for dest_probe.json")
-    args = p.parse_args()
-    results = anyio.run(main_async, args)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "dest_probe.json").write_text(json.dumps(results, indent=1) + "\n")
+    args = probe_parser(__doc__, ",".join(SIZES), 15).parse_args()
+    write_records(args.out, "dest_probe.json", anyio.run(main_async, args))
     return 0
 
 
