@@ -157,20 +157,20 @@ def _cached(ptr: int, backend: object) -> bool:
     return hit is not None and hit[0] == _generation[0] and hit[1] == id(backend)
 
 
-def cached_pageable(arr: np.ndarray[Any, Any], runtime: Runtime) -> bool:
-    """Whether :func:`describe` would find ``arr`` writable, C-contiguous,
-    non-empty and pageable without asking the driver: a copy may take it
-    to be such memory before describing it (``gpuaio._engine.early``).
-    False says nothing."""
+def cached_pageable(arr: np.ndarray[Any, Any], runtime: Runtime) -> int:
+    """The address of ``arr``'s buffer where :func:`describe` would find it
+    writable, C-contiguous, non-empty and pageable without asking the
+    driver: a copy may take it to be such memory before describing it
+    (``gpuaio._engine.early``). 0 says nothing."""
     # A gpuaio pinned array first: it is asked about on every pinned download
     # from a device array, and answered without reading its address.
     if isinstance(_root(arr), _PinnedBlock):
-        return False
+        return 0
     try:
         ptr = _writable_address(arr)
     except (TypeError, ValueError, BufferError):
-        return False
-    return _cached(ptr, runtime.backend)
+        return 0
+    return ptr if _cached(ptr, runtime.backend) else 0
 
 
 def describe(obj: Any, runtime: Runtime, name: str = "the buffer") -> BufferInfo:

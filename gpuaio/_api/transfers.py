@@ -172,7 +172,8 @@ class Transfers:
         dtype and shape are found to fit; None, with nothing done, where that
         does not apply: the usual path then takes the copy (or rejects it)."""
         rt = self._rt
-        if not cached_pageable(dst, rt):
+        host = cached_pageable(dst, rt)
+        if not host:
             return None
         stager: Stager | None = rt.extras.get("stager")
         if stager is None:
@@ -186,7 +187,7 @@ class Transfers:
         if not _fits(dst, s):  # the usual path raises the mismatch, nothing enqueued
             return None
         seq = self._seq
-        early = issue(stager, seq, s)
+        early = issue(stager, seq, s, host)
         if early is None:
             return None
         n = s.nbytes

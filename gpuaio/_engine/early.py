@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._core.operation import Operation
 from .buffers import BufferInfo, InUse
-from .lent import Lent
+from .lent import Lent, staged_at
 from .pool import MIN_CLASS, PinnedBlock
 from .stagingconfig import PCIE_BPS, POLL_FIRST_MAX
 
@@ -48,12 +48,13 @@ issued = 0
 class Early:
     """A download's DMA issued by :func:`issue`, not yet watched."""
 
-    __slots__ = ("alloc", "block", "engine", "est", "native", "short")
+    __slots__ = ("alloc", "at", "block", "engine", "est", "native", "short")
 
     def __init__(
         self,
         engine: CompletionEngine,
         block: PinnedBlock,
+        at: int,
         native: Any,
         short: bool,
         est: float,
@@ -61,18 +62,20 @@ class Early:
     ) -> None:
         self.engine = engine
         self.block = block
+        self.at = at
+        """Where in ``block`` the DMA puts the bytes (``lent.staged_at``)."""
         self.native = native
         self.short = short
         self.est = est
         self.alloc = alloc
 
 
-def issue(stager: Stager, seq: Sequencer, src: BufferInfo) -> Early | None:
+def issue(stager: Stager, seq: Sequencer, src: BufferInfo, host: int) -> Early | None:
     """Enqueue the DMA of device buffer ``src`` into a pinned block now, where
     the usual path would take the small-copy way and enqueue it from this
-    thread; else None, with nothing done. The source's allocation is held
-    from before the DMA (it raises if freed). What is returned must go to
-    :func:`adopt`."""
+    thread, placed for a copy-out to host address ``host``; else None, with
+    nothing done. The source's allocation is held from before the DMA (it
+    raises if freed). What is returned must go to :func:`adopt`."""
     n = src.nbytes
     if n > stager.config.inline_max or not stager._small_fit:
         return None
@@ -105,8 +108,9 @@ def issue(stager: Stager, seq: Sequencer, src: BufferInfo) -> Early | None:
             alloc.release()
         return None
     native = seq.native
+    at = staged_at(block, host)
     try:
-        stager.runtime.backend.memcpy_async(block.ptr, src.ptr, n, native)
+        stager.runtime.backend.memcpy_async(at, src.ptr, n, native)
     except BaseException:
         pool.release_small(block)  # nothing was enqueued
         if alloc is not None:
@@ -114,7 +118,7 @@ def issue(stager: Stager, seq: Sequencer, src: BufferInfo) -> Early | None:
         raise
     global issued
     issued += 1
-    return Early(engine, block, native, short, est, alloc)
+    return Early(engine, block, at, native, short, est, alloc)
 
 
 def adopt(stager: Stager, seq: Sequencer, early: Early, op: Operation, dst: int) -> Operation:
@@ -126,7 +130,7 @@ def adopt(stager: Stager, seq: Sequencer, early: Early, op: Operation, dst: int)
     alloc = early.alloc
     if alloc is not None:
         op._allocs = (alloc,)
-    lent = Lent(stager.pool, early.block, dst, op.nbytes)
+    lent = Lent(stager.pool, early.block, dst, op.nbytes, early.at)
     if dst:
         op._complete = lent
     op._add_done_callback(lent.release)

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 from .._core.operation import Operation
 from ..backends._base import GATED_DOWN_DMAS, GATED_DOWN_WAITS, GATED_UP
 from .buffers import BufferInfo
+from .lent import staged_at
 from .pool import PinnedBlock, PinnedPool, size_class
 from .stagingconfig import (
     GATED_COPY_BPS,
@@ -195,8 +196,9 @@ class GatedCopies:
         if held is None:
             return False
         blocks, flags = held
-        ptrs = [b.ptr for b in blocks]
-        taken = self._start(up, (s if up else d).ptr, ptrs, n, chunk, flags)
+        host = (s if up else d).ptr
+        ptrs = [staged_at(b, host + i * chunk) for i, b in enumerate(blocks)]
+        taken = self._start(up, host, ptrs, n, chunk, flags)
         if taken is None:  # the native threads could not take them
             _hand_back([], gates, flags, pool, blocks)
             return False

@@ -6,6 +6,16 @@ goes through one pinned block taken on the calling thread
 copies out of it as the op's completion step. What the op holds of it, made
 once per copy on that thread, is here, in the compiled hot path
 (``hatch_build.COMPILED``).
+
+Where in its block a staged copy's bytes sit (:func:`staged_at`): at the
+host address's offset within a 64-byte line (the pool pins ``LINE`` bytes
+more than each block's class for it), so a host copy between the block and
+the caller's memory has both sides aligned alike. numpy puts a large array
+16 bytes past a page (glibc's ``mmap``), and from a page-aligned block a
+``memmove`` into it is slower: on an H100 host 84-98 us for 1 MiB against
+63-78 us into page + 64 or a page, and an awaited 1 MiB download took
+172-208 us against 129-155, an awaited 4 MiB one 502-515 against 355-397
+(issue 13, round forty-eight, ``tools/dest_probe.py``).
 """
 
 from __future__ import annotations
@@ -13,13 +23,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .nativecopy import host_copier
-from .pool import PinnedBlock, PinnedPool
+from .pool import LINE, PinnedBlock, PinnedPool
 
-__all__ = ["Lent", "copy_small"]
+__all__ = ["Lent", "copy_small", "staged_at"]
 
 copy_small: Callable[[int, int, int], object] = host_copier()
 """A small copy between host addresses on the calling thread (no ctypes call
 where the install has the native extension: ``host_copier``)."""
+
+
+def staged_at(block: PinnedBlock, host: int) -> int:
+    """The address in ``block`` for the bytes of a copy to or from host address
+    ``host``: as far into the block as ``host`` is into its 64-byte line."""
+    return block.ptr + (host & (LINE - 1))
 
 
 class Lent:
@@ -32,16 +48,20 @@ class Lent:
     driver call in a compiled build (issue 13).
     """
 
-    __slots__ = ("_block", "_dst", "_n", "_pool")
+    __slots__ = ("_block", "_dst", "_n", "_pool", "_src")
 
-    def __init__(self, pool: PinnedPool, block: PinnedBlock, dst: int = 0, n: int = 0) -> None:
+    def __init__(
+        self, pool: PinnedPool, block: PinnedBlock, dst: int = 0, n: int = 0, src: int = 0
+    ) -> None:
         self._pool = pool
         self._block = block
         self._dst = dst
         self._n = n
+        self._src = src or staged_at(block, dst)
+        """Where in the block the DMA put the bytes (by default :func:`staged_at` ``dst``)."""
 
     def __call__(self) -> None:
-        copy_small(self._dst, self._block.ptr, self._n)
+        copy_small(self._dst, self._src, self._n)
 
     def release(self) -> None:
         self._pool.release_small(self._block)

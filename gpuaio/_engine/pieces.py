@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._core.errors import DeviceFatalError
 from .._core.operation import Operation
+from .lent import staged_at
 from .pool import PinnedBlock, PinnedPool, release_after_drain
 
 if TYPE_CHECKING:
@@ -70,12 +71,13 @@ def _enqueue(
     calling thread), unless the device is dead, when no DMA runs any more.
     """
     block = held[0]
+    at = staged_at(block, src)
     off = 0
     try:
         while off < nbytes:
             ln = min(piece, nbytes - off)
-            copy(block.ptr + off, src + off, ln)
-            backend.memcpy_async(dst + off, block.ptr + off, ln, native)
+            copy(at + off, src + off, ln)
+            backend.memcpy_async(dst + off, at + off, ln, native)
             off += ln
     except DeviceFatalError:
         raise

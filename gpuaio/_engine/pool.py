@@ -7,10 +7,10 @@ block is never handed out while a DMA may still read or write it (the
 early-reuse bugs of PyTorch's CachingHostAllocator, PR 68749 and issue
 140296, come from returning blocks without such a guard).
 
-The pool never holds more than its budget: when the budget is spent,
-:meth:`PinnedPool.acquire` waits for a block to come back (backpressure)
-instead of growing. Every method is thread-safe; ``acquire`` may block and
-is only called off the event loop.
+The pool never holds more than its budget (each block's ``LINE`` bytes of
+slack aside): when it is spent, :meth:`PinnedPool.acquire` waits for a block
+to come back (backpressure) instead of growing. Every method is thread-safe;
+``acquire`` may block and is only called off the event loop.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ __all__ = ["PinnedBlock", "PinnedPool", "PoolStats", "default_budget", "release_
 MIN_CLASS = 64 << 10
 SPARE_MAX = 8
 """The most smallest-class blocks kept on the pool's spare stack (:meth:`PinnedPool.take_small`)."""
+LINE = 64
+"""Bytes each block is pinned beyond its class, for staging's alignment (``lent.staged_at``)."""
 
 
 def default_budget() -> int:
@@ -82,7 +84,7 @@ class PoolStats:
 
 
 class PinnedBlock:
-    """One pinned allocation of ``size`` bytes at host address ``ptr``."""
+    """One pinned allocation of ``size`` bytes (and ``LINE`` more) at host address ``ptr``."""
 
     __slots__ = ("events", "guard", "ptr", "retired", "size", "waiters")
 
@@ -151,15 +153,9 @@ class PinnedPool:
         with self._cv:
             self._fold_spare_locked()
             return PoolStats(
-                self.budget,
-                self._reserved,
-                self._in_use,
-                self._peak,
-                self._hits,
-                self._misses,
-                self._waits,
-                self._evictions,
-            )
+                self.budget, self._reserved, self._in_use, self._peak,
+                self._hits, self._misses, self._waits, self._evictions,
+            )  # fmt: skip
 
     def acquire(
         self,
@@ -249,7 +245,7 @@ class PinnedPool:
             assert oldest is not None
             self._wait_events(oldest, events)
         try:
-            ptr = self.backend.host_alloc(size)
+            ptr = self.backend.host_alloc(size + LINE)
         except BaseException:
             with self._cv:
                 self._reserved -= size
@@ -286,7 +282,7 @@ class PinnedPool:
                 self._reserved += size
                 self._peak = max(self._peak, self._reserved)
             try:
-                ptr = self.backend.host_alloc(size)
+                ptr = self.backend.host_alloc(size + LINE)
             except BaseException:
                 with self._cv:
                     self._reserved -= size

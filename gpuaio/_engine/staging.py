@@ -3,25 +3,26 @@
 The driver copies pageable memory synchronously and slowly (one thread,
 7-12 GB/s on an H100 host against 55 GB/s DMA). gpuaio instead:
 
-* **H2D from pageable**: splits the copy into chunks; for each, takes a
-  pinned block, copies the chunk into it with several threads (chunks of up
-  to ``SOLO_CHUNK``: on the stream's host thread itself), DMAs its slices
-  as they are copied, and hands the block back guarded by an event, reused
-  once it fired. The DMA of chunk *i* runs while chunk *i+1* is copied; at
-  most ``depth`` chunks are in DMA per transfer. The op completes when the
-  last DMA has.
-* **D2H into pageable**: the reverse: up to ``depth`` DMAs into pinned
-  blocks run ahead while finished chunks are copied out. The op completes
-  when the last byte is in the user's buffer.
-* **Small transfers** (``inline_max`` bytes or less) skip the thread hop
-  where stream order allows: the host copy of an H2D runs on the calling
-  thread when no host action of the stream that may write host memory is
-  pending (its DMA still queues behind the stream's host jobs); the
-  copy-out of a D2H is the op's completion step, which the stream's
-  completion queue runs in stream order (see :mod:`gpuaio._engine.sequencer`).
+* **H2D from pageable**: splits the copy into chunks; for each, takes a pinned
+  block, copies the chunk into it with several threads (chunks of up to
+  ``SOLO_CHUNK``: on the stream's host thread itself), DMAs its slices as
+  they are copied, and hands the block back guarded by an event, reused once
+  it fired. The DMA of chunk *i* runs while chunk *i+1* is copied; at most
+  ``depth`` chunks are in DMA per transfer. The op completes when the last
+  DMA has.
+* **D2H into pageable**: the reverse: up to ``depth`` DMAs into pinned blocks
+  run ahead while finished chunks are copied out. The op completes when the
+  last byte is in the user's buffer.
+* **Small transfers** (``inline_max`` bytes or less) skip the thread hop where
+  stream order allows: the host copy of an H2D runs on the calling thread
+  when no host action of the stream that may write host memory is pending
+  (its DMA still queues behind the stream's host jobs); the copy-out of a
+  D2H is the op's completion step, which the stream's completion queue runs
+  in stream order (see :mod:`gpuaio._engine.sequencer`).
 
-Everything else runs as host steps on the stream's host thread, which
-settle on the host actions before them, so stream order holds.
+Everything else runs as host steps on the stream's host thread, which settle
+on the host actions before them, so stream order holds. Every path puts a
+chunk's bytes in its block as ``lent.staged_at`` says.
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ from .eventcache import EventCache
 from .gated import GatedCopies
 from .growth import ClassGrowth
 from .hostwork import HostPool, SlicedCopy
-from .lent import Lent, copy_small
+from .lent import Lent, copy_small, staged_at
 from .nativecopy import NativeCopy, nt_copier
 from .pieces import upload_in_pieces
-from .pool import MIN_CLASS, PinnedBlock, PinnedPool, release_after_drain, size_class
+from .pool import LINE, MIN_CLASS, PinnedBlock, PinnedPool, release_after_drain, size_class
 from .stagingconfig import (
     D2H_NT_MIN,
     D2H_SPLIT,
@@ -82,12 +83,10 @@ class Stager:
             runtime.backend, budget, defer=runtime.reaper.submit, recycle=self.events.put
         )
         self.growth: ClassGrowth = ClassGrowth(self.pool, runtime.reaper.submit)
-        # Whether every small copy's block fits the budget (its check then
-        # costs nothing per copy).
+        # Whether every small copy's block fits the budget (its check then costs nothing per copy).
         self._small_fit = size_class(self.config.inline_max) <= self.pool.budget
-        # Uploads of NT_MIN bytes or more write their blocks with
-        # non-temporal stores where this install can (stagingconfig.NT_MIN),
-        # and downloads of D2H_NT_MIN or more copy their chunks out so.
+        # Uploads of NT_MIN bytes or more write their blocks with non-temporal stores
+        # where this install can (stagingconfig.NT_MIN); downloads from D2H_NT_MIN copy out so.
         nt = nt_copier()
         self.direct_up_max: int = DIRECT_UP_MAX
         """Pageable uploads up to this size go to the driver on an idle stream
@@ -99,9 +98,8 @@ class Stager:
         (:data:`~gpuaio._engine.stagingconfig.INLINE_PIECES`); 1 or less: one."""
         self._nt: Callable[[int, int, int], None] | None = nt if NT_MIN else None
         self._nt_out: Callable[[int, int, int], None] | None = nt if D2H_NT_MIN else None
-        # Mid-size copies gated on the native copy threads (gated.py), in the
-        # ranges its settings give each direction. With both off there is no
-        # path, and no pageable copy pays for asking it.
+        # Mid-size copies gated on the native copy threads (gated.py), in the ranges its
+        # settings give each direction. Both off: no path, and no copy pays for asking it.
         self.gated: GatedCopies | None = None
         if GATED_UP_MAX or GATED_DOWN_MAX:
             self.make_gated()
@@ -248,19 +246,20 @@ class Stager:
             backend, defer = self.runtime.backend, self.runtime.reaper.submit
             args = (seq, op, d.ptr, s.ptr, n, piece, block, self.pool, backend, defer)
             return upload_in_pieces(*args, copy)
+        at = staged_at(block, s.ptr)
         try:
             # Small: cheaper than a thread hop (and memmove than numpy views).
             if nt is not None and n >= NT_MIN:
-                nt(block.ptr, s.ptr, n)
+                nt(at, s.ptr, n)
             else:
-                copy_small(block.ptr, s.ptr, n)
+                copy_small(at, s.ptr, n)
         except BaseException as exc:
             self.pool.release_small(block)
             op._resolve(exc)
             raise
         # Not a closure, here and below: see Sequencer._gpu_job.
         op._add_done_callback(Lent(self.pool, block).release)
-        return seq.gpu(op, self.runtime.backend.memcpy_async, d.ptr, block.ptr, n)
+        return seq.gpu(op, self.runtime.backend.memcpy_async, d.ptr, at, n)
 
     def _small_d2h(
         self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo, block: PinnedBlock
@@ -268,10 +267,11 @@ class Stager:
         """DMA into a pinned block; the copy-out is the op's completion step."""
         n = d.nbytes
         # The op keeps the destination alive. The copy-out: block -> destination.
-        lent = Lent(self.pool, block, d.ptr, n)
+        at = staged_at(block, d.ptr)
+        lent = Lent(self.pool, block, d.ptr, n, at)
         op._complete = lent
         op._add_done_callback(lent.release)
-        seq.gpu(op, self.runtime.backend.memcpy_async, block.ptr, s.ptr, n)
+        seq.gpu(op, self.runtime.backend.memcpy_async, at, s.ptr, n)
         seq.note_copy_out(op)
         return op
 
@@ -289,6 +289,7 @@ class Stager:
         native = seq.native
         nt = self._nt
         src_ptr = s.ptr
+        sh = src_ptr & (LINE - 1)  # each chunk's bytes sit as lent.staged_at says
         n = d.nbytes
         chunk = self.chunk_for(n)
         floor = self.config.min_chunk
@@ -329,7 +330,7 @@ class Stager:
                     # would lose the overlap of host copy and DMA).
                     ln = min(ln, block.size)
                     cp = _stage(
-                        host, _H2D_CHUNK, tracer, k, off, block.ptr, src_ptr + off, ln, solo,
+                        host, _H2D_CHUNK, tracer, k, off, block.ptr + sh, src_ptr + off, ln, solo,
                         nt if ln >= NT_MIN else None,
                     )  # fmt: skip
                     copying.append([off, ln, block, cp, 0])
@@ -349,7 +350,7 @@ class Stager:
                 final = sent + sum(b for _, b in parts) == ln
                 for fo, fl in parts[:-1] if final else parts:
                     # Its block stays guarded by the chunk's last DMA.
-                    backend.memcpy_async(d.ptr + o + fo, block.ptr + fo, fl, native)
+                    backend.memcpy_async(d.ptr + o + fo, block.ptr + sh + fo, fl, native)
                     entry[4] += fl
                 if not final:
                     continue
@@ -357,7 +358,7 @@ class Stager:
                 copying.popleft()
                 guard = _guarded_dma(
                     backend, native, events, device, pool, block,
-                    d.ptr + o + po, block.ptr + po, pl, drain=entry[4] > 0,
+                    d.ptr + o + po, block.ptr + sh + po, pl, drain=entry[4] > 0,
                 )  # fmt: skip
                 guards.append((block, pool.release(block, [guard])))
                 backend.event_record(ring[j % depth], native)
@@ -389,6 +390,7 @@ class Stager:
         backend, pool, host = self.runtime.backend, self.pool, self.runtime.host
         native = seq.native
         dst_ptr = d.ptr
+        sh = dst_ptr & (LINE - 1)  # as in _h2d
         n = d.nbytes
         chunk = self.chunk_for(n)
         floor = self.config.min_chunk
@@ -426,9 +428,8 @@ class Stager:
                     # holds the chunk planned (one chunk in a block that size
                     # would lose the overlap of host copy and DMA).
                     ln = min(ln, block.size)
-                    ev = _guarded_dma(
-                        backend, native, events, device, pool, block, block.ptr, s.ptr + off, ln
-                    )
+                    at, src = block.ptr + sh, s.ptr + off
+                    ev = _guarded_dma(backend, native, events, device, pool, block, at, src, ln)
                     inflight.append((off, ln, block, ev))
                     off += ln
                 if inflight and len(copying) < LOOKAHEAD:
@@ -437,7 +438,7 @@ class Stager:
                     inflight.popleft()
                     events.put([ev])  # fired
                     cp = _stage(
-                        host, _D2H_CHUNK, tracer, k, o, dst_ptr + o, block.ptr, ln, solo, nt
+                        host, _D2H_CHUNK, tracer, k, o, dst_ptr + o, block.ptr + sh, ln, solo, nt
                     )
                     copying.append([o, ln, block, cp, 0])
                     k += 1
