@@ -25,7 +25,7 @@ import pytest
 import gpuaio
 from gpuaio._api.device import device_of
 from gpuaio._core.compiled import compiled_modules
-from gpuaio._engine.completion import _queue
+from gpuaio._engine.completion import _events, _queue
 from gpuaio._engine.hostwork import byte_view
 
 _loops: list[Any] = [
@@ -101,6 +101,20 @@ def strategy_dev(request: pytest.FixtureRequest, gpuaio_runtime: Any) -> Iterato
 def keep_queues(monkeypatch: pytest.MonkeyPatch) -> None:
     """The watcher drops no idle queue (a new one would probe anew) during the test."""
     monkeypatch.setattr(_queue, "RETIRE_S", 60.0)
+
+
+@pytest.fixture
+def long_stand_down(gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Device 0's completion engine, whose watcher stands down for 60 s at a
+    time (as while loops poll) during the test. Woken at its end: where one
+    runtime serves the session (CUDA), a watcher left in a 60 s stand-down
+    kept the next test's ops nobody awaits pending, since a new op does not
+    wake a standing-down watcher (run IA: ``test_marker_batches``)."""
+    monkeypatch.setattr(_events, "STAND_DOWN_S", 60.0)
+    engine = gpuaio_runtime.engine(0)
+    yield engine
+    monkeypatch.undo()
+    engine.hand_off()
 
 
 @pytest.fixture

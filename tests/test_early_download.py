@@ -83,6 +83,45 @@ async def test_a_download_into_a_known_array_issues_its_dma_first(
     await _until_early(attempt)
 
 
+async def test_a_class_lent_larger_blocks_grows_and_its_downloads_go_early(
+    dev: gpuaio.Device, gpuaio_runtime: Any
+) -> None:
+    """Only a larger class's block is cached (a 256 KiB copy's) when 64 KiB + 8
+    byte copies start: the usual path lends it to them, and their own class
+    (128 KiB) grows all the same, so their downloads take the early path,
+    which uses their class's blocks only. (Before, the class never grew: on
+    CUDA, where one runtime serves the session, this file's early test at
+    64 KiB + 8 bytes failed after another file's 256 KiB copies.)"""
+    stager = gpuaio_runtime.stager
+    n, big = 64 * KiB + 8, 256 * KiB
+    gated = stager.gated
+    if big > stager.config.inline_max or (gated is not None and gated.covers(big, False)):
+        pytest.skip("256 KiB copies are no small copies under these settings")
+    s = dev.stream()
+    d_big = dev.empty(big)
+    await s.copy(d_big, pattern(big, 1))
+    out_big = np.zeros(big, np.uint8)
+    for _ in range(3):  # the 256 KiB class's block is pinned and cached
+        await s.copy(out_big, d_big)
+    d = dev.empty(n)
+    want = pattern(n, 2)
+    await s.copy(d, want)
+    out = np.zeros(n, np.uint8)
+
+    async def attempt() -> bool:
+        out[:] = 0
+        before = early.issued
+        op = s.copy(out, d)
+        took = early.issued == before + 1
+        await op
+        np.testing.assert_array_equal(out, want)
+        if not took:
+            await anyio.sleep(0.01)  # the reaper pins the class's block meanwhile
+        return took
+
+    await _until_early(attempt)
+
+
 async def test_other_downloads_take_the_usual_path(dev: gpuaio.Device) -> None:
     """Not early: into a pinned array, with a progress callback, larger than
     the small copies, and into a view that is not writable (rejected as

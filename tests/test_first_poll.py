@@ -15,7 +15,7 @@ import pytest
 
 import gpuaio
 from gpuaio._api.device import device_of
-from gpuaio._engine.completion import _events, _firstpoll
+from gpuaio._engine.completion import _firstpoll
 from gpuaio._engine.completion._firstpoll import EXPLORE, WINDOW, FirstPolls, TailSpins
 from tests.conftest import latch
 
@@ -135,17 +135,16 @@ def _step(gen: Generator[Any, None, None]) -> bool:
 @asyncio_only
 @pytest.mark.parametrize("turn", ["recent", "long ago"])
 async def test_an_await_of_a_lone_op_already_done_yields_only_when_the_loop_is_due_a_turn(
-    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch, turn: str
+    gpuaio_runtime: Any, long_stand_down: Any, monkeypatch: pytest.MonkeyPatch, turn: str
 ) -> None:
     # The watcher stands down (as while loops poll), so the op stays pending
     # after its marker fired, until someone polls for it.
-    monkeypatch.setattr(_events, "STAND_DOWN_S", 60.0)
     monkeypatch.setattr(_firstpoll, "FIRST_POLL_RUN_S", 60.0)
     rt = gpuaio_runtime
     dev = device_of(rt, 0)
     s = dev.stream()
     d = dev.empty(4)
-    engine = rt.engine(0)
+    engine = long_stand_down
     engine._loop_polling_until = time.perf_counter() + 60
     await anyio.sleep(0.05)  # the watcher has stood down by now, for 60 s
     op = s.memset(d, 7)
@@ -177,7 +176,11 @@ async def test_an_await_of_a_lone_op_already_done_yields_only_when_the_loop_is_d
 @pytest.mark.parametrize("direction", ["h2d", "d2h"])
 @pytest.mark.parametrize("kib", [4, 256])
 async def test_a_small_staged_copy_already_done_is_found_at_its_first_poll(
-    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch, direction: str, kib: int
+    gpuaio_runtime: Any,
+    long_stand_down: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    direction: str,
+    kib: int,
 ) -> None:
     """A copy staged on the calling thread up to ``POLL_FIRST_MAX`` (16 KiB) has
     a pinned copy's expected duration: awaited once its DMA has run, a 4 KiB
@@ -185,7 +188,6 @@ async def test_a_small_staged_copy_already_done_is_found_at_its_first_poll(
     copy-out included). A 256 KiB one has none and takes a turn of the loop."""
     from gpuaio._engine import staging
 
-    monkeypatch.setattr(_events, "STAND_DOWN_S", 60.0)
     monkeypatch.setattr(_firstpoll, "FIRST_POLL_RUN_S", 60.0)
     assert 4096 <= staging.POLL_FIRST_MAX < 256 * 1024 <= gpuaio_runtime.stager.config.inline_max
     rt = gpuaio_runtime
@@ -197,7 +199,7 @@ async def test_a_small_staged_copy_already_done_is_found_at_its_first_poll(
     out = np.zeros(n, np.uint8)
     await gpuaio.reserve_pinned(n)  # a block of this size is cached now
     await s.copy(d, src)
-    engine = rt.engine(0)
+    engine = long_stand_down
     engine._loop_polling_until = time.perf_counter() + 60
     await anyio.sleep(0.05)  # the watcher has stood down by now, for 60 s
     for q in engine._queues.values():  # no batch probe due: the op gets its own marker

@@ -22,7 +22,7 @@ import pytest
 import gpuaio
 from gpuaio._api.device import device_of
 from gpuaio._core.errors import CudaError
-from gpuaio._engine.completion import _events, _queue, _tuning
+from gpuaio._engine.completion import _queue, _tuning
 from tests.conftest import latch
 
 pytestmark = pytest.mark.anyio
@@ -214,19 +214,18 @@ async def test_a_batch_is_sealed_before_a_kernel_that_waits_for_the_host(
 
 @pytest.mark.usefixtures("always_batch")
 def test_a_sweep_seals_a_batch_nobody_polls_for_once_it_is_old(
-    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
+    gpuaio_runtime: Any, long_stand_down: Any
 ) -> None:
     # While loops poll, the watcher stands down (here for good), and a poll
     # seals only the batch of the op it waits for: the batch of a stream
     # nobody awaits is sealed by a loop's sweep once BATCH_AGE_S old, so its
     # ops resolve and release their buffers.
-    monkeypatch.setattr(_events, "STAND_DOWN_S", 60.0)
     rt = gpuaio_runtime
     dev = device_of(rt, 0)
     busy, other = dev.stream(), dev.stream()
     d = dev.empty(4)
     buf = dev.empty(64)
-    engine = rt.engine(0)
+    engine = long_stand_down
     engine._loop_polling_until = time.perf_counter() + 60  # as if loops polled
     time.sleep(0.05)  # the watcher has stood down by now, for 60 s
     other.memset(buf[:4], 0)  # the first op of a queue has a marker of its own

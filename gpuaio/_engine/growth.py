@@ -52,7 +52,11 @@ class ClassGrowth:
         """Batches run (for tests and probes)."""
 
     def missed(self, nbytes: int) -> None:
-        """A copy of ``nbytes`` found no cached block: owe its class a block.
+        """A copy of ``nbytes`` found no cached block of its class (none at all,
+        or only a larger class's, lent to it): owe its class a block. Lent
+        larger blocks alone, a class never grew, and a small download, whose
+        DMA is issued early from its own class's blocks only
+        (``gpuaio._engine.early``), never took that path (issue 13).
 
         Never calls the driver and never waits on one: a lock held for a few
         dictionary operations, and a queue put to the reaper thread unless a

@@ -182,8 +182,8 @@ class Stager:
                 except BaseException as exc:  # over the budget, or closed: nothing was enqueued
                     op._resolve(exc)
                     raise
-                if block is None:  # this copy takes the host thread's path
-                    self.growth.missed(n)
+                if block is None or block.size > size_class(n):
+                    self.growth.missed(n)  # the host thread's path, or a larger class's block
             if block is not None:
                 if n <= POLL_FIRST_MAX:
                     # Its DMA is a pinned copy: so is its expected duration.
