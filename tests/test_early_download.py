@@ -52,6 +52,15 @@ async def _settled(pool: Any) -> None:
         await anyio.sleep(0.005)
 
 
+async def _loaded(s: gpuaio.Stream, dev: gpuaio.Device, n: int, seed: int) -> tuple[Any, Any, Any]:
+    """A device array holding ``pattern(n, seed)``, the pattern, and a zeroed
+    array to download it into."""
+    d = dev.empty(n)
+    want = pattern(n, seed)
+    await s.copy(d, want)
+    return d, want, np.zeros(n, np.uint8)
+
+
 @pytest.mark.parametrize("n", [4 * KiB, 64 * KiB + 8, MiB])
 async def test_a_download_into_a_known_array_issues_its_dma_first(
     dev: gpuaio.Device, gpuaio_runtime: Any, n: int
@@ -103,10 +112,7 @@ async def test_a_class_lent_larger_blocks_grows_and_its_downloads_go_early(
     out_big = np.zeros(big, np.uint8)
     for _ in range(3):  # the 256 KiB class's block is pinned and cached
         await s.copy(out_big, d_big)
-    d = dev.empty(n)
-    want = pattern(n, 2)
-    await s.copy(d, want)
-    out = np.zeros(n, np.uint8)
+    d, want, out = await _loaded(s, dev, n, 2)
 
     async def attempt() -> bool:
         out[:] = 0
@@ -297,10 +303,7 @@ async def test_a_cancelled_wait_for_an_early_download_still_fills_the_array(
     complete: the array gets every byte and the block comes back."""
     n = 64 * KiB
     s = dev.stream()
-    d = dev.empty(n)
-    want = pattern(n, 31)
-    await s.copy(d, want)
-    out = np.zeros(n, np.uint8)
+    d, want, out = await _loaded(s, dev, n, 31)
 
     async def attempt() -> bool:
         out[:] = 0
