@@ -57,8 +57,9 @@ class Lent:
         self._block = block
         self._dst = dst
         self._n = n
-        self._src = src or staged_at(block, dst)
-        """Where in the block the DMA put the bytes (by default :func:`staged_at` ``dst``)."""
+        self._src = src
+        """Where in the block the DMA put the bytes (:func:`staged_at` ``dst``), for
+        the copy-out; an upload's, which has none, leaves it 0."""
 
     def __call__(self) -> None:
         copy_small(self._dst, self._src, self._n)
