@@ -312,8 +312,13 @@ def _count_waits_and_stand_down(engine: Any) -> list[float | None]:
         return bool(real_wait(timeout))
 
     engine._wait = counting_wait
-    engine._loop_polling_until = time.perf_counter() + 60  # as if loops polled
+    # Both under the lock, under which the watcher decides to stand down and
+    # goes to sleep: the notify then wakes only a sleep decided before loops
+    # "polled". Set before taking the lock, it could wake the very stand-down
+    # it caused (a CI run saw that): the test saw the watcher asleep for 60 s
+    # while it was already woken, and about to find the loops gone.
     with engine._cv:
+        engine._loop_polling_until = time.perf_counter() + 60  # as if loops polled
         engine._cv.notify()  # whatever the watcher does now, it decides again
     return waits
 
