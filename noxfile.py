@@ -45,6 +45,7 @@ GATED_TESTS = (
     "tests/test_deferred_memsets.py",
     "tests/test_completion.py",
     "tests/test_prewake.py",
+    "tests/test_overhead_paths.py",
 )
 """What the compiled session runs again with gated copies on from 512 KiB to
 16 MiB both ways and direct uploads up to 256 KiB, one simulated runtime for
