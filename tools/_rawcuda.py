@@ -8,15 +8,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpuaio._engine.pool import parse_size
 
-__all__ = ["driver_on_device0", "load_torch", "ok", "parse_size", "probe_parser", "write_records"]
+__all__ = [
+    "aligned",
+    "driver_on_device0",
+    "interleaved",
+    "load_torch",
+    "ok",
+    "parse_size",
+    "probe_parser",
+    "report",
+    "write_records",
+]
 
 
 def ok(res: Any) -> Any:
@@ -71,3 +86,51 @@ def load_torch() -> Any:
     except ImportError:
         return None
     return torch if torch.cuda.is_available() else None
+
+
+def aligned(n: int, off: int, fill: int) -> np.ndarray[Any, Any]:
+    """A pre-touched ``n``-byte array at page + ``off`` bytes."""
+    a = np.full(n + 8192, fill, np.uint8)
+    start = (-a.ctypes.data) % 4096 + off
+    return a[start : start + n]
+
+
+async def interleaved(
+    methods: dict[str, Callable[[], Any]],
+    reps: int,
+    inner: int,
+    before_warm: Callable[[], None] | None = None,
+    after_warm: Callable[[str], None] | None = None,
+) -> dict[str, list[float]]:
+    """Microseconds per call of each method, ``inner`` calls a sample, one
+    sample of each in turn per round, ``reps`` rounds after one that warms
+    every path (and runs ``before_warm()`` before each method, ``after_warm(name)``
+    after it). A method named ``gpuaio*`` returns an awaitable, awaited."""
+    samples: dict[str, list[float]] = {k: [] for k in methods}
+    for rep in range(reps + 1):
+        for name, fn in methods.items():
+            if not rep and before_warm is not None:
+                before_warm()
+            awaited = name.startswith("gpuaio")
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                r = fn()
+                if awaited:
+                    await r
+            dt = (time.perf_counter() - t0) / inner * 1e6
+            if rep:
+                samples[name].append(dt)
+            elif after_warm is not None:
+                after_warm(name)
+    return samples
+
+
+def report(
+    size: str, n: int, inner: int, reps: int, samples: dict[str, list[float]]
+) -> dict[str, Any]:
+    """Print each method's median (us, GB/s) for ``size``; return them as a record."""
+    med = {k: round(statistics.median(v), 1) for k, v in samples.items()}
+    print(f"{size} ({inner} per sample, {reps} rounds): us, GB/s", flush=True)
+    for k, v in med.items():
+        print(f"  {k:22s} {v:9.1f}  {n / (v * 1e-6) / 1e9:6.2f}", flush=True)
+    return {"us": med, "inner": inner, "reps": reps}

@@ -31,28 +31,29 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import anyio
 import numpy as np
-from _rawcuda import driver_on_device0, load_torch, ok, parse_size, probe_parser, write_records
+from _rawcuda import (
+    aligned,
+    driver_on_device0,
+    interleaved,
+    load_torch,
+    ok,
+    parse_size,
+    probe_parser,
+    report,
+    write_records,
+)
 
 import gpuaio
 
 SIZES = ("1M", "4M", "64M")
 OFFSETS = {"np16": 16, "a64": 64, "pg": 0}
 CU_STREAM_PER_THREAD = 2
-
-
-def aligned(n: int, off: int, fill: int) -> np.ndarray:
-    """A pre-touched ``n``-byte array at page + ``off`` bytes."""
-    a = np.full(n + 8192, fill, np.uint8)
-    start = (-a.ctypes.data) % 4096 + off
-    return a[start : start + n]
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,25 +119,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             cdev = cupy.asarray(src)
             keep.append(cdev)
             methods["cupy_get_np16"] = lambda: cdev.get(out=dsts["np16"])
-        samples: dict[str, list[float]] = {k: [] for k in methods}
-        for rep in range(args.reps + 1):
-            for name, fn in methods.items():
-                t0 = time.perf_counter()
-                for _ in range(inner):
-                    r = fn()
-                    if name.startswith("gpuaio"):
-                        await r
-                dt = (time.perf_counter() - t0) / inner * 1e6
-                if rep:  # the first round warms every path
-                    samples[name].append(dt)
+        samples = await interleaved(methods, args.reps, inner)
         for k, dst in dsts.items():
             if not np.array_equal(dst, src):
                 print(f"{size}: MISMATCH in {k}")
-        med = {k: round(statistics.median(v), 1) for k, v in samples.items()}
-        results[size] = {"us": med, "inner": inner, "reps": args.reps}
-        print(f"{size} ({inner} per sample, {args.reps} rounds): us, GB/s", flush=True)
-        for k, v in med.items():
-            print(f"  {k:22s} {v:9.1f}  {n / (v * 1e-6) / 1e9:6.2f}", flush=True)
+        results[size] = report(size, n, inner, args.reps, samples)
         ok(cu.cuMemFreeHost(pin))
         ok(cu.cuMemFree(d))
         del keep

@@ -36,14 +36,21 @@ GPU only.
 from __future__ import annotations
 
 import ctypes
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import anyio
 import numpy as np
-from _rawcuda import driver_on_device0, ok, parse_size, probe_parser, write_records
+from _rawcuda import (
+    aligned,
+    driver_on_device0,
+    interleaved,
+    ok,
+    parse_size,
+    probe_parser,
+    report,
+    write_records,
+)
 
 import gpuaio
 
@@ -52,13 +59,6 @@ PIECES = (2, 4, 8)
 OFFSETS = {"np16": 16, "a64": 64}
 CUDA_ERROR_NOT_READY = 600
 EVENT_DISABLE_TIMING = 2
-
-
-def aligned(n: int, off: int, fill: int) -> np.ndarray:
-    """A pre-touched ``n``-byte array at page + ``off`` bytes."""
-    a = np.full(n + 8192, fill, np.uint8)
-    start = (-a.ctypes.data) % 4096 + off
-    return a[start : start + n]
 
 
 async def main_async(args: Any) -> dict[str, Any]:
@@ -119,29 +119,17 @@ async def main_async(args: Any) -> dict[str, Any]:
                 methods[f"pieces{k}_{name}"] = staged(dst, k)
             methods[f"drv_{name}"] = drv(dst)
             methods[f"gpuaio_{name}"] = lambda dst=dst: s.copy(dst, gd)
-        samples: dict[str, list[float]] = {k: [] for k in methods}
-        for rep in range(args.reps + 1):
-            for name, fn in methods.items():
-                if not rep:  # the first round warms every path and checks it
-                    for dst in dsts.values():
-                        dst.fill(0xA5)  # each method must write every byte itself
-                t0 = time.perf_counter()
-                for _ in range(inner):
-                    r = fn()
-                    if name.startswith("gpuaio"):
-                        await r
-                dt = (time.perf_counter() - t0) / inner * 1e6
-                if rep:
-                    samples[name].append(dt)
-                    continue
-                for k, dst in dsts.items():
-                    if name.endswith(k) and not np.array_equal(dst, src):
-                        raise SystemExit(f"{size} {name}: the destination is not the source")
-        med = {k: round(statistics.median(v), 1) for k, v in samples.items()}
-        results[size] = {"us": med, "inner": inner, "reps": args.reps}
-        print(f"{size} ({inner} per sample, {args.reps} rounds): us, GB/s", flush=True)
-        for k, v in med.items():
-            print(f"  {k:16s} {v:9.1f}  {n / (v * 1e-6) / 1e9:6.2f}", flush=True)
+        def refill() -> None:
+            for dst in dsts.values():
+                dst.fill(0xA5)  # each method must write every byte itself
+
+        def check(name: str) -> None:
+            for k, dst in dsts.items():
+                if name.endswith(k) and not np.array_equal(dst, src):
+                    raise SystemExit(f"{size} {name}: the destination is not the source")
+
+        samples = await interleaved(methods, args.reps, inner, refill, check)
+        results[size] = report(size, n, inner, args.reps, samples)
         ok(cu.cuMemFreeHost(block))
         ok(cu.cuMemFree(d))
     for ev in events:
