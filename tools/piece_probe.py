@@ -119,6 +119,7 @@ async def main_async(args: Any) -> dict[str, Any]:
                 methods[f"pieces{k}_{name}"] = staged(dst, k)
             methods[f"drv_{name}"] = drv(dst)
             methods[f"gpuaio_{name}"] = lambda dst=dst: s.copy(dst, gd)
+
         def refill() -> None:
             for dst in dsts.values():
                 dst.fill(0xA5)  # each method must write every byte itself
