@@ -109,12 +109,15 @@ def long_stand_down(gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch) -> Ite
     time (as while loops poll) during the test. Woken at its end: where one
     runtime serves the session (CUDA), a watcher left in a 60 s stand-down
     kept the next test's ops nobody awaits pending, since a new op does not
-    wake a standing-down watcher (run IA: ``test_marker_batches``)."""
+    wake a standing-down watcher (run IA: ``test_marker_batches``). The engine
+    woken is the one serving device 0 at the end: a test that switches the
+    completion strategy (``set_completion``) replaces it."""
     monkeypatch.setattr(_events, "STAND_DOWN_S", 60.0)
-    engine = gpuaio_runtime.engine(0)
-    yield engine
+    yield gpuaio_runtime.engine(0)
     monkeypatch.undo()
-    engine.hand_off()
+    engine = gpuaio_runtime._engines.get(0)
+    if engine is not None:
+        engine.hand_off()
 
 
 @pytest.fixture

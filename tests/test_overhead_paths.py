@@ -20,14 +20,13 @@ from tests.conftest import latch
 pytestmark = pytest.mark.anyio
 
 
-def test_polls_sweep_the_other_streams(
-    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("long_stand_down")
+def test_polls_sweep_the_other_streams(gpuaio_runtime: Any) -> None:
     # While loops poll, the watcher stands down: a poll for one op now and
     # then drains the device's other streams too (ops nobody polls for).
-    # It still looks every STAND_DOWN_S; make that long, or it may resolve
-    # the op first (seen on an H200, where synchronizing took that long).
-    monkeypatch.setattr(_events, "STAND_DOWN_S", 60.0)
+    # It still looks every STAND_DOWN_S; make that long (long_stand_down),
+    # or it may resolve the op first (seen on an H200, where synchronizing
+    # took that long).
     rt = gpuaio_runtime
     dev = device_of(rt, 0)
     busy, slow = dev.stream(), dev.stream()
@@ -69,6 +68,7 @@ def test_polls_sweep_the_other_streams(
 
 @pytest.mark.patches_compiled
 @pytest.mark.usefixtures("keep_queues")  # the stream's queue stays the one its ops are in
+@pytest.mark.usefixtures("long_stand_down")
 def test_a_poll_that_finds_its_op_done_keeps_sweeps_off_its_stream(
     gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -76,7 +76,6 @@ def test_a_poll_that_finds_its_op_done_keeps_sweeps_off_its_stream(
     began) counts as polling that stream: sweeps leave it alone for
     ``LOOP_SWEEP_S``. With 1,000 tasks, nine in ten sweep drains found nothing
     new, because the streams' polls found their ops done and said nothing."""
-    monkeypatch.setattr(_events, "STAND_DOWN_S", 60.0)
     # A long sweep period: between the two polls below this thread may lose
     # the CPU for a while on a loaded machine, and must not outlast it.
     sweep_s = 0.1
@@ -301,9 +300,9 @@ def test_a_hand_off_while_the_watcher_decides_to_stand_down_wakes_it(
     assert engine._loop_polling_until == 0.0
 
 
-def _count_waits_and_stand_down(engine: Any) -> list[float | None]:
-    """Record the timeout of each sleep of ``engine``'s watcher from now, and
-    have it decide again as if loops polled: it stands down."""
+def _count_waits_and_stand_down(engine: Any, monkeypatch: pytest.MonkeyPatch) -> list[float | None]:
+    """Record the timeout of each sleep of ``engine``'s watcher from now (until
+    the test ends), and have it decide again as if loops polled: it stands down."""
     waits: list[float | None] = []
     real_wait = engine._wait
 
@@ -311,7 +310,7 @@ def _count_waits_and_stand_down(engine: Any) -> list[float | None]:
         waits.append(timeout)
         return bool(real_wait(timeout))
 
-    engine._wait = counting_wait
+    monkeypatch.setattr(engine, "_wait", counting_wait)
     # Both under the lock, under which the watcher decides to stand down and
     # goes to sleep: the notify then wakes only a sleep decided before loops
     # "polled". Set before taking the lock, it could wake the very stand-down
@@ -324,6 +323,7 @@ def _count_waits_and_stand_down(engine: Any) -> list[float | None]:
 
 
 @pytest.mark.patches_compiled
+@pytest.mark.usefixtures("long_stand_down")
 def test_the_watcher_sleeps_through_fault_probes_while_loops_poll(
     gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -333,7 +333,6 @@ def test_the_watcher_sleeps_through_fault_probes_while_loops_poll(
     then waits for the GIL, and is woken for nothing each time the loop lets go
     of it (every turn): on the CPU machine that cost the loop 3 us a turn, half
     the time, and a lone awaited memset took 16 us instead of 10."""
-    monkeypatch.setattr(_events, "STAND_DOWN_S", 60.0)
     rt = gpuaio_runtime
     rt.set_completion("events")
     dev = device_of(rt, 0)
@@ -341,7 +340,7 @@ def test_the_watcher_sleeps_through_fault_probes_while_loops_poll(
     release = latch(dev, s)
     op = s.memset(dev.empty(4), 1)  # pending: the watcher has a stream to watch
     engine: Any = rt.engine(0)
-    waits = _count_waits_and_stand_down(engine)
+    waits = _count_waits_and_stand_down(engine, monkeypatch)
     time.sleep(0.3)  # 60 fault probes' worth
     assert waits, "the watcher never went back to sleep"
     assert len(waits) <= 3, f"the watcher woke {len(waits)} times while loops polled"
@@ -356,6 +355,7 @@ def test_the_watcher_sleeps_through_fault_probes_while_loops_poll(
 
 
 @pytest.mark.patches_compiled
+@pytest.mark.usefixtures("long_stand_down")
 def test_an_op_started_after_loops_paused_leaves_the_standing_down_watcher_asleep(
     gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -367,7 +367,6 @@ def test_an_op_started_after_loops_paused_leaves_the_standing_down_watcher_aslee
     without it, 16 us with the watcher left asleep (run HA). Its sleep ends
     by itself, and the task that awaits the op polls for it (or hands it
     off): the op still lands, byte-exact."""
-    monkeypatch.setattr(_events, "STAND_DOWN_S", 60.0)
     rt = gpuaio_runtime
     rt.set_completion("events")
     dev = device_of(rt, 0)
@@ -375,7 +374,7 @@ def test_an_op_started_after_loops_paused_leaves_the_standing_down_watcher_aslee
     release = latch(dev, s)  # hands the handle out: every op has a marker of its own
     s.memset(dev.empty(4), 1)  # pending: the watcher has a stream to watch
     engine: Any = rt.engine(0)
-    waits = _count_waits_and_stand_down(engine)
+    waits = _count_waits_and_stand_down(engine, monkeypatch)
     deadline = time.perf_counter() + 10
     while not (waits and waits[-1] == 60.0 and engine._sleeping):
         assert time.perf_counter() < deadline, "the watcher never stood down"
