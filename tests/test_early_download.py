@@ -85,7 +85,12 @@ async def test_a_download_into_a_known_array_issues_its_dma_first(
             took = early.issued - before
             await op
         np.testing.assert_array_equal(out, want)
-        assert [(src, k) for _, src, k in calls] == [(d.ptr, n)]
+        # Early, from down_piece_min bytes in two DMAs, back to back in the source and the block.
+        pieces = 2 if took and stager.down_piece_min and n >= stager.down_piece_min else 1
+        assert len(calls) == pieces, calls
+        assert sum(k for _, _, k in calls) == n
+        assert [src for _, src, _ in calls] == [d.ptr + k for k in (0, calls[0][2])][:pieces]
+        assert [dst for dst, _, _ in calls] == [calls[0][0] + k for k in (0, calls[0][2])][:pieces]
         assert calls[0][0] != out.ctypes.data, "the DMA wrote the caller's array itself"
         return took == 1
 
@@ -195,8 +200,9 @@ async def test_a_destination_failing_its_checks_raises_and_enqueues_nothing(
 
 
 @pytest.mark.patches_compiled
+@pytest.mark.parametrize("n", [4 * KiB, MiB])  # 1 MiB: in two pieces (test_download_pieces)
 async def test_a_destination_registered_after_the_early_dma_leaks_nothing(
-    dev: gpuaio.Device, gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
+    dev: gpuaio.Device, gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch, n: int
 ) -> None:
     """Another thread registers the array between the early path's look at it
     and ``describe``'s (stood in for here by ``describe`` raising once the DMA
@@ -205,7 +211,6 @@ async def test_a_destination_registered_after_the_early_dma_leaks_nothing(
     from gpuaio._api import transfers
 
     s = dev.stream()
-    n = 4 * KiB
     d = dev.empty(n)
     await s.copy(d, pattern(n, 3))
     out = np.zeros(n, np.uint8)
@@ -256,14 +261,14 @@ async def test_a_download_of_a_freed_source_raises_and_issues_nothing(
     assert early.issued == before and calls == []
 
 
+@pytest.mark.parametrize("n", [16 * KiB, MiB])  # 1 MiB: in two pieces (test_download_pieces)
 async def test_early_downloads_keep_stream_order_with_uploads_and_host_steps(
-    dev: gpuaio.Device,
+    dev: gpuaio.Device, n: int
 ) -> None:
     """Round trips through one known host array, nothing awaited until the
     end: each download carries what the upload before it wrote, each upload
     what the download before it wrote, and a host memset after a download
     lands after its copy-out."""
-    n = 16 * KiB
     s = dev.stream()
     ds = [dev.empty(n) for _ in range(5)]
     srcs = [pattern(n, 20 + i) for i in range(5)]
@@ -296,12 +301,12 @@ async def test_early_downloads_keep_stream_order_with_uploads_and_host_steps(
     await _until_early(attempt)
 
 
+@pytest.mark.parametrize("n", [64 * KiB, MiB])  # 1 MiB: in two pieces (test_download_pieces)
 async def test_a_cancelled_wait_for_an_early_download_still_fills_the_array(
-    dev: gpuaio.Device, gpuaio_runtime: Any
+    dev: gpuaio.Device, gpuaio_runtime: Any, n: int
 ) -> None:
     """Cancelling the task that awaits the download leaves the copy to
     complete: the array gets every byte and the block comes back."""
-    n = 64 * KiB
     s = dev.stream()
     d, want, out = await _loaded(s, dev, n, 31)
 

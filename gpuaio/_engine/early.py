@@ -22,17 +22,22 @@ meanwhile), the call raises or goes the usual way as before, nothing has been
 written to the caller's memory, and the DMA completes as an op nobody awaits,
 which releases the block and the source's allocation once it has run
 (``adopt`` with no destination).
+
+From ``DOWN_PIECE_MIN`` bytes :func:`issue` enqueues the DMA in two pieces
+with an op of its own between them, whose completion step copies the first
+piece out (``lent.FirstPiece``) while the second's DMA runs.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 from .._core.operation import Operation
 from .buffers import BufferInfo, InUse
-from .lent import Lent, staged_at
-from .pool import MIN_CLASS, PinnedBlock
-from .stagingconfig import PCIE_BPS, POLL_FIRST_MAX
+from .lent import FirstPiece, Lent, staged_at
+from .pool import MIN_CLASS, PinnedBlock, PinnedPool, release_after_drain
+from .stagingconfig import DOWN_FIRST_PCT, PCIE_BPS, POLL_FIRST_MAX
 
 if TYPE_CHECKING:
     from .completion import CompletionEngine
@@ -43,27 +48,29 @@ __all__ = ["Early", "adopt", "issue"]
 
 issued = 0
 """Downloads whose DMA :func:`issue` enqueued (for tests and probes)."""
+pieced = 0
+"""Those of them enqueued in two pieces (for tests and probes)."""
+PAGE = 4096
+_PIECE_LABEL = "copy D2H (first piece)"
 
 
 class Early:
     """A download's DMA issued by :func:`issue`, not yet watched."""
 
-    __slots__ = ("alloc", "at", "block", "engine", "est", "native", "short")
+    __slots__ = ("alloc", "engine", "est", "lent", "native", "short")
 
     def __init__(
         self,
         engine: CompletionEngine,
-        block: PinnedBlock,
-        at: int,
+        lent: Lent,
         native: Any,
         short: bool,
         est: float,
         alloc: InUse | None,
     ) -> None:
         self.engine = engine
-        self.block = block
-        self.at = at
-        """Where in ``block`` the DMA puts the bytes (``lent.staged_at``)."""
+        self.lent = lent
+        """The block the DMA fills, and the copy-out from it, its destination unset."""
         self.native = native
         self.short = short
         self.est = est
@@ -109,16 +116,53 @@ def issue(stager: Stager, seq: Sequencer, src: BufferInfo, host: int) -> Early |
         return None
     native = seq.native
     at = staged_at(block, host)
+    lent = Lent(pool, block, 0, n, at)
+    first = _first_piece(n, stager.down_piece_min)
+    memcpy = stager.runtime.backend.memcpy_async
     try:
-        stager.runtime.backend.memcpy_async(at, src.ptr, n, native)
+        memcpy(at, src.ptr, first or n, native)
     except BaseException:
         pool.release_small(block)  # nothing was enqueued
         if alloc is not None:
             alloc.release()
         raise
+    if first:
+        try:
+            piece = Operation(_PIECE_LABEL, None, (), first)
+            piece._tracer = None  # not one of the user's ops: untraced, never awaited
+            piece._retrieved = True
+            piece._complete = FirstPiece(lent, first)
+            seq.watch(engine, piece, native, False)
+            memcpy(at + first, src.ptr + first, n - first, native)
+        except BaseException:
+            # The first DMA may still write the block and read the source.
+            drained = functools.partial(_release_after_drain, stager, native, pool, block, alloc)
+            stager.runtime.reaper.submit(drained)
+            raise
+        global pieced
+        pieced += 1
     global issued
     issued += 1
-    return Early(engine, block, at, native, short, est, alloc)
+    return Early(engine, lent, native, short, est, alloc)
+
+
+def _first_piece(n: int, least: int) -> int:
+    """Bytes of an ``n``-byte download's first DMA where it goes in two (else 0):
+    ``DOWN_FIRST_PCT`` of it, in whole pages, from ``least`` bytes (0: never)."""
+    if not least or n < least:
+        return 0
+    first = n * DOWN_FIRST_PCT // 100 // PAGE * PAGE
+    return first if 0 < first < n else 0
+
+
+def _release_after_drain(
+    stager: Stager, native: Any, pool: PinnedPool, block: PinnedBlock, alloc: InUse | None
+) -> None:
+    """A download failed between its two DMAs (reaper thread): hand its block
+    and its source back once the stream has drained."""
+    release_after_drain(stager.runtime.backend, native, pool, block)
+    if alloc is not None:
+        alloc.release()
 
 
 def adopt(stager: Stager, seq: Sequencer, early: Early, op: Operation, dst: int) -> Operation:
@@ -130,8 +174,9 @@ def adopt(stager: Stager, seq: Sequencer, early: Early, op: Operation, dst: int)
     alloc = early.alloc
     if alloc is not None:
         op._allocs = (alloc,)
-    lent = Lent(stager.pool, early.block, dst, op.nbytes, early.at)
+    lent = early.lent
     if dst:
+        lent.dst = dst
         op._complete = lent
     op._add_done_callback(lent.release)
     seq.watch(early.engine, op, early.native, early.short)

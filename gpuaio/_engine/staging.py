@@ -51,6 +51,7 @@ from .stagingconfig import (
     D2H_SPLIT,
     DIRECT_UP_MAX,
     DMA_STEP,
+    DOWN_PIECE_MIN,
     GATED_DOWN_MAX,
     GATED_UP_MAX,
     INLINE_PIECE_MIN,
@@ -94,12 +95,12 @@ class Stager:
         self.direct_uploads: int = 0
         """Uploads handed to the driver so (for tests and probes)."""
         self.inline_pieces: int = INLINE_PIECES
-        """Uploads staged on the calling thread go in up to this many pieces
-        (:data:`~gpuaio._engine.stagingconfig.INLINE_PIECES`); 1 or less: one."""
+        """Uploads staged on the calling thread go in up to this many pieces (``INLINE_PIECES``)."""
+        self.down_piece_min: int = DOWN_PIECE_MIN
+        """Early downloads from this size go in two pieces (``DOWN_PIECE_MIN``); 0: none."""
         self._nt: Callable[[int, int, int], None] | None = nt if NT_MIN else None
         self._nt_out: Callable[[int, int, int], None] | None = nt if D2H_NT_MIN else None
-        # Mid-size copies gated on the native copy threads (gated.py), in the ranges its
-        # settings give each direction. Both off: no path, and no copy pays for asking it.
+        # Mid-size copies gated on the native copy threads (gated.py); both ranges off: no path.
         self.gated: GatedCopies | None = None
         if GATED_UP_MAX or GATED_DOWN_MAX:
             self.make_gated()

@@ -19,6 +19,8 @@ __all__ = [
     "D2H_SPLIT",
     "DIRECT_UP_MAX",
     "DMA_STEP",
+    "DOWN_FIRST_PCT",
+    "DOWN_PIECE_MIN",
     "GATED_COPY_BPS",
     "GATED_DOWN_MAX",
     "GATED_DOWN_MIN",
@@ -161,6 +163,26 @@ event loop. Awaited 4-64 KiB uploads ran 1.05-1.40x as fast as staged ones,
 toggled per call, about as fast as pinned ones at 4-16 KiB. A busy stream
 did not make the call wait at any size measured (up to 1 MiB); the path
 still requires an idle one, as CUDA does not promise that."""
+
+DOWN_PIECE_MIN = _env_size("GPUAIO_DOWN_PIECE_MIN", 512 << 10)
+"""A small download into pageable memory (up to ``inline_max``) of at least
+this many bytes that issues its DMA early (:mod:`gpuaio._engine.early`) goes
+in two DMAs, a marker between them: the first piece is copied out of its
+block as soon as its DMA has completed, while the second's DMA runs, and the
+op completes once the second is copied out too; 0: never.
+
+One DMA, then one copy-out, runs the two one after the other; the driver's
+own pageable download pipelines them. With raw driver calls on an H100 host
+(issue 13, run IC, ``tools/piece_probe.py``) a 1 MiB download into numpy's
+page + 16 array took 107.5 us in one piece, 90.1 us in two, 95.9 in four,
+120.7 in eight; at 2 MiB 264.7 against 196.1 in two; at 256 KiB 33.0 against
+31.7, which a piece's own costs in gpuaio (an op, a marker) would eat."""
+
+DOWN_FIRST_PCT = min(90, max(10, int(os.environ.get("GPUAIO_DOWN_FIRST_PCT", "50"))))
+"""The first piece's share of such a download, in percent (10-90), rounded
+down to whole 4 KiB pages. A smaller first piece starts the copy-out sooner;
+the second's DMA must still be done by the time the first is copied out
+(a DMA runs about three times as fast as the copy-out)."""
 
 LOOKAHEAD = int(os.environ.get("GPUAIO_LOOKAHEAD", "2"))
 """Chunks the host threads may be copying at once within one transfer."""
