@@ -174,15 +174,20 @@ op completes once the second is copied out too; 0: never.
 One DMA, then one copy-out, runs the two one after the other; the driver's
 own pageable download pipelines them. With raw driver calls on an H100 host
 (issue 13, run IC, ``tools/piece_probe.py``) a 1 MiB download into numpy's
-page + 16 array took 107.5 us in one piece, 90.1 us in two, 95.9 in four,
-120.7 in eight; at 2 MiB 264.7 against 196.1 in two; at 256 KiB 33.0 against
-31.7, which a piece's own costs in gpuaio (an op, a marker) would eat."""
+page + 16 array took 107.5 us in one piece, 90.1 us in two halves, 95.9 in
+four, 120.7 in eight; at 256 KiB 33.0 against 31.7. Run JA (H100,
+``transfers.py`` on asyncio, alternating processes, two rounds, us per
+awaited copy): 512 KiB downloads took 70.8 and 73.7 in one piece, 57.5 and
+57.3 with a first piece of a third; 1 MiB ones 117.1 and 143.5 against
+109.3 and 129.5 (halves: 55.8 and 71.3, 114.3 and 141.4); 256 KiB ones in
+halves 44.5 and 37.2 against 36.3 and 40.4, no gain, hence 512 KiB."""
 
-DOWN_FIRST_PCT = min(90, max(10, int(os.environ.get("GPUAIO_DOWN_FIRST_PCT", "50"))))
+DOWN_FIRST_PCT = min(90, max(10, int(os.environ.get("GPUAIO_DOWN_FIRST_PCT", "33"))))
 """The first piece's share of such a download, in percent (10-90), rounded
 down to whole 4 KiB pages. A smaller first piece starts the copy-out sooner;
-the second's DMA must still be done by the time the first is copied out
-(a DMA runs about three times as fast as the copy-out)."""
+the second's DMA must still be done by the time the first is copied out (a
+DMA runs about three times as fast as the copy-out). A third beat halves in
+both of run JA's rounds at 512 KiB and 1 MiB (figures above)."""
 
 LOOKAHEAD = int(os.environ.get("GPUAIO_LOOKAHEAD", "2"))
 """Chunks the host threads may be copying at once within one transfer."""
