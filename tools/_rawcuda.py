@@ -105,13 +105,13 @@ async def interleaved(
     """Microseconds per call of each method, ``inner`` calls a sample, one
     sample of each in turn per round, ``reps`` rounds after one that warms
     every path (and runs ``before_warm()`` before each method, ``after_warm(name)``
-    after it). A method named ``gpuaio*`` returns an awaitable, awaited."""
+    after it). A method named ``gpuaio*`` or ``aw_*`` returns an awaitable, awaited."""
     samples: dict[str, list[float]] = {k: [] for k in methods}
     for rep in range(reps + 1):
         for name, fn in methods.items():
             if not rep and before_warm is not None:
                 before_warm()
-            awaited = name.startswith("gpuaio")
+            awaited = name.startswith(("gpuaio", "aw_"))
             t0 = time.perf_counter()
             for _ in range(inner):
                 r = fn()
