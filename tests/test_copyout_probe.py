@@ -1,30 +1,18 @@
 """``tools/copyout_probe.py`` on the simulator: every step of the ladder runs,
-lands every byte, and is named in the JSON; the pool and the stager's
-setting are left as they were."""
+lands every byte (the probe stops where one does not), and is named in the
+JSON."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.test_overhead_probe import _run_tool
 
 
 def test_every_step_lands_every_byte_and_the_json_names_it(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "copyout_probe.py", "--sizes", "256K", "--reps", "1", "--out", str(out)],
-        cwd=REPO / "tools",
-        env={**os.environ, "GPUAIO_BACKEND": "sim"},
-        capture_output=True,
-        text=True,
-        timeout=200,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _run_tool("copyout_probe.py", "--sizes", "256K", "--reps", "1", "--out", str(out))
     got = json.loads((out / "copyout_probe.json").read_text())
     assert list(got) == ["256K"]
     steps = {"spin", "aw_yield", "aw_copy", "aw_pool", "gpuaio_one", "gpuaio"}
