@@ -23,7 +23,7 @@ import pytest
 import gpuaio
 from gpuaio import CudaError
 from gpuaio._engine import early
-from tests.test_early_download import _loaded, _settled, _until_early
+from tests.test_early_download import _loaded, _settled, _small_or_skip, _until_early
 from tests.test_staging import _recorded_copies
 
 pytestmark = pytest.mark.anyio
@@ -37,11 +37,9 @@ def least(gpuaio_runtime: Any) -> int:
     """The size from which early downloads go in two pieces (skips where none do)."""
     stager = gpuaio_runtime.stager
     least: int = stager.down_piece_min
-    if not least or least > stager.config.inline_max:
+    if not least:
         pytest.skip("no download goes in pieces under these settings (GPUAIO_DOWN_PIECE_MIN)")
-    gated = stager.gated
-    if gated is not None and gated.covers(least, False):
-        pytest.skip(f"a {least}-byte download is gated under these settings")
+    _small_or_skip(gpuaio_runtime, least)
     return least
 
 
@@ -92,6 +90,7 @@ async def test_pieced_downloads_are_byte_exact(
     block back to back, and the array gets every byte."""
     inline_max = gpuaio_runtime.stager.config.inline_max
     n = {"least": least, "inline_max": inline_max, "odd": (least + inline_max) // 2 + 13}[size]
+    _small_or_skip(gpuaio_runtime, n)
     s = dev.stream()
     d, want, out = await _loaded(s, dev, n, 43)
 
