@@ -11,10 +11,11 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,6 +31,7 @@ __all__ = [
     "parse_size",
     "probe_parser",
     "report",
+    "run_probe",
     "write_records",
 ]
 
@@ -68,6 +70,20 @@ def probe_parser(doc: str | None, sizes: str, reps: int) -> argparse.ArgumentPar
     p.add_argument("--reps", type=int, default=reps, help=f"repetitions (default {reps})")
     p.add_argument("--out", help="directory for the JSON")
     return p
+
+
+def run_probe(
+    doc: str | None,
+    sizes: tuple[str, ...],
+    main_async: Callable[[Any], Awaitable[Any]],
+    name: str,
+) -> int:
+    """A probe's ``main``: parse the common options (default ``sizes``, 15
+    repetitions), run ``main_async(args)`` under anyio, write what it returns
+    as ``--out``/``name``."""
+    args = probe_parser(doc, ",".join(sizes), 15).parse_args()
+    write_records(args.out, name, anyio.run(main_async, args))
+    return 0
 
 
 def write_records(out: str | None, name: str, records: Any) -> None:

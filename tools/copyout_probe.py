@@ -42,7 +42,7 @@ from typing import Any
 
 import anyio
 import numpy as np
-from _rawcuda import aligned, interleaved, parse_size, probe_parser, report, write_records
+from _rawcuda import aligned, interleaved, parse_size, report, run_probe
 
 import gpuaio
 from gpuaio._engine.lent import copy_small, staged_at
@@ -133,9 +133,7 @@ async def main_async(args: Any) -> dict[str, Any]:
 
 
 def main() -> int:
-    args = probe_parser(__doc__, ",".join(SIZES), 15).parse_args()
-    write_records(args.out, "copyout_probe.json", anyio.run(main_async, args))
-    return 0
+    return run_probe(__doc__, SIZES, main_async, "copyout_probe.json")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import anyio
 import numpy as np
 from _rawcuda import (
     aligned,
@@ -44,9 +43,8 @@ from _rawcuda import (
     load_torch,
     ok,
     parse_size,
-    probe_parser,
     report,
-    write_records,
+    run_probe,
 )
 
 import gpuaio
@@ -131,9 +129,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
-    args = probe_parser(__doc__, ",".join(SIZES), 15).parse_args()
-    write_records(args.out, "dest_probe.json", anyio.run(main_async, args))
-    return 0
+    return run_probe(__doc__, SIZES, main_async, "dest_probe.json")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ import ctypes
 from collections.abc import Callable
 from typing import Any
 
-import anyio
 import numpy as np
 from _rawcuda import (
     aligned,
@@ -47,9 +46,8 @@ from _rawcuda import (
     interleaved,
     ok,
     parse_size,
-    probe_parser,
     report,
-    write_records,
+    run_probe,
 )
 
 import gpuaio
@@ -141,9 +139,7 @@ async def main_async(args: Any) -> dict[str, Any]:
 
 
 def main() -> int:
-    args = probe_parser(__doc__, ",".join(SIZES), 15).parse_args()
-    write_records(args.out, "piece_probe.json", anyio.run(main_async, args))
-    return 0
+    return run_probe(__doc__, SIZES, main_async, "piece_probe.json")
 
 
 if __name__ == "__main__":

@@ -117,7 +117,8 @@ def issue(stager: Stager, seq: Sequencer, src: BufferInfo, host: int) -> Early |
     native = seq.native
     at = staged_at(block, host)
     lent = Lent(pool, block, 0, n, at)
-    first = _first_piece(n, stager.down_piece_min)
+    least = stager.down_piece_min
+    first = _first_piece(n) if least and n >= least else 0  # no call for most downloads
     memcpy = stager.runtime.backend.memcpy_async
     try:
         memcpy(at, src.ptr, first or n, native)
@@ -146,11 +147,9 @@ def issue(stager: Stager, seq: Sequencer, src: BufferInfo, host: int) -> Early |
     return Early(engine, lent, native, short, est, alloc)
 
 
-def _first_piece(n: int, least: int) -> int:
-    """Bytes of an ``n``-byte download's first DMA where it goes in two (else 0):
-    ``DOWN_FIRST_PCT`` of it, in whole pages, from ``least`` bytes (0: never)."""
-    if not least or n < least:
-        return 0
+def _first_piece(n: int) -> int:
+    """Bytes of the first DMA of an ``n``-byte download that goes in two:
+    ``DOWN_FIRST_PCT`` of it, in whole pages (0: too small to split)."""
     first = n * DOWN_FIRST_PCT // 100 // PAGE * PAGE
     return first if 0 < first < n else 0
 
