@@ -24,6 +24,7 @@ from gpuaio._engine.pool import parse_size
 
 __all__ = [
     "aligned",
+    "driver_copy",
     "driver_on_device0",
     "interleaved",
     "load_torch",
@@ -70,6 +71,17 @@ def probe_parser(doc: str | None, sizes: str, reps: int) -> argparse.ArgumentPar
     p.add_argument("--reps", type=int, default=reps, help=f"repetitions (default {reps})")
     p.add_argument("--out", help="directory for the JSON")
     return p
+
+
+def driver_copy(cu: Any, stream: Any, dst: int, src: int, n: int) -> Callable[[], None]:
+    """A call of the driver's own copy of ``n`` bytes (``cuMemcpyAsync``, then
+    ``cuStreamSynchronize`` of ``stream``): the blocking baseline of a probe."""
+
+    def call() -> None:
+        ok(cu.cuMemcpyAsync(dst, src, n, stream))
+        ok(cu.cuStreamSynchronize(stream))
+
+    return call
 
 
 def run_probe(

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 from _rawcuda import (
     aligned,
+    driver_copy,
     driver_on_device0,
     interleaved,
     load_torch,
@@ -88,19 +89,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         dsts = {k: aligned(n, off, 0xA5) for k, off in OFFSETS.items()}
         methods: dict[str, Callable[[], Any]] = {}
 
-        def drv(stream: Any, dst: np.ndarray) -> Callable[[], None]:
-            p = dst.ctypes.data
-
-            def call() -> None:
-                ok(cu.cuMemcpyAsync(p, d, n, stream))
-                ok(cu.cuStreamSynchronize(stream))
-
-            return call
-
         for sname, st in streams.items():
-            methods[f"drv_{sname}_np16"] = drv(st, dsts["np16"])
+            methods[f"drv_{sname}_np16"] = driver_copy(cu, st, dsts["np16"].ctypes.data, d, n)
         for k in ("a64", "pg"):
-            methods[f"drv_nonblocking_{k}"] = drv(streams["nonblocking"], dsts[k])
+            methods[f"drv_nonblocking_{k}"] = driver_copy(
+                cu, streams["nonblocking"], dsts[k].ctypes.data, d, n
+            )
         for k, dst in dsts.items():
             p = dst.ctypes.data
             methods[f"memmove_{k}"] = lambda p=p: ctypes.memmove(p, int(pin), n)

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from _rawcuda import (
     aligned,
+    driver_copy,
     driver_on_device0,
     interleaved,
     ok,
@@ -102,20 +103,11 @@ async def main_async(args: Any) -> dict[str, Any]:
 
             return call
 
-        def drv(dst: np.ndarray) -> Callable[[], None]:
-            p = dst.ctypes.data
-
-            def call() -> None:
-                ok(cu.cuMemcpyAsync(p, d, n, stream))
-                ok(cu.cuStreamSynchronize(stream))
-
-            return call
-
         for name, dst in dsts.items():
             methods[f"whole_{name}"] = staged(dst, 1)
             for k in PIECES:
                 methods[f"pieces{k}_{name}"] = staged(dst, k)
-            methods[f"drv_{name}"] = drv(dst)
+            methods[f"drv_{name}"] = driver_copy(cu, stream, dst.ctypes.data, d, n)
             methods[f"gpuaio_{name}"] = lambda dst=dst: s.copy(dst, gd)
 
         def refill() -> None:
