@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import gpuaio
-from gpuaio._engine import hostwork, lent, nativecopy, staging
+from gpuaio._engine import lent, nativecopy, staging
 from gpuaio._engine.hostwork import COPY_NICE, HostPool, SlicedCopy
 from gpuaio._engine.nativecopy import NativeCopy
 from tests.test_copy import pattern
@@ -88,6 +88,26 @@ def test_take_copied_waits_for_at_least_what_is_asked(pool: HostPool) -> None:
     assert np.array_equal(dst, src)
 
 
+def test_a_large_copy_is_cut_into_small_slices_and_completes_from_its_front(
+    pool: HostPool,
+) -> None:
+    """A 32 MiB copy on three threads goes in ``NATIVE_SLICE`` slices, claimed
+    front to back, so its front is handed out long before its end (one slice
+    per thread, as before, finished all three at once: the first take got a
+    third of the copy or more). Its slices are handed out whole."""
+    n = 32 * MiB
+    step = nativecopy.native_step(n, pool.threads)
+    src, dst = pattern(n, 34), np.zeros(n, np.uint8)
+    pool.submit_copy(dst.ctypes.data, src.ctypes.data, 1).wait_copied()  # threads started
+    cp = _native(pool.submit_copy(dst.ctypes.data, src.ctypes.data, n))
+    first = cp.take_copied(1)
+    got = sum(ln for _, ln in first)
+    assert got < n // 3, f"the first take handed out {got} of {n} bytes: not front first"
+    assert all(o % step == 0 and (ln % step == 0 or o + ln == n) for o, ln in first)
+    cp.wait_copied(at_least=n)
+    assert np.array_equal(dst, src)
+
+
 def test_stop_leaves_unclaimed_slices_untouched_and_raises_for_them(pool: HostPool) -> None:
     n = 512 * MiB
     src = np.ones(n, np.uint8)
@@ -97,7 +117,7 @@ def test_stop_leaves_unclaimed_slices_untouched_and_raises_for_them(pool: HostPo
     after = dst.copy()
     time.sleep(0.05)
     assert np.array_equal(dst, after), "a slice was written after stop() returned"
-    step = hostwork.slice_step(n, pool.threads, hostwork.NATIVE_SLICE)
+    step = nativecopy.native_step(n, pool.threads)
     whole = [bool(dst[o : o + step].all()) for o in range(0, n, step)]
     for o, full in zip(range(0, n, step), whole, strict=True):
         assert full or not dst[o : o + step].any(), f"the slice at {o} is half copied"
@@ -309,6 +329,40 @@ async def test_on_the_native_threads_a_download_goes_in_smaller_chunks(
         assert np.array_equal(back, src)
         sizes = sorted({nb for _, _, nb in calls})
         assert sizes == [want], f"a {n}-byte download went in DMAs of {sizes}, not {want}"
+
+
+@pytest.mark.anyio
+async def test_staged_chunks_go_to_the_native_threads_in_small_slices(
+    dev: gpuaio.Device, gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 64 MiB upload's and download's chunks go to the native threads in
+    ``NATIVE_SLICE`` slices, several per thread, so each chunk's copy
+    completes from its front (the test above) and an upload DMAs it as it
+    goes. One slice per thread (as before: 32 MiB on one thread of a
+    two-core machine) left an upload's chunk to one DMA after its whole copy.
+    Byte-exact."""
+    host = gpuaio_runtime.host
+    n = 64 * MiB
+    src = pattern(n, 39)
+    d = dev.empty(n)
+    s = dev.stream()
+    await s.copy(d, src)  # blocks and threads ready
+    native = host._native_pool()
+    steps: list[tuple[int, int]] = []
+    real = native.submit_copy
+
+    def spy(dst: int, src_ptr: int, nbytes: int, step: int, *args: Any) -> NativeCopy:
+        steps.append((nbytes, step))
+        return real(dst, src_ptr, nbytes, step, *args)
+
+    monkeypatch.setattr(native, "submit_copy", spy)
+    back = np.zeros(n, np.uint8)
+    await s.copy(d, src)
+    await s.copy(back, d)
+    assert np.array_equal(back, src)
+    assert len(steps) >= 2 + staging.D2H_SPLIT, f"the chunks did not all go native: {steps}"
+    for nbytes, step in steps:
+        assert step == nativecopy.NATIVE_SLICE, f"a {nbytes}-byte chunk in slices of {step}"
 
 
 def _nt() -> Any:

@@ -55,7 +55,7 @@ import gpuaio
 from gpuaio._api.runtime import current_runtime
 from gpuaio._engine import gated as gated_mod
 from gpuaio._engine import nativecopy
-from gpuaio._engine.hostwork import NATIVE_SLICE, slice_step
+from gpuaio._engine.nativecopy import native_step
 
 KiB, MiB = 1 << 10, 1 << 20
 clock = time.perf_counter
@@ -164,7 +164,7 @@ def threads_section(
         for n in sizes:
             src, block, d = _buffers(dev, n)
             d_ptr = d.ptr
-            step = slice_step(n, threads, NATIVE_SLICE)
+            step = native_step(n, threads)
             out = np.ones(n, np.uint8)  # pre-touched, as a download's destination
             got: dict[str, dict[str, list[float]]] = {
                 m: {"copy": [], "dma": [], "out": []} for m in ("plain", "nt")

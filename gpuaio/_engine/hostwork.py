@@ -24,7 +24,7 @@ import numpy.typing as npt
 from .._core import trace as _trace
 from .._core.timerslack import precise_timers
 from . import nativecopy
-from .nativecopy import NativeCopy, NativePool
+from .nativecopy import NativeCopy, NativePool, native_step
 from .pool import parse_size
 
 __all__ = ["HostPool", "SerialExecutor", "SlicedCopy", "byte_view", "slice_step"]
@@ -41,15 +41,6 @@ slices cut 64 MiB-1 GiB uploads by up to a third and the 8 GiB soak's rate
 by a third or more (issue 13, run BE); one slice per thread (12 of 5.3 MiB
 in a 64 MiB chunk, against 16 of 4 MiB before) made them 5-11% faster
 (run BF)."""
-
-
-NATIVE_SLICE = parse_size(os.environ.get("GPUAIO_NATIVE_SLICE") or str(1 << 20))
-""":data:`STAGE_SLICE` for the native copy threads, which report a slice
-without Python (:mod:`gpuaio._engine.nativecopy`): 1 MiB. More slices keep
-every thread busy to a chunk's end and let an upload DMA its front sooner; on
-an H200 host 1 MiB against 2 MiB ran 64 MiB copies at 23-25 / 22-26 GB/s
-against 21 / 21 (H2D / D2H) and was no slower at 16 MiB-1 GiB (issue 13,
-run CI)."""
 
 
 def slice_step(nbytes: int, threads: int, least: int = STAGE_SLICE) -> int:
@@ -199,7 +190,7 @@ class HostPool:
         """
         if nativecopy.available() and (span is None or span[1] is None):
             return self._native_pool().submit_copy(
-                dst, src, nbytes, slice_step(nbytes, self.threads, NATIVE_SLICE), nt
+                dst, src, nbytes, native_step(nbytes, self.threads), nt
             )
         return SlicedCopy(self._executor(), self.threads, dst, src, nbytes, span)
 

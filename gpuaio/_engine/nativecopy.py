@@ -25,8 +25,30 @@ from collections.abc import Callable
 from typing import Any
 
 from .._core.compiled import c_function, native_library
+from .pool import parse_size
 
-__all__ = ["NativeCopy", "NativePool", "available", "host_copier", "nt_copier"]
+__all__ = ["NativeCopy", "NativePool", "available", "host_copier", "native_step", "nt_copier"]
+
+NATIVE_SLICE = parse_size(os.environ.get("GPUAIO_NATIVE_SLICE") or str(512 << 10))
+"""The slice of a staging chunk's host copy that a native copy thread claims at
+a time; 0: one slice per copy thread, of at least 1 MiB (the rule before).
+
+Slices are claimed front to back, so a chunk's copy completes from its
+front and an upload DMAs it as it goes (``Stager._h2d``), a download's
+copy-out of a chunk spreads over every thread. One slice per thread (a 32
+MiB chunk of a 64 MiB upload on 12 threads: 2.7 MiB each) finished them all
+at once, at the chunk's end: its first DMA waited for the whole chunk, and
+the last chunk's whole DMA (about 0.6 ms) came after the last host copy.
+Each slice costs its thread a lock and a wake-up of a waiting stream thread,
+no Python."""
+
+
+def native_step(nbytes: int, threads: int) -> int:
+    """The slice size of a native sliced copy of ``nbytes`` on ``threads``
+    threads (:data:`NATIVE_SLICE`); a multiple of 4 KiB."""
+    step = NATIVE_SLICE if NATIVE_SLICE > 0 else max(1 << 20, -(-nbytes // max(1, threads)))
+    return (max(4096, step) + 4095) & ~4095
+
 
 _c_u64 = ctypes.c_uint64
 _c_ptr = ctypes.c_void_p
