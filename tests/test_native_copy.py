@@ -88,23 +88,39 @@ def test_take_copied_waits_for_at_least_what_is_asked(pool: HostPool) -> None:
     assert np.array_equal(dst, src)
 
 
-def test_a_large_copy_is_cut_into_small_slices_and_completes_from_its_front(
-    pool: HostPool,
+@pytest.fixture
+def small_slices(monkeypatch: pytest.MonkeyPatch) -> int:
+    """``GPUAIO_NATIVE_SLICE=512K`` for the test (read at each copy)."""
+    monkeypatch.setattr(nativecopy, "NATIVE_SLICE", 512 << 10)
+    return 512 << 10
+
+
+def test_a_large_copy_goes_to_the_native_threads_in_fixed_slices(
+    pool: HostPool, small_slices: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A 32 MiB copy on three threads goes in ``NATIVE_SLICE`` slices, claimed
-    front to back, so its front is handed out long before its end (one slice
-    per thread, as before, finished all three at once: the first take got a
-    third of the copy or more). Its slices are handed out whole."""
+    """A 32 MiB copy on three threads goes in ``NATIVE_SLICE`` slices (64,
+    claimed front to back), not in one per thread (three of 10.7 MiB, which
+    finish together at the copy's end); every range handed out is whole
+    slices. Byte-exact."""
     n = 32 * MiB
-    step = nativecopy.native_step(n, pool.threads)
+    native = pool._native_pool()
+    steps: list[int] = []
+    real = native.submit_copy
+
+    def spy(dst: int, src_ptr: int, nbytes: int, step: int, *args: Any) -> NativeCopy:
+        steps.append(step)
+        return real(dst, src_ptr, nbytes, step, *args)
+
+    monkeypatch.setattr(native, "submit_copy", spy)
     src, dst = pattern(n, 34), np.zeros(n, np.uint8)
-    pool.submit_copy(dst.ctypes.data, src.ctypes.data, 1).wait_copied()  # threads started
     cp = _native(pool.submit_copy(dst.ctypes.data, src.ctypes.data, n))
-    first = cp.take_copied(1)
-    got = sum(ln for _, ln in first)
-    assert got < n // 3, f"the first take handed out {got} of {n} bytes: not front first"
-    assert all(o % step == 0 and (ln % step == 0 or o + ln == n) for o, ln in first)
-    cp.wait_copied(at_least=n)
+    assert steps == [small_slices]
+    handed = 0
+    while ranges := cp.take_copied(1):
+        for o, ln in ranges:
+            assert o % small_slices == 0 and (ln % small_slices == 0 or o + ln == n)
+            handed += ln
+    assert handed == n
     assert np.array_equal(dst, src)
 
 
@@ -333,7 +349,7 @@ async def test_on_the_native_threads_a_download_goes_in_smaller_chunks(
 
 @pytest.mark.anyio
 async def test_staged_chunks_go_to_the_native_threads_in_small_slices(
-    dev: gpuaio.Device, gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
+    dev: gpuaio.Device, gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch, small_slices: int
 ) -> None:
     """A 64 MiB upload's and download's chunks go to the native threads in
     ``NATIVE_SLICE`` slices, several per thread, so each chunk's copy
@@ -362,7 +378,7 @@ async def test_staged_chunks_go_to_the_native_threads_in_small_slices(
     assert np.array_equal(back, src)
     assert len(steps) >= 2 + staging.D2H_SPLIT, f"the chunks did not all go native: {steps}"
     for nbytes, step in steps:
-        assert step == nativecopy.NATIVE_SLICE, f"a {nbytes}-byte chunk in slices of {step}"
+        assert step == small_slices, f"a {nbytes}-byte chunk in slices of {step}"
 
 
 def _nt() -> Any:

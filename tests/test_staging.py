@@ -17,6 +17,7 @@ import pytest
 
 import gpuaio
 from gpuaio._api.device import device_of
+from gpuaio._engine import nativecopy
 from gpuaio._engine.hostwork import COPY_NICE, HostPool
 from gpuaio._engine.staging import Stager, StagingConfig
 from gpuaio.backends._base import Backend
@@ -990,3 +991,19 @@ async def test_an_upload_failing_after_some_pieces_frees_their_block_only_after_
     np.testing.assert_array_equal(out, src)
     await eventually(lambda: pool.stats().in_use == before)
     await s.aclose()
+
+
+def test_the_native_threads_slice_one_per_thread_unless_told_a_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``GPUAIO_NATIVE_SLICE`` 0 (the default): one slice per copy thread, of
+    at least 1 MiB, in whole pages; a size: slices of that size (whole
+    pages) whatever the copy's."""
+    monkeypatch.setattr(nativecopy, "NATIVE_SLICE", 0)
+    assert nativecopy.native_step(32 << 20, 12) == ((32 << 20) // 12 + 4095) & ~4095
+    assert nativecopy.native_step(4 << 20, 12) == 1 << 20
+    monkeypatch.setattr(nativecopy, "NATIVE_SLICE", 512 << 10)
+    assert nativecopy.native_step(32 << 20, 12) == 512 << 10
+    assert nativecopy.native_step(1 << 30, 3) == 512 << 10
+    monkeypatch.setattr(nativecopy, "NATIVE_SLICE", 5000)
+    assert nativecopy.native_step(32 << 20, 12) == 8192

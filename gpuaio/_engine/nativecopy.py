@@ -29,18 +29,20 @@ from .pool import parse_size
 
 __all__ = ["NativeCopy", "NativePool", "available", "host_copier", "native_step", "nt_copier"]
 
-NATIVE_SLICE = parse_size(os.environ.get("GPUAIO_NATIVE_SLICE") or str(512 << 10))
+NATIVE_SLICE = parse_size(os.environ.get("GPUAIO_NATIVE_SLICE") or "0")
 """The slice of a staging chunk's host copy that a native copy thread claims at
-a time; 0: one slice per copy thread, of at least 1 MiB (the rule before).
+a time; 0 (the default): one slice per copy thread, of at least 1 MiB.
 
-Slices are claimed front to back, so a chunk's copy completes from its
-front and an upload DMAs it as it goes (``Stager._h2d``), a download's
-copy-out of a chunk spreads over every thread. One slice per thread (a 32
-MiB chunk of a 64 MiB upload on 12 threads: 2.7 MiB each) finished them all
-at once, at the chunk's end: its first DMA waited for the whole chunk, and
-the last chunk's whole DMA (about 0.6 ms) came after the last host copy.
-Each slice costs its thread a lock and a wake-up of a waiting stream thread,
-no Python."""
+With one slice per thread (a 32 MiB chunk of a 64 MiB upload on 12 threads:
+2.7 MiB each) every slice of a chunk finishes at about the same time, at the
+chunk's end: an upload's first DMA of the chunk waits for all of it, and the
+last chunk's whole DMA (about 0.6 ms at 32 MiB) follows the last host copy.
+Fixed slices (512 KiB, say), claimed front to back, complete a chunk from
+its front, so the DMA trails the copy by a few slices (``Stager._h2d``), and
+spread a download's copy-out of a chunk over every thread. Each slice costs
+its thread a lock and a wake-up of a waiting stream thread, no Python. Not
+the default until measured on a GPU against one slice per thread (issue
+13's round fifty-one got no machine)."""
 
 
 def native_step(nbytes: int, threads: int) -> int:
