@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import gpuaio
-from gpuaio._engine import lent, nativecopy, staging
+from gpuaio._engine import hostwork, lent, nativecopy, staging
 from gpuaio._engine.hostwork import COPY_NICE, HostPool, SlicedCopy
 from gpuaio._engine.nativecopy import NativeCopy
 from tests.test_copy import pattern
@@ -133,7 +133,7 @@ def test_stop_leaves_unclaimed_slices_untouched_and_raises_for_them(pool: HostPo
     after = dst.copy()
     time.sleep(0.05)
     assert np.array_equal(dst, after), "a slice was written after stop() returned"
-    step = nativecopy.native_step(n, pool.threads)
+    step = hostwork.native_step(n, pool.threads)
     whole = [bool(dst[o : o + step].all()) for o in range(0, n, step)]
     for o, full in zip(range(0, n, step), whole, strict=True):
         assert full or not dst[o : o + step].any(), f"the slice at {o} is half copied"

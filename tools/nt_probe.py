@@ -55,7 +55,7 @@ import gpuaio
 from gpuaio._api.runtime import current_runtime
 from gpuaio._engine import gated as gated_mod
 from gpuaio._engine import nativecopy
-from gpuaio._engine.nativecopy import native_step
+from gpuaio._engine.hostwork import native_step
 
 KiB, MiB = 1 << 10, 1 << 20
 clock = time.perf_counter

@@ -24,10 +24,10 @@ import numpy.typing as npt
 from .._core import trace as _trace
 from .._core.timerslack import precise_timers
 from . import nativecopy
-from .nativecopy import NativeCopy, NativePool, native_step
+from .nativecopy import NativeCopy, NativePool
 from .pool import parse_size
 
-__all__ = ["HostPool", "SerialExecutor", "SlicedCopy", "byte_view", "slice_step"]
+__all__ = ["HostPool", "SerialExecutor", "SlicedCopy", "byte_view", "native_step", "slice_step"]
 
 MIN_SLICE = 1 << 20
 """Bytes below which a host copy or fill is not split (thread hand-off costs ~10-50 µs)."""
@@ -49,6 +49,13 @@ def slice_step(nbytes: int, threads: int, least: int = STAGE_SLICE) -> int:
     reports once per chunk; a multiple of 4 KiB."""
     step = max(4096, least, -(-nbytes // max(1, threads)))
     return (step + 4095) & ~4095
+
+
+def native_step(nbytes: int, threads: int) -> int:
+    """The slice size of a copy of ``nbytes`` on ``threads`` native copy threads:
+    ``nativecopy.NATIVE_SLICE``, or where that is 0 one slice per thread of at least 1 MiB."""
+    fixed = nativecopy.NATIVE_SLICE
+    return slice_step(0, 1, fixed) if fixed > 0 else slice_step(nbytes, threads, 1 << 20)
 
 
 def byte_view(ptr: int, nbytes: int, readonly: bool = False) -> npt.NDArray[np.uint8]:

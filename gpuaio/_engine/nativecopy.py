@@ -27,11 +27,12 @@ from typing import Any
 from .._core.compiled import c_function, native_library
 from .pool import parse_size
 
-__all__ = ["NativeCopy", "NativePool", "available", "host_copier", "native_step", "nt_copier"]
+__all__ = ["NativeCopy", "NativePool", "available", "host_copier", "nt_copier"]
 
 NATIVE_SLICE = parse_size(os.environ.get("GPUAIO_NATIVE_SLICE") or "0")
 """The slice of a staging chunk's host copy that a native copy thread claims at
-a time; 0 (the default): one slice per copy thread, of at least 1 MiB.
+a time (``hostwork.native_step`` reads it at each copy); 0 (the default): one
+slice per copy thread, of at least 1 MiB.
 
 With one slice per thread (a 32 MiB chunk of a 64 MiB upload on 12 threads:
 2.7 MiB each) every slice of a chunk finishes at about the same time, at the
@@ -43,13 +44,6 @@ spread a download's copy-out of a chunk over every thread. Each slice costs
 its thread a lock and a wake-up of a waiting stream thread, no Python. Not
 the default until measured on a GPU against one slice per thread (issue
 13's round fifty-one got no machine)."""
-
-
-def native_step(nbytes: int, threads: int) -> int:
-    """The slice size of a native sliced copy of ``nbytes`` on ``threads``
-    threads (:data:`NATIVE_SLICE`); a multiple of 4 KiB."""
-    step = NATIVE_SLICE if NATIVE_SLICE > 0 else max(1 << 20, -(-nbytes // max(1, threads)))
-    return (max(4096, step) + 4095) & ~4095
 
 
 _c_u64 = ctypes.c_uint64
