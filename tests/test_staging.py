@@ -997,10 +997,10 @@ def test_the_native_threads_slice_one_per_thread_unless_told_a_size(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``GPUAIO_NATIVE_SLICE`` 0: one slice per copy thread, of at least 1 MiB,
-    in whole pages; a size (256 KiB unless set): slices of that size (whole
+    in whole pages; a size (512 KiB unless set): slices of that size (whole
     pages) whatever the copy's."""
     if "GPUAIO_NATIVE_SLICE" not in os.environ:
-        assert nativecopy.NATIVE_SLICE == 256 << 10
+        assert nativecopy.NATIVE_SLICE == 512 << 10
     monkeypatch.setattr(nativecopy, "NATIVE_SLICE", 0)
     assert hostwork.native_step(32 << 20, 12) == ((32 << 20) // 12 + 4095) & ~4095
     assert hostwork.native_step(4 << 20, 12) == 1 << 20

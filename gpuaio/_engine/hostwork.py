@@ -53,7 +53,7 @@ def slice_step(nbytes: int, threads: int, least: int = STAGE_SLICE) -> int:
 
 def native_step(nbytes: int, threads: int) -> int:
     """The slice size of a copy of ``nbytes`` on ``threads`` native copy threads:
-    ``nativecopy.NATIVE_SLICE`` (256 KiB), or where that is 0 one slice per thread of
+    ``nativecopy.NATIVE_SLICE`` (512 KiB), or where that is 0 one slice per thread of
     at least 1 MiB."""
     fixed = nativecopy.NATIVE_SLICE
     return slice_step(0, 1, fixed) if fixed > 0 else slice_step(nbytes, threads, 1 << 20)

@@ -29,7 +29,7 @@ from .pool import parse_size
 
 __all__ = ["NativeCopy", "NativePool", "available", "host_copier", "nt_copier"]
 
-NATIVE_SLICE = parse_size(os.environ.get("GPUAIO_NATIVE_SLICE") or "256K")
+NATIVE_SLICE = parse_size(os.environ.get("GPUAIO_NATIVE_SLICE") or "512K")
 """The slice of a staging chunk's host copy that a native copy thread claims at
 a time (``hostwork.native_step`` reads it at each copy); 0: one slice per
 copy thread, of at least 1 MiB (the rule before round fifty-two).
@@ -41,10 +41,11 @@ last chunk's whole DMA (about 0.6 ms at 32 MiB) follows the last host copy.
 Fixed slices, claimed front to back, complete a chunk from its front, so the
 DMA trails the copy by a few slices (``Stager._h2d``), and spread a
 download's copy-out of a chunk over every thread. Each slice costs its
-thread a lock and a wake-up of a waiting stream thread, no Python. On an
-H100 (run KD) 256 KiB slices ran awaited 64 MiB copies 1.10x (up) and 1.12x
-(down) as fast as one slice per thread, 256 MiB 1.08x / 1.05x, and 16 MiB
-and 1 GiB within 1% of it; 512 KiB came close, 1 MiB lost at 64 MiB down."""
+thread a lock and a wake-up of a waiting stream thread, no Python. On two
+H100 hosts (runs KD and KF, six rounds of alternating processes) 512 KiB
+slices ran awaited 64 MiB copies 1.15x as fast as one slice per thread both
+ways, 256 MiB 1.12x (up) and 1.05x (down), 1 GiB 1.03-1.04x; 256 KiB came
+1-4% behind it, 1 MiB lost at 64 MiB down."""
 
 
 _c_u64 = ctypes.c_uint64
