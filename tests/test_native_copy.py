@@ -427,7 +427,7 @@ async def test_staged_copies_write_with_non_temporal_stores_from_their_threshold
     ``D2H_NT_MIN`` copy their chunks out so, smaller ones not. Byte-exact."""
     real = _nt()
     stager = gpuaio_runtime.stager
-    assert stager._nt is not None and stager._nt_out is not None, (
+    assert stager._nt is not None and stager.nt_out is not None, (
         "the stager did not pick up the non-temporal copy"
     )
     here: list[tuple[str, int]] = []
@@ -439,7 +439,7 @@ async def test_staged_copies_write_with_non_temporal_stores_from_their_threshold
 
         return copy
 
-    stager._nt, stager._nt_out = spy("up"), spy("down")
+    stager._nt, stager.nt_out = spy("up"), spy("down")
     # The staged paths: gated copies (GPUAIO_GATED_MAX) take their own way.
     monkeypatch.setattr(stager, "gated", None)
     native = gpuaio_runtime.host._native_pool()

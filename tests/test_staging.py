@@ -542,14 +542,13 @@ async def test_staged_copies_reuse_their_events(gpuaio_runtime: Any, dev: gpuaio
     await s.aclose()
 
 
-@pytest.mark.patches_compiled
 async def test_a_chunk_copied_on_the_stream_thread_overlaps_the_dma_before_it(
     gpuaio_runtime: Any, dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch, staged_only: Any
 ) -> None:
     """Chunks the stream's host thread copies itself (SOLO_CHUNK) go one ahead:
     copy 0, DMA 0, copy 1 (while DMA 0 runs), DMA 1. Two ahead, a transfer of
     two chunks copied both before its first DMA."""
-    from gpuaio._engine import staging
+    from gpuaio._engine import chunks, staging
 
     s = dev.stream()
     stager = gpuaio_runtime.stager
@@ -560,7 +559,7 @@ async def test_a_chunk_copied_on_the_stream_thread_overlaps_the_dma_before_it(
     d = dev.empty(n)
     await s.copy(d, src)  # warm: blocks cached
     steps: list[str] = []
-    real_copy = staging._copy_here
+    real_copy = chunks.copy_here
 
     def copy_here(*a: Any) -> Any:
         steps.append("copy")
@@ -573,7 +572,7 @@ async def test_a_chunk_copied_on_the_stream_thread_overlaps_the_dma_before_it(
         steps.append("dma")
         real_dma(*a)
 
-    monkeypatch.setattr(staging, "_copy_here", copy_here)
+    monkeypatch.setattr(chunks, "copy_here", copy_here)
     monkeypatch.setattr(be, "memcpy_async", dma)
     src2 = pattern(n, 13)
     await s.copy(d, src2)

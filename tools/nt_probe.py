@@ -209,8 +209,8 @@ async def e2e_section(
     stager = current_runtime().stager
     assert stager is not None
     # What is toggled: the uploads' non-temporal copy (``_nt``), the
-    # downloads' (``_nt_out``), or the gated path (``gated``, both ways).
-    attr = {"h2d": "_nt", "d2h": "_nt_out", "gated": "gated"}[toggle]
+    # downloads' (``nt_out``), or the gated path (``gated``, both ways).
+    attr = {"h2d": "_nt", "d2h": "nt_out", "gated": "gated"}[toggle]
     direct_up_max = stager.direct_up_max
     if toggle == "gated":
         # On for every size measured, both ways (past its default ranges). The

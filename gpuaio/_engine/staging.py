@@ -10,9 +10,9 @@ The driver copies pageable memory synchronously and slowly (one thread,
   it fired. The DMA of chunk *i* runs while chunk *i+1* is copied; at most
   ``depth`` chunks are in DMA per transfer. The op completes when the last
   DMA has.
-* **D2H into pageable**: the reverse: up to ``depth`` DMAs into pinned blocks
-  run ahead while finished chunks are copied out. The op completes when the
-  last byte is in the user's buffer.
+* **D2H into pageable** (:mod:`gpuaio._engine.download`): the reverse: up to
+  ``depth`` DMAs into pinned blocks run ahead while finished chunks are
+  copied out. The op completes when the last byte is in the user's buffer.
 * **Small transfers** (``inline_max`` bytes or less) skip the thread hop where
   stream order allows: the host copy of an H2D runs on the calling thread
   when no host action of the stream that may write host memory is pending
@@ -22,12 +22,12 @@ The driver copies pageable memory synchronously and slowly (one thread,
 
 Everything else runs as host steps on the stream's host thread, which settle
 on the host actions before them, so stream order holds. Every path puts a
-chunk's bytes in its block as ``lent.staged_at`` says.
+chunk's bytes in its block as ``lent.staged_at`` says, through the steps
+of :mod:`gpuaio._engine.chunks`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from collections import deque
 from collections.abc import Callable
@@ -38,17 +38,18 @@ from .._core.errors import InvalidArgumentError, OperationAbortedError
 from .._core.operation import Operation
 from .._core.progress import report_progress
 from .buffers import BufferInfo
+from .chunks import D2H_CHUNK, H2D_CHUNK, chunk_block, drop, guarded_dma, stage
+from .download import download
 from .eventcache import EventCache
 from .gated import GatedCopies
 from .growth import ClassGrowth
-from .hostwork import HostPool, SlicedCopy
 from .lent import Lent, copy_small, staged_at
-from .nativecopy import NativeCopy, nt_copier
+from .nativecopy import nt_copier
 from .pieces import upload_in_pieces
-from .pool import LINE, MIN_CLASS, PinnedBlock, PinnedPool, release_after_drain, size_class
+from .pool import LINE, MIN_CLASS, PinnedBlock, PinnedPool, size_class
 from .stagingconfig import (
     D2H_NT_MIN,
-    D2H_SPLIT,
+    D2H_PIECES,
     DIRECT_UP_MAX,
     DMA_STEP,
     DOWN_PIECE_MIN,
@@ -99,7 +100,10 @@ class Stager:
         self.down_piece_min: int = DOWN_PIECE_MIN
         """Early downloads from this size go in two pieces (``DOWN_PIECE_MIN``); 0: none."""
         self._nt: Callable[[int, int, int], None] | None = nt if NT_MIN else None
-        self._nt_out: Callable[[int, int, int], None] | None = nt if D2H_NT_MIN else None
+        self.nt_out: Callable[[int, int, int], None] | None = nt if D2H_NT_MIN else None
+        """How downloads from ``D2H_NT_MIN`` bytes copy out (non-temporal stores), or None."""
+        self.d2h_pieces: int = D2H_PIECES
+        """A staged download's chunks are DMAed in up to this many pieces (``D2H_PIECES``)."""
         # Mid-size copies gated on the native copy threads (gated.py); both ranges off: no path.
         self.gated: GatedCopies | None = None
         if GATED_UP_MAX or GATED_DOWN_MAX:
@@ -217,7 +221,7 @@ class Stager:
         if op._abort:
             raise OperationAbortedError(f"{op.label}: aborted after 0 of {d.nbytes} bytes")
         # Traced like a staged chunk: one chunk, copied by the driver.
-        name = _H2D_CHUNK if h2d else _D2H_CHUNK
+        name = H2D_CHUNK if h2d else D2H_CHUNK
         args = {"chunk": 0, "offset": 0, "bytes": d.nbytes, "driver": True}
         backend = self.runtime.backend
         _trace.traced_call(
@@ -294,7 +298,7 @@ class Stager:
         n = d.nbytes
         chunk = self.chunk_for(n)
         floor = self.config.min_chunk
-        own = n <= self.config.inline_max  # see _chunk_block
+        own = n <= self.config.inline_max  # see chunk_block
         depth = self.config.depth
         device = seq.ordinal
         solo = chunk <= SOLO_CHUNK
@@ -323,15 +327,15 @@ class Stager:
                     # waiting while holding could deadlock transfers.
                     # A cached block first: acquire() reclaims (queries every
                     # guarded block's events) before it looks.
-                    block = _chunk_block(pool, ln, not copying, min(ln, floor), own)
+                    block = chunk_block(pool, ln, not copying, min(ln, floor), own)
                     if block is None:
                         break
                     # A smaller cached block shortens the chunk; a larger one
                     # holds the chunk planned (one chunk in a block that size
                     # would lose the overlap of host copy and DMA).
                     ln = min(ln, block.size)
-                    cp = _stage(
-                        host, _H2D_CHUNK, tracer, k, off, block.ptr + sh, src_ptr + off, ln, solo,
+                    cp = stage(
+                        host, H2D_CHUNK, tracer, k, off, block.ptr + sh, src_ptr + off, ln, solo,
                         nt if ln >= NT_MIN else None,
                     )  # fmt: skip
                     copying.append([off, ln, block, cp, 0])
@@ -357,7 +361,7 @@ class Stager:
                     continue
                 po, pl = parts[-1]
                 copying.popleft()
-                guard = _guarded_dma(
+                guard = guarded_dma(
                     backend, native, events, device, pool, block,
                     d.ptr + o + po, block.ptr + sh + po, pl, drain=entry[4] > 0,
                 )  # fmt: skip
@@ -369,7 +373,7 @@ class Stager:
                 if op._progress is not None and enqueued < n:
                     report_progress(op._progress, enqueued, n)
         finally:
-            _drop(backend, native, pool, copying)
+            drop(backend, native, pool, copying)
             # Pending or not: every user records an event before it waits on
             # it, and a record replaces the one before.
             events.put(ring)
@@ -383,85 +387,8 @@ class Stager:
         return True
 
     def _d2h(self, seq: Sequencer, op: Operation, d: BufferInfo, s: BufferInfo) -> bool:
-        """Host job: DMA chunks of ``s`` into pinned blocks, copy them out into ``d``.
-
-        Up to ``depth`` DMAs run ahead while the host threads copy out up to
-        ``LOOKAHEAD`` finished chunks.
-        """
-        backend, pool, host = self.runtime.backend, self.pool, self.runtime.host
-        native = seq.native
-        dst_ptr = d.ptr
-        sh = dst_ptr & (LINE - 1)  # as in _h2d
-        n = d.nbytes
-        chunk = self.chunk_for(n)
-        floor = self.config.min_chunk
-        own = n <= self.config.inline_max  # see _chunk_block
-        if self.config.split < D2H_SPLIT and host.native:
-            # Smaller chunks: the first copy-out waits for one chunk's DMA.
-            # Not down to chunks this thread would copy alone, though; and
-            # not on the Python copy threads, where each chunk's hand-offs
-            # cost more than the overlap gains (issue 13, run BH).
-            small = self.config.chunk_for(n, self.pool.budget, D2H_SPLIT)
-            if small > SOLO_CHUNK:
-                chunk = min(chunk, small)
-        depth = self.config.depth
-        device = seq.ordinal
-        solo = chunk <= SOLO_CHUNK
-        nt = self._nt_out if n >= D2H_NT_MIN else None
-        events = self.events
-        inflight: deque[tuple[int, int, PinnedBlock, Any]] = deque()
-        # (offset, bytes, block, its copy-out or None when copied, 0)
-        copying: deque[list[Any]] = deque()
-        # Chunk copies are traced on the host threads that run them, into
-        # the tracer the op captured when its task enqueued it.
-        tracer = op._tracer
-        k = 0
-        off = 0
-        copied = 0
-        try:
-            while True:
-                while off < n and len(inflight) < depth and not op._abort:
-                    ln = min(chunk, n - off)
-                    block = _chunk_block(pool, ln, not (inflight or copying), min(ln, floor), own)
-                    if block is None:
-                        break
-                    # A smaller cached block shortens the chunk; a larger one
-                    # holds the chunk planned (one chunk in a block that size
-                    # would lose the overlap of host copy and DMA).
-                    ln = min(ln, block.size)
-                    at, src = block.ptr + sh, s.ptr + off
-                    ev = _guarded_dma(backend, native, events, device, pool, block, at, src, ln)
-                    inflight.append((off, ln, block, ev))
-                    off += ln
-                if inflight and len(copying) < LOOKAHEAD:
-                    o, ln, block, ev = inflight[0]
-                    backend.event_synchronize(ev)
-                    inflight.popleft()
-                    events.put([ev])  # fired
-                    cp = _stage(
-                        host, _D2H_CHUNK, tracer, k, o, dst_ptr + o, block.ptr + sh, ln, solo, nt
-                    )
-                    copying.append([o, ln, block, cp, 0])
-                    k += 1
-                    continue
-                if copying:
-                    o, ln, block, cp, _ = copying[0]
-                    if cp is not None:
-                        cp.wait_copied(at_least=ln)
-                    copying.popleft()
-                    pool.release(block)
-                    copied += ln
-                    if op._progress is not None and copied < n:
-                        report_progress(op._progress, copied, n)
-                    continue
-                break
-        finally:
-            for _o, _ln, block, ev in inflight:
-                pool.release(block, [ev])
-            _drop(backend, native, pool, copying)
-        if copied < n:
-            raise OperationAbortedError(f"{op.label}: aborted after {copied} of {n} bytes")
-        return False
+        """Host job: a staged download (:func:`gpuaio._engine.download.download`)."""
+        return download(self, seq, op, d, s)
 
 
 def _idle(seq: Sequencer) -> bool:
@@ -480,121 +407,3 @@ def _settle(op: Operation, pool: PinnedPool, guards: list[tuple[PinnedBlock, int
     pass took 35-90 us before a copy's first host copy, issue 13's timelines)."""
     if op._exc is None:
         pool.settled(guards)
-
-
-_H2D_CHUNK = "gpuaio stage h2d chunk"
-_D2H_CHUNK = "gpuaio stage d2h chunk"
-
-
-def _guarded_dma(
-    backend: Any,
-    native: Any,
-    events: EventCache,
-    device: int,
-    pool: PinnedPool,
-    block: PinnedBlock,
-    dst: int,
-    src: int,
-    nbytes: int,
-    drain: bool = False,
-) -> Any:
-    """Enqueue a DMA to or from ``block`` and return an event (from ``events``)
-    recorded behind it; ``drain``: earlier DMAs of the block are enqueued.
-
-    On failure ``block`` goes back to the pool only when no DMA can still
-    touch it: at once if no copy of it was enqueued, after a drain otherwise;
-    an event that failed to record goes back to ``events``.
-    """
-    try:
-        backend.memcpy_async(dst, src, nbytes, native)
-    except BaseException:
-        if drain:
-            release_after_drain(backend, native, pool, block)
-        else:
-            pool.release(block)  # nothing was enqueued
-        raise
-    ev = None
-    try:
-        ev = events.get(device)
-        backend.event_record(ev, native)
-    except BaseException:
-        if ev is not None:
-            events.put([ev])  # not recorded: nothing waits on it
-        release_after_drain(backend, native, pool, block)
-        raise
-    return ev
-
-
-def _chunk_block(
-    pool: PinnedPool, nbytes: int, wait: bool, min_bytes: int, own: bool
-) -> PinnedBlock | None:
-    """A pinned block for a staged chunk of ``nbytes`` (see :meth:`PinnedPool.acquire`).
-
-    A cached block of the chunk's size class first. Then, for a copy small
-    enough for its caller's thread (``own``: it came here only because no
-    block of its class was cached), a block of that class, pinned now if the
-    budget has room: cached afterwards, it keeps the next copy of that size
-    on its caller's thread. Taking any larger cached block instead, as a
-    chunk of a large copy does, left the class empty for good: after one
-    large copy every 4-256 KiB copy took this thread's path, 4-13x slower
-    (issue 13, runs CS and CX). Then any cached block of at least ``min_bytes``, or a new
-    one, waiting for one if ``wait``.
-    """
-    block = pool.take_cached(nbytes)
-    if block is None and own:
-        block = pool.acquire(nbytes, wait=False)
-    if block is None:
-        block = pool.acquire(nbytes, wait=wait, min_bytes=min_bytes)
-    return block
-
-
-def _stage(
-    host: HostPool,
-    name: str,
-    tracer: Any,
-    chunk: int,
-    offset: int,
-    dst: int,
-    src: int,
-    nbytes: int,
-    solo: bool,
-    nt: Callable[[int, int, int], None] | None = None,
-) -> SlicedCopy | NativeCopy | None:
-    """Start the host copy of one chunk (``nbytes`` from ``src`` to ``dst``):
-    a solo chunk is copied here, at once (returns None); otherwise its slices
-    go to the copy threads (returns the copy in progress). ``nt``: copy with
-    non-temporal stores, through this function where this thread copies."""
-    span = (name, tracer, {"chunk": chunk, "offset": offset})
-    if solo:
-        _copy_here(span, dst, src, nbytes, nt)
-        return None
-    return host.submit_copy(dst, src, nbytes, span, nt is not None)
-
-
-def _copy_here(
-    span: tuple[str, Any, dict[str, Any]],
-    dst: int,
-    src: int,
-    nbytes: int,
-    nt: Callable[[int, int, int], None] | None = None,
-) -> None:
-    """Copy a chunk on the calling (stream host) thread, traced like a copy
-    thread's slice (``span``: name, tracer, args); through ``nt``
-    (non-temporal stores) if given."""
-    name, tracer, args = span
-    args = {**args, "bytes": nbytes}
-    copy = ctypes.memmove if nt is None else nt
-    _trace.traced_call(name, tracer, args, copy, dst, src, nbytes)
-
-
-def _drop(backend: Any, native: Any, pool: PinnedPool, copying: deque[list[Any]]) -> None:
-    """After an error or an abort: stop the host copies still touching blocks,
-    then return the blocks (once DMAed parts of them have run)."""
-    for _o, _ln, block, cp, sent in copying:
-        if cp is not None:
-            cp.stop()
-        if sent:
-            release_after_drain(backend, native, pool, block)
-        else:
-            pool.release(block)
-    copying.clear()
