@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import gpuaio
-from gpuaio._engine import hostwork, lent, nativecopy, staging
+from gpuaio._engine import hostwork, lent, nativecopy, staging, stagingconfig
 from gpuaio._engine.hostwork import COPY_NICE, HostPool, SlicedCopy
 from gpuaio._engine.nativecopy import NativeCopy
 from tests.test_copy import pattern
@@ -324,15 +324,17 @@ async def test_staged_transfers_run_on_the_native_threads_byte_exact(
 
 @pytest.mark.anyio
 async def test_on_the_native_threads_a_download_goes_in_smaller_chunks(
-    dev: gpuaio.Device, gpuaio_runtime: Any
+    dev: gpuaio.Device, gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A 64 MiB download is DMAed in ``D2H_SPLIT`` chunks, not the upload's
     two: its first copy-out then waits for an eighth of the DMA; byte-exact.
-    At 16 MiB the eighths would be copied solo: it keeps the upload's chunks."""
+    At 16 MiB the eighths would be copied solo: it keeps the upload's chunks.
+    (Each chunk in one DMA: ``test_staged_download.py`` has the pieces.)"""
     stager = gpuaio_runtime.stager
+    monkeypatch.setattr(stager, "d2h_pieces", 1)
     be = gpuaio_runtime.backend
     for n, want in [
-        (64 * MiB, 64 * MiB // staging.D2H_SPLIT),
+        (64 * MiB, 64 * MiB // stagingconfig.D2H_SPLIT),
         (16 * MiB, stager.chunk_for(16 * MiB)),
     ]:
         src = pattern(n, 38)
@@ -376,7 +378,7 @@ async def test_staged_chunks_go_to_the_native_threads_in_small_slices(
     await s.copy(d, src)
     await s.copy(back, d)
     assert np.array_equal(back, src)
-    assert len(steps) >= 2 + staging.D2H_SPLIT, f"the chunks did not all go native: {steps}"
+    assert len(steps) >= 2 + stagingconfig.D2H_SPLIT, f"the chunks did not all go native: {steps}"
     for nbytes, step in steps:
         assert step == small_slices, f"a {nbytes}-byte chunk in slices of {step}"
 
