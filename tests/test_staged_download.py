@@ -11,6 +11,7 @@ stream as they were.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,7 +24,6 @@ import gpuaio
 from gpuaio import CudaError
 from gpuaio._engine import download
 from gpuaio._engine.staging import Stager, StagingConfig
-from gpuaio._engine.stagingconfig import D2H_PIECE_MIN
 from tests.conftest import open_latches
 from tests.test_copy import pattern
 from tests.test_staging import _recorded_copies
@@ -34,14 +34,16 @@ MiB = 1 << 20
 
 
 @pytest.mark.parametrize("pieces", [1, 2, 3, 4, 8, 64])
-def test_a_chunk_is_cut_into_equal_pieces_of_at_least_the_minimum(pieces: int) -> None:
-    unit, align = D2H_PIECE_MIN, download.PIECE_ALIGN
+@pytest.mark.parametrize("unit", [MiB, 8 * MiB, 1000])
+def test_a_chunk_is_cut_into_equal_pieces_of_at_least_the_minimum(pieces: int, unit: int) -> None:
+    align = download.PIECE_ALIGN
+    least = max(unit, align)
     sizes = (unit, 2 * unit - 1, 2 * unit, 2 * unit + 5, 3 * unit + 5, 8 * unit, 8 * unit + 12_345)
-    for n in (*sizes, 64 * unit, 64 * unit + 3):
-        lens = download.piece_lengths(n, pieces)
+    for n in (*sizes, 64 * unit, 64 * unit + 3, 100 * MiB):
+        lens = download.piece_lengths(n, pieces, unit)
         assert sum(lens) == n, (n, lens)
-        assert len(lens) == max(1, min(pieces, n // unit)), (n, lens)
-        assert all(ln >= unit for ln in lens) or lens == [n], (n, lens)
+        assert len(lens) == max(1, min(pieces, n // least)), (n, lens)
+        assert all(ln >= least for ln in lens) or lens == [n], (n, lens)
         assert all(ln == lens[0] and ln % align == 0 for ln in lens[:-1]), (n, lens)
         assert lens[-1] >= lens[0], (n, lens)
 
@@ -53,6 +55,7 @@ def staged(staged_only: Any, monkeypatch: pytest.MonkeyPatch) -> Callable[[int],
 
     def set_pieces(pieces: int) -> None:
         monkeypatch.setattr(staged_only, "d2h_pieces", pieces)
+        monkeypatch.setattr(staged_only, "d2h_piece_min", MiB)
 
     return set_pieces
 
@@ -66,6 +69,7 @@ def chunky(gpuaio_runtime: Any) -> Iterator[Stager]:
     stager.gated = None
     stager.direct_up_max = 0
     stager.d2h_pieces = 4
+    stager.d2h_piece_min = MiB
     gpuaio_runtime.extras["stager"] = stager
     yield stager
     gpuaio_runtime.extras["stager"] = old
@@ -82,8 +86,8 @@ def _cuts(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
     cuts: list[list[int]] = []
     real = download.piece_lengths
 
-    def spy(nbytes: int, pieces: int) -> list[int]:
-        lens = real(nbytes, pieces)
+    def spy(nbytes: int, pieces: int, least: int) -> list[int]:
+        lens = real(nbytes, pieces, least)
         cuts.append(lens)
         return lens
 
@@ -121,7 +125,7 @@ async def test_a_download_dmas_each_chunk_in_its_pieces_and_lands_every_byte(
     at = 0
     for lens in cuts:
         chunk = calls[at : at + len(lens)]
-        for (dst0, _, k0), (dst1, _, _) in zip(chunk, chunk[1:], strict=False):
+        for (dst0, _, k0), (dst1, _, _) in itertools.pairwise(chunk):
             assert dst1 == dst0 + k0, "a chunk's pieces are not back to back in its block"
         at += len(lens)
     if pieces > 1:

@@ -27,7 +27,7 @@ from .buffers import BufferInfo
 from .chunks import D2H_CHUNK, chunk_block, drop, guarded_dma, stage
 from .eventcache import EventCache
 from .pool import LINE, PinnedBlock, PinnedPool
-from .stagingconfig import D2H_NT_MIN, D2H_PIECE_MIN, D2H_SPLIT, LOOKAHEAD, SOLO_CHUNK
+from .stagingconfig import D2H_NT_MIN, D2H_SPLIT, LOOKAHEAD, SOLO_CHUNK
 
 if TYPE_CHECKING:
     from .sequencer import Sequencer
@@ -50,6 +50,8 @@ class Staging(Protocol):
     events: EventCache
     d2h_pieces: int
     """Pieces per chunk's DMA (``D2H_PIECES``)."""
+    d2h_piece_min: int
+    """The least bytes of such a piece (``D2H_PIECE_MIN``)."""
     nt_out: Callable[[int, int, int], None] | None
     """The copy-out from ``D2H_NT_MIN`` bytes (non-temporal stores), or None."""
 
@@ -72,11 +74,12 @@ class _Piece(NamedTuple):
     """Whether it is its chunk's first piece."""
 
 
-def piece_lengths(nbytes: int, pieces: int) -> list[int]:
+def piece_lengths(nbytes: int, pieces: int, least: int) -> list[int]:
     """How a chunk of ``nbytes`` is DMAed in up to ``pieces`` pieces: as many
-    as fit ``D2H_PIECE_MIN`` bytes each, equal whole multiples of
-    ``PIECE_ALIGN`` but the last, which takes the rest (one piece: the chunk)."""
-    count = min(pieces, nbytes // D2H_PIECE_MIN)
+    as fit ``least`` bytes each (at least ``PIECE_ALIGN``), equal whole
+    multiples of ``PIECE_ALIGN`` but the last, which takes the rest (one
+    piece: the chunk)."""
+    count = min(pieces, nbytes // max(least, PIECE_ALIGN))
     if count < 2:
         return [nbytes]
     step = nbytes // count // PIECE_ALIGN * PIECE_ALIGN
@@ -137,7 +140,7 @@ def download(stager: Staging, seq: Sequencer, op: Operation, d: BufferInfo, s: B
                 # holds the chunk planned (one chunk in a block that size
                 # would lose the overlap of host copy and DMA).
                 ln = min(ln, block.size)
-                lens = piece_lengths(ln, pieces)
+                lens = piece_lengths(ln, pieces, stager.d2h_piece_min)
                 at = 0
                 for i, pl in enumerate(lens):
                     last = i == len(lens) - 1

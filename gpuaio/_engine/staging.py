@@ -49,6 +49,7 @@ from .pieces import upload_in_pieces
 from .pool import LINE, MIN_CLASS, PinnedBlock, PinnedPool, size_class
 from .stagingconfig import (
     D2H_NT_MIN,
+    D2H_PIECE_MIN,
     D2H_PIECES,
     DIRECT_UP_MAX,
     DMA_STEP,
@@ -104,6 +105,8 @@ class Stager:
         """How downloads from ``D2H_NT_MIN`` bytes copy out (non-temporal stores), or None."""
         self.d2h_pieces: int = D2H_PIECES
         """A staged download's chunks are DMAed in up to this many pieces (``D2H_PIECES``)."""
+        self.d2h_piece_min: int = D2H_PIECE_MIN
+        """None of them smaller than this (``D2H_PIECE_MIN``)."""
         # Mid-size copies gated on the native copy threads (gated.py); both ranges off: no path.
         self.gated: GatedCopies | None = None
         if GATED_UP_MAX or GATED_DOWN_MAX:

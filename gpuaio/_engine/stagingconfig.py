@@ -223,7 +223,7 @@ A fluid model of the pipeline (12 threads at the rates the committed runs
 measured, DMA at 54 GB/s) put two pieces 4% ahead at 64 and 256 MiB, 2%
 at 1 GiB; measured, it stays 1 until then."""
 
-D2H_PIECE_MIN = 1 << 20
+D2H_PIECE_MIN = _env_size("GPUAIO_D2H_PIECE_MIN", 1 << 20)
 """The smallest piece of a download's chunk DMAed on its own (``D2H_PIECES``)."""
 
 SOLO_CHUNK = _env_size("GPUAIO_SOLO_CHUNK", 2 << 20)
