@@ -12,6 +12,7 @@ stream as they were.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -267,3 +268,41 @@ async def test_a_dma_failing_after_a_chunks_first_piece_frees_its_block_after_a_
     out[:] = 0
     await s.copy(out, d)
     np.testing.assert_array_equal(out, src)
+
+
+async def test_by_default_chunks_go_in_pieces_of_8_mib_on_the_native_threads_only(
+    dev: gpuaio.Device, gpuaio_runtime: Any, staged_only: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The defaults that runs LA and LB measured: up to 8 pieces of at least
+    8 MiB on the native copy threads (a 128 MiB download's 16 MiB chunks in
+    halves), whole chunks on the Python ones; byte-exact either way."""
+    from gpuaio._engine import stagingconfig
+
+    env = {k: v for k, v in os.environ.items() if k.startswith("GPUAIO_D2H_PIECE")}
+    if not env:
+        assert stagingconfig.D2H_PIECES == 8
+        assert stagingconfig.D2H_PIECE_MIN == 8 << 20
+    native = gpuaio_runtime.host.native
+    fresh = Stager(gpuaio_runtime)
+    try:
+        assert fresh.d2h_pieces == (stagingconfig.D2H_PIECES if native else 1)
+        assert fresh.d2h_piece_min == stagingconfig.D2H_PIECE_MIN
+    finally:
+        fresh.close()
+    if env:
+        pytest.skip(f"the pieces are set here: {env}")
+    n = 128 * MiB
+    s = dev.stream()
+    src = pattern(n, 65)
+    d = dev.empty(n)
+    await s.copy(d, src)
+    cuts = _cuts(monkeypatch)
+    out = np.zeros(n, np.uint8)
+    await s.copy(out, d)
+    np.testing.assert_array_equal(out, src)
+    assert cuts, "the download was not staged through chunks"
+    if native:
+        assert all(len(lens) == 1 or min(lens) >= 8 * MiB for lens in cuts), cuts
+        assert any(len(lens) > 1 for lens in cuts), f"no chunk went in pieces: {cuts}"
+    else:
+        assert all(len(lens) == 1 for lens in cuts), cuts

@@ -103,8 +103,9 @@ class Stager:
         self._nt: Callable[[int, int, int], None] | None = nt if NT_MIN else None
         self.nt_out: Callable[[int, int, int], None] | None = nt if D2H_NT_MIN else None
         """How downloads from ``D2H_NT_MIN`` bytes copy out (non-temporal stores), or None."""
-        self.d2h_pieces: int = D2H_PIECES
-        """A staged download's chunks are DMAed in up to this many pieces (``D2H_PIECES``)."""
+        self.d2h_pieces: int = D2H_PIECES if runtime.host.native else 1
+        """A staged download's chunks are DMAed in up to this many pieces
+        (``D2H_PIECES``, on the native copy threads only, as measured)."""
         self.d2h_piece_min: int = D2H_PIECE_MIN
         """None of them smaller than this (``D2H_PIECE_MIN``)."""
         # Mid-size copies gated on the native copy threads (gated.py); both ranges off: no path.

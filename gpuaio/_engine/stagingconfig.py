@@ -211,20 +211,25 @@ downloads at 25.9-27.7 GB/s against 21.0-21.2 in 2, 256 MiB ones at
 31.7-31.8 against 28.0-28.1 (issue 13, run CI); at 16 MiB the 2 MiB chunks
 copied solo ran at 5.7-6.8 against 12.6-14.3, hence the floor."""
 
-D2H_PIECES = max(1, int(os.environ.get("GPUAIO_D2H_PIECES", "1")))
-"""A staged download's chunks are DMAed in up to this many pieces, an event
-behind each, so that the copy threads start copying a piece out once its own
-DMA has landed (:mod:`gpuaio._engine.download`); 1: whole chunks.
+D2H_PIECES = max(1, int(os.environ.get("GPUAIO_D2H_PIECES", "8")))
+"""A staged download's chunks are DMAed in up to this many pieces of at least
+``D2H_PIECE_MIN`` bytes, an event behind each, so that the copy threads start
+copying a piece out once its own DMA has landed (:mod:`gpuaio._engine.download`);
+1: whole chunks. On the native copy threads only, as ``D2H_SPLIT`` (a test may
+set ``Stager.d2h_pieces`` anywhere).
 
-The copy threads wait for a whole chunk's DMA before its first copy-out: 8
-MiB of a 64 MiB download took about 155 us at 54 GB/s, a fourteenth of the
-download, and the copy-out of the next chunk waited for its DMA once more.
-A fluid model of the pipeline (12 threads at the rates the committed runs
-measured, DMA at 54 GB/s) put two pieces 4% ahead at 64 and 256 MiB, 2%
-at 1 GiB; measured, it stays 1 until then."""
+The copy threads wait for a whole chunk's DMA before its first copy-out: a
+32 MiB chunk of a 256 MiB download takes about 0.6 ms at 54 GB/s, and the
+copy-out of each later chunk waited for its DMA once more. On H100 hosts
+(issue 13, runs LA and LB, awaited copies in alternating processes, five
+rounds each) pieces of 8-16 MiB ran 256 MiB downloads 1.11-1.17x and 1 GiB
+ones 1.05x as fast as whole chunks; 2 MiB pieces (a 64 MiB download's 8 MiB
+chunks in four) ran them at 0.72-0.82x, and 4 MiB ones at 0.96x, hence
+the floor. 8 pieces of at least 8 MiB (1 GiB: 64 MiB chunks in 8) won the
+rule written before run LB; 64 MiB downloads keep whole 8 MiB chunks."""
 
-D2H_PIECE_MIN = _env_size("GPUAIO_D2H_PIECE_MIN", 1 << 20)
-"""The smallest piece of a download's chunk DMAed on its own (``D2H_PIECES``)."""
+D2H_PIECE_MIN = _env_size("GPUAIO_D2H_PIECE_MIN", 8 << 20)
+"""The least bytes of a piece of a download's chunk DMAed on its own (``D2H_PIECES``)."""
 
 SOLO_CHUNK = _env_size("GPUAIO_SOLO_CHUNK", 2 << 20)
 """Chunks up to this size are copied by the stream's host thread itself, while
