@@ -306,3 +306,46 @@ async def test_by_default_chunks_go_in_pieces_of_8_mib_on_the_native_threads_onl
         assert any(len(lens) > 1 for lens in cuts), f"no chunk went in pieces: {cuts}"
     else:
         assert all(len(lens) == 1 for lens in cuts), cuts
+
+
+async def test_a_failed_wait_for_a_pieces_dma_hands_its_block_back(
+    dev: gpuaio.Device, gpuaio_runtime: Any, chunky: Stager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait for the first chunk's last piece (which holds the chunk's
+    block) fails: the download raises that error, and the block still goes
+    back to the pool, as every other does; the next download is byte-exact."""
+    n = 8 * MiB
+    s = dev.stream()
+    src = pattern(n, 66)
+    d = dev.empty(n)
+    await s.copy(d, src)
+    backend = gpuaio_runtime.backend
+    events: list[Any] = []
+    real_dma = download.guarded_dma
+
+    def dma(*a: Any, drain: bool = False) -> Any:
+        ev = real_dma(*a, drain=drain)
+        events.append(ev)
+        return ev
+
+    real_sync = backend.event_synchronize
+    injected = CudaError("cuEventSynchronize", 1, "CUDA_ERROR_INVALID_VALUE", "injected")
+
+    def sync(ev: Any) -> None:
+        if len(events) >= 4 and ev is events[3]:
+            raise injected
+        real_sync(ev)
+
+    monkeypatch.setattr(download, "guarded_dma", dma)
+    monkeypatch.setattr(backend, "event_synchronize", sync)
+    out = np.zeros(n, np.uint8)
+    with pytest.raises(CudaError, match="injected"):
+        await s.copy(out, d)
+    monkeypatch.undo()
+    assert len(events) >= 4
+    deadline = time.perf_counter() + 10
+    while chunky.pool.stats().in_use:
+        assert time.perf_counter() < deadline, "a block stayed out after the failed wait"
+        await anyio.sleep(0.005)
+    await s.copy(out, d)
+    np.testing.assert_array_equal(out, src)

@@ -156,8 +156,12 @@ def download(stager: Staging, seq: Sequencer, op: Operation, d: BufferInfo, s: B
                 chunks_in_dma += 1
                 off += ln
             if inflight and (not inflight[0].first or chunks_out < LOOKAHEAD):
-                piece = inflight.popleft()
+                piece = inflight[0]
+                # Taken off only once its DMA is known to have landed: should
+                # the wait fail, the piece (and the block it may hold) is
+                # handed back with those still in DMA.
                 backend.event_synchronize(piece.event)
+                inflight.popleft()
                 events.put([piece.event])  # fired
                 o, ln = piece.offset, piece.nbytes
                 cp = stage(host, D2H_CHUNK, tracer, k, o, dst_ptr + o, piece.at, ln, solo, nt)
