@@ -82,6 +82,16 @@ N = 24 * MiB + 12_345
 """A download of several chunks, the last a part one, no whole number of pages."""
 
 
+async def _loaded(dev: gpuaio.Device, n: int, seed: int) -> tuple[gpuaio.Stream, Any, Any]:
+    """A new stream, ``n`` bytes of ``pattern(n, seed)``, and a device array
+    holding them."""
+    s = dev.stream()
+    src = pattern(n, seed)
+    d = dev.empty(n)
+    await s.copy(d, src)
+    return s, src, d
+
+
 def _cuts(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
     """Each chunk's pieces as the download cut them, in order."""
     cuts: list[list[int]] = []
@@ -108,10 +118,7 @@ async def test_a_download_dmas_each_chunk_in_its_pieces_and_lands_every_byte(
     and, within a chunk, in its block; the destination (at an odd address)
     gets every byte."""
     staged(pieces)
-    s = dev.stream()
-    src = pattern(N, 61)
-    d = dev.empty(N)
-    await s.copy(d, src)
+    s, src, d = await _loaded(dev, N, 61)
     raw = np.zeros(N + 64, np.uint8)
     out = raw[7 : 7 + N]  # chunks sit in their blocks at the destination's offset in a line
     cuts = _cuts(monkeypatch)
@@ -144,10 +151,7 @@ async def test_a_piece_is_copied_out_while_its_chunks_later_pieces_are_in_dma(
     its chunk's last DMA has landed: for a first piece, not yet (the three
     pieces after it take 60 ms more)."""
     n = 8 * MiB
-    s = dev.stream()
-    src = pattern(n, 62)
-    d = dev.empty(n)
-    await s.copy(d, src)
+    s, src, d = await _loaded(dev, n, 62)
     backend = gpuaio_runtime.backend
     chunk_events: dict[int, list[Any]] = {}  # block address -> its chunk's events so far
     seen: list[tuple[int, bool]] = []  # (piece of its chunk, whether the chunk's last DMA landed)
@@ -223,10 +227,7 @@ async def test_a_dma_failing_after_a_chunks_first_piece_frees_its_block_after_a_
     cache, and the next download is byte-exact."""
     staged(4)
     n = N
-    s = dev.stream()
-    src = pattern(n, 64)
-    d = dev.empty(n)
-    await s.copy(d, src)
+    s, src, d = await _loaded(dev, n, 64)
     backend = gpuaio_runtime.backend
     stager = gpuaio_runtime.stager
     cuts = _cuts(monkeypatch)
@@ -292,10 +293,7 @@ async def test_by_default_chunks_go_in_pieces_of_8_mib_on_the_native_threads_onl
     if env:
         pytest.skip(f"the pieces are set here: {env}")
     n = 128 * MiB
-    s = dev.stream()
-    src = pattern(n, 65)
-    d = dev.empty(n)
-    await s.copy(d, src)
+    s, src, d = await _loaded(dev, n, 65)
     cuts = _cuts(monkeypatch)
     out = np.zeros(n, np.uint8)
     await s.copy(out, d)
@@ -315,10 +313,7 @@ async def test_a_failed_wait_for_a_pieces_dma_hands_its_block_back(
     block) fails: the download raises that error, and the block still goes
     back to the pool, as every other does; the next download is byte-exact."""
     n = 8 * MiB
-    s = dev.stream()
-    src = pattern(n, 66)
-    d = dev.empty(n)
-    await s.copy(d, src)
+    s, src, d = await _loaded(dev, n, 66)
     backend = gpuaio_runtime.backend
     events: list[Any] = []
     real_dma = download.guarded_dma
