@@ -222,11 +222,12 @@ The copy threads wait for a whole chunk's DMA before its first copy-out: a
 32 MiB chunk of a 256 MiB download takes about 0.6 ms at 54 GB/s, and the
 copy-out of each later chunk waited for its DMA once more. On H100 hosts
 (issue 13, runs LA and LB, awaited copies in alternating processes, five
-rounds each) pieces of 8-16 MiB ran 256 MiB downloads 1.11-1.17x and 1 GiB
-ones 1.05x as fast as whole chunks; 2 MiB pieces (a 64 MiB download's 8 MiB
-chunks in four) ran them at 0.72-0.82x, and 4 MiB ones at 0.96x, hence
-the floor. 8 pieces of at least 8 MiB (1 GiB: 64 MiB chunks in 8) won the
-rule written before run LB; 64 MiB downloads keep whole 8 MiB chunks."""
+rounds each; medians of the per-round ratios against whole chunks) 8 pieces
+of at least 8 MiB, the default, ran 256 MiB downloads 1.11x and 1 GiB ones
+1.07x as fast, 4 pieces of 8-16 MiB 1.02-1.12x and 1.04-1.05x; 64 MiB
+downloads cut into 2 MiB pieces ran at 0.73-0.78x and into 4 MiB ones at
+0.90x, hence the floor: they keep whole 8 MiB chunks. The default won the
+rule written before run LB."""
 
 D2H_PIECE_MIN = _env_size("GPUAIO_D2H_PIECE_MIN", 8 << 20)
 """The least bytes of a piece of a download's chunk DMAed on its own (``D2H_PIECES``)."""
