@@ -385,7 +385,8 @@ def loop_records(
     records: list[H.Record] = []
     us = {name: [x * 1e6 for x in v] for name, v in lat.samples.items()}
     base_lat = us.get("to_thread_sync") or []
-    lat_targets = {"uvloop": (20.0, 100.0), "asyncio": (40.0, 200.0)}
+    # uvloop: issue 13's target 5; asyncio: the looser bar it had before.
+    lat_targets = {"uvloop": (15.0, 60.0), "asyncio": (40.0, 200.0)}
     rows: list[str] = []
     for m in methods:
         gp = m.strategy is not None
@@ -444,7 +445,7 @@ def loop_records(
                 "% of one core",
                 pct,
                 better="lower",
-                target=5.0 if strategy == default else None,
+                target=1.0 if strategy == default else None,  # issue 13: < 1% of a core
                 target_of="value",
                 what="process CPU time / wall time over an idle period, nothing pending",
             )

@@ -91,4 +91,8 @@ def test_transfers_without_the_soak_measures_the_sizes_only(tmp_path: Path) -> N
     records = doc["records"]
     names = {r["name"] for r in (records.values() if isinstance(records, dict) else records)}
     assert "h2d_pageable_4KiB" in names and "d2h_pageable_4KiB" in names
+    # Without peers target 1 has no bar: its records say so instead of passing.
+    by_name = {r["name"]: r for r in (records.values() if isinstance(records, dict) else records)}
+    vs_peer = by_name["d2h_pageable_vs_best_peer_4KiB"]
+    assert "target" not in vs_peer and "no peer ran" in vs_peer["note"]
     assert not names & {"loop_lag_8GiB_pageable", "memory_flat_10k", "pinned_peak_vs_budget"}
