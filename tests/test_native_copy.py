@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -762,3 +762,41 @@ def test_a_handle_read_before_the_pool_closed_finds_it_closed() -> None:
         native._handle = 0
         for p in made_since:
             p.close()
+
+
+def _until(check: Callable[[], bool], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.001)
+
+
+def test_a_warmed_pool_polls_for_work_until_a_copy_comes_or_its_time_is_up() -> None:
+    """``NativePool.warm`` wakes the idle threads to poll for work: all of
+    them, until a copy is queued (which they then copy, byte-exact, and
+    sleep again after) or the warm time is up; not before the threads
+    started, nor once the pool closed, whose close ends the polling."""
+    native = nativecopy.NativePool(3, 0, 0)
+    try:
+        assert not native.warm(5_000_000), "warmed a pool whose threads never started"
+        src = pattern(4 * MiB, 46)
+        dst = np.zeros(4 * MiB, np.uint8)
+        native.submit_copy(dst.ctypes.data, src.ctypes.data, MiB, MiB).wait_copied(0, MiB)
+        _until(lambda: native.spinning == 0, 10, "threads polled with nothing due")
+        # Long enough that only the copy can end it on a loaded machine.
+        assert native.warm(60_000_000)
+        _until(lambda: native.spinning == 3, 10, "the idle threads did not all poll")
+        cp = native.submit_copy(dst.ctypes.data, src.ctypes.data, 4 * MiB, MiB)
+        assert cp.wait_copied(0, 4 * MiB) == 4 * MiB
+        np.testing.assert_array_equal(dst, src)
+        _until(lambda: native.spinning == 0, 10, "the threads polled on after the copy came")
+        assert native.warm(20_000)  # 20 ms
+        _until(lambda: native.spinning == 0, 10, "the threads polled past their warm time")
+        assert native.warm(60_000_000)
+        _until(lambda: native.spinning == 3, 10, "the idle threads did not poll again")
+        t0 = time.monotonic()
+        native.close()
+        assert time.monotonic() - t0 < 10, "closing waited for the warm time"
+        assert not native.warm(1000)
+    finally:
+        native.close()

@@ -344,3 +344,49 @@ async def test_a_failed_wait_for_a_pieces_dma_hands_its_block_back(
         await anyio.sleep(0.005)
     await s.copy(out, d)
     np.testing.assert_array_equal(out, src)
+
+
+@pytest.mark.parametrize("warm_us", [100, 0])
+async def test_the_copy_threads_are_warmed_once_while_the_first_piece_is_in_dma(
+    dev: gpuaio.Device,
+    gpuaio_runtime: Any,
+    staged: Callable[[int], None],
+    monkeypatch: pytest.MonkeyPatch,
+    warm_us: int,
+) -> None:
+    """A download wakes the copy threads after its first DMA was enqueued and
+    before its first copy-out, once, for that piece's expected DMA time plus
+    ``D2H_WARM_US`` (``HostPool.warm``); with 0, never. Byte-exact either way."""
+    from gpuaio._engine.stagingconfig import PCIE_BPS
+
+    staged(4)
+    monkeypatch.setattr(download, "D2H_WARM_US", warm_us)
+    s, src, d = await _loaded(dev, N, 67)
+    cuts = _cuts(monkeypatch)
+    copy_outs = 0
+    real_stage = download.stage
+
+    def counted_stage(*args: Any, **kwargs: Any) -> Any:
+        nonlocal copy_outs
+        copy_outs += 1
+        return real_stage(*args, **kwargs)
+
+    monkeypatch.setattr(download, "stage", counted_stage)
+    warmed: list[tuple[float, int, int]] = []
+    with _recorded_copies(gpuaio_runtime.backend) as calls:
+        # The spy answers as a pool of Python threads would (nothing to warm).
+        monkeypatch.setattr(
+            gpuaio_runtime.host,
+            "warm",
+            lambda seconds: bool(warmed.append((seconds, len(calls), copy_outs))),
+        )
+        out = np.zeros(N, np.uint8)
+        await s.copy(out, d)
+    np.testing.assert_array_equal(out, src)
+    if not warm_us:
+        assert warmed == []
+        return
+    assert len(warmed) == 1, f"warmed {len(warmed)} times"
+    seconds, dmas, outs = warmed[0]
+    assert dmas >= 1 and outs == 0, "not warmed between the first DMA and the first copy-out"
+    assert seconds == pytest.approx(cuts[0][0] / PCIE_BPS + warm_us * 1e-6)

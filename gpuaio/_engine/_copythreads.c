@@ -106,6 +106,9 @@ typedef struct gcp_pool {
     int spinners, spinning;
     uint64_t stirs;        /* bumped when a copy is queued, a held one dropped or the
                             * pool closes (atomic): what spinning threads poll */
+    /* Warmed threads (gcp_pool_warm): until then every idle thread spins, a
+     * copy being due (a download's first chunk, once its DMA lands). */
+    uint64_t warm_until;
 } gcp_pool;
 
 struct gcp_copy {
@@ -246,26 +249,31 @@ static void cpu_relax(void)
 #endif
 }
 
-/* An idle copy thread that may spin (gcp_pool_spin): gated copies are
- * held, fewer than ``spinners`` threads spin, and the last gated copy came
- * less than ``spin_ns`` ago. Under mu. */
-static int may_spin(const gcp_pool *p, uint64_t now)
+/* Until when an idle copy thread may spin, 0 if not at all (under mu): while
+ * the pool is warm (gcp_pool_warm), or while gated copies are held, fewer
+ * than ``spinners`` threads spin and the last gated copy came less than
+ * ``spin_ns`` ago (gcp_pool_spin). */
+static uint64_t spin_until(const gcp_pool *p, uint64_t now)
 {
-    return p->spinners > 0 && p->gated != NULL && p->spinning < p->spinners && !p->closing &&
-           now - p->gated_at < p->spin_ns;
+    if (p->closing)
+        return 0;
+    uint64_t until = p->warm_until > now ? p->warm_until : 0;
+    if (p->spinners > 0 && p->gated != NULL && p->spinning < p->spinners &&
+        now - p->gated_at < p->spin_ns && p->gated_at + p->spin_ns > until)
+        until = p->gated_at + p->spin_ns;
+    return until;
 }
 
 /* Spin, mu let go, until a copy is queued or a held one dropped, the pool
- * closes or the spin window ends; then take mu back (held on entry and on
+ * closes or ``until`` (spin_until); then take mu back (held on entry and on
  * return). A held gated copy's ready word is set by its stream once a DMA
  * has landed, tens of microseconds after the copy was submitted: a thread
  * asleep on the condition variable starts its copy-out only after waking,
  * a spinning one at once (issue 13, run EE: a 2 MiB chunk's copy-out ended
  * 66-76 us after its ready word with 12 spinning, 102-112 with none). */
-static void spin_for_work(gcp_pool *p)
+static void spin_for_work(gcp_pool *p, uint64_t until)
 {
     uint64_t seen = __atomic_load_n(&p->stirs, __ATOMIC_ACQUIRE);
-    uint64_t until = p->gated_at + p->spin_ns;
     p->spinning++;
     pthread_mutex_unlock(&mu);
     while (__atomic_load_n(&p->stirs, __ATOMIC_ACQUIRE) == seen && now_ns() < until)
@@ -293,8 +301,9 @@ static void *run(void *arg)
         if (c == NULL) {
             if (p->closing)
                 break;
-            if (may_spin(p, now_ns()))
-                spin_for_work(p);
+            uint64_t until = spin_until(p, now_ns());
+            if (until)
+                spin_for_work(p, until);
             else
                 pthread_cond_wait(&p->work, &mu);
             continue;
@@ -382,6 +391,32 @@ GCP_EXPORT void gcp_pool_spin(gcp_pool *p, int spinners, uint64_t spin_us)
     pthread_mutex_unlock(&mu);
 }
 
+/* Warm the pool for ``warm_us`` microseconds: its idle threads are woken now
+ * and spin until then, or until a copy is queued, rather than sleep. For a
+ * copy that is due but cannot start yet (a staged download's first chunk,
+ * whose DMA lasts 100-300 us): a sleeping thread starts a queued copy only
+ * after the kernel woke it, and twelve of them wake tens of microseconds
+ * apart; warmed, they are awake and polling when the copy comes. The
+ * caller's thread pays the wake-ups (a system call per thread woken), not
+ * the one that queues the copy. Nothing if the pool has no thread yet or
+ * closes, or if copies are queued (its threads are busy). Returns whether
+ * it warmed the pool. */
+GCP_EXPORT int gcp_pool_warm(gcp_pool *p, uint64_t warm_us)
+{
+    if (p->pid != getpid())
+        return 0;
+    pthread_mutex_lock(&mu);
+    int warmed = !p->closing && p->started > 0 && p->head == NULL;
+    if (warmed) {
+        uint64_t until = now_ns() + warm_us * 1000u;
+        if (until > p->warm_until)
+            p->warm_until = until;
+        pthread_cond_broadcast(&p->work);
+    }
+    pthread_mutex_unlock(&mu);
+    return warmed;
+}
+
 /* How many copy threads spin now (tests). */
 GCP_EXPORT int gcp_pool_spinning(gcp_pool *p)
 {
@@ -401,6 +436,7 @@ static void queue_locked(gcp_pool *p, gcp_copy *c)
     else
         p->head = c;
     p->tail = c;
+    p->warm_until = 0; /* the copy that was due came (gcp_pool_warm) */
     __atomic_add_fetch(&p->stirs, 1, __ATOMIC_RELEASE);
 }
 

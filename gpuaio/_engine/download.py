@@ -9,7 +9,8 @@ A chunk's DMA may go in pieces (``D2H_PIECES``), an event behind each: the
 copy-out of a piece starts once its own DMA has landed instead of once the
 whole chunk's has. The copy threads idle until the first copy-out starts
 (a whole 8 MiB chunk of a 64 MiB download took about 155 us at 54 GB/s), and
-at each chunk whose DMA the copy-out caught up with. The pieces share their
+at each chunk whose DMA the copy-out caught up with; they are woken as the
+first DMA starts (``D2H_WARM_US``), to be polling when its copy-out comes. The pieces share their
 chunk's block, which the chunk's last piece holds: it goes back to the pool
 once every piece has been copied out (copy-outs end in order here).
 """
@@ -27,7 +28,7 @@ from .buffers import BufferInfo
 from .chunks import D2H_CHUNK, chunk_block, drop, guarded_dma, stage
 from .eventcache import EventCache
 from .pool import LINE, PinnedBlock, PinnedPool
-from .stagingconfig import D2H_NT_MIN, D2H_SPLIT, LOOKAHEAD, SOLO_CHUNK
+from .stagingconfig import D2H_NT_MIN, D2H_SPLIT, D2H_WARM_US, LOOKAHEAD, PCIE_BPS, SOLO_CHUNK
 
 if TYPE_CHECKING:
     from .sequencer import Sequencer
@@ -116,6 +117,7 @@ def download(stager: Staging, seq: Sequencer, op: Operation, d: BufferInfo, s: B
     # Pieces only where the copy threads copy out: a chunk this thread
     # copies itself is copied after its whole DMA either way.
     pieces = stager.d2h_pieces if not solo else 1
+    warm = D2H_WARM_US > 0 and not solo
     nt = stager.nt_out if n >= D2H_NT_MIN else None
     events = stager.events
     inflight: deque[_Piece] = deque()
@@ -155,6 +157,11 @@ def download(stager: Staging, seq: Sequencer, op: Operation, d: BufferInfo, s: B
                     at += pl
                 chunks_in_dma += 1
                 off += ln
+            if warm and inflight:
+                # The first copy-out waits for the first piece's DMA: the copy
+                # threads wake during it rather than after it (D2H_WARM_US).
+                warm = False
+                host.warm(inflight[0].nbytes / PCIE_BPS + D2H_WARM_US * 1e-6)
             if inflight and (not inflight[0].first or chunks_out < LOOKAHEAD):
                 piece = inflight[0]
                 # Taken off only once its DMA is known to have landed: should

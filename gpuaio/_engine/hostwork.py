@@ -24,7 +24,7 @@ import numpy.typing as npt
 from .._core import trace as _trace
 from .._core.timerslack import precise_timers
 from . import nativecopy
-from .nativecopy import NativeCopy, NativePool
+from .nativecopy import COPY_SPIN_US, COPY_SPINNERS, NativeCopy, NativePool
 from .pool import parse_size
 
 __all__ = ["HostPool", "SerialExecutor", "SlicedCopy", "byte_view", "native_step", "slice_step"]
@@ -78,21 +78,6 @@ Copy threads are many and busy for whole transfers; when they and the event
 loop's thread want the same core, the loop should get it at once. At +10 the
 kernel's scheduler weighs a copy thread at a tenth of a normal thread and lets
 a waking loop thread preempt it; with idle cores nothing changes."""
-
-
-COPY_SPINNERS = int(os.environ.get("GPUAIO_COPY_SPINNERS", "12"))
-"""How many idle native copy threads poll for work, instead of sleeping,
-while gated copies wait for their DMAs (``NativePool.spin``), for at most
-:data:`COPY_SPIN_US` after one was submitted; none on a machine of four
-cores or fewer, where a spinning thread would take the event loop's core.
-
-Issue 13, run EE (H100 host, 12 copy threads, one process per setting, two
-rounds): a gated 4 MiB download's first chunk was copied out 66-76 us after
-its ready word with 12 spinning, 102-112 us with none (the threads woke
-first); awaited, 310-332 us against 357-366 us (4 spinning: 312-355)."""
-
-COPY_SPIN_US = 200
-"""See :data:`COPY_SPINNERS`: a gated chunk's DMA lasts tens of microseconds."""
 
 
 def _copy_thread_start() -> None:
@@ -259,6 +244,18 @@ class HostPool:
                 if not _FEW_CORES:
                     self._native.spin(COPY_SPINNERS, COPY_SPIN_US)
             return self._native
+
+    def warm(self, seconds: float) -> bool:
+        """Have the native copy threads poll for work for up to ``seconds``
+        rather than sleep (:meth:`NativePool.warm`): a chunk copy is due
+        within about that long. Nothing on the Python threads, before the
+        native ones started, or on machines of four cores or fewer, where a
+        polling thread would take the event loop's core. Returns whether
+        they were warmed."""
+        native = self._native  # read once: close() may clear it
+        if native is None or _FEW_CORES or not self.native:
+            return False
+        return native.warm(int(seconds * 1e6))
 
     def fill(self, dst: np.ndarray, value: int, itemsize: int) -> None:
         """Fill flat uint8 ``dst`` with the little-endian ``itemsize``-byte ``value``."""

@@ -27,7 +27,15 @@ from typing import Any
 from .._core.compiled import c_function, native_library
 from .pool import parse_size
 
-__all__ = ["NativeCopy", "NativePool", "available", "host_copier", "nt_copier"]
+__all__ = [
+    "COPY_SPINNERS",
+    "COPY_SPIN_US",
+    "NativeCopy",
+    "NativePool",
+    "available",
+    "host_copier",
+    "nt_copier",
+]
 
 NATIVE_SLICE = parse_size(os.environ.get("GPUAIO_NATIVE_SLICE") or "512K")
 """The slice of a staging chunk's host copy that a native copy thread claims at
@@ -46,6 +54,21 @@ H100 hosts (runs KD and KF, six rounds of alternating processes) 512 KiB
 slices ran awaited 64 MiB copies 1.15x as fast as one slice per thread both
 ways, 256 MiB 1.12x (up) and 1.05x (down), 1 GiB 1.03-1.04x; 256 KiB came
 1-4% behind it, 1 MiB lost at 64 MiB down."""
+
+
+COPY_SPINNERS = int(os.environ.get("GPUAIO_COPY_SPINNERS", "12"))
+"""How many idle native copy threads poll for work, instead of sleeping,
+while gated copies wait for their DMAs (``NativePool.spin``), for at most
+:data:`COPY_SPIN_US` after one was submitted; none on a machine of four
+cores or fewer, where a spinning thread would take the event loop's core.
+
+Issue 13, run EE (H100 host, 12 copy threads, one process per setting, two
+rounds): a gated 4 MiB download's first chunk was copied out 66-76 us after
+its ready word with 12 spinning, 102-112 us with none (the threads woke
+first); awaited, 310-332 us against 357-366 us (4 spinning: 312-355)."""
+
+COPY_SPIN_US = 200
+"""See :data:`COPY_SPINNERS`: a gated chunk's DMA lasts tens of microseconds."""
 
 
 _c_u64 = ctypes.c_uint64
@@ -90,6 +113,10 @@ class _Lib:
         )
         self.pool_spinning: Callable[..., Any] = c_function(
             held, "gcp_pool_spinning", [ptr], ctypes.c_int
+        )
+        # Releases the GIL: it wakes every idle thread, a system call each.
+        self.pool_warm: Callable[..., Any] = c_function(
+            free, "gcp_pool_warm", [ptr, u64], ctypes.c_int
         )
 
 
@@ -247,6 +274,18 @@ class NativePool:
         sleeping one only after waking."""
         if self._handle:
             self._lib.pool_spin(self._handle, max(0, spinners), max(0, spin_us))
+
+    def warm(self, warm_us: int) -> bool:
+        """Wake the idle threads now, to poll for work for up to ``warm_us``
+        microseconds instead of sleeping: for a copy that is due but cannot
+        be queued yet (a staged download's first chunk, in DMA). A sleeping
+        thread starts a queued copy only once the kernel has woken it; the
+        wake-ups happen here instead, on the caller's thread. Returns whether
+        it warmed the pool: not before its threads started (at its first
+        copy), while copies are queued (its threads are busy), or closed."""
+        if not self._handle:
+            return False
+        return bool(self._lib.pool_warm(self._handle, max(0, warm_us)))
 
     def submit_chunks(
         self,
