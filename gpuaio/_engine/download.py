@@ -9,11 +9,12 @@ A chunk's DMA may go in pieces (``D2H_PIECES``), an event behind each: the
 copy-out of a piece starts once its own DMA has landed instead of once the
 whole chunk's has. The copy threads idle until the first copy-out starts
 (a whole 8 MiB chunk of a 64 MiB download took about 155 us at 54 GB/s), and
-at each chunk whose DMA the copy-out caught up with. ``D2H_WARM_US`` (off by
-default) wakes them as the first DMA starts, to be polling when its
-copy-out comes. The pieces share their
+at each chunk whose DMA the copy-out caught up with. The pieces share their
 chunk's block, which the chunk's last piece holds: it goes back to the pool
 once every piece has been copied out (copy-outs end in order here).
+
+``D2H_WARM_US`` (off by default) wakes the idle copy threads as the first DMA
+starts, to be polling when its copy-out comes rather than asleep.
 """
 
 from __future__ import annotations
