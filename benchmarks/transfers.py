@@ -484,10 +484,9 @@ async def bench_size(ctx: Ctx, n: int, derived: bool) -> list[H.Record]:
                 )
             )
 
-    # The derived records judge the pinned copy of their sizes themselves.
-    records += peer_records(by_name, size, n, pinned=not derived)
+    records += peer_records(by_name, size, n)
     if derived:
-        records += derived_records(by_name, size, n)
+        records += derived_records(by_name, size)
     print_size(size, by_name, lags)
 
     del keep
@@ -534,16 +533,13 @@ def _values(by_name: dict[str, H.Record], size: str) -> Callable[[str], float | 
     return value
 
 
-def peer_records(
-    by_name: dict[str, H.Record], size: str, n: int, pinned: bool = True
-) -> list[H.Record]:
+def peer_records(by_name: dict[str, H.Record], size: str, n: int) -> list[H.Record]:
     """The targets every size has (issue 13's targets 1 and 2).
 
     ``<dir>_pageable_vs_best_peer_<size>``: gpuaio's pageable copy against the
     fastest of the peers that ran, target 1.0 (null, with a note, when no
-    peer ran); with ``pinned``, from ``PINNED_MIN``,
-    ``<dir>_pinned_vs_raw_<size>``: its pinned copy against the raw call
-    (``pinned_target``), which :func:`derived_records` makes otherwise.
+    peer ran); from ``PINNED_MIN``, ``<dir>_pinned_vs_raw_<size>``: its
+    pinned copy against the raw call (``pinned_target``).
     """
     out: list[H.Record] = []
     v = _values(by_name, size)
@@ -564,25 +560,23 @@ def peer_records(
                 peer=best,
             )
         )
-        if pinned and n >= PINNED_MIN:
-            out.append(_pinned_record(dirn, size, n, v))
+        if n >= PINNED_MIN:
+            out.append(
+                H.record(
+                    f"{dirn}_pinned_vs_raw_{size}",
+                    "GB/s",
+                    v(f"{dirn}_pinned"),
+                    RAW_PINNED if dirn == "h2d" else RAW_TO_PINNED,
+                    v(f"{dirn}_raw_pinned"),
+                    "higher",
+                    target=pinned_target(n),
+                )
+            )
     return out
 
 
-def _pinned_record(dirn: str, size: str, n: int, v: Callable[[str], float | None]) -> H.Record:
-    return H.record(
-        f"{dirn}_pinned_vs_raw_{size}",
-        "GB/s",
-        v(f"{dirn}_pinned"),
-        RAW_PINNED if dirn == "h2d" else RAW_TO_PINNED,
-        v(f"{dirn}_raw_pinned"),
-        "higher",
-        target=pinned_target(n),
-    )
-
-
-def derived_records(by_name: dict[str, H.Record], size: str, n: int) -> list[H.Record]:
-    """The records with explicit targets for large sizes (issue 13's targets 2 and 3)."""
+def derived_records(by_name: dict[str, H.Record], size: str) -> list[H.Record]:
+    """The records with explicit targets for large sizes (issue 13's target 3)."""
     out: list[H.Record] = []
     v = _values(by_name, size)
 
@@ -614,7 +608,6 @@ def derived_records(by_name: dict[str, H.Record], size: str, n: int) -> list[H.R
                 host_copy_gbps=host,
             )
         )
-        out.append(_pinned_record(dirn, size, n, v))
     return out
 
 

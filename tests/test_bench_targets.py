@@ -97,10 +97,9 @@ def test_pinned_copies_are_judged_from_1_mib_and_more_strictly_from_64(
     transfers: ModuleType, n: int, size: str, target: float, up_passes: bool
 ) -> None:
     by = _by_name(size, h2d_pinned=50.0, h2d_raw_pinned=53.0, d2h_pinned=52.0, d2h_raw_pinned=53.0)
-    derived = n >= transfers.DERIVED_MIN
-    recs = transfers.peer_records(by, size, n, pinned=not derived)
-    if derived:
-        recs += transfers.derived_records(by, size, n)
+    recs = transfers.peer_records(by, size, n)
+    if n >= transfers.DERIVED_MIN:
+        recs += transfers.derived_records(by, size)
     rec = _named(recs)
     names = [r["name"] for r in recs]
     # Once each, whichever function makes it.
@@ -124,7 +123,7 @@ def test_large_sizes_keep_the_naive_and_ceiling_targets(transfers: ModuleType) -
         d2h_raw_pinned=54.8,
         host_copy_ceiling_d2h=34.9,
     )
-    rec = _named(transfers.derived_records(by, "256MiB", 256 << 20))
+    rec = _named(transfers.derived_records(by, "256MiB"))
     naive = rec["d2h_pageable_vs_naive_256MiB"]
     assert naive["target"] == 3.0 and naive["pass"] is False
     ceiling = rec["d2h_pageable_vs_ceiling_256MiB"]

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ from gpuaio._engine import hostwork, lent, nativecopy, staging, stagingconfig
 from gpuaio._engine.hostwork import COPY_NICE, HostPool, SlicedCopy
 from gpuaio._engine.nativecopy import NativeCopy
 from tests.test_copy import pattern
+from tests.test_gated import _until
 from tests.test_staging import _recorded_copies
 
 MiB = 1 << 20
@@ -762,13 +763,6 @@ def test_a_handle_read_before_the_pool_closed_finds_it_closed() -> None:
         native._handle = 0
         for p in made_since:
             p.close()
-
-
-def _until(check: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.001)
 
 
 def test_a_warmed_pool_polls_for_work_until_a_copy_comes_or_its_time_is_up() -> None:
