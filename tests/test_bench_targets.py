@@ -128,3 +128,122 @@ def test_large_sizes_keep_the_naive_and_ceiling_targets(transfers: ModuleType) -
     assert naive["target"] == 3.0 and naive["pass"] is False
     ceiling = rec["d2h_pageable_vs_ceiling_256MiB"]
     assert ceiling["baseline_value"] == 34.9 and ceiling["pass"] is True
+
+
+# -- benchmarks/targets.py: the table of a committed run ---------------------
+@pytest.fixture(scope="module")
+def targets(transfers: ModuleType) -> ModuleType:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import targets as module
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return module
+
+
+def _measured(size: str, **values: float) -> list[dict[str, Any]]:
+    """Records as an old run's file has them: measured values, no target records."""
+    return [{"name": f"{k}_{size}", "value": v} for k, v in values.items()]
+
+
+def _old_run() -> list[dict[str, Any]]:
+    small = _measured(
+        "4KiB",
+        h2d_pageable=0.40,
+        h2d_torch_pageable=0.30,
+        h2d_cupy_asarray=0.20,
+        d2h_pageable=0.20,
+        d2h_torch_copy_pageable=0.25,
+    )
+    big = _measured(
+        "256MiB",
+        h2d_pageable=36.0,
+        h2d_torch_pageable=7.0,
+        h2d_naive_pageable=7.0,
+        h2d_raw_pinned=55.0,
+        h2d_pinned=54.0,
+        host_copy_ceiling=37.0,
+        d2h_pageable=33.0,
+        d2h_torch_to_cpu=8.0,
+        d2h_naive_pageable=12.5,
+        d2h_raw_pinned=55.0,
+        d2h_pinned=50.0,
+        host_copy_ceiling_d2h=34.9,
+    )
+    return [*big, *small]  # out of order: the table sorts the sizes
+
+
+def test_the_table_judges_an_old_runs_measured_records(targets: ModuleType) -> None:
+    by = {r["name"]: r for r in _old_run()}
+    lines, met, missed = targets.table(by, "X")
+    assert lines[0] == "| target | run | 4 KiB | 256 MiB |"
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
+    # 0.40 / 0.30: the fastest peer, not the slower one, is the bar.
+    assert rows["1: upload / best peer"] == "| 1: upload / best peer | X | 1.33 | 5.14 |"
+    assert rows["1: download / best peer"] == "| 1: download / best peer | X | **0.80** | 4.12 |"
+    # 50 / 55 = 0.91 misses from 64 MiB (0.97); there is no pinned cell at 4 KiB.
+    assert rows["2: pinned download / raw"] == "| 2: pinned download / raw | X |  | **0.91** |"
+    assert rows["3: upload / ceiling"] == "| 3: upload / ceiling | X |  | 0.97 |"
+    assert (met, missed) == (7, 3)
+
+
+def test_a_naive_target_above_the_hosts_ceiling_is_marked_ruled_out(targets: ModuleType) -> None:
+    by = {r["name"]: r for r in _old_run()}
+    rows = "\n".join(targets.table(by, "X")[0])
+    # Download: ceiling 34.9 / naive 12.5 = 2.79 < 3; upload: 37 / 7 = 5.3, met anyway.
+    assert "| 3: download / naive | X |  | **2.64** (ruled out: 2.79) |" in rows
+    assert "| 3: upload / naive | X |  | 5.14 |" in rows
+    # A miss the ceiling allows is not excused.
+    by["d2h_naive_pageable_256MiB"]["value"] = 11.0
+    by["d2h_pageable_256MiB"]["value"] = 30.0
+    rows = "\n".join(targets.table(by, "X")[0])
+    assert "| 3: download / naive | X |  | **2.73** |" in rows
+
+
+def _completion(**values: float) -> dict[str, dict[str, Any]]:
+    base = {
+        "wake_p50_uvloop_events": 12.0,
+        "wake_p99_uvloop_events": 30.0,
+        "throughput_1000tasks_uvloop_events": 120_000.0,
+        "throughput_1000tasks_uvloop_raw_sync_on_loop": 70_000.0,
+        "idle_cpu_uvloop_events": 0.1,
+    }
+    base.update(values)
+    return {k: {"name": k, "value": v} for k, v in base.items()}
+
+
+def test_targets_4_to_6_each_have_a_verdict(targets: ModuleType) -> None:
+    lag = {"loop_lag_8GiB_pageable": {"name": "loop_lag_8GiB_pageable", "value": 0.7}}
+    lines, met, missed = targets.run_wide(lag, _completion())
+    assert (met, missed) == (6, 0) and len(lines) == 6
+    lines, met, missed = targets.run_wide(
+        lag, _completion(wake_p50_uvloop_events=15.9, throughput_1000tasks_uvloop_events=65_000.0)
+    )
+    assert (met, missed) == (4, 2)
+    assert any(line.startswith("- MISS 5: uvloop wake p50 15.9 us") for line in lines)
+    # More than 100k, but not more than the blocking sync: a miss.
+    lines, met, missed = targets.run_wide(
+        lag, _completion(throughput_1000tasks_uvloop_raw_sync_on_loop=130_000.0)
+    )
+    assert missed == 1 and any("MISS 5: 120,000 ops/s" in line for line in lines)
+    # No completion file: targets 5 and 6 are not judged, rather than passed.
+    lines, met, missed = targets.run_wide({}, {})
+    assert (met, missed) == (0, 0) and all(line.startswith("- n/a") for line in lines)
+
+
+def test_the_script_prints_the_table_of_two_files(
+    targets: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    t = tmp_path / "t.json"
+    c = tmp_path / "c.json"
+    t.write_text(json.dumps({"suite": "transfers", "records": _old_run()}))
+    c.write_text(json.dumps({"suite": "completion", "records": list(_completion().values())}))
+    assert targets.main([str(t), str(c), "--label", "LE"]) == 0
+    out = capsys.readouterr().out
+    assert "| 1: download / best peer | LE | **0.80** | 4.12 |" in out
+    assert out.rstrip().endswith("12 met, 3 missed")
+    c.write_text(json.dumps({"nothing": 1}))
+    with pytest.raises(SystemExit, match="no 'records' list"):
+        targets.main([str(t), str(c)])
