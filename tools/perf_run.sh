@@ -9,6 +9,8 @@
 #
 #   OUT=/tmp/perf bash tools/perf_run.sh [label]
 #
+# After the two suites, $OUT/targets.txt: the run's verdict on issue 13's targets
+# (benchmarks/targets.py).
 # PERF_PROBE=0, PERF_MAIN=0 or PERF_FLOOR=0 skip the probe, the two suites
 # or the floor probe.
 # PERF_TRANSFER_VARIANTS="ENV=V ENV=V;ENV=V;..." then reruns the sizes in
@@ -44,6 +46,13 @@ if [ "${PERF_MAIN:-1}" != 0 ]; then
     timeout 200 python3 benchmarks/completion.py --loops uvloop,asyncio --out-dir "$OUT" 2>&1 \
         | tee "$OUT/completion.log"
     echo "through completion: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/completion.log"
+    # The run's verdict on issue 13's targets (benchmarks/targets.py), kept beside its files.
+    tj=$(ls -t "$OUT"/*-transfers.json 2>/dev/null | head -1)
+    cj=$(ls -t "$OUT"/*-completion.json 2>/dev/null | head -1)
+    if [ -n "$tj" ]; then
+        python3 benchmarks/targets.py "$tj" ${cj:+"$cj"} --label "${LABEL:-this run}" \
+            | tee "$OUT/targets.txt"
+    fi
 fi
 if [ "${PERF_FLOOR:-1}" != 0 ]; then
     # Whether a gap to the peers is gpuaio's or any awaitable's, on this host.
