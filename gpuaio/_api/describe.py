@@ -17,7 +17,7 @@ import ctypes
 import importlib
 import threading
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
@@ -127,10 +127,22 @@ def forget(obj: Any) -> None:
     _invalidate()
 
 
+# Final: a compiled module keeps these in C statics, where a plain global is
+# a dict lookup and ``MemoryKind.PINNED`` an attribute lookup on top of it
+# (each copy describes two buffers; issue 13).
+_ndarray: Final = np.ndarray
+_PINNED: Final = MemoryKind.PINNED
+_PAGEABLE: Final = MemoryKind.PAGEABLE
+
+
 def _root(arr: Any) -> Any:
+    """The end of ``arr``'s chain of bases: the object that owns its memory."""
     base = arr
-    while isinstance(base, np.ndarray) and base.base is not None:
-        base = base.base
+    while isinstance(base, _ndarray):
+        up = base.base  # read once: an attribute lookup each
+        if up is None:
+            break
+        base = up
     return base
 
 
@@ -138,13 +150,13 @@ def _host_kind(
     runtime: Runtime, ptr: int, root: Any
 ) -> tuple[MemoryKind, int | None, Allocation | None]:
     if isinstance(root, _PinnedBlock):
-        return MemoryKind.PINNED, None, root.alloc
+        return _PINNED, None, root.alloc
     backend = runtime.backend
     if _cached(ptr, backend):
-        return MemoryKind.PAGEABLE, None, None
+        return _PAGEABLE, None, None
     gen = _generation[0]
     info = backend.pointer_info(ptr)
-    if info.kind is MemoryKind.PAGEABLE:
+    if info.kind is _PAGEABLE:
         if len(_pageable) >= _PAGEABLE_KEEP:
             _pageable.clear()
         _pageable[ptr] = (gen, id(backend))

@@ -192,7 +192,13 @@ class Sequencer:
             if not self._may_enqueue(engine, short):
                 return self._submit(op, enqueue, args, short, words)
             try:
-                enqueue(*args, native)
+                if len(args) == 3:
+                    # A copy's (dst, src, nbytes): called directly, where a
+                    # call with *args builds a list and a tuple (compiled,
+                    # about 1,400 of a 4 KiB copy call's 30,000 instructions).
+                    enqueue(args[0], args[1], args[2], native)
+                else:
+                    enqueue(*args, native)
             except BaseException as exc:
                 op._resolve(exc)  # nothing was enqueued: release at once
                 raise
