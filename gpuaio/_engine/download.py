@@ -13,8 +13,8 @@ at each chunk whose DMA the copy-out caught up with. The pieces share their
 chunk's block, which the chunk's last piece holds: it goes back to the pool
 once every piece has been copied out (copy-outs end in order here).
 
-``D2H_WARM_US`` (off by default) wakes the idle copy threads as the first DMA
-starts, to be polling when its copy-out comes rather than asleep.
+``D2H_WARM_US`` (100 us by default) wakes the idle copy threads as the first
+DMA starts, to be polling when its copy-out comes rather than asleep.
 """
 
 from __future__ import annotations

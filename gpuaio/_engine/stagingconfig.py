@@ -212,18 +212,21 @@ downloads at 25.9-27.7 GB/s against 21.0-21.2 in 2, 256 MiB ones at
 31.7-31.8 against 28.0-28.1 (issue 13, run CI); at 16 MiB the 2 MiB chunks
 copied solo ran at 5.7-6.8 against 12.6-14.3, hence the floor."""
 
-D2H_WARM_US = max(0, int(os.environ.get("GPUAIO_D2H_WARM_US", "0")))
+D2H_WARM_US = max(0, int(os.environ.get("GPUAIO_D2H_WARM_US", "100")))
 """Where above 0, a staged download wakes the idle native copy threads as it
 enqueues its first DMA, to poll for its first copy-out rather than sleep,
 for that DMA's expected time (at :data:`PCIE_BPS`) plus this many
-microseconds at most (``HostPool.warm``); 0, the default: it does not.
+microseconds at most (``HostPool.warm``; never on machines of four cores
+or fewer); 0: it does not.
 
 The first copy-out can start only once the first piece's DMA has landed
 (about 150 us for 8 MiB at 54 GB/s), and the copy threads, asleep until it
 is queued, wake tens of microseconds apart. In the committed runs each 64
 MiB download is timed once between other methods, and ran at 0.75-0.83 of
 the host-copy ceiling, against about 0.86 back to back (issue 13, run LC).
-Off until a GPU run measures it (run LD, prepared, could not start)."""
+100 by the rule written before its A/B (issue 13, run LE, an H100, five
+rounds of alternating processes): 64 MiB downloads 1.05x with it (rounds
+0.96-1.09), 256 MiB 1.00x, the uploads it does not touch 0.98-1.01x."""
 
 D2H_PIECES = max(1, int(os.environ.get("GPUAIO_D2H_PIECES", "8")))
 """A staged download's chunks are DMAed in up to this many pieces of at least
