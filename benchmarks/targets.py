@@ -81,6 +81,8 @@ def cell(rec: Record | None, bound: float | None = None) -> tuple[str, bool | No
         return "", None
     ok = bool(rec["ratio"] >= rec["target"])
     text = f"{rec['ratio']:.2f}"
+    if not ok and text == f"{rec['target']:.2f}":
+        text = f"{rec['ratio']:.3f}"  # a miss that two decimals would show as the target
     if ok:
         return text, ok
     if bound is not None and bound < rec["target"]:

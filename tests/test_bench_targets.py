@@ -247,3 +247,13 @@ def test_the_script_prints_the_table_of_two_files(
     c.write_text(json.dumps({"nothing": 1}))
     with pytest.raises(SystemExit, match="no 'records' list"):
         targets.main([str(t), str(c)])
+
+
+def test_a_miss_that_rounds_to_its_target_shows_three_decimals(targets: ModuleType) -> None:
+    by = {r["name"]: r for r in _old_run()}
+    by["h2d_pinned_256MiB"]["value"] = 55.0 * 0.9688  # "0.97" to two decimals, under 0.97
+    rows = "\n".join(targets.table(by, "X")[0])
+    assert "| 2: pinned upload / raw | X |  | **0.969** |" in rows
+    by["h2d_pinned_256MiB"]["value"] = 55.0 * 0.95  # two decimals tell this miss
+    rows = "\n".join(targets.table(by, "X")[0])
+    assert "| 2: pinned upload / raw | X |  | **0.95** |" in rows
