@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
@@ -308,22 +308,23 @@ class Transfers:
 # Optimistic transfer rates (bytes/s), so that expected completion times are
 # early rather than late: they decide when to start polling, never correctness.
 # PCIe: the stager's PCIE_BPS.
-_NVLINK_BPS = 450e9
-_HBM_BPS = 3e12
+# Every constant here is Final: a compiled module keeps it in a C static (a
+# float inlined), where a plain global is a dict lookup on each use.
+_NVLINK_BPS: Final = 450e9
+_HBM_BPS: Final = 3e12
 
-_COPY_LABELS = {(a, b): f"copy {a.value}->{b.value}" for a in MemoryKind for b in MemoryKind}
-_DEVICE = MemoryKind.DEVICE
-_EARLY_LABEL = _COPY_LABELS[_DEVICE, MemoryKind.PAGEABLE]
-_MEMSET_LABELS = {k: f"memset {k.value}" for k in MemoryKind}
-_MEMSET_LIMITS = {w: (-(1 << (8 * w - 1)), (1 << (8 * w)) - 1) for w in (1, 2, 4)}
+_COPY_LABELS: Final = {(a, b): f"copy {a.value}->{b.value}" for a in MemoryKind for b in MemoryKind}
+_DEVICE: Final = MemoryKind.DEVICE
+_MANAGED: Final = MemoryKind.MANAGED
+_PAGEABLE: Final = MemoryKind.PAGEABLE
+_EARLY_LABEL: Final = _COPY_LABELS[_DEVICE, _PAGEABLE]
+_MEMSET_LABELS: Final = {k: f"memset {k.value}" for k in MemoryKind}
+_MEMSET_LIMITS: Final = {w: (-(1 << (8 * w - 1)), (1 << (8 * w)) - 1) for w in (1, 2, 4)}
 """Per memset width: the lowest value accepted (as signed) and the mask (highest, unsigned)."""
-_REPEAT = {1: 0x01010101, 2: 0x00010001, 4: 1}
+_REPEAT: Final = {1: 0x01010101, 2: 0x00010001, 4: 1}
 """Per memset width: the factor that repeats a value across a 32-bit word."""
-_WORDS_MAX = 16
+_WORDS_MAX: Final = 16
 """The largest memset (bytes) that may be deferred as 32-bit words."""
-_DEVICE = MemoryKind.DEVICE
-_MANAGED = MemoryKind.MANAGED
-_PAGEABLE = MemoryKind.PAGEABLE
 
 
 def _report_done(op: Operation, progress: Callable[[int, Any], None], n: int) -> None:
