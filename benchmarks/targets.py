@@ -20,11 +20,11 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+import _harness as H
 import transfers
 
-Record = dict[str, Any]
+Record = H.Record
 
 ROWS = (
     ("1: upload / best peer", "h2d_pageable_vs_best_peer"),
@@ -39,7 +39,6 @@ ROWS = (
 """Targets 1-3: (row label, record name without its size)."""
 
 _SIZE = re.compile(r"^h2d_pageable_(\d+(?:KiB|MiB|GiB))$")
-_UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 
 
 def load(path: Path) -> list[Record]:
@@ -57,8 +56,7 @@ def sizes_of(by_name: dict[str, Record]) -> list[tuple[str, int]]:
     for name in by_name:
         m = _SIZE.match(name)
         if m:
-            label = m.group(1)
-            found.append((label, int(label[:-3]) * _UNITS[label[-3:]]))
+            found.append((m.group(1), H.parse_size(m.group(1))))
     return sorted(found, key=lambda s: s[1])
 
 
