@@ -765,6 +765,44 @@ async def test_an_op_holds_its_allocations_until_done_and_a_failed_hold_takes_no
     assert alloc._users == 0
 
 
+@pytest.mark.patches_compiled
+async def test_a_copy_whose_op_cannot_be_made_after_its_dma_lets_its_buffers_go_once_drained(
+    stream: gpuaio.Stream, dev: gpuaio.Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy between device and pinned memory is enqueued before its op is
+    made (issue 13: the op no longer delays the DMA). Should making the op
+    fail then (out of memory), the call raises, the copy still runs, and both
+    allocations stay held until the stream has drained, then are let go:
+    neither freed under the DMA nor held for good."""
+    from gpuaio._api import transfers
+    from gpuaio._api.describe import describe
+
+    n = 1 << 12
+    d = dev.empty(n)
+    pin = gpuaio.pinned_empty(n)
+    pin[:] = 7
+    allocs = [d.allocation, describe(pin, dev._runtime).alloc]
+    assert allocs[1] is not None
+    release = latch(dev, stream)
+
+    def no_memory(*args: Any) -> Any:
+        raise MemoryError("no memory for the op")
+
+    with monkeypatch.context() as m:
+        m.setattr(transfers, "Operation", no_memory)
+        with pytest.raises(MemoryError):
+            stream.copy(d, pin)
+    await anyio.sleep(0.05)
+    assert [a._users for a in allocs] == [1, 1], "let go while the copy may still run"
+    release()
+    with anyio.fail_after(30):
+        while any(a._users for a in allocs):  # noqa: ASYNC110  (released by the host thread)
+            await anyio.sleep(0.005)
+    out = np.zeros(n, np.uint8)
+    await stream.copy(out, d)
+    assert (out == 7).all()
+
+
 def test_a_resolver_holds_nothing_of_the_op_once_it_counts_as_done() -> None:
     """A task returns from its await as soon as it sees the op done, and may then
     drop the last reference to a buffer the op used: the resolving thread must

@@ -53,14 +53,6 @@ class Transfers:
     def _check(self) -> None:
         raise NotImplementedError  # Stream's
 
-    def _live(self) -> None:
-        """:meth:`_check` on the hot path: the same errors, and while the stream
-        is open, the process unforked and the device's engine healthy, no call
-        into the interpreted stream and runtime (two calls, about 0.4 us of the
-        3 us before a 4 KiB copy's driver call in a compiled build, issue 13)."""
-        if self._closed or self._rt.forked is not None or not self._seq.healthy():
-            self._check()
-
     # -- submission ----------------------------------------------------
     # Work is handed to the stream's sequencer: ``self._seq.gpu`` for driver
     # work, ``self._seq.host`` for host steps (see gpuaio._engine.sequencer).
@@ -115,14 +107,14 @@ class Transfers:
         the thread that finds the copy complete: a gpuaio thread, or the event
         loop of a task polling for it. Keep it quick and thread-safe.
         """
-        self._live()
+        _live(self)
         if progress is not None and not callable(progress):
             raise InvalidArgumentError(
                 "copy: progress must be a callable taking (done_bytes, total_bytes), not "
                 f"{type(progress).__name__}"
             )
         if progress is None and type(dst) is np.ndarray and type(src) is DeviceArray:
-            op = self._download_early(dst, src)
+            op = _download_early(self, dst, src)
             if op is not None:
                 return op
         rt = self._rt
@@ -137,10 +129,20 @@ class Transfers:
                     f"the {role} is on device {dev_side.device} but this stream is on device "
                     f"{self._ordinal}; use a stream of device {dev_side.device}"
                 )
-        label = _COPY_LABELS[s.kind, d.kind]
         n = d.nbytes
         if n == 0:
-            return completed(label, self)
+            return completed(_COPY_LABELS[s.kind, d.kind], self)
+        if progress is None and d.kind is not _PAGEABLE and s.kind is not _PAGEABLE:
+            # The driver's own asynchronous copy: between device and pinned
+            # memory, or within one device.
+            pcie = d_host is not s_host
+            if pcie or (
+                not d_host and (d.device == s.device or d.device is None or s.device is None)
+            ):
+                direct = _direct_copy(self, dst, src, d, s, pcie)
+                if direct is not None:
+                    return direct
+        label = _COPY_LABELS[s.kind, d.kind]
         # The objects passed in too: a described buffer's owner may be only
         # the memory behind it (a device array's allocation).
         op = Operation(label, self, (dst, src, d.owner, s.owner), n)
@@ -155,7 +157,7 @@ class Transfers:
             h2h = functools.partial(_host_copy, rt.host, d.host_array(), s.host_array())
             return self._seq.host(op, h2h, after_gpu=True)
         if d.kind is _PAGEABLE or s.kind is _PAGEABLE:
-            return self._pageable_copy(op, d, s)
+            return _pageable_copy(self, op, d, s)
         backend = rt.backend
         if not d_host and not s_host and d.device != s.device and None not in (d.device, s.device):
             dp, dd, sp, sd = d.ptr, d.device, s.ptr, s.device
@@ -165,60 +167,6 @@ class Transfers:
             return self._seq.gpu(op, backend.memcpy_peer_async, dp, dd, sp, sd, n)
         op._est = n / (PCIE_BPS if d_host or s_host else _HBM_BPS)
         return self._seq.gpu(op, backend.memcpy_async, d.ptr, s.ptr, n)
-
-    def _download_early(self, dst: np.ndarray[Any, Any], src: DeviceArray) -> Operation | None:
-        """:meth:`copy` of a small download into pageable memory, its DMA issued
-        before ``dst`` is described (``gpuaio._engine.early``), once its size,
-        dtype and shape are found to fit; None, with nothing done, where that
-        does not apply: the usual path then takes the copy (or rejects it)."""
-        rt = self._rt
-        host = cached_pageable(dst, rt)
-        if not host:
-            return None
-        stager: Stager | None = rt.extras.get("stager")
-        if stager is None:
-            return None
-        try:
-            s = describe(src, rt, "src")
-        except Exception:  # freed: the usual path says so, after checking dst
-            return None
-        if s.kind is not _DEVICE or s.device != self._ordinal or not s.contiguous:
-            return None
-        if not _fits(dst, s):  # the usual path raises the mismatch, nothing enqueued
-            return None
-        seq = self._seq
-        early = issue(stager, seq, s, host)
-        if early is None:
-            return None
-        n = s.nbytes
-        try:
-            # No check_copy: cached_pageable and _fits covered all it asks.
-            d = describe(dst, rt, "dst")
-        except BaseException:
-            # Raised as before (only a change since, by another thread),
-            # nothing written: the DMA completes unawaited.
-            adopt(stager, seq, early, Operation(_EARLY_LABEL, self, (src, s.owner), n), 0)
-            raise
-        if d.kind is not _PAGEABLE:  # registered since the check (another thread)
-            adopt(stager, seq, early, Operation(_EARLY_LABEL, self, (src, s.owner), n), 0)
-            return None
-        op = Operation(_EARLY_LABEL, self, (dst, src, d.owner, s.owner), n)
-        return adopt(stager, seq, early, op, d.ptr)
-
-    def _pageable_copy(self, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
-        try:
-            stager = self._rt.stager
-        except BaseException as exc:  # a bad staging setting: nothing was enqueued
-            op._resolve(exc)
-            raise
-        if stager is not None:
-            return stager.copy(self._seq, op, d, s)
-        # The driver's own path blocks the calling thread (and, for H2D,
-        # synchronizes the stream first): run it on the executor thread.
-        driver_copy = functools.partial(
-            _driver_copy, self._rt.backend, d.ptr, s.ptr, d.nbytes, self._native
-        )
-        return self._seq.host(op, driver_copy, after_gpu=False)
 
     # -- memset --------------------------------------------------------
     # ``value`` and ``width`` are typed with numpy's integers, which they may
@@ -240,7 +188,7 @@ class Transfers:
         GPU; host memory (pinned or pageable) by a worker thread, in stream
         order.
         """
-        self._live()
+        _live(self)
         rt = self._rt
         d = describe(dst, rt, "dst")
         # One unpacking: each field read by name is an attribute lookup of its own.
@@ -305,6 +253,118 @@ class Transfers:
         return self._seq.gpu(op, rt.backend.memset_async, ptr, v, w, count, words=words)
 
 
+# The copy's helpers below are functions of the stream, not methods: compiled,
+# a method called on a gpuaio.Stream (an interpreted subclass) is looked up by
+# name through the stream's class, about 1,000 instructions a call
+# (tools/instr_probe.py); a function is a C call.
+
+
+def _live(t: Transfers) -> None:
+    """``t._check()`` on the hot path: the same errors, and while the stream
+    is open, the process unforked and the device's engine healthy, no call
+    into the interpreted stream and runtime (two calls, about 0.4 us of the
+    3 us before a 4 KiB copy's driver call in a compiled build, issue 13)."""
+    if t._closed or t._rt.forked is not None or not t._seq.healthy():
+        t._check()
+
+
+def _direct_copy(
+    t: Transfers, dst: Any, src: Any, d: BufferInfo, s: BufferInfo, pcie: bool
+) -> Operation | None:
+    """:meth:`Transfers.copy`'s driver copy (``d`` and ``s`` checked, device or pinned
+    memory), enqueued by the calling thread before its op is made, as the
+    early download's DMA is (``gpuaio._engine.early``): the op, its label
+    and its bookkeeping no longer delay the copy's start on the GPU. None,
+    with nothing done, where the stream has work queued on its host thread
+    or may not take more from this one now: the usual path queues it then.
+
+    The allocations behind both buffers are held from before the copy is
+    enqueued (raises if one was freed, with nothing enqueued)."""
+    seq = t._seq
+    engine = seq._engine  # seq.engine(), without a call on the hot path
+    if engine is None or engine.closed:
+        engine = seq.engine()
+    n = d.nbytes
+    est = n / (PCIE_BPS if pcie else _HBM_BPS)
+    short = 0.0 < est <= engine.short_op_s and not seq.exported
+    if not seq.may_enqueue(engine, short):
+        return None
+    a, b = d.alloc, s.alloc
+    allocs = _acquire(a, b)
+    native = seq.native
+    try:
+        t._rt.backend.memcpy_async(d.ptr, s.ptr, n, native)
+    except BaseException:
+        _release(allocs)  # nothing was enqueued
+        raise
+    try:
+        op = Operation(_COPY_LABELS[s.kind, d.kind], t, (dst, src, d.owner, s.owner), n)
+    except BaseException:
+        # The copy runs with nobody to release its buffers: once the stream
+        # has drained, the host thread does.
+        if allocs:
+            seq.release_after_drain(allocs)
+        raise
+    op._est = est
+    if allocs:
+        op._allocs = allocs
+    return seq.watch(engine, op, native, short)
+
+
+def _download_early(t: Transfers, dst: np.ndarray[Any, Any], src: DeviceArray) -> Operation | None:
+    """:meth:`Transfers.copy` of a small download into pageable memory, its DMA issued
+    before ``dst`` is described (``gpuaio._engine.early``), once its size,
+    dtype and shape are found to fit; None, with nothing done, where that
+    does not apply: the usual path then takes the copy (or rejects it)."""
+    rt = t._rt
+    host = cached_pageable(dst, rt)
+    if not host:
+        return None
+    stager: Stager | None = rt.extras.get("stager")
+    if stager is None:
+        return None
+    try:
+        s = describe(src, rt, "src")
+    except Exception:  # freed: the usual path says so, after checking dst
+        return None
+    if s.kind is not _DEVICE or s.device != t._ordinal or not s.contiguous:
+        return None
+    if not _fits(dst, s):  # the usual path raises the mismatch, nothing enqueued
+        return None
+    seq = t._seq
+    early = issue(stager, seq, s, host)
+    if early is None:
+        return None
+    n = s.nbytes
+    try:
+        # No check_copy: cached_pageable and _fits covered all it asks.
+        d = describe(dst, rt, "dst")
+    except BaseException:
+        # Raised as before (only a change since, by another thread),
+        # nothing written: the DMA completes unawaited.
+        adopt(stager, seq, early, Operation(_EARLY_LABEL, t, (src, s.owner), n), 0)
+        raise
+    if d.kind is not _PAGEABLE:  # registered since the check (another thread)
+        adopt(stager, seq, early, Operation(_EARLY_LABEL, t, (src, s.owner), n), 0)
+        return None
+    op = Operation(_EARLY_LABEL, t, (dst, src, d.owner, s.owner), n)
+    return adopt(stager, seq, early, op, d.ptr)
+
+
+def _pageable_copy(t: Transfers, op: Operation, d: BufferInfo, s: BufferInfo) -> Operation:
+    try:
+        stager = t._rt.stager
+    except BaseException as exc:  # a bad staging setting: nothing was enqueued
+        op._resolve(exc)
+        raise
+    if stager is not None:
+        return stager.copy(t._seq, op, d, s)
+    # The driver's own path blocks the calling thread (and, for H2D,
+    # synchronizes the stream first): run it on the executor thread.
+    driver_copy = functools.partial(_driver_copy, t._rt.backend, d.ptr, s.ptr, d.nbytes, t._native)
+    return t._seq.host(op, driver_copy, after_gpu=False)
+
+
 # Optimistic transfer rates (bytes/s), so that expected completion times are
 # early rather than late: they decide when to start polling, never correctness.
 # PCIe: the stager's PCIE_BPS.
@@ -353,24 +413,34 @@ def _driver_copy(backend: Backend, dst: int, src: int, nbytes: int, native: Any)
 
 def _hold(op: Operation, a: InUse | None, b: InUse | None = None) -> None:
     """Hold the gpuaio allocations ``a`` and ``b`` (either may be None) until ``op``
-    completes: :meth:`Transfers._track` for a fresh op, without its loops.
+    completes: :meth:`Transfers._track` for a fresh op, without its loops; all
+    or none, as :func:`_acquire`."""
+    allocs = _acquire(a, b)
+    if allocs:
+        op._allocs = allocs
 
-    All or none: if ``b`` was freed meanwhile (raises), ``a`` is released again.
-    """
+
+def _acquire(a: InUse | None, b: InUse | None) -> tuple[InUse, ...]:
+    """Hold the gpuaio allocations ``a`` and ``b`` (either may be None); returns
+    those held. All or none: if ``b`` was freed (raises), ``a`` is released again."""
     if a is None:
         if b is None:
-            return
+            return ()
         a, b = b, None
     a.acquire()
     if b is None:
-        op._allocs = (a,)
-        return
+        return (a,)
     try:
         b.acquire()
     except BaseException:
         a.release()
         raise
-    op._allocs = (a, b)
+    return (a, b)
+
+
+def _release(allocs: tuple[InUse, ...]) -> None:
+    for alloc in allocs:
+        alloc.release()
 
 
 def _as_int(x: object) -> int | None:

@@ -39,11 +39,11 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._core.errors import DeviceFatalError
-from .._core.operation import Operation
+from .._core.operation import InUse, Operation
 from .hostwork import SerialExecutor
 
 if TYPE_CHECKING:
@@ -394,6 +394,22 @@ class Sequencer:
 
     def _fail_after_drain(self, op: Operation, exc: BaseException) -> None:
         """Fail ``op`` once no GPU work it enqueued can still touch its buffers."""
+        if self._drained(op.label):
+            op._resolve(exc)
+
+    def release_after_drain(self, allocs: Sequence[InUse]) -> None:
+        """Release ``allocs`` on the host thread once the stream has drained:
+        GPU work enqueued with them held whose op could not be made."""
+        self.executor.submit(functools.partial(self._release_allocs_job, allocs), False)
+
+    def _release_allocs_job(self, allocs: Sequence[InUse]) -> None:
+        if self._drained("a copy"):
+            for alloc in allocs:
+                alloc.release()
+
+    def _drained(self, what: str) -> bool:
+        """Wait until no GPU work enqueued so far on the stream can touch its
+        buffers; False if that cannot be told (then keep them for good)."""
         try:
             self._rt.backend.stream_synchronize(self.native)
         except DeviceFatalError:
@@ -401,9 +417,9 @@ class Sequencer:
         except Exception:
             # Cannot tell whether the work ran: keep the buffers for good
             # rather than risk the GPU writing freed memory.
-            log.warning("%s failed and its stream could not be drained", op.label)
-            return
-        op._resolve(exc)
+            log.warning("%s failed and its stream could not be drained", what)
+            return False
+        return True
 
     def release(self, destroy_stream: bool) -> None:
         """After every job so far: free the sync event (and the stream, if owned)."""

@@ -140,8 +140,7 @@ class EventEngine(CompletionEngine):
         self._next_sweep = 0.0
         self._next_probe = 0.0
         self._probe = FaultProbe(backend, device)
-        # What queues query markers with: the backend's own call, one Python
-        # frame less per poll, unless a subclass has markers of its own.
+        # Queues query with the backend's own call (a frame less), unless overridden.
         self._fired_call = (
             backend.event_query if type(self)._fired is EventEngine._fired else self._fired
         )
@@ -155,17 +154,18 @@ class EventEngine(CompletionEngine):
         if self.fatal is not None:
             op._resolve(self.fatal)
             return
+        # Any other op's marker first, right behind its work: it fires sooner.
+        marker = None if short else self._place(stream)
         key = self.backend.stream_handle(stream)  # wrappers of one CUstream share a queue
         now = time.perf_counter()
         q = self._queues.get(key)
-        # A short op joins its stream's batch (see ``_queue``), without the
-        # engine's lock; a lone one takes the path below at once. Other ops
-        # pending on the stream are company: in run AK the watcher sealed a
-        # stream's first batch while it held one op, and its other 99 ops of
-        # that loop turn would have had markers of their own for BATCH_PROBE_S.
+        # A short op joins its stream's batch (``_queue``) without the engine's
+        # lock; a lone one takes the path below. Other pending ops are company
+        # (run AK: a batch sealed with one op left its turn's 99 to own markers).
         if short and q is not None and self._join(op, q, stream, now, None, block):
             return
-        marker = self._place(stream)
+        if marker is None:
+            marker = self._place(stream)
         with self._lock:
             if q is None or q.detached:  # else still the stream's: only retiring detaches
                 q = self._queues.get(key)
