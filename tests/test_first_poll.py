@@ -98,7 +98,10 @@ def test_a_loop_that_has_not_yielded_for_a_while_yields(monkeypatch: pytest.Monk
 
 
 @pytest.mark.usefixtures("recent_turn")
-def test_first_polls_stop_when_they_miss_and_come_back_when_they_find() -> None:
+def test_first_polls_stop_when_they_miss_and_come_back_when_they_find(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_firstpoll, "FIRST_SPIN_S", 0.0)  # one query per first poll
     polls = _Polls()
     q = _Queue(1)
     first = FirstPolls(polls, {1: q})
@@ -121,6 +124,52 @@ def test_first_polls_stop_when_they_miss_and_come_back_when_they_find() -> None:
     for _ in range(5):
         assert first(_Op(q), now)
     assert polls.calls == calls + 5
+
+
+@pytest.mark.usefixtures("recent_turn")
+def test_a_short_op_not_done_at_its_first_poll_is_polled_on_for_first_spin_s_at_most(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spin_s = 0.02
+    monkeypatch.setattr(_firstpoll, "FIRST_SPIN_S", spin_s)
+    polls = _Polls()
+    polls.answer = False
+    q = _Queue(1)
+    first = FirstPolls(polls, {1: q})
+    t0 = time.perf_counter()
+    assert not first(_Op(q), t0)
+    took = time.perf_counter() - t0
+    # Polled on (many polls) until the spin ended, then gave up: a slow
+    # machine may overrun it by a scheduler slice, never stop short.
+    assert polls.calls > 1
+    assert spin_s <= took < spin_s + 0.5
+    # Not a short op: its first poll is one query, as is any with no spin set.
+    polls.calls = 0
+    assert not first(_Op(q, est=2 * _firstpoll.SHORT_OP_S), time.perf_counter())
+    assert polls.calls == 1
+    monkeypatch.setattr(_firstpoll, "FIRST_SPIN_S", 0.0)  # GPUAIO_FIRST_SPIN_US=0
+    assert not first(_Op(q), time.perf_counter())
+    assert polls.calls == 2
+
+
+@pytest.mark.usefixtures("recent_turn")
+def test_a_first_spin_ends_when_the_op_is_found_and_counts_as_a_find(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_firstpoll, "FIRST_SPIN_S", 60.0)  # only a find ends it
+
+    class DoneAtFifth(_Polls):
+        def __call__(self, op: Any, gap: float = 1.0) -> bool:
+            self.calls += 1
+            return self.calls % 5 == 0
+
+    polls = DoneAtFifth()
+    q = _Queue(1)
+    first = FirstPolls(polls, {1: q})
+    for i in range(2 * WINDOW):  # two windows of ops found by their spins
+        assert first(_Op(q), time.perf_counter())
+        assert polls.calls == 5 * (i + 1)
+    assert first.window.on, "spins that found every op turned first polls off"
 
 
 def _step(gen: Generator[Any, None, None]) -> bool:
@@ -356,6 +405,50 @@ async def test_a_lone_op_completing_after_the_poll_past_a_yield_is_found_by_a_sp
         release()
         await _Resume(gen)
         assert calls == [False], "a second spin in one await"
+    out = np.zeros(n, np.uint8)
+    await s.copy(out, d)
+    assert np.array_equal(out, src)
+    s.close()
+
+
+@asyncio_only
+async def test_a_lone_op_completing_just_after_its_call_is_found_before_the_task_yields(
+    gpuaio_runtime: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone short op not yet done at its first poll, as a small copy on a GPU
+    never is, is polled on for (``FIRST_SPIN_S``) before the task's first
+    yield: found done within the spin, the await returns without a turn of
+    the loop (before, it yielded and the first query came a turn later)."""
+    spin_s = 0.3
+    monkeypatch.setattr(_firstpoll, "FIRST_SPIN_S", spin_s)
+    monkeypatch.setattr(_firstpoll, "FIRST_POLL_RUN_S", 60.0)
+    rt = gpuaio_runtime
+    dev = device_of(rt, 0)
+    s = dev.stream()
+    n = 4096
+    src = gpuaio.pinned_empty(n)
+    src[:] = np.random.default_rng(7).integers(0, 256, n, dtype=np.uint8)
+    d = dev.empty(n)
+    await s.copy(d, src)
+    engine = rt.engine(0)
+    engine.first_poll.window.on = True
+    monkeypatch.setattr(engine, "loop_spin_s", 60.0)  # polls, however slow the test
+    release = latch(dev, s)
+    op = s.copy(d, src)
+    assert op._poll is not None and op._poll[2] is None, "the copy was batched"
+    assert list(engine._queues.values()) == [op._poll[1]]
+    assert 0.0 < op._est <= _firstpoll.SHORT_OP_S
+    monkeypatch.setattr(_firstpoll._turn, "at", time.perf_counter())  # the loop just yielded
+    opened = threading.Timer(0.05, release)
+    gen = op.__await__()
+    t0 = time.perf_counter()
+    opened.start()
+    yielded = _step(gen)
+    took = time.perf_counter() - t0
+    opened.join()
+    assert not yielded, "the await yielded for an op that completed during its first spin"
+    assert took < spin_s, "the spin did not end when the op was found done"
+    assert op.done()
     out = np.zeros(n, np.uint8)
     await s.copy(out, d)
     assert np.array_equal(out, src)

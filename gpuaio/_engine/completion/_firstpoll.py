@@ -8,7 +8,11 @@ nothing, twice over:
 
 - *First polls* (:class:`FirstPolls`). Such an op has often completed by
   the time its call returns; then the task's yield before its first poll
-  costs a whole turn. So a due op is polled for at once.
+  costs a whole turn. So a due op is polled for at once, and a short one
+  that is not done yet is polled on for up to ``FIRST_SPIN_S`` (on a GPU a
+  small copy is done a few microseconds after its call returns: a first
+  poll alone never found it done there, and the task's first query came a
+  whole turn later).
 - *Spins* (:class:`TailSpins`). One that the first poll after the task's
   yield finds not done completes, as a rule, within microseconds, and the
   next turn of the loop (about 3 us on asyncio) finds it that much late,
@@ -26,8 +30,9 @@ honest:
   yielding, like an await of a done future. A loop that went on that way would
   starve its other tasks, so a first poll is made only if the loop's thread
   yielded through an await of gpuaio's less than ``FIRST_POLL_RUN_S`` ago.
-- *Cost.* A missed first poll costs a query (about 1 us) and the task still
-  yields; a missed spin, ``TAIL_SPIN_S``. Out of every ``WINDOW`` tries of
+- *Cost.* A missed first poll costs a query (about 1 us), or
+  ``FIRST_SPIN_S`` with its spin, and the task still yields; a missed
+  spin, ``TAIL_SPIN_S``. Out of every ``WINDOW`` tries of
   each kind at least ``WINDOW // 3`` must find the op done (a turn of the
   loop costs several queries), or that kind stops; while stopped, one
   eligible await in ``EXPLORE`` still tries, so a change of workload is
@@ -45,7 +50,13 @@ import time
 from collections.abc import Callable, Sized
 
 from ..._core.operation import Operation
-from ._tuning import FIRST_POLL_RUN_S, SHORT_OP_S, TAIL_SPIN_S
+from ._tuning import (
+    FIRST_POLL_RUN_S,
+    FIRST_SPIN_S,
+    SHORT_OP_S,
+    STREAM_POLL_GAP_S,
+    TAIL_SPIN_S,
+)
 
 __all__ = ["FirstPolls", "TailSpins"]
 
@@ -106,7 +117,8 @@ class _Window:
 
 
 class FirstPolls:
-    """``first_polls(op, now)``: whether ``op`` was polled for and found done at once.
+    """``first_polls(op, now)``: whether ``op`` was polled for and found done at
+    once, or within ``FIRST_SPIN_S`` of polling on if it is short.
 
     Called by ``Operation.__await__`` on an asyncio loop (uvloop included),
     as its first step of polling, at ``now``. Returns False when the task
@@ -115,7 +127,7 @@ class FirstPolls:
 
     __slots__ = ("_poll", "_queues", "window")
 
-    def __init__(self, poll: Callable[[Operation], bool], queues: Sized) -> None:
+    def __init__(self, poll: Callable[[Operation, float], bool], queues: Sized) -> None:
         self._poll = poll
         self._queues = queues
         self.window = _Window()
@@ -130,7 +142,10 @@ class FirstPolls:
         ):
             turn.at = now
             return False
-        done = self._poll(op)
+        poll = self._poll
+        done = poll(op, STREAM_POLL_GAP_S)
+        if not done and FIRST_SPIN_S and op._est <= SHORT_OP_S:
+            done = _spin(poll, op, now + FIRST_SPIN_S)
         self.window.tried(done)
         if not done:
             turn.at = now
@@ -164,12 +179,17 @@ class TailSpins:
             or not self.window.allows()
         ):
             return False
-        end = now + TAIL_SPIN_S
-        poll, clock = self._poll, time.perf_counter
-        while True:
-            if poll(op, 0.0):
-                self.window.tried(True)
-                return True
-            if clock() >= end:
-                self.window.tried(False)
-                return False
+        done = _spin(self._poll, op, now + TAIL_SPIN_S)
+        self.window.tried(done)
+        return done
+
+
+def _spin(poll: Callable[[Operation, float], bool], op: Operation, end: float) -> bool:
+    """Poll for ``op`` without yielding (no gap between polls of its stream)
+    until it is done (True) or ``perf_counter()`` reaches ``end`` (False)."""
+    clock = time.perf_counter
+    while True:
+        if poll(op, 0.0):
+            return True
+        if clock() >= end:
+            return False

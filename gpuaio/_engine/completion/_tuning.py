@@ -29,6 +29,19 @@ A lone tiny op is polled for before the task's first yield only if the loop's
 thread yielded in such an await less than this long ago: a task awaiting one
 tiny op after another, each done when first polled, still lets the loop's
 other tasks run at least this often."""
+FIRST_SPIN_S = float(os.environ.get("GPUAIO_FIRST_SPIN_US", "10")) * 1e-6
+"""How long a task polls on, without yielding, for a lone short op that its
+first poll, before the task's first yield, found not done (``_firstpoll``);
+0: never (one query only, as before).
+
+On a GPU a small copy is done 5-9 us after its driver call, and a first poll
+right after the call never found it done (run MA's timelines on an H100: the
+first polls' window had turned them off, and the task's first query came a
+whole turn of the loop later, 6-7 us after the marker against the
+hand-written await's 3.7). Polling on for a few microseconds finds it as
+it completes. The same limits hold as for first polls: a loop goes at most
+``FIRST_POLL_RUN_S`` (and one spin) without yielding, and spins that do not
+find a third of their ops done stop."""
 TAIL_SPIN_S = float(os.environ.get("GPUAIO_TAIL_SPIN_US", "5")) * 1e-6
 """How long a task polls on, without yielding, for a lone short op that its
 first poll after a yield found not done (``_firstpoll``); 0: never.
