@@ -8,11 +8,12 @@ nothing, twice over:
 
 - *First polls* (:class:`FirstPolls`). Such an op has often completed by
   the time its call returns; then the task's yield before its first poll
-  costs a whole turn. So a due op is polled for at once, and a short one
-  that is not done yet is polled on for up to ``FIRST_SPIN_S`` (on a GPU a
-  small copy is done a few microseconds after its call returns: a first
+  costs a whole turn. So a due op is polled for at once, and, with
+  ``FIRST_SPIN_S`` set (off by default until a GPU run measures it), a
+  short one that is not done yet is polled on for that long: on a GPU a
+  small copy is done a few microseconds after its call returns, a first
   poll alone never found it done there, and the task's first query came a
-  whole turn later).
+  whole turn later.
 - *Spins* (:class:`TailSpins`). One that the first poll after the task's
   yield finds not done completes, as a rule, within microseconds, and the
   next turn of the loop (about 3 us on asyncio) finds it that much late,

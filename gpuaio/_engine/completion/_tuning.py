@@ -29,10 +29,11 @@ A lone tiny op is polled for before the task's first yield only if the loop's
 thread yielded in such an await less than this long ago: a task awaiting one
 tiny op after another, each done when first polled, still lets the loop's
 other tasks run at least this often."""
-FIRST_SPIN_S = float(os.environ.get("GPUAIO_FIRST_SPIN_US", "10")) * 1e-6
+FIRST_SPIN_S = float(os.environ.get("GPUAIO_FIRST_SPIN_US", "0")) * 1e-6
 """How long a task polls on, without yielding, for a lone short op that its
 first poll, before the task's first yield, found not done (``_firstpoll``);
-0: never (one query only, as before).
+0, the default until a GPU run measures it (issue 13's run MB, prepared):
+never, one query only.
 
 On a GPU a small copy is done 5-9 us after its driver call, and a first poll
 right after the call never found it done (run MA's timelines on an H100: the
