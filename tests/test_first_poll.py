@@ -126,23 +126,32 @@ def test_first_polls_stop_when_they_miss_and_come_back_when_they_find(
     assert polls.calls == calls + 5
 
 
+def _spin_of(
+    kind: type[FirstPolls] | type[TailSpins], setting: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[_Polls, Any, _Queue]:
+    """One spin of a ``kind`` (its length, module constant ``setting``, set to
+    20 ms) for a short op that is never done: it polls on (many polls) until
+    the spin ends, then gives up; a slow machine may overrun it by a
+    scheduler slice, never stop short. Returns the polls, spinner and queue."""
+    spin_s = 0.02
+    monkeypatch.setattr(_firstpoll, setting, spin_s)
+    polls = _Polls()
+    polls.answer = False
+    q = _Queue(1)
+    spinner = kind(polls, {1: q})
+    t0 = time.perf_counter()
+    assert not spinner(_Op(q), t0)
+    took = time.perf_counter() - t0
+    assert polls.calls > 1
+    assert spin_s <= took < spin_s + 0.5
+    return polls, spinner, q
+
+
 @pytest.mark.usefixtures("recent_turn")
 def test_a_short_op_not_done_at_its_first_poll_is_polled_on_for_first_spin_s_at_most(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    spin_s = 0.02
-    monkeypatch.setattr(_firstpoll, "FIRST_SPIN_S", spin_s)
-    polls = _Polls()
-    polls.answer = False
-    q = _Queue(1)
-    first = FirstPolls(polls, {1: q})
-    t0 = time.perf_counter()
-    assert not first(_Op(q), t0)
-    took = time.perf_counter() - t0
-    # Polled on (many polls) until the spin ended, then gave up: a slow
-    # machine may overrun it by a scheduler slice, never stop short.
-    assert polls.calls > 1
-    assert spin_s <= took < spin_s + 0.5
+    polls, first, q = _spin_of(FirstPolls, "FIRST_SPIN_S", monkeypatch)
     # Not a short op: its first poll is one query, as is any with no spin set.
     polls.calls = 0
     assert not first(_Op(q, est=2 * _firstpoll.SHORT_OP_S), time.perf_counter())
@@ -300,19 +309,7 @@ def test_only_a_lone_short_due_op_is_spun_for(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_a_spin_polls_on_for_tail_spin_s_at_most(monkeypatch: pytest.MonkeyPatch) -> None:
-    spin_s = 0.02
-    monkeypatch.setattr(_firstpoll, "TAIL_SPIN_S", spin_s)
-    polls = _Polls()
-    polls.answer = False
-    q = _Queue(1)
-    spins = TailSpins(polls, {1: q})
-    t0 = time.perf_counter()
-    assert not spins(_Op(q), t0)
-    took = time.perf_counter() - t0
-    # Polled on (many polls) until the window ended, and then gave up: a
-    # slow machine may overrun it by a scheduler slice, never stop short.
-    assert polls.calls > 1
-    assert spin_s <= took < spin_s + 0.5
+    _spin_of(TailSpins, "TAIL_SPIN_S", monkeypatch)
 
 
 def test_spins_stop_when_they_miss_and_come_back_when_they_find(
@@ -348,6 +345,19 @@ class _Resume:
         return self._gen
 
 
+async def _copies_of_4k(rt: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """Device 0, a new stream, 4 KiB of random pinned bytes and a device
+    buffer they were copied to once (the engine is up): the lone copies the
+    integration tests below await; and the device's engine."""
+    dev = device_of(rt, 0)
+    s = dev.stream()
+    src = gpuaio.pinned_empty(4096)
+    src[:] = np.random.default_rng(5).integers(0, 256, src.nbytes, dtype=np.uint8)
+    d = dev.empty(src.nbytes)
+    await s.copy(d, src)
+    return dev, s, src, d, rt.engine(0)
+
+
 @asyncio_only
 @pytest.mark.parametrize("completes", ["during the spin", "after it"])
 async def test_a_lone_op_completing_after_the_poll_past_a_yield_is_found_by_a_spin(
@@ -359,15 +369,8 @@ async def test_a_lone_op_completing_after_the_poll_past_a_yield_is_found_by_a_sp
     by its end, the await goes on as before, and does not spin again."""
     spin_s = 0.3
     monkeypatch.setattr(_firstpoll, "TAIL_SPIN_S", spin_s)
-    rt = gpuaio_runtime
-    dev = device_of(rt, 0)
-    s = dev.stream()
-    n = 4096
-    src = gpuaio.pinned_empty(n)
-    src[:] = np.random.default_rng(5).integers(0, 256, n, dtype=np.uint8)
-    d = dev.empty(n)
-    await s.copy(d, src)
-    engine = rt.engine(0)
+    dev, s, src, d, engine = await _copies_of_4k(gpuaio_runtime)
+    n = src.nbytes
     spins = engine.tail_spin
     spins.window.on = True
     calls: list[bool] = []
@@ -422,15 +425,8 @@ async def test_a_lone_op_completing_just_after_its_call_is_found_before_the_task
     spin_s = 0.3
     monkeypatch.setattr(_firstpoll, "FIRST_SPIN_S", spin_s)
     monkeypatch.setattr(_firstpoll, "FIRST_POLL_RUN_S", 60.0)
-    rt = gpuaio_runtime
-    dev = device_of(rt, 0)
-    s = dev.stream()
-    n = 4096
-    src = gpuaio.pinned_empty(n)
-    src[:] = np.random.default_rng(7).integers(0, 256, n, dtype=np.uint8)
-    d = dev.empty(n)
-    await s.copy(d, src)
-    engine = rt.engine(0)
+    dev, s, src, d, engine = await _copies_of_4k(gpuaio_runtime)
+    n = src.nbytes
     engine.first_poll.window.on = True
     monkeypatch.setattr(engine, "loop_spin_s", 60.0)  # polls, however slow the test
     release = latch(dev, s)
